@@ -1,0 +1,199 @@
+"""Small graph helpers shared by passes (graphsurgeon + numpy only, no protobuf).
+
+graphsurgeon keeps producer/consumer links on every tensor (``tensor.inputs`` are the producing nodes,
+``tensor.outputs`` the consuming ones, subgraph nodes that read an outer tensor included), so lookups are
+O(1). What it lacks — "is this a graph output?", fresh unique names, removing many nodes at once — is
+here, built once per pass run by :class:`GraphIndex` so that passes stay linear in the graph size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+__all__ = [
+    "GraphIndex",
+    "const_values",
+    "exclusive_constant",
+    "infer_rank",
+    "is_empty",
+    "is_onnx_op",
+    "is_topologically_sorted",
+    "known_rank",
+    "optional_input",
+    "producer",
+    "remove_nodes",
+    "replace_input",
+    "rewire_consumers",
+    "sole_consumer",
+]
+
+
+def is_onnx_op(node: gs.Node, *ops: str) -> bool:
+    """True when ``node`` is a default-domain (ai.onnx) node, of one of ``ops`` when given."""
+    return node.domain in (None, "", "ai.onnx") and (not ops or node.op in ops)
+
+
+def producer(t: gs.Tensor) -> gs.Node | None:
+    """The node producing ``t`` (``None`` for graph inputs, constants and dangling tensors)."""
+    return t.inputs[0] if len(t.inputs) else None
+
+
+def is_empty(t: gs.Tensor | None) -> bool:
+    """True for an omitted optional input (graphsurgeon's nameless Variable)."""
+    return t is None or (isinstance(t, gs.Variable) and not t.name)
+
+
+def optional_input(node: gs.Node, i: int) -> gs.Tensor | None:
+    """``node.inputs[i]``, or ``None`` when absent or omitted."""
+    if i >= len(node.inputs):
+        return None
+    t = node.inputs[i]
+    return None if is_empty(t) else t
+
+
+def const_values(t: gs.Tensor | None) -> np.ndarray | None:
+    """The values of a constant tensor (initializer), else ``None``."""
+    if isinstance(t, gs.Constant):
+        return np.asarray(t.values)
+    return None
+
+
+def known_rank(t: gs.Tensor | None) -> int | None:
+    """Rank of ``t`` when its shape (or constant value) says so."""
+    if t is None:
+        return None
+    if isinstance(t, gs.Constant):
+        return int(np.asarray(t.values).ndim)
+    shape = getattr(t, "shape", None)
+    return len(shape) if shape is not None else None
+
+
+# ops whose output has the rank of their first input
+_SAME_RANK = frozenset({
+    "Abs", "BatchNormalization", "Cast", "Ceil", "Clip", "Dropout", "Elu", "Erf", "Exp", "Floor", "Gelu",
+    "HardSigmoid", "HardSwish", "Identity", "InstanceNormalization", "LayerNormalization", "LeakyRelu", "Log",
+    "LogSoftmax", "LpNormalization", "Mish", "Neg", "PRelu", "Reciprocal", "Relu", "Round", "Selu", "Sigmoid",
+    "Sign", "Softmax", "Softplus", "Softsign", "Sqrt", "Tanh", "ThresholdedRelu", "AveragePool", "MaxPool",
+    "Conv", "ConvTranspose", "GlobalAveragePool", "GlobalMaxPool", "LRN", "Resize", "Upsample", "Pad",
+})
+_BROADCAST = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Where"})
+
+
+def infer_rank(t: gs.Tensor | None, depth: int = 8) -> int | None:
+    """Rank of ``t`` from its shape, else walked back through a few rank-preserving producers."""
+    r = known_rank(t)
+    if r is not None or t is None or depth <= 0:
+        return r
+    node = producer(t)
+    if node is None or node.domain not in (None, "", "ai.onnx") or not node.inputs:
+        return None
+    op = node.op
+    if op in ("Gemm", "Flatten"):
+        return 2
+    if op in _SAME_RANK:
+        return infer_rank(node.inputs[0], depth - 1)
+    if op in _BROADCAST or op == "MatMul":
+        ranks = [infer_rank(x, depth - 1) for x in node.inputs]
+        if any(x is None for x in ranks):
+            return None
+        known = [x for x in ranks if x is not None]
+        if op == "MatMul" and min(known) < 2:
+            return None
+        return max(known)
+    return None
+
+
+def replace_input(node: gs.Node, old: gs.Tensor, new: gs.Tensor) -> None:
+    """Make ``node`` read ``new`` wherever it read ``old``."""
+    for i, t in enumerate(node.inputs):
+        if t is old:
+            node.inputs[i] = new
+
+
+def rewire_consumers(old: gs.Tensor, new: gs.Tensor) -> int:
+    """Every consumer of ``old`` reads ``new`` instead; returns how many nodes changed."""
+    users = list({id(n): n for n in old.outputs}.values())  # a node reading old twice is listed twice
+    for node in users:
+        replace_input(node, old, new)
+    return len(users)
+
+
+def remove_nodes(graph: gs.Graph, nodes: Iterable[gs.Node]) -> int:
+    """Detach ``nodes`` from their tensors and drop them from ``graph.nodes`` in one linear sweep."""
+    doomed = {id(n): n for n in nodes}
+    if not doomed:
+        return 0
+    for n in doomed.values():
+        n.inputs.clear()
+        n.outputs.clear()
+    graph.nodes = [n for n in graph.nodes if id(n) not in doomed]
+    return len(doomed)
+
+
+def is_topologically_sorted(graph: gs.Graph) -> bool:
+    """True when every node comes after the producers of its inputs (top level; linear time)."""
+    seen: set[int] = set()
+    for node in graph.nodes:
+        for t in node.inputs:
+            src = producer(t)
+            if src is not None and id(src) not in seen and src is not node:
+                return False
+        seen.add(id(node))
+    return True
+
+
+class GraphIndex:
+    """Facts about a graph gathered once: its IO tensors and every name in use.
+
+    Build it at the start of a pass; call :meth:`unique_name` for every tensor or node the pass creates
+    (the index remembers the names it hands out).
+    """
+
+    def __init__(self, graph: gs.Graph) -> None:
+        self.graph = graph
+        self._outputs = {id(t) for t in graph.outputs}
+        self._inputs = {id(t) for t in graph.inputs}
+        names: set[str] = {t.name for t in [*graph.inputs, *graph.outputs]}
+        for n in graph.nodes:
+            if n.name:
+                names.add(n.name)
+            names.update(t.name for t in n.inputs)
+            names.update(t.name for t in n.outputs)
+        self._names = names
+
+    def is_graph_output(self, t: gs.Tensor) -> bool:
+        return id(t) in self._outputs
+
+    def is_graph_input(self, t: gs.Tensor) -> bool:
+        return id(t) in self._inputs
+
+    def is_graph_io(self, t: gs.Tensor) -> bool:
+        return id(t) in self._outputs or id(t) in self._inputs
+
+    def has_name(self, name: str) -> bool:
+        return name in self._names
+
+    def reserve(self, name: str) -> None:
+        self._names.add(name)
+
+    def unique_name(self, base: str) -> str:
+        """``base`` if unused, else ``base_1``, ``base_2``, ... (deterministic); the name is reserved."""
+        name, k = base, 0
+        while name in self._names:
+            k += 1
+            name = f"{base}_{k}"
+        self._names.add(name)
+        return name
+
+
+def sole_consumer(t: gs.Tensor, node: gs.Node, index: GraphIndex) -> bool:
+    """True when ``node`` is the only reader of ``t`` (read once) and ``t`` is not a graph output."""
+    return len(t.outputs) == 1 and t.outputs[0] is node and not index.is_graph_output(t)
+
+
+def exclusive_constant(t: gs.Tensor, node: gs.Node, index: GraphIndex) -> bool:
+    """True when ``t`` is a constant read only by ``node`` (so rewriting it affects nothing else)."""
+    return isinstance(t, gs.Constant) and sole_consumer(t, node, index) and not index.is_graph_input(t)

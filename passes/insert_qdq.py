@@ -1,0 +1,272 @@
+"""insert-qdq: rewrite the planned nodes into QuantizeLinear/DequantizeLinear form.
+
+For every node the resolved plan quantizes:
+
+* **weights** become quantized initializers read through a ``DequantizeLinear``::
+
+      W (float const)  ->  Wq (int8/int4/fp8 const) --DequantizeLinear(s_w, z_w[, axis][, block_size])--> W'
+
+  so the file really shrinks. Per-channel axes follow the op: Conv 0, ConvTranspose 1 (weight
+  ``[C_in, C_out/g, k…]``), Gemm 0 with ``transB=1`` else 1, MatMul the last axis. Block-wise scales run along
+  the reduction axis (Conv 1, ConvTranspose 0, Gemm 1 with ``transB=1`` else 0, MatMul the second-to-last).
+* **activations** (the tensors in ``ctx.activation_specs``, ranges from calibration) get one
+  ``QuantizeLinear -> DequantizeLinear`` pair each, shared by all the consumers that should read it
+  (``x̂ = (clip(round(x/s)+z) − z)·s``; asymmetric ranges are widened to include 0, so s > 0 always);
+* **bias** of Conv / ConvTranspose / Gemm (int8 weights and activations) becomes int32 codes with
+  ``s_b = s_x · s_w`` and ``z_b = 0``; when a bias would overflow int32 (tiny scales) the weight scale of that
+  channel is raised first (``qcompiler.quant.quantize_bias``).
+
+Weights shared by several quantized nodes with the same spec are quantized once. Re-running the pass
+changes nothing: a weight already read through DequantizeLinear and an activation already dequantized are
+left alone.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from qcompiler import quant
+from qcompiler.context import CompileContext
+from qcompiler.pass_base import Pass, PassResult
+from qcompiler.plan import NodePlan, QuantSpec, required_opset
+
+log = logging.getLogger(__name__)
+
+
+def per_channel_axis(node: gs.Node, ndim: int) -> int:
+    if node.op == "Conv":
+        return 0
+    if node.op == "ConvTranspose":
+        return 1
+    if node.op == "Gemm":
+        return 0 if int(node.attrs.get("transB", 0)) else 1
+    return ndim - 1  # MatMul [..., K, N]
+
+
+def block_axis(node: gs.Node, ndim: int) -> int:
+    if node.op == "Conv":
+        return 1
+    if node.op == "ConvTranspose":
+        return 0
+    if node.op == "Gemm":
+        return 1 if int(node.attrs.get("transB", 0)) else 0
+    return ndim - 2
+
+
+class _Names:
+    """Deterministic unique tensor/node names."""
+
+    def __init__(self, graph: gs.Graph) -> None:
+        self.taken = set(graph.tensors().keys()) | {n.name for n in graph.nodes}
+
+    def __call__(self, base: str) -> str:
+        name, i = base, 1
+        while name in self.taken:
+            name = f"{base}_{i}"
+            i += 1
+        self.taken.add(name)
+        return name
+
+
+class InsertQDQPass(Pass):
+    """Quantize planned weights (int initializers + DequantizeLinear), activations (Q->DQ) and biases (int32)."""
+
+    name = "insert-qdq"
+    requires = frozenset({"plan-resolved", "calibrated"})
+    produces = frozenset({"qdq"})
+
+    def run(self, ctx: CompileContext) -> PassResult:
+        assert ctx.resolved is not None
+        graph = ctx.graph
+        stats: Counter[str] = Counter()
+        names = _Names(graph)
+        tensors = graph.tensors()
+        nodes = {n.name: n for n in graph.nodes}
+        specs_used = [s for np_ in ctx.resolved.nodes.values() for s in (np_.weight, np_.activation) if s]
+        need, why = required_opset(specs_used)
+        if ctx.opset < need:
+            raise RuntimeError(f"graph opset {ctx.opset} < {need} needed for {why} (the driver upgrades first)")
+
+        # ---- activations ------------------------------------------------------------------------------
+        order: dict[str, int] = {}
+        for n in graph.nodes:
+            for t in [*n.inputs, *n.outputs]:
+                order.setdefault(t.name, len(order))
+        readers: dict[str, set[tuple[str, int]]] = {}
+        for np_ in ctx.resolved.nodes.values():
+            for i in np_.activation_inputs:
+                node = nodes.get(np_.node)
+                if node is not None and i < len(node.inputs):
+                    readers.setdefault(node.inputs[i].name, set()).add((np_.node, i))
+        act_scale: dict[str, float] = {}
+        for name in sorted(ctx.activation_specs, key=lambda k: (order.get(k, 1 << 30), k)):
+            spec = ctx.activation_specs[name]
+            t = tensors.get(name)
+            if t is None or isinstance(t, gs.Constant):
+                continue
+            st = ctx.stats.get(name)
+            if st is None:
+                raise RuntimeError(f"no calibration statistics for tensor '{name}'")
+            lo, hi = st.range(spec)
+            scale, zp = quant.qparams(lo, hi, spec.dtype, spec.symmetric)
+            act_scale[name] = float(scale)
+            everyone = name in ctx.activation_all_consumers
+            targets = []
+            for consumer in list(t.outputs):
+                if consumer.op in ("QuantizeLinear", "DequantizeLinear"):
+                    continue
+                for i, inp in enumerate(consumer.inputs):
+                    if inp is t and (everyone or (consumer.name, i) in readers.get(name, set())):
+                        targets.append((consumer, i))
+            if not targets:
+                stats["activation_already_quantized"] += 1
+                continue
+            s_c = gs.Constant(names(f"{name}_scale"), np.asarray(scale, dtype=np.float32).reshape(()))
+            z_c = gs.Constant(names(f"{name}_zero_point"), np.asarray(zp).reshape(()))
+            q_out = gs.Variable(names(f"{name}_quantized"), dtype=z_c.values.dtype, shape=t.shape)
+            dq_out = gs.Variable(names(f"{name}_dequantized"), dtype=np.float32, shape=t.shape)
+            graph.nodes.append(self.tag(gs.Node("QuantizeLinear", names(f"{name}_QuantizeLinear"),
+                                                inputs=[t, s_c, z_c], outputs=[q_out])))
+            graph.nodes.append(self.tag(gs.Node("DequantizeLinear", names(f"{name}_DequantizeLinear"),
+                                                inputs=[q_out, s_c, z_c], outputs=[dq_out])))
+            for consumer, i in targets:
+                consumer.inputs[i] = dq_out
+            stats[f"activations_{spec.dtype}"] += 1
+
+        # ---- weights and biases ------------------------------------------------------------------------
+        weight_cache: dict[tuple[Any, ...], gs.Variable] = {}
+        consumers_of: dict[str, int] = {}
+        for n in graph.nodes:
+            for t in n.inputs:
+                if isinstance(t, gs.Constant):
+                    consumers_of[t.name] = consumers_of.get(t.name, 0) + 1
+        for np_ in ctx.resolved.nodes.values():
+            if np_.weight is None or np_.weight_input is None:
+                continue
+            node = nodes.get(np_.node)
+            if node is None:
+                continue
+            w = node.inputs[np_.weight_input]
+            if not isinstance(w, gs.Constant):
+                stats["weight_already_quantized"] += 1
+                continue
+            self._quantize_weight(node, np_, w, act_scale, weight_cache, consumers_of, names, graph, stats)
+        return PassResult(modified=sum(v for k, v in stats.items() if k.startswith(("activations_", "weights_"))) > 0,
+                          stats=stats)
+
+    # --------------------------------------------------------------------------------------------------
+    def _quantize_weight(self, node: gs.Node, np_: NodePlan, w: gs.Constant, act_scale: dict[str, float],
+                         cache: dict[tuple[Any, ...], gs.Variable], consumers_of: dict[str, int],
+                         names: _Names, graph: gs.Graph, stats: Counter[str]) -> None:
+        spec = np_.weight
+        assert spec is not None
+        values = np.asarray(w.values, dtype=np.float32)
+        axis: int | None = None
+        block: int | None = None
+        if spec.granularity == "per_channel":
+            axis = spec.axis if spec.axis is not None else per_channel_axis(node, values.ndim)
+        elif spec.granularity == "block":
+            axis = spec.axis if spec.axis is not None else block_axis(node, values.ndim)
+            block = spec.block_size
+        if axis is not None and axis < 0:
+            axis += values.ndim
+        key = (w.name, spec, axis, block)
+        shared = consumers_of.get(w.name, 0) > 1
+        if key in cache and shared:
+            node.inputs[np_.weight_input] = cache[key]
+            stats["weights_shared_reused"] += 1
+            return
+        qt = quant.quantize_weight(values, spec.dtype, spec.symmetric, axis, block, spec.range, spec.scale == "pow2")
+
+        # bias: int32 with s_x * s_w (and the overflow guard raising s_w where needed)
+        bias_codes = None
+        x_in = node.inputs[0] if node.inputs else None
+        x_name = getattr(x_in, "name", "")
+        src = x_in.inputs[0] if x_in is not None and x_in.inputs else None
+        x_scale = None
+        if src is not None and src.op == "DequantizeLinear" and isinstance(src.inputs[1], gs.Constant):
+            x_scale = float(np.asarray(src.inputs[1].values).reshape(()))
+        bias_ok = (
+            x_scale is not None
+            and len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant)
+            and consumers_of.get(node.inputs[2].name, 0) == 1 and not shared
+            and spec.dtype in ("int8", "uint8") and spec.symmetric and block is None and spec.scheme == "int"
+            and np_.activation is not None and np_.activation.dtype in ("int8", "uint8")
+            and self._bias_layout_ok(node, node.inputs[2], values, axis)
+        )
+        if bias_ok:
+            assert x_scale is not None
+            b = np.asarray(node.inputs[2].values, dtype=np.float32).reshape(-1)
+            codes, bscale, ws = quant.quantize_bias(b, x_scale, qt.scale)
+            if not np.array_equal(np.asarray(ws).reshape(np.shape(qt.scale)), qt.scale):
+                stats["bias_overflow_guard"] += 1
+                qt = quant.QuantizedTensor(quant.quantize(values, ws, qt.zero_point, spec.dtype, axis, block),
+                                           np.asarray(ws, dtype=np.float32).reshape(np.shape(qt.scale)),
+                                           qt.zero_point, axis, block, spec.dtype)
+                codes, bscale, _ = quant.quantize_bias(b, x_scale, qt.scale)
+            bias_codes = (codes, bscale)
+        elif x_name:
+            stats["bias_kept_float"] += int(len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant))
+
+        dq_out = self._emit_dq(graph, names, w.name, qt)
+        cache[key] = dq_out
+        node.inputs[np_.weight_input] = dq_out
+        stats[f"weights_{spec.dtype}_{spec.granularity}"] += 1
+        stats["weight_bytes_float"] += values.nbytes
+        stats["weight_bytes_quantized"] += (qt.q.size * quant.qdtype(spec.dtype).bits + 7) // 8
+        if bias_codes is not None:
+            codes, bscale = bias_codes
+            bias_c = node.inputs[2]
+            bq = quant.QuantizedTensor(codes, np.asarray(bscale, dtype=np.float32),
+                                       np.zeros(np.shape(bscale), dtype=np.int32),
+                                       0 if np.size(bscale) > 1 else None, None, "int32")
+            node.inputs[2] = self._emit_dq(graph, names, bias_c.name, bq)
+            stats["biases_int32"] += 1
+
+    @staticmethod
+    def _bias_layout_ok(node: gs.Node, bias: gs.Constant, w: np.ndarray, axis: int | None) -> bool:
+        b = np.asarray(bias.values)
+        if node.op == "Conv":
+            return b.ndim == 1 and b.shape[0] == w.shape[0]
+        if node.op == "ConvTranspose":
+            return int(node.attrs.get("group", 1)) == 1 and b.ndim == 1 and b.shape[0] == w.shape[1]
+        if node.op == "Gemm":
+            n_out = w.shape[0] if int(node.attrs.get("transB", 0)) else w.shape[1]
+            return (b.ndim == 1 and b.shape[0] == n_out and float(node.attrs.get("alpha", 1.0)) == 1.0
+                    and float(node.attrs.get("beta", 1.0)) == 1.0 and not int(node.attrs.get("transA", 0)))
+        return False
+
+    def _emit_dq(self, graph: gs.Graph, names: _Names, base: str, qt: quant.QuantizedTensor) -> gs.Variable:
+        q_c = gs.Constant(names(f"{base}_quantized"), qt.q)
+        scale = np.asarray(qt.scale, dtype=np.float32)
+        zp = np.asarray(qt.zero_point)
+        if qt.axis is None:
+            scale, zp = scale.reshape(()), zp.reshape(())
+        elif qt.block_size is None:
+            scale, zp = scale.reshape(-1), zp.reshape(-1)
+        s_c = gs.Constant(names(f"{base}_scale"), scale)
+        if qt.dtype in ("int8", "int32") and not np.any(zp):
+            # symmetric int8 / int32 bias: the zero point defaults to 0 of the code type; leave it out
+            inputs: list[Any] = [q_c, s_c]
+        else:
+            inputs = [q_c, s_c, gs.Constant(names(f"{base}_zero_point"), zp)]
+        attrs: dict[str, Any] = {}
+        if qt.axis is not None:
+            attrs["axis"] = int(qt.axis)
+        if qt.block_size:
+            attrs["block_size"] = int(qt.block_size)
+        out = gs.Variable(names(f"{base}_dequantized"), dtype=np.float32, shape=list(qt.q.shape))
+        graph.nodes.append(self.tag(gs.Node("DequantizeLinear", names(f"{base}_DequantizeLinear"), attrs=attrs,
+                                            inputs=inputs, outputs=[out])))
+        return out
+
+
+def spec_summary(spec: QuantSpec | None) -> str:
+    if spec is None:
+        return "float"
+    return f"{spec.dtype}/{spec.granularity}"

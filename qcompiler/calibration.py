@@ -1,0 +1,1011 @@
+"""Calibration data and activation statistics.
+
+Three parts:
+
+* :class:`CalibrationSource`: where calibration feeds come from (``--calib``). One of
+
+  - a folder of ``.npz`` files, one feed per file (one array per graph input, keyed by input name, at the
+    exact shape fed to the model); files are taken in sorted name order, other files are ignored;
+  - a single ``.npz`` file whose arrays carry a leading sample axis ``[N, *feed_shape]``; it is streamed
+    (each member is read sequentially from the zip, one sample at a time, stored or compressed alike);
+  - the word ``random``: synthetic, seeded data (see :func:`random_source`). The word always means this; a
+    folder that happens to be called ``random`` is given as ``./random``.
+
+  Every feed is validated against the graph inputs (names, rank, fixed dims, dtype, NaN/Inf) and cast to the
+  input dtype where that is safe (float64 -> float32, float32 -> float16, int32 -> int64, ...; integer data for
+  a float input is refused). Each problem is a one-line :class:`UserError` naming the file and the array.
+
+* :class:`TensorStats`: streaming statistics of one tensor (min/max, and a fixed-size, mergeable histogram
+  when the calibration method needs one) and :meth:`TensorStats.range`, the (lo, hi) a quantizer should use
+  for a :class:`QuantSpec` (``minmax``, ``percentile``, ``entropy`` or ``mse``).
+
+* :func:`collect`: runs the float graph in onnxruntime over a source, one sample at a time, and returns the
+  statistics of the requested tensors. The library never prints; progress goes to a callback.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import zipfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from qcompiler import ir
+from qcompiler.errors import UserError
+from qcompiler.plan import QuantSpec
+
+log = logging.getLogger(__name__)
+
+#: Histogram bins per sign: the histogram covers [-R, R] with 2 * HIST_BINS bins (R a power of two larger
+#: than max|x|, so the data always spans at least HIST_BINS / 2 = 2048 bins of |x|).
+HIST_BINS = 4096
+#: Smallest histogram half-range (keeps the bin scale finite in float32 for denormal-only tensors).
+_MIN_RANGE_EXP = -64
+#: Random sources: size given to dynamic spatial / sequence dims (rank >= 3, any axis but the first).
+RANDOM_SPATIAL = 32
+#: Random sources: integer inputs get uniform integers in [0, RANDOM_INT_HIGH).
+RANDOM_INT_HIGH = 8
+
+Feed = dict[str, np.ndarray]
+
+
+# ============================================================================================ signatures
+@dataclass
+class InputSig:
+    """A graph input: name, numpy dtype and shape (dims: int, or a symbolic name / None when dynamic)."""
+
+    name: str
+    dtype: np.dtype
+    shape: list[int | str | None]
+    known_rank: bool = True  # False: the model does not declare the input's shape (any rank accepted)
+
+    def describe(self) -> str:
+        if not self.known_rank:
+            return f"{self.name}: {self.dtype} [?]"
+        dims = ", ".join("?" if d is None else str(d) for d in self.shape)
+        return f"{self.name}: {self.dtype} [{dims}]"
+
+
+def input_signatures(graph: gs.Graph) -> list[InputSig]:
+    """Signatures of the graph inputs (constants/initializers are not inputs). Unknown dtype -> float32."""
+    sigs: list[InputSig] = []
+    for t in graph.inputs:
+        if isinstance(t, gs.Constant):
+            continue
+        try:
+            dtype = np.dtype(t.dtype) if t.dtype is not None else np.dtype(np.float32)
+        except TypeError:
+            dtype = np.dtype(np.float32)
+        if t.shape is None:
+            sigs.append(InputSig(t.name, dtype, [], known_rank=False))
+            continue
+        dims: list[int | str | None] = []
+        for d in t.shape:
+            if isinstance(d, (int, np.integer)) and not isinstance(d, bool):
+                dims.append(int(d) if int(d) >= 0 else None)
+            elif isinstance(d, str) and d and d != "?" and not d.startswith("unk__"):
+                dims.append(d)  # "?" (Paddle) and "unk__N" (shape inference) mean "any", not a shared name
+            else:
+                dims.append(None)
+        sigs.append(InputSig(t.name, dtype, dims))
+    return sigs
+
+
+def _fmt_shape(shape: Sequence[Any]) -> str:
+    return "[" + ", ".join(str(int(d)) for d in shape) + "]"
+
+
+def _check_array_meta(where: str, key: str, shape: tuple[int, ...], dtype: np.dtype, sig: InputSig) -> None:
+    """Rank, fixed dims and dtype of one array against its input (no data needed)."""
+    if dtype.hasobject:
+        raise UserError(f"{where}: array '{key}' holds Python objects; only numeric arrays are accepted")
+    if sig.known_rank:
+        if len(shape) != len(sig.shape):
+            raise UserError(f"{where}: array '{key}' has shape {_fmt_shape(shape)} (rank {len(shape)}) but model "
+                            f"input {sig.describe()} has rank {len(sig.shape)}")
+        for axis, (got, want) in enumerate(zip(shape, sig.shape)):
+            if isinstance(want, int) and got != want:
+                raise UserError(f"{where}: array '{key}' has shape {_fmt_shape(shape)}; dim {axis} is {got} but "
+                                f"model input {sig.describe()} needs {want}")
+    _check_castable(where, key, dtype, sig)
+
+
+def _check_castable(where: str, key: str, src: np.dtype, sig: InputSig) -> None:
+    dst = sig.dtype
+    if src == dst:
+        return
+    ok = (dst.kind == "f" and src.kind == "f") or (dst.kind in "iu" and src.kind in "iub") or (
+        dst.kind == "b" and src.kind == "b")
+    if not ok:
+        hint = " (integer data for a float input is refused: convert it explicitly)" if (
+            dst.kind == "f" and src.kind in "iub") else ""
+        raise UserError(f"{where}: array '{key}' is {src} but model input '{sig.name}' is {dst}; "
+                        f"cannot be cast safely{hint}")
+
+
+def _conform(where: str, key: str, arr: np.ndarray, sig: InputSig) -> np.ndarray:
+    """Check values (NaN/Inf, integer range) and cast ``arr`` to the input dtype."""
+    dst = sig.dtype
+    if arr.dtype.kind == "f":
+        if not np.isfinite(arr).all():
+            bad = tuple(int(i) for i in np.argwhere(~np.isfinite(arr))[0])
+            raise UserError(f"{where}: array '{key}' contains NaN or Inf (first at index {bad})")
+        if arr.dtype != dst:
+            with np.errstate(over="ignore"):
+                out = arr.astype(dst)
+            if not np.isfinite(out).all():
+                raise UserError(f"{where}: array '{key}' has values beyond the range of {dst} (model input "
+                                f"'{sig.name}')")
+            return out
+        return arr
+    if arr.dtype != dst and dst.kind in "iu" and not np.can_cast(arr.dtype, dst) and arr.size:
+        info = np.iinfo(dst)
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < info.min or hi > info.max:
+            raise UserError(f"{where}: array '{key}' has values in [{lo}, {hi}], outside {dst} (model input "
+                            f"'{sig.name}')")
+    return arr.astype(dst) if arr.dtype != dst else arr
+
+
+def _check_keys(where: str, keys: Sequence[str], inputs: Sequence[InputSig]) -> None:
+    names = [s.name for s in inputs]
+    for k in keys:
+        if k not in names:
+            raise UserError(f"{where}: array '{k}' is not an input of the model (inputs: {', '.join(names)})")
+    for n in names:
+        if n not in keys:
+            have = ", ".join(keys) if keys else "none"
+            raise UserError(f"{where}: no array for model input '{n}' (arrays: {have})")
+
+
+def _check_symbolic(where: str, shapes: dict[str, tuple[int, ...]], inputs: Sequence[InputSig]) -> None:
+    """Inputs sharing a symbolic dim name (e.g. ``N``) must agree on its value within one feed."""
+    seen: dict[str, tuple[int, str]] = {}
+    for sig in inputs:
+        if not sig.known_rank or sig.name not in shapes:
+            continue
+        for d, got in zip(sig.shape, shapes[sig.name]):
+            if isinstance(d, str):
+                if d in seen and seen[d][0] != got:
+                    raise UserError(f"{where}: array '{sig.name}' has {d}={got} but array '{seen[d][1]}' has "
+                                    f"{d}={seen[d][0]}")
+                seen.setdefault(d, (int(got), sig.name))
+
+
+def check_feed(feed: dict[str, Any], inputs: Sequence[InputSig], where: str) -> Feed:
+    """Validate one feed against ``inputs`` and return it cast to the input dtypes. Raises :class:`UserError`."""
+    _check_keys(where, list(feed), inputs)
+    out: Feed = {}
+    for sig in inputs:
+        arr = np.asarray(feed[sig.name])
+        _check_array_meta(where, sig.name, tuple(arr.shape), arr.dtype, sig)
+        out[sig.name] = _conform(where, sig.name, arr, sig)
+    _check_symbolic(where, {k: tuple(v.shape) for k, v in out.items()}, inputs)
+    return out
+
+
+# ============================================================================================== sources
+class CalibrationSource:
+    """Iterable of feeds: dict[input_name -> np.ndarray] at the exact shape fed to the model.
+
+    Re-iterable; streams (loads one sample at a time). ``synthetic`` is True for random data (reports must say
+    the ranges are synthetic); ``description`` says where the data comes from, e.g. ``calib/ (64 .npz files)``.
+    """
+
+    synthetic: bool = False
+    description: str = ""
+
+    def __init__(self, inputs: Sequence[InputSig], description: str, *, synthetic: bool = False,
+                 limit: int | None = None) -> None:
+        self.inputs = list(inputs)
+        self.description = description
+        self.synthetic = synthetic
+        self._limit = limit
+
+    # ---------------------------------------------------------------------------------- to implement
+    def _count(self) -> int:
+        raise NotImplementedError
+
+    def _feeds(self) -> Iterator[Feed]:
+        raise NotImplementedError
+
+    def label(self, i: int) -> str:
+        """Human name of sample ``i`` for error messages (e.g. ``calib/003.npz``)."""
+        return f"{self.description}: sample {i}"
+
+    # ------------------------------------------------------------------------------------ public API
+    def __len__(self) -> int:
+        n = self._count()
+        return n if self._limit is None else min(n, self._limit)
+
+    def __iter__(self) -> Iterator[Feed]:
+        n = len(self)
+        if n == 0:
+            return
+        gen = self._feeds()
+        try:
+            for i, feed in enumerate(gen):
+                yield feed
+                if i + 1 >= n:
+                    return
+        finally:
+            close = getattr(gen, "close", None)
+            if close is not None:
+                close()
+
+    def take(self, n: int | None) -> CalibrationSource:
+        """This source limited to its first ``n`` samples (``None``: unchanged)."""
+        if n is None:
+            return self
+        if n <= 0:
+            raise UserError(f"calibration: the number of samples must be positive, got {n}")
+        return _Limited(self, n)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.description!r} ({len(self)} samples)>"
+
+    @classmethod
+    def from_arg(cls, arg: str | Path, inputs: list[InputSig], *, seed: int = 0, num_random: int = 16,
+                 limit: int | None = None) -> CalibrationSource:
+        """A source from the ``--calib`` argument: a folder of .npz, one leading-axis .npz, or ``random``."""
+        if limit is not None and limit <= 0:
+            raise UserError(f"calibration: the number of samples must be positive, got {limit}")
+        s = str(arg)
+        if s == "random":
+            n = num_random if limit is None else min(num_random, limit)
+            return random_source(inputs, n, seed)
+        p = Path(arg)
+        if not p.exists():
+            if p.suffix == "" and "/" not in s and "\\" not in s:
+                raise UserError(f"calibration: '{s}' is neither an existing path nor a known source "
+                                f"(give a folder of .npz files, an .npz file, or 'random')")
+            raise UserError(f"{p}: no such calibration file or folder")
+        if p.is_dir():
+            return _FolderSource(p, inputs, limit=limit)
+        if p.suffix.lower() != ".npz":
+            raise UserError(f"{p}: calibration data must be a folder of .npz files or one .npz file")
+        return _StackedNpzSource(p, inputs, limit=limit)
+
+    @classmethod
+    def from_feeds(cls, feeds: Sequence[dict[str, Any]], inputs: list[InputSig],
+                   description: str = "in-memory feeds") -> CalibrationSource:
+        """A source over feeds already in memory (validated now)."""
+        return _ListSource(feeds, inputs, description)
+
+
+class _Limited(CalibrationSource):
+    def __init__(self, base: CalibrationSource, n: int) -> None:
+        super().__init__(base.inputs, base.description, synthetic=base.synthetic, limit=n)
+        self.base = base
+
+    def _count(self) -> int:
+        return len(self.base)
+
+    def _feeds(self) -> Iterator[Feed]:
+        return iter(self.base)
+
+    def label(self, i: int) -> str:
+        return self.base.label(i)
+
+
+class _ListSource(CalibrationSource):
+    def __init__(self, feeds: Sequence[dict[str, Any]], inputs: list[InputSig], description: str) -> None:
+        super().__init__(inputs, f"{description} ({len(feeds)} samples)")
+        self.name = description
+        self.feeds = [check_feed(f, inputs, f"{description}: sample {i}") for i, f in enumerate(feeds)]
+
+    def _count(self) -> int:
+        return len(self.feeds)
+
+    def label(self, i: int) -> str:
+        return f"{self.name}: sample {i}"
+
+    def _feeds(self) -> Iterator[Feed]:
+        return iter(self.feeds)
+
+
+# ------------------------------------------------------------------------------------------ npz reading
+def _npz_members(path: Path, zf: zipfile.ZipFile) -> dict[str, str]:
+    """Array name -> zip member name."""
+    out: dict[str, str] = {}
+    for m in zf.namelist():
+        if m.endswith("/"):
+            continue
+        key = m[:-4] if m.endswith(".npy") else m
+        out[key] = m
+    if not out:
+        raise UserError(f"{path}: the .npz holds no arrays")
+    return out
+
+
+def _read_header(fp: IO[bytes]) -> tuple[tuple[int, ...], bool, np.dtype] | None:
+    """(shape, fortran_order, dtype) from an .npy stream; None for a header version we do not stream."""
+    fmt = np.lib.format
+    version = fmt.read_magic(fp)
+    if version == (1, 0):
+        shape, fortran, dtype = fmt.read_array_header_1_0(fp)
+    elif version == (2, 0):
+        shape, fortran, dtype = fmt.read_array_header_2_0(fp)
+    else:
+        return None
+    return tuple(int(d) for d in shape), bool(fortran), np.dtype(dtype)
+
+
+def _open_zip(path: Path) -> zipfile.ZipFile:
+    try:
+        return zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        raise UserError(f"{path}: not a valid .npz file ({type(e).__name__}: {e})") from None
+
+
+def _member_meta(path: Path, zf: zipfile.ZipFile, key: str, member: str) -> tuple[tuple[int, ...], np.dtype]:
+    try:
+        with zf.open(member) as fp:
+            head = _read_header(fp)
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
+        raise UserError(f"{path}: array '{key}' is not a valid .npy member ({e})") from None
+    if head is None:  # unusual header version: load it to learn its metadata
+        arr = _load_member(path, key)
+        return tuple(arr.shape), arr.dtype
+    if head[2].hasobject:
+        raise UserError(f"{path}: array '{key}' holds Python objects (pickled); refused")
+    return head[0], head[2]
+
+
+def _load_member(path: Path, key: str) -> np.ndarray:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return np.asarray(z[key])
+    except ValueError as e:
+        if "pickle" in str(e).lower() or "object" in str(e).lower():
+            raise UserError(f"{path}: array '{key}' holds Python objects (pickled); refused") from None
+        raise UserError(f"{path}: array '{key}' cannot be read ({e})") from None
+    except (OSError, zipfile.BadZipFile, EOFError, KeyError) as e:
+        raise UserError(f"{path}: array '{key}' cannot be read ({type(e).__name__}: {e})") from None
+
+
+class _FolderSource(CalibrationSource):
+    """A folder of .npz files, one feed each, in sorted name order."""
+
+    def __init__(self, folder: Path, inputs: list[InputSig], *, limit: int | None = None) -> None:
+        files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() == ".npz")
+        if not files:
+            raise UserError(f"{folder}: no .npz files in the calibration folder")
+        super().__init__(inputs, f"{folder}/ ({len(files)} .npz files)", limit=limit)
+        self.folder = folder
+        self.files = files
+        by_name = {s.name: s for s in inputs}
+        # Cheap up-front check of every file used: the zip directory and the .npy headers, no data.
+        for f in files[: len(self)]:
+            with _open_zip(f) as zf:
+                members = _npz_members(f, zf)
+                _check_keys(str(f), list(members), inputs)
+                shapes: dict[str, tuple[int, ...]] = {}
+                for key, member in members.items():
+                    shape, dtype = _member_meta(f, zf, key, member)
+                    _check_array_meta(str(f), key, shape, dtype, by_name[key])
+                    shapes[key] = shape
+                _check_symbolic(str(f), shapes, inputs)
+
+    def _count(self) -> int:
+        return len(self.files)
+
+    def label(self, i: int) -> str:
+        return str(self.files[i])
+
+    def _feeds(self) -> Iterator[Feed]:
+        for f in self.files:
+            if not f.is_file():
+                raise UserError(f"{f}: calibration file disappeared while reading")
+            try:
+                z = np.load(f, allow_pickle=False)
+            except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+                raise UserError(f"{f}: not a valid .npz file ({type(e).__name__}: {e})") from None
+            with z:
+                raw: dict[str, Any] = {}
+                for key in z.files:
+                    try:
+                        raw[key] = z[key]
+                    except ValueError as e:
+                        raise UserError(f"{f}: array '{key}' cannot be loaded ({e})") from None
+                    except (OSError, zipfile.BadZipFile, EOFError) as e:
+                        raise UserError(f"{f}: array '{key}' cannot be read ({type(e).__name__})") from None
+            yield check_feed(raw, self.inputs, str(f))
+
+
+class _StackedNpzSource(CalibrationSource):
+    """One .npz whose arrays are ``[N, *feed_shape]``; streamed sample by sample from the zip members."""
+
+    def __init__(self, path: Path, inputs: list[InputSig], *, limit: int | None = None) -> None:
+        self.path = path
+        by_name = {s.name: s for s in inputs}
+        with _open_zip(path) as zf:
+            self.members = _npz_members(path, zf)
+            _check_keys(str(path), list(self.members), inputs)
+            self.meta: dict[str, tuple[tuple[int, ...], np.dtype]] = {
+                k: _member_meta(path, zf, k, m) for k, m in self.members.items()}
+        counts: dict[str, int] = {}
+        for key, (shape, dtype) in self.meta.items():
+            sig = by_name[key]
+            if len(shape) == 0:
+                raise UserError(f"{path}: array '{key}' is a scalar; expected [N, *feed_shape] with a leading "
+                                f"sample axis")
+            if sig.known_rank and len(shape) != len(sig.shape) + 1:
+                raise UserError(f"{path}: array '{key}' has shape {_fmt_shape(shape)} (rank {len(shape)}) but "
+                                f"a single .npz needs a leading sample axis: rank {len(sig.shape) + 1} "
+                                f"[N, *shape of input {sig.describe()}]")
+            _check_array_meta(str(path), key, shape[1:], dtype, sig)
+            counts[key] = shape[0]
+        if len(set(counts.values())) > 1:
+            detail = ", ".join(f"'{k}' has {v}" for k, v in counts.items())
+            raise UserError(f"{path}: arrays disagree on the number of samples (leading axis): {detail}")
+        self.n = next(iter(counts.values()))
+        if self.n == 0:
+            raise UserError(f"{path}: arrays hold 0 samples (leading axis is 0)")
+        _check_symbolic(str(path), {k: s[1:] for k, (s, _) in self.meta.items()}, inputs)
+        super().__init__(inputs, f"{path} ({self.n} samples)", limit=limit)
+
+    def _count(self) -> int:
+        return self.n
+
+    def label(self, i: int) -> str:
+        return f"{self.path}: sample {i}"
+
+    def _readers(self, zf: zipfile.ZipFile, stack: list[Any]) -> dict[str, Callable[[int], np.ndarray]]:
+        readers: dict[str, Callable[[int], np.ndarray]] = {}
+        for key, member in self.members.items():
+            fp = zf.open(member)
+            stack.append(fp)
+            head = _read_header(fp)
+            if head is None or head[1]:  # unusual header or Fortran order: load this member whole
+                arr = _load_member(self.path, key)
+                readers[key] = arr.__getitem__
+                continue
+            shape, _, dtype = head
+            per = int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1
+            nbytes = per * dtype.itemsize
+
+            def read(i: int, fp: Any = fp, shape: tuple[int, ...] = shape, dtype: np.dtype = dtype,
+                     nbytes: int = nbytes, key: str = key) -> np.ndarray:
+                data = fp.read(nbytes)
+                if len(data) != nbytes:
+                    raise UserError(f"{self.path}: array '{key}' is truncated at sample {i}")
+                return np.frombuffer(data, dtype=dtype).reshape(shape[1:])
+
+            readers[key] = read
+        return readers
+
+    def _feeds(self) -> Iterator[Feed]:
+        stack: list[Any] = []
+        with _open_zip(self.path) as zf:
+            try:
+                readers = self._readers(zf, stack)
+                for i in range(len(self)):
+                    try:
+                        raw = {k: r(i) for k, r in readers.items()}
+                    except (OSError, zipfile.BadZipFile, EOFError) as e:
+                        raise UserError(f"{self.path}: sample {i} cannot be read ({type(e).__name__}: {e})") from None
+                    yield check_feed(raw, self.inputs, f"{self.path}: sample {i}")
+            finally:
+                for fp in stack:
+                    fp.close()
+
+
+class _RandomSource(CalibrationSource):
+    def __init__(self, inputs: list[InputSig], n: int, seed: int) -> None:
+        super().__init__(inputs, f"random ({n} samples, seed {seed})", synthetic=True)
+        self.n = n
+        self.seed = seed
+        self.shapes = {s.name: random_shape(s) for s in inputs}
+
+    def _count(self) -> int:
+        return self.n
+
+    def label(self, i: int) -> str:
+        return f"random sample {i} (seed {self.seed})"
+
+    def _feeds(self) -> Iterator[Feed]:
+        rng = np.random.default_rng(self.seed)
+        for _ in range(self.n):
+            feed: Feed = {}
+            for s in self.inputs:
+                shape = self.shapes[s.name]
+                if s.dtype.kind == "f":
+                    feed[s.name] = rng.standard_normal(shape, dtype=np.float32).astype(s.dtype)
+                elif s.dtype.kind == "b":
+                    feed[s.name] = rng.random(shape) < 0.5
+                elif s.dtype.kind in "iu":
+                    feed[s.name] = rng.integers(0, RANDOM_INT_HIGH, size=shape).astype(s.dtype)
+                else:
+                    raise UserError(f"calibration: cannot make random data for input {s.describe()}; "
+                                    f"give calibration files")
+            yield feed
+
+
+def random_shape(sig: InputSig) -> tuple[int, ...]:
+    """The shape random data gets: fixed dims as declared; dynamic dims 1, except the non-leading dynamic
+    dims of inputs of rank >= 3 (image H/W, sequence length), which get ``RANDOM_SPATIAL`` (32). An input of
+    unknown rank gets shape [1]."""
+    if not sig.known_rank:
+        return (1,)
+    rank = len(sig.shape)
+    out = []
+    for axis, d in enumerate(sig.shape):
+        if isinstance(d, int):
+            out.append(d)
+        elif axis > 0 and rank >= 3 and not (rank == 4 and axis == 1):
+            out.append(RANDOM_SPATIAL)
+        else:
+            out.append(1)
+    return tuple(out)
+
+
+def random_source(inputs: Sequence[InputSig], n: int, seed: int) -> CalibrationSource:
+    """Data-free calibration: ``n`` seeded samples. Float inputs: standard normal; integer inputs: uniform in
+    [0, 8); bool: fair coin. Shapes from :func:`random_shape` (dynamic batch 1, dynamic H/W/sequence 32)."""
+    if n <= 0:
+        raise UserError(f"calibration: the number of random samples must be positive, got {n}")
+    return _RandomSource(list(inputs), n, seed)
+
+
+# ============================================================================================ statistics
+def _dtype_bits(dtype: str) -> int | None:
+    """Integer bit width of a QuantSpec dtype; None for fp8 / float."""
+    return {"int8": 8, "uint8": 8, "int16": 16, "uint16": 16, "int4": 4, "uint4": 4}.get(dtype)
+
+
+_FP8 = {"fp8e4m3": (3, 448.0, -6), "fp8e5m2": (2, 57344.0, -14)}  # mantissa bits, max, min normal exponent
+
+
+class TensorStats:
+    """Running statistics of one tensor over calibration samples.
+
+    Always: ``min``, ``max`` (0.0 until data arrives), ``count`` (finite elements seen), ``samples`` (updates),
+    ``zeros`` (exact zeros) and ``nonfinite`` (NaN/Inf elements, ignored). With ``histogram=True``: a fixed-size
+    histogram of 2 * ``bins`` bins over [-R, R], R a power of two > max|x|. When a batch exceeds R, R doubles
+    (adjacent bin pairs merge), so histograms of different ranges merge exactly. Memory does not depend on the
+    number of samples.
+    """
+
+    def __init__(self, histogram: bool = False, bins: int = HIST_BINS) -> None:
+        if bins < 2 or bins % 2:
+            raise ValueError(f"bins must be even and >= 2, got {bins}")
+        self.bins = bins
+        self.min = 0.0
+        self.max = 0.0
+        self.count = 0
+        self.samples = 0
+        self.zeros = 0
+        self.nonfinite = 0
+        self.hist: np.ndarray | None = np.zeros(2 * bins, dtype=np.int64) if histogram else None
+        self.range_exp: int | None = None  # R = 2**range_exp; None until a nonzero value arrives
+
+    @classmethod
+    def for_spec(cls, spec: QuantSpec) -> TensorStats:
+        """Stats object with a histogram only when ``spec``'s calibration needs one."""
+        return cls(histogram=needs_histogram(spec))
+
+    # ------------------------------------------------------------------------------------- properties
+    @property
+    def has_histogram(self) -> bool:
+        return self.hist is not None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by internal arrays (constant over updates)."""
+        return 0 if self.hist is None else int(self.hist.nbytes)
+
+    @property
+    def amax(self) -> float:
+        return max(abs(self.min), abs(self.max))
+
+    @property
+    def bin_width(self) -> float:
+        return 0.0 if self.range_exp is None else math.ldexp(1.0, self.range_exp) / self.bins
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"min": self.min, "max": self.max, "count": self.count, "samples": self.samples}
+
+    def __repr__(self) -> str:
+        return (f"<TensorStats min={self.min:.6g} max={self.max:.6g} count={self.count} samples={self.samples}"
+                f"{' hist' if self.hist is not None else ''}>")
+
+    # ----------------------------------------------------------------------------------------- update
+    def update(self, x: np.ndarray) -> None:
+        """Add one sample's values of the tensor."""
+        a = np.asarray(x)
+        if a.dtype not in (np.float32, np.float64):
+            a = a.astype(np.float64 if a.dtype.kind in "iu" and a.dtype.itemsize > 2 else np.float32)
+        a = a.reshape(-1)
+        self.samples += 1
+        if a.size == 0:
+            return
+        mn, mx = float(a.min()), float(a.max())
+        if not (math.isfinite(mn) and math.isfinite(mx)):
+            finite = np.isfinite(a)
+            n_bad = int(a.size - np.count_nonzero(finite))
+            self.nonfinite += n_bad
+            a = a[finite]
+            if a.size == 0:
+                return
+            mn, mx = float(a.min()), float(a.max())
+        if self.count == 0:
+            self.min, self.max = mn, mx
+        else:
+            self.min, self.max = min(self.min, mn), max(self.max, mx)
+        self.count += int(a.size)
+        self.zeros += int(a.size - np.count_nonzero(a))
+        if self.hist is None:
+            return
+        amax = max(-mn, mx)
+        if amax > 0.0:
+            exp = max(math.frexp(amax)[1], _MIN_RANGE_EXP)  # 2**exp > amax
+            if self.range_exp is None:
+                self.range_exp = exp
+            elif exp > self.range_exp:
+                self._grow(exp)
+        if self.range_exp is None:  # all zeros so far
+            self.hist[self.bins] += a.size
+            return
+        scale = np.asarray(math.ldexp(float(self.bins), -self.range_exp), dtype=a.dtype)  # power of two: exact
+        idx = np.floor(a * scale).astype(np.int64)
+        idx += self.bins
+        np.clip(idx, 0, 2 * self.bins - 1, out=idx)
+        self.hist += np.bincount(idx, minlength=2 * self.bins)
+
+    def _grow(self, exp: int) -> None:
+        """Widen the histogram range to 2**exp by repeated doubling (pairs of bins merge: exact)."""
+        assert self.hist is not None and self.range_exp is not None
+        b = self.bins
+        while self.range_exp < exp:
+            merged = self.hist.reshape(-1, 2).sum(axis=1)
+            new = np.zeros_like(self.hist)
+            new[b // 2: b // 2 + b] = merged
+            self.hist = new
+            self.range_exp += 1
+
+    def merge(self, other: TensorStats) -> None:
+        """Add ``other``'s statistics to this one (exact for min/max and the histogram)."""
+        if (self.hist is None) != (other.hist is None) or self.bins != other.bins:
+            raise ValueError("cannot merge TensorStats with different histogram settings")
+        self.samples += other.samples
+        self.nonfinite += other.nonfinite
+        if other.count == 0:
+            return
+        if self.count == 0:
+            self.min, self.max = other.min, other.max
+        else:
+            self.min, self.max = min(self.min, other.min), max(self.max, other.max)
+        self.count += other.count
+        self.zeros += other.zeros
+        if self.hist is None or other.hist is None:
+            return
+        ohist = other.hist
+        if other.range_exp is not None:
+            if self.range_exp is None:
+                # everything here is zeros (in the center bin); adopting other's range keeps them there
+                self.range_exp = other.range_exp
+            elif other.range_exp > self.range_exp:
+                self._grow(other.range_exp)
+            elif other.range_exp < self.range_exp:
+                tmp = TensorStats(histogram=True, bins=self.bins)
+                tmp.hist = other.hist.copy()
+                tmp.range_exp = other.range_exp
+                tmp._grow(self.range_exp)
+                ohist = tmp.hist  # type: ignore[assignment]
+        self.hist += ohist
+
+    # ------------------------------------------------------------------------------------------ range
+    def range(self, spec: QuantSpec) -> tuple[float, float]:
+        """The (lo, hi) the quantizer should use for ``spec`` (raw range: it does not force 0 inside).
+
+        * ``minmax``: (min, max).
+        * ``percentile``: symmetric -> (-T, T), T = ``spec.percentile`` of |x|; asymmetric -> the
+          (100 - p)th and p-th percentiles of x.
+        * ``entropy``: TensorRT-style KL-divergence search for the clip threshold T of |x| with 2^(bits-1)
+          quantized levels (2^bits for asymmetric one-signed data).
+        * ``mse``: the clip minimizing the expected squared error (rounding + clipping) for ``spec.dtype``.
+
+        Clipping methods return (-T, T) for symmetric specs and (max(min, -T), min(max, T)) otherwise. An empty
+        or all-zero tensor gives (0.0, 0.0); a constant c gives (c, c) (or (-|c|, |c|)). 16-bit entropy and
+        float specs fall back to minmax. A histogram method on stats collected without a histogram falls back
+        to minmax with a warning.
+        """
+        if self.count == 0:
+            return 0.0, 0.0
+        method = spec.calibration
+        if method == "minmax" or spec.is_float:
+            return self.min, self.max
+        if method not in ("percentile", "entropy", "mse"):
+            raise ValueError(f"unknown calibration method '{method}'")
+        if self.hist is None:
+            log.warning("calibration '%s' needs a histogram but these stats have none; using minmax", method)
+            return self.min, self.max
+        if self.range_exp is None:  # all values are exactly 0
+            return 0.0, 0.0
+        if method == "percentile":
+            return self._percentile_range(spec)
+        if method == "entropy":
+            one_sided = not spec.symmetric and (self.min >= 0.0 or self.max <= 0.0)
+            t = min(self._entropy_threshold(spec, one_sided), self.amax)
+            if spec.symmetric:
+                return -t, t
+            return max(self.min, -t), min(self.max, t)
+        alpha = self._mse_alpha(spec)
+        if spec.symmetric or spec.dtype in _FP8:
+            t = alpha * self.amax
+            return -t, t
+        lo = alpha * self.min if self.min < 0.0 else self.min
+        hi = alpha * self.max if self.max > 0.0 else self.max
+        return lo, hi
+
+    # helpers -------------------------------------------------------------------------------------------
+    def _edges_lo(self) -> float:
+        return -math.ldexp(1.0, self.range_exp or 0)
+
+    def _abs_hist(self) -> np.ndarray:
+        """Histogram of |x|: ``bins`` bins over [0, R]."""
+        assert self.hist is not None
+        b = self.bins
+        return self.hist[b:] + self.hist[:b][::-1]
+
+    def _quantile(self, hist: np.ndarray, lo_edge: float, q: float) -> float:
+        """Value below which a fraction ``q`` of the histogram mass lies (linear inside the bin)."""
+        total = int(hist.sum())
+        target = q * total
+        cum = np.cumsum(hist)
+        j = int(np.searchsorted(cum, target, side="left"))
+        j = min(j, len(hist) - 1)
+        before = float(cum[j - 1]) if j > 0 else 0.0
+        inside = float(hist[j])
+        frac = (target - before) / inside if inside > 0 else 0.0
+        return lo_edge + (j + min(max(frac, 0.0), 1.0)) * self.bin_width
+
+    def _percentile_range(self, spec: QuantSpec) -> tuple[float, float]:
+        p = float(spec.percentile)
+        if spec.symmetric:
+            t = self._quantile(self._abs_hist(), 0.0, p / 100.0)
+            t = min(t, self.amax)
+            return -t, t
+        assert self.hist is not None
+        lo = self._quantile(self.hist, self._edges_lo(), (100.0 - p) / 100.0)
+        hi = self._quantile(self.hist, self._edges_lo(), p / 100.0)
+        lo = min(max(lo, self.min), self.max)
+        hi = min(max(hi, self.min), self.max)
+        return lo, max(lo, hi)
+
+    def _levels(self, spec: QuantSpec, one_sided: bool) -> int:
+        bits = _dtype_bits(spec.dtype) or 8  # fp8: 8-bit budget
+        return 2 ** bits if one_sided else 2 ** (bits - 1)
+
+    def _entropy_threshold(self, spec: QuantSpec, one_sided: bool) -> float:
+        hist = self._abs_hist().astype(np.float64)
+        # Exact zeros (half of a ReLU output) are represented exactly by any range; left in, their spike in the
+        # first bin dominates the divergence and drives the threshold far too low.
+        hist[0] = max(hist[0] - self.zeros, 0.0)
+        nz = np.flatnonzero(hist)
+        if nz.size == 0:
+            return self.amax
+        n = int(nz[-1]) + 1
+        levels = self._levels(spec, one_sided)
+        if n <= levels:
+            return self.amax
+        hist = hist[:n]
+        suffix = np.concatenate([np.cumsum(hist[::-1])[::-1], [0.0]])  # suffix[i] = sum(hist[i:])
+
+        def kl(i: int) -> float:
+            p = hist[:i].copy()
+            p[i - 1] += suffix[i]
+            edges = (np.arange(levels + 1) * i) // levels
+            starts = edges[:-1]
+            sizes = np.diff(edges)
+            sums = np.add.reduceat(hist[:i], starts)
+            nonzero = p > 0
+            nnz = np.add.reduceat(nonzero.astype(np.float64), starts)
+            per = np.divide(sums, nnz, out=np.zeros_like(sums), where=nnz > 0)
+            q = np.repeat(per, sizes) * nonzero
+            ps, qs = p.sum(), q.sum()
+            if qs <= 0:
+                return math.inf
+            p = p / ps
+            q = q / qs
+            eps = 1e-12
+            q = np.where(nonzero & (q <= 0), eps, q)
+            m = p > 0
+            return float(np.sum(p[m] * np.log(p[m] / q[m])))
+
+        step = max(1, (n - levels) // 256)
+        cands = list(range(levels, n + 1, step))
+        if cands[-1] != n:
+            cands.append(n)
+        scores = [kl(i) for i in cands]
+        best = cands[int(np.argmin(scores))]
+        if step > 1:
+            fine = range(max(levels, best - step + 1), min(n, best + step - 1) + 1)
+            fscores = [kl(i) for i in fine]
+            best = list(fine)[int(np.argmin(fscores))]
+        return best * self.bin_width
+
+    def _side_hists(self) -> tuple[np.ndarray, np.ndarray]:
+        """Magnitude histograms of the positive and negative sides, without the exact zeros."""
+        assert self.hist is not None
+        b = self.bins
+        pos = self.hist[b:].astype(np.float64)
+        neg = self.hist[:b][::-1].astype(np.float64)
+        pos[0] = max(pos[0] - self.zeros, 0.0)  # zeros land in [0, w) and are represented exactly
+        return pos, neg
+
+    def _mse_alpha(self, spec: QuantSpec) -> float:
+        """Fraction of the data range (amax for symmetric, min and max for asymmetric) to clip at."""
+        pos, neg = self._side_hists()
+        w = self.bin_width
+        a = np.arange(self.bins, dtype=np.float64) * w
+        b = a + w
+        amax = self.amax
+        fp8 = _FP8.get(spec.dtype)
+        bits = _dtype_bits(spec.dtype) or 8
+        if spec.symmetric or fp8 is not None:
+            hi_abs = lo_abs = amax
+            steps = 2 ** (bits - 1) - 1
+            span = amax
+        else:
+            hi_abs = max(self.max, 0.0)
+            lo_abs = max(-self.min, 0.0)
+            steps = 2 ** bits - 1
+            span = hi_abs + lo_abs
+
+        # only bins holding data matter: trim both sides to the last nonzero bin
+        used = int(max(np.flatnonzero(pos)[-1] if pos.any() else 0, np.flatnonzero(neg)[-1] if neg.any() else 0)) + 1
+        pos, neg, a, b = pos[:used], neg[:used], a[:used], b[:used]
+
+        def err(alphas: np.ndarray) -> np.ndarray:
+            al = alphas[:, None]
+            if fp8 is not None:
+                t = al * amax
+                return _fp8_err(pos, a, b, t, fp8) + _fp8_err(neg, a, b, t, fp8)
+            step = al * span / steps
+            return _uniform_err(pos, a, b, step, al * hi_abs) + _uniform_err(neg, a, b, step, al * lo_abs)
+
+        coarse = np.linspace(0.01, 1.0, 100)
+        k = int(np.argmin(err(coarse)))
+        fine = np.linspace(float(coarse[max(k - 1, 0)]), float(coarse[min(k + 1, len(coarse) - 1)]), 41)
+        return float(fine[int(np.argmin(err(fine)))])
+
+
+def _cube(v: np.ndarray) -> np.ndarray:
+    return v * v * v
+
+
+def _rounding_integral(x: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """F(x) = ∫_0^x (t - s·round(t/s))² dt for x >= 0 (grid of step s through 0); broadcasts."""
+    h = s / 2.0
+    u = x + h
+    n = np.floor(u / s)
+    r = u - n * s - h
+    return n * (_cube(s) / 12.0) + _cube(r) / 3.0
+
+
+def _uniform_err(hist: np.ndarray, a: np.ndarray, b: np.ndarray, s: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """Expected total squared error of the magnitudes counted in bins [a, b) (uniform inside each bin),
+    quantized to a grid of step ``s`` and clipped at ``t``. ``s`` and ``t``: column vectors of candidates;
+    returns one error per candidate."""
+    s = np.maximum(s, np.finfo(np.float64).tiny)
+    keep = hist > 0
+    hist, a, b = hist[keep], a[keep], b[keep]
+    w = b - a
+    # rounding error over [a, min(b, t)] (empty when a >= t), clipping error over [max(a, t), b]
+    rounding = _rounding_integral(np.minimum(b, t), s) - _rounding_integral(np.minimum(a, t), s)
+    clipping = (_cube(np.maximum(b - t, 0.0)) - _cube(np.maximum(a - t, 0.0))) / 3.0
+    return np.asarray(((rounding + clipping) / w) @ hist)
+
+
+def _fp8_err(hist: np.ndarray, a: np.ndarray, b: np.ndarray, t: np.ndarray,
+             fmt: tuple[int, float, int]) -> np.ndarray:
+    """Expected squared error of an fp8 format scaled so that ``t`` maps to its max (bin-center model, relative
+    rounding step); ``t`` a column vector of candidates."""
+    mbits, fmax, emin = fmt
+    c = (a + b) / 2.0
+    scale = fmax / np.maximum(t, np.finfo(np.float64).tiny)
+    e = np.floor(np.log2(np.maximum(c * scale, 2.0 ** emin)))
+    step = np.exp2(e - mbits) / scale
+    per = np.where(c > t, (c - t) ** 2, step * step / 12.0)
+    return np.asarray(per @ hist)
+
+
+def needs_histogram(spec: QuantSpec) -> bool:
+    return spec.calibration in ("percentile", "entropy", "mse") and not spec.is_float
+
+
+# ============================================================================================== collect
+def _one_line(e: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(e).split())
+    if not text:
+        return type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def collect(graph: gs.Graph, specs: dict[str, QuantSpec], source: CalibrationSource, *,
+            progress: Callable[[int, int], None] | None = None,
+            batch_tensors: int | None = None) -> dict[str, TensorStats]:
+    """Statistics of the tensors named in ``specs`` over the feeds of ``source``.
+
+    Runs ``graph`` (float) in onnxruntime with those tensors exposed as extra outputs, one sample at a time;
+    graph inputs are read from the feed and constants from their values. ``batch_tensors`` splits the tensors
+    into groups of that size, one session and one pass over the data per group (less memory, more time).
+    ``progress(done, total)`` is called after each sample run. A feed onnxruntime rejects raises
+    :class:`UserError` naming the sample; a tensor name that is not in the graph raises ``ValueError``.
+    """
+    tensors = graph.tensors()
+    missing = [n for n in specs if n not in tensors]
+    if missing:
+        raise ValueError(f"collect: tensor '{missing[0]}' is not in the graph")
+    stats = {name: TensorStats.for_spec(spec) for name, spec in specs.items()}
+    if not specs:
+        return stats
+    sigs = input_signatures(graph)
+    input_names = {s.name for s in sigs}
+    run_names: list[str] = []
+    for name in specs:
+        t = tensors[name]
+        if isinstance(t, gs.Constant):
+            stats[name].update(np.asarray(t.values))
+        elif name not in input_names:
+            if not t.inputs:
+                raise ValueError(f"collect: tensor '{name}' has no producer and is not a graph input")
+            run_names.append(name)
+    from_feed = [n for n in specs if n in input_names]
+    if not run_names and not from_feed:
+        return stats
+    if batch_tensors is not None and batch_tensors <= 0:
+        raise ValueError(f"batch_tensors must be positive, got {batch_tensors}")
+    size = batch_tensors or max(len(run_names), 1)
+    groups = [run_names[i:i + size] for i in range(0, len(run_names), size)] or [[]]
+    n = len(source)
+    total = n * len(groups)
+    done = 0
+    for gi, group in enumerate(groups):
+        sess = ir.graph_session(graph, extra_outputs=group) if group else None
+        want = {inp.name: inp.type for inp in sess.get_inputs()} if sess is not None else {}
+        for i, feed in enumerate(source):
+            if gi == 0:
+                for name in from_feed:
+                    stats[name].update(feed[name])
+            if sess is not None:
+                feed = _session_feed(feed, sigs, want)
+                try:
+                    outs = sess.run(group, feed)
+                except Exception as e:  # onnxruntime raises its own exception types
+                    raise UserError(f"{source.label(i)}: onnxruntime failed on this calibration sample: "
+                                    f"{_one_line(e)}") from None
+                for name, val in zip(group, outs):
+                    stats[name].update(val)
+                del outs
+            done += 1
+            if progress is not None:
+                progress(done, total)
+    for name, st in stats.items():
+        if st.nonfinite:
+            log.warning("calibration: tensor '%s' produced %d NaN/Inf values (ignored in its range)", name,
+                        st.nonfinite)
+    return stats
+
+
+_ORT_FLOAT = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+
+
+def _session_feed(feed: Feed, sigs: Sequence[InputSig], want: dict[str, str]) -> Feed:
+    """Cast float feeds to the dtype the session expects (e.g. fp16 data for a graph converted to fp32)."""
+    out: Feed = {}
+    for name, arr in feed.items():
+        target = _ORT_FLOAT.get(want.get(name, ""))
+        if target is not None and arr.dtype.kind == "f" and arr.dtype != target:
+            arr = arr.astype(target)
+        if name in want:
+            out[name] = arr
+    return out

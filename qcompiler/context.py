@@ -1,0 +1,66 @@
+"""The state a pipeline of passes works on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import onnx_graphsurgeon as gs
+
+from qcompiler import ir
+
+if TYPE_CHECKING:
+    from qcompiler.calibration import CalibrationSource, TensorStats
+    from qcompiler.plan import Plan, QuantSpec, ResolvedPlan
+    from qcompiler.runtime_targets import Target
+
+
+@dataclass
+class CompileContext:
+    """Everything a pass may read or change.
+
+    * ``graph``: the graphsurgeon graph being rewritten (fp32 math even for fp16 models).
+    * ``meta``: model-level facts (opset, ir_version, fp16 interface) restored on export.
+    * ``plan`` / ``resolved``: the precision plan and, after ``resolve-plan``, the decision per node.
+    * ``activation_specs``: tensor name -> activation :class:`QuantSpec` the graph will quantize
+      (filled by ``resolve-plan``; the target may add outputs it needs for its integer kernels).
+    * ``stats``: tensor name -> calibration statistics (filled by ``calibrate``).
+    * ``calib``: where calibration samples come from (``None``: data-free / random).
+    * ``properties``: what has been established so far (``"bn-folded"``, ``"plan-resolved"``, ...).
+    * ``report``: free-form facts passes want to show the user (JSON-serializable).
+    * ``activation_all_consumers``: of those, tensors whose every consumer reads the dequantized value
+      (outputs quantized for a target's integer kernel); the others rewire only their quantized consumers.
+    * ``output_path``: the model file being produced; side files derive their names from it.
+    * ``side_outputs``: suffix -> text of side files (``.plan.yaml``) the driver writes beside the output,
+      atomically and only when the whole compile succeeds.
+    """
+
+    graph: gs.Graph
+    meta: ir.ModelMeta
+    plan: Plan
+    target: Target
+    calib: CalibrationSource | None = None
+    resolved: ResolvedPlan | None = None
+    activation_specs: dict[str, QuantSpec] = field(default_factory=dict)
+    activation_all_consumers: set[str] = field(default_factory=set)
+    stats: dict[str, TensorStats] = field(default_factory=dict)
+    properties: set[str] = field(default_factory=lambda: {"model"})
+    report: dict[str, Any] = field(default_factory=dict)
+    output_path: Path | None = None
+    side_outputs: dict[str, str] = field(default_factory=dict)
+    seed: int = 0
+
+    @property
+    def opset(self) -> int:
+        return int(self.graph.opset)
+
+    def side_file(self, suffix: str) -> Path | None:
+        """``OUT.onnx`` + ``.plan.yaml`` -> ``OUT.plan.yaml`` (``None`` when there is no output path)."""
+        if self.output_path is None:
+            return None
+        return self.output_path.with_name(self.output_path.stem + suffix)
+
+    def export(self) -> Any:
+        """The current graph as a ModelProto (for sessions and dumps)."""
+        return ir.export_model(self.graph, self.meta)

@@ -1,0 +1,16 @@
+"""Precision plans shipped with qcompiler (``qcompiler plan show NAME``; ``--plan NAME``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+_DIR = Path(__file__).resolve().parent
+
+
+def names() -> list[str]:
+    return sorted(p.stem for p in _DIR.glob("*.yaml"))
+
+
+def preset_path(name: str) -> Path | None:
+    p = _DIR / f"{name}.yaml"
+    return p if name in names() else None

@@ -1,0 +1,180 @@
+"""Where passes come from, and the textual pipeline.
+
+Passes are found in three places, in this order (a later one may not shadow an earlier name):
+
+1. built-ins: every :class:`Pass` subclass with a ``name`` in the modules of ``qcompiler.passes``;
+2. installed plugins: the entry-point group ``qcompiler.passes`` (each entry point loads a Pass class);
+3. ``--plugin module:Class`` or ``--plugin path/to/file.py[:Class]`` named by the user.
+
+Plugins are imported only when the user names them or installs an entry point, never from a string inside a
+model or plan.
+
+Pipeline text (MLIR-like): ``fold-batchnorm,resolve-plan,calibrate{method=percentile,percentile=99.9},insert-qdq``.
+Option values are coerced to the types of the pass's ``Options`` dataclass; tuples are ``;``-separated.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import logging
+import pkgutil
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qcompiler.errors import UserError
+from qcompiler.pass_base import Pass
+
+log = logging.getLogger(__name__)
+
+_NAME_RE = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
+
+
+@dataclass
+class Registry:
+    passes: dict[str, type[Pass]] = field(default_factory=dict)
+    origin: dict[str, str] = field(default_factory=dict)
+
+    def add(self, cls: type[Pass], origin: str) -> None:
+        if not (isinstance(cls, type) and issubclass(cls, Pass)):
+            raise UserError(f"{origin}: '{getattr(cls, '__name__', cls)}' is not a qcompiler Pass subclass")
+        if not cls.name or not _NAME_RE.match(cls.name):
+            raise UserError(f"{origin}: pass class {cls.__name__} needs a kebab-case 'name' (got '{cls.name}')")
+        if cls.name in self.passes and self.passes[cls.name] is not cls:
+            raise UserError(f"{origin}: pass name '{cls.name}' is already taken by {self.origin[cls.name]}")
+        self.passes[cls.name] = cls
+        self.origin[cls.name] = origin
+
+    def get(self, name: str) -> type[Pass]:
+        try:
+            return self.passes[name]
+        except KeyError:
+            close = [n for n in self.passes if n.startswith(name[:3])]
+            hint = f" (did you mean {', '.join(sorted(close))}?)" if close else ""
+            raise UserError(f"pipeline: unknown pass '{name}'{hint}; `qcompiler passes` lists them") from None
+
+    def load_plugin(self, spec: str) -> list[str]:
+        """Load ``module:Class``, ``path.py`` or ``path.py:Class``; returns the pass names added."""
+        target, _, clsname = spec.partition(":") if not re.match(r"^[A-Za-z]:[\\/]", spec) else (spec, "", "")
+        if target.endswith(".py") or "/" in target or "\\" in target:
+            path = Path(target)
+            if not path.is_file():
+                raise UserError(f"--plugin {spec}: no such file '{path}'")
+            mod_name = "qcompiler_plugin_" + re.sub(r"\W", "_", path.stem)
+            module_spec = importlib.util.spec_from_file_location(mod_name, path)
+            if module_spec is None or module_spec.loader is None:
+                raise UserError(f"--plugin {spec}: cannot import '{path}'")
+            module = importlib.util.module_from_spec(module_spec)
+            sys.modules[mod_name] = module
+            try:
+                module_spec.loader.exec_module(module)
+            except Exception as e:
+                raise UserError(f"--plugin {spec}: importing failed: {type(e).__name__}: {e}") from None
+        else:
+            try:
+                module = importlib.import_module(target)
+            except Exception as e:
+                raise UserError(f"--plugin {spec}: cannot import module '{target}': {e}") from None
+        if clsname:
+            cls = getattr(module, clsname, None)
+            if cls is None:
+                raise UserError(f"--plugin {spec}: module has no attribute '{clsname}'")
+            classes = [cls]
+        else:
+            classes = [c for _, c in inspect.getmembers(module, inspect.isclass)
+                       if issubclass(c, Pass) and c is not Pass and c.__module__ == module.__name__ and c.name]
+            if not classes:
+                raise UserError(f"--plugin {spec}: no Pass subclass with a name found")
+        for c in classes:
+            self.add(c, f"plugin {spec}")
+        return [c.name for c in classes]
+
+
+_REGISTRY: Registry | None = None
+
+
+def _load_builtins(reg: Registry) -> None:
+    import qcompiler.passes as pkg
+
+    for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda i: i.name):
+        if info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"{pkg.__name__}.{info.name}")
+        for _, c in inspect.getmembers(module, inspect.isclass):
+            if issubclass(c, Pass) and c.__module__ == module.__name__ and c.name:
+                reg.add(c, "built-in")
+
+
+def _load_entry_points(reg: Registry) -> None:
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group="qcompiler.passes"):
+        try:
+            cls = ep.load()
+        except Exception as e:
+            log.warning("entry point %s (%s) failed to load: %s", ep.name, ep.value, e)
+            continue
+        reg.add(cls, f"entry point {ep.value}")
+
+
+def registry() -> Registry:
+    """The process-wide registry (built-ins + entry points), created on first use."""
+    global _REGISTRY
+    if _REGISTRY is None:
+        reg = Registry()
+        _load_builtins(reg)
+        _load_entry_points(reg)
+        _REGISTRY = reg
+    return _REGISTRY
+
+
+# ------------------------------------------------------------------------------------------ pipeline text
+def _split_top(text: str, sep: str = ",") -> list[str]:
+    parts, depth, cur = [], 0, []
+    for ch in text:
+        if ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+            if depth < 0:
+                raise UserError(f"pipeline: unbalanced '}}' in '{text}'")
+        if ch == sep and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    if depth != 0:
+        raise UserError(f"pipeline: unbalanced '{{' in '{text}'")
+    parts.append("".join(cur))
+    return parts
+
+
+def parse_pipeline_text(text: str) -> list[tuple[str, dict[str, str]]]:
+    """``"a,b{k=v}"`` -> ``[("a", {}), ("b", {"k": "v"})]``; raises :class:`UserError` on bad syntax."""
+    items: list[tuple[str, dict[str, str]]] = []
+    if not text or not text.strip():
+        raise UserError("pipeline: empty pipeline")
+    for raw in _split_top(text.strip()):
+        item = raw.strip()
+        m = re.fullmatch(r"([A-Za-z0-9_\-]+)\s*(\{(.*)\})?", item, flags=re.S)
+        if not m:
+            raise UserError(f"pipeline: cannot parse '{item}' (expected name or name{{key=value,...}})")
+        name, body = m.group(1), m.group(3)
+        opts: dict[str, str] = {}
+        if body is not None and body.strip():
+            for kv in _split_top(body):
+                k, eq, v = kv.partition("=")
+                if not eq or not k.strip():
+                    raise UserError(f"pipeline: option '{kv.strip()}' of pass '{name}' is not key=value")
+                opts[k.strip()] = v.strip()
+        items.append((name, opts))
+    return items
+
+
+def build_pipeline(text: str, reg: Registry | None = None) -> list[Pass]:
+    """Instantiate the passes named by pipeline ``text``."""
+    reg = reg or registry()
+    return [reg.get(name).from_text_options(opts) for name, opts in parse_pipeline_text(text)]

@@ -1,0 +1,141 @@
+"""Runtime targets: what a runtime can execute, how the generic QDQ graph is lowered for it.
+
+A target (one folder per target, e.g. ``runtime_targets/ort/``) declares
+
+* its capabilities — the weight / activation dtypes, granularities and schemes it runs, per op;
+* :meth:`Target.check`: refuse a resolved plan it cannot run *before any rewrite*, naming node and reason;
+* :meth:`Target.output_tensors`: extra activation tensors to quantize so its integer kernels fuse
+  (e.g. the output of a Conv, after its ReLU, for onnxruntime's QLinearConv);
+* :meth:`Target.lowering_passes`: the passes the generic ``lower`` pass runs for it;
+* ``default_pipeline``: the pipeline ``qcompiler compile`` runs when none is given.
+
+Third-party targets register through the entry-point group ``qcompiler.targets``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from qcompiler.errors import UserError
+
+if TYPE_CHECKING:
+    import onnx_graphsurgeon as gs
+
+    from qcompiler.context import CompileContext
+    from qcompiler.pass_base import Pass
+    from qcompiler.plan import NodePlan, QuantSpec, ResolvedPlan
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PIPELINE = "cleanup,fold-batchnorm,cleanup,resolve-plan,calibrate,insert-qdq,lower"
+
+
+@dataclass(frozen=True)
+class OpCapability:
+    """What a target runs for one op."""
+
+    weight_dtypes: frozenset[str] = frozenset()
+    activation_dtypes: frozenset[str] = frozenset()
+    granularities: frozenset[str] = frozenset({"per_tensor", "per_channel"})
+    schemes: frozenset[str] = frozenset({"int"})
+
+    def to_json(self) -> dict[str, Any]:
+        return {"weight_dtypes": sorted(self.weight_dtypes), "activation_dtypes": sorted(self.activation_dtypes),
+                "granularities": sorted(self.granularities), "schemes": sorted(self.schemes)}
+
+
+@dataclass
+class Target:
+    """Base class of runtime targets."""
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    default_pipeline: ClassVar[str] = DEFAULT_PIPELINE
+    ops: dict[str, OpCapability] = field(default_factory=dict)
+    #: activation dtypes allowed on ops not listed in ``ops`` (quantized because a rule named them)
+    other_activation_dtypes: frozenset[str] = frozenset()
+
+    # ------------------------------------------------------------------------------------ capabilities
+    def capabilities(self) -> dict[str, Any]:
+        return {"ops": {k: v.to_json() for k, v in sorted(self.ops.items())},
+                "other_ops_activation_dtypes": sorted(self.other_activation_dtypes)}
+
+    def _refuse(self, np_: NodePlan, reason: str) -> UserError:
+        rule = np_.rules[-1] if np_.rules else "plan defaults"
+        return UserError(f"target '{self.name}': node '{np_.node}' ({np_.op_type}, {rule}): {reason}")
+
+    def check_node(self, np_: NodePlan) -> None:
+        cap = self.ops.get(np_.op_type)
+        w, a = np_.weight, np_.activation
+        if w is not None:
+            if cap is None:
+                raise self._refuse(np_, f"weights of {np_.op_type} cannot be quantized on this target")
+            if w.scheme not in cap.schemes:
+                raise self._refuse(np_, f"weight scheme '{w.scheme}' is not supported "
+                                        f"(supported: {', '.join(sorted(cap.schemes))})")
+            if w.scheme == "int" and w.dtype not in cap.weight_dtypes:
+                raise self._refuse(np_, f"weight dtype {w.dtype} is not supported "
+                                        f"(supported: {', '.join(sorted(cap.weight_dtypes))})")
+            if w.granularity not in cap.granularities:
+                raise self._refuse(np_, f"weight granularity {w.granularity} is not supported for {np_.op_type}")
+        if a is not None:
+            allowed = cap.activation_dtypes if cap is not None else self.other_activation_dtypes
+            if a.scheme not in ("int", *(cap.schemes if cap else ())):
+                raise self._refuse(np_, f"activation scheme '{a.scheme}' is not supported")
+            if a.scheme == "int" and a.dtype not in allowed:
+                raise self._refuse(np_, f"activation dtype {a.dtype} is not supported "
+                                        f"(supported: {', '.join(sorted(allowed)) or 'none'})")
+            if a.granularity != "per_tensor":
+                raise self._refuse(np_, f"activation granularity {a.granularity} is not supported "
+                                        "(activations are quantized per tensor)")
+
+    def check(self, resolved: ResolvedPlan) -> None:
+        """Raise :class:`UserError` for the first node this target cannot run as planned."""
+        for np_ in resolved.nodes.values():
+            if np_.quantized:
+                self.check_node(np_)
+
+    def output_tensors(self, ctx: CompileContext) -> dict[str, QuantSpec]:
+        """Extra activation tensors to quantize (default: none)."""
+        return {}
+
+    def lowering_passes(self) -> list[Pass]:
+        return []
+
+    def min_opset(self) -> int:
+        return 13
+
+    def describe_graph(self, graph: gs.Graph) -> dict[str, Any]:  # pragma: no cover - optional hook
+        return {}
+
+
+_TARGETS: dict[str, type[Target]] | None = None
+
+
+def targets() -> dict[str, type[Target]]:
+    """Built-in targets plus the entry-point group ``qcompiler.targets``."""
+    global _TARGETS
+    if _TARGETS is None:
+        from qcompiler.runtime_targets.ort import OrtTarget
+
+        found: dict[str, type[Target]] = {OrtTarget.name: OrtTarget}
+        from importlib.metadata import entry_points
+
+        for ep in entry_points(group="qcompiler.targets"):
+            try:
+                cls = ep.load()
+            except Exception as e:
+                log.warning("target entry point %s failed to load: %s", ep.value, e)
+                continue
+            found.setdefault(cls.name, cls)
+        _TARGETS = found
+    return _TARGETS
+
+
+def get_target(name: str) -> Target:
+    t = targets().get(name)
+    if t is None:
+        raise UserError(f"--target: unknown target '{name}' (known: {', '.join(sorted(targets()))})")
+    return t()

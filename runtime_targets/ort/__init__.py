@@ -1,0 +1,78 @@
+"""Target ``ort``: onnxruntime (CPU provider), the default.
+
+Standard ONNX QuantizeLinear/DequantizeLinear only, placed the way onnxruntime's CPU provider fuses them into
+integer kernels:
+
+* ``DQ(x) , DQ(w) [, DQ(b)] -> Conv -> [Relu] -> Q``   becomes ``QLinearConv`` (so the output of a quantized
+  Conv / ConvTranspose — after a ReLU/Clip that follows it alone — is quantized too; onnxruntime drops the
+  ReLU when the zero point sits at the bottom of the range);
+* ``DQ(x), DQ(w) -> MatMul``                          becomes ``MatMulIntegerToFloat`` (float output, no Q);
+* ``DQ(x), DQ(w), DQ(b) -> Gemm``                     becomes ``QGemm``;
+* int4 block-wise weight-only MatMul is lowered to ``com.microsoft.MatMulNBits`` (see ``matmulnbits.py``);
+* fp8 activations after a ReLU/Clip get that activation re-applied after their DequantizeLinear
+  (``fp8_guard.py``: onnxruntime's Relu->Q fusion is wrong for fp8).
+
+fp8 (opset 19) and int4/int16 (opset 21) Q/DQ run in onnxruntime CPU as reference kernels.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from qcompiler.runtime_targets import OpCapability, Target
+
+if TYPE_CHECKING:
+    from qcompiler.context import CompileContext
+    from qcompiler.pass_base import Pass
+    from qcompiler.plan import QuantSpec
+
+_INT_W = frozenset({"int8", "uint8", "int16", "uint16", "int4", "uint4", "fp8e4m3", "fp8e5m2"})
+_INT_A = frozenset({"int8", "uint8", "int16", "uint16", "fp8e4m3", "fp8e5m2"})
+_ALL_G = frozenset({"per_tensor", "per_channel", "block"})
+
+#: ops after a Conv that onnxruntime folds into QLinearConv when a Q follows them
+_FUSABLE_ACTIVATIONS = ("Relu", "Clip")
+
+
+class OrtTarget(Target):
+    name: ClassVar[str] = "ort"
+    description: ClassVar[str] = "onnxruntime CPU: standard QDQ placed for its integer kernels; MatMulNBits for int4"
+
+    def __init__(self) -> None:
+        super().__init__(
+            ops={
+                "Conv": OpCapability(_INT_W, _INT_A, _ALL_G),
+                "ConvTranspose": OpCapability(_INT_W, _INT_A, _ALL_G),
+                "Gemm": OpCapability(_INT_W, _INT_A, _ALL_G),
+                "MatMul": OpCapability(_INT_W, _INT_A, _ALL_G),
+            },
+            other_activation_dtypes=_INT_A,
+        )
+
+    def output_tensors(self, ctx: CompileContext) -> dict[str, QuantSpec]:
+        """Quantize the output of each quantized Conv/ConvTranspose (after a lone ReLU/Clip) for QLinearConv."""
+        assert ctx.resolved is not None
+        out: dict[str, QuantSpec] = {}
+        graph_outputs = {t.name for t in ctx.graph.outputs}
+        by_name = {n.name: n for n in ctx.graph.nodes}
+        for np_ in ctx.resolved.nodes.values():
+            if np_.op_type not in ("Conv", "ConvTranspose") or np_.weight is None or np_.activation is None:
+                continue
+            if np_.activation.dtype not in ("uint8", "int8") or np_.weight.dtype not in ("int8", "uint8"):
+                continue
+            node = by_name.get(np_.node)
+            if node is None or not node.outputs:
+                continue
+            t: Any = node.outputs[0]
+            while len(t.outputs) == 1 and t.outputs[0].op in _FUSABLE_ACTIVATIONS and t.name not in graph_outputs:
+                t = t.outputs[0].outputs[0]
+            if t.name in graph_outputs or not t.outputs:
+                continue
+            out.setdefault(t.name, np_.activation)
+        return out
+
+    def lowering_passes(self) -> list[Pass]:
+        from qcompiler.runtime_targets.ort.fp8_guard import OrtFp8ReluGuardPass
+        from qcompiler.runtime_targets.ort.matmulnbits import LowerMatMulNBitsPass
+
+        return [LowerMatMulNBitsPass(), OrtFp8ReluGuardPass()]
