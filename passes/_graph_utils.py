@@ -93,6 +93,10 @@ def infer_rank(t: gs.Tensor | None, depth: int = 8) -> int | None:
     op = node.op
     if op in ("Gemm", "Flatten"):
         return 2
+    if op in ("Conv", "ConvTranspose") and len(node.inputs) > 1:
+        r = known_rank(node.inputs[1])  # the weight's rank is the output's
+        if r is not None:
+            return r
     if op in _SAME_RANK:
         return infer_rank(node.inputs[0], depth - 1)
     if op in _BROADCAST or op == "MatMul":

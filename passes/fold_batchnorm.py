@@ -7,6 +7,8 @@ constant read by nothing else):
 - BatchNormalization ∘ ConvTranspose        -> ConvTranspose (grouped included)
 - BatchNormalization ∘ Gemm                 -> Gemm
 - BatchNormalization ∘ [Add(·, b) ∘] MatMul -> Add(MatMul(·, W'), b')   (2-D MatMul with constant [K, N] W)
+- BatchNormalization ∘ Add(·, b) ∘ Conv / ConvTranspose -> Add(Conv(·, W'), b')   (a per-channel bias b of
+  shape [C, 1, ...] or [1, C, 1, ...] kept as a separate Add, as Paddle exports do)
 
 Approach:
     BN computes, per channel c of axis 1,
@@ -20,6 +22,7 @@ Approach:
         Gemm           Y = α·A'·B' + β_g·C        transB=1: B [N, K] row c; transB=0: B [K, N] column c;
                        C' = β_g·C·s + t (C absent: C' = t), and the Gemm's beta becomes 1 (alpha kept)
         MatMul         W [K, N]                   column c; bias b' = b·s + t (b absent: an Add is created)
+    With a separate bias Add after a Conv, the Conv's own bias (if any) becomes B·s and the Add's b·s + t.
     The folded producer (or the bias Add) takes over the BN's output tensor, so downstream names and graph
     outputs are unchanged. The math runs in float64 and is cast back to the weight's dtype.
 
@@ -147,29 +150,29 @@ class FoldBatchNormPass(Pass):
         prod = producer(p.x)
         if prod is None or not is_onnx_op(prod, *_FOLDABLE):
             return False
-        if prod.op == "Add" and self._matmul_of_add(prod) is None:
-            return False
-        if len(prod.outputs) != 1 or not sole_consumer(p.x, p.node, self._index):
+        add: gs.Node | None = None
+        if prod.op == "Add":
+            add, prod = prod, self._base_of_add(prod)
+            if prod is None:
+                return False
+        if len(prod.outputs) != 1 or not sole_consumer(p.x, p.node, self._index) or (
+                add is not None and not sole_consumer(prod.outputs[0], add, self._index)):
             self._stats["refused_multi_consumer"] += 1
             log.debug("%s: output %s of %s has other readers; not folded", p.node.name, p.x.name, prod.name)
             return False
         if prod.op == "Conv":
-            last = self._fold_conv(prod, p)
+            last = self._fold_conv(prod, add, p)
         elif prod.op == "ConvTranspose":
-            last = self._fold_convtranspose(prod, p)
+            last = self._fold_convtranspose(prod, add, p)
         elif prod.op == "Gemm":
             last = self._fold_gemm(prod, p)
-        elif prod.op == "MatMul":
-            last = self._fold_matmul(prod, None, p, replaced)
         else:
-            mm = self._matmul_of_add(prod)
-            assert mm is not None
-            last = self._fold_matmul(mm, prod, p, replaced)
+            last = self._fold_matmul(prod, add, p, replaced)
         if last is None:
             return False
         self._take_output(last, p)
         replaced.setdefault(id(p.node), [])
-        key = "folded_" + ("matmul" if prod.op == "Add" else prod.op.lower())
+        key = "folded_" + prod.op.lower()
         self._stats[key] += 1
         log.debug("folded %s into %s %s", p.node.name, prod.op, prod.name)
         return True
@@ -217,7 +220,7 @@ class FoldBatchNormPass(Pass):
         else:
             node.inputs[slot] = const
 
-    def _fold_conv(self, conv: gs.Node, p: _BnParams) -> gs.Node | None:
+    def _fold_conv(self, conv: gs.Node, add: gs.Node | None, p: _BnParams) -> gs.Node | None:
         w_t, b_t = optional_input(conv, 1), optional_input(conv, 2)
         if not self._weight_ok(w_t, conv):
             return None
@@ -227,15 +230,42 @@ class FoldBatchNormPass(Pass):
             self._stats["skipped_shape_mismatch"] += 1
             return None
         ok, b = self._bias_values(b_t, conv, p.channels)
-        if not ok:
+        if not ok or not self._channel_add_ok(add, conv, p, w.ndim):
             return None
         s = p.scale.reshape((p.channels,) + (1,) * (w.ndim - 1))
         w_t.values = (w.astype(np.float64) * s).astype(w.dtype)
-        new_b = p.shift if b is None else b * p.scale + p.shift
-        self._set_bias(conv, 2, b_t, new_b, w.dtype, f"{conv.name or w_t.name}.bias")
-        return conv
+        return self._finish_bias(conv, add, b_t, b, p, w.dtype, f"{conv.name or w_t.name}.bias")
 
-    def _fold_convtranspose(self, ct: gs.Node, p: _BnParams) -> gs.Node | None:
+    def _channel_add_ok(self, add: gs.Node | None, base: gs.Node, p: _BnParams, rank: int) -> bool:
+        """``add`` (if any) adds a constant of C values broadcasting over axis 1 of a rank-``rank`` tensor."""
+        if add is None:
+            return True
+        c_t = add.inputs[1] if add.inputs[0] is base.outputs[0] else add.inputs[0]
+        if not self._weight_ok(c_t, add):
+            return False
+        shape = tuple(np.asarray(c_t.values).shape)
+        per_channel = (p.channels,) + (1,) * (rank - 2)
+        if shape not in (per_channel, (1, *per_channel)):
+            self._stats["skipped_shape_mismatch"] += 1
+            return False
+        return True
+
+    def _finish_bias(self, base: gs.Node, add: gs.Node | None, b_t: gs.Tensor | None, b: np.ndarray | None,
+                     p: _BnParams, dtype: np.dtype, hint: str) -> gs.Node:
+        """Write the folded biases: into the Add's constant when there is one, else into input 2 of ``base``."""
+        if add is None:
+            new_b = p.shift if b is None else b * p.scale + p.shift
+            self._set_bias(base, 2, b_t, new_b, dtype, hint)
+            return base
+        if b is not None:  # the producer's own bias is only scaled; the shift goes to the Add
+            self._set_bias(base, 2, b_t, b * p.scale, dtype, hint)
+        c_t = add.inputs[1] if add.inputs[0] is base.outputs[0] else add.inputs[0]
+        assert isinstance(c_t, gs.Constant)
+        c = np.asarray(c_t.values)
+        c_t.values = (c.reshape(p.channels).astype(np.float64) * p.scale + p.shift).reshape(c.shape).astype(dtype)
+        return add
+
+    def _fold_convtranspose(self, ct: gs.Node, add: gs.Node | None, p: _BnParams) -> gs.Node | None:
         w_t, b_t = optional_input(ct, 1), optional_input(ct, 2)
         if not self._weight_ok(w_t, ct):
             return None
@@ -246,16 +276,14 @@ class FoldBatchNormPass(Pass):
             self._stats["skipped_shape_mismatch"] += 1
             return None
         ok, b = self._bias_values(b_t, ct, p.channels)
-        if not ok:
+        if not ok or not self._channel_add_ok(add, ct, p, w.ndim):
             return None
         cin_g, cout_g, k = w.shape[0] // group, w.shape[1], w.shape[2:]
         # output channel g·cout_g + j  <->  weight[g·cin_g:(g+1)·cin_g, j]
         wg = w.astype(np.float64).reshape((group, cin_g, cout_g, *k))
         s = p.scale.reshape((group, 1, cout_g) + (1,) * len(k))
         w_t.values = (wg * s).reshape(w.shape).astype(w.dtype)
-        new_b = p.shift if b is None else b * p.scale + p.shift
-        self._set_bias(ct, 2, b_t, new_b, w.dtype, f"{ct.name or w_t.name}.bias")
-        return ct
+        return self._finish_bias(ct, add, b_t, b, p, w.dtype, f"{ct.name or w_t.name}.bias")
 
     def _fold_gemm(self, gemm: gs.Node, p: _BnParams) -> gs.Node | None:
         b_t, c_t = optional_input(gemm, 1), optional_input(gemm, 2)
@@ -287,15 +315,15 @@ class FoldBatchNormPass(Pass):
         gemm.attrs["beta"] = 1.0
         return gemm
 
-    def _matmul_of_add(self, add: gs.Node) -> gs.Node | None:
-        """The MatMul feeding ``add`` when ``add`` is ``MatMul(...) + constant`` (either order)."""
+    def _base_of_add(self, add: gs.Node) -> gs.Node | None:
+        """The Conv / ConvTranspose / MatMul feeding ``add`` when ``add`` is ``base(...) + constant``."""
         if len(add.inputs) != 2:
             return None
         for i in (0, 1):
             a, b = add.inputs[i], add.inputs[1 - i]
-            mm = producer(a)
-            if isinstance(b, gs.Constant) and mm is not None and is_onnx_op(mm, "MatMul"):
-                return mm
+            base = producer(a)
+            if isinstance(b, gs.Constant) and base is not None and is_onnx_op(base, "Conv", "ConvTranspose", "MatMul"):
+                return base
         return None
 
     def _fold_matmul(self, mm: gs.Node, add: gs.Node | None, p: _BnParams,

@@ -7,7 +7,7 @@ For every node the resolved plan quantizes:
       W (float const)  ->  Wq (int8/int4/fp8 const) --DequantizeLinear(s_w, z_w[, axis][, block_size])--> W'
 
   so the file really shrinks. Per-channel axes follow the op: Conv 0, ConvTranspose 1 (weight
-  ``[C_in, C_out/g, k…]``), Gemm 0 with ``transB=1`` else 1, MatMul the last axis. Block-wise scales run along
+  ``[C_in, C_out/g, k…]``), Gemm 0 with ``transB=1`` else 1, MatMul the last axis, LSTM/GRU/RNN W and R 1. Block-wise scales run along
   the reduction axis (Conv 1, ConvTranspose 0, Gemm 1 with ``transB=1`` else 0, MatMul the second-to-last).
 * **activations** (the tensors in ``ctx.activation_specs``, ranges from calibration) get one
   ``QuantizeLinear -> DequantizeLinear`` pair each, shared by all the consumers that should read it
@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 
 
 def per_channel_axis(node: gs.Node, ndim: int) -> int:
+    if node.op in ("LSTM", "GRU", "RNN"):
+        return 1  # W [dirs, gates*H, I], R [dirs, gates*H, H]: one scale per gate row
     if node.op == "Conv":
         return 0
     if node.op == "ConvTranspose":
@@ -49,6 +51,8 @@ def per_channel_axis(node: gs.Node, ndim: int) -> int:
 
 
 def block_axis(node: gs.Node, ndim: int) -> int:
+    if node.op in ("LSTM", "GRU", "RNN"):
+        return 2
     if node.op == "Conv":
         return 1
     if node.op == "ConvTranspose":
@@ -83,6 +87,7 @@ class InsertQDQPass(Pass):
     def run(self, ctx: CompileContext) -> PassResult:
         assert ctx.resolved is not None
         graph = ctx.graph
+        self._ctx_overrides = ctx.weight_overrides
         stats: Counter[str] = Counter()
         names = _Names(graph)
         tensors = graph.tensors()
@@ -103,7 +108,6 @@ class InsertQDQPass(Pass):
                 node = nodes.get(np_.node)
                 if node is not None and i < len(node.inputs):
                     readers.setdefault(node.inputs[i].name, set()).add((np_.node, i))
-        act_scale: dict[str, float] = {}
         for name in sorted(ctx.activation_specs, key=lambda k: (order.get(k, 1 << 30), k)):
             spec = ctx.activation_specs[name]
             t = tensors.get(name)
@@ -114,7 +118,6 @@ class InsertQDQPass(Pass):
                 raise RuntimeError(f"no calibration statistics for tensor '{name}'")
             lo, hi = st.range(spec)
             scale, zp = quant.qparams(lo, hi, spec.dtype, spec.symmetric)
-            act_scale[name] = float(scale)
             everyone = name in ctx.activation_all_consumers
             targets = []
             for consumer in list(t.outputs):
@@ -146,21 +149,22 @@ class InsertQDQPass(Pass):
                 if isinstance(t, gs.Constant):
                     consumers_of[t.name] = consumers_of.get(t.name, 0) + 1
         for np_ in ctx.resolved.nodes.values():
-            if np_.weight is None or np_.weight_input is None:
+            if np_.weight is None or not np_.weight_inputs:
                 continue
             node = nodes.get(np_.node)
             if node is None:
                 continue
-            w = node.inputs[np_.weight_input]
-            if not isinstance(w, gs.Constant):
-                stats["weight_already_quantized"] += 1
-                continue
-            self._quantize_weight(node, np_, w, act_scale, weight_cache, consumers_of, names, graph, stats)
+            for wi in np_.weight_inputs:
+                w = node.inputs[wi]
+                if not isinstance(w, gs.Constant):
+                    stats["weight_already_quantized"] += 1
+                    continue
+                self._quantize_weight(node, np_, wi, w, weight_cache, consumers_of, names, graph, stats)
         return PassResult(modified=sum(v for k, v in stats.items() if k.startswith(("activations_", "weights_"))) > 0,
                           stats=stats)
 
     # --------------------------------------------------------------------------------------------------
-    def _quantize_weight(self, node: gs.Node, np_: NodePlan, w: gs.Constant, act_scale: dict[str, float],
+    def _quantize_weight(self, node: gs.Node, np_: NodePlan, wi: int, w: gs.Constant,
                          cache: dict[tuple[Any, ...], gs.Variable], consumers_of: dict[str, int],
                          names: _Names, graph: gs.Graph, stats: Counter[str]) -> None:
         spec = np_.weight
@@ -178,10 +182,17 @@ class InsertQDQPass(Pass):
         key = (w.name, spec, axis, block)
         shared = consumers_of.get(w.name, 0) > 1
         if key in cache and shared:
-            node.inputs[np_.weight_input] = cache[key]
+            node.inputs[wi] = cache[key]
             stats["weights_shared_reused"] += 1
             return
-        qt = quant.quantize_weight(values, spec.dtype, spec.symmetric, axis, block, spec.range, spec.scale == "pow2")
+        override = self._ctx_overrides.get((node.name, wi))
+        if override is not None:
+            qt = override
+            axis, block = qt.axis, qt.block_size
+            stats["weights_from_override"] += 1
+        else:
+            qt = quant.quantize_weight(values, spec.dtype, spec.symmetric, axis, block, spec.range,
+                                       spec.scale == "pow2")
 
         # bias: int32 with s_x * s_w (and the overflow guard raising s_w where needed)
         bias_codes = None
@@ -194,6 +205,7 @@ class InsertQDQPass(Pass):
         bias_ok = (
             x_scale is not None
             and len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant)
+            and wi == 1 and node.op in ("Conv", "ConvTranspose", "Gemm")
             and consumers_of.get(node.inputs[2].name, 0) == 1 and not shared
             and spec.dtype in ("int8", "uint8") and spec.symmetric and block is None and spec.scheme == "int"
             and np_.activation is not None and np_.activation.dtype in ("int8", "uint8")
@@ -215,7 +227,7 @@ class InsertQDQPass(Pass):
 
         dq_out = self._emit_dq(graph, names, w.name, qt)
         cache[key] = dq_out
-        node.inputs[np_.weight_input] = dq_out
+        node.inputs[wi] = dq_out
         stats[f"weights_{spec.dtype}_{spec.granularity}"] += 1
         stats["weight_bytes_float"] += values.nbytes
         stats["weight_bytes_quantized"] += (qt.q.size * quant.qdtype(spec.dtype).bits + 7) // 8

@@ -15,6 +15,7 @@ from collections import Counter
 
 from qcompiler.context import CompileContext
 from qcompiler.pass_base import Pass, PassResult
+from qcompiler.plan import QuantSpec
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ class ResolvePlanPass(Pass):
         ctx.target.check(resolved)
         ctx.resolved = resolved
         stats: Counter[str] = Counter()
-        specs = {}
+        specs: dict[str, QuantSpec] = {}
         by_name = {n.name: n for n in ctx.graph.nodes}
         for np_ in resolved.nodes.values():
             if not np_.quantized:

@@ -339,6 +339,21 @@ def plan_show_cmd(preset: str | None) -> None:
     click.echo(p.read_text(encoding="utf-8"), nl=False)
 
 
+def _register_extra_commands() -> None:
+    """Commands living in ``qcompiler/commands/*.py``: each module defines ``register(cli)``."""
+    import importlib
+    import pkgutil
+
+    import qcompiler.commands as pkg
+
+    for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda i: i.name):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{pkg.__name__}.{info.name}").register(cli)
+
+
+_register_extra_commands()
+
+
 def main() -> None:
     cli(obj={})
 

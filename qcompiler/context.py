@@ -13,6 +13,7 @@ from qcompiler import ir
 if TYPE_CHECKING:
     from qcompiler.calibration import CalibrationSource, TensorStats
     from qcompiler.plan import Plan, QuantSpec, ResolvedPlan
+    from qcompiler.quant import QuantizedTensor
     from qcompiler.runtime_targets import Target
 
 
@@ -34,6 +35,10 @@ class CompileContext:
     * ``output_path``: the model file being produced; side files derive their names from it.
     * ``side_outputs``: suffix -> text of side files (``.plan.yaml``) the driver writes beside the output,
       atomically and only when the whole compile succeeds.
+    * ``weight_overrides``: (node name, input index) -> an already quantized weight (e.g. from ``gptq``) that
+      ``insert-qdq`` must emit as is instead of rounding the float weight itself.
+    * ``options``: compile-wide flags passes and targets may read (``strip_function_bodies``, ...).
+    * ``data_free``: ``--calib none`` — activation ranges must come from the model itself (BN statistics).
     """
 
     graph: gs.Graph
@@ -49,6 +54,9 @@ class CompileContext:
     report: dict[str, Any] = field(default_factory=dict)
     output_path: Path | None = None
     side_outputs: dict[str, str] = field(default_factory=dict)
+    weight_overrides: dict[tuple[str, int], QuantizedTensor] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
+    data_free: bool = False
     seed: int = 0
 
     @property

@@ -145,7 +145,9 @@ def check_model(model: onnx.ModelProto, *, where: str = "model", full: bool = Fa
     """Run the ONNX checker (and strict shape inference when ``full``); raise :class:`UserError` on failure."""
     try:
         if model.ByteSize() < PROTOBUF_LIMIT:
-            onnx.checker.check_model(model, full_check=full)
+            onnx.checker.check_model(model)
+            if full:
+                onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
     except Exception as e:
         msg = str(e).strip().splitlines()
         first = next((m for m in msg if m.strip()), type(e).__name__)

@@ -17,7 +17,8 @@ then name_regex rules, then exact-name rules, each in file order, each overridin
 ``skip: true`` keeps the node float; ``skip: false`` re-enables it.
 
 **What the defaults quantize.** Only the compute ops with a constant weight (Conv, ConvTranspose, Gemm,
-MatMul) and the activations feeding them. Normalization, Softmax, element-wise ops and activation×activation
+MatMul) and the activations feeding them; recurrent ops (LSTM, GRU, RNN) get their W and R weights quantized
+(weight-only). Normalization, Softmax, element-wise ops and activation×activation
 MatMul stay float unless a rule names them (by ``op_type``, ``name_regex`` or ``name``): quantizing those by
 default is what wrecks real models with onnxruntime's quantizer. An op named by a rule that has no weight gets
 its float activation inputs quantized with the rule's ``activation`` spec.
@@ -44,6 +45,8 @@ log = logging.getLogger(__name__)
 
 PLAN_VERSION = 1
 WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+#: recurrent ops: weight-only (W and R quantized, activations float — no integer kernel to gain)
+RECURRENT_OPS = ("LSTM", "GRU", "RNN")
 DTYPES = ("int8", "uint8", "int16", "uint16", "int4", "uint4", "fp8e4m3", "fp8e5m2", "float")
 GRANULARITIES = ("per_tensor", "per_channel", "block")
 CALIBRATIONS = ("minmax", "percentile", "entropy", "mse")
@@ -321,13 +324,17 @@ class NodePlan:
     weight: QuantSpec | None  # None: weight stays float (or the op has none)
     activation: QuantSpec | None  # None: activations stay float
     rules: list[str] = field(default_factory=list)  # descriptions of matching rules, in application order
-    weight_input: int | None = None  # index of the constant weight input
+    weight_inputs: tuple[int, ...] = ()  # indices of the constant weight inputs
     activation_inputs: tuple[int, ...] = ()  # indices of activation inputs to quantize
     reason: str = ""
 
     @property
     def quantized(self) -> bool:
         return self.weight is not None or self.activation is not None
+
+    @property
+    def weight_input(self) -> int | None:
+        return self.weight_inputs[0] if self.weight_inputs else None
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"node": self.node, "op_type": self.op_type,
@@ -383,11 +390,22 @@ def _float_tensor(t: Any) -> bool:
 
 def weight_input_index(node: gs.Node) -> int | None:
     """Index of the constant weight input of a weight op, or None."""
-    if node.op in ("Conv", "ConvTranspose", "Gemm", "MatMul") and len(node.inputs) >= 2:
+    if node.op in WEIGHT_OPS + RECURRENT_OPS and len(node.inputs) >= 2:
         w = node.inputs[1]
         if _is_const(w) and _float_tensor(w) and w.values.ndim >= 2:
             return 1
     return None
+
+
+def weight_input_indices(node: gs.Node) -> tuple[int, ...]:
+    """All constant weight inputs: (1,) for Conv/Gemm/MatMul; W and R (1, 2) for LSTM/GRU/RNN."""
+    first = weight_input_index(node)
+    if first is None:
+        return ()
+    if node.op in RECURRENT_OPS:
+        return tuple(i for i in (1, 2) if i < len(node.inputs) and _is_const(node.inputs[i])
+                     and _float_tensor(node.inputs[i]))
+    return (first,)
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -417,7 +435,7 @@ def resolve(plan: Plan, graph: gs.Graph) -> ResolvedPlan:
         where = matching[-1].describe() if matching else f"{plan.source}: defaults"
         wi = weight_input_index(node)
         np_ = NodePlan(node=node.name, op_type=node.op, weight=None, activation=None,
-                       rules=[r.describe() for r in matching], weight_input=wi)
+                       rules=[r.describe() for r in matching], weight_inputs=weight_input_indices(node))
         named = bool(matching)
         if skip:
             np_.reason = "skip: true"
@@ -426,6 +444,8 @@ def resolve(plan: Plan, graph: gs.Graph) -> ResolvedPlan:
             aspec = _make_spec(a, f"{where}.activation")
             np_.weight = None if wspec.is_float else wspec
             act_idx = tuple(i for i, t in enumerate(node.inputs[:1]) if not _is_const(t) and _float_tensor(t))
+            if node.op in RECURRENT_OPS and not any(r.activation for r in matching):
+                act_idx = ()  # weight-only unless a rule asks for the activation
             if not aspec.is_float and act_idx:
                 np_.activation = aspec
                 np_.activation_inputs = act_idx

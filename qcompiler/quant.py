@@ -101,7 +101,7 @@ def qparams(lo: Any, hi: Any, dtype: str, symmetric: bool) -> tuple[np.ndarray, 
 def expand_scale(scale: np.ndarray, shape: tuple[int, ...], axis: int | None, block_size: int | None) -> np.ndarray:
     """Broadcastable version of a per-tensor / per-axis / block scale (or zero point) for a tensor of ``shape``."""
     s = np.asarray(scale)
-    if s.ndim == 0 or s.size == 1 and axis is None:
+    if s.ndim == 0 or (s.size == 1 and axis is None):
         return s.reshape(())
     assert axis is not None
     if block_size:
@@ -244,6 +244,7 @@ def quantize_bias(b: np.ndarray, x_scale: float, w_scale: np.ndarray) -> tuple[n
     b = np.asarray(b, dtype=np.float64)
     limit = INT32_LIMIT // 2  # keep headroom for the accumulator
     need = np.abs(b) / (float(x_scale) * limit)
+    ws: np.ndarray
     if np.size(w_scale) == 1:
         ws = np.asarray(max(float(np.asarray(w_scale).reshape(())), float(need.max(initial=0.0))), dtype=np.float32)
     else:

@@ -133,7 +133,9 @@ def registry() -> Registry:
 
 # ------------------------------------------------------------------------------------------ pipeline text
 def _split_top(text: str, sep: str = ",") -> list[str]:
-    parts, depth, cur = [], 0, []
+    parts: list[str] = []
+    cur: list[str] = []
+    depth = 0
     for ch in text:
         if ch == "{":
             depth += 1

@@ -10,7 +10,6 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from qcompiler.passes.calibrate import CalibratePass
 
 from qcompiler import ir
 from qcompiler.calibration import (
@@ -23,6 +22,7 @@ from qcompiler.calibration import (
 )
 from qcompiler.context import CompileContext
 from qcompiler.errors import UserError
+from qcompiler.passes.calibrate import CalibratePass
 from qcompiler.plan import QuantSpec
 
 F32 = TensorProto.FLOAT

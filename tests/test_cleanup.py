@@ -10,11 +10,11 @@ import onnx
 import onnx_graphsurgeon as gs
 import pytest
 from onnx import numpy_helper
-from qcompiler.passes.cleanup import CleanupPass
-from qcompiler.passes.fold_batchnorm import FoldBatchNormPass
 
 from qcompiler import ir
 from qcompiler.context import CompileContext
+from qcompiler.passes.cleanup import CleanupPass
+from qcompiler.passes.fold_batchnorm import FoldBatchNormPass
 
 try:
     from tests import _graphs as G

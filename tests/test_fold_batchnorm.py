@@ -10,10 +10,10 @@ import onnx
 import onnx_graphsurgeon as gs
 import pytest
 from onnx import numpy_helper
-from qcompiler.passes.cleanup import CleanupPass
-from qcompiler.passes.fold_batchnorm import FoldBatchNormPass
 
 from qcompiler import ir
+from qcompiler.passes.cleanup import CleanupPass
+from qcompiler.passes.fold_batchnorm import FoldBatchNormPass
 
 try:
     from tests import _graphs as G
@@ -78,6 +78,36 @@ def test_fold(case):
     # the BN's output name now comes from the producer (or the bias Add of a MatMul)
     prod = next(n for n in ctx.graph.nodes if bn_out in [t.name for t in n.outputs])
     assert prod.op == (op if op != "MatMul" else "Add")
+
+
+@pytest.mark.parametrize("op,bias_shape,own_bias", [
+    ("Conv", (1, 6, 1, 1), False), ("Conv", (6, 1, 1), True), ("ConvTranspose", (1, 6, 1, 1), True),
+])
+def test_fold_through_bias_add(op, bias_shape, own_bias):
+    """Paddle style: Conv -> Add(per-channel constant) -> BN folds into the weight and the Add's constant."""
+    b = G.Builder(16)
+    w = b.randn(6, 2, 3, 3) if op == "Conv" else b.randn(4, 3, 3, 3)  # ConvTranspose group 2: Cout = 6
+    ins = ["x", b.init("w", w)] + ([b.init("own_b", b.randn(6))] if own_bias else [])
+    h = b.node(op, ins, ["h"], name="conv", group=2)
+    h = b.node("Add", [h, b.init("add_b", b.randn(*bias_shape))], ["h2"], name="bias_add")
+    b.bn(h, "y", 6, name="bn")
+    out_hw = 4 if op == "Conv" else 8
+    model = b.model([G.vi("x", ["N", 4, 6, 6])], [G.vi("y", ["N", 6, out_hw, out_hw])])
+    _, res, out = _check_all(model)
+    assert res.stats["folded_" + op.lower()] == 1, dict(res.stats)
+    assert G.ops(out) == [op, "Add"]
+    assert _initializers(out)["add_b"].shape == bias_shape
+
+
+def test_bias_add_with_full_shape_not_folded():
+    """An Add whose constant is not per-channel ([1, C, H, W]) is not a bias: Mul + Add instead."""
+    b = G.Builder(17)
+    h = b.node("Conv", ["x", b.init("w", b.randn(4, 3, 3, 3))], ["h"], name="conv")
+    h = b.node("Add", [h, b.init("add_b", b.randn(1, 4, 4, 4))], ["h2"], name="bias_add")
+    b.bn(h, "y", 4, name="bn")
+    model = b.model([G.vi("x", ["N", 3, 6, 6])], [G.vi("y", ["N", 4, 4, 4])])
+    _, res, _ = _check_all(model)
+    assert res.stats["bn_to_muladd"] == 1 and res.stats["folded_conv"] == 0
 
 
 def test_convtranspose_group_channel_mapping():

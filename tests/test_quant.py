@@ -68,7 +68,7 @@ def test_zero_range_never_gives_zero_scale():
     for dtype, sym in [("uint8", False), ("int8", True), ("fp8e4m3", True)]:
         scale, _ = quant.qparams(0.0, 0.0, dtype, sym)
         assert float(scale) > 0
-    scale, zp = quant.qparams(np.zeros(4), np.array([0.0, 1.0, 0.0, 2.0]), "int8", True)
+    scale, _zp = quant.qparams(np.zeros(4), np.array([0.0, 1.0, 0.0, 2.0]), "int8", True)
     assert np.all(scale > 0)
 
 

@@ -45,6 +45,10 @@ class OrtTarget(Target):
                 "ConvTranspose": OpCapability(_INT_W, _INT_A, _ALL_G),
                 "Gemm": OpCapability(_INT_W, _INT_A, _ALL_G),
                 "MatMul": OpCapability(_INT_W, _INT_A, _ALL_G),
+                # recurrent ops: weight-only (DequantizeLinear feeding the float kernel)
+                "LSTM": OpCapability(_INT_W, frozenset(), _ALL_G),
+                "GRU": OpCapability(_INT_W, frozenset(), _ALL_G),
+                "RNN": OpCapability(_INT_W, frozenset(), _ALL_G),
             },
             other_activation_dtypes=_INT_A,
         )

@@ -1,0 +1,1 @@
+"""Extra ``qcompiler`` sub-commands, one module each, registered by ``qcompiler.cli`` (``register(cli)``)."""
