@@ -8,6 +8,11 @@ outputs, one sample at a time, and stores a :class:`~qcompiler.calibration.Tenso
 Without calibration data (``ctx.calib is None``) it uses seeded random inputs and says so: the report's
 ``calibration.synthetic`` is true and a warning is logged, because such ranges are only a placeholder.
 
+Data-free mode (``--calib none``, ``ctx.data_free``): a tensor computed from a BatchNormalization output by
+elementwise ops only (ReLU, Clip, hard-swish, ..., see ``qcompiler.calibration.bn_ranges``) gets its range from
+the BN statistics ``fold-batchnorm`` recorded: per channel ``β ± k·γ`` (k = ``BN_SIGMAS``, 6) pushed through those
+ops, so a ReLU clips it at 0. The other tensors (the graph inputs, for one) fall back to random inputs.
+
 Options: ``method`` overrides every activation spec's calibration method (written back into
 ``ctx.activation_specs`` so the quantizer uses the same one), ``percentile`` overrides the percentile, and
 ``samples`` uses at most N samples.
@@ -22,7 +27,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from qcompiler.calibration import CalibrationSource, collect, input_signatures
+import numpy as np
+
+from qcompiler.calibration import (
+    BN_SIGMAS,
+    CalibrationSource,
+    TensorStats,
+    bn_ranges,
+    bn_statistics,
+    collect,
+    input_signatures,
+)
 from qcompiler.context import CompileContext
 from qcompiler.errors import UserError
 from qcompiler.pass_base import Pass, PassResult
@@ -93,18 +108,35 @@ class CalibratePass(Pass):
             stats["samples"] = 0
             return PassResult(modified=False, stats=stats)
 
+        fixed: dict[str, tuple[float, float]] = {}
+        if ctx.data_free:  # --calib none: ranges from the recorded BatchNormalization statistics where possible
+            fixed = bn_ranges(ctx.graph, list(specs), bn_statistics(ctx), BN_SIGMAS)
+            for name in fixed:
+                specs[name] = dataclasses.replace(specs[name], calibration="minmax")
+                ctx.activation_specs[name] = specs[name]
+        rest = {name: spec for name, spec in specs.items() if name not in fixed}
+
         source: CalibrationSource
         if ctx.calib is None:
             n = opts.samples or DEFAULT_RANDOM_SAMPLES
             source = CalibrationSource.from_arg("random", input_signatures(ctx.graph), seed=ctx.seed,
                                                 num_random=n)
-            log.warning("no calibration data: using %s; activation ranges are synthetic (give --calib DATA)",
-                        source.description)
+            if rest:
+                log.warning("no calibration data: using %s for %d tensor(s); their activation ranges are "
+                            "synthetic (give --calib DATA)", source.description, len(rest))
         else:
             source = ctx.calib.take(opts.samples)
-        n_samples = len(source)
+        n_samples = len(source) if rest else 0
         progress = self._progress(ctx, n_samples)
-        ctx.stats = collect(ctx.graph, specs, source, progress=progress)
+        ctx.stats = collect(ctx.graph, rest, source, progress=progress) if rest else {}
+        for name, (lo, hi) in fixed.items():
+            st = TensorStats()
+            st.update(np.asarray([lo, hi], dtype=np.float64))
+            ctx.stats[name] = st
+        if ctx.data_free:
+            ctx.report["data_free"] = {"bn_ranges": len(fixed), "synthetic_ranges": len(rest),
+                                       "bn_sigmas": BN_SIGMAS}
+            stats["bn_ranges"] = len(fixed)
         methods = Counter(spec.calibration for spec in specs.values())
         ctx.report["calibration"] = {
             "source": source.description,
@@ -115,6 +147,6 @@ class CalibratePass(Pass):
         }
         stats["tensors"] = len(ctx.stats)
         stats["samples"] = n_samples
-        if source.synthetic:
+        if source.synthetic and rest:
             stats["synthetic"] = 1
         return PassResult(modified=False, stats=stats)

@@ -33,6 +33,10 @@ provided the rank of X is known (else the BN is left alone and counted as ``skip
 A BN whose parameters are not constants, that runs in training mode or whose extra outputs are read is
 left alone.
 
+Before a BN disappears, the per-channel mean β and standard deviation |γ|·σ/√(σ² + ε) of its output are
+recorded under its output name (``qcompiler.calibration.bn_statistics``) for data-free calibration and the
+bias absorption of ``equalize``.
+
 Stats: ``folded_conv``, ``folded_convtranspose``, ``folded_gemm``, ``folded_matmul``, ``bn_to_muladd``,
 ``refused_shared_weight``, ``refused_dynamic_weight``, ``refused_multi_consumer``,
 ``refused_dynamic_bn_params``, ``skipped_*`` for shapes the rewrite does not cover.
@@ -47,6 +51,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from qcompiler.calibration import ChannelStats, bn_statistics
 from qcompiler.context import CompileContext
 from qcompiler.pass_base import Pass, PassResult
 
@@ -97,6 +102,7 @@ class FoldBatchNormPass(Pass):
             p = self._params(bn)
             if p is None:
                 continue
+            self._record_statistics(ctx, p)
             if self._fold(p, replaced):
                 continue
             self._to_muladd(p, replaced)
@@ -109,6 +115,7 @@ class FoldBatchNormPass(Pass):
                     nodes.append(n)
             graph.nodes = nodes
         stats = self._stats
+        del self._index  # do not keep the graph alive through the pass object
         return PassResult(modified=bool(replaced), stats=stats)
 
     # ------------------------------------------------------------------------------------------ params
@@ -144,6 +151,15 @@ class FoldBatchNormPass(Pass):
         x, y = bn.inputs[0], bn.outputs[0]
         dtype = _float_dtype(x.dtype, arrays[0].dtype)
         return _BnParams(bn, x, y, scale, shift, dtype)
+
+    @staticmethod
+    def _record_statistics(ctx: CompileContext, p: _BnParams) -> None:
+        """Remember the BN output's per-channel mean β and std |γ|·σ/√(σ²+ε) (data-free calibration, bias
+        absorption); keyed by the output name, which the folded producer keeps."""
+        gamma, beta, _mean, var = (np.asarray(const_values(t), dtype=np.float64).reshape(-1)
+                                   for t in p.node.inputs[1:5])
+        eps = float(p.node.attrs.get("epsilon", 1e-5))
+        bn_statistics(ctx)[p.y.name] = ChannelStats(mean=beta, std=np.abs(gamma) * np.sqrt(var / (var + eps)))
 
     # -------------------------------------------------------------------------------------------- fold
     def _fold(self, p: _BnParams, replaced: dict[int, list[gs.Node]]) -> bool:

@@ -12,6 +12,10 @@ For every node the resolved plan quantizes:
 * **activations** (the tensors in ``ctx.activation_specs``, ranges from calibration) get one
   ``QuantizeLinear -> DequantizeLinear`` pair each, shared by all the consumers that should read it
   (``x̂ = (clip(round(x/s)+z) − z)·s``; asymmetric ranges are widened to include 0, so s > 0 always);
+* weights with a low-bit ``scheme`` (binary / ternary / shift) or ``scale: pow2`` are quantized by
+  :mod:`qcompiler.schemes`: integer codes (int4/int8/int16/int32, zero point 0) times a per-channel scale, read
+  through the same ``DequantizeLinear``; **binary activations** (``activation: {scheme: binary}``) become
+  ``x̂ = Where(x >= 0, β, −β)`` with β = mean|x| from calibration;
 * **bias** of Conv / ConvTranspose / Gemm (int8 weights and activations) becomes int32 codes with
   ``s_b = s_x · s_w`` and ``z_b = 0``; when a bias would overflow int32 (tiny scales) the weight scale of that
   channel is raised first (``qcompiler.quant.quantize_bias``).
@@ -30,8 +34,9 @@ from typing import Any
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from qcompiler import quant
+from qcompiler import ir, quant, schemes
 from qcompiler.context import CompileContext
+from qcompiler.errors import UserError
 from qcompiler.pass_base import Pass, PassResult
 from qcompiler.plan import NodePlan, QuantSpec, required_opset
 
@@ -88,6 +93,8 @@ class InsertQDQPass(Pass):
         assert ctx.resolved is not None
         graph = ctx.graph
         self._ctx_overrides = ctx.weight_overrides
+        self._ctx_report = ctx.report
+        self._opset = ctx.opset
         stats: Counter[str] = Counter()
         names = _Names(graph)
         tensors = graph.tensors()
@@ -121,13 +128,20 @@ class InsertQDQPass(Pass):
             everyone = name in ctx.activation_all_consumers
             targets = []
             for consumer in list(t.outputs):
-                if consumer.op in ("QuantizeLinear", "DequantizeLinear"):
+                if consumer.op in ("QuantizeLinear", "DequantizeLinear") or ir.tag_of(consumer) == self.name:
                     continue
                 for i, inp in enumerate(consumer.inputs):
                     if inp is t and (everyone or (consumer.name, i) in readers.get(name, set())):
                         targets.append((consumer, i))
             if not targets:
                 stats["activation_already_quantized"] += 1
+                continue
+            if spec.scheme == "binary":
+                # only the planned (XNOR) readers; a reader the target added keeps the float tensor
+                targets = [(c, i) for c, i in targets if (c.name, i) in readers.get(name, set())]
+                if targets:
+                    self._emit_binarize(graph, names, t, schemes.binary_activation_scale(st), targets)
+                    stats["activations_binary"] += 1
                 continue
             s_c = gs.Constant(names(f"{name}_scale"), np.asarray(scale, dtype=np.float32).reshape(()))
             z_c = gs.Constant(names(f"{name}_zero_point"), np.asarray(zp).reshape(()))
@@ -159,7 +173,14 @@ class InsertQDQPass(Pass):
                 if not isinstance(w, gs.Constant):
                     stats["weight_already_quantized"] += 1
                     continue
+                before = list(node.inputs)
                 self._quantize_weight(node, np_, wi, w, weight_cache, consumers_of, names, graph, stats)
+                # Release each float weight (and bias) once its quantized form replaced it and nothing else reads
+                # it: a large model never holds its float and quantized weights at the same time.
+                outs = {id(t) for t in graph.outputs}
+                for t in before:
+                    if isinstance(t, gs.Constant) and not t.outputs and id(t) not in outs:
+                        ir.release_values(t)
         return PassResult(modified=sum(v for k, v in stats.items() if k.startswith(("activations_", "weights_"))) > 0,
                           stats=stats)
 
@@ -185,11 +206,22 @@ class InsertQDQPass(Pass):
             node.inputs[wi] = cache[key]
             stats["weights_shared_reused"] += 1
             return
+        if not np.isfinite(values).all():
+            raise UserError(f"node '{node.name}' ({node.op}): weight '{w.name}' contains NaN or Inf; "
+                            "cannot quantize it")
         override = self._ctx_overrides.get((node.name, wi))
         if override is not None:
             qt = override
             axis, block = qt.axis, qt.block_size
             stats["weights_from_override"] += 1
+        elif schemes.uses_scheme_quantizer(spec):
+            # binary / ternary / shift codes, or int with power-of-two scales (qcompiler.schemes)
+            res = schemes.quantize_for_spec(values, spec, axis, block, self._opset)
+            qt = res.qt
+            self._ctx_report.setdefault("lowbit", {}).setdefault("layers", {})[node.name] = res.info
+            if spec.scheme == "ternary":
+                stats["ternary_zero_codes"] += res.zeros
+                stats["ternary_codes"] += int(values.size)
         else:
             qt = quant.quantize_weight(values, spec.dtype, spec.symmetric, axis, block, spec.range,
                                        spec.scale == "pow2")
@@ -217,6 +249,8 @@ class InsertQDQPass(Pass):
             codes, bscale, ws = quant.quantize_bias(b, x_scale, qt.scale)
             if not np.array_equal(np.asarray(ws).reshape(np.shape(qt.scale)), qt.scale):
                 stats["bias_overflow_guard"] += 1
+                if spec.scale == "pow2":
+                    ws = schemes.ceil_pow2(ws)  # raised scales stay powers of two
                 qt = quant.QuantizedTensor(quant.quantize(values, ws, qt.zero_point, spec.dtype, axis, block),
                                            np.asarray(ws, dtype=np.float32).reshape(np.shape(qt.scale)),
                                            qt.zero_point, axis, block, spec.dtype)
@@ -228,9 +262,9 @@ class InsertQDQPass(Pass):
         dq_out = self._emit_dq(graph, names, w.name, qt)
         cache[key] = dq_out
         node.inputs[wi] = dq_out
-        stats[f"weights_{spec.dtype}_{spec.granularity}"] += 1
+        stats[f"weights_{spec.dtype if spec.scheme == 'int' else spec.scheme}_{spec.granularity}"] += 1
         stats["weight_bytes_float"] += values.nbytes
-        stats["weight_bytes_quantized"] += (qt.q.size * quant.qdtype(spec.dtype).bits + 7) // 8
+        stats["weight_bytes_quantized"] += (qt.q.size * schemes.storage_bits(qt.dtype) + 7) // 8
         if bias_codes is not None:
             codes, bscale = bias_codes
             bias_c = node.inputs[2]
@@ -253,6 +287,26 @@ class InsertQDQPass(Pass):
                     and float(node.attrs.get("beta", 1.0)) == 1.0 and not int(node.attrs.get("transA", 0)))
         return False
 
+    def _emit_binarize(self, graph: gs.Graph, names: _Names, t: gs.Tensor, beta: float,
+                       targets: list[tuple[gs.Node, int]]) -> None:
+        """Binary activation x̂ = β·sign(x), sign(0) = +1: ``Where(x >= 0, β, −β)`` (``Not(Less)`` before opset 12)."""
+        zero = gs.Constant(names(f"{t.name}_zero"), np.zeros((), dtype=np.float32))
+        cond = gs.Variable(names(f"{t.name}_nonnegative"), dtype=np.bool_, shape=t.shape)
+        if self._opset >= 12:
+            graph.nodes.append(self.tag(gs.Node("GreaterOrEqual", names(f"{t.name}_GreaterOrEqual"),
+                                                inputs=[t, zero], outputs=[cond])))
+        else:
+            neg = gs.Variable(names(f"{t.name}_negative"), dtype=np.bool_, shape=t.shape)
+            graph.nodes.append(self.tag(gs.Node("Less", names(f"{t.name}_Less"), inputs=[t, zero], outputs=[neg])))
+            graph.nodes.append(self.tag(gs.Node("Not", names(f"{t.name}_Not"), inputs=[neg], outputs=[cond])))
+        pos = gs.Constant(names(f"{t.name}_beta"), np.asarray(beta, dtype=np.float32).reshape(()))
+        neg_beta = gs.Constant(names(f"{t.name}_minus_beta"), np.asarray(-beta, dtype=np.float32).reshape(()))
+        out = gs.Variable(names(f"{t.name}_binarized"), dtype=np.float32, shape=t.shape)
+        graph.nodes.append(self.tag(gs.Node("Where", names(f"{t.name}_binarize"), inputs=[cond, pos, neg_beta],
+                                            outputs=[out])))
+        for consumer, i in targets:
+            consumer.inputs[i] = out
+
     def _emit_dq(self, graph: gs.Graph, names: _Names, base: str, qt: quant.QuantizedTensor) -> gs.Variable:
         q_c = gs.Constant(names(f"{base}_quantized"), qt.q)
         scale = np.asarray(qt.scale, dtype=np.float32)
@@ -262,8 +316,9 @@ class InsertQDQPass(Pass):
         elif qt.block_size is None:
             scale, zp = scale.reshape(-1), zp.reshape(-1)
         s_c = gs.Constant(names(f"{base}_scale"), scale)
-        if qt.dtype in ("int8", "int32") and not np.any(zp):
-            # symmetric int8 / int32 bias: the zero point defaults to 0 of the code type; leave it out
+        if qt.dtype == "int32" and not np.any(zp):
+            # int32 bias: the zero point defaults to 0; leave it out. Weights keep theirs even when 0:
+            # onnxruntime fuses DQ -> Gemm into QGemm only when the weight DQ has an explicit zero point.
             inputs: list[Any] = [q_c, s_c]
         else:
             inputs = [q_c, s_c, gs.Constant(names(f"{base}_zero_point"), zp)]

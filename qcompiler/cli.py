@@ -122,10 +122,14 @@ def _bytes(n: float) -> str:
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-o", "--output", "output", required=True, type=click.Path(path_type=Path), help="Output .onnx.")
 @click.option("--plan", help="Precision plan: a YAML/JSON file or a preset name (qcompiler plan show).")
+@click.option("--preset", help="A shipped plan by name: w8a8, w4a8, w4a16, fp8, w4a8-fp8, ... "
+                               "(qcompiler plan show lists them; same as --plan NAME).")
 @click.option("--target", default="ort", show_default=True, help="Runtime target (qcompiler targets).")
 @click.option("--calib", help="Calibration data: folder of .npz feeds, one .npz with a leading sample axis, "
                               "'random' (synthetic) or 'none'.")
 @click.option("--calib-samples", type=int, help="Use at most N calibration samples.")
+@click.option("--calib-select", type=click.IntRange(min=1),
+              help="Pick N representative samples (density + diversity) out of the calibration data.")
 @click.option("--pipeline", help="Textual pipeline, e.g. 'cleanup,fold-batchnorm,resolve-plan,calibrate,insert-qdq,lower'.")
 @click.option("--report", type=click.Path(path_type=Path), help="Write the JSON report here.")
 @click.option("--validate/--no-validate", "validate", default=None,
@@ -138,18 +142,34 @@ def _bytes(n: float) -> str:
 @click.option("--external-data", type=int, default=None,
               help="Store tensors of at least BYTES as external data (OUT.onnx.data).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for synthetic data.")
+@click.option("--strip-function-bodies", is_flag=True,
+              help="Target packed: leave out the custom ops' ONNX function bodies (for a runtime with native "
+                   "kernels; stock onnxruntime then cannot run the model, so it is not validated).")
+@click.option("--budget", help="Plan mixed precision first (as `qcompiler plan`): the model must fit in BYTES "
+                               "(4MB), a fraction of the float bytes (25%), average weight bits (4.5bits), or "
+                               "BitOps with --bitops; --plan / --preset give the base plan.")
+@click.option("--bitops", is_flag=True, help="With --budget: the budget counts BitOps (1.5G, or 50%).")
+@click.option("--candidates", help="With --budget: precisions a layer may take (default int8,int4).")
+@click.option("--metric", type=click.Choice(["pd", "hessian", "act-stats", "orthogonality"]), default="pd",
+              show_default=True, help="With --budget: the sensitivity metric.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or summary.")
-def compile_cmd(model: Path, output: Path, plan: str | None, target: str, calib: str | None,
-                calib_samples: int | None, pipeline: str | None, report: Path | None, validate: bool | None,
+def compile_cmd(model: Path, output: Path, plan: str | None, preset: str | None, target: str,
+                calib: str | None, calib_samples: int | None, calib_select: int | None, pipeline: str | None,
+                report: Path | None, validate: bool | None,
                 validate_data: Path | None, min_sqnr: float | None, verify_each: bool, dump_after: tuple[str, ...],
-                plugins: tuple[str, ...], external_data: int | None, seed: int, quiet: bool) -> None:
+                plugins: tuple[str, ...], external_data: int | None, seed: int, strip_function_bodies: bool,
+                budget: str | None, bitops: bool, candidates: str | None, metric: str, quiet: bool) -> None:
     """Compile MODEL into a quantized model at OUTPUT."""
     from qcompiler.compiler import CompileOptions, compile_model
 
+    if budget is None and (bitops or candidates is not None):
+        raise UserError("--bitops and --candidates are options of --budget")
     opts = CompileOptions(plan=plan, target=target, calib=calib, pipeline=pipeline, validate=validate,
                           validate_data=validate_data, min_sqnr_db=min_sqnr, verify_each=verify_each,
                           dump_after=set(dump_after), external_data_threshold=external_data,
-                          calib_samples=calib_samples, seed=seed, plugins=list(plugins), report=report)
+                          calib_samples=calib_samples, calib_select=calib_select, preset=preset, seed=seed,
+                          plugins=list(plugins), report=report, strip_function_bodies=strip_function_bodies,
+                          budget=budget, budget_bitops=bitops, budget_candidates=candidates, budget_metric=metric)
     progress = _Progress(enabled=not quiet and sys.stderr.isatty())
     try:
         result = compile_model(model, output, opts, progress=progress)
@@ -166,6 +186,13 @@ def compile_cmd(model: Path, output: Path, plan: str | None, target: str, calib:
     sizes = rep["sizes"]
     click.echo(f"parameters: {_bytes(sizes['float_parameter_bytes'])} float -> "
                f"{_bytes(sizes['quantized_parameter_bytes'])} ({sizes['ratio']}x)")
+    if rep.get("cost"):
+        _echo_cost(rep["cost"])
+    if rep.get("autoplan"):
+        ap = rep["autoplan"]
+        click.echo(f"auto plan: budget {ap['budget']} ({ap['unit']}), metric {ap['metric']}: "
+                   + ", ".join(f"{k} x{v}" for k, v in ap["counts"].items() if v)
+                   + f" (plan written beside the model as {Path(output).stem}.autoplan.yaml)")
     cal = rep.get("calibration")
     if cal:
         note = "  [SYNTHETIC ranges: give --calib DATA for real ones]" if cal.get("synthetic") else ""
@@ -173,10 +200,32 @@ def compile_cmd(model: Path, output: Path, plan: str | None, target: str, calib:
                    f"{cal.get('tensors')} tensors{note}")
     if result.validation is not None:
         click.echo(result.validation.table())
+    elif rep.get("validation_skipped"):
+        click.echo(f"validation: skipped ({rep['validation_skipped']})")
     else:
         click.echo("validation: skipped (no calibration data; use --calib DATA or --validate-data FILE.npz)")
     for f in result.files:
         click.echo(f"wrote {f}")
+
+
+def _echo_cost(c: dict[str, Any]) -> None:
+    """The cost lines of the compile summary (the JSON report has every layer)."""
+    from qcompiler.cost import format_bytes, format_count
+
+    peak = c.get("peak_activation_bytes")
+    avg = c.get("average_weight_bits")
+    click.echo(f"cost: {c['total_bytes']} bytes stored ({format_bytes(c['total_bytes'])}: tensors "
+               f"{format_bytes(c['tensor_bytes'])} + graph {format_bytes(c['overhead_bytes'])}), "
+               f"{format_count(c['macs'])} MACs, {format_count(c['bitops'])} BitOps, "
+               + (f"avg weight bits {avg:.2f}, " if avg is not None else "")
+               + ("peak activations unknown" if peak is None else f"peak activations {format_bytes(peak)}")
+               + " (batch 1)")
+    rows = sorted((la for la in c.get("layers", []) if la.get("bytes") or la.get("macs")),
+                  key=lambda la: -la["bytes"])[:5]
+    if rows:
+        click.echo("largest layers: " + ", ".join(f"{la['name']} {format_bytes(la['bytes'])}"
+                                                  + (f" ({la['weight_format']})" if la.get("weight_format") else "")
+                                                  for la in rows))
 
 
 def _table(headers: list[str], rows: list[tuple[Any, ...]]) -> str:
@@ -222,11 +271,27 @@ def validate_cmd(float_model: Path, quant_model: Path, data: Path, json_path: Pa
 @cli.command("inspect")
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
-def inspect_cmd(model: Path, as_json: bool) -> None:
+@click.option("--cost", "with_cost", is_flag=True,
+              help="Cost report: stored bytes per layer and in total, MACs, BitOps, peak activation memory (batch 1).")
+@click.option("--shape", "shapes", multiple=True, metavar="NAME=D0,D1,...",
+              help="With --cost: the shape of input NAME (resolves its dynamic dims; others are 1).")
+def inspect_cmd(model: Path, as_json: bool, with_cost: bool, shapes: tuple[str, ...]) -> None:
     """Opset, inputs/outputs, op histogram, parameter bytes and quantizable nodes of MODEL."""
     from qcompiler import ir
     from qcompiler.plan import Plan
 
+    if with_cost:
+        from qcompiler import cost
+
+        rep = cost.model_cost(model, feed_shapes=cost.parse_shapes(shapes))
+        if as_json:
+            click.echo(json.dumps(rep.to_json(), indent=2))
+        else:
+            click.echo(f"{model}: cost (bytes as stored; MACs / BitOps / activations at batch 1)")
+            click.echo(rep.table())
+        return
+    if shapes:
+        raise UserError("--shape is only used with --cost")
     m = ir.load_model(model)
     info = ir.model_summary(m)
     graph, _ = ir.import_graph(m)
@@ -279,14 +344,29 @@ def targets_cmd(as_json: bool) -> None:
         click.echo(f"  default pipeline: {d['default_pipeline']}")
         for op, cap in d["ops"].items():
             click.echo(f"  {op}: weights {','.join(cap['weight_dtypes'])}; activations "
-                       f"{','.join(cap['activation_dtypes'])}; {','.join(cap['granularities'])}; "
+                       f"{','.join(cap['activation_dtypes']) or 'none (weight-only)'}; {','.join(cap['granularities'])}; "
                        f"schemes {','.join(cap['schemes'])}")
+        custom = d.get("custom_ops")
+        if custom:
+            click.echo(f"  custom ops (domain {custom['domain']} v{custom['version']}, opset >= {custom['min_opset']}):")
+            for op, info in custom["ops"].items():
+                click.echo(f"    {op}: {info['scheme']} {info['replaces']}, {info['bits_per_weight']} bit(s)/weight")
 
 
 # --------------------------------------------------------------------------------------------------- plan
-@cli.group("plan")
+class _PlanGroup(click.Group):
+    """``qcompiler plan MODEL ...`` is ``qcompiler plan auto MODEL ...`` (when MODEL is no sub-command name)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ctx.help_option_names:
+            args = ["auto", *args]
+        return super().parse_args(ctx, args)
+
+
+@cli.group("plan", cls=_PlanGroup)
 def plan_group() -> None:
-    """Precision plans: preview their resolution, show presets."""
+    """Precision plans: plan mixed precision under a budget (qcompiler plan MODEL --budget ...), preview a
+    plan's resolution, show presets."""
 
 
 @plan_group.command("resolve")
@@ -337,6 +417,107 @@ def plan_show_cmd(preset: str | None) -> None:
     if p is None:
         raise UserError(f"plan show: unknown preset '{preset}' (known: {', '.join(names())})")
     click.echo(p.read_text(encoding="utf-8"), nl=False)
+
+
+@plan_group.command("auto")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--budget", required=True,
+              help="Bytes of the output files (4000000, 4MB; KB/MB/GB are 1024-based), a fraction of the float "
+                   "model's bytes (25%), average weight bits (4.5bits), or BitOps with --bitops (1.5G, 50%).")
+@click.option("--bitops", is_flag=True, help="The budget counts BitOps (MACs x weight bits x activation bits).")
+@click.option("--calib", help="Calibration data (folder of .npz, stacked .npz, or 'random'): the sensitivity "
+                              "batch is its first --samples samples.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Write the plan here (default: print it).")
+@click.option("--candidates", default="int8,int4", show_default=True,
+              help="Precisions a layer may take: fp32, int8, int4, uint8, int16, fp8e4m3, ternary, binary, shift4 ...")
+@click.option("--metric", type=click.Choice(["pd", "hessian", "act-stats", "orthogonality"]), default="pd",
+              show_default=True, help="Sensitivity: PD-Quant output change, HAWQ-V2 Hessian trace (forward "
+                                      "only), myQASR activation statistics, OMPQ orthogonality.")
+@click.option("--target", default="ort", show_default=True, help="Runtime target the plan is for.")
+@click.option("--plan", "base_plan", help="Base plan (file or preset): defaults, activation specs, rules.")
+@click.option("--samples", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Calibration samples for the sensitivity.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Samples of one shape evaluated together.")
+@click.option("--solver", type=click.Choice(["dp", "lagrange"]), default="dp", show_default=True,
+              help="Knapsack: exact DP over the discretized budget, or Lagrangian relaxation.")
+@click.option("--draws", type=click.IntRange(min=1), default=2, show_default=True,
+              help="--metric hessian: Hutchinson draws per layer.")
+@click.option("--pareto", type=click.Path(path_type=Path),
+              help="Write the Pareto front as CSV here, and its plot as SVG beside it (.svg).")
+@click.option("--measure", type=click.IntRange(min=0), default=5, show_default=True,
+              help="With --pareto: compile N front points (and the plan) and measure their output SQNR.")
+@click.option("--validate-data", type=click.Path(path_type=Path),
+              help="Held-back feeds for the measured SQNR (default: the calibration data).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for synthetic data and draws.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars or summary.")
+def plan_auto_cmd(model: Path, budget: str, bitops: bool, calib: str | None, output: Path | None, candidates: str,
+                  metric: str, target: str, base_plan: str | None, samples: int, batch_size: int, solver: str,
+                  draws: int, pareto: Path | None, measure: int, validate_data: Path | None, seed: int,
+                  quiet: bool) -> None:
+    """Plan mixed precision for MODEL: the most accurate plan within --budget (also `qcompiler plan MODEL`)."""
+    from qcompiler import autoplan
+    from qcompiler.cost import format_bytes, format_count
+
+    opts = autoplan.PlanOptions(budget=autoplan.Budget.parse(budget, bitops=bitops),
+                                candidates=autoplan.parse_candidates(candidates), metric=metric, target=target,
+                                base_plan=base_plan, samples=samples, batch_size=batch_size, solver=solver,
+                                draws=draws, seed=seed)
+    if pareto is not None and pareto.suffix.lower() != ".csv":
+        raise UserError(f"--pareto: '{pareto}' must end in .csv (the plot goes beside it as .svg)")
+    if measure and pareto is not None and (calib is None or calib in ("random", "none")):
+        raise UserError("--measure needs real calibration data (--calib DATA), or give --measure 0")
+    progress = _Progress(enabled=not quiet and sys.stderr.isatty())
+    try:
+        result = autoplan.auto_plan(model, calib, opts, progress=progress)
+        measured = []
+        if pareto is not None and measure:
+            assert calib is not None
+            measured = autoplan.measure_front(model, result, calib, points=measure, validate_data=validate_data,
+                                              progress=progress)
+    finally:
+        progress.close()
+    written = []
+    if output is not None:
+        written.append(autoplan.write_plan(result, output))
+    if pareto is not None:
+        written += autoplan.write_front(result, pareto)
+    if output is None:
+        click.echo(result.text, nl=False)
+    if quiet:
+        return
+    err = output is None  # the plan went to stdout: the summary goes to stderr
+    names = result.candidates
+    rows = []
+    for li, la in enumerate(result.layers):
+        ci = result.choice[li]
+        rows.append((la.name, la.op_type, la.params, names[ci],
+                     " ".join(f"{c}={result.sensitivity.values[li, j]:.3g}" for j, c in enumerate(names)
+                              if c in la.allowed),
+                     round(float(result.cost_table["bytes"][li, ci]))))
+    click.echo(_table(["layer", "op", "params", "choice", f"sensitivity ({metric})", "bytes"], rows), err=err)
+    p, v = result.predicted, result.verified
+    sq = p.get("sqnr_db")
+    unit = result.unit
+    limit = (format_bytes(result.budget_value) + f" ({int(result.budget_value)} bytes)" if unit == "bytes" else
+             f"{format_count(result.budget_value)} BitOps" if unit == "bitops" else f"{result.budget_value:g} bits")
+    click.echo(f"budget: {result.budget.describe()} -> {limit}", err=err)
+    click.echo("plan: " + ", ".join(f"{k} x{n}" for k, n in result.counts().items() if n)
+               + f"; predicted {round(p['bytes'])} bytes, {format_count(p['bitops'])} BitOps, "
+               f"{p['avg_bits']:.3f} avg weight bits" + (f", output SQNR {sq:.2f} dB" if sq is not None else ""),
+               err=err)
+    click.echo(f"verified: compiled plan takes {v['bytes']} bytes"
+               + (f", {format_count(v['bitops'])} BitOps" if v.get("bitops") is not None else "")
+               + f" ({result.rounds} round(s)); within the budget", err=err)
+    for pt in measured:
+        click.echo(f"front point {round(pt.bytes)} bytes: predicted "
+                   + ("n/a" if pt.predicted_sqnr_db is None else f"{pt.predicted_sqnr_db:.2f} dB")
+                   + f", measured {pt.measured_sqnr_db:.2f} dB" + ("  (the plan)" if pt.chosen else ""), err=err)
+    t = result.timings
+    click.echo(f"time: {t['total']:.1f} s (sensitivity {t['sensitivity']:.1f} s over {result.sensitivity.samples} "
+               f"samples, {result.sensitivity.evaluations} evaluations; costs {t['costs']:.1f} s)", err=err)
+    for f in written:
+        click.echo(f"wrote {f}", err=err)
 
 
 def _register_extra_commands() -> None:

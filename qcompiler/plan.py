@@ -51,6 +51,10 @@ DTYPES = ("int8", "uint8", "int16", "uint16", "int4", "uint4", "fp8e4m3", "fp8e5
 GRANULARITIES = ("per_tensor", "per_channel", "block")
 CALIBRATIONS = ("minmax", "percentile", "entropy", "mse")
 SCHEMES = ("int", "binary", "ternary", "shift")
+#: activations: int/fp8 dtypes (scheme int) or binary (sign with a per-tensor scale, for XNOR layers)
+ACTIVATION_SCHEMES = ("int", "binary")
+#: shift scheme: sign bit + bits-1 exponent bits (2**(bits-1) exponents, at most 8)
+SHIFT_BITS = (2, 3, 4)
 RANGES = ("minmax", "mse")
 SCALES = ("float", "pow2")
 
@@ -88,7 +92,10 @@ class QuantSpec:
 _SPEC_KEYS = {f.name for f in fields(QuantSpec)}
 _RULE_KEYS = {"match", "weight", "activation", "skip", "comment"}
 _MATCH_KEYS = {"op_type", "name_regex", "name"}
-_TOP_KEYS = {"version", "defaults", "rules", "comment", "description"}
+_TOP_KEYS = {"version", "defaults", "rules", "comment", "description", "algorithms"}
+#: PTQ algorithms a plan may turn on (``algorithms:`` key) -> the pass that implements each
+ALGORITHMS = {"fold_bias": "fold-bias", "equalize": "equalize", "smooth": "smooth", "gptq": "gptq",
+              "bias_correct": "bias-correct"}
 
 
 def _check_spec(d: Any, where: str) -> dict[str, Any]:
@@ -185,6 +192,8 @@ class Plan:
     activation_defaults: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_ACTIVATION))
     rules: list[Rule] = field(default_factory=list)
     source: str = "<default plan>"
+    #: PTQ algorithms turned on (``algorithms:`` key): name in :data:`ALGORITHMS` -> pass options
+    algorithms: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     # ------------------------------------------------------------------------------------------- parsing
     @classmethod
@@ -238,7 +247,8 @@ class Plan:
             plan.rules.append(_parse_rule(r, i, source))
         # Specs must be constructible (catches e.g. conflicting combinations early).
         _make_spec(plan.weight_defaults, f"{source}: defaults.weight")
-        _make_spec(plan.activation_defaults, f"{source}: defaults.activation")
+        _check_activation_scheme(plan.activation_defaults, f"{source}: defaults.activation")
+        _activation_spec(plan.activation_defaults, f"{source}: defaults.activation")
         return plan
 
     def to_dict(self) -> dict[str, Any]:
@@ -246,6 +256,8 @@ class Plan:
             "version": PLAN_VERSION,
             "defaults": {"weight": dict(self.weight_defaults), "activation": dict(self.activation_defaults)},
             "rules": [r.to_dict() for r in self.rules],
+            **({"algorithms": {k: (dict(v) if v else True) for k, v in self.algorithms.items()}}
+               if self.algorithms else {}),
         }
 
     def dtypes_used(self) -> set[tuple[str, str]]:
@@ -256,8 +268,8 @@ class Plan:
         return {(str(s.get("granularity", "per_tensor")), str(s.get("dtype", "int8"))) for s in specs}
 
     # ---------------------------------------------------------------------------------------- resolution
-    def resolve(self, graph: gs.Graph) -> ResolvedPlan:
-        return resolve(self, graph)
+    def resolve(self, graph: gs.Graph, *, warn: bool = True) -> ResolvedPlan:
+        return resolve(self, graph, warn=warn)
 
 
 def _parse_rule(r: Any, i: int, source: str) -> Rule:
@@ -293,6 +305,7 @@ def _parse_rule(r: Any, i: int, source: str) -> Rule:
         rule.name = match["name"]
     rule.weight = _check_spec(r.get("weight"), f"{where}.weight")
     rule.activation = _check_spec(r.get("activation"), f"{where}.activation")
+    _check_activation_scheme(rule.activation, f"{where}.activation")
     if "skip" in r:
         if not isinstance(r["skip"], bool):
             raise UserError(f"{where}: skip must be true or false")
@@ -300,6 +313,74 @@ def _parse_rule(r: Any, i: int, source: str) -> Rule:
     if not (rule.weight or rule.activation or rule.skip is not None):
         raise UserError(f"{where}: rule sets nothing (give weight, activation or skip)")
     return rule
+
+
+def _parse_algorithms(data: Any, source: str) -> dict[str, dict[str, Any]]:
+    """``algorithms: {equalize: true, smooth: {alpha: 0.5}, gptq: false}`` -> ``{name: options}`` of those on.
+
+    Names may be written with ``_`` or ``-``. A value is ``true`` / ``false`` or a mapping of the pass's options
+    (checked against the pass's ``Options`` dataclass: known key, type, and the pass's own ``validate``).
+    """
+    if data is None:
+        return {}
+    where = f"{source}: algorithms"
+    if not isinstance(data, dict):
+        raise UserError(f"{where}: expected a mapping like {{equalize: true, smooth: {{alpha: 0.5}}}}")
+    out: dict[str, dict[str, Any]] = {}
+    for raw_name, value in data.items():
+        name = str(raw_name).replace("-", "_")
+        if name not in ALGORITHMS:
+            raise UserError(f"{where}: unknown algorithm '{raw_name}' (known: {', '.join(sorted(ALGORITHMS))})")
+        if value is False or value is None:
+            continue
+        if value is True:
+            opts: dict[str, Any] = {}
+        elif isinstance(value, dict):
+            opts = dict(value)
+        else:
+            raise UserError(f"{where}.{name}: expected true, false or a mapping of options, got '{value}'")
+        out[name] = _check_algorithm_options(ALGORITHMS[name], opts, f"{where}.{name}")
+    return out
+
+
+def _check_algorithm_options(pass_name: str, opts: dict[str, Any], where: str) -> dict[str, Any]:
+    import dataclasses
+    import typing
+
+    from qcompiler.registry import registry
+
+    cls = registry().get(pass_name)
+    fields_ = {f.name: f for f in dataclasses.fields(cls.Options)} if dataclasses.is_dataclass(cls.Options) else {}
+    try:
+        hints = typing.get_type_hints(cls.Options)
+    except Exception:
+        hints = {}
+    checked: dict[str, Any] = {}
+    for key, value in opts.items():
+        norm = str(key).replace("-", "_")
+        if norm not in fields_:
+            raise UserError(f"{where}: unknown option '{key}' (known: {', '.join(sorted(fields_)) or 'none'})")
+        want = hints.get(norm)
+        args = [a for a in typing.get_args(want) if a is not type(None)] or [want]
+        optional = type(None) in typing.get_args(want)
+        base = args[0]
+        ok = (value is None and optional) or (
+            base is bool and isinstance(value, bool)) or (
+            base is int and isinstance(value, int) and not isinstance(value, bool)) or (
+            base is float and isinstance(value, (int, float)) and not isinstance(value, bool)) or (
+            base is str and isinstance(value, str)) or base not in (bool, int, float, str)
+        if not ok:
+            tname = getattr(base, "__name__", str(base))
+            raise UserError(f"{where}: option '{key}' must be {tname}, got '{value}'")
+        checked[norm] = float(value) if base is float and value is not None else value
+    try:
+        inst = cls(**checked)
+        validate = getattr(inst.options, "validate", None)
+        if callable(validate):
+            validate(pass_name)
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
+    return checked
 
 
 def _make_spec(d: dict[str, Any], where: str) -> QuantSpec:
@@ -311,6 +392,26 @@ def _make_spec(d: dict[str, Any], where: str) -> QuantSpec:
         pass  # block-wise fp8 scales are allowed (DeepSeek-style)
     if spec.scheme != "int" and spec.dtype in ("fp8e4m3", "fp8e5m2"):
         raise UserError(f"{where}: scheme '{spec.scheme}' cannot use dtype {spec.dtype}")
+    if spec.scheme != "int" and spec.granularity == "block":
+        raise UserError(f"{where}: scheme '{spec.scheme}' scales per channel or per tensor, not block-wise")
+    if spec.scheme == "shift" and spec.bits not in SHIFT_BITS:
+        raise UserError(f"{where}: shift bits must be one of {', '.join(map(str, SHIFT_BITS))} "
+                        f"(sign + 2**(bits-1) exponents), got {spec.bits}")
+    return spec
+
+
+def _check_activation_scheme(d: dict[str, Any], where: str) -> None:
+    if d.get("scheme", "int") not in ACTIVATION_SCHEMES:
+        raise UserError(f"{where}: activation scheme '{d['scheme']}' is not supported "
+                        f"(one of: {', '.join(ACTIVATION_SCHEMES)}; ternary and shift are weight schemes)")
+
+
+def _activation_spec(d: dict[str, Any], where: str) -> QuantSpec:
+    """An activation spec. Binary activations take beta = mean|x| from the calibration histogram, so a
+    ``minmax`` calibration (which keeps no histogram) becomes ``mse`` for them."""
+    spec = _make_spec(d, where)
+    if spec.scheme == "binary" and spec.calibration == "minmax":
+        spec = replace(spec, calibration="mse")
     return spec
 
 
@@ -369,7 +470,8 @@ class ResolvedPlan:
         }
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False, width=120)
+        dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)  # libyaml: ~10x faster on big graphs
+        return yaml.dump(self.to_dict(), Dumper=dumper, sort_keys=False, width=120)
 
 
 def _is_const(t: Any) -> bool:
@@ -415,7 +517,7 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def resolve(plan: Plan, graph: gs.Graph) -> ResolvedPlan:
+def resolve(plan: Plan, graph: gs.Graph, *, warn: bool = True) -> ResolvedPlan:
     """Decide, for every node, what gets quantized and which rule said so."""
     ordered = sorted(plan.rules, key=lambda r: (r.precedence, r.index))
     used: set[int] = set()
@@ -441,7 +543,7 @@ def resolve(plan: Plan, graph: gs.Graph) -> ResolvedPlan:
             np_.reason = "skip: true"
         elif wi is not None:
             wspec = _make_spec(w, f"{where}.weight")
-            aspec = _make_spec(a, f"{where}.activation")
+            aspec = _activation_spec(a, f"{where}.activation")
             np_.weight = None if wspec.is_float else wspec
             act_idx = tuple(i for i, t in enumerate(node.inputs[:1]) if not _is_const(t) and _float_tensor(t))
             if node.op in RECURRENT_OPS and not any(r.activation for r in matching):
@@ -454,7 +556,7 @@ def resolve(plan: Plan, graph: gs.Graph) -> ResolvedPlan:
         elif node.op in WEIGHT_OPS and not named:
             np_.reason = "weight is not a constant"
         elif named and any(r.activation or r.skip is False or r.weight for r in matching):
-            aspec = _make_spec(a, f"{where}.activation")
+            aspec = _activation_spec(a, f"{where}.activation")
             act_idx = tuple(i for i, t in enumerate(node.inputs)
                             if t is not None and not _is_const(t) and bool(getattr(t, "name", "")) and _float_tensor(t))
             if node.op in ("MatMul", "Gemm", "Conv", "ConvTranspose"):
@@ -470,7 +572,7 @@ def resolve(plan: Plan, graph: gs.Graph) -> ResolvedPlan:
             np_.reason = "not a weight op (float unless a rule names it)"
         nodes[node.name] = np_
     unmatched = [r.describe() for r in plan.rules if r.index not in used]
-    for d in unmatched:
+    for d in unmatched if warn else ():
         log.warning("%s: %s matches no node", plan.source, d)
     return ResolvedPlan(nodes=nodes, unmatched_rules=unmatched, source=plan.source)
 
@@ -503,6 +605,8 @@ def required_opset(specs: Iterable[QuantSpec]) -> tuple[int, str]:
             need, why = 19, "fp8"
         if (s.dtype in ("int4", "uint4") or s.granularity == "block") and need < 21:
             need, why = 21, "int4 / block-wise scales"
+        if s.scheme == "shift" and 2 ** (s.bits - 1) > 7 and need < 21:
+            need, why = 21, "int16 shift codes (+-2^7 does not fit int8)"
     return need, why
 
 

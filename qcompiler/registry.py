@@ -64,15 +64,20 @@ class Registry:
             if not path.is_file():
                 raise UserError(f"--plugin {spec}: no such file '{path}'")
             mod_name = "qcompiler_plugin_" + re.sub(r"\W", "_", path.stem)
-            module_spec = importlib.util.spec_from_file_location(mod_name, path)
-            if module_spec is None or module_spec.loader is None:
-                raise UserError(f"--plugin {spec}: cannot import '{path}'")
-            module = importlib.util.module_from_spec(module_spec)
-            sys.modules[mod_name] = module
-            try:
-                module_spec.loader.exec_module(module)
-            except Exception as e:
-                raise UserError(f"--plugin {spec}: importing failed: {type(e).__name__}: {e}") from None
+            loaded = sys.modules.get(mod_name)
+            if loaded is not None and Path(getattr(loaded, "__file__", "") or "").resolve() == path.resolve():
+                module = loaded  # the same file again (e.g. a second compile in one process): same classes
+            else:
+                module_spec = importlib.util.spec_from_file_location(mod_name, path)
+                if module_spec is None or module_spec.loader is None:
+                    raise UserError(f"--plugin {spec}: cannot import '{path}'")
+                module = importlib.util.module_from_spec(module_spec)
+                sys.modules[mod_name] = module
+                try:
+                    module_spec.loader.exec_module(module)
+                except Exception as e:
+                    del sys.modules[mod_name]
+                    raise UserError(f"--plugin {spec}: importing failed: {type(e).__name__}: {e}") from None
         else:
             try:
                 module = importlib.import_module(target)

@@ -53,6 +53,9 @@ class Target:
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     default_pipeline: ClassVar[str] = DEFAULT_PIPELINE
+    #: onnxruntime optimization level for validating this target's output: "all" for onnxruntime itself;
+    #: "basic" (no fusions, a semantic reference) for graphs meant for another runtime
+    validation_optimization: ClassVar[str] = "basic"
     ops: dict[str, OpCapability] = field(default_factory=dict)
     #: activation dtypes allowed on ops not listed in ``ops`` (quantized because a rule named them)
     other_activation_dtypes: frozenset[str] = frozenset()
@@ -121,6 +124,13 @@ def targets() -> dict[str, type[Target]]:
         from qcompiler.runtime_targets.ort import OrtTarget
 
         found: dict[str, type[Target]] = {OrtTarget.name: OrtTarget}
+        from qcompiler.runtime_targets.qonnx import QonnxTarget
+        from qcompiler.runtime_targets.tensorrt import TensorRTTarget
+
+        found.update({QonnxTarget.name: QonnxTarget, TensorRTTarget.name: TensorRTTarget})
+        from qcompiler.runtime_targets.packed import PackedTarget
+
+        found[PackedTarget.name] = PackedTarget
         from importlib.metadata import entry_points
 
         for ep in entry_points(group="qcompiler.targets"):

@@ -29,6 +29,9 @@ if TYPE_CHECKING:
 _INT_W = frozenset({"int8", "uint8", "int16", "uint16", "int4", "uint4", "fp8e4m3", "fp8e5m2"})
 _INT_A = frozenset({"int8", "uint8", "int16", "uint16", "fp8e4m3", "fp8e5m2"})
 _ALL_G = frozenset({"per_tensor", "per_channel", "block"})
+#: int plus the low-bit weight schemes (qcompiler.schemes: codes + DequantizeLinear); binary is also an
+#: activation scheme (Where(x >= 0, beta, -beta))
+_SCHEMES = frozenset({"int", "binary", "ternary", "shift"})
 
 #: ops after a Conv that onnxruntime folds into QLinearConv when a Q follows them
 _FUSABLE_ACTIVATIONS = ("Relu", "Clip")
@@ -36,15 +39,16 @@ _FUSABLE_ACTIVATIONS = ("Relu", "Clip")
 
 class OrtTarget(Target):
     name: ClassVar[str] = "ort"
+    validation_optimization: ClassVar[str] = "all"
     description: ClassVar[str] = "onnxruntime CPU: standard QDQ placed for its integer kernels; MatMulNBits for int4"
 
     def __init__(self) -> None:
         super().__init__(
             ops={
-                "Conv": OpCapability(_INT_W, _INT_A, _ALL_G),
-                "ConvTranspose": OpCapability(_INT_W, _INT_A, _ALL_G),
-                "Gemm": OpCapability(_INT_W, _INT_A, _ALL_G),
-                "MatMul": OpCapability(_INT_W, _INT_A, _ALL_G),
+                "Conv": OpCapability(_INT_W, _INT_A, _ALL_G, _SCHEMES),
+                "ConvTranspose": OpCapability(_INT_W, _INT_A, _ALL_G, _SCHEMES),
+                "Gemm": OpCapability(_INT_W, _INT_A, _ALL_G, _SCHEMES),
+                "MatMul": OpCapability(_INT_W, _INT_A, _ALL_G, _SCHEMES),
                 # recurrent ops: weight-only (DequantizeLinear feeding the float kernel)
                 "LSTM": OpCapability(_INT_W, frozenset(), _ALL_G),
                 "GRU": OpCapability(_INT_W, frozenset(), _ALL_G),
@@ -64,6 +68,8 @@ class OrtTarget(Target):
                 continue
             if np_.activation.dtype not in ("uint8", "int8") or np_.weight.dtype not in ("int8", "uint8"):
                 continue
+            if np_.activation.scheme != "int" or np_.weight.scheme == "shift":
+                continue  # no QLinearConv for binary activations or int16/int32 shift codes
             node = by_name.get(np_.node)
             if node is None or not node.outputs:
                 continue

@@ -1,0 +1,168 @@
+"""calib-select: pick N calibration samples that cover the activation distribution (``--calib-select N``).
+
+Following the calibration-sample selection of EDA-DM (Liu et al. 2024), samples are chosen for **density**
+(typical inputs, where most of the distribution lies) and **diversity** (spread over it, not N near-copies),
+measured on a cheap feature of each sample:
+
+1. *feature*: the float graph runs once over the whole pool (streaming) exposing one tensor — by default the
+   input of the last Conv / Gemm / MatMul (the "penultimate" activations) — average-pooled over every axis
+   but the channel one (axis 1 for Conv inputs, the last axis otherwise): one vector per sample;
+2. the vectors are standardized per dimension and, beyond 64 dimensions, projected on their 64 principal
+   components;
+3. *density*: a Gaussian kernel density estimate per sample (bandwidth: the median pairwise distance);
+4. *greedy selection*: the densest sample first, then repeatedly the sample maximizing
+   ``λ·density + (1 − λ)·distance to the nearest selected sample`` (both scaled to [0, 1]; λ = ``density_weight``).
+
+``ctx.calib`` becomes the pool restricted to the chosen samples (kept in their original order), so every later
+consumer of calibration data (smooth, calibrate, gptq, bias-correct) sees the selection. Memory: one feature
+vector per pool sample. Deterministic. Needs real calibration data (a pool); the graph is not changed.
+
+Stats: ``pool``, ``selected``; ``ctx.report["calib_select"]`` lists the chosen sample indices.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from qcompiler.context import CompileContext
+from qcompiler.errors import UserError
+from qcompiler.pass_base import Pass, PassResult
+
+from ._graph_utils import is_onnx_op
+
+log = logging.getLogger(__name__)
+
+#: features are projected on at most this many principal components
+MAX_DIMS = 64
+
+
+@dataclass
+class Options:
+    n: int = 64  # samples to keep
+    feature: str | None = None  # tensor to pool (default: the input of the last Conv / Gemm / MatMul)
+    density_weight: float = 0.5  # λ: weight of density against diversity
+
+    def validate(self, pass_name: str = "calib-select") -> None:
+        if self.n <= 0:
+            raise UserError(f"pass '{pass_name}' option 'n': must be a positive integer, got {self.n}")
+        if not 0.0 <= self.density_weight <= 1.0:
+            raise UserError(f"pass '{pass_name}' option 'density-weight': must be in [0, 1], got "
+                            f"{self.density_weight}")
+
+
+class CalibSelectPass(Pass):
+    """Choose N representative calibration samples (density + diversity of pooled penultimate activations)."""
+
+    name = "calib-select"
+    Options = Options
+    produces = frozenset({"calib-selected"})
+
+    def run(self, ctx: CompileContext) -> PassResult:
+        opts: Options = self.options
+        opts.validate(self.name)
+        stats: Counter[str] = Counter()
+        if ctx.calib is None or ctx.calib.synthetic:
+            raise UserError("calib-select: needs real calibration data to choose from (--calib DIR|FILE.npz)")
+        pool = len(ctx.calib)
+        stats["pool"] = pool
+        if "calib-selected" in ctx.properties or pool <= opts.n:
+            stats["selected"] = min(pool, opts.n)
+            if pool <= opts.n:
+                log.info("calib-select: the pool has %d samples, no more than %d: all kept", pool, opts.n)
+            return PassResult(False, stats)
+        name, axis = self._feature(ctx)
+        feats = self._features(ctx, name, axis)
+        chosen = select(feats, opts.n, opts.density_weight)
+        ctx.calib = ctx.calib.subset(chosen)
+        stats["selected"] = len(chosen)
+        ctx.report["calib_select"] = {"pool": pool, "selected": len(chosen), "feature": name,
+                                      "indices": [int(i) for i in chosen]}
+        return PassResult(False, stats)
+
+    def _feature(self, ctx: CompileContext) -> tuple[str, int]:
+        tensors = ctx.graph.tensors()
+        if self.options.feature is not None:
+            t = tensors.get(self.options.feature)
+            if t is None or isinstance(t, gs.Constant):
+                raise UserError(f"calib-select: option 'feature': no activation tensor named "
+                                f"'{self.options.feature}' in the graph")
+            reader = next((n for n in t.outputs if is_onnx_op(n, "Conv")), None)
+            return t.name, 1 if reader is not None else -1
+        for node in reversed(ctx.graph.nodes):
+            if is_onnx_op(node, "Conv", "Gemm", "MatMul") and len(node.inputs) > 1 and \
+                    isinstance(node.inputs[1], gs.Constant) and not isinstance(node.inputs[0], gs.Constant):
+                return node.inputs[0].name, 1 if node.op == "Conv" else -1
+        raise UserError("calib-select: the graph has no Conv / Gemm / MatMul to take features from; "
+                        "give the pass option feature=TENSOR")
+
+    def _features(self, ctx: CompileContext, name: str, axis: int) -> np.ndarray:
+        from ._stream import stream
+
+        assert ctx.calib is not None
+        rows: list[np.ndarray] = []
+
+        def consume(values: dict[str, np.ndarray]) -> None:
+            v = np.asarray(values[name], dtype=np.float64)
+            if v.ndim == 0:
+                rows.append(v.reshape(1))
+                return
+            a = np.moveaxis(v, axis, 0) if v.ndim > 1 else v[:, None]
+            rows.append(a.reshape(a.shape[0], -1).mean(axis=1))
+
+        stream(ctx.graph, [name], ctx.calib, consume)
+        width = {r.shape[0] for r in rows}
+        if len(width) != 1:
+            raise UserError(f"calib-select: feature tensor '{name}' has a varying channel count across samples")
+        return np.stack(rows)
+
+
+def _standardize(f: np.ndarray) -> np.ndarray:
+    f = f - f.mean(axis=0)
+    sd = f.std(axis=0)
+    keep = sd > 1e-12 * max(float(sd.max(initial=0.0)), 1e-300)
+    f = f[:, keep] / sd[keep] if np.any(keep) else np.zeros((f.shape[0], 1))
+    if f.shape[1] > MAX_DIMS:
+        u, sv, _ = np.linalg.svd(f, full_matrices=False)
+        f = u[:, :MAX_DIMS] * sv[:MAX_DIMS]
+    return f
+
+
+def _sq_dists(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    d = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * a @ b.T
+    return np.maximum(d, 0.0)
+
+
+def select(features: np.ndarray, n: int, density_weight: float = 0.5, chunk: int = 1024) -> list[int]:
+    """Indices (sorted) of ``n`` rows of ``features`` [P, D] chosen for density and diversity (see module doc)."""
+    p = features.shape[0]
+    if n >= p:
+        return list(range(p))
+    f = _standardize(np.asarray(features, dtype=np.float64))
+    # bandwidth: median pairwise distance (on a deterministic subsample for large pools)
+    sub = f[:: max(1, p // 512)]
+    d_sub = np.sqrt(_sq_dists(sub, sub))
+    iu = np.triu_indices(sub.shape[0], k=1)
+    h = float(np.median(d_sub[iu])) if iu[0].size else 1.0
+    h = h if h > 0 else 1.0
+    density = np.zeros(p)
+    for i in range(0, p, chunk):
+        density[i:i + chunk] = np.exp(-_sq_dists(f[i:i + chunk], f) / (2.0 * h * h)).mean(axis=1)
+    dn = (density - density.min()) / max(float(np.ptp(density)), 1e-300)
+    chosen = [int(np.argmax(dn))]
+    nearest = np.sqrt(_sq_dists(f, f[chosen[0]:chosen[0] + 1])[:, 0])
+    taken = np.zeros(p, dtype=bool)
+    taken[chosen[0]] = True
+    while len(chosen) < n:
+        div = nearest / max(float(nearest.max()), 1e-300)
+        score = density_weight * dn + (1.0 - density_weight) * div
+        score[taken] = -np.inf
+        j = int(np.argmax(score))
+        chosen.append(j)
+        taken[j] = True
+        nearest = np.minimum(nearest, np.sqrt(_sq_dists(f, f[j:j + 1])[:, 0]))
+    return sorted(chosen)

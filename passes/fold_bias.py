@@ -1,0 +1,112 @@
+"""fold-bias: fold a per-channel constant ``Add`` after a Conv / ConvTranspose / Gemm into the op's bias.
+
+Exporters (Paddle's squeeze-excitation blocks, for one) often write ``Y = Conv(X, W) + c`` with ``c`` of shape
+``[1, C, 1, 1]`` instead of using the Conv's bias input. Folded, ``Y = Conv(X, W, b + c)`` computes the same
+(``b`` the existing bias, 0 when absent); the difference for quantization is that the op's output is then the
+biased value, so the integer kernel (QLinearConv / QGemm) adds the bias in int32 and no extra quantization of
+the un-biased intermediate is needed. Gemm: ``C' = β·C + c`` (broadcast to [N]) and β becomes 1.
+
+Applies when the op's output is read only by the Add (and is not a graph output), the Add's other input is a
+float constant read by nothing else holding one value per output channel (``[C]``, ``[C, 1, …]``,
+``[1, C, 1, …]`` for Conv; ``[N]`` or ``[1, N]`` for Gemm), and the op's bias (if any) is a constant only it
+reads. The op takes over the Add's output tensor, so names downstream are unchanged. A second run finds
+nothing to fold.
+
+Stats: ``folded_conv``, ``folded_convtranspose``, ``folded_gemm``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from qcompiler.context import CompileContext
+from qcompiler.pass_base import Pass, PassResult
+
+from ._graph_utils import GraphIndex, exclusive_constant, is_onnx_op, optional_input, remove_nodes
+
+log = logging.getLogger(__name__)
+
+
+class FoldBiasPass(Pass):
+    """Fold a per-channel constant Add after Conv / ConvTranspose / Gemm into the op's bias input."""
+
+    name = "fold-bias"
+
+    def run(self, ctx: CompileContext) -> PassResult:
+        graph = ctx.graph
+        index = GraphIndex(graph)
+        stats: Counter[str] = Counter()
+        doomed: list[gs.Node] = []
+        for node in list(graph.nodes):
+            if not is_onnx_op(node, "Conv", "ConvTranspose", "Gemm") or len(node.outputs) != 1:
+                continue
+            y = node.outputs[0]
+            if len(y.outputs) != 1 or index.is_graph_output(y):
+                continue
+            add = y.outputs[0]
+            if not is_onnx_op(add, "Add") or len(add.inputs) != 2 or add.inputs[0] is add.inputs[1]:
+                continue
+            c_t = add.inputs[1] if add.inputs[0] is y else add.inputs[0]
+            if not isinstance(c_t, gs.Constant) or not exclusive_constant(c_t, add, index):
+                continue
+            c = np.asarray(c_t.values)
+            if not np.issubdtype(c.dtype, np.floating):
+                continue
+            n_out = _out_channels(node)
+            rank = np.asarray(node.inputs[1].values).ndim
+            if n_out is None or not _per_channel(tuple(c.shape), n_out, node.op, rank):
+                continue
+            b_t = optional_input(node, 2)
+            if b_t is not None and not (isinstance(b_t, gs.Constant) and exclusive_constant(b_t, node, index)):
+                continue
+            w_dtype = np.asarray(node.inputs[1].values).dtype
+            b = np.zeros(n_out) if b_t is None else np.asarray(b_t.values, dtype=np.float64)
+            if node.op == "Gemm":
+                beta = float(node.attrs.get("beta", 1.0))
+                try:
+                    b = np.broadcast_to(b * beta, (n_out,))
+                except ValueError:
+                    continue
+                node.attrs["beta"] = 1.0
+            elif b.size != n_out:
+                continue
+            new_b = b.reshape(n_out) + c.astype(np.float64).reshape(n_out)
+            const = gs.Constant(index.unique_name(f"{node.name or y.name}.bias"), new_b.astype(w_dtype))
+            while len(node.inputs) < 2:
+                node.inputs.append(gs.Variable.empty())
+            if len(node.inputs) == 2:
+                node.inputs.append(const)
+            else:
+                node.inputs[2] = const
+            out = add.outputs[0]
+            add.outputs.clear()
+            node.outputs[0] = out
+            doomed.append(add)
+            stats[f"folded_{node.op.lower()}"] += 1
+        remove_nodes(graph, doomed)
+        return PassResult(bool(doomed), stats)
+
+
+def _out_channels(node: gs.Node) -> int | None:
+    w = node.inputs[1] if len(node.inputs) > 1 else None
+    if not isinstance(w, gs.Constant):
+        return None
+    shape = np.asarray(w.values).shape
+    if node.op == "Conv":
+        return int(shape[0]) if len(shape) >= 3 else None
+    if node.op == "ConvTranspose":
+        return int(shape[1]) * int(node.attrs.get("group", 1)) if len(shape) >= 3 else None
+    if len(shape) != 2 or int(node.attrs.get("transA", 0)):
+        return None
+    return int(shape[0] if int(node.attrs.get("transB", 0)) else shape[1])
+
+
+def _per_channel(shape: tuple[int, ...], n: int, op: str, rank: int) -> bool:
+    """One value per output channel, broadcasting over the output's axis 1 (Conv) / last axis (Gemm)."""
+    if op == "Gemm":
+        return shape in ((n,), (1, n))
+    return shape in ((n,) + (1,) * (rank - 2), (1, n) + (1,) * (rank - 2))

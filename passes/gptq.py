@@ -1,0 +1,417 @@
+"""gptq: error-compensating rounding of low-bit weights (Frantar et al. 2023, "GPTQ").
+
+For a layer ``y = W·x`` (W viewed as ``[out, K]``, K the reduction: MatMul/Gemm input features, Conv
+``Cin/g × kH × kW`` per group) rounding each weight to nearest ignores how errors combine over the inputs.
+GPTQ minimizes the layer's output error ``‖(Ŵ − W)·X‖²`` over the calibration inputs X instead. With
+``H = XᵀX`` (K × K, accumulated streaming over the samples: Conv inputs are unfolded into their K-wide patches),
+it quantizes the columns of W one at a time and spreads each column's rounding error over the columns not
+yet quantized, in proportion to the inverse Hessian:
+
+    H ← H + λ·mean(diag H)·I                  (damping λ = ``damp``; dead inputs get H_ii = 1, W[:, i] = 0)
+    U = chol(H⁻¹)ᵀ  (upper)
+    for each column j:  q_j = Q(w_j);  e = (w_j − q_j) / U_jj;  w_{j+1:} ← w_{j+1:} − e · U_{j, j+1:}
+
+in blocks of ``block_size`` columns (updates inside a block are immediate, the rest of the matrix is updated
+once per block: the "lazy batch" form). The grid Q is the plan's: per-channel scales are fixed from the whole
+weight (``range: minmax`` or ``mse``) before the sweep; block-wise scales (``granularity: block``) are chosen
+when the sweep reaches the first column of each block, from the already-updated weights, as GPTQ's grouped
+variant does. Conv columns are ordered (kH, kW, Cin) so that a block of Cin at one kernel tap is contiguous.
+
+The result goes to ``ctx.weight_overrides[(node, 1)]`` as a :class:`~qcompiler.quant.QuantizedTensor` in the
+weight's own layout, which ``insert-qdq`` emits as is; the float graph is not changed. Applies to Conv / Gemm /
+MatMul weights the plan quantizes to an integer dtype of at most ``max_bits`` bits (int4 by default), scheme
+``int``, not shared with another node. Runs after ``resolve-plan`` and before ``insert-qdq``; a second run skips
+the layers that already have an override. Everything is numpy (float64); memory is one K × K matrix per layer.
+
+Stats: ``layers``, ``samples``, ``skipped_*``; ``ctx.report["gptq"]`` has the proxy loss ``‖ΔW·X‖²`` of
+round-to-nearest and of GPTQ per layer, summed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from qcompiler import quant
+from qcompiler.context import CompileContext
+from qcompiler.errors import UserError
+from qcompiler.pass_base import Pass, PassResult
+from qcompiler.plan import QuantSpec
+
+from ._graph_utils import GraphIndex, is_onnx_op
+from ._layers import Layer, find_layer
+
+log = logging.getLogger(__name__)
+
+_INT_BITS = {"int4": 4, "uint4": 4, "int8": 8, "uint8": 8, "int16": 16, "uint16": 16}
+
+
+@dataclass
+class Options:
+    block_size: int = 128  # columns per lazy-update block
+    damp: float = 0.01  # λ: H + λ·mean(diag H)·I
+    max_bits: int = 4  # only weights quantized to at most this many bits
+    samples: int | None = None  # use at most N calibration samples
+
+    def validate(self, pass_name: str = "gptq") -> None:
+        if self.block_size < 1:
+            raise UserError(f"pass '{pass_name}' option 'block-size': must be >= 1, got {self.block_size}")
+        if not 0.0 < self.damp < 1.0:
+            raise UserError(f"pass '{pass_name}' option 'damp': must be in (0, 1), got {self.damp}")
+        if self.max_bits < 2:
+            raise UserError(f"pass '{pass_name}' option 'max-bits': must be >= 2, got {self.max_bits}")
+        if self.samples is not None and self.samples <= 0:
+            raise UserError(f"pass '{pass_name}' option 'samples': must be a positive integer, got {self.samples}")
+
+
+@dataclass
+class _Job:
+    layer: Layer
+    spec: QuantSpec
+    axis: int | None  # quantization axis in the weight's own layout (as insert-qdq would use)
+    block: int | None
+    h: np.ndarray  # [groups, K, K]: one Hessian per group
+    rows: int = 0
+
+
+class GPTQPass(Pass):
+    """GPTQ rounding (inverse-Hessian error feedback) for low-bit Conv / Gemm / MatMul weights."""
+
+    name = "gptq"
+    Options = Options
+    requires = frozenset({"plan-resolved"})
+    produces = frozenset({"gptq"})
+
+    def run(self, ctx: CompileContext) -> PassResult:
+        if "qdq" in ctx.properties:
+            raise UserError("pipeline: 'gptq' must run before 'insert-qdq' (it chooses the weights' codes)")
+        opts: Options = self.options
+        opts.validate(self.name)
+        assert ctx.resolved is not None
+        stats: Counter[str] = Counter()
+        index = GraphIndex(ctx.graph)
+        jobs: list[_Job] = []
+        for node in ctx.graph.nodes:
+            np_ = ctx.resolved.nodes.get(node.name)
+            if np_ is None or np_.weight is None or not is_onnx_op(node, "Conv", "Gemm", "MatMul"):
+                continue
+            spec = np_.weight
+            bits = _INT_BITS.get(spec.dtype)
+            if bits is None or bits > opts.max_bits or spec.scheme != "int" or spec.scale != "float":
+                stats["skipped_not_low_bit"] += 1
+                continue
+            if (node.name, 1) in ctx.weight_overrides:
+                stats["skipped_already_done"] += 1
+                continue
+            lay = find_layer(node, index, exclusive=False)
+            if lay is None or len(lay.weight.outputs) != 1:
+                stats["skipped_shared_or_layout"] += 1
+                continue
+            axis, block = _axes(lay, spec)
+            if axis is None and spec.granularity != "per_tensor":
+                stats["skipped_layout"] += 1
+                continue
+            k = lay.grouped(lay.w).shape[2] * lay.grouped(lay.w).shape[3]
+            jobs.append(_Job(lay, spec, axis, block, np.zeros((lay.groups, k, k))))
+        if not jobs:
+            return PassResult(False, stats)
+        stats["samples"] = self._accumulate(ctx, jobs)
+        loss_rtn = loss_gptq = 0.0
+        for job in jobs:
+            qt, l_rtn, l_gptq = self._quantize(job)
+            ctx.weight_overrides[(job.layer.node.name, 1)] = qt
+            loss_rtn += l_rtn
+            loss_gptq += l_gptq
+            stats["layers"] += 1
+        ctx.report["gptq"] = {"layers": stats["layers"], "samples": stats["samples"],
+                              "proxy_loss_round_to_nearest": float(f"{loss_rtn:.6g}"),
+                              "proxy_loss_gptq": float(f"{loss_gptq:.6g}")}
+        # the graph's float weights are unchanged; the chosen codes travel in ctx.weight_overrides
+        return PassResult(False, stats)
+
+    # ------------------------------------------------------------------------------------------ Hessians
+    def _accumulate(self, ctx: CompileContext, jobs: list[_Job]) -> int:
+        from ._stream import source_for, stream
+
+        names = [job.layer.node.inputs[0].name for job in jobs]
+
+        def consume(values: dict[str, np.ndarray]) -> None:
+            for job, name in zip(jobs, names):
+                rows = _rows(job.layer, np.asarray(values[name], dtype=np.float32))  # [groups, P, K]
+                job.h += np.matmul(rows.transpose(0, 2, 1), rows).astype(np.float64)  # float32 product per sample
+                job.rows += rows.shape[1]
+
+        return stream(ctx.graph, names, source_for(ctx, self.name, self.options.samples), consume)
+
+    # ---------------------------------------------------------------------------------------- quantizing
+    def _quantize(self, job: _Job) -> tuple[quant.QuantizedTensor, float, float]:
+        lay, spec = job.layer, job.spec
+        w = lay.w.astype(np.float64)
+        gw = lay.grouped(w)  # [g, out_g, in_g, taps]
+        g_n, out_g, in_g, taps = gw.shape
+        # columns ordered (tap, in): a block of input channels at one tap is contiguous
+        mats = [gw[g].transpose(0, 2, 1).reshape(out_g, taps * in_g) for g in range(g_n)]
+        per_channel_scale = None
+        if spec.granularity != "block":
+            ref = quant.quantize_weight(w.astype(np.float32), spec.dtype, spec.symmetric, job.axis, None, spec.range)
+            per_channel_scale = (ref.scale, ref.zero_point)
+        q_mats: list[np.ndarray] = []
+        s_mats: list[np.ndarray] = []
+        z_mats: list[np.ndarray] = []
+        l_rtn = l_gptq = 0.0
+        for g in range(g_n):
+            h = job.h[g] / max(job.rows, 1)
+            m = mats[g]
+            if per_channel_scale is not None:
+                scale_rows, zp_rows = _rows_of_scale(per_channel_scale, lay, g, out_g)
+                grid = _Grid(spec, scale_rows, zp_rows)
+                codes, deq = self._gptq(m.copy(), h, grid, None, in_g, taps)
+            else:
+                assert job.block is not None
+                codes, deq, sc, zp = self._gptq_blocks(m.copy(), h, spec, job.block, in_g, taps)
+                s_mats.append(sc)
+                z_mats.append(zp)
+            q_mats.append(codes)
+            rtn = self._rtn(m, spec, per_channel_scale, lay, g, out_g, job.block, in_g, taps)
+            l_rtn += _proxy(m, rtn, h)
+            l_gptq += _proxy(m, deq, h)
+        qt = self._assemble(lay, spec, job, q_mats, s_mats, z_mats, per_channel_scale, in_g, taps)
+        return qt, l_rtn, l_gptq
+
+    def _gptq(self, w: np.ndarray, h: np.ndarray, grid: _Grid, blocks: _BlockGrid | None,
+              in_g: int, taps: int) -> tuple[np.ndarray, np.ndarray]:
+        """The GPTQ sweep over the columns of ``w`` [rows, K]; returns (codes, dequantized) [rows, K]."""
+        opts: Options = self.options
+        k = w.shape[1]
+        h = h.copy()
+        dead = np.diag(h) == 0
+        h[dead, dead] = 1.0
+        w[:, dead] = 0.0
+        h += opts.damp * float(np.mean(np.diag(h))) * np.eye(k)
+        u = _inverse_cholesky_upper(h)
+        codes = np.zeros(w.shape, dtype=np.int64)
+        deq = np.zeros_like(w)
+        bs = opts.block_size
+        for i1 in range(0, k, bs):
+            i2 = min(i1 + bs, k)
+            w1 = w[:, i1:i2].copy()
+            err1 = np.zeros_like(w1)
+            u1 = u[i1:i2, i1:i2]
+            for i in range(i2 - i1):
+                col = i1 + i
+                if blocks is not None:
+                    blocks.start(col, w1, w, i1, i)
+                cur = blocks.grid(col) if blocks is not None else grid
+                q, d = cur.round(w1[:, i])
+                codes[:, col] = q
+                deq[:, col] = d
+                e = (w1[:, i] - d) / u1[i, i]
+                w1[:, i:] -= np.outer(e, u1[i, i:])
+                err1[:, i] = e
+            w[:, i2:] -= err1 @ u[i1:i2, i2:]
+        return codes, deq
+
+    def _gptq_blocks(self, w: np.ndarray, h: np.ndarray, spec: QuantSpec, block: int, in_g: int,
+                     taps: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        bg = _BlockGrid(spec, block, in_g, taps, w.shape[0])
+        codes, deq = self._gptq(w, h, _Grid(spec, np.ones(w.shape[0]), np.zeros(w.shape[0])), bg, in_g, taps)
+        return codes, deq, bg.scales, bg.zps
+
+    def _rtn(self, m: np.ndarray, spec: QuantSpec, per_channel: tuple[np.ndarray, np.ndarray] | None,
+             lay: Layer, g: int, out_g: int, block: int | None, in_g: int, taps: int) -> np.ndarray:
+        """Round-to-nearest with the same kind of grid (for the proxy-loss report)."""
+        if per_channel is not None:
+            s, z = _rows_of_scale(per_channel, lay, g, out_g)
+            return _Grid(spec, s, z).round_matrix(m)
+        assert block is not None
+        bg = _BlockGrid(spec, block, in_g, taps, m.shape[0])
+        out = np.zeros_like(m)
+        for col in range(m.shape[1]):
+            bg.start(col, m, m, 0, col)
+            out[:, col] = bg.grid(col).round(m[:, col])[1]
+        return out
+
+    # ---------------------------------------------------------------------------------------- assembling
+    def _assemble(self, lay: Layer, spec: QuantSpec, job: _Job, q_mats: list[np.ndarray], s_mats: list[np.ndarray],
+                  z_mats: list[np.ndarray], per_channel: tuple[np.ndarray, np.ndarray] | None, in_g: int,
+                  taps: int) -> quant.QuantizedTensor:
+        dt = quant.qdtype(spec.dtype)
+        w = lay.w
+        # codes back to the grouped layout [g, out_g, in_g, taps], then to the weight's layout
+        g_n = len(q_mats)
+        out_g = q_mats[0].shape[0]
+        grouped = np.stack([q.reshape(out_g, taps, in_g).transpose(0, 2, 1) for q in q_mats])
+        codes = lay.ungrouped(grouped.reshape(g_n, out_g, in_g, taps), w)
+        q = np.clip(codes, dt.qmin, dt.qmax).astype(np.int64).astype(dt.np_dtype)
+        if per_channel is not None:
+            scale, zp = per_channel
+            return quant.QuantizedTensor(q, scale, zp, job.axis, None, spec.dtype)
+        assert job.block is not None and job.axis is not None
+        # block scales: per group [out_g, n_blocks_per_tap * taps] -> the weight's scale layout
+        nb = -(-in_g // job.block)
+        sc = np.stack([s.reshape(out_g, taps, nb).transpose(0, 2, 1) for s in s_mats])  # [g, out_g, nb, taps]
+        zp = np.stack([z.reshape(out_g, taps, nb).transpose(0, 2, 1) for z in z_mats])
+        if lay.op == "Conv":
+            shape = (w.shape[0], nb, *w.shape[2:])
+            scale = sc.reshape(shape)
+            zpa = zp.reshape(shape)
+        else:  # 2-D: [out, nb] when out_axis == 0 else [nb, out]
+            scale = sc.reshape(out_g, nb)
+            zpa = zp.reshape(out_g, nb)
+            if lay.out_axis == 1:
+                scale, zpa = scale.T, zpa.T
+        return quant.QuantizedTensor(q, np.ascontiguousarray(scale, dtype=np.float32),
+                                     np.ascontiguousarray(zpa).astype(np.int64).astype(dt.np_dtype),
+                                     job.axis, job.block, spec.dtype)
+
+
+# ============================================================================================ helpers
+def _axes(lay: Layer, spec: QuantSpec) -> tuple[int | None, int | None]:
+    """(axis, block) as insert-qdq uses them: per-channel on the output axis, blocks along the reduction axis."""
+    if spec.granularity == "per_tensor":
+        return None, None
+    if spec.axis is not None:
+        want = lay.out_axis if spec.granularity == "per_channel" else lay.in_axis
+        ax = spec.axis % lay.w.ndim
+        if ax != want:
+            return None, None
+    if spec.granularity == "per_channel":
+        return lay.out_axis, None
+    return lay.in_axis, int(spec.block_size)
+
+
+def _rows(lay: Layer, x: np.ndarray) -> np.ndarray:
+    """The layer's input as rows of its reduction dimension, per group: [groups, positions, K] (K ordered
+    (tap, in))."""
+    if lay.op == "Conv":
+        return _im2col(lay.node, x, lay.groups)
+    k = lay.w.shape[lay.in_axis]
+    return x.reshape(1, -1, k)
+
+
+def _im2col(node: gs.Node, x: np.ndarray, groups: int) -> np.ndarray:
+    """Conv input [N, C, *spatial] -> [groups, N·positions, taps·C/g] patches (zero padding as the Conv)."""
+    w = np.asarray(node.inputs[1].values)
+    kshape = tuple(int(v) for v in w.shape[2:])
+    nd = len(kshape)
+    strides = [int(v) for v in node.attrs.get("strides", [1] * nd)]
+    dil = [int(v) for v in node.attrs.get("dilations", [1] * nd)]
+    pads = [int(v) for v in node.attrs.get("pads", [0] * (2 * nd))]
+    auto = node.attrs.get("auto_pad", "NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else str(auto)
+    spatial = x.shape[2:]
+    if auto in ("SAME_UPPER", "SAME_LOWER"):
+        pads = [0] * (2 * nd)
+        for d in range(nd):
+            out = -(-spatial[d] // strides[d])
+            total = max((out - 1) * strides[d] + (kshape[d] - 1) * dil[d] + 1 - spatial[d], 0)
+            lo = total // 2 if auto == "SAME_UPPER" else total - total // 2
+            pads[d], pads[d + nd] = lo, total - lo
+    elif auto == "VALID":
+        pads = [0] * (2 * nd)
+    xp = np.pad(x, [(0, 0), (0, 0)] + [(pads[d], pads[d + nd]) for d in range(nd)])
+    outs = [(xp.shape[2 + d] - ((kshape[d] - 1) * dil[d] + 1)) // strides[d] + 1 for d in range(nd)]
+    n, c = x.shape[0], x.shape[1]
+    cg = c // groups
+    taps = int(np.prod(kshape))
+    p = n * int(np.prod(outs))
+    full = np.empty((groups, p, taps, cg), dtype=x.dtype)
+    for t, tap in enumerate(np.ndindex(*kshape)):
+        sl = tuple(slice(tap[d] * dil[d], tap[d] * dil[d] + (outs[d] - 1) * strides[d] + 1, strides[d])
+                   for d in range(nd))
+        patch = xp[(slice(None), slice(None), *sl)]  # [N, C, *outs]
+        full[:, :, t, :] = np.moveaxis(patch.reshape(n, groups, cg, -1), 1, 0).transpose(0, 1, 3, 2).reshape(
+            groups, p, cg)
+    return full.reshape(groups, p, taps * cg)
+
+
+def _inverse_cholesky_upper(h: np.ndarray) -> np.ndarray:
+    """Upper Cholesky factor of H⁻¹ (GPTQ's U), damping more when H is numerically singular."""
+    k = h.shape[0]
+    extra = 0.0
+    for _ in range(8):
+        try:
+            hinv = np.linalg.inv(h + extra * np.eye(k))
+            return np.linalg.cholesky(hinv).T
+        except np.linalg.LinAlgError:
+            extra = max(extra * 10.0, 1e-6 * float(np.mean(np.diag(h))) or 1e-6)
+    raise RuntimeError("gptq: Hessian is not positive definite even after extra damping")
+
+
+def _proxy(w: np.ndarray, wq: np.ndarray, h: np.ndarray) -> float:
+    """tr(ΔW·H·ΔWᵀ) = mean ‖ΔW·x‖² over the calibration rows."""
+    d = wq - w
+    return float(np.einsum("ij,jk,ik->", d, h, d))
+
+
+def _rows_of_scale(per_channel: tuple[np.ndarray, np.ndarray], lay: Layer, g: int,
+                   out_g: int) -> tuple[np.ndarray, np.ndarray]:
+    scale, zp = per_channel
+    s = np.asarray(scale, dtype=np.float64).reshape(-1)
+    z = np.asarray(zp).astype(np.int64).reshape(-1)
+    if s.size == 1:
+        return np.full(out_g, s[0]), np.full(out_g, z[0])
+    return s[g * out_g:(g + 1) * out_g], z[g * out_g:(g + 1) * out_g]
+
+
+class _Grid:
+    """Rounding to a fixed per-row grid (scale, zero point) of a QuantSpec's dtype."""
+
+    def __init__(self, spec: QuantSpec, scale: np.ndarray, zp: np.ndarray) -> None:
+        dt = quant.qdtype(spec.dtype)
+        self.qmin, self.qmax = dt.qmin, dt.qmax
+        self.scale = np.asarray(scale, dtype=np.float32).astype(np.float64)
+        self.zp = np.asarray(zp).astype(np.int64)
+
+    def round(self, col: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        s32 = self.scale.astype(np.float32)
+        q = np.clip(np.rint(col.astype(np.float32) / s32).astype(np.int64) + self.zp, self.qmin, self.qmax)
+        return q, ((q - self.zp).astype(np.float32) * s32).astype(np.float64)
+
+    def round_matrix(self, m: np.ndarray) -> np.ndarray:
+        s32 = self.scale.astype(np.float32)[:, None]
+        z = self.zp[:, None]
+        q = np.clip(np.rint(m.astype(np.float32) / s32).astype(np.int64) + z, self.qmin, self.qmax)
+        return ((q - z).astype(np.float32) * s32).astype(np.float64)
+
+
+class _BlockGrid:
+    """Block-wise grids: columns (tap, in) fall in blocks of ``block`` input channels at one tap; a block's
+    (scale, zero point) per row is chosen when the sweep reaches its first column, from the current weights."""
+
+    def __init__(self, spec: QuantSpec, block: int, in_g: int, taps: int, rows: int) -> None:
+        self.spec = spec
+        self.block = block
+        self.in_g = in_g
+        self.nb = -(-in_g // block)
+        self.scales = np.zeros((rows, taps * self.nb), dtype=np.float32)
+        self.zps = np.zeros((rows, taps * self.nb), dtype=np.int64)
+        self._grids: dict[int, _Grid] = {}
+
+    def _id(self, col: int) -> tuple[int, int, int]:
+        tap, c = divmod(col, self.in_g)
+        b = c // self.block
+        return tap * self.nb + b, tap * self.in_g + b * self.block, tap * self.in_g + min((b + 1) * self.block, self.in_g)
+
+    def start(self, col: int, w1: np.ndarray, w: np.ndarray, i1: int, i: int) -> None:
+        bid, lo, hi = self._id(col)
+        if bid in self._grids:
+            return
+        # current values of the block's columns: inside the lazy block from w1, beyond it from w
+        width = w1.shape[1]
+        cols = []
+        for c in range(lo, hi):
+            cols.append(w1[:, c - i1] if i1 <= c < i1 + width else w[:, c])
+        vals = np.stack(cols, axis=1).astype(np.float32)
+        ref = quant.quantize_weight(vals, self.spec.dtype, self.spec.symmetric, 0, None, self.spec.range)
+        s, z = np.asarray(ref.scale).reshape(-1), np.asarray(ref.zero_point).astype(np.int64).reshape(-1)
+        self.scales[:, bid] = s
+        self.zps[:, bid] = z
+        self._grids[bid] = _Grid(self.spec, s, z)
+
+    def grid(self, col: int) -> _Grid:
+        return self._grids[self._id(col)[0]]

@@ -1,0 +1,239 @@
+"""smooth: SmoothQuant (Xiao et al. 2023) — move activation outliers into the weights of MatMul / Gemm.
+
+A few input channels of a MatMul often carry values far larger than the rest (LayerNorm outputs in
+transformers). With one scale per tensor those channels decide the step size and every other channel is
+quantized coarsely. For ``Y = X·W`` and any per-input-channel s > 0,
+
+    Y = (X · diag(s)⁻¹) · (diag(s) · W)
+
+so dividing channel j of X by s_j and multiplying row j of W by s_j changes nothing in float. With
+``s_j = max|X_j|^α / max|W_j|^(1−α)`` (α = ``alpha``, max|X_j| measured on the calibration data, max|W_j| over
+the row j of every weight reading X) the activation ranges shrink towards the weights' and quantize far better;
+α = 0.5 splits the difficulty evenly, larger α moves more of it into the weights.
+
+The ``1/s`` is folded into the op producing X, so no node is added:
+
+* ``LayerNormalization`` over the last axis: γ ← γ/s, β ← β/s;
+* a MatMul / Gemm (with its per-channel bias Add, if any), optionally through a ReLU: output columns and bias
+  divided by s;
+* ``Mul(x, c)`` by a per-channel constant c: c ← c/s.
+
+Every reader of X must be a MatMul / Gemm (no transA) with a constant weight whose activation input the plan
+quantizes; every rewritten constant (γ, β, weights, biases) must be read by nothing outside the match. Needs
+calibration data (random inputs with a warning when none; skipped with ``--calib none``); runs after
+``resolve-plan`` and before ``calibrate`` so the ranges are measured on the smoothed graph. A second run
+changes nothing (the measured s are all 1).
+
+Stats: ``smoothed`` (tensors), ``weights_scaled``, ``skipped_*``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from qcompiler.context import CompileContext
+from qcompiler.errors import UserError
+from qcompiler.pass_base import Pass, PassResult
+
+from ._graph_utils import GraphIndex, exclusive_constant, is_onnx_op, known_rank, optional_input
+from ._layers import Layer, find_layer
+
+log = logging.getLogger(__name__)
+
+#: s is kept within [1/MAX_SCALE, MAX_SCALE]
+MAX_SCALE = 1e4
+
+
+@dataclass
+class Options:
+    alpha: float = 0.5  # migration strength: 0 = keep activations, 1 = move everything into the weights
+    samples: int | None = None  # use at most N calibration samples
+    apply_threshold: float = 1e-3  # leave a tensor alone when every |log s| is below this
+
+    def validate(self, pass_name: str = "smooth") -> None:
+        if not 0.0 <= self.alpha <= 1.0:
+            raise UserError(f"pass '{pass_name}' option 'alpha': must be in [0, 1], got {self.alpha}")
+        if self.samples is not None and self.samples <= 0:
+            raise UserError(f"pass '{pass_name}' option 'samples': must be a positive integer, got {self.samples}")
+        if not self.apply_threshold > 0:
+            raise UserError(f"pass '{pass_name}' option 'apply-threshold': must be > 0")
+
+
+@dataclass
+class _Site:
+    x: gs.Tensor  # the activation to smooth (channels on the last axis)
+    kind: str  # layernorm | layer | mul
+    producer: gs.Node
+    layer: Layer | None  # kind == layer
+    consumers: list[Layer]
+
+
+class SmoothPass(Pass):
+    """SmoothQuant: divide outlier activation channels by s, fold 1/s into the producer and s into the weights."""
+
+    name = "smooth"
+    Options = Options
+    requires = frozenset({"plan-resolved"})
+    produces = frozenset({"smoothed"})
+
+    def run(self, ctx: CompileContext) -> PassResult:
+        if "calibrated" in ctx.properties:
+            raise UserError("pipeline: 'smooth' must run before 'calibrate' (it changes the activation ranges)")
+        opts: Options = self.options
+        opts.validate(self.name)
+        stats: Counter[str] = Counter()
+        index = GraphIndex(ctx.graph)
+        sites = self._sites(ctx, index, stats)
+        if not sites:
+            return PassResult(False, stats)
+        if ctx.data_free:
+            log.warning("smooth: --calib none: no activation statistics, nothing smoothed")
+            stats["skipped_data_free"] = len(sites)
+            return PassResult(False, stats)
+        amax = self._activation_ranges(ctx, sites)
+        modified = False
+        for site in sites:
+            a = amax[site.x.name]
+            w = np.max(np.stack([c.in_range() for c in site.consumers]), axis=0)
+            ok = (a > 0) & (w > 0)
+            s = np.ones_like(a)
+            s[ok] = np.clip(a[ok] ** opts.alpha / w[ok] ** (1.0 - opts.alpha), 1.0 / MAX_SCALE, MAX_SCALE)
+            if float(np.abs(np.log(s)).max(initial=0.0)) < opts.apply_threshold:
+                stats["unchanged_balanced"] += 1
+                continue
+            self._fold_into_producer(site, 1.0 / s)
+            for c in site.consumers:
+                c.set_weight(c.scale_in(c.w.astype(np.float64), s))
+                stats["weights_scaled"] += 1
+            stats["smoothed"] += 1
+            modified = True
+        return PassResult(modified, stats)
+
+    # ------------------------------------------------------------------------------------------ matching
+    def _sites(self, ctx: CompileContext, index: GraphIndex, stats: Counter[str]) -> list[_Site]:
+        resolved = ctx.resolved
+        assert resolved is not None
+        seen: set[str] = set()
+        sites: list[_Site] = []
+        for node in ctx.graph.nodes:
+            if not is_onnx_op(node, "MatMul", "Gemm") or not node.inputs or int(node.attrs.get("transA", 0)):
+                continue
+            x = node.inputs[0]
+            if x.name in seen or isinstance(x, gs.Constant):
+                continue
+            seen.add(x.name)
+            consumers: list[Layer] = []
+            for c in x.outputs:
+                np_ = resolved.nodes.get(c.name)
+                lay = find_layer(c, index) if is_onnx_op(c, "MatMul", "Gemm") and c.inputs[0] is x else None
+                if lay is None or np_ is None or np_.activation is None or int(c.attrs.get("transA", 0)):
+                    consumers = []
+                    break
+                consumers.append(lay)
+            if not consumers:
+                stats["skipped_readers"] += 1
+                continue
+            if index.is_graph_output(x) or not x.inputs:
+                stats["skipped_no_producer"] += 1
+                continue
+            c_in = consumers[0].n_in
+            if any(c.n_in != c_in for c in consumers):
+                stats["skipped_channel_mismatch"] += 1
+                continue
+            site = self._producer_site(x, consumers, index, c_in)
+            if site is None:
+                stats["skipped_producer"] += 1
+                continue
+            sites.append(site)
+        return sites
+
+    def _producer_site(self, x: gs.Tensor, consumers: list[Layer], index: GraphIndex, c: int) -> _Site | None:
+        prod = x.inputs[0]
+        if is_onnx_op(prod, "LayerNormalization") and len(prod.outputs) >= 1:
+            rank = known_rank(prod.inputs[0])
+            axis = int(prod.attrs.get("axis", -1))
+            if axis != -1 and (rank is None or axis != rank - 1):
+                return None
+            gamma, beta = optional_input(prod, 1), optional_input(prod, 2)
+            if not isinstance(gamma, gs.Constant) or not exclusive_constant(gamma, prod, index):
+                return None
+            if np.asarray(gamma.values).size != c:
+                return None
+            if beta is not None and (not isinstance(beta, gs.Constant) or not exclusive_constant(beta, prod, index)
+                                     or np.asarray(beta.values).size != c):
+                return None
+            if any(o.outputs for o in prod.outputs[1:] if o.name):
+                return None
+            return _Site(x, "layernorm", prod, None, consumers)
+        if is_onnx_op(prod, "Relu"):
+            inner = prod.inputs[0]
+            if len(inner.outputs) != 1 or index.is_graph_output(inner) or not inner.inputs:
+                return None
+            base = inner.inputs[0]
+        else:
+            base = prod
+        if is_onnx_op(base, "MatMul", "Gemm", "Add"):
+            node = base
+            if base.op == "Add":  # MatMul + bias Add
+                src = [t.inputs[0] for t in base.inputs if t.inputs and is_onnx_op(t.inputs[0], "MatMul")]
+                if len(src) != 1:
+                    return self._mul_site(x, prod, consumers, index, c)
+                node = src[0]
+            lay = find_layer(node, index)
+            expected = prod.inputs[0] if prod is not base else x
+            if lay is None or lay.output is not expected or lay.n_out != c or not lay.bias_writable():
+                return None
+            return _Site(x, "layer", prod, lay, consumers)
+        return self._mul_site(x, prod, consumers, index, c)
+
+    @staticmethod
+    def _mul_site(x: gs.Tensor, prod: gs.Node, consumers: list[Layer], index: GraphIndex, c: int) -> _Site | None:
+        if not is_onnx_op(prod, "Mul") or len(prod.inputs) != 2:
+            return None
+        const = prod.inputs[1] if isinstance(prod.inputs[1], gs.Constant) else prod.inputs[0]
+        if not isinstance(const, gs.Constant) or not exclusive_constant(const, prod, index):
+            return None
+        shape = np.asarray(const.values).shape
+        if not shape or shape[-1] != c or int(np.prod(shape)) != c:
+            return None
+        return _Site(x, "mul", prod, None, consumers)
+
+    # ------------------------------------------------------------------------------------------ rewriting
+    @staticmethod
+    def _fold_into_producer(site: _Site, inv: np.ndarray) -> None:
+        prod = site.producer
+        if site.kind == "layernorm":
+            for i in (1, 2):
+                t = optional_input(prod, i)
+                if isinstance(t, gs.Constant):
+                    v = np.asarray(t.values)
+                    t.values = (v.astype(np.float64).reshape(-1) * inv).reshape(v.shape).astype(v.dtype)
+        elif site.kind == "mul":
+            t = prod.inputs[1] if isinstance(prod.inputs[1], gs.Constant) else prod.inputs[0]
+            assert isinstance(t, gs.Constant)
+            v = np.asarray(t.values)
+            t.values = (v.astype(np.float64).reshape(-1) * inv).reshape(v.shape).astype(v.dtype)
+        else:
+            lay = site.layer
+            assert lay is not None
+            lay.set_weight(lay.scale_out(lay.w.astype(np.float64), inv))
+            if lay.bias is not None:
+                lay.set_bias(lay.bias_values() * inv, "smooth")
+
+    def _activation_ranges(self, ctx: CompileContext, sites: list[_Site]) -> dict[str, np.ndarray]:
+        from ._stream import axis_max, source_for, stream
+
+        out: dict[str, np.ndarray] = {}
+
+        def consume(values: dict[str, np.ndarray]) -> None:
+            for n, v in values.items():
+                m = axis_max(v, -1)
+                out[n] = m if n not in out else np.maximum(out[n], m)
+
+        stream(ctx.graph, [s.x.name for s in sites], source_for(ctx, self.name, self.options.samples), consume)
+        return out

@@ -1,0 +1,88 @@
+"""``qcompiler package`` (compile + validate + write a deployment bundle) and ``qcompiler verify`` (check one).
+
+See :mod:`qcompiler.package` for the bundle layout.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+
+def _db(x: float) -> str:
+    return f"{x:.2f}" if math.isfinite(x) else str(x)
+
+
+def register(cli: click.Group) -> None:
+    @cli.command("package")
+    @click.argument("model", type=click.Path(path_type=Path))
+    @click.option("-o", "--output", "output", required=True, type=click.Path(path_type=Path),
+                  help="Bundle folder to create (must not exist).")
+    @click.option("--target", default="ort", show_default=True, help="Runtime target (qcompiler targets).")
+    @click.option("--calib", required=True, help="Calibration data (folder of .npz or one .npz); also used to "
+                                                 "validate unless --validate-data is given.")
+    @click.option("--plan", help="Precision plan: a YAML/JSON file or a preset name.")
+    @click.option("--pipeline", help="Textual pipeline (default: the target's).")
+    @click.option("--min-sqnr", type=float, help="Fail (exit 2, no bundle) when an output's SQNR is below DB.")
+    @click.option("--zip", "make_zip", is_flag=True, help="Also write BUNDLE.zip.")
+    @click.option("--validate-data", type=click.Path(path_type=Path), help="Held-back feeds for validation.")
+    @click.option("--calib-samples", type=int, help="Use at most N calibration samples.")
+    @click.option("--check-samples", type=int, default=4, show_default=True,
+                  help="Validation feeds kept in the bundle for `qcompiler verify` to rerun.")
+    @click.option("--external-data", type=int, default=None,
+                  help="Store tensors of at least BYTES as external data (model.onnx.data).")
+    @click.option("--plugin", "plugins", multiple=True, help="Load passes from module:Class or path/to/file.py.")
+    @click.option("--seed", type=int, default=0, show_default=True)
+    @click.option("--quiet", "-q", is_flag=True, help="Print nothing on success.")
+    def package_cmd(model: Path, output: Path, target: str, calib: str, plan: str | None, pipeline: str | None,
+                    min_sqnr: float | None, make_zip: bool, validate_data: Path | None, calib_samples: int | None,
+                    check_samples: int, external_data: int | None, plugins: tuple[str, ...], seed: int,
+                    quiet: bool) -> None:
+        """Compile MODEL, validate it, and write a deployment bundle (model, resolved plan, validation report
+        as JSON and HTML, manifest with hashes and versions) at OUTPUT — atomically: nothing is written when
+        anything fails, including an SQNR below --min-sqnr."""
+        from qcompiler.package import build_bundle
+
+        res = build_bundle(model, output, target=target, calib=calib, plan=plan, pipeline=pipeline,
+                           min_sqnr_db=min_sqnr, make_zip=make_zip, validate_data=validate_data,
+                           calib_samples=calib_samples, seed=seed, external_data_threshold=external_data,
+                           plugins=plugins, check_samples=check_samples)
+        if quiet:
+            return
+        v: Any = res.validation
+        size = sum(f["bytes"] for f in res.files.values())
+        click.echo(f"packaged {model} -> {output}/ ({len(res.files) + 1} files, {size / 2**20:.2f} MB; target "
+                   f"{res.manifest['target']})")
+        click.echo(f"pipeline: {res.manifest['pipeline']}")
+        gate = "" if min_sqnr is None else f" (gate {min_sqnr:g} dB: PASS)"
+        click.echo(f"validation: worst output SQNR {_db(v.worst_output_sqnr())} dB over {v.samples} sample(s){gate}")
+        for name in sorted(res.files):
+            click.echo(f"  {res.files[name]['sha256'][:12]}  {name}")
+        click.echo(f"  {'':12s}  manifest.json")
+        if res.zip_path is not None:
+            click.echo(f"wrote {res.zip_path}")
+
+    @cli.command("verify")
+    @click.argument("bundle", type=click.Path(path_type=Path))
+    @click.option("--model", "float_model", type=click.Path(path_type=Path),
+                  help="The float model, to rerun the full validation (with --data).")
+    @click.option("--data", type=click.Path(path_type=Path), help="Feeds for the full validation (with --model).")
+    def verify_cmd(bundle: Path, float_model: Path | None, data: Path | None) -> None:
+        """Check a bundle (folder or .zip): every file's sha256 against manifest.json, the model through the
+        loader's checks, and validation rerun on the bundled check feeds (exit 2 naming the file on any
+        mismatch)."""
+        from qcompiler.package import verify_bundle
+
+        res = verify_bundle(bundle, float_model=float_model, data=data)
+        click.echo(f"{bundle}: {res.files} files match manifest.json")
+        for name, (got, rec) in sorted(res.check.items()):
+            click.echo(f"  output '{name}': SQNR {_db(got)} dB on the check feeds (recorded {_db(rec)} dB)")
+        for m in res.messages:
+            click.echo(f"  note: versions differ from the bundle's: {m}", err=True)
+        if res.full is not None:
+            click.echo(res.full.table(max_layers=5))
+        sys.stdout.flush()

@@ -1,0 +1,797 @@
+"""Per-layer, per-candidate quantization sensitivity from forward passes only (no gradients, no labels).
+
+The planner (:mod:`qcompiler.autoplan`) asks, for every quantizable layer *l* and candidate *c* (int8, int4,
+ternary, ...): how much does the model's output suffer when only *l* is quantized with *c*? Four metrics:
+
+``pd`` (PD-Quant's prediction difference; the default)
+    Quantize that one layer's weights with the candidate (exactly as ``insert-qdq`` would: :func:`fake_quantize`),
+    run the model on the calibration batch, measure the change of the final outputs against the float
+    outputs: KL(p_float ‖ p_quant) for outputs that are probabilities (values in [0, 1] summing to 1 along an
+    axis: categorical KL along it; a Sigmoid output: Bernoulli KL), ``Σ(y − ŷ)² / Σ y²`` (relative MSE)
+    otherwise, summed over the graph outputs.
+``hessian`` (HAWQ-V2 without gradients)
+    The average Hessian trace of that same output distortion D with respect to the layer's weights, estimated
+    Hutchinson-style from forward passes: for Rademacher draws v (entries ±1), D(W + h·v) ≈ ½h²·vᵀHv and
+    E[vᵀHv] = Tr(H), so Tr(H)/n ≈ 2·mean D / (h²·n), with h = 0.02·rms(W). The sensitivity of a candidate is
+    ½·Tr(H)/n · ‖Q(W) − W‖² (same units as ``pd``); its cost does not grow with the number of candidates.
+``act-stats`` (myQASR: label-free, from float activation statistics only)
+    One float pass. Layer statistic: the median |y| of the layer's output (normalized by its mean over the
+    layers), times the candidate's relative error of the layer output under the diagonal input second
+    moments ``E[x_i²]``: ``Σ ΔW² · E[x²] / Σ W² · E[x²]`` (ΔW = Q(W) − W, summed over each weight's input-channel
+    axis).
+``orthogonality`` (OMPQ: network orthogonality)
+    One float pass on a small batch. Each layer's output features per sample (flattened — a fixed subset of at
+    most 4096 coordinates — when every sample has the same shape, else averaged over all but the channel axis)
+    give a Gram matrix G_l = X_l·X_lᵀ; ORM(i, j) = ‖X_jᵀX_i‖²_F / (‖X_iᵀX_i‖_F·‖X_jᵀX_j‖_F) = tr(G_iG_j) /
+    (‖G_i‖_F‖G_j‖_F). A layer little correlated with the others carries information nothing else does: its
+    importance θ_l = exp(−mean_{j≠l} ORM(l, j)) (OMPQ's monotonically decreasing function); the sensitivity of a
+    candidate is θ_l · ‖Q(W) − W‖² / ‖W‖².
+
+Speed: ONE onnxruntime session for everything — the float graph in which the weights of every layer under
+test are graph *inputs* (built with graphsurgeon), so a candidate is evaluated by feeding its dequantized
+weights, never by rebuilding a session. The float outputs are computed once and reused; samples of the same
+shape are stacked into batches when the model is batch-safe (checked numerically); independent evaluations run
+concurrently on the shared session (one onnxruntime thread each). ``pd`` and ``hessian`` also give the output
+noise power each (layer, candidate) adds, from which the planner predicts the output SQNR of a whole plan.
+Progress goes to a callback; nothing is printed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from qcompiler import ir, quant
+from qcompiler.errors import UserError
+from qcompiler.plan import QuantSpec
+
+log = logging.getLogger(__name__)
+
+METRICS = ("pd", "hessian", "act-stats", "orthogonality")
+#: Hutchinson perturbation size, relative to the rms of the weight
+HESSIAN_EPS = 0.02
+#: orthogonality: at most this many coordinates per sample and layer
+ORM_FEATURES = 4096
+#: act-stats: at most this many values per batch and layer for the median
+MEDIAN_SAMPLES = 8192
+_SHAPE_OPS = frozenset({"Reshape", "Squeeze", "Unsqueeze", "Flatten", "Transpose", "Identity", "Cast"})
+
+Progress = Callable[[int, int], None]
+
+
+# ------------------------------------------------------------------------------------------ fake quant
+def _axes(node: gs.Node, ndim: int, spec: QuantSpec) -> tuple[int | None, int | None]:
+    from qcompiler.passes.insert_qdq import block_axis, per_channel_axis
+
+    axis: int | None = None
+    block: int | None = None
+    if spec.granularity == "per_channel":
+        axis = spec.axis if spec.axis is not None else per_channel_axis(node, ndim)
+    elif spec.granularity == "block":
+        axis = spec.axis if spec.axis is not None else block_axis(node, ndim)
+        block = spec.block_size
+    if axis is not None and axis < 0:
+        axis += ndim
+    return axis, block
+
+
+def fake_quantize(node: gs.Node, values: np.ndarray, spec: QuantSpec, opset: int = 21) -> np.ndarray:
+    """The float weight ``insert-qdq`` would give ``node`` for ``spec`` (dequantized codes), as float32."""
+    w = np.asarray(values, dtype=np.float32)
+    axis, block = _axes(node, w.ndim, spec)
+    if spec.scheme != "int" or spec.scale == "pow2":
+        try:
+            from qcompiler import schemes
+        except ImportError:  # pragma: no cover - schemes ship with qcompiler
+            raise UserError(f"weight scheme '{spec.scheme}' needs qcompiler.schemes, not available") from None
+        return schemes.quantize_for_spec(w, spec, axis, block, opset).qt.dequantize().astype(np.float32)
+    return quant.quantize_weight(w, spec.dtype, spec.symmetric, axis, block, spec.range).dequantize()
+
+
+# ----------------------------------------------------------------------------------------------- model
+@dataclass
+class LayerUnderTest:
+    """A quantizable layer: its node in the float graph, the weight inputs, and the spec of each candidate
+    allowed for it (``None`` = keep float)."""
+
+    name: str
+    node: gs.Node
+    weight_inputs: tuple[int, ...]
+    specs: dict[str, QuantSpec | None]
+    activation: QuantSpec | None = None  # how the plan quantizes the layer's input (pd quantizes it too)
+
+    @property
+    def op_type(self) -> str:
+        return str(self.node.op)
+
+    def weights(self) -> list[np.ndarray]:
+        return [np.asarray(self.node.inputs[i].values, dtype=np.float32) for i in self.weight_inputs]
+
+    @property
+    def params(self) -> int:
+        return int(sum(np.prod(self.node.inputs[i].shape) for i in self.weight_inputs))
+
+
+@dataclass
+class SensitivityResult:
+    """``values[l, c]``: sensitivity of layer l under candidate c (NaN: candidate not allowed for the layer);
+    ``noise[l, c, o]``: predicted output noise power Σ(y − ŷ)² added on output o (``pd`` / ``hessian`` only);
+    ``signal[o]``: Σ y² of output o over the same samples."""
+
+    metric: str
+    layers: list[str]
+    candidates: list[str]
+    values: np.ndarray
+    noise: np.ndarray | None
+    signal: np.ndarray | None
+    outputs: list[str]
+    output_kinds: list[str]
+    samples: int
+    batches: int
+    evaluations: int
+    seconds: float
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def predicted_sqnr_db(self, choice: Sequence[int]) -> float | None:
+        """Worst-output SQNR predicted for a plan (candidate index per layer) by adding the noise powers."""
+        if self.noise is None or self.signal is None:
+            return None
+        total = np.zeros(len(self.outputs))
+        for li, ci in enumerate(choice):
+            n = self.noise[li, ci]
+            if np.all(np.isfinite(n)):
+                total += n
+        worst = math.inf
+        for o in range(len(self.outputs)):
+            if total[o] <= 0:
+                continue
+            worst = min(worst, 10.0 * math.log10(max(float(self.signal[o]), 1e-300) / float(total[o])))
+        return worst
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "metric": self.metric, "samples": self.samples, "batches": self.batches,
+            "evaluations": self.evaluations, "seconds": round(self.seconds, 3),
+            "outputs": [{"name": n, "kind": k} for n, k in zip(self.outputs, self.output_kinds)],
+            "layers": {name: {c: (None if not np.isfinite(self.values[li, ci]) else float(self.values[li, ci]))
+                              for ci, c in enumerate(self.candidates)} for li, name in enumerate(self.layers)},
+        }
+
+
+# --------------------------------------------------------------------------------------------- batches
+def _signature(feed: dict[str, np.ndarray]) -> tuple[Any, ...]:
+    return tuple((k, tuple(v.shape), str(v.dtype)) for k, v in sorted(feed.items()))
+
+
+def _batch_dims_dynamic(graph: gs.Graph) -> bool:
+    ins = [t for t in graph.inputs if not isinstance(t, gs.Constant)]
+    if not ins:
+        return False
+    for t in ins:
+        shape = t.shape
+        if not shape:
+            return False
+        d0 = shape[0]
+        if isinstance(d0, int) and d0 >= 0:
+            return False
+    return True
+
+
+def _stack(feeds: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {k: np.concatenate([f[k] for f in feeds], axis=0) for k in feeds[0]}
+
+
+def _output_kind(name: str, graph: gs.Graph, ref: np.ndarray) -> tuple[str, int | None]:
+    """("prob", axis) | ("bernoulli", None) | ("mse", None) for a graph output, from its reference values."""
+    x = np.asarray(ref, dtype=np.float64)
+    if x.size == 0 or not np.all(np.isfinite(x)):
+        return "mse", None
+    if x.min() >= -1e-6 and x.max() <= 1.0 + 1e-6:
+        axes = list(range(x.ndim))[::-1]
+        for ax in axes:
+            if x.shape[ax] < 2:
+                continue
+            s = x.sum(axis=ax)
+            if np.all(np.abs(s - 1.0) < 1e-3):
+                return "prob", ax
+        t = next((o for o in graph.outputs if o.name == name), None)
+        seen = 0
+        while t is not None and t.inputs and seen < 16:
+            prod = t.inputs[0]
+            if prod.op == "Sigmoid":
+                return "bernoulli", None
+            if prod.op not in _SHAPE_OPS:
+                break
+            t = prod.inputs[0] if prod.inputs else None
+            seen += 1
+    return "mse", None
+
+
+class _Acc:
+    """Distortion of the outputs of one evaluation against the float outputs, summed over batches."""
+
+    __slots__ = ("count", "metric", "noise")
+
+    def __init__(self, n_out: int) -> None:
+        self.metric = np.zeros(n_out)
+        self.count = np.zeros(n_out)
+        self.noise = np.zeros(n_out)
+
+
+# ---------------------------------------------------------------------------------------------- runner
+class SensitivityRunner:
+    """One onnxruntime session over the float graph with the layers' weights as inputs (see module doc).
+
+    ``graph``: the float graph the plan will be resolved on (cleaned, BatchNorm folded) — not modified.
+    ``feeds``: calibration samples (dicts of arrays), used in that order.
+    ``extra_outputs``: intermediate tensors to expose as well (``act-stats`` / ``orthogonality``).
+    """
+
+    def __init__(self, graph: gs.Graph, layers: Sequence[LayerUnderTest], feeds: Sequence[dict[str, np.ndarray]],
+                 *, batch_size: int = 8, workers: int | None = None, extra_outputs: Sequence[str] = (),
+                 activation_qparams: dict[str, tuple[np.ndarray, np.ndarray]] | None = None) -> None:
+        if not feeds:
+            raise UserError("sensitivity: no calibration samples")
+        self.layers = list(layers)
+        g = graph.copy()
+        nodes = {n.name: n for n in g.nodes}
+        self.float_weights: dict[str, np.ndarray] = {}
+        self.inputs_of: dict[str, list[str]] = {}
+        self.gate_of: dict[str, str] = {}
+        taken = set(g.tensors().keys())
+        # input activation fake-quantization, switched per layer by a scalar gate input (0 = float, exact):
+        # x' = x + gate · (DequantizeLinear(QuantizeLinear(x)) − x)
+        for layer in self.layers:
+            qp = (activation_qparams or {}).get(layer.name)
+            node = nodes[layer.name]
+            if qp is None or not node.inputs or isinstance(node.inputs[0], gs.Constant):
+                continue
+            x = node.inputs[0]
+            scale, zp = qp
+            base = f"{layer.name}::act"
+            s_c = gs.Constant(base + "_scale", np.asarray(scale, dtype=np.float32).reshape(()))
+            z_c = gs.Constant(base + "_zero_point", np.asarray(zp).reshape(()))
+            gate = gs.Variable(base + "_gate", dtype=np.float32, shape=[])
+            q = gs.Variable(base + "_q", dtype=z_c.values.dtype)
+            dq = gs.Variable(base + "_dq", dtype=np.float32)
+            diff = gs.Variable(base + "_diff", dtype=np.float32)
+            gated = gs.Variable(base + "_gated", dtype=np.float32)
+            out = gs.Variable(base + "_x", dtype=np.float32)
+            g.nodes += [gs.Node("QuantizeLinear", base + "_Q", inputs=[x, s_c, z_c], outputs=[q]),
+                        gs.Node("DequantizeLinear", base + "_DQ", inputs=[q, s_c, z_c], outputs=[dq]),
+                        gs.Node("Sub", base + "_Sub", inputs=[dq, x], outputs=[diff]),
+                        gs.Node("Mul", base + "_Mul", inputs=[diff, gate], outputs=[gated]),
+                        gs.Node("Add", base + "_Add", inputs=[x, gated], outputs=[out])]
+            node.inputs[0] = out
+            g.inputs.append(gate)
+            self.float_weights[gate.name] = np.zeros((), dtype=np.float32)
+            self.gate_of[layer.name] = gate.name
+        g.toposort()
+        for layer in self.layers:
+            node = nodes[layer.name]
+            names = []
+            for wi in layer.weight_inputs:
+                w = node.inputs[wi]
+                if not isinstance(w, gs.Constant):
+                    raise ValueError(f"layer '{layer.name}': weight input {wi} is not a constant")
+                base = f"{layer.name}::weight{wi}"
+                name, k = base, 1
+                while name in taken:
+                    name, k = f"{base}_{k}", k + 1
+                taken.add(name)
+                v = gs.Variable(name, dtype=np.float32, shape=list(w.shape))
+                node.inputs[wi] = v
+                g.inputs.append(v)
+                self.float_weights[name] = np.ascontiguousarray(np.asarray(w.values, dtype=np.float32))
+                names.append(name)
+            self.inputs_of[layer.name] = names
+        g.cleanup(remove_unused_graph_inputs=False)
+        self.output_names = [t.name for t in graph.outputs]
+        self.extra = [n for n in dict.fromkeys(extra_outputs) if n not in self.output_names]
+        cpus = os.cpu_count() or 1
+        self.workers = max(1, min(workers if workers is not None else cpus, 8))
+        t0 = time.perf_counter()
+        self.sess = ir.graph_session(g, extra_outputs=self.extra, threads=1 if self.workers > 1 else 0)
+        self.session_seconds = time.perf_counter() - t0
+        self.data_inputs = [i.name for i in self.sess.get_inputs() if i.name not in self.float_weights]
+        self.graph = graph
+        self._lock = threading.Lock()
+        self.evaluations = 0
+        self.feeds = [self._conform(f) for f in feeds]
+        self.batches = self._make_batches(graph, self.feeds, batch_size)
+        self.reference: list[list[np.ndarray]] = []
+        self.extra_values: list[dict[str, np.ndarray]] = []
+        names = self.output_names + self.extra
+        for b in self.batches:
+            vals = self.sess.run(names, {**b, **self.float_weights})
+            self.reference.append([np.asarray(v) for v in vals[: len(self.output_names)]])
+            if self.extra:
+                self.extra_values.append(dict(zip(self.extra, vals[len(self.output_names):])))
+        self.kinds = [_output_kind(n, graph, self.reference[0][o]) for o, n in enumerate(self.output_names)]
+        # the float side of the KL terms, once: Σ p·log p per batch and output (probability outputs)
+        self.ref_entropy: list[list[float]] = []
+        for ref in self.reference:
+            row = []
+            for o, r in enumerate(ref):
+                kind, _ = self.kinds[o]
+                r64 = r.astype(np.float64, copy=False)
+                if kind == "prob":
+                    row.append(float((r64 * np.log(np.clip(r64, 1e-12, 1.0))).sum()))
+                elif kind == "bernoulli":
+                    p = np.clip(r64, 1e-7, 1 - 1e-7)
+                    row.append(float((p * np.log(p) + (1 - p) * np.log1p(-p)).sum()))
+                else:
+                    row.append(0.0)
+            self.ref_entropy.append(row)
+        self.signal = np.zeros(len(self.output_names))
+        for ref in self.reference:
+            for o, r in enumerate(ref):
+                r64 = r.astype(np.float64, copy=False).ravel()
+                self.signal[o] += float(r64 @ r64)
+
+    # -------------------------------------------------------------------------------------- feeds
+    def _conform(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        types = {i.name: i.type for i in self.sess.get_inputs()}
+        out = {}
+        for name in self.data_inputs:
+            if name not in feed:
+                raise UserError(f"sensitivity: a calibration sample lacks model input '{name}'")
+            arr = np.asarray(feed[name])
+            want = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
+                    "tensor(double)": np.float64}.get(types.get(name, ""))
+            if want is not None and arr.dtype.kind == "f" and arr.dtype != want:
+                arr = arr.astype(want)
+            out[name] = arr
+        return out
+
+    def _make_batches(self, graph: gs.Graph, feeds: list[dict[str, np.ndarray]], batch_size: int
+                      ) -> list[dict[str, np.ndarray]]:
+        self.batched = False
+        groups: dict[tuple[Any, ...], list[dict[str, np.ndarray]]] = {}
+        for f in feeds:
+            groups.setdefault(_signature(f), []).append(f)
+        self.uniform_shapes = len(groups) == 1
+        ok = (batch_size > 1 and _batch_dims_dynamic(graph)
+              and all(v.ndim >= 1 and v.shape[0] == 1 for f in feeds for v in f.values()))
+        if ok:
+            pair = next((g[:2] for g in groups.values() if len(g) >= 2), None)
+            ok = pair is not None and self._batch_safe(pair)
+        if not ok:
+            self.sample_rows = [1] * len(feeds)
+            return list(feeds)
+        self.batched = True
+        out = []
+        rows = []
+        for members in groups.values():
+            for i in range(0, len(members), batch_size):
+                chunk = members[i:i + batch_size]
+                out.append(_stack(chunk))
+                rows.append(len(chunk))
+        self.sample_rows = rows
+        return out
+
+    def _batch_safe(self, pair: list[dict[str, np.ndarray]]) -> bool:
+        """Stacking two samples gives the two single-sample results (no cross-sample op, batch on axis 0)."""
+        try:
+            single = [self.sess.run(self.output_names, {**f, **self.float_weights}) for f in pair]
+            both = self.sess.run(self.output_names, {**_stack(pair), **self.float_weights})
+        except Exception as e:  # onnxruntime refuses the stacked shapes
+            log.info("sensitivity: no batching (%s)", str(e).splitlines()[0] if str(e) else type(e).__name__)
+            return False
+        for o, b in enumerate(both):
+            b = np.asarray(b)
+            if b.ndim == 0 or b.shape[0] != 2:
+                return False
+            for k in range(2):
+                s = np.asarray(single[k][o])
+                if s.shape[0] != 1 or b[k:k + 1].shape != s.shape:
+                    return False
+                tol = 1e-4 * max(float(np.abs(s).max(initial=0.0)), 1e-6)
+                if not np.allclose(b[k:k + 1], s, rtol=1e-3, atol=tol):
+                    return False
+        return True
+
+    @property
+    def samples(self) -> int:
+        return len(self.feeds)
+
+    def float_value(self, bi: int, name: str) -> np.ndarray | None:
+        """The float value of tensor ``name`` in batch ``bi``: a graph input, output or exposed tensor."""
+        if self.extra_values and name in self.extra_values[bi]:
+            return np.asarray(self.extra_values[bi][name])
+        if name in self.output_names:
+            return self.reference[bi][self.output_names.index(name)]
+        v = self.batches[bi].get(name)
+        return None if v is None else np.asarray(v)
+
+    # --------------------------------------------------------------------------------- evaluation
+    def distortion(self, overrides: dict[str, np.ndarray]) -> _Acc:
+        """Output distortion with the weights in ``overrides`` (input name -> float array) replaced."""
+        acc = _Acc(len(self.output_names))
+        weights = {**self.float_weights, **overrides}
+        for bi, b in enumerate(self.batches):
+            outs = self.sess.run(self.output_names, {**b, **weights})
+            for o, (q, ref) in enumerate(zip(outs, self.reference[bi])):
+                self._accumulate(acc, o, np.asarray(q), ref, self.ref_entropy[bi][o])
+        with self._lock:
+            self.evaluations += 1
+        return acc
+
+    def _accumulate(self, acc: _Acc, o: int, q: np.ndarray, ref: np.ndarray, ref_entropy: float) -> None:
+        kind, axis = self.kinds[o]
+        if ref.shape != q.shape:
+            raise RuntimeError(f"output '{self.output_names[o]}' changed shape under quantization")
+        d = (ref.astype(np.float64, copy=False) - q).ravel()
+        noise = float(d @ d)
+        acc.noise[o] += noise
+        if kind == "prob" and axis is not None:
+            # KL(p || q) summed over positions = Σ p·log p − Σ p·log q
+            cross = float(np.vdot(ref.astype(np.float64, copy=False), np.log(np.clip(q.astype(np.float64), 1e-12, 1.0))))
+            acc.metric[o] += ref_entropy - cross
+            acc.count[o] += ref.size // max(ref.shape[axis], 1)
+        elif kind == "bernoulli":
+            p = np.clip(ref.astype(np.float64, copy=False), 1e-7, 1 - 1e-7)
+            qq = np.clip(q.astype(np.float64, copy=False), 1e-7, 1 - 1e-7)
+            acc.metric[o] += ref_entropy - float((p * np.log(qq) + (1 - p) * np.log1p(-qq)).sum())
+            acc.count[o] += ref.size
+        else:
+            acc.metric[o] += noise
+            acc.count[o] = 1.0
+
+    def score(self, acc: _Acc) -> float:
+        """The scalar ``pd`` distortion of an evaluation: Σ over outputs (mean KL, or relative MSE)."""
+        total = 0.0
+        for o, (kind, _axis) in enumerate(self.kinds):
+            if kind == "mse":
+                total += float(acc.metric[o]) / max(float(self.signal[o]), 1e-300)
+            else:
+                total += float(acc.metric[o]) / max(float(acc.count[o]), 1.0)
+        return total
+
+    def run_jobs(self, jobs: Sequence[Callable[[], Any]], progress: Progress | None = None,
+                 done0: int = 0, total: int | None = None) -> list[Any]:
+        """Run independent evaluations (callables) concurrently on the shared session; results in order."""
+        total = total if total is not None else len(jobs)
+        results: list[Any] = [None] * len(jobs)
+        if self.workers <= 1 or len(jobs) <= 1:
+            for i, job in enumerate(jobs):
+                results[i] = job()
+                if progress is not None:
+                    progress(done0 + i + 1, total)
+            return results
+        done = done0
+        with ThreadPoolExecutor(self.workers) as ex:
+            futures = {ex.submit(job): i for i, job in enumerate(jobs)}
+            for fut in as_completed(futures):
+                results[futures[fut]] = fut.result()
+                done += 1
+                if progress is not None:
+                    progress(done, total)
+        return results
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+def _rel_err(w: list[np.ndarray], q: list[np.ndarray]) -> float:
+    num = sum(float(((a.astype(np.float64) - b) ** 2).sum()) for a, b in zip(w, q))
+    den = sum(float((a.astype(np.float64) ** 2).sum()) for a in w)
+    return num / max(den, 1e-300)
+
+
+def _delta2(w: list[np.ndarray], q: list[np.ndarray]) -> float:
+    return sum(float(((a.astype(np.float64) - b) ** 2).sum()) for a, b in zip(w, q))
+
+
+def compute(metric: str, graph: gs.Graph, layers: Sequence[LayerUnderTest], candidates: Sequence[str],
+            feeds: Sequence[dict[str, np.ndarray]], *, progress: Progress | None = None, batch_size: int = 8,
+            workers: int | None = None, draws: int = 2, seed: int = 0, opset: int = 21,
+            activations: bool = True) -> SensitivityResult:
+    """Sensitivity of every (layer, candidate) with ``metric`` (one of :data:`METRICS`). With ``activations``,
+    ``pd`` quantizes the layer's input activation as the plan would (``LayerUnderTest.activation``) along with
+    its weights, for every candidate but the float one."""
+    if metric not in METRICS:
+        raise UserError(f"--metric: unknown metric '{metric}' (one of: {', '.join(METRICS)})")
+    t0 = time.perf_counter()
+    extra: list[str] = []
+    if metric in ("act-stats", "orthogonality"):
+        for layer in layers:
+            extra.append(layer.node.outputs[0].name)
+            if metric == "act-stats":
+                extra.append(layer.node.inputs[0].name)
+    qparams = _activation_qparams(graph, layers, feeds, opset) if metric == "pd" and activations else None
+    runner = SensitivityRunner(graph, layers, feeds, batch_size=batch_size, workers=workers,
+                               extra_outputs=[n for n in extra if n not in {t.name for t in graph.inputs}],
+                               activation_qparams=qparams)
+    n_l, n_c, n_o = len(layers), len(candidates), len(runner.output_names)
+    values = np.full((n_l, n_c), np.nan)
+    noise: np.ndarray | None = None
+    details: dict[str, Any] = {"batched": runner.batched, "workers": runner.workers,
+                               "session_seconds": round(runner.session_seconds, 3)}
+
+    def quantized(layer: LayerUnderTest, cand: str) -> list[np.ndarray]:
+        spec = layer.specs[cand]
+        assert spec is not None
+        return [fake_quantize(layer.node, w, spec, opset) for w in layer.weights()]
+
+    if metric == "pd":
+        noise = np.full((n_l, n_c, n_o), np.nan)
+        jobs: list[Callable[[], Any]] = []
+        slots: list[tuple[int, int]] = []
+        for li, layer in enumerate(layers):
+            for ci, cand in enumerate(candidates):
+                if cand not in layer.specs:
+                    continue
+                if layer.specs[cand] is None:
+                    values[li, ci] = 0.0
+                    noise[li, ci] = 0.0
+                    continue
+
+                def pd_job(layer: LayerUnderTest = layer, cand: str = cand) -> _Acc:
+                    over = dict(zip(runner.inputs_of[layer.name], quantized(layer, cand)))
+                    if layer.name in runner.gate_of:
+                        over[runner.gate_of[layer.name]] = np.ones((), dtype=np.float32)
+                    return runner.distortion(over)
+
+                jobs.append(pd_job)
+                slots.append((li, ci))
+        for (li, ci), acc in zip(slots, runner.run_jobs(jobs, progress)):
+            values[li, ci] = runner.score(acc)
+            noise[li, ci] = acc.noise
+    elif metric == "hessian":
+        noise = np.full((n_l, n_c, n_o), np.nan)
+        jobs = []
+        for li, layer in enumerate(layers):
+            ws = layer.weights()
+            for d in range(draws):
+                def h_job(li: int = li, layer: LayerUnderTest = layer, ws: list[np.ndarray] = ws, d: int = d) -> Any:
+                    rng = np.random.default_rng([seed, li, d])
+                    pert = []
+                    h2n = 0.0
+                    for w in ws:
+                        h = HESSIAN_EPS * float(np.sqrt(np.mean(w.astype(np.float64) ** 2)) or 1e-8)
+                        v = rng.integers(0, 2, size=w.shape).astype(np.float32) * 2.0 - 1.0
+                        pert.append((w + np.float32(h) * v).astype(np.float32))
+                        h2n += h * h * w.size
+                    acc = runner.distortion(dict(zip(runner.inputs_of[layer.name], pert)))
+                    return runner.score(acc), acc.noise, h2n
+
+                jobs.append(h_job)
+        results = runner.run_jobs(jobs, progress)
+        trace: list[float] = []
+        for li, layer in enumerate(layers):
+            draws_out = results[li * draws:(li + 1) * draws]
+            d_mean = float(np.mean([r[0] for r in draws_out]))
+            n_mean = np.mean([r[1] for r in draws_out], axis=0)
+            h2n = draws_out[0][2]
+            trace.append(2.0 * d_mean / max(h2n, 1e-300))
+            ws = layer.weights()
+            for ci, cand in enumerate(candidates):
+                if cand not in layer.specs:
+                    continue
+                if layer.specs[cand] is None:
+                    values[li, ci] = 0.0
+                    noise[li, ci] = 0.0
+                    continue
+                dw2 = _delta2(ws, quantized(layer, cand))
+                values[li, ci] = d_mean * dw2 / max(h2n, 1e-300)
+                noise[li, ci] = n_mean * dw2 / max(h2n, 1e-300)
+        details["trace_per_param"] = dict(zip([la.name for la in layers], trace))
+    elif metric == "act-stats":
+        medians, moments = _activation_stats(runner, layers)
+        norm = float(np.mean([m for m in medians if m > 0]) or 1.0)
+        for li, layer in enumerate(layers):
+            ws = layer.weights()
+            weights = [_moment_weights(layer, i, w, moments[li]) for i, w in enumerate(ws)]
+            den = sum(float((w.astype(np.float64) ** 2 * m).sum()) for w, m in zip(ws, weights))
+            for ci, cand in enumerate(candidates):
+                if cand not in layer.specs:
+                    continue
+                if layer.specs[cand] is None:
+                    values[li, ci] = 0.0
+                    continue
+                q = quantized(layer, cand)
+                num = sum(float(((w.astype(np.float64) - qq) ** 2 * m).sum()) for w, qq, m in zip(ws, q, weights))
+                values[li, ci] = (medians[li] / norm) * num / max(den, 1e-300)
+            if progress is not None:
+                progress(li + 1, n_l)
+        details["median_abs_output"] = dict(zip([la.name for la in layers], medians))
+    else:  # orthogonality
+        theta, orm = _orthogonality(runner, layers)
+        for li, layer in enumerate(layers):
+            ws = layer.weights()
+            for ci, cand in enumerate(candidates):
+                if cand not in layer.specs:
+                    continue
+                if layer.specs[cand] is None:
+                    values[li, ci] = 0.0
+                    continue
+                values[li, ci] = theta[li] * _rel_err(ws, quantized(layer, cand))
+            if progress is not None:
+                progress(li + 1, n_l)
+        details["importance"] = dict(zip([la.name for la in layers], [float(t) for t in theta]))
+        details["orm_mean"] = float(np.mean(orm)) if orm.size else 0.0
+    return SensitivityResult(metric=metric, layers=[la.name for la in layers], candidates=list(candidates),
+                             values=values, noise=noise, signal=runner.signal.copy(), outputs=runner.output_names,
+                             output_kinds=[k for k, _ in runner.kinds], samples=runner.samples,
+                             batches=len(runner.batches), evaluations=runner.evaluations,
+                             seconds=time.perf_counter() - t0, details=details)
+
+
+def _activation_qparams(graph: gs.Graph, layers: Sequence[LayerUnderTest], feeds: Sequence[dict[str, np.ndarray]],
+                        opset: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Scale and zero point of each layer's input activation, calibrated on ``feeds`` as ``calibrate`` would.
+    Only integer activation dtypes (QuantizeLinear at the graph's opset); others stay float here."""
+    from qcompiler.calibration import CalibrationSource, collect, input_signatures
+
+    specs: dict[str, QuantSpec] = {}
+    for layer in layers:
+        a = layer.activation
+        x = layer.node.inputs[0] if layer.node.inputs else None
+        if a is None or a.is_float or a.scheme != "int" or x is None or isinstance(x, gs.Constant):
+            continue
+        if a.dtype not in ("int8", "uint8") and int(graph.opset) < 21:
+            continue  # int16 / int4 QuantizeLinear needs opset 21
+        if a.dtype.startswith("fp8") and int(graph.opset) < 19:
+            continue
+        specs.setdefault(x.name, a)
+    if not specs:
+        return {}
+    source = CalibrationSource.from_feeds(list(feeds), input_signatures(graph), "sensitivity samples")
+    stats = collect(graph, specs, source)
+    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for layer in layers:
+        x = layer.node.inputs[0] if layer.node.inputs else None
+        if x is None or x.name not in specs or x.name not in stats:
+            continue
+        spec = specs[x.name]
+        lo, hi = stats[x.name].range(spec)
+        out[layer.name] = quant.qparams(lo, hi, spec.dtype, spec.symmetric)
+    return out
+
+
+# ------------------------------------------------------------------------------------------- act-stats
+def _channel_axis_of_input(layer: LayerUnderTest, ndim: int) -> int:
+    op = layer.op_type
+    if op in ("Conv", "ConvTranspose"):
+        return 1
+    if op == "Gemm" and int(layer.node.attrs.get("transA", 0)):
+        return 0
+    return ndim - 1
+
+
+def _activation_stats(runner: SensitivityRunner, layers: Sequence[LayerUnderTest]
+                      ) -> tuple[list[float], list[dict[str, np.ndarray]]]:
+    medians: list[float] = []
+    moments: list[dict[str, np.ndarray]] = []
+    for layer in layers:
+        out_name = layer.node.outputs[0].name
+        in_name = layer.node.inputs[0].name
+        picks = []
+        sums: np.ndarray | None = None
+        count = 0
+        out_sums: np.ndarray | None = None
+        out_count = 0
+        for bi in range(len(runner.batches)):
+            y = runner.float_value(bi, out_name)
+            x = runner.float_value(bi, in_name)
+            if y is not None:
+                flat = np.abs(np.asarray(y, dtype=np.float32)).ravel()
+                step = max(1, flat.size // MEDIAN_SAMPLES)
+                picks.append(flat[::step])
+                ya = np.asarray(y, dtype=np.float64)
+                if ya.ndim >= 1:
+                    ax = ya.ndim - 1
+                    s = (ya ** 2).sum(axis=tuple(i for i in range(ya.ndim) if i != ax))
+                    out_sums = s if out_sums is None or out_sums.shape != s.shape else out_sums + s
+                    out_count += ya.size // max(ya.shape[ax], 1)
+            if x is not None:
+                xa = np.asarray(x, dtype=np.float64)
+                if xa.ndim >= 1:
+                    ax = _channel_axis_of_input(layer, xa.ndim)
+                    s = (xa ** 2).sum(axis=tuple(i for i in range(xa.ndim) if i != ax))
+                    sums = s if sums is None or sums.shape != s.shape else sums + s
+                    count += xa.size // max(xa.shape[ax], 1)
+        medians.append(float(np.median(np.concatenate(picks))) if picks else 0.0)
+        m: dict[str, np.ndarray] = {}
+        if sums is not None and count:
+            m["input"] = sums / count
+        if out_sums is not None and out_count:
+            m["output"] = out_sums / out_count
+        moments.append(m)
+    return medians, moments
+
+
+def _moment_weights(layer: LayerUnderTest, k: int, w: np.ndarray, m: dict[str, np.ndarray]) -> np.ndarray:
+    """E[x²] of the input channel each weight element multiplies, broadcast to the weight's shape."""
+    op = layer.op_type
+    ones = np.ones(w.shape, dtype=np.float64)
+    x2 = m.get("input")
+    if op in ("LSTM", "GRU", "RNN"):
+        x2 = m.get("input") if k == 0 else m.get("output")  # W reads X, R reads the hidden state
+        if x2 is None or w.ndim != 3 or x2.shape[0] != w.shape[2]:
+            return ones
+        return ones * x2.reshape(1, 1, -1)
+    if x2 is None:
+        return ones
+    try:
+        if op == "Conv":
+            group = int(layer.node.attrs.get("group", 1))
+            cout, cin_g = w.shape[0], w.shape[1]
+            if x2.shape[0] != cin_g * group:
+                return ones
+            g_of = np.arange(cout) // max(cout // group, 1)
+            idx = g_of[:, None] * cin_g + np.arange(cin_g)[None, :]
+            return ones * x2[idx].reshape(cout, cin_g, *([1] * (w.ndim - 2)))
+        if op == "ConvTranspose":
+            if x2.shape[0] != w.shape[0]:
+                return ones
+            return ones * x2.reshape(-1, *([1] * (w.ndim - 1)))
+        if op == "Gemm":
+            trans_b = int(layer.node.attrs.get("transB", 0))
+            k_axis = 1 if trans_b else 0
+            if x2.shape[0] != w.shape[k_axis]:
+                return ones
+            return ones * (x2.reshape(1, -1) if trans_b else x2.reshape(-1, 1))
+        if op == "MatMul":
+            if w.ndim < 2 or x2.shape[0] != w.shape[-2]:
+                return ones
+            return ones * x2.reshape(-1, 1)
+    except (IndexError, ValueError):
+        return ones
+    return ones
+
+
+# -------------------------------------------------------------------------------------- orthogonality
+def _features(runner: SensitivityRunner, layer: LayerUnderTest) -> np.ndarray:
+    """Rows = samples; columns = a fixed coordinate subset (uniform shapes) or channel means."""
+    name = layer.node.outputs[0].name
+    rows: list[np.ndarray] = []
+    channel_axis = 1 if layer.op_type in ("Conv", "ConvTranspose") else -1
+    for bi in range(len(runner.batches)):
+        value = runner.float_value(bi, name)
+        if value is None:
+            raise RuntimeError(f"orthogonality: no float value of '{name}'")
+        y = np.asarray(value, dtype=np.float64)
+        per = runner.sample_rows[bi]
+        parts = np.split(y, per, axis=0) if runner.batched and y.ndim >= 1 and y.shape[0] == per else [y]
+        for part in parts:
+            if runner.uniform_shapes:
+                flat = part.ravel()
+                step = max(1, flat.size // ORM_FEATURES)
+                rows.append(flat[::step][:ORM_FEATURES])
+            else:
+                ax = channel_axis % part.ndim if part.ndim else 0
+                rows.append(part.mean(axis=tuple(i for i in range(part.ndim) if i != ax)).ravel()
+                            if part.ndim else part.ravel())
+    width = min(r.size for r in rows)
+    return np.stack([r[:width] for r in rows])
+
+
+def _orthogonality(runner: SensitivityRunner, layers: Sequence[LayerUnderTest]) -> tuple[np.ndarray, np.ndarray]:
+    grams = []
+    for layer in layers:
+        x = _features(runner, layer)
+        g = x @ x.T
+        norm = float(np.linalg.norm(g))
+        grams.append(g / norm if norm > 0 else g)
+    n = len(grams)
+    orm = np.eye(n)
+    for i in range(n):
+        for j in range(i + 1, n):
+            v = float(np.sum(grams[i] * grams[j]))  # tr(G_i G_j) for symmetric G
+            orm[i, j] = orm[j, i] = v
+    if n > 1:
+        mean_other = (orm.sum(axis=1) - np.diag(orm)) / (n - 1)
+    else:
+        mean_other = np.zeros(n)
+    theta = np.exp(-mean_other)
+    return theta, orm

@@ -1,0 +1,154 @@
+"""ONNX function bodies of the ``ai.qcompiler`` ops, built as graphsurgeon :class:`gs.Function` objects.
+
+Each custom op is written into the model with a model-local FunctionProto (``graph.functions``; exported by
+``qcompiler.ir.export_model`` through graphsurgeon), so stock onnxruntime runs a packed model unchanged — it
+inlines the body. A body, for opset ``opset`` (the model's; at least 12)::
+
+    fields = Slice(Reshape(BitShift(Reshape(W, [-1, 1]), [0, w, 2w, …], RIGHT) & (2^w − 1), [-1]), 0, numel)
+    codes  = binary: 2·Cast(fields) − 1 | ternary: Cast(fields) − 1 | shift: (1 − 2·(fields >> 3))·(1 << (fields & 7))
+    Wq     = Reshape(codes, shape)                               # the integer codes, as float
+    X'     = input_scale > 0 ? (X < 0 ? −1 : +1) : X             # XNOR layers: binary input, sign(0) = +1
+    Y      = Op(X', Wq) · scale · (input_scale > 0 ? input_scale : 1) [+ bias]
+
+``& m`` is ``BitwiseAnd`` from opset 18 and ``Mod(·, m + 1)`` before (same result on uint8). The float op
+``Op`` is Conv (attributes auto_pad, dilations, group, kernel_shape, pads, strides forwarded by reference),
+Gemm (alpha, transA, transB; the bias is added as ``beta · C`` after the scaling) or MatMul. ``shape``
+(ints) and ``input_scale`` (float) are attributes of every op. With both operands ±1 (binary weights,
+``input_scale`` > 0) the Conv/MatMul sums are exact integers, so the result equals the XNOR/popcount
+reference of :mod:`.ops` bit for bit when onnxruntime's graph optimizations are off.
+"""
+
+from __future__ import annotations
+
+from typing import Any, List  # noqa: UP035 - graphsurgeon maps typing.List[int] to INTS
+
+import numpy as np
+import onnx_graphsurgeon as gs
+from onnx import TensorProto
+
+from qcompiler.runtime_targets.packed.packing import FIELD_BITS
+
+DOMAIN = "ai.qcompiler"
+DOMAIN_VERSION = 1
+#: the lowest opset the bodies are written for (Constant value_ints / value_float)
+MIN_OPSET = 12
+
+#: op type -> (weight scheme, float op)
+OPS: dict[str, tuple[str, str]] = {
+    f"{scheme.capitalize()}{op}": (scheme, op)
+    for scheme in ("binary", "ternary", "shift")
+    for op in ("Conv", "Gemm", "MatMul")
+}
+_CONV_ATTRS: dict[str, Any] = {"auto_pad": str, "dilations": List[int], "group": int,  # noqa: UP006
+                               "kernel_shape": List[int], "pads": List[int], "strides": List[int]}  # noqa: UP006
+_GEMM_ATTRS: dict[str, Any] = {"alpha": float, "transA": int, "transB": int}
+
+#: formal inputs of each float op's packed form
+INPUTS = {"Conv": ("X", "W", "scale", "B"), "Gemm": ("A", "W", "scale", "C"), "MatMul": ("A", "W", "scale")}
+
+
+def op_type(scheme: str, float_op: str) -> str:
+    return f"{scheme.capitalize()}{float_op}"
+
+
+class _Body:
+    """Collects the nodes of one function body with unique local names."""
+
+    def __init__(self, opset: int) -> None:
+        self.opset = opset
+        self.nodes: list[gs.Node] = []
+        self.n = 0
+
+    def _name(self, base: str) -> str:
+        self.n += 1
+        return f"{base}_{self.n}"
+
+    def const(self, base: str, value: Any) -> gs.Constant:
+        return gs.Constant(self._name(base), np.asarray(value))
+
+    def op(self, op: str, inputs: list[Any], attrs: dict[str, Any] | None = None, out: gs.Variable | None = None,
+           ) -> gs.Variable:
+        y = out if out is not None else gs.Variable(self._name(op.lower()))
+        self.nodes.append(gs.Node(op, self._name(op), attrs=attrs or {}, inputs=inputs, outputs=[y]))
+        return y
+
+    def attr_const(self, attr: str, kind: str, typ: Any) -> gs.Variable:
+        return self.op("Constant", [], {kind: gs.Node.AttributeRef(attr, typ)})
+
+    def mask(self, x: gs.Tensor, bits: int) -> gs.Variable:
+        """``x & (2^bits − 1)`` on uint8."""
+        m = (1 << bits) - 1
+        if self.opset >= 18:
+            return self.op("BitwiseAnd", [x, self.const("mask", np.uint8(m))])
+        return self.op("Mod", [x, self.const("modulus", np.uint8(m + 1))])
+
+
+def _decode(b: _Body, scheme: str, packed: gs.Tensor, shape: gs.Tensor) -> gs.Variable:
+    width = FIELD_BITS[scheme]
+    per = 8 // width
+    col = b.op("Reshape", [packed, b.const("col_shape", np.array([-1, 1], dtype=np.int64))])
+    shifted = b.op("BitShift", [col, b.const("shifts", (np.arange(per) * width).astype(np.uint8))],
+                   {"direction": "RIGHT"})
+    fields = b.op("Reshape", [b.mask(shifted, width), b.const("flat", np.array([-1], dtype=np.int64))])
+    numel = b.op("ReduceProd", [shape], {"keepdims": 1})
+    fields = b.op("Slice", [fields, b.const("start", np.array([0], dtype=np.int64)), numel])
+    f32 = int(TensorProto.FLOAT)
+    if scheme == "binary":
+        v = b.op("Cast", [fields], {"to": f32})
+        codes = b.op("Sub", [b.op("Mul", [v, b.const("two", np.float32(2))]), b.const("one", np.float32(1))])
+    elif scheme == "ternary":
+        codes = b.op("Sub", [b.op("Cast", [fields], {"to": f32}), b.const("one", np.float32(1))])
+    else:
+        exp = b.mask(fields, 3)
+        neg = b.op("BitShift", [fields, b.const("three", np.uint8(3))], {"direction": "RIGHT"})
+        mag = b.op("BitShift", [b.const("unit", np.array([1], dtype=np.uint8)), exp], {"direction": "LEFT"})
+        sign = b.op("Sub", [b.const("one", np.float32(1)),
+                            b.op("Mul", [b.op("Cast", [neg], {"to": f32}), b.const("two", np.float32(2))])])
+        codes = b.op("Mul", [b.op("Cast", [mag], {"to": f32}), sign])
+    return b.op("Reshape", [codes, shape])
+
+
+def build_function(op: str, opset: int) -> gs.Function:
+    """The function body of custom op ``op`` (e.g. ``BinaryConv``) for a model of ``opset``."""
+    if op not in OPS:
+        raise KeyError(f"unknown packed op {op!r}")
+    if opset < MIN_OPSET:
+        raise ValueError(f"packed function bodies need opset >= {MIN_OPSET}, got {opset}")
+    scheme, float_op = OPS[op]
+    b = _Body(opset)
+    formal = [gs.Variable(n) for n in INPUTS[float_op]]
+    x, packed, scale = formal[:3]
+    shape = b.attr_const("shape", "value_ints", List[int])  # noqa: UP006
+    wq = _decode(b, scheme, packed, shape)
+
+    s_in = b.attr_const("input_scale", "value_float", float)
+    binary_in = b.op("Greater", [s_in, b.const("zero", np.float32(0))])
+    sign = b.op("Where", [b.op("Less", [x, b.const("zero", np.float32(0))]), b.const("minus_one", np.float32(-1)),
+                          b.const("one", np.float32(1))])
+    x_in = b.op("Where", [binary_in, sign, x])
+    s_eff = b.op("Where", [binary_in, s_in, b.const("one", np.float32(1))])
+
+    attrs: dict[str, Any] = {"shape": None, "input_scale": None}
+    if float_op == "Conv":
+        y = b.op("Conv", [x_in, wq], {k: gs.Node.AttributeRef(k, t) for k, t in _CONV_ATTRS.items()})
+        attrs.update(dict.fromkeys(_CONV_ATTRS))
+    elif float_op == "Gemm":
+        y = b.op("Gemm", [x_in, wq], {k: gs.Node.AttributeRef(k, t) for k, t in _GEMM_ATTRS.items()})
+        attrs.update(dict.fromkeys(_GEMM_ATTRS))
+        attrs["beta"] = None
+    else:
+        y = b.op("MatMul", [x_in, wq])
+    out = gs.Variable("Y")
+    y = b.op("Mul", [y, scale])
+    if float_op == "Conv":
+        y = b.op("Mul", [y, s_eff])
+        bias = b.op("Reshape", [formal[3], b.op("Shape", [scale])])
+        b.op("Add", [y, bias], out=out)
+    elif float_op == "Gemm":
+        y = b.op("Mul", [y, s_eff])
+        beta = b.attr_const("beta", "value_float", float)
+        b.op("Add", [y, b.op("Mul", [formal[3], beta])], out=out)
+    else:
+        b.op("Mul", [y, s_eff], out=out)
+    return gs.Function(op, domain=DOMAIN, nodes=b.nodes, inputs=formal, outputs=[out], opset=opset, attrs=attrs,
+                       doc_string=f"qcompiler packed {scheme} {float_op}: see runtime_targets/packed/functions.py")

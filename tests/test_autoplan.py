@@ -1,0 +1,324 @@
+"""Tests of automatic mixed precision: budget parsing, candidates, sensitivity metrics on a fixture with a layer
+built to be fragile, the budget never exceeded (counted as ``inspect --cost`` counts), the CLI round trip."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+from qcompiler import autoplan, cost, ir, quant
+from qcompiler.autoplan import Budget, parse_candidates
+from qcompiler.cli import cli
+from qcompiler.compiler import CompileOptions, compile_model
+from qcompiler.errors import UserError
+from qcompiler.plan import Plan
+from qcompiler.sensitivity import METRICS, LayerUnderTest, compute, fake_quantize
+
+MODELS = Path(__file__).resolve().parents[1] / "models"
+CONV = MODELS / "conv_bn_relu.onnx"
+CONV_DATA = MODELS / "conv_bn_relu.npz"
+FRAGILE = 1  # index of the fragile layer
+
+
+# ------------------------------------------------------------------------------------------- fixtures
+def _fragile_mlp(dim: int = 64, layers: int = 4, seed: int = 0) -> onnx.ModelProto:
+    """x[N, dim] -> (MatMul -> Relu) x layers -> logits. Layer FRAGILE's weight columns each hold one large
+    entry (1.0) among small ones (σ 0.05): per-channel int4 steps of 1/7 erase the small weights (~10 % relative
+    error), while the Gaussian layers (σ = 1/√dim) lose ~1 %. Every metric must rank it first."""
+    rng = np.random.default_rng(seed)
+    nodes, inits = [], []
+    prev = "x"
+    for i in range(layers):
+        if i == FRAGILE:
+            w = (rng.standard_normal((dim, dim)) * 0.05).astype(np.float32)
+            w[rng.permutation(dim), np.arange(dim)] = rng.choice([-1.0, 1.0], size=dim)
+        else:
+            w = (rng.standard_normal((dim, dim)) / math.sqrt(dim)).astype(np.float32) * 1.4
+        inits.append(numpy_helper.from_array(w, f"w{i}"))
+        nodes.append(helper.make_node("MatMul", [prev, f"w{i}"], [f"h{i}"], name=f"fc{i}"))
+        if i < layers - 1:
+            nodes.append(helper.make_node("Relu", [f"h{i}"], [f"a{i}"], name=f"relu{i}"))
+            prev = f"a{i}"
+    nodes.append(helper.make_node("Identity", [f"h{layers - 1}"], ["y"], name="out"))
+    g = helper.make_graph(nodes, "fragile", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", dim])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", dim])], initializer=inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.checker.check_model(m)
+    return m
+
+
+def _ternary_friendly_mlp(seed: int = 0) -> onnx.ModelProto:
+    """x[N, 64] -> fc0 [64,128] -> fc1 [128,64] (fragile, as above) -> fc2 [64,128] -> fc3 [128,64] -> fc4 [64,64],
+    Relu between. fc0, fc2 and fc3 hold ternary-valued weights (±a or 0, as a ternary-trained layer would): 2
+    bits store them exactly, so a budget-aware plan gives their bytes to the fragile layer."""
+    rng = np.random.default_rng(seed)
+    shapes = [(64, 128), (128, 64), (64, 128), (128, 64), (64, 64)]
+    nodes, inits = [], []
+    prev = "x"
+    for i, (k, n) in enumerate(shapes):
+        if i == FRAGILE:
+            w = (rng.standard_normal((k, n)) * 0.05).astype(np.float32)
+            w[rng.integers(0, k, size=n), np.arange(n)] = rng.choice([-1.0, 1.0], size=n)
+        elif i in (0, 2, 3):
+            w = (rng.choice([-1.0, 0.0, 1.0], size=(k, n), p=[0.3, 0.4, 0.3]) * 1.6 / math.sqrt(k)).astype(np.float32)
+        else:
+            w = (rng.standard_normal((k, n)) * 1.4 / math.sqrt(k)).astype(np.float32)
+        inits.append(numpy_helper.from_array(w, f"w{i}"))
+        nodes.append(helper.make_node("MatMul", [prev, f"w{i}"], [f"h{i}"], name=f"fc{i}"))
+        if i < len(shapes) - 1:
+            nodes.append(helper.make_node("Relu", [f"h{i}"], [f"a{i}"], name=f"relu{i}"))
+            prev = f"a{i}"
+    g = helper.make_graph(nodes, "mixed", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
+                          [helper.make_tensor_value_info(f"h{len(shapes) - 1}", TensorProto.FLOAT, ["N", 64])],
+                          initializer=inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.checker.check_model(m)
+    return m
+
+
+@pytest.fixture(scope="module")
+def fragile(tmp_path_factory):
+    d = tmp_path_factory.mktemp("fragile")
+    path = d / "fragile.onnx"
+    onnx.save(_fragile_mlp(), str(path))
+    x = np.random.default_rng(1).standard_normal((24, 1, 64)).astype(np.float32)
+    np.savez(d / "calib.npz", x=x)
+    return path, d / "calib.npz"
+
+
+# --------------------------------------------------------------------------------------------- budget
+@pytest.mark.parametrize("text,kind,value", [
+    ("4000000", "bytes", 4000000), ("4MB", "bytes", 4 * 1024**2), ("4 mb", "bytes", 4 * 1024**2),
+    ("512KB", "bytes", 512 * 1024), ("1.5MiB", "bytes", 1.5 * 1024**2), ("2k", "bytes", 2048),
+    ("1000B", "bytes", 1000), ("25%", "fraction", 0.25), ("100%", "fraction", 1.0), ("4.5bits", "bits", 4.5),
+    ("4bit", "bits", 4.0), ("3 bits", "bits", 3.0),
+])
+def test_budget_parsing(text, kind, value):
+    b = Budget.parse(text)
+    assert b.kind == kind and b.value == pytest.approx(value)
+
+
+@pytest.mark.parametrize("text,kind,value", [("1.5G", "bitops", 1.5e9), ("2e9", "bitops", 2e9),
+                                             ("300M", "bitops", 3e8), ("50%", "bitops-fraction", 0.5)])
+def test_bitops_budget_parsing(text, kind, value):
+    b = Budget.parse(text, bitops=True)
+    assert b.kind == kind and b.value == pytest.approx(value) and b.unit == "bitops"
+
+
+@pytest.mark.parametrize("text,bitops,match", [
+    ("", False, "empty"), ("abc", False, "cannot read"), ("0", False, "positive"), ("4XB", False, "unit"),
+    ("120%", False, r"\(0, 100\]"), ("0%", False, r"\(0, 100\]"), ("40bits", False, r"\(0, 32\]"),
+    ("4bits", True, "--bitops"), ("3Q", True, "unit"), ("-5", False, "cannot read"),
+])
+def test_bad_budgets(text, bitops, match):
+    with pytest.raises(UserError, match=match):
+        Budget.parse(text, bitops=bitops)
+
+
+def test_candidates():
+    c = parse_candidates("fp32,int8,INT4,ternary,binary,shift4,shift2")
+    assert [x.name for x in c] == ["fp32", "int8", "int4", "ternary", "binary", "shift4", "shift2"]
+    assert c[0].is_float and c[1].keys() == {"dtype": "int8", "scheme": "int"}
+    assert c[3].lowbit and c[5].keys() == {"scheme": "shift", "bits": 4}
+    for bad, match in (("int3", "unknown candidate"), ("int8,int8", "twice"), ("shift7", "bits"), ("", "empty")):
+        with pytest.raises(UserError, match=match):
+            parse_candidates(bad)
+
+
+# ---------------------------------------------------------------------------------------- sensitivity
+def _layers(path, cands, target="ort"):
+    prep = autoplan.prepare(path, parse_candidates(cands), target=target)
+    by = {n.name: n for n in prep.graph.nodes}
+    lut = [LayerUnderTest(la.name, by[la.name], prep.nodes[la.name].weight_inputs, prep.specs[i])
+           for i, la in enumerate(prep.layers)]
+    return prep, lut
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_fragile_layer_ranked_most_sensitive(fragile, metric):
+    path, calib = fragile
+    prep, lut = _layers(path, "fp32,int8,int4")
+    feeds = autoplan.load_feeds(prep.graph, calib, 16, 0)
+    res = compute(metric, prep.graph, lut, ["fp32", "int8", "int4"], feeds, workers=2)
+    assert res.layers == ["fc0", "fc1", "fc2", "fc3"]
+    int4 = res.values[:, 2]
+    assert int(np.argmax(int4)) == FRAGILE, (metric, int4)
+    others = np.delete(int4, FRAGILE)
+    assert int4[FRAGILE] > 2.0 * others.max(), (metric, int4)
+    assert np.all(res.values[:, 0] == 0.0)  # fp32 costs nothing
+    assert np.all(res.values[:, 1] < res.values[:, 2])  # int8 hurts less than int4, layer by layer
+    if metric in ("pd", "hessian"):
+        assert res.noise is not None and np.all(res.noise[:, 1:] > 0)
+
+
+def test_pd_matches_a_real_single_layer_compile(fragile, tmp_path):
+    """pd's fake quantization equals insert-qdq's codes, and its predicted output noise is the measured one."""
+    path, calib = fragile
+    prep, lut = _layers(path, "int4")
+    feeds = autoplan.load_feeds(prep.graph, calib, 8, 0)
+    res = compute("pd", prep.graph, lut, ["int4"], feeds, workers=1)
+    layer = lut[FRAGILE]
+    text = ("version: 1\ndefaults:\n  weight: {dtype: float}\n  activation: {dtype: float}\nrules:\n"
+            f"  - {{match: {{name: {layer.name}}}, weight: {{dtype: int4, granularity: per_channel}}}}\n")
+    out = tmp_path / "one.onnx"
+    compile_model(path, out, CompileOptions(plan=Plan.from_text(text), calib="none", validate=False))
+    fq = fake_quantize(layer.node, layer.weights()[0], layer.specs["int4"])
+    qm = ir.load_model(out)
+    g, _ = ir.import_graph(qm)
+    dq = next(n for n in g.nodes if n.op == "DequantizeLinear")
+    codes, scale, zp = (np.asarray(t.values) for t in dq.inputs)
+    np.testing.assert_array_equal(quant.dequantize(codes, scale, zp, axis=int(dq.attrs["axis"])), fq)
+    fs, qs = ir.session(path), ir.session(out)
+    noise = sum(float(((fs.run(None, f)[0].astype(np.float64) - qs.run(None, f)[0]) ** 2).sum()) for f in feeds)
+    assert res.noise is not None
+    assert res.noise[FRAGILE, 0, 0] == pytest.approx(noise, rel=1e-4)
+
+
+def test_probability_outputs_use_kl():
+    from qcompiler.sensitivity import _output_kind
+
+    g = ir.import_graph(_fragile_mlp())[0]
+    p = np.full((2, 3, 5), 0.2, dtype=np.float32)
+    assert _output_kind("y", g, p) == ("prob", 2)
+    assert _output_kind("y", g, p.transpose(0, 2, 1)) == ("prob", 1)
+    assert _output_kind("y", g, np.array([[0.3, -0.2]], dtype=np.float32)) == ("mse", None)
+
+
+# -------------------------------------------------------------------------------------------- planning
+def _plan(path, calib, budget, cands="int8,int4", **kw):
+    opts = autoplan.PlanOptions(budget=Budget.parse(budget, bitops=kw.pop("bitops", False)),
+                                candidates=parse_candidates(cands), samples=8, **kw)
+    return autoplan.auto_plan(path, calib, opts)
+
+
+def _compiled_cost(path, plan, calib, tmp_path, name="q.onnx", target="ort"):
+    out = tmp_path / name
+    compile_model(path, out, CompileOptions(plan=plan, calib=str(calib), validate=False, target=target))
+    return cost.model_cost(out), os.path.getsize(out)
+
+
+def test_budget_never_exceeded_bytes(tmp_path):
+    """Byte budgets from the all-int4 size to the all-int8 size: every plan, compiled with the real calibration
+    data, fits — counted by inspect --cost and on disk — and more budget never predicts more distortion."""
+    lo = _plan(CONV, CONV_DATA, "1000000", cands="int4")  # cheapest: everything int4
+    hi = _plan(CONV, CONV_DATA, "1000000", cands="int8")
+    b_lo, b_hi = lo.verified["bytes"], hi.verified["bytes"]
+    assert b_lo < b_hi
+    prev = math.inf
+    for k, budget in enumerate(np.linspace(b_lo, b_hi, 5).astype(int)):
+        res = _plan(CONV, CONV_DATA, str(budget), metric="act-stats")
+        rep, size = _compiled_cost(CONV, Plan.from_text(res.text), CONV_DATA, tmp_path, f"q{k}.onnx")
+        assert rep.total_bytes <= budget and size <= budget, (budget, rep.total_bytes)
+        assert res.predicted["sensitivity"] <= prev + 1e-12
+        prev = res.predicted["sensitivity"]
+    with pytest.raises(UserError, match="below the smallest plan"):
+        _plan(CONV, CONV_DATA, str(b_lo - 200))
+
+
+def test_fraction_bits_and_bitops_budgets(fragile, tmp_path):
+    path, calib = fragile
+    res = _plan(path, calib, "5bits", cands="int8,int4")  # 4 equal layers: room for one at int8
+    assert res.unit == "bits" and res.predicted["avg_bits"] == 5.0
+    rep, _ = _compiled_cost(path, res.plan, calib, tmp_path, "bits.onnx")
+    assert rep.average_weight_bits() == pytest.approx(res.predicted["avg_bits"])
+    assert res.choice[FRAGILE] == 0  # the fragile layer is the one kept at int8
+    res = _plan(path, calib, "20%", cands="int8,int4")
+    assert res.verified["bytes"] <= math.floor(0.2 * os.path.getsize(path))
+    float_ops = cost.model_cost(path, feed_shapes={"x": [1, 64]}).bitops
+    res = _plan(path, calib, "5%", cands="int8,int4", bitops=True)  # int4 everywhere is 3.125 %; 2 int8 fit
+    rep, _ = _compiled_cost(path, res.plan, calib, tmp_path, "ops.onnx")
+    rep = cost.model_cost(tmp_path / "ops.onnx", feed_shapes={"x": [1, 64]})
+    assert rep.bitops <= 0.05 * float_ops and res.verified["bitops"] == rep.bitops
+    assert res.counts() == {"int8": 2, "int4": 2} and res.choice[FRAGILE] == 0
+
+
+def test_mixed_plan_beats_uniform_at_equal_bytes(fragile, tmp_path):
+    """At the bytes of uniform int4 the planner stores the ternary-friendly layers in 2 bits (packed target) and
+    spends the bytes on int8 for the fragile layer: measured SQNR ≥ uniform int4 + 3 dB."""
+    _, calib = fragile
+    path = tmp_path / "mixed.onnx"
+    onnx.save(_ternary_friendly_mlp(), str(path))
+    uni = _plan(path, calib, "1000000", cands="int4", target="packed")
+    res = _plan(path, calib, str(uni.verified["bytes"]), cands="int8,int4,ternary,binary", target="packed")
+    assert res.verified["bytes"] <= uni.verified["bytes"]
+    assert res.choice[FRAGILE] == 0  # int8 for the fragile layer
+    sq_mixed = autoplan.measure_sqnr(path, res.plan, calib, target="packed")
+    sq_uni = autoplan.measure_sqnr(path, uni.plan, calib, target="packed")
+    assert sq_mixed >= sq_uni + 3.0, (sq_mixed, sq_uni)
+
+
+def test_unsupported_candidate_is_refused(fragile):
+    path, calib = fragile
+    with pytest.raises(UserError, match="not supported by target 'tensorrt'"):
+        _plan(path, calib, "20%", cands="int8,ternary", target="tensorrt")
+
+
+def test_plan_is_deterministic_and_front_is_pareto(fragile):
+    path, calib = fragile
+    a = _plan(path, calib, "30%", cands="fp32,int8,int4")
+    b = _plan(path, calib, "30%", cands="fp32,int8,int4")
+    assert a.text == b.text
+    bytes_ = [p.bytes for p in a.front]
+    sens = [p.sensitivity for p in a.front]
+    assert bytes_ == sorted(bytes_) and all(s1 > s2 for s1, s2 in itertools.pairwise(sens))
+    assert sum(p.chosen for p in a.front) == 1
+    assert "# fc1 (MatMul, 4096 params):" in a.text  # the comment with sensitivity and bytes per candidate
+    assert "s=" in a.text and "B," in a.text
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+def test_cli_round_trip(tmp_path):
+    runner = CliRunner()
+    plan, front = tmp_path / "plan.yaml", tmp_path / "front.csv"
+    r = runner.invoke(cli, ["plan", str(CONV), "--budget", "11KB", "--calib", str(CONV_DATA), "-o", str(plan),
+                            "--pareto", str(front), "--measure", "2", "--samples", "8"])
+    assert r.exit_code == 0, r.output
+    assert plan.exists() and front.exists() and front.with_suffix(".svg").exists()
+    text = plan.read_text()
+    assert "version: 1" in text and text.count("- {match: {name: ") == 6
+    rows = list(csv.DictReader(front.open()))
+    assert len(rows) >= 3 and sum(int(x["chosen"]) for x in rows) == 1
+    measured = [x for x in rows if x["measured_sqnr_db"]]
+    assert len(measured) >= 2
+    svg = front.with_suffix(".svg").read_text()
+    assert svg.startswith("<svg") and "measured SQNR" in svg and svg.count("<rect") >= 3
+    out = tmp_path / "q.onnx"
+    r = runner.invoke(cli, ["compile", str(CONV), "-o", str(out), "--plan", str(plan), "--calib", str(CONV_DATA)])
+    assert r.exit_code == 0, r.output
+    assert os.path.getsize(out) <= 11 * 1024 and "cost:" in r.output
+    # explicit sub-command, plan to stdout; the other sub-commands still work
+    r = runner.invoke(cli, ["plan", "auto", str(CONV), "--budget", "11KB", "--calib", str(CONV_DATA), "-q",
+                            "--metric", "act-stats"])
+    assert r.exit_code == 0 and r.output.startswith("# Mixed-precision plan")
+    r = runner.invoke(cli, ["plan", "show"])
+    assert r.exit_code == 0 and "w8a8" in r.output
+    r = runner.invoke(cli, ["plan", "resolve", str(CONV)])
+    assert r.exit_code == 0 and "conv1" in r.output
+    r = runner.invoke(cli, ["plan", str(CONV), "--budget", "1KB", "--calib", str(CONV_DATA)])
+    assert r.exit_code == 2 and "below the smallest plan" in r.output and "Traceback" not in r.output
+
+
+def test_compile_with_budget(tmp_path):
+    out, report = tmp_path / "q.onnx", tmp_path / "r.json"
+    r = CliRunner().invoke(cli, ["compile", str(CONV), "-o", str(out), "--budget", "40%", "--calib", str(CONV_DATA),
+                                 "--report", str(report)])
+    assert r.exit_code == 0, r.output
+    import json
+
+    rep = json.loads(report.read_text())
+    assert rep["autoplan"]["budget"] == "40%"
+    assert rep["cost"]["total_bytes"] == os.path.getsize(out) <= math.floor(0.4 * os.path.getsize(CONV))
+    assert (tmp_path / "q.autoplan.yaml").exists()
+    r = CliRunner().invoke(cli, ["compile", str(CONV), "-o", str(tmp_path / "x.onnx"), "--candidates", "int4"])
+    assert r.exit_code == 2 and "--budget" in r.output
