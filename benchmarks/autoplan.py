@@ -89,10 +89,13 @@ def plan(task: Any, calib: Path, budget: str, cands: str, target: str, samples: 
 
 
 def layers_of(task: Any, cands: str, target: str) -> tuple[Any, list[LayerUnderTest]]:
-    prep = autoplan.prepare(task.model, autoplan.parse_candidates(cands), target=target)
+    cl = autoplan.parse_candidates(cands)
+    prep = autoplan.prepare(task.model, cl, target=target)
+    oq = autoplan.output_quant(prep, cl, autoplan.layer_rules(prep, cl))
     by = {n.name: n for n in prep.graph.nodes}
     lut = [LayerUnderTest(la.name, by[la.name], prep.nodes[la.name].weight_inputs, prep.specs[i],
-                          prep.nodes[la.name].activation if 0 in prep.nodes[la.name].activation_inputs else None)
+                          prep.nodes[la.name].activation if 0 in prep.nodes[la.name].activation_inputs else None,
+                          oq[i])
            for i, la in enumerate(prep.layers)]
     return prep, lut
 

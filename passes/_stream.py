@@ -3,8 +3,8 @@
 :func:`stream` runs a graph in onnxruntime over a :class:`~qcompiler.calibration.CalibrationSource` with some
 intermediate tensors exposed and hands each sample's values to a callback, which folds them into running
 statistics (per-channel maxima, sums, XᵀX, ...). Nothing is kept per sample, so memory does not grow with
-the number of samples. :func:`source_for` picks the data a pass works on: the calibration data, or seeded
-random inputs (with a warning) when there is none.
+the number of samples. :func:`source_for` picks the data a pass works on: the real calibration data, or
+``None`` (with a warning: the pass then skips its data-driven work) when there is none or it is synthetic.
 """
 
 from __future__ import annotations
@@ -22,17 +22,13 @@ from qcompiler.errors import UserError
 
 log = logging.getLogger(__name__)
 
-#: random samples used by a data-hungry pass when there is no calibration data
-RANDOM_SAMPLES = 16
-
-
-def source_for(ctx: CompileContext, pass_name: str, samples: int | None = None) -> CalibrationSource:
-    """The calibration data (at most ``samples``), else seeded random inputs and a warning."""
-    if ctx.calib is not None:
+def source_for(ctx: CompileContext, pass_name: str, samples: int | None = None) -> CalibrationSource | None:
+    """The real calibration data (at most ``samples``); ``None`` and a warning when there is none (no ``--calib``,
+    ``--calib none``) or it is synthetic (``--calib random``): statistics of random inputs would mislead."""
+    if ctx.calib is not None and not ctx.calib.synthetic:
         return ctx.calib.take(samples)
-    n = samples or RANDOM_SAMPLES
-    log.warning("%s: no calibration data; using %d random samples (statistics are synthetic)", pass_name, n)
-    return CalibrationSource.from_arg("random", input_signatures(ctx.graph), seed=ctx.seed, num_random=n)
+    log.warning("%s: no real calibration data (give --calib DATA); its data-driven step is skipped", pass_name)
+    return None
 
 
 def axis_max(x: np.ndarray, axis: int) -> np.ndarray:

@@ -7,7 +7,7 @@ layer's bias (creating a bias when there is none):
 
     b ← b − E[ W̃ ⊛ x̃ − W ⊛ x̃ ]        (per output channel)
 
-* **empirical** (calibration data, or random data when none is given): the graph is quantized in a scratch
+* **empirical** (real calibration data; skipped with a warning without): the graph is quantized in a scratch
   copy exactly as ``insert-qdq`` will do it (same plan, calibrated ranges and ``gptq`` weight overrides); each
   corrected layer gets a float twin there reading the same (quantized) input x̃, and the mean difference of
   their outputs over all samples and positions is accumulated streaming, per channel.
@@ -28,6 +28,7 @@ import logging
 import math
 from collections import Counter
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -90,7 +91,13 @@ class BiasCorrectPass(Pass):
         if ctx.data_free:
             shifts = self._analytic(ctx, layers, qweights, stats)
         else:
-            shifts = self._empirical(ctx, layers, clone, stats)
+            from ._stream import source_for
+
+            source = source_for(ctx, self.name, self.options.samples)
+            if source is None:
+                stats["skipped_no_data"] = len(layers)
+                return PassResult(False, stats)
+            shifts = self._empirical(source, layers, clone, stats)
         modified = False
         total = 0.0
         for lay in layers:
@@ -140,9 +147,9 @@ class BiasCorrectPass(Pass):
         return qweights, clone
 
     # ------------------------------------------------------------------------------------------ empirical
-    def _empirical(self, ctx: CompileContext, layers: list[Layer], clone: gs.Graph,
+    def _empirical(self, source: Any, layers: list[Layer], clone: gs.Graph,
                    stats: Counter[str]) -> dict[str, np.ndarray]:
-        from ._stream import source_for, stream
+        from ._stream import stream
 
         by_name = {n.name: n for n in clone.nodes}
         pairs: dict[str, tuple[str, str, int]] = {}  # node -> (quantized output, float twin output, axis)
@@ -172,8 +179,7 @@ class BiasCorrectPass(Pass):
                 counts[node_name] = counts.get(node_name, 0) + flat.shape[1]
 
         names = [n for yq, yf, _ in pairs.values() for n in (yq, yf)]
-        stats["samples"] = stream(clone, names, source_for(ctx, self.name, self.options.samples), consume,
-                                  optimize=False)
+        stats["samples"] = stream(clone, names, source, consume, optimize=False)
         return {k: sums[k] / max(counts[k], 1) for k in sums}
 
     # ------------------------------------------------------------------------------------------- analytic

@@ -4,14 +4,18 @@ Following the calibration-sample selection of EDA-DM (Liu et al. 2024), samples 
 (typical inputs, where most of the distribution lies) and **diversity** (spread over it, not N near-copies),
 measured on a cheap feature of each sample:
 
-1. *feature*: the float graph runs once over the whole pool (streaming) exposing one tensor — by default the
-   input of the last Conv / Gemm / MatMul (the "penultimate" activations) — average-pooled over every axis
-   but the channel one (axis 1 for Conv inputs, the last axis otherwise): one vector per sample;
+1. *feature* (one vector per sample, the float graph run once over the whole pool, streaming):
+   ``feature=ranges`` (default) — log10 max|t| of every activation tensor the plan quantizes, i.e. what the
+   calibrated ranges are made of; ``feature=penultimate`` — the input of the last Conv / Gemm / MatMul,
+   average-pooled over every axis but the channel one (axis 1 for Conv inputs, the last axis otherwise), as
+   EDA-DM uses; or ``feature=TENSOR`` pooled the same way;
 2. the vectors are standardized per dimension and, beyond 64 dimensions, projected on their 64 principal
    components;
 3. *density*: a Gaussian kernel density estimate per sample (bandwidth: the median pairwise distance);
 4. *greedy selection*: the densest sample first, then repeatedly the sample maximizing
-   ``λ·density + (1 − λ)·distance to the nearest selected sample`` (both scaled to [0, 1]; λ = ``density_weight``).
+   ``λ·density + (1 − λ)·diversity`` (λ = ``density_weight``): density scaled to [0, 1], diversity the distance
+   to the nearest selected sample in units of twice the bandwidth, capped at 1 (so a lone far outlier counts
+   no more than a whole unrepresented mode, and density breaks the tie).
 
 ``ctx.calib`` becomes the pool restricted to the chosen samples (kept in their original order), so every later
 consumer of calibration data (smooth, calibrate, gptq, bias-correct) sees the selection. Memory: one feature
@@ -44,7 +48,7 @@ MAX_DIMS = 64
 @dataclass
 class Options:
     n: int = 64  # samples to keep
-    feature: str | None = None  # tensor to pool (default: the input of the last Conv / Gemm / MatMul)
+    feature: str = "ranges"  # ranges | penultimate | the name of a tensor to average-pool
     density_weight: float = 0.5  # λ: weight of density against diversity
 
     def validate(self, pass_name: str = "calib-select") -> None:
@@ -75,8 +79,12 @@ class CalibSelectPass(Pass):
             if pool <= opts.n:
                 log.info("calib-select: the pool has %d samples, no more than %d: all kept", pool, opts.n)
             return PassResult(False, stats)
-        name, axis = self._feature(ctx)
-        feats = self._features(ctx, name, axis)
+        if opts.feature == "ranges":
+            name = "ranges"
+            feats = self._range_features(ctx)
+        else:
+            name, axis = self._feature(ctx)
+            feats = self._features(ctx, name, axis)
         chosen = select(feats, opts.n, opts.density_weight)
         ctx.calib = ctx.calib.subset(chosen)
         stats["selected"] = len(chosen)
@@ -84,9 +92,26 @@ class CalibSelectPass(Pass):
                                       "indices": [int(i) for i in chosen]}
         return PassResult(False, stats)
 
+    def _range_features(self, ctx: CompileContext) -> np.ndarray:
+        """Per sample: log10 max|t| of every activation tensor the plan quantizes (what its ranges are made of)."""
+        from ._stream import stream
+
+        assert ctx.calib is not None
+        names = sorted(ctx.activation_specs)
+        if not names:
+            raise UserError("calib-select: feature 'ranges' needs quantized activations (run it after resolve-plan "
+                            "with a plan that quantizes activations), or give feature=penultimate")
+        rows: list[np.ndarray] = []
+
+        def consume(values: dict[str, np.ndarray]) -> None:
+            rows.append(np.asarray([np.log10(float(np.abs(values[n]).max(initial=0.0)) + 1e-12) for n in names]))
+
+        stream(ctx.graph, names, ctx.calib, consume)
+        return np.stack(rows)
+
     def _feature(self, ctx: CompileContext) -> tuple[str, int]:
         tensors = ctx.graph.tensors()
-        if self.options.feature is not None:
+        if self.options.feature != "penultimate":
             t = tensors.get(self.options.feature)
             if t is None or isinstance(t, gs.Constant):
                 raise UserError(f"calib-select: option 'feature': no activation tensor named "
@@ -158,7 +183,7 @@ def select(features: np.ndarray, n: int, density_weight: float = 0.5, chunk: int
     taken = np.zeros(p, dtype=bool)
     taken[chosen[0]] = True
     while len(chosen) < n:
-        div = nearest / max(float(nearest.max()), 1e-300)
+        div = np.minimum(nearest / (2.0 * h), 1.0)  # robust: a far outlier is no more "diverse" than a new mode
         score = density_weight * dn + (1.0 - density_weight) * div
         score[taken] = -np.inf
         j = int(np.argmax(score))

@@ -14,6 +14,10 @@ scale and to L2's per-output-channel weight scale. Chains ``A -> B -> C`` (e.g. 
 depthwise -> project) share B; the pairs are swept until no scale moves by more than ``tolerance`` (at most
 ``iterations`` sweeps).
 
+``ranges=activations`` (needs real calibration data; else the weight ranges are used) replaces r1_i by the
+measured range of the joining activation's channel i: with per-channel weight scales L1's own rows are free to
+rescale, and what matters is balancing that activation (quantized per tensor) against L2's input weights.
+
 **Bias absorption** (``absorb_bias``): when ``fold-batchnorm`` recorded the statistics of L1's output (a folded
 BN: per channel mean β and std γ, see ``qcompiler.calibration.bn_statistics``) and L1 is followed by a ReLU,
 the part ``c_i = max(0, β_i − k·γ_i)`` (k = ``absorb_k``) that the ReLU input almost never goes below is moved
@@ -110,7 +114,7 @@ class EqualizePass(Pass):
                 work.setdefault(id(lay.weight), lay.w.astype(np.float64))
                 bias.setdefault(id(lay.weight), lay.bias_values())
         total = [np.ones(p.l1.n_out) for p in pairs]
-        acts = self._activation_ranges(ctx, pairs) if opts.ranges == "activations" and not ctx.data_free else None
+        acts = self._activation_ranges(ctx, pairs) if opts.ranges == "activations" else None
         first_max = 0.0
         for sweep in range(opts.iterations):
             worst = 0.0
@@ -155,9 +159,14 @@ class EqualizePass(Pass):
             modified |= self._absorb(pairs, bn_stats, stats)
         return PassResult(modified, stats)
 
-    def _activation_ranges(self, ctx: CompileContext, pairs: list[_Pair]) -> list[np.ndarray]:
-        """max |x| per channel of each pair's joining tensor (L2's input) over the calibration data."""
+    def _activation_ranges(self, ctx: CompileContext, pairs: list[_Pair]) -> list[np.ndarray] | None:
+        """max |x| per channel of each pair's joining tensor (L2's input) over the calibration data (None without
+        real data: the weight ranges are used)."""
         from ._stream import axis_max, source_for, stream
+
+        source = source_for(ctx, self.name, self.options.samples)
+        if source is None:
+            return None
 
         names = [p.l2.node.inputs[0].name for p in pairs]
         axes = {n: p.l2.act_axis for n, p in zip(names, pairs)}
@@ -168,7 +177,7 @@ class EqualizePass(Pass):
                 m = axis_max(v, axes[n])
                 ranges[n] = m if n not in ranges else np.maximum(ranges[n], m)
 
-        stream(ctx.graph, names, source_for(ctx, self.name, self.options.samples), consume)
+        stream(ctx.graph, names, source, consume)
         return [ranges[n] for n in names]
 
     # ------------------------------------------------------------------------------------------ matching

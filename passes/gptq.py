@@ -7,7 +7,8 @@ GPTQ minimizes the layer's output error ``‖(Ŵ − W)·X‖²`` over the calib
 it quantizes the columns of W one at a time and spreads each column's rounding error over the columns not
 yet quantized, in proportion to the inverse Hessian:
 
-    H ← H + λ·mean(diag H)·I                  (damping λ = ``damp``; dead inputs get H_ii = 1, W[:, i] = 0)
+    H ← H + (λ + min(K/n, 1))·mean(diag H)·I  (damping λ = ``damp``, plus shrinkage when the n calibration
+                                              rows are few for K; dead inputs get H_ii = 1, W[:, i] = 0)
     U = chol(H⁻¹)ᵀ  (upper)
     for each column j:  q_j = Q(w_j);  e = (w_j − q_j) / U_jj;  w_{j+1:} ← w_{j+1:} − e · U_{j, j+1:}
 
@@ -20,7 +21,8 @@ variant does. Conv columns are ordered (kH, kW, Cin) so that a block of Cin at o
 The result goes to ``ctx.weight_overrides[(node, 1)]`` as a :class:`~qcompiler.quant.QuantizedTensor` in the
 weight's own layout, which ``insert-qdq`` emits as is; the float graph is not changed. Applies to Conv / Gemm /
 MatMul weights the plan quantizes to an integer dtype of at most ``max_bits`` bits (int4 by default), scheme
-``int``, not shared with another node. Runs after ``resolve-plan`` and before ``insert-qdq``; a second run skips
+``int``, not shared with another node. Needs real calibration data: without it (no ``--calib``, ``none`` or
+``random``) the pass skips, with a warning, and the weights are rounded to nearest. Runs after ``resolve-plan`` and before ``insert-qdq``; a second run skips
 the layers that already have an override. Everything is numpy (float64); memory is one K × K matrix per layer.
 
 Stats: ``layers``, ``samples``, ``skipped_*``; ``ctx.report["gptq"]`` has the proxy loss ``‖ΔW·X‖²`` of
@@ -32,6 +34,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -119,7 +122,13 @@ class GPTQPass(Pass):
             jobs.append(_Job(lay, spec, axis, block, np.zeros((lay.groups, k, k))))
         if not jobs:
             return PassResult(False, stats)
-        stats["samples"] = self._accumulate(ctx, jobs)
+        from ._stream import source_for
+
+        source = source_for(ctx, self.name, self.options.samples)
+        if source is None:
+            stats["skipped_no_data"] = len(jobs)
+            return PassResult(False, stats)
+        stats["samples"] = self._accumulate(source, ctx, jobs)
         loss_rtn = loss_gptq = 0.0
         for job in jobs:
             qt, l_rtn, l_gptq = self._quantize(job)
@@ -134,8 +143,8 @@ class GPTQPass(Pass):
         return PassResult(False, stats)
 
     # ------------------------------------------------------------------------------------------ Hessians
-    def _accumulate(self, ctx: CompileContext, jobs: list[_Job]) -> int:
-        from ._stream import source_for, stream
+    def _accumulate(self, source: Any, ctx: CompileContext, jobs: list[_Job]) -> int:
+        from ._stream import stream
 
         names = [job.layer.node.inputs[0].name for job in jobs]
 
@@ -145,7 +154,7 @@ class GPTQPass(Pass):
                 job.h += np.matmul(rows.transpose(0, 2, 1), rows).astype(np.float64)  # float32 product per sample
                 job.rows += rows.shape[1]
 
-        return stream(ctx.graph, names, source_for(ctx, self.name, self.options.samples), consume)
+        return stream(ctx.graph, names, source, consume)
 
     # ---------------------------------------------------------------------------------------- quantizing
     def _quantize(self, job: _Job) -> tuple[quant.QuantizedTensor, float, float]:
@@ -169,10 +178,10 @@ class GPTQPass(Pass):
             if per_channel_scale is not None:
                 scale_rows, zp_rows = _rows_of_scale(per_channel_scale, lay, g, out_g)
                 grid = _Grid(spec, scale_rows, zp_rows)
-                codes, deq = self._gptq(m.copy(), h, grid, None, in_g, taps)
+                codes, deq = self._gptq(m.copy(), h, grid, None, in_g, taps, job.rows)
             else:
                 assert job.block is not None
-                codes, deq, sc, zp = self._gptq_blocks(m.copy(), h, spec, job.block, in_g, taps)
+                codes, deq, sc, zp = self._gptq_blocks(m.copy(), h, spec, job.block, in_g, taps, job.rows)
                 s_mats.append(sc)
                 z_mats.append(zp)
             q_mats.append(codes)
@@ -183,7 +192,7 @@ class GPTQPass(Pass):
         return qt, l_rtn, l_gptq
 
     def _gptq(self, w: np.ndarray, h: np.ndarray, grid: _Grid, blocks: _BlockGrid | None,
-              in_g: int, taps: int) -> tuple[np.ndarray, np.ndarray]:
+              in_g: int, taps: int, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
         """The GPTQ sweep over the columns of ``w`` [rows, K]; returns (codes, dequantized) [rows, K]."""
         opts: Options = self.options
         k = w.shape[1]
@@ -191,7 +200,8 @@ class GPTQPass(Pass):
         dead = np.diag(h) == 0
         h[dead, dead] = 1.0
         w[:, dead] = 0.0
-        h += opts.damp * float(np.mean(np.diag(h))) * np.eye(k)
+        # damping, plus shrinkage towards the diagonal when few calibration rows estimate a K x K matrix
+        h += (opts.damp + min(k / max(n_rows, 1), 1.0)) * float(np.mean(np.diag(h))) * np.eye(k)
         u = _inverse_cholesky_upper(h)
         codes = np.zeros(w.shape, dtype=np.int64)
         deq = np.zeros_like(w)
@@ -216,9 +226,10 @@ class GPTQPass(Pass):
         return codes, deq
 
     def _gptq_blocks(self, w: np.ndarray, h: np.ndarray, spec: QuantSpec, block: int, in_g: int,
-                     taps: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+                     taps: int, n_rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         bg = _BlockGrid(spec, block, in_g, taps, w.shape[0])
-        codes, deq = self._gptq(w, h, _Grid(spec, np.ones(w.shape[0]), np.zeros(w.shape[0])), bg, in_g, taps)
+        codes, deq = self._gptq(w, h, _Grid(spec, np.ones(w.shape[0]), np.zeros(w.shape[0])), bg, in_g, taps,
+                                n_rows)
         return codes, deq, bg.scales, bg.zps
 
     def _rtn(self, m: np.ndarray, spec: QuantSpec, per_channel: tuple[np.ndarray, np.ndarray] | None,

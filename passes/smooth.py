@@ -20,7 +20,7 @@ The ``1/s`` is folded into the op producing X, so no node is added:
 
 Every reader of X must be a MatMul / Gemm (no transA) with a constant weight whose activation input the plan
 quantizes; every rewritten constant (γ, β, weights, biases) must be read by nothing outside the match. Needs
-calibration data (random inputs with a warning when none; skipped with ``--calib none``); runs after
+real calibration data (skipped with a warning without it: no ``--calib``, ``none`` or ``random``); runs after
 ``resolve-plan`` and before ``calibrate`` so the ranges are measured on the smoothed graph. A second run
 changes nothing (the measured s are all 1).
 
@@ -32,6 +32,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -95,7 +96,13 @@ class SmoothPass(Pass):
             log.warning("smooth: --calib none: no activation statistics, nothing smoothed")
             stats["skipped_data_free"] = len(sites)
             return PassResult(False, stats)
-        amax = self._activation_ranges(ctx, sites)
+        from ._stream import source_for
+
+        source = source_for(ctx, self.name, self.options.samples)
+        if source is None:
+            stats["skipped_no_data"] = len(sites)
+            return PassResult(False, stats)
+        amax = self._activation_ranges(ctx, sites, source)
         modified = False
         for site in sites:
             a = amax[site.x.name]
@@ -225,8 +232,8 @@ class SmoothPass(Pass):
             if lay.bias is not None:
                 lay.set_bias(lay.bias_values() * inv, "smooth")
 
-    def _activation_ranges(self, ctx: CompileContext, sites: list[_Site]) -> dict[str, np.ndarray]:
-        from ._stream import axis_max, source_for, stream
+    def _activation_ranges(self, ctx: CompileContext, sites: list[_Site], source: Any) -> dict[str, np.ndarray]:
+        from ._stream import axis_max, stream
 
         out: dict[str, np.ndarray] = {}
 
@@ -235,5 +242,5 @@ class SmoothPass(Pass):
                 m = axis_max(v, -1)
                 out[n] = m if n not in out else np.maximum(out[n], m)
 
-        stream(ctx.graph, [s.x.name for s in sites], source_for(ctx, self.name, self.options.samples), consume)
+        stream(ctx.graph, [s.x.name for s in sites], source, consume)
         return out

@@ -205,6 +205,7 @@ class PlanOptions:
     workers: int | None = None
     solver: str = "dp"
     draws: int = 2  # hessian: Hutchinson draws per layer
+    refine: int = 0  # pd: re-measure around the plan found and re-solve, up to this many times
     seed: int = 0
     resolution: int = knapsack.DEFAULT_RESOLUTION
 
@@ -496,6 +497,41 @@ def _probe_text(prep: Prepared, rules: list[list[dict[str, Any] | None]], ci: in
     return plan_text(prep, [r for r in chosen if r is not None], [])
 
 
+_ACTIVATION_OPS = ("Relu", "Clip", "LeakyRelu", "HardSigmoid", "Sigmoid", "Tanh", "HardSwish", "PRelu")
+
+
+def output_quant(prep: Prepared, cands: Sequence[Candidate], rules: list[list[dict[str, Any] | None]]
+                 ) -> list[dict[str, tuple[str, QuantSpec]]]:
+    """Per layer: candidate -> (tensor, spec) the target quantizes downstream of the layer when it takes that
+    candidate (``Target.output_tensors`` on the probe plan; e.g. ``ort``'s QLinearConv output for int8 Conv)."""
+    from qcompiler.context import CompileContext
+
+    out: list[dict[str, tuple[str, QuantSpec]]] = [{} for _ in prep.layers]
+    by_name = {n.name: n for n in prep.graph.nodes}
+    for ci, cand in enumerate(cands):
+        if cand.is_float:
+            continue
+        plan = Plan.from_text(_probe_text(prep, rules, ci), source="<probe>")
+        ctx = CompileContext(graph=prep.graph, meta=prep.meta, plan=plan, target=prep.target,
+                             resolved=plan.resolve(prep.graph))
+        outs = prep.target.output_tensors(ctx)
+        if not outs:
+            continue
+        for li, la in enumerate(prep.layers):
+            node = by_name.get(la.name)
+            if rules[li][ci] is None or node is None or not node.outputs:
+                continue
+            t: Any = node.outputs[0]
+            chain = [t]
+            while len(t.outputs) == 1 and t.outputs[0].op in _ACTIVATION_OPS and t.outputs[0].outputs:
+                t = t.outputs[0].outputs[0]
+                chain.append(t)
+            hit = next((x.name for x in chain if x.name in outs), None)
+            if hit is not None:
+                out[li][cand.name] = (hit, outs[hit])
+    return out
+
+
 # ------------------------------------------------------------------------------------------- compiling
 class _Workdir:
     """A temporary folder with the one-sample calibration file the probe compiles use."""
@@ -588,8 +624,10 @@ def auto_plan(model_path: str | Path, calib: str | Path | None, options: PlanOpt
     # ---- sensitivity ------------------------------------------------------------------------------------
     t = time.perf_counter()
     by_name = {n.name: n for n in prep.graph.nodes}
+    oq = output_quant(prep, cands, rules)
     lut = [LayerUnderTest(la.name, by_name[la.name], prep.nodes[la.name].weight_inputs, prep.specs[li],
-                          prep.nodes[la.name].activation if 0 in prep.nodes[la.name].activation_inputs else None)
+                          prep.nodes[la.name].activation if 0 in prep.nodes[la.name].activation_inputs else None,
+                          oq[li])
            for li, la in enumerate(prep.layers)]
     if sensitivity is not None:
         sens = _reuse(sensitivity, prep.layers, names)
@@ -598,7 +636,8 @@ def auto_plan(model_path: str | Path, calib: str | Path | None, options: PlanOpt
                        workers=opts.workers, draws=opts.draws, seed=opts.seed,
                        progress=(lambda d, n: progress(f"sensitivity ({opts.metric})", d, n)) if progress else None)
     timings["sensitivity"] = time.perf_counter() - t
-    values = sens.values
+    if opts.refine and opts.metric != "pd":
+        raise UserError("--refine re-measures sensitivities around a plan with pd; use --metric pd")
 
     # ---- costs, allocation, verification ----------------------------------------------------------------
     unit = opts.budget.unit
@@ -609,8 +648,29 @@ def auto_plan(model_path: str | Path, calib: str | Path | None, options: PlanOpt
         table, base, float_totals = _cost_tables(prep, cands, rules, work, shapes, unit == "bitops", progress)
         timings["costs"] = time.perf_counter() - t
         budget_value = _absolute_budget(opts.budget, float_totals)
-        t = time.perf_counter()
         cap = _capacity(unit, budget_value, base)
+        t = time.perf_counter()
+        refined = 0
+        if opts.refine:
+            # Sensitivities measured one layer at a time add up well for small errors; where many layers are
+            # coarse they compound. Re-measure every (layer, candidate) as a change from the plan found, re-solve.
+            current = _solve(sens.values, table[unit], cap, opts)
+            for _ in range(opts.refine):
+                if current is None:
+                    break
+                ctx_sens = compute("pd", prep.graph, lut, names, feeds, batch_size=opts.batch_size,
+                                   workers=opts.workers, seed=opts.seed, context=current,
+                                   progress=(lambda d, n: progress("refine (pd around the plan)", d, n))
+                                   if progress else None)
+                nxt = _solve(ctx_sens.values, table[unit], cap, opts)
+                refined += 1
+                sens = ctx_sens
+                if nxt is None or nxt == current:
+                    break
+                current = nxt
+        timings["refine"] = time.perf_counter() - t
+        values = sens.values
+        t = time.perf_counter()
         verified: dict[str, Any] = {}
         choice: list[int] | None = None
         text = ""

@@ -840,37 +840,43 @@ class TensorStats:
         hist = hist[:n]
         suffix = np.concatenate([np.cumsum(hist[::-1])[::-1], [0.0]])  # suffix[i] = sum(hist[i:])
 
-        def kl(i: int) -> float:
-            p = hist[:i].copy()
-            p[i - 1] += suffix[i]
-            edges = (np.arange(levels + 1) * i) // levels
-            starts = edges[:-1]
-            sizes = np.diff(edges)
-            sums = np.add.reduceat(hist[:i], starts)
-            nonzero = p > 0
-            nnz = np.add.reduceat(nonzero.astype(np.float64), starts)
-            per = np.divide(sums, nnz, out=np.zeros_like(sums), where=nnz > 0)
-            q = np.repeat(per, sizes) * nonzero
-            ps, qs = p.sum(), q.sum()
-            if qs <= 0:
-                return math.inf
-            p = p / ps
-            q = q / qs
-            eps = 1e-12
-            q = np.where(nonzero & (q <= 0), eps, q)
-            m = p > 0
-            return float(np.sum(p[m] * np.log(p[m] / q[m])))
+        def kls(cands: Sequence[int]) -> np.ndarray:
+            """KL divergence of each candidate threshold (in bins), computed for a batch of candidates at once."""
+            out = np.empty(len(cands))
+            for b0 in range(0, len(cands), 64):
+                ii = np.asarray(cands[b0:b0 + 64], dtype=np.int64)
+                width = int(ii.max())
+                j = np.arange(width)
+                valid = j[None, :] < ii[:, None]  # [B, width]
+                p = np.where(valid, hist[None, :width], 0.0)
+                p[np.arange(len(ii)), ii - 1] += suffix[ii]  # the clipped tail goes into the last bin
+                nonzero = p > 0
+                # quantized level of bin j for threshold i: bins [floor(k·i/L), floor((k+1)·i/L)) form level k
+                lvl = np.where(valid, ((j[None, :] + 1) * levels + ii[:, None] - 1) // ii[:, None] - 1, 0)
+                flat = lvl + (np.arange(len(ii)) * levels)[:, None]
+                sums = np.bincount(flat[valid], weights=np.broadcast_to(hist[None, :width], p.shape)[valid],
+                                   minlength=len(ii) * levels)
+                nnz = np.bincount(flat[valid], weights=nonzero[valid].astype(np.float64), minlength=len(ii) * levels)
+                per = np.divide(sums, nnz, out=np.zeros_like(sums), where=nnz > 0)
+                q = per[flat] * nonzero
+                ps, qs = p.sum(axis=1), q.sum(axis=1)
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    pn = p / ps[:, None]
+                    qn = q / np.where(qs > 0, qs, 1.0)[:, None]
+                    qn = np.where(nonzero & (qn <= 0), 1e-12, qn)
+                    terms = np.where(pn > 0, pn * np.log(np.where(pn > 0, pn, 1.0) / np.where(pn > 0, qn, 1.0)), 0.0)
+                out[b0:b0 + len(ii)] = np.where(qs > 0, terms.sum(axis=1), np.inf)
+            return out
 
         step = max(1, (n - levels) // 256)
         cands = list(range(levels, n + 1, step))
         if cands[-1] != n:
             cands.append(n)
-        scores = [kl(i) for i in cands]
+        scores = kls(cands)
         best = cands[int(np.argmin(scores))]
         if step > 1:
-            fine = range(max(levels, best - step + 1), min(n, best + step - 1) + 1)
-            fscores = [kl(i) for i in fine]
-            best = list(fine)[int(np.argmin(fscores))]
+            fine = list(range(max(levels, best - step + 1), min(n, best + step - 1) + 1))
+            best = fine[int(np.argmin(kls(fine)))]
         return best * self.bin_width
 
     def _side_hists(self) -> tuple[np.ndarray, np.ndarray]:

@@ -33,6 +33,10 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[str, int, int], None]
 
+#: ``compile`` validates graph outputs on up to 64 samples and layers on the first few (per-layer runs expose
+#: every intermediate tensor: on PP-OCR rec, 64 samples of it took minutes). ``qcompiler validate`` does all.
+COMPILE_LAYER_SAMPLES = 8
+
 
 @dataclass
 class CompileOptions:
@@ -119,7 +123,6 @@ def assemble_pipeline(text: str, plan: Plan, reg: Any = None, *, calib_select: i
     if calib_select is not None:
         wanted["calib-select"] = {"n": calib_select}
     order = [name for name, _, _ in PIPELINE_INSERTIONS]
-    inserted: set[str] = set()
     for name, anchor, side in PIPELINE_INSERTIONS:
         if name not in wanted or any(p.name == name for p in passes):
             continue
@@ -129,10 +132,9 @@ def assemble_pipeline(text: str, plan: Plan, reg: Any = None, *, calib_select: i
             continue
         if side == "after":
             at += 1
-            while at < len(passes) and passes[at].name in inserted and order.index(passes[at].name) < order.index(name):
-                at += 1
+            while at < len(passes) and passes[at].name in order[:order.index(name)]:
+                at += 1  # after the algorithms that come before this one
         passes.insert(at, reg.get(name)(**wanted[name]))
-        inserted.add(name)
     return passes
 
 
@@ -269,7 +271,8 @@ def compile_model(model_path: str | os.PathLike[str], output_path: str | os.Path
             ir.trim_memory()  # graphs imported for the report above are cycles: unmap their weights first
             # Large models: outputs only (per-layer sessions would hold the float weights twice more).
             validation = qv.validate(float_model, qmodel, feeds, min_sqnr_db=opts.min_sqnr_db, per_layer=not big,
-                                     optimize=True if target.validation_optimization == "all" else "basic")
+                                     optimize=True if target.validation_optimization == "all" else "basic",
+                                     layer_samples=COMPILE_LAYER_SAMPLES)
             report["validation"] = validation.to_json()
             if opts.min_sqnr_db is not None and not validation.passed:
                 raise UserError(f"validation: output SQNR {validation.worst_output_sqnr():.2f} dB is below "

@@ -249,6 +249,7 @@ class Plan:
         _make_spec(plan.weight_defaults, f"{source}: defaults.weight")
         _check_activation_scheme(plan.activation_defaults, f"{source}: defaults.activation")
         _activation_spec(plan.activation_defaults, f"{source}: defaults.activation")
+        plan.algorithms = _parse_algorithms(data.get("algorithms"), source)
         return plan
 
     def to_dict(self) -> dict[str, Any]:

@@ -109,6 +109,9 @@ class LayerUnderTest:
     weight_inputs: tuple[int, ...]
     specs: dict[str, QuantSpec | None]
     activation: QuantSpec | None = None  # how the plan quantizes the layer's input (pd quantizes it too)
+    #: candidate -> (tensor, spec): an output the target quantizes as well when the layer takes that candidate
+    #: (e.g. the ort target's QLinearConv output for int8 Conv), with all its readers
+    output_quant: dict[str, tuple[str, QuantSpec]] = field(default_factory=dict)
 
     @property
     def op_type(self) -> str:
@@ -141,12 +144,15 @@ class SensitivityResult:
     evaluations: int
     seconds: float
     details: dict[str, Any] = field(default_factory=dict)
+    #: ``pd`` measured around a plan (``context``): that plan's own noise per output; ``values`` / ``noise``
+    #: are then the changes from it (the context's own choice 0)
+    base_noise: np.ndarray | None = None
 
     def predicted_sqnr_db(self, choice: Sequence[int]) -> float | None:
         """Worst-output SQNR predicted for a plan (candidate index per layer) by adding the noise powers."""
         if self.noise is None or self.signal is None:
             return None
-        total = np.zeros(len(self.outputs))
+        total = np.zeros(len(self.outputs)) if self.base_noise is None else self.base_noise.astype(np.float64).copy()
         for li, ci in enumerate(choice):
             n = self.noise[li, ci]
             if np.all(np.isfinite(n)):
@@ -245,38 +251,34 @@ class SensitivityRunner:
         self.layers = list(layers)
         g = graph.copy()
         nodes = {n.name: n for n in g.nodes}
+        tensors = g.tensors()
         self.float_weights: dict[str, np.ndarray] = {}
         self.inputs_of: dict[str, list[str]] = {}
-        self.gate_of: dict[str, str] = {}
-        taken = set(g.tensors().keys())
-        # input activation fake-quantization, switched per layer by a scalar gate input (0 = float, exact):
-        # x' = x + gate · (DequantizeLinear(QuantizeLinear(x)) − x)
+        self.gate_of: dict[str, str] = {}  # layer -> gate of its input activation
+        self.out_gate_of: dict[str, str] = {}  # tensor -> gate of its (target-added) quantization
+        qps = activation_qparams or {}
+        # Activation fake-quantization switched by a scalar gate input (0 = float, exactly):
+        # x' = x + gate · (DequantizeLinear(QuantizeLinear(x)) − x). A layer's input is gated on that edge only;
+        # an output the target quantizes is gated for all its readers.
         for layer in self.layers:
-            qp = (activation_qparams or {}).get(layer.name)
             node = nodes[layer.name]
-            if qp is None or not node.inputs or isinstance(node.inputs[0], gs.Constant):
+            x = node.inputs[0] if node.inputs else None
+            if x is None or isinstance(x, gs.Constant) or x.name not in qps:
                 continue
-            x = node.inputs[0]
-            scale, zp = qp
-            base = f"{layer.name}::act"
-            s_c = gs.Constant(base + "_scale", np.asarray(scale, dtype=np.float32).reshape(()))
-            z_c = gs.Constant(base + "_zero_point", np.asarray(zp).reshape(()))
-            gate = gs.Variable(base + "_gate", dtype=np.float32, shape=[])
-            q = gs.Variable(base + "_q", dtype=z_c.values.dtype)
-            dq = gs.Variable(base + "_dq", dtype=np.float32)
-            diff = gs.Variable(base + "_diff", dtype=np.float32)
-            gated = gs.Variable(base + "_gated", dtype=np.float32)
-            out = gs.Variable(base + "_x", dtype=np.float32)
-            g.nodes += [gs.Node("QuantizeLinear", base + "_Q", inputs=[x, s_c, z_c], outputs=[q]),
-                        gs.Node("DequantizeLinear", base + "_DQ", inputs=[q, s_c, z_c], outputs=[dq]),
-                        gs.Node("Sub", base + "_Sub", inputs=[dq, x], outputs=[diff]),
-                        gs.Node("Mul", base + "_Mul", inputs=[diff, gate], outputs=[gated]),
-                        gs.Node("Add", base + "_Add", inputs=[x, gated], outputs=[out])]
+            out = self._fake_quant(g, x, qps[x.name], f"{layer.name}::act")
             node.inputs[0] = out
-            g.inputs.append(gate)
-            self.float_weights[gate.name] = np.zeros((), dtype=np.float32)
-            self.gate_of[layer.name] = gate.name
+            self.gate_of[layer.name] = f"{layer.name}::act_gate"
+        for t_name in sorted({t for layer in self.layers for t, _ in layer.output_quant.values()}):
+            t = tensors.get(t_name)
+            if t is None or isinstance(t, gs.Constant) or t_name not in qps:
+                continue
+            readers = [(c, i) for c in list(t.outputs) for i, inp in enumerate(c.inputs) if inp is t]
+            out = self._fake_quant(g, t, qps[t_name], f"{t_name}::out")
+            for c, i in readers:
+                c.inputs[i] = out
+            self.out_gate_of[t_name] = f"{t_name}::out_gate"
         g.toposort()
+        taken = set(g.tensors().keys())
         for layer in self.layers:
             node = nodes[layer.name]
             names = []
@@ -401,6 +403,44 @@ class SensitivityRunner:
                     return False
         return True
 
+    def _fake_quant(self, g: gs.Graph, x: Any, qp: tuple[np.ndarray, np.ndarray], base: str) -> gs.Variable:
+        scale, zp = qp
+        s_c = gs.Constant(base + "_scale", np.asarray(scale, dtype=np.float32).reshape(()))
+        z_c = gs.Constant(base + "_zero_point", np.asarray(zp).reshape(()))
+        gate = gs.Variable(base + "_gate", dtype=np.float32, shape=[])
+        q = gs.Variable(base + "_q", dtype=z_c.values.dtype)
+        dq = gs.Variable(base + "_dq", dtype=np.float32)
+        diff = gs.Variable(base + "_diff", dtype=np.float32)
+        gated = gs.Variable(base + "_gated", dtype=np.float32)
+        out = gs.Variable(base + "_x", dtype=np.float32)
+        g.nodes += [gs.Node("QuantizeLinear", base + "_Q", inputs=[x, s_c, z_c], outputs=[q]),
+                    gs.Node("DequantizeLinear", base + "_DQ", inputs=[q, s_c, z_c], outputs=[dq]),
+                    gs.Node("Sub", base + "_Sub", inputs=[dq, x], outputs=[diff]),
+                    gs.Node("Mul", base + "_Mul", inputs=[diff, gate], outputs=[gated]),
+                    gs.Node("Add", base + "_Add", inputs=[x, gated], outputs=[out])]
+        g.inputs.append(gate)
+        self.float_weights[gate.name] = np.zeros((), dtype=np.float32)
+        return out
+
+    def gates(self, layer: LayerUnderTest, cand: str) -> dict[str, np.ndarray]:
+        """The gate inputs that quantize ``layer``'s activations the way the plan and target would for ``cand``."""
+        on = np.ones((), dtype=np.float32)
+        out: dict[str, np.ndarray] = {}
+        if layer.specs.get(cand) is None:
+            return out
+        if layer.name in self.gate_of:
+            out[self.gate_of[layer.name]] = on
+        oq = layer.output_quant.get(cand)
+        if oq is not None and oq[0] in self.out_gate_of:
+            out[self.out_gate_of[oq[0]]] = on
+        return out
+
+    def names_of(self, layer: LayerUnderTest) -> list[str]:
+        """Every input this layer's settings may use (weights, input gate, output gates)."""
+        names = [*self.inputs_of[layer.name], self.gate_of.get(layer.name, "")]
+        names += [self.out_gate_of.get(t, "") for t, _ in layer.output_quant.values()]
+        return [n for n in names if n]
+
     @property
     def samples(self) -> int:
         return len(self.feeds)
@@ -494,10 +534,15 @@ def _delta2(w: list[np.ndarray], q: list[np.ndarray]) -> float:
 def compute(metric: str, graph: gs.Graph, layers: Sequence[LayerUnderTest], candidates: Sequence[str],
             feeds: Sequence[dict[str, np.ndarray]], *, progress: Progress | None = None, batch_size: int = 8,
             workers: int | None = None, draws: int = 2, seed: int = 0, opset: int = 21,
-            activations: bool = True) -> SensitivityResult:
+            activations: bool = True, context: Sequence[int] | None = None) -> SensitivityResult:
     """Sensitivity of every (layer, candidate) with ``metric`` (one of :data:`METRICS`). With ``activations``,
     ``pd`` quantizes the layer's input activation as the plan would (``LayerUnderTest.activation``) along with
-    its weights, for every candidate but the float one."""
+    its weights, for every candidate but the float one.
+
+    ``context`` (``pd`` only): a plan (candidate index per layer) to measure around instead of the float model —
+    every layer quantized as the plan says, and each (layer, candidate) scored by how much switching that one
+    layer changes the distortion (negative: better). Used to refine a plan where many coarse layers compound.
+    """
     if metric not in METRICS:
         raise UserError(f"--metric: unknown metric '{metric}' (one of: {', '.join(METRICS)})")
     t0 = time.perf_counter()
@@ -522,30 +567,53 @@ def compute(metric: str, graph: gs.Graph, layers: Sequence[LayerUnderTest], cand
         assert spec is not None
         return [fake_quantize(layer.node, w, spec, opset) for w in layer.weights()]
 
+    base_noise: np.ndarray | None = None
+    if context is not None and metric != "pd":
+        raise ValueError("a context plan is only measured with pd")
     if metric == "pd":
         noise = np.full((n_l, n_c, n_o), np.nan)
+
+        def setting(layer: LayerUnderTest, cand: str) -> dict[str, np.ndarray]:
+            if layer.specs[cand] is None:
+                return {}
+            over = dict(zip(runner.inputs_of[layer.name], quantized(layer, cand)))
+            over.update(runner.gates(layer, cand))
+            return over
+
+        around: dict[str, np.ndarray] = {}
+        base_score = 0.0
+        if context is not None:
+            for li, layer in enumerate(layers):
+                around.update(setting(layer, candidates[context[li]]))
+            acc0 = runner.distortion(around)
+            base_score, base_noise = runner.score(acc0), acc0.noise.copy()
         jobs: list[Callable[[], Any]] = []
         slots: list[tuple[int, int]] = []
         for li, layer in enumerate(layers):
             for ci, cand in enumerate(candidates):
                 if cand not in layer.specs:
                     continue
-                if layer.specs[cand] is None:
+                if context is not None and ci == context[li]:
+                    values[li, ci] = 0.0
+                    noise[li, ci] = 0.0
+                    continue
+                if context is None and layer.specs[cand] is None:
                     values[li, ci] = 0.0
                     noise[li, ci] = 0.0
                     continue
 
                 def pd_job(layer: LayerUnderTest = layer, cand: str = cand) -> _Acc:
-                    over = dict(zip(runner.inputs_of[layer.name], quantized(layer, cand)))
-                    if layer.name in runner.gate_of:
-                        over[runner.gate_of[layer.name]] = np.ones((), dtype=np.float32)
+                    over = dict(around)
+                    for name in runner.names_of(layer):
+                        over.pop(name, None)  # this layer back to float, then to the candidate
+                    over.update(setting(layer, cand))
                     return runner.distortion(over)
 
                 jobs.append(pd_job)
                 slots.append((li, ci))
         for (li, ci), acc in zip(slots, runner.run_jobs(jobs, progress)):
-            values[li, ci] = runner.score(acc)
-            noise[li, ci] = acc.noise
+            values[li, ci] = runner.score(acc) - base_score
+            noise[li, ci] = acc.noise - (base_noise if base_noise is not None else 0.0)
     elif metric == "hessian":
         noise = np.full((n_l, n_c, n_o), np.nan)
         jobs = []
@@ -623,38 +691,42 @@ def compute(metric: str, graph: gs.Graph, layers: Sequence[LayerUnderTest], cand
                              values=values, noise=noise, signal=runner.signal.copy(), outputs=runner.output_names,
                              output_kinds=[k for k, _ in runner.kinds], samples=runner.samples,
                              batches=len(runner.batches), evaluations=runner.evaluations,
-                             seconds=time.perf_counter() - t0, details=details)
+                             seconds=time.perf_counter() - t0, details=details, base_noise=base_noise)
 
 
 def _activation_qparams(graph: gs.Graph, layers: Sequence[LayerUnderTest], feeds: Sequence[dict[str, np.ndarray]],
                         opset: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Scale and zero point of each layer's input activation, calibrated on ``feeds`` as ``calibrate`` would.
-    Only integer activation dtypes (QuantizeLinear at the graph's opset); others stay float here."""
+    """Scale and zero point (tensor name -> (s, z)) of each layer's input activation and of the outputs the
+    target quantizes, calibrated on ``feeds`` as ``calibrate`` would. Only activation dtypes QuantizeLinear takes
+    at the graph's opset; others stay float here."""
     from qcompiler.calibration import CalibrationSource, collect, input_signatures
 
+    def usable(a: QuantSpec | None) -> bool:
+        if a is None or a.is_float or a.scheme != "int":
+            return False
+        if a.dtype.startswith("fp8"):
+            return int(graph.opset) >= 19
+        return a.dtype in ("int8", "uint8") or int(graph.opset) >= 21
+
     specs: dict[str, QuantSpec] = {}
+    inputs = {t.name for t in graph.inputs}
     for layer in layers:
-        a = layer.activation
         x = layer.node.inputs[0] if layer.node.inputs else None
-        if a is None or a.is_float or a.scheme != "int" or x is None or isinstance(x, gs.Constant):
-            continue
-        if a.dtype not in ("int8", "uint8") and int(graph.opset) < 21:
-            continue  # int16 / int4 QuantizeLinear needs opset 21
-        if a.dtype.startswith("fp8") and int(graph.opset) < 19:
-            continue
-        specs.setdefault(x.name, a)
+        if usable(layer.activation) and x is not None and not isinstance(x, gs.Constant):
+            assert layer.activation is not None
+            specs.setdefault(x.name, layer.activation)
+        for t_name, spec in layer.output_quant.values():
+            if usable(spec) and t_name not in inputs:
+                specs.setdefault(t_name, spec)
     if not specs:
         return {}
     source = CalibrationSource.from_feeds(list(feeds), input_signatures(graph), "sensitivity samples")
     stats = collect(graph, specs, source)
     out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    for layer in layers:
-        x = layer.node.inputs[0] if layer.node.inputs else None
-        if x is None or x.name not in specs or x.name not in stats:
-            continue
-        spec = specs[x.name]
-        lo, hi = stats[x.name].range(spec)
-        out[layer.name] = quant.qparams(lo, hi, spec.dtype, spec.symmetric)
+    for name, spec in specs.items():
+        if name in stats:
+            lo, hi = stats[name].range(spec)
+            out[name] = quant.qparams(lo, hi, spec.dtype, spec.symmetric)
     return out
 
 

@@ -135,6 +135,7 @@ class ValidationReport:
     min_sqnr_db: float | None = None
     passed: bool = True
     skipped_layers: list[str] = field(default_factory=list)
+    layer_samples: int | None = None  # samples the per-layer metrics cover (None: all of them)
 
     def worst_output_sqnr(self) -> float:
         """Lowest output SQNR in dB (NaN if any output is NaN; ``inf`` when all are identical)."""
@@ -156,6 +157,7 @@ class ValidationReport:
             "outputs": [m.to_json() for m in self.outputs],
             "layers": [m.to_json() for m in self.layers],
             "skipped_layers": list(self.skipped_layers),
+            "layer_samples": int(self.layer_samples) if self.layer_samples is not None else int(self.samples),
         }
 
     def table(self, max_layers: int = 15) -> str:
@@ -164,7 +166,9 @@ class ValidationReport:
         lines += _format_rows(self.outputs)
         if self.layers and max_layers > 0:
             shown = self.layers[:max_layers]
-            lines += ["", f"worst layers ({len(shown)} of {len(self.layers)}):"]
+            over = (f", over the first {self.layer_samples} sample(s)"
+                    if self.layer_samples is not None and self.layer_samples < self.samples else "")
+            lines += ["", f"worst layers ({len(shown)} of {len(self.layers)}{over}):"]
             lines += _format_rows(shown)
         lines.append("")
         worst = _fmt_db(self.worst_output_sqnr())
@@ -448,12 +452,14 @@ def validate(
     min_sqnr_db: float | None = None,
     layer_names: Sequence[str] | None = None,
     optimize: bool | str = True,
+    layer_samples: int | None = None,
 ) -> ValidationReport:
     """Run both models on ``feeds`` and measure the quantized one against the float one.
 
     ``float_model`` / ``quant_model``: a path or an ``onnx.ModelProto``. ``feeds``: any iterable of
     ``{input name: array}`` (consumed once, one sample at a time). ``layer_names`` limits the per-layer
-    comparison to those tensors. ``optimize`` is the onnxruntime optimization level of the quantized model's
+    comparison to those tensors; ``layer_samples`` limits it to the first N samples (the outputs still use all
+    of them). ``optimize`` is the onnxruntime optimization level of the quantized model's
     output run: True (full, what an onnxruntime deployment runs) or "basic" (a reference run for a graph meant
     for another runtime, free of onnxruntime's fusions). Raises :class:`UserError` for bad feeds or models whose outputs do not
     match; :class:`RuntimeError` when only the quantized model fails to run.
@@ -527,7 +533,7 @@ def validate(
         for n in out_names:
             out_acc[n].update(fo[n], qo[n])
         del fo, qo
-        if f_ext is not None and q_ext is not None:
+        if f_ext is not None and q_ext is not None and (layer_samples is None or idx < layer_samples):
             try:
                 fl = f_ext.run(feed, idx, layers)
                 ql = q_ext.run(feed, idx, layers)
@@ -566,6 +572,7 @@ def validate(
     if min_sqnr_db is not None:
         passed = all(m.sqnr_db >= min_sqnr_db for m in outputs)  # NaN compares False
     report = ValidationReport(outputs=outputs, layers=layer_metrics, samples=samples, min_sqnr_db=min_sqnr_db,
+                              layer_samples=min(layer_samples, samples) if layer_samples is not None else None,
                               passed=passed, skipped_layers=skipped)
     log.info("validate: %d samples, %d outputs, %d layers, worst output SQNR %s dB%s", samples, len(outputs),
              len(layer_metrics), _fmt_db(report.worst_output_sqnr()),

@@ -31,6 +31,7 @@ from qcompiler.context import CompileContext
 from qcompiler.errors import UserError
 from qcompiler.pass_base import Pass, PassResult
 from qcompiler.passes._graph_utils import GraphIndex, is_onnx_op, producer
+from qcompiler.passes.insert_qdq import per_channel_axis as output_axis
 from qcompiler.runtime_targets.packed.functions import (
     DOMAIN,
     DOMAIN_VERSION,
@@ -44,15 +45,6 @@ from qcompiler.schemes import LOWBIT_SCHEMES
 log = logging.getLogger(__name__)
 
 _CONV_ATTRS = ("auto_pad", "dilations", "group", "kernel_shape", "pads", "strides")
-
-
-def output_axis(node: gs.Node, ndim: int) -> int:
-    """The weight axis of the output channels (where a packed op's per-channel scale runs)."""
-    if node.op == "Conv":
-        return 0
-    if node.op == "Gemm":
-        return 0 if int(node.attrs.get("transB", 0)) else 1
-    return ndim - 1
 
 
 def binarized_source(t: gs.Tensor) -> tuple[gs.Tensor, float] | None:

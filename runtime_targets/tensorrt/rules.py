@@ -30,22 +30,12 @@ import onnx_graphsurgeon as gs
 from qcompiler.context import CompileContext
 from qcompiler.pass_base import Pass, PassResult
 from qcompiler.passes._graph_utils import is_onnx_op, producer
+from qcompiler.passes.insert_qdq import per_channel_axis as output_axis
 
 _FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
 _INT4 = np.dtype(ml_dtypes.int4)
 _ACT_TYPES = {np.dtype(np.int8), _FP8}
 _WEIGHT_TYPES = {np.dtype(np.int8), _FP8, _INT4}
-
-
-def output_axis(node: gs.Node, ndim: int) -> int:
-    """The output-channel axis of the weight (input 1) of ``node``."""
-    if node.op == "Conv":
-        return 0
-    if node.op == "ConvTranspose":
-        return 1
-    if node.op == "Gemm":
-        return 0 if int(node.attrs.get("transB", 0)) else 1
-    return ndim - 1
 
 
 def reduction_axis(node: gs.Node, ndim: int) -> int:
