@@ -60,7 +60,7 @@ class Options:
 
 
 class CalibSelectPass(Pass):
-    """Choose N representative calibration samples (density + diversity of pooled penultimate activations)."""
+    """Choose N representative calibration samples (density + diversity of a per-sample activation feature)."""
 
     name = "calib-select"
     Options = Options

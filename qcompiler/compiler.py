@@ -182,14 +182,14 @@ def compile_model(model_path: str | os.PathLike[str], output_path: str | os.Path
             raise UserError(f"{out}: writing it would overwrite '{f.name}', external data of the input model; "
                             "choose another -o")
     # Refuse a plan the target cannot run before any rewrite (node names are those of the input model).
-    graph0, _ = ir.import_graph(model, str(src))
-    target.check(plan.resolve(graph0, warn=False))  # resolve-plan warns once, later
-    del graph0
+    graph, meta = ir.import_graph(model, str(src))
+    target.check(plan.resolve(graph, warn=False))  # resolve-plan warns once, later
 
     need, why = required_opset(_plan_specs(plan))
     if ir.opset_of(model) < need:
+        del graph
         model = ir.upgrade_opset(model, need, why)
-    graph, meta = ir.import_graph(model, str(src))
+        graph, meta = ir.import_graph(model, str(src))
     io_dtypes = ir.to_float32(graph)
     meta.io_dtypes = io_dtypes
 

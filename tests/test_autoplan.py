@@ -185,6 +185,25 @@ def test_pd_matches_a_real_single_layer_compile(fragile, tmp_path):
     assert res.noise[FRAGILE, 0, 0] == pytest.approx(noise, rel=1e-4)
 
 
+def test_pd_around_a_plan(fragile):
+    """--refine's context mode: scores are changes from the plan (0 for its own choices), the plan's own noise is
+    the base of the predicted SQNR, and upgrading the fragile layer is the largest improvement."""
+    path, calib = fragile
+    prep, lut = _layers(path, "int8,int4")
+    feeds = autoplan.load_feeds(prep.graph, calib, 8, 0)
+    plain = compute("pd", prep.graph, lut, ["int8", "int4"], feeds, workers=1)
+    ctx = compute("pd", prep.graph, lut, ["int8", "int4"], feeds, workers=1, context=[1, 1, 1, 1])
+    assert np.all(ctx.values[:, 1] == 0.0)
+    assert np.all(ctx.values[:, 0] < 0.0) and int(np.argmin(ctx.values[:, 0])) == FRAGILE
+    own = ctx.predicted_sqnr_db([1, 1, 1, 1])
+    assert ctx.base_noise is not None and own == pytest.approx(
+        10 * math.log10(float(ctx.signal[0]) / float(ctx.base_noise[0])))
+    # from the all-int4 plan, switching everything to int8 is predicted far better (first order around the plan)
+    assert ctx.predicted_sqnr_db([0, 0, 0, 0]) > own + 5.0
+    # at this noise level one-layer-at-a-time noise powers add up to the measured whole-plan noise
+    assert plain.predicted_sqnr_db([1, 1, 1, 1]) == pytest.approx(own, abs=1.5)
+
+
 def test_probability_outputs_use_kl():
     from qcompiler.sensitivity import _output_kind
 
