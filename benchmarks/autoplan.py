@@ -10,7 +10,8 @@ for every measured number):
 1. **Uniform baselines**: every layer int8 / every layer int4 (W8A8 base plan: per-channel weights, uint8
    activations), compiled for real; bytes as ``inspect --cost`` counts them; measured worst-output SQNR.
 2. **Mixed at the bytes of uniform int4**: ``qcompiler plan --budget <uniform int4 bytes> --candidates
-   int8,int4,ternary,binary,shift4 --target packed`` (the packed target stores binary / ternary in 1 / 2 bits).
+   fp32,int8,int4,ternary,binary,shift4 --target packed`` (the packed target stores binary / ternary in 1 / 2
+   bits).
 3. **Mixed at the bytes of uniform int8**: ``--budget <uniform int8 bytes> --candidates fp32,int8,int4``.
 4. **Ranking**: every layer compiled alone (its weights int4, its input uint8, the rest float) and measured;
    Spearman correlation of each metric's predicted int4 sensitivity with the measured per-layer output SQNR
@@ -47,7 +48,6 @@ from qcompiler.plan import Plan
 from qcompiler.sensitivity import METRICS, LayerUnderTest, compute
 
 ALL = "fp32,int8,int4,ternary,binary,shift4"
-LOW = "int8,int4,ternary,binary,shift4"
 
 
 def spearman(a: list[float], b: list[float]) -> float:
@@ -129,7 +129,7 @@ def run_model(key: str, args: argparse.Namespace) -> dict[str, Any]:
 
     # ---- 2. mixed at the bytes of uniform int4 ----------------------------------------------------------
     b4 = u["int4 (packed)"]["bytes"]
-    r4 = plan(task, calib, str(b4), LOW, "packed", args.samples, sens_all)
+    r4 = plan(task, calib, str(b4), ALL, "packed", args.samples, sens_all)
     m4 = compile_and_measure(task, r4.plan, calib, work, "packed", "mixed4")
     out["mixed_at_int4"] = {"budget": b4, "bytes": m4["bytes"], "sqnr_db": m4["sqnr_db"], "agreement": m4["agreement"],
                             "counts": r4.counts(), "predicted_sqnr_db": r4.predicted.get("sqnr_db"),
@@ -195,7 +195,7 @@ def markdown(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
         rows.append((r["model"], f"{u['int4 (packed)']['bytes']}", f"{u['int4 (packed)']['sqnr_db']:.2f}",
                      f"{m4['bytes']}", f"{m4['sqnr_db']:.2f}", f"{m4['gain_db']:+.2f}",
                      " ".join(f"{k}:{v}" for k, v in m4["counts"].items() if v)))
-    lines += ["**At the bytes of uniform int4** (`--candidates int8,int4,ternary,binary,shift4 --target packed`; "
+    lines += ["**At the bytes of uniform int4** (`--candidates fp32,int8,int4,ternary,binary,shift4 --target packed`; "
               "bytes as `inspect --cost` counts them, worst-output SQNR in dB on the eval split):", "",
               fmt_table(["model", "int4 bytes", "int4 SQNR", "mixed bytes", "mixed SQNR", "gain", "layers"], rows), ""]
     rows = []
@@ -237,7 +237,7 @@ def main() -> None:
     ap.add_argument("--models", default=",".join(REAL_MODELS))
     ap.add_argument("--calib", type=int, default=64, help="calibration samples")
     ap.add_argument("--eval", type=int, default=32, help="evaluation samples")
-    ap.add_argument("--samples", type=int, default=16, help="sensitivity samples (qcompiler plan --samples)")
+    ap.add_argument("--samples", type=int, default=8, help="sensitivity samples (qcompiler plan --samples)")
     ap.add_argument("--skip-ranking", action="store_true")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()

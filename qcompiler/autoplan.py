@@ -52,7 +52,7 @@ import yaml
 
 from qcompiler import __version__, cost, ir, knapsack
 from qcompiler.errors import UserError
-from qcompiler.plan import DTYPES, Plan, QuantSpec, _make_spec, load_plan
+from qcompiler.plan import DTYPES, NodePlan, Plan, QuantSpec, _make_spec, load_plan
 from qcompiler.sensitivity import METRICS, LayerUnderTest, SensitivityResult, compute
 
 log = logging.getLogger(__name__)
@@ -200,12 +200,13 @@ class PlanOptions:
     metric: str = "pd"
     target: str = "ort"
     base_plan: str | Path | Plan | None = None
-    samples: int = 16  # calibration samples for the sensitivity
+    samples: int = 8  # calibration samples for the sensitivity
     batch_size: int = 8
     workers: int | None = None
     solver: str = "dp"
     draws: int = 2  # hessian: Hutchinson draws per layer
     refine: int = 0  # pd: re-measure around the plan found and re-solve, up to this many times
+    select: int = 8  # measure the plan and this many Pareto neighbours whole, keep the best (0: off)
     seed: int = 0
     resolution: int = knapsack.DEFAULT_RESOLUTION
 
@@ -380,8 +381,6 @@ def prepare(model_path: str | Path, candidates: Sequence[Candidate], *, target: 
                 merged["dtype"] = "int8"
             try:
                 spec = _make_spec(merged, f"candidate {cand.name} for node '{np_.node}'")
-                from qcompiler.plan import NodePlan
-
                 trial = NodePlan(node=np_.node, op_type=np_.op_type, weight=spec, activation=np_.activation,
                                  rules=[f"candidate {cand.name}"], weight_inputs=np_.weight_inputs,
                                  activation_inputs=np_.activation_inputs)
@@ -675,6 +674,8 @@ def auto_plan(model_path: str | Path, calib: str | Path | None, options: PlanOpt
         choice: list[int] | None = None
         text = ""
         rounds = 0
+        joint: dict[tuple[int, ...], tuple[float, np.ndarray]] = {}
+        pool_front = _front(values, table, base, sens, unit, [], opts) if opts.select else []
         while True:
             rounds += 1
             choice = _solve(values, table[unit], cap, opts)
@@ -683,7 +684,12 @@ def auto_plan(model_path: str | Path, calib: str | Path | None, options: PlanOpt
                 raise UserError(f"--budget: {opts.budget.describe()} = {_fmt_unit(budget_value, unit)} is below "
                                 f"the smallest plan this model allows ({_fmt_unit(cheapest, unit)} with every "
                                 f"layer at its cheapest candidate of {', '.join(names)})")
+            if opts.select:
+                choice = _select(choice, cap, pool_front, table[unit], values, opts, joint, prep, lut, names, feeds,
+                                 sens, progress)
             predicted = _predict(choice, table, base, values, sens)
+            if tuple(choice) in joint:
+                predicted["joint_sqnr_db"] = _sqnr(sens, joint[tuple(choice)][1])
             header = _header(src, opts, budget_value, unit, predicted, names, choice)
             text = plan_text(prep, [rules[li][ci] for li, ci in enumerate(choice)],  # type: ignore[misc]
                              header, _comments(prep, names, choice, sens, table))
@@ -721,6 +727,52 @@ def auto_plan(model_path: str | Path, calib: str | Path | None, options: PlanOpt
                           model=str(src), target=opts.target, rules=rules, rounds=rounds)
 
 
+def _sqnr(sens: SensitivityResult, noise: np.ndarray) -> float | None:
+    if sens.signal is None:
+        return None
+    worst = math.inf
+    for o in range(len(noise)):
+        if noise[o] > 0:
+            worst = min(worst, 10.0 * math.log10(max(float(sens.signal[o]), 1e-300) / float(noise[o])))
+    return worst
+
+
+def _select(choice: list[int], cap: float, front: Sequence[FrontPoint], costs: np.ndarray, values: np.ndarray,
+            opts: PlanOptions, joint: dict[tuple[int, ...], tuple[float, np.ndarray]], prep: Prepared,
+            lut: Sequence[LayerUnderTest], names: Sequence[str], feeds: Sequence[dict[str, np.ndarray]],
+            sens: SensitivityResult, progress: Progress | None) -> list[int]:
+    """Among the knapsack's plan, the ``opts.select`` Pareto points nearest the budget that fit, and every uniform
+    plan that fits, the one with the least distortion *measured with all its layers quantized together* (the
+    sensitivities are measured one layer at a time and only added; where coarse layers compound, the sum
+    misleads). Measured results are cached in ``joint``."""
+    def used(ch: Sequence[int]) -> float:
+        return float(sum(costs[li, ci] for li, ci in enumerate(ch)))
+
+    pool: list[list[int]] = [list(choice)]
+    fits = [list(p.choice) for p in front if used(p.choice) <= cap + 1e-9]
+    pool += fits[-opts.select:]
+    for ci in range(costs.shape[1]):
+        uniform = [ci] * costs.shape[0]
+        if all(np.isfinite(costs[li, ci]) and np.isfinite(values[li, ci]) for li in range(costs.shape[0])) \
+                and used(uniform) <= cap + 1e-9:
+            pool.append(uniform)
+    unique = list(dict.fromkeys(tuple(p) for p in pool))
+    todo = [p for p in unique if p not in joint]
+    if todo:
+        from qcompiler.sensitivity import measure_plans
+
+        res = measure_plans(prep.graph, lut, names, feeds, todo, runner=sens.runner, workers=opts.workers,
+                            batch_size=opts.batch_size,
+                            progress=(lambda d, n: progress("select (whole plans measured)", d, n))
+                            if progress else None)
+        joint.update(zip(todo, res))
+    best = min(unique, key=lambda p: (joint[p][0], used(p)))
+    if list(best) != list(choice):
+        log.info("plan: measured together, a neighbouring plan beats the knapsack's (%.4g vs %.4g)",
+                 joint[best][0], joint[tuple(choice)][0])
+    return list(best)
+
+
 def _fmt_unit(x: float, unit: str) -> str:
     if unit == "bytes":
         return f"{round(x)} bytes ({cost.format_bytes(x)})"
@@ -742,7 +794,9 @@ def _header(src: Path, opts: PlanOptions, budget_value: float, unit: str, predic
         + ("  (model file bytes, as `qcompiler inspect --cost` counts them)" if unit == "bytes" else ""),
         f"predicted: {round(predicted['bytes'])} bytes, {cost.format_count(predicted['bitops'])} BitOps, "
         f"{predicted['avg_bits']:.3f} avg weight bits"
-        + (f", output SQNR {sq:.2f} dB" if sq is not None and math.isfinite(sq) else ""),
+        + (f", output SQNR {sq:.2f} dB" if sq is not None and math.isfinite(sq) else "")
+        + (f" (all layers together, fake-quantized on the calibration samples: {predicted['joint_sqnr_db']:.2f} dB)"
+           if predicted.get("joint_sqnr_db") is not None and math.isfinite(predicted["joint_sqnr_db"]) else ""),
         "layers: " + ", ".join(f"{n} x{c}" for n, c in counts.items() if c),
         "Each rule's comment: the layer's sensitivity s (predicted output distortion when only that layer is",
         "quantized: mean KL for probability outputs, relative MSE otherwise) and stored bytes B per candidate;",
@@ -891,7 +945,7 @@ def _front(values: np.ndarray, table: dict[str, np.ndarray], base: dict[str, flo
         p = _predict(ch, table, base, values, sens)
         points.append(FrontPoint(ch, p["bytes"], p["bitops"], p["avg_bits"], p["sensitivity"], p["sqnr_db"],
                                  chosen=list(ch) == list(chosen)))
-    if not any(p.chosen for p in points):
+    if chosen and not any(p.chosen for p in points):
         p = _predict(chosen, table, base, values, sens)
         points.append(FrontPoint(list(chosen), p["bytes"], p["bitops"], p["avg_bits"], p["sensitivity"],
                                  p["sqnr_db"], chosen=True))

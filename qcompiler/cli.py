@@ -435,14 +435,17 @@ def plan_show_cmd(preset: str | None) -> None:
                                       "only), myQASR activation statistics, OMPQ orthogonality.")
 @click.option("--target", default="ort", show_default=True, help="Runtime target the plan is for.")
 @click.option("--plan", "base_plan", help="Base plan (file or preset): defaults, activation specs, rules.")
-@click.option("--samples", type=click.IntRange(min=1), default=16, show_default=True,
-              help="Calibration samples for the sensitivity.")
+@click.option("--samples", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Calibration samples for the sensitivity (more for classifiers with few, confident outputs).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
               help="Samples of one shape evaluated together.")
 @click.option("--solver", type=click.Choice(["dp", "lagrange"]), default="dp", show_default=True,
               help="Knapsack: exact DP over the discretized budget, or Lagrangian relaxation.")
 @click.option("--draws", type=click.IntRange(min=1), default=2, show_default=True,
               help="--metric hessian: Hutchinson draws per layer.")
+@click.option("--select", type=click.IntRange(min=0), default=8, show_default=True,
+              help="Measure the plan and N Pareto neighbours that fit with all their layers quantized at once "
+                   "(one evaluation each) and keep the best; 0: the knapsack's plan as is.")
 @click.option("--refine", type=click.IntRange(min=0), default=0, show_default=True,
               help="--metric pd: re-measure the sensitivities around the plan found and re-solve, up to N times "
                    "(for tight budgets, where many coarse layers compound).")
@@ -456,8 +459,8 @@ def plan_show_cmd(preset: str | None) -> None:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or summary.")
 def plan_auto_cmd(model: Path, budget: str, bitops: bool, calib: str | None, output: Path | None, candidates: str,
                   metric: str, target: str, base_plan: str | None, samples: int, batch_size: int, solver: str,
-                  draws: int, refine: int, pareto: Path | None, measure: int, validate_data: Path | None,
-                  seed: int, quiet: bool) -> None:
+                  draws: int, select: int, refine: int, pareto: Path | None, measure: int,
+                  validate_data: Path | None, seed: int, quiet: bool) -> None:
     """Plan mixed precision for MODEL: the most accurate plan within --budget (also `qcompiler plan MODEL`)."""
     from qcompiler import autoplan
     from qcompiler.cost import format_bytes, format_count
@@ -465,7 +468,7 @@ def plan_auto_cmd(model: Path, budget: str, bitops: bool, calib: str | None, out
     opts = autoplan.PlanOptions(budget=autoplan.Budget.parse(budget, bitops=bitops),
                                 candidates=autoplan.parse_candidates(candidates), metric=metric, target=target,
                                 base_plan=base_plan, samples=samples, batch_size=batch_size, solver=solver,
-                                draws=draws, refine=refine, seed=seed)
+                                draws=draws, select=select, refine=refine, seed=seed)
     if pareto is not None and pareto.suffix.lower() != ".csv":
         raise UserError(f"--pareto: '{pareto}' must end in .csv (the plot goes beside it as .svg)")
     if measure and pareto is not None and (calib is None or calib in ("random", "none")):

@@ -147,6 +147,8 @@ class SensitivityResult:
     #: ``pd`` measured around a plan (``context``): that plan's own noise per output; ``values`` / ``noise``
     #: are then the changes from it (the context's own choice 0)
     base_noise: np.ndarray | None = None
+    #: the session the values were measured with (``pd``), kept for :func:`measure_plans`
+    runner: SensitivityRunner | None = field(default=None, repr=False, compare=False)
 
     def predicted_sqnr_db(self, choice: Sequence[int]) -> float | None:
         """Worst-output SQNR predicted for a plan (candidate index per layer) by adding the noise powers."""
@@ -691,7 +693,44 @@ def compute(metric: str, graph: gs.Graph, layers: Sequence[LayerUnderTest], cand
                              values=values, noise=noise, signal=runner.signal.copy(), outputs=runner.output_names,
                              output_kinds=[k for k, _ in runner.kinds], samples=runner.samples,
                              batches=len(runner.batches), evaluations=runner.evaluations,
-                             seconds=time.perf_counter() - t0, details=details, base_noise=base_noise)
+                             seconds=time.perf_counter() - t0, details=details, base_noise=base_noise,
+                             runner=runner if metric == "pd" else None)
+
+
+def measure_plans(graph: gs.Graph, layers: Sequence[LayerUnderTest], candidates: Sequence[str],
+                  feeds: Sequence[dict[str, np.ndarray]], plans: Sequence[Sequence[int]], *,
+                  runner: SensitivityRunner | None = None, workers: int | None = None, batch_size: int = 8,
+                  opset: int = 21, progress: Progress | None = None) -> list[tuple[float, np.ndarray]]:
+    """The ``pd`` distortion and output noise of whole plans (candidate index per layer), every layer quantized
+    at once as planned — what one-layer-at-a-time sensitivities only add up. Reuses ``runner`` (the session of
+    a ``pd`` run) when given."""
+    if runner is None:
+        qparams = _activation_qparams(graph, layers, feeds, opset)
+        runner = SensitivityRunner(graph, layers, feeds, batch_size=batch_size, workers=workers,
+                                   activation_qparams=qparams)
+    cache: dict[tuple[str, str], list[np.ndarray]] = {}
+
+    def setting(plan: Sequence[int]) -> dict[str, np.ndarray]:
+        over: dict[str, np.ndarray] = {}
+        for layer, ci in zip(layers, plan):
+            cand = candidates[ci]
+            spec = layer.specs.get(cand)
+            if spec is None:
+                continue
+            key = (layer.name, cand)
+            if key not in cache:
+                cache[key] = [fake_quantize(layer.node, w, spec, opset) for w in layer.weights()]
+            over.update(zip(runner.inputs_of[layer.name], cache[key]))
+            over.update(runner.gates(layer, cand))
+        return over
+
+    def job(plan: Sequence[int]) -> Callable[[], tuple[float, np.ndarray]]:
+        def run() -> tuple[float, np.ndarray]:
+            acc = runner.distortion(setting(plan))
+            return runner.score(acc), acc.noise.copy()
+        return run
+
+    return runner.run_jobs([job(p) for p in plans], progress)
 
 
 def _activation_qparams(graph: gs.Graph, layers: Sequence[LayerUnderTest], feeds: Sequence[dict[str, np.ndarray]],

@@ -344,19 +344,19 @@ def test_compile_with_budget(tmp_path):
 
 
 def test_real_model_plan_fits_and_compiles(tmp_path):
-    """PP-OCR angle classifier (54 layers): a 30 % byte budget is met by the compiled model, counted as
-    inspect --cost counts it and on disk, and the mixed plan measures better than uniform int4."""
+    """PP-OCR angle classifier (54 layers, pd on 8 samples): a 30 % byte budget is met by the compiled model,
+    counted as inspect --cost counts it and on disk; the plan mixes precisions and works (output SQNR)."""
     from realdata import fetch_model, ppocr_cls_inputs
 
     path = fetch_model("ppocr_cls")
     feeds, _ = ppocr_cls_inputs(16, "calib")
     calib = tmp_path / "calib.npz"
     np.savez(calib, x=np.stack([f["x"] for f in feeds]))
-    res = _plan(path, calib, "30%", metric="act-stats")
+    res = _plan(path, calib, "30%")
     budget = math.floor(0.3 * os.path.getsize(path))
     assert len(res.layers) == 54 and res.budget_value == budget
     rep, size = _compiled_cost(path, res.plan, calib, tmp_path)
     assert rep.total_bytes <= budget and size <= budget
-    assert 0 < res.counts()["int4"] < 54 and res.counts()["int8"] > 0
-    uni = Plan.from_text("version: 1\ndefaults:\n  weight: {dtype: int4}\n")
-    assert autoplan.measure_sqnr(path, res.plan, calib) > autoplan.measure_sqnr(path, uni, calib) + 3.0
+    assert res.verified["bytes"] == rep.total_bytes
+    assert len([c for c, n in res.counts().items() if n]) == 2  # int8 and int4 both used
+    assert autoplan.measure_sqnr(path, res.plan, calib) > 25.0
