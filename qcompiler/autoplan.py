@@ -562,39 +562,31 @@ class _Workdir:
 
 
 # ------------------------------------------------------------------------------------------------ main
-def load_feeds(graph: Any, calib: str | Path | None, samples: int, seed: int) -> list[dict[str, np.ndarray]]:
-    """The first ``samples`` calibration feeds (``None`` / ``random``: seeded synthetic data, with a warning)."""
+def calib_source(graph: Any, calib: str | Path | None, samples: int, seed: int) -> Any:
+    """The calibration data as a (streaming) CalibrationSource; ``None`` / ``random``: ``samples`` seeded
+    synthetic samples, with a warning."""
     from qcompiler.calibration import CalibrationSource, input_signatures
 
     calib_arg = "random" if calib is None or str(calib) in ("none", "random") else calib
     if calib_arg == "random":
         log.warning("plan: no calibration data; sensitivities come from synthetic random inputs")
-    source = CalibrationSource.from_arg(calib_arg, input_signatures(graph), seed=seed, num_random=samples)
+    return CalibrationSource.from_arg(calib_arg, input_signatures(graph), seed=seed, num_random=samples)
+
+
+def first_feeds(source: Any, samples: int) -> list[dict[str, np.ndarray]]:
     feeds = []
     for i, f in enumerate(source):
         if i >= samples:
             break
         feeds.append({k: np.asarray(v) for k, v in f.items()})
     if not feeds:
-        raise UserError(f"{calib_arg}: no calibration samples")
+        raise UserError(f"{source.description}: no calibration samples")
     return feeds
 
 
-def _reuse(sens: SensitivityResult, layers: Sequence[LayerInfo], names: Sequence[str]) -> SensitivityResult:
-    """The columns of an earlier sensitivity result for these layers and candidates (NaN where not allowed)."""
-    if [la.name for la in layers] != list(sens.layers) or any(n not in sens.candidates for n in names):
-        raise ValueError("the given sensitivity result does not cover these layers and candidates")
-    cols = [sens.candidates.index(n) for n in names]
-    values = sens.values[:, cols].copy()
-    noise = None if sens.noise is None else sens.noise[:, cols].copy()
-    for li, la in enumerate(layers):
-        for ci, n in enumerate(names):
-            if n not in la.allowed:
-                values[li, ci] = np.nan
-                if noise is not None:
-                    noise[li, ci] = np.nan
-    return SensitivityResult(sens.metric, list(sens.layers), list(names), values, noise, sens.signal, sens.outputs,
-                             sens.output_kinds, sens.samples, sens.batches, 0, 0.0, dict(sens.details))
+def load_feeds(graph: Any, calib: str | Path | None, samples: int, seed: int) -> list[dict[str, np.ndarray]]:
+    """The first ``samples`` calibration feeds (``None`` / ``random``: seeded synthetic data, with a warning)."""
+    return first_feeds(calib_source(graph, calib, samples, seed), samples)
 
 
 def auto_plan(model_path: str | Path, calib: str | Path | None, options: PlanOptions, *,
@@ -617,7 +609,10 @@ def auto_plan(model_path: str | Path, calib: str | Path | None, options: PlanOpt
     t = time.perf_counter()
     prep = prepare(src, cands, target=opts.target, base_plan=opts.base_plan)
     rules = layer_rules(prep, cands)
-    feeds = load_feeds(prep.graph, calib, opts.samples, opts.seed)
+    # sensitivities on the first samples; activation ranges as the compile will calibrate them: over the whole
+    # calibration data (one streaming pass)
+    ranges = calib_source(prep.graph, calib, opts.samples, opts.seed)
+    feeds = first_feeds(ranges, opts.samples)
     timings["prepare"] = time.perf_counter() - t
 
     # ---- sensitivity ------------------------------------------------------------------------------------
@@ -632,7 +627,7 @@ def auto_plan(model_path: str | Path, calib: str | Path | None, options: PlanOpt
         sens = _reuse(sensitivity, prep.layers, names)
     else:
         sens = compute(opts.metric, prep.graph, lut, names, feeds, batch_size=opts.batch_size,
-                       workers=opts.workers, draws=opts.draws, seed=opts.seed,
+                       workers=opts.workers, draws=opts.draws, seed=opts.seed, range_source=ranges,
                        progress=(lambda d, n: progress(f"sensitivity ({opts.metric})", d, n)) if progress else None)
     timings["sensitivity"] = time.perf_counter() - t
     if opts.refine and opts.metric != "pd":
@@ -658,7 +653,7 @@ def auto_plan(model_path: str | Path, calib: str | Path | None, options: PlanOpt
                 if current is None:
                     break
                 ctx_sens = compute("pd", prep.graph, lut, names, feeds, batch_size=opts.batch_size,
-                                   workers=opts.workers, seed=opts.seed, context=current,
+                                   workers=opts.workers, seed=opts.seed, context=current, range_source=ranges,
                                    progress=(lambda d, n: progress("refine (pd around the plan)", d, n))
                                    if progress else None)
                 nxt = _solve(ctx_sens.values, table[unit], cap, opts)
@@ -686,7 +681,7 @@ def auto_plan(model_path: str | Path, calib: str | Path | None, options: PlanOpt
                                 f"layer at its cheapest candidate of {', '.join(names)})")
             if opts.select:
                 choice = _select(choice, cap, pool_front, table[unit], values, opts, joint, prep, lut, names, feeds,
-                                 sens, progress)
+                                 sens, progress, ranges)
             predicted = _predict(choice, table, base, values, sens)
             if tuple(choice) in joint:
                 predicted["joint_sqnr_db"] = _sqnr(sens, joint[tuple(choice)][1])
@@ -740,7 +735,7 @@ def _sqnr(sens: SensitivityResult, noise: np.ndarray) -> float | None:
 def _select(choice: list[int], cap: float, front: Sequence[FrontPoint], costs: np.ndarray, values: np.ndarray,
             opts: PlanOptions, joint: dict[tuple[int, ...], tuple[float, np.ndarray]], prep: Prepared,
             lut: Sequence[LayerUnderTest], names: Sequence[str], feeds: Sequence[dict[str, np.ndarray]],
-            sens: SensitivityResult, progress: Progress | None) -> list[int]:
+            sens: SensitivityResult, progress: Progress | None, ranges: Any = None) -> list[int]:
     """Among the knapsack's plan, the ``opts.select`` Pareto points nearest the budget that fit, and every uniform
     plan that fits, the one with the least distortion *measured with all its layers quantized together* (the
     sensitivities are measured one layer at a time and only added; where coarse layers compound, the sum
@@ -762,7 +757,7 @@ def _select(choice: list[int], cap: float, front: Sequence[FrontPoint], costs: n
         from qcompiler.sensitivity import measure_plans
 
         res = measure_plans(prep.graph, lut, names, feeds, todo, runner=sens.runner, workers=opts.workers,
-                            batch_size=opts.batch_size,
+                            batch_size=opts.batch_size, range_source=ranges,
                             progress=(lambda d, n: progress("select (whole plans measured)", d, n))
                             if progress else None)
         joint.update(zip(todo, res))

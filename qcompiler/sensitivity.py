@@ -536,7 +536,8 @@ def _delta2(w: list[np.ndarray], q: list[np.ndarray]) -> float:
 def compute(metric: str, graph: gs.Graph, layers: Sequence[LayerUnderTest], candidates: Sequence[str],
             feeds: Sequence[dict[str, np.ndarray]], *, progress: Progress | None = None, batch_size: int = 8,
             workers: int | None = None, draws: int = 2, seed: int = 0, opset: int = 21,
-            activations: bool = True, context: Sequence[int] | None = None) -> SensitivityResult:
+            activations: bool = True, context: Sequence[int] | None = None,
+            range_source: Any = None) -> SensitivityResult:
     """Sensitivity of every (layer, candidate) with ``metric`` (one of :data:`METRICS`). With ``activations``,
     ``pd`` quantizes the layer's input activation as the plan would (``LayerUnderTest.activation``) along with
     its weights, for every candidate but the float one.
@@ -544,6 +545,9 @@ def compute(metric: str, graph: gs.Graph, layers: Sequence[LayerUnderTest], cand
     ``context`` (``pd`` only): a plan (candidate index per layer) to measure around instead of the float model —
     every layer quantized as the plan says, and each (layer, candidate) scored by how much switching that one
     layer changes the distortion (negative: better). Used to refine a plan where many coarse layers compound.
+
+    ``range_source``: the data the activation ranges are calibrated on (a CalibrationSource, streamed), as the
+    compile will calibrate them — default: ``feeds``.
     """
     if metric not in METRICS:
         raise UserError(f"--metric: unknown metric '{metric}' (one of: {', '.join(METRICS)})")
@@ -554,7 +558,8 @@ def compute(metric: str, graph: gs.Graph, layers: Sequence[LayerUnderTest], cand
             extra.append(layer.node.outputs[0].name)
             if metric == "act-stats":
                 extra.append(layer.node.inputs[0].name)
-    qparams = _activation_qparams(graph, layers, feeds, opset) if metric == "pd" and activations else None
+    qparams = (_activation_qparams(graph, layers, feeds, opset, range_source) if metric == "pd" and activations
+               else None)
     runner = SensitivityRunner(graph, layers, feeds, batch_size=batch_size, workers=workers,
                                extra_outputs=[n for n in extra if n not in {t.name for t in graph.inputs}],
                                activation_qparams=qparams)
@@ -700,12 +705,13 @@ def compute(metric: str, graph: gs.Graph, layers: Sequence[LayerUnderTest], cand
 def measure_plans(graph: gs.Graph, layers: Sequence[LayerUnderTest], candidates: Sequence[str],
                   feeds: Sequence[dict[str, np.ndarray]], plans: Sequence[Sequence[int]], *,
                   runner: SensitivityRunner | None = None, workers: int | None = None, batch_size: int = 8,
-                  opset: int = 21, progress: Progress | None = None) -> list[tuple[float, np.ndarray]]:
+                  opset: int = 21, progress: Progress | None = None, range_source: Any = None
+                  ) -> list[tuple[float, np.ndarray]]:
     """The ``pd`` distortion and output noise of whole plans (candidate index per layer), every layer quantized
     at once as planned — what one-layer-at-a-time sensitivities only add up. Reuses ``runner`` (the session of
     a ``pd`` run) when given."""
     if runner is None:
-        qparams = _activation_qparams(graph, layers, feeds, opset)
+        qparams = _activation_qparams(graph, layers, feeds, opset, range_source)
         runner = SensitivityRunner(graph, layers, feeds, batch_size=batch_size, workers=workers,
                                    activation_qparams=qparams)
     cache: dict[tuple[str, str], list[np.ndarray]] = {}
@@ -734,7 +740,7 @@ def measure_plans(graph: gs.Graph, layers: Sequence[LayerUnderTest], candidates:
 
 
 def _activation_qparams(graph: gs.Graph, layers: Sequence[LayerUnderTest], feeds: Sequence[dict[str, np.ndarray]],
-                        opset: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+                        opset: int, source: Any = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Scale and zero point (tensor name -> (s, z)) of each layer's input activation and of the outputs the
     target quantizes, calibrated on ``feeds`` as ``calibrate`` would. Only activation dtypes QuantizeLinear takes
     at the graph's opset; others stay float here."""
@@ -759,7 +765,8 @@ def _activation_qparams(graph: gs.Graph, layers: Sequence[LayerUnderTest], feeds
                 specs.setdefault(t_name, spec)
     if not specs:
         return {}
-    source = CalibrationSource.from_feeds(list(feeds), input_signatures(graph), "sensitivity samples")
+    if source is None:
+        source = CalibrationSource.from_feeds(list(feeds), input_signatures(graph), "sensitivity samples")
     stats = collect(graph, specs, source)
     out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for name, spec in specs.items():

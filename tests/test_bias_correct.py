@@ -166,3 +166,21 @@ def test_must_run_before_insert_qdq():
     PassManager(build_pipeline("resolve-plan,calibrate,insert-qdq")).run(ctx)
     with pytest.raises(UserError, match="before 'insert-qdq'"):
         build_pipeline("bias-correct")[0].run(ctx)
+
+
+def test_matmul_without_bias_gets_an_add_and_keeps_its_output_name(tmp_path):
+    b = Builder(33)
+    b.node("MatMul", ["x", b.init("w", b.randn(16, 8, scale=0.3))], ["y"], name="mm")
+    model = b.model([vi("x", ["N", 16])], [vi("y", ["N", 8])])
+    rng = np.random.default_rng(9)
+    calib = (np.maximum(rng.standard_normal((32, 4, 16)) + 1.0, 0.0) + 1.0).astype(np.float32)
+    feeds = [{"x": (np.maximum(rng.standard_normal((4, 16)) + 1.0, 0.0) + 1.0).astype(np.float32)} for _ in range(8)]
+    src, plain, _ = _compile(tmp_path, model, calib, plan(INT4), "plain")
+    _, bc, _ = _compile(tmp_path, model, calib, plan(INT4, {"bias_correct": True}), "bc")
+    m = onnx.load(bc)
+    add = next(n for n in m.graph.node if n.op_type == "Add")
+    assert list(add.output) == ["y"] and [o.name for o in m.graph.output] == ["y"]
+    ref = np.concatenate([ort_run(onnx.load(src), f)["y"] for f in feeds])
+    e0 = np.concatenate([ort_run(onnx.load(plain), f)["y"] for f in feeds]) - ref
+    e1 = np.concatenate([ort_run(m, f)["y"] for f in feeds]) - ref
+    assert np.abs(e1.mean(axis=0)).max() < 0.25 * np.abs(e0.mean(axis=0)).max()
