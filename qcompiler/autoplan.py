@@ -589,6 +589,23 @@ def load_feeds(graph: Any, calib: str | Path | None, samples: int, seed: int) ->
     return first_feeds(calib_source(graph, calib, samples, seed), samples)
 
 
+def _reuse(sens: SensitivityResult, layers: Sequence[LayerInfo], names: Sequence[str]) -> SensitivityResult:
+    """The columns of an earlier sensitivity result for these layers and candidates (NaN where not allowed)."""
+    if [la.name for la in layers] != list(sens.layers) or any(n not in sens.candidates for n in names):
+        raise ValueError("the given sensitivity result does not cover these layers and candidates")
+    cols = [sens.candidates.index(n) for n in names]
+    values = sens.values[:, cols].copy()
+    noise = None if sens.noise is None else sens.noise[:, cols].copy()
+    for li, la in enumerate(layers):
+        for ci, n in enumerate(names):
+            if n not in la.allowed:
+                values[li, ci] = np.nan
+                if noise is not None:
+                    noise[li, ci] = np.nan
+    return SensitivityResult(sens.metric, list(sens.layers), list(names), values, noise, sens.signal, sens.outputs,
+                             sens.output_kinds, sens.samples, sens.batches, 0, 0.0, dict(sens.details))
+
+
 def auto_plan(model_path: str | Path, calib: str | Path | None, options: PlanOptions, *,
               progress: Progress | None = None, sensitivity: SensitivityResult | None = None) -> AutoPlanResult:
     """Plan ``model_path`` under ``options.budget`` (see the module docstring). ``sensitivity``: reuse the
@@ -613,6 +630,9 @@ def auto_plan(model_path: str | Path, calib: str | Path | None, options: PlanOpt
     # calibration data (one streaming pass)
     ranges = calib_source(prep.graph, calib, opts.samples, opts.seed)
     feeds = first_feeds(ranges, opts.samples)
+    # whole plans are compared on fresh samples (the knapsack fitted the first ones): the next 2 x samples
+    more = first_feeds(ranges, 3 * opts.samples)[opts.samples:] if opts.select else []
+    select_feeds = more or feeds
     timings["prepare"] = time.perf_counter() - t
 
     # ---- sensitivity ------------------------------------------------------------------------------------
@@ -670,6 +690,7 @@ def auto_plan(model_path: str | Path, calib: str | Path | None, options: PlanOpt
         text = ""
         rounds = 0
         joint: dict[tuple[int, ...], tuple[float, np.ndarray]] = {}
+        select_state: dict[str, Any] = {}
         pool_front = _front(values, table, base, sens, unit, [], opts) if opts.select else []
         while True:
             rounds += 1
@@ -680,11 +701,11 @@ def auto_plan(model_path: str | Path, calib: str | Path | None, options: PlanOpt
                                 f"the smallest plan this model allows ({_fmt_unit(cheapest, unit)} with every "
                                 f"layer at its cheapest candidate of {', '.join(names)})")
             if opts.select:
-                choice = _select(choice, cap, pool_front, table[unit], values, opts, joint, prep, lut, names, feeds,
-                                 sens, progress, ranges)
+                choice = _select(choice, cap, pool_front, table[unit], values, opts, joint, prep, lut, names,
+                                 select_feeds, sens, progress, ranges, select_feeds is not feeds, select_state)
             predicted = _predict(choice, table, base, values, sens)
-            if tuple(choice) in joint:
-                predicted["joint_sqnr_db"] = _sqnr(sens, joint[tuple(choice)][1])
+            if tuple(choice) in joint and "signal" in select_state:
+                predicted["joint_sqnr_db"] = _sqnr(select_state["signal"], joint[tuple(choice)][1])
             header = _header(src, opts, budget_value, unit, predicted, names, choice)
             text = plan_text(prep, [rules[li][ci] for li, ci in enumerate(choice)],  # type: ignore[misc]
                              header, _comments(prep, names, choice, sens, table))
@@ -717,25 +738,24 @@ def auto_plan(model_path: str | Path, calib: str | Path | None, options: PlanOpt
         progress("verify", MAX_ROUNDS, MAX_ROUNDS)
     return AutoPlanResult(text=text, plan=plan, budget=opts.budget, budget_value=budget_value, unit=unit,
                           layers=prep.layers, candidates=names, choice=list(choice), cost_table=table, base=base,
-                          sensitivity=sens, predicted=_predict(choice, table, base, values, sens),
+                          sensitivity=sens, predicted=predicted,
                           verified=verified, front=front, timings=timings, float_totals=float_totals,
                           model=str(src), target=opts.target, rules=rules, rounds=rounds)
 
 
-def _sqnr(sens: SensitivityResult, noise: np.ndarray) -> float | None:
-    if sens.signal is None:
-        return None
+def _sqnr(signal: np.ndarray, noise: np.ndarray) -> float:
     worst = math.inf
     for o in range(len(noise)):
         if noise[o] > 0:
-            worst = min(worst, 10.0 * math.log10(max(float(sens.signal[o]), 1e-300) / float(noise[o])))
+            worst = min(worst, 10.0 * math.log10(max(float(signal[o]), 1e-300) / float(noise[o])))
     return worst
 
 
 def _select(choice: list[int], cap: float, front: Sequence[FrontPoint], costs: np.ndarray, values: np.ndarray,
             opts: PlanOptions, joint: dict[tuple[int, ...], tuple[float, np.ndarray]], prep: Prepared,
             lut: Sequence[LayerUnderTest], names: Sequence[str], feeds: Sequence[dict[str, np.ndarray]],
-            sens: SensitivityResult, progress: Progress | None, ranges: Any = None) -> list[int]:
+            sens: SensitivityResult, progress: Progress | None, ranges: Any, fresh: bool,
+            state: dict[str, Any]) -> list[int]:
     """Among the knapsack's plan, the ``opts.select`` Pareto points nearest the budget that fit, and every uniform
     plan that fits, the one with the least distortion *measured with all its layers quantized together* (the
     sensitivities are measured one layer at a time and only added; where coarse layers compound, the sum
@@ -751,15 +771,19 @@ def _select(choice: list[int], cap: float, front: Sequence[FrontPoint], costs: n
         if all(np.isfinite(costs[li, ci]) and np.isfinite(values[li, ci]) for li in range(costs.shape[0])) \
                 and used(uniform) <= cap + 1e-9:
             pool.append(uniform)
-    unique = list(dict.fromkeys(tuple(p) for p in pool))
+    unique: list[tuple[int, ...]] = list(dict.fromkeys(tuple(p) for p in pool))
     todo = [p for p in unique if p not in joint]
     if todo:
         from qcompiler.sensitivity import measure_plans
 
-        res = measure_plans(prep.graph, lut, names, feeds, todo, runner=sens.runner, workers=opts.workers,
-                            batch_size=opts.batch_size, range_source=ranges,
-                            progress=(lambda d, n: progress("select (whole plans measured)", d, n))
-                            if progress else None)
+        runner = state.get("runner") or (None if fresh else sens.runner)
+        res, runner = measure_plans(prep.graph, lut, names, feeds, todo, runner=runner, workers=opts.workers,
+                                    batch_size=opts.batch_size, range_source=ranges,
+                                    qparams=sens.runner.activation_qparams if sens.runner is not None else None,
+                                    progress=(lambda d, n: progress("select (whole plans measured)", d, n))
+                                    if progress else None)
+        state["runner"] = runner
+        state["signal"] = runner.signal
         joint.update(zip(todo, res))
     best = min(unique, key=lambda p: (joint[p][0], used(p)))
     if list(best) != list(choice):
@@ -790,7 +814,7 @@ def _header(src: Path, opts: PlanOptions, budget_value: float, unit: str, predic
         f"predicted: {round(predicted['bytes'])} bytes, {cost.format_count(predicted['bitops'])} BitOps, "
         f"{predicted['avg_bits']:.3f} avg weight bits"
         + (f", output SQNR {sq:.2f} dB" if sq is not None and math.isfinite(sq) else "")
-        + (f" (all layers together, fake-quantized on the calibration samples: {predicted['joint_sqnr_db']:.2f} dB)"
+        + (f" (measured whole on other calibration samples: {predicted['joint_sqnr_db']:.2f} dB)"
            if predicted.get("joint_sqnr_db") is not None and math.isfinite(predicted["joint_sqnr_db"]) else ""),
         "layers: " + ", ".join(f"{n} x{c}" for n, c in counts.items() if c),
         "Each rule's comment: the layer's sensitivity s (predicted output distortion when only that layer is",

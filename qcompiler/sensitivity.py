@@ -259,6 +259,7 @@ class SensitivityRunner:
         self.gate_of: dict[str, str] = {}  # layer -> gate of its input activation
         self.out_gate_of: dict[str, str] = {}  # tensor -> gate of its (target-added) quantization
         qps = activation_qparams or {}
+        self.activation_qparams = dict(qps)
         # Activation fake-quantization switched by a scalar gate input (0 = float, exactly):
         # x' = x + gate · (DequantizeLinear(QuantizeLinear(x)) − x). A layer's input is gated on that edge only;
         # an output the target quantizes is gated for all its readers.
@@ -705,13 +706,16 @@ def compute(metric: str, graph: gs.Graph, layers: Sequence[LayerUnderTest], cand
 def measure_plans(graph: gs.Graph, layers: Sequence[LayerUnderTest], candidates: Sequence[str],
                   feeds: Sequence[dict[str, np.ndarray]], plans: Sequence[Sequence[int]], *,
                   runner: SensitivityRunner | None = None, workers: int | None = None, batch_size: int = 8,
-                  opset: int = 21, progress: Progress | None = None, range_source: Any = None
-                  ) -> list[tuple[float, np.ndarray]]:
+                  opset: int = 21, progress: Progress | None = None, range_source: Any = None,
+                  qparams: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
+                  ) -> tuple[list[tuple[float, np.ndarray]], SensitivityRunner]:
     """The ``pd`` distortion and output noise of whole plans (candidate index per layer), every layer quantized
-    at once as planned — what one-layer-at-a-time sensitivities only add up. Reuses ``runner`` (the session of
-    a ``pd`` run) when given."""
+    at once as planned — what one-layer-at-a-time sensitivities only add up — and the session used. Reuses
+    ``runner`` (e.g. the session of a ``pd`` run) when given; else builds one on ``feeds`` with the activation
+    ranges ``qparams`` (default: calibrated on ``range_source`` or ``feeds``)."""
     if runner is None:
-        qparams = _activation_qparams(graph, layers, feeds, opset, range_source)
+        if qparams is None:
+            qparams = _activation_qparams(graph, layers, feeds, opset, range_source)
         runner = SensitivityRunner(graph, layers, feeds, batch_size=batch_size, workers=workers,
                                    activation_qparams=qparams)
     cache: dict[tuple[str, str], list[np.ndarray]] = {}
@@ -736,7 +740,7 @@ def measure_plans(graph: gs.Graph, layers: Sequence[LayerUnderTest], candidates:
             return runner.score(acc), acc.noise.copy()
         return run
 
-    return runner.run_jobs([job(p) for p in plans], progress)
+    return runner.run_jobs([job(p) for p in plans], progress), runner
 
 
 def _activation_qparams(graph: gs.Graph, layers: Sequence[LayerUnderTest], feeds: Sequence[dict[str, np.ndarray]],

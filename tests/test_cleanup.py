@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -194,14 +193,13 @@ def test_opset11_constants_fixture():
     assert CleanupPass().run(ctx).modified is False
 
 
-def test_large_graph_time():
+def test_large_graph_unchanged():
+    # speed on 10k nodes is measured in benchmarks/many_nodes.py, not here
     model = G.conv_chain(3334)  # 10 002 nodes
     ctx = _ctx(model)
-    t0 = time.perf_counter()
     res = CleanupPass().run(ctx)
-    dt = time.perf_counter() - t0
     assert res.modified is False
-    assert dt < 5.0, f"cleanup took {dt:.2f}s on 10k nodes"
+    assert len(ctx.graph.nodes) == len(model.graph.node)
 
 
 def test_pass_identity():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -287,20 +286,17 @@ def test_fixture_models(name, folded):
     assert FoldBatchNormPass().run(ctx).modified is False
 
 
-def test_large_graph_is_linear_time():
+def test_large_graph_folds_every_bn():
+    # speed on 10k nodes is measured in benchmarks/many_nodes.py, not here
     model = G.conv_chain(3334)  # 10 002 nodes
     graph, meta = ir.import_graph(model)
     from qcompiler.context import CompileContext
 
     ctx = CompileContext(graph=graph, meta=meta, plan=None, target=None)  # type: ignore[arg-type]
-    t0 = time.perf_counter()
     res = FoldBatchNormPass().run(ctx)
-    dt = time.perf_counter() - t0
     assert res.stats["folded_conv"] == 3334
-    assert dt < 3.0, f"fold-batchnorm took {dt:.2f}s on 10k nodes"
-    t0 = time.perf_counter()
+    assert not any(n.op == "BatchNormalization" for n in ctx.graph.nodes)
     assert FoldBatchNormPass().run(ctx).modified is False
-    assert time.perf_counter() - t0 < 3.0
 
 
 def test_pass_identity():
