@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -38,6 +39,7 @@ from qcompiler import ir, quant, schemes
 from qcompiler.context import CompileContext
 from qcompiler.errors import UserError
 from qcompiler.pass_base import Pass, PassResult
+from qcompiler.passes._graph_utils import GraphIndex
 from qcompiler.plan import NodePlan, QuantSpec, required_opset
 
 log = logging.getLogger(__name__)
@@ -67,19 +69,8 @@ def block_axis(node: gs.Node, ndim: int) -> int:
     return ndim - 2
 
 
-class _Names:
-    """Deterministic unique tensor/node names."""
-
-    def __init__(self, graph: gs.Graph) -> None:
-        self.taken = set(graph.tensors().keys()) | {n.name for n in graph.nodes}
-
-    def __call__(self, base: str) -> str:
-        name, i = base, 1
-        while name in self.taken:
-            name = f"{base}_{i}"
-            i += 1
-        self.taken.add(name)
-        return name
+#: a name factory: ``base`` if unused, else ``base_1``, ``base_2``, ... (deterministic; reserved once handed out)
+_Names = Callable[[str], str]
 
 
 class InsertQDQPass(Pass):
@@ -96,7 +87,7 @@ class InsertQDQPass(Pass):
         self._ctx_report = ctx.report
         self._opset = ctx.opset
         stats: Counter[str] = Counter()
-        names = _Names(graph)
+        names: _Names = GraphIndex(graph).unique_name
         tensors = graph.tensors()
         nodes = {n.name: n for n in graph.nodes}
         specs_used = [s for np_ in ctx.resolved.nodes.values() for s in (np_.weight, np_.activation) if s]
