@@ -206,16 +206,16 @@ def test_dump_after(tmp_path):
     compile_model(MODELS / "conv_bn_relu.onnx", out,
                   CompileOptions(calib="random", calib_samples=2, dump_after={"insert-qdq"}))
     dumps = sorted(p.name for p in (tmp_path / "q.dump").iterdir())
-    assert dumps == ["06-insert-qdq.onnx"]
-    d = onnx.load(str(tmp_path / "q.dump" / "06-insert-qdq.onnx"))
+    assert dumps == ["07-insert-qdq.onnx"]
+    d = onnx.load(str(tmp_path / "q.dump" / "07-insert-qdq.onnx"))
     onnx.checker.check_model(d, full_check=True)
     assert sum(n.op_type == "QuantizeLinear" for n in d.graph.node) == 8
     out2 = tmp_path / "all" / "q.onnx"
     compile_model(MODELS / "conv_bn_relu.onnx", out2, CompileOptions(calib="random", calib_samples=2,
                                                                      dump_after={"all"}))
     names = sorted(p.name for p in (tmp_path / "all" / "q.dump").iterdir())
-    assert names == ["01-cleanup.onnx", "02-fold-batchnorm.onnx", "03-cleanup.onnx", "04-resolve-plan.onnx",
-                     "05-calibrate.onnx", "06-insert-qdq.onnx", "07-lower.onnx"]
+    assert names == ["01-cleanup.onnx", "02-fold-batchnorm.onnx", "03-fuse-activations.onnx", "04-cleanup.onnx",
+                     "05-resolve-plan.onnx", "06-calibrate.onnx", "07-insert-qdq.onnx", "08-lower.onnx"]
     folded = onnx.load(str(tmp_path / "all" / "q.dump" / "02-fold-batchnorm.onnx"))
     assert not any(n.op_type == "BatchNormalization" for n in folded.graph.node)
     assert not any(n.op_type == "QuantizeLinear" for n in folded.graph.node)

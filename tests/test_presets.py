@@ -103,8 +103,8 @@ def test_algorithm_passes_land_at_their_places():
     every = Plan.from_dict({"algorithms": {"gptq": {"damp": 0.05}, "bias_correct": True, "smooth": True,
                                            "equalize": True, "fold_bias": True}})
     text = ",".join(p.canonical() for p in assemble_pipeline(DEFAULT_PIPELINE, every, calib_select=8))
-    assert text == ("cleanup,fold-batchnorm,fold-bias,cleanup,resolve-plan,calib-select{n=8},equalize,smooth,"
-                    "calibrate,gptq{damp=0.05},bias-correct,insert-qdq,lower")
+    assert text == ("cleanup,fold-batchnorm,fold-bias,fuse-activations,cleanup,resolve-plan,calib-select{n=8},"
+                    "equalize,smooth,calibrate,gptq{damp=0.05},bias-correct,insert-qdq,lower")
     assert [name for name, _, _ in PIPELINE_INSERTIONS] == ["fold-bias", "calib-select", "equalize", "smooth",
                                                              "gptq", "bias-correct"]
     # a pass the pipeline text names already keeps its place and options
