@@ -198,11 +198,12 @@ class FolderReader:
 
 def ort_quantize(model: str | os.PathLike[str], output: str | os.PathLike[str], calib_folder: str | os.PathLike[str],
                  method: str = "MinMax", per_channel: bool = True, op_types: Sequence[str] | None = None,
-                 workdir: str | os.PathLike[str] | None = None) -> dict[str, float]:
-    """onnxruntime's static quantizer (QDQ, int8 weights, uint8 activations) with its pre-processing.
+                 workdir: str | os.PathLike[str] | None = None, weight_type: str = "QInt8") -> dict[str, float]:
+    """onnxruntime's static quantizer (QDQ, ``weight_type`` weights — QInt8 by default, QInt4 for int4 —, uint8
+    activations) with its pre-processing.
 
-    Returns the seconds spent: ``upgrade`` (opset -> 13 when lower), ``preprocess`` (``quant_pre_process``),
-    ``quantize`` (calibration + rewrite) and ``total``."""
+    Returns the seconds spent: ``upgrade`` (opset -> 13 when lower, 21 for 4-bit weights), ``preprocess``
+    (``quant_pre_process``), ``quantize`` (calibration + rewrite) and ``total``."""
     import onnx
     from onnx import version_converter
     from onnxruntime.quantization import (
@@ -229,8 +230,9 @@ def ort_quantize(model: str | os.PathLike[str], output: str | os.PathLike[str], 
         src = Path(model)
         m = onnx.load(str(src))
         opset = next((int(i.version) for i in m.opset_import if i.domain in ("", "ai.onnx")), 1)
-        if per_channel and opset < 13:
-            m = version_converter.convert_version(m, 13)
+        need = 21 if weight_type in ("QInt4", "QUInt4") else 13 if per_channel else 0
+        if opset < need:
+            m = version_converter.convert_version(m, need)
             src = Path(td) / "upgraded.onnx"
             onnx.save(m, str(src))
         del m
@@ -239,7 +241,7 @@ def ort_quantize(model: str | os.PathLike[str], output: str | os.PathLike[str], 
         quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
         t2 = time.perf_counter()
         quantize_static(str(pre), str(output), _Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        activation_type=QuantType.QUInt8, weight_type=getattr(QuantType, weight_type),
                         op_types_to_quantize=list(op_types) if op_types else None,
                         calibrate_method=getattr(CalibrationMethod, method))
         t3 = time.perf_counter()

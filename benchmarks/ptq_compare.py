@@ -56,47 +56,9 @@ TARGETS = {"w8a8_margin_db": 3.0, "cls_top1": 0.995, "w4a8_margin_db": 6.0, "rss
 # ======================================================================================= onnxruntime
 def ort_quantize(model: str | Path, output: str | Path, calib_folder: str | Path, method: str = "MinMax",
                  weight_type: str = "QInt8", workdir: str | Path | None = None) -> dict[str, float]:
-    """``quantize_static`` as a user runs it on these models (see :func:`_common.ort_quantize`), with the weight
-    type as a parameter: int4 weights (QInt4) need opset 21."""
-    if weight_type == "QInt8":
-        return C.ort_quantize(model, output, calib_folder, method=method, workdir=workdir)
-    import onnx
-    from onnx import version_converter
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    class _Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.inner = C.FolderReader(calib_folder)
-
-        def get_next(self) -> C.Feed | None:
-            return self.inner.get_next()
-
-        def rewind(self) -> None:
-            self.inner.rewind()
-
-    t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(dir=workdir) as td:
-        m = onnx.load(str(model))
-        opset = next((int(i.version) for i in m.opset_import if i.domain in ("", "ai.onnx")), 1)
-        src = Path(model)
-        if opset < 21:
-            m = version_converter.convert_version(m, 21)
-            src = Path(td) / "upgraded.onnx"
-            onnx.save(m, str(src))
-        del m
-        pre = Path(td) / "preprocessed.onnx"
-        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
-        quantize_static(str(pre), str(output), _Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=getattr(QuantType, weight_type),
-                        calibrate_method=getattr(CalibrationMethod, method))
-    return {"total": time.perf_counter() - t0}
+    """``quantize_static`` as a user runs it on these models (:func:`_common.ort_quantize`: per-channel QDQ,
+    uint8 activations), with the weight type as a parameter: int4 weights (QInt4) upgrade to opset 21."""
+    return C.ort_quantize(model, output, calib_folder, method=method, workdir=workdir, weight_type=weight_type)
 
 
 def padded(feeds: Sequence[C.Feed]) -> list[C.Feed]:
