@@ -27,6 +27,7 @@ __all__ = [
     "remove_nodes",
     "replace_input",
     "rewire_consumers",
+    "scale_values",
     "sole_consumer",
 ]
 
@@ -59,6 +60,21 @@ def const_values(t: gs.Tensor | None) -> np.ndarray | None:
     if isinstance(t, gs.Constant):
         return np.asarray(t.values)
     return None
+
+
+def scale_values(t: gs.Tensor | None) -> np.ndarray | None:
+    """Values of a quantization scale: a constant, or the float32 product ``Mul(a, b)`` of two float32 constants
+    (``insert-qdq`` computes an int32 bias's scale s_w · s_x that way), computed as the runtime does; else
+    ``None``."""
+    if isinstance(t, gs.Constant):
+        return np.asarray(t.values)
+    node = producer(t) if t is not None else None
+    if node is None or not is_onnx_op(node, "Mul") or len(node.inputs) != 2:
+        return None
+    a, b = (const_values(x) for x in node.inputs)
+    if a is None or b is None or a.dtype != np.float32 or b.dtype != np.float32:
+        return None
+    return np.asarray(a * b, dtype=np.float32)
 
 
 def known_rank(t: gs.Tensor | None) -> int | None:

@@ -18,7 +18,19 @@ For every node the resolved plan quantizes:
   ``x̂ = Where(x >= 0, β, −β)`` with β = mean|x| from calibration;
 * **bias** of Conv / ConvTranspose / Gemm (int8 weights and activations) becomes int32 codes with
   ``s_b = s_x · s_w`` and ``z_b = 0``; when a bias would overflow int32 (tiny scales) the weight scale of that
-  channel is raised first (``qcompiler.quant.quantize_bias``).
+  channel is raised first (``qcompiler.quant.quantize_bias``). ``s_b`` is not stored: it is
+  ``Mul(s_w, s_x)`` of the two scale constants already in the file (float32, the same bits; onnxruntime
+  folds it at session start and still fuses ``QLinearConv`` / ``QGemm``).
+
+A weight ``DequantizeLinear`` leaves out an all-zero zero point when its codes are a signed integer or fp8 type
+(a missing ``x_zero_point`` is 0 of the type of ``x``, so the result is the same bit for bit), except for a
+weight a Gemm reads (onnxruntime fuses ``QGemm`` only with an explicit zero point). Activation Q/DQ pairs keep
+theirs (it sets QuantizeLinear's output type).
+
+Names: every tensor and node the pass creates is named after the tensor it stands for, ``<base>:<role>`` —
+``:q`` quantized codes / tensor, ``:s`` scale, ``:zp`` zero point, ``:dq`` dequantized tensor, ``:Q`` / ``:DQ``
+the QuantizeLinear / DequantizeLinear nodes (binary activations: ``:bin`` and friends) — made unique with
+``GraphIndex.unique_name`` (``<base>:q_1``, ...), so they are deterministic. Original names are kept.
 
 Weights shared by several quantized nodes with the same spec are quantized once. Re-running the pass
 changes nothing: a weight already read through DequantizeLinear and an activation already dequantized are
@@ -32,6 +44,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 import onnx_graphsurgeon as gs
 
@@ -134,13 +147,13 @@ class InsertQDQPass(Pass):
                     self._emit_binarize(graph, names, t, schemes.binary_activation_scale(st), targets)
                     stats["activations_binary"] += 1
                 continue
-            s_c = gs.Constant(names(f"{name}_scale"), np.asarray(scale, dtype=np.float32).reshape(()))
-            z_c = gs.Constant(names(f"{name}_zero_point"), np.asarray(zp).reshape(()))
-            q_out = gs.Variable(names(f"{name}_quantized"), dtype=z_c.values.dtype, shape=t.shape)
-            dq_out = gs.Variable(names(f"{name}_dequantized"), dtype=np.float32, shape=t.shape)
-            graph.nodes.append(self.tag(gs.Node("QuantizeLinear", names(f"{name}_QuantizeLinear"),
+            s_c = gs.Constant(names(f"{name}:s"), np.asarray(scale, dtype=np.float32).reshape(()))
+            z_c = gs.Constant(names(f"{name}:zp"), np.asarray(zp).reshape(()))  # Q's output type: always given
+            q_out = gs.Variable(names(f"{name}:q"), dtype=z_c.values.dtype, shape=t.shape)
+            dq_out = gs.Variable(names(f"{name}:dq"), dtype=np.float32, shape=t.shape)
+            graph.nodes.append(self.tag(gs.Node("QuantizeLinear", names(f"{name}:Q"),
                                                 inputs=[t, s_c, z_c], outputs=[q_out])))
-            graph.nodes.append(self.tag(gs.Node("DequantizeLinear", names(f"{name}_DequantizeLinear"),
+            graph.nodes.append(self.tag(gs.Node("DequantizeLinear", names(f"{name}:DQ"),
                                                 inputs=[q_out, s_c, z_c], outputs=[dq_out])))
             for consumer, i in targets:
                 consumer.inputs[i] = dq_out
@@ -223,8 +236,10 @@ class InsertQDQPass(Pass):
         x_name = getattr(x_in, "name", "")
         src = x_in.inputs[0] if x_in is not None and x_in.inputs else None
         x_scale = None
+        x_scale_c: gs.Constant | None = None
         if src is not None and src.op == "DequantizeLinear" and isinstance(src.inputs[1], gs.Constant):
-            x_scale = float(np.asarray(src.inputs[1].values).reshape(()))
+            x_scale_c = src.inputs[1]
+            x_scale = float(np.asarray(x_scale_c.values).reshape(()))
         bias_ok = (
             x_scale is not None
             and len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant)
@@ -250,7 +265,9 @@ class InsertQDQPass(Pass):
         elif x_name:
             stats["bias_kept_float"] += int(len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant))
 
-        dq_out = self._emit_dq(graph, names, w.name, qt)
+        # onnxruntime fuses DQ -> Gemm into QGemm only when the weight DequantizeLinear has an explicit zero
+        # point, so a weight any Gemm reads keeps its zero point even when it is 0 (Conv / MatMul fuse without)
+        dq_out = self._emit_dq(graph, names, w.name, qt, explicit_zp=any(c.op == "Gemm" for c in w.outputs))
         cache[key] = dq_out
         node.inputs[wi] = dq_out
         stats[f"weights_{spec.dtype if spec.scheme == 'int' else spec.scheme}_{spec.granularity}"] += 1
@@ -262,7 +279,9 @@ class InsertQDQPass(Pass):
             bq = quant.QuantizedTensor(codes, np.asarray(bscale, dtype=np.float32),
                                        np.zeros(np.shape(bscale), dtype=np.int32),
                                        0 if np.size(bscale) > 1 else None, None, "int32")
-            node.inputs[2] = self._emit_dq(graph, names, bias_c.name, bq)
+            w_scale_c = dq_out.inputs[0].inputs[1]  # the weight DequantizeLinear's scale
+            assert x_scale_c is not None
+            node.inputs[2] = self._emit_dq(graph, names, bias_c.name, bq, scale_product=(w_scale_c, x_scale_c))
             stats["biases_int32"] += 1
 
     @staticmethod
@@ -281,47 +300,82 @@ class InsertQDQPass(Pass):
     def _emit_binarize(self, graph: gs.Graph, names: _Names, t: gs.Tensor, beta: float,
                        targets: list[tuple[gs.Node, int]]) -> None:
         """Binary activation x̂ = β·sign(x), sign(0) = +1: ``Where(x >= 0, β, −β)`` (``Not(Less)`` before opset 12)."""
-        zero = gs.Constant(names(f"{t.name}_zero"), np.zeros((), dtype=np.float32))
-        cond = gs.Variable(names(f"{t.name}_nonnegative"), dtype=np.bool_, shape=t.shape)
+        zero = gs.Constant(names(f"{t.name}:zero"), np.zeros((), dtype=np.float32))
+        cond = gs.Variable(names(f"{t.name}:nonneg"), dtype=np.bool_, shape=t.shape)
         if self._opset >= 12:
-            graph.nodes.append(self.tag(gs.Node("GreaterOrEqual", names(f"{t.name}_GreaterOrEqual"),
+            graph.nodes.append(self.tag(gs.Node("GreaterOrEqual", names(f"{t.name}:GreaterOrEqual"),
                                                 inputs=[t, zero], outputs=[cond])))
         else:
-            neg = gs.Variable(names(f"{t.name}_negative"), dtype=np.bool_, shape=t.shape)
-            graph.nodes.append(self.tag(gs.Node("Less", names(f"{t.name}_Less"), inputs=[t, zero], outputs=[neg])))
-            graph.nodes.append(self.tag(gs.Node("Not", names(f"{t.name}_Not"), inputs=[neg], outputs=[cond])))
-        pos = gs.Constant(names(f"{t.name}_beta"), np.asarray(beta, dtype=np.float32).reshape(()))
-        neg_beta = gs.Constant(names(f"{t.name}_minus_beta"), np.asarray(-beta, dtype=np.float32).reshape(()))
-        out = gs.Variable(names(f"{t.name}_binarized"), dtype=np.float32, shape=t.shape)
-        graph.nodes.append(self.tag(gs.Node("Where", names(f"{t.name}_binarize"), inputs=[cond, pos, neg_beta],
+            neg = gs.Variable(names(f"{t.name}:neg"), dtype=np.bool_, shape=t.shape)
+            graph.nodes.append(self.tag(gs.Node("Less", names(f"{t.name}:Less"), inputs=[t, zero], outputs=[neg])))
+            graph.nodes.append(self.tag(gs.Node("Not", names(f"{t.name}:Not"), inputs=[neg], outputs=[cond])))
+        pos = gs.Constant(names(f"{t.name}:beta"), np.asarray(beta, dtype=np.float32).reshape(()))
+        neg_beta = gs.Constant(names(f"{t.name}:-beta"), np.asarray(-beta, dtype=np.float32).reshape(()))
+        out = gs.Variable(names(f"{t.name}:bin"), dtype=np.float32, shape=t.shape)
+        graph.nodes.append(self.tag(gs.Node("Where", names(f"{t.name}:Where"), inputs=[cond, pos, neg_beta],
                                             outputs=[out])))
         for consumer, i in targets:
             consumer.inputs[i] = out
 
-    def _emit_dq(self, graph: gs.Graph, names: _Names, base: str, qt: quant.QuantizedTensor) -> gs.Variable:
-        q_c = gs.Constant(names(f"{base}_quantized"), qt.q)
+    def _emit_dq(self, graph: gs.Graph, names: _Names, base: str, qt: quant.QuantizedTensor,
+                 explicit_zp: bool = False,
+                 scale_product: tuple[gs.Tensor, gs.Tensor] | None = None) -> gs.Variable:
+        """``DequantizeLinear`` of constant codes. ``scale_product`` (an int32 bias: the weight and input scale
+        constants): the scale is computed in the graph as their float32 ``Mul`` when that gives ``qt.scale`` bit
+        for bit, instead of being stored a second time."""
+        q_c = gs.Constant(names(f"{base}:q"), qt.q)
         scale = np.asarray(qt.scale, dtype=np.float32)
         zp = np.asarray(qt.zero_point)
         if qt.axis is None:
             scale, zp = scale.reshape(()), zp.reshape(())
         elif qt.block_size is None:
             scale, zp = scale.reshape(-1), zp.reshape(-1)
-        s_c = gs.Constant(names(f"{base}_scale"), scale)
-        if qt.dtype == "int32" and not np.any(zp):
-            # int32 bias: the zero point defaults to 0; leave it out. Weights keep theirs even when 0:
-            # onnxruntime fuses DQ -> Gemm into QGemm only when the weight DQ has an explicit zero point.
-            inputs: list[Any] = [q_c, s_c]
-        else:
-            inputs = [q_c, s_c, gs.Constant(names(f"{base}_zero_point"), zp)]
+        s_c: gs.Tensor | None = None
+        if scale_product is not None and _same_product(scale, *scale_product):
+            s_c = gs.Variable(names(f"{base}:s"), dtype=np.float32, shape=list(scale.shape))
+            graph.nodes.append(self.tag(gs.Node("Mul", names(f"{base}:Mul"), inputs=list(scale_product),
+                                                outputs=[s_c])))
+        if s_c is None:
+            s_c = gs.Constant(names(f"{base}:s"), scale)
+        inputs: list[Any] = [q_c, s_c]
+        if explicit_zp or not zero_point_optional(qt.q.dtype, zp):
+            inputs.append(gs.Constant(names(f"{base}:zp"), zp))
         attrs: dict[str, Any] = {}
         if qt.axis is not None:
             attrs["axis"] = int(qt.axis)
         if qt.block_size:
             attrs["block_size"] = int(qt.block_size)
-        out = gs.Variable(names(f"{base}_dequantized"), dtype=np.float32, shape=list(qt.q.shape))
-        graph.nodes.append(self.tag(gs.Node("DequantizeLinear", names(f"{base}_DequantizeLinear"), attrs=attrs,
+        out = gs.Variable(names(f"{base}:dq"), dtype=np.float32, shape=list(qt.q.shape))
+        graph.nodes.append(self.tag(gs.Node("DequantizeLinear", names(f"{base}:DQ"), attrs=attrs,
                                             inputs=inputs, outputs=[out])))
         return out
+
+
+def _same_product(scale: np.ndarray, a: gs.Tensor, b: gs.Tensor) -> bool:
+    """True when the float32 constants ``a · b`` (broadcast) equal ``scale`` bit for bit, shape included."""
+    if not (isinstance(a, gs.Constant) and isinstance(b, gs.Constant)):
+        return False
+    va, vb = np.asarray(a.values), np.asarray(b.values)
+    if va.dtype != np.float32 or vb.dtype != np.float32:
+        return False
+    prod = np.asarray(va * vb, dtype=np.float32)
+    return prod.shape == scale.shape and np.array_equal(prod.view(np.uint32), scale.view(np.uint32))
+
+
+#: code types whose DequantizeLinear may drop an all-zero zero point: a missing ``x_zero_point`` is 0 of the
+#: type of ``x`` (the spec: "x_zero_point and x must have the same type", "Zero point is 0 when it's not
+#: specified"); signed integers and fp8 (whose zero point is +0.0) only
+_ZP_OPTIONAL = frozenset(np.dtype(t) for t in (np.int8, np.int16, np.int32, ml_dtypes.int4,
+                                                ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e5m2))
+
+
+def zero_point_optional(code_dtype: Any, zp: np.ndarray) -> bool:
+    """True when a weight DequantizeLinear of ``code_dtype`` codes computes the same without zero point ``zp``:
+    a signed integer or fp8 type and every zero point bit 0 (so an fp8 −0.0 stays explicit)."""
+    dt = np.dtype(code_dtype)
+    if dt not in _ZP_OPTIONAL or np.asarray(zp).dtype != dt:
+        return False
+    return not np.any(np.ascontiguousarray(zp).view(np.uint8))
 
 
 def spec_summary(spec: QuantSpec | None) -> str:

@@ -90,6 +90,15 @@ def _weight_dq(model: onnx.ModelProto, node_name: str, index: int = 1) -> onnx.N
     return dq
 
 
+def _bias_scale(model: onnx.ModelProto, b_dq: onnx.NodeProto, w_dq: onnx.NodeProto,
+                x_dq: onnx.NodeProto) -> np.ndarray:
+    """The int32 bias scale: insert-qdq computes it in the graph, ``Mul(s_w, s_x)`` of the two scale constants."""
+    assert b_dq.input[1] not in _inits(model)  # not stored a second time
+    mul = _producer(model, b_dq.input[1])
+    assert mul is not None and mul.op_type == "Mul" and list(mul.input) == [w_dq.input[1], x_dq.input[1]]
+    return (_arr(model, mul.input[0]) * _arr(model, mul.input[1])).astype(np.float32)
+
+
 def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     return ir.session(model, threads=1).run(None, feeds)
 
@@ -213,7 +222,12 @@ def test_weight_codes_and_per_channel_axis(case):
     scale = _arr(q, dq.input[1])
     assert codes.dtype == np.int8 and codes.shape == w.shape
     assert scale.shape == (w.shape[axis],)
-    assert not np.any(_arr(q, dq.input[2]))  # symmetric: zero point 0
+    # symmetric: zero point 0, left out (the default) except where a Gemm reads the weight (QGemm needs it)
+    if case.startswith("gemm"):
+        assert len(dq.input) == 3 and _arr(q, dq.input[2]).dtype == np.int8 and not np.any(_arr(q, dq.input[2]))
+    else:
+        assert len(dq.input) == 2
+    assert (dq.input[0], dq.input[1], dq.output[0], dq.name) == ("w:q", "w:s", "w:dq", "w:DQ")
     exp_s, exp_codes = _expected_codes(w, axis, 127, -128)
     np.testing.assert_array_equal(scale, exp_s)
     np.testing.assert_array_equal(codes.astype(np.int64), exp_codes.astype(np.int64))
@@ -288,9 +302,11 @@ def test_int32_bias_scale_is_sx_times_sw():
     s_x = _arr(q, x_dq.input[1])
     w_dq, b_dq = _weight_dq(q, "conv", 1), _weight_dq(q, "conv", 2)
     s_w = _arr(q, w_dq.input[1])
-    b_codes, s_b = _arr(q, b_dq.input[0]), _arr(q, b_dq.input[1])
+    b_codes, s_b = _arr(q, b_dq.input[0]), _bias_scale(q, b_dq, w_dq, x_dq)
     assert b_codes.dtype == np.int32 and len(b_dq.input) == 2  # zero point omitted (0)
-    assert _attrs(b_dq)["axis"] == 0
+    assert _attrs(b_dq)["axis"] == 0 and s_b.shape == (6,)
+    assert (b_dq.name, b_dq.input[0], b_dq.input[1], b_dq.output[0]) == ("b:DQ", "b:q", "b:s", "b:dq")
+    assert _producer(q, "b:s").name == "b:Mul"
     np.testing.assert_array_equal(s_b, (np.float32(s_x) * s_w).astype(np.float32))
     np.testing.assert_array_equal(b_codes, np.rint(b.astype(np.float64) / s_b.astype(np.float64)))
     assert np.all(np.abs(b_codes.astype(np.float64) * s_b - b) <= s_b / 2 * (1 + 1e-6))
@@ -318,7 +334,9 @@ def test_int32_bias_overflow_guard_keeps_numerics():
     onnx.checker.check_model(q, full_check=True)
     w_dq, b_dq = _weight_dq(q, "conv", 1), _weight_dq(q, "conv", 2)
     s_w, codes_w = _arr(q, w_dq.input[1]), _arr(q, w_dq.input[0])
-    b_codes, s_b = _arr(q, b_dq.input[0]).astype(np.int64), _arr(q, b_dq.input[1])
+    x_dq = _producer(q, _node(q, "conv").input[0])
+    assert x_dq is not None
+    b_codes, s_b = _arr(q, b_dq.input[0]).astype(np.int64), _bias_scale(q, b_dq, w_dq, x_dq)
     plain = (np.abs(w).max(axis=(1, 2, 3)).astype(np.float64) / 127).astype(np.float32)
     # only channel 2 was raised; its codes use the raised scale; every bias code fits with headroom
     np.testing.assert_array_equal(s_w[[0, 1, 3]], plain[[0, 1, 3]])
@@ -338,10 +356,9 @@ def test_shared_weight_quantized_once_and_activation_pair_shared(tmp_module):
     a, b = _node(q, "branch_a.conv"), _node(q, "branch_b.conv")
     assert a.input[1] == b.input[1]  # both read one DequantizeLinear of the one quantized weight
     shared = [t for t in q.graph.initializer if t.name.startswith("shared.weight")]
-    assert sorted(t.name for t in shared) == ["shared.weight_quantized", "shared.weight_scale",
-                                              "shared.weight_zero_point"]
+    assert sorted(t.name for t in shared) == ["shared.weight:q", "shared.weight:s"]  # int8 zero point 0: default
     assert sum(1 for n in q.graph.node if n.op_type == "DequantizeLinear"
-               and n.input[0] == "shared.weight_quantized") == 1
+               and n.input[0] == "shared.weight:q") == 1
     stats = next(r for r in res.records if r.name == "insert-qdq").stats
     assert stats["weights_shared_reused"] == 1
     assert stats["weights_int8_per_channel"] == 1
@@ -476,3 +493,97 @@ def test_dtype_numerics_in_onnxruntime(label, fixture, tmp_module):
         codes = _arr(q, dq.input[0])
         finfo = ml_dtypes.finfo(quant.qdtype(label).np_dtype)
         assert float(np.abs(codes.astype(np.float32)).max()) == float(finfo.max)  # absmax maps to fp8 max
+
+
+# --------------------------------------------------------------------------------------------- file bytes
+def _as_previously_stored(q: onnx.ModelProto) -> onnx.ModelProto:
+    """``q`` the way insert-qdq used to write it: every weight DequantizeLinear with its (zero) zero point and
+    every int32 bias scale stored as a constant instead of ``Mul(s_w, s_x)``."""
+    m = onnx.ModelProto()
+    m.CopyFrom(q)
+    inits = _inits(m)
+    nodes = []
+    for n in m.graph.node:
+        if n.op_type == "Mul" and n.name.endswith(":Mul"):
+            s = (_arr(m, n.input[0]) * _arr(m, n.input[1])).astype(np.float32)
+            m.graph.initializer.append(numpy_helper.from_array(s, n.output[0]))
+            continue
+        if n.op_type == "DequantizeLinear" and len(n.input) == 2 and n.input[0] in inits:
+            codes = numpy_helper.to_array(inits[n.input[0]])
+            if codes.dtype != np.int32:
+                shape = numpy_helper.to_array(inits[n.input[1]]).shape if n.input[1] in inits else ()
+                m.graph.initializer.append(numpy_helper.from_array(np.zeros(shape, codes.dtype), n.input[0] + "z"))
+                n.input.append(n.input[0] + "z")
+        nodes.append(n)
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
+    return m
+
+
+@pytest.mark.parametrize("fixture", ["conv_bn_relu", "transformer_block"])
+@pytest.mark.parametrize("label", ["default", *sorted(DTYPE_PLANS)])
+def test_smaller_file_same_bits_same_kernels(label, fixture, tmp_module):
+    """Leaving out zero weight zero points (signed int / fp8; not for a Gemm's weight) and computing the int32
+    bias scales in the graph changes no output bit, optimized or not, and onnxruntime fuses the same kernels."""
+    if label == "default":  # int8 weights, uint8 activations
+        q, _, _ = compiled(fixture, tmp_module)
+    else:
+        wspec, aspec, _, _ = DTYPE_PLANS[label]
+        q, _, _ = compiled(fixture, tmp_module, plan=_plan(wspec, aspec), key=label)
+    old = _as_previously_stored(q)
+    onnx.checker.check_model(old, full_check=True)
+    signed = label in ("default", "int8", "int16", "int4") or label.startswith("fp8")
+    assert q.ByteSize() < old.ByteSize() if signed else q.ByteSize() <= old.ByteSize()
+    inits = _inits(q)
+    readers = {i: n for n in q.graph.node for i in n.input}
+    n_weights = 0
+    for dq in q.graph.node:
+        if dq.op_type != "DequantizeLinear" or dq.input[0] not in inits or inits[dq.input[0]].data_type == 6:
+            continue  # activation or int32 bias
+        n_weights += 1
+        explicit = not signed or readers[dq.output[0]].op_type == "Gemm"
+        assert (len(dq.input) == 3) == explicit, (label, dq.name)
+    assert n_weights >= 5
+    data = dict(np.load(MODELS / f"{fixture}.npz"))
+    feeds = [{k: v[i] for k, v in data.items()} for i in range(4)]
+    for optimize in (True, False):
+        s_new, s_old = ir.session(q, threads=1, optimize=optimize), ir.session(old, threads=1, optimize=optimize)
+        for feed in feeds:
+            for a, b in zip(s_new.run(None, feed), s_old.run(None, feed), strict=True):
+                assert np.array_equal(a.view(np.uint32), b.view(np.uint32)), (label, optimize)
+    ops = ir.optimized_op_types(q)
+    assert ops == ir.optimized_op_types(old)
+    if label == "default" and fixture == "conv_bn_relu":
+        assert ops.get("QLinearConv") == 5 and ops.get("QGemm") == 1  # the bias Mul folds; Gemm kept its zp
+    if label == "default" and fixture == "transformer_block":
+        assert ops.get("MatMulIntegerToFloat") == 6  # DQ without zero point -> MatMul still fuses
+
+
+def test_generated_names_short_unique_deterministic():
+    """``<tensor>:<role>`` names, made unique against names already in the graph, the same on every run."""
+    rng = np.random.default_rng(4)
+    model = _model([helper.make_node("Conv", ["x", "w", "b"], ["w:q"], name="conv", pads=[1, 1, 1, 1]),
+                    helper.make_node("Relu", ["w:q"], ["x:s"], name="x:Q"),
+                    helper.make_node("Conv", ["x:s", "w2"], ["y"], name="conv2")],
+                   [_vi("x", ["N", 4, 6, 6])], [_vi("y", ["N", 2, 6, 6])],
+                   {"w": (rng.standard_normal((6, 4, 3, 3)) * 0.3).astype(np.float32),
+                    "b": rng.standard_normal(6).astype(np.float32),
+                    "w2": (rng.standard_normal((2, 6, 1, 1)) * 0.3).astype(np.float32)})
+    runs = []
+    for _ in range(2):
+        ctx, _ = compile_in_memory(model, _rand_feeds([1, 4, 6, 6], 4, seed=3))
+        runs.append(ir.export_model(ctx.graph, ctx.meta))
+    q = runs[0]
+    assert q.SerializeToString() == runs[1].SerializeToString()
+    names = [n.name for n in q.graph.node] + [t.name for t in q.graph.initializer] + \
+        [o for n in q.graph.node for o in n.output]
+    assert len(names) == len(set(names))  # tensors and nodes all unique
+    x_q = _producer(q, _node(q, "conv").input[0])
+    x_q = _producer(q, x_q.input[0])
+    assert x_q is not None and x_q.op_type == "QuantizeLinear"
+    # the original node 'x:Q' and tensors 'w:q', 'x:s' keep their names; the generated ones step aside
+    assert (x_q.name, x_q.input[1], x_q.input[2], x_q.output[0]) == ("x:Q_1", "x:s_1", "x:zp", "x:q")
+    w_dq = _weight_dq(q, "conv")
+    assert (w_dq.name, w_dq.input[0], w_dq.input[1], w_dq.output[0]) == ("w:DQ", "w:q_1", "w:s", "w:dq")
+    assert _node(q, "x:Q").op_type == "Relu" and _node(q, "conv").output[0] == "w:q"
+    assert all(len(n) <= len("x:s") + 5 for n in names if n.startswith(("x:", "w:", "b:")))

@@ -23,6 +23,7 @@ from click.testing import CliRunner, Result
 from qcompiler import __version__
 from qcompiler.cli import cli
 from qcompiler.package import CHART_LAYERS, verify_bundle
+from qcompiler.runtime_targets import DEFAULT_PIPELINE
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 TB = MODELS / "transformer_block.onnx"
@@ -60,7 +61,7 @@ def test_bundle_contents_and_manifest(bundle: Path) -> None:
     assert set(m["files"]) == set(files) - {"manifest.json"}
     assert m["versions"] == {"qcompiler": __version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
     assert m["target"] == "ort"
-    assert m["pipeline"] == "cleanup,fold-batchnorm,cleanup,resolve-plan,calibrate,insert-qdq,lower"
+    assert m["pipeline"] == DEFAULT_PIPELINE
     assert m["inputs"] == [{"name": "x", "dtype": "float32", "shape": ["N", 16, 64]}]
     assert m["outputs"] == [{"name": "y", "dtype": "float32", "shape": ["N", 16, 64]}]
     q = onnx.load(str(bundle / "model.onnx"))

@@ -106,16 +106,20 @@ def _agreement(qmodel: onnx.ModelProto, ref: onnx.ModelProto, feeds: list[dict[s
       ``flipped``: the share of activation elements whose code differs. QONNX's Quant adds the zero point
       before rounding (round(x/s + z)), ONNX's QuantizeLinear after (round(x/s) + z): with a non-zero zero
       point the float32 sum can land on a rounding tie the other way (one step).
+    * ``lsb_local`` / ``flipped_local``: the same per activation Quant, against ONNX's QuantizeLinear →
+      DequantizeLinear applied to the *same* input qonnx's executor fed that Quant — the lowering's own error,
+      free of upstream drift (in a deep network one tied code early on moves many codes downstream).
     """
     inits = _inits(qmodel)
+    acts = [n for n in _qonnx_nodes(qmodel) if n.input[0] not in inits and n.op_type == "Quant"]
     steps = {n.output[0]: float(inits[n.input[1]]) for n in _qonnx_nodes(qmodel) if n.input[0] not in inits}
     weights = [n.output[0] for n in _qonnx_nodes(qmodel) if n.input[0] in inits]
     outputs = [o.name for o in qmodel.graph.output]
     names = outputs + weights + list(steps)
     run = QonnxRunner(qmodel, feeds[0])
     worst = {"outputs": 0.0, "outputs_fused": 0.0, "weights": 0.0, "lsb": 0.0, "lsb_fused": 0.0, "flipped": 0.0,
-             "activations": len(steps), "weights_n": len(weights)}
-    flipped = total = 0
+             "lsb_local": 0.0, "flipped_local": 0.0, "activations": len(steps), "weights_n": len(weights)}
+    flipped = total = flipped_local = 0
     exact, optimized = _ort(ref, names), _ort(ref, outputs + list(steps), optimize=True)
     for feed in feeds:
         got = {k: np.asarray(v) for k, v in run(feed).items()}
@@ -133,7 +137,18 @@ def _agreement(qmodel: onnx.ModelProto, ref: onnx.ModelProto, feeds: list[dict[s
             worst["lsb_fused"] = max(worst["lsb_fused"], float(np.max(np.abs(g - fused[name]))) / step)
             flipped += int(np.count_nonzero(d > 0.5))
             total += d.size
+        for n in acts:
+            a = _attrs(n)
+            s_, z_, bits = (float(inits[i]) for i in n.input[1:4])
+            lo = -(2 ** (bits - 1)) + int(a["narrow"]) if a["signed"] else 0
+            hi = 2 ** (bits - 1) - 1 if a["signed"] else 2 ** bits - 1 - int(a["narrow"])
+            x = got[n.input[0]].astype(np.float32)
+            onnx_q = np.clip(np.rint(x / np.float32(s_)) + z_, lo, hi)  # QuantizeLinear: round, then + zero point
+            d = np.abs(got[n.output[0]].astype(np.float64) - (onnx_q - z_) * s_) / s_
+            worst["lsb_local"] = max(worst["lsb_local"], float(d.max()))
+            flipped_local += int(np.count_nonzero(d > 0.5))
     worst["flipped"] = flipped / max(total, 1)
+    worst["flipped_local"] = flipped_local / max(total, 1)
     return worst
 
 
@@ -207,7 +222,7 @@ def test_weights_requantize_to_their_own_codes(tmp_path):
             continue
         w, s, z, bits = (qi[x] for x in node.input)
         base = node.input[0].removesuffix("_float")
-        codes = ri[f"{base}_quantized"]
+        codes = ri[f"{base}:q"]
         y = qonnx_quant(w, s, z, bits, a["signed"], a["narrow"], "ROUND")
         assert np.array_equal(np.rint(y / s).astype(np.int64), codes.astype(np.int64)), base
         if codes.dtype == np.int32:
@@ -361,7 +376,12 @@ def test_ppocr_cls_agrees_with_onnxruntime(tmp_path):
     feeds, _ = realdata.ppocr_cls_inputs(2, "eval")  # qonnx's executor runs node by node: ~3 s a sample
     worst = _agreement(qmodel, ref, feeds)
     assert worst["activations"] >= 50 and worst["weights_n"] >= 50
-    _assert_agree(worst, flipped=1e-5)  # measured: one code of ~5e5 (a uint8 zero point rounding tie)
+    assert worst["outputs"] <= TOL and worst["outputs_fused"] <= TOL and worst["weights"] == 0.0, worst
+    # Per Quant, on the input qonnx computed: at most one step, on rounding ties only (measured: 8e-7 of the
+    # codes). End to end, one such tie in an early layer moves codes of later layers (the squeeze-excitation
+    # scales multiply whole channels): measured up to 11 steps deep in the network, outputs within 1e-8.
+    assert worst["lsb_local"] <= 1.001 and worst["flipped_local"] <= 1e-5, worst
+    assert worst["flipped"] <= 0.1, worst  # measured 0.068 of the codes end to end
 
 
 # ------------------------------------------------------------------------------------------ validation

@@ -315,7 +315,8 @@ def test_cli_validate_names_layers(key: str, request: pytest.FixtureRequest, tmp
     assert data["samples"] == N_CLI_EVAL
     float_tensors = {o for n in onnx.load(str(c.task.model)).graph.node for o in n.output}
     layers = [row["name"] for row in data["layers"]]
-    assert len(layers) >= {"ppocr_cls": 150, "silero_vad": 20}[key]  # measured 197 / 26
+    assert len(layers) >= {"ppocr_cls": 120, "silero_vad": 20}[key]  # measured 143 / 26 (cls: 197 before the
+    # 18 hard-swish chains were fused: 3 intermediate tensors each)
     assert set(layers) <= float_tensors  # every row is a tensor of the float model, by its name
     table = res.output.split("worst layers", 1)[1]
     assert layers[0][:20] in table  # the worst layer is printed by name

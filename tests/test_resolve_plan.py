@@ -155,8 +155,8 @@ def test_plan_yaml_side_output(tmp_path):
     conv2 = next(n for n in q.graph.node if n.name == "conv2")
     assert conv2.input[1] in {t.name for t in onnx.load(str(MODELS / "conv_bn_relu.onnx")).graph.initializer}
     inits = {t.name: t for t in q.graph.initializer}
-    assert list(inits["conv1.weight_scale"].dims) == []
-    assert inits["block.conv2.weight_quantized"].data_type == onnx.TensorProto.INT16
+    assert list(inits["conv1.weight:s"].dims) == []
+    assert inits["block.conv2.weight:q"].data_type == onnx.TensorProto.INT16
 
 
 def test_unmatched_rule_warns(caplog):

@@ -101,8 +101,10 @@ def test_guide_example_through_cli(tmp_path, raw_pixels):
     assert sqnr >= 27.0, sqnr  # measured 29.96 dB on the held-back samples
     assert [i.name for i in q.graph.input] == ["input"] and [o.name for o in q.graph.output] == ["logits"]
     made = {n.name: {p.key: p.value for p in n.metadata_props} for n in q.graph.node if n.op_type in ("Sub", "Mul")}
-    assert made == {"input/sub_mean": {ir.TAG_KEY: "normalize-input"},
-                    "input/mul_inv_std": {ir.TAG_KEY: "normalize-input"}}
+    bias_scales = {k for k, v in made.items() if v == {ir.TAG_KEY: "insert-qdq"}}  # int32 bias scale s_w·s_x
+    assert bias_scales == {f"{c}.bias:Mul" for c in ("conv1", "conv2", "block.conv1", "block.conv2", "dw.conv", "fc")}
+    assert {k: v for k, v in made.items() if k not in bias_scales} == {
+        "input/sub_mean": {ir.TAG_KEY: "normalize-input"}, "input/mul_inv_std": {ir.TAG_KEY: "normalize-input"}}
     # the Conv's integer kernel is still fused after the new nodes
     assert ir.optimized_op_types(q).get("QLinearConv") == 5
 
@@ -178,7 +180,7 @@ def test_example_02_custom_pass(tmp_path, monkeypatch, capsys):
     q = {t.name: numpy_helper.to_array(t) for t in onnx.load(s["output"]).graph.initializer}
     for r in rows:
         w = r["node"].replace(".matmul", ".weight")
-        deq = q[f"{w}_quantized"].astype(np.float32) * q[f"{w}_scale"].reshape(1, -1)
+        deq = q[f"{w}:q"].astype(np.float32) * q[f"{w}:s"].reshape(1, -1)
         assert abs(quant.sqnr_db(src[w], deq) - r["sqnr_db"]) < 0.002
         assert r["sqnr_db"] >= 40.0  # int8 per-channel: measured 44.0-44.9 dB
     assert s["sqnr_db"] >= 29.0  # the compile itself is unchanged by an analysis pass (measured 32.75)

@@ -38,7 +38,14 @@ import onnx_graphsurgeon as gs
 from qcompiler import ir
 from qcompiler.context import CompileContext
 from qcompiler.pass_base import Pass, PassResult
-from qcompiler.passes._graph_utils import GraphIndex, infer_rank, is_onnx_op, remove_nodes, replace_input
+from qcompiler.passes._graph_utils import (
+    GraphIndex,
+    infer_rank,
+    is_onnx_op,
+    remove_nodes,
+    replace_input,
+    scale_values,
+)
 from qcompiler.runtime_targets.qonnx import DOMAIN
 from qcompiler.runtime_targets.qonnx.functions import ensure_functions
 
@@ -116,9 +123,10 @@ class LowerQonnxQuantPass(Pass):
             return None
         s = node.inputs[1] if len(node.inputs) > 1 else None
         z = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
-        if not isinstance(s, gs.Constant) or (z is not None and not isinstance(z, gs.Constant)):
+        s_values = scale_values(s)  # a constant, or insert-qdq's Mul(s_w, s_x) of an int32 bias
+        if s_values is None or (z is not None and not isinstance(z, gs.Constant)):
             return None
-        sv = np.asarray(s.values, dtype=np.float32)
+        sv = np.asarray(s_values, dtype=np.float32)
         zv = np.asarray(z.values) if z is not None else None
         axis = int(node.attrs.get("axis", 1)) if sv.size > 1 or sv.ndim == 1 else None
         return sv, zv, axis
@@ -195,7 +203,7 @@ class LowerQonnxQuantPass(Pass):
         w = ((qi - zb).astype(np.float32) * sb).astype(np.float32)  # DequantizeLinear, bit for bit
         safe = np.where(sb > 0, sb, np.float32(1.0)).astype(np.float32)
         out = dq.outputs[0]
-        base = codes.name[: -len("_quantized")] if codes.name.endswith("_quantized") else codes.name
+        base = codes.name.removesuffix(":q")  # insert-qdq names codes <base>:q
         w_c = gs.Constant(index.unique_name(f"{base}_float"), w)
         dq.outputs.clear()
         doomed.append(dq)

@@ -18,7 +18,7 @@ import onnx_graphsurgeon as gs
 
 from qcompiler.context import CompileContext
 from qcompiler.pass_base import Pass, PassResult
-from qcompiler.passes._graph_utils import GraphIndex, is_onnx_op, remove_nodes, replace_input
+from qcompiler.passes._graph_utils import GraphIndex, is_onnx_op, remove_nodes, replace_input, scale_values
 
 
 class TrtFloatBiasPass(Pass):
@@ -35,8 +35,8 @@ class TrtFloatBiasPass(Pass):
         for dq in graph.nodes:
             if not is_onnx_op(dq, "DequantizeLinear") or len(dq.inputs) < 2:
                 continue
-            codes, scale = dq.inputs[0], dq.inputs[1]
-            if not (isinstance(codes, gs.Constant) and isinstance(scale, gs.Constant)):
+            codes, sv = dq.inputs[0], scale_values(dq.inputs[1])  # a constant, or insert-qdq's Mul(s_w, s_x)
+            if not isinstance(codes, gs.Constant) or sv is None:
                 continue
             if np.asarray(codes.values).dtype != np.int32:
                 continue
@@ -49,11 +49,11 @@ class TrtFloatBiasPass(Pass):
                 continue
             zp = dq.inputs[2] if len(dq.inputs) > 2 and isinstance(dq.inputs[2], gs.Constant) else None
             z = np.asarray(zp.values, dtype=np.int64) if zp is not None else np.zeros((), np.int64)
-            s = np.asarray(scale.values, dtype=np.float32)
+            s = np.asarray(sv, dtype=np.float32)
             c = np.asarray(codes.values, dtype=np.int64)
             # DequantizeLinear: (c − z) · s in float32 (per-axis parameters run along axis 0 of a 1-D bias)
             b = ((c - z).astype(np.float32) * s).astype(np.float32)
-            base = codes.name[: -len("_quantized")] if codes.name.endswith("_quantized") else codes.name
+            base = codes.name.removesuffix(":q")  # insert-qdq names codes <base>:q
             bias = gs.Constant(index.unique_name(f"{base}_float"), b)
             for r in readers:
                 replace_input(r, out, bias)
