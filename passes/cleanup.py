@@ -9,7 +9,8 @@ Steps, in order (each counted in the stats):
 2. ``dead_nodes_removed``: nodes that do not contribute to any graph output are dropped.
 3. ``folded_constants``: nodes whose inputs are all constants are evaluated (graphsurgeon's
    ``fold_constants``, i.e. onnxruntime on CPU) and replaced by their results. Excluded: results larger
-   than ``fold_limit_mib`` (no bloated files), Quantize/DequantizeLinear (an int8 weight must stay int8),
+   than ``fold_limit_mib`` (no bloated files), Quantize/DequantizeLinear and ``Cast`` of stored integer / fp8
+   codes (an int8 weight must stay int8),
    random ops (determinism) and nodes producing a graph output. Shape folding is off unless
    ``fold_shapes=true``. The count is the number of nodes the folding made redundant.
 4. ``identities_removed``: ``Identity(x) -> y`` disappears; readers of ``y`` read ``x``. When ``y`` is a
@@ -30,6 +31,7 @@ import logging
 from collections import Counter
 from dataclasses import dataclass
 
+import ml_dtypes
 import numpy as np
 import onnx_graphsurgeon as gs
 
@@ -136,10 +138,23 @@ def _constants_to_initializers(graph: gs.Graph, index: GraphIndex) -> int:
     return len(done)
 
 
+_FLOAT16 = frozenset({np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16)})
+
+
+def _dequantizing_cast(node: gs.Node) -> bool:
+    """``Cast`` of stored integer / fp8 codes to a float type: a dequantization (e.g. the ``ort`` target's
+    load-time dequantized weights) that must stay in the file as codes, like a DequantizeLinear."""
+    if node.op != "Cast" or not node.inputs or not isinstance(node.inputs[0], gs.Constant):
+        return False
+    src = np.dtype(node.inputs[0].dtype) if node.inputs[0].dtype is not None else None
+    # 8 / 16-bit integers, int4 / uint4 and fp8 (shape arithmetic in int32 / int64 still folds)
+    return src is not None and src.itemsize <= 2 and src.kind != "b" and src not in _FLOAT16
+
+
 def _has_foldable(graph: gs.Graph, opts: CleanupOptions) -> bool:
     """Cheap linear pre-check, so that graphsurgeon's folding (which copies the graph) runs only when useful."""
     for node in graph.nodes:
-        if node.op in _NO_FOLD_OPS or node.op == "Constant":
+        if node.op in _NO_FOLD_OPS or node.op == "Constant" or _dequantizing_cast(node):
             continue
         if opts.fold_shapes and node.op in ("Shape", "Size"):
             return True
@@ -159,7 +174,8 @@ def _fold_constants(graph: gs.Graph, index: GraphIndex, opts: CleanupOptions) ->
     output_names = {t.name for t in graph.outputs}
 
     def exclude(node: gs.Node) -> bool:
-        return node.op in _NO_FOLD_OPS or any(t.name in output_names for t in node.outputs)
+        return (node.op in _NO_FOLD_OPS or _dequantizing_cast(node)
+                or any(t.name in output_names for t in node.outputs))
 
     try:
         graph.fold_constants(fold_shapes=opts.fold_shapes, size_threshold=opts.fold_limit_mib << 20,

@@ -2,7 +2,8 @@
 
 Applies the precision plan (``qcompiler.plan``) to the current graph: defaults, then matching rules in
 precedence order (op_type < name_regex < name; a later rule wins a tie). Checks the result against the
-target's capabilities (refusing an unsupported node with its name and the reason), then fills
+target's capabilities (refusing an unsupported node with its name and the reason), lets the target apply its own
+defaults to nodes no rule decided (``Target.refine``; recorded as a ``note`` in the resolved plan), then fills
 ``ctx.activation_specs``: the activation tensors to quantize — the float inputs of every quantized node, plus
 the outputs the target wants quantized for its integer kernels. The per-node decision is written beside the
 output as ``<OUT>.plan.yaml``. The graph itself is not changed.
@@ -29,8 +30,11 @@ class ResolvePlanPass(Pass):
     def run(self, ctx: CompileContext) -> PassResult:
         resolved = ctx.plan.resolve(ctx.graph)
         ctx.target.check(resolved)
-        ctx.resolved = resolved
         stats: Counter[str] = Counter()
+        refined = ctx.target.refine(resolved, ctx.graph)
+        if refined:
+            stats["target_refined"] = refined
+        ctx.resolved = resolved
         specs: dict[str, QuantSpec] = {}
         by_name = {n.name: n for n in ctx.graph.nodes}
         for np_ in resolved.nodes.values():

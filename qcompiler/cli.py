@@ -375,7 +375,8 @@ def plan_group() -> None:
 @click.option("--target", default="ort", show_default=True)
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Write the resolved plan (YAML) here.")
 def plan_resolve_cmd(model: Path, plan: str | None, target: str, output: Path | None) -> None:
-    """Show which rule applies to every node of MODEL (after cleanup and BatchNorm folding)."""
+    """Show which rule applies to every node of MODEL (after the target's graph clean-up: cleanup, BatchNorm
+    folding, activation fusion)."""
     from qcompiler import ir
     from qcompiler.context import CompileContext
     from qcompiler.pass_manager import PassManager
@@ -389,7 +390,10 @@ def plan_resolve_cmd(model: Path, plan: str | None, target: str, output: Path | 
     graph, meta = ir.import_graph(m, str(model))
     ir.to_float32(graph)
     ctx = CompileContext(graph=graph, meta=meta, plan=p, target=t)
-    PassManager(build_pipeline("cleanup,fold-batchnorm,cleanup,resolve-plan")).run(ctx)
+    # the target's own pipeline up to resolve-plan: the nodes (and names) the compile will see
+    steps = t.default_pipeline.split(",")
+    prefix = steps[: steps.index("resolve-plan") + 1] if "resolve-plan" in steps else ["cleanup", "resolve-plan"]
+    PassManager(build_pipeline(",".join(prefix))).run(ctx)
     assert ctx.resolved is not None
     text = ctx.resolved.to_yaml()
     if output is not None:

@@ -6,16 +6,19 @@ mixed-precision planner (:mod:`qcompiler.autoplan`) budgets with.
 **Bytes.** Every tensor stored in the model (initializers and ``Constant`` node values) counts with its bytes
 *as stored*: ``ceil(elements × bits / 8)`` with the element type's storage width — 4 bits for int4 / uint4
 (packed two per byte, as ONNX stores them), the item size otherwise. Each stored tensor is attributed to the
-op that consumes it, following ``DequantizeLinear`` / ``QuantizeLinear`` chains (the int8 codes, scale and zero
-point of a quantized weight belong to the Conv reading the dequantized weight; an activation's scale and zero
+op that consumes it, following ``DequantizeLinear`` / ``QuantizeLinear`` chains and the ``ort`` target's load-time
+dequantization ``Mul(Cast(codes) [− z], s)`` (the int8 codes, scale and zero point of a quantized weight belong
+to the Conv reading the dequantized weight; an activation's scale and zero
 point to the op reading the dequantized activation); a tensor read by several ops goes to the first one in
 topological order. The model total is the **measured** size of what is stored: the ``.onnx`` file plus its
 external data files (for a model in memory: its serialized size), i.e. tensor bytes plus the protobuf graph
 structure (``overhead_bytes`` = total − tensor bytes).
 
-**MACs and BitOps.** Shapes come from one onnxruntime run of the model at batch 1 with every intermediate
-tensor exposed (dynamic dimensions resolved from ``feed_shapes``, else 1; when that run fails the graph is
-re-run with dynamic spatial / sequence dims of 32, and as a last resort ONNX shape inference is used).
+**MACs and BitOps.** Shapes are those of the model at batch 1 (dynamic dimensions resolved from
+``feed_shapes``, else 1): from ONNX shape inference when it sizes every tensor (helped by ``known_shapes``,
+tensors measured at the same input shapes — a compile passes those of its first calibration sample), else
+from one onnxruntime run of the model with every intermediate tensor exposed (when that run fails the graph
+is re-run with dynamic spatial / sequence dims of 32, and as a last resort partial ONNX shape inference is used).
 MACs per op: Conv ``|Y| · C_in/g · Πk``; ConvTranspose ``|X| · C_out/g · Πk``; Gemm / MatMul ``|Y| · K``;
 MatMulNBits ``|Y| · K``; LSTM / GRU / RNN ``dirs · T · B · G·H · (I + H)`` (G = 4 / 3 / 1 gates).
 ``BitOps = MACs × weight bits × activation bits``. A weight's bits are read from the graph: a float constant
@@ -359,9 +362,7 @@ def _feeds(graph: gs.Graph, shapes: Mapping[str, list[int]]) -> dict[str, np.nda
     return feeds
 
 
-def _runtime_shapes(model: onnx.ModelProto, graph: gs.Graph, feeds: dict[str, np.ndarray]
-                    ) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """Shape and dtype of every tensor a node produces, from one onnxruntime run (raises on failure)."""
+def _produced_names(graph: gs.Graph) -> list[str]:
     names: list[str] = []
     seen: set[str] = set()
     for node in graph.nodes:
@@ -369,7 +370,45 @@ def _runtime_shapes(model: onnx.ModelProto, graph: gs.Graph, feeds: dict[str, np
             if t.name and t.name not in seen:
                 seen.add(t.name)
                 names.append(t.name)
-    sess = ir.session(ir.with_outputs(model, names, keep_outputs=False) if names else model)
+    return names
+
+
+def _static_shapes(model: onnx.ModelProto, graph: gs.Graph, shapes: Mapping[str, list[int]],
+                   known: Mapping[str, tuple[Sequence[int], Any]] | None = None
+                   ) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """What :func:`_runtime_shapes` returns, from ONNX shape inference with the inputs at ``shapes`` (helped by
+    the measured ``known`` shapes when they were measured at those input shapes) — or ``{}`` unless inference
+    gives every tensor a node produces a full shape and a numpy dtype (then the model is run)."""
+    seeds: dict[str, tuple[Sequence[int], Any]] = {}
+    if known:
+        inputs = [t for t in graph.inputs if not isinstance(t, gs.Constant)]
+        if all(t.name in known and [int(d) for d in known[t.name][0]] == [int(d) for d in shapes.get(t.name, [])]
+               for t in inputs):
+            tensors = graph.tensors()
+            seeds = {k: v for k, v in known.items() if k in tensors and not isinstance(tensors[k], gs.Constant)}
+    inferred = ir.infer_shapes(model, {k: list(v) for k, v in shapes.items()}, seeds)
+    if not inferred:
+        return {}
+    out: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
+    for name in _produced_names(graph):
+        if name not in inferred:
+            return {}
+        out[name] = inferred[name]
+    for t in graph.inputs:
+        if isinstance(t, gs.Constant) or t.name not in shapes:
+            continue
+        out[t.name] = (tuple(int(d) for d in shapes[t.name]),
+                       np.dtype(t.dtype) if t.dtype is not None else np.dtype(np.float32))
+    return out
+
+
+def _runtime_shapes(model: onnx.ModelProto, graph: gs.Graph, feeds: dict[str, np.ndarray]
+                    ) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Shape and dtype of every tensor a node produces, from one onnxruntime run (raises on failure). The run
+    is unoptimized (every tensor is an output anyway; optimizing the graph would only cost time) on one thread."""
+    names = _produced_names(graph)
+    sess = ir.session(ir.with_outputs(model, names, keep_outputs=False) if names else model, optimize=False,
+                      threads=1)
     wanted = [o.name for o in sess.get_outputs()]
     vals = sess.run(wanted, feeds)
     out = {n: (tuple(int(d) for d in v.shape), np.asarray(v).dtype) for n, v in zip(wanted, vals)}
@@ -462,6 +501,14 @@ class _Analysis:
             dt = np.dtype(c.dtype)
             return dtype_bits(dt), dt.name
         prod = t.inputs[0] if t.inputs else None
+        lt = _load_time_codes(t)
+        if lt is not None:  # Cast -> [Sub] -> Mul of stored codes: the ort target's load-time dequantization
+            codes_c, zp_v = lt
+            width = dtype_bits(codes_c.dtype)
+            if weight and np.dtype(codes_c.dtype).kind in "iu":
+                bits, scheme = code_bits(np.asarray(codes_c.values), zp_v, width)
+                return bits, (np.dtype(codes_c.dtype).name if scheme == "int" else scheme)
+            return width, np.dtype(codes_c.dtype).name
         if prod is not None and prod.op == "DequantizeLinear":
             src = prod.inputs[0]
             codes = _const_values(src)
@@ -566,7 +613,46 @@ class _Analysis:
         if _const_values(t) is not None:
             return True
         prod = t.inputs[0] if t is not None and t.inputs else None
-        return prod is not None and prod.op == "DequantizeLinear" and _const_values(prod.inputs[0]) is not None
+        if prod is not None and prod.op == "DequantizeLinear" and _const_values(prod.inputs[0]) is not None:
+            return True
+        return _load_time_codes(t) is not None
+
+
+def _codes_cast(node: gs.Node | None) -> gs.Constant | None:
+    """The stored codes of ``Cast(codes -> float)`` when ``codes`` is a constant of integer / fp8 type."""
+    if node is None or node.op != "Cast" or not node.inputs:
+        return None
+    c = _const_values(node.inputs[0])
+    if c is None or np.dtype(c.dtype).itemsize > 2 or np.dtype(c.dtype) in (np.dtype(np.float16),):
+        return None
+    return c
+
+
+def _load_time_step(node: gs.Node) -> bool:
+    """A node of the ort target's load-time dequantization ``Mul(Cast(codes) [− z'], s')`` (see
+    ``runtime_targets/ort/load_time_dequant.py``): attributed, like a DequantizeLinear, to the op it feeds."""
+    if _codes_cast(node) is not None:
+        return True
+    if node.op not in ("Sub", "Mul") or len(node.inputs) != 2 or _const_values(node.inputs[1]) is None:
+        return False
+    src = node.inputs[0].inputs[0] if node.inputs[0].inputs else None
+    return src is not None and (_codes_cast(src) is not None or (node.op == "Mul" and src.op == "Sub"
+                                                                  and _load_time_step(src)))
+
+
+def _load_time_codes(t: Any) -> tuple[gs.Constant, np.ndarray | None] | None:
+    """(codes, zero point) of a weight the load-time dequantization produces, else None."""
+    mul = t.inputs[0] if t is not None and getattr(t, "inputs", None) else None
+    if mul is None or mul.op != "Mul" or not _load_time_step(mul):
+        return None
+    src = mul.inputs[0].inputs[0]
+    zp = None
+    if src.op == "Sub":
+        z = _const_values(src.inputs[1])
+        zp = None if z is None else np.asarray(z.values)
+        src = src.inputs[0].inputs[0]
+    codes = _codes_cast(src)
+    return None if codes is None else (codes, zp)
 
 
 def _owners(graph: gs.Graph, order: dict[int, int]) -> tuple[dict[str, int], int]:
@@ -606,7 +692,7 @@ def _first_reader(t: Any, order: dict[int, int]) -> gs.Node | None:
             continue
         visited.add(id(cur))
         for consumer in cur.outputs:
-            if consumer.op in PASS_THROUGH and consumer.outputs:
+            if (consumer.op in PASS_THROUGH or _load_time_step(consumer)) and consumer.outputs:
                 stack.extend(consumer.outputs)
                 continue
             if best is None or order.get(id(consumer), 1 << 60) < order.get(id(best), 1 << 60):
@@ -628,7 +714,8 @@ def _peak(graph: gs.Graph, ana: _Analysis) -> tuple[int | None, str | None]:
         return stored_bytes(s, dt)
 
     for node in nodes:
-        if node.op == "Constant" or all(_const_values(i) is not None for i in node.inputs if i is not None):
+        if node.op == "Constant" or all(_const_values(i) is not None or i.name in weightlike
+                                        for i in node.inputs if i is not None):
             weightlike.update(o.name for o in node.outputs)
             continue
         if node.op == "DequantizeLinear" and node.inputs and _const_values(node.inputs[0]) is None:
@@ -701,13 +788,17 @@ def _peak(graph: gs.Graph, ana: _Analysis) -> tuple[int | None, str | None]:
 def model_cost(model: onnx.ModelProto | str | os.PathLike[str], *,
                feed_shapes: Mapping[str, Sequence[int]] | None = None,
                files: Sequence[str | os.PathLike[str]] | None = None,
-               shapes: bool = True) -> CostReport:
+               shapes: bool = True,
+               known_shapes: Mapping[str, tuple[Sequence[int], Any]] | None = None) -> CostReport:
     """Cost report of ``model`` (a path or a loaded ``ModelProto``).
 
     ``feed_shapes``: shapes of (some) graph inputs, resolving their dynamic dims (others: 1).
     ``files``: the files the model is stored in (their sizes are the total; default: the path given, plus its
     external data files; for a ModelProto without files, its serialized size).
-    ``shapes=False`` skips the onnxruntime run: bytes only (MACs, BitOps and the peak are then unknown).
+    ``shapes=False`` skips the shapes: bytes only (MACs, BitOps and the peak are then unknown).
+    ``known_shapes``: name -> (shape, dtype) of tensors measured at these input shapes (the graph inputs'
+    entries say which shapes: the others are used only when those agree with the shapes here), helping static
+    shape inference so that the model need not be run.
     """
     path: Path | None = None
     if isinstance(model, (str, os.PathLike)):
@@ -747,8 +838,12 @@ def model_cost(model: onnx.ModelProto | str | os.PathLike[str], *,
         for label, dyn, spatial in attempts:
             used = _input_feed_shapes(graph, given, dyn, spatial)
             try:
-                rt = _runtime_shapes(model, graph, _feeds(graph, used))
-                shapes_from = "onnxruntime"
+                if spatial is None:  # static inference first: no session when it gives every shape
+                    rt = _static_shapes(model, graph, used, known_shapes)
+                    shapes_from = "shape inference"
+                if not rt:
+                    rt = _runtime_shapes(model, graph, _feeds(graph, used))
+                    shapes_from = "onnxruntime"
                 if spatial is not None:
                     notes.append(f"the run with dynamic dims 1 failed; shapes use {label} "
                                  "(give --shape NAME=DIMS for the real ones)")
@@ -839,16 +934,18 @@ def _external_files(model: onnx.ModelProto) -> list[Path]:
     return sorted(ir.external_files(model)) if ir.has_external_data(model) else []
 
 
-def compile_cost(model: onnx.ModelProto, path: Path, calib: Any = None, *, shapes: bool = True) -> CostReport:
+def compile_cost(model: onnx.ModelProto, path: Path, calib: Any = None, *, shapes: bool = True,
+                 known_shapes: Mapping[str, tuple[Sequence[int], Any]] | None = None) -> CostReport:
     """The cost section of a compile: ``model`` as written to ``path`` (plus ``path``.data when there is one),
-    dynamic dims from the first calibration sample (``calib``: a CalibrationSource or ``None``)."""
+    dynamic dims from the first calibration sample (``calib``: a CalibrationSource or ``None``);
+    ``known_shapes``: the tensor shapes calibration measured on its first sample (see :func:`model_cost`)."""
     feed_shapes: dict[str, list[int]] | None = None
     if calib is not None and shapes:
         first = next(iter(calib), None)
         if first is not None:
             feed_shapes = {k: list(np.shape(v)) for k, v in first.items()}
     files = [f for f in (Path(path), Path(path).with_name(Path(path).name + ".data")) if f.exists()]
-    return model_cost(model, feed_shapes=feed_shapes, files=files, shapes=shapes)
+    return model_cost(model, feed_shapes=feed_shapes, files=files, shapes=shapes, known_shapes=known_shapes)
 
 
 def _first_line(e: BaseException) -> str:

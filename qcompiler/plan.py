@@ -429,6 +429,9 @@ class NodePlan:
     weight_inputs: tuple[int, ...] = ()  # indices of the constant weight inputs
     activation_inputs: tuple[int, ...] = ()  # indices of activation inputs to quantize
     reason: str = ""
+    #: a matching rule set ``activation:`` (a target's own defaults, e.g. ``ort`` keeping depthwise convs'
+    #: activations float, give way to it)
+    activation_ruled: bool = False
 
     @property
     def quantized(self) -> bool:
@@ -449,6 +452,8 @@ class NodePlan:
             d["activation"] = self.activation.to_dict()
         if not self.quantized:
             d["float"] = self.reason or "kept float"
+        elif self.reason:
+            d["note"] = self.reason
         return d
 
 
@@ -538,7 +543,8 @@ def resolve(plan: Plan, graph: gs.Graph, *, warn: bool = True) -> ResolvedPlan:
         where = matching[-1].describe() if matching else f"{plan.source}: defaults"
         wi = weight_input_index(node)
         np_ = NodePlan(node=node.name, op_type=node.op, weight=None, activation=None,
-                       rules=[r.describe() for r in matching], weight_inputs=weight_input_indices(node))
+                       rules=[r.describe() for r in matching], weight_inputs=weight_input_indices(node),
+                       activation_ruled=any(r.activation for r in matching))
         named = bool(matching)
         if skip:
             np_.reason = "skip: true"

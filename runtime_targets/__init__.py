@@ -6,6 +6,8 @@ A target (one folder per target, e.g. ``runtime_targets/ort/``) declares
 * :meth:`Target.check`: refuse a resolved plan it cannot run *before any rewrite*, naming node and reason;
 * :meth:`Target.output_tensors`: extra activation tensors to quantize so its integer kernels fuse
   (e.g. the output of a Conv, after its ReLU, for onnxruntime's QLinearConv);
+* :meth:`Target.refine`: its own defaults for nodes no plan rule decided (``ort``: depthwise convolutions
+  keep float activations, their int weights dequantized at load);
 * :meth:`Target.lowering_passes`: the passes the generic ``lower`` pass runs for it;
 * ``default_pipeline``: the pipeline ``qcompiler compile`` runs when none is given.
 
@@ -103,6 +105,12 @@ class Target:
     def output_tensors(self, ctx: CompileContext) -> dict[str, QuantSpec]:
         """Extra activation tensors to quantize (default: none)."""
         return {}
+
+    def refine(self, resolved: ResolvedPlan, graph: gs.Graph) -> int:
+        """The target's own defaults, applied by ``resolve-plan`` after :meth:`check` to nodes no plan rule
+        decided (e.g. ``ort`` computes depthwise convolutions in float); returns how many nodes changed.
+        Default: none."""
+        return 0
 
     def lowering_passes(self) -> list[Pass]:
         return []

@@ -205,3 +205,23 @@ def test_large_graph_unchanged():
 def test_pass_identity():
     assert CleanupPass.name == "cleanup"
     assert CleanupPass.produces == frozenset({"clean"})
+
+
+def test_codes_cast_to_float_stay_codes():
+    """``Cast`` of stored int8 codes (the ort target's load-time dequantization) is not folded into a float
+    weight — the file keeps its int8 codes — while shape arithmetic in int64 still folds."""
+    b = G.Builder(71)
+    codes = b.init("w:q", (b.rng.integers(-127, 128, (4, 4, 1, 1))).astype(np.int8))
+    b.node("Cast", [codes], ["w:f"], to=onnx.TensorProto.FLOAT)
+    b.node("Mul", ["w:f", b.init("w:s", np.full((4, 1, 1, 1), 0.01, np.float32))], ["w:dq"])
+    b.node("Conv", ["x", "w:dq"], ["h"], name="conv")
+    b.node("Cast", [b.init("dims", np.array([1, 64], np.int64))], ["dims_f"], to=onnx.TensorProto.FLOAT)
+    b.node("Cast", ["dims_f"], ["dims_i"], to=onnx.TensorProto.INT64)
+    b.node("Reshape", ["h", "dims_i"], ["y"], name="flat")
+    model = b.model([G.vi("x", [1, 4, 4, 4])], [G.vi("y", [1, 64])])
+    ctx, res = G.run_pass(model, CleanupPass())
+    assert res.modified
+    out = G.export(ctx)
+    assert [n.op_type for n in out.graph.node] == ["Cast", "Mul", "Conv", "Reshape"]  # the int64 Casts folded
+    assert {t.name: t.data_type for t in out.graph.initializer}["w:q"] == onnx.TensorProto.INT8
+    G.assert_same_outputs(model, out, G.random_feeds(model), tol=1e-6)

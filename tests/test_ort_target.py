@@ -77,9 +77,11 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
 
 # ------------------------------------------------------------------------------------ integer kernels
 @pytest.mark.parametrize("name, expected, absent", [
-    # Conv -> (Relu) -> Q: every Conv whose output is not a graph output becomes QLinearConv; Gemm -> QGemm
-    ("conv_bn_relu", {"QLinearConv": 5, "QGemm": 1}, ("Conv", "FusedConv", "Gemm")),
-    ("depthwise", {"QLinearConv": 2}, ("FusedConv",)),
+    # Conv -> (Relu) -> Q: every Conv whose output is not a graph output becomes QLinearConv; Gemm -> QGemm;
+    # a depthwise Conv computes in float (OrtTarget.refine) on a constant weight: its int8 codes are dequantized
+    # when the session loads (no Cast / DequantizeLinear left for it in the optimized graph)
+    ("conv_bn_relu", {"QLinearConv": 4, "Conv": 1, "QGemm": 1}, ("FusedConv", "Gemm", "Cast")),
+    ("depthwise", {"QLinearConv": 2, "Conv": 1}, ("FusedConv", "Cast")),
     ("opset11_constants", {"QLinearConv": 2, "QGemm": 1}, ("Conv", "FusedConv", "Gemm")),
     ("gemm_head", {"QGemm": 2}, ()),
     # the six weight MatMuls of the block (attention q/k/v/out, MLP fc1/fc2) run as MatMulIntegerToFloat
@@ -184,7 +186,8 @@ def test_fp8_relu_guard_keeps_numerics(tmp_module):
     unguarded = compiled("conv_bn_relu", tmp_module, plan="fp8", pipeline=NO_LOWER)
     guards = [n for n in q.graph.node if {p.key: p.value for p in n.metadata_props}.get(ir.TAG_KEY)
               == "ort-fp8-relu-guard"]
-    assert len(guards) == 4 and {n.op_type for n in guards} == {"Relu"}  # relu1, relu2, block.relu1, dw.relu
+    # relu1, relu2, block.relu1 (dw.relu's depthwise conv computes in float on ort: its output is not fp8)
+    assert len(guards) == 3 and {n.op_type for n in guards} == {"Relu"}
     feeds = _held("conv_bn_relu")
     ref = _outputs(onnx.load(str(MODELS / "conv_bn_relu.onnx")), feeds)
     guarded = quant.sqnr_db(ref, _outputs(q, feeds))
@@ -275,3 +278,73 @@ def test_targets_command_lists_capabilities():
     assert (f"  MatMul: weights {','.join(mm['weight_dtypes'])}; activations {','.join(mm['activation_dtypes'])}; "
             f"{','.join(mm['granularities'])}; schemes {','.join(mm['schemes'])}") in text.stdout
     assert {"int8", "uint8", "int16", "int4", "uint4", "fp8e4m3", "fp8e5m2"} <= set(mm["weight_dtypes"])
+
+
+# ------------------------------------------------------------------- depthwise in float, load-time dequant
+def _tagged(model: onnx.ModelProto, name: str) -> list[onnx.NodeProto]:
+    return [n for n in model.graph.node if {p.key: p.value for p in n.metadata_props}.get(ir.TAG_KEY) == name]
+
+
+def test_depthwise_conv_computes_in_float_unless_a_rule_asks(tmp_module):
+    q = compiled("conv_bn_relu", tmp_module)
+    dw = next(n for n in q.graph.node if n.name == "dw.conv")
+    producers = {o: n for n in q.graph.node for o in n.output}
+    assert producers[dw.input[0]].op_type == "Relu"  # float activation in (block.relu2)
+    w = producers[dw.input[1]]  # int8 codes, dequantized by Cast/Mul that onnxruntime folds at load
+    assert w.op_type == "Mul" and producers[w.input[0]].op_type == "Cast"
+    codes = {t.name: t for t in q.graph.initializer}[producers[w.input[0]].input[0]]
+    assert codes.data_type == TensorProto.INT8
+    assert {n.op_type for n in _tagged(q, "ort-load-time-dequant")} == {"Cast", "Mul"}
+    # a rule that sets the depthwise conv's activation wins over the target's default: QLinearConv again
+    forced = compiled("conv_bn_relu", tmp_module, key="dw-int8",
+                      plan=_plan(rules=[{"match": {"name": "dw.conv"}, "activation": {"dtype": "uint8"}}]))
+    assert ir.optimized_op_types(forced).get("QLinearConv") == 5 and not _tagged(forced, "ort-load-time-dequant")
+    feeds = _held("conv_bn_relu")
+    ref = _outputs(onnx.load(str(MODELS / "conv_bn_relu.onnx")), feeds)
+    s_float, s_int8 = quant.sqnr_db(ref, _outputs(q, feeds)), quant.sqnr_db(ref, _outputs(forced, feeds))
+    assert s_float >= s_int8 - 0.1, (s_float, s_int8)  # no worse: measured 29.96 vs 29.96 dB
+
+
+def test_resolved_plan_notes_the_target_default(tmp_path):
+    data = dict(np.load(MODELS / "depthwise.npz"))
+    np.savez(tmp_path / "c.npz", **{k: v[:8] for k, v in data.items()})
+    res = compile_model(MODELS / "depthwise.onnx", tmp_path / "q.onnx", CompileOptions(calib=str(tmp_path / "c.npz"),
+                                                                                      validate=False))
+    side = (tmp_path / "q.plan.yaml").read_text()
+    assert "note: 'activation float: target ort computes depthwise Conv in float" in side
+    rp = next(r for r in res.records if r.name == "resolve-plan")
+    assert rp.stats["target_refined"] == 1
+
+
+@pytest.mark.parametrize("weight", [{"dtype": "int8"}, {"dtype": "int8", "symmetric": False},
+                                    {"dtype": "int16"}, {"dtype": "fp8e4m3"}])
+def test_load_time_dequant_is_exact(weight, tmp_module):
+    """Weight-only convs and Gemm: Cast/Mul(/Sub) gives the DequantizeLinear's float weights bit for bit."""
+    plan = _plan(weight=weight, activation={"dtype": "float"})
+    key = "wo-" + json.dumps(weight)
+    lowered = compiled("conv_bn_relu", tmp_module, plan=plan, key=key)
+    plain = compiled("conv_bn_relu", tmp_module, plan=plan, key=key, pipeline=NO_LOWER)
+    made = _tagged(lowered, "ort-load-time-dequant")
+    n_weights = sum(n.op_type == "Cast" for n in made)
+    assert n_weights == 6  # 5 Conv + the Gemm head
+    assert any(n.op_type == "Sub" for n in made) == (weight.get("symmetric") is False)
+    assert not any(n.op_type == "DequantizeLinear" for n in lowered.graph.node)
+    feeds = _held("conv_bn_relu")
+    np.testing.assert_array_equal(_outputs(lowered, feeds, optimize=False), _outputs(plain, feeds, optimize=False))
+    ops = ir.optimized_op_types(lowered)  # folded at session start: float kernels on constant weights
+    assert not {"Cast", "DequantizeLinear", "Sub"} & set(ops), ops
+    assert _rel(_outputs(lowered, feeds), _outputs(plain, feeds, optimize=False)) < 1e-5
+
+
+def test_load_time_dequant_leaves_integer_kernels_and_lstm_is_rewritten(tmp_path):
+    src = tmp_path / "lstm.onnx"
+    onnx.save(_lstm_model(), src)
+    out = tmp_path / "q.onnx"
+    compile_model(src, out, CompileOptions(calib="random", validate=False))
+    q = onnx.load(str(out))
+    made = _tagged(q, "ort-load-time-dequant")
+    assert sorted(n.op_type for n in made) == ["Cast", "Cast", "Mul", "Mul"]  # W and R
+    # integer kernels keep their weight DequantizeLinear (QLinearConv / QGemm fuse it)
+    d = compiled("conv_bn_relu", tmp_path)
+    assert sum(n.op_type == "DequantizeLinear" and n.input[0].endswith(":q") and "weight" in n.input[0]
+               for n in d.graph.node) >= 5

@@ -209,7 +209,7 @@ def test_dump_after(tmp_path):
     assert dumps == ["07-insert-qdq.onnx"]
     d = onnx.load(str(tmp_path / "q.dump" / "07-insert-qdq.onnx"))
     onnx.checker.check_model(d, full_check=True)
-    assert sum(n.op_type == "QuantizeLinear" for n in d.graph.node) == 8
+    assert sum(n.op_type == "QuantizeLinear" for n in d.graph.node) == 6  # dw.conv: float activations on ort
     out2 = tmp_path / "all" / "q.onnx"
     compile_model(MODELS / "conv_bn_relu.onnx", out2, CompileOptions(calib="random", calib_samples=2,
                                                                      dump_after={"all"}))

@@ -175,9 +175,10 @@ def test_data_free_mode_uses_bn_statistics(tmp_path, split):
     """``--calib none``: the activations after a folded BatchNorm get their ranges from its statistics; the
     graph input (no BN before it) falls back to random data; no validation (there is no data)."""
     sqnr, res, _ = _measure(tmp_path, split, "conv_bn_relu", "w8a8", calib="none")
-    assert res.report["data_free"]["bn_ranges"] >= 5 and res.report["data_free"]["synthetic_ranges"] >= 1
+    # 4 BN outputs quantized (the depthwise conv's BN output stays float on ort)
+    assert res.report["data_free"]["bn_ranges"] >= 4 and res.report["data_free"]["synthetic_ranges"] >= 1
     assert res.validation is None
-    assert sqnr >= 28.0, sqnr  # measured 29.4 (calibrated on data: 29.6)
+    assert sqnr >= 28.0, sqnr  # measured 29.3 (calibrated on data: 29.6)
     # weight-only presets need no data at all
     _, res, _ = _measure(tmp_path, split, "transformer_block", "w4a16", calib="none")
     assert res.report["calibration"]["samples"] == 0 and "data_free" not in res.report

@@ -9,6 +9,10 @@ integer kernels:
 * ``DQ(x), DQ(w) -> MatMul``                          becomes ``MatMulIntegerToFloat`` (float output, no Q);
 * ``DQ(x), DQ(w), DQ(b) -> Gemm``                     becomes ``QGemm``;
 * int4 block-wise weight-only MatMul is lowered to ``com.microsoft.MatMulNBits`` (see ``matmulnbits.py``);
+* depthwise convolutions keep float activations unless a plan rule sets them (``OrtTarget.refine``);
+* the weights of float kernels (weight-only Conv / ConvTranspose / Gemm, LSTM / GRU / RNN) are dequantized with
+  Cast/Mul, which onnxruntime folds when the session loads, instead of a DequantizeLinear it would run at
+  every inference (``load_time_dequant.py``);
 * fp8 activations after a ReLU/Clip get that activation re-applied after their DequantizeLinear
   (``fp8_guard.py``: onnxruntime's Relu->Q fusion is wrong for fp8).
 
@@ -22,9 +26,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from qcompiler.runtime_targets import OpCapability, Target
 
 if TYPE_CHECKING:
+    import onnx_graphsurgeon as gs
+
     from qcompiler.context import CompileContext
     from qcompiler.pass_base import Pass
-    from qcompiler.plan import QuantSpec
+    from qcompiler.plan import QuantSpec, ResolvedPlan
 
 _INT_W = frozenset({"int8", "uint8", "int16", "uint16", "int4", "uint4", "fp8e4m3", "fp8e5m2"})
 _INT_A = frozenset({"int8", "uint8", "int16", "uint16", "fp8e4m3", "fp8e5m2"})
@@ -81,8 +87,32 @@ class OrtTarget(Target):
             out.setdefault(t.name, np_.activation)
         return out
 
+    def refine(self, resolved: ResolvedPlan, graph: gs.Graph) -> int:
+        """Depthwise convolutions (``group`` = input channels > 1) keep float activations — their int weights are
+        dequantized once at load (``ort-load-time-dequant``) — unless a plan rule sets their ``activation``:
+        onnxruntime's CPU int8 depthwise kernel (QLinearConv) is slower than its float one (NCHWc) and brings a
+        quantize / dequantize pair around each such conv (PP-OCR cls: 1.39x -> 0.95x the float model's latency,
+        output SQNR 35 -> 42 dB; benchmarks/RESULTS.md)."""
+        by_name = {n.name: n for n in graph.nodes}
+        changed = 0
+        for np_ in resolved.nodes.values():
+            if np_.op_type != "Conv" or np_.activation is None or np_.weight is None or np_.activation_ruled:
+                continue
+            node = by_name.get(np_.node)
+            if node is None or len(node.inputs) < 2 or int(node.attrs.get("group", 1)) <= 1:
+                continue
+            shape: tuple[int, ...] = tuple(getattr(getattr(node.inputs[1], "values", None), "shape", ()))
+            if len(shape) < 3 or shape[1] != 1:
+                continue
+            np_.activation, np_.activation_inputs = None, ()
+            np_.reason = ("activation float: target ort computes depthwise Conv in float (faster than its int8 "
+                          "kernel); weight int codes dequantized at load")
+            changed += 1
+        return changed
+
     def lowering_passes(self) -> list[Pass]:
         from qcompiler.runtime_targets.ort.fp8_guard import OrtFp8ReluGuardPass
+        from qcompiler.runtime_targets.ort.load_time_dequant import OrtLoadTimeDequantPass
         from qcompiler.runtime_targets.ort.matmulnbits import LowerMatMulNBitsPass
 
-        return [LowerMatMulNBitsPass(), OrtFp8ReluGuardPass()]
+        return [LowerMatMulNBitsPass(), OrtFp8ReluGuardPass(), OrtLoadTimeDequantPass()]
