@@ -93,6 +93,7 @@ def _plan(preset: str, calibration: str | None = None, algorithms: dict[str, Any
     if calibration is not None:
         p.activation_defaults = {**p.activation_defaults, "calibration": calibration}
     p.algorithms = {k: v for k, v in {**p.algorithms, **(algorithms or {})}.items() if k not in drop}
+    p.disabled_algorithms = set(p.disabled_algorithms) | set(drop)  # off even where the default pipeline has it
     p.source = f"{preset} (modified)" if (calibration or algorithms or drop) else p.source
     return p
 

@@ -21,7 +21,8 @@ from typing import Any
 import onnx
 import onnx_graphsurgeon as gs
 
-from qcompiler import ir
+from qcompiler import cost, ir
+from qcompiler.calibration import SHAPES_KEY, CalibrationSource, input_signatures
 from qcompiler.context import CompileContext
 from qcompiler.errors import UserError
 from qcompiler.pass_manager import PassManager, PassRecord
@@ -113,12 +114,17 @@ PIPELINE_INSERTIONS = (
 
 def assemble_pipeline(text: str, plan: Plan, reg: Any = None, *, calib_select: int | None = None) -> list[Any]:
     """The passes of pipeline ``text`` plus those the plan's ``algorithms`` (and ``calib_select``) turn on, each
-    inserted at its place (:data:`PIPELINE_INSERTIONS`). A pass the text names already keeps the text's
-    options; an algorithm whose anchor the pipeline lacks is left out with a warning."""
+    inserted at its place (:data:`PIPELINE_INSERTIONS`), minus those it turns off (``fold_bias: false`` removes
+    the default pipeline's ``fold-bias``). A pass the text names already keeps the text's options; an algorithm
+    whose anchor the pipeline lacks is left out with a warning."""
     from qcompiler.plan import ALGORITHMS
 
     reg = reg or registry()
     passes = build_pipeline(text, reg)
+    off = {ALGORITHMS[name] for name in plan.disabled_algorithms}
+    if any(p.name in off for p in passes):
+        log.info("plan turns off %s: left out of the pipeline", ", ".join(sorted(off)))
+        passes = [p for p in passes if p.name not in off]
     wanted = {ALGORITHMS[name]: dict(opts) for name, opts in plan.algorithms.items()}
     if calib_select is not None:
         wanted["calib-select"] = {"n": calib_select}
@@ -182,22 +188,25 @@ def compile_model(model_path: str | os.PathLike[str], output_path: str | os.Path
             raise UserError(f"{out}: writing it would overwrite '{f.name}', external data of the input model; "
                             "choose another -o")
     # Refuse a plan the target cannot run before any rewrite (node names are those of the input model).
-    graph, meta = ir.import_graph(model, str(src))
-    target.check(plan.resolve(graph, warn=False))  # resolve-plan warns once, later
-
+    # The opset upgrade (in memory) comes first so that the graph is imported once: the converter keeps every
+    # node and its name (it only adds a few helper nodes, float), so the check sees the input model's nodes.
+    # When the upgrade fails, a plan the target refuses is still reported first.
     need, why = required_opset(_plan_specs(plan))
     if ir.opset_of(model) < need:
-        del graph
-        model = ir.upgrade_opset(model, need, why)
-        graph, meta = ir.import_graph(model, str(src))
+        try:
+            model = ir.upgrade_opset(model, need, why)
+        except UserError:
+            graph, meta = ir.import_graph(model, str(src))
+            target.check(plan.resolve(graph, warn=False))
+            raise
+    graph, meta = ir.import_graph(model, str(src))
+    target.check(plan.resolve(graph, warn=False))  # resolve-plan warns once, later
     io_dtypes = ir.to_float32(graph)
     meta.io_dtypes = io_dtypes
 
     calib_source = None
     calib_arg = None if opts.calib is None else str(opts.calib)
     if calib_arg is not None and calib_arg != "none":
-        from qcompiler.calibration import CalibrationSource, input_signatures
-
         calib_source = CalibrationSource.from_arg(calib_arg, input_signatures(graph), seed=opts.seed,
                                                   limit=opts.calib_samples)
     ctx = CompileContext(graph=graph, meta=meta, plan=plan, target=target, calib=calib_source,
@@ -223,8 +232,9 @@ def compile_model(model_path: str | os.PathLike[str], output_path: str | os.Path
     with ir.staging(out) as stage:
         staged = stage / out.name
         ir.write_model(ctx.graph, meta, staged, external_data_threshold=threshold, consume=True)
-        # The graph is on disk now: free its (quantized) weights before validation opens sessions.
-        ir.release_graph(ctx.graph)
+        # The graph is on disk now: free its (quantized) weights before validation opens sessions (which trims
+        # memory itself; a large model is trimmed now, before the cost report imports the written one).
+        ir.release_graph(ctx.graph, trim=big)
         ctx.graph = gs.Graph(opset=ctx.graph.opset)
         del graph
         qmodel = ir.load_model(staged, check=False)
@@ -243,9 +253,8 @@ def compile_model(model_path: str | os.PathLike[str], output_path: str | os.Path
         quant_bytes = ir.model_summary(qmodel)["parameter_bytes"]
         report["sizes"] = {"float_parameter_bytes": float_bytes, "quantized_parameter_bytes": quant_bytes,
                            "ratio": round(quant_bytes / float_bytes, 4) if float_bytes else None}
-        from qcompiler import cost
-
-        report["cost"] = cost.compile_cost(qmodel, staged, calib_source, shapes=not big).to_json()
+        known = ctx.report.get(SHAPES_KEY) if calib_source is not None else None
+        report["cost"] = cost.compile_cost(qmodel, staged, calib_source, shapes=not big, known_shapes=known).to_json()
         if auto is not None:  # the budget holds for what is written, counted as `inspect --cost` counts it
             report["autoplan"] = auto.summary()
             ctx.side_outputs[".autoplan.yaml"] = auto.text

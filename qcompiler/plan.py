@@ -194,6 +194,9 @@ class Plan:
     source: str = "<default plan>"
     #: PTQ algorithms turned on (``algorithms:`` key): name in :data:`ALGORITHMS` -> pass options
     algorithms: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: algorithms the plan turns off (``algorithms: {fold_bias: false}``): their passes leave the pipeline, the
+    #: target's default pipeline included
+    disabled_algorithms: set[str] = field(default_factory=set)
 
     # ------------------------------------------------------------------------------------------- parsing
     @classmethod
@@ -250,6 +253,8 @@ class Plan:
         _check_activation_scheme(plan.activation_defaults, f"{source}: defaults.activation")
         _activation_spec(plan.activation_defaults, f"{source}: defaults.activation")
         plan.algorithms = _parse_algorithms(data.get("algorithms"), source)
+        plan.disabled_algorithms = {str(k).replace("-", "_") for k, v in (data.get("algorithms") or {}).items()
+                                    if v is False}
         return plan
 
     def to_dict(self) -> dict[str, Any]:
@@ -257,8 +262,9 @@ class Plan:
             "version": PLAN_VERSION,
             "defaults": {"weight": dict(self.weight_defaults), "activation": dict(self.activation_defaults)},
             "rules": [r.to_dict() for r in self.rules],
-            **({"algorithms": {k: (dict(v) if v else True) for k, v in self.algorithms.items()}}
-               if self.algorithms else {}),
+            **({"algorithms": {**{k: (dict(v) if v else True) for k, v in self.algorithms.items()},
+                               **{k: False for k in sorted(self.disabled_algorithms)}}}
+               if self.algorithms or self.disabled_algorithms else {}),
         }
 
     def dtypes_used(self) -> set[tuple[str, str]]:

