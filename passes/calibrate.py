@@ -31,6 +31,7 @@ import numpy as np
 
 from qcompiler.calibration import (
     BN_SIGMAS,
+    SHAPES_KEY,
     CalibrationSource,
     TensorStats,
     bn_ranges,
@@ -128,7 +129,10 @@ class CalibratePass(Pass):
             source = ctx.calib.take(opts.samples)
         n_samples = len(source) if rest else 0
         progress = self._progress(ctx, n_samples)
-        ctx.stats = collect(ctx.graph, rest, source, progress=progress) if rest else {}
+        shapes: dict[str, Any] = {}
+        ctx.stats = collect(ctx.graph, rest, source, progress=progress, shapes=shapes) if rest else {}
+        if shapes:  # first-sample shapes: the compile's cost report infers the rest instead of running the model
+            ctx.report[SHAPES_KEY] = shapes
         for name, (lo, hi) in fixed.items():
             st = TensorStats()
             st.update(np.asarray([lo, hi], dtype=np.float64))

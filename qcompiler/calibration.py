@@ -19,14 +19,20 @@ Three parts:
   when the calibration method needs one) and :meth:`TensorStats.range`, the (lo, hi) a quantizer should use
   for a :class:`QuantSpec` (``minmax``, ``percentile``, ``entropy`` or ``mse``).
 
-* :func:`collect`: runs the float graph in onnxruntime over a source, one sample at a time, and returns the
-  statistics of the requested tensors. The library never prints; progress goes to a callback.
+* :func:`collect`: runs the float graph in onnxruntime over a source, one sample per run (up to
+  ``QCOMPILER_CALIB_WORKERS`` runs in flight on worker threads, default: the usable CPUs, at most 2, each run on
+  one intra-op thread), and returns the statistics of the requested tensors, updated in sample order, so the
+  result does not depend on the number of workers. The library never prints; progress goes to a callback.
 """
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
+import io
 import logging
 import math
+import os
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -394,6 +400,25 @@ def _member_meta(path: Path, zf: zipfile.ZipFile, key: str, member: str) -> tupl
     return head[0], head[2]
 
 
+def _member_layout(path: Path, zf: zipfile.ZipFile, key: str, member: str
+                   ) -> tuple[tuple[int, ...], np.dtype, bytes | None]:
+    """(shape, dtype, raw header bytes) of an .npy member; the raw header is None when the array is not stored
+    plainly (Fortran order, a header version other than 1.0 / 2.0, an unreadable header)."""
+    try:
+        with zf.open(member) as fp:
+            pre = fp.read(8)
+            if len(pre) == 8 and pre[:6] == b"\x93NUMPY" and pre[6] in (1, 2):
+                size = fp.read(2 if pre[6] == 1 else 4)
+                raw = pre + size + fp.read(int.from_bytes(size, "little"))
+                head = _read_header(io.BytesIO(raw))
+                if head is not None and not head[2].hasobject:
+                    return head[0], head[2], (None if head[1] else raw)
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError, SyntaxError):
+        pass
+    shape, dtype = _member_meta(path, zf, key, member)  # the usual checks and messages
+    return shape, dtype, None
+
+
 def _load_member(path: Path, key: str) -> np.ndarray:
     try:
         with np.load(path, allow_pickle=False) as z:
@@ -417,17 +442,26 @@ class _FolderSource(CalibrationSource):
         self.folder = folder
         self.files = files
         by_name = {s.name: s for s in inputs}
+        #: per file: array name -> (zip member, raw .npy header, shape, dtype) for reading without np.load
+        self._layout: dict[Path, dict[str, tuple[str, bytes, tuple[int, ...], np.dtype]]] = {}
         # Cheap up-front check of every file used: the zip directory and the .npy headers, no data.
         for f in files[: len(self)]:
             with _open_zip(f) as zf:
                 members = _npz_members(f, zf)
                 _check_keys(str(f), list(members), inputs)
                 shapes: dict[str, tuple[int, ...]] = {}
+                layout: dict[str, tuple[str, bytes, tuple[int, ...], np.dtype]] | None = {}
                 for key, member in members.items():
-                    shape, dtype = _member_meta(f, zf, key, member)
+                    shape, dtype, raw = _member_layout(f, zf, key, member)
                     _check_array_meta(str(f), key, shape, dtype, by_name[key])
                     shapes[key] = shape
+                    if layout is not None and raw is not None:
+                        layout[key] = (member, raw, shape, dtype)
+                    else:
+                        layout = None  # an unusual member: this file is read with np.load
                 _check_symbolic(str(f), shapes, inputs)
+                if layout is not None:
+                    self._layout[f] = layout
 
     def _count(self) -> int:
         return len(self.files)
@@ -439,6 +473,10 @@ class _FolderSource(CalibrationSource):
         for f in self.files:
             if not f.is_file():
                 raise UserError(f"{f}: calibration file disappeared while reading")
+            fast = self._read_direct(f)
+            if fast is not None:
+                yield check_feed(fast, self.inputs, str(f))
+                continue
             try:
                 z = np.load(f, allow_pickle=False)
             except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
@@ -453,6 +491,30 @@ class _FolderSource(CalibrationSource):
                     except (OSError, zipfile.BadZipFile, EOFError) as e:
                         raise UserError(f"{f}: array '{key}' cannot be read ({type(e).__name__})") from None
             yield check_feed(raw, self.inputs, str(f))
+
+
+    def _read_direct(self, f: Path) -> dict[str, np.ndarray] | None:
+        """The arrays of ``f`` read straight from its zip members at the layout the up-front check recorded
+        (the same bytes np.load would return, without parsing every header again); None when ``f`` has no
+        recorded layout or changed since (its headers differ): the caller then uses np.load."""
+        layout = self._layout.get(f)
+        if layout is None:
+            return None
+        out: dict[str, np.ndarray] = {}
+        try:
+            with zipfile.ZipFile(f) as zf:
+                for key, (member, raw, shape, dtype) in layout.items():
+                    with zf.open(member) as fp:
+                        if fp.read(len(raw)) != raw:
+                            return None
+                        arr = np.empty(shape, dtype=dtype)
+                        reader: Any = fp  # a zipfile.ZipExtFile: io.BufferedIOBase, so readinto
+                        if arr.nbytes and (reader.readinto(arr.data.cast("B")) != arr.nbytes or fp.read(1)):
+                            return None
+                        out[key] = arr
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError):
+            return None  # np.load reports what is wrong
+        return out
 
 
 class _StackedNpzSource(CalibrationSource):
@@ -604,12 +666,16 @@ def _dtype_bits(dtype: str) -> int | None:
 _FP8 = {"fp8e4m3": (3, 448.0, -6), "fp8e5m2": (2, 57344.0, -14)}  # mantissa bits, max, min normal exponent
 
 
+_MIN = np.minimum.reduce
+_MAX = np.maximum.reduce
+
+
 class TensorStats:
     """Running statistics of one tensor over calibration samples.
 
-    Always: ``min``, ``max`` (0.0 until data arrives), ``count`` (finite elements seen), ``samples`` (updates),
-    ``zeros`` (exact zeros) and ``nonfinite`` (NaN/Inf elements, ignored). With ``histogram=True``: a fixed-size
-    histogram of 2 * ``bins`` bins over [-R, R], R a power of two > max|x|. When a batch exceeds R, R doubles
+    Always: ``min``, ``max`` (0.0 until data arrives), ``count`` (finite elements seen), ``samples`` (updates)
+    and ``nonfinite`` (NaN/Inf elements, ignored). With ``histogram=True`` also ``zeros`` (exact zeros, which
+    only the histogram methods use: it stays 0 without a histogram) and a fixed-size histogram of 2 * ``bins`` bins over [-R, R], R a power of two > max|x|. When a batch exceeds R, R doubles
     (adjacent bin pairs merge), so histograms of different ranges merge exactly. Memory does not depend on the
     number of samples.
     """
@@ -663,12 +729,14 @@ class TensorStats:
         a = np.asarray(x)
         if a.dtype not in (np.float32, np.float64):
             a = a.astype(np.float64 if a.dtype.kind in "iu" and a.dtype.itemsize > 2 else np.float32)
-        a = a.reshape(-1)
         self.samples += 1
         if a.size == 0:
             return
-        mn, mx = float(a.min()), float(a.max())
+        # ufunc reductions directly (ndarray.min / max add a Python-level dispatch per call: calibration makes
+        # one call per tensor per sample); NaN propagates through both, so a finite result means a finite tensor
+        mn, mx = float(_MIN(a, axis=None)), float(_MAX(a, axis=None))
         if not (math.isfinite(mn) and math.isfinite(mx)):
+            a = a.reshape(-1)
             finite = np.isfinite(a)
             n_bad = int(a.size - np.count_nonzero(finite))
             self.nonfinite += n_bad
@@ -681,9 +749,10 @@ class TensorStats:
         else:
             self.min, self.max = min(self.min, mn), max(self.max, mx)
         self.count += int(a.size)
-        self.zeros += int(a.size - np.count_nonzero(a))
-        if self.hist is None:
+        if self.hist is None:  # minmax: the exact zeros only matter to the histogram methods
             return
+        a = a.reshape(-1)
+        self.zeros += int(a.size - np.count_nonzero(a))
         amax = max(-mn, mx)
         if amax > 0.0:
             exp = max(math.frexp(amax)[1], _MIN_RANGE_EXP)  # 2**exp > amax
@@ -984,13 +1053,19 @@ def _one_line(e: BaseException, limit: int = 300) -> str:
 
 def collect(graph: gs.Graph, specs: dict[str, QuantSpec], source: CalibrationSource, *,
             progress: Callable[[int, int], None] | None = None,
-            batch_tensors: int | None = None) -> dict[str, TensorStats]:
+            batch_tensors: int | None = None, workers: int | None = None,
+            shapes: dict[str, tuple[tuple[int, ...], np.dtype]] | None = None) -> dict[str, TensorStats]:
     """Statistics of the tensors named in ``specs`` over the feeds of ``source``.
 
     Runs ``graph`` (float) in onnxruntime with those tensors exposed as extra outputs, one sample at a time;
     graph inputs are read from the feed and constants from their values. ``batch_tensors`` splits the tensors
     into groups of that size, one session and one pass over the data per group (less memory, more time).
-    ``progress(done, total)`` is called after each sample run. A feed onnxruntime rejects raises
+    ``progress(done, total)`` is called after each sample run, in sample order. ``workers`` onnxruntime runs
+    are in flight at once (default :func:`calibration_workers`), each on one intra-op thread, while this thread
+    reads the next feeds and updates the statistics; the updates are applied in sample order, so the result
+    is the same for any ``workers`` (at most ``workers + 1`` samples' tensors are held). ``shapes``, when given,
+    is filled with the (shape, dtype) of the graph inputs, the graph outputs and the collected tensors on the
+    first sample (what the cost model can reuse instead of running the model again). A feed onnxruntime rejects raises
     :class:`UserError` naming the sample; a tensor name that is not in the graph raises ``ValueError``.
     """
     tensors = graph.tensors()
@@ -1021,22 +1096,23 @@ def collect(graph: gs.Graph, specs: dict[str, QuantSpec], source: CalibrationSou
     n = len(source)
     total = n * len(groups)
     done = 0
+    workers = calibration_workers() if workers is None else max(1, int(workers))
     for gi, group in enumerate(groups):
-        # One intra-op thread: samples run one at a time between numpy statistics updates; measured 1.3-2.3x
-        # faster per sample than onnxruntime's default pool on the 2-core CI machines.
+        # One intra-op thread per run (a sample per run, up to `workers` runs in flight): measured 1.3-2.3x faster
+        # per sample than onnxruntime's default pool on the 2-core CI machines, which also fights numpy for cores.
         sess = ir.graph_session(graph, extra_outputs=group, threads=1) if group else None
-        want = {inp.name: inp.type for inp in sess.get_inputs()} if sess is not None else {}
-        for i, feed in enumerate(source):
+        extra = [t.name for t in graph.outputs if t.name not in group] if shapes is not None and gi == 0 else []
+        for i, feed, outs in _run_samples(sess, group, source, sigs, workers, extra):
             if gi == 0:
                 for name in from_feed:
                     stats[name].update(feed[name])
-            if sess is not None:
-                feed = _session_feed(feed, sigs, want)
-                try:
-                    outs = sess.run(group, feed)
-                except Exception as e:  # onnxruntime raises its own exception types
-                    raise UserError(f"{source.label(i)}: onnxruntime failed on this calibration sample: "
-                                    f"{_one_line(e)}") from None
+            if shapes is not None and i == 0:
+                if gi == 0:
+                    shapes.update({k: (tuple(v.shape), v.dtype) for k, v in feed.items()})
+                if outs is not None:
+                    shapes.update({k: (tuple(v.shape), v.dtype) for k, v in zip([*group, *extra], outs)})
+                    outs = outs[:len(group)]
+            if outs is not None:
                 for name, val in zip(group, outs):
                     stats[name].update(val)
                 del outs
@@ -1048,6 +1124,77 @@ def collect(graph: gs.Graph, specs: dict[str, QuantSpec], source: CalibrationSou
             log.warning("calibration: tensor '%s' produced %d NaN/Inf values (ignored in its range)", name,
                         st.nonfinite)
     return stats
+
+
+#: environment variable overriding the number of concurrent calibration runs (1: strictly sequential)
+WORKERS_ENV = "QCOMPILER_CALIB_WORKERS"
+
+
+def calibration_workers() -> int:
+    """Concurrent onnxruntime runs during calibration: ``$QCOMPILER_CALIB_WORKERS`` when set, else the CPUs this
+    process may use, at most 2 (on 2 cores two single-threaded runs keep both busy without the thread pool's
+    synchronization; more would only add memory)."""
+    env = os.environ.get(WORKERS_ENV, "").strip()
+    if env:
+        try:
+            return max(1, int(env))
+        except ValueError:
+            log.warning("%s=%r is not an integer; ignored", WORKERS_ENV, env)
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(1, min(2, cpus))
+
+
+def _run_samples(sess: Any, group: list[str], source: CalibrationSource, sigs: Sequence[InputSig],
+                 workers: int, first_extra: Sequence[str] = ()) -> Iterator[tuple[int, Feed, list[np.ndarray] | None]]:
+    """(index, feed, outputs of ``group``) for every sample of ``source``, in order (the first sample also
+    fetches ``first_extra``, after those of ``group``); with ``workers`` > 1 the runs of the next samples
+    proceed on worker threads (onnxruntime releases the GIL) while the caller consumes this one. ``sess``
+    None: no run (outputs None). A run that fails raises :class:`UserError` naming its sample."""
+    if sess is None:
+        for i, feed in enumerate(source):
+            yield i, feed, None
+        return
+    want = {inp.name: inp.type for inp in sess.get_inputs()}
+
+    def run(i: int, feed: Feed) -> list[np.ndarray]:
+        try:
+            return list(sess.run([*group, *first_extra] if i == 0 else group, _session_feed(feed, sigs, want)))
+        except Exception as e:  # onnxruntime raises its own exception types
+            raise UserError(f"{source.label(i)}: onnxruntime failed on this calibration sample: "
+                            f"{_one_line(e)}") from None
+
+    if workers <= 1:
+        for i, feed in enumerate(source):
+            yield i, feed, run(i, feed)
+        return
+    pending: collections.deque[tuple[int, Feed, concurrent.futures.Future[list[np.ndarray]]]] = collections.deque()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qcompiler-calib") as pool:
+        feeds = enumerate(source)
+        try:
+            while True:
+                try:
+                    i, feed = next(feeds)
+                except StopIteration:
+                    break
+                except BaseException:  # a bad feed: the samples before it come (and fail) first, as in order
+                    while pending:
+                        j, f, fut = pending.popleft()
+                        yield j, f, fut.result()
+                    raise
+                pending.append((i, feed, pool.submit(run, i, feed)))
+                if len(pending) > workers:
+                    j, f, fut = pending.popleft()
+                    yield j, f, fut.result()
+            while pending:
+                j, f, fut = pending.popleft()
+                yield j, f, fut.result()
+        finally:
+            for _, _, fut in pending:
+                fut.cancel()
+            pending.clear()
 
 
 _ORT_FLOAT = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
@@ -1089,6 +1236,10 @@ BN_SIGMAS = 6.0
 
 #: ``ctx.report`` key of the recorded BN output statistics (``_``-prefixed keys stay out of the JSON report)
 BN_STATS_KEY = "_bn_statistics"
+
+#: ``ctx.report`` key of the (shape, dtype) per tensor the calibrate pass saw on its first sample (``collect``'s
+#: ``shapes``): the compile's cost report sizes tensors from them instead of running the model again
+SHAPES_KEY = "_calibration_shapes"
 
 
 def bn_statistics(ctx: Any) -> dict[str, ChannelStats]:

@@ -515,12 +515,14 @@ def trim_memory() -> None:
             libc.malloc_trim(0)
 
 
-def release_graph(graph: gs.Graph) -> None:
+def release_graph(graph: gs.Graph, *, trim: bool = True) -> None:
     """Free the weights of a graph that is no longer needed (written to disk), even while some object (a pass
-    keeping an index, say) still refers to it; then :func:`trim_memory`."""
+    keeping an index, say) still refers to it; then :func:`trim_memory` (unless ``trim`` is False: a full
+    garbage collection costs tens of milliseconds, worth it only before memory-hungry work)."""
     for c in all_constants(graph):
         release_values(c)
-    trim_memory()
+    if trim:
+        trim_memory()
 
 
 def release_values(c: gs.Constant) -> None:
@@ -998,6 +1000,67 @@ def with_outputs(model: onnx.ModelProto, names: Sequence[str], *, keep_outputs: 
             vi.type.tensor_type.elem_type = TensorProto.FLOAT
         out.graph.output.append(vi)
         existing.append(name)
+    return out
+
+
+def infer_shapes(model: onnx.ModelProto, input_shapes: dict[str, Sequence[int]],
+                 known: dict[str, tuple[Sequence[int], Any]] | None = None
+                 ) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Static ONNX shape inference (with data propagation) of ``model``'s graph with its inputs fixed at
+    ``input_shapes``: name -> (shape, numpy dtype) of every tensor whose shape comes out fully known. Declared
+    intermediate and output shapes are dropped first, so only what follows from the inputs — and from
+    ``known`` (name -> (shape, dtype) of tensors measured at these input shapes, e.g. by a calibration run) —
+    counts. Tensors of types numpy lacks (int4, fp8, bfloat16) are left out. ``{}`` when inference fails or the
+    proto is above ``INFER_MAX_PROTO_BYTES``."""
+    if model.ByteSize() > INFER_MAX_PROTO_BYTES:
+        return {}
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    g = m.graph
+    known = dict(known or {})
+
+    def set_shape(vi: onnx.ValueInfoProto, dims: Sequence[int]) -> None:
+        shape = vi.type.tensor_type.shape
+        shape.ClearField("dim")
+        for d in dims:
+            shape.dim.add().dim_value = int(d)
+
+    for vi in g.input:
+        if vi.name in input_shapes and vi.type.HasField("tensor_type"):
+            set_shape(vi, input_shapes[vi.name])
+    del g.value_info[:]
+    for vi in g.output:
+        if vi.type.HasField("tensor_type"):
+            vi.type.tensor_type.ClearField("shape")
+            if vi.name in known:
+                set_shape(vi, known[vi.name][0])
+    declared = {vi.name for vi in [*g.input, *g.output]} | {t.name for t in g.initializer}
+    for name, (dims, dtype) in known.items():
+        if name not in declared:
+            g.value_info.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(np.dtype(dtype)),
+                                                              [int(d) for d in dims]))
+    try:
+        inferred = onnx.shape_inference.infer_shapes(m, check_type=False, strict_mode=False, data_prop=True)
+    except Exception as e:  # best effort: the caller falls back to running the model
+        log.info("shape inference failed: %s", " ".join(str(e).split())[:200])
+        return {}
+    del m
+    out: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
+    ig = inferred.graph
+    for vi in [*ig.input, *ig.value_info, *ig.output]:
+        tt = vi.type.tensor_type if vi.type.HasField("tensor_type") else None
+        if tt is None or not tt.elem_type or not tt.HasField("shape"):
+            continue
+        dims = [int(d.dim_value) if d.HasField("dim_value") else -1 for d in tt.shape.dim]
+        if any(d < 0 for d in dims):
+            continue
+        try:
+            dt = np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type))
+        except Exception:  # an element type onnx cannot map
+            continue
+        if dt.type.__module__ != "numpy":
+            continue
+        out[vi.name] = (tuple(dims), dt)
     return out
 
 

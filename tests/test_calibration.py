@@ -547,3 +547,117 @@ def test_entropy_ignores_exact_zeros_of_relu():
     lo, hi = st.range(spec("entropy", dtype="uint8", symmetric=False))
     assert lo == 0.0
     assert np.percentile(y, 99.0) <= hi <= st.max
+
+
+# ---------------------------------------------------------------------------------- concurrent sample runs
+@pytest.mark.parametrize("batch_tensors", [None, 1])
+def test_collect_concurrent_runs_give_identical_statistics(batch_tensors):
+    """Runs in flight on worker threads, statistics applied in sample order: every number (min, max, counts,
+    zeros, histogram bins) is the same as strictly sequential collection, and progress comes in order."""
+    model = conv_relu_model()
+    graph = graph_of(model)
+    fs = feeds(9, seed=3, batch=2)
+    src = CalibrationSource.from_feeds(fs, input_signatures(graph))
+    specs = {"r": spec("minmax", dtype="uint8", symmetric=False), "c": spec("entropy"), "x": spec("percentile")}
+    runs = {}
+    for workers in (1, 2, 3):
+        calls: list[tuple[int, int]] = []
+        runs[workers] = (collect(graph, specs, src, workers=workers, batch_tensors=batch_tensors,
+                                 progress=lambda d, t, calls=calls: calls.append((d, t))), calls)
+    groups = 1 if batch_tensors is None else 2
+    for workers, (stats, calls) in runs.items():
+        assert calls == [(i, 9 * groups) for i in range(1, 9 * groups + 1)], workers
+        for k in specs:
+            a, b = runs[1][0][k], stats[k]
+            assert (a.min, a.max, a.count, a.samples, a.zeros, a.range_exp) == (b.min, b.max, b.count, b.samples,
+                                                                                b.zeros, b.range_exp), (workers, k)
+            assert (a.hist is None and b.hist is None) or np.array_equal(a.hist, b.hist)
+    assert runs[1][0]["c"].hist is not None and runs[1][0]["c"].hist.sum() > 0
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_collect_concurrent_names_first_failing_sample(tmp_path, workers):
+    """With runs in flight, the error is still the first failing sample in order — also when a later file is
+    unreadable (read ahead while the failing run was in flight)."""
+    model = conv_relu_model()
+    graph = graph_of(model)
+    loose = [InputSig("x", np.dtype(np.float32), [], known_rank=False)]
+    good, bad = np.zeros((1, 3, 8, 8), np.float32), np.zeros((1, 5, 8, 8), np.float32)
+    src = CalibrationSource.from_feeds([{"x": good}, {"x": good}, {"x": bad}, {"x": good}, {"x": bad}], loose, "mem")
+    _err(lambda: collect(graph, {"r": spec("minmax")}, src, workers=workers), "mem: sample 2", "onnxruntime")
+    d = tmp_path / "calib"
+    d.mkdir()
+    for i, x in enumerate([good, bad]):
+        np.savez(d / f"{i:03d}.npz", x=x)
+    folder = CalibrationSource.from_arg(d, loose)
+    (d / "002.npz").write_bytes(b"not a zip")  # appears after the up-front check: read while sample 1 runs
+    folder.files.append(d / "002.npz")
+    _err(lambda: collect(graph, {"r": spec("minmax")}, folder, workers=workers), "001.npz", "onnxruntime")
+
+
+def test_calibration_workers_env(monkeypatch):
+    from qcompiler.calibration import WORKERS_ENV, calibration_workers
+
+    monkeypatch.setenv(WORKERS_ENV, "1")
+    assert calibration_workers() == 1
+    monkeypatch.setenv(WORKERS_ENV, "3")
+    assert calibration_workers() == 3
+    monkeypatch.setenv(WORKERS_ENV, "x")
+    monkeypatch.delenv(WORKERS_ENV)
+    assert 1 <= calibration_workers() <= 2
+
+
+def test_collect_records_first_sample_shapes():
+    model = conv_relu_model()
+    graph = graph_of(model)
+    fs = feeds(3, batch=2)
+    shapes: dict = {}
+    collect(graph, {"c": spec("minmax")}, CalibrationSource.from_feeds(fs, input_signatures(graph)), shapes=shapes)
+    f32 = np.dtype(np.float32)
+    assert shapes == {"x": ((2, 3, 8, 8), f32), "c": ((2, 4, 8, 8), f32), "r": ((2, 4, 8, 8), f32)}
+
+
+def test_minmax_update_skips_zero_count_histogram_counts_it():
+    x = np.array([0.0, 0.0, -1.5, 2.0, 0.0], np.float32)
+    plain, hist = TensorStats(), TensorStats(histogram=True)
+    for st in (plain, hist):
+        st.update(x)
+        st.update(np.array([[np.nan, 3.0]], np.float32))
+        assert (st.min, st.max, st.count, st.samples, st.nonfinite) == (-1.5, 3.0, 6, 2, 1)
+    assert plain.zeros == 0 and hist.zeros == 3
+    assert hist.range(spec("minmax")) == plain.range(spec("minmax")) == (-1.5, 3.0)
+
+
+def test_folder_source_direct_reads_equal_np_load(tmp_path):
+    """Folder feeds are read straight from the zip members at the layout the up-front check recorded: the same
+    arrays np.load gives, for every dtype / byte order / shape, stored or compressed; Fortran-order and changed
+    files take the np.load path (with its checks)."""
+    sigs = [InputSig("a", np.dtype(np.float32), ["N", 3]), InputSig("b", np.dtype(np.float16), [2, 2]),
+            InputSig("i", np.dtype(np.int64), []), InputSig("m", np.dtype(np.bool_), [None])]
+    rng = np.random.default_rng(5)
+    files = {
+        "000.npz": dict(a=rng.standard_normal((4, 3)).astype(np.float32), b=np.ones((2, 2), np.float16),
+                        i=np.array(7, np.int32), m=rng.random(5) < 0.5),
+        "001.npz": dict(a=np.zeros((0, 3), np.float32), b=rng.standard_normal((2, 2)).astype(">f2"),
+                        i=np.array(-3, ">i8"), m=np.ones(1, bool)),
+        "002.npz": dict(a=np.asfortranarray(rng.standard_normal((3, 3)).astype(np.float32)),
+                        b=np.zeros((2, 2), np.float16), i=np.array(1, np.int64), m=np.zeros(2, bool)),
+    }
+    d = tmp_path / "calib"
+    d.mkdir()
+    for name, arrays in files.items():
+        np.savez(d / name, **arrays)
+    np.savez_compressed(d / "003.npz", **files["000.npz"])
+    src = CalibrationSource.from_arg(d, sigs)
+    assert sorted(p.name for p in src._layout) == ["000.npz", "001.npz", "003.npz"]  # Fortran order: np.load
+    got = collect_all(src)
+    for g, arrays in zip(got, [*files.values(), files["000.npz"]]):
+        for k, v in arrays.items():
+            want = np.asarray(v).astype(next(s.dtype for s in sigs if s.name == k))
+            assert g[k].dtype == want.dtype and g[k].shape == want.shape and g[k].flags.writeable
+            np.testing.assert_array_equal(g[k], want)
+    # same header, new values: read directly; a changed header (another shape): np.load and its check
+    np.savez(d / "000.npz", **{**files["000.npz"], "a": np.full((4, 3), 2.5, np.float32)})
+    assert np.all(collect_all(src)[0]["a"] == 2.5)
+    np.savez(d / "000.npz", **{**files["000.npz"], "a": np.zeros((4, 5), np.float32)})
+    _err(lambda: collect_all(src), "000.npz", "'a'", "dim 1 is 5")
