@@ -39,6 +39,9 @@ class CompileContext:
       ``insert-qdq`` must emit as is instead of rounding the float weight itself.
     * ``options``: compile-wide flags passes and targets may read (``strip_function_bodies``, ...).
     * ``data_free``: ``--calib none`` — activation ranges must come from the model itself (BN statistics).
+    * ``bn_stats``: tensor name -> per-channel statistics (``calibration.ChannelStats``) of BatchNormalization
+      outputs, recorded by ``fold-batchnorm`` before the BN disappears (data-free ranges, ``equalize``'s bias
+      absorption, analytic bias correction read them).
     """
 
     graph: gs.Graph
@@ -58,6 +61,7 @@ class CompileContext:
     options: dict[str, Any] = field(default_factory=dict)
     data_free: bool = False
     seed: int = 0
+    bn_stats: dict[str, Any] = field(default_factory=dict)
 
     @property
     def opset(self) -> int:
