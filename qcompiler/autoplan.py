@@ -9,7 +9,12 @@
    low-bit scheme of :mod:`qcompiler.schemes`) is checked per layer against the target; a candidate the
    target supports on no layer is refused with its reason, one unsupported on some layers is dropped there.
 2. **Sensitivity** of every (layer, candidate): :mod:`qcompiler.sensitivity` (``--metric pd | hessian |
-   act-stats | orthogonality``) on the first ``samples`` calibration samples.
+   act-stats | orthogonality``) on the first ``samples`` calibration samples. ``pd`` also gives each sample's
+   share of every distortion; when they rest on fewer than :data:`MIN_ESS` effective samples (Kish's
+   ``(Σd)²/Σd²``, median over the evaluations — a confident classifier, whose outputs only move on the few
+   samples near a decision boundary), they are measured again, once, on :data:`SAMPLE_GROWTH` times the samples
+   (at most ``max_samples``). Candidates may fix the weight granularity (``int4/tensor``, ``int8/channel``,
+   ``int4/block64``): one scale per tensor costs a few bytes where per-channel scales cost 5 bytes per channel.
 3. **Costs**, counted exactly as ``qcompiler inspect --cost`` counts them (:mod:`qcompiler.cost`): one probe
    compile per candidate (every layer at that candidate; calibration on one sample — sizes do not depend on the
    calibration values) gives each layer's stored bytes under each candidate; what is left (graph structure,
@@ -66,6 +71,10 @@ _BINARY_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": 1024**2
 _DECIMAL_UNITS = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
 #: verification rounds before giving up
 MAX_ROUNDS = 12
+#: pd: fewest effective samples (Kish, over the per-sample distortions) a sensitivity may rest on before the
+#: planner measures again on SAMPLE_GROWTH times the samples (at most ``PlanOptions.max_samples``)
+MIN_ESS = 2.0
+SAMPLE_GROWTH = 4
 
 
 # ----------------------------------------------------------------------------------------------- budget
@@ -163,7 +172,7 @@ def parse_candidates(text: str | Sequence[str]) -> list[Candidate]:
         raise UserError("--candidates: empty list")
     out: list[Candidate] = []
     for raw in items:
-        name = raw.lower()
+        name, _, gran = raw.lower().partition("/")
         if name in ("fp32", "float", "float32"):
             cand = Candidate("fp32", None)
         elif name in DTYPES and name != "float":
@@ -180,6 +189,8 @@ def parse_candidates(text: str | Sequence[str]) -> list[Candidate]:
         else:
             raise UserError(f"--candidates: unknown candidate '{raw}' (fp32, int8, int4, uint8, uint4, int16, "
                             "fp8e4m3, fp8e5m2, binary, ternary, shift2..shift4)")
+        if gran:
+            cand = _with_granularity(cand, gran, raw)
         if cand.lowbit:
             try:
                 import qcompiler.schemes  # noqa: F401
@@ -192,6 +203,27 @@ def parse_candidates(text: str | Sequence[str]) -> list[Candidate]:
     return out
 
 
+#: ``--candidates`` granularity suffixes (``int4/tensor``, ``int8/channel``, ``int4/block64``)
+_GRANULARITY_SUFFIX = {"tensor": "per_tensor", "pt": "per_tensor", "channel": "per_channel", "pc": "per_channel"}
+
+
+def _with_granularity(cand: Candidate, gran: str, raw: str) -> Candidate:
+    """``cand`` with its weight granularity fixed by a ``/tensor``, ``/channel`` or ``/blockN`` suffix."""
+    if cand.is_float:
+        raise UserError(f"--candidates: '{raw}': fp32 has no granularity")
+    m = re.fullmatch(r"block([0-9]+)", gran)
+    if gran in _GRANULARITY_SUFFIX:
+        keys: tuple[tuple[str, Any], ...] = (("granularity", _GRANULARITY_SUFFIX[gran]),)
+        label = "tensor" if keys[0][1] == "per_tensor" else "channel"
+    elif m and not cand.lowbit and int(m.group(1)) >= 2:
+        keys = (("granularity", "block"), ("block_size", int(m.group(1))))
+        label = f"block{int(m.group(1))}"
+    else:
+        raise UserError(f"--candidates: '{raw}': the granularity suffix must be /tensor, /channel or /blockN "
+                        "(N >= 2; int dtypes only)")
+    return Candidate(f"{cand.name}/{label}", (*(cand.weight or ()), *keys))
+
+
 # --------------------------------------------------------------------------------------------- options
 @dataclass
 class PlanOptions:
@@ -201,6 +233,8 @@ class PlanOptions:
     target: str = "ort"
     base_plan: str | Path | Plan | None = None
     samples: int = 8  # calibration samples for the sensitivity
+    #: pd: when the distortions rest on fewer than MIN_ESS effective samples, measure again on up to this many
+    max_samples: int = 64
     batch_size: int = 8
     workers: int | None = None
     solver: str = "dp"
@@ -532,6 +566,34 @@ def output_quant(prep: Prepared, cands: Sequence[Candidate], rules: list[list[di
 
 
 # ------------------------------------------------------------------------------------------- compiling
+#: ops a weight's dequantization chain never passes through (the layer itself, or another layer)
+_LAYER_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "LSTM", "GRU", "RNN", "QLinearConv",
+                        "QLinearMatMul", "MatMulNBits", "MatMulInteger", "ConvInteger"})
+
+
+def weight_owners(graph: Any, layers: set[str]) -> dict[str, str]:
+    """Nodes of a compiled graph whose outputs reach exactly one node, through single-reader chains of non-layer
+    ops, and that node is one of ``layers`` -> that layer. A target may dequantize a weight with ops of its own
+    (``Cast`` + ``Mul`` at load time, say); ``inspect --cost`` gives their stored tensors to the first reader,
+    the planner gives them to the layer the chain feeds."""
+    out: dict[str, str] = {}
+    for node in graph.nodes:
+        if node.name in layers or node.op in _LAYER_OPS or (node.domain or "") not in ("", "ai.onnx"):
+            continue
+        cur = node
+        for _ in range(16):
+            readers = [r for t in cur.outputs for r in t.outputs]
+            if len(readers) != 1:
+                break
+            cur = readers[0]
+            if cur.name in layers:
+                out[node.name] = cur.name
+                break
+            if cur.op in _LAYER_OPS or (cur.domain or "") not in ("", "ai.onnx"):
+                break
+    return out
+
+
 class _Workdir:
     """A temporary folder with the one-sample calibration file the probe compiles use."""
 
@@ -541,9 +603,11 @@ class _Workdir:
         arrays: dict[str, Any] = {k: np.asarray(v)[None] for k, v in feed.items()}
         np.savez(self.calib, **arrays)
         self.n = 0
+        #: after :meth:`compile` with ``layers``: cost-report entry -> the layer whose weight it only feeds
+        self.owners: dict[str, str] = {}
 
     def compile(self, model: Path, plan: Plan, target: str, *, shapes: dict[str, list[int]] | None,
-                want_shapes: bool) -> tuple[cost.CostReport, dict[str, Any]]:
+                want_shapes: bool, layers: set[str] | None = None) -> tuple[cost.CostReport, dict[str, Any]]:
         from qcompiler.compiler import CompileOptions, compile_model
 
         self.n += 1
@@ -552,6 +616,7 @@ class _Workdir:
                                                        calib_samples=1, validate=False))
         files = [f for f in res.files if f.suffix in (".onnx", ".data") or f.name.endswith(".onnx.data")]
         rep = cost.model_cost(out, files=files, feed_shapes=shapes, shapes=want_shapes)
+        self.owners = weight_owners(ir.import_graph(ir.load_model(out))[0], layers) if layers else {}
         plan_rep = res.report.get("plan", {})
         for f in res.files:
             f.unlink(missing_ok=True)
@@ -587,6 +652,35 @@ def first_feeds(source: Any, samples: int) -> list[dict[str, np.ndarray]]:
 def load_feeds(graph: Any, calib: str | Path | None, samples: int, seed: int) -> list[dict[str, np.ndarray]]:
     """The first ``samples`` calibration feeds (``None`` / ``random``: seeded synthetic data, with a warning)."""
     return first_feeds(calib_source(graph, calib, samples, seed), samples)
+
+
+def measure_sensitivity(graph: Any, lut: Sequence[LayerUnderTest], names: Sequence[str], ranges: Any,
+                        opts: PlanOptions, progress: Progress | None = None
+                        ) -> tuple[SensitivityResult, list[dict[str, np.ndarray]]]:
+    """``opts.metric`` over the first ``opts.samples`` samples of ``ranges`` (activation ranges calibrated over all
+    of it), and the feeds used. ``pd``: when the distortions rest on fewer than :data:`MIN_ESS` effective
+    samples, measured again, once, on :data:`SAMPLE_GROWTH` times the samples (at most ``opts.max_samples``)."""
+    feeds = first_feeds(ranges, opts.samples)
+
+    def run(fs: list[dict[str, np.ndarray]]) -> SensitivityResult:
+        return compute(opts.metric, graph, lut, names, fs, batch_size=opts.batch_size,
+                       workers=opts.workers, draws=opts.draws, seed=opts.seed, range_source=ranges,
+                       progress=(lambda d, n: progress(f"sensitivity ({opts.metric})", d, n)) if progress else None)
+
+    sens = run(feeds)
+    ess = sens.details.get("ess")
+    if ess is not None and ess < MIN_ESS and opts.max_samples > len(feeds):
+        # the distortions rest on one or two samples (a confident classifier: only the samples near its
+        # decision boundary move its probabilities): measure again on more samples
+        grown = first_feeds(ranges, min(opts.max_samples, len(feeds) * SAMPLE_GROWTH))
+        if len(grown) > len(feeds):
+            log.info("plan: the sensitivities rest on %.1f effective samples of %d; measuring again on %d",
+                     ess, len(feeds), len(grown))
+            first = {"samples": len(feeds), "ess": ess, "seconds": sens.seconds, "evaluations": sens.evaluations}
+            feeds = grown
+            sens = run(feeds)
+            sens.details["first_pass"] = first
+    return sens, feeds
 
 
 def _reuse(sens: SensitivityResult, layers: Sequence[LayerInfo], names: Sequence[str]) -> SensitivityResult:
@@ -630,9 +724,6 @@ def auto_plan(model_path: str | Path, calib: str | Path | None, options: PlanOpt
     # calibration data (one streaming pass)
     ranges = calib_source(prep.graph, calib, opts.samples, opts.seed)
     feeds = first_feeds(ranges, opts.samples)
-    # whole plans are compared on fresh samples (the knapsack fitted the first ones): the next 2 x samples
-    more = first_feeds(ranges, 3 * opts.samples)[opts.samples:] if opts.select else []
-    select_feeds = more or feeds
     timings["prepare"] = time.perf_counter() - t
 
     # ---- sensitivity ------------------------------------------------------------------------------------
@@ -645,11 +736,15 @@ def auto_plan(model_path: str | Path, calib: str | Path | None, options: PlanOpt
            for li, la in enumerate(prep.layers)]
     if sensitivity is not None:
         sens = _reuse(sensitivity, prep.layers, names)
+        if sens.samples != len(feeds):
+            feeds = first_feeds(ranges, sens.samples)
     else:
-        sens = compute(opts.metric, prep.graph, lut, names, feeds, batch_size=opts.batch_size,
-                       workers=opts.workers, draws=opts.draws, seed=opts.seed, range_source=ranges,
-                       progress=(lambda d, n: progress(f"sensitivity ({opts.metric})", d, n)) if progress else None)
+        sens, feeds = measure_sensitivity(prep.graph, lut, names, ranges, opts, progress)
     timings["sensitivity"] = time.perf_counter() - t
+    # whole plans are compared on fresh samples (the knapsack fitted the first ones): the next 2 x samples
+    n_sens = len(feeds)
+    more = first_feeds(ranges, 3 * n_sens)[n_sens:] if opts.select else []
+    select_feeds = more or feeds
     if opts.refine and opts.metric != "pd":
         raise UserError("--refine re-measures sensitivities around a plan with pd; use --metric pd")
 
@@ -847,13 +942,17 @@ def _cost_tables(prep: Prepared, cands: Sequence[Candidate], rules: list[list[di
         if progress:
             progress("costs (probe compiles)", k, len(probes))
         rep, _ = work.compile(prep.model_path, Plan.from_text(text, source="<probe>"), prep.target.name,
-                              shapes=shapes, want_shapes=ci is None)
+                              shapes=shapes, want_shapes=ci is None, layers={la.name for la in prep.layers})
         by = rep.by_name()
+        fed: dict[str, float] = {}
+        for name, owner in work.owners.items():
+            if name in by:
+                fed[owner] = fed.get(owner, 0.0) + float(by[name].bytes)
         planned = 0.0
         n = 0
         for li, la in enumerate(prep.layers):
             lc = by.get(la.name)
-            b = float(lc.bytes) if lc is not None else 0.0
+            b = (float(lc.bytes) if lc is not None else 0.0) + fed.get(la.name, 0.0)
             planned += b
             if ci is None:
                 la.macs = int(lc.macs) if lc is not None else 0

@@ -33,6 +33,8 @@ weights, never by rebuilding a session. The float outputs are computed once and 
 shape are stacked into batches when the model is batch-safe (checked numerically); independent evaluations run
 concurrently on the shared session (one onnxruntime thread each). ``pd`` and ``hessian`` also give the output
 noise power each (layer, candidate) adds, from which the planner predicts the output SQNR of a whole plan.
+``pd`` keeps each sample's share of every distortion and reports the median Kish effective sample size
+``(Σd)²/Σd²`` over its evaluations (``details["ess"]``): how many samples the measurement really rests on.
 Progress goes to a callback; nothing is printed.
 """
 
@@ -228,12 +230,14 @@ def _output_kind(name: str, graph: gs.Graph, ref: np.ndarray) -> tuple[str, int 
 class _Acc:
     """Distortion of the outputs of one evaluation against the float outputs, summed over batches."""
 
-    __slots__ = ("count", "metric", "noise")
+    __slots__ = ("count", "metric", "noise", "rows")
 
     def __init__(self, n_out: int) -> None:
         self.metric = np.zeros(n_out)
         self.count = np.zeros(n_out)
         self.noise = np.zeros(n_out)
+        #: per output: the metric's contribution of each sample, in sample order (sums to ``metric``)
+        self.rows: list[list[np.ndarray]] = [[] for _ in range(n_out)]
 
 
 # ---------------------------------------------------------------------------------------------- runner
@@ -324,25 +328,31 @@ class SensitivityRunner:
                 self.extra_values.append(dict(zip(self.extra, vals[len(self.output_names):])))
         self.kinds = [_output_kind(n, graph, self.reference[0][o]) for o, n in enumerate(self.output_names)]
         # the float side of the KL terms, once: Σ p·log p per batch and output (probability outputs)
-        self.ref_entropy: list[list[float]] = []
-        for ref in self.reference:
+        # (per sample of the batch, so that each sample's share of a distortion is known: see ``ess``)
+        self.ref_entropy: list[list[np.ndarray]] = []
+        for bi, ref in enumerate(self.reference):
             row = []
             for o, r in enumerate(ref):
                 kind, _ = self.kinds[o]
-                r64 = r.astype(np.float64, copy=False)
+                r64 = self._rows(bi, r.astype(np.float64, copy=False))
                 if kind == "prob":
-                    row.append(float((r64 * np.log(np.clip(r64, 1e-12, 1.0))).sum()))
+                    row.append((r64 * np.log(np.clip(r64, 1e-12, 1.0))).sum(axis=1))
                 elif kind == "bernoulli":
                     p = np.clip(r64, 1e-7, 1 - 1e-7)
-                    row.append(float((p * np.log(p) + (1 - p) * np.log1p(-p)).sum()))
+                    row.append((p * np.log(p) + (1 - p) * np.log1p(-p)).sum(axis=1))
                 else:
-                    row.append(0.0)
+                    row.append(np.zeros(r64.shape[0]))
             self.ref_entropy.append(row)
         self.signal = np.zeros(len(self.output_names))
         for ref in self.reference:
             for o, r in enumerate(ref):
                 r64 = r.astype(np.float64, copy=False).ravel()
                 self.signal[o] += float(r64 @ r64)
+
+    def _rows(self, bi: int, x: np.ndarray) -> np.ndarray:
+        """An output of batch ``bi`` as [samples, -1] (stacked samples lie along axis 0)."""
+        n = self.sample_rows[bi] if self.batched else 1
+        return x.reshape(n, -1)
 
     # -------------------------------------------------------------------------------------- feeds
     def _conform(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -465,31 +475,35 @@ class SensitivityRunner:
         for bi, b in enumerate(self.batches):
             outs = self.sess.run(self.output_names, {**b, **weights})
             for o, (q, ref) in enumerate(zip(outs, self.reference[bi])):
-                self._accumulate(acc, o, np.asarray(q), ref, self.ref_entropy[bi][o])
+                self._accumulate(acc, o, np.asarray(q), ref, self.ref_entropy[bi][o], bi)
         with self._lock:
             self.evaluations += 1
         return acc
 
-    def _accumulate(self, acc: _Acc, o: int, q: np.ndarray, ref: np.ndarray, ref_entropy: float) -> None:
+    def _accumulate(self, acc: _Acc, o: int, q: np.ndarray, ref: np.ndarray, ref_entropy: np.ndarray,
+                    bi: int) -> None:
         kind, axis = self.kinds[o]
         if ref.shape != q.shape:
             raise RuntimeError(f"output '{self.output_names[o]}' changed shape under quantization")
-        d = (ref.astype(np.float64, copy=False) - q).ravel()
-        noise = float(d @ d)
+        r64 = self._rows(bi, ref.astype(np.float64, copy=False))
+        d = r64 - self._rows(bi, q)
+        per = np.einsum("ij,ij->i", d, d)
+        noise = float(per.sum())
         acc.noise[o] += noise
         if kind == "prob" and axis is not None:
-            # KL(p || q) summed over positions = Σ p·log p − Σ p·log q
-            cross = float(np.vdot(ref.astype(np.float64, copy=False), np.log(np.clip(q.astype(np.float64), 1e-12, 1.0))))
-            acc.metric[o] += ref_entropy - cross
+            # KL(p || q) summed over positions = Σ p·log p − Σ p·log q (per sample)
+            logq = np.log(np.clip(self._rows(bi, q).astype(np.float64), 1e-12, 1.0))
+            per = ref_entropy - np.einsum("ij,ij->i", r64, logq)
             acc.count[o] += ref.size // max(ref.shape[axis], 1)
         elif kind == "bernoulli":
-            p = np.clip(ref.astype(np.float64, copy=False), 1e-7, 1 - 1e-7)
-            qq = np.clip(q.astype(np.float64, copy=False), 1e-7, 1 - 1e-7)
-            acc.metric[o] += ref_entropy - float((p * np.log(qq) + (1 - p) * np.log1p(-qq)).sum())
+            p = np.clip(r64, 1e-7, 1 - 1e-7)
+            qq = np.clip(self._rows(bi, q).astype(np.float64), 1e-7, 1 - 1e-7)
+            per = ref_entropy - (p * np.log(qq) + (1 - p) * np.log1p(-qq)).sum(axis=1)
             acc.count[o] += ref.size
         else:
-            acc.metric[o] += noise
             acc.count[o] = 1.0
+        acc.metric[o] += float(per.sum())
+        acc.rows[o].append(per)
 
     def score(self, acc: _Acc) -> float:
         """The scalar ``pd`` distortion of an evaluation: Σ over outputs (mean KL, or relative MSE)."""
@@ -500,6 +514,15 @@ class SensitivityRunner:
             else:
                 total += float(acc.metric[o]) / max(float(acc.count[o]), 1.0)
         return total
+
+    def sample_scores(self, acc: _Acc) -> np.ndarray:
+        """Each sample's share of :meth:`score` (they sum to it)."""
+        total: np.ndarray | float = 0.0
+        for o, (kind, _axis) in enumerate(self.kinds):
+            per = np.concatenate(acc.rows[o]) if acc.rows[o] else np.zeros(0)
+            norm = max(float(self.signal[o]), 1e-300) if kind == "mse" else max(float(acc.count[o]), 1.0)
+            total = total + per / norm
+        return np.asarray(total, dtype=np.float64)
 
     def run_jobs(self, jobs: Sequence[Callable[[], Any]], progress: Progress | None = None,
                  done0: int = 0, total: int | None = None) -> list[Any]:
@@ -532,6 +555,14 @@ def _rel_err(w: list[np.ndarray], q: list[np.ndarray]) -> float:
 
 def _delta2(w: list[np.ndarray], q: list[np.ndarray]) -> float:
     return sum(float(((a.astype(np.float64) - b) ** 2).sum()) for a, b in zip(w, q))
+
+
+def effective_samples(contrib: np.ndarray) -> float:
+    """Kish's effective sample size ``(Σ d)² / Σ d²`` of per-sample distortions ``d`` (n when they are all equal,
+    1 when one sample carries everything): how many samples a distortion measurement really rests on."""
+    d = np.abs(np.asarray(contrib, dtype=np.float64))
+    s2 = float(d @ d)
+    return float(d.sum()) ** 2 / s2 if s2 > 0 else float(d.size)
 
 
 def compute(metric: str, graph: gs.Graph, layers: Sequence[LayerUnderTest], candidates: Sequence[str],
@@ -619,9 +650,14 @@ def compute(metric: str, graph: gs.Graph, layers: Sequence[LayerUnderTest], cand
 
                 jobs.append(pd_job)
                 slots.append((li, ci))
+        ess: list[float] = []
         for (li, ci), acc in zip(slots, runner.run_jobs(jobs, progress)):
             values[li, ci] = runner.score(acc) - base_score
             noise[li, ci] = acc.noise - (base_noise if base_noise is not None else 0.0)
+            if context is None:
+                ess.append(effective_samples(runner.sample_scores(acc)))
+        if ess:
+            details["ess"] = float(np.median(ess))
     elif metric == "hessian":
         noise = np.full((n_l, n_c, n_o), np.nan)
         jobs = []

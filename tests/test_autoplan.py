@@ -136,6 +136,42 @@ def test_candidates():
             parse_candidates(bad)
 
 
+def test_candidate_granularity_suffix():
+    c = parse_candidates("int8/tensor,int4/pc,int4/block32,int4,INT4/PT")
+    assert [x.name for x in c] == ["int8/tensor", "int4/channel", "int4/block32", "int4", "int4/tensor"]
+    assert c[0].keys() == {"dtype": "int8", "scheme": "int", "granularity": "per_tensor"}
+    assert c[1].keys() == {"dtype": "int4", "scheme": "int", "granularity": "per_channel"}
+    assert c[2].keys() == {"dtype": "int4", "scheme": "int", "granularity": "block", "block_size": 32}
+    assert parse_candidates("ternary/tensor")[0].keys() == {"scheme": "ternary", "granularity": "per_tensor"}
+    for bad, match in (("fp32/tensor", "no granularity"), ("int4/row", "suffix"), ("ternary/block32", "suffix"),
+                       ("int4/block1", "suffix"), ("int4/pt,int4/tensor", "twice")):
+        with pytest.raises(UserError, match=match):
+            parse_candidates(bad)
+
+
+def test_per_tensor_candidate_costs_fewer_bytes(tmp_path):
+    """``int8/tensor`` stores one scale and zero point per layer instead of one per output channel: the planner's
+    measured byte table and the compiled model agree, and every weight DequantizeLinear has a scalar scale."""
+    pt = _plan(CONV, CONV_DATA, "1000000", cands="int8/tensor,int8")
+    table = pt.cost_table["bytes"]
+    by = {n.name: n for n in ir.import_graph(ir.load_model(CONV))[0].nodes}
+    for li, la in enumerate(pt.layers):  # per channel: C fp32 scales + C int8 zero points; per tensor: 1 + 1
+        node = by[la.name]
+        c = int(node.inputs[1].shape[0 if node.op == "Conv" else -1])
+        assert table[li, 1] - table[li, 0] >= 5 * (c - 1) - 16, (la.name, c, table[li])
+    uni = _plan(CONV, CONV_DATA, "1000000", cands="int8/tensor")
+    uni_pc = _plan(CONV, CONV_DATA, "1000000", cands="int8")
+    assert uni.verified["bytes"] < uni_pc.verified["bytes"]
+    out = tmp_path / "pt.onnx"
+    compile_model(CONV, out, CompileOptions(plan=uni.plan, calib=str(CONV_DATA), validate=False))
+    m = onnx.load(str(out))
+    inits = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
+    dq_w = [n for n in m.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
+            and inits[n.input[0]].ndim >= 2]
+    assert dq_w and all(inits[n.input[1]].size == 1 for n in dq_w)
+    assert cost.model_cost(out).total_bytes == uni.verified["bytes"]
+
+
 # ---------------------------------------------------------------------------------------- sensitivity
 def _layers(path, cands, target="ort"):
     prep = autoplan.prepare(path, parse_candidates(cands), target=target)
@@ -177,7 +213,9 @@ def test_pd_matches_a_real_single_layer_compile(fragile, tmp_path):
     qm = ir.load_model(out)
     g, _ = ir.import_graph(qm)
     dq = next(n for n in g.nodes if n.op == "DequantizeLinear")
-    codes, scale, zp = (np.asarray(t.values) for t in dq.inputs)
+    vals = [np.asarray(t.values) for t in dq.inputs]  # the zero point is optional (absent: 0)
+    codes, scale = vals[:2]
+    zp = vals[2] if len(vals) > 2 else np.zeros(scale.shape, dtype=np.int8)
     np.testing.assert_array_equal(quant.dequantize(codes, scale, zp, axis=int(dq.attrs["axis"])), fq)
     fs, qs = ir.session(path), ir.session(out)
     noise = sum(float(((fs.run(None, f)[0].astype(np.float64) - qs.run(None, f)[0]) ** 2).sum()) for f in feeds)
@@ -202,6 +240,76 @@ def test_pd_around_a_plan(fragile):
     assert ctx.predicted_sqnr_db([0, 0, 0, 0]) > own + 5.0
     # at this noise level one-layer-at-a-time noise powers add up to the measured whole-plan noise
     assert plain.predicted_sqnr_db([1, 1, 1, 1]) == pytest.approx(own, abs=1.5)
+
+
+def _classifier(seed: int = 0) -> onnx.ModelProto:
+    """x[N, 16] -> MatMul [16, 32] -> Relu -> MatMul [32, 2] -> Softmax: a 2-class classifier without biases, so
+    scaling an input scales its logits (and its margin)."""
+    rng = np.random.default_rng(seed)
+    w0 = (rng.standard_normal((16, 32)) / 4).astype(np.float32)
+    w1 = (rng.standard_normal((32, 2)) / 4).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w0"], ["h"], name="fc0"),
+             helper.make_node("Relu", ["h"], ["a"], name="relu0"),
+             helper.make_node("MatMul", ["a", "w1"], ["z"], name="fc1"),
+             helper.make_node("Softmax", ["z"], ["p"], name="softmax", axis=-1)]
+    g = helper.make_graph(nodes, "cls", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+                          [helper.make_tensor_value_info("p", TensorProto.FLOAT, ["N", 2])],
+                          initializer=[numpy_helper.from_array(w0, "w0"), numpy_helper.from_array(w1, "w1")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def test_effective_samples():
+    from qcompiler.sensitivity import effective_samples
+
+    assert effective_samples(np.ones(8)) == pytest.approx(8.0)
+    assert effective_samples(np.array([3.0, 0, 0, 0])) == pytest.approx(1.0)
+    assert effective_samples(np.array([2.0, 1.0])) == pytest.approx(9.0 / 5.0)
+    assert effective_samples(np.zeros(5)) == 5.0
+
+
+def test_sensitivity_resting_on_one_sample_is_measured_on_more(tmp_path):
+    """A confident classifier: every calibration sample has a wide logit margin but one, which alone moves under
+    quantization. pd's distortion then rests on ~1 effective sample; the planner measures again on 4x the samples.
+    A regression output with alike samples (the fragile MLP) keeps the 8."""
+    path = tmp_path / "cls.onnx"
+    onnx.save(_classifier(), str(path))
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((64, 1, 16)).astype(np.float32)
+    m = ir.load_model(path)
+    w0 = numpy_helper.to_array(m.graph.initializer[0]).astype(np.float64)
+    w1 = numpy_helper.to_array(m.graph.initializer[1]).astype(np.float64)
+    margin = np.abs((np.maximum(x[:, 0] @ w0, 0) @ w1) @ np.array([1.0, -1.0]))
+    x *= (40.0 / np.maximum(margin, 1e-3))[:, None, None].astype(np.float32)  # logit margin 40: p = 1 - 4e-18
+    x[2] *= 0.5 / 40.0  # sample 2: margin 0.5, near the decision boundary
+    np.savez(tmp_path / "calib.npz", x=x)
+    cands = ["int8", "int4"]
+    opts = autoplan.PlanOptions(budget=Budget.parse("100%"), candidates=parse_candidates(cands), samples=8)
+    prep, lut = _layers(path, "int8,int4")
+    ranges = autoplan.calib_source(prep.graph, tmp_path / "calib.npz", 8, 0)
+    sens, feeds = autoplan.measure_sensitivity(prep.graph, lut, cands, ranges, opts)
+    assert sens.details["first_pass"]["samples"] == 8 and sens.details["first_pass"]["ess"] < 1.1
+    assert sens.samples == 32 and len(feeds) == 32
+    opts.max_samples = 8  # growth off
+    sens8, _ = autoplan.measure_sensitivity(prep.graph, lut, cands, ranges, opts)
+    assert sens8.samples == 8 and "first_pass" not in sens8.details
+    res = autoplan.auto_plan(path, tmp_path / "calib.npz", autoplan.PlanOptions(
+        budget=Budget.parse("100%"), candidates=parse_candidates(cands), samples=8, select=0))
+    assert res.sensitivity.samples == 32
+    # alike samples, relative-MSE output: no second pass
+    fpath, fcalib = _fragile_files(tmp_path)
+    prep, lut = _layers(fpath, "int8,int4")
+    sens, _ = autoplan.measure_sensitivity(prep.graph, lut, cands, autoplan.calib_source(prep.graph, fcalib, 8, 0),
+                                           autoplan.PlanOptions(budget=Budget.parse("100%"), samples=8))
+    assert sens.samples == 8 and sens.details["ess"] > 4.0
+
+
+def _fragile_files(d: Path) -> tuple[Path, Path]:
+    path = d / "fragile.onnx"
+    onnx.save(_fragile_mlp(), str(path))
+    np.savez(d / "fcalib.npz", x=np.random.default_rng(1).standard_normal((24, 1, 64)).astype(np.float32))
+    return path, d / "fcalib.npz"
 
 
 def test_probability_outputs_use_kl():
@@ -277,6 +385,26 @@ def test_mixed_plan_beats_uniform_at_equal_bytes(fragile, tmp_path):
     assert sq_mixed >= sq_uni + 3.0, (sq_mixed, sq_uni)
 
 
+def test_weight_owners_follow_dequantization_chains():
+    """A weight dequantized by ops of the target's own (Cast + Mul) belongs to the layer it feeds; a tensor with
+    two readers, another layer, or a node outside the chain belong to no layer."""
+    import onnx_graphsurgeon as gs
+
+    x = gs.Variable("x", np.float32, [1, 4])
+    q = gs.Constant("w_q", np.ones((4, 4), np.int8))
+    f, w = gs.Variable("w_f", np.float32), gs.Variable("w", np.float32)
+    y, z, a, b = (gs.Variable(n, np.float32) for n in ("y", "z", "a", "b"))
+    nodes = [gs.Node("Cast", "w:Cast", {"to": 1}, [q], [f]),
+             gs.Node("Mul", "w:Mul", inputs=[f, gs.Constant("s", np.array(0.5, np.float32))], outputs=[w]),
+             gs.Node("MatMul", "fc0", inputs=[x, w], outputs=[y]),
+             gs.Node("Relu", "relu", inputs=[y], outputs=[a]),
+             gs.Node("MatMul", "fc1", inputs=[a, gs.Constant("w1", np.ones((4, 4), np.float32))], outputs=[z]),
+             gs.Node("Add", "both", inputs=[z, gs.Constant("c", np.ones(4, np.float32))], outputs=[b])]
+    g = gs.Graph(nodes=nodes, inputs=[x], outputs=[b, z])
+    assert autoplan.weight_owners(g, {"fc0", "fc1"}) == {"w:Cast": "fc0", "w:Mul": "fc0", "relu": "fc1"}
+    assert autoplan.weight_owners(g, {"fc1"}) == {"relu": "fc1"}  # fc0 is a layer op: chains stop there
+
+
 def test_unsupported_candidate_is_refused(fragile):
     path, calib = fragile
     with pytest.raises(UserError, match="not supported by target 'tensorrt'"):
@@ -344,8 +472,9 @@ def test_compile_with_budget(tmp_path):
 
 
 def test_real_model_plan_fits_and_compiles(tmp_path):
-    """PP-OCR angle classifier (54 layers, pd on 8 samples): a 30 % byte budget is met by the compiled model,
-    counted as inspect --cost counts it and on disk; the plan mixes precisions and works (output SQNR)."""
+    """PP-OCR angle classifier (54 layers; pd on 8 samples, then on all 16 as they rest on ~1): a 30 % byte
+    budget is met by the compiled model, counted as inspect --cost counts it and on disk; the plan mixes
+    precisions and works (output SQNR)."""
     from realdata import fetch_model, ppocr_cls_inputs
 
     path = fetch_model("ppocr_cls")
@@ -360,3 +489,4 @@ def test_real_model_plan_fits_and_compiles(tmp_path):
     assert res.verified["bytes"] == rep.total_bytes
     assert len([c for c, n in res.counts().items() if n]) == 2  # int8 and int4 both used
     assert autoplan.measure_sqnr(path, res.plan, calib) > 25.0
+    assert res.sensitivity.samples == 16 and res.sensitivity.details["ess"] < 2.0

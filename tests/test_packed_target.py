@@ -32,6 +32,7 @@ sys.path.insert(0, str(TESTS))
 import realdata  # noqa: E402
 
 SCHEMES = ("binary", "ternary", "shift")
+FORMATS = (*SCHEMES, "shift3", "shift2")  # packed formats: 3- and 2-bit shift weights at their own width
 MIDDLE = {"conv_bn_relu": r"^(conv2|block\.conv[12]|dw\.conv)$", "depthwise": r"^dw\.conv$",
           "ppocr_cls": r"^Conv@(4[1-9]|5[0-2])$"}  # the last two blocks (first Conv@0 and last MatMul@0 stay int8)
 
@@ -41,19 +42,21 @@ def _codes(rng: np.random.Generator, scheme: str, shape) -> np.ndarray:
         return rng.choice([-1, 1], size=shape)
     if scheme == "ternary":
         return rng.choice([-1, 0, 1], size=shape)
-    return rng.choice([-1, 1], size=shape) * (1 << rng.integers(0, 8, size=shape))
+    top = {"shift": 8, "shift3": 4, "shift2": 2}[scheme]
+    return rng.choice([-1, 1], size=shape) * (1 << rng.integers(0, top, size=shape))
 
 
 # ----------------------------------------------------------------------------------------------- packing
-@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("scheme", FORMATS)
 @pytest.mark.parametrize("shape", [(1,), (7,), (8, 3), (5, 3, 3, 3), (13, 11)])
 def test_packing_round_trip(scheme, shape):
     rng = np.random.default_rng(sum(shape))
     codes = _codes(rng, scheme, shape)
     packed = packing.pack(scheme, codes)
     n = int(np.prod(shape))
-    assert packed.dtype == np.uint8 and packed.size == packing.packed_size(n, scheme) == -(-n * packing.FIELD_BITS[
-        scheme] // 8)
+    w = packing.FIELD_BITS[scheme]
+    group = 3 if w == 3 else 1  # 3-bit fields fill whole 3-byte groups
+    assert packed.dtype == np.uint8 and packed.size == packing.packed_size(n, scheme) == -(-n * w // (8 * group)) * group
     np.testing.assert_array_equal(packing.unpack(scheme, packed, shape), codes)
 
 
@@ -61,10 +64,17 @@ def test_packing_layout_is_little_endian_fields():
     assert packing.pack("binary", [1, -1, -1, 1, 1, 1, -1, -1, 1]).tolist() == [0b00111001, 0b1]
     assert packing.pack("ternary", [-1, 0, 1, 1, 0]).tolist() == [0b10100100, 0b01]
     assert packing.pack("shift", [1, -128, 4, -2]).tolist() == [0xF0, 0x92]
+    # 3-bit fields 0, 7, 1 (codes 1, -8, 2) as a bit stream: 000 111 10|0 + padding to 3 bytes
+    assert packing.pack("shift3", [1, -8, 2]).tolist() == [0b01111000, 0, 0]
+    assert packing.pack("shift3", [-1] * 8).tolist() == [0b00100100, 0b01001001, 0b10010010]  # field 4 (100) x 8
+    assert packing.pack("shift2", [1, -1, 2, -2]).tolist() == [0b11011000]
+    assert packing.shift_format(3) == "shift3" and packing.shift_format(2) == "shift2"
+    assert packing.shift_format(4) == "shift"
 
 
 @pytest.mark.parametrize("scheme, bad", [("binary", [1, 0]), ("ternary", [2]), ("shift", [3]), ("shift", [256]),
-                                         ("shift", [0])])
+                                         ("shift", [0]), ("shift3", [16]), ("shift3", [3]), ("shift2", [4]),
+                                         ("shift2", [0])])
 def test_packing_rejects_codes_outside_the_scheme(scheme, bad):
     with pytest.raises(ValueError):
         packing.pack(scheme, np.array(bad))
@@ -93,7 +103,7 @@ CASES = [  # float op, x shape, weight shape, attrs
 ]
 
 
-@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("scheme", FORMATS)
 @pytest.mark.parametrize("case", range(len(CASES)))
 @pytest.mark.parametrize("input_scale", [0.0, 0.37])
 def test_function_body_equals_numpy_reference(scheme, case, input_scale):
@@ -240,6 +250,45 @@ def test_fixture_packed_matches_ort(tmp_path, fixture, scheme):
     assert all(np.isfinite(m.sqnr_db) for m in v.layers + v.outputs)
     # a second lowering changes nothing
     assert res.report["packed"]["function_bodies"] == "embedded"
+
+
+@pytest.mark.parametrize("bits", [3, 2])
+def test_narrow_shift_weights_pack_at_their_width(tmp_path, bits):
+    """shift with bits 3 / 2 lowers to Shift3Conv / Shift2Conv with 3- / 2-bit fields: the op computes with exactly
+    the ort target's dequantized weight, the file is smaller than the same plan at 4 bits per shift weight, and
+    `inspect --cost` reads the layer's weight bits from the op."""
+    from qcompiler import cost
+
+    calib = MODELS / "conv_bn_relu.npz"
+    src = MODELS / "conv_bn_relu.onnx"
+    plan = _plan(MIDDLE["conv_bn_relu"], "shift", weight={"bits": bits})
+    paths = {}
+    for target in ("ort", "packed"):
+        paths[target] = tmp_path / f"q.{target}.onnx"
+        compile_model(src, paths[target], CompileOptions(plan=plan, target=target, calib=calib, validate=False))
+    om, pm = onnx.load(paths["ort"]), onnx.load(paths["packed"])
+    lowered = [n for n in pm.graph.node if n.domain == DOMAIN]
+    assert lowered and all(n.op_type == f"Shift{bits}Conv" for n in lowered)
+    with np.load(calib) as z:
+        feeds = {k: z[k][0] for k in z.files}
+    inits = {t.name: numpy_helper.to_array(t) for t in pm.graph.initializer}
+    packed_bytes = 0
+    for n in lowered:
+        attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+        assert attrs["bits"] == bits
+        assert inits[n.input[1]].size == packing.packed_size(int(np.prod(attrs["shape"])), f"shift{bits}")
+        packed_bytes += inits[n.input[1]].size
+        w = ops.weight(n.op_type, inits[n.input[1]], inits[n.input[2]], attrs["shape"], 0)
+        np.testing.assert_array_equal(w, _dq_weight(om, feeds, n.name))
+    y_packed = ir.session(pm).run(None, feeds)[0]
+    y_plain = ir.session(pm, optimize=False).run(None, feeds)[0]
+    np.testing.assert_allclose(y_packed, y_plain, rtol=1e-4, atol=1e-4 * float(np.abs(y_plain).max()))
+    rep = cost.model_cost(paths["packed"])
+    assert {rep.by_name()[n.name].weight_bits for n in lowered} == {bits}
+    # the same codes in 4-bit shift fields (the generic format) take more bytes
+    wide = sum(packing.packed_size(int(np.prod(helper.get_attribute_value(
+        next(a for a in n.attribute if a.name == "shape")))), "shift") for n in lowered)
+    assert packed_bytes < wide * (bits + 0.6) / 4
 
 
 def test_documented_example_plan(tmp_path):

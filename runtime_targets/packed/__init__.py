@@ -9,6 +9,8 @@ op                                              weights                replaces
 ``BinaryConv`` / ``BinaryGemm`` / ``BinaryMatMul``     1 bit, 8 per byte      Conv / Gemm / MatMul
 ``TernaryConv`` / ``TernaryGemm`` / ``TernaryMatMul``  2 bits, 4 per byte     Conv / Gemm / MatMul
 ``ShiftConv`` / ``ShiftGemm`` / ``ShiftMatMul``        sign + 3-bit exponent  Conv / Gemm / MatMul
+``Shift3Conv`` / ``Shift3Gemm`` / ``Shift3MatMul``     sign + 2-bit exponent  Conv / Gemm / MatMul (shift, bits 3)
+``Shift2Conv`` / ``Shift2Gemm`` / ``Shift2MatMul``     sign + 1-bit exponent  Conv / Gemm / MatMul (shift, bits 2)
 ==============================================  =====================  ==============================
 
 Each op is written with a model-local ONNX function body (:mod:`.functions`), so stock onnxruntime runs the

@@ -6,6 +6,11 @@ inlines the body. A body, for opset ``opset`` (the model's; at least 12)::
 
     fields = Slice(Reshape(BitShift(Reshape(W, [-1, 1]), [0, w, 2w, …], RIGHT) & (2^w − 1), [-1]), 0, numel)
     codes  = binary: 2·Cast(fields) − 1 | ternary: Cast(fields) − 1 | shift: (1 − 2·(fields >> 3))·(1 << (fields & 7))
+             shift3 / shift2 (E = 2 / 1 exponent bits): (1 − 2·⌊f / 2^E⌋)·2^(f − 2^E·⌊f / 2^E⌋), in float32
+
+3-bit fields (``shift3``) cross byte boundaries; each group of 3 bytes is read as one integer
+``v = b0 + 256·b1 + 65536·b2`` (a float32 MatMul, exact below 2^24) and field k is
+``⌊v / 8^k⌋ − 8·⌊v / 8^(k+1)⌋`` (exact float32 arithmetic on integers below 2^24).
     Wq     = Reshape(codes, shape)                               # the integer codes, as float
     X'     = input_scale > 0 ? (X < 0 ? −1 : +1) : X             # XNOR layers: binary input, sign(0) = +1
     Y      = Op(X', Wq) · scale · (input_scale > 0 ? input_scale : 1) [+ bias]
@@ -36,7 +41,7 @@ MIN_OPSET = 12
 #: op type -> (weight scheme, float op)
 OPS: dict[str, tuple[str, str]] = {
     f"{scheme.capitalize()}{op}": (scheme, op)
-    for scheme in ("binary", "ternary", "shift")
+    for scheme in ("binary", "ternary", "shift", "shift3", "shift2")
     for op in ("Conv", "Gemm", "MatMul")
 }
 _CONV_ATTRS: dict[str, Any] = {"auto_pad": str, "dilations": List[int], "group": int,  # noqa: UP006
@@ -83,17 +88,40 @@ class _Body:
         return self.op("Mod", [x, self.const("modulus", np.uint8(m + 1))])
 
 
+def _fields_3bit(b: _Body, packed: gs.Tensor) -> gs.Variable:
+    """3-bit fields (float32) of a packed stream of whole 3-byte groups."""
+    f32 = int(TensorProto.FLOAT)
+    groups = b.op("Cast", [b.op("Reshape", [packed, b.const("groups", np.array([-1, 3], dtype=np.int64))])],
+                  {"to": f32})
+    v = b.op("MatMul", [groups, b.const("radix", np.array([[1.0], [256.0], [65536.0]], dtype=np.float32))])
+    lo = b.op("Floor", [b.op("Div", [v, b.const("p", (8.0 ** np.arange(8)).astype(np.float32))])])
+    hi = b.op("Floor", [b.op("Div", [v, b.const("p1", (8.0 ** np.arange(1, 9)).astype(np.float32))])])
+    fields = b.op("Sub", [lo, b.op("Mul", [hi, b.const("eight", np.float32(8))])])
+    return b.op("Reshape", [fields, b.const("flat", np.array([-1], dtype=np.int64))])
+
+
 def _decode(b: _Body, scheme: str, packed: gs.Tensor, shape: gs.Tensor) -> gs.Variable:
     width = FIELD_BITS[scheme]
-    per = 8 // width
-    col = b.op("Reshape", [packed, b.const("col_shape", np.array([-1, 1], dtype=np.int64))])
-    shifted = b.op("BitShift", [col, b.const("shifts", (np.arange(per) * width).astype(np.uint8))],
-                   {"direction": "RIGHT"})
-    fields = b.op("Reshape", [b.mask(shifted, width), b.const("flat", np.array([-1], dtype=np.int64))])
-    numel = b.op("ReduceProd", [shape], {"keepdims": 1})
-    fields = b.op("Slice", [fields, b.const("start", np.array([0], dtype=np.int64)), numel])
     f32 = int(TensorProto.FLOAT)
-    if scheme == "binary":
+    numel = b.op("ReduceProd", [shape], {"keepdims": 1})
+    if 8 % width:
+        fields = b.op("Slice", [_fields_3bit(b, packed), b.const("start", np.array([0], dtype=np.int64)), numel])
+    else:
+        per = 8 // width
+        col = b.op("Reshape", [packed, b.const("col_shape", np.array([-1, 1], dtype=np.int64))])
+        shifted = b.op("BitShift", [col, b.const("shifts", (np.arange(per) * width).astype(np.uint8))],
+                       {"direction": "RIGHT"})
+        fields = b.op("Reshape", [b.mask(shifted, width), b.const("flat", np.array([-1], dtype=np.int64))])
+        fields = b.op("Slice", [fields, b.const("start", np.array([0], dtype=np.int64)), numel])
+    if scheme in ("shift3", "shift2"):
+        top = float(1 << (width - 1))  # 2^E: the sign bit's weight
+        f = fields if 8 % width else b.op("Cast", [fields], {"to": f32})
+        neg = b.op("Floor", [b.op("Div", [f, b.const("top", np.float32(top))])])
+        exp = b.op("Sub", [f, b.op("Mul", [neg, b.const("top", np.float32(top))])])
+        mag = b.op("Pow", [b.const("two", np.float32(2)), exp])
+        sign = b.op("Sub", [b.const("one", np.float32(1)), b.op("Mul", [neg, b.const("two", np.float32(2))])])
+        codes = b.op("Mul", [mag, sign])
+    elif scheme == "binary":
         v = b.op("Cast", [fields], {"to": f32})
         codes = b.op("Sub", [b.op("Mul", [v, b.const("two", np.float32(2))]), b.const("one", np.float32(1))])
     elif scheme == "ternary":
@@ -129,6 +157,8 @@ def build_function(op: str, opset: int) -> gs.Function:
     s_eff = b.op("Where", [binary_in, s_in, b.const("one", np.float32(1))])
 
     attrs: dict[str, Any] = {"shape": None, "input_scale": None}
+    if scheme in ("shift3", "shift2"):
+        attrs["bits"] = None  # informative (the weight bits `inspect --cost` reads); the body does not use it
     if float_op == "Conv":
         y = b.op("Conv", [x_in, wq], {k: gs.Node.AttributeRef(k, t) for k, t in _CONV_ATTRS.items()})
         attrs.update(dict.fromkeys(_CONV_ATTRS))

@@ -7,7 +7,9 @@ turned into ``DequantizeLinear(codes, scale, axis)`` (integer codes, zero point 
     A --> MatMul(A, DQ(codes [K, N], α, axis=1))     becomes   TernaryMatMul(A, packed, α[N])
     A --> Gemm(A, DQ(codes, α), C)                   becomes   ShiftGemm(A, packed, α[N], C)
 
-The codes are re-encoded and bit-packed (:mod:`.packing`: 8 binary, 4 ternary or 2 shift weights per byte);
+The codes are re-encoded and bit-packed (:mod:`.packing`: 8 binary, 4 ternary or 2 shift weights per byte;
+3-bit shift weights 8 per 3 bytes and 2-bit ones 4 per byte, as ``Shift3*`` / ``Shift2*`` ops with a ``bits``
+attribute);
 α and a zero bias (when the layer has none) are the only other tensors. The exact integer codes are kept, so
 ``packed`` and ``ort`` compute with the same weights. When the input is a binary activation
 (``Where(x >= 0, β, −β)`` from ``insert-qdq``) the op reads ``x`` itself with ``input_scale = β`` (the XNOR
@@ -39,7 +41,7 @@ from qcompiler.runtime_targets.packed.functions import (
     build_function,
     op_type,
 )
-from qcompiler.runtime_targets.packed.packing import FIELD_BITS, pack
+from qcompiler.runtime_targets.packed.packing import FIELD_BITS, pack, shift_format
 from qcompiler.schemes import LOWBIT_SCHEMES
 
 log = logging.getLogger(__name__)
@@ -85,8 +87,8 @@ class LowerPackedPass(Pass):
         resolved = ctx.resolved
         if resolved is None:
             return PassResult(False, stats)
-        planned = {n.node: n.weight.scheme for n in resolved.nodes.values()
-                   if n.weight is not None and n.weight.scheme in LOWBIT_SCHEMES}
+        planned = {n.node: shift_format(n.weight.bits) if n.weight.scheme == "shift" else n.weight.scheme
+                   for n in resolved.nodes.values() if n.weight is not None and n.weight.scheme in LOWBIT_SCHEMES}
         todo = [n for n in graph.nodes if n.name in planned and is_onnx_op(n, "Conv", "Gemm", "MatMul")]
         if not todo:
             return PassResult(False, stats)
@@ -157,6 +159,8 @@ class LowerPackedPass(Pass):
             x, s_in = src
             stats["binary_inputs"] += 1
         attrs: dict[str, Any] = {"shape": [int(d) for d in codes.shape], "input_scale": float(s_in)}
+        if scheme in ("shift3", "shift2"):
+            attrs["bits"] = FIELD_BITS[scheme]  # what `inspect --cost` reads for a Shift op's weight bits
         inputs: list[gs.Tensor] = [x, packed, alpha]
         if node.op == "Conv":
             attrs.update({k: v for k, v in node.attrs.items() if k in _CONV_ATTRS})

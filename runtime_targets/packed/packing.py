@@ -2,8 +2,11 @@
 
 A weight of shape ``shape`` is flattened row-major (C order, in the float op's own weight layout: Conv
 ``[C_out, C_in/group, k…]``, MatMul ``[K, N]``, Gemm ``B`` as stored) and each element becomes a fixed-width
-*field*; fields are packed little-endian into bytes — element ``i`` occupies bits ``[(i mod F)·w, (i mod F + 1)·w)``
-of byte ``i div F`` (``F = 8 / w`` fields per byte). The last byte is padded (padding decodes to 0 / is ignored).
+*field*; fields are packed little-endian into a bit stream — element ``i`` occupies stream bits
+``[i·w, (i + 1)·w)``, stream bit ``b`` is bit ``b mod 8`` of byte ``b div 8``. For ``w`` dividing 8 that is
+field ``i`` at bits ``[(i mod F)·w, (i mod F + 1)·w)`` of byte ``i div F`` (``F = 8 / w`` fields per byte); 3-bit
+fields fill groups of 3 bytes (8 fields, 24 bits). The stream is padded with zero bits to whole groups of
+``lcm(8, w)`` bits (padding is ignored).
 
 ==========  =====  ===========================================================================================
 scheme      width  field → integer code (the op multiplies codes by the per-channel ``alpha``)
@@ -11,7 +14,13 @@ scheme      width  field → integer code (the op multiplies codes by the per-ch
 binary      1      bit 1 → +1, bit 0 → −1                        (8 weights per byte)
 ternary     2      f ∈ {0, 1, 2} → f − 1 ∈ {−1, 0, +1}          (4 weights per byte; 3 is invalid)
 shift       4      f = (σ<0)·8 + e, e ∈ 0..7 → σ·2^e             (2 weights per byte; sign bit 3, exponent 0–2)
+shift3      3      f = (σ<0)·4 + e, e ∈ 0..3 → σ·2^e             (8 weights per 3 bytes; 3-bit shift weights)
+shift2      2      f = (σ<0)·2 + e, e ∈ 0..1 → σ·2^e             (4 weights per byte; 2-bit shift weights)
 ==========  =====  ===========================================================================================
+
+``shift`` holds codes of every shift width (``bits`` 2–4 of :mod:`qcompiler.schemes`); ``shift3`` and ``shift2``
+hold exactly the codes of 3- and 2-bit shift weights (±1…±8, ±1/±2) at their own width, which the lowering
+uses for them.
 
 The integer codes are exactly those :mod:`qcompiler.schemes` gives ``DequantizeLinear`` on the ``ort`` target
 (binary ±1, ternary −1/0/+1, shift ±2^j), so both targets compute with identical weights.
@@ -19,44 +28,56 @@ The integer codes are exactly those :mod:`qcompiler.schemes` gives ``DequantizeL
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 #: bits per weight of each packed scheme
-FIELD_BITS = {"binary": 1, "ternary": 2, "shift": 4}
-#: largest exponent a shift field holds (codes up to ±2^7)
+FIELD_BITS = {"binary": 1, "ternary": 2, "shift": 4, "shift3": 3, "shift2": 2}
+#: largest exponent a shift field holds (codes up to ±2^7); shift3 / shift2: 3 / 1
 SHIFT_MAX_EXP = 7
+#: exponent bits of the narrow shift formats
+_NARROW_SHIFT = {"shift3": 2, "shift2": 1}
+
+
+def group_bits(width: int) -> int:
+    """Bits of one packing group: ``lcm(8, width)`` (a byte for 1, 2, 4 and 8; 3 bytes for 3-bit fields)."""
+    return 8 * width // math.gcd(8, width)
 
 
 def packed_size(numel: int, scheme: str) -> int:
-    """Bytes of a packed weight with ``numel`` elements."""
-    per = 8 // FIELD_BITS[scheme]
-    return -(-numel // per)
+    """Bytes of a packed weight with ``numel`` elements (whole groups of :func:`group_bits`)."""
+    g = group_bits(FIELD_BITS[scheme])
+    return -(-numel * FIELD_BITS[scheme] // g) * (g // 8)
+
+
+def shift_format(bits: int) -> str:
+    """The packed format of ``bits``-bit shift weights: ``shift2`` / ``shift3`` at their width, ``shift`` (4)."""
+    return {2: "shift2", 3: "shift3"}.get(int(bits), "shift")
 
 
 def pack_fields(fields: np.ndarray, width: int) -> np.ndarray:
-    """Pack unsigned ``width``-bit fields (flattened, C order) into uint8, little-endian within each byte."""
+    """Pack unsigned ``width``-bit fields (flattened, C order) into uint8: a little-endian bit stream, padded
+    with zero bits to whole groups of :func:`group_bits`."""
     f = np.asarray(fields, dtype=np.uint8).reshape(-1)
     if f.size and int(f.max()) >= (1 << width):
         raise ValueError(f"field value {int(f.max())} does not fit {width} bits")
-    per = 8 // width
+    per = group_bits(width) // width
     pad = (-f.size) % per
     if pad:
         f = np.concatenate([f, np.zeros(pad, dtype=np.uint8)])
-    rows = f.reshape(-1, per).astype(np.uint16)
-    shifts = (np.arange(per, dtype=np.uint16) * width)[None, :]
-    return (rows << shifts).sum(axis=1).astype(np.uint8)
+    bits = ((f[:, None] >> np.arange(width, dtype=np.uint8)[None, :]) & np.uint8(1)).reshape(-1)
+    return np.packbits(bits, bitorder="little")
 
 
 def unpack_fields(packed: np.ndarray, width: int, numel: int) -> np.ndarray:
     """Inverse of :func:`pack_fields`: the first ``numel`` fields (uint8)."""
-    p = np.asarray(packed, dtype=np.uint8).reshape(-1, 1)
-    per = 8 // width
-    shifts = (np.arange(per, dtype=np.uint8) * width)[None, :]
-    f = (p >> shifts) & np.uint8((1 << width) - 1)
-    out = f.reshape(-1)
-    if out.size < numel:
-        raise ValueError(f"{p.size} packed bytes hold {out.size} fields, fewer than {numel}")
-    return out[:numel]
+    p = np.asarray(packed, dtype=np.uint8).reshape(-1)
+    have = p.size * 8 // width
+    if have < numel:
+        raise ValueError(f"{p.size} packed bytes hold {have} fields, fewer than {numel}")
+    bits = np.unpackbits(p, bitorder="little")[: numel * width].reshape(numel, width)
+    return (bits << np.arange(width, dtype=np.uint8)[None, :]).sum(axis=1).astype(np.uint8)
 
 
 def encode(scheme: str, codes: np.ndarray) -> np.ndarray:
@@ -70,6 +91,15 @@ def encode(scheme: str, codes: np.ndarray) -> np.ndarray:
         if not np.all(np.abs(c) <= 1):
             raise ValueError("ternary codes must be -1, 0 or +1")
         return (c + 1).astype(np.uint8)
+    if scheme in _NARROW_SHIFT:
+        eb = _NARROW_SHIFT[scheme]
+        mag = np.abs(c)
+        e = np.zeros(c.shape, dtype=np.int64)
+        ok = mag > 0
+        e[ok] = np.round(np.log2(mag[ok])).astype(np.int64)
+        if not (np.all(ok) and np.all(np.left_shift(1, e) == mag) and int(e.max(initial=0)) < (1 << eb)):
+            raise ValueError(f"{scheme} codes must be +-2^e with 0 <= e < {1 << eb}")
+        return ((c < 0).astype(np.int64) * (1 << eb) + e).astype(np.uint8)
     if scheme == "shift":
         mag = np.abs(c)
         e = np.zeros(c.shape, dtype=np.int64)
@@ -90,6 +120,9 @@ def decode(scheme: str, fields: np.ndarray) -> np.ndarray:
         return (f - 1).astype(np.int16)
     if scheme == "shift":
         return ((1 - 2 * (f >> 3)) * (1 << (f & 7))).astype(np.int16)
+    if scheme in _NARROW_SHIFT:
+        eb = _NARROW_SHIFT[scheme]
+        return ((1 - 2 * (f >> eb)) * (1 << (f & ((1 << eb) - 1)))).astype(np.int16)
     raise ValueError(f"unknown packed scheme {scheme!r}")
 
 
