@@ -20,11 +20,13 @@ from onnx import TensorProto, helper, numpy_helper
 from qcompiler import ir, quant
 from qcompiler.cli import cli
 from qcompiler.compiler import CompileOptions, compile_model
+from qcompiler.context import CompileContext
 from qcompiler.errors import UserError
 from qcompiler.pass_manager import PassManager
 from qcompiler.plan import Plan
 from qcompiler.runtime_targets import DEFAULT_PIPELINE, get_target
 from qcompiler.runtime_targets.ort import OrtTarget
+from qcompiler.runtime_targets.ort.load_time_dequant import OrtLoadTimeDequantPass
 from qcompiler.runtime_targets.ort.matmulnbits import pack_nibbles, to_matmulnbits, unpack_nibbles
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
@@ -348,3 +350,50 @@ def test_load_time_dequant_leaves_integer_kernels_and_lstm_is_rewritten(tmp_path
     d = compiled("conv_bn_relu", tmp_path)
     assert sum(n.op_type == "DequantizeLinear" and n.input[0].endswith(":q") and "weight" in n.input[0]
                for n in d.graph.node) >= 5
+
+
+def _lowered_ctx(model: onnx.ModelProto, plan: Plan, tmp: Path) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    """(compiled through ``lower``, compiled without it) for a model built in the test."""
+    src = tmp / "m.onnx"
+    onnx.save(model, src)
+    outs = []
+    for name, pipe in (("low", None), ("plain", NO_LOWER)):
+        out = tmp / f"{name}.onnx"
+        compile_model(src, out, CompileOptions(plan=plan, calib="random", validate=False, pipeline=pipe))
+        outs.append(onnx.load(str(out)))
+    return outs[0], outs[1]
+
+
+def test_load_time_dequant_must_not_match_a_weight_an_integer_kernel_also_reads(tmp_path):
+    """One weight read by a weight-only Conv and by an activation-quantized Conv: the DQ stays (QLinearConv
+    fuses it); a second run of the pass changes nothing; outputs equal the un-lowered graph's."""
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((4, 4, 1, 1)).astype(np.float32)
+    g = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["a"], name="wo"),
+         helper.make_node("Relu", ["a"], ["r"], name="relu"),
+         helper.make_node("Conv", ["r", "w"], ["b"], name="q8"),
+         helper.make_node("Relu", ["b"], ["y"], name="relu2")], "t",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 6, 6])],
+        [numpy_helper.from_array(w, "w")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    plan = _plan(rules=[{"match": {"name": "wo"}, "activation": {"dtype": "float"}}])
+    low, plain = _lowered_ctx(m, plan, tmp_path)
+    assert not _tagged(low, "ort-load-time-dequant")
+    assert sum(n.op_type == "DequantizeLinear" and n.input[0] == "w:q" for n in low.graph.node) == 1
+    feed = {"x": rng.standard_normal((1, 4, 6, 6)).astype(np.float32)}
+    np.testing.assert_array_equal(ir.session(low, threads=1, optimize=False).run(None, feed)[0],
+                                  ir.session(plain, threads=1, optimize=False).run(None, feed)[0])
+    # the same weight read by the weight-only Conv alone (a copy for the other): rewritten, idempotent
+    g2 = onnx.helper.make_graph(list(g.node), "t", list(g.input), list(g.output),
+                                [numpy_helper.from_array(w, "w"), numpy_helper.from_array(w * 0.5, "w2")])
+    g2.node[2].input[1] = "w2"
+    m2 = helper.make_model(g2, opset_imports=[helper.make_opsetid("", 17)])
+    m2.ir_version = 8
+    low2, _ = _lowered_ctx(m2, plan, tmp_path)
+    assert sorted(n.op_type for n in _tagged(low2, "ort-load-time-dequant")) == ["Cast", "Mul"]
+    graph, meta = ir.import_graph(low2)
+    ctx = CompileContext(graph=graph, meta=meta, plan=plan, target=get_target("ort"))
+    assert not OrtLoadTimeDequantPass().run(ctx).modified
