@@ -640,6 +640,14 @@ def _load_time_step(node: gs.Node) -> bool:
                                                                   and _load_time_step(src)))
 
 
+def _scale_product(node: gs.Node) -> bool:
+    """``Mul`` of two stored constants read only by DequantizeLinear nodes: an int32 bias scale ``s_w · s_x``
+    computed in the graph (insert-qdq); its inputs belong, like the bias, to the op reading the dequantized bias."""
+    return (node.op == "Mul" and len(node.inputs) == 2 and all(_const_values(i) is not None for i in node.inputs)
+            and bool(node.outputs) and bool(node.outputs[0].outputs)
+            and all(c.op == "DequantizeLinear" for c in node.outputs[0].outputs))
+
+
 def _load_time_codes(t: Any) -> tuple[gs.Constant, np.ndarray | None] | None:
     """(codes, zero point) of a weight the load-time dequantization produces, else None."""
     mul = t.inputs[0] if t is not None and getattr(t, "inputs", None) else None
@@ -692,7 +700,8 @@ def _first_reader(t: Any, order: dict[int, int]) -> gs.Node | None:
             continue
         visited.add(id(cur))
         for consumer in cur.outputs:
-            if (consumer.op in PASS_THROUGH or _load_time_step(consumer)) and consumer.outputs:
+            if (consumer.op in PASS_THROUGH or _load_time_step(consumer) or _scale_product(consumer)) \
+                    and consumer.outputs:
                 stack.extend(consumer.outputs)
                 continue
             if best is None or order.get(id(consumer), 1 << 60) < order.get(id(best), 1 << 60):

@@ -193,6 +193,9 @@ def test_compiled_model_totals_match_file_and_bitops(tmp_path, weight):
             "{scheme: shift, bits: 3}": 3}[weight]
     convs = [lc for lc in rep.layers if lc.op_type in ("Conv", "Gemm")]
     assert len(convs) == 6
+    # bias scales computed as Mul(s_w, s_x) and load-time dequantized weights (Cast -> Mul) are attributed, like
+    # DequantizeLinear, to the op they feed: no bytes land on the helper nodes
+    assert not [lc.name for lc in rep.layers if lc.op_type in ("Mul", "Cast", "Sub") and lc.bytes]
     for lc in convs:
         # the depthwise conv computes in float on ort (weights dequantized at load): 32-bit activations
         a_bits = 32 if lc.name == "dw.conv" else 8
