@@ -381,7 +381,7 @@ def plan_resolve_cmd(model: Path, plan: str | None, target: str, output: Path | 
     from qcompiler.context import CompileContext
     from qcompiler.pass_manager import PassManager
     from qcompiler.plan import load_plan
-    from qcompiler.registry import build_pipeline
+    from qcompiler.registry import build_pipeline, parse_pipeline_text
     from qcompiler.runtime_targets import get_target
 
     p = load_plan(plan)
@@ -391,9 +391,11 @@ def plan_resolve_cmd(model: Path, plan: str | None, target: str, output: Path | 
     ir.to_float32(graph)
     ctx = CompileContext(graph=graph, meta=meta, plan=p, target=t)
     # the target's own pipeline up to resolve-plan: the nodes (and names) the compile will see
-    steps = t.default_pipeline.split(",")
-    prefix = steps[: steps.index("resolve-plan") + 1] if "resolve-plan" in steps else ["cleanup", "resolve-plan"]
-    PassManager(build_pipeline(",".join(prefix))).run(ctx)
+    items = parse_pipeline_text(t.default_pipeline)
+    names = [name for name, _ in items]
+    n = names.index("resolve-plan") + 1 if "resolve-plan" in names else 0
+    passes = build_pipeline(t.default_pipeline)[:n] if n else build_pipeline("cleanup,resolve-plan")
+    PassManager(passes).run(ctx)
     assert ctx.resolved is not None
     text = ctx.resolved.to_yaml()
     if output is not None:
