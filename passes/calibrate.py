@@ -31,7 +31,6 @@ import numpy as np
 
 from qcompiler.calibration import (
     BN_SIGMAS,
-    SHAPES_KEY,
     CalibrationSource,
     TensorStats,
     bn_ranges,
@@ -132,7 +131,7 @@ class CalibratePass(Pass):
         shapes: dict[str, Any] = {}
         ctx.stats = collect(ctx.graph, rest, source, progress=progress, shapes=shapes) if rest else {}
         if shapes:  # first-sample shapes: the compile's cost report infers the rest instead of running the model
-            ctx.report[SHAPES_KEY] = shapes
+            ctx.calib_shapes = shapes
         for name, (lo, hi) in fixed.items():
             st = TensorStats()
             st.update(np.asarray([lo, hi], dtype=np.float64))

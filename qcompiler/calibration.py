@@ -1234,11 +1234,6 @@ class ChannelStats:
 #: data-free ranges of BN outputs: mean ± BN_SIGMAS·std per channel (6: clipping hurts more than rounding)
 BN_SIGMAS = 6.0
 
-#: ``ctx.report`` key of the (shape, dtype) per tensor the calibrate pass saw on its first sample (``collect``'s
-#: ``shapes``): the compile's cost report sizes tensors from them instead of running the model again
-SHAPES_KEY = "_calibration_shapes"
-
-
 def bn_statistics(ctx: Any) -> dict[str, ChannelStats]:
     """Tensor name -> :class:`ChannelStats` of BatchNormalization outputs recorded in ``ctx.bn_stats`` (a
     CompileContext) by ``fold-batchnorm``; the folded producer keeps the BN's output name, so the key stays valid

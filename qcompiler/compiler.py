@@ -22,7 +22,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from qcompiler import cost, ir
-from qcompiler.calibration import SHAPES_KEY, CalibrationSource, input_signatures
+from qcompiler.calibration import CalibrationSource, input_signatures
 from qcompiler.context import CompileContext
 from qcompiler.errors import UserError
 from qcompiler.pass_manager import PassManager, PassRecord
@@ -253,7 +253,7 @@ def compile_model(model_path: str | os.PathLike[str], output_path: str | os.Path
         quant_bytes = ir.model_summary(qmodel)["parameter_bytes"]
         report["sizes"] = {"float_parameter_bytes": float_bytes, "quantized_parameter_bytes": quant_bytes,
                            "ratio": round(quant_bytes / float_bytes, 4) if float_bytes else None}
-        known = ctx.report.get(SHAPES_KEY) if calib_source is not None else None
+        known = (ctx.calib_shapes or None) if calib_source is not None else None
         report["cost"] = cost.compile_cost(qmodel, staged, calib_source, shapes=not big, known_shapes=known).to_json()
         if auto is not None:  # the budget holds for what is written, counted as `inspect --cost` counts it
             report["autoplan"] = auto.summary()

@@ -42,6 +42,8 @@ class CompileContext:
     * ``bn_stats``: tensor name -> per-channel statistics (``calibration.ChannelStats``) of BatchNormalization
       outputs, recorded by ``fold-batchnorm`` before the BN disappears (data-free ranges, ``equalize``'s bias
       absorption, analytic bias correction read them).
+    * ``calib_shapes``: tensor name -> (shape, dtype) the calibrate pass saw on its first sample; the compile's
+      cost report sizes tensors from them instead of running the model again.
     """
 
     graph: gs.Graph
@@ -62,6 +64,7 @@ class CompileContext:
     data_free: bool = False
     seed: int = 0
     bn_stats: dict[str, Any] = field(default_factory=dict)
+    calib_shapes: dict[str, Any] = field(default_factory=dict)
 
     @property
     def opset(self) -> int:
