@@ -31,12 +31,12 @@ import logging
 from collections import Counter
 from dataclasses import dataclass
 
-import ml_dtypes
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from qcompiler.context import CompileContext
 from qcompiler.pass_base import Pass, PassResult
+from qcompiler.quant import is_code_dtype
 
 from ._graph_utils import (
     GraphIndex,
@@ -138,17 +138,12 @@ def _constants_to_initializers(graph: gs.Graph, index: GraphIndex) -> int:
     return len(done)
 
 
-_FLOAT16 = frozenset({np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16)})
-
-
 def _dequantizing_cast(node: gs.Node) -> bool:
-    """``Cast`` of stored integer / fp8 codes to a float type: a dequantization (e.g. the ``ort`` target's
-    load-time dequantized weights) that must stay in the file as codes, like a DequantizeLinear."""
-    if node.op != "Cast" or not node.inputs or not isinstance(node.inputs[0], gs.Constant):
-        return False
-    src = np.dtype(node.inputs[0].dtype) if node.inputs[0].dtype is not None else None
-    # 8 / 16-bit integers, int4 / uint4 and fp8 (shape arithmetic in int32 / int64 still folds)
-    return src is not None and src.itemsize <= 2 and src.kind != "b" and src not in _FLOAT16
+    """``Cast`` of stored quantized codes (int8 / int16 / int4 / fp8 ...): a dequantization (e.g. the ``ort``
+    target's load-time dequantized weights) that must stay in the file as codes, like a DequantizeLinear.
+    Shape arithmetic in int32 / int64 still folds."""
+    return (node.op == "Cast" and bool(node.inputs) and isinstance(node.inputs[0], gs.Constant)
+            and is_code_dtype(node.inputs[0].dtype))
 
 
 def _has_foldable(graph: gs.Graph, opts: CleanupOptions) -> bool:

@@ -52,7 +52,7 @@ import onnx_graphsurgeon as gs
 
 from qcompiler import ir
 from qcompiler.errors import UserError
-from qcompiler.quant import QDTYPES
+from qcompiler.quant import QDTYPES, is_code_dtype
 
 if TYPE_CHECKING:
     import onnx
@@ -619,13 +619,11 @@ class _Analysis:
 
 
 def _codes_cast(node: gs.Node | None) -> gs.Constant | None:
-    """The stored codes of ``Cast(codes -> float)`` when ``codes`` is a constant of integer / fp8 type."""
+    """The stored codes of ``Cast(codes -> float)`` when ``codes`` is a constant of a quantized code type."""
     if node is None or node.op != "Cast" or not node.inputs:
         return None
     c = _const_values(node.inputs[0])
-    if c is None or np.dtype(c.dtype).itemsize > 2 or np.dtype(c.dtype) in (np.dtype(np.float16),):
-        return None
-    return c
+    return c if c is not None and is_code_dtype(c.dtype) else None
 
 
 def _load_time_step(node: gs.Node) -> bool:

@@ -54,6 +54,15 @@ QDTYPES: dict[str, QDType] = {
 }
 
 
+#: numpy dtypes of quantized codes (the element types of :data:`QDTYPES`)
+CODE_DTYPES = frozenset(np.dtype(d.np_dtype) for d in QDTYPES.values())
+
+
+def is_code_dtype(dtype: Any) -> bool:
+    """``dtype`` is the element type of quantized codes (int8 / uint8 / int16 / uint16 / int4 / uint4 / fp8)."""
+    return dtype is not None and np.dtype(dtype) in CODE_DTYPES
+
+
 def qdtype(name: str) -> QDType:
     try:
         return QDTYPES[name]
