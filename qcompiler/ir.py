@@ -99,6 +99,16 @@ def _external_info(t: TensorProto) -> dict[str, str]:
     return {e.key: e.value for e in t.external_data}
 
 
+def _checked_external(t: TensorProto) -> tuple[str, int, int]:
+    """(absolute file, offset, length) of an external tensor whose location :func:`load_model` resolved."""
+    info = _external_info(t)
+    loc = info.get("location", "")
+    if not os.path.isabs(loc):
+        raise UserError(f"tensor '{t.name}': external data location '{loc}' was not checked; load the model "
+                        "with qcompiler.ir.load_model")
+    return loc, int(info.get("offset", "0") or 0), int(info.get("length", "0") or 0)
+
+
 def _iter_all_tensors(model: onnx.ModelProto) -> Iterable[TensorProto]:
     def from_graph(g: onnx.GraphProto) -> Iterable[TensorProto]:
         yield from g.initializer
@@ -439,13 +449,7 @@ def _lazy_external(c: gs.Constant) -> TensorProto | None:
 def external_array(t: TensorProto) -> np.ndarray:
     """The values of an external tensor resolved by :func:`load_model`: a read-only ``numpy.memmap`` over its
     byte range (no copy) when large, else read. Packed 4-bit types are read and unpacked."""
-    info = _external_info(t)
-    loc = info.get("location", "")
-    if not os.path.isabs(loc):
-        raise UserError(f"tensor '{t.name}': external data location '{loc}' was not checked; load the model "
-                        "with qcompiler.ir.load_model")
-    offset = int(info.get("offset", "0") or 0)
-    length = int(info.get("length", "0") or 0)
+    loc, offset, length = _checked_external(t)
     shape = tuple(int(d) for d in t.dims)
     if t.data_type in _PACKED_TYPES or length < MMAP_MIN_BYTES:
         with open(loc, "rb") as f:
@@ -755,13 +759,7 @@ class ExternalDataWriter:
         """An external reference for the TensorProto ``t`` (raw data, or an already external resolved tensor)."""
         length = tensor_nbytes(t)
         if t.data_location == TensorProto.EXTERNAL:
-            info = _external_info(t)
-            src = info.get("location", "")
-            if not os.path.isabs(src):
-                raise UserError(f"tensor '{t.name}': external data location '{src}' was not checked; load the "
-                                "model with qcompiler.ir.load_model")
-            offset = int(info.get("offset", "0") or 0)
-            length = int(info.get("length", "0") or 0)
+            src, offset, length = _checked_external(t)
 
             def copy() -> Iterator[bytes]:
                 with open(src, "rb") as f:
