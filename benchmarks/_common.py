@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import platform
@@ -273,6 +274,14 @@ def latency_ms(models: dict[str, str | os.PathLike[str]], feed: Feed, threads: i
                 "p90": 1e3 * float(np.percentile(v, 90)), "runs": float(len(v))} for k, v in times.items()}
 
 
+def write_json(path: str | os.PathLike[str], obj: Any) -> None:
+    """``obj`` as indented JSON: numpy scalars as numbers, anything else JSON cannot hold as its ``str``."""
+    def default(x: Any) -> Any:
+        return x.item() if isinstance(x, (np.floating, np.integer)) else str(x)
+
+    Path(path).write_text(json.dumps(obj, indent=2, default=default) + "\n", encoding="utf-8")
+
+
 # ====================================================================================== subprocesses
 @dataclass
 class ChildResult:
@@ -318,26 +327,28 @@ def run_child(cmd: Sequence[str], mem_limit_mb: float | None = None, env: dict[s
                            stdout=out.read(), stderr=err.read(), killed_for_memory=killed)
 
 
-def _rss_mb(pid: int) -> float:
+def _proc_status_mb(pid: int | str, field: str) -> float | None:
+    """``field`` (``VmRSS``, ``VmHWM``) of ``/proc/PID/status`` in MB; None when it cannot be read (the process
+    is gone, or no /proc)."""
     try:
         with open(f"/proc/{pid}/status", encoding="ascii") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024.0
     except OSError:
-        pass
-    return 0.0
+        return None
+    return None
+
+
+def _rss_mb(pid: int) -> float:
+    return _proc_status_mb(pid, "VmRSS") or 0.0
 
 
 def self_peak_rss_mb() -> float:
     """Peak resident memory of this process so far (VmHWM), MB."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
+    peak = _proc_status_mb("self", "VmHWM")
+    if peak is not None:
+        return peak
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

@@ -439,16 +439,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2, default=_json_default) + "\n", encoding="utf-8")
+        C.write_json(args.json, result)
     return 0
-
-
-def _json_default(x: Any) -> Any:
-    if isinstance(x, (np.floating, np.integer)):
-        return x.item()
-    if isinstance(x, Path):
-        return str(x)
-    return str(x)
 
 
 if __name__ == "__main__":

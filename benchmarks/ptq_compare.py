@@ -394,16 +394,8 @@ def main(argv: list[str] | None = None) -> int:
         if "data-free" in modes:
             results["data_free"] = data_free(args, work)
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2, default=_json_default) + "\n", encoding="utf-8")
+        C.write_json(args.json, results)
     return 0
-
-
-def _json_default(x: Any) -> Any:
-    if isinstance(x, (np.floating, np.integer)):
-        return x.item()
-    if isinstance(x, float) and not math.isfinite(x):
-        return str(x)
-    return str(x)
 
 
 if __name__ == "__main__":
