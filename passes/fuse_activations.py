@@ -105,7 +105,8 @@ class FuseActivationsPass(Pass):
                 return _scalar(node.inputs[1]) == 6.0
             if is_onnx_op(node, "Mul"):
                 c = _other(node, t)
-                return c is not None and _scalar(c) is not None and abs(_scalar(c) - _SIXTH) <= 1e-7  # type: ignore[operator]
+                v = _scalar(c) if c is not None else None
+                return v is not None and abs(v - _SIXTH) <= 1e-7
             return False
 
         # replacements[id(last node of a chain)] = the nodes taking its place (keeps a topological order)

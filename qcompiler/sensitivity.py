@@ -45,7 +45,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Any
@@ -565,6 +565,21 @@ def effective_samples(contrib: np.ndarray) -> float:
     return float(d.sum()) ** 2 / s2 if s2 > 0 else float(d.size)
 
 
+def _quantizing(layer: Any, candidates: Sequence[str], values_row: np.ndarray,
+                noise_row: np.ndarray | None = None) -> Iterator[tuple[int, str]]:
+    """(index, candidate) of each candidate that quantizes ``layer``. A candidate that keeps it float scores 0 (in
+    ``values_row`` and ``noise_row``); one the layer does not take is skipped (its entries stay NaN)."""
+    for ci, cand in enumerate(candidates):
+        if cand not in layer.specs:
+            continue
+        if layer.specs[cand] is None:
+            values_row[ci] = 0.0
+            if noise_row is not None:
+                noise_row[ci] = 0.0
+            continue
+        yield ci, cand
+
+
 def compute(metric: str, graph: gs.Graph, layers: Sequence[LayerUnderTest], candidates: Sequence[str],
             feeds: Sequence[dict[str, np.ndarray]], *, progress: Progress | None = None, batch_size: int = 8,
             workers: int | None = None, draws: int = 2, seed: int = 0, opset: int = 21,
@@ -686,13 +701,7 @@ def compute(metric: str, graph: gs.Graph, layers: Sequence[LayerUnderTest], cand
             h2n = draws_out[0][2]
             trace.append(2.0 * d_mean / max(h2n, 1e-300))
             ws = layer.weights()
-            for ci, cand in enumerate(candidates):
-                if cand not in layer.specs:
-                    continue
-                if layer.specs[cand] is None:
-                    values[li, ci] = 0.0
-                    noise[li, ci] = 0.0
-                    continue
+            for ci, cand in _quantizing(layer, candidates, values[li], noise[li]):
                 dw2 = _delta2(ws, quantized(layer, cand))
                 values[li, ci] = d_mean * dw2 / max(h2n, 1e-300)
                 noise[li, ci] = n_mean * dw2 / max(h2n, 1e-300)
@@ -704,12 +713,7 @@ def compute(metric: str, graph: gs.Graph, layers: Sequence[LayerUnderTest], cand
             ws = layer.weights()
             weights = [_moment_weights(layer, i, w, moments[li]) for i, w in enumerate(ws)]
             den = sum(float((w.astype(np.float64) ** 2 * m).sum()) for w, m in zip(ws, weights))
-            for ci, cand in enumerate(candidates):
-                if cand not in layer.specs:
-                    continue
-                if layer.specs[cand] is None:
-                    values[li, ci] = 0.0
-                    continue
+            for ci, cand in _quantizing(layer, candidates, values[li]):
                 q = quantized(layer, cand)
                 num = sum(float(((w.astype(np.float64) - qq) ** 2 * m).sum()) for w, qq, m in zip(ws, q, weights))
                 values[li, ci] = (medians[li] / norm) * num / max(den, 1e-300)
@@ -720,12 +724,7 @@ def compute(metric: str, graph: gs.Graph, layers: Sequence[LayerUnderTest], cand
         theta, orm = _orthogonality(runner, layers)
         for li, layer in enumerate(layers):
             ws = layer.weights()
-            for ci, cand in enumerate(candidates):
-                if cand not in layer.specs:
-                    continue
-                if layer.specs[cand] is None:
-                    values[li, ci] = 0.0
-                    continue
+            for ci, cand in _quantizing(layer, candidates, values[li]):
                 values[li, ci] = theta[li] * _rel_err(ws, quantized(layer, cand))
             if progress is not None:
                 progress(li + 1, n_l)
