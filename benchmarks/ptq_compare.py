@@ -49,7 +49,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C
 
 WORKER_FLAG = "--worker"
-N_EVAL = {"ppocr_cls": 200, "ppocr_rec": 64, "silero_vad": 64}
+#: held-back samples. PP-OCR cls: 2000 lines — its softmax output SQNR is set by the few lines nearest the
+#: decision boundary (on 200 lines one line carried 43-59 % of the noise; on 2000 the largest share is 14-33 %);
+#: the score also reports the first 200 (the earlier protocol) and each quarter of 500
+N_EVAL = {"ppocr_cls": 2000, "ppocr_rec": 64, "silero_vad": 64}
+#: PP-OCR cls: SQNR also on these slices of the evaluation lines
+CLS_SLICES = {"first 200": (0, 200), "lines 0-499": (0, 500), "lines 500-999": (500, 1000),
+              "lines 1000-1499": (1000, 1500), "lines 1500-1999": (1500, 2000)}
 TARGETS = {"w8a8_margin_db": 3.0, "cls_top1": 0.995, "w4a8_margin_db": 6.0, "rss_ratio": 0.3, "time_ratio": 0.5}
 
 
@@ -80,13 +86,19 @@ def file_ratio(path: Path, float_path: Path) -> float:
 
 
 def evaluate(task: C.Task, ref: list[dict[str, np.ndarray]], path: Path) -> dict[str, Any]:
-    s = C.score(task.key, ref, C.run_all(path, task.eval), task.labels)
+    q = C.run_all(path, task.eval)
+    s = C.score(task.key, ref, q, task.labels)
+    slices = {}
+    if task.key == "ppocr_cls":
+        for name, (a, b) in CLS_SLICES.items():
+            if b <= len(ref):
+                slices[name] = C.sqnr_db([r[s.primary] for r in ref[a:b]], [x[s.primary] for x in q[a:b]])
     return {"sqnr": s.sqnr, "primary": s.primary, "primary_sqnr": s.primary_sqnr, "agreement": s.agreement,
-            "file_ratio": file_ratio(path, task.model), **{k: v for k, v in s.extra.items()}}
+            "file_ratio": file_ratio(path, task.model), "slices": slices, **{k: v for k, v in s.extra.items()}}
 
 
 def _plan(preset: str, calibration: str | None = None, algorithms: dict[str, Any] | None = None,
-          drop: Sequence[str] = ()) -> Any:
+          drop: Sequence[str] = (), ort: dict[str, Any] | None = None) -> Any:
     from qcompiler.plan import load_plan
 
     p = load_plan(preset)
@@ -94,7 +106,9 @@ def _plan(preset: str, calibration: str | None = None, algorithms: dict[str, Any
         p.activation_defaults = {**p.activation_defaults, "calibration": calibration}
     p.algorithms = {k: v for k, v in {**p.algorithms, **(algorithms or {})}.items() if k not in drop}
     p.disabled_algorithms = set(p.disabled_algorithms) | set(drop)  # off even where the default pipeline has it
-    p.source = f"{preset} (modified)" if (calibration or algorithms or drop) else p.source
+    if ort is not None:
+        p.target_options = {**p.target_options, "ort": {**p.target_options.get("ort", {}), **ort}}
+    p.source = f"{preset} (modified)" if (calibration or algorithms or drop or ort) else p.source
     return p
 
 
@@ -128,12 +142,15 @@ def theirs(task: C.Task, ref: list[dict[str, np.ndarray]], folder: Path, work: P
 
 def _fmt_row(name: str, r: dict[str, Any]) -> list[str]:
     if "error" in r:
-        return [name, "failed: " + r["error"][:90], "", "", ""]
+        return [name, "failed: " + r["error"][:90], "", "", "", ""]
     others = ", ".join(f"{k} {v:.2f}" for k, v in r["sqnr"].items() if k != r["primary"])
-    return [name, f"{r['primary_sqnr']:.2f}", f"{100 * r['agreement']:.1f} %", others or "-", f"{r['file_ratio']:.3f}"]
+    slices = " / ".join(f"{v:.2f}" for v in r.get("slices", {}).values()) or "-"
+    return [name, f"{r['primary_sqnr']:.2f}", f"{100 * r['agreement']:.1f} %", others or "-", f"{r['file_ratio']:.3f}",
+            slices]
 
 
-HEAD = ["quantizer", "output SQNR dB", "agreement", "other outputs (SQNR dB)", "file / fp32"]
+HEAD = ["quantizer", "output SQNR dB", "agreement", "other outputs (SQNR dB)", "file / fp32",
+        "cls: first 200 / 4 × 500 lines (dB)"]
 
 
 # ============================================================================================ accuracy
@@ -165,6 +182,11 @@ def accuracy(args: argparse.Namespace, model: str, work: Path) -> dict[str, Any]
         ("qcompiler w8a8 + bias_correct", _plan("w8a8", algorithms={"bias_correct": {}})),
         ("qcompiler w8a8-cle (equalize + bias_correct)", _plan("w8a8-cle")),
         ("qcompiler w8a8 without fold_bias", _plan("w8a8", drop=["fold_bias"])),
+        ("qcompiler w8a8 without gptq", _plan("w8a8", drop=["gptq"])),
+        ("qcompiler w8a8 with every Conv output requantized (ort default)", _plan(
+            "w8a8", ort={"requantize_conv_outputs": True})),
+        ("qcompiler w8a8 without gptq, every Conv output requantized", _plan(
+            "w8a8", drop=["gptq"], ort={"requantize_conv_outputs": True})),
     ]
     for name, plan in variants:
         print(f"{name} ...", file=sys.stderr, flush=True)
@@ -194,6 +216,11 @@ def accuracy(args: argparse.Namespace, model: str, work: Path) -> dict[str, Any]
                        "met": q8["primary_sqnr"] >= best + TARGETS["w8a8_margin_db"],
                        "detail": f"{q8['primary_sqnr']:.2f} dB vs {best:.2f} dB ({q8['primary_sqnr'] - best:+.2f})"})
         best_any = max(r["primary_sqnr"] for k, r in rows_w8.items() if k.startswith("qcompiler") and "error" not in r)
+        for sl in q8.get("slices", {}):
+            best_sl = max(r["slices"][sl] for r in ort8)
+            checks.append({"what": f"{model} W8A8 ({sl}): preset >= onnxruntime best on the same lines + 3 dB",
+                           "met": q8["slices"][sl] >= best_sl + TARGETS["w8a8_margin_db"],
+                           "detail": f"{q8['slices'][sl]:.2f} dB vs {best_sl:.2f} dB ({q8['slices'][sl] - best_sl:+.2f})"})
         checks.append({"what": f"{model} W8A8: best qcompiler variant >= onnxruntime best + 3 dB",
                        "met": best_any >= best + TARGETS["w8a8_margin_db"],
                        "detail": f"{best_any:.2f} dB vs {best:.2f} dB ({best_any - best:+.2f})"})
@@ -236,6 +263,7 @@ def _worker(spec: dict[str, Any]) -> None:
     extra: dict[str, Any] = {}
     if spec["tool"] == "qcompiler":
         plan = load_plan("w8a8")
+        plan.algorithms.pop("gptq", None)  # the calibration's cost, not GPTQ's (onnxruntime has none)
         plan.activation_defaults = {**plan.activation_defaults, "calibration": spec["method"]}
         res = compile_model(spec["model"], spec["out"], CompileOptions(plan=plan, calib=spec["calib"],
                                                                       validate=False))

@@ -13,7 +13,9 @@ yet quantized, in proportion to the inverse Hessian:
     for each column j:  q_j = Q(w_j);  e = (w_j − q_j) / U_jj;  w_{j+1:} ← w_{j+1:} − e · U_{j, j+1:}
 
 in blocks of ``block_size`` columns (updates inside a block are immediate, the rest of the matrix is updated
-once per block: the "lazy batch" form). The grid Q is the plan's: per-channel scales are fixed from the whole
+once per block: the "lazy batch" form). With ``act_order`` (per-channel grids only) the columns are swept in
+order of decreasing ``H_jj`` — W and H permuted alike, the codes put back in the weight's column order — so the
+inputs with the most energy are rounded while the most columns remain to absorb their error. The grid Q is the plan's: per-channel scales are fixed from the whole
 weight (``range: minmax`` or ``mse``) before the sweep; block-wise scales (``granularity: block``) are chosen
 when the sweep reaches the first column of each block, from the already-updated weights, as GPTQ's grouped
 variant does. Conv columns are ordered (kH, kW, Cin) so that a block of Cin at one kernel tap is contiguous.
@@ -59,6 +61,7 @@ class Options:
     damp: float = 0.01  # λ: H + λ·mean(diag H)·I
     max_bits: int = 4  # only weights quantized to at most this many bits
     samples: int | None = None  # use at most N calibration samples
+    act_order: bool = False  # per-channel grids: quantize the columns in order of decreasing H_ii
 
     def validate(self, pass_name: str = "gptq") -> None:
         if self.block_size < 1:
@@ -194,6 +197,18 @@ class GPTQPass(Pass):
     def _gptq(self, w: np.ndarray, h: np.ndarray, grid: _Grid, blocks: _BlockGrid | None,
               in_g: int, taps: int, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
         """The GPTQ sweep over the columns of ``w`` [rows, K]; returns (codes, dequantized) [rows, K]."""
+        opts: Options = self.options
+        if opts.act_order and blocks is None:
+            # the columns with the largest input energy first, while the most columns are left to absorb their
+            # rounding error; the fixed per-row grid makes the order free to choose
+            perm = np.argsort(-np.diag(h), kind="stable")
+            c, d = self._gptq_ordered(w[:, perm], h[np.ix_(perm, perm)], grid, n_rows)
+            inv = np.argsort(perm)
+            return c[:, inv], d[:, inv]
+        return self._gptq_ordered(w, h, grid, n_rows, blocks)
+
+    def _gptq_ordered(self, w: np.ndarray, h: np.ndarray, grid: _Grid, n_rows: int,
+                      blocks: _BlockGrid | None = None) -> tuple[np.ndarray, np.ndarray]:
         opts: Options = self.options
         k = w.shape[1]
         h = h.copy()

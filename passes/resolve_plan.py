@@ -29,6 +29,7 @@ class ResolvePlanPass(Pass):
 
     def run(self, ctx: CompileContext) -> PassResult:
         resolved = ctx.plan.resolve(ctx.graph)
+        resolved.target_options = ctx.target.check_options(ctx.plan.target_options, ctx.plan.source)
         ctx.target.check(resolved)
         stats: Counter[str] = Counter()
         refined = ctx.target.refine(resolved, ctx.graph)

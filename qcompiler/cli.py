@@ -335,6 +335,7 @@ def targets_cmd(as_json: bool) -> None:
     from qcompiler.runtime_targets import targets
 
     data = {name: {"description": cls.description, "default_pipeline": cls.default_pipeline,
+                   "plan_options": {k: {"default": d, "doc": doc} for k, (d, doc) in cls.options.items()},
                    **cls().capabilities()} for name, cls in sorted(targets().items())}
     if as_json:
         click.echo(json.dumps(data, indent=2))
@@ -342,6 +343,8 @@ def targets_cmd(as_json: bool) -> None:
     for name, d in data.items():
         click.echo(f"{name}: {d['description']}")
         click.echo(f"  default pipeline: {d['default_pipeline']}")
+        for opt, info in d["plan_options"].items():
+            click.echo(f"  plan option targets.{name}.{opt} (default {json.dumps(info['default'])}): {info['doc']}")
         for op, cap in d["ops"].items():
             click.echo(f"  {op}: weights {','.join(cap['weight_dtypes'])}; activations "
                        f"{','.join(cap['activation_dtypes']) or 'none (weight-only)'}; {','.join(cap['granularities'])}; "

@@ -165,6 +165,7 @@ def compile_model(model_path: str | os.PathLike[str], output_path: str | os.Path
         raise UserError("--preset and --plan both given; a preset is a plan: give one of them")
     plan = opts.plan if isinstance(opts.plan, Plan) else load_plan(opts.plan if opts.preset is None
                                                                    else _preset_plan(opts.preset))
+    target.check_options(plan.target_options, plan.source)  # a bad targets: section fails before any work
     auto = None
     if opts.budget is not None:  # mixed precision under a budget: the plan is planned first (autoplan)
         from qcompiler import autoplan

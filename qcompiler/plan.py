@@ -92,7 +92,7 @@ class QuantSpec:
 _SPEC_KEYS = {f.name for f in fields(QuantSpec)}
 _RULE_KEYS = {"match", "weight", "activation", "skip", "comment"}
 _MATCH_KEYS = {"op_type", "name_regex", "name"}
-_TOP_KEYS = {"version", "defaults", "rules", "comment", "description", "algorithms"}
+_TOP_KEYS = {"version", "defaults", "rules", "comment", "description", "algorithms", "targets"}
 #: PTQ algorithms a plan may turn on (``algorithms:`` key) -> the pass that implements each
 ALGORITHMS = {"fold_bias": "fold-bias", "equalize": "equalize", "smooth": "smooth", "gptq": "gptq",
               "bias_correct": "bias-correct"}
@@ -197,6 +197,9 @@ class Plan:
     #: algorithms the plan turns off (``algorithms: {fold_bias: false}``): their passes leave the pipeline, the
     #: target's default pipeline included
     disabled_algorithms: set[str] = field(default_factory=set)
+    #: per-target options (``targets: {ort: {requantize_conv_outputs: false}}``): target name -> options; a
+    #: target reads only its own section, checked against its ``options`` by ``resolve-plan``
+    target_options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     # ------------------------------------------------------------------------------------------- parsing
     @classmethod
@@ -255,6 +258,7 @@ class Plan:
         plan.algorithms = _parse_algorithms(data.get("algorithms"), source)
         plan.disabled_algorithms = {str(k).replace("-", "_") for k, v in (data.get("algorithms") or {}).items()
                                     if v is False}
+        plan.target_options = _parse_target_options(data.get("targets"), source)
         return plan
 
     def to_dict(self) -> dict[str, Any]:
@@ -265,6 +269,7 @@ class Plan:
             **({"algorithms": {**{k: (dict(v) if v else True) for k, v in self.algorithms.items()},
                                **{k: False for k in sorted(self.disabled_algorithms)}}}
                if self.algorithms or self.disabled_algorithms else {}),
+            **({"targets": {k: dict(v) for k, v in self.target_options.items()}} if self.target_options else {}),
         }
 
     def dtypes_used(self) -> set[tuple[str, str]]:
@@ -320,6 +325,24 @@ def _parse_rule(r: Any, i: int, source: str) -> Rule:
     if not (rule.weight or rule.activation or rule.skip is not None):
         raise UserError(f"{where}: rule sets nothing (give weight, activation or skip)")
     return rule
+
+
+def _parse_target_options(data: Any, source: str) -> dict[str, dict[str, Any]]:
+    """``targets: {ort: {requantize_conv_outputs: false}}`` -> ``{target: {option: value}}``. The target names
+    and option values are checked by ``resolve-plan`` against the target in use (:meth:`Target.check_options`);
+    here only the shape."""
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{source}: 'targets' must be a mapping of target name -> options")
+    out: dict[str, dict[str, Any]] = {}
+    for name, opts in data.items():
+        if opts is None:
+            opts = {}
+        if not isinstance(opts, dict):
+            raise UserError(f"{source}: targets.{name}: expected a mapping of option -> value")
+        out[str(name)] = {str(k).replace("-", "_"): v for k, v in opts.items()}
+    return out
 
 
 def _parse_algorithms(data: Any, source: str) -> dict[str, dict[str, Any]]:
@@ -468,6 +491,8 @@ class ResolvedPlan:
     nodes: dict[str, NodePlan]
     unmatched_rules: list[str] = field(default_factory=list)
     source: str = ""
+    #: the options of the plan's ``targets:`` section for the target in use (set by ``resolve-plan``)
+    target_options: dict[str, Any] = field(default_factory=dict)
 
     def quantized(self) -> list[NodePlan]:
         return [n for n in self.nodes.values() if n.quantized]
@@ -478,6 +503,7 @@ class ResolvedPlan:
             "plan": self.source,
             "summary": {"nodes": len(self.nodes), "quantized": len(self.quantized()),
                         "unmatched_rules": list(self.unmatched_rules)},
+            **({"target_options": dict(self.target_options)} if self.target_options else {}),
             "nodes": [n.to_dict() for n in self.nodes.values()],
         }
 

@@ -8,6 +8,8 @@ A target (one folder per target, e.g. ``runtime_targets/ort/``) declares
   (e.g. the output of a Conv, after its ReLU, for onnxruntime's QLinearConv);
 * :meth:`Target.refine`: its own defaults for nodes no plan rule decided (``ort``: depthwise convolutions
   keep float activations, their int weights dequantized at load);
+* ``options``: the options a plan may set for it (``targets: {ort: {requantize_conv_outputs: false}}``),
+  checked by :meth:`Target.check_options` when the plan is resolved;
 * :meth:`Target.lowering_passes`: the passes the generic ``lower`` pass runs for it;
 * ``default_pipeline``: the pipeline ``qcompiler compile`` runs when none is given.
 
@@ -61,6 +63,30 @@ class Target:
     ops: dict[str, OpCapability] = field(default_factory=dict)
     #: activation dtypes allowed on ops not listed in ``ops`` (quantized because a rule named them)
     other_activation_dtypes: frozenset[str] = frozenset()
+    #: options a plan's ``targets: {<name>: {...}}`` section may set: option -> (default, one-line doc); the
+    #: value must have the default's type
+    options: ClassVar[dict[str, tuple[Any, str]]] = {}
+
+    def check_options(self, plan_options: dict[str, dict[str, Any]], source: str) -> dict[str, Any]:
+        """This target's options from a plan's ``targets:`` section, defaults filled in. Raises
+        :class:`UserError` naming the plan for an unknown target name, or an unknown option / wrong type in this
+        target's own section (other targets' sections are theirs to check)."""
+        known = targets()
+        for name in plan_options:
+            if name not in known:
+                raise UserError(f"{source}: targets.{name}: unknown target (known: {', '.join(sorted(known))})")
+        mine = plan_options.get(self.name, {})
+        out = {k: d for k, (d, _) in self.options.items()}
+        for k, v in mine.items():
+            if k not in self.options:
+                have = ", ".join(sorted(self.options)) or "none"
+                raise UserError(f"{source}: targets.{self.name}: unknown option '{k}' (known: {have})")
+            default = self.options[k][0]
+            if type(v) is not type(default):
+                raise UserError(f"{source}: targets.{self.name}.{k}: expected {type(default).__name__}, "
+                                f"got {v!r}")
+            out[k] = v
+        return out
 
     # ------------------------------------------------------------------------------------ capabilities
     def capabilities(self) -> dict[str, Any]:

@@ -280,6 +280,9 @@ def test_targets_command_lists_capabilities():
     assert (f"  MatMul: weights {','.join(mm['weight_dtypes'])}; activations {','.join(mm['activation_dtypes'])}; "
             f"{','.join(mm['granularities'])}; schemes {','.join(mm['schemes'])}") in text.stdout
     assert {"int8", "uint8", "int16", "int4", "uint4", "fp8e4m3", "fp8e5m2"} <= set(mm["weight_dtypes"])
+    assert data["ort"]["plan_options"]["requantize_conv_outputs"]["default"] is True
+    assert data["qonnx"]["plan_options"] == {}
+    assert "  plan option targets.ort.requantize_conv_outputs (default true): quantize a Conv's" in text.stdout
 
 
 # ------------------------------------------------------------------- depthwise in float, load-time dequant
@@ -397,3 +400,75 @@ def test_load_time_dequant_must_not_match_a_weight_an_integer_kernel_also_reads(
     graph, meta = ir.import_graph(low2)
     ctx = CompileContext(graph=graph, meta=meta, plan=plan, target=get_target("ort"))
     assert not OrtLoadTimeDequantPass().run(ctx).modified
+
+
+def _hardswish_convs() -> onnx.ModelProto:
+    """x -> Conv a -> HardSwish -> Conv b -> Relu -> Conv c -> y (opset 17)."""
+    from _graphs import Builder, vi
+
+    b = Builder(seed=21)
+    b.node("Conv", ["x", b.init("wa", b.randn(16, 8, 3, 3, scale=0.3)), b.init("ba", b.randn(16, scale=0.5))],
+           ["a"], name="conv_a", pads=[1, 1, 1, 1])
+    b.node("HardSwish", ["a"], ["hs"], name="hswish")
+    b.node("Conv", ["hs", b.init("wb", b.randn(16, 16, 1, 1, scale=0.3))], ["b"], name="conv_b")
+    b.node("Relu", ["b"], ["r"], name="relu")
+    b.node("Conv", ["r", b.init("wc", b.randn(4, 16, 3, 3, scale=0.3))], ["y"], name="conv_c", pads=[1, 1, 1, 1])
+    return b.model([vi("x", [1, 8, 12, 12])], [vi("y", [1, 4, 12, 12])])
+
+
+def test_conv_outputs_read_only_by_float_ops_stay_float_when_asked(tmp_path):
+    """``targets: {ort: {requantize_conv_outputs: false}}``: conv_a's output goes to a HardSwish (a float op),
+    so conv_a keeps float activations instead of rounding its output for QLinearConv; conv_b is read quantized
+    by conv_c and stays QLinearConv; conv_c's output is the graph output (never requantized) and keeps float
+    activations too. By default all three take quantized inputs and conv_a, conv_b run as QLinearConv."""
+    src = tmp_path / "hs.onnx"
+    onnx.save(_hardswish_convs(), src)
+    rng = np.random.default_rng(0)
+    feeds = [{"x": rng.standard_normal((1, 8, 12, 12)).astype(np.float32)} for _ in range(24)]
+    np.savez(tmp_path / "calib.npz", x=np.stack([f["x"] for f in feeds[:16]]))
+    ref = _outputs(onnx.load(str(src)), feeds[16:])
+    plans = {"default": None, "no-requant": Plan.from_dict(
+        {"version": 1, "targets": {"ort": {"requantize_conv_outputs": False}}}, source="p.yaml")}
+    got = {}
+    for key, plan in plans.items():
+        out = tmp_path / f"{key}.onnx"
+        res = compile_model(src, out, CompileOptions(plan=plan, calib=str(tmp_path / "calib.npz"), validate=False))
+        q = onnx.load(str(out))
+        got[key] = (q, res, quant.sqnr_db(ref, _outputs(q, feeds[16:])))
+    q, res, s_not = got["no-requant"]
+    assert ir.optimized_op_types(q).get("QLinearConv") == 1  # conv_b
+    assert ir.optimized_op_types(got["default"][0]).get("QLinearConv") == 2  # conv_a, conv_b
+    conv_a = next(n for n in q.graph.node if n.name == "conv_a")
+    assert conv_a.input[0] == "x"  # float input; its int8 weight codes are dequantized at load
+    assert {n.op_type for n in _tagged(q, "ort-load-time-dequant")} == {"Cast", "Mul"}
+    assert next(r for r in res.records if r.name == "resolve-plan").stats["target_refined"] == 2
+    side = (tmp_path / "no-requant.plan.yaml").read_text()
+    assert "only float ops read this Conv''s output (targets.ort.requantize_conv_outputs: false)" in side
+    s_req = got["default"][2]
+    assert s_not >= s_req + 2.5, (s_req, s_not)  # two roundings fewer around the HardSwish: 34.73 -> 37.81 dB
+
+
+@pytest.mark.parametrize("targets, message", [
+    ({"nosuch": {}}, "p.yaml: targets.nosuch: unknown target (known:"),
+    ({"ort": {"requantize": False}}, "p.yaml: targets.ort: unknown option 'requantize' (known: requantize_conv_outputs)"),
+    ({"ort": {"requantize_conv_outputs": "no"}}, "p.yaml: targets.ort.requantize_conv_outputs: expected bool, got 'no'"),
+    ({"qonnx": {"x": 1}}, "p.yaml: targets.qonnx: unknown option 'x' (known: none)"),
+])
+def test_bad_target_options_are_refused_before_any_work(targets, message, tmp_path):
+    plan = Plan.from_dict({"version": 1, "targets": targets}, source="p.yaml")
+    target = "qonnx" if "qonnx" in targets else "ort"
+    out = tmp_path / "q.onnx"
+    with pytest.raises(UserError) as e:
+        compile_model(MODELS / "conv_bn_relu.onnx", out, CompileOptions(plan=plan, target=target, calib="random"))
+    assert str(e.value).startswith(message), str(e.value)
+    assert not list(tmp_path.iterdir())
+
+
+def test_target_options_round_trip_through_the_plan_file():
+    plan = Plan.from_text("version: 1\ntargets:\n  ort: {requantize-conv-outputs: false}\n", source="p.yaml")
+    assert plan.target_options == {"ort": {"requantize_conv_outputs": False}}
+    assert Plan.from_dict(plan.to_dict()).target_options == plan.target_options
+    assert get_target("ort").check_options(plan.target_options, "p.yaml") == {"requantize_conv_outputs": False}
+    assert get_target("packed").check_options(plan.target_options, "p.yaml") == {"requantize_conv_outputs": True}
+    with pytest.raises(UserError, match=r"p\.yaml: 'targets' must be a mapping"):
+        Plan.from_text("version: 1\ntargets: [ort]\n", source="p.yaml")

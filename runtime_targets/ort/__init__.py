@@ -10,6 +10,10 @@ integer kernels:
 * ``DQ(x), DQ(w), DQ(b) -> Gemm``                     becomes ``QGemm``;
 * int4 block-wise weight-only MatMul is lowered to ``com.microsoft.MatMulNBits`` (see ``matmulnbits.py``);
 * depthwise convolutions keep float activations unless a plan rule sets them (``OrtTarget.refine``);
+* with the plan option ``targets: {ort: {requantize_conv_outputs: false}}`` a Conv / ConvTranspose runs as
+  QLinearConv only where a quantized op reads its output anyway; one whose output only float ops read (a
+  hard-swish, a residual Add, a graph output) keeps float activations instead of having its output rounded to
+  8 bits for the integer kernel (``OrtTarget.refine``; the ``w8a8`` preset sets it);
 * the weights of float kernels (weight-only Conv / ConvTranspose / Gemm, LSTM / GRU / RNN) are dequantized with
   Cast/Mul, which onnxruntime folds when the session loads, instead of a DequantizeLinear it would run at
   every inference (``load_time_dequant.py``);
@@ -30,7 +34,7 @@ if TYPE_CHECKING:
 
     from qcompiler.context import CompileContext
     from qcompiler.pass_base import Pass
-    from qcompiler.plan import QuantSpec, ResolvedPlan
+    from qcompiler.plan import NodePlan, QuantSpec, ResolvedPlan
 
 _INT_W = frozenset({"int8", "uint8", "int16", "uint16", "int4", "uint4", "fp8e4m3", "fp8e5m2"})
 _INT_A = frozenset({"int8", "uint8", "int16", "uint16", "fp8e4m3", "fp8e5m2"})
@@ -47,6 +51,10 @@ class OrtTarget(Target):
     name: ClassVar[str] = "ort"
     validation_optimization: ClassVar[str] = "all"
     description: ClassVar[str] = "onnxruntime CPU: standard QDQ placed for its integer kernels; MatMulNBits for int4"
+    options: ClassVar[dict[str, tuple[Any, str]]] = {
+        "requantize_conv_outputs": (True, "quantize a Conv's output for QLinearConv even where only float ops read "
+                                          "it (false: such a Conv keeps float activations)"),
+    }
 
     def __init__(self) -> None:
         super().__init__(
@@ -63,13 +71,14 @@ class OrtTarget(Target):
             other_activation_dtypes=_INT_A,
         )
 
-    def output_tensors(self, ctx: CompileContext) -> dict[str, QuantSpec]:
-        """Quantize the output of each quantized Conv/ConvTranspose (after a lone ReLU/Clip) for QLinearConv."""
-        assert ctx.resolved is not None
-        out: dict[str, QuantSpec] = {}
-        graph_outputs = {t.name for t in ctx.graph.outputs}
-        by_name = {n.name: n for n in ctx.graph.nodes}
-        for np_ in ctx.resolved.nodes.values():
+    @staticmethod
+    def _qlinear_convs(resolved: ResolvedPlan, graph: gs.Graph) -> list[tuple[NodePlan, Any]]:
+        """(node plan, the tensor its QLinearConv would output) of every Conv / ConvTranspose planned with int8
+        weights and activations: its output after a ReLU / Clip that follows it alone."""
+        out: list[tuple[NodePlan, Any]] = []
+        graph_outputs = {t.name for t in graph.outputs}
+        by_name = {n.name: n for n in graph.nodes}
+        for np_ in resolved.nodes.values():
             if np_.op_type not in ("Conv", "ConvTranspose") or np_.weight is None or np_.activation is None:
                 continue
             if np_.activation.dtype not in ("uint8", "int8") or np_.weight.dtype not in ("int8", "uint8"):
@@ -82,8 +91,18 @@ class OrtTarget(Target):
             t: Any = node.outputs[0]
             while len(t.outputs) == 1 and t.outputs[0].op in _FUSABLE_ACTIVATIONS and t.name not in graph_outputs:
                 t = t.outputs[0].outputs[0]
+            out.append((np_, t))
+        return out
+
+    def output_tensors(self, ctx: CompileContext) -> dict[str, QuantSpec]:
+        """Quantize the output of each quantized Conv/ConvTranspose (after a lone ReLU/Clip) for QLinearConv."""
+        assert ctx.resolved is not None
+        out: dict[str, QuantSpec] = {}
+        graph_outputs = {t.name for t in ctx.graph.outputs}
+        for np_, t in self._qlinear_convs(ctx.resolved, ctx.graph):
             if t.name in graph_outputs or not t.outputs:
                 continue
+            assert np_.activation is not None
             out.setdefault(t.name, np_.activation)
         return out
 
@@ -107,6 +126,30 @@ class OrtTarget(Target):
             np_.activation, np_.activation_inputs = None, ()
             np_.reason = ("activation float: target ort computes depthwise Conv in float (faster than its int8 "
                           "kernel); weight int codes dequantized at load")
+            changed += 1
+        if not resolved.target_options.get("requantize_conv_outputs", True):
+            changed += self._float_unread_convs(resolved, graph)
+        return changed
+
+    def _float_unread_convs(self, resolved: ResolvedPlan, graph: gs.Graph) -> int:
+        """``requantize_conv_outputs: false``: a Conv whose QLinearConv output no op of the plan reads as a
+        quantized activation keeps float activations (its output would otherwise be rounded to 8 bits for the
+        kernel alone, an error the plan never asked for). Decided once, on the plan as its rules and the
+        target's depthwise default left it: a Conv kept in int8 because the next Conv reads its output quantized
+        stays so even when that next Conv goes float here (no cascade: on a plain Conv→ReLU→Conv chain that
+        feeds a float op, a cascade would turn the whole chain float, the speed of int8 with it)."""
+        by_name = {n.name: n for n in graph.nodes}
+        read: set[str] = set()  # tensors some quantized node reads as a quantized activation
+        for np_ in resolved.nodes.values():
+            if np_.activation is not None:
+                read.update(by_name[np_.node].inputs[i].name for i in np_.activation_inputs)
+        changed = 0
+        for np_, t in self._qlinear_convs(resolved, graph):
+            if np_.activation_ruled or t.name in read:  # a rule that set the activation is obeyed
+                continue
+            np_.activation, np_.activation_inputs = None, ()
+            np_.reason = ("activation float: only float ops read this Conv's output (targets.ort."
+                          "requantize_conv_outputs: false); weight int codes dequantized at load")
             changed += 1
         return changed
 
