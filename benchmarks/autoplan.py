@@ -66,7 +66,10 @@ from qcompiler.sensitivity import METRICS, LayerUnderTest, compute, effective_sa
 #: weights (the packed target stores them at their own width)
 SIX = "fp32,int8,int4,ternary,binary,shift4"
 ALL = SIX + ",shift3,shift2"
-INT4_SETS = {"six": SIX, "all": ALL}
+#: ... and the uniform 3- / 2-bit integer weights (mid-rise, packed Int3* / Int2* ops)
+INTS = ALL + ",int3,int2"
+INT4_SETS = {"six": SIX, "all": ALL, "ints": INTS}
+SET_LABELS = {SIX: "six", ALL: "+shift3,2", INTS: "+shift3,2,int3,2"}
 
 
 def spearman(a: list[float], b: list[float]) -> float:
@@ -157,24 +160,24 @@ def run_model(key: str, args: argparse.Namespace) -> dict[str, Any]:
 
     # ---- sensitivities: pd over every candidate, once (reused by the plans below), as `qcompiler plan` measures
     # them (activation ranges over the whole calibration set; more samples when they rest on few)
-    prep, lut = layers_of(task, ALL, "packed")
+    prep, lut = layers_of(task, INTS, "packed")
     ranges = autoplan.calib_source(prep.graph, calib, args.samples, 0)
     t = time.perf_counter()
     sens_all, feeds = autoplan.measure_sensitivity(
-        prep.graph, lut, [c.name for c in autoplan.parse_candidates(ALL)], ranges,
+        prep.graph, lut, [c.name for c in autoplan.parse_candidates(INTS)], ranges,
         autoplan.PlanOptions(budget=autoplan.Budget.parse("100%"), samples=args.samples,
                              max_samples=args.max_samples))
     out["pd_all_seconds"] = time.perf_counter() - t
     out["pd_samples"] = sens_all.samples
     out["pd_ess"] = {"final": sens_all.details.get("ess"), "first_pass": sens_all.details.get("first_pass")}
-    log("pd over", ALL, f"{out['pd_all_seconds']:.1f} s on {sens_all.samples} samples", out["pd_ess"])
+    log("pd over", INTS, f"{out['pd_all_seconds']:.1f} s on {sens_all.samples} samples", out["pd_ess"])
 
     # ---- 2. mixed at the bytes of uniform int4 ----------------------------------------------------------
     b4 = u["int4 (packed)"]["bytes"]
     for set_name, cands in INT4_SETS.items():
         r4 = plan(task, calib, str(b4), cands, "packed", args.samples, sens_all)
         m4 = compile_and_measure(task, r4.plan, calib, work, "packed", "mixed4", more=rank_feeds)
-        key4 = "mixed_at_int4" if set_name == "all" else f"mixed_at_int4_{set_name}"
+        key4 = {"all": "mixed_at_int4", "ints": "mixed_at_int4_ints"}.get(set_name, f"mixed_at_int4_{set_name}")
         out[key4] = {"candidates": cands, "budget": b4, "bytes": m4["bytes"], "sqnr_db": m4["sqnr_db"],
                      "agreement": m4["agreement"], "sqnr_db_more": m4["sqnr_db_more"], "more_samples": n_rank,
                      "gain_db_more": m4["sqnr_db_more"] - u["int4 (packed)"]["sqnr_db_more"],
@@ -264,16 +267,17 @@ def markdown(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
              f"(calib split), evaluation {args.eval} samples (eval split), sensitivity on the first {args.samples}.",
              ""]
     rows = []
-    for r, m4 in [(r, r[k]) for r in results for k in ("mixed_at_int4_six", "mixed_at_int4") if k in r]:
+    for r, m4 in [(r, r[k]) for r in results for k in ("mixed_at_int4_six", "mixed_at_int4", "mixed_at_int4_ints")
+                   if k in r]:
         u = r["uniform"]
-        rows.append((r["model"], "+shift3,2" if m4["candidates"] == ALL else "six",
+        rows.append((r["model"], SET_LABELS.get(m4["candidates"], m4["candidates"]),
                      f"{u['int4 (packed)']['bytes']}", f"{u['int4 (packed)']['sqnr_db']:.2f}",
                      f"{m4['bytes']}", f"{m4['sqnr_db']:.2f}", f"{m4['gain_db']:+.2f}",
                      f"{u['int4 (packed)']['sqnr_db_more']:.2f} → {m4['sqnr_db_more']:.2f} ({m4['gain_db_more']:+.2f})",
                      " ".join(f"{k}:{v}" for k, v in m4["counts"].items() if v)))
     n_more = results[0]["mixed_at_int4"]["more_samples"] if results else 0
     lines += [f"**At the bytes of uniform int4** (`--target packed`, candidates six = `{SIX}`, +shift3,2 = "
-              f"`{ALL}`; bytes as `inspect --cost` counts them, worst-output SQNR in dB on the {args.eval} eval "
+              f"`{ALL}`, +shift3,2,int3,2 = `{INTS}`; bytes as `inspect --cost` counts them, worst-output SQNR in dB on the {args.eval} eval "
               f"samples, and on the first {n_more} eval samples):", "",
               fmt_table(["model", "candidates", "int4 bytes", "int4 SQNR", "mixed bytes", "mixed SQNR", "gain",
                          f"int4 → mixed ({n_more})", "layers"], rows), ""]

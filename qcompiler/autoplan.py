@@ -179,6 +179,14 @@ def parse_candidates(text: str | Sequence[str]) -> list[Candidate]:
             cand = Candidate(name, (("dtype", name), ("scheme", "int")))
         elif name in ("binary", "ternary"):
             cand = Candidate(name, (("scheme", name),))
+        elif re.fullmatch(r"int[0-9]+", name) and name not in DTYPES:
+            from qcompiler.plan import UNIFORM_BITS
+
+            bits = int(name[3:])
+            if bits not in UNIFORM_BITS:
+                raise UserError(f"--candidates: '{raw}': unknown integer width (int8, int4, and the uniform "
+                                f"{', '.join(f'int{b}' for b in UNIFORM_BITS)} of the packed target)")
+            cand = Candidate(name, (("scheme", "uniform"), ("bits", bits)))
         elif re.fullmatch(r"shift[0-9]*", name):
             bits = int(name[5:] or 4)
             from qcompiler.plan import SHIFT_BITS
@@ -188,7 +196,7 @@ def parse_candidates(text: str | Sequence[str]) -> list[Candidate]:
             cand = Candidate(f"shift{bits}", (("scheme", "shift"), ("bits", bits)))
         else:
             raise UserError(f"--candidates: unknown candidate '{raw}' (fp32, int8, int4, uint8, uint4, int16, "
-                            "fp8e4m3, fp8e5m2, binary, ternary, shift2..shift4)")
+                            "fp8e4m3, fp8e5m2, int3, int2, binary, ternary, shift2..shift4)")
         if gran:
             cand = _with_granularity(cand, gran, raw)
         if cand.lowbit:
@@ -241,6 +249,9 @@ class PlanOptions:
     draws: int = 2  # hessian: Hutchinson draws per layer
     refine: int = 0  # pd: re-measure around the plan found and re-solve, up to this many times
     select: int = 8  # measure the plan and this many Pareto neighbours whole, keep the best (0: off)
+    #: pd: rounds of measured exchanges around the selected plan (0: off): a few layers changed at a time, from
+    #: sensitivities re-measured around the plan, each candidate exchange measured whole (see :func:`_exchange`)
+    exchange: int = 0
     seed: int = 0
     resolution: int = knapsack.DEFAULT_RESOLUTION
 
@@ -594,6 +605,18 @@ def weight_owners(graph: Any, layers: set[str]) -> dict[str, str]:
     return out
 
 
+def _cost_from_json(cj: dict[str, Any]) -> cost.CostReport:
+    """A compile report's ``cost`` section (``CostReport.to_json()``) back as a :class:`~qcompiler.cost.CostReport`."""
+    keys = ("name", "op_type", "bytes", "params", "macs", "weight_bits", "act_bits", "weight_format")
+    layers = [cost.LayerCost(**{k: lc[k] for k in keys if k in lc}) for lc in cj.get("layers", [])]
+    return cost.CostReport(layers=layers, total_bytes=int(cj["total_bytes"]), tensor_bytes=int(cj["tensor_bytes"]),
+                           unattributed_bytes=int(cj.get("unattributed_bytes", 0)),
+                           peak_activation_bytes=cj.get("peak_activation_bytes"), peak_at=cj.get("peak_at"),
+                           feed_shapes={k: list(v) for k, v in cj.get("feed_shapes", {}).items()},
+                           shapes_from=str(cj.get("shapes_from", "none")), files=list(cj.get("files", [])),
+                           notes=list(cj.get("notes", [])))
+
+
 class _Workdir:
     """A temporary folder with the one-sample calibration file the probe compiles use."""
 
@@ -615,7 +638,12 @@ class _Workdir:
         res = compile_model(model, out, CompileOptions(plan=plan, target=target, calib=str(self.calib),
                                                        calib_samples=1, validate=False))
         files = [f for f in res.files if f.suffix in (".onnx", ".data") or f.name.endswith(".onnx.data")]
-        rep = cost.model_cost(out, files=files, feed_shapes=shapes, shapes=want_shapes)
+        cj = res.report.get("cost")
+        if cj is not None and (not want_shapes or (cj.get("shapes_from") != "none" and cj.get("macs")
+                                                   and cj.get("feed_shapes") == shapes)):
+            rep = _cost_from_json(cj)  # the compile counted it already (at the calibration sample's shapes)
+        else:
+            rep = cost.model_cost(out, files=files, feed_shapes=shapes, shapes=want_shapes)
         self.owners = weight_owners(ir.import_graph(ir.load_model(out))[0], layers) if layers else {}
         plan_rep = res.report.get("plan", {})
         for f in res.files:
@@ -747,6 +775,8 @@ def auto_plan(model_path: str | Path, calib: str | Path | None, options: PlanOpt
     select_feeds = more or feeds
     if opts.refine and opts.metric != "pd":
         raise UserError("--refine re-measures sensitivities around a plan with pd; use --metric pd")
+    if opts.exchange and opts.metric != "pd":
+        raise UserError("--exchange re-measures sensitivities around a plan with pd; use --metric pd")
 
     # ---- costs, allocation, verification ----------------------------------------------------------------
     unit = opts.budget.unit
@@ -786,7 +816,8 @@ def auto_plan(model_path: str | Path, calib: str | Path | None, options: PlanOpt
         rounds = 0
         joint: dict[tuple[int, ...], tuple[float, np.ndarray]] = {}
         select_state: dict[str, Any] = {}
-        pool_front = _front(values, table, base, sens, unit, [], opts) if opts.select else []
+        raw_front = _front_points(values, table, base, sens, unit, opts)
+        pool_front = sorted(raw_front, key=_unit_key(unit)) if opts.select else []
         while True:
             rounds += 1
             choice = _solve(values, table[unit], cap, opts)
@@ -798,6 +829,9 @@ def auto_plan(model_path: str | Path, calib: str | Path | None, options: PlanOpt
             if opts.select:
                 choice = _select(choice, cap, pool_front, table[unit], values, opts, joint, prep, lut, names,
                                  select_feeds, sens, progress, ranges, select_feeds is not feeds, select_state)
+            if opts.exchange:
+                choice = _exchange(choice, cap, table[unit], opts, joint, prep, lut, names, feeds, select_feeds, sens,
+                                   progress, ranges, select_state)
             predicted = _predict(choice, table, base, values, sens)
             if tuple(choice) in joint and "signal" in select_state:
                 predicted["joint_sqnr_db"] = _sqnr(select_state["signal"], joint[tuple(choice)][1])
@@ -824,7 +858,7 @@ def auto_plan(model_path: str | Path, calib: str | Path | None, options: PlanOpt
             cap = min(cap, used) - excess - (1.0 if unit == "bytes" else abs(used) * 1e-6)
         timings["allocate"] = time.perf_counter() - t
         t = time.perf_counter()
-        front = _front(values, table, base, sens, unit, choice, opts)
+        front = _front(values, table, base, sens, unit, choice, opts, raw_front)
         timings["front"] = time.perf_counter() - t
     finally:
         work.close()
@@ -875,6 +909,7 @@ def _select(choice: list[int], cap: float, front: Sequence[FrontPoint], costs: n
         res, runner = measure_plans(prep.graph, lut, names, feeds, todo, runner=runner, workers=opts.workers,
                                     batch_size=opts.batch_size, range_source=ranges,
                                     qparams=sens.runner.activation_qparams if sens.runner is not None else None,
+                                    base=sens.runner if fresh else None,
                                     progress=(lambda d, n: progress("select (whole plans measured)", d, n))
                                     if progress else None)
         state["runner"] = runner
@@ -885,6 +920,89 @@ def _select(choice: list[int], cap: float, front: Sequence[FrontPoint], costs: n
         log.info("plan: measured together, a neighbouring plan beats the knapsack's (%.4g vs %.4g)",
                  joint[best][0], joint[tuple(choice)][0])
     return list(best)
+
+
+def _measure_whole(plans: Sequence[tuple[int, ...]], opts: PlanOptions,
+                   joint: dict[tuple[int, ...], tuple[float, np.ndarray]], prep: Prepared,
+                   lut: Sequence[LayerUnderTest], names: Sequence[str], feeds: Sequence[dict[str, np.ndarray]],
+                   sens: SensitivityResult, progress: Progress | None, ranges: Any, fresh: bool,
+                   state: dict[str, Any], label: str) -> None:
+    """Measure the ``plans`` not in ``joint`` whole on ``feeds`` (the session of ``state`` / of the sensitivity
+    pass, rebound to them when ``fresh``), into ``joint``."""
+    todo = [p for p in dict.fromkeys(plans) if p not in joint]
+    if not todo:
+        return
+    from qcompiler.sensitivity import measure_plans
+
+    runner = state.get("runner") or (None if fresh else sens.runner)
+    res, runner = measure_plans(prep.graph, lut, names, feeds, todo, runner=runner, workers=opts.workers,
+                                batch_size=opts.batch_size, range_source=ranges,
+                                qparams=sens.runner.activation_qparams if sens.runner is not None else None,
+                                base=sens.runner if fresh else None,
+                                progress=(lambda d, n: progress(label, d, n)) if progress else None)
+    state["runner"] = runner
+    state["signal"] = runner.signal
+    joint.update(zip(todo, res))
+
+
+def _exchange(choice: list[int], cap: float, costs: np.ndarray, opts: PlanOptions,
+              joint: dict[tuple[int, ...], tuple[float, np.ndarray]], prep: Prepared, lut: Sequence[LayerUnderTest],
+              names: Sequence[str], sens_feeds: Sequence[dict[str, np.ndarray]],
+              feeds: Sequence[dict[str, np.ndarray]], sens: SensitivityResult, progress: Progress | None,
+              ranges: Any, state: dict[str, Any]) -> list[int]:
+    """Measured exchanges around ``choice`` (``opts.exchange`` rounds at most): the sensitivities are measured again
+    around the plan (pd with the plan as context: the change of the distortion when one layer alone switches);
+    each exchange upgrades one layer and pays for it, where the budget needs it, with the downgrades that cost
+    the least distortion per unit saved (one per layer); the ``opts.select`` (at least 4) exchanges predicted
+    best are measured whole on ``feeds`` with the plan, and the best of them replaces the plan if it is less
+    distorted than the plan, measured. A first-order step kept small (a few layers), and checked, where
+    re-solving the whole knapsack from first-order changes (``refine``) moves many layers at once."""
+    current = [int(c) for c in choice]
+    n_l, n_c = costs.shape
+    fresh = feeds is not sens_feeds
+    for _ in range(opts.exchange):
+        ctx = compute("pd", prep.graph, lut, names, sens_feeds, batch_size=opts.batch_size, workers=opts.workers,
+                      seed=opts.seed, context=current, range_source=ranges,
+                      progress=(lambda d, n: progress("exchange (pd around the plan)", d, n)) if progress else None)
+        dv = ctx.values
+        slack = cap - float(sum(costs[li, ci] for li, ci in enumerate(current)))
+
+        def ok(li: int, ci: int, current: list[int] = current, dv: np.ndarray = dv) -> bool:
+            return ci != current[li] and bool(np.isfinite(dv[li, ci]) and np.isfinite(costs[li, ci]))
+
+        def saved(li: int, ci: int, current: list[int] = current) -> float:
+            return float(costs[li, current[li]] - costs[li, ci])
+
+        downs = sorted((float(dv[li, ci]) / saved(li, ci), li, ci) for li in range(n_l) for ci in range(n_c)
+                       if ok(li, ci) and saved(li, ci) > 0)
+        moves: dict[tuple[int, ...], float] = {}
+        for li in range(n_l):
+            for ci in range(n_c):
+                if not ok(li, ci) or dv[li, ci] >= 0:
+                    continue
+                plan, gain, need, taken = list(current), float(dv[li, ci]), -saved(li, ci) - slack, {li}
+                plan[li] = ci
+                for _, l2, c2 in downs:
+                    if need <= 0:
+                        break
+                    if l2 not in taken:
+                        plan[l2], gain, need = c2, gain + float(dv[l2, c2]), need - saved(l2, c2)
+                        taken.add(l2)
+                if need <= 1e-9 and gain < 0:
+                    moves[tuple(plan)] = min(gain, moves.get(tuple(plan), 0.0))
+        best_moves = sorted(moves, key=lambda p: moves[p])[: max(opts.select, 4)]
+        if not best_moves:
+            break
+        pool = [tuple(current), *best_moves]
+        _measure_whole(pool, opts, joint, prep, lut, names, feeds, sens, progress, ranges, fresh, state,
+                       "exchange (whole plans measured)")
+        best = min(pool, key=lambda p: joint[p][0])
+        if best == tuple(current):
+            break
+        log.info("plan: a measured exchange lowers the distortion (%.4g -> %.4g)", joint[tuple(current)][0],
+                 joint[best][0])
+        current = list(best)
+    return current
 
 
 def _fmt_unit(x: float, unit: str) -> str:
@@ -1041,16 +1159,18 @@ def _solve(values: np.ndarray, costs: np.ndarray, cap: float, opts: PlanOptions)
 
 def _predict(choice: Sequence[int], table: dict[str, np.ndarray], base: dict[str, float], values: np.ndarray,
              sens: SensitivityResult) -> dict[str, Any]:
-    b = base["bytes"] + sum(float(table["bytes"][li, ci]) for li, ci in enumerate(choice))
-    ops = base["bitops"] + sum(float(table["bitops"][li, ci]) for li, ci in enumerate(choice)
-                               if np.isfinite(table["bitops"][li, ci]))
-    bits = (base["bits"] + sum(float(table["bits"][li, ci]) for li, ci in enumerate(choice))) / max(base["params"], 1)
-    s = float(sum(float(values[li, ci]) for li, ci in enumerate(choice)))
+    rows, cols = np.arange(len(choice)), np.asarray(choice, dtype=np.int64)
+    # gathered with numpy, summed in layer order as before (same floating-point result)
+    b = base["bytes"] + sum(table["bytes"][rows, cols].tolist())
+    ops = base["bitops"] + sum(x for x in table["bitops"][rows, cols].tolist() if math.isfinite(x))
+    bits = (base["bits"] + sum(table["bits"][rows, cols].tolist())) / max(base["params"], 1)
+    s = float(sum(values[rows, cols].tolist()))
     return {"bytes": b, "bitops": ops, "avg_bits": bits, "sensitivity": s, "sqnr_db": sens.predicted_sqnr_db(choice)}
 
 
-def _front(values: np.ndarray, table: dict[str, np.ndarray], base: dict[str, float], sens: SensitivityResult,
-           unit: str, chosen: Sequence[int], opts: PlanOptions) -> list[FrontPoint]:
+def _front_points(values: np.ndarray, table: dict[str, np.ndarray], base: dict[str, float],
+                  sens: SensitivityResult, unit: str, opts: PlanOptions) -> list[FrontPoint]:
+    """The Pareto-optimal plans of the additive model (none marked chosen), in the knapsack's order."""
     groups_c, groups_v, index = _groups(values, table[unit])
     sols = knapsack.pareto_front(groups_c, groups_v, resolution=min(opts.resolution, 4096))
     points: list[FrontPoint] = []
@@ -1061,15 +1181,28 @@ def _front(values: np.ndarray, table: dict[str, np.ndarray], base: dict[str, flo
             continue
         seen.add(tuple(ch))
         p = _predict(ch, table, base, values, sens)
-        points.append(FrontPoint(ch, p["bytes"], p["bitops"], p["avg_bits"], p["sensitivity"], p["sqnr_db"],
-                                 chosen=list(ch) == list(chosen)))
+        points.append(FrontPoint(ch, p["bytes"], p["bitops"], p["avg_bits"], p["sensitivity"], p["sqnr_db"]))
+    return points
+
+
+def _front(values: np.ndarray, table: dict[str, np.ndarray], base: dict[str, float], sens: SensitivityResult,
+           unit: str, chosen: Sequence[int], opts: PlanOptions, points: Sequence[FrontPoint] | None = None
+           ) -> list[FrontPoint]:
+    """The Pareto front sorted by the budget's unit, ``chosen`` marked (added when it is not on it); ``points``:
+    the :func:`_front_points` of the same tables, when already computed."""
+    raw = _front_points(values, table, base, sens, unit, opts) if points is None else points
+    points = [FrontPoint(list(p.choice), p.bytes, p.bitops, p.avg_bits, p.sensitivity, p.predicted_sqnr_db,
+                         p.measured_sqnr_db, chosen=list(p.choice) == list(chosen)) for p in raw]
     if chosen and not any(p.chosen for p in points):
         p = _predict(chosen, table, base, values, sens)
         points.append(FrontPoint(list(chosen), p["bytes"], p["bitops"], p["avg_bits"], p["sensitivity"],
                                  p["sqnr_db"], chosen=True))
-    key = {"bytes": lambda q: q.bytes, "bitops": lambda q: q.bitops, "bits": lambda q: q.avg_bits}[unit]
-    points.sort(key=key)
+    points.sort(key=_unit_key(unit))
     return points
+
+
+def _unit_key(unit: str) -> Callable[[FrontPoint], float]:
+    return {"bytes": lambda q: q.bytes, "bitops": lambda q: q.bitops, "bits": lambda q: q.avg_bits}[unit]
 
 
 def plan_for_compile(model_path: str | Path, copts: Any, base: Plan, progress: Progress | None = None

@@ -438,7 +438,8 @@ def plan_show_cmd(preset: str | None) -> None:
                               "batch is its first --samples samples.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Write the plan here (default: print it).")
 @click.option("--candidates", default="int8,int4", show_default=True,
-              help="Precisions a layer may take: fp32, int8, int4, uint8, int16, fp8e4m3, ternary, binary, shift4 ...")
+              help="Precisions a layer may take: fp32, int8, int4, uint8, int16, fp8e4m3, ternary, binary, shift4, "
+                   "and int3 / int2 (uniform, bit-packed: --target packed) ...")
 @click.option("--metric", type=click.Choice(["pd", "hessian", "act-stats", "orthogonality"]), default="pd",
               show_default=True, help="Sensitivity: PD-Quant output change, HAWQ-V2 Hessian trace (forward "
                                       "only), myQASR activation statistics, OMPQ orthogonality.")
@@ -458,6 +459,9 @@ def plan_show_cmd(preset: str | None) -> None:
 @click.option("--refine", type=click.IntRange(min=0), default=0, show_default=True,
               help="--metric pd: re-measure the sensitivities around the plan found and re-solve, up to N times "
                    "(for tight budgets, where many coarse layers compound).")
+@click.option("--exchange", type=click.IntRange(min=0), default=0, show_default=True,
+              help="--metric pd: up to N rounds of measured exchanges around the plan (a few layers up, a few "
+                   "down, each candidate measured whole; kept only when the measured distortion drops).")
 @click.option("--pareto", type=click.Path(path_type=Path),
               help="Write the Pareto front as CSV here, and its plot as SVG beside it (.svg).")
 @click.option("--measure", type=click.IntRange(min=0), default=5, show_default=True,
@@ -468,7 +472,7 @@ def plan_show_cmd(preset: str | None) -> None:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or summary.")
 def plan_auto_cmd(model: Path, budget: str, bitops: bool, calib: str | None, output: Path | None, candidates: str,
                   metric: str, target: str, base_plan: str | None, samples: int, batch_size: int, solver: str,
-                  draws: int, select: int, refine: int, pareto: Path | None, measure: int,
+                  draws: int, select: int, refine: int, exchange: int, pareto: Path | None, measure: int,
                   validate_data: Path | None, seed: int, quiet: bool) -> None:
     """Plan mixed precision for MODEL: the most accurate plan within --budget (also `qcompiler plan MODEL`)."""
     from qcompiler import autoplan
@@ -477,7 +481,7 @@ def plan_auto_cmd(model: Path, budget: str, bitops: bool, calib: str | None, out
     opts = autoplan.PlanOptions(budget=autoplan.Budget.parse(budget, bitops=bitops),
                                 candidates=autoplan.parse_candidates(candidates), metric=metric, target=target,
                                 base_plan=base_plan, samples=samples, batch_size=batch_size, solver=solver,
-                                draws=draws, select=select, refine=refine, seed=seed)
+                                draws=draws, select=select, refine=refine, exchange=exchange, seed=seed)
     if pareto is not None and pareto.suffix.lower() != ".csv":
         raise UserError(f"--pareto: '{pareto}' must end in .csv (the plot goes beside it as .svg)")
     if measure and pareto is not None and (calib is None or calib in ("random", "none")):

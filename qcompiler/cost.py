@@ -74,7 +74,7 @@ for _name in ("float4_e2m1fn",):
     if hasattr(ml_dtypes, _name):
         _SUBBYTE[np.dtype(getattr(ml_dtypes, _name))] = 4
 #: the packed target's custom ops (domain ai.qcompiler): weight bits by op-name prefix
-_PACKED_PREFIX_BITS = {"Binary": 1, "Ternary": 2}
+_PACKED_PREFIX_BITS = {"Binary": 1, "Ternary": 2, "Int3": 3, "Int2": 2}
 
 
 # ----------------------------------------------------------------------------------------------- bits
@@ -94,14 +94,14 @@ def stored_bytes(shape: Sequence[Any], dtype: Any) -> int:
 
 def spec_bits(spec: QuantSpec | None) -> int:
     """Bits per element a (weight or activation) spec stands for: float 32; int dtypes from QDTYPES;
-    schemes binary 1, ternary 2, shift ``bits``."""
+    schemes binary 1, ternary 2, shift and uniform ``bits``."""
     if spec is None or spec.is_float:
         return FLOAT_BITS
     if spec.scheme == "binary":
         return 1
     if spec.scheme == "ternary":
         return 2
-    if spec.scheme == "shift":
+    if spec.scheme in ("shift", "uniform"):
         return int(spec.bits)
     return QDTYPES[spec.dtype].bits
 

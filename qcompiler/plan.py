@@ -50,11 +50,13 @@ RECURRENT_OPS = ("LSTM", "GRU", "RNN")
 DTYPES = ("int8", "uint8", "int16", "uint16", "int4", "uint4", "fp8e4m3", "fp8e5m2", "float")
 GRANULARITIES = ("per_tensor", "per_channel", "block")
 CALIBRATIONS = ("minmax", "percentile", "entropy", "mse")
-SCHEMES = ("int", "binary", "ternary", "shift")
+SCHEMES = ("int", "binary", "ternary", "shift", "uniform")
 #: activations: int/fp8 dtypes (scheme int) or binary (sign with a per-tensor scale, for XNOR layers)
 ACTIVATION_SCHEMES = ("int", "binary")
 #: shift scheme: sign bit + bits-1 exponent bits (2**(bits-1) exponents, at most 8)
 SHIFT_BITS = (2, 3, 4)
+#: uniform scheme (mid-rise, 2^bits levels symmetric around zero: int3 / int2 candidates of the planner)
+UNIFORM_BITS = (2, 3)
 RANGES = ("minmax", "mse")
 SCALES = ("float", "pow2")
 
@@ -71,9 +73,9 @@ class QuantSpec:
     calibration: str = "minmax"  # activations: how the range is calibrated
     percentile: float = 99.99
     range: str = "minmax"  # weights: how the clipping range is chosen
-    scheme: str = "int"  # int | binary | ternary | shift (low-bit weight schemes)
+    scheme: str = "int"  # int | binary | ternary | shift | uniform (low-bit weight schemes)
     scale: str = "float"  # float | pow2 (power-of-two scales)
-    bits: int = 4  # shift scheme: sign + 2**(bits-1) exponents
+    bits: int = 4  # shift scheme: sign + 2**(bits-1) exponents; uniform: 2**bits levels
     threshold: float = 0.7  # ternary: delta = threshold * mean|W|
 
     @property
@@ -427,6 +429,8 @@ def _make_spec(d: dict[str, Any], where: str) -> QuantSpec:
     if spec.scheme == "shift" and spec.bits not in SHIFT_BITS:
         raise UserError(f"{where}: shift bits must be one of {', '.join(map(str, SHIFT_BITS))} "
                         f"(sign + 2**(bits-1) exponents), got {spec.bits}")
+    if spec.scheme == "uniform" and spec.bits not in UNIFORM_BITS:
+        raise UserError(f"{where}: uniform bits must be one of {', '.join(map(str, UNIFORM_BITS))}, got {spec.bits}")
     return spec
 
 

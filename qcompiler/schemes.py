@@ -52,6 +52,7 @@ import numpy as np
 
 from qcompiler import quant
 from qcompiler.plan import SHIFT_BITS as _PLAN_SHIFT_BITS
+from qcompiler.plan import UNIFORM_BITS as _PLAN_UNIFORM_BITS
 
 if TYPE_CHECKING:
     from qcompiler.calibration import TensorStats
@@ -59,7 +60,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-LOWBIT_SCHEMES = ("binary", "ternary", "shift")
+LOWBIT_SCHEMES = ("binary", "ternary", "shift", "uniform")
+#: uniform (mid-rise) scheme: supported ``bits`` (2^bits levels)
+UNIFORM_BITS = _PLAN_UNIFORM_BITS
+#: uniform: clipping ratios (of max|W|) searched per channel for the least weight MSE
+UNIFORM_GRID = 64
 #: shift: supported ``bits`` (sign + bits − 1 exponent bits); 2^(bits−1) exponents, at most 8
 SHIFT_BITS = _PLAN_SHIFT_BITS
 MIN_ALPHA = quant.MIN_SCALE
@@ -143,6 +148,46 @@ def ternary(w: np.ndarray, axis: int | None, threshold: float = 0.7) -> SchemeWe
     alpha = np.maximum(alpha, MIN_ALPHA).astype(np.float32)
     return SchemeWeight("ternary", codes, alpha, axis, 2, {"threshold": float(threshold),
                                                             "delta": delta.astype(np.float32)})
+
+
+def uniform(w: np.ndarray, axis: int | None, bits: int = 3) -> SchemeWeight:
+    """Mid-rise uniform weights (``int3`` / ``int2`` of the planner): Ŵ = (q + ½)·Δ, q ∈ [−L/2, L/2 − 1],
+    L = 2^bits levels placed symmetrically around zero (none on it), per channel; integer codes c = 2q + 1 (odd,
+    |c| ≤ L − 1) with scale Δ/2. Δ is chosen per channel for the least weight MSE: clipping ratios
+    ``r·max|W|`` (r on :data:`UNIFORM_GRID` points in [0.1, 1]), then the least-squares scale for the best
+    codes (Σ W·c / Σ c²), kept when it lowers the MSE."""
+    if bits not in UNIFORM_BITS:
+        raise ValueError(f"uniform weights take {', '.join(map(str, UNIFORM_BITS))} bits, got {bits}")
+    w = np.asarray(w, dtype=np.float32)
+    a = w.astype(np.float64)
+    half = 1 << (bits - 1)
+    axes = _other_axes(w.ndim, axis)
+    amax = np.maximum(np.abs(a).max(axis=axes) if a.size else np.zeros(()), MIN_ALPHA)
+
+    def codes_for(step: np.ndarray) -> np.ndarray:
+        sb = _bcast(step, w.ndim, axis)
+        return 2.0 * np.clip(np.floor(a / sb), -half, half - 1) + 1.0
+
+    def mse(c: np.ndarray, scale: np.ndarray) -> np.ndarray:
+        return np.asarray(((a - c * _bcast(scale, w.ndim, axis)) ** 2).mean(axis=axes))
+
+    best_err = np.full(np.shape(amax), np.inf)
+    best = np.asarray(amax / half)
+    for r in np.linspace(0.1, 1.0, UNIFORM_GRID):
+        step = r * amax / half
+        err = mse(codes_for(step), step / 2.0)
+        better = err < best_err
+        best_err = np.where(better, err, best_err)
+        best = np.where(better, step, best)
+    c = codes_for(best)
+    ls = _channel_sum(a * c, axis) / np.maximum(_channel_sum(c * c, axis), 1.0)
+    ls = np.maximum(ls, MIN_ALPHA)
+    c_ls = codes_for(2.0 * ls)
+    take = mse(c_ls, ls) < best_err
+    scale = np.where(take, ls, best / 2.0)
+    codes = np.where(_bcast(take, w.ndim, axis), c_ls, c).astype(np.int8)
+    return SchemeWeight("uniform", codes, np.maximum(scale, MIN_ALPHA).astype(np.float32), axis, int(bits),
+                        {"levels": 1 << bits})
 
 
 def shift_exponents(a: np.ndarray, s: np.ndarray, levels: int) -> np.ndarray:
@@ -361,6 +406,8 @@ def quantize_for_spec(w: np.ndarray, spec: QuantSpec, axis: int | None, block_si
         sw = ternary(w, axis, spec.threshold)
     elif spec.scheme == "shift":
         sw = shift(w, axis, spec.bits, pow2_scale=spec.scale == "pow2")
+    elif spec.scheme == "uniform":
+        sw = uniform(w, axis, spec.bits)
     else:
         raise ValueError(f"unknown weight scheme {spec.scheme!r}")
     if spec.scale == "pow2" and spec.scheme != "shift":

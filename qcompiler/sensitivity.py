@@ -31,7 +31,13 @@ Speed: ONE onnxruntime session for everything — the float graph in which the w
 test are graph *inputs* (built with graphsurgeon), so a candidate is evaluated by feeding its dequantized
 weights, never by rebuilding a session. The float outputs are computed once and reused; samples of the same
 shape are stacked into batches when the model is batch-safe (checked numerically); independent evaluations run
-concurrently on the shared session (one onnxruntime thread each). ``pd`` and ``hessian`` also give the output
+concurrently on the shared session (one onnxruntime thread each). **Partial evaluation** (``pd`` / ``hessian``,
+:data:`PARTIAL_CUTS`): the topologically sorted graph is cut before up to that many layers spread over the
+layer order; the float tensors crossing each cut are fetched with the reference run, and one session per cut
+runs the nodes after it — an evaluation whose settings change nothing before a cut starts there (exact: the
+nodes before it see the float inputs). Around a plan (``context``) and between whole plans
+(:func:`measure_plans`) the same holds with a plan's own activations at the cut, for settings that agree with
+that plan on every input read before the cut. ``pd`` and ``hessian`` also give the output
 noise power each (layer, candidate) adds, from which the planner predicts the output SQNR of a whole plan.
 ``pd`` keeps each sample's share of every distortion and reports the median Kish effective sample size
 ``(Σd)²/Σd²`` over its evaluations (``details["ess"]``): how many samples the measurement really rests on.
@@ -40,6 +46,7 @@ Progress goes to a callback; nothing is printed.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -66,6 +73,10 @@ HESSIAN_EPS = 0.02
 ORM_FEATURES = 4096
 #: act-stats: at most this many values per batch and layer for the median
 MEDIAN_SAMPLES = 8192
+#: pd / hessian: evaluations start from the float activations at up to this many cuts (partial evaluation)
+PARTIAL_CUTS = 8
+#: ... unless the activations crossing the cuts take more than this many bytes over the samples
+PARTIAL_MAX_BYTES = 1 << 30
 _SHAPE_OPS = frozenset({"Reshape", "Squeeze", "Unsqueeze", "Flatten", "Transpose", "Identity", "Cast"})
 
 Progress = Callable[[int, int], None]
@@ -157,10 +168,9 @@ class SensitivityResult:
         if self.noise is None or self.signal is None:
             return None
         total = np.zeros(len(self.outputs)) if self.base_noise is None else self.base_noise.astype(np.float64).copy()
-        for li, ci in enumerate(choice):
-            n = self.noise[li, ci]
-            if np.all(np.isfinite(n)):
-                total += n
+        picked = self.noise[np.arange(len(choice)), np.asarray(choice, dtype=np.int64)]
+        for n in picked[np.all(np.isfinite(picked), axis=1)]:
+            total += n
         worst = math.inf
         for o in range(len(self.outputs)):
             if total[o] <= 0:
@@ -176,6 +186,48 @@ class SensitivityResult:
             "layers": {name: {c: (None if not np.isfinite(self.values[li, ci]) else float(self.values[li, ci]))
                               for ci, c in enumerate(self.candidates)} for li, name in enumerate(self.layers)},
         }
+
+
+def _tail_graph(g: gs.Graph, p: int, front: dict[str, Any], outputs: Sequence[str]) -> gs.Graph:
+    """The nodes of ``g`` from position ``p`` on as a graph whose inputs are the tensors ``front`` (name -> dtype)
+    crossing the cut, and the graph inputs those nodes read; outputs ``outputs``. Constants share their values."""
+    if any(isinstance(v, gs.Graph) for n in g.nodes[p:] for v in n.attrs.values()):
+        sub = g.copy()  # subgraph attributes may read outer tensors: copy the whole graph, then cut it
+        st = sub.tensors()
+        for name, dtype in front.items():
+            st[name].inputs.clear()
+            st[name].dtype, st[name].shape = dtype, None
+        sub.inputs = [st[n] for n in front] + list(sub.inputs)
+        sub.outputs = [st[n] for n in outputs]
+        return sub.cleanup(remove_unused_graph_inputs=True)
+    tmap: dict[str, gs.Tensor] = {}
+
+    def T(t: gs.Tensor) -> gs.Tensor:
+        if not t.name:
+            return gs.Variable.empty()
+        got = tmap.get(t.name)
+        if got is None:
+            got = tmap[t.name] = t.copy()
+            if t.name in front:
+                got.dtype, got.shape = front[t.name], None
+        return got
+
+    nodes = [gs.Node(n.op, n.name, attrs=dict(n.attrs), inputs=[T(t) for t in n.inputs],
+                     outputs=[T(t) for t in n.outputs], domain=n.domain) for n in g.nodes[p:]]
+    ins = [tmap[n] for n in front if n in tmap] + [tmap[t.name] for t in g.inputs if t.name in tmap]
+    return gs.Graph(nodes=nodes, inputs=ins, outputs=[tmap[n] for n in outputs], opset=g.opset,
+                    import_domains=g.import_domains, functions=list(g.functions))
+
+
+def _frontier(g: gs.Graph, p: int) -> list[str]:
+    """Tensors produced by the nodes before position ``p`` of ``g.nodes`` and read by a node at or after it."""
+    pos = {id(n): i for i, n in enumerate(g.nodes)}
+    out: dict[str, None] = {}
+    for n in g.nodes[:p]:
+        for t in n.outputs:
+            if any(pos.get(id(c), -1) >= p for c in t.outputs):
+                out[t.name] = None
+    return list(out)
 
 
 # --------------------------------------------------------------------------------------------- batches
@@ -251,7 +303,8 @@ class SensitivityRunner:
 
     def __init__(self, graph: gs.Graph, layers: Sequence[LayerUnderTest], feeds: Sequence[dict[str, np.ndarray]],
                  *, batch_size: int = 8, workers: int | None = None, extra_outputs: Sequence[str] = (),
-                 activation_qparams: dict[str, tuple[np.ndarray, np.ndarray]] | None = None) -> None:
+                 activation_qparams: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+                 cuts: int = 0) -> None:
         if not feeds:
             raise UserError("sensitivity: no calibration samples")
         self.layers = list(layers)
@@ -310,22 +363,73 @@ class SensitivityRunner:
         cpus = os.cpu_count() or 1
         self.workers = max(1, min(workers if workers is not None else cpus, 8))
         t0 = time.perf_counter()
-        self.sess = ir.graph_session(g, extra_outputs=self.extra, threads=1 if self.workers > 1 else 0)
+        threads = 1 if self.workers > 1 else 0
+        # partial evaluation: where an evaluation changes nothing before a cut, it starts there from the float
+        # activations crossing the cut (computed once, with the reference)
+        self._first_use, cut_at = self._plan_cuts(g, cuts)
+        self._frontiers = {p: _frontier(g, p) for p in cut_at}
+        exposed = list(dict.fromkeys(n for p in cut_at for n in self._frontiers[p]))
+        fetch = list(dict.fromkeys(n for n in [*self.extra, *exposed] if n not in self.output_names))
+        self._exposed = [n for n in exposed if n not in self.output_names]
+        self.sess = ir.graph_session(g, extra_outputs=fetch, threads=threads)
         self.session_seconds = time.perf_counter() - t0
         self.data_inputs = [i.name for i in self.sess.get_inputs() if i.name not in self.float_weights]
         self.graph = graph
         self._lock = threading.Lock()
         self.evaluations = 0
+        self.partial = 0  # evaluations that started at a cut
         self.feeds = [self._conform(f) for f in feeds]
         self.batches = self._make_batches(graph, self.feeds, batch_size)
         self.reference: list[list[np.ndarray]] = []
         self.extra_values: list[dict[str, np.ndarray]] = []
-        names = self.output_names + self.extra
+        names = self.output_names + fetch
+        crossing: list[dict[str, np.ndarray]] = []
         for b in self.batches:
             vals = self.sess.run(names, {**b, **self.float_weights})
             self.reference.append([np.asarray(v) for v in vals[: len(self.output_names)]])
+            got = dict(zip(fetch, vals[len(self.output_names):]))
             if self.extra:
-                self.extra_values.append(dict(zip(self.extra, vals[len(self.output_names):])))
+                self.extra_values.append({n: got[n] for n in self.extra})
+            crossing.append({n: np.asarray(got[n]) for n in exposed if n in got})
+        #: cut position -> (session, its inputs, its outputs); ascending positions
+        self.segments: list[tuple[int, Any, list[str], list[str]]] = []
+        if sum(v.nbytes for c in crossing for v in c.values()) > PARTIAL_MAX_BYTES:
+            cut_at, crossing = [], [{} for _ in crossing]  # too much to hold: whole-graph runs only
+            self._exposed = []
+        self._crossing = crossing
+        t0 = time.perf_counter()
+        for p in cut_at:
+            seg = self._segment(g, p, crossing[0], threads)
+            if seg is not None:
+                self.segments.append(seg)
+        self.session_seconds += time.perf_counter() - t0
+        self.batch_size = batch_size
+        self._reference_terms()
+
+    def rebound(self, feeds: Sequence[dict[str, np.ndarray]]) -> SensitivityRunner:
+        """A runner on other samples sharing this one's session (graph, weights as inputs, activation ranges):
+        whole-graph evaluations only (no partial evaluation)."""
+        if not feeds:
+            raise UserError("sensitivity: no calibration samples")
+        new = copy.copy(self)
+        new._lock = threading.Lock()
+        new.evaluations = new.partial = 0
+        new._crossing = []  # the float activations at the cuts are not known for these samples
+        new.feeds = [self._conform(f) for f in feeds]
+        new.batches = new._make_batches(self.graph, new.feeds, self.batch_size)
+        names = self.output_names + self.extra
+        new.reference, new.extra_values = [], []
+        for b in new.batches:
+            vals = self.sess.run(names, {**b, **self.float_weights})
+            new.reference.append([np.asarray(v) for v in vals[: len(self.output_names)]])
+            if self.extra:
+                new.extra_values.append(dict(zip(self.extra, vals[len(self.output_names):])))
+        new._reference_terms()
+        return new
+
+    def _reference_terms(self) -> None:
+        """Output kinds, the float side of the KL terms and the signal power, from ``self.reference``."""
+        graph = self.graph
         self.kinds = [_output_kind(n, graph, self.reference[0][o]) for o, n in enumerate(self.output_names)]
         # the float side of the KL terms, once: Σ p·log p per batch and output (probability outputs)
         # (per sample of the batch, so that each sample's share of a distortion is known: see ``ess``)
@@ -348,6 +452,104 @@ class SensitivityRunner:
             for o, r in enumerate(ref):
                 r64 = r.astype(np.float64, copy=False).ravel()
                 self.signal[o] += float(r64 @ r64)
+
+    # ------------------------------------------------------------------------------ partial evaluation
+    def _plan_cuts(self, g: gs.Graph, cuts: int) -> tuple[dict[str, int], list[int]]:
+        """Position (in ``g.nodes``, topologically sorted) of the first node reading each weight / gate input,
+        and up to ``cuts`` cut positions: the first positions of layers spread evenly over the layers' order."""
+        pos = {id(n): i for i, n in enumerate(g.nodes)}
+        tensors = g.tensors()
+        first_use: dict[str, int] = {}
+        for name in self.float_weights:
+            t = tensors.get(name)
+            users = [pos[id(c)] for c in (t.outputs if t is not None else []) if id(c) in pos]
+            first_use[name] = min(users) if users else len(g.nodes)
+        if cuts <= 0:
+            return first_use, []
+        starts = sorted({min((first_use.get(n, 0) for n in self.names_of(layer)), default=0)
+                         for layer in self.layers} - {0})
+        if len(starts) > cuts:
+            starts = sorted({starts[(i * len(starts)) // (cuts + 1)] for i in range(1, cuts + 1)})
+        return first_use, starts
+
+    def _segment(self, g: gs.Graph, p: int, crossing: dict[str, np.ndarray], threads: int
+                 ) -> tuple[int, Any, list[str], list[str]] | None:
+        """A session computing the graph outputs from the nodes at positions >= ``p``, fed the float tensors
+        that cross the cut (``crossing``: their values on one batch, for the dtypes)."""
+        produced = {t.name: i for i, n in enumerate(g.nodes) for t in n.outputs}
+        front = self._frontiers[p]
+        if any(n not in crossing for n in front):
+            return None
+        outs = [n for n in self.output_names if produced.get(n, -1) >= p]
+        if not outs:
+            return None
+        sub = _tail_graph(g, p, {n: crossing[n].dtype for n in front}, outs)
+        sess = ir.graph_session(sub, threads=threads)
+        return p, sess, [i.name for i in sess.get_inputs()], [t.name for t in sub.outputs]
+
+    def _segment_for(self, overrides: dict[str, np.ndarray]) -> tuple[int, Any, list[str], list[str]] | None:
+        """The latest cut before every node that reads an overridden input (None: run the whole graph)."""
+        if not self.segments or not self._crossing:
+            return None
+        return self.segment_at(min((self._first_use.get(n, 0) for n in overrides), default=1 << 62))
+
+    def layer_start(self, layer: LayerUnderTest) -> int:
+        """Position of the first node any setting of ``layer`` changes."""
+        return min((self._first_use.get(n, 0) for n in self.names_of(layer)), default=0)
+
+    def segment_at(self, start: int) -> tuple[int, Any, list[str], list[str]] | None:
+        """The latest cut at or before node position ``start`` (None: none)."""
+        best = None
+        for seg in self.segments:
+            if seg[0] <= start:
+                best = seg
+        return best
+
+    def capture(self, overrides: dict[str, np.ndarray]) -> tuple[_Acc, list[dict[str, np.ndarray]]]:
+        """:meth:`distortion` of a whole-graph run that also returns, per batch, the activations crossing every
+        cut under these settings (to start other evaluations that share the settings before a cut from)."""
+        acc = _Acc(len(self.output_names))
+        weights = {**self.float_weights, **overrides}
+        names = self.output_names + self._exposed
+        crossing = []
+        for bi, b in enumerate(self.batches):
+            vals = self.sess.run(names, {**b, **weights})
+            n_o = len(self.output_names)
+            # the graph outputs too: an evaluation started at a cut takes those computed before it from here
+            crossing.append({**dict(zip(self._exposed, vals[n_o:])), **dict(zip(self.output_names, vals[:n_o]))})
+            for o, (q, ref) in enumerate(zip(vals[:n_o], self.reference[bi])):
+                self._accumulate(acc, o, np.asarray(q), ref, self.ref_entropy[bi][o], bi)
+        with self._lock:
+            self.evaluations += 1
+        return acc, crossing
+
+    def distortion_from(self, overrides: dict[str, np.ndarray], seg: tuple[int, Any, list[str], list[str]],
+                        crossing: list[dict[str, np.ndarray]]) -> _Acc:
+        """:meth:`distortion` started at cut ``seg`` from the activations ``crossing`` (per batch, of a
+        :meth:`capture` whose settings equal ``overrides`` on every input read before the cut)."""
+        acc = _Acc(len(self.output_names))
+        weights = {**self.float_weights, **overrides}
+        for bi in range(len(self.batches)):
+            outs = self._run(bi, weights, seg, crossing[bi])
+            for o, (q, ref) in enumerate(zip(outs, self.reference[bi])):
+                self._accumulate(acc, o, np.asarray(q), ref, self.ref_entropy[bi][o], bi)
+        with self._lock:
+            self.evaluations += 1
+            self.partial += 1
+        return acc
+
+    def _run(self, bi: int, weights: dict[str, np.ndarray], seg: tuple[int, Any, list[str], list[str]] | None,
+             cross: dict[str, np.ndarray] | None = None) -> list[np.ndarray]:
+        b = self.batches[bi]
+        if seg is None:
+            return list(self.sess.run(self.output_names, {**b, **weights}))
+        _, sess, ins, outs = seg
+        cross = self._crossing[bi] if cross is None else cross
+        feed = {n: cross[n] if n in cross else (b[n] if n in b else weights[n]) for n in ins}
+        got = dict(zip(outs, sess.run(outs, feed)))
+        # outputs computed before the cut: those of the run the activations come from (float: the reference)
+        return [got[n] if n in got else np.asarray(cross[n]) if n in cross else self.reference[bi][o]
+                for o, n in enumerate(self.output_names)]
 
     def _rows(self, bi: int, x: np.ndarray) -> np.ndarray:
         """An output of batch ``bi`` as [samples, -1] (stacked samples lie along axis 0)."""
@@ -472,12 +674,14 @@ class SensitivityRunner:
         """Output distortion with the weights in ``overrides`` (input name -> float array) replaced."""
         acc = _Acc(len(self.output_names))
         weights = {**self.float_weights, **overrides}
-        for bi, b in enumerate(self.batches):
-            outs = self.sess.run(self.output_names, {**b, **weights})
+        seg = self._segment_for(overrides)
+        for bi in range(len(self.batches)):
+            outs = self._run(bi, weights, seg)
             for o, (q, ref) in enumerate(zip(outs, self.reference[bi])):
                 self._accumulate(acc, o, np.asarray(q), ref, self.ref_entropy[bi][o], bi)
         with self._lock:
             self.evaluations += 1
+            self.partial += seg is not None
         return acc
 
     def _accumulate(self, acc: _Acc, o: int, q: np.ndarray, ref: np.ndarray, ref_entropy: np.ndarray,
@@ -609,7 +813,7 @@ def compute(metric: str, graph: gs.Graph, layers: Sequence[LayerUnderTest], cand
                else None)
     runner = SensitivityRunner(graph, layers, feeds, batch_size=batch_size, workers=workers,
                                extra_outputs=[n for n in extra if n not in {t.name for t in graph.inputs}],
-                               activation_qparams=qparams)
+                               activation_qparams=qparams, cuts=PARTIAL_CUTS if metric in ("pd", "hessian") else 0)
     n_l, n_c, n_o = len(layers), len(candidates), len(runner.output_names)
     values = np.full((n_l, n_c), np.nan)
     noise: np.ndarray | None = None
@@ -635,11 +839,13 @@ def compute(metric: str, graph: gs.Graph, layers: Sequence[LayerUnderTest], cand
             return over
 
         around: dict[str, np.ndarray] = {}
+        around_crossing: list[dict[str, np.ndarray]] = []
         base_score = 0.0
         if context is not None:
             for li, layer in enumerate(layers):
                 around.update(setting(layer, candidates[context[li]]))
-            acc0 = runner.distortion(around)
+            # the context plan's own activations at the cuts: a change of one layer starts at the cut before it
+            acc0, around_crossing = runner.capture(around)
             base_score, base_noise = runner.score(acc0), acc0.noise.copy()
         jobs: list[Callable[[], Any]] = []
         slots: list[tuple[int, int]] = []
@@ -661,6 +867,9 @@ def compute(metric: str, graph: gs.Graph, layers: Sequence[LayerUnderTest], cand
                     for name in runner.names_of(layer):
                         over.pop(name, None)  # this layer back to float, then to the candidate
                     over.update(setting(layer, cand))
+                    seg = runner.segment_at(runner.layer_start(layer)) if context is not None else None
+                    if seg is not None:
+                        return runner.distortion_from(over, seg, around_crossing)
                     return runner.distortion(over)
 
                 jobs.append(pd_job)
@@ -730,6 +939,9 @@ def compute(metric: str, graph: gs.Graph, layers: Sequence[LayerUnderTest], cand
                 progress(li + 1, n_l)
         details["importance"] = dict(zip([la.name for la in layers], [float(t) for t in theta]))
         details["orm_mean"] = float(np.mean(orm)) if orm.size else 0.0
+    if runner.segments:
+        details["cuts"] = len(runner.segments)
+        details["partial_evaluations"] = runner.partial
     return SensitivityResult(metric=metric, layers=[la.name for la in layers], candidates=list(candidates),
                              values=values, noise=noise, signal=runner.signal.copy(), outputs=runner.output_names,
                              output_kinds=[k for k, _ in runner.kinds], samples=runner.samples,
@@ -742,17 +954,21 @@ def measure_plans(graph: gs.Graph, layers: Sequence[LayerUnderTest], candidates:
                   feeds: Sequence[dict[str, np.ndarray]], plans: Sequence[Sequence[int]], *,
                   runner: SensitivityRunner | None = None, workers: int | None = None, batch_size: int = 8,
                   opset: int = 21, progress: Progress | None = None, range_source: Any = None,
-                  qparams: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
+                  qparams: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+                  base: SensitivityRunner | None = None
                   ) -> tuple[list[tuple[float, np.ndarray]], SensitivityRunner]:
     """The ``pd`` distortion and output noise of whole plans (candidate index per layer), every layer quantized
     at once as planned — what one-layer-at-a-time sensitivities only add up — and the session used. Reuses
     ``runner`` (e.g. the session of a ``pd`` run) when given; else builds one on ``feeds`` with the activation
-    ranges ``qparams`` (default: calibrated on ``range_source`` or ``feeds``)."""
+    ranges ``qparams`` (default: calibrated on ``range_source`` or ``feeds``) — or, given ``base`` (a runner of the
+    same graph and layers), on ``feeds`` with ``base``'s session (:meth:`SensitivityRunner.rebound`)."""
+    if runner is None and base is not None:
+        runner = base.rebound(feeds)
     if runner is None:
         if qparams is None:
             qparams = _activation_qparams(graph, layers, feeds, opset, range_source)
         runner = SensitivityRunner(graph, layers, feeds, batch_size=batch_size, workers=workers,
-                                   activation_qparams=qparams)
+                                   activation_qparams=qparams, cuts=PARTIAL_CUTS if len(plans) > 1 else 0)
     cache: dict[tuple[str, str], list[np.ndarray]] = {}
 
     def setting(plan: Sequence[int]) -> dict[str, np.ndarray]:
@@ -775,7 +991,51 @@ def measure_plans(graph: gs.Graph, layers: Sequence[LayerUnderTest], candidates:
             return runner.score(acc), acc.noise.copy()
         return run
 
-    return runner.run_jobs([job(p) for p in plans], progress), runner
+    if not runner.segments or len(plans) < 2:
+        return runner.run_jobs([job(p) for p in plans], progress), runner
+    # Plans that agree on the layers before a cut share the activations there: some plans (roots) run whole and
+    # keep those activations; every other plan starts from its root's at the latest cut before its first
+    # layer that differs (layers taken in the order of the first node their settings change).
+    order = sorted(range(len(layers)), key=lambda i: runner.layer_start(layers[i]))
+    starts = [runner.layer_start(layers[i]) for i in order]
+    keys = [tuple(p[i] for i in order) for p in plans]
+    roots: list[int] = []
+    parent: dict[int, tuple[int, Any]] = {}
+    for k in sorted(range(len(plans)), key=lambda k: keys[k]):
+        best: tuple[int, Any] | None = None
+        for r in roots:
+            m = next((i for i, (a, b) in enumerate(zip(keys[k], keys[r])) if a != b), len(order))
+            seg = runner.segment_at(starts[m]) if m < len(order) else runner.segments[-1]
+            if seg is not None and (best is None or seg[0] > best[1][0]):
+                best = (r, seg)
+        if best is None:
+            roots.append(k)
+        else:
+            parent[k] = best
+    results: list[Any] = [None] * len(plans)
+    crossing: dict[int, list[dict[str, np.ndarray]]] = {}
+
+    def root_job(k: int) -> Callable[[], tuple[float, np.ndarray]]:
+        def run() -> tuple[float, np.ndarray]:
+            acc, crossing[k] = runner.capture(setting(plans[k]))
+            return runner.score(acc), acc.noise.copy()
+        return run
+
+    def child_job(k: int) -> Callable[[], tuple[float, np.ndarray]]:
+        def run() -> tuple[float, np.ndarray]:
+            r, seg = parent[k]
+            acc = runner.distortion_from(setting(plans[k]), seg, crossing[r])
+            return runner.score(acc), acc.noise.copy()
+        return run
+
+    children = [k for k in range(len(plans)) if k in parent]
+    done = runner.run_jobs([root_job(k) for k in roots], progress, total=len(plans))
+    for k, res in zip(roots, done):
+        results[k] = res
+    done = runner.run_jobs([child_job(k) for k in children], progress, done0=len(roots), total=len(plans))
+    for k, res in zip(children, done):
+        results[k] = res
+    return results, runner
 
 
 def _activation_qparams(graph: gs.Graph, layers: Sequence[LayerUnderTest], feeds: Sequence[dict[str, np.ndarray]],

@@ -131,7 +131,7 @@ def test_candidates():
     assert [x.name for x in c] == ["fp32", "int8", "int4", "ternary", "binary", "shift4", "shift2"]
     assert c[0].is_float and c[1].keys() == {"dtype": "int8", "scheme": "int"}
     assert c[3].lowbit and c[5].keys() == {"scheme": "shift", "bits": 4}
-    for bad, match in (("int3", "unknown candidate"), ("int8,int8", "twice"), ("shift7", "bits"), ("", "empty")):
+    for bad, match in (("int5", "unknown integer width"), ("float7", "unknown candidate"), ("int8,int8", "twice"), ("shift7", "bits"), ("", "empty")):
         with pytest.raises(UserError, match=match):
             parse_candidates(bad)
 
@@ -490,3 +490,34 @@ def test_real_model_plan_fits_and_compiles(tmp_path):
     assert len([c for c, n in res.counts().items() if n]) == 2  # int8 and int4 both used
     assert autoplan.measure_sqnr(path, res.plan, calib) > 25.0
     assert res.sensitivity.samples == 16 and res.sensitivity.details["ess"] < 2.0
+
+
+def test_exchange_repairs_a_poor_plan_and_keeps_the_budget(fragile, tmp_path, monkeypatch):
+    """--exchange: handed a plan that stores the fragile layer in int4 and a robust one in int8 (same bytes: the
+    solver is rigged to swap them), one measured exchange round moves int8 back to the fragile layer; the plan
+    still fits the budget, and its measured SQNR is higher than the rigged plan's."""
+    path, calib = fragile
+    fair = _plan(path, calib, "21%", select=0)
+    assert fair.choice[FRAGILE] == 0 and fair.choice.count(0) == 1
+    robust = (FRAGILE + 2) % 4
+    real_solve = autoplan._solve
+
+    def rigged(values, costs, cap, opts):
+        ch = real_solve(values, costs, cap, opts)
+        if ch is not None:
+            ch[FRAGILE], ch[robust] = ch[robust], ch[FRAGILE]
+        return ch
+
+    monkeypatch.setattr(autoplan, "_solve", rigged)
+    poor = _plan(path, calib, "21%", select=0)
+    fixed = _plan(path, calib, "21%", select=0, exchange=1)
+    assert poor.choice[FRAGILE] == 1 and poor.choice[robust] == 0
+    assert fixed.choice[FRAGILE] == 0
+    assert fixed.verified["bytes"] <= fixed.budget_value
+    assert fixed.predicted["joint_sqnr_db"] > poor.predicted["sqnr_db"]
+    monkeypatch.undo()
+    sq_fixed = autoplan.measure_sqnr(path, fixed.plan, calib)
+    sq_poor = autoplan.measure_sqnr(path, poor.plan, calib)
+    assert sq_fixed >= sq_poor + 3.0, (sq_fixed, sq_poor)
+    with pytest.raises(UserError, match="--exchange"):
+        _plan(path, calib, "21%", metric="hessian", exchange=1)

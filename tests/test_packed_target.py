@@ -32,7 +32,8 @@ sys.path.insert(0, str(TESTS))
 import realdata  # noqa: E402
 
 SCHEMES = ("binary", "ternary", "shift")
-FORMATS = (*SCHEMES, "shift3", "shift2")  # packed formats: 3- and 2-bit shift weights at their own width
+#: packed formats: 3- and 2-bit shift weights at their own width, and the uniform scheme's 3- / 2-bit codes
+FORMATS = (*SCHEMES, "shift3", "shift2", "int3", "int2")
 MIDDLE = {"conv_bn_relu": r"^(conv2|block\.conv[12]|dw\.conv)$", "depthwise": r"^dw\.conv$",
           "ppocr_cls": r"^Conv@(4[1-9]|5[0-2])$"}  # the last two blocks (first Conv@0 and last MatMul@0 stay int8)
 
@@ -42,6 +43,9 @@ def _codes(rng: np.random.Generator, scheme: str, shape) -> np.ndarray:
         return rng.choice([-1, 1], size=shape)
     if scheme == "ternary":
         return rng.choice([-1, 0, 1], size=shape)
+    if scheme in ("int3", "int2"):  # uniform: odd codes up to ±(2^bits − 1)
+        half = 1 << (int(scheme[3]) - 1)
+        return 2 * rng.integers(-half, half, size=shape) + 1
     top = {"shift": 8, "shift3": 4, "shift2": 2}[scheme]
     return rng.choice([-1, 1], size=shape) * (1 << rng.integers(0, top, size=shape))
 
@@ -70,11 +74,15 @@ def test_packing_layout_is_little_endian_fields():
     assert packing.pack("shift2", [1, -1, 2, -2]).tolist() == [0b11011000]
     assert packing.shift_format(3) == "shift3" and packing.shift_format(2) == "shift2"
     assert packing.shift_format(4) == "shift"
+    assert packing.pack("int2", [-3, -1, 1, 3]).tolist() == [0b11100100]  # fields 0, 1, 2, 3
+    assert packing.pack("int3", [-7, 7, 1]).tolist() == [0b00111000, 0b1, 0]  # fields 0, 7, 4
+    assert packing.scheme_format("uniform", 3) == "int3" and packing.scheme_format("shift", 2) == "shift2"
 
 
 @pytest.mark.parametrize("scheme, bad", [("binary", [1, 0]), ("ternary", [2]), ("shift", [3]), ("shift", [256]),
                                          ("shift", [0]), ("shift3", [16]), ("shift3", [3]), ("shift2", [4]),
-                                         ("shift2", [0])])
+                                         ("shift2", [0]), ("int3", [2]), ("int3", [9]), ("int2", [0]),
+                                         ("int2", [-5])])
 def test_packing_rejects_codes_outside_the_scheme(scheme, bad):
     with pytest.raises(ValueError):
         packing.pack(scheme, np.array(bad))
@@ -168,7 +176,7 @@ def test_targets_lists_packed_capabilities():
     assert "packed" in targets()
     caps = get_target("packed").capabilities()
     assert set(caps["custom_ops"]["ops"]) == set(OPS) and caps["custom_ops"]["domain"] == "ai.qcompiler"
-    assert caps["ops"]["Conv"]["schemes"] == ["binary", "int", "shift", "ternary"]
+    assert caps["ops"]["Conv"]["schemes"] == ["binary", "int", "shift", "ternary", "uniform"]
     assert caps["ops"]["ConvTranspose"]["schemes"] == ["int"]
     assert get_target("ort").capabilities()["ops"]["ConvTranspose"]["schemes"] == ["binary", "int", "shift",
                                                                                    "ternary"]

@@ -11,6 +11,8 @@ op                                              weights                replaces
 ``ShiftConv`` / ``ShiftGemm`` / ``ShiftMatMul``        sign + 3-bit exponent  Conv / Gemm / MatMul
 ``Shift3Conv`` / ``Shift3Gemm`` / ``Shift3MatMul``     sign + 2-bit exponent  Conv / Gemm / MatMul (shift, bits 3)
 ``Shift2Conv`` / ``Shift2Gemm`` / ``Shift2MatMul``     sign + 1-bit exponent  Conv / Gemm / MatMul (shift, bits 2)
+``Int3Conv`` / ``Int3Gemm`` / ``Int3MatMul``           3 bits, 8 per 3 bytes  Conv / Gemm / MatMul (uniform, bits 3)
+``Int2Conv`` / ``Int2Gemm`` / ``Int2MatMul``           2 bits, 4 per byte     Conv / Gemm / MatMul (uniform, bits 2)
 ==============================================  =====================  ==============================
 
 Each op is written with a model-local ONNX function body (:mod:`.functions`), so stock onnxruntime runs the
@@ -42,7 +44,7 @@ PACKED_OPS = ("Conv", "Gemm", "MatMul")
 
 class PackedTarget(OrtTarget):
     name: ClassVar[str] = "packed"
-    description: ClassVar[str] = (f"bit-packed {DOMAIN} ops (Binary/Ternary/Shift Conv, Gemm, MatMul) with ONNX "
+    description: ClassVar[str] = (f"bit-packed {DOMAIN} ops (Binary/Ternary/Shift/Int3/Int2 Conv, Gemm, MatMul) with ONNX "
                                   "function bodies for stock onnxruntime; other layers as for ort")
 
     def __init__(self) -> None:

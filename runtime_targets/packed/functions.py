@@ -7,6 +7,7 @@ inlines the body. A body, for opset ``opset`` (the model's; at least 12)::
     fields = Slice(Reshape(BitShift(Reshape(W, [-1, 1]), [0, w, 2w, …], RIGHT) & (2^w − 1), [-1]), 0, numel)
     codes  = binary: 2·Cast(fields) − 1 | ternary: Cast(fields) − 1 | shift: (1 − 2·(fields >> 3))·(1 << (fields & 7))
              shift3 / shift2 (E = 2 / 1 exponent bits): (1 − 2·⌊f / 2^E⌋)·2^(f − 2^E·⌊f / 2^E⌋), in float32
+             int3 / int2 (uniform, w = 3 / 2): 2·f − (2^w − 1), in float32
 
 3-bit fields (``shift3``) cross byte boundaries; each group of 3 bytes is read as one integer
 ``v = b0 + 256·b1 + 65536·b2`` (a float32 MatMul, exact below 2^24) and field k is
@@ -41,7 +42,7 @@ MIN_OPSET = 12
 #: op type -> (weight scheme, float op)
 OPS: dict[str, tuple[str, str]] = {
     f"{scheme.capitalize()}{op}": (scheme, op)
-    for scheme in ("binary", "ternary", "shift", "shift3", "shift2")
+    for scheme in ("binary", "ternary", "shift", "shift3", "shift2", "int3", "int2")
     for op in ("Conv", "Gemm", "MatMul")
 }
 _CONV_ATTRS: dict[str, Any] = {"auto_pad": str, "dilations": List[int], "group": int,  # noqa: UP006
@@ -121,6 +122,10 @@ def _decode(b: _Body, scheme: str, packed: gs.Tensor, shape: gs.Tensor) -> gs.Va
         mag = b.op("Pow", [b.const("two", np.float32(2)), exp])
         sign = b.op("Sub", [b.const("one", np.float32(1)), b.op("Mul", [neg, b.const("two", np.float32(2))])])
         codes = b.op("Mul", [mag, sign])
+    elif scheme in ("int3", "int2"):  # uniform: odd codes 2f − (2^w − 1)
+        f = fields if 8 % width else b.op("Cast", [fields], {"to": f32})
+        codes = b.op("Sub", [b.op("Mul", [f, b.const("two", np.float32(2))]),
+                             b.const("top", np.float32((1 << width) - 1))])
     elif scheme == "binary":
         v = b.op("Cast", [fields], {"to": f32})
         codes = b.op("Sub", [b.op("Mul", [v, b.const("two", np.float32(2))]), b.const("one", np.float32(1))])

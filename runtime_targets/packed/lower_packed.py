@@ -9,7 +9,7 @@ turned into ``DequantizeLinear(codes, scale, axis)`` (integer codes, zero point 
 
 The codes are re-encoded and bit-packed (:mod:`.packing`: 8 binary, 4 ternary or 2 shift weights per byte;
 3-bit shift weights 8 per 3 bytes and 2-bit ones 4 per byte, as ``Shift3*`` / ``Shift2*`` ops with a ``bits``
-attribute);
+attribute; uniform 3- / 2-bit weights likewise as ``Int3*`` / ``Int2*`` ops);
 α and a zero bias (when the layer has none) are the only other tensors. The exact integer codes are kept, so
 ``packed`` and ``ort`` compute with the same weights. When the input is a binary activation
 (``Where(x >= 0, β, −β)`` from ``insert-qdq``) the op reads ``x`` itself with ``input_scale = β`` (the XNOR
@@ -41,7 +41,7 @@ from qcompiler.runtime_targets.packed.functions import (
     build_function,
     op_type,
 )
-from qcompiler.runtime_targets.packed.packing import FIELD_BITS, pack, shift_format
+from qcompiler.runtime_targets.packed.packing import FIELD_BITS, pack, scheme_format
 from qcompiler.schemes import LOWBIT_SCHEMES
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ class LowerPackedPass(Pass):
         resolved = ctx.resolved
         if resolved is None:
             return PassResult(False, stats)
-        planned = {n.node: shift_format(n.weight.bits) if n.weight.scheme == "shift" else n.weight.scheme
+        planned = {n.node: scheme_format(n.weight.scheme, n.weight.bits)
                    for n in resolved.nodes.values() if n.weight is not None and n.weight.scheme in LOWBIT_SCHEMES}
         todo = [n for n in graph.nodes if n.name in planned and is_onnx_op(n, "Conv", "Gemm", "MatMul")]
         if not todo:

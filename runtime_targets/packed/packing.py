@@ -16,11 +16,14 @@ ternary     2      f ∈ {0, 1, 2} → f − 1 ∈ {−1, 0, +1}          (4 wei
 shift       4      f = (σ<0)·8 + e, e ∈ 0..7 → σ·2^e             (2 weights per byte; sign bit 3, exponent 0–2)
 shift3      3      f = (σ<0)·4 + e, e ∈ 0..3 → σ·2^e             (8 weights per 3 bytes; 3-bit shift weights)
 shift2      2      f = (σ<0)·2 + e, e ∈ 0..1 → σ·2^e             (4 weights per byte; 2-bit shift weights)
+int3        3      f ∈ 0..7 → 2f − 7 ∈ {±1, ±3, ±5, ±7}          (8 weights per 3 bytes; uniform 3-bit weights)
+int2        2      f ∈ 0..3 → 2f − 3 ∈ {±1, ±3}                  (4 weights per byte; uniform 2-bit weights)
 ==========  =====  ===========================================================================================
 
 ``shift`` holds codes of every shift width (``bits`` 2–4 of :mod:`qcompiler.schemes`); ``shift3`` and ``shift2``
 hold exactly the codes of 3- and 2-bit shift weights (±1…±8, ±1/±2) at their own width, which the lowering
-uses for them.
+uses for them. ``int3`` and ``int2`` hold the odd codes of the ``uniform`` scheme (mid-rise levels
+(q + ½)·Δ, stored as c = 2q + 1 with scale Δ/2).
 
 The integer codes are exactly those :mod:`qcompiler.schemes` gives ``DequantizeLinear`` on the ``ort`` target
 (binary ±1, ternary −1/0/+1, shift ±2^j), so both targets compute with identical weights.
@@ -33,11 +36,23 @@ import math
 import numpy as np
 
 #: bits per weight of each packed scheme
-FIELD_BITS = {"binary": 1, "ternary": 2, "shift": 4, "shift3": 3, "shift2": 2}
+FIELD_BITS = {"binary": 1, "ternary": 2, "shift": 4, "shift3": 3, "shift2": 2, "int3": 3, "int2": 2}
 #: largest exponent a shift field holds (codes up to ±2^7); shift3 / shift2: 3 / 1
 SHIFT_MAX_EXP = 7
 #: exponent bits of the narrow shift formats
 _NARROW_SHIFT = {"shift3": 2, "shift2": 1}
+#: the uniform scheme's formats (odd codes c = 2f − (2^w − 1))
+_UNIFORM = ("int3", "int2")
+
+
+def scheme_format(scheme: str, bits: int) -> str:
+    """The packed format of a low-bit weight scheme: shift by its bits (:func:`shift_format`), uniform
+    ``int3`` / ``int2``, binary / ternary as named."""
+    if scheme == "shift":
+        return shift_format(bits)
+    if scheme == "uniform":
+        return f"int{int(bits)}"
+    return scheme
 
 
 def group_bits(width: int) -> int:
@@ -100,6 +115,11 @@ def encode(scheme: str, codes: np.ndarray) -> np.ndarray:
         if not (np.all(ok) and np.all(np.left_shift(1, e) == mag) and int(e.max(initial=0)) < (1 << eb)):
             raise ValueError(f"{scheme} codes must be +-2^e with 0 <= e < {1 << eb}")
         return ((c < 0).astype(np.int64) * (1 << eb) + e).astype(np.uint8)
+    if scheme in _UNIFORM:
+        top = (1 << FIELD_BITS[scheme]) - 1
+        if not (np.all(np.abs(c) <= top) and np.all(c % 2 == 1)):
+            raise ValueError(f"{scheme} codes must be odd integers in [-{top}, {top}]")
+        return ((c + top) // 2).astype(np.uint8)
     if scheme == "shift":
         mag = np.abs(c)
         e = np.zeros(c.shape, dtype=np.int64)
@@ -120,6 +140,8 @@ def decode(scheme: str, fields: np.ndarray) -> np.ndarray:
         return (f - 1).astype(np.int16)
     if scheme == "shift":
         return ((1 - 2 * (f >> 3)) * (1 << (f & 7))).astype(np.int16)
+    if scheme in _UNIFORM:
+        return (2 * f - ((1 << FIELD_BITS[scheme]) - 1)).astype(np.int16)
     if scheme in _NARROW_SHIFT:
         eb = _NARROW_SHIFT[scheme]
         return ((1 - 2 * (f >> eb)) * (1 << (f & ((1 << eb) - 1)))).astype(np.int16)
