@@ -86,7 +86,8 @@ def _worker(spec: dict[str, Any]) -> None:
     info: dict[str, Any] = {}
     if tool == "qcompiler":
         res = compile_model(spec["model"], spec["out"],
-                            CompileOptions(plan=spec.get("plan"), calib=spec["calib"], validate=False))
+                            CompileOptions(plan=spec.get("plan"), calib=spec["calib"], validate=False,
+                                           compact_names=bool(spec.get("compact_names"))))
         passes: dict[str, float] = {}
         for r in res.records:
             name, k = r.name, 2
@@ -190,7 +191,8 @@ def compare(args: argparse.Namespace, model: str, work: Path) -> dict[str, Any]:
 
     specs: dict[str, dict[str, Any]] = {
         "qcompiler": {"tool": "qcompiler", "model": str(fp32), "out": str(work / "qcompiler.onnx"),
-                      "calib": str(calib_dir), "plan": args.plan}}
+                      "calib": str(calib_dir), "plan": args.plan,
+                      "compact_names": args.compact_names}}
     repeat = {"qcompiler": args.repeat}
     variants: list[tuple[str, str, list[str] | None]] = [(f"ort {m}", m, None) for m in args.ort_methods]
     if args.ort_convmatmul:
@@ -394,6 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("model", nargs="?", help=f"{' | '.join(C.REAL_MODELS)} | path/to/model.onnx")
     ap.add_argument("--mode", default="compare", choices=("compare", "calib-rss", "conv-fixture", "all"))
     ap.add_argument("--plan", help="qcompiler plan (file or preset); default: the default plan")
+    ap.add_argument("--compact-names", action="store_true", help="qcompiler: compile with --compact-names")
     ap.add_argument("--samples", type=int, default=64, help="calibration samples (default 64)")
     ap.add_argument("--eval", type=int, default=48, help="held-back evaluation samples (default 48)")
     ap.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads for latency (default 1)")

@@ -56,7 +56,8 @@ N_EVAL = {"ppocr_cls": 2000, "ppocr_rec": 64, "silero_vad": 64}
 #: PP-OCR cls: SQNR also on these slices of the evaluation lines
 CLS_SLICES = {"first 200": (0, 200), "lines 0-499": (0, 500), "lines 500-999": (500, 1000),
               "lines 1000-1499": (1000, 1500), "lines 1500-1999": (1500, 2000)}
-TARGETS = {"w8a8_margin_db": 3.0, "cls_top1": 0.995, "w4a8_margin_db": 6.0, "rss_ratio": 0.3, "time_ratio": 0.5}
+TARGETS = {"w8a8_margin_db": 3.0, "cls_top1": 0.995, "w4a8_margin_db": 6.0, "rss_ratio": 0.3, "time_ratio": 0.5,
+           "file_ratio": 0.30}
 
 
 # ======================================================================================= onnxruntime
@@ -191,6 +192,9 @@ def accuracy(args: argparse.Namespace, model: str, work: Path) -> dict[str, Any]
     for name, plan in variants:
         print(f"{name} ...", file=sys.stderr, flush=True)
         rows_w8[name] = ours(task, ref, folder, work, name.replace(" ", "_").replace("/", "-"), plan)
+    compact = "qcompiler w8a8 (preset) --compact-names"
+    print(f"{compact} ...", file=sys.stderr, flush=True)
+    rows_w8[compact] = ours(task, ref, folder, work, "w8a8_compact", _plan("w8a8"), compact_names=True)
     print("W8A8\n")
     print(C.fmt_table(HEAD, [_fmt_row(k, v) for k, v in rows_w8.items()], align_right=lambda i: i in (1, 2, 4)))
 
@@ -224,6 +228,12 @@ def accuracy(args: argparse.Namespace, model: str, work: Path) -> dict[str, Any]
         checks.append({"what": f"{model} W8A8: best qcompiler variant >= onnxruntime best + 3 dB",
                        "met": best_any >= best + TARGETS["w8a8_margin_db"],
                        "detail": f"{best_any:.2f} dB vs {best:.2f} dB ({best_any - best:+.2f})"})
+    qc = rows_w8[compact]
+    if "error" not in qc:
+        checks.append({"what": f"{model} W8A8: file <= {TARGETS['file_ratio']:.2f} x fp32 (preset, --compact-names)",
+                       "met": qc["file_ratio"] <= TARGETS["file_ratio"],
+                       "detail": f"{qc['file_ratio']:.4f} (without --compact-names {q8.get('file_ratio', float('nan')):.4f}; "
+                                 f"output SQNR {qc['primary_sqnr']:.2f} dB, the same model up to names)"})
     if model == "ppocr_cls" and "error" not in q8:
         checks.append({"what": "ppocr_cls W8A8: top-1 agreement >= 99.5 %", "met": q8["agreement"] >= TARGETS["cls_top1"],
                        "detail": f"{100 * q8['agreement']:.1f} % on {len(task.eval)} samples"})

@@ -152,13 +152,17 @@ def _bytes(n: float) -> str:
 @click.option("--candidates", help="With --budget: precisions a layer may take (default int8,int4).")
 @click.option("--metric", type=click.Choice(["pd", "hessian", "act-stats", "orthogonality"]), default="pd",
               show_default=True, help="With --budget: the sensitivity metric.")
+@click.option("--compact-names", is_flag=True,
+              help="Shortest names for every internal tensor and node (graph inputs / outputs kept; smaller "
+                   "files for small models); the map back is written as OUT.names.json.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or summary.")
 def compile_cmd(model: Path, output: Path, plan: str | None, preset: str | None, target: str,
                 calib: str | None, calib_samples: int | None, calib_select: int | None, pipeline: str | None,
                 report: Path | None, validate: bool | None,
                 validate_data: Path | None, min_sqnr: float | None, verify_each: bool, dump_after: tuple[str, ...],
                 plugins: tuple[str, ...], external_data: int | None, seed: int, strip_function_bodies: bool,
-                budget: str | None, bitops: bool, candidates: str | None, metric: str, quiet: bool) -> None:
+                budget: str | None, bitops: bool, candidates: str | None, metric: str, compact_names: bool,
+                quiet: bool) -> None:
     """Compile MODEL into a quantized model at OUTPUT."""
     from qcompiler.compiler import CompileOptions, compile_model
 
@@ -169,7 +173,8 @@ def compile_cmd(model: Path, output: Path, plan: str | None, preset: str | None,
                           dump_after=set(dump_after), external_data_threshold=external_data,
                           calib_samples=calib_samples, calib_select=calib_select, preset=preset, seed=seed,
                           plugins=list(plugins), report=report, strip_function_bodies=strip_function_bodies,
-                          budget=budget, budget_bitops=bitops, budget_candidates=candidates, budget_metric=metric)
+                          budget=budget, budget_bitops=bitops, budget_candidates=candidates, budget_metric=metric,
+                          compact_names=compact_names)
     progress = _Progress(enabled=not quiet and sys.stderr.isatty())
     try:
         result = compile_model(model, output, opts, progress=progress)
@@ -247,16 +252,23 @@ def _table(headers: list[str], rows: list[tuple[Any, ...]]) -> str:
 @click.option("--min-sqnr", type=float, help="Exit 2 when a graph output's SQNR is below DB.")
 @click.option("--layers/--no-layers", default=True, show_default=True, help="Per-layer comparison.")
 @click.option("--max-layers", type=int, default=15, show_default=True, help="Worst layers to print.")
+@click.option("--names", "names_path", type=click.Path(path_type=Path),
+              help="The OUT.names.json of a --compact-names compile (default: the one beside QUANT_MODEL, if any): "
+                   "layers are compared by their original names.")
 def validate_cmd(float_model: Path, quant_model: Path, data: Path, json_path: Path | None, min_sqnr: float | None,
-                 layers: bool, max_layers: int) -> None:
+                 layers: bool, max_layers: int, names_path: Path | None) -> None:
     """Compare QUANT_MODEL with FLOAT_MODEL in onnxruntime: SQNR, cosine, max error, top-1, per layer."""
     from qcompiler import ir
     from qcompiler import validate as qv
 
     fm = ir.load_model(float_model)
     qm = ir.load_model(quant_model)
+    if names_path is None:
+        beside = quant_model.with_name(quant_model.stem + ".names.json")
+        names_path = beside if beside.is_file() else None
+    names = qv.load_names(names_path) if names_path is not None else None
     feeds = qv.load_feeds(data, fm)
-    report = qv.validate(fm, qm, feeds, per_layer=layers, min_sqnr_db=min_sqnr)
+    report = qv.validate(fm, qm, feeds, per_layer=layers, min_sqnr_db=min_sqnr, names=names)
     click.echo(report.table(max_layers=max_layers))
     if json_path is not None:
         with ir.atomic_output(json_path) as tmp:

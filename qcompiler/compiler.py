@@ -67,6 +67,8 @@ class CompileOptions:
     #: packed target: leave the ai.qcompiler function bodies out (for a runtime with native kernels; stock
     #: onnxruntime cannot run or validate the result)
     strip_function_bodies: bool = False
+    #: run ``compact-names`` last: short tensor / node names (graph I/O kept), the map back in OUT.names.json
+    compact_names: bool = False
 
 
 @dataclass
@@ -177,6 +179,8 @@ def compile_model(model_path: str | os.PathLike[str], output_path: str | os.Path
         raise UserError("--calib-select needs a pool of real calibration data to choose from (--calib DIR|FILE.npz)")
     pipeline_text = opts.pipeline if opts.pipeline is not None else target.default_pipeline  # '' is an error
     passes = assemble_pipeline(pipeline_text, plan, reg, calib_select=opts.calib_select)
+    if opts.compact_names and not any(p.name == "compact-names" for p in passes):
+        passes.append(reg.get("compact-names")())
     pm = PassManager(passes, verify_each=opts.verify_each, dump_after=set(opts.dump_after),
                      dump_dir=out.with_name(out.stem + ".dump") if opts.dump_after else None,
                      on_pass=(lambda name, i, n: progress(f"pass:{name}", i, n)) if progress else None)
@@ -256,6 +260,10 @@ def compile_model(model_path: str | os.PathLike[str], output_path: str | os.Path
                            "ratio": round(quant_bytes / float_bytes, 4) if float_bytes else None}
         known = (ctx.calib_shapes or None) if calib_source is not None else None
         report["cost"] = cost.compile_cost(qmodel, staged, calib_source, shapes=not big, known_shapes=known).to_json()
+        if ctx.renamed.get("nodes"):  # compact-names: the report names layers as the compiled graph did
+            back = ctx.renamed["nodes"]
+            for layer in report["cost"].get("layers", []):
+                layer["name"] = back.get(layer.get("name"), layer.get("name"))
         if auto is not None:  # the budget holds for what is written, counted as `inspect --cost` counts it
             report["autoplan"] = auto.summary()
             ctx.side_outputs[".autoplan.yaml"] = auto.text
@@ -282,7 +290,8 @@ def compile_model(model_path: str | os.PathLike[str], output_path: str | os.Path
             # Large models: outputs only (per-layer sessions would hold the float weights twice more).
             validation = qv.validate(float_model, qmodel, feeds, min_sqnr_db=opts.min_sqnr_db, per_layer=not big,
                                      optimize=True if target.validation_optimization == "all" else "basic",
-                                     layer_samples=COMPILE_LAYER_SAMPLES)
+                                     layer_samples=COMPILE_LAYER_SAMPLES,
+                                     names=ctx.renamed.get("tensors"))
             report["validation"] = validation.to_json()
             if opts.min_sqnr_db is not None and not validation.passed:
                 raise UserError(f"validation: output SQNR {validation.worst_output_sqnr():.2f} dB is below "

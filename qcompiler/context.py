@@ -44,6 +44,8 @@ class CompileContext:
       absorption, analytic bias correction read them).
     * ``calib_shapes``: tensor name -> (shape, dtype) the calibrate pass saw on its first sample; the compile's
       cost report sizes tensors from them instead of running the model again.
+    * ``renamed``: ``{"tensors": {new: old}, "nodes": {new: old}}`` once ``compact-names`` has shortened the
+      names (old: the names before it); validation and the cost report map names back through it.
     """
 
     graph: gs.Graph
@@ -65,6 +67,7 @@ class CompileContext:
     seed: int = 0
     bn_stats: dict[str, Any] = field(default_factory=dict)
     calib_shapes: dict[str, Any] = field(default_factory=dict)
+    renamed: dict[str, dict[str, str]] = field(default_factory=dict)
 
     @property
     def opset(self) -> int:

@@ -977,6 +977,32 @@ def _value_info_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
     return {vi.name: vi.type for vi in [*g.value_info, *g.input, *g.output]}
 
 
+def renamed_tensors(model: onnx.ModelProto, names: dict[str, str]) -> onnx.ModelProto:
+    """A copy of ``model`` whose tensors named as keys of ``names`` take the values' names (graph, subgraphs,
+    initializers, value_info; graph inputs and outputs too). Used to compare a ``compact-names`` model with its
+    float model by the original names."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+
+    def fix(g: onnx.GraphProto) -> None:
+        for seq in (g.input, g.output, g.value_info, g.initializer, g.sparse_initializer):
+            for item in seq:
+                holder = item.values if isinstance(item, onnx.SparseTensorProto) else item
+                holder.name = names.get(holder.name, holder.name)
+        for node in g.node:
+            node.input[:] = [names.get(n, n) for n in node.input]
+            node.output[:] = [names.get(n, n) for n in node.output]
+            for a in node.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    fix(a.g)
+                elif a.type == onnx.AttributeProto.GRAPHS:
+                    for sg in a.graphs:
+                        fix(sg)
+
+    fix(out.graph)
+    return out
+
+
 def with_outputs(model: onnx.ModelProto, names: Sequence[str], *, keep_outputs: bool = True) -> onnx.ModelProto:
     """A copy of ``model`` whose graph also outputs the tensors ``names`` (intermediate values)."""
     out = onnx.ModelProto()

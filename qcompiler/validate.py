@@ -29,7 +29,7 @@ import itertools
 import logging
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -453,13 +453,16 @@ def validate(
     layer_names: Sequence[str] | None = None,
     optimize: bool | str = True,
     layer_samples: int | None = None,
+    names: Mapping[str, str] | None = None,
 ) -> ValidationReport:
     """Run both models on ``feeds`` and measure the quantized one against the float one.
 
     ``float_model`` / ``quant_model``: a path or an ``onnx.ModelProto``. ``feeds``: any iterable of
     ``{input name: array}`` (consumed once, one sample at a time). ``layer_names`` limits the per-layer
     comparison to those tensors; ``layer_samples`` limits it to the first N samples (the outputs still use all
-    of them). ``optimize`` is the onnxruntime optimization level of the quantized model's
+    of them). ``names``: quantized-model tensor name -> float-model name, for a model whose names
+    ``compact-names`` shortened (its ``OUT.names.json`` ``tensors``); layers are compared and reported by the
+    float names. ``optimize`` is the onnxruntime optimization level of the quantized model's
     output run: True (full, what an onnxruntime deployment runs) or "basic" (a reference run for a graph meant
     for another runtime, free of onnxruntime's fusions). Raises :class:`UserError` for bad feeds or models whose outputs do not
     match; :class:`RuntimeError` when only the quantized model fails to run.
@@ -468,6 +471,8 @@ def validate(
     qlabel = _label(quant_model, "quantized model")
     fmodel = _as_model(float_model)
     qmodel = _as_model(quant_model)
+    if names and per_layer:
+        qmodel = ir.renamed_tensors(qmodel, dict(names))
 
     f_plain = _Runner(fmodel)
     q_plain = _Runner(qmodel, optimize=optimize)
@@ -578,6 +583,26 @@ def validate(
              len(layer_metrics), _fmt_db(report.worst_output_sqnr()),
              "" if min_sqnr_db is None else (" (pass)" if passed else " (FAIL)"))
     return report
+
+
+def load_names(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The tensor map (new name -> original) of a ``compact-names`` side file ``OUT.names.json``; raises
+    :class:`UserError` naming the file when it is missing or not such a file."""
+    import json
+
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{p}: no such file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{p}: not a names file ({type(e).__name__}: {e})") from None
+    tensors = data.get("tensors") if isinstance(data, dict) else None
+    if (not isinstance(data, dict) or data.get("version") != 1 or not isinstance(tensors, dict)
+            or not all(isinstance(k, str) and isinstance(v, str) for k, v in tensors.items())):
+        raise UserError(f"{p}: not a names file (expected {{\"version\": 1, \"tensors\": {{new: old}}, ...}}, "
+                        "as `qcompiler compile --compact-names` writes)")
+    return dict(tensors)
 
 
 # ---------------------------------------------------------------------------------------------- feeds
