@@ -114,9 +114,9 @@ def compile_and_measure(task: Any, plan: Plan, calib: Path, workdir: Path, targe
 
 
 def plan(task: Any, calib: Path, budget: str, cands: str, target: str, samples: int,
-         sens: Any = None, metric: str = "pd", max_samples: int = 64) -> autoplan.AutoPlanResult:
+         sens: Any = None, metric: str = "pd", max_samples: int = 64, **kw: Any) -> autoplan.AutoPlanResult:
     opts = autoplan.PlanOptions(budget=autoplan.Budget.parse(budget), candidates=autoplan.parse_candidates(cands),
-                                metric=metric, target=target, samples=samples, max_samples=max_samples)
+                                metric=metric, target=target, samples=samples, max_samples=max_samples, **kw)
     return autoplan.auto_plan(task.model, calib, opts, sensitivity=sens)
 
 
@@ -174,11 +174,16 @@ def run_model(key: str, args: argparse.Namespace) -> dict[str, Any]:
 
     # ---- 2. mixed at the bytes of uniform int4 ----------------------------------------------------------
     b4 = u["int4 (packed)"]["bytes"]
-    for set_name, cands in INT4_SETS.items():
-        r4 = plan(task, calib, str(b4), cands, "packed", args.samples, sens_all)
+    sets: list[tuple[str, str, dict[str, int]]] = [(k, v, {}) for k, v in INT4_SETS.items()]
+    if args.tight:
+        sets.append(("tight", INTS, {"select": args.tight[0], "exchange": args.tight[1]}))
+    for set_name, cands, kw in sets:
+        t = time.perf_counter()
+        r4 = plan(task, calib, str(b4), cands, "packed", args.samples, sens_all, **kw)
+        plan_s = time.perf_counter() - t
         m4 = compile_and_measure(task, r4.plan, calib, work, "packed", "mixed4", more=rank_feeds)
         key4 = {"all": "mixed_at_int4", "ints": "mixed_at_int4_ints"}.get(set_name, f"mixed_at_int4_{set_name}")
-        out[key4] = {"candidates": cands, "budget": b4, "bytes": m4["bytes"], "sqnr_db": m4["sqnr_db"],
+        out[key4] = {"candidates": cands, "options": kw, "plan_seconds": plan_s, "budget": b4, "bytes": m4["bytes"], "sqnr_db": m4["sqnr_db"],
                      "agreement": m4["agreement"], "sqnr_db_more": m4["sqnr_db_more"], "more_samples": n_rank,
                      "gain_db_more": m4["sqnr_db_more"] - u["int4 (packed)"]["sqnr_db_more"],
                      "counts": r4.counts(), "predicted_sqnr_db": r4.predicted.get("sqnr_db"),
@@ -267,10 +272,13 @@ def markdown(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
              f"(calib split), evaluation {args.eval} samples (eval split), sensitivity on the first {args.samples}.",
              ""]
     rows = []
-    for r, m4 in [(r, r[k]) for r in results for k in ("mixed_at_int4_six", "mixed_at_int4", "mixed_at_int4_ints")
+    for r, m4 in [(r, r[k]) for r in results
+                   for k in ("mixed_at_int4_six", "mixed_at_int4", "mixed_at_int4_ints", "mixed_at_int4_tight")
                    if k in r]:
         u = r["uniform"]
-        rows.append((r["model"], SET_LABELS.get(m4["candidates"], m4["candidates"]),
+        label = SET_LABELS.get(m4["candidates"], m4["candidates"]) + "".join(
+            f" --{k} {v}" for k, v in m4.get("options", {}).items())
+        rows.append((r["model"], label,
                      f"{u['int4 (packed)']['bytes']}", f"{u['int4 (packed)']['sqnr_db']:.2f}",
                      f"{m4['bytes']}", f"{m4['sqnr_db']:.2f}", f"{m4['gain_db']:+.2f}",
                      f"{u['int4 (packed)']['sqnr_db_more']:.2f} → {m4['sqnr_db_more']:.2f} ({m4['gain_db_more']:+.2f})",
@@ -324,6 +332,15 @@ def markdown(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+def _tight(text: str) -> tuple[int, ...]:
+    if text.strip() == "0":
+        return ()
+    vals = tuple(int(x) for x in text.split(","))
+    if len(vals) != 2:
+        raise argparse.ArgumentTypeError("SELECT,EXCHANGE (two integers) or 0")
+    return vals
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default=",".join(REAL_MODELS))
@@ -335,6 +352,9 @@ def main() -> None:
     ap.add_argument("--rank-eval", type=int, default=256,
                     help="held-back samples for the per-layer ranking measurement (also reported on --eval)")
     ap.add_argument("--skip-ranking", action="store_true")
+    ap.add_argument("--tight", type=_tight, default=(32, 2),
+                    metavar="SELECT,EXCHANGE",
+                    help="one more int4-bytes row: +shift3,2,int3,2 with --select / --exchange (default 32,2; 0 off)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     results = []
