@@ -106,7 +106,8 @@ def _plan(preset: str, calibration: str | None = None, algorithms: dict[str, Any
     if calibration is not None:
         p.activation_defaults = {**p.activation_defaults, "calibration": calibration}
     p.algorithms = {k: v for k, v in {**p.algorithms, **(algorithms or {})}.items() if k not in drop}
-    p.disabled_algorithms = set(p.disabled_algorithms) | set(drop)  # off even where the default pipeline has it
+    # off even where the default pipeline has it; an algorithm asked for is on even where the preset turns it off
+    p.disabled_algorithms = (set(p.disabled_algorithms) - set(algorithms or {})) | set(drop)
     if ort is not None:
         p.target_options = {**p.target_options, "ort": {**p.target_options.get("ort", {}), **ort}}
     p.source = f"{preset} (modified)" if (calibration or algorithms or drop or ort) else p.source
@@ -182,7 +183,7 @@ def accuracy(args: argparse.Namespace, model: str, work: Path) -> dict[str, Any]
             "equalize": {"ranges": "activations"}})),
         ("qcompiler w8a8 + bias_correct", _plan("w8a8", algorithms={"bias_correct": {}})),
         ("qcompiler w8a8-cle (equalize + bias_correct)", _plan("w8a8-cle")),
-        ("qcompiler w8a8 without fold_bias", _plan("w8a8", drop=["fold_bias"])),
+        ("qcompiler w8a8 with fold_bias (the preset before this session)", _plan("w8a8", algorithms={"fold_bias": {}})),
         ("qcompiler w8a8 without gptq", _plan("w8a8", drop=["gptq"])),
         ("qcompiler w8a8 with every Conv output requantized (ort default)", _plan(
             "w8a8", ort={"requantize_conv_outputs": True})),

@@ -213,3 +213,11 @@ def test_plan_turns_off_a_default_pipeline_pass(tmp_path):
     assert "fold-bias" not in off and "equalize" in off
     assert Plan.from_dict(off_plan.to_dict()).disabled_algorithms == {"fold_bias"}
     assert off_plan.to_dict()["algorithms"] == {"equalize": True, "fold_bias": False}
+
+
+def test_w8a8_preset_pipeline():
+    """The shipped w8a8 preset runs GPTQ (int8 grids) and leaves fold-bias out (measured better without it on
+    PP-OCR cls, identical on rec / silero-vad: benchmarks/RESULTS.md)."""
+    names = [p.name for p in assemble_pipeline(DEFAULT_PIPELINE, load_plan("w8a8"))]
+    assert "fold-bias" not in names and "gptq" in names
+    assert names.index("calibrate") < names.index("gptq") < names.index("insert-qdq")
