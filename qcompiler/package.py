@@ -9,6 +9,7 @@ that it was validated::
                              validation summary and the check SQNRs
       model.onnx             the quantized model (+ model.onnx.data when it has external data)
       model.plan.yaml        the resolved precision plan (which rule decided every node)
+      model.names.json       with ``compact_names``: the map from the model's short names back to the originals
       validation.json        the validation report (per output and per layer: SQNR, cosine, errors, top-1)
       validation.html        the same as a self-contained page with an inline-SVG per-layer SQNR bar chart
       check/feeds.npz        the first few validation feeds ...
@@ -209,7 +210,7 @@ def build_bundle(model: str | os.PathLike[str], bundle: str | os.PathLike[str], 
                  min_sqnr_db: float | None = None, make_zip: bool = False, validate_data: Any = None,
                  calib_samples: int | None = None, seed: int = 0, external_data_threshold: int | None = None,
                  plugins: Sequence[str] = (), check_samples: int = CHECK_SAMPLES,
-                 progress: Any = None) -> BundleResult:
+                 progress: Any = None, compact_names: bool = False) -> BundleResult:
     """Compile ``model`` (validated against real data) and write a deployment bundle at ``bundle``."""
     from qcompiler.compiler import CompileOptions, compile_model
 
@@ -239,7 +240,7 @@ def build_bundle(model: str | os.PathLike[str], bundle: str | os.PathLike[str], 
         opts = CompileOptions(plan=plan, target=target, calib=str(calib), pipeline=pipeline, validate=True,
                               validate_data=validate_data, min_sqnr_db=min_sqnr_db,
                               external_data_threshold=external_data_threshold, calib_samples=calib_samples,
-                              seed=seed, plugins=list(plugins))
+                              seed=seed, plugins=list(plugins), compact_names=compact_names)
         result = compile_model(src, tmp / MODEL_NAME, opts, progress=progress)
         validation = result.validation
         assert validation is not None
@@ -453,7 +454,9 @@ def _verify_folder(root: Path, float_model: Any, data: Any, label: Path) -> Veri
         from qcompiler import validate as qv
 
         fm = ir.load_model(float_model)
-        full = qv.validate(fm, qmodel, qv.load_feeds(data, fm), min_sqnr_db=gate)
+        names_file = root / (Path(MODEL_NAME).stem + ".names.json")  # a --compact-names bundle
+        names = qv.load_names(names_file) if names_file.is_file() else None
+        full = qv.validate(fm, qmodel, qv.load_feeds(data, fm), min_sqnr_db=gate, names=names)
         if gate is not None and not full.passed:
             raise UserError(f"{label}: full validation: output SQNR {full.worst_output_sqnr():.2f} dB is below "
                             f"the bundle's --min-sqnr {gate} dB")

@@ -189,3 +189,23 @@ def test_check_feeds_reproduce_the_float_reference(bundle: Path) -> None:
             y = sess.run(None, {"x": f[f"x/{i:04d}"]})[0]
             assert np.allclose(y, r[f"y/{i:04d}"], rtol=1e-5, atol=1e-6)
             assert math.isfinite(float(np.abs(y).max()))
+
+
+def test_compact_names_bundle(tmp_path: Path, bundle: Path) -> None:
+    """`package --compact-names`: a smaller model.onnx, model.names.json bundled and hashed, the same check SQNRs
+    as the plain bundle, and verify's full validation reports layers by their original names."""
+    res = run("package", TB, "-o", tmp_path / "b", "--calib", TB_NPZ, "--calib-samples", "16", "--plan", "w4a16",
+              "--compact-names", "-q")
+    assert res.exit_code == 0, res.stderr
+    b = tmp_path / "b"
+    m = json.loads((b / "manifest.json").read_text())
+    assert "model.names.json" in m["files"]
+    assert (b / "model.onnx").stat().st_size < (bundle / "model.onnx").stat().st_size
+    plain = json.loads((bundle / "manifest.json").read_text())
+    assert m["check"]["sqnr_db"] == plain["check"]["sqnr_db"]
+    full = verify_bundle(b, float_model=TB, data=TB_NPZ)
+    assert full.full is not None
+    originals = set(json.loads((b / "model.names.json").read_text())["tensors"].values())
+    assert full.full.layers and all(la.name in originals for la in full.full.layers)
+    assert {la.name for la in full.full.layers} == {
+        la.name for la in verify_bundle(bundle, float_model=TB, data=TB_NPZ).full.layers}  # type: ignore[union-attr]

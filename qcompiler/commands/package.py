@@ -37,11 +37,14 @@ def register(cli: click.Group) -> None:
                   help="Store tensors of at least BYTES as external data (model.onnx.data).")
     @click.option("--plugin", "plugins", multiple=True, help="Load passes from module:Class or path/to/file.py.")
     @click.option("--seed", type=int, default=0, show_default=True)
+    @click.option("--compact-names", is_flag=True,
+                  help="Shortest internal tensor / node names (smaller model.onnx); the map back is bundled as "
+                       "model.names.json.")
     @click.option("--quiet", "-q", is_flag=True, help="Print nothing on success.")
     def package_cmd(model: Path, output: Path, target: str, calib: str, plan: str | None, pipeline: str | None,
                     min_sqnr: float | None, make_zip: bool, validate_data: Path | None, calib_samples: int | None,
                     check_samples: int, external_data: int | None, plugins: tuple[str, ...], seed: int,
-                    quiet: bool) -> None:
+                    compact_names: bool, quiet: bool) -> None:
         """Compile MODEL, validate it, and write a deployment bundle (model, resolved plan, validation report
         as JSON and HTML, manifest with hashes and versions) at OUTPUT — atomically: nothing is written when
         anything fails, including an SQNR below --min-sqnr."""
@@ -50,7 +53,7 @@ def register(cli: click.Group) -> None:
         res = build_bundle(model, output, target=target, calib=calib, plan=plan, pipeline=pipeline,
                            min_sqnr_db=min_sqnr, make_zip=make_zip, validate_data=validate_data,
                            calib_samples=calib_samples, seed=seed, external_data_threshold=external_data,
-                           plugins=plugins, check_samples=check_samples)
+                           plugins=plugins, check_samples=check_samples, compact_names=compact_names)
         if quiet:
             return
         v: Any = res.validation
