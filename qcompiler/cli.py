@@ -263,10 +263,19 @@ def validate_cmd(float_model: Path, quant_model: Path, data: Path, json_path: Pa
 
     fm = ir.load_model(float_model)
     qm = ir.load_model(quant_model)
+    explicit = names_path is not None
     if names_path is None:
         beside = quant_model.with_name(quant_model.stem + ".names.json")
         names_path = beside if beside.is_file() else None
     names = qv.load_names(names_path) if names_path is not None else None
+    if names is not None:
+        unknown = set(names) - ir.tensor_names(qm)
+        if unknown and explicit:
+            raise UserError(f"{names_path}: names {', '.join(sorted(unknown)[:3])} are not tensors of {quant_model} "
+                            "(a names file of another compile?)")
+        if unknown:
+            log.warning("%s: not the names of %s (a leftover of another compile?); ignored", names_path, quant_model)
+            names = None
     feeds = qv.load_feeds(data, fm)
     report = qv.validate(fm, qm, feeds, per_layer=layers, min_sqnr_db=min_sqnr, names=names)
     click.echo(report.table(max_layers=max_layers))

@@ -977,6 +977,28 @@ def _value_info_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
     return {vi.name: vi.type for vi in [*g.value_info, *g.input, *g.output]}
 
 
+def tensor_names(model: onnx.ModelProto) -> set[str]:
+    """Every tensor name of ``model``: graph inputs, outputs, initializers, node inputs and outputs, subgraph
+    bodies included."""
+    out: set[str] = set()
+
+    def walk(g: onnx.GraphProto) -> None:
+        out.update(v.name for v in [*g.input, *g.output])
+        out.update(t.name for t in g.initializer)
+        for node in g.node:
+            out.update(node.input)
+            out.update(node.output)
+            for a in node.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    walk(a.g)
+                for sg in a.graphs:
+                    walk(sg)
+
+    walk(model.graph)
+    out.discard("")
+    return out
+
+
 def renamed_tensors(model: onnx.ModelProto, names: dict[str, str]) -> onnx.ModelProto:
     """A copy of ``model`` whose tensors named as keys of ``names`` take the values' names (graph, subgraphs,
     initializers, value_info; graph inputs and outputs too). Used to compare a ``compact-names`` model with its

@@ -163,3 +163,23 @@ def test_cli_validate_reads_the_names_file(tmp_path: Path) -> None:
     res = runner.invoke(cli, ["validate", str(src), str(out), "--data", str(data), "--names", str(bad)])
     assert res.exit_code == 2 and "bad.json: not a names file" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.output
+
+
+def test_stale_names_file_is_ignored_or_refused(tmp_path: Path) -> None:
+    """A names file that does not belong to the model: beside it (a leftover), it is ignored with a warning;
+    given with --names, it is refused in one line (exit 2)."""
+    src = MODELS / "conv_bn_relu.onnx"
+    data = src.with_suffix(".npz")
+    out = tmp_path / "q.onnx"
+    runner = CliRunner()
+    assert runner.invoke(cli, ["compile", str(src), "-o", str(out), "--calib", str(data), "-q"]).exit_code == 0
+    stale = {"version": 1, "tensors": {"zz9": "block.conv1", "zz8": "x1"}, "nodes": {}}
+    (tmp_path / "q.names.json").write_text(json.dumps(stale))
+    rep = tmp_path / "rep.json"
+    res = runner.invoke(cli, ["validate", str(src), str(out), "--data", str(data), "--json", str(rep)])
+    assert res.exit_code == 0, res.output
+    assert json.loads(rep.read_text())["layers"]  # compared by the model's own names
+    assert "q.names.json: not the names of" in res.stderr
+    res = runner.invoke(cli, ["validate", str(src), str(out), "--data", str(data), "--names",
+                              str(tmp_path / "q.names.json")])
+    assert res.exit_code == 2 and "are not tensors of" in res.stderr and len(res.stderr.strip().splitlines()) == 1
