@@ -30,6 +30,7 @@ CASES = {
     "transformer-w4a16": ("transformer_block", ["--plan", "w4a16"]),
     "fp16-conv": ("fp16_conv", []),
     "opset11-upgrade": ("opset11_constants", ["--plan", "w4a8"]),
+    "conv-compact-names-external": ("conv_bn_relu", ["--compact-names", "--external-data", "0"]),
 }
 
 
@@ -50,6 +51,8 @@ def test_same_inputs_same_bytes_in_other_folder_and_cwd(cid: str, tmp_path: Path
     assert "q.onnx" in runs[0] and "q.plan.yaml" in runs[0]
     if "--external-data" in extra:
         assert "q.onnx.data" in runs[0]
+    if "--compact-names" in extra:
+        assert "q.names.json" in runs[0]
 
 
 def test_same_bytes_across_processes_with_other_hash_seeds(tmp_path: Path) -> None:
