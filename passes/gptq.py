@@ -340,19 +340,20 @@ def _im2col(node: gs.Node, x: np.ndarray, groups: int) -> np.ndarray:
     elif auto == "VALID":
         pads = [0] * (2 * nd)
     xp = np.pad(x, [(0, 0), (0, 0)] + [(pads[d], pads[d + nd]) for d in range(nd)])
-    outs = [(xp.shape[2 + d] - ((kshape[d] - 1) * dil[d] + 1)) // strides[d] + 1 for d in range(nd)]
     n, c = x.shape[0], x.shape[1]
     cg = c // groups
     taps = int(np.prod(kshape))
+    # every window as a view [N, C, *positions, *window], strided by the Conv's strides and dilations, then one
+    # copy into [groups, N·positions, (tap, channel)]
+    span = tuple((kshape[d] - 1) * dil[d] + 1 for d in range(nd))
+    view = np.lib.stride_tricks.sliding_window_view(xp, span, axis=tuple(range(2, 2 + nd)))
+    view = view[(slice(None), slice(None), *(slice(None, None, s) for s in strides),
+                 *(slice(None, None, d) for d in dil))]  # [N, C, *outs, *kshape]
+    outs = view.shape[2:2 + nd]
+    view = view.reshape(n, groups, cg, *outs, *kshape)
+    order = (1, 0, *range(3, 3 + nd), *range(3 + nd, 3 + 2 * nd), 2)  # [groups, N, *outs, *kshape, cg]
     p = n * int(np.prod(outs))
-    full = np.empty((groups, p, taps, cg), dtype=x.dtype)
-    for t, tap in enumerate(np.ndindex(*kshape)):
-        sl = tuple(slice(tap[d] * dil[d], tap[d] * dil[d] + (outs[d] - 1) * strides[d] + 1, strides[d])
-                   for d in range(nd))
-        patch = xp[(slice(None), slice(None), *sl)]  # [N, C, *outs]
-        full[:, :, t, :] = np.moveaxis(patch.reshape(n, groups, cg, -1), 1, 0).transpose(0, 1, 3, 2).reshape(
-            groups, p, cg)
-    return full.reshape(groups, p, taps * cg)
+    return np.ascontiguousarray(view.transpose(order)).reshape(groups, p, taps * cg)
 
 
 def _inverse_cholesky_upper(h: np.ndarray) -> np.ndarray:
