@@ -199,7 +199,8 @@ def _tail_graph(g: gs.Graph, p: int, front: dict[str, Any], outputs: Sequence[st
             st[name].dtype, st[name].shape = dtype, None
         sub.inputs = [st[n] for n in front] + list(sub.inputs)
         sub.outputs = [st[n] for n in outputs]
-        return sub.cleanup(remove_unused_graph_inputs=True)
+        # not into the bodies: a Loop body's unused iteration-count input is part of its signature
+        return sub.cleanup(remove_unused_graph_inputs=True, recurse_subgraphs=False)
     tmap: dict[str, gs.Tensor] = {}
 
     def T(t: gs.Tensor) -> gs.Tensor:

@@ -145,3 +145,33 @@ def test_outputs_computed_before_a_cut_come_from_the_plan_not_the_float_model(tm
     assert ctx.details.get("partial_evaluations", 0) > 0
     np.testing.assert_allclose(ctx.values, ref.values, rtol=1e-3, atol=1e-9)
     np.testing.assert_allclose(ctx.noise, ref.noise, rtol=1e-3, atol=1e-9)
+
+
+@pytest.mark.parametrize("kind", ["if", "loop", "scan"])
+def test_graphs_with_subgraph_bodies(kind, tmp_path):
+    """A tail graph holding an If / Loop / Scan keeps the bodies whole (a Loop body's unused iteration-count input
+    is part of its signature): cut evaluations equal whole-graph runs, and the planner plans such a model."""
+    import sys
+
+    import onnx
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import test_subgraphs as ts
+
+    make, shape = {"if": (ts._if_model, (1, 16)), "loop": (ts._loop_model, (1, 16)),
+                   "scan": (ts._scan_model, (6, 1, 16))}[kind]
+    onnx.save(make(), str(tmp_path / "m.onnx"))
+    x = np.random.default_rng(0).standard_normal((12, *shape)).astype(np.float32)
+    x[::2], x[1::2] = np.abs(x[::2]), -np.abs(x[1::2])  # the If model takes both branches
+    np.savez(tmp_path / "c.npz", x=x)
+    prep, lut, feeds, qp, names = _setup(tmp_path / "m.onnx", tmp_path / "c.npz", "int8,int4")
+    cut = SensitivityRunner(prep.graph, lut, feeds, workers=1, activation_qparams=qp, cuts=8)
+    whole = SensitivityRunner(prep.graph, lut, feeds, workers=1, activation_qparams=qp, cuts=0)
+    for layer in lut:
+        for cand in names:
+            over = _setting(cut, layer, cand)
+            a, b = cut.distortion(over), whole.distortion(over)
+            np.testing.assert_allclose(a.noise, b.noise, rtol=1e-4, atol=1e-12)
+    res = autoplan.auto_plan(tmp_path / "m.onnx", tmp_path / "c.npz", autoplan.PlanOptions(
+        budget=autoplan.Budget.parse("100%"), candidates=autoplan.parse_candidates("fp32,int8,int4")))
+    assert res.verified["bytes"] <= res.budget_value and sum(res.counts().values()) == len(lut)
