@@ -171,6 +171,13 @@ class GPTQPass(Pass):
         if spec.granularity != "block":
             ref = quant.quantize_weight(w.astype(np.float32), spec.dtype, spec.symmetric, job.axis, None, spec.range)
             per_channel_scale = (ref.scale, ref.zero_point)
+        if per_channel_scale is not None and out_g == 1 and g_n > 1 and taps * in_g <= self.options.block_size:
+            # depthwise-like: many one-row groups, each swept on its own K <= block_size columns — the same
+            # arithmetic, vectorized over the groups
+            q_all, l_rtn, l_gptq = self._gptq_one_row_groups(np.stack(mats)[:, 0, :], job, per_channel_scale,
+                                                             lay, g_n)
+            qt = self._assemble(lay, spec, job, list(q_all[:, None, :]), [], [], per_channel_scale, in_g, taps)
+            return qt, l_rtn, l_gptq
         q_mats: list[np.ndarray] = []
         s_mats: list[np.ndarray] = []
         z_mats: list[np.ndarray] = []
@@ -193,6 +200,61 @@ class GPTQPass(Pass):
             l_gptq += _proxy(m, deq, h)
         qt = self._assemble(lay, spec, job, q_mats, s_mats, z_mats, per_channel_scale, in_g, taps)
         return qt, l_rtn, l_gptq
+
+    def _gptq_one_row_groups(self, m: np.ndarray, job: _Job, per_channel: tuple[np.ndarray, np.ndarray],
+                             lay: Layer, g_n: int) -> tuple[np.ndarray, float, float]:
+        """:meth:`_gptq` (per-channel grid, one block) for ``g_n`` groups of one row each, ``m`` [g_n, K], all
+        at once: element for element the arithmetic of the per-group sweep (the same damping, inverse
+        Cholesky factor, rounding and updates), so the codes are the same. Returns (codes [g_n, K], proxy loss
+        of round-to-nearest, of GPTQ)."""
+        opts: Options = self.options
+        k = m.shape[1]
+        h0 = job.h / max(job.rows, 1)  # [g, K, K]
+        scale, zp = (np.stack(v) for v in zip(*(_rows_of_scale(per_channel, lay, g, 1) for g in range(g_n))))
+        s32 = np.asarray(scale, dtype=np.float32).astype(np.float64).astype(np.float32)  # [g, 1], as _Grid
+        z = np.asarray(zp).astype(np.int64)
+        dt = quant.qdtype(job.spec.dtype)
+
+        def rnd(col: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # _Grid.round, one column per group
+            q = np.clip(np.rint(col.astype(np.float32) / s32[:, 0]).astype(np.int64) + z[:, 0], dt.qmin, dt.qmax)
+            return q, ((q - z[:, 0]).astype(np.float32) * s32[:, 0]).astype(np.float64)
+
+        w = m.copy()
+        h = h0
+        perm = None
+        if opts.act_order:
+            perm = np.argsort(-np.diagonal(h0, axis1=1, axis2=2), axis=1, kind="stable")
+            w = np.take_along_axis(w, perm, axis=1)
+            h = np.take_along_axis(np.take_along_axis(h0, perm[:, :, None], axis=1), perm[:, None, :], axis=2)
+        h = h.copy()
+        eye = np.eye(k)
+        diag = np.diagonal(h, axis1=1, axis2=2).copy()
+        dead = diag == 0
+        h[:, np.arange(k), np.arange(k)] = np.where(dead, 1.0, diag)
+        w[dead] = 0.0
+        mean = np.array([float(np.mean(np.diag(h[g]))) for g in range(g_n)])
+        h = h + ((opts.damp + min(k / max(job.rows, 1), 1.0)) * mean)[:, None, None] * eye
+        try:
+            u = np.linalg.cholesky(np.linalg.inv(h)).transpose(0, 2, 1)
+        except np.linalg.LinAlgError:
+            u = np.stack([_inverse_cholesky_upper(h[g]) for g in range(g_n)])
+        codes = np.zeros(w.shape, dtype=np.int64)
+        deq = np.zeros_like(w)
+        for i in range(k):
+            q, d = rnd(w[:, i])
+            codes[:, i] = q
+            deq[:, i] = d
+            e = (w[:, i] - d) / u[:, i, i]
+            w[:, i:] -= e[:, None] * u[:, i, i:]
+        if perm is not None:
+            inv = np.argsort(perm, axis=1)
+            codes = np.take_along_axis(codes, inv, axis=1)
+            deq = np.take_along_axis(deq, inv, axis=1)
+        q_rtn = np.clip(np.rint(m.astype(np.float32) / s32).astype(np.int64) + z, dt.qmin, dt.qmax)
+        rtn = ((q_rtn - z).astype(np.float32) * s32).astype(np.float64)
+        l_rtn = float(np.sum(np.matmul((rtn - m)[:, None, :], h0)[:, 0, :] * (rtn - m)))
+        l_gptq = float(np.sum(np.matmul((deq - m)[:, None, :], h0)[:, 0, :] * (deq - m)))
+        return codes, l_rtn, l_gptq
 
     def _gptq(self, w: np.ndarray, h: np.ndarray, grid: _Grid, blocks: _BlockGrid | None,
               in_g: int, taps: int, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
@@ -372,7 +434,7 @@ def _inverse_cholesky_upper(h: np.ndarray) -> np.ndarray:
 def _proxy(w: np.ndarray, wq: np.ndarray, h: np.ndarray) -> float:
     """tr(ΔW·H·ΔWᵀ) = mean ‖ΔW·x‖² over the calibration rows."""
     d = wq - w
-    return float(np.einsum("ij,jk,ik->", d, h, d))
+    return float(np.sum((d @ h) * d))
 
 
 def _rows_of_scale(per_channel: tuple[np.ndarray, np.ndarray], lay: Layer, g: int,
