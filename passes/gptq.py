@@ -53,6 +53,9 @@ from ._layers import Layer, find_layer
 log = logging.getLogger(__name__)
 
 _INT_BITS = {"int4": 4, "uint4": 4, "int8": 8, "uint8": 8, "int16": 16, "uint16": 16}
+#: sweep one-row groups (depthwise Convs, per-channel grids) together (:meth:`GPTQPass._gptq_one_row_groups`);
+#: False: one group at a time (the reference the tests compare with)
+BATCH_ONE_ROW_GROUPS = True
 
 
 @dataclass
@@ -171,7 +174,8 @@ class GPTQPass(Pass):
         if spec.granularity != "block":
             ref = quant.quantize_weight(w.astype(np.float32), spec.dtype, spec.symmetric, job.axis, None, spec.range)
             per_channel_scale = (ref.scale, ref.zero_point)
-        if per_channel_scale is not None and out_g == 1 and g_n > 1 and taps * in_g <= self.options.block_size:
+        if (BATCH_ONE_ROW_GROUPS and per_channel_scale is not None and out_g == 1 and g_n > 1
+                and taps * in_g <= self.options.block_size):
             # depthwise-like: many one-row groups, each swept on its own K <= block_size columns — the same
             # arithmetic, vectorized over the groups
             q_all, l_rtn, l_gptq = self._gptq_one_row_groups(np.stack(mats)[:, 0, :], job, per_channel_scale,

@@ -206,3 +206,35 @@ def test_act_order_quantizes_high_energy_columns_first(tmp_path):
         if k not in codes:
             np.testing.assert_array_equal(ia[k], ib[k])
     assert np.mean(ia[codes[0]].astype(np.int8) != ib[codes[0]].astype(np.int8)) > 0.05
+
+
+def depthwise_model() -> onnx.ModelProto:
+    b = Builder(23)
+    w = b.randn(16, 1, 3, 3, scale=0.3)
+    w[3] = 0.0  # an all-zero channel
+    b.node("Conv", ["x", b.init("w", w)], ["y"], name="dw", group=16, pads=[1, 1, 1, 1])
+    return b.model([vi("x", ["N", 16, 12, 10])], [vi("y", ["N", 16, 12, 10])])
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_one_row_groups_swept_together_give_the_same_codes(tmp_path, monkeypatch, act_order, symmetric):
+    """Depthwise Convs (one output row per group) are swept for all groups at once: the same codes and scales
+    as the group-by-group sweep, and better than round-to-nearest on correlated maps."""
+    from qcompiler.passes import gptq as gptq_mod
+
+    calib = smooth_maps(24, seed=6)
+    calib[:, :, 5] = 0.0  # a row of zeros: inputs with no energy at some taps
+    weight = {**INT4_PC, "symmetric": symmetric}
+    p = plan(weight, gptq={"act_order": act_order})
+    _, together, res = _compile(tmp_path, depthwise_model(), calib, p, "together")
+    monkeypatch.setattr(gptq_mod, "BATCH_ONE_ROW_GROUPS", False)
+    _, alone, res_alone = _compile(tmp_path, depthwise_model(), calib, p, "alone")
+    a, b = onnx.load(together), onnx.load(alone)
+    arrays = [(numpy_helper.to_array(x), numpy_helper.to_array(y)) for x, y in zip(a.graph.initializer,
+                                                                                    b.graph.initializer, strict=True)]
+    assert all(x.dtype == y.dtype and np.array_equal(x, y) for x, y in arrays)
+    assert res.report["gptq"]["layers"] == 1
+    assert res.report["gptq"]["proxy_loss_gptq"] == pytest.approx(res_alone.report["gptq"]["proxy_loss_gptq"],
+                                                                  rel=1e-9)
+    assert res.report["gptq"]["proxy_loss_gptq"] < 0.9 * res.report["gptq"]["proxy_loss_round_to_nearest"]
