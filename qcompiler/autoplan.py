@@ -901,20 +901,8 @@ def _select(choice: list[int], cap: float, front: Sequence[FrontPoint], costs: n
                 and used(uniform) <= cap + 1e-9:
             pool.append(uniform)
     unique: list[tuple[int, ...]] = list(dict.fromkeys(tuple(p) for p in pool))
-    todo = [p for p in unique if p not in joint]
-    if todo:
-        from qcompiler.sensitivity import measure_plans
-
-        runner = state.get("runner") or (None if fresh else sens.runner)
-        res, runner = measure_plans(prep.graph, lut, names, feeds, todo, runner=runner, workers=opts.workers,
-                                    batch_size=opts.batch_size, range_source=ranges,
-                                    qparams=sens.runner.activation_qparams if sens.runner is not None else None,
-                                    base=sens.runner if fresh else None,
-                                    progress=(lambda d, n: progress("select (whole plans measured)", d, n))
-                                    if progress else None)
-        state["runner"] = runner
-        state["signal"] = runner.signal
-        joint.update(zip(todo, res))
+    _measure_whole(unique, opts, joint, prep, lut, names, feeds, sens, progress, ranges, fresh, state,
+                   "select (whole plans measured)")
     best = min(unique, key=lambda p: (joint[p][0], used(p)))
     if list(best) != list(choice):
         log.info("plan: measured together, a neighbouring plan beats the knapsack's (%.4g vs %.4g)",

@@ -381,17 +381,7 @@ class SensitivityRunner:
         self.partial = 0  # evaluations that started at a cut
         self.feeds = [self._conform(f) for f in feeds]
         self.batches = self._make_batches(graph, self.feeds, batch_size)
-        self.reference: list[list[np.ndarray]] = []
-        self.extra_values: list[dict[str, np.ndarray]] = []
-        names = self.output_names + fetch
-        crossing: list[dict[str, np.ndarray]] = []
-        for b in self.batches:
-            vals = self.sess.run(names, {**b, **self.float_weights})
-            self.reference.append([np.asarray(v) for v in vals[: len(self.output_names)]])
-            got = dict(zip(fetch, vals[len(self.output_names):]))
-            if self.extra:
-                self.extra_values.append({n: got[n] for n in self.extra})
-            crossing.append({n: np.asarray(got[n]) for n in exposed if n in got})
+        crossing = [{n: np.asarray(got[n]) for n in exposed if n in got} for got in self._reference_runs(fetch)]
         #: cut position -> (session, its inputs, its outputs); ascending positions
         self.segments: list[tuple[int, Any, list[str], list[str]]] = []
         if sum(v.nbytes for c in crossing for v in c.values()) > PARTIAL_MAX_BYTES:
@@ -418,15 +408,25 @@ class SensitivityRunner:
         new._crossing = []  # the float activations at the cuts are not known for these samples
         new.feeds = [self._conform(f) for f in feeds]
         new.batches = new._make_batches(self.graph, new.feeds, self.batch_size)
-        names = self.output_names + self.extra
-        new.reference, new.extra_values = [], []
-        for b in new.batches:
-            vals = self.sess.run(names, {**b, **self.float_weights})
-            new.reference.append([np.asarray(v) for v in vals[: len(self.output_names)]])
-            if self.extra:
-                new.extra_values.append(dict(zip(self.extra, vals[len(self.output_names):])))
+        new._reference_runs(self.extra)
         new._reference_terms()
         return new
+
+    def _reference_runs(self, fetch: Sequence[str]) -> list[dict[str, np.ndarray]]:
+        """Run the float graph on every batch: ``self.reference`` (the outputs) and ``self.extra_values`` (the
+        extra outputs) from it; returns per batch the values of the tensors ``fetch`` (the extras among them)."""
+        names = self.output_names + list(fetch)
+        self.reference: list[list[np.ndarray]] = []
+        self.extra_values: list[dict[str, np.ndarray]] = []
+        fetched: list[dict[str, np.ndarray]] = []
+        for b in self.batches:
+            vals = self.sess.run(names, {**b, **self.float_weights})
+            self.reference.append([np.asarray(v) for v in vals[: len(self.output_names)]])
+            got = dict(zip(fetch, vals[len(self.output_names):]))
+            if self.extra:
+                self.extra_values.append({n: got[n] for n in self.extra})
+            fetched.append(got)
+        return fetched
 
     def _reference_terms(self) -> None:
         """Output kinds, the float side of the KL terms and the signal power, from ``self.reference``."""
