@@ -28,6 +28,7 @@ from collections.abc import Iterator
 
 import onnx_graphsurgeon as gs
 
+from qcompiler import ir
 from qcompiler.context import CompileContext
 from qcompiler.pass_base import Pass, PassResult
 
@@ -54,34 +55,11 @@ def short_names(skip: set[str]) -> Iterator[str]:
 
 
 def _walk(graph: gs.Graph) -> Iterator[tuple[list[gs.Node], list[gs.Tensor]]]:
-    """Per graph (the main graph, then every subgraph body, depth first): its nodes and its tensors in order of
-    first appearance (graph inputs, node inputs and outputs, graph outputs)."""
-    seen: set[int] = set()
-    tensors: list[gs.Tensor] = []
-
-    def add(t: gs.Tensor) -> None:
-        if id(t) not in seen:
-            seen.add(id(t))
-            tensors.append(t)
-
-    for t in graph.inputs:
-        add(t)
-    subgraphs: list[gs.Graph] = []
-    for node in graph.nodes:
-        for t in node.inputs:
-            add(t)
-        for t in node.outputs:
-            add(t)
-        for v in node.attrs.values():
-            if isinstance(v, gs.Graph):
-                subgraphs.append(v)
-            elif isinstance(v, list):
-                subgraphs.extend(x for x in v if isinstance(x, gs.Graph))
-    for t in graph.outputs:
-        add(t)
-    yield list(graph.nodes), tensors
-    for sg in subgraphs:
-        yield from _walk(sg)
+    """Per graph (the main graph, then every subgraph body, :func:`qcompiler.ir.walk_graphs`' order): its nodes
+    and its tensors in order of first appearance (graph inputs, node inputs and outputs, graph outputs)."""
+    for g in ir.walk_graphs(graph):
+        tensors = [*g.inputs, *(t for n in g.nodes for t in [*n.inputs, *n.outputs]), *g.outputs]
+        yield list(g.nodes), list({id(t): t for t in tensors}.values())
 
 
 class CompactNamesPass(Pass):
