@@ -214,14 +214,8 @@ class GPTQPass(Pass):
         opts: Options = self.options
         k = m.shape[1]
         h0 = job.h / max(job.rows, 1)  # [g, K, K]
-        scale, zp = (np.stack(v) for v in zip(*(_rows_of_scale(per_channel, lay, g, 1) for g in range(g_n))))
-        s32 = np.asarray(scale, dtype=np.float32).astype(np.float64).astype(np.float32)  # [g, 1], as _Grid
-        z = np.asarray(zp).astype(np.int64)
-        dt = quant.qdtype(job.spec.dtype)
-
-        def rnd(col: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # _Grid.round, one column per group
-            q = np.clip(np.rint(col.astype(np.float32) / s32[:, 0]).astype(np.int64) + z[:, 0], dt.qmin, dt.qmax)
-            return q, ((q - z[:, 0]).astype(np.float32) * s32[:, 0]).astype(np.float64)
+        scale, zp = (np.concatenate(v) for v in zip(*(_rows_of_scale(per_channel, lay, g, 1) for g in range(g_n))))
+        grid = _Grid(job.spec, scale, zp)  # one row per group: a column of all groups rounds as one
 
         w = m.copy()
         h = h0
@@ -245,7 +239,7 @@ class GPTQPass(Pass):
         codes = np.zeros(w.shape, dtype=np.int64)
         deq = np.zeros_like(w)
         for i in range(k):
-            q, d = rnd(w[:, i])
+            q, d = grid.round(w[:, i])
             codes[:, i] = q
             deq[:, i] = d
             e = (w[:, i] - d) / u[:, i, i]
@@ -254,8 +248,7 @@ class GPTQPass(Pass):
             inv = np.argsort(perm, axis=1)
             codes = np.take_along_axis(codes, inv, axis=1)
             deq = np.take_along_axis(deq, inv, axis=1)
-        q_rtn = np.clip(np.rint(m.astype(np.float32) / s32).astype(np.int64) + z, dt.qmin, dt.qmax)
-        rtn = ((q_rtn - z).astype(np.float32) * s32).astype(np.float64)
+        rtn = grid.round_matrix(m)
         l_rtn = float(np.sum(np.matmul((rtn - m)[:, None, :], h0)[:, 0, :] * (rtn - m)))
         l_gptq = float(np.sum(np.matmul((deq - m)[:, None, :], h0)[:, 0, :] * (deq - m)))
         return codes, l_rtn, l_gptq
