@@ -977,24 +977,27 @@ def _value_info_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
     return {vi.name: vi.type for vi in [*g.value_info, *g.input, *g.output]}
 
 
+def _proto_graphs(g: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """``g`` and every subgraph body nested in it (If / Loop / Scan attributes), depth first."""
+    yield g
+    for node in g.node:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                yield from _proto_graphs(a.g)
+            for sg in a.graphs:
+                yield from _proto_graphs(sg)
+
+
 def tensor_names(model: onnx.ModelProto) -> set[str]:
     """Every tensor name of ``model``: graph inputs, outputs, initializers, node inputs and outputs, subgraph
     bodies included."""
     out: set[str] = set()
-
-    def walk(g: onnx.GraphProto) -> None:
+    for g in _proto_graphs(model.graph):
         out.update(v.name for v in [*g.input, *g.output])
         out.update(t.name for t in g.initializer)
         for node in g.node:
             out.update(node.input)
             out.update(node.output)
-            for a in node.attribute:
-                if a.type == onnx.AttributeProto.GRAPH:
-                    walk(a.g)
-                for sg in a.graphs:
-                    walk(sg)
-
-    walk(model.graph)
     out.discard("")
     return out
 
@@ -1005,8 +1008,7 @@ def renamed_tensors(model: onnx.ModelProto, names: dict[str, str]) -> onnx.Model
     float model by the original names."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
-
-    def fix(g: onnx.GraphProto) -> None:
+    for g in _proto_graphs(out.graph):
         for seq in (g.input, g.output, g.value_info, g.initializer, g.sparse_initializer):
             for item in seq:
                 holder = item.values if isinstance(item, onnx.SparseTensorProto) else item
@@ -1014,14 +1016,6 @@ def renamed_tensors(model: onnx.ModelProto, names: dict[str, str]) -> onnx.Model
         for node in g.node:
             node.input[:] = [names.get(n, n) for n in node.input]
             node.output[:] = [names.get(n, n) for n in node.output]
-            for a in node.attribute:
-                if a.type == onnx.AttributeProto.GRAPH:
-                    fix(a.g)
-                elif a.type == onnx.AttributeProto.GRAPHS:
-                    for sg in a.graphs:
-                        fix(sg)
-
-    fix(out.graph)
     return out
 
 
