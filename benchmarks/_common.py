@@ -199,9 +199,10 @@ class FolderReader:
 
 def ort_quantize(model: str | os.PathLike[str], output: str | os.PathLike[str], calib_folder: str | os.PathLike[str],
                  method: str = "MinMax", per_channel: bool = True, op_types: Sequence[str] | None = None,
-                 workdir: str | os.PathLike[str] | None = None, weight_type: str = "QInt8") -> dict[str, float]:
-    """onnxruntime's static quantizer (QDQ, ``weight_type`` weights — QInt8 by default, QInt4 for int4 —, uint8
-    activations) with its pre-processing.
+                 workdir: str | os.PathLike[str] | None = None, weight_type: str = "QInt8",
+                 quant_format: str = "QDQ") -> dict[str, float]:
+    """onnxruntime's static quantizer (``quant_format`` QDQ by default, or QOperator; ``weight_type`` weights —
+    QInt8 by default, QInt4 for int4 —, uint8 activations) with its pre-processing.
 
     Returns the seconds spent: ``upgrade`` (opset -> 13 when lower, 21 for 4-bit weights), ``preprocess``
     (``quant_pre_process``), ``quantize`` (calibration + rewrite) and ``total``."""
@@ -241,7 +242,7 @@ def ort_quantize(model: str | os.PathLike[str], output: str | os.PathLike[str], 
         pre = Path(td) / "preprocessed.onnx"
         quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
         t2 = time.perf_counter()
-        quantize_static(str(pre), str(output), _Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
+        quantize_static(str(pre), str(output), _Reader(), quant_format=getattr(QuantFormat, quant_format), per_channel=per_channel,
                         activation_type=QuantType.QUInt8, weight_type=getattr(QuantType, weight_type),
                         op_types_to_quantize=list(op_types) if op_types else None,
                         calibrate_method=getattr(CalibrationMethod, method))

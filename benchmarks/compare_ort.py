@@ -6,6 +6,7 @@
     python benchmarks/compare_ort.py silero_vad --mode calib-rss     # calibration peak RSS, 64 vs 256 samples
     python benchmarks/compare_ort.py --mode conv-fixture             # models/conv_bn_relu.onnx latency
     python benchmarks/compare_ort.py ppocr_cls --mode all --json out.json
+    python benchmarks/compare_ort.py ppocr_cls --target ort-qop --ort-format QOperator   # integer-op files
 
 Mode ``compare`` (default), for one model:
 
@@ -15,7 +16,8 @@ Mode ``compare`` (default), for one model:
 * **onnxruntime**: opset upgraded to 13 when lower (per-channel QDQ needs it), ``quant_pre_process(
   skip_symbolic_shape=True)``, ``quantize_static`` (QDQ, per-channel int8 weights, uint8 activations) with
   each calibrator of ``--ort-methods`` (MinMax is its default); plus MinMax restricted to Conv/MatMul.
-  The time counted includes the upgrade and the pre-processing.
+  The time counted includes the upgrade and the pre-processing. ``--target ort-qop --ort-format QOperator``
+  compares the files that hold onnxruntime's integer operators (QLinearConv, ...) instead of QDQ.
 
 Each compile runs ``--repeat`` times, each time in its own process: compile seconds are the median of the
 in-process compile call (imports excluded; CPU seconds of the process over the call in parentheses), peak RSS
@@ -74,8 +76,10 @@ def _worker(spec: dict[str, Any]) -> None:
     if tool == "qcompiler":  # each tool's own modules are imported before the clock starts
         from qcompiler.compiler import CompileOptions, compile_model
         from qcompiler.registry import registry
+        from qcompiler.runtime_targets import targets
 
         registry()  # the built-in pass modules (onnxruntime.quantization's are imported below for the other)
+        targets()  # and the runtime targets' modules
     else:
         import onnxruntime.quantization  # noqa: F401
     import resource
@@ -87,6 +91,7 @@ def _worker(spec: dict[str, Any]) -> None:
     if tool == "qcompiler":
         res = compile_model(spec["model"], spec["out"],
                             CompileOptions(plan=spec.get("plan"), calib=spec["calib"], validate=False,
+                                           target=spec.get("target", "ort"),
                                            compact_names=bool(spec.get("compact_names"))))
         passes: dict[str, float] = {}
         for r in res.records:
@@ -98,7 +103,8 @@ def _worker(spec: dict[str, Any]) -> None:
         info["calibration"] = res.report.get("calibration", {})
     else:
         info["phases"] = C.ort_quantize(spec["model"], spec["out"], spec["calib"], method=spec["method"],
-                                        op_types=spec.get("op_types"), workdir=spec.get("workdir"))
+                                        op_types=spec.get("op_types"), workdir=spec.get("workdir"),
+                                        quant_format=spec.get("quant_format", "QDQ"))
     seconds = time.perf_counter() - t0
     ru1 = resource.getrusage(resource.RUSAGE_SELF)
     cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
@@ -191,7 +197,7 @@ def compare(args: argparse.Namespace, model: str, work: Path) -> dict[str, Any]:
 
     specs: dict[str, dict[str, Any]] = {
         "qcompiler": {"tool": "qcompiler", "model": str(fp32), "out": str(work / "qcompiler.onnx"),
-                      "calib": str(calib_dir), "plan": args.plan,
+                      "calib": str(calib_dir), "plan": args.plan, "target": args.target,
                       "compact_names": args.compact_names}}
     repeat = {"qcompiler": args.repeat}
     variants: list[tuple[str, str, list[str] | None]] = [(f"ort {m}", m, None) for m in args.ort_methods]
@@ -200,7 +206,8 @@ def compare(args: argparse.Namespace, model: str, work: Path) -> dict[str, Any]:
     for name, method, op_types in variants:
         out = work / (name.replace(" ", "_").replace("/", "_") + ".onnx")
         specs[name] = {"tool": "ort", "model": str(fp32), "out": str(out), "calib": str(calib_dir),
-                       "method": method, "op_types": op_types, "workdir": str(work)}
+                       "method": method, "op_types": op_types, "workdir": str(work),
+                       "quant_format": args.ort_format}
         repeat[name] = args.repeat if (method == "MinMax" and op_types is None) else 1  # the default: timed
     tools = _compile_all(specs, repeat, args.mem_limit_mb)
 
@@ -397,6 +404,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mode", default="compare", choices=("compare", "calib-rss", "conv-fixture", "all"))
     ap.add_argument("--plan", help="qcompiler plan (file or preset); default: the default plan")
     ap.add_argument("--compact-names", action="store_true", help="qcompiler: compile with --compact-names")
+    ap.add_argument("--target", default="ort", help="qcompiler target (default ort; ort-qop writes onnxruntime's "
+                                                     "integer ops)")
+    ap.add_argument("--ort-format", default="QDQ", choices=("QDQ", "QOperator"),
+                    help="onnxruntime quantize_static quant_format (default QDQ; QOperator to compare with ort-qop)")
     ap.add_argument("--samples", type=int, default=64, help="calibration samples (default 64)")
     ap.add_argument("--eval", type=int, default=48, help="held-back evaluation samples (default 48)")
     ap.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads for latency (default 1)")

@@ -354,8 +354,8 @@ def _layer_candidates(ff: _GraphFacts, qf: _GraphFacts, layer_names: Sequence[st
         names = [
             n for n, op in ff.producers.items()
             if n in qf.producers and n not in excluded
-            and op not in _SKIP_OPS and qf.producers[n] not in _SKIP_OPS and qf.producers[n] not in QDQ_OPS
-        ]
+            and op not in _SKIP_OPS and op not in QDQ_OPS and qf.producers[n] not in _SKIP_OPS
+        ]  # a DequantizeLinear may carry a layer's name in the quantized graph (target ort-qop): its value
     names = [n for n in names if ff.float_known.get(n, True) and qf.float_known.get(n, True)]
     if len(names) > MAX_LAYERS:
         log.warning("validate: %d layer tensors in common; comparing only the first %d", len(names), MAX_LAYERS)

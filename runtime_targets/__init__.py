@@ -165,6 +165,9 @@ def targets() -> dict[str, type[Target]]:
         from qcompiler.runtime_targets.packed import PackedTarget
 
         found[PackedTarget.name] = PackedTarget
+        from qcompiler.runtime_targets.ort_qop import OrtQOperatorTarget
+
+        found[OrtQOperatorTarget.name] = OrtQOperatorTarget
         from importlib.metadata import entry_points
 
         for ep in entry_points(group="qcompiler.targets"):

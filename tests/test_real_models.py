@@ -24,6 +24,7 @@ import importlib.util
 import json
 import re
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -333,3 +334,25 @@ def test_cli_validate_names_layers(key: str, request: pytest.FixtureRequest, tmp
     for name in c.score.sqnr:
         db = C.sqnr_db([r[name] for r in c.ref[:N_CLI_EVAL]], [q[name] for q in c.quant[:N_CLI_EVAL]])
         assert out[name] == pytest.approx(db, abs=2e-3), name
+
+
+# ====================================================================== target ort-qop on the real models
+@pytest.mark.parametrize("key, conv, mm", [("ppocr_cls", 44, 1), ("silero_vad", 6, 0), ("ppocr_rec", 24, 9)])
+def test_ort_qop_writes_the_kernels_onnxruntime_fuses(key: str, conv: int, mm: int,
+                                                      request: pytest.FixtureRequest) -> None:
+    """The same compile for target ``ort-qop``: onnxruntime's integer ops in the file — as many QLinearConv as
+    onnxruntime fuses from the ``ort`` file — a smaller file, and the ``ort`` file's outputs (run with
+    onnxruntime's optimizations), equal up to float rounding (measured: rec and silero-vad bit-identical; cls
+    3e-8 on probabilities, where onnxruntime computes the MatMul head + bias Add as one float Gemm)."""
+    c: Compiled = request.getfixturevalue({"ppocr_cls": "cls", "silero_vad": "vad", "ppocr_rec": "rec"}[key])
+    out = c.work / "qop" / f"{key}.qop.onnx"
+    res = compile_model(c.task.model, out, CompileOptions(calib=str(c.calib_dir), validate=False, target="ort-qop"))
+    ops = Counter(n.op_type for n in onnx.load(str(out)).graph.node)
+    assert ops["QLinearConv"] == conv == ir.optimized_op_types(c.out).get("QLinearConv")
+    assert ops["MatMulIntegerToFloat"] == mm and ops["Conv"] + conv == _op_count(c.out, "Conv")
+    assert _stats(res, "lower").get("lower-qoperator.qlinear_conv") == conv
+    assert out.stat().st_size < c.out.stat().st_size
+    got = C.run_all(out, c.task.eval)
+    for a, b in zip(c.quant, got):
+        for name, v in a.items():
+            assert float(np.abs(v - b[name]).max()) <= 1e-6 * max(float(np.abs(v).max()), 1e-12), (key, name)
