@@ -237,6 +237,8 @@ def _with_granularity(cand: Candidate, gran: str, raw: str) -> Candidate:
 class PlanOptions:
     budget: Budget
     candidates: list[Candidate] = field(default_factory=lambda: parse_candidates(DEFAULT_CANDIDATES))
+    #: the candidates are the default list (not the user's): ones the target runs nowhere are left out, not refused
+    default_candidates: bool = False
     metric: str = "pd"
     target: str = "ort"
     base_plan: str | Path | Plan | None = None
@@ -373,6 +375,8 @@ class Prepared:
     layers: list[LayerInfo]
     specs: list[dict[str, QuantSpec | None]]  # per layer: candidate -> spec
     model_path: Path
+    #: candidates left out because the target runs them on no layer (``prepare(drop_unsupported=True)``)
+    dropped: list[str] = field(default_factory=list)
 
 
 def _spec_dict(spec: QuantSpec) -> dict[str, Any]:
@@ -380,8 +384,11 @@ def _spec_dict(spec: QuantSpec) -> dict[str, Any]:
 
 
 def prepare(model_path: str | Path, candidates: Sequence[Candidate], *, target: str = "ort",
-            base_plan: str | Path | Plan | None = None) -> Prepared:
-    """The float graph as ``compile`` resolves plans on it, the layers to decide and each one's candidates."""
+            base_plan: str | Path | Plan | None = None, drop_unsupported: bool = False) -> Prepared:
+    """The float graph as ``compile`` resolves plans on it, the layers to decide and each one's candidates.
+
+    A candidate the target runs on no layer is an error naming it, or, with ``drop_unsupported`` (the default
+    candidate list, which the user did not choose), left out with a warning (listed in ``Prepared.dropped``)."""
     from qcompiler.context import CompileContext
     from qcompiler.pass_manager import PassManager
     from qcompiler.registry import build_pipeline, parse_pipeline_text
@@ -444,16 +451,21 @@ def prepare(model_path: str | Path, candidates: Sequence[Candidate], *, target: 
     if not layers:
         raise UserError(f"{src}: no layer to plan (the base plan quantizes no Conv / ConvTranspose / Gemm / "
                         "MatMul / LSTM / GRU / RNN with a constant weight)")
+    dropped: list[str] = []
     for cand in candidates:
         if not cand.is_float and not any(cand.name in la.allowed for la in layers):
-            raise UserError(f"--candidates: '{cand.name}' is not supported by target '{target}' on any layer: "
-                            f"{refused_everywhere.get(cand.name, 'refused')}")
+            why = refused_everywhere.get(cand.name, "refused")
+            if not drop_unsupported:
+                raise UserError(f"--candidates: '{cand.name}' is not supported by target '{target}' on any layer: "
+                                f"{why}")
+            log.warning("candidate %s left out: target '%s' runs it on no layer (%s)", cand.name, target, why)
+            dropped.append(cand.name)
     for la in layers:
         if not la.allowed:
             raise UserError(f"node '{la.name}': none of the candidates is supported by target '{target}' "
                             f"({next(iter(la.refused.values()), '')}); add fp32 to --candidates")
     return Prepared(graph=ctx.graph, meta=meta, base=base, target=tgt, nodes=nodes, layers=layers, specs=specs,
-                    model_path=src)
+                    model_path=src, dropped=dropped)
 
 
 # ---------------------------------------------------------------------------------------------- plans
@@ -746,7 +758,11 @@ def auto_plan(model_path: str | Path, calib: str | Path | None, options: PlanOpt
     names = [c.name for c in cands]
 
     t = time.perf_counter()
-    prep = prepare(src, cands, target=opts.target, base_plan=opts.base_plan)
+    prep = prepare(src, cands, target=opts.target, base_plan=opts.base_plan,
+                   drop_unsupported=opts.default_candidates)
+    if prep.dropped:
+        cands = [c for c in cands if c.name not in prep.dropped]
+        names = [c.name for c in cands]
     rules = layer_rules(prep, cands)
     # sensitivities on the first samples; activation ranges as the compile will calibrate them: over the whole
     # calibration data (one streaming pass)
@@ -1198,6 +1214,7 @@ def plan_for_compile(model_path: str | Path, copts: Any, base: Plan, progress: P
     """``qcompiler compile --budget``: the auto plan for a :class:`~qcompiler.compiler.CompileOptions`."""
     budget = Budget.parse(str(copts.budget), bitops=bool(copts.budget_bitops))
     popts = PlanOptions(budget=budget, candidates=parse_candidates(copts.budget_candidates or DEFAULT_CANDIDATES),
+                        default_candidates=not copts.budget_candidates,
                         metric=copts.budget_metric or "pd", target=copts.target, base_plan=base, seed=copts.seed)
     calib = None if copts.calib is None or str(copts.calib) in ("none", "random") else copts.calib
     return auto_plan(model_path, calib, popts, progress=progress)

@@ -149,7 +149,8 @@ def _bytes(n: float) -> str:
                                "(4MB), a fraction of the float bytes (25%), average weight bits (4.5bits), or "
                                "BitOps with --bitops; --plan / --preset give the base plan.")
 @click.option("--bitops", is_flag=True, help="With --budget: the budget counts BitOps (1.5G, or 50%).")
-@click.option("--candidates", help="With --budget: precisions a layer may take (default int8,int4).")
+@click.option("--candidates", help="With --budget: precisions a layer may take (default int8,int4, less what the "
+                                     "target runs on no layer).")
 @click.option("--metric", type=click.Choice(["pd", "hessian", "act-stats", "orthogonality"]), default="pd",
               show_default=True, help="With --budget: the sensitivity metric.")
 @click.option("--compact-names", is_flag=True,
@@ -458,9 +459,10 @@ def plan_show_cmd(preset: str | None) -> None:
 @click.option("--calib", help="Calibration data (folder of .npz, stacked .npz, or 'random'): the sensitivity "
                               "batch is its first --samples samples.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Write the plan here (default: print it).")
-@click.option("--candidates", default="int8,int4", show_default=True,
-              help="Precisions a layer may take: fp32, int8, int4, uint8, int16, fp8e4m3, ternary, binary, shift4, "
-                   "and int3 / int2 (uniform, bit-packed: --target packed) ...")
+@click.option("--candidates",
+              help="Precisions a layer may take (default int8,int4, less what the target runs on no layer): fp32, "
+                   "int8, int4, uint8, int16, fp8e4m3, ternary, binary, shift4, and int3 / int2 (uniform, "
+                   "bit-packed: --target packed) ...")
 @click.option("--metric", type=click.Choice(["pd", "hessian", "act-stats", "orthogonality"]), default="pd",
               show_default=True, help="Sensitivity: PD-Quant output change, HAWQ-V2 Hessian trace (forward "
                                       "only), myQASR activation statistics, OMPQ orthogonality.")
@@ -491,7 +493,7 @@ def plan_show_cmd(preset: str | None) -> None:
               help="Held-back feeds for the measured SQNR (default: the calibration data).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for synthetic data and draws.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or summary.")
-def plan_auto_cmd(model: Path, budget: str, bitops: bool, calib: str | None, output: Path | None, candidates: str,
+def plan_auto_cmd(model: Path, budget: str, bitops: bool, calib: str | None, output: Path | None, candidates: str | None,
                   metric: str, target: str, base_plan: str | None, samples: int, batch_size: int, solver: str,
                   draws: int, select: int, refine: int, exchange: int, pareto: Path | None, measure: int,
                   validate_data: Path | None, seed: int, quiet: bool) -> None:
@@ -500,7 +502,8 @@ def plan_auto_cmd(model: Path, budget: str, bitops: bool, calib: str | None, out
     from qcompiler.cost import format_bytes, format_count
 
     opts = autoplan.PlanOptions(budget=autoplan.Budget.parse(budget, bitops=bitops),
-                                candidates=autoplan.parse_candidates(candidates), metric=metric, target=target,
+                                candidates=autoplan.parse_candidates(candidates or autoplan.DEFAULT_CANDIDATES),
+                                default_candidates=candidates is None, metric=metric, target=target,
                                 base_plan=base_plan, samples=samples, batch_size=batch_size, solver=solver,
                                 draws=draws, select=select, refine=refine, exchange=exchange, seed=seed)
     if pareto is not None and pareto.suffix.lower() != ".csv":

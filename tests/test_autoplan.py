@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import itertools
+import logging
 import math
 import os
 from pathlib import Path
@@ -409,6 +410,26 @@ def test_unsupported_candidate_is_refused(fragile):
     path, calib = fragile
     with pytest.raises(UserError, match="not supported by target 'tensorrt'"):
         _plan(path, calib, "20%", cands="int8,ternary", target="tensorrt")
+
+
+def test_default_candidates_the_target_cannot_run_are_left_out(fragile, tmp_path, caplog):
+    """ort-qop runs int4 only weight-only, and the plan quantizes the activations: the default int8,int4 plans
+    with int8 alone (a warning says why), while int4 asked for explicitly is still refused."""
+    path, calib = fragile
+    with pytest.raises(UserError, match="'int4' is not supported by target 'ort-qop'"):
+        _plan(path, calib, "30%", cands="int8,int4", target="ort-qop")
+    with caplog.at_level(logging.WARNING, logger="qcompiler.autoplan"):
+        res = _plan(path, calib, "30%", target="ort-qop", default_candidates=True)
+    assert "candidate int4 left out: target 'ort-qop'" in caplog.text
+    assert res.candidates == ["int8"]
+    (tmp_path / "p.yaml").write_text(res.text, encoding="utf-8")
+    _, size = _compiled_cost(path, tmp_path / "p.yaml", calib, tmp_path, target="ort-qop")
+    assert size <= 0.30 * os.path.getsize(path)  # int8 everywhere fits 30 %
+    # the same through the CLI: no --candidates given
+    r = CliRunner().invoke(cli, ["plan", str(path), "--budget", "30%", "--calib", str(calib), "--target", "ort-qop",
+                                 "-o", str(tmp_path / "cli.yaml"), "-q"])
+    assert r.exit_code == 0, r.output
+    assert "int4" not in (tmp_path / "cli.yaml").read_text(encoding="utf-8").split("rules:")[-1]
 
 
 def test_plan_is_deterministic_and_front_is_pareto(fragile):
