@@ -13,9 +13,24 @@ elementwise ops only (ReLU, Clip, hard-swish, ..., see ``qcompiler.calibration.b
 the BN statistics ``fold-batchnorm`` recorded: per channel ``β ± k·γ`` (k = ``BN_SIGMAS``, 6) pushed through those
 ops, so a ReLU clips it at 0. The other tensors (the graph inputs, for one) fall back to random inputs.
 
+``calibration: auto`` (plan) or ``method=auto`` (pipeline) chooses the method per model, measured: the last
+``h = min(auto_samples, N/4)`` of the N calibration samples are held out. The statistics (histograms, which every
+method reads) of the first N − h samples give each method of ``AUTO_CALIBRATIONS`` (minmax, percentile,
+entropy, mse) its ranges; the model is quantized once per method (the same ``insert-qdq`` as the compile, on a
+copy of the graph, every ``auto`` tensor with that method), each copy runs in onnxruntime on the h held-out
+samples (at the optimization level the target validates at: ``ort`` fuses its integer kernels), and the method
+whose outputs are closest to the float model's (mean output SQNR in dB over the float outputs) replaces ``auto``
+in those tensors' specs. The held-out statistics are then merged in (exact), so the compile's ranges come from
+all N samples, as with that method given by hand; every sample still runs once. The report's
+``calibration.auto`` lists each method's held-out SQNR and the choice. Holding out matters: measured on the
+calibration samples themselves, clipping methods look best on PP-OCR cls, whose held-back evaluation lines
+prefer minmax by 10 dB (benchmarks/RESULTS.md, "Calibration: auto"). The measurement leaves out what later
+passes (``gptq``, ``bias-correct``) change; with synthetic data (``--calib random``) or fewer than 4 samples
+there is nothing to measure on and ``auto`` becomes ``minmax`` with a warning.
+
 Options: ``method`` overrides every activation spec's calibration method (written back into
-``ctx.activation_specs`` so the quantizer uses the same one), ``percentile`` overrides the percentile, and
-``samples`` uses at most N samples.
+``ctx.activation_specs`` so the quantizer uses the same one), ``percentile`` overrides the percentile,
+``samples`` uses at most N samples, ``auto_samples`` the most samples ``auto`` holds out (default 16).
 """
 
 from __future__ import annotations
@@ -41,7 +56,7 @@ from qcompiler.calibration import (
 from qcompiler.context import CompileContext
 from qcompiler.errors import UserError
 from qcompiler.pass_base import Pass, PassResult
-from qcompiler.plan import CALIBRATIONS
+from qcompiler.plan import AUTO_CALIBRATIONS, CALIBRATIONS
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +69,8 @@ class Options:
     method: str | None = None  # override every activation spec's calibration: minmax|percentile|entropy|mse
     percentile: float | None = None  # override the percentile (50, 100]
     samples: int | None = None  # use at most N samples
+    #: calibration: auto holds out the last min(N, samples / 4) samples and measures each method on them
+    auto_samples: int = 16
 
     def validate(self, pass_name: str = "calibrate") -> None:
         if self.method is not None and self.method not in CALIBRATIONS:
@@ -63,6 +80,9 @@ class Options:
             raise UserError(f"pass '{pass_name}' option 'percentile': must be in (50, 100], got {self.percentile}")
         if self.samples is not None and self.samples <= 0:
             raise UserError(f"pass '{pass_name}' option 'samples': must be a positive integer, got {self.samples}")
+        if self.auto_samples <= 0:
+            raise UserError(f"pass '{pass_name}' option 'auto-samples': must be a positive integer, "
+                            f"got {self.auto_samples}")
 
 
 class CalibratePass(Pass):
@@ -129,7 +149,20 @@ class CalibratePass(Pass):
         n_samples = len(source) if rest else 0
         progress = self._progress(ctx, n_samples)
         shapes: dict[str, Any] = {}
-        ctx.stats = collect(ctx.graph, rest, source, progress=progress, shapes=shapes) if rest else {}
+        auto = [name for name, spec in rest.items() if spec.calibration == "auto"]
+        chosen: dict[str, Any] | None = None
+        held = min(opts.auto_samples, n_samples // 4) if auto and not source.synthetic else 0
+        if held:  # calibration: auto — the last samples held out to measure each method on
+            fit = source.subset(range(n_samples - held))
+            ctx.stats = collect(ctx.graph, rest, fit, progress=progress, shapes=shapes)
+            later = (lambda done, total: progress(n_samples - held + done, n_samples)) if progress else None
+            held_stats = collect(ctx.graph, rest, source.subset(range(n_samples - held, n_samples)),
+                                 progress=later)
+            chosen = _choose_method(ctx, auto, ctx.stats, source.subset(range(n_samples - held, n_samples)))
+            for name, st in held_stats.items():
+                ctx.stats[name].merge(st)  # exact: the same statistics as one pass over every sample
+        else:
+            ctx.stats = collect(ctx.graph, rest, source, progress=progress, shapes=shapes) if rest else {}
         if shapes:  # first-sample shapes: the compile's cost report infers the rest instead of running the model
             ctx.calib_shapes = shapes
         for name, (lo, hi) in fixed.items():
@@ -140,6 +173,16 @@ class CalibratePass(Pass):
             ctx.report["data_free"] = {"bn_ranges": len(fixed), "synthetic_ranges": len(rest),
                                        "bn_sigmas": BN_SIGMAS}
             stats["bn_ranges"] = len(fixed)
+        if auto:
+            if chosen is None:
+                why = "synthetic ranges" if source.synthetic else f"{n_samples} sample(s): too few to hold any out"
+                log.warning("calibration auto: no calibration data to measure the methods on (%s); using minmax "
+                            "for %d tensor(s)", why, len(auto))
+                chosen = {"method": "minmax", "output_sqnr_db": {}, "samples": 0, "tensors": len(auto)}
+            for name in auto:
+                specs[name] = dataclasses.replace(specs[name], calibration=chosen["method"])
+                ctx.activation_specs[name] = specs[name]
+            stats[f"auto_{chosen['method']}"] = len(auto)
         methods = Counter(spec.calibration for spec in specs.values())
         ctx.report["calibration"] = {
             "source": source.description,
@@ -148,8 +191,56 @@ class CalibratePass(Pass):
             "tensors": len(ctx.stats),
             "methods": dict(sorted(methods.items())),
         }
+        if chosen is not None:
+            ctx.report["calibration"]["auto"] = chosen
         stats["tensors"] = len(ctx.stats)
         stats["samples"] = n_samples
         if source.synthetic and rest:
             stats["synthetic"] = 1
         return PassResult(modified=False, stats=stats)
+
+
+def _choose_method(ctx: CompileContext, names: list[str], fit: dict[str, TensorStats],
+                   held: CalibrationSource) -> dict[str, Any]:
+    """``calibration: auto``: quantize a copy of the graph with each method of :data:`AUTO_CALIBRATIONS` for the
+    tensors ``names`` (ranges from the statistics ``fit``; ``insert-qdq`` as the compile runs it), run it on the
+    held-out samples ``held`` and return the method with the highest mean output SQNR against the float graph
+    (ties: the earlier method)."""
+    from qcompiler import ir
+    from qcompiler.calibration import session_feed
+    from qcompiler.passes.insert_qdq import InsertQDQPass
+
+    feeds = list(held)
+    sigs = input_signatures(ctx.graph)
+    outputs = [t.name for t in ctx.graph.outputs]
+    optimize: Any = True if ctx.target.validation_optimization == "all" else "basic"
+
+    def run(graph: Any) -> list[list[np.ndarray]]:
+        sess = ir.graph_session(graph, optimize=optimize)
+        want = {i.name: i.type for i in sess.get_inputs()}
+        return [sess.run(outputs, session_feed(f, sigs, want)) for f in feeds]
+
+    ref = run(ctx.graph)
+    floats = [j for j, v in enumerate(ref[0]) if np.asarray(v).dtype.kind == "f"]
+    scores: dict[str, float] = {}
+    for method in AUTO_CALIBRATIONS:
+        specs = dict(ctx.activation_specs)
+        for name in names:
+            specs[name] = dataclasses.replace(specs[name], calibration=method)
+        trial = dataclasses.replace(ctx, graph=ctx.graph.copy(), activation_specs=specs, stats=fit, report={},
+                                    side_outputs={}, properties=set(ctx.properties))
+        InsertQDQPass().run(trial)
+        got = run(trial.graph)
+        per_output = []
+        for j in floats:
+            sig = sum(float(np.sum(np.square(r[j], dtype=np.float64))) for r in ref)
+            err = sum(float(np.sum(np.square(np.asarray(r[j], np.float64) - np.asarray(g[j], np.float64))))
+                      for r, g in zip(ref, got))
+            if sig > 0.0:
+                per_output.append(min(10.0 * np.log10(sig / err), 200.0) if err > 0.0 else 200.0)
+        scores[method] = round(float(np.mean(per_output)), 3) if per_output else 0.0
+        del trial, got
+    best = max(AUTO_CALIBRATIONS, key=lambda m: (scores[m], -AUTO_CALIBRATIONS.index(m)))
+    log.info("calibration auto: %s (mean output SQNR on %d sample(s): %s)", best, len(feeds),
+             ", ".join(f"{m} {v:.2f} dB" for m, v in scores.items()))
+    return {"method": best, "output_sqnr_db": scores, "samples": len(feeds), "tensors": len(names)}

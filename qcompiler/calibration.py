@@ -822,6 +822,7 @@ class TensorStats:
         * ``entropy``: TensorRT-style KL-divergence search for the clip threshold T of |x| with 2^(bits-1)
           quantized levels (2^bits for asymmetric one-signed data).
         * ``mse``: the clip minimizing the expected squared error (rounding + clipping) for ``spec.dtype``.
+        * ``auto``: what the calibrate pass chose (it rewrites the spec); read before that, ``minmax``.
 
         Clipping methods return (-T, T) for symmetric specs and (max(min, -T), min(max, T)) otherwise. An empty
         or all-zero tensor gives (0.0, 0.0); a constant c gives (c, c) (or (-|c|, |c|)). 16-bit entropy and
@@ -831,6 +832,8 @@ class TensorStats:
         if self.count == 0:
             return 0.0, 0.0
         method = spec.calibration
+        if method == "auto":  # the calibrate pass replaces it by the method it measured best; unresolved: minmax
+            method = "minmax"
         if method == "minmax" or spec.is_float:
             return self.min, self.max
         if method not in ("percentile", "entropy", "mse"):
@@ -1040,7 +1043,7 @@ def _fp8_err(hist: np.ndarray, a: np.ndarray, b: np.ndarray, t: np.ndarray,
 
 
 def needs_histogram(spec: QuantSpec) -> bool:
-    return spec.calibration in ("percentile", "entropy", "mse") and not spec.is_float
+    return spec.calibration in ("percentile", "entropy", "mse", "auto") and not spec.is_float
 
 
 # ============================================================================================== collect
@@ -1161,7 +1164,7 @@ def _run_samples(sess: Any, group: list[str], source: CalibrationSource, sigs: S
 
     def run(i: int, feed: Feed) -> list[np.ndarray]:
         try:
-            return list(sess.run([*group, *first_extra] if i == 0 else group, _session_feed(feed, sigs, want)))
+            return list(sess.run([*group, *first_extra] if i == 0 else group, session_feed(feed, sigs, want)))
         except Exception as e:  # onnxruntime raises its own exception types
             raise UserError(f"{source.label(i)}: onnxruntime failed on this calibration sample: "
                             f"{_one_line(e)}") from None
@@ -1200,7 +1203,7 @@ def _run_samples(sess: Any, group: list[str], source: CalibrationSource, sigs: S
 _ORT_FLOAT = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 
 
-def _session_feed(feed: Feed, sigs: Sequence[InputSig], want: dict[str, str]) -> Feed:
+def session_feed(feed: Feed, sigs: Sequence[InputSig], want: dict[str, str]) -> Feed:
     """Cast float feeds to the dtype the session expects (e.g. fp16 data for a graph converted to fp32)."""
     out: Feed = {}
     for name, arr in feed.items():

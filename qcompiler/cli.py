@@ -204,6 +204,10 @@ def compile_cmd(model: Path, output: Path, plan: str | None, preset: str | None,
         note = "  [SYNTHETIC ranges: give --calib DATA for real ones]" if cal.get("synthetic") else ""
         click.echo(f"calibration: {cal.get('source')} — {cal.get('samples')} samples, "
                    f"{cal.get('tensors')} tensors{note}")
+        auto = cal.get("auto")
+        if auto and auto.get("output_sqnr_db"):
+            click.echo(f"calibration auto: {auto['method']} (output SQNR on {auto['samples']} samples: "
+                       + ", ".join(f"{m} {v:.2f} dB" for m, v in auto["output_sqnr_db"].items()) + ")")
     if result.validation is not None:
         click.echo(result.validation.table())
     elif rep.get("validation_skipped"):

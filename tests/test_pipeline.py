@@ -88,7 +88,7 @@ def test_parse_pipeline_text_with_options():
     ("", "pipeline: empty pipeline"),
     ("cleanup,fold-bn", "pipeline: unknown pass 'fold-bn' (did you mean fold-batchnorm"),
     ("cleanup,frobnicate", "pipeline: unknown pass 'frobnicate'; `qcompiler passes` lists them"),
-    ("calibrate{bogus=1}", "pass 'calibrate': unknown option 'bogus' (known: method, percentile, "),
+    ("calibrate{bogus=1}", "pass 'calibrate': unknown option 'bogus' (known: auto_samples, method, percentile, "),
     ("calibrate{samples=abc}", "pass 'calibrate' option 'samples': expected int, got 'abc'"),
     ("calibrate{method=median}", "pass 'calibrate' option 'method': bad value 'median' (one of: minmax, "),
     ("calibrate{percentile=40}", "pass 'calibrate' option 'percentile': must be in (50, 100], got 40.0"),

@@ -356,3 +356,18 @@ def test_ort_qop_writes_the_kernels_onnxruntime_fuses(key: str, conv: int, mm: i
     for a, b in zip(c.quant, got):
         for name, v in a.items():
             assert float(np.abs(v - b[name]).max()) <= 1e-6 * max(float(np.abs(v).max()), 1e-12), (key, name)
+
+
+# ================================================================================ calibration: auto (vad)
+def test_vad_auto_calibration_chooses_entropy_and_beats_minmax(vad: Compiled) -> None:
+    """silero-vad's held-out calibration samples rank entropy first (minmax's ranges are stretched by rare
+    peaks); on the held-back evaluation clips the choice measures 24.4 dB against minmax's 17.2."""
+    out = vad.work / "auto" / "vad.auto.onnx"
+    res = compile_model(vad.task.model, out, CompileOptions(preset="w8a8-auto", calib=str(vad.calib_dir),
+                                                            validate=False))
+    auto = res.report["calibration"]["auto"]
+    assert auto["method"] == "entropy" and auto["samples"] == 16
+    assert auto["output_sqnr_db"]["entropy"] >= auto["output_sqnr_db"]["minmax"] + 5.0
+    s = C.score("silero_vad", vad.ref, C.run_all(out, vad.task.eval), labels=vad.task.labels)
+    assert s.primary_sqnr >= vad.score.primary_sqnr + 5.0  # the default (minmax) compile of the same model
+    assert s.agreement >= vad.score.agreement
