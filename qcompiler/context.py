@@ -37,7 +37,8 @@ class CompileContext:
       atomically and only when the whole compile succeeds.
     * ``weight_overrides``: (node name, input index) -> an already quantized weight (e.g. from ``gptq``) that
       ``insert-qdq`` must emit as is instead of rounding the float weight itself.
-    * ``options``: compile-wide flags passes and targets may read (``strip_function_bodies``, ...).
+    * ``options``: compile-wide flags passes and targets may read (``strip_function_bodies``, ...); the pass
+      manager sets ``passes_after`` (the names of the passes still to run) before each pass.
     * ``data_free``: ``--calib none`` — activation ranges must come from the model itself (BN statistics).
     * ``bn_stats``: tensor name -> per-channel statistics (``calibration.ChannelStats``) of BatchNormalization
       outputs, recorded by ``fold-batchnorm`` before the BN disappears (data-free ranges, ``equalize``'s bias

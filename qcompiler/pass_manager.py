@@ -78,6 +78,7 @@ class PassManager:
         for i, p in enumerate(self.passes):
             if self.on_pass:
                 self.on_pass(p.name, i, len(self.passes))
+            ctx.options["passes_after"] = tuple(q.name for q in self.passes[i + 1:])  # what a pass may look ahead at
             t0 = time.perf_counter()
             try:
                 result = p.run(ctx)

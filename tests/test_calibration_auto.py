@@ -113,3 +113,19 @@ def test_bad_auto_samples_is_a_user_error(tmp_path):
         compile_model(CBR, tmp_path / "x.onnx", CompileOptions(
             calib="random", validate=False,
             pipeline="cleanup,resolve-plan,calibrate{method=auto,auto-samples=0},insert-qdq,lower"))
+
+
+def test_auto_warns_when_gptq_runs_after_it(tmp_path, caplog):
+    """auto measures the insert-qdq model of each method's ranges, not what GPTQ builds on them: it says so."""
+    calib = _data(tmp_path, None)
+    plan = Plan.from_dict({"version": 1, "defaults": {"activation": {"calibration": "auto"}}, "rules": [],
+                           "algorithms": {"gptq": True}})
+    with caplog.at_level(logging.WARNING, logger="qcompiler.passes.calibrate"):
+        res = compile_model(CBR, tmp_path / "g.onnx", CompileOptions(plan=plan, calib=calib, validate=False))
+    assert res.report["calibration"]["auto"]["measured_without"] == ["gptq"]
+    assert "measured without gptq" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="qcompiler.passes.calibrate"):
+        res = compile_model(CBR, tmp_path / "a.onnx", CompileOptions(plan=_plan("auto"), calib=calib,
+                                                                     validate=False))
+    assert "measured_without" not in res.report["calibration"]["auto"] and "measured without" not in caplog.text
