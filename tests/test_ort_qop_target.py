@@ -271,3 +271,26 @@ def test_cli_compiles_for_the_target_and_lists_it(tmp_path):
     assert "lower-qoperator.qlinear_conv=4" in r.output and "worst output SQNR" in r.output
     listed = CliRunner().invoke(cli, ["targets"])
     assert listed.exit_code == 0 and "ort-qop:" in listed.output and "QLinearConv" in listed.output
+
+
+# ---------------------------------------------------------------------------- dtype pairs the kernels take
+@pytest.mark.parametrize("name", ["conv_bn_relu", "gemm_head", "transformer_block"])
+@pytest.mark.parametrize("weight, activation", [
+    ({"dtype": "uint8"}, {"dtype": "int8"}),  # no onnxruntime kernel for int8 x uint8: stays QDQ
+    ({"dtype": "uint8", "symmetric": False, "granularity": "per_tensor"}, {"dtype": "uint8"}),
+    ({"dtype": "int8"}, {"dtype": "int8", "symmetric": True}),
+])
+def test_every_dtype_pair_runs_and_keeps_the_ort_accuracy(name, weight, activation, tmp_module):
+    plan = Plan.from_dict({"version": 1, "defaults": {"weight": weight, "activation": activation}, "rules": []})
+    qop = _compile(name, tmp_module, "ort-qop", plan)
+    qdq = _compile(name, tmp_module, "ort", plan)
+    feeds = _held(name)
+    ref = _run(onnx.load(str(MODELS / f"{name}.onnx")), feeds)[0]
+    got, want = _run(qop, feeds)[0], _run(qdq, feeds)[0]
+    int_ops = {"QLinearConv", "QLinearMatMul", "MatMulIntegerToFloat", "QGemm"} & set(_ops(qop))
+    if weight["dtype"] == "uint8" and activation["dtype"] == "int8":
+        assert not int_ops  # every group kept as QDQ (kept_qdq.kernel_types): the very same graph runs
+        assert np.array_equal(got, want)
+    else:
+        assert int_ops
+        assert _sqnr(ref, got) >= _sqnr(ref, want) - 0.1

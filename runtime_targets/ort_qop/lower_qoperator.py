@@ -21,7 +21,7 @@ run with onnxruntime's optimizations (tested code for code).
 Conditions (else the group stays QDQ, which onnxruntime still runs, counted in the stats): the activation is
 int8 / uint8 per tensor with a constant scale and zero point; the weight is an int8 / uint8 constant per tensor
 or per output channel (Conv: axis 0; MatMul: the last axis; Gemm: the axis of N) with one zero point for all
-channels (onnxruntime's kernels take one); a bias is an int32 constant whose DequantizeLinear scale is exactly
+channels (onnxruntime's kernels take one), and not uint8 under int8 activations (no kernel for that pair); a bias is an int32 constant whose DequantizeLinear scale is exactly
 ``sx · sw`` with zero point 0 (insert-qdq writes it so), or a float32 constant, which is quantized to int32 at
 that scale (``rint(b / (sx·sw))``, as onnxruntime quantizes such a bias when it fuses the group itself: a layer
 the plan keeps with float activations but whose neighbours quantize its input and output); every intermediate tensor has the group as its only
@@ -114,6 +114,14 @@ def _weight(t: gs.Tensor, axis: int) -> _Weight | str:
         if zv.size and np.any(zv != zv.reshape(-1)[0]):
             return "weight_zero_points"  # onnxruntime's integer kernels take one zero point per weight
     return _Weight(q, s, z)
+
+
+def _kernel_types(act: _Act, w: _Weight) -> str | None:
+    """onnxruntime's integer kernels take uint8 activations with uint8 or int8 weights, and int8 activations with
+    int8 weights; int8 activations with uint8 weights have no kernel (the group stays QDQ)."""
+    if np.asarray(act.zero_point.values).dtype == np.int8 and np.asarray(w.q.values).dtype == np.uint8:
+        return "kernel_types"
+    return None
 
 
 def _bias_scale(act: _Act, w: _Weight) -> np.ndarray:
@@ -285,6 +293,9 @@ class LowerQOperatorPass(Pass):
         w = _weight(node.inputs[1], 0)
         if isinstance(w, str):
             return w
+        why = _kernel_types(a, w)
+        if why is not None:
+            return why
         bias = optional_input(node, 2)
         b = None
         if bias is not None:
@@ -314,6 +325,9 @@ class LowerQOperatorPass(Pass):
         w = _weight(node.inputs[1], 1)
         if isinstance(w, str):
             return w
+        why = _kernel_types(a, w)
+        if why is not None:
+            return why
         if np.asarray(w.q.values).ndim != 2:
             return "weight_layout"
         out = _requantized_output(node, self._index)
@@ -344,6 +358,9 @@ class LowerQOperatorPass(Pass):
         w = _weight(node.inputs[1], 0 if trans_b else 1)
         if isinstance(w, str):
             return w
+        why = _kernel_types(a, w)
+        if why is not None:
+            return why
         c = optional_input(node, 2)
         b = None
         if c is not None:
