@@ -717,6 +717,11 @@ _UNSUPPORTED: dict[str, tuple[str, str, str, str]] = {
                                "weight dtype int16 is not supported"),
     "qonnx-fp8": ("gemm_head", "qonnx", "version: 1\ndefaults: {weight: {dtype: fp8e4m3}}\n",
                   "weight dtype fp8e4m3 is not supported"),
+    "ort-qop-int16-activation": ("conv_bn_relu", "ort-qop", "version: 1\ndefaults: {activation: {dtype: int16}}\n",
+                                 "activation dtype int16 is not supported"),
+    "ort-qop-int4-with-activations": ("transformer_block", "ort-qop",
+                                      "version: 1\ndefaults: {weight: {dtype: int4, granularity: per_channel}}\n",
+                                      "int4 weights run only weight-only"),
     "layernorm-int4-activation": ("transformer_block", "ort",
                                   "version: 1\nrules:\n  - match: {op_type: LayerNormalization}\n"
                                   "    activation: {dtype: int4}\n", "activation dtype int4 is not supported"),
