@@ -294,3 +294,18 @@ def test_every_dtype_pair_runs_and_keeps_the_ort_accuracy(name, weight, activati
     else:
         assert int_ops
         assert _sqnr(ref, got) >= _sqnr(ref, want) - 0.1
+
+
+def test_output_of_another_integer_type_is_not_fused(tmp_module):
+    """conv2 reads int8 between uint8 layers: conv1 (uint8 in, int8 out) and conv2 (int8 in, uint8 out) would write
+    another type than they read, which no integer kernel does, so both stay QDQ (kept_qdq.output_type) and the
+    file still runs, as accurate as the ort file; the block's convs, uint8 throughout, become QLinearConv."""
+    plan = Plan.from_dict({"version": 1, "defaults": {"activation": {"dtype": "uint8"}},
+                           "rules": [{"match": {"name": "conv2"}, "activation": {"dtype": "int8"}}]})
+    qop = _compile("conv_bn_relu", tmp_module, "ort-qop", plan)
+    qdq = _compile("conv_bn_relu", tmp_module, "ort", plan)
+    convs = {n.name: n.op_type for n in qop.graph.node if n.name in ("conv1", "conv2", "block.conv1")}
+    assert convs == {"conv1": "Conv", "conv2": "Conv", "block.conv1": "QLinearConv"}
+    feeds = _held("conv_bn_relu")
+    ref = _run(onnx.load(str(MODELS / "conv_bn_relu.onnx")), feeds)[0]
+    assert _sqnr(ref, _run(qop, feeds)[0]) >= _sqnr(ref, _run(qdq, feeds)[0]) - 0.1

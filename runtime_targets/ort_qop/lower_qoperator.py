@@ -21,7 +21,7 @@ run with onnxruntime's optimizations (tested code for code).
 Conditions (else the group stays QDQ, which onnxruntime still runs, counted in the stats): the activation is
 int8 / uint8 per tensor with a constant scale and zero point; the weight is an int8 / uint8 constant per tensor
 or per output channel (Conv: axis 0; MatMul: the last axis; Gemm: the axis of N) with one zero point for all
-channels (onnxruntime's kernels take one), and not uint8 under int8 activations (no kernel for that pair); a bias is an int32 constant whose DequantizeLinear scale is exactly
+channels (onnxruntime's kernels take one), and not uint8 under int8 activations (no kernel for that pair); a requantized output has the input's integer type; a bias is an int32 constant whose DequantizeLinear scale is exactly
 ``sx · sw`` with zero point 0 (insert-qdq writes it so), or a float32 constant, which is quantized to int32 at
 that scale (``rint(b / (sx·sw))``, as onnxruntime quantizes such a bias when it fuses the group itself: a layer
 the plan keeps with float activations but whose neighbours quantize its input and output); every intermediate tensor has the group as its only
@@ -198,11 +198,14 @@ def _absorbed(act: gs.Node, q: gs.Node) -> bool:
     return lo <= (lo_q - z) * s and hi >= (hi_q - z) * s
 
 
-def _requantized_output(node: gs.Node, index: GraphIndex) -> tuple[list[gs.Node], gs.Tensor, gs.Node | None] | str:
+def _requantized_output(node: gs.Node, x: _Act, index: GraphIndex
+                        ) -> tuple[list[gs.Node], gs.Tensor, gs.Node | None] | str:
     """(absorbed Relu / Clip, the float tensor the group ends in, the QuantizeLinear reading it alone or None)
     for ``node``'s output; a reason string when a Relu / Clip follows that the output quantization does not make
-    redundant."""
+    redundant, or when the output's integer type is not the input's (``x``; the kernels write their input's)."""
     y = node.outputs[0]
+    absorbed: list[gs.Node] = []
+    t, q = y, _requantizing_q(y, index)
     if len(y.outputs) == 1 and not index.is_graph_output(y) and is_onnx_op(y.outputs[0], "Relu", "Clip"):
         act = y.outputs[0]
         q = _requantizing_q(act.outputs[0], index) if act.outputs else None
@@ -210,8 +213,10 @@ def _requantized_output(node: gs.Node, index: GraphIndex) -> tuple[list[gs.Node]
             return [], y, None  # a float activation follows: the integer op writes float
         if not _absorbed(act, q):
             return "activation_not_exact"
-        return [act], act.outputs[0], q
-    return [], y, _requantizing_q(y, index)
+        absorbed, t = [act], act.outputs[0]
+    if q is not None and np.asarray(q.inputs[2].values).dtype != np.asarray(x.zero_point.values).dtype:
+        return "output_type"
+    return absorbed, t, q
 
 
 class LowerQOperatorPass(Pass):
@@ -302,7 +307,7 @@ class LowerQOperatorPass(Pass):
             b = _bias(bias, a, w)
             if isinstance(b, str):
                 return b
-        out = _requantized_output(node, self._index)
+        out = _requantized_output(node, a, self._index)
         if isinstance(out, str):
             return out
         absorbed, t, q = out
@@ -330,7 +335,7 @@ class LowerQOperatorPass(Pass):
             return why
         if np.asarray(w.q.values).ndim != 2:
             return "weight_layout"
-        out = _requantized_output(node, self._index)
+        out = _requantized_output(node, a, self._index)
         absorbed, t, q = ([], node.outputs[0], None) if isinstance(out, str) else out  # str: float output
         if q is not None:
             inputs = [a.q, a.scale, a.zero_point, w.q, w.scale, self._wzp(w), q.inputs[1], q.inputs[2]]
@@ -371,7 +376,7 @@ class LowerQOperatorPass(Pass):
                 return b
             if np.asarray(b.values if isinstance(b, gs.Constant) else b).ndim != 1:
                 return "bias_scale"
-        out = _requantized_output(node, self._index)
+        out = _requantized_output(node, a, self._index)
         absorbed, t, q = ([], node.outputs[0], None) if isinstance(out, str) else out  # str: float output
         if q is None:
             absorbed = []
