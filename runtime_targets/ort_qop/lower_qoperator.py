@@ -124,6 +124,18 @@ def _kernel_types(act: _Act, w: _Weight) -> str | None:
     return None
 
 
+def _operands(node: gs.Node, axis: int) -> tuple[_Act, _Weight] | str:
+    """The integer activation (input 0) and weight (input 1, per channel along ``axis``) of ``node``, when an
+    onnxruntime integer kernel takes the pair; else why not."""
+    a = _activation(node.inputs[0])
+    if isinstance(a, str):
+        return a
+    w = _weight(node.inputs[1], axis)
+    if isinstance(w, str):
+        return w
+    return _kernel_types(a, w) or (a, w)
+
+
 def _bias_scale(act: _Act, w: _Weight) -> np.ndarray:
     """sx·sw in float32, per output channel (or one value)."""
     return np.float32(np.asarray(act.scale.values).reshape(())) * np.asarray(w.scale.values, dtype=np.float32)
@@ -292,15 +304,10 @@ class LowerQOperatorPass(Pass):
 
     # ------------------------------------------------------------------------------------------ matchers
     def _conv(self, node: gs.Node, graph: gs.Graph, stats: Counter[str]) -> str | None:
-        a = _activation(node.inputs[0])
-        if isinstance(a, str):
-            return a
-        w = _weight(node.inputs[1], 0)
-        if isinstance(w, str):
-            return w
-        why = _kernel_types(a, w)
-        if why is not None:
-            return why
+        ops = _operands(node, 0)
+        if isinstance(ops, str):
+            return ops
+        a, w = ops
         bias = optional_input(node, 2)
         b = None
         if bias is not None:
@@ -324,15 +331,10 @@ class LowerQOperatorPass(Pass):
         return None
 
     def _matmul(self, node: gs.Node, graph: gs.Graph, stats: Counter[str]) -> str | None:
-        a = _activation(node.inputs[0])
-        if isinstance(a, str):
-            return a
-        w = _weight(node.inputs[1], 1)
-        if isinstance(w, str):
-            return w
-        why = _kernel_types(a, w)
-        if why is not None:
-            return why
+        ops = _operands(node, 1)
+        if isinstance(ops, str):
+            return ops
+        a, w = ops
         if np.asarray(w.q.values).ndim != 2:
             return "weight_layout"
         out = _requantized_output(node, a, self._index)
@@ -352,20 +354,15 @@ class LowerQOperatorPass(Pass):
         return None
 
     def _gemm(self, node: gs.Node, graph: gs.Graph, stats: Counter[str]) -> str | None:
+        trans_b = int(node.attrs.get("transB", 0))
+        ops = _operands(node, 0 if trans_b else 1)
+        if isinstance(ops, str):
+            return ops
+        a, w = ops
         if float(node.attrs.get("alpha", 1.0)) != 1.0:
             return "gemm_alpha"
-        a = _activation(node.inputs[0])
-        if isinstance(a, str):
-            return a
         if int(node.attrs.get("transA", 0)):
             return "gemm_trans_a"  # a per-tensor activation would allow it; onnxruntime's QDQ fusion does not
-        trans_b = int(node.attrs.get("transB", 0))
-        w = _weight(node.inputs[1], 0 if trans_b else 1)
-        if isinstance(w, str):
-            return w
-        why = _kernel_types(a, w)
-        if why is not None:
-            return why
         c = optional_input(node, 2)
         b = None
         if c is not None:
