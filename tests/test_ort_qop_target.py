@@ -312,3 +312,16 @@ def test_output_of_another_integer_type_is_not_fused(tmp_module):
     feeds = _held("conv_bn_relu")
     ref = _run(onnx.load(str(MODELS / "conv_bn_relu.onnx")), feeds)[0]
     assert _sqnr(ref, _run(qop, feeds)[0]) >= _sqnr(ref, _run(qdq, feeds)[0]) - 0.1
+
+
+def test_w8a8_preset_places_as_for_ort(tmp_module):
+    """The w8a8 preset's targets section sets requantize_conv_outputs: false for ort and ort-qop alike: the
+    integer ops in the ort-qop file are the ones onnxruntime fuses from the ort file, same outputs."""
+    qop = _compile("conv_bn_relu", tmp_module, "ort-qop", "w8a8")
+    qdq = _compile("conv_bn_relu", tmp_module, "ort", "w8a8")
+    fused = {op: n for op, n in ir.optimized_op_types(qdq).items() if op in ("QLinearConv", "QGemm")}
+    assert {op: n for op, n in _ops(qop).items() if op in ("QLinearConv", "QGemm")} == fused
+    assert fused.get("QLinearConv", 0) < 4  # fewer than with the default placement (4 QLinearConv)
+    feeds = _held("conv_bn_relu")
+    for g, w in zip(_run(qop, feeds), _run(qdq, feeds)):
+        assert float(np.abs(g - w).max()) <= 1e-6 * float(np.abs(w).max())
