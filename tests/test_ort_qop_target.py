@@ -63,7 +63,7 @@ def _ops(model: onnx.ModelProto) -> Counter[str]:
 
 def _sqnr(ref: np.ndarray, x: np.ndarray) -> float:
     r, d = ref.astype(np.float64), ref.astype(np.float64) - x
-    return float(10 * np.log10((r @ r) / (d @ d)))
+    return float("inf") if not (d @ d) else float(10 * np.log10((r @ r) / (d @ d)))
 
 
 # ------------------------------------------------------------------------------- the fixtures, end to end
@@ -325,3 +325,21 @@ def test_w8a8_preset_places_as_for_ort(tmp_module):
     feeds = _held("conv_bn_relu")
     for g, w in zip(_run(qop, feeds), _run(qdq, feeds)):
         assert float(np.abs(g - w).max()) <= 1e-6 * float(np.abs(w).max())
+
+
+def test_activation_by_activation_matmul_is_lowered_like_onnxruntime_fuses_it(tmp_module):
+    """A plan that quantizes every MatMul's inputs (attention's Q·Kᵀ and P·V included): the two activation ×
+    activation MatMuls become integer ops too — as many as onnxruntime fuses from the ort file (it writes one
+    QLinearMatMul where it has moved the next layer's QuantizeLinear up through a Transpose / Reshape; the
+    lowering keeps that MatMul's float output: MatMulIntegerToFloat, then the Q where the plan put it)."""
+    plan = Plan.from_dict({"version": 1, "rules": [{"match": {"op_type": "MatMul"}, "activation": {"dtype": "uint8"}}]})
+    qop = _compile("transformer_block", tmp_module, "ort-qop", plan)
+    qdq = _compile("transformer_block", tmp_module, "ort", plan)
+    kinds = ("QLinearMatMul", "MatMulIntegerToFloat")
+    fused = {op: n for op, n in ir.optimized_op_types(qdq).items() if op in kinds}
+    assert sum(fused.values()) == 8  # six weight MatMuls + two activation x activation
+    assert _ops(qop)["MatMulIntegerToFloat"] == 8 and "MatMul" not in _ops(qop)
+    feeds = _held("transformer_block")
+    ref = _run(onnx.load(str(MODELS / "transformer_block.onnx")), feeds)[0]
+    got, want = _run(qop, feeds)[0], _run(qdq, feeds)[0]
+    assert _sqnr(ref, got) >= _sqnr(ref, want) - 0.1 and _sqnr(want, got) > 45.0

@@ -9,6 +9,7 @@ matched (``xq`` integer activation, ``W``/``b`` integer constants)     written
 ``DQ(xq), DQ(W)[, DQ(b)] -> Conv [-> Relu|Clip] -> Q -> yq``           ``QLinearConv(xq, W, b) -> yq``
 ``DQ(xq), DQ(W) -> MatMul [-> Relu|Clip] -> Q -> yq``                  ``QLinearMatMul(xq, W) -> yq``
 ``DQ(xq), DQ(W) -> MatMul -> y`` (float readers)                       ``com.microsoft.MatMulIntegerToFloat -> y``
+``DQ(aq), DQ(bq) -> MatMul ...`` (two activations a plan quantizes)    the same two, ``b`` per tensor
 ``DQ(xq), DQ(W)[, DQ(b)] -> Gemm [-> Relu|Clip -> Q -> yq]``           ``com.microsoft.QGemm -> yq`` (or float y)
 ====================================================================  =========================================
 
@@ -71,9 +72,18 @@ class _Act:
 
 @dataclass
 class _Weight:
-    q: gs.Constant
+    """The second operand: an integer constant (the weight), or for an activation × activation MatMul another
+    activation read through a per-tensor DequantizeLinear."""
+
+    q: gs.Tensor
     scale: gs.Constant
     zero_point: gs.Tensor | None  # a constant whose values are all equal, or None (zero)
+
+    @property
+    def dtype(self) -> np.dtype:
+        src = self.q if isinstance(self.q, gs.Constant) else self.zero_point
+        assert isinstance(src, gs.Constant)
+        return np.dtype(np.asarray(src.values).dtype)
 
 
 def _per_tensor(t: gs.Tensor | None) -> bool:
@@ -119,18 +129,24 @@ def _weight(t: gs.Tensor, axis: int) -> _Weight | str:
 def _kernel_types(act: _Act, w: _Weight) -> str | None:
     """onnxruntime's integer kernels take uint8 activations with uint8 or int8 weights, and int8 activations with
     int8 weights; int8 activations with uint8 weights have no kernel (the group stays QDQ)."""
-    if np.asarray(act.zero_point.values).dtype == np.int8 and np.asarray(w.q.values).dtype == np.uint8:
+    if np.asarray(act.zero_point.values).dtype == np.int8 and w.dtype == np.uint8:
         return "kernel_types"
     return None
 
 
-def _operands(node: gs.Node, axis: int) -> tuple[_Act, _Weight] | str:
+def _operands(node: gs.Node, axis: int, dynamic: bool = False) -> tuple[_Act, _Weight] | str:
     """The integer activation (input 0) and weight (input 1, per channel along ``axis``) of ``node``, when an
-    onnxruntime integer kernel takes the pair; else why not."""
+    onnxruntime integer kernel takes the pair; else why not. ``dynamic``: input 1 may also be a quantized
+    activation (a MatMul of two activations)."""
     a = _activation(node.inputs[0])
     if isinstance(a, str):
         return a
     w = _weight(node.inputs[1], axis)
+    if w == "float_weight" and dynamic:
+        b = _activation(node.inputs[1])
+        if isinstance(b, str):
+            return "float_weight" if b == "float_input" else b
+        w = _Weight(b.q, b.scale, b.zero_point)
     if isinstance(w, str):
         return w
     return _kernel_types(a, w) or (a, w)
@@ -269,7 +285,7 @@ class LowerQOperatorPass(Pass):
     def _wzp(self, w: _Weight, *, like_scale: bool = False) -> gs.Tensor:
         """The weight's zero point for an integer kernel: a scalar (one for all channels), or shaped like the
         scale when ``like_scale`` (QGemm wants them alike)."""
-        dtype = np.asarray(w.q.values).dtype
+        dtype = w.dtype
         shape = np.asarray(w.scale.values).shape
         if like_scale and shape:
             if w.zero_point is not None and np.asarray(w.zero_point.values).shape == shape:
@@ -331,11 +347,11 @@ class LowerQOperatorPass(Pass):
         return None
 
     def _matmul(self, node: gs.Node, graph: gs.Graph, stats: Counter[str]) -> str | None:
-        ops = _operands(node, 1)
+        ops = _operands(node, 1, dynamic=True)
         if isinstance(ops, str):
             return ops
         a, w = ops
-        if np.asarray(w.q.values).ndim != 2:
+        if isinstance(w.q, gs.Constant) and np.asarray(w.q.values).ndim != 2:
             return "weight_layout"
         out = _requantized_output(node, a, self._index)
         absorbed, t, q = ([], node.outputs[0], None) if isinstance(out, str) else out  # str: float output
