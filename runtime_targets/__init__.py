@@ -50,6 +50,24 @@ class OpCapability:
                 "granularities": sorted(self.granularities), "schemes": sorted(self.schemes)}
 
 
+#: the layer ops every built-in target quantizes (weights and the activations feeding them)
+LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+#: recurrent ops: weight-only (dequantized weights feeding the float kernel)
+RECURRENT_OPS = ("LSTM", "GRU", "RNN")
+
+
+def layer_capabilities(weights: frozenset[str], activations: frozenset[str], granularities: frozenset[str],
+                       schemes: frozenset[str] = frozenset({"int"}),
+                       recurrent_weights: frozenset[str] | None = None) -> dict[str, OpCapability]:
+    """The capability table of a target that runs :data:`LAYER_OPS` with these weight / activation dtypes,
+    granularities and weight schemes, and :data:`RECURRENT_OPS` weight-only (``recurrent_weights`` dtypes,
+    default ``weights``; ``int`` scheme)."""
+    table = {op: OpCapability(weights, activations, granularities, schemes) for op in LAYER_OPS}
+    rw = weights if recurrent_weights is None else recurrent_weights
+    table.update({op: OpCapability(rw, frozenset(), granularities) for op in RECURRENT_OPS})
+    return table
+
+
 @dataclass
 class Target:
     """Base class of runtime targets."""

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from qcompiler.runtime_targets import OpCapability, Target
+from qcompiler.runtime_targets import Target, layer_capabilities
 
 if TYPE_CHECKING:
     import onnx_graphsurgeon as gs
@@ -57,19 +57,8 @@ class OrtTarget(Target):
     }
 
     def __init__(self) -> None:
-        super().__init__(
-            ops={
-                "Conv": OpCapability(_INT_W, _INT_A, _ALL_G, _SCHEMES),
-                "ConvTranspose": OpCapability(_INT_W, _INT_A, _ALL_G, _SCHEMES),
-                "Gemm": OpCapability(_INT_W, _INT_A, _ALL_G, _SCHEMES),
-                "MatMul": OpCapability(_INT_W, _INT_A, _ALL_G, _SCHEMES),
-                # recurrent ops: weight-only (DequantizeLinear feeding the float kernel)
-                "LSTM": OpCapability(_INT_W, frozenset(), _ALL_G),
-                "GRU": OpCapability(_INT_W, frozenset(), _ALL_G),
-                "RNN": OpCapability(_INT_W, frozenset(), _ALL_G),
-            },
-            other_activation_dtypes=_INT_A,
-        )
+        # recurrent ops: weight-only (their weights dequantized at load for the float kernel)
+        super().__init__(ops=layer_capabilities(_INT_W, _INT_A, _ALL_G, _SCHEMES), other_activation_dtypes=_INT_A)
 
     @staticmethod
     def _qlinear_convs(resolved: ResolvedPlan, graph: gs.Graph) -> list[tuple[NodePlan, Any]]:

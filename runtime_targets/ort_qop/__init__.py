@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, ClassVar
 
-from qcompiler.runtime_targets import OpCapability
+from qcompiler.runtime_targets import OpCapability, layer_capabilities
 from qcompiler.runtime_targets.ort import OrtTarget
 
 if TYPE_CHECKING:
@@ -43,15 +43,8 @@ class OrtQOperatorTarget(OrtTarget):
 
     def __init__(self) -> None:
         super().__init__()
-        self.ops = {
-            "Conv": OpCapability(_INT8, _INT8, _PT_PC),
-            "ConvTranspose": OpCapability(_INT8, _INT8, _PT_PC),
-            "Gemm": OpCapability(_INT8, _INT8, _PT_PC),
-            "MatMul": OpCapability(_INT8_INT4, _INT8, frozenset({*_PT_PC, "block"})),
-            "LSTM": OpCapability(_INT8, frozenset(), _PT_PC),
-            "GRU": OpCapability(_INT8, frozenset(), _PT_PC),
-            "RNN": OpCapability(_INT8, frozenset(), _PT_PC),
-        }
+        self.ops = layer_capabilities(_INT8, _INT8, _PT_PC)
+        self.ops["MatMul"] = OpCapability(_INT8_INT4, _INT8, frozenset({*_PT_PC, "block"}))  # + MatMulNBits
         self.other_activation_dtypes = _INT8
 
     def check_node(self, np_: NodePlan) -> None:

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, ClassVar
 
-from qcompiler.runtime_targets import OpCapability, Target
+from qcompiler.runtime_targets import Target, layer_capabilities
 
 if TYPE_CHECKING:
     from qcompiler.pass_base import Pass
@@ -53,19 +53,8 @@ class QonnxTarget(Target):
                                   "with ONNX function bodies so onnxruntime runs it too")
 
     def __init__(self) -> None:
-        super().__init__(
-            ops={
-                "Conv": OpCapability(_INT, _INT, _GRAN, _SCHEMES),
-                "ConvTranspose": OpCapability(_INT, _INT, _GRAN, _SCHEMES),
-                "Gemm": OpCapability(_INT, _INT, _GRAN, _SCHEMES),
-                "MatMul": OpCapability(_INT, _INT, _GRAN, _SCHEMES),
-                # recurrent ops: weight-only (Quant on W and R feeding the float kernel)
-                "LSTM": OpCapability(_INT, frozenset(), _GRAN),
-                "GRU": OpCapability(_INT, frozenset(), _GRAN),
-                "RNN": OpCapability(_INT, frozenset(), _GRAN),
-            },
-            other_activation_dtypes=_INT,
-        )
+        # recurrent ops: weight-only (Quant on W and R feeding the float kernel)
+        super().__init__(ops=layer_capabilities(_INT, _INT, _GRAN, _SCHEMES), other_activation_dtypes=_INT)
 
     def lowering_passes(self) -> list[Pass]:
         from qcompiler.runtime_targets.qonnx.quant_ops import LowerQonnxQuantPass
