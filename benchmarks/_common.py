@@ -200,9 +200,11 @@ class FolderReader:
 def ort_quantize(model: str | os.PathLike[str], output: str | os.PathLike[str], calib_folder: str | os.PathLike[str],
                  method: str = "MinMax", per_channel: bool = True, op_types: Sequence[str] | None = None,
                  workdir: str | os.PathLike[str] | None = None, weight_type: str = "QInt8",
-                 quant_format: str = "QDQ") -> dict[str, float]:
+                 quant_format: str = "QDQ", symbolic_shapes: bool = False) -> dict[str, float]:
     """onnxruntime's static quantizer (``quant_format`` QDQ by default, or QOperator; ``weight_type`` weights —
-    QInt8 by default, QInt4 for int4 —, uint8 activations) with its pre-processing.
+    QInt8 by default, QInt4 for int4 —, uint8 activations) with its pre-processing: ``quant_pre_process`` with
+    ``skip_symbolic_shape=True`` (its symbolic shape inference fails on both PP-OCR models), or at its defaults
+    with ``symbolic_shapes`` (works on silero-vad).
 
     Returns the seconds spent: ``upgrade`` (opset -> 13 when lower, 21 for 4-bit weights), ``preprocess``
     (``quant_pre_process``), ``quantize`` (calibration + rewrite) and ``total``."""
@@ -240,7 +242,7 @@ def ort_quantize(model: str | os.PathLike[str], output: str | os.PathLike[str], 
         del m
         t1 = time.perf_counter()
         pre = Path(td) / "preprocessed.onnx"
-        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+        quant_pre_process(str(src), str(pre), skip_symbolic_shape=not symbolic_shapes)
         t2 = time.perf_counter()
         quantize_static(str(pre), str(output), _Reader(), quant_format=getattr(QuantFormat, quant_format), per_channel=per_channel,
                         activation_type=QuantType.QUInt8, weight_type=getattr(QuantType, weight_type),

@@ -16,7 +16,8 @@ Mode ``compare`` (default), for one model:
 * **onnxruntime**: opset upgraded to 13 when lower (per-channel QDQ needs it), ``quant_pre_process(
   skip_symbolic_shape=True)``, ``quantize_static`` (QDQ, per-channel int8 weights, uint8 activations) with
   each calibrator of ``--ort-methods`` (MinMax is its default); plus MinMax restricted to Conv/MatMul.
-  The time counted includes the upgrade and the pre-processing. ``--target ort-qop --ort-format QOperator``
+  The time counted includes the upgrade and the pre-processing (``--ort-symbolic-shapes``: the pre-processing at
+  its defaults, symbolic shape inference included, which fails on the PP-OCR models). ``--target ort-qop --ort-format QOperator``
   compares the files that hold onnxruntime's integer operators (QLinearConv, ...) instead of QDQ.
 
 Each compile runs ``--repeat`` times, each time in its own process: compile seconds are the median of the
@@ -104,7 +105,8 @@ def _worker(spec: dict[str, Any]) -> None:
     else:
         info["phases"] = C.ort_quantize(spec["model"], spec["out"], spec["calib"], method=spec["method"],
                                         op_types=spec.get("op_types"), workdir=spec.get("workdir"),
-                                        quant_format=spec.get("quant_format", "QDQ"))
+                                        quant_format=spec.get("quant_format", "QDQ"),
+                                        symbolic_shapes=bool(spec.get("symbolic_shapes")))
     seconds = time.perf_counter() - t0
     ru1 = resource.getrusage(resource.RUSAGE_SELF)
     cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
@@ -207,7 +209,7 @@ def compare(args: argparse.Namespace, model: str, work: Path) -> dict[str, Any]:
         out = work / (name.replace(" ", "_").replace("/", "_") + ".onnx")
         specs[name] = {"tool": "ort", "model": str(fp32), "out": str(out), "calib": str(calib_dir),
                        "method": method, "op_types": op_types, "workdir": str(work),
-                       "quant_format": args.ort_format}
+                       "quant_format": args.ort_format, "symbolic_shapes": args.ort_symbolic_shapes}
         repeat[name] = args.repeat if (method == "MinMax" and op_types is None) else 1  # the default: timed
     tools = _compile_all(specs, repeat, args.mem_limit_mb)
 
@@ -406,6 +408,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compact-names", action="store_true", help="qcompiler: compile with --compact-names")
     ap.add_argument("--target", default="ort", help="qcompiler target (default ort; ort-qop writes onnxruntime's "
                                                      "integer ops)")
+    ap.add_argument("--ort-symbolic-shapes", action="store_true",
+                    help="onnxruntime's quant_pre_process at its defaults (symbolic shape inference; fails on the "
+                         "PP-OCR models) instead of skip_symbolic_shape=True")
     ap.add_argument("--ort-format", default="QDQ", choices=("QDQ", "QOperator"),
                     help="onnxruntime quantize_static quant_format (default QDQ; QOperator to compare with ort-qop)")
     ap.add_argument("--samples", type=int, default=64, help="calibration samples (default 64)")
