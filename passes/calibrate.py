@@ -137,7 +137,18 @@ class CalibratePass(Pass):
             for name in fixed:
                 specs[name] = dataclasses.replace(specs[name], calibration="minmax")
                 ctx.activation_specs[name] = specs[name]
-        rest = {name: spec for name, spec in specs.items() if name not in fixed}
+        # calibration: dynamic — DynamicQuantizeLinear measures the range of each run: nothing to collect
+        rest = {name: spec for name, spec in specs.items() if name not in fixed and spec.calibration != "dynamic"}
+        n_dynamic = sum(1 for spec in specs.values() if spec.calibration == "dynamic")
+        if n_dynamic:
+            stats["dynamic"] = n_dynamic
+        if not rest and not fixed:  # every activation is quantized at run time: nothing to calibrate
+            ctx.stats = {}
+            ctx.report["calibration"] = {"source": None, "synthetic": False, "samples": 0, "tensors": 0,
+                                         "methods": {"dynamic": n_dynamic}, "dynamic": n_dynamic}
+            stats["tensors"] = 0
+            stats["samples"] = 0
+            return PassResult(modified=False, stats=stats)
 
         source: CalibrationSource
         if ctx.calib is None:
@@ -196,13 +207,15 @@ class CalibratePass(Pass):
         methods = Counter(spec.calibration for spec in specs.values())
         ctx.report["calibration"] = {
             "source": source.description,
-            "synthetic": bool(source.synthetic),
+            "synthetic": bool(source.synthetic) and bool(rest),
             "samples": n_samples,
             "tensors": len(ctx.stats),
             "methods": dict(sorted(methods.items())),
         }
         if chosen is not None:
             ctx.report["calibration"]["auto"] = chosen
+        if n_dynamic:
+            ctx.report["calibration"]["dynamic"] = n_dynamic
         stats["tensors"] = len(ctx.stats)
         stats["samples"] = n_samples
         if source.synthetic and rest:

@@ -12,6 +12,10 @@ For every node the resolved plan quantizes:
 * **activations** (the tensors in ``ctx.activation_specs``, ranges from calibration) get one
   ``QuantizeLinear -> DequantizeLinear`` pair each, shared by all the consumers that should read it
   (``x̂ = (clip(round(x/s)+z) − z)·s``; asymmetric ranges are widened to include 0, so s > 0 always);
+* an activation with ``calibration: dynamic`` is quantized at run time instead:
+  ``DynamicQuantizeLinear(x) -> (xq, s, z) -> DequantizeLinear(xq, s, z)`` (uint8, ``s = (max(x, 0) −
+  min(x, 0)) / 255``, ``z = round(−min(x, 0) / s)``, per run); onnxruntime fuses it with a MatMul's int8 weight
+  into ``DynamicQuantizeMatMul``. Its Conv / Gemm bias stays float (there is no fixed ``s_x`` for int32 codes);
 * weights with a low-bit ``scheme`` (binary / ternary / shift) or ``scale: pow2`` are quantized by
   :mod:`qcompiler.schemes`: integer codes (int4/int8/int16/int32, zero point 0) times a per-channel scale, read
   through the same ``DequantizeLinear``; **binary activations** (``activation: {scheme: binary}``) become
@@ -124,11 +128,10 @@ class InsertQDQPass(Pass):
             t = tensors.get(name)
             if t is None or isinstance(t, gs.Constant):
                 continue
+            dynamic = spec.calibration == "dynamic" and not spec.is_float
             st = ctx.stats.get(name)
-            if st is None:
+            if st is None and not dynamic:
                 raise RuntimeError(f"no calibration statistics for tensor '{name}'")
-            lo, hi = st.range(spec)
-            scale, zp = quant.qparams(lo, hi, spec.dtype, spec.symmetric)
             everyone = name in ctx.activation_all_consumers
             targets = []
             for consumer in list(t.outputs):
@@ -144,20 +147,33 @@ class InsertQDQPass(Pass):
                 # only the planned (XNOR) readers; a reader the target added keeps the float tensor
                 targets = [(c, i) for c, i in targets if (c.name, i) in readers.get(name, set())]
                 if targets:
+                    assert st is not None  # binary activations are calibrated (a dynamic spec is uint8)
                     self._emit_binarize(graph, names, t, schemes.binary_activation_scale(st), targets)
                     stats["activations_binary"] += 1
                 continue
-            s_c = gs.Constant(names(f"{name}:s"), np.asarray(scale, dtype=np.float32).reshape(()))
-            z_c = gs.Constant(names(f"{name}:zp"), np.asarray(zp).reshape(()))  # Q's output type: always given
-            q_out = gs.Variable(names(f"{name}:q"), dtype=z_c.values.dtype, shape=t.shape)
             dq_out = gs.Variable(names(f"{name}:dq"), dtype=np.float32, shape=t.shape)
-            graph.nodes.append(self.tag(gs.Node("QuantizeLinear", names(f"{name}:Q"),
-                                                inputs=[t, s_c, z_c], outputs=[q_out])))
+            s_t: gs.Tensor
+            z_t: gs.Tensor
+            if dynamic:  # the range of each run, measured by DynamicQuantizeLinear (uint8, asymmetric, with 0)
+                q_out = gs.Variable(names(f"{name}:q"), dtype=np.uint8, shape=t.shape)
+                s_t = gs.Variable(names(f"{name}:s"), dtype=np.float32, shape=[])
+                z_t = gs.Variable(names(f"{name}:zp"), dtype=np.uint8, shape=[])
+                graph.nodes.append(self.tag(gs.Node("DynamicQuantizeLinear", names(f"{name}:DynQ"),
+                                                    inputs=[t], outputs=[q_out, s_t, z_t])))
+            else:
+                assert st is not None
+                lo, hi = st.range(spec)
+                scale, zp = quant.qparams(lo, hi, spec.dtype, spec.symmetric)
+                s_t = gs.Constant(names(f"{name}:s"), np.asarray(scale, dtype=np.float32).reshape(()))
+                z_t = gs.Constant(names(f"{name}:zp"), np.asarray(zp).reshape(()))  # Q's output type: always given
+                q_out = gs.Variable(names(f"{name}:q"), dtype=z_t.values.dtype, shape=t.shape)
+                graph.nodes.append(self.tag(gs.Node("QuantizeLinear", names(f"{name}:Q"),
+                                                    inputs=[t, s_t, z_t], outputs=[q_out])))
             graph.nodes.append(self.tag(gs.Node("DequantizeLinear", names(f"{name}:DQ"),
-                                                inputs=[q_out, s_c, z_c], outputs=[dq_out])))
+                                                inputs=[q_out, s_t, z_t], outputs=[dq_out])))
             for consumer, i in targets:
                 consumer.inputs[i] = dq_out
-            stats[f"activations_{spec.dtype}"] += 1
+            stats[f"activations_{spec.dtype}{'_dynamic' if dynamic else ''}"] += 1
 
         # ---- weights and biases ------------------------------------------------------------------------
         weight_cache: dict[tuple[Any, ...], gs.Variable] = {}

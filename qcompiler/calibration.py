@@ -832,8 +832,8 @@ class TensorStats:
         if self.count == 0:
             return 0.0, 0.0
         method = spec.calibration
-        if method == "auto":  # the calibrate pass replaces it by the method it measured best; unresolved: minmax
-            method = "minmax"
+        if method in ("auto", "dynamic"):  # auto: the calibrate pass replaces it by the method it measured
+            method = "minmax"               # best; dynamic: quantized at run time, nothing calibrated
         if method == "minmax" or spec.is_float:
             return self.min, self.max
         if method not in ("percentile", "entropy", "mse"):

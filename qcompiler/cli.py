@@ -200,7 +200,10 @@ def compile_cmd(model: Path, output: Path, plan: str | None, preset: str | None,
                    + ", ".join(f"{k} x{v}" for k, v in ap["counts"].items() if v)
                    + f" (plan written beside the model as {Path(output).stem}.autoplan.yaml)")
     cal = rep.get("calibration")
-    if cal:
+    if cal and cal.get("source") is None and cal.get("dynamic"):
+        click.echo(f"calibration: none needed — {cal['dynamic']} activation tensor(s) quantized at run time "
+                   "(DynamicQuantizeLinear)")
+    elif cal:
         note = "  [SYNTHETIC ranges: give --calib DATA for real ones]" if cal.get("synthetic") else ""
         click.echo(f"calibration: {cal.get('source')} — {cal.get('samples')} samples, "
                    f"{cal.get('tensors')} tensors{note}")

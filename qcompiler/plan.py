@@ -49,7 +49,7 @@ WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 RECURRENT_OPS = ("LSTM", "GRU", "RNN")
 DTYPES = ("int8", "uint8", "int16", "uint16", "int4", "uint4", "fp8e4m3", "fp8e5m2", "float")
 GRANULARITIES = ("per_tensor", "per_channel", "block")
-CALIBRATIONS = ("minmax", "percentile", "entropy", "mse", "auto")
+CALIBRATIONS = ("minmax", "percentile", "entropy", "mse", "auto", "dynamic")
 #: the methods ``calibration: auto`` chooses among (the calibrate pass measures each on the whole model)
 AUTO_CALIBRATIONS = ("minmax", "percentile", "entropy", "mse")
 SCHEMES = ("int", "binary", "ternary", "shift", "uniform")
@@ -448,6 +448,11 @@ def _activation_spec(d: dict[str, Any], where: str) -> QuantSpec:
     spec = _make_spec(d, where)
     if spec.scheme == "binary" and spec.calibration == "minmax":
         spec = replace(spec, calibration="mse")
+    if spec.calibration == "dynamic" and not spec.is_float and (
+            spec.dtype != "uint8" or spec.symmetric or spec.granularity != "per_tensor" or spec.scheme != "int"):
+        raise UserError(f"{where}: calibration dynamic quantizes at run time with DynamicQuantizeLinear, which "
+                        "writes uint8, asymmetric, per tensor: set dtype uint8, symmetric false, granularity "
+                        "per_tensor")
     return spec
 
 

@@ -84,6 +84,8 @@ class Target:
     #: options a plan's ``targets: {<name>: {...}}`` section may set: option -> (default, one-line doc); the
     #: value must have the default's type
     options: ClassVar[dict[str, tuple[Any, str]]] = {}
+    #: ops whose activations this target runs quantized at run time (``calibration: dynamic``)
+    dynamic_activation_ops: ClassVar[frozenset[str]] = frozenset()
 
     def check_options(self, plan_options: dict[str, dict[str, Any]], source: str) -> dict[str, Any]:
         """This target's options from a plan's ``targets:`` section, defaults filled in. Raises
@@ -139,6 +141,13 @@ class Target:
             if a.granularity != "per_tensor":
                 raise self._refuse(np_, f"activation granularity {a.granularity} is not supported "
                                         "(activations are quantized per tensor)")
+            if a.calibration == "dynamic" and np_.op_type not in self.dynamic_activation_ops:
+                if not self.dynamic_activation_ops:
+                    raise self._refuse(np_, "this target does not run activations quantized at run time "
+                                            "(calibration dynamic); calibrate them (minmax, ...)")
+                ops = ", ".join(sorted(self.dynamic_activation_ops))
+                raise self._refuse(np_, f"activations quantized at run time (calibration dynamic) run on this "
+                                        f"target for {ops} only; calibrate this one (minmax, ...) or keep it float")
 
     def check(self, resolved: ResolvedPlan) -> None:
         """Raise :class:`UserError` for the first node this target cannot run as planned."""

@@ -17,6 +17,8 @@ integer kernels:
 * the weights of float kernels (weight-only Conv / ConvTranspose / Gemm, LSTM / GRU / RNN) are dequantized with
   Cast/Mul, which onnxruntime folds when the session loads, instead of a DequantizeLinear it would run at
   every inference (``load_time_dequant.py``);
+* MatMul activations with ``calibration: dynamic`` (``DynamicQuantizeLinear -> DequantizeLinear``) fuse with the
+  int8 weight into ``DynamicQuantizeMatMul`` (onnxruntime's own dynamic quantization kernel);
 * fp8 activations after a ReLU/Clip get that activation re-applied after their DequantizeLinear
   (``fp8_guard.py``: onnxruntime's Relu->Q fusion is wrong for fp8).
 
@@ -51,6 +53,9 @@ class OrtTarget(Target):
     name: ClassVar[str] = "ort"
     validation_optimization: ClassVar[str] = "all"
     description: ClassVar[str] = "onnxruntime CPU: standard QDQ placed for its integer kernels; MatMulNBits for int4"
+    #: onnxruntime fuses DynamicQuantizeLinear -> DequantizeLinear -> MatMul (int8 weight) into its
+    #: DynamicQuantizeMatMul kernel; a Conv / Gemm would only run in float on the dequantized values
+    dynamic_activation_ops: ClassVar[frozenset[str]] = frozenset({"MatMul"})
     options: ClassVar[dict[str, tuple[Any, str]]] = {
         "requantize_conv_outputs": (True, "quantize a Conv's output for QLinearConv even where only float ops read "
                                           "it (false: such a Conv keeps float activations)"),

@@ -10,6 +10,7 @@ matched (``xq`` integer activation, ``W``/``b`` integer constants)     written
 ``DQ(xq), DQ(W) -> MatMul [-> Relu|Clip] -> Q -> yq``                  ``QLinearMatMul(xq, W) -> yq``
 ``DQ(xq), DQ(W) -> MatMul -> y`` (float readers)                       ``com.microsoft.MatMulIntegerToFloat -> y``
 ``DQ(aq), DQ(bq) -> MatMul ...`` (two activations a plan quantizes)    the same two, ``b`` per tensor
+``DynQ(x) -> DQ, DQ(W) -> MatMul`` (``calibration: dynamic``)          ``com.microsoft.DynamicQuantizeMatMul(x, W)``
 ``DQ(xq), DQ(W)[, DQ(b)] -> Gemm [-> Relu|Clip -> Q -> yq]``           ``com.microsoft.QGemm -> yq`` (or float y)
 ====================================================================  =========================================
 
@@ -39,7 +40,8 @@ tensor; the float tensor the group no longer computes hands its name to the Dequ
 ``yq`` (the same value: the dequantized layer output), so per-layer validation still finds the layer. A second
 run finds nothing.
 
-Stats: ``qlinear_conv``, ``qlinear_matmul``, ``matmul_integer_to_float``, ``qgemm``, ``bias_quantized``;
+Stats: ``qlinear_conv``, ``qlinear_matmul``, ``matmul_integer_to_float``, ``qgemm``, ``dynamic_quantize_matmul``,
+``bias_quantized``;
 ``kept_qdq.<why>`` for a
 Conv / MatMul / Gemm with a quantized input that stays in QDQ form (``float_output``: no QuantizeLinear reads
 its output alone; ``activation_not_exact``; ``weight_zero_points``; ``bias_scale``; ...).
@@ -63,11 +65,23 @@ _INT8 = (np.dtype(np.int8), np.dtype(np.uint8))
 
 @dataclass
 class _Act:
-    """An integer activation read through a per-tensor DequantizeLinear."""
+    """An integer activation read through a per-tensor DequantizeLinear: constant scale and zero point, or
+    (``dynamic``) the outputs of the DynamicQuantizeLinear that quantized ``source`` at run time."""
 
     q: gs.Tensor
-    scale: gs.Constant
-    zero_point: gs.Constant
+    scale: gs.Tensor
+    zero_point: gs.Tensor
+    source: gs.Tensor | None = None  # the float tensor a DynamicQuantizeLinear quantizes
+
+    @property
+    def dynamic(self) -> bool:
+        return self.source is not None
+
+    @property
+    def dtype(self) -> np.dtype:
+        if isinstance(self.zero_point, gs.Constant):
+            return np.dtype(np.asarray(self.zero_point.values).dtype)
+        return np.dtype(np.uint8)  # DynamicQuantizeLinear writes uint8
 
 
 @dataclass
@@ -82,8 +96,13 @@ class _Weight:
     @property
     def dtype(self) -> np.dtype:
         src = self.q if isinstance(self.q, gs.Constant) else self.zero_point
-        assert isinstance(src, gs.Constant)
+        if not isinstance(src, gs.Constant):
+            return np.dtype(np.uint8)  # a DynamicQuantizeLinear output
         return np.dtype(np.asarray(src.values).dtype)
+
+    @property
+    def dynamic(self) -> bool:
+        return not isinstance(self.scale, gs.Constant)
 
 
 def _per_tensor(t: gs.Tensor | None) -> bool:
@@ -95,6 +114,10 @@ def _activation(t: gs.Tensor) -> _Act | str:
     if dq is None or not is_onnx_op(dq, "DequantizeLinear") or isinstance(dq.inputs[0], gs.Constant):
         return "float_input"
     s, z = dq.inputs[1], optional_input(dq, 2)
+    dyn = producer(dq.inputs[0])
+    if (dyn is not None and is_onnx_op(dyn, "DynamicQuantizeLinear") and z is not None
+            and list(dyn.outputs) == [dq.inputs[0], s, z]):
+        return _Act(dq.inputs[0], s, z, source=dyn.inputs[0])
     if not (_per_tensor(s) and _per_tensor(z)) or np.asarray(s.values).dtype != np.float32:
         return "activation_layout"
     assert isinstance(s, gs.Constant) and isinstance(z, gs.Constant)
@@ -129,18 +152,21 @@ def _weight(t: gs.Tensor, axis: int) -> _Weight | str:
 def _kernel_types(act: _Act, w: _Weight) -> str | None:
     """onnxruntime's integer kernels take uint8 activations with uint8 or int8 weights, and int8 activations with
     int8 weights; int8 activations with uint8 weights have no kernel (the group stays QDQ)."""
-    if np.asarray(act.zero_point.values).dtype == np.int8 and w.dtype == np.uint8:
+    if act.dtype == np.int8 and w.dtype == np.uint8:
         return "kernel_types"
     return None
 
 
 def _operands(node: gs.Node, axis: int, dynamic: bool = False) -> tuple[_Act, _Weight] | str:
     """The integer activation (input 0) and weight (input 1, per channel along ``axis``) of ``node``, when an
-    onnxruntime integer kernel takes the pair; else why not. ``dynamic``: input 1 may also be a quantized
-    activation (a MatMul of two activations)."""
+    onnxruntime integer kernel takes the pair; else why not. ``dynamic`` (MatMul): input 1 may also be a
+    quantized activation (a MatMul of two activations), and either may be quantized at run time
+    (DynamicQuantizeLinear); otherwise a dynamically quantized input stays QDQ."""
     a = _activation(node.inputs[0])
     if isinstance(a, str):
         return a
+    if a.dynamic and not dynamic:
+        return "dynamic_input"
     w = _weight(node.inputs[1], axis)
     if w == "float_weight" and dynamic:
         b = _activation(node.inputs[1])
@@ -242,7 +268,7 @@ def _requantized_output(node: gs.Node, x: _Act, index: GraphIndex
         if not _absorbed(act, q):
             return "activation_not_exact"
         absorbed, t = [act], act.outputs[0]
-    if q is not None and np.asarray(q.inputs[2].values).dtype != np.asarray(x.zero_point.values).dtype:
+    if q is not None and np.asarray(q.inputs[2].values).dtype != x.dtype:
         return "output_type"
     return absorbed, t, q
 
@@ -286,6 +312,8 @@ class LowerQOperatorPass(Pass):
         """The weight's zero point for an integer kernel: a scalar (one for all channels), or shaped like the
         scale when ``like_scale`` (QGemm wants them alike)."""
         dtype = w.dtype
+        if w.zero_point is not None and not isinstance(w.zero_point, gs.Constant):
+            return w.zero_point  # a DynamicQuantizeLinear output (a scalar)
         shape = np.asarray(w.scale.values).shape
         if like_scale and shape:
             if w.zero_point is not None and np.asarray(w.zero_point.values).shape == shape:
@@ -353,8 +381,17 @@ class LowerQOperatorPass(Pass):
         a, w = ops
         if isinstance(w.q, gs.Constant) and np.asarray(w.q.values).ndim != 2:
             return "weight_layout"
+        if a.dynamic and isinstance(w.q, gs.Constant):  # quantized at run time, times an int8 weight
+            inputs = [a.source, w.q, w.scale, *([self._wzp(w)] if w.zero_point is not None else [])]
+            new = gs.Node("DynamicQuantizeMatMul", node.name, domain=MS_DOMAIN, inputs=inputs,
+                          outputs=list(node.outputs))
+            self._replace(graph, [node], new, None, None)
+            stats["dynamic_quantize_matmul"] += 1
+            return None
         out = _requantized_output(node, a, self._index)
         absorbed, t, q = ([], node.outputs[0], None) if isinstance(out, str) else out  # str: float output
+        if a.dynamic or w.dynamic:
+            absorbed, t, q = [], node.outputs[0], None  # run-time scales: the float-output kernel
         if q is not None:
             inputs = [a.q, a.scale, a.zero_point, w.q, w.scale, self._wzp(w), q.inputs[1], q.inputs[2]]
             new = gs.Node("QLinearMatMul", node.name, inputs=inputs, outputs=list(q.outputs))
