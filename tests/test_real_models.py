@@ -371,3 +371,18 @@ def test_vad_auto_calibration_chooses_entropy_and_beats_minmax(vad: Compiled) ->
     s = C.score("silero_vad", vad.ref, C.run_all(out, vad.task.eval), labels=vad.task.labels)
     assert s.primary_sqnr >= vad.score.primary_sqnr + 5.0  # the default (minmax) compile of the same model
     assert s.agreement >= vad.score.agreement
+
+
+# ======================================================================= calibration: dynamic (rec)
+def test_rec_dynamic_preset_without_data_beats_static_default(rec: Compiled) -> None:
+    """w8a8-dynamic (MatMul inputs quantized at run time, onnxruntime's DynamicQuantizeMatMul; no calibration
+    data): measured 19.14 dB / 98.2 % on these 48 lines against the static default's 13.33 dB / 96.2 %."""
+    out = rec.work / "dyn" / "rec.dyn.onnx"
+    res = compile_model(rec.task.model, out, CompileOptions(preset="w8a8-dynamic", validate=False))
+    # the inputs of its 13 MatMuls (both inputs of the attention's activation x activation ones)
+    assert res.report["calibration"]["dynamic"] == 17 and res.report["calibration"]["source"] is None
+    fused = ir.optimized_op_types(out)
+    assert fused.get("DynamicQuantizeMatMul", 0) == 13 and "MatMul" not in fused
+    s = C.score("ppocr_rec", rec.ref, C.run_all(out, rec.task.eval), labels=rec.task.labels)
+    assert s.primary_sqnr >= 17.0 and s.primary_sqnr >= rec.score.primary_sqnr + 3.0
+    assert s.agreement >= rec.score.agreement
