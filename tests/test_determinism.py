@@ -31,6 +31,8 @@ CASES = {
     "fp16-conv": ("fp16_conv", []),
     "opset11-upgrade": ("opset11_constants", ["--plan", "w4a8"]),
     "conv-compact-names-external": ("conv_bn_relu", ["--compact-names", "--external-data", "0"]),
+    "conv-auto-ort-qop": ("conv_bn_relu", ["--plan", "w8a8-auto", "--target", "ort-qop"]),
+    "transformer-dynamic-ort-qop": ("transformer_block", ["--plan", "w8a8-dynamic", "--target", "ort-qop"]),
 }
 
 
