@@ -76,6 +76,9 @@ class Options:
     auto_samples: int = 16
 
     def validate(self, pass_name: str = "calibrate") -> None:
+        if self.method == "dynamic":
+            raise UserError(f"pass '{pass_name}' option 'method': 'dynamic' is set in the plan "
+                            "(activation: {calibration: dynamic}), where the target checks that it can run it")
         if self.method is not None and self.method not in CALIBRATIONS:
             raise UserError(f"pass '{pass_name}' option 'method': bad value '{self.method}' "
                             f"(one of: {', '.join(CALIBRATIONS)})")
@@ -123,32 +126,28 @@ class CalibratePass(Pass):
         if overrides:
             specs = {name: dataclasses.replace(spec, **overrides) for name, spec in specs.items()}
             ctx.activation_specs = dict(specs)  # the quantizer must ask for the range we calibrated for
-        if not specs:
+        # calibration: dynamic — DynamicQuantizeLinear measures the range of each run: nothing to collect
+        n_dynamic = sum(1 for spec in specs.values() if spec.calibration == "dynamic")
+        if n_dynamic:
+            stats["dynamic"] = n_dynamic
+        static = [name for name, spec in specs.items() if spec.calibration != "dynamic"]
+        if not static:  # nothing to calibrate
             ctx.stats = {}
             ctx.report["calibration"] = {"source": None, "synthetic": False, "samples": 0, "tensors": 0,
-                                         "methods": {}}
+                                         "methods": {"dynamic": n_dynamic} if n_dynamic else {}}
+            if n_dynamic:
+                ctx.report["calibration"]["dynamic"] = n_dynamic
             stats["tensors"] = 0
             stats["samples"] = 0
             return PassResult(modified=False, stats=stats)
 
         fixed: dict[str, tuple[float, float]] = {}
         if ctx.data_free:  # --calib none: ranges from the recorded BatchNormalization statistics where possible
-            fixed = bn_ranges(ctx.graph, list(specs), bn_statistics(ctx), BN_SIGMAS)
+            fixed = bn_ranges(ctx.graph, static, bn_statistics(ctx), BN_SIGMAS)
             for name in fixed:
                 specs[name] = dataclasses.replace(specs[name], calibration="minmax")
                 ctx.activation_specs[name] = specs[name]
-        # calibration: dynamic — DynamicQuantizeLinear measures the range of each run: nothing to collect
-        rest = {name: spec for name, spec in specs.items() if name not in fixed and spec.calibration != "dynamic"}
-        n_dynamic = sum(1 for spec in specs.values() if spec.calibration == "dynamic")
-        if n_dynamic:
-            stats["dynamic"] = n_dynamic
-        if not rest and not fixed:  # every activation is quantized at run time: nothing to calibrate
-            ctx.stats = {}
-            ctx.report["calibration"] = {"source": None, "synthetic": False, "samples": 0, "tensors": 0,
-                                         "methods": {"dynamic": n_dynamic}, "dynamic": n_dynamic}
-            stats["tensors"] = 0
-            stats["samples"] = 0
-            return PassResult(modified=False, stats=stats)
+        rest = {name: specs[name] for name in static if name not in fixed}
 
         source: CalibrationSource
         if ctx.calib is None:
@@ -168,11 +167,11 @@ class CalibratePass(Pass):
         held = min(opts.auto_samples, n_samples // 4) if auto and not source.synthetic else 0
         if held:  # calibration: auto — the last samples held out to measure each method on
             fit = source.subset(range(n_samples - held))
+            held_out = source.subset(range(n_samples - held, n_samples))
             ctx.stats = collect(ctx.graph, rest, fit, progress=progress, shapes=shapes)
             later = (lambda done, total: progress(n_samples - held + done, n_samples)) if progress else None
-            held_stats = collect(ctx.graph, rest, source.subset(range(n_samples - held, n_samples)),
-                                 progress=later)
-            chosen = _choose_method(ctx, auto, ctx.stats, source.subset(range(n_samples - held, n_samples)))
+            held_stats = collect(ctx.graph, rest, held_out, progress=later)
+            chosen = _choose_method(ctx, auto, ctx.stats, held_out)
             later_algos = [q for q in ctx.options.get("passes_after", ()) if q in _UNMEASURED]
             if later_algos:
                 log.warning("calibration auto: chose %s measured without %s, which run(s) after calibrate and "

@@ -143,3 +143,17 @@ def test_refused_where_it_cannot_run(target, model, plan, why, tmp_path):
     with pytest.raises(UserError, match=why):
         compile_model(MODELS / f"{model}.onnx", tmp_path / "o.onnx", opts)
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_data_free_mode_leaves_dynamic_tensors_dynamic(tmp_path):
+    """--calib none gives BN-derived ranges to the tensors it can (relu2 follows fc2's folded BatchNorm); a tensor
+    the plan quantizes at run time stays so."""
+    plan = Plan.from_dict({"version": 1, "rules": [
+        {"match": {"op_type": "MatMul"}, "activation": {"dtype": "uint8", "symmetric": False,
+                                                        "calibration": "dynamic"}}]})
+    out = tmp_path / "gh.onnx"
+    res = compile_model(MODELS / "gemm_head.onnx", out, CompileOptions(plan=plan, calib="none", validate=False))
+    assert res.report["calibration"]["dynamic"] == 1 and res.report["data_free"]["bn_ranges"] >= 1
+    nodes = onnx.load(str(out)).graph.node
+    assert [n.input[0] for n in nodes if n.op_type == "DynamicQuantizeLinear"] == ["relu2"]
+    assert "relu2" not in [n.input[0] for n in nodes if n.op_type == "QuantizeLinear"]
