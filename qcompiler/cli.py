@@ -378,6 +378,9 @@ def targets_cmd(as_json: bool) -> None:
             click.echo(f"  {op}: weights {','.join(cap['weight_dtypes'])}; activations "
                        f"{','.join(cap['activation_dtypes']) or 'none (weight-only)'}; {','.join(cap['granularities'])}; "
                        f"schemes {','.join(cap['schemes'])}")
+        if d.get("dynamic_activation_ops"):
+            click.echo(f"  activations quantized at run time (calibration dynamic): "
+                       f"{','.join(d['dynamic_activation_ops'])}")
         custom = d.get("custom_ops")
         if custom:
             click.echo(f"  custom ops (domain {custom['domain']} v{custom['version']}, opset >= {custom['min_opset']}):")

@@ -50,21 +50,15 @@ class OpCapability:
                 "granularities": sorted(self.granularities), "schemes": sorted(self.schemes)}
 
 
-#: the layer ops every built-in target quantizes (weights and the activations feeding them)
-LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-#: recurrent ops: weight-only (dequantized weights feeding the float kernel)
-RECURRENT_OPS = ("LSTM", "GRU", "RNN")
-
-
 def layer_capabilities(weights: frozenset[str], activations: frozenset[str], granularities: frozenset[str],
-                       schemes: frozenset[str] = frozenset({"int"}),
-                       recurrent_weights: frozenset[str] | None = None) -> dict[str, OpCapability]:
-    """The capability table of a target that runs :data:`LAYER_OPS` with these weight / activation dtypes,
-    granularities and weight schemes, and :data:`RECURRENT_OPS` weight-only (``recurrent_weights`` dtypes,
-    default ``weights``; ``int`` scheme)."""
-    table = {op: OpCapability(weights, activations, granularities, schemes) for op in LAYER_OPS}
-    rw = weights if recurrent_weights is None else recurrent_weights
-    table.update({op: OpCapability(rw, frozenset(), granularities) for op in RECURRENT_OPS})
+                       schemes: frozenset[str] = frozenset({"int"})) -> dict[str, OpCapability]:
+    """The capability table of a target that runs the plan's weight ops (Conv, ConvTranspose, Gemm, MatMul) with
+    these weight / activation dtypes, granularities and weight schemes, and the recurrent ops (LSTM, GRU, RNN)
+    weight-only (dequantized weights feeding the float kernel; ``int`` scheme)."""
+    from qcompiler.plan import RECURRENT_OPS, WEIGHT_OPS
+
+    table = {op: OpCapability(weights, activations, granularities, schemes) for op in WEIGHT_OPS}
+    table.update({op: OpCapability(weights, frozenset(), granularities) for op in RECURRENT_OPS})
     return table
 
 
@@ -111,7 +105,8 @@ class Target:
     # ------------------------------------------------------------------------------------ capabilities
     def capabilities(self) -> dict[str, Any]:
         return {"ops": {k: v.to_json() for k, v in sorted(self.ops.items())},
-                "other_ops_activation_dtypes": sorted(self.other_activation_dtypes)}
+                "other_ops_activation_dtypes": sorted(self.other_activation_dtypes),
+                "dynamic_activation_ops": sorted(self.dynamic_activation_ops)}
 
     def _refuse(self, np_: NodePlan, reason: str) -> UserError:
         rule = np_.rules[-1] if np_.rules else "plan defaults"

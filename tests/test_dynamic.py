@@ -157,3 +157,17 @@ def test_data_free_mode_leaves_dynamic_tensors_dynamic(tmp_path):
     nodes = onnx.load(str(out)).graph.node
     assert [n.input[0] for n in nodes if n.op_type == "DynamicQuantizeLinear"] == ["relu2"]
     assert "relu2" not in [n.input[0] for n in nodes if n.op_type == "QuantizeLinear"]
+
+
+def test_targets_command_says_where_dynamic_runs():
+    from click.testing import CliRunner
+
+    from qcompiler.cli import cli
+
+    r = CliRunner().invoke(cli, ["targets", "--json"])
+    assert r.exit_code == 0
+    import json
+
+    data = json.loads(r.output)
+    assert {name: d["dynamic_activation_ops"] for name, d in data.items()} == {
+        "ort": ["MatMul"], "ort-qop": ["MatMul"], "packed": ["MatMul"], "qonnx": [], "tensorrt": []}
