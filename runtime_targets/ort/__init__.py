@@ -17,8 +17,10 @@ integer kernels:
 * the weights of float kernels (weight-only Conv / ConvTranspose / Gemm, LSTM / GRU / RNN) are dequantized with
   Cast/Mul, which onnxruntime folds when the session loads, instead of a DequantizeLinear it would run at
   every inference (``load_time_dequant.py``);
-* MatMul activations with ``calibration: dynamic`` (``DynamicQuantizeLinear -> DequantizeLinear``) fuse with the
-  int8 weight into ``DynamicQuantizeMatMul`` (onnxruntime's own dynamic quantization kernel);
+* MatMul / Gemm activations with ``calibration: dynamic`` (``DynamicQuantizeLinear -> DequantizeLinear``) and their
+  int8 weight (and bias) become ``com.microsoft.DynamicQuantizeMatMul``, onnxruntime's dynamic quantization kernel
+  (``dynamic_matmul.py``: onnxruntime would fuse a plain MatMul itself, but turns a 2-D MatMul + bias Add into a
+  float Gemm first, and fuses no Gemm);
 * fp8 activations after a ReLU/Clip get that activation re-applied after their DequantizeLinear
   (``fp8_guard.py``: onnxruntime's Relu->Q fusion is wrong for fp8).
 
@@ -53,9 +55,9 @@ class OrtTarget(Target):
     name: ClassVar[str] = "ort"
     validation_optimization: ClassVar[str] = "all"
     description: ClassVar[str] = "onnxruntime CPU: standard QDQ placed for its integer kernels; MatMulNBits for int4"
-    #: onnxruntime fuses DynamicQuantizeLinear -> DequantizeLinear -> MatMul (int8 weight) into its
-    #: DynamicQuantizeMatMul kernel; a Conv / Gemm would only run in float on the dequantized values
-    dynamic_activation_ops: ClassVar[frozenset[str]] = frozenset({"MatMul"})
+    #: a MatMul / Gemm reading DynamicQuantizeLinear -> DequantizeLinear is written as onnxruntime's
+    #: DynamicQuantizeMatMul (``ort-dynamic-matmul``); a Conv would only run in float on the dequantized values
+    dynamic_activation_ops: ClassVar[frozenset[str]] = frozenset({"MatMul", "Gemm"})
     options: ClassVar[dict[str, tuple[Any, str]]] = {
         "requantize_conv_outputs": (True, "quantize a Conv's output for QLinearConv even where only float ops read "
                                           "it (false: such a Conv keeps float activations)"),
@@ -148,8 +150,9 @@ class OrtTarget(Target):
         return changed
 
     def lowering_passes(self) -> list[Pass]:
+        from qcompiler.runtime_targets.ort.dynamic_matmul import OrtDynamicMatMulPass
         from qcompiler.runtime_targets.ort.fp8_guard import OrtFp8ReluGuardPass
         from qcompiler.runtime_targets.ort.load_time_dequant import OrtLoadTimeDequantPass
         from qcompiler.runtime_targets.ort.matmulnbits import LowerMatMulNBitsPass
 
-        return [LowerMatMulNBitsPass(), OrtFp8ReluGuardPass(), OrtLoadTimeDequantPass()]
+        return [LowerMatMulNBitsPass(), OrtDynamicMatMulPass(), OrtFp8ReluGuardPass(), OrtLoadTimeDequantPass()]

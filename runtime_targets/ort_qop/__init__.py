@@ -57,8 +57,9 @@ class OrtQOperatorTarget(OrtTarget):
         super().check_node(np_)
 
     def lowering_passes(self) -> list[Pass]:
+        from qcompiler.runtime_targets.ort.dynamic_matmul import OrtDynamicMatMulPass
         from qcompiler.runtime_targets.ort.load_time_dequant import OrtLoadTimeDequantPass
         from qcompiler.runtime_targets.ort.matmulnbits import LowerMatMulNBitsPass
         from qcompiler.runtime_targets.ort_qop.lower_qoperator import LowerQOperatorPass
 
-        return [LowerMatMulNBitsPass(), LowerQOperatorPass(), OrtLoadTimeDequantPass()]
+        return [LowerMatMulNBitsPass(), OrtDynamicMatMulPass(), LowerQOperatorPass(), OrtLoadTimeDequantPass()]

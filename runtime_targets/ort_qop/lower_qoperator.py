@@ -10,7 +10,7 @@ matched (``xq`` integer activation, ``W``/``b`` integer constants)     written
 ``DQ(xq), DQ(W) -> MatMul [-> Relu|Clip] -> Q -> yq``                  ``QLinearMatMul(xq, W) -> yq``
 ``DQ(xq), DQ(W) -> MatMul -> y`` (float readers)                       ``com.microsoft.MatMulIntegerToFloat -> y``
 ``DQ(aq), DQ(bq) -> MatMul ...`` (two activations a plan quantizes)    the same two, ``b`` per tensor
-``DynQ(x) -> DQ, DQ(W) -> MatMul`` (``calibration: dynamic``)          ``com.microsoft.DynamicQuantizeMatMul(x, W)``
+``DynQ(a) -> DQ, DynQ(b) -> DQ -> MatMul`` (``calibration: dynamic``)  ``MatMulIntegerToFloat`` (run-time scales)
 ``DQ(xq), DQ(W)[, DQ(b)] -> Gemm [-> Relu|Clip -> Q -> yq]``           ``com.microsoft.QGemm -> yq`` (or float y)
 ====================================================================  =========================================
 
@@ -40,8 +40,10 @@ tensor; the float tensor the group no longer computes hands its name to the Dequ
 ``yq`` (the same value: the dequantized layer output), so per-layer validation still finds the layer. A second
 run finds nothing.
 
-Stats: ``qlinear_conv``, ``qlinear_matmul``, ``matmul_integer_to_float``, ``qgemm``, ``dynamic_quantize_matmul``,
-``bias_quantized``;
+(A run-time quantized input times an int8 weight became ``com.microsoft.DynamicQuantizeMatMul`` in
+``ort-dynamic-matmul`` before this pass.)
+
+Stats: ``qlinear_conv``, ``qlinear_matmul``, ``matmul_integer_to_float``, ``qgemm``, ``bias_quantized``;
 ``kept_qdq.<why>`` for a
 Conv / MatMul / Gemm with a quantized input that stays in QDQ form (``float_output``: no QuantizeLinear reads
 its output alone; ``activation_not_exact``; ``weight_zero_points``; ``bias_scale``; ...).
@@ -381,13 +383,6 @@ class LowerQOperatorPass(Pass):
         a, w = ops
         if isinstance(w.q, gs.Constant) and np.asarray(w.q.values).ndim != 2:
             return "weight_layout"
-        if a.dynamic and isinstance(w.q, gs.Constant):  # quantized at run time, times an int8 weight
-            inputs = [a.source, w.q, w.scale, *([self._wzp(w)] if w.zero_point is not None else [])]
-            new = gs.Node("DynamicQuantizeMatMul", node.name, domain=MS_DOMAIN, inputs=inputs,
-                          outputs=list(node.outputs))
-            self._replace(graph, [node], new, None, None)
-            stats["dynamic_quantize_matmul"] += 1
-            return None
         out = _requantized_output(node, a, self._index)
         absorbed, t, q = ([], node.outputs[0], None) if isinstance(out, str) else out  # str: float output
         if a.dynamic or w.dynamic:
