@@ -52,7 +52,7 @@ def run_model(key: str, samples: int, work: Path) -> None:
         if method == "auto":
             auto_info = res.report["calibration"]["auto"]
         rows.append((method, s.primary_sqnr, s.agreement, seconds))
-    print(f"\n### {key}: {len(task.calib)} calibration samples, {len(task.eval)} held-back evaluation samples\n")
+    print(f"\n#### {key}: {len(task.calib)} calibration samples, {len(task.eval)} held-back evaluation samples\n")
     print(f"| calibration | output SQNR dB | {C.AGREEMENT.get(key, 'agreement')} | compile s |")
     print("|:--|--:|--:|--:|")
     for method, sq, ag, sec in rows:

@@ -77,7 +77,7 @@ def run_model(key: str, args: argparse.Namespace, work: Path) -> None:
                      f"{path.stat().st_size:,}", f"{path.stat().st_size / fp32:.3f}",
                      f"{seconds[name]:.2f}" if name in seconds else "-", f"{lat[name]['median']:.3f}",
                      f"{lat[name]['median'] / lat['float (fp32)']['median']:.2f}"])
-    print(f"\n### {key}: {model.name}, {len(task.eval)} held-back evaluation samples, no calibration data\n")
+    print(f"\n#### {key}: {model.name}, {len(task.eval)} held-back evaluation samples, no calibration data\n")
     print(C.fmt_table(["tool", "SQNR dB", C.AGREEMENT.get(key, "agreement"), "file bytes", "x fp32", "compile s",
                        "latency ms (1 thr)", "x float"], rows))
 

@@ -204,3 +204,57 @@ def test_gemm_and_matmul_with_bias_become_dynamic_quantize_matmul(target, tmp_pa
     compile_model(src, static, CompileOptions(calib=str(MODELS / "gemm_head.npz"), validate=False))
     flt = _outputs(src, feeds)
     assert _sqnr(flt, got) > _sqnr(flt, _outputs(static, feeds)) + 1.0
+
+
+def _dyn_gemm_model(alpha: float = 1.0, shared: bool = False) -> onnx.ModelProto:
+    """x -> Gemm(transB, bias) -> y, and (shared) a second Gemm reading the same weight."""
+    rng = np.random.default_rng(7)
+    inits = [numpy_helper.from_array((rng.standard_normal((8, 16)) * 0.3).astype(np.float32), "W"),
+             numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "b")]
+    nodes = [helper.make_node("Gemm", ["x", "W", "b"], ["y"], name="fc", transB=1, alpha=alpha)]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 8])]
+    if shared:
+        nodes.append(helper.make_node("Gemm", ["x", "W", "b"], ["y2"], name="fc2", transB=1))
+        outputs.append(helper.make_tensor_value_info("y2", TensorProto.FLOAT, [4, 8]))
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 16])], outputs,
+                          inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def _lower_dynamic(model: onnx.ModelProto):
+    from qcompiler.context import CompileContext
+    from qcompiler.runtime_targets import get_target
+    from qcompiler.runtime_targets.ort.dynamic_matmul import OrtDynamicMatMulPass
+
+    graph, meta = ir.import_graph(model)
+    ctx = CompileContext(graph=graph, meta=meta, plan=Plan.default(), target=get_target("ort"))
+    first = OrtDynamicMatMulPass().run(ctx)
+    second = OrtDynamicMatMulPass().run(ctx)
+    return ir.export_model(ctx.graph, meta), first, second
+
+
+@pytest.mark.parametrize("alpha, shared, lowered, why", [
+    (1.0, False, 1, None),
+    (0.5, False, 0, "skipped.gemm_attributes"),  # alpha scales the product: no such kernel input
+    (1.0, True, 2, None),  # a shared weight: both Gemms read one transposed copy of the codes
+])
+def test_dynamic_matmul_pass_pattern_and_idempotence(alpha, shared, lowered, why, tmp_path):
+    src = tmp_path / "g.onnx"
+    onnx.save(_dyn_gemm_model(alpha, shared), str(src))
+    qdq = tmp_path / "g.qdq.onnx"
+    compile_model(src, qdq, CompileOptions(preset="w8a8-dynamic", validate=False, pipeline=NO_LOWER))
+    low, first, second = _lower_dynamic(onnx.load(str(qdq)))
+    assert first.stats["dynamic_quantize_matmul"] == lowered and not second.modified  # a second run: nothing
+    if why:
+        assert first.stats[why] == 1
+    ir.check_model(low, where="lowered")
+    if lowered:
+        int8 = [t for t in low.graph.initializer if t.data_type == TensorProto.INT8 and len(t.dims) == 2]
+        assert len(int8) == 1 and list(int8[0].dims) == [16, 8]  # one copy of the codes, transposed
+    x = np.random.default_rng(8).standard_normal((4, 16)).astype(np.float32)
+    want = ir.session(onnx.load(str(qdq)), optimize=False).run(None, {"x": x})
+    got = ir.session(low).run(None, {"x": x})
+    for g, w in zip(got, want):
+        assert float(np.abs(g - w).max()) <= 1e-5 * float(np.abs(w).max())

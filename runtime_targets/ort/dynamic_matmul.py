@@ -66,6 +66,7 @@ class OrtDynamicMatMulPass(Pass):
         graph = ctx.graph
         index = GraphIndex(graph)
         stats: Counter[str] = Counter()
+        self._transposed: dict[int, gs.Constant] = {}  # codes tensor -> its transpose (shared weights: one copy)
         for node in list(graph.nodes):
             if not is_onnx_op(node, "MatMul", "Gemm") or len(node.inputs) < 2 or not node.outputs:
                 continue
@@ -112,8 +113,12 @@ class OrtDynamicMatMulPass(Pass):
             bias = _bias_values(other, n) if len(add.inputs) == 2 else None
             if bias is not None:
                 absorbed, out = [add], add.outputs[0]
-        if trans_b:  # the codes transposed once (a new constant: the DQ may have other readers)
-            codes = gs.Constant(index.unique_name(codes.name.removesuffix(":q") + ":qT"), np.ascontiguousarray(q.T))
+        if trans_b:  # the codes transposed once (a new constant, one per weight: the DQ may have other readers)
+            key = id(codes)
+            if key not in self._transposed:
+                self._transposed[key] = gs.Constant(index.unique_name(codes.name.removesuffix(":q") + ":qT"),
+                                                    np.ascontiguousarray(q.T))
+            codes = self._transposed[key]
         inputs: list[gs.Tensor] = [x, codes, scale, zp if zp is not None else gs.Variable.empty()]
         if bias is not None:
             inputs.append(gs.Constant(index.unique_name(f"{node.name}:bias"), bias))
