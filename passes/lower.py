@@ -13,7 +13,7 @@ from qcompiler.pass_base import Pass, PassResult
 
 
 class LowerPass(Pass):
-    """Run the target's lowering passes (ort: MatMulNBits for int4 weight-only MatMul)."""
+    """Run the target's lowering passes (ort: MatMulNBits, DynamicQuantizeMatMul; ort-qop: its integer ops; ...)."""
 
     name = "lower"
     requires = frozenset({"qdq"})
