@@ -36,13 +36,14 @@ from qcompiler.passes._graph_utils import GraphIndex, is_onnx_op, optional_input
 DOMAIN = "com.microsoft"
 
 
-def _dynamic_source(t: gs.Tensor) -> gs.Tensor | None:
-    """The float tensor behind ``DequantizeLinear(DynamicQuantizeLinear(x))``, else None."""
+def dynamic_source(t: gs.Tensor) -> gs.Tensor | None:
+    """The float tensor ``x`` when ``t = DequantizeLinear(DynamicQuantizeLinear(x))`` (its three outputs as the
+    DequantizeLinear's inputs), else None."""
     dq = producer(t)
-    if dq is None or not is_onnx_op(dq, "DequantizeLinear"):
+    if dq is None or not is_onnx_op(dq, "DequantizeLinear") or len(dq.inputs) < 3:
         return None
     dyn = producer(dq.inputs[0])
-    if dyn is None or not is_onnx_op(dyn, "DynamicQuantizeLinear") or list(dyn.outputs)[:1] != [dq.inputs[0]]:
+    if dyn is None or not is_onnx_op(dyn, "DynamicQuantizeLinear") or list(dyn.outputs) != list(dq.inputs[:3]):
         return None
     return dyn.inputs[0]
 
@@ -70,7 +71,7 @@ class OrtDynamicMatMulPass(Pass):
         for node in list(graph.nodes):
             if not is_onnx_op(node, "MatMul", "Gemm") or len(node.inputs) < 2 or not node.outputs:
                 continue
-            x = _dynamic_source(node.inputs[0])
+            x = dynamic_source(node.inputs[0])
             if x is None:
                 continue
             why = self._lower(node, x, graph, index, stats)

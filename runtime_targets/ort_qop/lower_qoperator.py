@@ -60,6 +60,7 @@ import onnx_graphsurgeon as gs
 from qcompiler.context import CompileContext
 from qcompiler.pass_base import Pass, PassResult
 from qcompiler.passes._graph_utils import GraphIndex, is_onnx_op, optional_input, producer, scale_values
+from qcompiler.runtime_targets.ort.dynamic_matmul import dynamic_source
 
 MS_DOMAIN = "com.microsoft"
 _INT8 = (np.dtype(np.int8), np.dtype(np.uint8))
@@ -116,10 +117,10 @@ def _activation(t: gs.Tensor) -> _Act | str:
     if dq is None or not is_onnx_op(dq, "DequantizeLinear") or isinstance(dq.inputs[0], gs.Constant):
         return "float_input"
     s, z = dq.inputs[1], optional_input(dq, 2)
-    dyn = producer(dq.inputs[0])
-    if (dyn is not None and is_onnx_op(dyn, "DynamicQuantizeLinear") and z is not None
-            and list(dyn.outputs) == [dq.inputs[0], s, z]):
-        return _Act(dq.inputs[0], s, z, source=dyn.inputs[0])
+    source = dynamic_source(t)
+    if source is not None:
+        assert z is not None
+        return _Act(dq.inputs[0], s, z, source=source)
     if not (_per_tensor(s) and _per_tensor(z)) or np.asarray(s.values).dtype != np.float32:
         return "activation_layout"
     assert isinstance(s, gs.Constant) and isinstance(z, gs.Constant)
