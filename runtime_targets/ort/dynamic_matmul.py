@@ -32,8 +32,7 @@ import onnx_graphsurgeon as gs
 from qcompiler.context import CompileContext
 from qcompiler.pass_base import Pass, PassResult
 from qcompiler.passes._graph_utils import GraphIndex, is_onnx_op, optional_input, producer
-
-DOMAIN = "com.microsoft"
+from qcompiler.runtime_targets.ort.matmulnbits import DOMAIN
 
 
 def dynamic_source(t: gs.Tensor) -> gs.Tensor | None:

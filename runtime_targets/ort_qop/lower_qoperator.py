@@ -61,8 +61,8 @@ from qcompiler.context import CompileContext
 from qcompiler.pass_base import Pass, PassResult
 from qcompiler.passes._graph_utils import GraphIndex, is_onnx_op, optional_input, producer, scale_values
 from qcompiler.runtime_targets.ort.dynamic_matmul import dynamic_source
+from qcompiler.runtime_targets.ort.matmulnbits import DOMAIN as MS_DOMAIN
 
-MS_DOMAIN = "com.microsoft"
 _INT8 = (np.dtype(np.int8), np.dtype(np.uint8))
 
 
@@ -93,7 +93,7 @@ class _Weight:
     activation read through a per-tensor DequantizeLinear."""
 
     q: gs.Tensor
-    scale: gs.Constant
+    scale: gs.Tensor  # a constant, or a DynamicQuantizeLinear output (a run-time quantized second operand)
     zero_point: gs.Tensor | None  # a constant whose values are all equal, or None (zero)
 
     @property
