@@ -25,7 +25,7 @@ ranking — its first ``--rank-eval`` (256) samples as well, of which the 32 are
    of ``qcompiler compile`` over the same calibration set (the ``calibrate`` pass, W8A8), measured before and
    after the search (the machine is shared, so both are taken back to back and averaged).
 
-The budget check is also recorded: every compiled plan's bytes (``qcompiler.cost``) against its budget.
+The budget check is also recorded: every compiled plan's bytes (``qcompiler.report.cost``) against its budget.
 """
 
 from __future__ import annotations
@@ -57,10 +57,11 @@ from _common import (
     write_feeds,
 )
 
-from qcompiler import autoplan, cost
-from qcompiler.compiler import CompileOptions, compile_model
+from qcompiler import autoplan
+from qcompiler.api import CompileOptions, compile_model
+from qcompiler.autoplan.sensitivity import METRICS, LayerUnderTest, compute, effective_samples
 from qcompiler.plan import Plan
-from qcompiler.sensitivity import METRICS, LayerUnderTest, compute, effective_samples
+from qcompiler.report import cost
 
 #: the candidates at the bytes of uniform int4: SIX as in the first measurements, ALL with 3- and 2-bit shift
 #: weights (the packed target stores them at their own width)

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as C
 
-from qcompiler.compiler import CompileOptions, compile_model
+from qcompiler.api import CompileOptions, compile_model
 from qcompiler.plan import Plan
 
 METHODS = ("minmax", "percentile", "entropy", "mse", "auto")

@@ -75,8 +75,8 @@ def _worker(spec: dict[str, Any]) -> None:
 
     tool = spec["tool"]
     if tool == "qcompiler":  # each tool's own modules are imported before the clock starts
-        from qcompiler.compiler import CompileOptions, compile_model
-        from qcompiler.registry import registry
+        from qcompiler.api import CompileOptions, compile_model
+        from qcompiler.core.registry import registry
         from qcompiler.runtime_targets import targets
 
         registry()  # the built-in pass modules (onnxruntime.quantization's are imported below for the other)
@@ -170,7 +170,7 @@ def _task(args: argparse.Namespace, model: str, n_calib: int) -> C.Task:
     if not args.calib_data or not args.eval_data:
         raise SystemExit("error: a model file needs --calib-data and --eval-data (folder of .npz or one .npz "
                          "with a leading sample axis)")
-    from qcompiler import validate as qv
+    from qcompiler.report import validate as qv
 
     calib = list(qv.load_feeds(args.calib_data, str(path)))[:n_calib]
     ev = list(qv.load_feeds(args.eval_data, str(path)))[: args.eval]
@@ -362,7 +362,7 @@ def calib_rss(args: argparse.Namespace, model: str, work: Path) -> dict[str, Any
 
 # ========================================================================================= conv fixture
 def conv_fixture(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    from qcompiler.compiler import CompileOptions, compile_model
+    from qcompiler.api import CompileOptions, compile_model
 
     src = C.REPO / "models" / "conv_bn_relu.onnx"
     data = C.REPO / "models" / "conv_bn_relu.npz"

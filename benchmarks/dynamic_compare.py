@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as C
 
-from qcompiler.compiler import CompileOptions, compile_model
+from qcompiler.api import CompileOptions, compile_model
 
 
 def _ort_dynamic(model: Path, out: Path, per_channel: bool, work: Path) -> float:

@@ -10,7 +10,7 @@ and last layers int8 (the plan defaults: per-channel int8 weights, uint8 activat
 
 * **weight SQNR**: mean over the middle layers of 10·log10(ΣW² / Σ(W − Ŵ)²) (``report["lowbit"]``);
 * **layer SQNR**: mean over the middle layers of the SQNR of the layer's output tensor (BatchNorm folded in)
-  against the float model, on held-out inputs (``qcompiler.validate``, per layer) — what "on the same layers"
+  against the float model, on held-out inputs (``qcompiler.report.validate``, per layer) — what "on the same layers"
   means below;
 * **output SQNR** of the graph output, and top-1 agreement for the angle classifier;
 * **packed bytes**: the stored bytes of the packed layers (packed codes + one float32 scale per output channel)
@@ -50,9 +50,9 @@ import realdata  # noqa: E402
 from _common import fmt_table, machine  # noqa: E402
 
 from qcompiler import ir  # noqa: E402
-from qcompiler import validate as qv  # noqa: E402
-from qcompiler.compiler import CompileOptions, compile_model  # noqa: E402
+from qcompiler.api import CompileOptions, compile_model  # noqa: E402
 from qcompiler.plan import Plan  # noqa: E402
+from qcompiler.report import validate as qv  # noqa: E402
 
 SCHEMES = ("binary", "ternary", "shift")
 #: the middle layers of each model (first and last layers stay int8)

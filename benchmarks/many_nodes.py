@@ -55,9 +55,9 @@ def main() -> int:
     args = ap.parse_args()
 
     from qcompiler import ir
-    from qcompiler.context import CompileContext
+    from qcompiler.core.context import CompileContext
+    from qcompiler.core.registry import build_pipeline
     from qcompiler.plan import Plan
-    from qcompiler.registry import build_pipeline
     from qcompiler.runtime_targets import get_target
 
     model = build(args.blocks)

@@ -116,7 +116,7 @@ def _plan(preset: str, calibration: str | None = None, algorithms: dict[str, Any
 
 def ours(task: C.Task, ref: list[dict[str, np.ndarray]], folder: Path, work: Path, tag: str, plan: Any,
          **kw: Any) -> dict[str, Any]:
-    from qcompiler.compiler import CompileOptions, compile_model
+    from qcompiler.api import CompileOptions, compile_model
 
     out = work / f"{task.key}.{tag}.onnx"
     t0 = time.perf_counter()
@@ -265,7 +265,7 @@ def _worker(spec: dict[str, Any]) -> None:
     import onnxruntime
 
     if spec["tool"] == "qcompiler":
-        from qcompiler.compiler import CompileOptions, compile_model
+        from qcompiler.api import CompileOptions, compile_model
         from qcompiler.plan import load_plan
     else:
         import onnxruntime.quantization  # noqa: F401
@@ -366,7 +366,7 @@ def select(args: argparse.Namespace, work: Path) -> dict[str, Any]:
          + ")"] = med
     rows[f"--calib-select {n} (feature=ranges)"] = ours(task, ref, pool, work, "sel-ranges", load_plan("w8a8"),
                                                         calib_select=n)
-    from qcompiler.compiler import CompileOptions, compile_model
+    from qcompiler.api import CompileOptions, compile_model
 
     out = work / "sel-penult.onnx"
     compile_model(task.model, out, CompileOptions(plan="w8a8", calib=str(pool), validate=False, pipeline=(
@@ -384,7 +384,7 @@ def data_free(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     ref = C.run_all(task.model, task.eval)
     folder = C.write_feeds(task.calib, work / "df.calib")
     print(f"\n### {model}: data-free (--calib none) against random and real calibration data\n", flush=True)
-    from qcompiler.compiler import CompileOptions, compile_model
+    from qcompiler.api import CompileOptions, compile_model
 
     rows: dict[str, dict[str, Any]] = {}
     for preset in ("w8a8", "w8a8-cle"):

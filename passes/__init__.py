@@ -1,2 +1,2 @@
 """Built-in passes of qcompiler, one per module (``passes/fold_batchnorm.py`` -> ``FoldBatchNormPass`` ->
-``fold-batchnorm``). Installed as ``qcompiler.passes``; discovered by ``qcompiler.registry``."""
+``fold-batchnorm``). Installed as ``qcompiler.passes``; discovered by ``qcompiler.core.registry``."""

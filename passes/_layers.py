@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ._graph_utils import GraphIndex, is_onnx_op, optional_input
+from qcompiler.ir.graph import GraphIndex, is_onnx_op, optional_input
 
 LAYER_OPS = ("Conv", "Gemm", "MatMul")
 

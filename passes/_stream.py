@@ -1,6 +1,6 @@
 """Streaming over calibration data for the PTQ algorithm passes (one sample in memory at a time).
 
-:func:`stream` runs a graph in onnxruntime over a :class:`~qcompiler.calibration.CalibrationSource` with some
+:func:`stream` runs a graph in onnxruntime over a :class:`~qcompiler.calib.CalibrationSource` with some
 intermediate tensors exposed and hands each sample's values to a callback, which folds them into running
 statistics (per-channel maxima, sums, XᵀX, ...). Nothing is kept per sample, so memory does not grow with
 the number of samples. :func:`source_for` picks the data a pass works on: the real calibration data, or
@@ -16,9 +16,9 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from qcompiler import ir
-from qcompiler.calibration import CalibrationSource, input_signatures
-from qcompiler.context import CompileContext
-from qcompiler.errors import UserError
+from qcompiler.calib import CalibrationSource, input_signatures
+from qcompiler.core.context import CompileContext
+from qcompiler.core.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -33,11 +33,10 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from qcompiler.context import CompileContext
-from qcompiler.errors import UserError
-from qcompiler.pass_base import Pass, PassResult
-
-from ._graph_utils import is_onnx_op
+from qcompiler.core.context import CompileContext
+from qcompiler.core.errors import UserError
+from qcompiler.core.pass_base import Pass, PassResult
+from qcompiler.ir.graph import is_onnx_op
 
 log = logging.getLogger(__name__)
 

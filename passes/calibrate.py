@@ -2,14 +2,14 @@
 
 Runs the float graph in onnxruntime over the calibration samples (``ctx.calib``: a folder of .npz feeds, one
 .npz with a leading sample axis, or random data) with the tensors of ``ctx.activation_specs`` exposed as extra
-outputs, one sample at a time, and stores a :class:`~qcompiler.calibration.TensorStats` per tensor in
+outputs, one sample at a time, and stores a :class:`~qcompiler.calib.TensorStats` per tensor in
 ``ctx.stats``. The quantizer later asks each for ``stats.range(spec)`` (minmax, percentile, entropy or mse).
 
 Without calibration data (``ctx.calib is None``) it uses seeded random inputs and says so: the report's
 ``calibration.synthetic`` is true and a warning is logged, because such ranges are only a placeholder.
 
 Data-free mode (``--calib none``, ``ctx.data_free``): a tensor computed from a BatchNormalization output by
-elementwise ops only (ReLU, Clip, hard-swish, ..., see ``qcompiler.calibration.bn_ranges``) gets its range from
+elementwise ops only (ReLU, Clip, hard-swish, ..., see ``qcompiler.calib.bn_ranges``) gets its range from
 the BN statistics ``fold-batchnorm`` recorded: per channel ``β ± k·γ`` (k = ``BN_SIGMAS``, 6) pushed through those
 ops, so a ReLU clips it at 0. The other tensors (the graph inputs, for one) fall back to random inputs.
 
@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from qcompiler.calibration import (
+from qcompiler.calib import (
     BN_SIGMAS,
     CalibrationSource,
     TensorStats,
@@ -53,9 +53,9 @@ from qcompiler.calibration import (
     collect,
     input_signatures,
 )
-from qcompiler.context import CompileContext
-from qcompiler.errors import UserError
-from qcompiler.pass_base import Pass, PassResult
+from qcompiler.core.context import CompileContext
+from qcompiler.core.errors import UserError
+from qcompiler.core.pass_base import Pass, PassResult
 from qcompiler.plan import AUTO_CALIBRATIONS, CALIBRATIONS
 
 log = logging.getLogger(__name__)
@@ -229,7 +229,7 @@ def _choose_method(ctx: CompileContext, names: list[str], fit: dict[str, TensorS
     held-out samples ``held`` and return the method with the highest mean output SQNR against the float graph
     (ties: the earlier method)."""
     from qcompiler import ir
-    from qcompiler.calibration import session_feed
+    from qcompiler.calib import session_feed
     from qcompiler.passes.insert_qdq import InsertQDQPass
 
     feeds = list(held)

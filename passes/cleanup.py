@@ -34,11 +34,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from qcompiler.context import CompileContext
-from qcompiler.pass_base import Pass, PassResult
-from qcompiler.quant import is_code_dtype
-
-from ._graph_utils import (
+from qcompiler.core.context import CompileContext
+from qcompiler.core.pass_base import Pass, PassResult
+from qcompiler.ir.graph import (
     GraphIndex,
     is_onnx_op,
     is_topologically_sorted,
@@ -46,6 +44,7 @@ from ._graph_utils import (
     remove_nodes,
     rewire_consumers,
 )
+from qcompiler.quant import is_code_dtype
 
 log = logging.getLogger(__name__)
 

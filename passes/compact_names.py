@@ -29,8 +29,8 @@ from collections.abc import Iterator
 import onnx_graphsurgeon as gs
 
 from qcompiler import ir
-from qcompiler.context import CompileContext
-from qcompiler.pass_base import Pass, PassResult
+from qcompiler.core.context import CompileContext
+from qcompiler.core.pass_base import Pass, PassResult
 
 log = logging.getLogger(__name__)
 

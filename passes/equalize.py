@@ -19,7 +19,7 @@ measured range of the joining activation's channel i: with per-channel weight sc
 rescale, and what matters is balancing that activation (quantized per tensor) against L2's input weights.
 
 **Bias absorption** (``absorb_bias``): when ``fold-batchnorm`` recorded the statistics of L1's output (a folded
-BN: per channel mean β and std γ, see ``qcompiler.calibration.bn_statistics``) and L1 is followed by a ReLU,
+BN: per channel mean β and std γ, see ``qcompiler.calib.bn_statistics``) and L1 is followed by a ReLU,
 the part ``c_i = max(0, β_i − k·γ_i)`` (k = ``absorb_k``) that the ReLU input almost never goes below is moved
 to L2: ``b1 ← b1 − c`` and ``b2 ← b2 + W2·c`` (summed over L2's kernel taps). This is exact whenever
 L1's output stays ≥ c (``relu(x − c) = relu(x) − c``), shrinks the activation range by c and is applied only
@@ -42,12 +42,12 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from qcompiler.calibration import bn_statistics
-from qcompiler.context import CompileContext
-from qcompiler.errors import UserError
-from qcompiler.pass_base import Pass, PassResult
+from qcompiler.calib import bn_statistics
+from qcompiler.core.context import CompileContext
+from qcompiler.core.errors import UserError
+from qcompiler.core.pass_base import Pass, PassResult
+from qcompiler.ir.graph import GraphIndex, is_onnx_op
 
-from ._graph_utils import GraphIndex, is_onnx_op
 from ._layers import Layer, find_layer
 
 log = logging.getLogger(__name__)

@@ -34,7 +34,7 @@ A BN whose parameters are not constants, that runs in training mode or whose ext
 left alone.
 
 Before a BN disappears, the per-channel mean β and standard deviation |γ|·σ/√(σ² + ε) of its output are
-recorded under its output name (``qcompiler.calibration.bn_statistics``) for data-free calibration and the
+recorded under its output name (``qcompiler.calib.bn_statistics``) for data-free calibration and the
 bias absorption of ``equalize``.
 
 Stats: ``folded_conv``, ``folded_convtranspose``, ``folded_gemm``, ``folded_matmul``, ``bn_to_muladd``,
@@ -51,11 +51,10 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from qcompiler.calibration import ChannelStats, bn_statistics
-from qcompiler.context import CompileContext
-from qcompiler.pass_base import Pass, PassResult
-
-from ._graph_utils import (
+from qcompiler.calib import ChannelStats, bn_statistics
+from qcompiler.core.context import CompileContext
+from qcompiler.core.pass_base import Pass, PassResult
+from qcompiler.ir.graph import (
     GraphIndex,
     const_values,
     exclusive_constant,

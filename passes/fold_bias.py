@@ -23,10 +23,9 @@ from collections import Counter
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from qcompiler.context import CompileContext
-from qcompiler.pass_base import Pass, PassResult
-
-from ._graph_utils import GraphIndex, exclusive_constant, is_onnx_op, optional_input, remove_nodes
+from qcompiler.core.context import CompileContext
+from qcompiler.core.pass_base import Pass, PassResult
+from qcompiler.ir.graph import GraphIndex, exclusive_constant, is_onnx_op, optional_input, remove_nodes
 
 log = logging.getLogger(__name__)
 

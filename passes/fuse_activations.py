@@ -33,10 +33,9 @@ from collections import Counter
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from qcompiler.context import CompileContext
-from qcompiler.pass_base import Pass, PassResult
-
-from ._graph_utils import GraphIndex, is_onnx_op, optional_input, producer, sole_consumer
+from qcompiler.core.context import CompileContext
+from qcompiler.core.pass_base import Pass, PassResult
+from qcompiler.ir.graph import GraphIndex, is_onnx_op, optional_input, producer, sole_consumer
 
 log = logging.getLogger(__name__)
 

@@ -42,12 +42,12 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from qcompiler import quant
-from qcompiler.context import CompileContext
-from qcompiler.errors import UserError
-from qcompiler.pass_base import Pass, PassResult
+from qcompiler.core.context import CompileContext
+from qcompiler.core.errors import UserError
+from qcompiler.core.pass_base import Pass, PassResult
+from qcompiler.ir.graph import GraphIndex, is_onnx_op
 from qcompiler.plan import QuantSpec
 
-from ._graph_utils import GraphIndex, is_onnx_op
 from ._layers import Layer, find_layer
 
 log = logging.getLogger(__name__)

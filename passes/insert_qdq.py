@@ -17,7 +17,7 @@ For every node the resolved plan quantizes:
   min(x, 0)) / 255``, ``z = round(−min(x, 0) / s)``, per run); onnxruntime fuses it with a MatMul's int8 weight
   into ``DynamicQuantizeMatMul``. Its Conv / Gemm bias stays float (there is no fixed ``s_x`` for int32 codes);
 * weights with a low-bit ``scheme`` (binary / ternary / shift) or ``scale: pow2`` are quantized by
-  :mod:`qcompiler.schemes`: integer codes (int4/int8/int16/int32, zero point 0) times a per-channel scale, read
+  :mod:`qcompiler.quant.schemes`: integer codes (int4/int8/int16/int32, zero point 0) times a per-channel scale, read
   through the same ``DequantizeLinear``; **binary activations** (``activation: {scheme: binary}``) become
   ``x̂ = Where(x >= 0, β, −β)`` with β = mean|x| from calibration;
 * **bias** of Conv / ConvTranspose / Gemm (int8 weights and activations) becomes int32 codes with
@@ -52,12 +52,13 @@ import ml_dtypes
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from qcompiler import ir, quant, schemes
-from qcompiler.context import CompileContext
-from qcompiler.errors import UserError
-from qcompiler.pass_base import Pass, PassResult
-from qcompiler.passes._graph_utils import GraphIndex
+from qcompiler import ir, quant
+from qcompiler.core.context import CompileContext
+from qcompiler.core.errors import UserError
+from qcompiler.core.pass_base import Pass, PassResult
+from qcompiler.ir.graph import GraphIndex
 from qcompiler.plan import NodePlan, QuantSpec, required_opset
+from qcompiler.quant import schemes
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +236,7 @@ class InsertQDQPass(Pass):
             axis, block = qt.axis, qt.block_size
             stats["weights_from_override"] += 1
         elif schemes.uses_scheme_quantizer(spec):
-            # binary / ternary / shift codes, or int with power-of-two scales (qcompiler.schemes)
+            # binary / ternary / shift codes, or int with power-of-two scales (qcompiler.quant.schemes)
             res = schemes.quantize_for_spec(values, spec, axis, block, self._opset)
             qt = res.qt
             self._ctx_report.setdefault("lowbit", {}).setdefault("layers", {})[node.name] = res.info

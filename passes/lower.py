@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from collections import Counter
 
-from qcompiler.context import CompileContext
-from qcompiler.pass_base import Pass, PassResult
+from qcompiler.core.context import CompileContext
+from qcompiler.core.pass_base import Pass, PassResult
 
 
 class LowerPass(Pass):

@@ -14,8 +14,8 @@ from __future__ import annotations
 import logging
 from collections import Counter
 
-from qcompiler.context import CompileContext
-from qcompiler.pass_base import Pass, PassResult
+from qcompiler.core.context import CompileContext
+from qcompiler.core.pass_base import Pass, PassResult
 from qcompiler.plan import QuantSpec
 
 log = logging.getLogger(__name__)

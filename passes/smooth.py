@@ -37,11 +37,11 @@ from typing import Any
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from qcompiler.context import CompileContext
-from qcompiler.errors import UserError
-from qcompiler.pass_base import Pass, PassResult
+from qcompiler.core.context import CompileContext
+from qcompiler.core.errors import UserError
+from qcompiler.core.pass_base import Pass, PassResult
+from qcompiler.ir.graph import GraphIndex, exclusive_constant, is_onnx_op, known_rank, optional_input
 
-from ._graph_utils import GraphIndex, exclusive_constant, is_onnx_op, known_rank, optional_input
 from ._layers import Layer, find_layer
 
 log = logging.getLogger(__name__)

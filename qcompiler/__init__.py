@@ -4,6 +4,6 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from qcompiler.errors import PassFailure, QCompilerError, UserError
+from qcompiler.core.errors import PassFailure, QCompilerError, UserError
 
 __all__ = ["PassFailure", "QCompilerError", "UserError", "__version__"]

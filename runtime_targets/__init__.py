@@ -22,13 +22,13 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from qcompiler.errors import UserError
+from qcompiler.core.errors import UserError
 
 if TYPE_CHECKING:
     import onnx_graphsurgeon as gs
 
-    from qcompiler.context import CompileContext
-    from qcompiler.pass_base import Pass
+    from qcompiler.core.context import CompileContext
+    from qcompiler.core.pass_base import Pass
     from qcompiler.plan import NodePlan, QuantSpec, ResolvedPlan
 
 log = logging.getLogger(__name__)

@@ -14,8 +14,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from qcompiler import ir
-from qcompiler.context import CompileContext
-from qcompiler.pass_base import Pass, PassResult
+from qcompiler.core.context import CompileContext
+from qcompiler.core.pass_base import Pass, PassResult
 
 F32 = TensorProto.FLOAT
 OPSET = 17

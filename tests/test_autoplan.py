@@ -16,13 +16,14 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
-from qcompiler import autoplan, cost, ir, quant
+from qcompiler import autoplan, ir, quant
+from qcompiler.api import CompileOptions, compile_model
 from qcompiler.autoplan import Budget, parse_candidates
+from qcompiler.autoplan.sensitivity import METRICS, LayerUnderTest, compute, fake_quantize
 from qcompiler.cli import cli
-from qcompiler.compiler import CompileOptions, compile_model
-from qcompiler.errors import UserError
+from qcompiler.core.errors import UserError
 from qcompiler.plan import Plan
-from qcompiler.sensitivity import METRICS, LayerUnderTest, compute, fake_quantize
+from qcompiler.report import cost
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 CONV = MODELS / "conv_bn_relu.onnx"
@@ -262,7 +263,7 @@ def _classifier(seed: int = 0) -> onnx.ModelProto:
 
 
 def test_effective_samples():
-    from qcompiler.sensitivity import effective_samples
+    from qcompiler.autoplan.sensitivity import effective_samples
 
     assert effective_samples(np.ones(8)) == pytest.approx(8.0)
     assert effective_samples(np.array([3.0, 0, 0, 0])) == pytest.approx(1.0)
@@ -314,7 +315,7 @@ def _fragile_files(d: Path) -> tuple[Path, Path]:
 
 
 def test_probability_outputs_use_kl():
-    from qcompiler.sensitivity import _output_kind
+    from qcompiler.autoplan.sensitivity import _output_kind
 
     g = ir.import_graph(_fragile_mlp())[0]
     p = np.full((2, 3, 5), 0.2, dtype=np.float32)

@@ -10,14 +10,14 @@ from _graphs import Builder, ort_run, vi
 from onnx import numpy_helper
 
 from qcompiler import ir
-from qcompiler import validate as qv
-from qcompiler.calibration import CalibrationSource, input_signatures
-from qcompiler.compiler import CompileOptions, compile_model
-from qcompiler.context import CompileContext
-from qcompiler.errors import UserError
-from qcompiler.pass_manager import PassManager
+from qcompiler.api import CompileOptions, compile_model
+from qcompiler.calib import CalibrationSource, input_signatures
+from qcompiler.core.context import CompileContext
+from qcompiler.core.errors import UserError
+from qcompiler.core.pass_manager import PassManager
+from qcompiler.core.registry import build_pipeline
 from qcompiler.plan import Plan
-from qcompiler.registry import build_pipeline
+from qcompiler.report import validate as qv
 from qcompiler.runtime_targets import get_target
 
 INT4 = {"dtype": "int4", "granularity": "per_channel", "symmetric": True}

@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 from click.testing import CliRunner
 
-from qcompiler import validate as qv
+from qcompiler.api import CompileOptions, compile_model
 from qcompiler.cli import cli
-from qcompiler.compiler import CompileOptions, compile_model
 from qcompiler.passes.calib_select import select
+from qcompiler.report import validate as qv
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 

@@ -12,7 +12,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from qcompiler import ir
-from qcompiler.calibration import (
+from qcompiler.calib import (
     CalibrationSource,
     InputSig,
     TensorStats,
@@ -20,8 +20,8 @@ from qcompiler.calibration import (
     input_signatures,
     random_source,
 )
-from qcompiler.context import CompileContext
-from qcompiler.errors import UserError
+from qcompiler.core.context import CompileContext
+from qcompiler.core.errors import UserError
 from qcompiler.passes.calibrate import CalibratePass
 from qcompiler.plan import QuantSpec
 
@@ -596,7 +596,7 @@ def test_collect_concurrent_names_first_failing_sample(tmp_path, workers):
 
 
 def test_calibration_workers_env(monkeypatch):
-    from qcompiler.calibration import WORKERS_ENV, calibration_workers
+    from qcompiler.calib import WORKERS_ENV, calibration_workers
 
     monkeypatch.setenv(WORKERS_ENV, "1")
     assert calibration_workers() == 1

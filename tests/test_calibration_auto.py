@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from qcompiler import ir
-from qcompiler.compiler import CompileOptions, compile_model
+from qcompiler.api import CompileOptions, compile_model
 from qcompiler.plan import AUTO_CALIBRATIONS, Plan
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
@@ -107,7 +107,7 @@ def test_pipeline_option_and_held_out_count(tmp_path):
 
 
 def test_bad_auto_samples_is_a_user_error(tmp_path):
-    from qcompiler.errors import UserError
+    from qcompiler.core.errors import UserError
 
     with pytest.raises(UserError, match="auto-samples"):
         compile_model(CBR, tmp_path / "x.onnx", CompileOptions(

@@ -11,7 +11,7 @@ import pytest
 from onnx import numpy_helper
 
 from qcompiler import ir
-from qcompiler.context import CompileContext
+from qcompiler.core.context import CompileContext
 from qcompiler.passes.cleanup import CleanupPass
 from qcompiler.passes.fold_batchnorm import FoldBatchNormPass
 

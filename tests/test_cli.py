@@ -19,8 +19,8 @@ import yaml
 from click.testing import CliRunner, Result
 
 from qcompiler import ir, quant
-from qcompiler import registry as registry_mod
 from qcompiler.cli import cli
+from qcompiler.core import registry as registry_mod
 from qcompiler.runtime_targets import DEFAULT_PIPELINE
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
@@ -345,7 +345,7 @@ def test_user_errors_in_other_commands(tmp_path, compiled_default):
 
 # ------------------------------------------------------------------------------------------ crashing plugin
 CRASH_PLUGIN = textwrap.dedent('''
-    from qcompiler.pass_base import Pass
+    from qcompiler.core.pass_base import Pass
 
 
     class CrashPass(Pass):

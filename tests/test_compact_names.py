@@ -13,11 +13,11 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 from qcompiler import ir
+from qcompiler.api import CompileOptions, compile_model
 from qcompiler.cli import cli
-from qcompiler.compiler import CompileOptions, compile_model
-from qcompiler.context import CompileContext
+from qcompiler.core.context import CompileContext
 from qcompiler.passes.compact_names import CompactNamesPass, short_names
-from qcompiler.validate import load_names
+from qcompiler.report.validate import load_names
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _graphs import ort_run

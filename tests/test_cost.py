@@ -1,4 +1,4 @@
-"""Tests of qcompiler.cost: stored bytes (packed int4, DQ-chain attribution), MACs, BitOps, peak activations,
+"""Tests of qcompiler.report.cost: stored bytes (packed int4, DQ-chain attribution), MACs, BitOps, peak activations,
 the total against file sizes, and ``qcompiler inspect --cost``."""
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
-from qcompiler import cost
+from qcompiler.api import CompileOptions, compile_model
 from qcompiler.cli import cli
-from qcompiler.compiler import CompileOptions, compile_model
-from qcompiler.errors import UserError
+from qcompiler.core.errors import UserError
 from qcompiler.plan import Plan, QuantSpec
+from qcompiler.report import cost
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 F32 = TensorProto.FLOAT
@@ -295,7 +295,7 @@ def test_static_shapes_equal_a_run_and_measured_shapes_help(tmp_path, monkeypatc
     """The cost report sizes tensors by static shape inference when that sizes every one, with the shapes
     calibration measured as seeds, and runs the model only otherwise; each way gives the same numbers."""
     from qcompiler import ir
-    from qcompiler.calibration import CalibrationSource, collect, input_signatures
+    from qcompiler.calib import CalibrationSource, collect, input_signatures
     from qcompiler.plan import QuantSpec
 
     rng = np.random.default_rng(4)

@@ -14,8 +14,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from qcompiler import ir
-from qcompiler.compiler import CompileOptions, compile_model
-from qcompiler.errors import UserError
+from qcompiler.api import CompileOptions, compile_model
+from qcompiler.core.errors import UserError
 from qcompiler.plan import Plan
 from qcompiler.runtime_targets import DEFAULT_PIPELINE
 
@@ -224,7 +224,7 @@ def _dyn_gemm_model(alpha: float = 1.0, shared: bool = False) -> onnx.ModelProto
 
 
 def _lower_dynamic(model: onnx.ModelProto):
-    from qcompiler.context import CompileContext
+    from qcompiler.core.context import CompileContext
     from qcompiler.runtime_targets import get_target
     from qcompiler.runtime_targets.ort.dynamic_matmul import OrtDynamicMatMulPass
 

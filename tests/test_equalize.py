@@ -9,13 +9,13 @@ import pytest
 from _graphs import Builder, assert_same_outputs, ort_run, vi
 
 from qcompiler import ir
-from qcompiler import validate as qv
-from qcompiler.compiler import CompileOptions, compile_model
-from qcompiler.context import CompileContext
-from qcompiler.pass_manager import PassManager
+from qcompiler.api import CompileOptions, compile_model
+from qcompiler.core.context import CompileContext
+from qcompiler.core.pass_manager import PassManager
+from qcompiler.core.registry import build_pipeline
 from qcompiler.plan import Plan
 from qcompiler.quant import sqnr_db
-from qcompiler.registry import build_pipeline
+from qcompiler.report import validate as qv
 from qcompiler.runtime_targets import get_target
 
 

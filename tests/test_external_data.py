@@ -19,7 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qcompiler import ir
 from qcompiler.cli import cli
-from qcompiler.errors import UserError
+from qcompiler.core.errors import UserError
 
 K, N = 256, 128
 

@@ -290,7 +290,7 @@ def test_large_graph_folds_every_bn():
     # speed on 10k nodes is measured in benchmarks/many_nodes.py, not here
     model = G.conv_chain(3334)  # 10 002 nodes
     graph, meta = ir.import_graph(model)
-    from qcompiler.context import CompileContext
+    from qcompiler.core.context import CompileContext
 
     ctx = CompileContext(graph=graph, meta=meta, plan=None, target=None)  # type: ignore[arg-type]
     res = FoldBatchNormPass().run(ctx)

@@ -11,11 +11,11 @@ from _graphs import Builder, ort_run, vi
 from onnx import numpy_helper
 
 from qcompiler import ir, quant
-from qcompiler import validate as qv
-from qcompiler.compiler import CompileOptions, compile_model
-from qcompiler.errors import UserError
+from qcompiler.api import CompileOptions, compile_model
+from qcompiler.core.errors import UserError
+from qcompiler.core.registry import build_pipeline
 from qcompiler.plan import Plan
-from qcompiler.registry import build_pipeline
+from qcompiler.report import validate as qv
 
 RNG = np.random.default_rng(11)
 
@@ -163,9 +163,9 @@ def test_gptq_weight_only_int4_still_lowers_to_matmulnbits(tmp_path):
 
 
 def test_gptq_runs_before_insert_qdq_and_once(tmp_path):
-    from qcompiler.calibration import CalibrationSource, input_signatures
-    from qcompiler.context import CompileContext
-    from qcompiler.pass_manager import PassManager
+    from qcompiler.calib import CalibrationSource, input_signatures
+    from qcompiler.core.context import CompileContext
+    from qcompiler.core.pass_manager import PassManager
     from qcompiler.runtime_targets import get_target
 
     m = matmul_model()

@@ -17,13 +17,13 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from qcompiler import ir, quant
-from qcompiler.calibration import CalibrationSource, input_signatures
-from qcompiler.compiler import CompileOptions, compile_model
-from qcompiler.context import CompileContext
-from qcompiler.pass_manager import PassManager
+from qcompiler.api import CompileOptions, compile_model
+from qcompiler.calib import CalibrationSource, input_signatures
+from qcompiler.core.context import CompileContext
+from qcompiler.core.pass_manager import PassManager
+from qcompiler.core.registry import build_pipeline, registry
 from qcompiler.passes.insert_qdq import InsertQDQPass
 from qcompiler.plan import Plan
-from qcompiler.registry import build_pipeline, registry
 from qcompiler.runtime_targets import DEFAULT_PIPELINE, get_target
 
 MODELS = Path(__file__).resolve().parent.parent / "models"

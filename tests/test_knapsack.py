@@ -1,4 +1,4 @@
-"""Tests of qcompiler.knapsack: DP optimality against brute force, the Pareto front, Lagrangian relaxation."""
+"""Tests of qcompiler.autoplan.knapsack: DP optimality against brute force, the Pareto front, Lagrangian relaxation."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from qcompiler import knapsack
+from qcompiler.autoplan import knapsack
 
 
 def _brute(costs, values, budget):

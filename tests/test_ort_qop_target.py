@@ -19,10 +19,10 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 from qcompiler import ir
+from qcompiler.api import CompileOptions, compile_model
 from qcompiler.cli import cli
-from qcompiler.compiler import CompileOptions, compile_model
-from qcompiler.context import CompileContext
-from qcompiler.errors import UserError
+from qcompiler.core.context import CompileContext
+from qcompiler.core.errors import UserError
 from qcompiler.plan import Plan
 from qcompiler.runtime_targets import get_target
 from qcompiler.runtime_targets.ort_qop.lower_qoperator import LowerQOperatorPass

@@ -18,11 +18,11 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 from qcompiler import ir, quant
+from qcompiler.api import CompileOptions, compile_model
 from qcompiler.cli import cli
-from qcompiler.compiler import CompileOptions, compile_model
-from qcompiler.context import CompileContext
-from qcompiler.errors import UserError
-from qcompiler.pass_manager import PassManager
+from qcompiler.core.context import CompileContext
+from qcompiler.core.errors import UserError
+from qcompiler.core.pass_manager import PassManager
 from qcompiler.plan import Plan
 from qcompiler.runtime_targets import DEFAULT_PIPELINE, get_target
 from qcompiler.runtime_targets.ort import OrtTarget

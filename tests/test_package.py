@@ -22,7 +22,7 @@ from click.testing import CliRunner, Result
 
 from qcompiler import __version__
 from qcompiler.cli import cli
-from qcompiler.package import CHART_LAYERS, verify_bundle
+from qcompiler.report.bundle import CHART_LAYERS, verify_bundle
 from qcompiler.runtime_targets import DEFAULT_PIPELINE
 
 MODELS = Path(__file__).resolve().parent.parent / "models"

@@ -15,11 +15,11 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 from qcompiler import ir
-from qcompiler import validate as qv
+from qcompiler.api import CompileOptions, compile_model
 from qcompiler.cli import cli
-from qcompiler.compiler import CompileOptions, compile_model
-from qcompiler.errors import UserError
+from qcompiler.core.errors import UserError
 from qcompiler.plan import Plan
+from qcompiler.report import validate as qv
 from qcompiler.runtime_targets import get_target, targets
 from qcompiler.runtime_targets.packed import ops, packing
 from qcompiler.runtime_targets.packed.functions import DOMAIN, OPS, build_function, op_type
@@ -265,7 +265,7 @@ def test_narrow_shift_weights_pack_at_their_width(tmp_path, bits):
     """shift with bits 3 / 2 lowers to Shift3Conv / Shift2Conv with 3- / 2-bit fields: the op computes with exactly
     the ort target's dequantized weight, the file is smaller than the same plan at 4 bits per shift weight, and
     `inspect --cost` reads the layer's weight bits from the op."""
-    from qcompiler import cost
+    from qcompiler.report import cost
 
     calib = MODELS / "conv_bn_relu.npz"
     src = MODELS / "conv_bn_relu.onnx"
@@ -318,9 +318,9 @@ def test_documented_example_plan(tmp_path):
 
 
 def test_lower_packed_is_idempotent(tmp_path):
-    from qcompiler.context import CompileContext
-    from qcompiler.pass_manager import PassManager
-    from qcompiler.registry import build_pipeline
+    from qcompiler.core.context import CompileContext
+    from qcompiler.core.pass_manager import PassManager
+    from qcompiler.core.registry import build_pipeline
 
     model = ir.load_model(MODELS / "conv_bn_relu.onnx")
     graph, meta = ir.import_graph(model)

@@ -1,4 +1,4 @@
-"""Partial evaluation in the sensitivity runner (qcompiler.sensitivity): an evaluation that changes nothing before a
+"""Partial evaluation in the sensitivity runner (qcompiler.autoplan.sensitivity): an evaluation that changes nothing before a
 cut starts there from the float activations crossing it, and whole plans that agree on the layers before a cut
 share the activations there. Both must give the numbers a whole-graph run gives."""
 
@@ -11,7 +11,12 @@ import numpy as np
 import pytest
 
 from qcompiler import autoplan
-from qcompiler.sensitivity import LayerUnderTest, SensitivityRunner, _activation_qparams, measure_plans
+from qcompiler.autoplan.sensitivity import (
+    LayerUnderTest,
+    SensitivityRunner,
+    _activation_qparams,
+    measure_plans,
+)
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 
@@ -30,7 +35,7 @@ def _setup(model: Path, calib: Path, cands: str, samples: int = 6):
 
 
 def _setting(runner: SensitivityRunner, layer: LayerUnderTest, cand: str) -> dict[str, np.ndarray]:
-    from qcompiler.sensitivity import fake_quantize
+    from qcompiler.autoplan.sensitivity import fake_quantize
 
     spec = layer.specs[cand]
     if spec is None:
@@ -82,7 +87,7 @@ def test_plans_sharing_a_prefix_equal_whole_graph_runs():
 def test_context_sensitivities_with_cuts_equal_whole_graph_runs(monkeypatch):
     """pd around a plan (refine / exchange): with cuts, each change starts from the plan's own activations at the
     cut before the layer; the values are those of whole-graph runs."""
-    from qcompiler import sensitivity
+    from qcompiler.autoplan import sensitivity
 
     prep, lut, feeds, _, names = _setup(MODELS / "conv_bn_relu.onnx", MODELS / "conv_bn_relu.npz", "fp32,int8,int4")
     plan = [(2, 1, 0)[i % 3] for i in range(len(lut))]
@@ -123,7 +128,7 @@ def _two_outputs(tmp_path: Path) -> tuple[Path, Path]:
 def test_outputs_computed_before_a_cut_come_from_the_plan_not_the_float_model(tmp_path, monkeypatch):
     """A graph output computed before the cut (here fc0's Relu) carries the starting plan's quantization: plans
     that share fc0's setting and differ later must still see fc0's noise on that output."""
-    from qcompiler import sensitivity
+    from qcompiler.autoplan import sensitivity
 
     path, calib = _two_outputs(tmp_path)
     prep, lut, feeds, qp, names = _setup(path, calib, "fp32,int4")

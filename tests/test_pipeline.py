@@ -17,16 +17,16 @@ import onnx_graphsurgeon as gs
 import pytest
 
 from qcompiler import ir
-from qcompiler import registry as registry_mod
-from qcompiler.compiler import CompileOptions, compile_model
-from qcompiler.context import CompileContext
-from qcompiler.errors import PassFailure, UserError
-from qcompiler.pass_base import Pass, PassResult
-from qcompiler.pass_manager import PassManager
+from qcompiler.api import CompileOptions, compile_model
+from qcompiler.core import registry as registry_mod
+from qcompiler.core.context import CompileContext
+from qcompiler.core.errors import PassFailure, UserError
+from qcompiler.core.pass_base import Pass, PassResult
+from qcompiler.core.pass_manager import PassManager
+from qcompiler.core.registry import Registry, build_pipeline, parse_pipeline_text, registry
 from qcompiler.passes.calibrate import CalibratePass
 from qcompiler.passes.cleanup import CleanupPass
 from qcompiler.plan import Plan
-from qcompiler.registry import Registry, build_pipeline, parse_pipeline_text, registry
 from qcompiler.runtime_targets import DEFAULT_PIPELINE, get_target
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
@@ -234,7 +234,7 @@ PLUGIN_SOURCE = textwrap.dedent('''
     import numpy as np
     import onnx_graphsurgeon as gs
 
-    from qcompiler.pass_base import Pass, PassResult
+    from qcompiler.core.pass_base import Pass, PassResult
 
 
     @dataclass

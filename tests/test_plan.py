@@ -9,9 +9,9 @@ import onnx
 import pytest
 
 from qcompiler import ir
-from qcompiler.errors import UserError
+from qcompiler.core.errors import UserError
 from qcompiler.plan import Plan, load_plan, required_opset
-from qcompiler.presets import names, preset_path
+from qcompiler.plan.presets import names, preset_path
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 
@@ -118,7 +118,7 @@ def test_presets_load_and_required_opset():
     for n in names():
         p = load_plan(n)
         assert p.source == str(preset_path(n))
-    from qcompiler.compiler import _plan_specs
+    from qcompiler.api import _plan_specs
 
     assert required_opset(_plan_specs(load_plan("w8a8")))[0] == 13
     assert required_opset(_plan_specs(load_plan("fp8")))[0] == 21  # block scales

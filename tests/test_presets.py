@@ -11,12 +11,12 @@ import pytest
 from click.testing import CliRunner
 from onnx import numpy_helper
 
-from qcompiler import validate as qv
+from qcompiler.api import PIPELINE_INSERTIONS, CompileOptions, assemble_pipeline, compile_model
 from qcompiler.cli import cli
-from qcompiler.compiler import PIPELINE_INSERTIONS, CompileOptions, assemble_pipeline, compile_model
-from qcompiler.errors import UserError
+from qcompiler.core.errors import UserError
 from qcompiler.plan import Plan, load_plan
-from qcompiler.presets import names, preset_path
+from qcompiler.plan.presets import names, preset_path
+from qcompiler.report import validate as qv
 from qcompiler.runtime_targets import DEFAULT_PIPELINE
 
 MODELS = Path(__file__).resolve().parents[1] / "models"

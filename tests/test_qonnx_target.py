@@ -26,9 +26,9 @@ from qonnx.custom_op.general.quant import quant as qonnx_quant
 from qonnx.transformation.infer_shapes import InferShapes
 
 from qcompiler import ir
+from qcompiler.api import CompileOptions, compile_model
 from qcompiler.cli import cli
-from qcompiler.compiler import CompileOptions, compile_model
-from qcompiler.errors import UserError
+from qcompiler.core.errors import UserError
 from qcompiler.plan import Plan
 from qcompiler.runtime_targets import DEFAULT_PIPELINE, get_target
 from qcompiler.runtime_targets.qonnx import DOMAIN
@@ -354,7 +354,7 @@ def test_strip_function_bodies():
     m = onnx.ModelProto()
     m.CopyFrom(model)
     graph, meta = ir.import_graph(m)
-    from qcompiler.context import CompileContext
+    from qcompiler.core.context import CompileContext
 
     ctx = CompileContext(graph=graph, meta=meta, plan=Plan.default(), target=get_target("qonnx"),
                          options={"strip_function_bodies": True})

@@ -35,8 +35,8 @@ import pytest
 from click.testing import CliRunner
 
 from qcompiler import ir
+from qcompiler.api import CompileOptions, CompileResult, compile_model
 from qcompiler.cli import cli
-from qcompiler.compiler import CompileOptions, CompileResult, compile_model
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent

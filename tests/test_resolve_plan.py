@@ -15,13 +15,13 @@ import pytest
 import yaml
 
 from qcompiler import ir
-from qcompiler.compiler import CompileOptions, compile_model
-from qcompiler.context import CompileContext
-from qcompiler.errors import UserError
-from qcompiler.pass_manager import PassManager
+from qcompiler.api import CompileOptions, compile_model
+from qcompiler.core.context import CompileContext
+from qcompiler.core.errors import UserError
+from qcompiler.core.pass_manager import PassManager
+from qcompiler.core.registry import build_pipeline
 from qcompiler.passes.resolve_plan import ResolvePlanPass
 from qcompiler.plan import Plan, QuantSpec
-from qcompiler.registry import build_pipeline
 from qcompiler.runtime_targets import get_target
 
 MODELS = Path(__file__).resolve().parent.parent / "models"

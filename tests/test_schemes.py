@@ -1,4 +1,4 @@
-"""Low-bit weight schemes (qcompiler.schemes): each quantizer against its closed form, plan rules, and the
+"""Low-bit weight schemes (qcompiler.quant.schemes): each quantizer against its closed form, plan rules, and the
 ``ort`` lowering (codes + DequantizeLinear) checked bit-exactly in onnxruntime."""
 
 from __future__ import annotations
@@ -13,11 +13,12 @@ import pytest
 import yaml
 from onnx import TensorProto, helper, numpy_helper
 
-from qcompiler import ir, quant, schemes
-from qcompiler.calibration import TensorStats
-from qcompiler.compiler import CompileOptions, compile_model
-from qcompiler.errors import UserError
+from qcompiler import ir, quant
+from qcompiler.api import CompileOptions, compile_model
+from qcompiler.calib import TensorStats
+from qcompiler.core.errors import UserError
 from qcompiler.plan import Plan, QuantSpec, required_opset
+from qcompiler.quant import schemes
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 _ONNX_T = {"int4": TensorProto.INT4, "int8": TensorProto.INT8, "int16": TensorProto.INT16,

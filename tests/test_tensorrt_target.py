@@ -21,9 +21,9 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 from qcompiler import ir
+from qcompiler.api import CompileOptions, compile_model
 from qcompiler.cli import cli
-from qcompiler.compiler import CompileOptions, compile_model
-from qcompiler.errors import UserError
+from qcompiler.core.errors import UserError
 from qcompiler.plan import Plan
 from qcompiler.quant import sqnr_db
 from qcompiler.runtime_targets import DEFAULT_PIPELINE

@@ -8,10 +8,12 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from qcompiler import autoplan, cost, ir, quant, schemes
-from qcompiler.compiler import CompileOptions, compile_model
-from qcompiler.errors import UserError
+from qcompiler import autoplan, ir, quant
+from qcompiler.api import CompileOptions, compile_model
+from qcompiler.core.errors import UserError
 from qcompiler.plan import Plan
+from qcompiler.quant import schemes
+from qcompiler.report import cost
 from qcompiler.runtime_targets.packed import ops, packing
 
 

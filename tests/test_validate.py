@@ -1,4 +1,4 @@
-"""Tests of qcompiler.validate: metrics against numpy, streaming, per-layer matching, feeds loading."""
+"""Tests of qcompiler.report.validate: metrics against numpy, streaming, per-layer matching, feeds loading."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from qcompiler import ir, validate
-from qcompiler.errors import UserError
+from qcompiler import ir
+from qcompiler.core.errors import UserError
+from qcompiler.report import validate
 
 F32 = TensorProto.FLOAT
 OPSET = [helper.make_opsetid("", 17)]

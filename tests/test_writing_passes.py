@@ -17,10 +17,10 @@ from click.testing import CliRunner
 from onnx import numpy_helper
 
 from qcompiler import ir, quant
-from qcompiler import registry as registry_mod
 from qcompiler.cli import cli
+from qcompiler.core import registry as registry_mod
+from qcompiler.core.registry import Registry, build_pipeline
 from qcompiler.plan import Plan
-from qcompiler.registry import Registry, build_pipeline
 from qcompiler.runtime_targets import DEFAULT_PIPELINE
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from qcompiler import ir
-from qcompiler.compiler import CompileOptions, compile_model
+from qcompiler.api import CompileOptions, compile_model
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
 

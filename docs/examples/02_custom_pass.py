@@ -31,10 +31,10 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from qcompiler import quant
-from qcompiler.compiler import CompileOptions, compile_model
-from qcompiler.context import CompileContext
-from qcompiler.errors import UserError
-from qcompiler.pass_base import Pass, PassResult
+from qcompiler.api import CompileOptions, compile_model
+from qcompiler.core.context import CompileContext
+from qcompiler.core.errors import UserError
+from qcompiler.core.pass_base import Pass, PassResult
 from qcompiler.passes.insert_qdq import block_axis, per_channel_axis
 
 MODELS = Path(__file__).resolve().parents[2] / "models"

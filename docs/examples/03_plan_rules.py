@@ -26,11 +26,11 @@ from typing import Any
 import onnx
 
 from qcompiler import ir
-from qcompiler.compiler import CompileOptions, compile_model
-from qcompiler.context import CompileContext
-from qcompiler.pass_manager import PassManager
+from qcompiler.api import CompileOptions, compile_model
+from qcompiler.core.context import CompileContext
+from qcompiler.core.pass_manager import PassManager
+from qcompiler.core.registry import build_pipeline
 from qcompiler.plan import Plan
-from qcompiler.registry import build_pipeline
 from qcompiler.runtime_targets import get_target
 
 MODELS = Path(__file__).resolve().parents[2] / "models"

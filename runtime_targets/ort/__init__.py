@@ -36,14 +36,14 @@ from qcompiler.runtime_targets import Target, layer_capabilities
 if TYPE_CHECKING:
     import onnx_graphsurgeon as gs
 
-    from qcompiler.context import CompileContext
-    from qcompiler.pass_base import Pass
+    from qcompiler.core.context import CompileContext
+    from qcompiler.core.pass_base import Pass
     from qcompiler.plan import NodePlan, QuantSpec, ResolvedPlan
 
 _INT_W = frozenset({"int8", "uint8", "int16", "uint16", "int4", "uint4", "fp8e4m3", "fp8e5m2"})
 _INT_A = frozenset({"int8", "uint8", "int16", "uint16", "fp8e4m3", "fp8e5m2"})
 _ALL_G = frozenset({"per_tensor", "per_channel", "block"})
-#: int plus the low-bit weight schemes (qcompiler.schemes: codes + DequantizeLinear); binary is also an
+#: int plus the low-bit weight schemes (qcompiler.quant.schemes: codes + DequantizeLinear); binary is also an
 #: activation scheme (Where(x >= 0, beta, -beta))
 _SCHEMES = frozenset({"int", "binary", "ternary", "shift"})
 

@@ -33,9 +33,9 @@ from collections import Counter
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from qcompiler.context import CompileContext
-from qcompiler.pass_base import Pass, PassResult
-from qcompiler.passes._graph_utils import GraphIndex, producer, remove_nodes
+from qcompiler.core.context import CompileContext
+from qcompiler.core.pass_base import Pass, PassResult
+from qcompiler.ir.graph import GraphIndex, producer, remove_nodes
 
 _FLOAT = 1  # onnx.TensorProto.FLOAT, Cast's ``to``
 

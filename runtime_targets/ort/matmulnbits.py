@@ -16,8 +16,8 @@ import ml_dtypes
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from qcompiler.context import CompileContext
-from qcompiler.pass_base import Pass, PassResult
+from qcompiler.core.context import CompileContext
+from qcompiler.core.pass_base import Pass, PassResult
 
 DOMAIN = "com.microsoft"
 

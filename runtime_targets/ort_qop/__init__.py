@@ -28,7 +28,7 @@ from qcompiler.runtime_targets import OpCapability, layer_capabilities
 from qcompiler.runtime_targets.ort import OrtTarget
 
 if TYPE_CHECKING:
-    from qcompiler.pass_base import Pass
+    from qcompiler.core.pass_base import Pass
     from qcompiler.plan import NodePlan
 
 _INT8 = frozenset({"int8", "uint8"})

@@ -25,15 +25,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from qcompiler.quant.schemes import LOWBIT_SCHEMES
 from qcompiler.runtime_targets import OpCapability
 from qcompiler.runtime_targets.ort import OrtTarget
 from qcompiler.runtime_targets.packed.functions import DOMAIN, DOMAIN_VERSION, INPUTS, MIN_OPSET, OPS
 from qcompiler.runtime_targets.packed.packing import FIELD_BITS
-from qcompiler.schemes import LOWBIT_SCHEMES
 
 if TYPE_CHECKING:
-    from qcompiler.context import CompileContext
-    from qcompiler.pass_base import Pass
+    from qcompiler.core.context import CompileContext
+    from qcompiler.core.pass_base import Pass
     from qcompiler.plan import NodePlan, QuantSpec
 
 __all__ = ["DOMAIN", "DOMAIN_VERSION", "OPS", "PackedTarget"]

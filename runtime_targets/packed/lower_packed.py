@@ -29,11 +29,12 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from qcompiler import ir
-from qcompiler.context import CompileContext
-from qcompiler.errors import UserError
-from qcompiler.pass_base import Pass, PassResult
-from qcompiler.passes._graph_utils import GraphIndex, is_onnx_op, producer
+from qcompiler.core.context import CompileContext
+from qcompiler.core.errors import UserError
+from qcompiler.core.pass_base import Pass, PassResult
+from qcompiler.ir.graph import GraphIndex, is_onnx_op, producer
 from qcompiler.passes.insert_qdq import per_channel_axis as output_axis
+from qcompiler.quant.schemes import LOWBIT_SCHEMES
 from qcompiler.runtime_targets.packed.functions import (
     DOMAIN,
     DOMAIN_VERSION,
@@ -42,7 +43,6 @@ from qcompiler.runtime_targets.packed.functions import (
     op_type,
 )
 from qcompiler.runtime_targets.packed.packing import FIELD_BITS, pack, scheme_format
-from qcompiler.schemes import LOWBIT_SCHEMES
 
 log = logging.getLogger(__name__)
 

@@ -20,12 +20,12 @@ int3        3      f ∈ 0..7 → 2f − 7 ∈ {±1, ±3, ±5, ±7}          (8 
 int2        2      f ∈ 0..3 → 2f − 3 ∈ {±1, ±3}                  (4 weights per byte; uniform 2-bit weights)
 ==========  =====  ===========================================================================================
 
-``shift`` holds codes of every shift width (``bits`` 2–4 of :mod:`qcompiler.schemes`); ``shift3`` and ``shift2``
+``shift`` holds codes of every shift width (``bits`` 2–4 of :mod:`qcompiler.quant.schemes`); ``shift3`` and ``shift2``
 hold exactly the codes of 3- and 2-bit shift weights (±1…±8, ±1/±2) at their own width, which the lowering
 uses for them. ``int3`` and ``int2`` hold the odd codes of the ``uniform`` scheme (mid-rise levels
 (q + ½)·Δ, stored as c = 2q + 1 with scale Δ/2).
 
-The integer codes are exactly those :mod:`qcompiler.schemes` gives ``DequantizeLinear`` on the ``ort`` target
+The integer codes are exactly those :mod:`qcompiler.quant.schemes` gives ``DequantizeLinear`` on the ``ort`` target
 (binary ±1, ternary −1/0/+1, shift ±2^j), so both targets compute with identical weights.
 """
 

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, ClassVar
 from qcompiler.runtime_targets import Target, layer_capabilities
 
 if TYPE_CHECKING:
-    from qcompiler.pass_base import Pass
+    from qcompiler.core.pass_base import Pass
 
 DOMAIN = "qonnx.custom_op.general"
 

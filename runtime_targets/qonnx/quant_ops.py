@@ -36,9 +36,9 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from qcompiler import ir
-from qcompiler.context import CompileContext
-from qcompiler.pass_base import Pass, PassResult
-from qcompiler.passes._graph_utils import (
+from qcompiler.core.context import CompileContext
+from qcompiler.core.pass_base import Pass, PassResult
+from qcompiler.ir.graph import (
     GraphIndex,
     infer_rank,
     is_onnx_op,

@@ -38,8 +38,8 @@ import onnx_graphsurgeon as gs
 from qcompiler.runtime_targets import OpCapability, Target
 
 if TYPE_CHECKING:
-    from qcompiler.context import CompileContext
-    from qcompiler.pass_base import Pass
+    from qcompiler.core.context import CompileContext
+    from qcompiler.core.pass_base import Pass
     from qcompiler.plan import NodePlan, QuantSpec, ResolvedPlan
 
 log = logging.getLogger(__name__)

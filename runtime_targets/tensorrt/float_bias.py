@@ -16,9 +16,9 @@ from collections import Counter
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from qcompiler.context import CompileContext
-from qcompiler.pass_base import Pass, PassResult
-from qcompiler.passes._graph_utils import GraphIndex, is_onnx_op, remove_nodes, replace_input, scale_values
+from qcompiler.core.context import CompileContext
+from qcompiler.core.pass_base import Pass, PassResult
+from qcompiler.ir.graph import GraphIndex, is_onnx_op, remove_nodes, replace_input, scale_values
 
 
 class TrtFloatBiasPass(Pass):

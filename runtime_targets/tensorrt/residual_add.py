@@ -21,9 +21,9 @@ from collections import Counter
 
 import onnx_graphsurgeon as gs
 
-from qcompiler.context import CompileContext
-from qcompiler.pass_base import Pass, PassResult
-from qcompiler.passes._graph_utils import GraphIndex, is_onnx_op, producer, remove_nodes, replace_input
+from qcompiler.core.context import CompileContext
+from qcompiler.core.pass_base import Pass, PassResult
+from qcompiler.ir.graph import GraphIndex, is_onnx_op, producer, remove_nodes, replace_input
 from qcompiler.runtime_targets.tensorrt import FUSING_OPS, depths
 
 

@@ -27,9 +27,9 @@ import ml_dtypes
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from qcompiler.context import CompileContext
-from qcompiler.pass_base import Pass, PassResult
-from qcompiler.passes._graph_utils import is_onnx_op, producer
+from qcompiler.core.context import CompileContext
+from qcompiler.core.pass_base import Pass, PassResult
+from qcompiler.ir.graph import is_onnx_op, producer
 from qcompiler.passes.insert_qdq import per_channel_axis as output_axis
 
 _FP8 = np.dtype(ml_dtypes.float8_e4m3fn)

@@ -102,7 +102,7 @@ def test_bad_input_real_process(cid: str, tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------------------------------- bugs: exit 1
 CRASH_PLUGIN = '''
-from qcompiler.pass_base import Pass, PassResult
+from qcompiler.core.pass_base import Pass, PassResult
 
 class Explode(Pass):
     """Crashes on purpose."""

@@ -21,13 +21,14 @@ from typing import Any
 import onnx
 import onnx_graphsurgeon as gs
 
-from qcompiler import cost, ir
-from qcompiler.calibration import CalibrationSource, input_signatures
-from qcompiler.context import CompileContext
-from qcompiler.errors import UserError
-from qcompiler.pass_manager import PassManager, PassRecord
+from qcompiler import ir
+from qcompiler.calib import CalibrationSource, input_signatures
+from qcompiler.core.context import CompileContext
+from qcompiler.core.errors import UserError
+from qcompiler.core.pass_manager import PassManager, PassRecord
+from qcompiler.core.registry import build_pipeline, registry
 from qcompiler.plan import Plan, _make_spec, load_plan, required_opset
-from qcompiler.registry import build_pipeline, registry
+from qcompiler.report import cost
 from qcompiler.runtime_targets import get_target
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,7 @@ def _plan_specs(plan: Plan) -> list[Any]:
 
 
 def _preset_plan(name: str) -> str:
-    from qcompiler.presets import names, preset_path
+    from qcompiler.plan.presets import names, preset_path
 
     if preset_path(name) is None:
         raise UserError(f"--preset: unknown preset '{name}' (known: {', '.join(names())})")
@@ -276,7 +277,7 @@ def compile_model(model_path: str | os.PathLike[str], output_path: str | os.Path
             do_validate = False
             report["validation_skipped"] = "function bodies stripped: the model needs native kernels"
         if do_validate:
-            from qcompiler import validate as qv
+            from qcompiler.report import validate as qv
 
             if opts.validate_data is not None:
                 feeds: Any = qv.load_feeds(opts.validate_data, float_model)

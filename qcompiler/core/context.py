@@ -11,7 +11,7 @@ import onnx_graphsurgeon as gs
 from qcompiler import ir
 
 if TYPE_CHECKING:
-    from qcompiler.calibration import CalibrationSource, TensorStats
+    from qcompiler.calib import CalibrationSource, TensorStats
     from qcompiler.plan import Plan, QuantSpec, ResolvedPlan
     from qcompiler.quant import QuantizedTensor
     from qcompiler.runtime_targets import Target

@@ -1,6 +1,6 @@
 """``qcompiler package`` (compile + validate + write a deployment bundle) and ``qcompiler verify`` (check one).
 
-See :mod:`qcompiler.package` for the bundle layout.
+See :mod:`qcompiler.report.bundle` for the bundle layout.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def register(cli: click.Group) -> None:
         """Compile MODEL, validate it, and write a deployment bundle (model, resolved plan, validation report
         as JSON and HTML, manifest with hashes and versions) at OUTPUT — atomically: nothing is written when
         anything fails, including an SQNR below --min-sqnr."""
-        from qcompiler.package import build_bundle
+        from qcompiler.report.bundle import build_bundle
 
         res = build_bundle(model, output, target=target, calib=calib, plan=plan, pipeline=pipeline,
                            min_sqnr_db=min_sqnr, make_zip=make_zip, validate_data=validate_data,
@@ -78,7 +78,7 @@ def register(cli: click.Group) -> None:
         """Check a bundle (folder or .zip): every file's sha256 against manifest.json, the model through the
         loader's checks, and validation rerun on the bundled check feeds (exit 2 naming the file on any
         mismatch)."""
-        from qcompiler.package import verify_bundle
+        from qcompiler.report.bundle import verify_bundle
 
         res = verify_bundle(bundle, float_model=float_model, data=data)
         click.echo(f"{bundle}: {res.files} files match manifest.json")

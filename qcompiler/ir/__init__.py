@@ -31,7 +31,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import TensorProto, helper, numpy_helper
 
-from qcompiler.errors import UserError
+from qcompiler.core.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -37,10 +37,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from qcompiler import ir
-from qcompiler.errors import UserError
+from qcompiler.core.errors import UserError
 
 if TYPE_CHECKING:
-    from qcompiler.calibration import CalibrationSource
+    from qcompiler.calib import CalibrationSource
 
 log = logging.getLogger(__name__)
 
@@ -608,7 +608,7 @@ def load_names(path: str | os.PathLike[str]) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------- feeds
 def load_feeds(path: str | os.PathLike[str], model: ModelLike) -> CalibrationSource:
     """Feeds for ``model`` from ``path`` (the CLI's ``--data``), in the calibration data formats (the same
-    reader as ``--calib``, :mod:`qcompiler.calibration`):
+    reader as ``--calib``, :mod:`qcompiler.calib`):
 
     * a single ``.npz`` whose arrays are keyed by input name, each ``[N, *feed_shape]`` (same ``N``);
     * a folder of ``.npz`` files, one feed each (arrays of the feed shape), in sorted name order.
@@ -618,7 +618,7 @@ def load_feeds(path: str | os.PathLike[str], model: ModelLike) -> CalibrationSou
     path, an array that is not an input, a missing input, a wrong rank / shape / dtype, or no samples —
     these are checked here from the .npy headers; NaN / Inf values are found (and raised) while iterating.
     """
-    from qcompiler.calibration import CalibrationSource, input_signatures
+    from qcompiler.calib import CalibrationSource, input_signatures
 
     p = Path(path)
     if not p.exists():  # checked here so that no calibration keyword (e.g. 'random') is taken for data

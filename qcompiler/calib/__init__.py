@@ -43,7 +43,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from qcompiler import ir
-from qcompiler.errors import UserError
+from qcompiler.core.errors import UserError
 from qcompiler.plan import QuantSpec
 
 log = logging.getLogger(__name__)

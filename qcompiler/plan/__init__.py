@@ -39,7 +39,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 import yaml
 
-from qcompiler.errors import UserError
+from qcompiler.core.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -381,7 +381,7 @@ def _check_algorithm_options(pass_name: str, opts: dict[str, Any], where: str) -
     import dataclasses
     import typing
 
-    from qcompiler.registry import registry
+    from qcompiler.core.registry import registry
 
     cls = registry().get(pass_name)
     fields_ = {f.name: f for f in dataclasses.fields(cls.Options)} if dataclasses.is_dataclass(cls.Options) else {}
@@ -635,7 +635,7 @@ def load_plan(arg: str | Path | None) -> Plan:
     if arg is None:
         return Plan.default()
     s = str(arg)
-    from qcompiler.presets import preset_path
+    from qcompiler.plan.presets import preset_path
 
     pp = preset_path(s)
     if pp is not None and not Path(s).exists():

@@ -1,12 +1,12 @@
 """The :class:`Pass` base class, its options and its result.
 
-A pass is one rewrite (or analysis) of a :class:`~qcompiler.context.CompileContext`. It has
+A pass is one rewrite (or analysis) of a :class:`~qcompiler.core.context.CompileContext`. It has
 
 * a kebab-case ``name`` (the CLI / pipeline name; module ``passes/fold_batchnorm.py`` holds
   ``FoldBatchNormPass`` named ``fold-batchnorm``),
 * an ``Options`` dataclass whose fields are the ``{key=value}`` options of the textual pipeline,
 * ``requires`` / ``produces``: sets of *properties* (strings such as ``"plan-resolved"``) the
-  :class:`~qcompiler.pass_manager.PassManager` checks before running anything,
+  :class:`~qcompiler.core.pass_manager.PassManager` checks before running anything,
 * ``run(ctx) -> PassResult``: whether the graph changed and a statistics counter.
 
 Nodes a pass creates are tagged with :meth:`Pass.tag` so the exported model says who made them.
@@ -25,10 +25,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import onnx_graphsurgeon as gs
 
 from qcompiler import ir
-from qcompiler.errors import UserError
+from qcompiler.core.errors import UserError
 
 if TYPE_CHECKING:
-    from qcompiler.context import CompileContext
+    from qcompiler.core.context import CompileContext
 
 
 @dataclass

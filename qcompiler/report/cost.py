@@ -51,7 +51,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from qcompiler import ir
-from qcompiler.errors import UserError
+from qcompiler.core.errors import UserError
 from qcompiler.quant import QDTYPES, is_code_dtype
 
 if TYPE_CHECKING:

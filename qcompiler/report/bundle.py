@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 
 from qcompiler import __version__, ir
-from qcompiler.errors import UserError
+from qcompiler.core.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +212,7 @@ def build_bundle(model: str | os.PathLike[str], bundle: str | os.PathLike[str], 
                  plugins: Sequence[str] = (), check_samples: int = CHECK_SAMPLES,
                  progress: Any = None, compact_names: bool = False) -> BundleResult:
     """Compile ``model`` (validated against real data) and write a deployment bundle at ``bundle``."""
-    from qcompiler.compiler import CompileOptions, compile_model
+    from qcompiler.api import CompileOptions, compile_model
 
     src, dest = Path(model), Path(bundle)
     if str(calib) in ("random", "none") and validate_data is None:
@@ -247,7 +247,7 @@ def build_bundle(model: str | os.PathLike[str], bundle: str | os.PathLike[str], 
         report = result.report
 
         # check data: the first few validation feeds and the float model's outputs on them
-        from qcompiler import validate as qv
+        from qcompiler.report import validate as qv
 
         float_model = ir.load_model(src)
         feeds_src = validate_data if validate_data is not None else calib
@@ -451,7 +451,7 @@ def _verify_folder(root: Path, float_model: Any, data: Any, label: Path) -> Veri
     if float_model is not None or data is not None:
         if float_model is None or data is None:
             raise UserError("verify: give both --model FLOAT.onnx and --data DATA to rerun the full validation")
-        from qcompiler import validate as qv
+        from qcompiler.report import validate as qv
 
         fm = ir.load_model(float_model)
         names_file = root / (Path(MODEL_NAME).stem + ".names.json")  # a --compact-names bundle

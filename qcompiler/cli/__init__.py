@@ -16,7 +16,7 @@ from typing import Any
 import click
 
 from qcompiler import __version__
-from qcompiler.errors import PassFailure, UserError
+from qcompiler.core.errors import PassFailure, UserError
 
 log = logging.getLogger("qcompiler")
 
@@ -165,7 +165,7 @@ def compile_cmd(model: Path, output: Path, plan: str | None, preset: str | None,
                 budget: str | None, bitops: bool, candidates: str | None, metric: str, compact_names: bool,
                 quiet: bool) -> None:
     """Compile MODEL into a quantized model at OUTPUT."""
-    from qcompiler.compiler import CompileOptions, compile_model
+    from qcompiler.api import CompileOptions, compile_model
 
     if budget is None and (bitops or candidates is not None):
         raise UserError("--bitops and --candidates are options of --budget")
@@ -223,7 +223,7 @@ def compile_cmd(model: Path, output: Path, plan: str | None, preset: str | None,
 
 def _echo_cost(c: dict[str, Any]) -> None:
     """The cost lines of the compile summary (the JSON report has every layer)."""
-    from qcompiler.cost import format_bytes, format_count
+    from qcompiler.report.cost import format_bytes, format_count
 
     peak = c.get("peak_activation_bytes")
     avg = c.get("average_weight_bits")
@@ -267,7 +267,7 @@ def validate_cmd(float_model: Path, quant_model: Path, data: Path, json_path: Pa
                  layers: bool, max_layers: int, names_path: Path | None) -> None:
     """Compare QUANT_MODEL with FLOAT_MODEL in onnxruntime: SQNR, cosine, max error, top-1, per layer."""
     from qcompiler import ir
-    from qcompiler import validate as qv
+    from qcompiler.report import validate as qv
 
     fm = ir.load_model(float_model)
     qm = ir.load_model(quant_model)
@@ -310,7 +310,7 @@ def inspect_cmd(model: Path, as_json: bool, with_cost: bool, shapes: tuple[str, 
     from qcompiler.plan import Plan
 
     if with_cost:
-        from qcompiler import cost
+        from qcompiler.report import cost
 
         rep = cost.model_cost(model, feed_shapes=cost.parse_shapes(shapes))
         if as_json:
@@ -350,7 +350,7 @@ def inspect_cmd(model: Path, as_json: bool, with_cost: bool, shapes: tuple[str, 
 @cli.command("passes")
 def passes_cmd() -> None:
     """List the registered passes with one-line docs."""
-    from qcompiler.registry import registry
+    from qcompiler.core.registry import registry
 
     reg = registry()
     rows = [(name, reg.origin[name], cls.summary()) for name, cls in sorted(reg.passes.items())]
@@ -413,10 +413,10 @@ def plan_resolve_cmd(model: Path, plan: str | None, target: str, output: Path | 
     """Show which rule applies to every node of MODEL (after the target's graph clean-up: cleanup, BatchNorm
     folding, activation fusion)."""
     from qcompiler import ir
-    from qcompiler.context import CompileContext
-    from qcompiler.pass_manager import PassManager
+    from qcompiler.core.context import CompileContext
+    from qcompiler.core.pass_manager import PassManager
+    from qcompiler.core.registry import build_pipeline, parse_pipeline_text
     from qcompiler.plan import load_plan
-    from qcompiler.registry import build_pipeline, parse_pipeline_text
     from qcompiler.runtime_targets import get_target
 
     p = load_plan(plan)
@@ -448,7 +448,7 @@ def plan_resolve_cmd(model: Path, plan: str | None, target: str, output: Path | 
 @click.argument("preset", required=False)
 def plan_show_cmd(preset: str | None) -> None:
     """Print a shipped preset plan (without PRESET: list them)."""
-    from qcompiler.presets import names, preset_path
+    from qcompiler.plan.presets import names, preset_path
 
     if preset is None:
         for n in names():
@@ -509,7 +509,7 @@ def plan_auto_cmd(model: Path, budget: str, bitops: bool, calib: str | None, out
                   validate_data: Path | None, seed: int, quiet: bool) -> None:
     """Plan mixed precision for MODEL: the most accurate plan within --budget (also `qcompiler plan MODEL`)."""
     from qcompiler import autoplan
-    from qcompiler.cost import format_bytes, format_count
+    from qcompiler.report.cost import format_bytes, format_count
 
     opts = autoplan.PlanOptions(budget=autoplan.Budget.parse(budget, bitops=bitops),
                                 candidates=autoplan.parse_candidates(candidates or autoplan.DEFAULT_CANDIDATES),
@@ -578,7 +578,7 @@ def _register_extra_commands() -> None:
     import importlib
     import pkgutil
 
-    import qcompiler.commands as pkg
+    import qcompiler.cli.commands as pkg
 
     for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda i: i.name):
         if not info.name.startswith("_"):

@@ -25,8 +25,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qcompiler.errors import UserError
-from qcompiler.pass_base import Pass
+from qcompiler.core.errors import UserError
+from qcompiler.core.pass_base import Pass
 
 log = logging.getLogger(__name__)
 

@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from qcompiler import ir
-from qcompiler.context import CompileContext
-from qcompiler.errors import PassFailure, QCompilerError, UserError
-from qcompiler.pass_base import Pass, PassResult
+from qcompiler.core.context import CompileContext
+from qcompiler.core.errors import PassFailure, QCompilerError, UserError
+from qcompiler.core.pass_base import Pass, PassResult
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ class PassManager:
 
 
 def _producers_hint(prop: str) -> list[type[Pass]]:
-    from qcompiler.registry import registry
+    from qcompiler.core.registry import registry
 
     try:
         return [cls for cls in registry().passes.values() if prop in cls.produces]

@@ -61,7 +61,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from qcompiler import ir, quant
-from qcompiler.errors import UserError
+from qcompiler.core.errors import UserError
 from qcompiler.plan import QuantSpec
 
 log = logging.getLogger(__name__)
@@ -104,9 +104,9 @@ def fake_quantize(node: gs.Node, values: np.ndarray, spec: QuantSpec, opset: int
     axis, block = _axes(node, w.ndim, spec)
     if spec.scheme != "int" or spec.scale == "pow2":
         try:
-            from qcompiler import schemes
+            from qcompiler.quant import schemes
         except ImportError:  # pragma: no cover - schemes ship with qcompiler
-            raise UserError(f"weight scheme '{spec.scheme}' needs qcompiler.schemes, not available") from None
+            raise UserError(f"weight scheme '{spec.scheme}' needs qcompiler.quant.schemes, not available") from None
         return schemes.quantize_for_spec(w, spec, axis, block, opset).qt.dequantize().astype(np.float32)
     return quant.quantize_weight(w, spec.dtype, spec.symmetric, axis, block, spec.range).dequantize()
 
@@ -1044,7 +1044,7 @@ def _activation_qparams(graph: gs.Graph, layers: Sequence[LayerUnderTest], feeds
     """Scale and zero point (tensor name -> (s, z)) of each layer's input activation and of the outputs the
     target quantizes, calibrated on ``feeds`` as ``calibrate`` would. Only activation dtypes QuantizeLinear takes
     at the graph's opset; others stay float here."""
-    from qcompiler.calibration import CalibrationSource, collect, input_signatures
+    from qcompiler.calib import CalibrationSource, collect, input_signatures
 
     def usable(a: QuantSpec | None) -> bool:
         if a is None or a.is_float or a.scheme != "int":

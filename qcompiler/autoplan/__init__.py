@@ -6,26 +6,26 @@
    ``resolve-plan``: cleanup, BatchNorm folding, ...); every node the base plan (``--plan``, default W8A8)
    quantizes with a constant weight is a layer to decide. Each candidate (``--candidates``: ``fp32`` keeps the
    layer float, ``int8`` / ``int4`` / ... set the weight dtype, ``binary`` / ``ternary`` / ``shiftN`` the
-   low-bit scheme of :mod:`qcompiler.schemes`) is checked per layer against the target; a candidate the
+   low-bit scheme of :mod:`qcompiler.quant.schemes`) is checked per layer against the target; a candidate the
    target supports on no layer is refused with its reason, one unsupported on some layers is dropped there.
-2. **Sensitivity** of every (layer, candidate): :mod:`qcompiler.sensitivity` (``--metric pd | hessian |
+2. **Sensitivity** of every (layer, candidate): :mod:`qcompiler.autoplan.sensitivity` (``--metric pd | hessian |
    act-stats | orthogonality``) on the first ``samples`` calibration samples. ``pd`` also gives each sample's
    share of every distortion; when they rest on fewer than :data:`MIN_ESS` effective samples (Kish's
    ``(Σd)²/Σd²``, median over the evaluations — a confident classifier, whose outputs only move on the few
    samples near a decision boundary), they are measured again, once, on :data:`SAMPLE_GROWTH` times the samples
    (at most ``max_samples``). Candidates may fix the weight granularity (``int4/tensor``, ``int8/channel``,
    ``int4/block64``): one scale per tensor costs a few bytes where per-channel scales cost 5 bytes per channel.
-3. **Costs**, counted exactly as ``qcompiler inspect --cost`` counts them (:mod:`qcompiler.cost`): one probe
+3. **Costs**, counted exactly as ``qcompiler inspect --cost`` counts them (:mod:`qcompiler.report.cost`): one probe
    compile per candidate (every layer at that candidate; calibration on one sample — sizes do not depend on the
    calibration values) gives each layer's stored bytes under each candidate; what is left (graph structure,
    activation scales, other ops' tensors) is the float probe's remainder plus, per layer, the candidate's
    extra structure (its probe's remainder minus the float one, shared evenly over the layers it quantized).
    BitOps per layer likewise (MACs at the calibration feed shape × weight bits × activation bits); average
    weight bits from the parameter counts.
-4. **Allocation**: multiple-choice knapsack over the sensitivities (:mod:`qcompiler.knapsack`: exact DP over
+4. **Allocation**: multiple-choice knapsack over the sensitivities (:mod:`qcompiler.autoplan.knapsack`: exact DP over
    the discretized budget, costs rounded up; or ``--solver lagrange``), minimizing the summed sensitivity;
    plus the whole Pareto front.
-5. **Verification**: the plan is compiled the same way and measured with :func:`qcompiler.cost.model_cost`;
+5. **Verification**: the plan is compiled the same way and measured with :func:`qcompiler.report.cost.model_cost`;
    if it does not fit (the additive model is a few bytes off for a mixed plan), the budget given to the
    solver is lowered by the excess and the plan re-solved, so the written plan never exceeds the budget.
 
@@ -55,10 +55,12 @@ from typing import Any
 import numpy as np
 import yaml
 
-from qcompiler import __version__, cost, ir, knapsack
-from qcompiler.errors import UserError
+from qcompiler import __version__, ir
+from qcompiler.autoplan import knapsack
+from qcompiler.autoplan.sensitivity import METRICS, LayerUnderTest, SensitivityResult, compute
+from qcompiler.core.errors import UserError
 from qcompiler.plan import DTYPES, NodePlan, Plan, QuantSpec, _make_spec, load_plan
-from qcompiler.sensitivity import METRICS, LayerUnderTest, SensitivityResult, compute
+from qcompiler.report import cost
 
 log = logging.getLogger(__name__)
 
@@ -201,9 +203,9 @@ def parse_candidates(text: str | Sequence[str]) -> list[Candidate]:
             cand = _with_granularity(cand, gran, raw)
         if cand.lowbit:
             try:
-                import qcompiler.schemes  # noqa: F401
+                import qcompiler.quant.schemes  # noqa: F401
             except ImportError:  # pragma: no cover - schemes ship with qcompiler
-                raise UserError(f"--candidates: '{raw}' needs the low-bit schemes (qcompiler.schemes), "
+                raise UserError(f"--candidates: '{raw}' needs the low-bit schemes (qcompiler.quant.schemes), "
                                 "which this installation lacks") from None
         if any(c.name == cand.name for c in out):
             raise UserError(f"--candidates: '{raw}' given twice")
@@ -389,9 +391,9 @@ def prepare(model_path: str | Path, candidates: Sequence[Candidate], *, target: 
 
     A candidate the target runs on no layer is an error naming it, or, with ``drop_unsupported`` (the default
     candidate list, which the user did not choose), left out with a warning (listed in ``Prepared.dropped``)."""
-    from qcompiler.context import CompileContext
-    from qcompiler.pass_manager import PassManager
-    from qcompiler.registry import build_pipeline, parse_pipeline_text
+    from qcompiler.core.context import CompileContext
+    from qcompiler.core.pass_manager import PassManager
+    from qcompiler.core.registry import build_pipeline, parse_pipeline_text
     from qcompiler.runtime_targets import get_target
 
     src = Path(model_path)
@@ -560,7 +562,7 @@ def output_quant(prep: Prepared, cands: Sequence[Candidate], rules: list[list[di
                  ) -> list[dict[str, tuple[str, QuantSpec]]]:
     """Per layer: candidate -> (tensor, spec) the target quantizes downstream of the layer when it takes that
     candidate (``Target.output_tensors`` on the probe plan; e.g. ``ort``'s QLinearConv output for int8 Conv)."""
-    from qcompiler.context import CompileContext
+    from qcompiler.core.context import CompileContext
 
     out: list[dict[str, tuple[str, QuantSpec]]] = [{} for _ in prep.layers]
     by_name = {n.name: n for n in prep.graph.nodes}
@@ -618,7 +620,7 @@ def weight_owners(graph: Any, layers: set[str]) -> dict[str, str]:
 
 
 def _cost_from_json(cj: dict[str, Any]) -> cost.CostReport:
-    """A compile report's ``cost`` section (``CostReport.to_json()``) back as a :class:`~qcompiler.cost.CostReport`."""
+    """A compile report's ``cost`` section (``CostReport.to_json()``) back as a :class:`~qcompiler.report.cost.CostReport`."""
     keys = ("name", "op_type", "bytes", "params", "macs", "weight_bits", "act_bits", "weight_format")
     layers = [cost.LayerCost(**{k: lc[k] for k in keys if k in lc}) for lc in cj.get("layers", [])]
     return cost.CostReport(layers=layers, total_bytes=int(cj["total_bytes"]), tensor_bytes=int(cj["tensor_bytes"]),
@@ -643,7 +645,7 @@ class _Workdir:
 
     def compile(self, model: Path, plan: Plan, target: str, *, shapes: dict[str, list[int]] | None,
                 want_shapes: bool, layers: set[str] | None = None) -> tuple[cost.CostReport, dict[str, Any]]:
-        from qcompiler.compiler import CompileOptions, compile_model
+        from qcompiler.api import CompileOptions, compile_model
 
         self.n += 1
         out = self.path / f"probe{self.n}.onnx"
@@ -670,7 +672,7 @@ class _Workdir:
 def calib_source(graph: Any, calib: str | Path | None, samples: int, seed: int) -> Any:
     """The calibration data as a (streaming) CalibrationSource; ``None`` / ``random``: ``samples`` seeded
     synthetic samples, with a warning."""
-    from qcompiler.calibration import CalibrationSource, input_signatures
+    from qcompiler.calib import CalibrationSource, input_signatures
 
     calib_arg = "random" if calib is None or str(calib) in ("none", "random") else calib
     if calib_arg == "random":
@@ -936,7 +938,7 @@ def _measure_whole(plans: Sequence[tuple[int, ...]], opts: PlanOptions,
     todo = [p for p in dict.fromkeys(plans) if p not in joint]
     if not todo:
         return
-    from qcompiler.sensitivity import measure_plans
+    from qcompiler.autoplan.sensitivity import measure_plans
 
     runner = state.get("runner") or (None if fresh else sens.runner)
     res, runner = measure_plans(prep.graph, lut, names, feeds, todo, runner=runner, workers=opts.workers,
@@ -1211,7 +1213,7 @@ def _unit_key(unit: str) -> Callable[[FrontPoint], float]:
 
 def plan_for_compile(model_path: str | Path, copts: Any, base: Plan, progress: Progress | None = None
                      ) -> AutoPlanResult:
-    """``qcompiler compile --budget``: the auto plan for a :class:`~qcompiler.compiler.CompileOptions`."""
+    """``qcompiler compile --budget``: the auto plan for a :class:`~qcompiler.api.CompileOptions`."""
     budget = Budget.parse(str(copts.budget), bitops=bool(copts.budget_bitops))
     popts = PlanOptions(budget=budget, candidates=parse_candidates(copts.budget_candidates or DEFAULT_CANDIDATES),
                         default_candidates=not copts.budget_candidates,
@@ -1225,8 +1227,8 @@ def measure_sqnr(model_path: str | Path, plan: Plan, calib: str | Path, *, targe
                  validate_data: str | Path | None = None, calib_samples: int | None = None) -> float:
     """Compile ``plan`` for real (calibration data ``calib``) and return the worst output SQNR in dB, measured in
     onnxruntime on ``validate_data`` (default: the calibration data), graph outputs only."""
-    from qcompiler import validate as qv
-    from qcompiler.compiler import CompileOptions, compile_model
+    from qcompiler.api import CompileOptions, compile_model
+    from qcompiler.report import validate as qv
 
     tmp = Path(tempfile.mkdtemp(prefix="qcompiler-measure-"))
     try:

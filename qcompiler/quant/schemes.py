@@ -55,7 +55,7 @@ from qcompiler.plan import SHIFT_BITS as _PLAN_SHIFT_BITS
 from qcompiler.plan import UNIFORM_BITS as _PLAN_UNIFORM_BITS
 
 if TYPE_CHECKING:
-    from qcompiler.calibration import TensorStats
+    from qcompiler.calib import TensorStats
     from qcompiler.plan import QuantSpec
 
 log = logging.getLogger(__name__)

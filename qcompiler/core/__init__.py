@@ -1,0 +1,1 @@
+"""qcompiler/core."""
