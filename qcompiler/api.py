@@ -26,10 +26,9 @@ from qcompiler.calib import CalibrationSource, input_signatures
 from qcompiler.core.context import CompileContext
 from qcompiler.core.errors import UserError
 from qcompiler.core.pass_manager import PassManager, PassRecord
-from qcompiler.core.registry import build_pipeline, registry
+from qcompiler.core.registry import build_pipeline, get_target, registry
 from qcompiler.plan import Plan, _make_spec, load_plan, required_opset
 from qcompiler.report import cost
-from qcompiler.runtime_targets import get_target
 
 log = logging.getLogger(__name__)
 

@@ -393,8 +393,7 @@ def prepare(model_path: str | Path, candidates: Sequence[Candidate], *, target: 
     candidate list, which the user did not choose), left out with a warning (listed in ``Prepared.dropped``)."""
     from qcompiler.core.context import CompileContext
     from qcompiler.core.pass_manager import PassManager
-    from qcompiler.core.registry import build_pipeline, parse_pipeline_text
-    from qcompiler.runtime_targets import get_target
+    from qcompiler.core.registry import build_pipeline, get_target, parse_pipeline_text
 
     src = Path(model_path)
     tgt = get_target(target)

@@ -361,7 +361,7 @@ def passes_cmd() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def targets_cmd(as_json: bool) -> None:
     """List runtime targets and what each supports."""
-    from qcompiler.runtime_targets import targets
+    from qcompiler.core.registry import targets
 
     data = {name: {"description": cls.description, "default_pipeline": cls.default_pipeline,
                    "plan_options": {k: {"default": d, "doc": doc} for k, (d, doc) in cls.options.items()},
@@ -415,9 +415,8 @@ def plan_resolve_cmd(model: Path, plan: str | None, target: str, output: Path | 
     from qcompiler import ir
     from qcompiler.core.context import CompileContext
     from qcompiler.core.pass_manager import PassManager
-    from qcompiler.core.registry import build_pipeline, parse_pipeline_text
+    from qcompiler.core.registry import build_pipeline, get_target, parse_pipeline_text
     from qcompiler.plan import load_plan
-    from qcompiler.runtime_targets import get_target
 
     p = load_plan(plan)
     t = get_target(target)

@@ -24,9 +24,13 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from qcompiler.core.errors import UserError
 from qcompiler.core.pass_base import Pass
+
+if TYPE_CHECKING:  # types only: the core finds targets at run time, by name
+    from qcompiler.runtime_targets import Target
 
 log = logging.getLogger(__name__)
 
@@ -185,3 +189,20 @@ def build_pipeline(text: str, reg: Registry | None = None) -> list[Pass]:
     """Instantiate the passes named by pipeline ``text``."""
     reg = reg or registry()
     return [reg.get(name).from_text_options(opts) for name, opts in parse_pipeline_text(text)]
+
+
+# Runtime targets are plug-ins like passes: the core finds them by name through this registry and never
+# imports ``qcompiler.runtime_targets`` statically (targets import the core, not the other way round).
+_TARGETS_PACKAGE = "qcompiler.runtime_targets"
+
+
+def targets() -> dict[str, type[Target]]:
+    """Every runtime target by name: the built-ins plus the entry-point group ``qcompiler.targets``."""
+    found: dict[str, type[Target]] = importlib.import_module(_TARGETS_PACKAGE).targets()
+    return found
+
+
+def get_target(name: str) -> Target:
+    """A fresh instance of the runtime target called ``name`` (``UserError`` naming the known ones if none)."""
+    target: Target = importlib.import_module(_TARGETS_PACKAGE).get_target(name)
+    return target
