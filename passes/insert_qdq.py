@@ -56,35 +56,12 @@ from qcompiler import ir, quant
 from qcompiler.core.context import CompileContext
 from qcompiler.core.errors import UserError
 from qcompiler.core.pass_base import Pass, PassResult
+from qcompiler.ir.axes import block_axis, per_channel_axis
 from qcompiler.ir.graph import GraphIndex
 from qcompiler.plan import NodePlan, QuantSpec, required_opset
 from qcompiler.quant import schemes
 
 log = logging.getLogger(__name__)
-
-
-def per_channel_axis(node: gs.Node, ndim: int) -> int:
-    if node.op in ("LSTM", "GRU", "RNN"):
-        return 1  # W [dirs, gates*H, I], R [dirs, gates*H, H]: one scale per gate row
-    if node.op == "Conv":
-        return 0
-    if node.op == "ConvTranspose":
-        return 1
-    if node.op == "Gemm":
-        return 0 if int(node.attrs.get("transB", 0)) else 1
-    return ndim - 1  # MatMul [..., K, N]
-
-
-def block_axis(node: gs.Node, ndim: int) -> int:
-    if node.op in ("LSTM", "GRU", "RNN"):
-        return 2
-    if node.op == "Conv":
-        return 1
-    if node.op == "ConvTranspose":
-        return 0
-    if node.op == "Gemm":
-        return 1 if int(node.attrs.get("transB", 0)) else 0
-    return ndim - 2
 
 
 #: a name factory: ``base`` if unused, else ``base_1``, ``base_2``, ... (deterministic; reserved once handed out)

@@ -35,7 +35,7 @@ from qcompiler.api import CompileOptions, compile_model
 from qcompiler.core.context import CompileContext
 from qcompiler.core.errors import UserError
 from qcompiler.core.pass_base import Pass, PassResult
-from qcompiler.passes.insert_qdq import block_axis, per_channel_axis
+from qcompiler.ir.axes import block_axis, per_channel_axis
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
 

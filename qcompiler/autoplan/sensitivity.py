@@ -84,7 +84,7 @@ Progress = Callable[[int, int], None]
 
 # ------------------------------------------------------------------------------------------ fake quant
 def _axes(node: gs.Node, ndim: int, spec: QuantSpec) -> tuple[int | None, int | None]:
-    from qcompiler.passes.insert_qdq import block_axis, per_channel_axis
+    from qcompiler.ir.axes import block_axis, per_channel_axis
 
     axis: int | None = None
     block: int | None = None

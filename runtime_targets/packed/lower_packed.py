@@ -32,8 +32,8 @@ from qcompiler import ir
 from qcompiler.core.context import CompileContext
 from qcompiler.core.errors import UserError
 from qcompiler.core.pass_base import Pass, PassResult
+from qcompiler.ir.axes import per_channel_axis as output_axis
 from qcompiler.ir.graph import GraphIndex, is_onnx_op, producer
-from qcompiler.passes.insert_qdq import per_channel_axis as output_axis
 from qcompiler.quant.schemes import LOWBIT_SCHEMES
 from qcompiler.runtime_targets.packed.functions import (
     DOMAIN,

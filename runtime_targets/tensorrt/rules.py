@@ -29,8 +29,8 @@ import onnx_graphsurgeon as gs
 
 from qcompiler.core.context import CompileContext
 from qcompiler.core.pass_base import Pass, PassResult
+from qcompiler.ir.axes import per_channel_axis as output_axis
 from qcompiler.ir.graph import is_onnx_op, producer
-from qcompiler.passes.insert_qdq import per_channel_axis as output_axis
 
 _FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
 _INT4 = np.dtype(ml_dtypes.int4)
