@@ -1,4 +1,4 @@
-"""Small graph helpers shared by passes (graphsurgeon + numpy only, no protobuf).
+"""graphsurgeon-level graph helpers, shared by passes and runtime targets (graphsurgeon + numpy, no protobuf).
 
 graphsurgeon keeps producer/consumer links on every tensor (``tensor.inputs`` are the producing nodes,
 ``tensor.outputs`` the consuming ones, subgraph nodes that read an outer tensor included), so lookups are

@@ -1,0 +1,179 @@
+"""Converting between ONNX protobuf and onnx-graphsurgeon, and between opsets.
+
+:func:`import_graph` gives a graphsurgeon graph (external weights memory-mapped, nodes named) and the
+:class:`ModelMeta` that :func:`export_model` restores; export writes the ``qcompiler.pass`` tag of every node a
+pass created (:func:`tag`) as node ``metadata_props``. :func:`upgrade_opset` converts the default-domain opset
+when the quantized result needs it (and says so in the log).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import helper, numpy_helper
+from onnx_graphsurgeon.ir.tensor import LazyValues
+
+from qcompiler import __version__
+from qcompiler.core.errors import UserError
+from qcompiler.ir.external import ExternalDataWriter, map_external_constants
+from qcompiler.ir.walk import walk_graphs
+
+log = logging.getLogger("qcompiler.ir")  # the package's logger, as before ir was split into modules
+
+TAG_KEY = "qcompiler.pass"
+_TAG_ATTR = "_qcompiler_pass"
+MIN_IR_FOR_TAGS = 10
+_SUBBYTE = {np.dtype(d) for d in (ml_dtypes.int4, ml_dtypes.uint4)}
+
+
+def opset_of(model: onnx.ModelProto) -> int:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return int(imp.version)
+    return 1
+
+
+def upgrade_opset(model: onnx.ModelProto, target: int, reason: str) -> onnx.ModelProto:
+    """Convert the default-domain opset to ``target`` (no-op when already there)."""
+    current = opset_of(model)
+    if current >= target:
+        return model
+    log.info("upgrading opset %d -> %d (%s)", current, target, reason)
+    try:
+        from onnx import version_converter
+
+        upgraded = version_converter.convert_version(model, target)
+    except Exception as e:
+        raise UserError(f"model: cannot upgrade opset {current} -> {target} needed for {reason}: {e}") from None
+    return upgraded
+
+
+@dataclass
+class ModelMeta:
+    """What export needs to give back that graphsurgeon does not carry."""
+
+    ir_version: int
+    opset: int
+    producer_name: str = ""
+    producer_version: str = ""
+    metadata_props: dict[str, str] = field(default_factory=dict)
+    io_dtypes: dict[str, Any] = field(default_factory=dict)  # original fp16 interface, name -> np.dtype
+    source: str = ""
+
+
+def import_graph(model: onnx.ModelProto, source: str = "") -> tuple[gs.Graph, ModelMeta]:
+    """graphsurgeon graph of ``model`` plus the metadata export restores."""
+    meta = ModelMeta(
+        ir_version=int(model.ir_version),
+        opset=opset_of(model),
+        producer_name=model.producer_name,
+        producer_version=model.producer_version,
+        metadata_props={p.key: p.value for p in model.metadata_props},
+        source=source,
+    )
+    graph = gs.import_onnx(model)
+    map_external_constants(graph)
+    _numpy_variable_dtypes(graph)
+    name_nodes(graph)
+    return graph, meta
+
+
+def _numpy_variable_dtypes(graph: gs.Graph) -> None:
+    """graphsurgeon leaves bfloat16 / fp8 / 4-bit tensor types as ONNX type numbers; give them their numpy
+    (ml_dtypes) dtype so that ``np.dtype(t.dtype)`` works everywhere (graphsurgeon exports those fine)."""
+    for g in walk_graphs(graph):
+        for t in g.tensors().values():
+            if isinstance(t, gs.Variable) and isinstance(t.dtype, int) and getattr(t, "type", "tensor_type") == \
+                    "tensor_type":
+                with contextlib.suppress(Exception):
+                    dt = np.dtype(helper.tensor_dtype_to_np_dtype(t.dtype))
+                    if not dt.hasobject:
+                        t.dtype = dt
+
+
+def name_nodes(graph: gs.Graph) -> int:
+    """Give every unnamed (or duplicate-named) node a deterministic unique name ``{op_type}_{index}``."""
+    taken = {n.name for n in graph.nodes if n.name}
+    seen: set[str] = set()
+    count = 0
+    for i, n in enumerate(graph.nodes):
+        if n.name and n.name not in seen:
+            seen.add(n.name)
+            continue
+        base = f"{n.op}_{i}"
+        name, j = base, 1
+        while name in taken or name in seen:
+            name = f"{base}_{j}"
+            j += 1
+        n.name = name
+        seen.add(name)
+        taken.add(name)
+        count += 1
+    return count
+
+
+def tag(node: gs.Node, pass_name: str) -> gs.Node:
+    """Mark ``node`` as created by ``pass_name`` (exported as node metadata ``qcompiler.pass``)."""
+    setattr(node, _TAG_ATTR, pass_name)
+    return node
+
+
+def tag_of(node: gs.Node) -> str | None:
+    return getattr(node, _TAG_ATTR, None)
+
+
+def export_model(graph: gs.Graph, meta: ModelMeta | None = None, *,
+                 external: ExternalDataWriter | None = None, consume: bool = False) -> onnx.ModelProto:
+    """Export ``graph`` to a ModelProto, restoring metadata and writing node tags. With ``external``, large
+    constants are streamed to its data file and the ModelProto only references them. ``consume``: the caller
+    discards ``graph`` afterwards, so it is cleaned up, sorted and (with ``external``) rewired to the written
+    tensors in place instead of on a copy (copying a graph costs as much as exporting it)."""
+    tags = {n.name: tag_of(n) for n in graph.nodes if tag_of(n)}
+    g = graph if consume else graph.copy()
+    g.cleanup(remove_unused_graph_inputs=False).toposort()
+    if external is not None:
+        external.externalize(g)
+    model = _gs_export(g)
+    # Intermediate shapes are re-inferred by every runtime; storing them only grows the file.
+    del model.graph.value_info[:]
+    if meta is not None:
+        model.producer_name = "qcompiler"
+        model.producer_version = __version__
+        del model.metadata_props[:]
+        for k, v in sorted(meta.metadata_props.items()):
+            model.metadata_props.add(key=k, value=v)
+        model.ir_version = max(meta.ir_version, int(model.ir_version) if model.ir_version else 0)
+    if tags:
+        model.ir_version = max(int(model.ir_version), MIN_IR_FOR_TAGS)
+        for node in model.graph.node:
+            t = tags.get(node.name)
+            if t:
+                node.metadata_props.add(key=TAG_KEY, value=t)
+    # ai.onnx.ml and friends: keep the imports graphsurgeon found; make sure custom domains used are imported.
+    domains = {imp.domain for imp in model.opset_import}
+    for node in model.graph.node:
+        if node.domain not in domains and node.domain not in ("", "ai.onnx"):
+            model.opset_import.add(domain=node.domain, version=1)
+            domains.add(node.domain)
+    return model
+
+
+def copy_graph(graph: gs.Graph) -> gs.Graph:
+    """A deep, independent copy of ``graph`` (via protobuf, so constants are not shared)."""
+    return gs.import_onnx(_gs_export(graph.copy()))
+
+
+def _gs_export(g: gs.Graph) -> onnx.ModelProto:
+    """``gs.export_onnx`` of a graph *copy*; int4/uint4 constants are packed two per byte first (graphsurgeon
+    writes one byte per element, which the ONNX checker and onnxruntime reject)."""
+    for t in g.tensors().values():
+        if isinstance(t, gs.Constant) and not isinstance(t._values, LazyValues) and t.values.dtype in _SUBBYTE:
+            t._values = LazyValues(numpy_helper.from_array(np.asarray(t.values), t.name))
+    return gs.export_onnx(g, do_type_check=False)

@@ -1,0 +1,200 @@
+"""Loading a model file, with every check before anything is used: the path, the protobuf, tensor sizes,
+the ONNX checker, and the external data — whose ``location`` must stay inside the model's folder. Never writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import onnx
+from onnx import TensorProto
+
+from qcompiler.core.errors import UserError
+from qcompiler.ir.external import MMAP_MIN_BYTES
+from qcompiler.ir.facts import _bits, _elements, _external_info
+from qcompiler.ir.shapes import INFER_MAX_PROTO_BYTES
+from qcompiler.ir.walk import _external_tensors, _iter_all_tensors
+
+PROTOBUF_LIMIT = 2**31 - 1
+# Largest tensor (in elements) we accept from a model before refusing it as absurd.
+MAX_TENSOR_ELEMENTS = 2**34
+#: Largest intermediate tensor (elements, from static shape inference at load) before the model is refused.
+MAX_ACTIVATION_ELEMENTS = 2**32
+
+
+def _check_path(path: Path) -> None:
+    if not path.exists():
+        raise UserError(f"{path}: no such file")
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory, expected an .onnx file")
+    if path.stat().st_size == 0:
+        raise UserError(f"{path}: empty file, expected an ONNX model")
+
+
+def _safe_external_path(base_dir: Path, location: str, where: str) -> Path:
+    """Resolve an external-data ``location``; refuse absolute paths, ``..`` and symlink escapes."""
+    if not location:
+        raise UserError(f"{where}: external data with an empty location")
+    if os.path.isabs(location) or location.startswith(("/", "\\")) or ":" in location:
+        raise UserError(f"{where}: external data location '{location}' is absolute; refused")
+    parts = Path(location.replace("\\", "/")).parts
+    if ".." in parts:
+        raise UserError(f"{where}: external data location '{location}' contains '..'; refused")
+    full = (base_dir / location).resolve()
+    base = base_dir.resolve()
+    if base != full and base not in full.parents:
+        raise UserError(f"{where}: external data location '{location}' resolves outside the model folder; refused")
+    if not full.is_file():
+        raise UserError(f"{where}: external data file '{location}' not found next to the model")
+    return full
+
+
+def _parse_int(value: str, what: str, where: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise UserError(f"{where}: external data {what} '{value}' is not an integer") from None
+
+
+def _resolve_external_data(model: onnx.ModelProto, path: Path) -> None:
+    """Check every external tensor (location inside the model folder, byte range inside the file, length
+    matching the shape) and record its resolved absolute location. Only tensors under ``MMAP_MIN_BYTES`` are read
+    (into ``raw_data``, so that shape inference sees shape tensors); the others are memory-mapped tensor by tensor
+    when the graph is imported (:func:`import_graph`)."""
+    base_dir = path.parent
+    for t in _external_tensors(model):
+        info = _external_info(t)
+        where = f"{path}: tensor '{t.name}'"
+        full = _safe_external_path(base_dir, info.get("location", ""), where)
+        bits = _bits(t.data_type)
+        if bits is None:
+            raise UserError(f"{where}: tensors of type {t.data_type} cannot be stored as external data")
+        need = (_elements(t) * bits + 7) // 8
+        offset = _parse_int(info.get("offset", "0") or "0", "offset", where)
+        size = full.stat().st_size
+        length = _parse_int(info["length"], "length", where) if info.get("length") else need
+        if offset < 0 or length < 0 or offset + length > size:
+            raise UserError(f"{where}: external data range [{offset}, {offset + length}) exceeds file "
+                            f"'{full.name}' ({size} bytes)")
+        if length != need:
+            raise UserError(f"{where}: external data length {length} does not match its shape "
+                            f"{list(t.dims)} ({need} bytes)")
+        del t.external_data[:]
+        if length < MMAP_MIN_BYTES:  # small (shapes, biases): read now, so shape inference sees them
+            with open(full, "rb") as f:
+                f.seek(offset)
+                t.raw_data = f.read(length)
+            t.data_location = TensorProto.DEFAULT
+            continue
+        t.external_data.add(key="location", value=str(full))
+        t.external_data.add(key="offset", value=str(offset))
+        t.external_data.add(key="length", value=str(length))
+
+
+def _check_tensor_sizes(model: onnx.ModelProto, path: Path) -> None:
+    for t in _iter_all_tensors(model):
+        n = 1
+        for d in t.dims:
+            if d < 0:
+                raise UserError(f"{path}: tensor '{t.name}' has a negative dimension {d}")
+            n *= d
+        if n > MAX_TENSOR_ELEMENTS:
+            raise UserError(f"{path}: tensor '{t.name}' declares {n} elements, beyond the {MAX_TENSOR_ELEMENTS} limit")
+
+
+def load_model(path: str | os.PathLike[str], *, check: bool = True) -> onnx.ModelProto:
+    """Load an ONNX model. Never writes anything. Raises :class:`UserError`.
+
+    Tensors stored as external data are **not** read: their locations are checked (inside the model's folder,
+    no ``..``, no absolute path, no symlink leading out; byte range inside the file) and replaced, in the
+    returned ModelProto only, by the resolved absolute path. :func:`import_graph` memory-maps them tensor by
+    tensor, :func:`session` hands them to onnxruntime by folder and :func:`save_model` copies them.
+    """
+    p = Path(path)
+    _check_path(p)
+    if p.stat().st_size > PROTOBUF_LIMIT:
+        raise UserError(f"{p}: {p.stat().st_size} bytes is beyond the 2 GB protobuf limit of an .onnx file "
+                        "(large models keep their weights in external data files)")
+    try:
+        with open(p, "rb") as f:
+            data = f.read()
+        model = onnx.ModelProto()
+        model.ParseFromString(data)
+        del data
+    except Exception as e:  # protobuf DecodeError and friends
+        raise UserError(f"{p}: not an ONNX model (protobuf parse failed: {type(e).__name__})") from None
+    if model.ir_version <= 0 or not model.HasField("graph") or not model.opset_import:
+        raise UserError(f"{p}: not an ONNX model (no graph / ir_version / opset_import)")
+    _check_tensor_sizes(model, p)
+    _resolve_external_data(model, p)
+    if check:
+        check_model(model, where=str(p))
+        _check_inferred_sizes(model, p)
+    return model
+
+
+def _check_inferred_sizes(model: onnx.ModelProto, path: Path) -> None:
+    """Refuse a model whose (statically inferred) intermediate tensors are absurdly large — e.g. a
+    ConstantOfShape of [2^20, 2^20] — before anything tries to allocate them. Skipped for protos above
+    ``INFER_MAX_PROTO_BYTES`` (shape inference copies the whole proto)."""
+    if model.ByteSize() > INFER_MAX_PROTO_BYTES:
+        return
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
+    except Exception:  # inference is best effort here; the checker already ran
+        return
+    producers = {o: n.name or n.op_type for n in inferred.graph.node for o in n.output}
+    for vi in [*inferred.graph.value_info, *inferred.graph.output]:
+        if not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):
+            continue
+        n = 1
+        for d in vi.type.tensor_type.shape.dim:
+            if d.HasField("dim_value"):
+                if d.dim_value < 0:
+                    n = 0
+                    break
+                n *= int(d.dim_value)
+        if n > MAX_ACTIVATION_ELEMENTS:
+            node = producers.get(vi.name, "?")
+            raise UserError(f"{path}: tensor '{vi.name}' (output of node '{node}') would have {n} elements, beyond "
+                            f"the {MAX_ACTIVATION_ELEMENTS} limit")
+
+
+@contextlib.contextmanager
+def _externals_hidden(model: onnx.ModelProto) -> Iterator[None]:
+    """Temporarily turn every external tensor into an empty inline one (the ONNX checker would look for
+    external files relative to the working directory); everything is restored afterwards."""
+    saved = []
+    for t in _external_tensors(model):
+        saved.append((t, list(t.dims), [(e.key, e.value) for e in t.external_data]))
+        del t.dims[:]
+        t.dims.append(0)
+        del t.external_data[:]
+        t.data_location = TensorProto.DEFAULT
+    try:
+        yield
+    finally:
+        for t, dims, entries in saved:
+            del t.dims[:]
+            t.dims.extend(dims)
+            for k, v in entries:
+                t.external_data.add(key=k, value=v)
+            t.data_location = TensorProto.EXTERNAL
+
+
+def check_model(model: onnx.ModelProto, *, where: str = "model", full: bool = False) -> None:
+    """Run the ONNX checker (and strict shape inference when ``full``); raise :class:`UserError` on failure."""
+    try:
+        if model.ByteSize() < PROTOBUF_LIMIT:
+            with _externals_hidden(model):
+                onnx.checker.check_model(model)
+            if full:
+                onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+    except Exception as e:
+        text = " ".join(str(e).split()) or type(e).__name__
+        if len(text) > 300:
+            text = text[:297] + "..."
+        raise UserError(f"{where}: fails the ONNX checker: {text}") from None
