@@ -315,7 +315,7 @@ def _fragile_files(d: Path) -> tuple[Path, Path]:
 
 
 def test_probability_outputs_use_kl():
-    from qcompiler.autoplan.sensitivity import _output_kind
+    from qcompiler.autoplan.sensitivity import output_kind as _output_kind
 
     g = ir.import_graph(_fragile_mlp())[0]
     p = np.full((2, 3, 5), 0.2, dtype=np.float32)

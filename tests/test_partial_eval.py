@@ -14,7 +14,7 @@ from qcompiler import autoplan
 from qcompiler.autoplan.sensitivity import (
     LayerUnderTest,
     SensitivityRunner,
-    _activation_qparams,
+    activation_qparams,
     measure_plans,
 )
 
@@ -30,7 +30,7 @@ def _setup(model: Path, calib: Path, cands: str, samples: int = 6):
                           prep.nodes[la.name].activation if 0 in prep.nodes[la.name].activation_inputs else None,
                           oq[i]) for i, la in enumerate(prep.layers)]
     feeds = autoplan.load_feeds(prep.graph, calib, samples, 0)
-    qp = _activation_qparams(prep.graph, lut, feeds, 21)
+    qp = activation_qparams(prep.graph, lut, feeds, 21)
     return prep, lut, feeds, qp, [c.name for c in cl]
 
 
@@ -88,12 +88,13 @@ def test_context_sensitivities_with_cuts_equal_whole_graph_runs(monkeypatch):
     """pd around a plan (refine / exchange): with cuts, each change starts from the plan's own activations at the
     cut before the layer; the values are those of whole-graph runs."""
     from qcompiler.autoplan import sensitivity
+    from qcompiler.autoplan.sensitivity import metrics  # compute reads PARTIAL_CUTS there
 
     prep, lut, feeds, _, names = _setup(MODELS / "conv_bn_relu.onnx", MODELS / "conv_bn_relu.npz", "fp32,int8,int4")
     plan = [(2, 1, 0)[i % 3] for i in range(len(lut))]
     got = {}
     for cuts in (8, 0):
-        monkeypatch.setattr(sensitivity, "PARTIAL_CUTS", cuts)
+        monkeypatch.setattr(metrics, "PARTIAL_CUTS", cuts)
         got[cuts] = sensitivity.compute("pd", prep.graph, lut, names, feeds, workers=1, context=plan)
     assert got[8].details.get("partial_evaluations", 0) > 0 and "cuts" not in got[0].details
     np.testing.assert_allclose(got[8].values, got[0].values, rtol=1e-3, atol=1e-9)
@@ -129,6 +130,7 @@ def test_outputs_computed_before_a_cut_come_from_the_plan_not_the_float_model(tm
     """A graph output computed before the cut (here fc0's Relu) carries the starting plan's quantization: plans
     that share fc0's setting and differ later must still see fc0's noise on that output."""
     from qcompiler.autoplan import sensitivity
+    from qcompiler.autoplan.sensitivity import metrics  # compute reads PARTIAL_CUTS there
 
     path, calib = _two_outputs(tmp_path)
     prep, lut, feeds, qp, names = _setup(path, calib, "fp32,int4")
@@ -143,9 +145,9 @@ def test_outputs_computed_before_a_cut_come_from_the_plan_not_the_float_model(tm
         assert s1 == pytest.approx(s2, rel=1e-4, abs=1e-12)
         np.testing.assert_allclose(n1, n2, rtol=1e-4, atol=1e-12)
     assert shared[1][1][state] > 0 and shared[3][1][state] == 0.0  # fc0 int4 -> noise on the early output
-    monkeypatch.setattr(sensitivity, "PARTIAL_CUTS", 8)
+    monkeypatch.setattr(metrics, "PARTIAL_CUTS", 8)
     ctx = sensitivity.compute("pd", prep.graph, lut, names, feeds, workers=1, context=[1, 1, 1])
-    monkeypatch.setattr(sensitivity, "PARTIAL_CUTS", 0)
+    monkeypatch.setattr(metrics, "PARTIAL_CUTS", 0)
     ref = sensitivity.compute("pd", prep.graph, lut, names, feeds, workers=1, context=[1, 1, 1])
     assert ctx.details.get("partial_evaluations", 0) > 0
     np.testing.assert_allclose(ctx.values, ref.values, rtol=1e-3, atol=1e-9)
