@@ -13,9 +13,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qcompiler import ir
 from qcompiler.calib import (
+    WORKERS_ENV,
     CalibrationSource,
     InputSig,
     TensorStats,
+    calibration_workers,
     collect,
     input_signatures,
     random_source,
@@ -596,8 +598,6 @@ def test_collect_concurrent_names_first_failing_sample(tmp_path, workers):
 
 
 def test_calibration_workers_env(monkeypatch):
-    from qcompiler.calib import WORKERS_ENV, calibration_workers
-
     monkeypatch.setenv(WORKERS_ENV, "1")
     assert calibration_workers() == 1
     monkeypatch.setenv(WORKERS_ENV, "3")
