@@ -48,7 +48,7 @@ def sqnr_db(ref: Any, test: Any) -> float:
         return math.inf
     if sig == 0.0:
         return -math.inf
-    return 10.0 * math.log10(sig / noise)
+    return float(10.0 * np.log10(sig / noise))
 
 
 def json_float(x: float, digits: int | None = None, *, significant: int | None = None,
