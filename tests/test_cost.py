@@ -20,6 +20,7 @@ from qcompiler.cli import cli
 from qcompiler.core.errors import UserError
 from qcompiler.plan import Plan, QuantSpec
 from qcompiler.report import cost
+from qcompiler.report.cost import measure as cost_measure
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 F32 = TensorProto.FLOAT
@@ -301,8 +302,8 @@ def test_static_shapes_equal_a_run_and_measured_shapes_help(tmp_path, monkeypatc
     rng = np.random.default_rng(4)
     path = _save(_shape_chain_model(rng), tmp_path / "m.onnx")
     runs = []
-    real_run = cost._runtime_shapes
-    monkeypatch.setattr(cost, "_runtime_shapes", lambda *a: runs.append(1) or real_run(*a))
+    real_run = cost_measure._runtime_shapes
+    monkeypatch.setattr(cost_measure, "_runtime_shapes", lambda *a: runs.append(1) or real_run(*a))
     ran = cost.model_cost(path, feed_shapes={"x": [2, 3, 8, 8]})  # Cast blocks inference: the model is run
     assert ran.shapes_from == "onnxruntime" and len(runs) == 1
     assert ran.layer("matmul").macs == 2 * 144 * 5 and ran.layer("conv").macs == 2 * 4 * 6 * 6 * 27
@@ -324,6 +325,6 @@ def test_static_shapes_equal_a_run_and_measured_shapes_help(tmp_path, monkeypatc
     fixture = MODELS / "conv_bn_relu.onnx"
     static = cost.model_cost(fixture, feed_shapes={"input": [1, 3, 32, 32]})
     assert static.shapes_from == "shape inference" and len(runs) == 2
-    monkeypatch.setattr(cost, "_static_shapes", lambda *a: {})
+    monkeypatch.setattr(cost_measure, "_static_shapes", lambda *a: {})
     _same_costs(static, cost.model_cost(fixture, feed_shapes={"input": [1, 3, 32, 32]}))
     assert len(runs) == 3

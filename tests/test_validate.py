@@ -15,6 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 from qcompiler import ir
 from qcompiler.core.errors import UserError
 from qcompiler.report import validate
+from qcompiler.report.validate.metrics import _Accumulator
 
 F32 = TensorProto.FLOAT
 OPSET = [helper.make_opsetid("", 17)]
@@ -198,12 +199,12 @@ def test_streaming_matches_concatenation_and_keeps_no_samples():
 
 
 def test_accumulator_holds_scalars_only():
-    acc = validate._Accumulator("t")
+    acc = _Accumulator("t")
     rng = np.random.default_rng(4)
     for _ in range(3):
         a = rng.standard_normal((2, 5)).astype(np.float32)
         acc.update(a, a + 0.1)
-    for slot in validate._Accumulator.__slots__:
+    for slot in _Accumulator.__slots__:
         v = getattr(acc, slot)
         assert v is None or isinstance(v, (int, float, str)), slot
 

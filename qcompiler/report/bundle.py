@@ -39,7 +39,7 @@ import os
 import shutil
 import tempfile
 import zipfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,10 @@ import numpy as np
 
 from qcompiler import __version__, ir
 from qcompiler.core.errors import UserError
+from qcompiler.core.numbers import json_float, sqnr_db
+from qcompiler.ir.report_support import custom_op_domains, library_versions
+from qcompiler.report.validate.compare import validate
+from qcompiler.report.validate.files import load_feeds, load_names
 
 log = logging.getLogger(__name__)
 
@@ -116,34 +120,6 @@ def _unstack(arrays: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
     return [samples[i] for i in sorted(samples)]
 
 
-def sqnr_db(ref: Iterable[np.ndarray], q: Iterable[np.ndarray]) -> float:
-    """10·log10(Σref² / Σ(ref−q)²) over all pairs, in float64 (``inf`` when identical)."""
-    s = n = 0.0
-    for r, x in zip(ref, q):
-        a = np.asarray(r, dtype=np.float64).ravel()
-        b = np.asarray(x, dtype=np.float64).ravel()
-        if a.shape != b.shape:
-            return math.nan
-        d = a - b
-        s += float(a @ a)
-        n += float(d @ d)
-    if math.isnan(s) or math.isnan(n):
-        return math.nan
-    if n == 0.0:
-        return math.inf
-    if s == 0.0:
-        return -math.inf
-    return 10.0 * math.log10(s / n)
-
-
-def _json_num(x: float, digits: int = 3) -> float | str:
-    if math.isnan(x):
-        return "nan"
-    if math.isinf(x):
-        return "inf" if x > 0 else "-inf"
-    return round(float(x), digits)
-
-
 def _num(x: Any) -> float:
     if isinstance(x, str):
         return float(x)  # "inf" / "-inf" / "nan"
@@ -153,27 +129,6 @@ def _num(x: Any) -> float:
 def _signatures(model: Any) -> dict[str, Any]:
     info = ir.model_summary(model)
     return {"inputs": info["inputs"], "outputs": info["outputs"], "opset_imports": info["opset"]}
-
-
-def _custom_domains(model: Any) -> list[str]:
-    domains: set[str] = set()
-
-    def walk(g: Any) -> None:
-        for n in g.node:
-            if n.domain not in ("", "ai.onnx"):
-                domains.add(n.domain)
-            for a in n.attribute:
-                if a.HasField("g"):
-                    walk(a.g)
-                for sub in a.graphs:
-                    walk(sub)
-
-    walk(model.graph)
-    for fn in model.functions:
-        for n in fn.node:
-            if n.domain not in ("", "ai.onnx") and n.domain != fn.domain:
-                domains.add(n.domain)
-    return sorted(domains)
 
 
 def _run(sess: Any, feeds: Sequence[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
@@ -212,8 +167,29 @@ def build_bundle(model: str | os.PathLike[str], bundle: str | os.PathLike[str], 
                  plugins: Sequence[str] = (), check_samples: int = CHECK_SAMPLES,
                  progress: Any = None, compact_names: bool = False) -> BundleResult:
     """Compile ``model`` (validated against real data) and write a deployment bundle at ``bundle``."""
+    # The compile façade is layer L5 (this module L3): this wrapper belongs with the ``package`` command; the
+    # bundle itself is :func:`package_model`, which gets the compile step as a function.
     from qcompiler.api import CompileOptions, compile_model
 
+    def compile_into(src: Path, dest: Path) -> Any:
+        opts = CompileOptions(plan=plan, target=target, calib=str(calib), pipeline=pipeline, validate=True,
+                              validate_data=validate_data, min_sqnr_db=min_sqnr_db,
+                              external_data_threshold=external_data_threshold, calib_samples=calib_samples,
+                              seed=seed, plugins=list(plugins), compact_names=compact_names)
+        return compile_model(src, dest, opts, progress=progress)
+
+    return package_model(model, bundle, compile_into, calib=calib, plan=plan, min_sqnr_db=min_sqnr_db,
+                         make_zip=make_zip, validate_data=validate_data, check_samples=check_samples)
+
+
+def package_model(model: str | os.PathLike[str], bundle: str | os.PathLike[str],
+                  compile_into: Callable[[Path, Path], Any], *, calib: str | os.PathLike[str], plan: Any = None,
+                  min_sqnr_db: float | None = None, make_zip: bool = False, validate_data: Any = None,
+                  check_samples: int = CHECK_SAMPLES) -> BundleResult:
+    """Write a deployment bundle of ``model`` at ``bundle``: ``compile_into(model, path)`` compiles it with
+    validation to ``path`` (a :func:`qcompiler.api.compile_model` with ``validate=True`` and the same ``calib``,
+    ``plan``, ``min_sqnr_db`` and ``validate_data``) and returns its result (``.validation``, ``.report``,
+    ``.pipeline``); the other arguments are those of :func:`build_bundle`."""
     src, dest = Path(model), Path(bundle)
     if str(calib) in ("random", "none") and validate_data is None:
         raise UserError(f"--calib {calib}: a bundle needs real calibration data (or --validate-data) to validate")
@@ -237,21 +213,15 @@ def build_bundle(model: str | os.PathLike[str], bundle: str | os.PathLike[str], 
         raise UserError(f"{dest}: cannot write here: {e.strerror or e}") from None
     done = False
     try:
-        opts = CompileOptions(plan=plan, target=target, calib=str(calib), pipeline=pipeline, validate=True,
-                              validate_data=validate_data, min_sqnr_db=min_sqnr_db,
-                              external_data_threshold=external_data_threshold, calib_samples=calib_samples,
-                              seed=seed, plugins=list(plugins), compact_names=compact_names)
-        result = compile_model(src, tmp / MODEL_NAME, opts, progress=progress)
+        result = compile_into(src, tmp / MODEL_NAME)
         validation = result.validation
         assert validation is not None
         report = result.report
 
         # check data: the first few validation feeds and the float model's outputs on them
-        from qcompiler.report import validate as qv
-
         float_model = ir.load_model(src)
         feeds_src = validate_data if validate_data is not None else calib
-        feeds = [dict(f) for _, f in zip(range(check_samples), qv.load_feeds(feeds_src, float_model))]
+        feeds = [dict(f) for _, f in zip(range(check_samples), load_feeds(feeds_src, float_model))]
         reference = _run(ir.session(float_model, threads=1), feeds)
         del float_model
         qsess = ir.session(tmp / MODEL_NAME, threads=1)
@@ -275,12 +245,12 @@ def build_bundle(model: str | os.PathLike[str], bundle: str | os.PathLike[str], 
             "pipeline": result.pipeline,
             "plan": Path(str(getattr(plan, "source", plan))).name if plan is not None else "<default plan>",
             **_signatures(qmodel),
-            "custom_op_domains": _custom_domains(qmodel),
+            "custom_op_domains": custom_op_domains(qmodel),
             "validation": {"samples": validation.samples, "min_sqnr_db": min_sqnr_db, "passed": validation.passed,
                            "worst_output_sqnr_db": vjson["worst_output_sqnr_db"],
                            "outputs": {m["name"]: m["sqnr_db"] for m in vjson["outputs"]}},
             "check": {"samples": len(feeds), "tolerance_db": CHECK_TOLERANCE_DB,
-                      "sqnr_db": {k: _json_num(v) for k, v in check.items()}},
+                      "sqnr_db": {k: json_float(v, 3) for k, v in check.items()}},
             "sizes": report.get("sizes", {}),
         }
         del qmodel
@@ -317,10 +287,7 @@ def _umask() -> int:
 
 
 def _versions() -> dict[str, str]:
-    import onnx
-    import onnxruntime
-
-    return {"qcompiler": __version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+    return {"qcompiler": __version__, **library_versions()}
 
 
 def _hash_tree(root: Path) -> dict[str, dict[str, Any]]:
@@ -451,12 +418,10 @@ def _verify_folder(root: Path, float_model: Any, data: Any, label: Path) -> Veri
     if float_model is not None or data is not None:
         if float_model is None or data is None:
             raise UserError("verify: give both --model FLOAT.onnx and --data DATA to rerun the full validation")
-        from qcompiler.report import validate as qv
-
         fm = ir.load_model(float_model)
         names_file = root / (Path(MODEL_NAME).stem + ".names.json")  # a --compact-names bundle
-        names = qv.load_names(names_file) if names_file.is_file() else None
-        full = qv.validate(fm, qmodel, qv.load_feeds(data, fm), min_sqnr_db=gate, names=names)
+        names = load_names(names_file) if names_file.is_file() else None
+        full = validate(fm, qmodel, load_feeds(data, fm), min_sqnr_db=gate, names=names)
         if gate is not None and not full.passed:
             raise UserError(f"{label}: full validation: output SQNR {full.worst_output_sqnr():.2f} dB is below "
                             f"the bundle's --min-sqnr {gate} dB")

@@ -1,0 +1,69 @@
+"""The two numeric helpers every report shares: signal-to-quantization-noise ratio and JSON-safe floats.
+
+* :func:`sqnr_db` — ``10·log10(Σref² / Σ(ref−q)²)`` in float64, over one pair of arrays or summed over
+  sequences of array pairs;
+* :func:`json_float` — a float as strict JSON can hold it: rounded to decimals or significant digits, and the
+  non-finite values spelled ``"inf"`` / ``"-inf"`` / ``"nan"`` (or ``None``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any, Literal
+
+import numpy as np
+
+
+def _pairs(ref: Any, test: Any) -> Iterable[tuple[Any, Any]]:
+    """One pair for two arrays (or array-likes of numbers); the zipped pairs for two lists / tuples / iterators of
+    arrays."""
+    if isinstance(ref, np.ndarray) or np.isscalar(ref):
+        return [(ref, test)]
+    if isinstance(ref, (list, tuple)) and ref and not isinstance(ref[0], (np.ndarray, list, tuple)):
+        return [(ref, test)]  # a plain list of numbers: one array
+    return zip(ref, test)
+
+
+def sqnr_db(ref: Any, test: Any) -> float:
+    """Signal-to-quantization-noise ratio ``10·log10(Σref² / Σ(ref−test)²)`` in dB, computed in float64.
+
+    ``ref`` / ``test``: two arrays, or two sequences of arrays compared pairwise with the sums taken over all
+    pairs (arrays of different shapes may follow each other; a pair of different shapes gives ``nan``).
+    Identical values give ``inf``; a zero reference with a nonzero error ``-inf``; NaN anywhere ``nan``. The sums
+    are numpy sums of products (not BLAS dots: next to onnxruntime's spinning thread pool a multithreaded BLAS
+    call is slow)."""
+    sig = noise = 0.0
+    for r, x in _pairs(ref, test):
+        a = np.asarray(r, dtype=np.float64).ravel()
+        b = np.asarray(x, dtype=np.float64).ravel()
+        if a.shape != b.shape:
+            return math.nan
+        d = a - b
+        sig += float(np.sum(a * a))
+        noise += float(np.sum(d * d))
+    if math.isnan(sig) or math.isnan(noise):
+        return math.nan
+    if noise == 0.0:
+        return math.inf
+    if sig == 0.0:
+        return -math.inf
+    return float(10.0 * np.log10(sig / noise))
+
+
+def json_float(x: float, digits: int | None = None, *, significant: int | None = None,
+               nonfinite: Literal["string", "none"] = "string") -> float | str | None:
+    """``x`` as strict JSON holds it: rounded to ``digits`` decimals, or to ``significant`` digits (``%g``), or
+    as it is (``float(x)``) when neither is given. Non-finite values (which strict JSON has not) become the
+    strings ``"inf"`` / ``"-inf"`` / ``"nan"``, or ``None`` with ``nonfinite="none"``."""
+    if not math.isfinite(x):
+        if nonfinite == "none":
+            return None
+        if math.isnan(x):
+            return "nan"
+        return "inf" if x > 0 else "-inf"
+    if significant is not None:
+        return float(f"{x:.{significant}g}")
+    if digits is not None:
+        return round(float(x), digits)
+    return float(x)

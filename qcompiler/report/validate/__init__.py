@@ -1,0 +1,34 @@
+"""Compare a float model with its quantized version in onnxruntime (CPU), per graph output and per layer.
+
+Both models run on the same feeds. For every graph output, and for every intermediate tensor that both
+graphs produce under the same name, error metrics accumulate **streaming** over the samples: only running
+sums are kept (Σref², Σq², Σref·q, Σ(ref−q)², Σ|ref−q|, max|ref−q|, element and agreement counts), so
+memory does not grow with the number of samples.
+
+* ``sqnr_db`` = 10·log10(Σref² / Σ(ref−q)²) over all samples and elements. Identical tensors give
+  ``inf``; a zero reference with a non-zero error gives ``-inf``; NaN anywhere gives ``nan``.
+* ``cosine`` = Σref·q / (√Σref² · √Σq²) over the flattened concatenation of all samples (1.0 when both are
+  all zero, 0.0 when only one is).
+* ``max_abs`` / ``mean_abs``: largest and mean absolute difference.
+* ``top1_agreement``: for float outputs that look like class scores (rank ≥ 2, last dimension between 2 and
+  100 000): the fraction of positions (every index of all axes but the last, over all samples) where the
+  argmax over the last axis agrees. ``None`` otherwise.
+* ``exact_match``: for integer / bool tensors, the fraction of elements exactly equal (their SQNR is computed
+  over the values cast to float). ``None`` for float tensors.
+
+Graph outputs are measured on plain sessions of both models (no intermediate outputs exposed), so
+onnxruntime applies the same fusions (e.g. QDQ → integer kernels) as in deployment and a model compared
+with itself gives exactly ``inf``. Per-layer metrics come from a second pair of sessions exposing the
+intermediate tensors (which may disable some fusions); each sample then runs four times in all.
+Comparisons are done in float64 whatever the model's float type (fp16 models included).
+"""
+
+from qcompiler.report.validate.compare import validate
+from qcompiler.report.validate.files import load_feeds, load_names
+from qcompiler.report.validate.layers import MAX_LAYERS, QDQ_OPS
+from qcompiler.report.validate.metrics import TOP1_MAX_CLASSES, TOP1_MIN_CLASSES, TensorMetrics
+from qcompiler.report.validate.result import ValidationReport
+from qcompiler.report.validate.sessions import ModelLike
+
+__all__ = ["MAX_LAYERS", "QDQ_OPS", "TOP1_MAX_CLASSES", "TOP1_MIN_CLASSES", "ModelLike", "TensorMetrics",
+           "ValidationReport", "load_feeds", "load_names", "validate"]

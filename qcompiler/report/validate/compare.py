@@ -1,0 +1,173 @@
+"""The comparison itself: :func:`validate` runs the float and the quantized model on the same feeds and
+accumulates the error of every graph output and every common layer tensor.
+
+Part of :mod:`qcompiler.report.validate` (whose docstring defines the metrics).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+
+import numpy as np
+
+from qcompiler import ir
+from qcompiler.core.errors import UserError
+from qcompiler.report.validate.layers import _graph_facts, _layer_candidates, _working_subset
+from qcompiler.report.validate.metrics import _Accumulator, _sort_key
+from qcompiler.report.validate.result import ValidationReport, _fmt_db
+from qcompiler.report.validate.sessions import (
+    _FLOAT_ORT_TYPES,
+    ModelLike,
+    _as_model,
+    _first_line,
+    _label,
+    _run_checked,
+    _Runner,
+    _try_runner,
+)
+
+log = logging.getLogger(__name__)
+
+
+def validate(
+    float_model: ModelLike,
+    quant_model: ModelLike,
+    feeds: Iterable[dict[str, np.ndarray]],
+    *,
+    per_layer: bool = True,
+    min_sqnr_db: float | None = None,
+    layer_names: Sequence[str] | None = None,
+    optimize: bool | str = True,
+    layer_samples: int | None = None,
+    names: Mapping[str, str] | None = None,
+) -> ValidationReport:
+    """Run both models on ``feeds`` and measure the quantized one against the float one.
+
+    ``float_model`` / ``quant_model``: a path or an ``onnx.ModelProto``. ``feeds``: any iterable of
+    ``{input name: array}`` (consumed once, one sample at a time). ``layer_names`` limits the per-layer
+    comparison to those tensors; ``layer_samples`` limits it to the first N samples (the outputs still use all
+    of them). ``names``: quantized-model tensor name -> float-model name, for a model whose names
+    ``compact-names`` shortened (its ``OUT.names.json`` ``tensors``); layers are compared and reported by the
+    float names. ``optimize`` is the onnxruntime optimization level of the quantized model's
+    output run: True (full, what an onnxruntime deployment runs) or "basic" (a reference run for a graph meant
+    for another runtime, free of onnxruntime's fusions). Raises :class:`UserError` for bad feeds or models whose outputs do not
+    match; :class:`RuntimeError` when only the quantized model fails to run.
+    """
+    flabel = _label(float_model, "float model")
+    qlabel = _label(quant_model, "quantized model")
+    fmodel = _as_model(float_model)
+    qmodel = _as_model(quant_model)
+    if names and per_layer:
+        qmodel = ir.renamed_tensors(qmodel, dict(names))
+
+    f_plain = _Runner(fmodel)
+    q_plain = _Runner(qmodel, optimize=optimize)
+    out_names = list(f_plain.output_types)
+    missing = [n for n in out_names if n not in q_plain.output_types]
+    if missing:
+        raise UserError(f"{qlabel}: lacks graph output(s) {', '.join(repr(n) for n in missing)} "
+                        f"of {flabel}")
+    extra_q = [n for n in q_plain.output_types if n not in f_plain.output_types]
+    if extra_q:
+        log.warning("validate: %s has extra output(s) not compared: %s", qlabel, ", ".join(extra_q))
+
+    it = iter(feeds)
+    first = next(it, None)
+    if first is None:
+        raise UserError("validate: no samples to run (empty data)")
+
+    layers: list[str] = []
+    skipped: list[str] = []
+    if per_layer:
+        ff, qf = _graph_facts(fmodel), _graph_facts(qmodel)
+        layers = _layer_candidates(ff, qf, layer_names)
+
+    # Check the plain sessions run at all before blaming any exposed tensor.
+    f_first = _run_checked(f_plain, first, 0, out_names, "float", flabel)
+    q_first = _run_checked(q_plain, first, 0, out_names, "quant", qlabel)
+
+    f_ext: _Runner | None = None
+    q_ext: _Runner | None = None
+    if layers:
+        f_ext = _try_runner(fmodel, layers, first)
+        q_ext = _try_runner(qmodel, layers, first)
+        if f_ext is None or q_ext is None:
+            log.info("validate: onnxruntime refused some intermediate outputs; finding which")
+            ok = _working_subset(fmodel, layers, first) if f_ext is None else layers
+            ok = _working_subset(qmodel, ok, first) if q_ext is None else ok
+            skipped += [n for n in layers if n not in set(ok)]
+            layers = ok
+            f_ext = _try_runner(fmodel, layers, first) if layers else None
+            q_ext = _try_runner(qmodel, layers, first) if layers else None
+            if layers and (f_ext is None or q_ext is None):
+                log.warning("validate: cannot expose intermediate tensors together; per-layer metrics skipped")
+                skipped += layers
+                layers, f_ext, q_ext = [], None, None
+    if f_ext is not None and q_ext is not None:
+        keep = [n for n in layers
+                if f_ext.output_types.get(n) in _FLOAT_ORT_TYPES and q_ext.output_types.get(n) in _FLOAT_ORT_TYPES]
+        layers = keep
+    else:
+        layers = []
+    if not layers:
+        f_ext = q_ext = None
+
+    out_acc = {n: _Accumulator(n) for n in out_names}
+    layer_acc = {n: _Accumulator(n) for n in layers}
+    samples = 0
+    for idx, feed in enumerate(itertools.chain([first], it)):
+        if idx == 0:
+            fo, qo = f_first, q_first
+        else:
+            fo = _run_checked(f_plain, feed, idx, out_names, "float", flabel)
+            qo = _run_checked(q_plain, feed, idx, out_names, "quant", qlabel)
+        for n in out_names:
+            out_acc[n].update(fo[n], qo[n])
+        del fo, qo
+        if f_ext is not None and q_ext is not None and (layer_samples is None or idx < layer_samples):
+            try:
+                fl = f_ext.run(feed, idx, layers)
+                ql = q_ext.run(feed, idx, layers)
+            except UserError:
+                raise
+            except Exception as e:
+                log.warning("validate: per-layer run failed on sample %d (%s); per-layer metrics dropped",
+                            idx, _first_line(e))
+                skipped += layers
+                layers, layer_acc, f_ext, q_ext = [], {}, None, None
+            else:
+                for n in layers:
+                    layer_acc[n].update(fl[n], ql[n])
+                del fl, ql
+        samples += 1
+        if samples % 100 == 0:
+            log.info("validate: %d samples", samples)
+
+    outputs = []
+    for n in out_names:
+        acc = out_acc[n]
+        if acc.bad is not None:
+            raise UserError(f"{qlabel}: output '{n}' does not match {flabel}: {acc.bad}")
+        outputs.append(acc.metrics())
+    layer_metrics = []
+    for n in layers:
+        acc = layer_acc[n]
+        if acc.bad is not None:
+            log.debug("validate: layer '%s' skipped: %s", n, acc.bad)
+            skipped.append(n)
+            continue
+        layer_metrics.append(acc.metrics())
+    layer_metrics.sort(key=_sort_key)
+
+    passed = True
+    if min_sqnr_db is not None:
+        passed = all(m.sqnr_db >= min_sqnr_db for m in outputs)  # NaN compares False
+    report = ValidationReport(outputs=outputs, layers=layer_metrics, samples=samples, min_sqnr_db=min_sqnr_db,
+                              layer_samples=min(layer_samples, samples) if layer_samples is not None else None,
+                              passed=passed, skipped_layers=skipped)
+    log.info("validate: %d samples, %d outputs, %d layers, worst output SQNR %s dB%s", samples, len(outputs),
+             len(layer_metrics), _fmt_db(report.worst_output_sqnr()),
+             "" if min_sqnr_db is None else (" (pass)" if passed else " (FAIL)"))
+    return report

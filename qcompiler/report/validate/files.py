@@ -1,0 +1,54 @@
+"""The files validation reads: feeds (``--data``, in the calibration data formats) and the ``compact-names``
+side file mapping short tensor names back to the originals.
+
+Part of :mod:`qcompiler.report.validate`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from qcompiler import ir
+from qcompiler.calib import CalibrationSource, input_signatures
+from qcompiler.core.errors import UserError
+from qcompiler.report.validate.sessions import ModelLike, _as_model
+
+
+def load_names(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The tensor map (new name -> original) of a ``compact-names`` side file ``OUT.names.json``; raises
+    :class:`UserError` naming the file when it is missing or not such a file."""
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{p}: no such file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{p}: not a names file ({type(e).__name__}: {e})") from None
+    tensors = data.get("tensors") if isinstance(data, dict) else None
+    if (not isinstance(data, dict) or data.get("version") != 1 or not isinstance(tensors, dict)
+            or not all(isinstance(k, str) and isinstance(v, str) for k, v in tensors.items())):
+        raise UserError(f"{p}: not a names file (expected {{\"version\": 1, \"tensors\": {{new: old}}, ...}}, "
+                        "as `qcompiler compile --compact-names` writes)")
+    return dict(tensors)
+
+
+# ---------------------------------------------------------------------------------------------- feeds
+def load_feeds(path: str | os.PathLike[str], model: ModelLike) -> CalibrationSource:
+    """Feeds for ``model`` from ``path`` (the CLI's ``--data``), in the calibration data formats (the same
+    reader as ``--calib``, :mod:`qcompiler.calib`):
+
+    * a single ``.npz`` whose arrays are keyed by input name, each ``[N, *feed_shape]`` (same ``N``);
+    * a folder of ``.npz`` files, one feed each (arrays of the feed shape), in sorted name order.
+
+    The result is re-iterable, has a ``len`` and streams one sample at a time; arrays come cast to the input
+    dtypes. Pickled arrays are refused. Raises :class:`UserError` naming the file and array for a missing
+    path, an array that is not an input, a missing input, a wrong rank / shape / dtype, or no samples —
+    these are checked here from the .npy headers; NaN / Inf values are found (and raised) while iterating.
+    """
+    p = Path(path)
+    if not p.exists():  # checked here so that no calibration keyword (e.g. 'random') is taken for data
+        raise UserError(f"{p}: no such file or folder")
+    graph, _meta = ir.import_graph(_as_model(model))
+    return CalibrationSource.from_arg(p, input_signatures(graph))

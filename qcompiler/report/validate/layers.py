@@ -1,0 +1,89 @@
+"""Per-layer exposure: which intermediate tensors both graphs produce under the same name and are worth
+comparing, and which of them onnxruntime accepts as extra outputs.
+
+Part of :mod:`qcompiler.report.validate`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from qcompiler import ir
+from qcompiler.report.validate.metrics import _is_float
+from qcompiler.report.validate.sessions import _try_runner
+
+log = logging.getLogger(__name__)
+
+#: At most this many intermediate tensors are compared (the first ones in graph order).
+MAX_LAYERS = 2000
+#: Ops whose outputs in the quantized graph are quantization plumbing, not layers.
+QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"})
+#: Producer ops whose outputs are never worth comparing.
+_SKIP_OPS = frozenset({"Constant"})
+
+
+@dataclass
+class _GraphFacts:
+    producers: dict[str, str]  # node output name -> op type, in graph order
+    inputs: set[str]
+    outputs: list[str]
+    float_known: dict[str, bool]  # name -> is float, where graphsurgeon knows the dtype
+
+
+def _graph_facts(model: Any) -> _GraphFacts:
+    graph, _meta = ir.import_graph(model)
+    producers: dict[str, str] = {}
+    float_known: dict[str, bool] = {}
+    for node in graph.nodes:
+        for t in node.outputs:
+            if not t.name or t.name in producers:
+                continue
+            producers[t.name] = node.op
+            dtype = getattr(t, "dtype", None)
+            if dtype is not None:
+                try:
+                    float_known[t.name] = _is_float(np.dtype(dtype))
+                except TypeError:
+                    pass
+    return _GraphFacts(producers=producers, inputs={t.name for t in graph.inputs},
+                       outputs=[t.name for t in graph.outputs], float_known=float_known)
+
+
+def _layer_candidates(ff: _GraphFacts, qf: _GraphFacts, layer_names: Sequence[str] | None) -> list[str]:
+    excluded = ff.inputs | qf.inputs | set(ff.outputs) | set(qf.outputs)
+    if layer_names is not None:
+        wanted = list(dict.fromkeys(layer_names))
+        missing = [n for n in wanted if n not in ff.producers or n not in qf.producers]
+        if missing:
+            log.warning("validate: %d requested layer tensor(s) not produced in both models, skipped: %s",
+                        len(missing), ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else ""))
+        names = [n for n in wanted if n in ff.producers and n in qf.producers and n not in excluded]
+    else:
+        names = [
+            n for n, op in ff.producers.items()
+            if n in qf.producers and n not in excluded
+            and op not in _SKIP_OPS and op not in QDQ_OPS and qf.producers[n] not in _SKIP_OPS
+        ]  # a DequantizeLinear may carry a layer's name in the quantized graph (target ort-qop): its value
+    names = [n for n in names if ff.float_known.get(n, True) and qf.float_known.get(n, True)]
+    if len(names) > MAX_LAYERS:
+        log.warning("validate: %d layer tensors in common; comparing only the first %d", len(names), MAX_LAYERS)
+        names = names[:MAX_LAYERS]
+    return names
+
+
+def _working_subset(model: Any, names: list[str], feed: dict[str, np.ndarray]) -> list[str]:
+    """The names that can be exposed as extra outputs (bisecting the ones onnxruntime refuses)."""
+    if not names:
+        return []
+    if _try_runner(model, names, feed) is not None:
+        return names
+    if len(names) == 1:
+        log.warning("validate: cannot expose tensor '%s' as an output; skipped", names[0])
+        return []
+    mid = len(names) // 2
+    return _working_subset(model, names[:mid], feed) + _working_subset(model, names[mid:], feed)

@@ -1,0 +1,115 @@
+"""The onnxruntime side of validation: sessions of the float and quantized models (through
+:func:`qcompiler.ir.session`), feeds adapted to their input types, and runs whose failures name the sample and
+the model.
+
+Part of :mod:`qcompiler.report.validate`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from qcompiler import ir
+from qcompiler.core.errors import UserError
+from qcompiler.report.validate.metrics import _is_float
+
+log = logging.getLogger(__name__)
+
+_ORT_TYPES: dict[str, Any] = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8,
+    "tensor(int16)": np.int16,
+    "tensor(uint16)": np.uint16,
+    "tensor(int32)": np.int32,
+    "tensor(uint32)": np.uint32,
+    "tensor(int64)": np.int64,
+    "tensor(uint64)": np.uint64,
+    "tensor(bool)": np.bool_,
+}
+_FLOAT_ORT_TYPES = frozenset({"tensor(float)", "tensor(float16)", "tensor(double)"})
+
+ModelLike = Any  # onnx.ModelProto | str | os.PathLike[str]
+
+
+def _as_model(model: ModelLike) -> Any:
+    if isinstance(model, (str, os.PathLike)):
+        return ir.load_model(model)
+    return model
+
+
+def _label(model: ModelLike, default: str) -> str:
+    return str(model) if isinstance(model, (str, os.PathLike)) else default
+
+
+def _input_dtypes(sess: Any) -> dict[str, Any]:
+    return {i.name: _ORT_TYPES.get(i.type) for i in sess.get_inputs()}
+
+
+def _adapt_feed(feed: dict[str, np.ndarray], dtypes: dict[str, Any], sample: int) -> dict[str, np.ndarray]:
+    """The arrays a session needs, cast to its input types where the kind agrees (fp16 ↔ fp32, int32 ↔ int64)."""
+    out: dict[str, np.ndarray] = {}
+    for name, want in dtypes.items():
+        if name not in feed:
+            raise UserError(f"sample {sample}: no array for model input '{name}' "
+                            f"(got {', '.join(sorted(feed)) or 'nothing'})")
+        arr = np.asarray(feed[name])
+        if want is not None and arr.dtype != want:
+            same_kind = (_is_float(arr.dtype) and _is_float(want)) or (
+                np.issubdtype(arr.dtype, np.integer) and np.issubdtype(want, np.integer))
+            if same_kind:
+                arr = arr.astype(want)
+        out[name] = arr
+    return out
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [s.strip() for s in str(e).splitlines() if s.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
+class _Runner:
+    """One onnxruntime session and the output names wanted from it."""
+
+    def __init__(self, model: Any, extra: Sequence[str] = (), optimize: bool | str = True) -> None:
+        self.extra = list(extra)
+        self.sess = ir.session(ir.with_outputs(model, self.extra, keep_outputs=False) if self.extra else model,
+                               optimize=optimize)
+        self.dtypes = _input_dtypes(self.sess)
+        self.output_types = {o.name: o.type for o in self.sess.get_outputs()}
+
+    def run(self, feed: dict[str, np.ndarray], sample: int, names: Sequence[str]) -> dict[str, np.ndarray]:
+        vals = self.sess.run(list(names), _adapt_feed(feed, self.dtypes, sample))
+        return dict(zip(names, vals))
+
+
+def _try_runner(model: Any, names: Sequence[str], feed: dict[str, np.ndarray]) -> _Runner | None:
+    try:
+        r = _Runner(model, names)
+        r.run(feed, 0, names)
+        return r
+    except UserError:
+        raise
+    except Exception as e:
+        log.debug("validate: exposing %d tensor(s) failed: %s", len(names), _first_line(e))
+        return None
+
+
+def _run_checked(runner: _Runner, feed: dict[str, np.ndarray], sample: int, names: Sequence[str],
+                 which: str, label: str) -> dict[str, np.ndarray]:
+    try:
+        return runner.run(feed, sample, names)
+    except UserError:
+        raise
+    except Exception as e:
+        if which == "float":
+            raise UserError(f"{label}: onnxruntime failed on sample {sample}: {_first_line(e)}") from None
+        raise RuntimeError(f"quantized model {label} failed in onnxruntime on sample {sample} "
+                           f"(the float model ran): {_first_line(e)}") from e
