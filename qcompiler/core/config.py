@@ -18,7 +18,7 @@ import dataclasses
 import sys
 import types
 import typing
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -219,11 +219,13 @@ def check_value(value: Any, s: Setting, where: str, messages: Messages, key: str
 
 
 def _check_phased(keyed: Mapping[str, tuple[str, Any]], settings: Mapping[str, Setting], where: str,
-                  messages: Messages) -> None:
-    """The constraints phase by phase across the mapping, each phase in the settings' order: every choice,
-    then the booleans, the positive integers, the powers of two, the other integers, the ranges."""
+                  messages: Messages, order: Sequence[str]) -> None:
+    """The constraints phase by phase across the mapping, each phase in ``order`` (then the settings' order):
+    every choice, then the booleans, the positive integers, the powers of two, the other integers, the ranges."""
+    names = [*order, *(n for n in settings if n not in order)]
+
     def present(pred: Callable[[Setting], bool]) -> list[tuple[Setting, str, Any]]:
-        return [(s, *keyed[n]) for n, s in settings.items() if n in keyed and pred(s)]
+        return [(settings[n], *keyed[n]) for n in names if n in keyed and pred(settings[n])]
 
     for s, key, value in present(lambda s: s.choices is not None):
         if not _has_type(value, s) or value not in (s.choices or ()):
@@ -246,7 +248,8 @@ def _check_phased(keyed: Mapping[str, tuple[str, Any]], settings: Mapping[str, S
 
 
 def check_settings(values: Mapping[str, Any], settings: Mapping[str, Setting], where: str,
-                   messages: Messages = OPTION_MESSAGES, *, normalize: bool = False) -> dict[str, Any]:
+                   messages: Messages = OPTION_MESSAGES, *, normalize: bool = False,
+                   order: Sequence[str] = ()) -> dict[str, Any]:
     """Validate a mapping read from YAML / JSON against ``settings``; returns the checked values.
 
     With ``normalize``, ``-`` in keys reads as ``_`` and the result uses the field names.
@@ -254,7 +257,8 @@ def check_settings(values: Mapping[str, Any], settings: Mapping[str, Setting], w
     Typed options (``messages.wrong_type`` set: pass and target options) are checked key by key, the key then
     its value, and come back converted (an int given for a float option becomes a float). Specs
     (``wrong_type`` empty) fail first on the alphabetically first unknown key, then run the checks phase by
-    phase (:func:`_check_phased`), and come back as given."""
+    phase (:func:`_check_phased`; ``order``: the settings checked first within a phase), and come back as
+    given."""
     keyed: dict[str, tuple[str, Any]] = {}
     checked: dict[str, Any] = {}
     for key, value in values.items():
@@ -267,7 +271,7 @@ def check_settings(values: Mapping[str, Any], settings: Mapping[str, Setting], w
     if messages.wrong_type:
         return checked
     check_keys(values, settings, where, messages)
-    _check_phased(keyed, settings, where, messages)
+    _check_phased(keyed, settings, where, messages, order)
     return {norm: value for norm, (_, value) in keyed.items()}
 
 

@@ -37,6 +37,7 @@ from qcompiler.plan.spec import (
     DEFAULT_ACTIVATION,
     DEFAULT_WEIGHT,
     PLAN_VERSION,
+    SPEC_CHECK_ORDER,
     SPEC_SETTINGS,
     activation_spec,
     check_activation_scheme,
@@ -107,7 +108,7 @@ def check_spec(d: Any, where: str) -> dict[str, Any]:
         return {}
     if not isinstance(d, dict):
         raise UserError(f"{where}: expected a mapping, got {type(d).__name__}")
-    return check_settings(d, SPEC_SETTINGS, where, SPEC_MESSAGES)
+    return check_settings(d, SPEC_SETTINGS, where, SPEC_MESSAGES, order=SPEC_CHECK_ORDER)
 
 
 @dataclass

@@ -19,7 +19,7 @@ from qcompiler.quant.dtypes import DTYPES, FP8_DTYPES, SHIFT_BITS, UNIFORM_BITS
 
 __all__ = ["ACTIVATION_SCHEMES", "AUTO_CALIBRATIONS", "CALIBRATIONS", "DEFAULT_ACTIVATION", "DEFAULT_WEIGHT",
            "DTYPES", "GRANULARITIES", "PLAN_VERSION", "RANGES", "RECURRENT_OPS", "SCALES", "SCHEMES", "SHIFT_BITS",
-           "SPEC_SETTINGS", "UNIFORM_BITS", "WEIGHT_OPS", "QuantSpec", "activation_spec", "check_activation_scheme",
+           "SPEC_CHECK_ORDER", "SPEC_SETTINGS", "UNIFORM_BITS", "WEIGHT_OPS", "QuantSpec", "activation_spec", "check_activation_scheme",
            "make_spec", "replace_spec", "required_opset"]
 
 #: the plan file format version this qcompiler reads and writes
@@ -75,6 +75,8 @@ class QuantSpec:
 
 #: the keys of a ``weight:`` / ``activation:`` mapping, with their types and constraints
 SPEC_SETTINGS = settings_of(QuantSpec)
+#: the keys with choices in the order they are checked (an error names the first bad one): the names first
+SPEC_CHECK_ORDER = ("dtype", "granularity", "calibration", "scheme", "range", "scale")
 
 DEFAULT_WEIGHT = {"dtype": "int8", "granularity": "per_channel", "symmetric": True}
 DEFAULT_ACTIVATION = {"dtype": "uint8", "granularity": "per_tensor", "symmetric": False, "calibration": "minmax"}
