@@ -22,6 +22,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from qcompiler.core.config import TARGET_MESSAGES, check_settings, settings_of_table
 from qcompiler.core.errors import UserError
 
 if TYPE_CHECKING:
@@ -89,18 +90,9 @@ class Target:
         for name in plan_options:
             if name not in known:
                 raise UserError(f"{source}: targets.{name}: unknown target (known: {', '.join(sorted(known))})")
-        mine = plan_options.get(self.name, {})
-        out = {k: d for k, (d, _) in self.options.items()}
-        for k, v in mine.items():
-            if k not in self.options:
-                have = ", ".join(sorted(self.options)) or "none"
-                raise UserError(f"{source}: targets.{self.name}: unknown option '{k}' (known: {have})")
-            default = self.options[k][0]
-            if type(v) is not type(default):
-                raise UserError(f"{source}: targets.{self.name}.{k}: expected {type(default).__name__}, "
-                                f"got {v!r}")
-            out[k] = v
-        return out
+        checked = check_settings(plan_options.get(self.name, {}), settings_of_table(self.options),
+                                 f"{source}: targets.{self.name}", TARGET_MESSAGES)
+        return {**{k: d for k, (d, _) in self.options.items()}, **checked}
 
     # ------------------------------------------------------------------------------------ capabilities
     def capabilities(self) -> dict[str, Any]:

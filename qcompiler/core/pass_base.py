@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import sys
-import typing
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -25,6 +24,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import onnx_graphsurgeon as gs
 
 from qcompiler import ir
+from qcompiler.core.config import parse_text, parse_text_options, settings_of
 from qcompiler.core.errors import UserError
 
 if TYPE_CHECKING:
@@ -45,33 +45,8 @@ class PassResult:
 
 
 def _coerce(value: str, annotation: Any, where: str) -> Any:
-    """Turn the text of a pipeline option into the dataclass field's type."""
-    if isinstance(annotation, str):
-        annotation = {"int": int, "float": float, "bool": bool, "str": str}.get(annotation.split("|")[0].strip(), str)
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if origin is typing.Union or (sys.version_info >= (3, 10) and origin is getattr(__import__("types"), "UnionType", None)):
-        non_none = [a for a in args if a is not type(None)]
-        if value.lower() in ("none", "null", ""):
-            return None
-        return _coerce(value, non_none[0], where)
-    if origin in (tuple, list):
-        parts = [p for p in value.split(";") if p]
-        item_t = args[0] if args else str
-        return tuple(_coerce(p, item_t, where) for p in parts)
-    if annotation is bool:
-        low = value.lower()
-        if low in ("1", "true", "yes", "on"):
-            return True
-        if low in ("0", "false", "no", "off"):
-            return False
-        raise UserError(f"{where}: expected true/false, got '{value}'")
-    if annotation in (int, float):
-        try:
-            return annotation(value)
-        except ValueError:
-            raise UserError(f"{where}: expected {annotation.__name__}, got '{value}'") from None
-    return value
+    """Turn the text of a pipeline option into the dataclass field's type (:func:`qcompiler.core.config.parse_text`)."""
+    return parse_text(value, annotation, where)
 
 
 class Pass:
@@ -96,19 +71,7 @@ class Pass:
     @classmethod
     def from_text_options(cls, text_options: dict[str, str]) -> Pass:
         """Build from ``{key: "text value"}`` as parsed from a pipeline string."""
-        fields = {f.name: f for f in dataclasses.fields(cls.Options)} if dataclasses.is_dataclass(cls.Options) else {}
-        hints: dict[str, Any] = {}
-        try:
-            hints = typing.get_type_hints(cls.Options)
-        except Exception:
-            hints = {k: f.type for k, f in fields.items()}
-        kwargs: dict[str, Any] = {}
-        for key, raw in text_options.items():
-            norm = key.replace("-", "_")
-            if norm not in fields:
-                known = ", ".join(sorted(fields)) or "none"
-                raise UserError(f"pass '{cls.name}': unknown option '{key}' (known: {known})")
-            kwargs[norm] = _coerce(raw, hints.get(norm, str), f"pass '{cls.name}' option '{key}'")
+        kwargs = parse_text_options(text_options, settings_of(cls.Options), f"pass '{cls.name}'")
         inst = cls(**kwargs)
         validate = getattr(inst.options, "validate", None)
         if callable(validate):

@@ -24,50 +24,24 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from qcompiler.quant.dtypes import (
+    CODE_DTYPES,
+    DTYPES,
+    QDTYPES,
+    SHIFT_BITS,
+    UNIFORM_BITS,
+    QDType,
+    int_bits,
+    is_code_dtype,
+    qdtype,
+)
+
+__all__ = ["CODE_DTYPES", "DTYPES", "INT32_LIMIT", "MIN_SCALE", "QDTYPES", "SHIFT_BITS", "UNIFORM_BITS", "QDType",
+           "QuantizedTensor", "dequantize", "expand_scale", "int_bits", "is_code_dtype", "pow2_scale", "qdtype",
+           "qparams", "quantize", "quantize_bias", "quantize_weight", "sqnr_db"]
+
 INT32_LIMIT = 2**31 - 1
 MIN_SCALE = 1e-12
-
-
-@dataclass(frozen=True)
-class QDType:
-    name: str
-    np_dtype: Any
-    qmin: float
-    qmax: float
-    is_float: bool = False
-    bits: int = 8
-
-    @property
-    def signed(self) -> bool:
-        return self.qmin < 0
-
-
-QDTYPES: dict[str, QDType] = {
-    "int8": QDType("int8", np.int8, -128, 127, bits=8),
-    "uint8": QDType("uint8", np.uint8, 0, 255, bits=8),
-    "int16": QDType("int16", np.int16, -32768, 32767, bits=16),
-    "uint16": QDType("uint16", np.uint16, 0, 65535, bits=16),
-    "int4": QDType("int4", ml_dtypes.int4, -8, 7, bits=4),
-    "uint4": QDType("uint4", ml_dtypes.uint4, 0, 15, bits=4),
-    "fp8e4m3": QDType("fp8e4m3", ml_dtypes.float8_e4m3fn, -448.0, 448.0, is_float=True, bits=8),
-    "fp8e5m2": QDType("fp8e5m2", ml_dtypes.float8_e5m2, -57344.0, 57344.0, is_float=True, bits=8),
-}
-
-
-#: numpy dtypes of quantized codes (the element types of :data:`QDTYPES`)
-CODE_DTYPES = frozenset(np.dtype(d.np_dtype) for d in QDTYPES.values())
-
-
-def is_code_dtype(dtype: Any) -> bool:
-    """``dtype`` is the element type of quantized codes (int8 / uint8 / int16 / uint16 / int4 / uint4 / fp8)."""
-    return dtype is not None and np.dtype(dtype) in CODE_DTYPES
-
-
-def qdtype(name: str) -> QDType:
-    try:
-        return QDTYPES[name]
-    except KeyError:
-        raise ValueError(f"unknown quantized dtype {name!r}") from None
 
 
 def _bshape(ndim: int, axis: int) -> list[int]:

@@ -51,8 +51,7 @@ import ml_dtypes
 import numpy as np
 
 from qcompiler import quant
-from qcompiler.plan import SHIFT_BITS as _PLAN_SHIFT_BITS
-from qcompiler.plan import UNIFORM_BITS as _PLAN_UNIFORM_BITS
+from qcompiler.quant.dtypes import CODE_STORAGE_BITS, QDTYPES, SHIFT_BITS, UNIFORM_BITS, qdtype
 
 if TYPE_CHECKING:
     from qcompiler.calib import TensorStats
@@ -61,12 +60,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 LOWBIT_SCHEMES = ("binary", "ternary", "shift", "uniform")
-#: uniform (mid-rise) scheme: supported ``bits`` (2^bits levels)
-UNIFORM_BITS = _PLAN_UNIFORM_BITS
 #: uniform: clipping ratios (of max|W|) searched per channel for the least weight MSE
 UNIFORM_GRID = 64
-#: shift: supported ``bits`` (sign + bits − 1 exponent bits); 2^(bits−1) exponents, at most 8
-SHIFT_BITS = _PLAN_SHIFT_BITS
 MIN_ALPHA = quant.MIN_SCALE
 #: float shift scale search: grid points over the three octaves below 2·max|W|
 SHIFT_GRID = 97
@@ -359,11 +354,10 @@ def code_dtype(codes: np.ndarray, opset: int) -> str:
 
 
 _CODE_NP = {"int4": ml_dtypes.int4, "int8": np.int8, "int16": np.int16, "int32": np.int32}
-_CODE_BITS = {"int4": 4, "int8": 8, "int16": 16, "int32": 32}
 
 
 def storage_bits(dtype: str) -> int:
-    return _CODE_BITS.get(dtype, quant.qdtype(dtype).bits if dtype in quant.QDTYPES else 32)
+    return CODE_STORAGE_BITS.get(dtype, qdtype(dtype).bits if dtype in QDTYPES else 32)
 
 
 def to_quantized_tensor(sw: SchemeWeight, opset: int) -> quant.QuantizedTensor:
