@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     import onnx_graphsurgeon as gs
 
     from qcompiler.core.pass_base import Pass
+    from qcompiler.ir.api_support import ModelProto
     from qcompiler.runtime_targets import Target
 
 #: where the prefix ends when none is named: the plan is resolved, nothing is calibrated or quantized yet
@@ -58,7 +59,7 @@ class Session:
     src: Path
     plan: Plan
     target: Target
-    model: Any  # onnx.ModelProto: the input model as loaded
+    model: ModelProto  # the input model as loaded
     graph: gs.Graph | None = None
     meta: ir.ModelMeta | None = None
     #: the original fp16 interface (name -> dtype) that ``ir.restore_io_dtypes`` gives back after the passes

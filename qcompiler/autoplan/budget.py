@@ -164,7 +164,7 @@ def _with_granularity(cand: Candidate, gran: str, raw: str) -> Candidate:
     return Candidate(f"{cand.name}/{label}", (*(cand.weight or ()), *keys))
 
 
-def _fmt_unit(x: float, unit: str) -> str:
+def fmt_unit(x: float, unit: str) -> str:
     if unit == "bytes":
         return f"{round(x)} bytes ({cost.format_bytes(x)})"
     if unit == "bitops":

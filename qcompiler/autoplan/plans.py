@@ -13,8 +13,8 @@ import numpy as np
 import yaml
 
 from qcompiler import __version__
-from qcompiler.autoplan.budget import Candidate, _fmt_unit
-from qcompiler.autoplan.prepare import Prepared, _spec_dict
+from qcompiler.autoplan.budget import Candidate, fmt_unit
+from qcompiler.autoplan.prepare import Prepared, spec_dict
 from qcompiler.autoplan.result import AutoPlanResult, PlanOptions
 from qcompiler.autoplan.sensitivity import SensitivityResult
 from qcompiler.plan import QuantSpec
@@ -29,7 +29,7 @@ def _rule_keys(cand: Candidate, spec: QuantSpec | None, base_w: dict[str, Any]) 
     """The weight keys a layer's rule must set so that the plan resolves to ``spec``."""
     if spec is None:
         return {}
-    d = _spec_dict(spec)
+    d = spec_dict(spec)
     primary = set(cand.keys())
     return {k: v for k, v in d.items() if (k in primary and (k != "scheme" or v != "int" or base_w.get(k) != v))
             or base_w.get(k) != v}
@@ -83,7 +83,7 @@ def plan_text(prep: Prepared, rules: list[dict[str, Any]], header: Sequence[str]
     return "\n".join(lines) + "\n"
 
 
-def _comments(prep: Prepared, names: Sequence[str], choice: Sequence[int], sens: SensitivityResult,
+def rule_comments(prep: Prepared, names: Sequence[str], choice: Sequence[int], sens: SensitivityResult,
               table: dict[str, np.ndarray]) -> list[str]:
     out = []
     for li, la in enumerate(prep.layers):
@@ -98,14 +98,14 @@ def _comments(prep: Prepared, names: Sequence[str], choice: Sequence[int], sens:
     return out
 
 
-def _probe_text(prep: Prepared, rules: list[list[dict[str, Any] | None]], ci: int) -> str:
+def probe_text(prep: Prepared, rules: list[list[dict[str, Any] | None]], ci: int) -> str:
     """A probe plan: every layer at candidate ``ci`` where the target allows it, float elsewhere."""
     chosen = [row[ci] if row[ci] is not None else {"match": {"name": prep.layers[li].name}, "skip": True}
               for li, row in enumerate(rules)]
     return plan_text(prep, [r for r in chosen if r is not None], [])
 
 
-def _header(src: Path, opts: PlanOptions, budget_value: float, unit: str, predicted: dict[str, Any],
+def plan_header(src: Path, opts: PlanOptions, budget_value: float, unit: str, predicted: dict[str, Any],
             names: Sequence[str], choice: Sequence[int]) -> list[str]:
     counts = dict.fromkeys(names, 0)
     for ci in choice:
@@ -114,7 +114,7 @@ def _header(src: Path, opts: PlanOptions, budget_value: float, unit: str, predic
     return [
         f"Mixed-precision plan written by `qcompiler plan` (qcompiler {__version__}).",
         f"model: {src.name}   target: {opts.target}   metric: {opts.metric}   candidates: {', '.join(names)}",
-        f"budget: {opts.budget.text} = {_fmt_unit(budget_value, unit)}"
+        f"budget: {opts.budget.text} = {fmt_unit(budget_value, unit)}"
         + ("  (model file bytes, as `qcompiler inspect --cost` counts them)" if unit == "bytes" else ""),
         f"predicted: {round(predicted['bytes'])} bytes, {cost.format_count(predicted['bitops'])} BitOps, "
         f"{predicted['avg_bits']:.3f} avg weight bits"

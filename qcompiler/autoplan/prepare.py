@@ -37,7 +37,7 @@ class Prepared:
     dropped: list[str] = field(default_factory=list)
 
 
-def _spec_dict(spec: QuantSpec) -> dict[str, Any]:
+def spec_dict(spec: QuantSpec) -> dict[str, Any]:
     return asdict(spec)
 
 
@@ -64,7 +64,7 @@ def prepare(model_path: str | Path, candidates: Sequence[Candidate], *, target: 
         node = by_name.get(np_.node)
         if node is None:
             continue
-        base_w = _spec_dict(np_.weight)
+        base_w = spec_dict(np_.weight)
         allowed: dict[str, QuantSpec | None] = {}
         refused: dict[str, str] = {}
         for cand in candidates:

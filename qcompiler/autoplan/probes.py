@@ -1,5 +1,5 @@
 """Probe plans and probe compiles: what the target quantizes downstream of each layer (:func:`output_quant`),
-every layer's stored bytes under every candidate from one compile per candidate (:func:`_cost_tables`, counted
+every layer's stored bytes under every candidate from one compile per candidate (:func:`cost_tables`, counted
 as ``qcompiler inspect --cost`` counts them), and a plan compiled for real and measured (:func:`measure_sqnr`).
 Compiles go through :func:`qcompiler.compile.compile_plan`, below the public API."""
 
@@ -15,7 +15,7 @@ import numpy as np
 
 from qcompiler import ir
 from qcompiler.autoplan.budget import Candidate
-from qcompiler.autoplan.plans import _probe_text, plan_text
+from qcompiler.autoplan.plans import plan_text, probe_text
 from qcompiler.autoplan.prepare import Prepared
 from qcompiler.autoplan.result import Progress
 from qcompiler.compile import CompileOptions, compile_plan
@@ -36,7 +36,7 @@ def output_quant(prep: Prepared, cands: Sequence[Candidate], rules: list[list[di
     for ci, cand in enumerate(cands):
         if cand.is_float:
             continue
-        plan = Plan.from_text(_probe_text(prep, rules, ci), source="<probe>")
+        plan = Plan.from_text(probe_text(prep, rules, ci), source="<probe>")
         ctx = CompileContext(graph=prep.graph, meta=prep.meta, plan=plan, target=prep.target,
                              resolved=plan.resolve(prep.graph))
         outs = prep.target.output_tensors(ctx)
@@ -97,7 +97,7 @@ def _cost_from_json(cj: dict[str, Any]) -> cost.CostReport:
                            notes=list(cj.get("notes", [])))
 
 
-class _Workdir:
+class ProbeWorkdir:
     """A temporary folder with the one-sample calibration file the probe compiles use."""
 
     def __init__(self, feed: dict[str, np.ndarray]) -> None:
@@ -132,8 +132,8 @@ class _Workdir:
         shutil.rmtree(self.path, ignore_errors=True)
 
 
-def _cost_tables(prep: Prepared, cands: Sequence[Candidate], rules: list[list[dict[str, Any] | None]],
-                 work: _Workdir, shapes: dict[str, list[int]], want_bitops: bool, progress: Progress | None
+def cost_tables(prep: Prepared, cands: Sequence[Candidate], rules: list[list[dict[str, Any] | None]],
+                 work: ProbeWorkdir, shapes: dict[str, list[int]], want_bitops: bool, progress: Progress | None
                  ) -> tuple[dict[str, np.ndarray], dict[str, float], dict[str, float]]:
     """Per (layer, candidate) bytes / BitOps / parameter-bits, and the plan-independent base of each.
 
@@ -148,7 +148,7 @@ def _cost_tables(prep: Prepared, cands: Sequence[Candidate], rules: list[list[di
     tbits = np.full((n_l, n_c), np.nan)
     float_rules = [{"match": {"name": la.name}, "skip": True} for la in prep.layers]
     probes: list[tuple[int | None, str]] = [(None, plan_text(prep, float_rules, []))]
-    probes += [(ci, _probe_text(prep, rules, ci)) for ci, c in enumerate(cands) if not c.is_float]
+    probes += [(ci, probe_text(prep, rules, ci)) for ci, c in enumerate(cands) if not c.is_float]
     remainder: dict[int | None, tuple[float, int]] = {}
     float_report: cost.CostReport | None = None
     for k, (ci, text) in enumerate(probes):

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from qcompiler.autoplan import knapsack
-from qcompiler.autoplan.budget import DEFAULT_CANDIDATES, Budget, Candidate, _fmt_unit, parse_candidates
+from qcompiler.autoplan.budget import DEFAULT_CANDIDATES, Budget, Candidate, fmt_unit, parse_candidates
 from qcompiler.autoplan.sensitivity import SensitivityResult
 from qcompiler.core.errors import UserError
 from qcompiler.plan import Plan, QuantSpec
@@ -40,7 +40,8 @@ class PlanOptions:
     refine: int = 0  # pd: re-measure around the plan found and re-solve, up to this many times
     select: int = 8  # measure the plan and this many Pareto neighbours whole, keep the best (0: off)
     #: pd: rounds of measured exchanges around the selected plan (0: off): a few layers changed at a time, from
-    #: sensitivities re-measured around the plan, each candidate exchange measured whole (see :func:`_exchange`)
+    #: sensitivities re-measured around the plan, each candidate exchange measured whole
+    #: (see :func:`~qcompiler.autoplan.search._exchange`)
     exchange: int = 0
     seed: int = 0
     resolution: int = knapsack.DEFAULT_RESOLUTION
@@ -115,8 +116,8 @@ class AutoPlanResult:
         if self.unit == "bitops" and not cost_json.get("macs"):
             return  # shapes were not computed for this compile
         if got is not None and float(got) > self.budget_value:
-            raise UserError(f"--budget: the compiled model takes {_fmt_unit(float(got), self.unit)}, over the "
-                            f"budget of {_fmt_unit(self.budget_value, self.unit)}; nothing written")
+            raise UserError(f"--budget: the compiled model takes {fmt_unit(float(got), self.unit)}, over the "
+                            f"budget of {fmt_unit(self.budget_value, self.unit)}; nothing written")
 
     def summary(self) -> dict[str, Any]:
         return {

@@ -14,10 +14,10 @@ from typing import Any
 import numpy as np
 
 from qcompiler.autoplan import knapsack
-from qcompiler.autoplan.budget import DEFAULT_CANDIDATES, Budget, _fmt_unit, parse_candidates
-from qcompiler.autoplan.plans import _comments, _header, layer_rules, plan_text
+from qcompiler.autoplan.budget import DEFAULT_CANDIDATES, Budget, fmt_unit, parse_candidates
+from qcompiler.autoplan.plans import layer_rules, plan_header, plan_text, rule_comments
 from qcompiler.autoplan.prepare import Prepared, calib_source, first_feeds, prepare
-from qcompiler.autoplan.probes import _cost_tables, _Workdir, output_quant
+from qcompiler.autoplan.probes import ProbeWorkdir, cost_tables, output_quant
 from qcompiler.autoplan.result import AutoPlanResult, FrontPoint, LayerInfo, PlanOptions, Progress
 from qcompiler.autoplan.sensitivity import METRICS, LayerUnderTest, SensitivityResult, compute, measure_plans
 from qcompiler.core.errors import UserError
@@ -138,10 +138,10 @@ def auto_plan(model_path: str | Path, calib: str | Path | None, options: PlanOpt
     # ---- costs, allocation, verification ----------------------------------------------------------------
     unit = opts.budget.unit
     shapes = {k: list(v.shape) for k, v in feeds[0].items()}
-    work = _Workdir(feeds[0])
+    work = ProbeWorkdir(feeds[0])
     try:
         t = time.perf_counter()
-        table, base, float_totals = _cost_tables(prep, cands, rules, work, shapes, unit == "bitops", progress)
+        table, base, float_totals = cost_tables(prep, cands, rules, work, shapes, unit == "bitops", progress)
         timings["costs"] = time.perf_counter() - t
         budget_value = _absolute_budget(opts.budget, float_totals)
         cap = _capacity(unit, budget_value, base)
@@ -180,8 +180,8 @@ def auto_plan(model_path: str | Path, calib: str | Path | None, options: PlanOpt
             choice = _solve(values, table[unit], cap, opts)
             if choice is None:
                 cheapest = _cheapest(unit, table, base)
-                raise UserError(f"--budget: {opts.budget.describe()} = {_fmt_unit(budget_value, unit)} is below "
-                                f"the smallest plan this model allows ({_fmt_unit(cheapest, unit)} with every "
+                raise UserError(f"--budget: {opts.budget.describe()} = {fmt_unit(budget_value, unit)} is below "
+                                f"the smallest plan this model allows ({fmt_unit(cheapest, unit)} with every "
                                 f"layer at its cheapest candidate of {', '.join(names)})")
             if opts.select:
                 choice = _select(choice, cap, pool_front, table[unit], values, opts, joint, prep, lut, names,
@@ -192,9 +192,9 @@ def auto_plan(model_path: str | Path, calib: str | Path | None, options: PlanOpt
             predicted = _predict(choice, table, base, values, sens)
             if tuple(choice) in joint and "signal" in select_state:
                 predicted["joint_sqnr_db"] = _sqnr(select_state["signal"], joint[tuple(choice)][1])
-            header = _header(src, opts, budget_value, unit, predicted, names, choice)
+            header = plan_header(src, opts, budget_value, unit, predicted, names, choice)
             text = plan_text(prep, [rules[li][ci] for li, ci in enumerate(choice)],  # type: ignore[misc]
-                             header, _comments(prep, names, choice, sens, table))
+                             header, rule_comments(prep, names, choice, sens, table))
             plan = Plan.from_text(text, source="<auto plan>")
             if progress:
                 progress("verify", rounds - 1, MAX_ROUNDS)
@@ -210,7 +210,7 @@ def auto_plan(model_path: str | Path, calib: str | Path | None, options: PlanOpt
             if rounds >= MAX_ROUNDS:
                 raise RuntimeError(f"auto plan: could not fit {opts.budget.describe()} in {MAX_ROUNDS} rounds")
             excess = got - budget_value
-            log.info("plan: round %d is %s over the budget; tightening", rounds, _fmt_unit(excess, unit))
+            log.info("plan: round %d is %s over the budget; tightening", rounds, fmt_unit(excess, unit))
             used = float(sum(table[unit][li, ci] for li, ci in enumerate(choice)))
             cap = min(cap, used) - excess - (1.0 if unit == "bytes" else abs(used) * 1e-6)
         timings["allocate"] = time.perf_counter() - t
