@@ -1,341 +1,50 @@
 """The Python API: ``compile_model(MODEL, OUT, CompileOptions(...))``.
 
 Steps: load (checked, never modified) → parse the plan and pipeline, check the pipeline and the plan against
-the target before any rewrite → upgrade the opset when the plan needs it → import into graphsurgeon (fp16
-models computed in fp32) → run the passes → restore the fp16 interface → validate in onnxruntime against the
-float model (when calibration data was given) → write the model and its side files atomically.
-A run that fails (including a failed ``min_sqnr_db`` gate) writes nothing.
+the target before any rewrite → plan mixed precision first under ``budget`` (:mod:`qcompiler.autoplan`) →
+upgrade the opset when the plan needs it → import into graphsurgeon (fp16 models computed in fp32) → run the
+passes → restore the fp16 interface → validate in onnxruntime against the float model (when calibration data
+was given) → write the model and its side files atomically. A run that fails (including a failed
+``min_sqnr_db`` gate) writes nothing. The driver is :mod:`qcompiler.compile`; this module is the façade.
 """
 
 from __future__ import annotations
 
-import json
-import logging
 import os
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
-import onnx
-import onnx_graphsurgeon as gs
-
-from qcompiler import ir
-from qcompiler.calib import CalibrationSource, input_signatures
-from qcompiler.core.context import CompileContext
-from qcompiler.core.errors import UserError
-from qcompiler.core.pass_manager import PassManager, PassRecord
-from qcompiler.core.registry import build_pipeline, get_target, registry
-from qcompiler.plan import Plan, _make_spec, load_plan, required_opset
-from qcompiler.report import cost
-
-log = logging.getLogger(__name__)
-
-Progress = Callable[[str, int, int], None]
-
-#: ``compile`` validates graph outputs on up to 64 samples and layers on the first few (per-layer runs expose
-#: every intermediate tensor: on PP-OCR rec, 64 samples of it took minutes). ``qcompiler validate`` does all.
-COMPILE_LAYER_SAMPLES = 8
-
-
-@dataclass
-class CompileOptions:
-    """Everything ``qcompiler compile`` takes (all optional)."""
-
-    plan: str | Path | Plan | None = None
-    target: str = "ort"
-    calib: str | Path | None = None  # folder / .npz / "random" / "none"; None: random when needed
-    pipeline: str | None = None
-    validate: bool | None = None  # None: validate when real calibration data was given
-    validate_data: str | Path | None = None  # held-back feeds for validation (defaults to the calib data)
-    min_sqnr_db: float | None = None
-    verify_each: bool = False
-    dump_after: set[str] = field(default_factory=set)
-    external_data_threshold: int | None = None
-    calib_samples: int | None = None
-    calib_select: int | None = None  # pick N representative samples of the calibration data (calib-select)
-    preset: str | None = None  # a shipped plan by name (same as plan=NAME; not both)
-    seed: int = 0
-    plugins: list[str] = field(default_factory=list)
-    report: str | Path | None = None
-    # automatic mixed precision (qcompiler.autoplan): plan under this budget first, on top of plan / preset
-    budget: str | None = None  # bytes ("4MB"), a fraction of the float bytes ("25%"), "4.5bits", or BitOps
-    budget_bitops: bool = False  # the budget counts BitOps
-    budget_candidates: str | None = None  # e.g. "int8,int4,ternary" (default int8,int4)
-    budget_metric: str = "pd"  # pd | hessian | act-stats | orthogonality
-    #: packed target: leave the ai.qcompiler function bodies out (for a runtime with native kernels; stock
-    #: onnxruntime cannot run or validate the result)
-    strip_function_bodies: bool = False
-    #: run ``compact-names`` last: short tensor / node names (graph I/O kept), the map back in OUT.names.json
-    compact_names: bool = False
-
-
-@dataclass
-class CompileResult:
-    output: Path
-    files: list[Path]
-    records: list[PassRecord]
-    report: dict[str, Any]
-    validation: Any = None
-    pipeline: str = ""
-
-
-def _plan_specs(plan: Plan) -> list[Any]:
-    specs = [_make_spec(plan.weight_defaults, "defaults.weight"), _make_spec(plan.activation_defaults,
-                                                                             "defaults.activation")]
-    for r in plan.rules:
-        if r.skip:
-            continue
-        specs.append(_make_spec({**plan.weight_defaults, **r.weight}, r.describe()))
-        specs.append(_make_spec({**plan.activation_defaults, **r.activation}, r.describe()))
-    return [s for s in specs if not s.is_float]
-
-
-def _preset_plan(name: str) -> str:
-    from qcompiler.plan.presets import names, preset_path
-
-    if preset_path(name) is None:
-        raise UserError(f"--preset: unknown preset '{name}' (known: {', '.join(names())})")
-    return name
-
-
-#: Where the plan's ``algorithms`` and ``--calib-select`` go in a pipeline, in this order: (pass, anchor, side).
-#: After ``fold-batchnorm``: fold-bias (graph normalization the plan must see). After ``resolve-plan`` (BN folded, plan known, nothing calibrated yet): calib-select, equalize, smooth.
-#: Before ``insert-qdq`` (ranges calibrated, nothing quantized yet): gptq, then bias-correct (which measures
-#: the error of the weights gptq chose).
-PIPELINE_INSERTIONS = (
-    ("fold-bias", "fold-batchnorm", "after"),
-    ("calib-select", "resolve-plan", "after"),
-    ("equalize", "resolve-plan", "after"),
-    ("smooth", "resolve-plan", "after"),
-    ("gptq", "insert-qdq", "before"),
-    ("bias-correct", "insert-qdq", "before"),
+from qcompiler import autoplan, ir
+from qcompiler.compile import (
+    COMPILE_LAYER_SAMPLES,
+    PIPELINE_INSERTIONS,
+    CompileOptions,
+    CompileResult,
+    Progress,
+    assemble_pipeline,
+    compile_plan,
 )
+from qcompiler.plan import Plan
+from qcompiler.session import plan_specs as _plan_specs
 
+if TYPE_CHECKING:
+    from qcompiler.ir.api_support import ModelProto
 
-def assemble_pipeline(text: str, plan: Plan, reg: Any = None, *, calib_select: int | None = None) -> list[Any]:
-    """The passes of pipeline ``text`` plus those the plan's ``algorithms`` (and ``calib_select``) turn on, each
-    inserted at its place (:data:`PIPELINE_INSERTIONS`), minus those it turns off (``fold_bias: false`` removes
-    the default pipeline's ``fold-bias``). A pass the text names already keeps the text's options; an algorithm
-    whose anchor the pipeline lacks is left out with a warning."""
-    from qcompiler.plan import ALGORITHMS
-
-    reg = reg or registry()
-    passes = build_pipeline(text, reg)
-    off = {ALGORITHMS[name] for name in plan.disabled_algorithms}
-    if any(p.name in off for p in passes):
-        log.info("plan turns off %s: left out of the pipeline", ", ".join(sorted(off)))
-        passes = [p for p in passes if p.name not in off]
-    wanted = {ALGORITHMS[name]: dict(opts) for name, opts in plan.algorithms.items()}
-    if calib_select is not None:
-        wanted["calib-select"] = {"n": calib_select}
-    order = [name for name, _, _ in PIPELINE_INSERTIONS]
-    for name, anchor, side in PIPELINE_INSERTIONS:
-        if name not in wanted or any(p.name == name for p in passes):
-            continue
-        at = next((i for i, p in enumerate(passes) if p.name == anchor), None)
-        if at is None:
-            log.warning("pipeline has no '%s': '%s' (from the plan) left out", anchor, name)
-            continue
-        if side == "after":
-            at += 1
-            while at < len(passes) and passes[at].name in order[:order.index(name)]:
-                at += 1  # after the algorithms that come before this one
-        passes.insert(at, reg.get(name)(**wanted[name]))
-    return passes
+__all__ = ["COMPILE_LAYER_SAMPLES", "PIPELINE_INSERTIONS", "CompileOptions", "CompileResult", "Progress",
+           "_plan_specs", "assemble_pipeline", "compile_model", "load_for_inspect"]
 
 
 def compile_model(model_path: str | os.PathLike[str], output_path: str | os.PathLike[str],
                   options: CompileOptions | None = None, progress: Progress | None = None) -> CompileResult:
-    """Compile ``model_path`` to ``output_path``; raises :class:`UserError` for bad input."""
+    """Compile ``model_path`` to ``output_path``; raises :class:`UserError` for bad input. With
+    ``options.budget``, the plan is planned first (:func:`qcompiler.autoplan.plan_for_compile`)."""
     opts = options or CompileOptions()
-    t_start = time.perf_counter()
-    src, out = Path(model_path), Path(output_path)
-    if out.resolve() == src.resolve():
-        raise UserError(f"{out}: output would overwrite the input model; choose another -o")
-    if out.suffix != ".onnx":
-        raise UserError(f"{out}: output file must end in .onnx")
-    if out.is_dir():
-        raise UserError(f"{out}: is a directory; -o needs a file name ending in .onnx")
 
-    reg = registry()
-    for spec in opts.plugins:
-        reg.load_plugin(spec)
-    target = get_target(opts.target)
-    if opts.preset is not None and opts.plan is not None:
-        raise UserError("--preset and --plan both given; a preset is a plan: give one of them")
-    plan = opts.plan if isinstance(opts.plan, Plan) else load_plan(opts.plan if opts.preset is None
-                                                                   else _preset_plan(opts.preset))
-    target.check_options(plan.target_options, plan.source)  # a bad targets: section fails before any work
-    auto = None
-    if opts.budget is not None:  # mixed precision under a budget: the plan is planned first (autoplan)
-        from qcompiler import autoplan
+    def planner(base: Plan) -> autoplan.AutoPlanResult:
+        return autoplan.plan_for_compile(Path(model_path), opts, base, progress)
 
-        auto = autoplan.plan_for_compile(src, opts, plan, progress)
-        plan = auto.plan
-    calib_word = None if opts.calib is None else str(opts.calib)
-    if opts.calib_select is not None and (calib_word is None or calib_word in ("random", "none")):
-        raise UserError("--calib-select needs a pool of real calibration data to choose from (--calib DIR|FILE.npz)")
-    pipeline_text = opts.pipeline if opts.pipeline is not None else target.default_pipeline  # '' is an error
-    passes = assemble_pipeline(pipeline_text, plan, reg, calib_select=opts.calib_select)
-    if opts.compact_names and not any(p.name == "compact-names" for p in passes):
-        passes.append(reg.get("compact-names")())
-    pm = PassManager(passes, verify_each=opts.verify_each, dump_after=set(opts.dump_after),
-                     dump_dir=out.with_name(out.stem + ".dump") if opts.dump_after else None,
-                     on_pass=(lambda name, i, n: progress(f"pass:{name}", i, n)) if progress else None)
-    pm.check({"model"})
-
-    model = ir.load_model(src)
-    float_model = model
-    for f in sorted(ir.external_files(model)):  # the outputs must not replace the input's external data
-        if f in {(out.parent / n).resolve() for n in (out.name, out.name + ".data", out.stem + ".plan.yaml")}:
-            raise UserError(f"{out}: writing it would overwrite '{f.name}', external data of the input model; "
-                            "choose another -o")
-    # Refuse a plan the target cannot run before any rewrite (node names are those of the input model).
-    # The opset upgrade (in memory) comes first so that the graph is imported once: the converter keeps every
-    # node and its name (it only adds a few helper nodes, float), so the check sees the input model's nodes.
-    # When the upgrade fails, a plan the target refuses is still reported first.
-    need, why = required_opset(_plan_specs(plan))
-    if ir.opset_of(model) < need:
-        try:
-            model = ir.upgrade_opset(model, need, why)
-        except UserError:
-            graph, meta = ir.import_graph(model, str(src))
-            target.check(plan.resolve(graph, warn=False))
-            raise
-    graph, meta = ir.import_graph(model, str(src))
-    target.check(plan.resolve(graph, warn=False))  # resolve-plan warns once, later
-    io_dtypes = ir.to_float32(graph)
-    meta.io_dtypes = io_dtypes
-
-    calib_source = None
-    calib_arg = None if opts.calib is None else str(opts.calib)
-    if calib_arg is not None and calib_arg != "none":
-        calib_source = CalibrationSource.from_arg(calib_arg, input_signatures(graph), seed=opts.seed,
-                                                  limit=opts.calib_samples)
-    ctx = CompileContext(graph=graph, meta=meta, plan=plan, target=target, calib=calib_source,
-                         output_path=out, seed=opts.seed, data_free=calib_arg == "none")
-    if progress is not None:
-        ctx.report["_progress"] = progress
-    if opts.strip_function_bodies:
-        ctx.options["strip_function_bodies"] = True
-    records = pm.run(ctx)
-    ctx.report.pop("_progress", None)
-    stripped = bool(ctx.options.get("function_bodies_stripped"))
-    if stripped and (opts.validate or opts.validate_data is not None or opts.min_sqnr_db is not None):
-        raise UserError("--strip-function-bodies: the custom ops have no function bodies left, so stock "
-                        "onnxruntime cannot validate the model; validate a build without the option (same codes)")
-
-    ir.restore_io_dtypes(ctx.graph, io_dtypes)
-    threshold = opts.external_data_threshold
-    if threshold is None and ir.has_external_data(float_model):
-        threshold = ir.DEFAULT_EXTERNAL_THRESHOLD  # external data in, external data out
-    big = ir.parameter_bytes(float_model) >= ir.NO_PREPACK_BYTES
-    # Everything is written into a staging folder beside OUT (model tensor by tensor, external data streamed),
-    # checked and validated from there, and moved into place only when the whole compile succeeded.
-    with ir.staging(out) as stage:
-        staged = stage / out.name
-        ir.write_model(ctx.graph, meta, staged, external_data_threshold=threshold, consume=True)
-        # The graph is on disk now: free its (quantized) weights before validation opens sessions (which trims
-        # memory itself; a large model is trimmed now, before the cost report imports the written one).
-        ir.release_graph(ctx.graph, trim=big)
-        ctx.graph = gs.Graph(opset=ctx.graph.opset)
-        del graph
-        qmodel = ir.load_model(staged, check=False)
-        ir.check_model(qmodel, where="compiled model")
-
-        report: dict[str, Any] = {
-            "input": str(src),
-            "output": str(out),
-            "target": target.name,
-            "pipeline": pm.pipeline_text(),
-            "opset": ir.opset_of(qmodel),
-            "passes": [r.to_json() for r in records],
-            **{k: v for k, v in ctx.report.items() if not k.startswith("_")},
-        }
-        float_bytes = ir.model_summary(float_model)["parameter_bytes"]
-        quant_bytes = ir.model_summary(qmodel)["parameter_bytes"]
-        report["sizes"] = {"float_parameter_bytes": float_bytes, "quantized_parameter_bytes": quant_bytes,
-                           "ratio": round(quant_bytes / float_bytes, 4) if float_bytes else None}
-        known = (ctx.calib_shapes or None) if calib_source is not None else None
-        report["cost"] = cost.compile_cost(qmodel, staged, calib_source, shapes=not big, known_shapes=known).to_json()
-        if ctx.renamed.get("nodes"):  # compact-names: the report names layers as the compiled graph did
-            back = ctx.renamed["nodes"]
-            for layer in report["cost"].get("layers", []):
-                layer["name"] = back.get(layer.get("name"), layer.get("name"))
-        if auto is not None:  # the budget holds for what is written, counted as `inspect --cost` counts it
-            report["autoplan"] = auto.summary()
-            ctx.side_outputs[".autoplan.yaml"] = auto.text
-            auto.check(report["cost"])
-
-        validation = None
-        do_validate = opts.validate if opts.validate is not None else (
-            calib_source is not None and not calib_source.synthetic) or opts.validate_data is not None
-        if stripped:
-            do_validate = False
-            report["validation_skipped"] = "function bodies stripped: the model needs native kernels"
-        if do_validate:
-            from qcompiler.report import validate as qv
-
-            if opts.validate_data is not None:
-                feeds: Any = qv.load_feeds(opts.validate_data, float_model)
-            elif calib_source is not None:
-                feeds = list(_limited(calib_source, 64))
-            else:
-                raise UserError("validation needs data: give --calib DATA or --validate-data FILE.npz")
-            if progress:
-                progress("validate", 0, 1)
-            ir.trim_memory()  # graphs imported for the report above are cycles: unmap their weights first
-            # Large models: outputs only (per-layer sessions would hold the float weights twice more).
-            validation = qv.validate(float_model, qmodel, feeds, min_sqnr_db=opts.min_sqnr_db, per_layer=not big,
-                                     optimize=True if target.validation_optimization == "all" else "basic",
-                                     layer_samples=COMPILE_LAYER_SAMPLES,
-                                     names=ctx.renamed.get("tensors"))
-            report["validation"] = validation.to_json()
-            if opts.min_sqnr_db is not None and not validation.passed:
-                raise UserError(f"validation: output SQNR {validation.worst_output_sqnr():.2f} dB is below "
-                                f"--min-sqnr {opts.min_sqnr_db} dB; nothing written")
-        elif opts.min_sqnr_db is not None:
-            raise UserError("--min-sqnr needs validation data: give --calib DATA or --validate-data FILE.npz")
-
-        for suffix, text in sorted(ctx.side_outputs.items()):
-            (stage / (out.stem + suffix)).write_text(text, encoding="utf-8")
-        report["seconds"] = round(time.perf_counter() - t_start, 3)
-        files = [out.parent / f.name for f in sorted(stage.iterdir(), key=lambda f: (f.name != out.name, f.name))]
-    try:
-        if opts.report is not None:
-            with ir.atomic_output(Path(opts.report)) as tmp:
-                tmp.write_text(json.dumps(_jsonable(report), indent=2, sort_keys=True) + "\n", encoding="utf-8")
-            files.append(Path(opts.report))
-    except BaseException:
-        for f in files:
-            f.unlink(missing_ok=True)
-        raise
-    return CompileResult(output=out, files=files, records=records, report=report, validation=validation,
-                         pipeline=pm.pipeline_text())
+    return compile_plan(model_path, output_path, opts, progress, planner=planner)
 
 
-def _limited(source: Any, n: int) -> Any:
-    for i, feed in enumerate(source):
-        if i >= n:
-            break
-        yield feed
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, float) and (x != x or x in (float("inf"), float("-inf"))):
-        return str(x)
-    if hasattr(x, "item") and callable(x.item):
-        return _jsonable(x.item())
-    if isinstance(x, Path):
-        return str(x)
-    return x
-
-
-def load_for_inspect(path: str | os.PathLike[str]) -> onnx.ModelProto:
+def load_for_inspect(path: str | os.PathLike[str]) -> ModelProto:
     return ir.load_model(path)

@@ -530,7 +530,7 @@ def test_exchange_repairs_a_poor_plan_and_keeps_the_budget(fragile, tmp_path, mo
             ch[FRAGILE], ch[robust] = ch[robust], ch[FRAGILE]
         return ch
 
-    monkeypatch.setattr(autoplan, "_solve", rigged)
+    monkeypatch.setattr(autoplan.search, "_solve", rigged)  # where auto_plan looks it up
     poor = _plan(path, calib, "21%", select=0)
     fixed = _plan(path, calib, "21%", select=0, exchange=1)
     assert poor.choice[FRAGILE] == 1 and poor.choice[robust] == 0

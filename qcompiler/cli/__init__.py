@@ -6,8 +6,10 @@ line naming the file / node / plan rule at fault), or a validation gate (``--min
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
+import pkgutil
 import sys
 import traceback
 from pathlib import Path
@@ -15,8 +17,16 @@ from typing import Any
 
 import click
 
-from qcompiler import __version__
+import qcompiler.cli.commands as commands_pkg
+from qcompiler import __version__, ir
+from qcompiler.api import CompileOptions, compile_model
+from qcompiler.cli.terminal import Progress, table
 from qcompiler.core.errors import PassFailure, UserError
+from qcompiler.core.registry import registry, targets
+from qcompiler.plan import Plan
+from qcompiler.report import cost
+from qcompiler.report import validate as qv
+from qcompiler.report.cost import format_bytes, format_count
 
 log = logging.getLogger("qcompiler")
 
@@ -80,36 +90,6 @@ def cli(ctx: click.Context, debug: bool, verbose: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ compile
-class _Progress:
-    """tqdm bars for calibration / validation; pass names on one line."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-        self.bar: Any = None
-        self.stage = ""
-
-    def __call__(self, stage: str, done: int, total: int) -> None:
-        if not self.enabled:
-            return
-        if stage.startswith("pass:"):
-            self.close()
-            return
-        from tqdm import tqdm
-
-        if stage != self.stage or self.bar is None:
-            self.close()
-            self.stage = stage
-            self.bar = tqdm(total=total, desc=stage, unit="sample", file=sys.stderr, leave=False)
-        self.bar.n = done
-        self.bar.refresh()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-            self.stage = ""
-
-
 def _bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if abs(n) < 1024 or unit == "GB":
@@ -165,8 +145,6 @@ def compile_cmd(model: Path, output: Path, plan: str | None, preset: str | None,
                 budget: str | None, bitops: bool, candidates: str | None, metric: str, compact_names: bool,
                 quiet: bool) -> None:
     """Compile MODEL into a quantized model at OUTPUT."""
-    from qcompiler.api import CompileOptions, compile_model
-
     if budget is None and (bitops or candidates is not None):
         raise UserError("--bitops and --candidates are options of --budget")
     opts = CompileOptions(plan=plan, target=target, calib=calib, pipeline=pipeline, validate=validate,
@@ -176,7 +154,7 @@ def compile_cmd(model: Path, output: Path, plan: str | None, preset: str | None,
                           plugins=list(plugins), report=report, strip_function_bodies=strip_function_bodies,
                           budget=budget, budget_bitops=bitops, budget_candidates=candidates, budget_metric=metric,
                           compact_names=compact_names)
-    progress = _Progress(enabled=not quiet and sys.stderr.isatty())
+    progress = Progress(enabled=not quiet and sys.stderr.isatty())
     try:
         result = compile_model(model, output, opts, progress=progress)
     finally:
@@ -188,7 +166,7 @@ def compile_cmd(model: Path, output: Path, plan: str | None, preset: str | None,
     click.echo(f"pipeline: {result.pipeline}")
     rows = [(r.name, "yes" if r.modified else "no", f"{r.seconds * 1000:.1f}",
              ", ".join(f"{k}={v}" for k, v in sorted(r.stats.items()) if v)) for r in result.records]
-    click.echo(_table(["pass", "modified", "ms", "statistics"], rows))
+    click.echo(table(["pass", "modified", "ms", "statistics"], rows))
     sizes = rep["sizes"]
     click.echo(f"parameters: {_bytes(sizes['float_parameter_bytes'])} float -> "
                f"{_bytes(sizes['quantized_parameter_bytes'])} ({sizes['ratio']}x)")
@@ -223,8 +201,6 @@ def compile_cmd(model: Path, output: Path, plan: str | None, preset: str | None,
 
 def _echo_cost(c: dict[str, Any]) -> None:
     """The cost lines of the compile summary (the JSON report has every layer)."""
-    from qcompiler.report.cost import format_bytes, format_count
-
     peak = c.get("peak_activation_bytes")
     avg = c.get("average_weight_bits")
     click.echo(f"cost: {c['total_bytes']} bytes stored ({format_bytes(c['total_bytes'])}: tensors "
@@ -239,15 +215,6 @@ def _echo_cost(c: dict[str, Any]) -> None:
         click.echo("largest layers: " + ", ".join(f"{la['name']} {format_bytes(la['bytes'])}"
                                                   + (f" ({la['weight_format']})" if la.get("weight_format") else "")
                                                   for la in rows))
-
-
-def _table(headers: list[str], rows: list[tuple[Any, ...]]) -> str:
-    cols = [headers, *[[str(c) for c in r] for r in rows]]
-    widths = [max(len(r[i]) for r in cols) for i in range(len(headers))]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)),
-             "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in cols[1:]]
-    return "\n".join(line.rstrip() for line in lines)
 
 
 # ----------------------------------------------------------------------------------------------- validate
@@ -266,9 +233,6 @@ def _table(headers: list[str], rows: list[tuple[Any, ...]]) -> str:
 def validate_cmd(float_model: Path, quant_model: Path, data: Path, json_path: Path | None, min_sqnr: float | None,
                  layers: bool, max_layers: int, names_path: Path | None) -> None:
     """Compare QUANT_MODEL with FLOAT_MODEL in onnxruntime: SQNR, cosine, max error, top-1, per layer."""
-    from qcompiler import ir
-    from qcompiler.report import validate as qv
-
     fm = ir.load_model(float_model)
     qm = ir.load_model(quant_model)
     explicit = names_path is not None
@@ -306,12 +270,7 @@ def validate_cmd(float_model: Path, quant_model: Path, data: Path, json_path: Pa
               help="With --cost: the shape of input NAME (resolves its dynamic dims; others are 1).")
 def inspect_cmd(model: Path, as_json: bool, with_cost: bool, shapes: tuple[str, ...]) -> None:
     """Opset, inputs/outputs, op histogram, parameter bytes and quantizable nodes of MODEL."""
-    from qcompiler import ir
-    from qcompiler.plan import Plan
-
     if with_cost:
-        from qcompiler.report import cost
-
         rep = cost.model_cost(model, feed_shapes=cost.parse_shapes(shapes))
         if as_json:
             click.echo(json.dumps(rep.to_json(), indent=2))
@@ -335,10 +294,10 @@ def inspect_cmd(model: Path, as_json: bool, with_cost: bool, shapes: tuple[str, 
         return
     click.echo(f"{model}: ir_version {info['ir_version']}, opset "
                + ", ".join(f"{k} {v}" for k, v in info["opset"].items()) + f", producer '{info['producer']}'")
-    click.echo(_table(["input", "dtype", "shape"], [(i["name"], i["dtype"], i["shape"]) for i in info["inputs"]]))
-    click.echo(_table(["output", "dtype", "shape"], [(o["name"], o["dtype"], o["shape"]) for o in info["outputs"]]))
+    click.echo(table(["input", "dtype", "shape"], [(i["name"], i["dtype"], i["shape"]) for i in info["inputs"]]))
+    click.echo(table(["output", "dtype", "shape"], [(o["name"], o["dtype"], o["shape"]) for o in info["outputs"]]))
     click.echo(f"nodes: {info['nodes']}, parameter bytes: {_bytes(info['parameter_bytes'])}")
-    click.echo(_table(["op", "count"], list(info["ops"].items())))
+    click.echo(table(["op", "count"], list(info["ops"].items())))
     click.echo(f"quantizable nodes ({info['quantizable_note']}): {len(quantizable)} of {weight_ops} weight ops")
     for name in quantizable[:50]:
         click.echo(f"  {name}")
@@ -350,19 +309,15 @@ def inspect_cmd(model: Path, as_json: bool, with_cost: bool, shapes: tuple[str, 
 @cli.command("passes")
 def passes_cmd() -> None:
     """List the registered passes with one-line docs."""
-    from qcompiler.core.registry import registry
-
     reg = registry()
     rows = [(name, reg.origin[name], cls.summary()) for name, cls in sorted(reg.passes.items())]
-    click.echo(_table(["pass", "from", "description"], rows))
+    click.echo(table(["pass", "from", "description"], rows))
 
 
 @cli.command("targets")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def targets_cmd(as_json: bool) -> None:
     """List runtime targets and what each supports."""
-    from qcompiler.core.registry import targets
-
     data = {name: {"description": cls.description, "default_pipeline": cls.default_pipeline,
                    "plan_options": {k: {"default": d, "doc": doc} for k, (d, doc) in cls.options.items()},
                    **cls().capabilities()} for name, cls in sorted(targets().items())}
@@ -388,200 +343,11 @@ def targets_cmd(as_json: bool) -> None:
                 click.echo(f"    {op}: {info['scheme']} {info['replaces']}, {info['bits_per_weight']} bit(s)/weight")
 
 
-# --------------------------------------------------------------------------------------------------- plan
-class _PlanGroup(click.Group):
-    """``qcompiler plan MODEL ...`` is ``qcompiler plan auto MODEL ...`` (when MODEL is no sub-command name)."""
-
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        if args and args[0] not in self.commands and args[0] not in ctx.help_option_names:
-            args = ["auto", *args]
-        return super().parse_args(ctx, args)
-
-
-@cli.group("plan", cls=_PlanGroup)
-def plan_group() -> None:
-    """Precision plans: plan mixed precision under a budget (qcompiler plan MODEL --budget ...), preview a
-    plan's resolution, show presets."""
-
-
-@plan_group.command("resolve")
-@click.argument("model", type=click.Path(path_type=Path))
-@click.argument("plan", required=False)
-@click.option("--target", default="ort", show_default=True)
-@click.option("-o", "--output", type=click.Path(path_type=Path), help="Write the resolved plan (YAML) here.")
-def plan_resolve_cmd(model: Path, plan: str | None, target: str, output: Path | None) -> None:
-    """Show which rule applies to every node of MODEL (after the target's graph clean-up: cleanup, BatchNorm
-    folding, activation fusion)."""
-    from qcompiler import ir
-    from qcompiler.core.context import CompileContext
-    from qcompiler.core.pass_manager import PassManager
-    from qcompiler.core.registry import build_pipeline, get_target, parse_pipeline_text
-    from qcompiler.plan import load_plan
-
-    p = load_plan(plan)
-    t = get_target(target)
-    m = ir.load_model(model)
-    graph, meta = ir.import_graph(m, str(model))
-    ir.to_float32(graph)
-    ctx = CompileContext(graph=graph, meta=meta, plan=p, target=t)
-    # the target's own pipeline up to resolve-plan: the nodes (and names) the compile will see
-    items = parse_pipeline_text(t.default_pipeline)
-    names = [name for name, _ in items]
-    n = names.index("resolve-plan") + 1 if "resolve-plan" in names else 0
-    passes = build_pipeline(t.default_pipeline)[:n] if n else build_pipeline("cleanup,resolve-plan")
-    PassManager(passes).run(ctx)
-    assert ctx.resolved is not None
-    text = ctx.resolved.to_yaml()
-    if output is not None:
-        with ir.atomic_output(output) as tmp:
-            tmp.write_text(text, encoding="utf-8")
-        click.echo(f"wrote {output}")
-    else:
-        click.echo(text, nl=False)
-    q = ctx.resolved.quantized()
-    click.echo(f"# {len(q)} of {len(ctx.resolved.nodes)} nodes quantized; "
-               f"{len(ctx.activation_specs)} activation tensors to calibrate", err=True)
-
-
-@plan_group.command("show")
-@click.argument("preset", required=False)
-def plan_show_cmd(preset: str | None) -> None:
-    """Print a shipped preset plan (without PRESET: list them)."""
-    from qcompiler.plan.presets import names, preset_path
-
-    if preset is None:
-        for n in names():
-            click.echo(n)
-        return
-    p = preset_path(preset)
-    if p is None:
-        raise UserError(f"plan show: unknown preset '{preset}' (known: {', '.join(names())})")
-    click.echo(p.read_text(encoding="utf-8"), nl=False)
-
-
-@plan_group.command("auto")
-@click.argument("model", type=click.Path(path_type=Path))
-@click.option("--budget", required=True,
-              help="Bytes of the output files (4000000, 4MB; KB/MB/GB are 1024-based), a fraction of the float "
-                   "model's bytes (25%), average weight bits (4.5bits), or BitOps with --bitops (1.5G, 50%).")
-@click.option("--bitops", is_flag=True, help="The budget counts BitOps (MACs x weight bits x activation bits).")
-@click.option("--calib", help="Calibration data (folder of .npz, stacked .npz, or 'random'): the sensitivity "
-                              "batch is its first --samples samples.")
-@click.option("-o", "--output", type=click.Path(path_type=Path), help="Write the plan here (default: print it).")
-@click.option("--candidates",
-              help="Precisions a layer may take (default int8,int4, less what the target runs on no layer): fp32, "
-                   "int8, int4, uint8, int16, fp8e4m3, ternary, binary, shift4, and int3 / int2 (uniform, "
-                   "bit-packed: --target packed) ...")
-@click.option("--metric", type=click.Choice(["pd", "hessian", "act-stats", "orthogonality"]), default="pd",
-              show_default=True, help="Sensitivity: PD-Quant output change, HAWQ-V2 Hessian trace (forward "
-                                      "only), myQASR activation statistics, OMPQ orthogonality.")
-@click.option("--target", default="ort", show_default=True, help="Runtime target the plan is for.")
-@click.option("--plan", "base_plan", help="Base plan (file or preset): defaults, activation specs, rules.")
-@click.option("--samples", type=click.IntRange(min=1), default=8, show_default=True,
-              help="Calibration samples for the sensitivity (more for classifiers with few, confident outputs).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
-              help="Samples of one shape evaluated together.")
-@click.option("--solver", type=click.Choice(["dp", "lagrange"]), default="dp", show_default=True,
-              help="Knapsack: exact DP over the discretized budget, or Lagrangian relaxation.")
-@click.option("--draws", type=click.IntRange(min=1), default=2, show_default=True,
-              help="--metric hessian: Hutchinson draws per layer.")
-@click.option("--select", type=click.IntRange(min=0), default=8, show_default=True,
-              help="Measure the plan and N Pareto neighbours that fit with all their layers quantized at once "
-                   "(one evaluation each) and keep the best; 0: the knapsack's plan as is.")
-@click.option("--refine", type=click.IntRange(min=0), default=0, show_default=True,
-              help="--metric pd: re-measure the sensitivities around the plan found and re-solve, up to N times "
-                   "(for tight budgets, where many coarse layers compound).")
-@click.option("--exchange", type=click.IntRange(min=0), default=0, show_default=True,
-              help="--metric pd: up to N rounds of measured exchanges around the plan (a few layers up, a few "
-                   "down, each candidate measured whole; kept only when the measured distortion drops).")
-@click.option("--pareto", type=click.Path(path_type=Path),
-              help="Write the Pareto front as CSV here, and its plot as SVG beside it (.svg).")
-@click.option("--measure", type=click.IntRange(min=0), default=5, show_default=True,
-              help="With --pareto: compile N front points (and the plan) and measure their output SQNR.")
-@click.option("--validate-data", type=click.Path(path_type=Path),
-              help="Held-back feeds for the measured SQNR (default: the calibration data).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for synthetic data and draws.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bars or summary.")
-def plan_auto_cmd(model: Path, budget: str, bitops: bool, calib: str | None, output: Path | None, candidates: str | None,
-                  metric: str, target: str, base_plan: str | None, samples: int, batch_size: int, solver: str,
-                  draws: int, select: int, refine: int, exchange: int, pareto: Path | None, measure: int,
-                  validate_data: Path | None, seed: int, quiet: bool) -> None:
-    """Plan mixed precision for MODEL: the most accurate plan within --budget (also `qcompiler plan MODEL`)."""
-    from qcompiler import autoplan
-    from qcompiler.report.cost import format_bytes, format_count
-
-    opts = autoplan.PlanOptions(budget=autoplan.Budget.parse(budget, bitops=bitops),
-                                candidates=autoplan.parse_candidates(candidates or autoplan.DEFAULT_CANDIDATES),
-                                default_candidates=candidates is None, metric=metric, target=target,
-                                base_plan=base_plan, samples=samples, batch_size=batch_size, solver=solver,
-                                draws=draws, select=select, refine=refine, exchange=exchange, seed=seed)
-    if pareto is not None and pareto.suffix.lower() != ".csv":
-        raise UserError(f"--pareto: '{pareto}' must end in .csv (the plot goes beside it as .svg)")
-    if measure and pareto is not None and (calib is None or calib in ("random", "none")):
-        raise UserError("--measure needs real calibration data (--calib DATA), or give --measure 0")
-    progress = _Progress(enabled=not quiet and sys.stderr.isatty())
-    try:
-        result = autoplan.auto_plan(model, calib, opts, progress=progress)
-        measured = []
-        if pareto is not None and measure:
-            assert calib is not None
-            measured = autoplan.measure_front(model, result, calib, points=measure, validate_data=validate_data,
-                                              progress=progress)
-    finally:
-        progress.close()
-    written = []
-    if output is not None:
-        written.append(autoplan.write_plan(result, output))
-    if pareto is not None:
-        written += autoplan.write_front(result, pareto)
-    if output is None:
-        click.echo(result.text, nl=False)
-    if quiet:
-        return
-    err = output is None  # the plan went to stdout: the summary goes to stderr
-    names = result.candidates
-    rows = []
-    for li, la in enumerate(result.layers):
-        ci = result.choice[li]
-        rows.append((la.name, la.op_type, la.params, names[ci],
-                     " ".join(f"{c}={result.sensitivity.values[li, j]:.3g}" for j, c in enumerate(names)
-                              if c in la.allowed),
-                     round(float(result.cost_table["bytes"][li, ci]))))
-    click.echo(_table(["layer", "op", "params", "choice", f"sensitivity ({metric})", "bytes"], rows), err=err)
-    p, v = result.predicted, result.verified
-    sq = p.get("sqnr_db")
-    unit = result.unit
-    limit = (format_bytes(result.budget_value) + f" ({int(result.budget_value)} bytes)" if unit == "bytes" else
-             f"{format_count(result.budget_value)} BitOps" if unit == "bitops" else f"{result.budget_value:g} bits")
-    click.echo(f"budget: {result.budget.describe()} -> {limit}", err=err)
-    click.echo("plan: " + ", ".join(f"{k} x{n}" for k, n in result.counts().items() if n)
-               + f"; predicted {round(p['bytes'])} bytes, {format_count(p['bitops'])} BitOps, "
-               f"{p['avg_bits']:.3f} avg weight bits" + (f", output SQNR {sq:.2f} dB" if sq is not None else ""),
-               err=err)
-    click.echo(f"verified: compiled plan takes {v['bytes']} bytes"
-               + (f", {format_count(v['bitops'])} BitOps" if v.get("bitops") is not None else "")
-               + f" ({result.rounds} round(s)); within the budget", err=err)
-    for pt in measured:
-        click.echo(f"front point {round(pt.bytes)} bytes: predicted "
-                   + ("n/a" if pt.predicted_sqnr_db is None else f"{pt.predicted_sqnr_db:.2f} dB")
-                   + f", measured {pt.measured_sqnr_db:.2f} dB" + ("  (the plan)" if pt.chosen else ""), err=err)
-    t = result.timings
-    click.echo(f"time: {t['total']:.1f} s (sensitivity {t['sensitivity']:.1f} s over {result.sensitivity.samples} "
-               f"samples, {result.sensitivity.evaluations} evaluations; costs {t['costs']:.1f} s)", err=err)
-    for f in written:
-        click.echo(f"wrote {f}", err=err)
-
-
 def _register_extra_commands() -> None:
-    """Commands living in ``qcompiler/commands/*.py``: each module defines ``register(cli)``."""
-    import importlib
-    import pkgutil
-
-    import qcompiler.cli.commands as pkg
-
-    for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda i: i.name):
+    """Commands living in ``qcompiler/cli/commands/*.py``: each module defines ``register(cli)``."""
+    for info in sorted(pkgutil.iter_modules(commands_pkg.__path__), key=lambda i: i.name):
         if not info.name.startswith("_"):
-            importlib.import_module(f"{pkg.__name__}.{info.name}").register(cli)
+            importlib.import_module(f"{commands_pkg.__name__}.{info.name}").register(cli)
 
 
 _register_extra_commands()

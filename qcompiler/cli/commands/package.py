@@ -12,6 +12,8 @@ from typing import Any
 
 import click
 
+from qcompiler.report.bundle import build_bundle, verify_bundle
+
 
 def _db(x: float) -> str:
     return f"{x:.2f}" if math.isfinite(x) else str(x)
@@ -48,8 +50,6 @@ def register(cli: click.Group) -> None:
         """Compile MODEL, validate it, and write a deployment bundle (model, resolved plan, validation report
         as JSON and HTML, manifest with hashes and versions) at OUTPUT — atomically: nothing is written when
         anything fails, including an SQNR below --min-sqnr."""
-        from qcompiler.report.bundle import build_bundle
-
         res = build_bundle(model, output, target=target, calib=calib, plan=plan, pipeline=pipeline,
                            min_sqnr_db=min_sqnr, make_zip=make_zip, validate_data=validate_data,
                            calib_samples=calib_samples, seed=seed, external_data_threshold=external_data,
@@ -78,8 +78,6 @@ def register(cli: click.Group) -> None:
         """Check a bundle (folder or .zip): every file's sha256 against manifest.json, the model through the
         loader's checks, and validation rerun on the bundled check feeds (exit 2 naming the file on any
         mismatch)."""
-        from qcompiler.report.bundle import verify_bundle
-
         res = verify_bundle(bundle, float_model=float_model, data=data)
         click.echo(f"{bundle}: {res.files} files match manifest.json")
         for name, (got, rec) in sorted(res.check.items()):

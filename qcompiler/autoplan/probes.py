@@ -1,0 +1,226 @@
+"""Probe plans and probe compiles: what the target quantizes downstream of each layer (:func:`output_quant`),
+every layer's stored bytes under every candidate from one compile per candidate (:func:`cost_tables`, counted
+as ``qcompiler inspect --cost`` counts them), and a plan compiled for real and measured (:func:`measure_sqnr`).
+Compiles go through :func:`qcompiler.compile.compile_plan`, below the public API."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qcompiler import ir
+from qcompiler.autoplan.budget import Candidate
+from qcompiler.autoplan.plans import plan_text, probe_text
+from qcompiler.autoplan.prepare import Prepared
+from qcompiler.autoplan.result import Progress
+from qcompiler.compile import CompileOptions, compile_plan
+from qcompiler.core.context import CompileContext
+from qcompiler.plan import Plan, QuantSpec
+from qcompiler.report import cost
+from qcompiler.report import validate as qv
+
+_ACTIVATION_OPS = ("Relu", "Clip", "LeakyRelu", "HardSigmoid", "Sigmoid", "Tanh", "HardSwish", "PRelu")
+
+
+def output_quant(prep: Prepared, cands: Sequence[Candidate], rules: list[list[dict[str, Any] | None]]
+                 ) -> list[dict[str, tuple[str, QuantSpec]]]:
+    """Per layer: candidate -> (tensor, spec) the target quantizes downstream of the layer when it takes that
+    candidate (``Target.output_tensors`` on the probe plan; e.g. ``ort``'s QLinearConv output for int8 Conv)."""
+    out: list[dict[str, tuple[str, QuantSpec]]] = [{} for _ in prep.layers]
+    by_name = {n.name: n for n in prep.graph.nodes}
+    for ci, cand in enumerate(cands):
+        if cand.is_float:
+            continue
+        plan = Plan.from_text(probe_text(prep, rules, ci), source="<probe>")
+        ctx = CompileContext(graph=prep.graph, meta=prep.meta, plan=plan, target=prep.target,
+                             resolved=plan.resolve(prep.graph))
+        outs = prep.target.output_tensors(ctx)
+        if not outs:
+            continue
+        for li, la in enumerate(prep.layers):
+            node = by_name.get(la.name)
+            if rules[li][ci] is None or node is None or not node.outputs:
+                continue
+            t: Any = node.outputs[0]
+            chain = [t]
+            while len(t.outputs) == 1 and t.outputs[0].op in _ACTIVATION_OPS and t.outputs[0].outputs:
+                t = t.outputs[0].outputs[0]
+                chain.append(t)
+            hit = next((x.name for x in chain if x.name in outs), None)
+            if hit is not None:
+                out[li][cand.name] = (hit, outs[hit])
+    return out
+
+
+#: ops a weight's dequantization chain never passes through (the layer itself, or another layer)
+_LAYER_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "LSTM", "GRU", "RNN", "QLinearConv",
+                        "QLinearMatMul", "MatMulNBits", "MatMulInteger", "ConvInteger"})
+
+
+def weight_owners(graph: Any, layers: set[str]) -> dict[str, str]:
+    """Nodes of a compiled graph whose outputs reach exactly one node, through single-reader chains of non-layer
+    ops, and that node is one of ``layers`` -> that layer. A target may dequantize a weight with ops of its own
+    (``Cast`` + ``Mul`` at load time, say); ``inspect --cost`` gives their stored tensors to the first reader,
+    the planner gives them to the layer the chain feeds."""
+    out: dict[str, str] = {}
+    for node in graph.nodes:
+        if node.name in layers or node.op in _LAYER_OPS or (node.domain or "") not in ("", "ai.onnx"):
+            continue
+        cur = node
+        for _ in range(16):
+            readers = [r for t in cur.outputs for r in t.outputs]
+            if len(readers) != 1:
+                break
+            cur = readers[0]
+            if cur.name in layers:
+                out[node.name] = cur.name
+                break
+            if cur.op in _LAYER_OPS or (cur.domain or "") not in ("", "ai.onnx"):
+                break
+    return out
+
+
+def _cost_from_json(cj: dict[str, Any]) -> cost.CostReport:
+    """A compile report's ``cost`` section (``CostReport.to_json()``) back as a :class:`~qcompiler.report.cost.CostReport`."""
+    keys = ("name", "op_type", "bytes", "params", "macs", "weight_bits", "act_bits", "weight_format")
+    layers = [cost.LayerCost(**{k: lc[k] for k in keys if k in lc}) for lc in cj.get("layers", [])]
+    return cost.CostReport(layers=layers, total_bytes=int(cj["total_bytes"]), tensor_bytes=int(cj["tensor_bytes"]),
+                           unattributed_bytes=int(cj.get("unattributed_bytes", 0)),
+                           peak_activation_bytes=cj.get("peak_activation_bytes"), peak_at=cj.get("peak_at"),
+                           feed_shapes={k: list(v) for k, v in cj.get("feed_shapes", {}).items()},
+                           shapes_from=str(cj.get("shapes_from", "none")), files=list(cj.get("files", [])),
+                           notes=list(cj.get("notes", [])))
+
+
+class ProbeWorkdir:
+    """A temporary folder with the one-sample calibration file the probe compiles use."""
+
+    def __init__(self, feed: dict[str, np.ndarray]) -> None:
+        self.path = Path(tempfile.mkdtemp(prefix="qcompiler-autoplan-"))
+        self.calib = self.path / "calib1.npz"
+        arrays: dict[str, Any] = {k: np.asarray(v)[None] for k, v in feed.items()}
+        np.savez(self.calib, **arrays)
+        self.n = 0
+        #: after :meth:`compile` with ``layers``: cost-report entry -> the layer whose weight it only feeds
+        self.owners: dict[str, str] = {}
+
+    def compile(self, model: Path, plan: Plan, target: str, *, shapes: dict[str, list[int]] | None,
+                want_shapes: bool, layers: set[str] | None = None) -> tuple[cost.CostReport, dict[str, Any]]:
+        self.n += 1
+        out = self.path / f"probe{self.n}.onnx"
+        res = compile_plan(model, out, CompileOptions(plan=plan, target=target, calib=str(self.calib),
+                                                      calib_samples=1, validate=False))
+        files = [f for f in res.files if f.suffix in (".onnx", ".data") or f.name.endswith(".onnx.data")]
+        cj = res.report.get("cost")
+        if cj is not None and (not want_shapes or (cj.get("shapes_from") != "none" and cj.get("macs")
+                                                   and cj.get("feed_shapes") == shapes)):
+            rep = _cost_from_json(cj)  # the compile counted it already (at the calibration sample's shapes)
+        else:
+            rep = cost.model_cost(out, files=files, feed_shapes=shapes, shapes=want_shapes)
+        self.owners = weight_owners(ir.import_graph(ir.load_model(out))[0], layers) if layers else {}
+        plan_rep = res.report.get("plan", {})
+        for f in res.files:
+            f.unlink(missing_ok=True)
+        return rep, plan_rep
+
+    def close(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def cost_tables(prep: Prepared, cands: Sequence[Candidate], rules: list[list[dict[str, Any] | None]],
+                 work: ProbeWorkdir, shapes: dict[str, list[int]], want_bitops: bool, progress: Progress | None
+                 ) -> tuple[dict[str, np.ndarray], dict[str, float], dict[str, float]]:
+    """Per (layer, candidate) bytes / BitOps / parameter-bits, and the plan-independent base of each.
+
+    Bytes are measured on probe compiles (see the module docstring). BitOps of a layer are its MACs (from the
+    float probe, at the calibration feed shape) × the candidate's weight bits × its activation bits (the base
+    plan's activation spec; 32 when the layer stays float) — what ``inspect --cost`` counts for it, except that
+    a float layer reading an activation another layer quantized is counted at 32 bits here (an upper bound).
+    """
+    n_l, n_c = len(prep.layers), len(cands)
+    tbytes = np.full((n_l, n_c), np.nan)
+    tbitops = np.full((n_l, n_c), np.nan)
+    tbits = np.full((n_l, n_c), np.nan)
+    float_rules = [{"match": {"name": la.name}, "skip": True} for la in prep.layers]
+    probes: list[tuple[int | None, str]] = [(None, plan_text(prep, float_rules, []))]
+    probes += [(ci, probe_text(prep, rules, ci)) for ci, c in enumerate(cands) if not c.is_float]
+    remainder: dict[int | None, tuple[float, int]] = {}
+    float_report: cost.CostReport | None = None
+    for k, (ci, text) in enumerate(probes):
+        if progress:
+            progress("costs (probe compiles)", k, len(probes))
+        rep, _ = work.compile(prep.model_path, Plan.from_text(text, source="<probe>"), prep.target.name,
+                              shapes=shapes, want_shapes=ci is None, layers={la.name for la in prep.layers})
+        by = rep.by_name()
+        fed: dict[str, float] = {}
+        for name, owner in work.owners.items():
+            if name in by:
+                fed[owner] = fed.get(owner, 0.0) + float(by[name].bytes)
+        planned = 0.0
+        n = 0
+        for li, la in enumerate(prep.layers):
+            lc = by.get(la.name)
+            b = (float(lc.bytes) if lc is not None else 0.0) + fed.get(la.name, 0.0)
+            planned += b
+            if ci is None:
+                la.macs = int(lc.macs) if lc is not None else 0
+                for cj, c in enumerate(cands):
+                    if c.is_float:
+                        tbytes[li, cj] = b
+            elif rules[li][ci] is not None:
+                tbytes[li, ci] = b
+                n += 1
+        remainder[ci] = (float(rep.total_bytes) - planned, n)
+        if ci is None:
+            float_report = rep
+    if progress:
+        progress("costs (probe compiles)", len(probes), len(probes))
+    assert float_report is not None
+    base_bytes, _ = remainder[None]
+    for ci, cand in enumerate(cands):
+        if cand.is_float:
+            continue
+        rb, n = remainder[ci]
+        ok = np.isfinite(tbytes[:, ci])
+        tbytes[ok, ci] = np.maximum(tbytes[ok, ci] + (rb - base_bytes) / max(n, 1), 0.0)
+    for li, la in enumerate(prep.layers):
+        a_bits = cost.spec_bits(la.activation)
+        for ci, cand in enumerate(cands):
+            if rules[li][ci] is None:
+                continue
+            spec = prep.specs[li][cand.name]
+            w_bits = cost.spec_bits(spec)
+            tbits[li, ci] = la.params * w_bits
+            tbitops[li, ci] = la.macs * w_bits * (cost.FLOAT_BITS if spec is None else a_bits)
+    planned_names = {la.name for la in prep.layers}
+    base_ops = float(float_report.bitops) - float(sum(la.macs for la in prep.layers)) * cost.FLOAT_BITS ** 2
+    # weights of MAC ops outside the plan count towards the average bits at their stored width
+    others = [lc for lc in float_report.layers if lc.params and lc.name not in planned_names]
+    other_bits = float(sum(lc.params * (lc.weight_bits or cost.FLOAT_BITS) for lc in others))
+    params = float(sum(la.params for la in prep.layers) + sum(lc.params for lc in others))
+    src_rep = cost.model_cost(prep.model_path, feed_shapes=shapes, shapes=want_bitops)
+    float_totals = {"bytes": float(src_rep.total_bytes), "bitops": float(src_rep.bitops), "params": params}
+    base = {"bytes": base_bytes, "bitops": base_ops, "bits": other_bits, "params": params}
+    return {"bytes": tbytes, "bitops": tbitops, "bits": tbits}, base, float_totals
+
+
+def measure_sqnr(model_path: str | Path, plan: Plan, calib: str | Path, *, target: str = "ort",
+                 validate_data: str | Path | None = None, calib_samples: int | None = None) -> float:
+    """Compile ``plan`` for real (calibration data ``calib``) and return the worst output SQNR in dB, measured in
+    onnxruntime on ``validate_data`` (default: the calibration data), graph outputs only."""
+    tmp = Path(tempfile.mkdtemp(prefix="qcompiler-measure-"))
+    try:
+        out = tmp / "m.onnx"
+        compile_plan(model_path, out, CompileOptions(plan=plan, target=target, calib=str(calib),
+                                                     calib_samples=calib_samples, validate=False))
+        float_model = ir.load_model(model_path)
+        feeds = qv.load_feeds(validate_data if validate_data is not None else calib, float_model)
+        report = qv.validate(float_model, ir.load_model(out), feeds, per_layer=False)
+        return float(report.worst_output_sqnr())
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
