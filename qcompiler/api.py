@@ -11,8 +11,9 @@ was given) → write the model and its side files atomically. A run that fails (
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from qcompiler import autoplan, ir
 from qcompiler.compile import (
@@ -25,13 +26,14 @@ from qcompiler.compile import (
     compile_plan,
 )
 from qcompiler.plan import Plan
+from qcompiler.report.bundle import CHECK_SAMPLES, BundleResult, package_model
 from qcompiler.session import plan_specs as _plan_specs
 
 if TYPE_CHECKING:
     from qcompiler.ir.api_support import ModelProto
 
 __all__ = ["COMPILE_LAYER_SAMPLES", "PIPELINE_INSERTIONS", "CompileOptions", "CompileResult", "Progress",
-           "_plan_specs", "assemble_pipeline", "compile_model", "load_for_inspect"]
+           "_plan_specs", "assemble_pipeline", "build_bundle", "compile_model", "load_for_inspect"]
 
 
 def compile_model(model_path: str | os.PathLike[str], output_path: str | os.PathLike[str],
@@ -44,6 +46,24 @@ def compile_model(model_path: str | os.PathLike[str], output_path: str | os.Path
         return autoplan.plan_for_compile(Path(model_path), opts, base, progress)
 
     return compile_plan(model_path, output_path, opts, progress, planner=planner)
+
+
+def build_bundle(model: str | os.PathLike[str], bundle: str | os.PathLike[str], *, target: str = "ort",
+                 calib: str | os.PathLike[str], plan: Any = None, pipeline: str | None = None,
+                 min_sqnr_db: float | None = None, make_zip: bool = False, validate_data: Any = None,
+                 calib_samples: int | None = None, seed: int = 0, external_data_threshold: int | None = None,
+                 plugins: Sequence[str] = (), check_samples: int = CHECK_SAMPLES,
+                 progress: Any = None, compact_names: bool = False) -> BundleResult:
+    """Compile ``model`` (validated against real data) and write a deployment bundle at ``bundle``."""
+    def compile_into(src: Path, dest: Path) -> Any:
+        opts = CompileOptions(plan=plan, target=target, calib=str(calib), pipeline=pipeline, validate=True,
+                              validate_data=validate_data, min_sqnr_db=min_sqnr_db,
+                              external_data_threshold=external_data_threshold, calib_samples=calib_samples,
+                              seed=seed, plugins=list(plugins), compact_names=compact_names)
+        return compile_model(src, dest, opts, progress=progress)
+
+    return package_model(model, bundle, compile_into, calib=calib, plan=plan, min_sqnr_db=min_sqnr_db,
+                         make_zip=make_zip, validate_data=validate_data, check_samples=check_samples)
 
 
 def load_for_inspect(path: str | os.PathLike[str]) -> ModelProto:

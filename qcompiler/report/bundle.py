@@ -15,7 +15,7 @@ that it was validated::
       check/feeds.npz        the first few validation feeds ...
       check/reference.npz    ... and the float model's outputs on them
 
-:func:`build_bundle` compiles with validation (the ``min_sqnr_db`` gate included), then assembles the bundle in a
+:func:`qcompiler.api.build_bundle` compiles with validation (the ``min_sqnr_db`` gate included), then assembles the bundle in a
 temporary folder beside the destination and renames it into place: a failed run (bad input, SQNR below the gate)
 leaves nothing behind. Every file is deterministic — the same inputs give byte-identical bundles (no timestamps;
 zip entries carry a fixed date).
@@ -160,28 +160,6 @@ class BundleResult:
     compile_report: dict[str, Any] = field(default_factory=dict)
 
 
-def build_bundle(model: str | os.PathLike[str], bundle: str | os.PathLike[str], *, target: str = "ort",
-                 calib: str | os.PathLike[str], plan: Any = None, pipeline: str | None = None,
-                 min_sqnr_db: float | None = None, make_zip: bool = False, validate_data: Any = None,
-                 calib_samples: int | None = None, seed: int = 0, external_data_threshold: int | None = None,
-                 plugins: Sequence[str] = (), check_samples: int = CHECK_SAMPLES,
-                 progress: Any = None, compact_names: bool = False) -> BundleResult:
-    """Compile ``model`` (validated against real data) and write a deployment bundle at ``bundle``."""
-    # The compile façade is layer L5 (this module L3): this wrapper belongs with the ``package`` command; the
-    # bundle itself is :func:`package_model`, which gets the compile step as a function.
-    from qcompiler.api import CompileOptions, compile_model
-
-    def compile_into(src: Path, dest: Path) -> Any:
-        opts = CompileOptions(plan=plan, target=target, calib=str(calib), pipeline=pipeline, validate=True,
-                              validate_data=validate_data, min_sqnr_db=min_sqnr_db,
-                              external_data_threshold=external_data_threshold, calib_samples=calib_samples,
-                              seed=seed, plugins=list(plugins), compact_names=compact_names)
-        return compile_model(src, dest, opts, progress=progress)
-
-    return package_model(model, bundle, compile_into, calib=calib, plan=plan, min_sqnr_db=min_sqnr_db,
-                         make_zip=make_zip, validate_data=validate_data, check_samples=check_samples)
-
-
 def package_model(model: str | os.PathLike[str], bundle: str | os.PathLike[str],
                   compile_into: Callable[[Path, Path], Any], *, calib: str | os.PathLike[str], plan: Any = None,
                   min_sqnr_db: float | None = None, make_zip: bool = False, validate_data: Any = None,
@@ -189,7 +167,7 @@ def package_model(model: str | os.PathLike[str], bundle: str | os.PathLike[str],
     """Write a deployment bundle of ``model`` at ``bundle``: ``compile_into(model, path)`` compiles it with
     validation to ``path`` (a :func:`qcompiler.api.compile_model` with ``validate=True`` and the same ``calib``,
     ``plan``, ``min_sqnr_db`` and ``validate_data``) and returns its result (``.validation``, ``.report``,
-    ``.pipeline``); the other arguments are those of :func:`build_bundle`."""
+    ``.pipeline``); the other arguments are those of :func:`qcompiler.api.build_bundle`."""
     src, dest = Path(model), Path(bundle)
     if str(calib) in ("random", "none") and validate_data is None:
         raise UserError(f"--calib {calib}: a bundle needs real calibration data (or --validate-data) to validate")

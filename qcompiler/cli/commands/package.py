@@ -12,7 +12,8 @@ from typing import Any
 
 import click
 
-from qcompiler.report.bundle import build_bundle, verify_bundle
+from qcompiler.api import build_bundle
+from qcompiler.report.bundle import verify_bundle
 
 
 def _db(x: float) -> str:
