@@ -44,10 +44,6 @@ from ._layers import Layer, find_layer
 
 log = logging.getLogger(__name__)
 
-#: ``ctx.report`` key (private) of the node names already corrected in this compile
-_DONE_KEY = "_bias_corrected"
-
-
 @dataclass
 class Options:
     samples: int | None = None  # use at most N calibration samples
@@ -64,13 +60,13 @@ class BiasCorrectPass(Pass):
     Options = Options
     requires = frozenset({"plan-resolved", "calibrated"})
     produces = frozenset({"bias-corrected"})
+    invalidates = frozenset({"qdq"})
+    invalidates_why = "it corrects float biases"
 
     def run(self, ctx: CompileContext) -> PassResult:
-        if "qdq" in ctx.properties:
-            raise UserError("pipeline: 'bias-correct' must run before 'insert-qdq' (it corrects float biases)")
         assert ctx.resolved is not None
         stats: Counter[str] = Counter()
-        done: set[str] = ctx.report.setdefault(_DONE_KEY, set())
+        done = ctx.bias_corrected
         index = GraphIndex(ctx.graph)
         layers: list[Layer] = []
         for node in ctx.graph.nodes:

@@ -94,10 +94,10 @@ class GPTQPass(Pass):
     Options = Options
     requires = frozenset({"plan-resolved"})
     produces = frozenset({"gptq"})
+    invalidates = frozenset({"qdq"})
+    invalidates_why = "it chooses the weights' codes"
 
     def run(self, ctx: CompileContext) -> PassResult:
-        if "qdq" in ctx.properties:
-            raise UserError("pipeline: 'gptq' must run before 'insert-qdq' (it chooses the weights' codes)")
         opts: Options = self.options
         opts.validate(self.name)
         assert ctx.resolved is not None

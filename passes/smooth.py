@@ -81,10 +81,10 @@ class SmoothPass(Pass):
     Options = Options
     requires = frozenset({"plan-resolved"})
     produces = frozenset({"smoothed"})
+    invalidates = frozenset({"calibrated"})
+    invalidates_why = "it changes the activation ranges"
 
     def run(self, ctx: CompileContext) -> PassResult:
-        if "calibrated" in ctx.properties:
-            raise UserError("pipeline: 'smooth' must run before 'calibrate' (it changes the activation ranges)")
         opts: Options = self.options
         opts.validate(self.name)
         stats: Counter[str] = Counter()

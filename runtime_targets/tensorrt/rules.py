@@ -31,6 +31,7 @@ from qcompiler.core.context import CompileContext
 from qcompiler.core.pass_base import Pass, PassResult
 from qcompiler.ir.axes import per_channel_axis as output_axis
 from qcompiler.ir.graph import is_onnx_op, producer
+from qcompiler.runtime_targets.tensorrt.residual_add import quantized_weighted_op, through_qdq
 
 _FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
 _INT4 = np.dtype(ml_dtypes.int4)
@@ -130,8 +131,6 @@ def _weighted(node: gs.Node) -> list[str]:
 
 
 def _residual(graph: gs.Graph) -> list[str]:
-    from qcompiler.runtime_targets.tensorrt.residual_add import quantized_weighted_op, through_qdq
-
     out: list[str] = []
     for add in graph.nodes:
         if not is_onnx_op(add, "Add") or len(add.inputs) != 2 or any(isinstance(t, gs.Constant) for t in add.inputs):
