@@ -41,6 +41,8 @@ from qcompiler.core.pass_base import Pass, PassResult
 from qcompiler.ir.graph import GraphIndex, is_onnx_op
 
 from ._layers import Layer, find_layer
+from ._stream import source_for, stream
+from .insert_qdq import InsertQDQPass
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +89,6 @@ class BiasCorrectPass(Pass):
         if ctx.data_free:
             shifts = self._analytic(ctx, layers, qweights, stats)
         else:
-            from ._stream import source_for
-
             source = source_for(ctx, self.name, self.options.samples)
             if source is None:
                 stats["skipped_no_data"] = len(layers)
@@ -113,8 +113,6 @@ class BiasCorrectPass(Pass):
     # ---------------------------------------------------------------------------------- scratch quantization
     def _quantized_copy(self, ctx: CompileContext, layers: list[Layer]) -> tuple[dict[str, np.ndarray], gs.Graph]:
         """Quantize a copy of the graph as insert-qdq will; returns (node -> dequantized weight W̃, the copy)."""
-        from .insert_qdq import InsertQDQPass
-
         clone = ir.copy_graph(ctx.graph)
         sub = CompileContext(graph=clone, meta=ctx.meta, plan=ctx.plan, target=ctx.target, calib=ctx.calib,
                   resolved=ctx.resolved, activation_specs=dict(ctx.activation_specs),
@@ -145,8 +143,6 @@ class BiasCorrectPass(Pass):
     # ------------------------------------------------------------------------------------------ empirical
     def _empirical(self, source: Any, layers: list[Layer], clone: gs.Graph,
                    stats: Counter[str]) -> dict[str, np.ndarray]:
-        from ._stream import stream
-
         by_name = {n.name: n for n in clone.nodes}
         pairs: dict[str, tuple[str, str, int]] = {}  # node -> (quantized output, float twin output, axis)
         taken = set(clone.tensors().keys())

@@ -142,8 +142,9 @@ class PassManager:
             if not isinstance(result, PassResult):
                 raise PassFailure(step.qualified, TypeError(f"run() returned {type(result).__name__}, not PassResult"))
         dt = time.perf_counter() - t0
-        ctx.properties -= set(p.invalidates)
-        ctx.properties |= set(p.produces)
+        own = type(p) if isinstance(p, Sequential) else p  # a Sequential's children applied theirs already
+        ctx.properties -= set(own.invalidates)
+        ctx.properties |= set(own.produces)
         rec = PassRecord(p.name, bool(result.modified), dt, dict(result.stats), children)
         log.info("pass %-16s %s %.3fs %s", p.name, "modified" if rec.modified else "unchanged", dt,
                  dict(sorted(rec.stats.items())))
@@ -170,8 +171,8 @@ class PassManager:
 
 
 def _flatten(steps: list[_Step]) -> list[tuple[str, Pass, bool]]:
-    """(position, pass, check its requires?): a Sequential's children, then the Sequential for its own
-    ``produces`` / ``invalidates`` (its requires are its children's)."""
+    """(position, pass, is it a whole pass?): a Sequential's children, then the Sequential itself for the
+    ``produces`` / ``invalidates`` of its class (its requires are its children's, checked with them)."""
     out: list[tuple[str, Pass, bool]] = []
     for s in steps:
         if isinstance(s.p, Sequential):
@@ -185,16 +186,17 @@ def _flatten(steps: list[_Step]) -> list[tuple[str, Pass, bool]]:
 def _check_order(passes: list[tuple[str, Pass, bool]], available: set[str]) -> None:
     have = set(available)
     made_by: dict[str, str] = {}
-    for where, p, check_requires in passes:
-        missing = sorted(set(p.requires) - have) if check_requires else []
+    for where, q, whole in passes:
+        p: Any = q if whole else type(q)
+        missing = sorted(set(p.requires) - have) if whole else []
         if missing:
-            producers = sorted({q.name for q in _producers_hint(missing[0])})
+            producers = sorted({c.name for c in _producers_hint(missing[0])})
             hint = f" (run {' or '.join(producers)} before it)" if producers else ""
             raise UserError(f"pipeline: pass {where} '{p.name}' requires '{missing[0]}', "
                             f"which no earlier pass produces{hint}")
         broken = sorted(set(p.invalidates) & have)
         if broken:
-            maker = made_by.get(broken[0]) or next(iter(sorted(q.name for q in _producers_hint(broken[0]))),
+            maker = made_by.get(broken[0]) or next(iter(sorted(c.name for c in _producers_hint(broken[0]))),
                                                    broken[0])
             why = f" ({p.invalidates_why})" if p.invalidates_why else ""
             raise UserError(f"pipeline: '{p.name}' must run before '{maker}'{why}")

@@ -57,8 +57,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from qcompiler.core.context import CompileContext
-from qcompiler.core.pass_base import Pass, PassResult
+from qcompiler.core.pass_base import GraphPass, PassResult
 from qcompiler.ir.graph import GraphIndex, is_onnx_op, optional_input, producer, scale_values
 from qcompiler.runtime_targets.ort.dynamic_matmul import dynamic_source
 from qcompiler.runtime_targets.ort.matmulnbits import DOMAIN as MS_DOMAIN
@@ -276,14 +275,13 @@ def _requantized_output(node: gs.Node, x: _Act, index: GraphIndex
     return absorbed, t, q
 
 
-class LowerQOperatorPass(Pass):
+class LowerQOperatorPass(GraphPass):
     """QDQ groups -> onnxruntime's integer ops: QLinearConv, QLinearMatMul, MatMulIntegerToFloat, QGemm."""
 
     name = "lower-qoperator"
     requires = frozenset({"qdq"})
 
-    def run(self, ctx: CompileContext) -> PassResult:
-        graph = ctx.graph
+    def run_graph(self, graph: gs.Graph) -> PassResult:
         stats: Counter[str] = Counter()
         run = _Lowering(self, GraphIndex(graph))  # this run's index and shared zero points
         changed = False
@@ -306,7 +304,7 @@ class _Lowering:
     """One run of :class:`LowerQOperatorPass`: the graph index, the zero points shared by the new nodes, the
     rewrites."""
 
-    def __init__(self, owner: Pass, index: GraphIndex) -> None:
+    def __init__(self, owner: GraphPass, index: GraphIndex) -> None:
         self._owner = owner
         self._index = index
         self._zeros: dict[str, gs.Constant] = {}
