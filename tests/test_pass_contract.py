@@ -210,3 +210,15 @@ def test_lowering_child_is_dumped_when_named(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["01-lower.04-ort-load-time-dequant.onnx"]
     with pytest.raises(UserError, match="--dump-after: no pass named 'nope' in the pipeline"):
         PassManager([lower], dump_after={"nope"}, dump_dir=tmp_path)
+
+
+def test_nested_sequential_runs_every_leaf_through_the_manager():
+    class Group(Sequential):
+        name = "group"
+
+    ctx = _fixture("cleanup")[0]
+    rec = PassManager([Group([Group([_Break()]), _Make()]), _NeedX()]).run(ctx)
+    assert [r.name for r in rec] == ["group", "need-x"]
+    assert [c.name for c in rec[0].children] == ["group", "make-x"]
+    assert [c.name for c in rec[0].children[0].children] == ["break-x"]
+    assert rec[0].stats == {"group.break-x.broke": 2, "make-x.made": 1} and "x" in ctx.properties

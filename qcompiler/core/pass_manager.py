@@ -107,17 +107,8 @@ class PassManager:
     # ------------------------------------------------------------------------------------------ internals
     def _steps(self, ctx: CompileContext) -> list[_Step]:
         names = [p.name for p in self.passes]
-        steps = []
-        for i, p in enumerate(self.passes):
-            step = _Step(p, f"{i + 1:02d}", f"#{i + 1}", p.name, tuple(names[i + 1:]))
-            if isinstance(p, Sequential):
-                kids = p.children(ctx)
-                kid_names = [c.name for c in kids]
-                step.children = [_Step(c, f"{step.label}-{p.name}.{j + 1:02d}", f"#{i + 1}.{j + 1}",
-                                       f"{p.name}/{c.name}", (*kid_names[j + 1:], *step.after))
-                                 for j, c in enumerate(kids)]
-            steps.append(step)
-        return steps
+        return [_expand(p, ctx, f"{i + 1:02d}", f"#{i + 1}", p.name, tuple(names[i + 1:]))
+                for i, p in enumerate(self.passes)]
 
     def _run_step(self, step: _Step, ctx: CompileContext, *, top: bool) -> PassRecord:
         p = step.p
@@ -148,7 +139,7 @@ class PassManager:
         rec = PassRecord(p.name, bool(result.modified), dt, dict(result.stats), children)
         log.info("pass %-16s %s %.3fs %s", p.name, "modified" if rec.modified else "unchanged", dt,
                  dict(sorted(rec.stats.items())))
-        if self.verify_each and not isinstance(p, Sequential):  # a Sequential's children were verified
+        if self.verify_each and not step.children:  # a Sequential's children were verified
             self._verify(ctx, step.qualified)
         wanted = p.name in self.dump_after or (top and "all" in self.dump_after)
         if self.dump_dir is not None and wanted:
@@ -170,13 +161,24 @@ class PassManager:
             raise PassFailure(name, RuntimeError(str(e))) from None
 
 
+def _expand(p: Pass, ctx: CompileContext, label: str, where: str, qualified: str, after: tuple[str, ...]) -> _Step:
+    """The step of ``p`` with, for a Sequential, the steps of its children (recursively)."""
+    step = _Step(p, label, where, qualified, after)
+    if isinstance(p, Sequential):
+        kids = p.children(ctx)
+        names = [c.name for c in kids]
+        step.children = [_expand(c, ctx, f"{label}-{p.name}.{j + 1:02d}", f"{where}.{j + 1}", f"{qualified}/{c.name}",
+                                 (*names[j + 1:], *after)) for j, c in enumerate(kids)]
+    return step
+
+
 def _flatten(steps: list[_Step]) -> list[tuple[str, Pass, bool]]:
     """(position, pass, is it a whole pass?): a Sequential's children, then the Sequential itself for the
     ``produces`` / ``invalidates`` of its class (its requires are its children's, checked with them)."""
     out: list[tuple[str, Pass, bool]] = []
     for s in steps:
         if isinstance(s.p, Sequential):
-            out.extend((c.where, c.p, True) for c in s.children)
+            out.extend(_flatten(s.children))
             out.append((s.where, s.p, False))
         else:
             out.append((s.where, s.p, True))
