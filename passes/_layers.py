@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from qcompiler.core import tags
 from qcompiler.ir.graph import GraphIndex, is_onnx_op, optional_input
 
 LAYER_OPS = ("Conv", "Gemm", "MatMul")
@@ -170,9 +171,7 @@ class Layer:
             self.node.outputs[0] = mid
             add = gs.Node("Add", self.index.unique_name(f"{self.node.name or 'MatMul'}.bias_add"),
                           inputs=[mid, const], outputs=[y])
-            from qcompiler import ir
-
-            ir.tag(add, tag)
+            tags.tag(add, tag)
             self.index.graph.nodes.append(add)
             self.bias_node = add
         self.bias = const

@@ -41,12 +41,10 @@ from qcompiler.core.pass_base import Pass, PassResult
 from qcompiler.ir.graph import GraphIndex, is_onnx_op
 
 from ._layers import Layer, find_layer
+from ._stream import source_for, stream
+from .insert_qdq import InsertQDQPass
 
 log = logging.getLogger(__name__)
-
-#: ``ctx.report`` key (private) of the node names already corrected in this compile
-_DONE_KEY = "_bias_corrected"
-
 
 @dataclass
 class Options:
@@ -64,13 +62,13 @@ class BiasCorrectPass(Pass):
     Options = Options
     requires = frozenset({"plan-resolved", "calibrated"})
     produces = frozenset({"bias-corrected"})
+    invalidates = frozenset({"qdq"})
+    invalidates_why = "it corrects float biases"
 
     def run(self, ctx: CompileContext) -> PassResult:
-        if "qdq" in ctx.properties:
-            raise UserError("pipeline: 'bias-correct' must run before 'insert-qdq' (it corrects float biases)")
         assert ctx.resolved is not None
         stats: Counter[str] = Counter()
-        done: set[str] = ctx.report.setdefault(_DONE_KEY, set())
+        done = ctx.bias_corrected
         index = GraphIndex(ctx.graph)
         layers: list[Layer] = []
         for node in ctx.graph.nodes:
@@ -91,8 +89,6 @@ class BiasCorrectPass(Pass):
         if ctx.data_free:
             shifts = self._analytic(ctx, layers, qweights, stats)
         else:
-            from ._stream import source_for
-
             source = source_for(ctx, self.name, self.options.samples)
             if source is None:
                 stats["skipped_no_data"] = len(layers)
@@ -117,8 +113,6 @@ class BiasCorrectPass(Pass):
     # ---------------------------------------------------------------------------------- scratch quantization
     def _quantized_copy(self, ctx: CompileContext, layers: list[Layer]) -> tuple[dict[str, np.ndarray], gs.Graph]:
         """Quantize a copy of the graph as insert-qdq will; returns (node -> dequantized weight W̃, the copy)."""
-        from .insert_qdq import InsertQDQPass
-
         clone = ir.copy_graph(ctx.graph)
         sub = CompileContext(graph=clone, meta=ctx.meta, plan=ctx.plan, target=ctx.target, calib=ctx.calib,
                   resolved=ctx.resolved, activation_specs=dict(ctx.activation_specs),
@@ -149,8 +143,6 @@ class BiasCorrectPass(Pass):
     # ------------------------------------------------------------------------------------------ empirical
     def _empirical(self, source: Any, layers: list[Layer], clone: gs.Graph,
                    stats: Counter[str]) -> dict[str, np.ndarray]:
-        from ._stream import stream
-
         by_name = {n.name: n for n in clone.nodes}
         pairs: dict[str, tuple[str, str, int]] = {}  # node -> (quantized output, float twin output, axis)
         taken = set(clone.tensors().keys())

@@ -38,6 +38,8 @@ from qcompiler.core.errors import UserError
 from qcompiler.core.pass_base import Pass, PassResult
 from qcompiler.ir.graph import is_onnx_op
 
+from ._stream import stream
+
 log = logging.getLogger(__name__)
 
 #: features are projected on at most this many principal components
@@ -93,8 +95,6 @@ class CalibSelectPass(Pass):
 
     def _range_features(self, ctx: CompileContext) -> np.ndarray:
         """Per sample: log10 max|t| of every activation tensor the plan quantizes (what its ranges are made of)."""
-        from ._stream import stream
-
         assert ctx.calib is not None
         names = sorted(ctx.activation_specs)
         if not names:
@@ -125,8 +125,6 @@ class CalibSelectPass(Pass):
                         "give the pass option feature=TENSOR")
 
     def _features(self, ctx: CompileContext, name: str, axis: int) -> np.ndarray:
-        from ._stream import stream
-
         assert ctx.calib is not None
         rows: list[np.ndarray] = []
 

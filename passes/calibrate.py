@@ -44,6 +44,7 @@ from typing import Any
 
 import numpy as np
 
+from qcompiler import ir
 from qcompiler.calib import (
     BN_SIGMAS,
     CalibrationSource,
@@ -52,11 +53,14 @@ from qcompiler.calib import (
     bn_statistics,
     collect,
     input_signatures,
+    session_feed,
 )
 from qcompiler.core.context import CompileContext
 from qcompiler.core.errors import UserError
 from qcompiler.core.pass_base import Pass, PassResult
 from qcompiler.plan import AUTO_CALIBRATIONS, CALIBRATIONS
+
+from .insert_qdq import InsertQDQPass
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +113,8 @@ class CalibratePass(Pass):
     def _progress(self, ctx: CompileContext, total: int) -> Callable[[int, int], None] | None:
         if self.progress_factory is not None:
             return self.progress_factory(total)
-        report_cb = ctx.report.get("_progress")
-        if callable(report_cb):
+        report_cb = ctx.progress
+        if report_cb is not None:
             return lambda done, n: report_cb("calibrate", done, n)
         return None
 
@@ -172,7 +176,7 @@ class CalibratePass(Pass):
             later = (lambda done, total: progress(n_samples - held + done, n_samples)) if progress else None
             held_stats = collect(ctx.graph, rest, held_out, progress=later)
             chosen = _choose_method(ctx, auto, ctx.stats, held_out)
-            later_algos = [q for q in ctx.options.get("passes_after", ()) if q in _UNMEASURED]
+            later_algos = [q for q in ctx.passes_after if q in _UNMEASURED]
             if later_algos:
                 log.warning("calibration auto: chose %s measured without %s, which run(s) after calibrate and "
                             "change the quantized model; the choice may not be the best for the final model "
@@ -228,10 +232,6 @@ def _choose_method(ctx: CompileContext, names: list[str], fit: dict[str, TensorS
     tensors ``names`` (ranges from the statistics ``fit``; ``insert-qdq`` as the compile runs it), run it on the
     held-out samples ``held`` and return the method with the highest mean output SQNR against the float graph
     (ties: the earlier method)."""
-    from qcompiler import ir
-    from qcompiler.calib import session_feed
-    from qcompiler.passes.insert_qdq import InsertQDQPass
-
     feeds = list(held)
     sigs = input_signatures(ctx.graph)
     outputs = [t.name for t in ctx.graph.outputs]

@@ -34,8 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from qcompiler.core.context import CompileContext
-from qcompiler.core.pass_base import Pass, PassResult
+from qcompiler.core.pass_base import GraphPass, PassResult
 from qcompiler.ir.graph import (
     GraphIndex,
     is_onnx_op,
@@ -61,15 +60,14 @@ class CleanupOptions:
     fold_limit_mib: int = 64
 
 
-class CleanupPass(Pass):
+class CleanupPass(GraphPass):
     """Constant nodes to initializers, constant folding, Identity and dead-node removal, toposort, node names."""
 
     name = "cleanup"
     Options = CleanupOptions
     produces = frozenset({"clean"})
 
-    def run(self, ctx: CompileContext) -> PassResult:
-        graph = ctx.graph
+    def run_graph(self, graph: gs.Graph) -> PassResult:
         opts: CleanupOptions = self.options
         stats: Counter[str] = Counter()
         index = GraphIndex(graph)

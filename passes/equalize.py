@@ -49,6 +49,7 @@ from qcompiler.core.pass_base import Pass, PassResult
 from qcompiler.ir.graph import GraphIndex, is_onnx_op
 
 from ._layers import Layer, find_layer
+from ._stream import axis_max, source_for, stream
 
 log = logging.getLogger(__name__)
 
@@ -162,8 +163,6 @@ class EqualizePass(Pass):
     def _activation_ranges(self, ctx: CompileContext, pairs: list[_Pair]) -> list[np.ndarray] | None:
         """max |x| per channel of each pair's joining tensor (L2's input) over the calibration data (None without
         real data: the weight ranges are used)."""
-        from ._stream import axis_max, source_for, stream
-
         source = source_for(ctx, self.name, self.options.samples)
         if source is None:
             return None

@@ -93,18 +93,17 @@ class FoldBatchNormPass(Pass):
 
     def run(self, ctx: CompileContext) -> PassResult:
         graph = ctx.graph
-        self._index = GraphIndex(graph)
-        self._stats: Counter[str] = Counter()
+        run = _Folding(self, graph)  # everything this run computes; dropped with it (no graph kept alive)
         # BN node id -> nodes that take its place in graph.nodes (empty when folded into its producer)
         replaced: dict[int, list[gs.Node]] = {}
         for bn in [n for n in graph.nodes if is_onnx_op(n, "BatchNormalization")]:
-            p = self._params(bn)
+            p = run._params(bn)
             if p is None:
                 continue
-            self._record_statistics(ctx, p)
-            if self._fold(p, replaced):
+            run._record_statistics(ctx, p)
+            if run._fold(p, replaced):
                 continue
-            self._to_muladd(p, replaced)
+            run._to_muladd(p, replaced)
         if replaced:
             nodes: list[gs.Node] = []
             for n in graph.nodes:
@@ -113,9 +112,19 @@ class FoldBatchNormPass(Pass):
                 else:
                     nodes.append(n)
             graph.nodes = nodes
-        stats = self._stats
-        del self._index  # do not keep the graph alive through the pass object
-        return PassResult(modified=bool(replaced), stats=stats)
+        return PassResult(modified=bool(replaced), stats=run._stats)
+
+
+class _Folding:
+    """One run of :class:`FoldBatchNormPass`: the graph index and the statistics, the folding steps."""
+
+    def __init__(self, owner: Pass, graph: gs.Graph) -> None:
+        self._owner = owner
+        self._index = GraphIndex(graph)
+        self._stats: Counter[str] = Counter()
+
+    def tag(self, node: gs.Node) -> gs.Node:
+        return self._owner.tag(node)
 
     # ------------------------------------------------------------------------------------------ params
     def _params(self, bn: gs.Node) -> _BnParams | None:

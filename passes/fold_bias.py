@@ -23,20 +23,18 @@ from collections import Counter
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from qcompiler.core.context import CompileContext
-from qcompiler.core.pass_base import Pass, PassResult
+from qcompiler.core.pass_base import GraphPass, PassResult
 from qcompiler.ir.graph import GraphIndex, exclusive_constant, is_onnx_op, optional_input, remove_nodes
 
 log = logging.getLogger(__name__)
 
 
-class FoldBiasPass(Pass):
+class FoldBiasPass(GraphPass):
     """Fold a per-channel constant Add after Conv / ConvTranspose / Gemm into the op's bias input."""
 
     name = "fold-bias"
 
-    def run(self, ctx: CompileContext) -> PassResult:
-        graph = ctx.graph
+    def run_graph(self, graph: gs.Graph) -> PassResult:
         index = GraphIndex(graph)
         stats: Counter[str] = Counter()
         doomed: list[gs.Node] = []

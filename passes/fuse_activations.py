@@ -33,8 +33,7 @@ from collections import Counter
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from qcompiler.core.context import CompileContext
-from qcompiler.core.pass_base import Pass, PassResult
+from qcompiler.core.pass_base import GraphPass, PassResult
 from qcompiler.ir.graph import GraphIndex, is_onnx_op, optional_input, producer, sole_consumer
 
 log = logging.getLogger(__name__)
@@ -70,13 +69,12 @@ def _clip_bounds(clip: gs.Node) -> tuple[float | None, float | None]:
     return _scalar(optional_input(clip, 1)), _scalar(optional_input(clip, 2))
 
 
-class FuseActivationsPass(Pass):
+class FuseActivationsPass(GraphPass):
     """Fuse element-wise hard-sigmoid / hard-swish chains into HardSigmoid / HardSwish."""
 
     name = "fuse-activations"
 
-    def run(self, ctx: CompileContext) -> PassResult:
-        graph = ctx.graph
+    def run_graph(self, graph: gs.Graph) -> PassResult:
         index = GraphIndex(graph)
         stats: Counter[str] = Counter()
         gone: set[int] = set()
@@ -140,12 +138,12 @@ class FuseActivationsPass(Pass):
                     x, chain = found
                     out = node.outputs[0]
                     node.outputs.clear()
-                    replacements[id(node)] = self._hard_swish(ctx, index, x, out)
+                    replacements[id(node)] = self._hard_swish(graph, index, x, out)
                     gone.update(id(n) for n in (*chain, p, node))
                     stats["hard_swish"] += 1
                     break
 
-        if ctx.opset >= 14:  # Mul(x, HardSigmoid(x; 1/6, 1/2)) -> HardSwish; below 14 that pair is the fused form
+        if int(graph.opset) >= 14:  # Mul(x, HardSigmoid(x; 1/6, 1/2)) -> HardSwish; below 14 that pair is the fused form
             for node in list(graph.nodes):
                 if id(node) in gone or not is_onnx_op(node, "Mul") or len(node.outputs) != 1:
                     continue
@@ -160,7 +158,7 @@ class FuseActivationsPass(Pass):
                         continue
                     out = node.outputs[0]
                     node.outputs.clear()
-                    replacements[id(node)] = self._hard_swish(ctx, index, x, out)
+                    replacements[id(node)] = self._hard_swish(graph, index, x, out)
                     gone.update((id(hsig), id(node)))
                     stats["hard_swish"] += 1
                     break
@@ -190,8 +188,8 @@ class FuseActivationsPass(Pass):
         self.tag(node)
         return node
 
-    def _hard_swish(self, ctx: CompileContext, index: GraphIndex, x: gs.Tensor, out: gs.Tensor) -> list[gs.Node]:
-        if ctx.opset >= 14:
+    def _hard_swish(self, graph: gs.Graph, index: GraphIndex, x: gs.Tensor, out: gs.Tensor) -> list[gs.Node]:
+        if int(graph.opset) >= 14:
             node = gs.Node("HardSwish", index.unique_name(f"HardSwish@{out.name}"), inputs=[x], outputs=[out])
             self.tag(node)
             return [node]

@@ -49,6 +49,7 @@ from qcompiler.ir.graph import GraphIndex, is_onnx_op
 from qcompiler.plan import QuantSpec
 
 from ._layers import Layer, find_layer
+from ._stream import source_for, stream
 
 log = logging.getLogger(__name__)
 
@@ -94,10 +95,10 @@ class GPTQPass(Pass):
     Options = Options
     requires = frozenset({"plan-resolved"})
     produces = frozenset({"gptq"})
+    invalidates = frozenset({"qdq"})
+    invalidates_why = "it chooses the weights' codes"
 
     def run(self, ctx: CompileContext) -> PassResult:
-        if "qdq" in ctx.properties:
-            raise UserError("pipeline: 'gptq' must run before 'insert-qdq' (it chooses the weights' codes)")
         opts: Options = self.options
         opts.validate(self.name)
         assert ctx.resolved is not None
@@ -128,8 +129,6 @@ class GPTQPass(Pass):
             jobs.append(_Job(lay, spec, axis, block, np.zeros((lay.groups, k, k))))
         if not jobs:
             return PassResult(False, stats)
-        from ._stream import source_for
-
         source = source_for(ctx, self.name, self.options.samples)
         if source is None:
             stats["skipped_no_data"] = len(jobs)
@@ -150,8 +149,6 @@ class GPTQPass(Pass):
 
     # ------------------------------------------------------------------------------------------ Hessians
     def _accumulate(self, source: Any, ctx: CompileContext, jobs: list[_Job]) -> int:
-        from ._stream import stream
-
         names = [job.layer.node.inputs[0].name for job in jobs]
 
         def consume(values: dict[str, np.ndarray]) -> None:

@@ -78,9 +78,6 @@ class InsertQDQPass(Pass):
     def run(self, ctx: CompileContext) -> PassResult:
         assert ctx.resolved is not None
         graph = ctx.graph
-        self._ctx_overrides = ctx.weight_overrides
-        self._ctx_report = ctx.report
-        self._opset = ctx.opset
         stats: Counter[str] = Counter()
         names: _Names = GraphIndex(graph).unique_name
         tensors = graph.tensors()
@@ -172,7 +169,7 @@ class InsertQDQPass(Pass):
                     stats["weight_already_quantized"] += 1
                     continue
                 before = list(node.inputs)
-                self._quantize_weight(node, np_, wi, w, weight_cache, consumers_of, names, graph, stats)
+                self._quantize_weight(ctx, node, np_, wi, w, weight_cache, consumers_of, names, graph, stats)
                 # Release each float weight (and bias) once its quantized form replaced it and nothing else reads
                 # it: a large model never holds its float and quantized weights at the same time.
                 outs = {id(t) for t in graph.outputs}
@@ -183,7 +180,7 @@ class InsertQDQPass(Pass):
                           stats=stats)
 
     # --------------------------------------------------------------------------------------------------
-    def _quantize_weight(self, node: gs.Node, np_: NodePlan, wi: int, w: gs.Constant,
+    def _quantize_weight(self, ctx: CompileContext, node: gs.Node, np_: NodePlan, wi: int, w: gs.Constant,
                          cache: dict[tuple[Any, ...], gs.Variable], consumers_of: dict[str, int],
                          names: _Names, graph: gs.Graph, stats: Counter[str]) -> None:
         spec = np_.weight
@@ -207,16 +204,16 @@ class InsertQDQPass(Pass):
         if not np.isfinite(values).all():
             raise UserError(f"node '{node.name}' ({node.op}): weight '{w.name}' contains NaN or Inf; "
                             "cannot quantize it")
-        override = self._ctx_overrides.get((node.name, wi))
+        override = ctx.weight_overrides.get((node.name, wi))
         if override is not None:
             qt = override
             axis, block = qt.axis, qt.block_size
             stats["weights_from_override"] += 1
         elif schemes.uses_scheme_quantizer(spec):
             # binary / ternary / shift codes, or int with power-of-two scales (qcompiler.quant.schemes)
-            res = schemes.quantize_for_spec(values, spec, axis, block, self._opset)
+            res = schemes.quantize_for_spec(values, spec, axis, block, int(graph.opset))
             qt = res.qt
-            self._ctx_report.setdefault("lowbit", {}).setdefault("layers", {})[node.name] = res.info
+            ctx.report.setdefault("lowbit", {}).setdefault("layers", {})[node.name] = res.info
             if spec.scheme == "ternary":
                 stats["ternary_zero_codes"] += res.zeros
                 stats["ternary_codes"] += int(values.size)
@@ -296,7 +293,7 @@ class InsertQDQPass(Pass):
         """Binary activation x̂ = β·sign(x), sign(0) = +1: ``Where(x >= 0, β, −β)`` (``Not(Less)`` before opset 12)."""
         zero = gs.Constant(names(f"{t.name}:zero"), np.zeros((), dtype=np.float32))
         cond = gs.Variable(names(f"{t.name}:nonneg"), dtype=np.bool_, shape=t.shape)
-        if self._opset >= 12:
+        if int(graph.opset) >= 12:
             graph.nodes.append(self.tag(gs.Node("GreaterOrEqual", names(f"{t.name}:GreaterOrEqual"),
                                                 inputs=[t, zero], outputs=[cond])))
         else:

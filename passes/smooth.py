@@ -43,6 +43,7 @@ from qcompiler.core.pass_base import Pass, PassResult
 from qcompiler.ir.graph import GraphIndex, exclusive_constant, is_onnx_op, known_rank, optional_input
 
 from ._layers import Layer, find_layer
+from ._stream import axis_max, source_for, stream
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +82,10 @@ class SmoothPass(Pass):
     Options = Options
     requires = frozenset({"plan-resolved"})
     produces = frozenset({"smoothed"})
+    invalidates = frozenset({"calibrated"})
+    invalidates_why = "it changes the activation ranges"
 
     def run(self, ctx: CompileContext) -> PassResult:
-        if "calibrated" in ctx.properties:
-            raise UserError("pipeline: 'smooth' must run before 'calibrate' (it changes the activation ranges)")
         opts: Options = self.options
         opts.validate(self.name)
         stats: Counter[str] = Counter()
@@ -96,8 +97,6 @@ class SmoothPass(Pass):
             log.warning("smooth: --calib none: no activation statistics, nothing smoothed")
             stats["skipped_data_free"] = len(sites)
             return PassResult(False, stats)
-        from ._stream import source_for
-
         source = source_for(ctx, self.name, self.options.samples)
         if source is None:
             stats["skipped_no_data"] = len(sites)
@@ -233,8 +232,6 @@ class SmoothPass(Pass):
                 lay.set_bias(lay.bias_values() * inv, "smooth")
 
     def _activation_ranges(self, ctx: CompileContext, sites: list[_Site], source: Any) -> dict[str, np.ndarray]:
-        from ._stream import axis_max, stream
-
         out: dict[str, np.ndarray] = {}
 
         def consume(values: dict[str, np.ndarray]) -> None:

@@ -212,11 +212,10 @@ def compile_plan(model_path: str | os.PathLike[str], output_path: str | os.PathL
                                                   limit=opts.calib_samples)
     ctx = session.context(calib=calib_source, output_path=out, seed=opts.seed, data_free=calib_arg == "none")
     if progress is not None:
-        ctx.report["_progress"] = progress
+        ctx.progress = progress
     if opts.strip_function_bodies:
         ctx.options["strip_function_bodies"] = True
     records = pm.run(ctx)
-    ctx.report.pop("_progress", None)
     stripped = bool(ctx.options.get("function_bodies_stripped"))
     if stripped and (opts.validate or opts.validate_data is not None or opts.min_sqnr_db is not None):
         raise UserError("--strip-function-bodies: the custom ops have no function bodies left, so stock "

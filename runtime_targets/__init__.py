@@ -10,7 +10,8 @@ A target (one folder per target, e.g. ``runtime_targets/ort/``) declares
   keep float activations, their int weights dequantized at load);
 * ``options``: the options a plan may set for it (``targets: {ort: {requantize_conv_outputs: false}}``),
   checked by :meth:`Target.check_options` when the plan is resolved;
-* :meth:`Target.lowering_passes`: the passes the generic ``lower`` pass runs for it;
+* ``lowering``: the names of its lowering passes (registered passes, each in a module of the target's
+  folder), which :meth:`Target.lowering_passes` instantiates for the generic ``lower`` pass to run;
 * ``default_pipeline``: the pipeline ``qcompiler compile`` runs when none is given.
 
 Third-party targets register through the entry-point group ``qcompiler.targets``.
@@ -18,12 +19,16 @@ Third-party targets register through the entry-point group ``qcompiler.targets``
 
 from __future__ import annotations
 
+import importlib
 import logging
 from dataclasses import dataclass, field
+from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from qcompiler.core.config import TARGET_MESSAGES, check_settings, settings_of_table
 from qcompiler.core.errors import UserError
+from qcompiler.core.registry import registry
+from qcompiler.plan import RECURRENT_OPS, WEIGHT_OPS
 
 if TYPE_CHECKING:
     import onnx_graphsurgeon as gs
@@ -56,8 +61,6 @@ def layer_capabilities(weights: frozenset[str], activations: frozenset[str], gra
     """The capability table of a target that runs the plan's weight ops (Conv, ConvTranspose, Gemm, MatMul) with
     these weight / activation dtypes, granularities and weight schemes, and the recurrent ops (LSTM, GRU, RNN)
     weight-only (dequantized weights feeding the float kernel; ``int`` scheme)."""
-    from qcompiler.plan import RECURRENT_OPS, WEIGHT_OPS
-
     table = {op: OpCapability(weights, activations, granularities, schemes) for op in WEIGHT_OPS}
     table.update({op: OpCapability(weights, frozenset(), granularities) for op in RECURRENT_OPS})
     return table
@@ -81,6 +84,8 @@ class Target:
     options: ClassVar[dict[str, tuple[Any, str]]] = {}
     #: ops whose activations this target runs quantized at run time (``calibration: dynamic``)
     dynamic_activation_ops: ClassVar[frozenset[str]] = frozenset()
+    #: names of the registered passes ``lower`` runs for this target, in order
+    lowering: ClassVar[tuple[str, ...]] = ()
 
     def check_options(self, plan_options: dict[str, dict[str, Any]], source: str) -> dict[str, Any]:
         """This target's options from a plan's ``targets:`` section, defaults filled in. Raises
@@ -153,7 +158,9 @@ class Target:
         return 0
 
     def lowering_passes(self) -> list[Pass]:
-        return []
+        """Fresh instances of the :attr:`lowering` passes (the children of ``lower``)."""
+        reg = registry()
+        return [reg.get(name)() for name in self.lowering]
 
     def min_opset(self) -> int:
         return 13
@@ -163,27 +170,19 @@ class Target:
 
 
 _TARGETS: dict[str, type[Target]] | None = None
+#: the built-in targets, (module, class): found by name like plug-ins (each imports this module)
+_BUILTIN = (("ort", "OrtTarget"), ("qonnx", "QonnxTarget"), ("tensorrt", "TensorRTTarget"),
+            ("packed", "PackedTarget"), ("ort_qop", "OrtQOperatorTarget"))
 
 
 def targets() -> dict[str, type[Target]]:
     """Built-in targets plus the entry-point group ``qcompiler.targets``."""
     global _TARGETS
     if _TARGETS is None:
-        from qcompiler.runtime_targets.ort import OrtTarget
-
-        found: dict[str, type[Target]] = {OrtTarget.name: OrtTarget}
-        from qcompiler.runtime_targets.qonnx import QonnxTarget
-        from qcompiler.runtime_targets.tensorrt import TensorRTTarget
-
-        found.update({QonnxTarget.name: QonnxTarget, TensorRTTarget.name: TensorRTTarget})
-        from qcompiler.runtime_targets.packed import PackedTarget
-
-        found[PackedTarget.name] = PackedTarget
-        from qcompiler.runtime_targets.ort_qop import OrtQOperatorTarget
-
-        found[OrtQOperatorTarget.name] = OrtQOperatorTarget
-        from importlib.metadata import entry_points
-
+        found: dict[str, type[Target]] = {}
+        for module, cls_name in _BUILTIN:
+            cls = getattr(importlib.import_module(f"{__name__}.{module}"), cls_name)
+            found[cls.name] = cls
         for ep in entry_points(group="qcompiler.targets"):
             try:
                 cls = ep.load()

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import onnx_graphsurgeon as gs
 
-from qcompiler import ir
+from qcompiler.core.model_io import ModelIO, installed
 
 if TYPE_CHECKING:
     from qcompiler.calib import CalibrationSource, TensorStats
+    from qcompiler.ir import ModelMeta
     from qcompiler.plan import Plan, QuantSpec, ResolvedPlan
     from qcompiler.quant import QuantizedTensor
     from qcompiler.runtime_targets import Target
@@ -37,8 +39,15 @@ class CompileContext:
       atomically and only when the whole compile succeeds.
     * ``weight_overrides``: (node name, input index) -> an already quantized weight (e.g. from ``gptq``) that
       ``insert-qdq`` must emit as is instead of rounding the float weight itself.
-    * ``options``: compile-wide flags passes and targets may read (``strip_function_bodies``, ...); the pass
-      manager sets ``passes_after`` (the names of the passes still to run) before each pass.
+    * ``options``: compile-wide flags passes and targets may read (``strip_function_bodies``, ...).
+    * ``passes_after``: the names of the passes still to run after the current one (set by the pass manager
+      before each pass; e.g. ``calibrate`` warns when a pass whose effect it does not measure follows).
+    * ``progress``: ``(what, done, total)`` callback for long passes (``calibrate`` reports its sample runs),
+      set by the driver; ``None``: no progress reporting.
+    * ``bias_corrected``: names of the nodes whose bias ``bias-correct`` already shifted (a second run skips
+      them).
+    * ``model_io``: how to export / check / save the graph as a model (``None``: the process-wide one the IR
+      layer installed, see :mod:`qcompiler.core.model_io`).
     * ``data_free``: ``--calib none`` — activation ranges must come from the model itself (BN statistics).
     * ``bn_stats``: tensor name -> per-channel statistics (``calibration.ChannelStats``) of BatchNormalization
       outputs, recorded by ``fold-batchnorm`` before the BN disappears (data-free ranges, ``equalize``'s bias
@@ -50,7 +59,7 @@ class CompileContext:
     """
 
     graph: gs.Graph
-    meta: ir.ModelMeta
+    meta: ModelMeta
     plan: Plan
     target: Target
     calib: CalibrationSource | None = None
@@ -69,6 +78,10 @@ class CompileContext:
     bn_stats: dict[str, Any] = field(default_factory=dict)
     calib_shapes: dict[str, Any] = field(default_factory=dict)
     renamed: dict[str, dict[str, str]] = field(default_factory=dict)
+    passes_after: tuple[str, ...] = ()
+    progress: Callable[[str, int, int], None] | None = None
+    bias_corrected: set[str] = field(default_factory=set)
+    model_io: ModelIO | None = None
 
     @property
     def opset(self) -> int:
@@ -81,5 +94,5 @@ class CompileContext:
         return self.output_path.with_name(self.output_path.stem + suffix)
 
     def export(self) -> Any:
-        """The current graph as a ModelProto (for sessions and dumps)."""
-        return ir.export_model(self.graph, self.meta)
+        """The current graph as a model (a ModelProto, for sessions and dumps), through :attr:`model_io`."""
+        return (self.model_io or installed()).export(self.graph, self.meta)

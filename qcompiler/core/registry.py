@@ -2,7 +2,9 @@
 
 Passes are found in three places, in this order (a later one may not shadow an earlier name):
 
-1. built-ins: every :class:`Pass` subclass with a ``name`` in the modules of ``qcompiler.passes``;
+1. built-ins: every :class:`Pass` subclass with a ``name`` in the modules of ``qcompiler.passes``, then the
+   lowering passes of the built-in runtime targets (the modules of ``qcompiler.runtime_targets.<target>``;
+   the ``lower`` pass runs a target's own, and each can be named in pipeline text too);
 2. installed plugins: the entry-point group ``qcompiler.passes`` (each entry point loads a Pass class);
 3. ``--plugin module:Class`` or ``--plugin path/to/file.py[:Class]`` named by the user.
 
@@ -23,6 +25,7 @@ import pkgutil
 import re
 import sys
 from dataclasses import dataclass, field
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -105,21 +108,34 @@ class Registry:
 _REGISTRY: Registry | None = None
 
 
-def _load_builtins(reg: Registry) -> None:
-    import qcompiler.passes as pkg
+_PASSES_PACKAGE = "qcompiler.passes"
 
+
+def _add_module_passes(reg: Registry, module_name: str, origin: str) -> None:
+    module = importlib.import_module(module_name)
+    for _, c in inspect.getmembers(module, inspect.isclass):
+        if issubclass(c, Pass) and c.__module__ == module.__name__ and c.name:
+            reg.add(c, origin)
+
+
+def _load_builtins(reg: Registry) -> None:
+    """The passes of ``qcompiler.passes``, then the built-in targets' lowering passes (modules not starting
+    with ``_``; found by walking the packages, never imported by name)."""
+    pkg = importlib.import_module(_PASSES_PACKAGE)
     for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda i: i.name):
-        if info.name.startswith("_"):
+        if not info.name.startswith("_"):
+            _add_module_passes(reg, f"{pkg.__name__}.{info.name}", "built-in")
+    tpkg = importlib.import_module(_TARGETS_PACKAGE)
+    for target in sorted(pkgutil.iter_modules(tpkg.__path__), key=lambda i: i.name):
+        if target.name.startswith("_") or not target.ispkg:
             continue
-        module = importlib.import_module(f"{pkg.__name__}.{info.name}")
-        for _, c in inspect.getmembers(module, inspect.isclass):
-            if issubclass(c, Pass) and c.__module__ == module.__name__ and c.name:
-                reg.add(c, "built-in")
+        sub = importlib.import_module(f"{tpkg.__name__}.{target.name}")
+        for info in sorted(pkgutil.iter_modules(sub.__path__), key=lambda i: i.name):
+            if not info.name.startswith("_"):
+                _add_module_passes(reg, f"{sub.__name__}.{info.name}", "built-in")
 
 
 def _load_entry_points(reg: Registry) -> None:
-    from importlib.metadata import entry_points
-
     for ep in entry_points(group="qcompiler.passes"):
         try:
             cls = ep.load()

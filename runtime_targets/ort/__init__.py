@@ -37,7 +37,6 @@ if TYPE_CHECKING:
     import onnx_graphsurgeon as gs
 
     from qcompiler.core.context import CompileContext
-    from qcompiler.core.pass_base import Pass
     from qcompiler.plan import NodePlan, QuantSpec, ResolvedPlan
 
 _INT_W = frozenset({"int8", "uint8", "int16", "uint16", "int4", "uint4", "fp8e4m3", "fp8e5m2"})
@@ -58,6 +57,8 @@ class OrtTarget(Target):
     #: a MatMul / Gemm reading DynamicQuantizeLinear -> DequantizeLinear is written as onnxruntime's
     #: DynamicQuantizeMatMul (``ort-dynamic-matmul``); a Conv would only run in float on the dequantized values
     dynamic_activation_ops: ClassVar[frozenset[str]] = frozenset({"MatMul", "Gemm"})
+    lowering: ClassVar[tuple[str, ...]] = ("lower-matmulnbits", "ort-dynamic-matmul", "ort-fp8-relu-guard",
+                                          "ort-load-time-dequant")
     options: ClassVar[dict[str, tuple[Any, str]]] = {
         "requantize_conv_outputs": (True, "quantize a Conv's output for QLinearConv even where only float ops read "
                                           "it (false: such a Conv keeps float activations)"),
@@ -149,10 +150,3 @@ class OrtTarget(Target):
             changed += 1
         return changed
 
-    def lowering_passes(self) -> list[Pass]:
-        from qcompiler.runtime_targets.ort.dynamic_matmul import OrtDynamicMatMulPass
-        from qcompiler.runtime_targets.ort.fp8_guard import OrtFp8ReluGuardPass
-        from qcompiler.runtime_targets.ort.load_time_dequant import OrtLoadTimeDequantPass
-        from qcompiler.runtime_targets.ort.matmulnbits import LowerMatMulNBitsPass
-
-        return [LowerMatMulNBitsPass(), OrtDynamicMatMulPass(), OrtFp8ReluGuardPass(), OrtLoadTimeDequantPass()]

@@ -29,8 +29,7 @@ from collections import Counter
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from qcompiler.core.context import CompileContext
-from qcompiler.core.pass_base import Pass, PassResult
+from qcompiler.core.pass_base import GraphPass, PassResult
 from qcompiler.ir.graph import GraphIndex, is_onnx_op, optional_input, producer
 from qcompiler.runtime_targets.ort.matmulnbits import DOMAIN
 
@@ -56,24 +55,23 @@ def _bias_values(c: gs.Tensor | None, n: int) -> np.ndarray | None:
     return np.broadcast_to(v.reshape(-1), (n,)).astype(np.float32)
 
 
-class OrtDynamicMatMulPass(Pass):
+class OrtDynamicMatMulPass(GraphPass):
     """MatMul / Gemm with a run-time quantized input -> com.microsoft.DynamicQuantizeMatMul."""
 
     name = "ort-dynamic-matmul"
     requires = frozenset({"qdq"})
 
-    def run(self, ctx: CompileContext) -> PassResult:
-        graph = ctx.graph
+    def run_graph(self, graph: gs.Graph) -> PassResult:
         index = GraphIndex(graph)
         stats: Counter[str] = Counter()
-        self._transposed: dict[int, gs.Constant] = {}  # codes tensor -> its transpose (shared weights: one copy)
+        transposed: dict[int, gs.Constant] = {}  # codes tensor -> its transpose (shared weights: one copy)
         for node in list(graph.nodes):
             if not is_onnx_op(node, "MatMul", "Gemm") or len(node.inputs) < 2 or not node.outputs:
                 continue
             x = dynamic_source(node.inputs[0])
             if x is None:
                 continue
-            why = self._lower(node, x, graph, index, stats)
+            why = self._lower(node, x, graph, index, transposed, stats)
             if why is not None:
                 stats[f"skipped.{why}"] += 1
         if stats["dynamic_quantize_matmul"]:
@@ -81,7 +79,7 @@ class OrtDynamicMatMulPass(Pass):
         return PassResult(stats["dynamic_quantize_matmul"] > 0, stats)
 
     def _lower(self, node: gs.Node, x: gs.Tensor, graph: gs.Graph, index: GraphIndex,
-               stats: Counter[str]) -> str | None:
+               transposed: dict[int, gs.Constant], stats: Counter[str]) -> str | None:
         wdq = producer(node.inputs[1])
         if wdq is None or not is_onnx_op(wdq, "DequantizeLinear") or not isinstance(wdq.inputs[0], gs.Constant):
             return "weight"
@@ -115,10 +113,10 @@ class OrtDynamicMatMulPass(Pass):
                 absorbed, out = [add], add.outputs[0]
         if trans_b:  # the codes transposed once (a new constant, one per weight: the DQ may have other readers)
             key = id(codes)
-            if key not in self._transposed:
-                self._transposed[key] = gs.Constant(index.unique_name(codes.name.removesuffix(":q") + ":qT"),
+            if key not in transposed:
+                transposed[key] = gs.Constant(index.unique_name(codes.name.removesuffix(":q") + ":qT"),
                                                     np.ascontiguousarray(q.T))
-            codes = self._transposed[key]
+            codes = transposed[key]
         inputs: list[gs.Tensor] = [x, codes, scale, zp if zp is not None else gs.Variable.empty()]
         if bias is not None:
             inputs.append(gs.Constant(index.unique_name(f"{node.name}:bias"), bias))

@@ -16,21 +16,19 @@ import ml_dtypes
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from qcompiler.core.context import CompileContext
-from qcompiler.core.pass_base import Pass, PassResult
+from qcompiler.core.pass_base import GraphPass, PassResult
 
 _FP8 = (np.dtype(ml_dtypes.float8_e4m3fn), np.dtype(ml_dtypes.float8_e5m2))
 
 
-class OrtFp8ReluGuardPass(Pass):
+class OrtFp8ReluGuardPass(GraphPass):
     """Re-apply ReLU/Clip after fp8 DequantizeLinear (works around onnxruntime's Relu->Q fusion)."""
 
     name = "ort-fp8-relu-guard"
     requires = frozenset({"qdq"})
 
-    def run(self, ctx: CompileContext) -> PassResult:
+    def run_graph(self, graph: gs.Graph) -> PassResult:
         stats: Counter[str] = Counter()
-        graph = ctx.graph
         for q in list(graph.nodes):
             if q.op != "QuantizeLinear" or len(q.inputs) < 3 or not isinstance(q.inputs[2], gs.Constant):
                 continue

@@ -33,8 +33,7 @@ from collections import Counter
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from qcompiler.core.context import CompileContext
-from qcompiler.core.pass_base import Pass, PassResult
+from qcompiler.core.pass_base import GraphPass, PassResult
 from qcompiler.ir.graph import GraphIndex, producer, remove_nodes
 
 _FLOAT = 1  # onnx.TensorProto.FLOAT, Cast's ``to``
@@ -58,14 +57,13 @@ def _float_kernel_reader(node: gs.Node, t: gs.Tensor) -> bool:
     return p is None or p.op != "DequantizeLinear"
 
 
-class OrtLoadTimeDequantPass(Pass):
+class OrtLoadTimeDequantPass(GraphPass):
     """Weight DequantizeLinear of float-kernel layers -> Cast/Mul that onnxruntime folds at load."""
 
     name = "ort-load-time-dequant"
     requires = frozenset({"qdq"})
 
-    def run(self, ctx: CompileContext) -> PassResult:
-        graph = ctx.graph
+    def run_graph(self, graph: gs.Graph) -> PassResult:
         index = GraphIndex(graph)
         stats: Counter[str] = Counter()
         doomed: list[gs.Node] = []

@@ -16,8 +16,7 @@ import ml_dtypes
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from qcompiler.core.context import CompileContext
-from qcompiler.core.pass_base import Pass, PassResult
+from qcompiler.core.pass_base import GraphPass, PassResult
 
 DOMAIN = "com.microsoft"
 
@@ -57,15 +56,14 @@ def to_matmulnbits(q: np.ndarray, scale: np.ndarray, zp: np.ndarray, block: int)
     return b, scales, pack_nibbles(zt).reshape(-1)
 
 
-class LowerMatMulNBitsPass(Pass):
+class LowerMatMulNBitsPass(GraphPass):
     """Lower int4 block-wise weight-only MatMul to com.microsoft.MatMulNBits."""
 
     name = "lower-matmulnbits"
     requires = frozenset({"qdq"})
 
-    def run(self, ctx: CompileContext) -> PassResult:
+    def run_graph(self, graph: gs.Graph) -> PassResult:
         stats: Counter[str] = Counter()
-        graph = ctx.graph
         for node in list(graph.nodes):
             if node.op != "MatMul" or len(node.inputs) != 2:
                 continue

@@ -28,7 +28,6 @@ from qcompiler.runtime_targets import OpCapability, layer_capabilities
 from qcompiler.runtime_targets.ort import OrtTarget
 
 if TYPE_CHECKING:
-    from qcompiler.core.pass_base import Pass
     from qcompiler.plan import NodePlan
 
 _INT8 = frozenset({"int8", "uint8"})
@@ -40,6 +39,8 @@ class OrtQOperatorTarget(OrtTarget):
     name: ClassVar[str] = "ort-qop"
     description: ClassVar[str] = ("onnxruntime integer ops in the file (QOperator format): QLinearConv, QLinearMatMul, "
                                   "MatMulIntegerToFloat, QGemm; MatMulNBits for int4")
+    lowering: ClassVar[tuple[str, ...]] = ("lower-matmulnbits", "ort-dynamic-matmul", "lower-qoperator",
+                                          "ort-load-time-dequant")
 
     def __init__(self) -> None:
         super().__init__()
@@ -56,10 +57,3 @@ class OrtQOperatorTarget(OrtTarget):
             raise self._refuse(np_, "block-wise scales are supported for int4 / uint4 weight-only MatMul only")
         super().check_node(np_)
 
-    def lowering_passes(self) -> list[Pass]:
-        from qcompiler.runtime_targets.ort.dynamic_matmul import OrtDynamicMatMulPass
-        from qcompiler.runtime_targets.ort.load_time_dequant import OrtLoadTimeDequantPass
-        from qcompiler.runtime_targets.ort.matmulnbits import LowerMatMulNBitsPass
-        from qcompiler.runtime_targets.ort_qop.lower_qoperator import LowerQOperatorPass
-
-        return [LowerMatMulNBitsPass(), OrtDynamicMatMulPass(), LowerQOperatorPass(), OrtLoadTimeDequantPass()]

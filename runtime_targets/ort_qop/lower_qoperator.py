@@ -57,8 +57,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from qcompiler.core.context import CompileContext
-from qcompiler.core.pass_base import Pass, PassResult
+from qcompiler.core.pass_base import GraphPass, PassResult
 from qcompiler.ir.graph import GraphIndex, is_onnx_op, optional_input, producer, scale_values
 from qcompiler.runtime_targets.ort.dynamic_matmul import dynamic_source
 from qcompiler.runtime_targets.ort.matmulnbits import DOMAIN as MS_DOMAIN
@@ -276,23 +275,20 @@ def _requantized_output(node: gs.Node, x: _Act, index: GraphIndex
     return absorbed, t, q
 
 
-class LowerQOperatorPass(Pass):
+class LowerQOperatorPass(GraphPass):
     """QDQ groups -> onnxruntime's integer ops: QLinearConv, QLinearMatMul, MatMulIntegerToFloat, QGemm."""
 
     name = "lower-qoperator"
     requires = frozenset({"qdq"})
 
-    def run(self, ctx: CompileContext) -> PassResult:
-        graph = ctx.graph
-        index = GraphIndex(graph)
+    def run_graph(self, graph: gs.Graph) -> PassResult:
         stats: Counter[str] = Counter()
-        self._zeros: dict[str, gs.Constant] = {}
-        self._index = index
+        run = _Lowering(self, GraphIndex(graph))  # this run's index and shared zero points
         changed = False
         for node in list(graph.nodes):
             if not is_onnx_op(node, "Conv", "MatMul", "Gemm") or not node.outputs:
                 continue
-            rewrite = {"Conv": self._conv, "MatMul": self._matmul, "Gemm": self._gemm}[node.op]
+            rewrite = {"Conv": run._conv, "MatMul": run._matmul, "Gemm": run._gemm}[node.op]
             done = rewrite(node, graph, stats)
             if done is not None:
                 stats[f"kept_qdq.{done}"] += 1
@@ -302,6 +298,19 @@ class LowerQOperatorPass(Pass):
             graph.cleanup(remove_unused_graph_inputs=False).toposort()
         stats.pop("kept_qdq.float_input", None)  # float layers: no QDQ group to keep
         return PassResult(changed, stats)
+
+
+class _Lowering:
+    """One run of :class:`LowerQOperatorPass`: the graph index, the zero points shared by the new nodes, the
+    rewrites."""
+
+    def __init__(self, owner: GraphPass, index: GraphIndex) -> None:
+        self._owner = owner
+        self._index = index
+        self._zeros: dict[str, gs.Constant] = {}
+
+    def tag(self, node: gs.Node) -> gs.Node:
+        return self._owner.tag(node)
 
     # ------------------------------------------------------------------------------------------- helpers
     def _zero(self, dtype: np.dtype) -> gs.Constant:

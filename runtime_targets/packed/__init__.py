@@ -33,7 +33,6 @@ from qcompiler.runtime_targets.packed.packing import FIELD_BITS
 
 if TYPE_CHECKING:
     from qcompiler.core.context import CompileContext
-    from qcompiler.core.pass_base import Pass
     from qcompiler.plan import NodePlan, QuantSpec
 
 __all__ = ["DOMAIN", "DOMAIN_VERSION", "OPS", "PackedTarget"]
@@ -46,6 +45,7 @@ class PackedTarget(OrtTarget):
     name: ClassVar[str] = "packed"
     description: ClassVar[str] = (f"bit-packed {DOMAIN} ops (Binary/Ternary/Shift/Int3/Int2 Conv, Gemm, MatMul) with ONNX "
                                   "function bodies for stock onnxruntime; other layers as for ort")
+    lowering: ClassVar[tuple[str, ...]] = ("lower-packed", *OrtTarget.lowering)
 
     def __init__(self) -> None:
         super().__init__()
@@ -93,8 +93,3 @@ class PackedTarget(OrtTarget):
                 t = t.outputs[0].outputs[0] if len(t.outputs) == 1 and t.outputs[0].op in ("Relu", "Clip") \
                     and t.outputs[0].outputs else None
         return {k: v for k, v in out.items() if k not in skip}
-
-    def lowering_passes(self) -> list[Pass]:
-        from qcompiler.runtime_targets.packed.lower_packed import LowerPackedPass
-
-        return [LowerPackedPass(), *super().lowering_passes()]

@@ -2,7 +2,7 @@
 
 Each custom op is written into the model with a model-local FunctionProto (``graph.functions``; exported by
 ``qcompiler.ir.export_model`` through graphsurgeon), so stock onnxruntime runs a packed model unchanged — it
-inlines the body. A body, for opset ``opset`` (the model's; at least 12)::
+inlines the body. This module describes the bodies; :mod:`qcompiler.ir.functions` builds them. A body, for opset ``opset`` (the model's; at least 12)::
 
     fields = Slice(Reshape(BitShift(Reshape(W, [-1, 1]), [0, w, 2w, …], RIGHT) & (2^w − 1), [-1]), 0, numel)
     codes  = binary: 2·Cast(fields) − 1 | ternary: Cast(fields) − 1 | shift: (1 − 2·(fields >> 3))·(1 << (fields & 7))
@@ -26,12 +26,12 @@ reference of :mod:`.ops` bit for bit when onnxruntime's graph optimizations are 
 
 from __future__ import annotations
 
-from typing import Any, List  # noqa: UP035 - graphsurgeon maps typing.List[int] to INTS
+from typing import Any
 
 import numpy as np
 import onnx_graphsurgeon as gs
-from onnx import TensorProto
 
+from qcompiler.ir.functions import FLOAT, INTS, FunctionBody, attribute_ref
 from qcompiler.runtime_targets.packed.packing import FIELD_BITS
 
 DOMAIN = "ai.qcompiler"
@@ -45,8 +45,8 @@ OPS: dict[str, tuple[str, str]] = {
     for scheme in ("binary", "ternary", "shift", "shift3", "shift2", "int3", "int2")
     for op in ("Conv", "Gemm", "MatMul")
 }
-_CONV_ATTRS: dict[str, Any] = {"auto_pad": str, "dilations": List[int], "group": int,  # noqa: UP006
-                               "kernel_shape": List[int], "pads": List[int], "strides": List[int]}  # noqa: UP006
+_CONV_ATTRS: dict[str, Any] = {"auto_pad": str, "dilations": INTS, "group": int, "kernel_shape": INTS, "pads": INTS,
+                               "strides": INTS}
 _GEMM_ATTRS: dict[str, Any] = {"alpha": float, "transA": int, "transB": int}
 
 #: formal inputs of each float op's packed form
@@ -57,29 +57,8 @@ def op_type(scheme: str, float_op: str) -> str:
     return f"{scheme.capitalize()}{float_op}"
 
 
-class _Body:
-    """Collects the nodes of one function body with unique local names."""
-
-    def __init__(self, opset: int) -> None:
-        self.opset = opset
-        self.nodes: list[gs.Node] = []
-        self.n = 0
-
-    def _name(self, base: str) -> str:
-        self.n += 1
-        return f"{base}_{self.n}"
-
-    def const(self, base: str, value: Any) -> gs.Constant:
-        return gs.Constant(self._name(base), np.asarray(value))
-
-    def op(self, op: str, inputs: list[Any], attrs: dict[str, Any] | None = None, out: gs.Variable | None = None,
-           ) -> gs.Variable:
-        y = out if out is not None else gs.Variable(self._name(op.lower()))
-        self.nodes.append(gs.Node(op, self._name(op), attrs=attrs or {}, inputs=inputs, outputs=[y]))
-        return y
-
-    def attr_const(self, attr: str, kind: str, typ: Any) -> gs.Variable:
-        return self.op("Constant", [], {kind: gs.Node.AttributeRef(attr, typ)})
+class _Body(FunctionBody):
+    """A function body (counted names) with the uint8 mask the decoders need."""
 
     def mask(self, x: gs.Tensor, bits: int) -> gs.Variable:
         """``x & (2^bits − 1)`` on uint8."""
@@ -91,7 +70,7 @@ class _Body:
 
 def _fields_3bit(b: _Body, packed: gs.Tensor) -> gs.Variable:
     """3-bit fields (float32) of a packed stream of whole 3-byte groups."""
-    f32 = int(TensorProto.FLOAT)
+    f32 = FLOAT
     groups = b.op("Cast", [b.op("Reshape", [packed, b.const("groups", np.array([-1, 3], dtype=np.int64))])],
                   {"to": f32})
     v = b.op("MatMul", [groups, b.const("radix", np.array([[1.0], [256.0], [65536.0]], dtype=np.float32))])
@@ -103,7 +82,7 @@ def _fields_3bit(b: _Body, packed: gs.Tensor) -> gs.Variable:
 
 def _decode(b: _Body, scheme: str, packed: gs.Tensor, shape: gs.Tensor) -> gs.Variable:
     width = FIELD_BITS[scheme]
-    f32 = int(TensorProto.FLOAT)
+    f32 = FLOAT
     numel = b.op("ReduceProd", [shape], {"keepdims": 1})
     if 8 % width:
         fields = b.op("Slice", [_fields_3bit(b, packed), b.const("start", np.array([0], dtype=np.int64)), numel])
@@ -151,7 +130,7 @@ def build_function(op: str, opset: int) -> gs.Function:
     b = _Body(opset)
     formal = [gs.Variable(n) for n in INPUTS[float_op]]
     x, packed, scale = formal[:3]
-    shape = b.attr_const("shape", "value_ints", List[int])  # noqa: UP006
+    shape = b.attr_const("shape", "value_ints", INTS)
     wq = _decode(b, scheme, packed, shape)
 
     s_in = b.attr_const("input_scale", "value_float", float)
@@ -165,10 +144,10 @@ def build_function(op: str, opset: int) -> gs.Function:
     if scheme in ("shift3", "shift2"):
         attrs["bits"] = None  # informative (the weight bits `inspect --cost` reads); the body does not use it
     if float_op == "Conv":
-        y = b.op("Conv", [x_in, wq], {k: gs.Node.AttributeRef(k, t) for k, t in _CONV_ATTRS.items()})
+        y = b.op("Conv", [x_in, wq], {k: attribute_ref(k, t) for k, t in _CONV_ATTRS.items()})
         attrs.update(dict.fromkeys(_CONV_ATTRS))
     elif float_op == "Gemm":
-        y = b.op("Gemm", [x_in, wq], {k: gs.Node.AttributeRef(k, t) for k, t in _GEMM_ATTRS.items()})
+        y = b.op("Gemm", [x_in, wq], {k: attribute_ref(k, t) for k, t in _GEMM_ATTRS.items()})
         attrs.update(dict.fromkeys(_GEMM_ATTRS))
         attrs["beta"] = None
     else:
@@ -185,5 +164,5 @@ def build_function(op: str, opset: int) -> gs.Function:
         b.op("Add", [y, b.op("Mul", [formal[3], beta])], out=out)
     else:
         b.op("Mul", [y, s_eff], out=out)
-    return gs.Function(op, domain=DOMAIN, nodes=b.nodes, inputs=formal, outputs=[out], opset=opset, attrs=attrs,
-                       doc_string=f"qcompiler packed {scheme} {float_op}: see runtime_targets/packed/functions.py")
+    return b.function(op, DOMAIN, formal, [out], attrs=attrs,
+                      doc_string=f"qcompiler packed {scheme} {float_op}: see runtime_targets/packed/functions.py")

@@ -32,12 +32,9 @@ implementation of the op and ignore the body; the ``strip_function_bodies`` comp
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 from qcompiler.runtime_targets import Target, layer_capabilities
-
-if TYPE_CHECKING:
-    from qcompiler.core.pass_base import Pass
 
 DOMAIN = "qonnx.custom_op.general"
 
@@ -51,12 +48,9 @@ class QonnxTarget(Target):
     description: ClassVar[str] = ("QONNX dialect (Quant / BipolarQuant, domain qonnx.custom_op.general) for "
                                   "FINN and hls4ml; integer and binary/ternary/shift weights, binary activations; "
                                   "with ONNX function bodies so onnxruntime runs it too")
+    lowering: ClassVar[tuple[str, ...]] = ("lower-qonnx-quant",)
 
     def __init__(self) -> None:
         # recurrent ops: weight-only (Quant on W and R feeding the float kernel)
         super().__init__(ops=layer_capabilities(_INT, _INT, _GRAN, _SCHEMES), other_activation_dtypes=_INT)
 
-    def lowering_passes(self) -> list[Pass]:
-        from qcompiler.runtime_targets.qonnx.quant_ops import LowerQonnxQuantPass
-
-        return [LowerQonnxQuantPass()]

@@ -11,14 +11,15 @@ runs a QONNX model. FINN, hls4ml and qonnx's executor implement the ops themselv
 writes. qonnx clips before rounding; with integer bounds the two orders give the same result.
 
 ``BipolarQuant(x, scale)``: ``y = where(x >= 0, 1, −1) · scale``.
+
+This module describes the bodies; :mod:`qcompiler.ir.functions` builds them.
 """
 
 from __future__ import annotations
 
-import numpy as np
 import onnx_graphsurgeon as gs
-from onnx import TensorProto
 
+from qcompiler.ir.functions import FunctionBody, add_functions
 from qcompiler.runtime_targets.qonnx import DOMAIN
 
 #: the lowest default-domain opset the bodies are valid for (Round-11, GreaterOrEqual-12, Max/Min broadcast);
@@ -26,54 +27,34 @@ from qcompiler.runtime_targets.qonnx import DOMAIN
 MIN_BODY_OPSET = 13
 
 
-class _Body:
-    """Tiny builder for a function body: node names are unique within the function."""
-
-    def __init__(self, prefix: str) -> None:
-        self.prefix = prefix
-        self.nodes: list[gs.Node] = []
-
-    def op(self, op: str, *inputs: gs.Tensor, **attrs: object) -> gs.Variable:
-        i = len(self.nodes)
-        out = gs.Variable(f"{self.prefix}_{op.lower()}_{i}")
-        self.nodes.append(gs.Node(op, f"{self.prefix}_{op}_{i}", attrs=dict(attrs), inputs=list(inputs),
-                                  outputs=[out]))
-        return out
-
-    @staticmethod
-    def const(name: str, value: float) -> gs.Constant:
-        return gs.Constant(name, np.asarray(value, dtype=np.float32))
-
-
 def quant_function(opset: int = MIN_BODY_OPSET) -> gs.Function:
     """``Quant`` (attributes ``signed``, ``narrow`` default 1 as in QONNX, ``rounding_mode`` default ROUND)."""
-    b = _Body("q")
+    b = FunctionBody(opset, prefix="q")
     x, scale, zeropt, bits = (gs.Variable(n) for n in ("x", "scale", "zeropt", "bitwidth"))
     one, two = b.const("one", 1.0), b.const("two", 2.0)
-    signed = b.op("Cast", b.op("Constant", value_int=gs.Node.AttributeRef("signed", int)), to=TensorProto.FLOAT)
-    narrow = b.op("Cast", b.op("Constant", value_int=gs.Node.AttributeRef("narrow", int)), to=TensorProto.FLOAT)
-    p = b.op("Pow", two, b.op("Sub", bits, one))
-    full = b.op("Pow", two, bits)
-    lo = b.op("Mul", signed, b.op("Add", b.op("Neg", p), narrow))
-    hi_signed = b.op("Sub", p, one)
-    hi_unsigned = b.op("Sub", b.op("Sub", full, one), narrow)
-    hi = b.op("Add", b.op("Mul", signed, hi_signed), b.op("Mul", b.op("Sub", one, signed), hi_unsigned))
-    q = b.op("Round", b.op("Add", b.op("Div", x, scale), zeropt))
-    q = b.op("Min", b.op("Max", q, lo), hi)
-    y = b.op("Mul", b.op("Sub", q, zeropt), scale)
-    return gs.Function("Quant", domain=DOMAIN, nodes=b.nodes, inputs=[x, scale, zeropt, bits], outputs=[y],
-                       opset=opset, attrs={"signed": 1, "narrow": 1, "rounding_mode": "ROUND"})
+    signed = b.cast_float(b.attr_const("signed", "value_int", int))
+    narrow = b.cast_float(b.attr_const("narrow", "value_int", int))
+    p = b.op("Pow", [two, b.op("Sub", [bits, one])])
+    full = b.op("Pow", [two, bits])
+    lo = b.op("Mul", [signed, b.op("Add", [b.op("Neg", [p]), narrow])])
+    hi_signed = b.op("Sub", [p, one])
+    hi_unsigned = b.op("Sub", [b.op("Sub", [full, one]), narrow])
+    hi = b.op("Add", [b.op("Mul", [signed, hi_signed]), b.op("Mul", [b.op("Sub", [one, signed]), hi_unsigned])])
+    q = b.op("Round", [b.op("Add", [b.op("Div", [x, scale]), zeropt])])
+    q = b.op("Min", [b.op("Max", [q, lo]), hi])
+    y = b.op("Mul", [b.op("Sub", [q, zeropt]), scale])
+    return b.function("Quant", DOMAIN, [x, scale, zeropt, bits], [y],
+                      attrs={"signed": 1, "narrow": 1, "rounding_mode": "ROUND"})
 
 
 def bipolar_quant_function(opset: int = MIN_BODY_OPSET) -> gs.Function:
     """``BipolarQuant``: sign with sign(0) = +1, times the scale."""
-    b = _Body("bq")
+    b = FunctionBody(opset, prefix="bq")
     x, scale = gs.Variable("x"), gs.Variable("scale")
-    pm = b.op("Where", b.op("GreaterOrEqual", x, b.const("zero", 0.0)), b.const("plus", 1.0),
-              b.const("minus", -1.0))
-    y = b.op("Mul", pm, scale)
-    return gs.Function("BipolarQuant", domain=DOMAIN, nodes=b.nodes, inputs=[x, scale], outputs=[y],
-                       opset=opset)
+    pm = b.op("Where", [b.op("GreaterOrEqual", [x, b.const("zero", 0.0)]), b.const("plus", 1.0),
+                        b.const("minus", -1.0)])
+    y = b.op("Mul", [pm, scale])
+    return b.function("BipolarQuant", DOMAIN, [x, scale], [y])
 
 
 BUILDERS = {"Quant": quant_function, "BipolarQuant": bipolar_quant_function}
@@ -81,10 +62,5 @@ BUILDERS = {"Quant": quant_function, "BipolarQuant": bipolar_quant_function}
 
 def ensure_functions(graph: gs.Graph, ops: set[str]) -> int:
     """Add the bodies of ``ops`` to ``graph.functions`` unless already there; returns how many were added."""
-    have = {(f.domain, f.name) for f in graph.functions}
-    added = 0
-    for op in sorted(ops):
-        if (DOMAIN, op) not in have:
-            graph.functions.append(BUILDERS[op](max(int(graph.opset), MIN_BODY_OPSET)))
-            added += 1
-    return added
+    return add_functions(graph, DOMAIN, ops, lambda op, opset: BUILDERS[op](opset),
+                         max(int(graph.opset), MIN_BODY_OPSET))

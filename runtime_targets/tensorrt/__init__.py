@@ -39,7 +39,6 @@ from qcompiler.runtime_targets import OpCapability, Target
 
 if TYPE_CHECKING:
     from qcompiler.core.context import CompileContext
-    from qcompiler.core.pass_base import Pass
     from qcompiler.plan import NodePlan, QuantSpec, ResolvedPlan
 
 log = logging.getLogger(__name__)
@@ -66,6 +65,7 @@ class TensorRTTarget(Target):
     description: ClassVar[str] = ("TensorRT explicit quantization: int8 / fp8-e4m3 symmetric Q/DQ on Conv/Gemm/"
                                   "MatMul inputs, per-channel weights on the output axis, residual-Add placement, "
                                   "int4 block weight-only DequantizeLinear; uint8 activations mapped to int8")
+    lowering: ClassVar[tuple[str, ...]] = ("trt-float-bias", "trt-residual-add", "trt-check-rules")
 
     def __init__(self) -> None:
         super().__init__(
@@ -148,12 +148,6 @@ class TensorRTTarget(Target):
                       residual.name, main.name)
         return out
 
-    def lowering_passes(self) -> list[Pass]:
-        from qcompiler.runtime_targets.tensorrt.float_bias import TrtFloatBiasPass
-        from qcompiler.runtime_targets.tensorrt.residual_add import TrtResidualAddPass
-        from qcompiler.runtime_targets.tensorrt.rules import TrtCheckRulesPass
-
-        return [TrtFloatBiasPass(), TrtResidualAddPass(), TrtCheckRulesPass()]
 
 
 def depths(graph: gs.Graph) -> dict[int, int]:

@@ -16,19 +16,17 @@ from collections import Counter
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from qcompiler.core.context import CompileContext
-from qcompiler.core.pass_base import Pass, PassResult
+from qcompiler.core.pass_base import GraphPass, PassResult
 from qcompiler.ir.graph import GraphIndex, is_onnx_op, remove_nodes, replace_input, scale_values
 
 
-class TrtFloatBiasPass(Pass):
+class TrtFloatBiasPass(GraphPass):
     """Fold int32 bias DequantizeLinear back to a float32 initializer (TensorRT adds biases in float)."""
 
     name = "trt-float-bias"
     requires = frozenset({"qdq"})
 
-    def run(self, ctx: CompileContext) -> PassResult:
-        graph = ctx.graph
+    def run_graph(self, graph: gs.Graph) -> PassResult:
         index = GraphIndex(graph)
         stats: Counter[str] = Counter()
         doomed: list[gs.Node] = []

@@ -21,8 +21,7 @@ from collections import Counter
 
 import onnx_graphsurgeon as gs
 
-from qcompiler.core.context import CompileContext
-from qcompiler.core.pass_base import Pass, PassResult
+from qcompiler.core.pass_base import GraphPass, PassResult
 from qcompiler.ir.graph import GraphIndex, is_onnx_op, producer, remove_nodes, replace_input
 from qcompiler.runtime_targets.tensorrt import FUSING_OPS, depths
 
@@ -45,14 +44,13 @@ def through_qdq(t: gs.Tensor) -> tuple[gs.Node, gs.Node] | None:
     return q, dq
 
 
-class TrtResidualAddPass(Pass):
+class TrtResidualAddPass(GraphPass):
     """Keep the Conv side of residual Adds unquantized (TensorRT fuses the Add into the Conv epilogue)."""
 
     name = "trt-residual-add"
     requires = frozenset({"qdq"})
 
-    def run(self, ctx: CompileContext) -> PassResult:
-        graph = ctx.graph
+    def run_graph(self, graph: gs.Graph) -> PassResult:
         index = GraphIndex(graph)
         stats: Counter[str] = Counter()
         bypassed: list[tuple[gs.Node, gs.Node]] = []

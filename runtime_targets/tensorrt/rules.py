@@ -27,10 +27,10 @@ import ml_dtypes
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from qcompiler.core.context import CompileContext
-from qcompiler.core.pass_base import Pass, PassResult
+from qcompiler.core.pass_base import GraphPass, PassResult
 from qcompiler.ir.axes import per_channel_axis as output_axis
 from qcompiler.ir.graph import is_onnx_op, producer
+from qcompiler.runtime_targets.tensorrt.residual_add import quantized_weighted_op, through_qdq
 
 _FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
 _INT4 = np.dtype(ml_dtypes.int4)
@@ -130,8 +130,6 @@ def _weighted(node: gs.Node) -> list[str]:
 
 
 def _residual(graph: gs.Graph) -> list[str]:
-    from qcompiler.runtime_targets.tensorrt.residual_add import quantized_weighted_op, through_qdq
-
     out: list[str] = []
     for add in graph.nodes:
         if not is_onnx_op(add, "Add") or len(add.inputs) != 2 or any(isinstance(t, gs.Constant) for t in add.inputs):
@@ -149,18 +147,18 @@ def _residual(graph: gs.Graph) -> list[str]:
     return out
 
 
-class TrtCheckRulesPass(Pass):
+class TrtCheckRulesPass(GraphPass):
     """Verify the lowered graph against TensorRT's explicit-quantization rules (raises on a violation)."""
 
     name = "trt-check-rules"
     requires = frozenset({"qdq"})
 
-    def run(self, ctx: CompileContext) -> PassResult:
-        bad = violations(ctx.graph)
+    def run_graph(self, graph: gs.Graph) -> PassResult:
+        bad = violations(graph)
         if bad:
             raise RuntimeError(f"{len(bad)} TensorRT rule violation(s): {'; '.join(bad[:5])}")
         stats: Counter[str] = Counter()
         stats["rules_checked"] = 1
-        stats["quantize_nodes"] = sum(1 for n in ctx.graph.nodes if is_onnx_op(n, "QuantizeLinear"))
-        stats["dequantize_nodes"] = sum(1 for n in ctx.graph.nodes if is_onnx_op(n, "DequantizeLinear"))
+        stats["quantize_nodes"] = sum(1 for n in graph.nodes if is_onnx_op(n, "QuantizeLinear"))
+        stats["dequantize_nodes"] = sum(1 for n in graph.nodes if is_onnx_op(n, "DequantizeLinear"))
         return PassResult(modified=False, stats=stats)
