@@ -21,17 +21,15 @@ import from the defining module.
 
 from __future__ import annotations
 
+from qcompiler.core.tags import TAG_KEY, tag, tag_of
 from qcompiler.ir.convert import (
     MIN_IR_FOR_TAGS,
-    TAG_KEY,
     ModelMeta,
     copy_graph,
     export_model,
     import_graph,
     name_nodes,
     opset_of,
-    tag,
-    tag_of,
     upgrade_opset,
 )
 from qcompiler.ir.external import (

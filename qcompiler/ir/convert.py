@@ -22,13 +22,12 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from qcompiler import __version__
 from qcompiler.core.errors import UserError
+from qcompiler.core.tags import TAG_KEY, tag_of
 from qcompiler.ir.external import ExternalDataWriter, map_external_constants
 from qcompiler.ir.walk import walk_graphs
 
 log = logging.getLogger("qcompiler.ir")  # the package's logger, as before ir was split into modules
 
-TAG_KEY = "qcompiler.pass"
-_TAG_ATTR = "_qcompiler_pass"
 MIN_IR_FOR_TAGS = 10
 _SUBBYTE = {np.dtype(d) for d in (ml_dtypes.int4, ml_dtypes.uint4)}
 
@@ -117,16 +116,6 @@ def name_nodes(graph: gs.Graph) -> int:
         taken.add(name)
         count += 1
     return count
-
-
-def tag(node: gs.Node, pass_name: str) -> gs.Node:
-    """Mark ``node`` as created by ``pass_name`` (exported as node metadata ``qcompiler.pass``)."""
-    setattr(node, _TAG_ATTR, pass_name)
-    return node
-
-
-def tag_of(node: gs.Node) -> str | None:
-    return getattr(node, _TAG_ATTR, None)
 
 
 def export_model(graph: gs.Graph, meta: ModelMeta | None = None, *,

@@ -8,7 +8,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 from onnx import TensorProto
 
-from qcompiler.ir.convert import tag
+from qcompiler.core.tags import tag
 
 
 def to_float32(graph: gs.Graph) -> dict[str, Any]:
