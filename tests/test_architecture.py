@@ -159,9 +159,10 @@ for _m in MODULES.values():
 
 
 def layer_of(name: str) -> int | None:
+    """The layer of a module: the longest LAYERS prefix (the root ``qcompiler`` row matches only itself)."""
     best = None
     for prefix, layer in LAYERS.items():
-        if name == prefix or name.startswith(prefix + "."):
+        if name == prefix or (prefix != FIRST_PARTY and name.startswith(prefix + ".")):
             if best is None or len(prefix) > len(best[0]):
                 best = (prefix, layer)
     return None if best is None else best[1]
@@ -207,6 +208,42 @@ def test_discovers_the_package() -> None:
         assert name in MODULES, f"{name} not found: ROOTS out of date with pyproject.toml's package-dir?"
     assert any(i.where == "type-checking" for i in FIRST)
     assert any(i.where == "module" for i in FIRST)
+
+
+def test_checker_classifies_imports() -> None:
+    """The classifier itself, on a made-up module ``qcompiler.report.demo``."""
+    src = (
+        "from __future__ import annotations\n"
+        "import typing\n"
+        "from typing import TYPE_CHECKING\n"
+        "import numpy as np\n"
+        "from qcompiler import ir\n"
+        "from . import cost\n"
+        "from ..core.errors import UserError\n"
+        "if TYPE_CHECKING:\n"
+        "    from qcompiler.plan import QuantSpec\n"
+        "else:\n"
+        "    from qcompiler.quant import dtypes\n"
+        "if typing.TYPE_CHECKING:\n"
+        "    import onnx\n"
+        "class C:\n"
+        "    from qcompiler.calib import sources\n"
+        "    def m(self):\n"
+        "        import scipy\n"
+        "        from qcompiler.api import compile_model\n"
+        "        return lambda: scipy\n"
+    )
+    mod = Module("qcompiler.report.demo", REPO / "qcompiler/report/demo.py", False, ast.parse(src), 19)
+    known = {"qcompiler", "qcompiler.ir", "qcompiler.report", "qcompiler.report.cost", "qcompiler.core",
+             "qcompiler.core.errors", "qcompiler.plan", "qcompiler.quant", "qcompiler.calib", "qcompiler.api"}
+    first, third = _imports(mod, known)
+    got = {(i.target, i.where) for i in first}
+    assert got == {("qcompiler.ir", "module"), ("qcompiler.report.cost", "module"),
+                   ("qcompiler.core.errors", "module"), ("qcompiler.plan", "type-checking"),
+                   ("qcompiler.quant", "module"), ("qcompiler.calib", "module"), ("qcompiler.api", "function")}, got
+    assert ("onnx", "type-checking") in {(i.target, i.where) for i in third}
+    assert ("scipy", "function") in {(i.target, i.where) for i in third}
+    assert layer_of("qcompiler.newmodule") is None and layer_of("qcompiler.passes._layers") == 2
 
 
 def test_every_module_has_a_layer() -> None:
