@@ -84,7 +84,10 @@ def _git(*args: str, binary: bool = False) -> Any:
 
 
 def resolve_commit(rev: str) -> str:
-    return str(_git("rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}")).strip()
+    """The full hash of ``rev`` ("" when it names no commit)."""
+    proc = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"],
+                          capture_output=True, text=True)
+    return proc.stdout.strip() if proc.returncode == 0 else ""
 
 
 def _package_dir(src: Path) -> dict[str, str]:
