@@ -173,8 +173,9 @@ def _within(name: str, package: str) -> bool:
 
 
 def _fail(title: str, violations: list[str]) -> None:
-    if violations:
-        pytest.fail(f"{title} ({len(violations)}):\n  " + "\n  ".join(sorted(set(violations))), pytrace=False)
+    unique = sorted(set(violations))  # `from m import a, b` is one import of m
+    if unique:
+        pytest.fail(f"{title} ({len(unique)}):\n  " + "\n  ".join(unique), pytrace=False)
 
 
 def _runtime_edges() -> list[Import]:
