@@ -23,8 +23,8 @@ if TYPE_CHECKING:
     import onnx_graphsurgeon as gs
 
     from qcompiler.core.pass_base import Pass
+    from qcompiler.core.registry import Target  # the type, as the registry hands targets out
     from qcompiler.ir.api_support import ModelProto
-    from qcompiler.runtime_targets import Target
 
 #: where the prefix ends when none is named: the plan is resolved, nothing is calibrated or quantized yet
 RESOLVE = "resolve-plan"
