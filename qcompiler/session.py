@@ -17,7 +17,8 @@ from qcompiler.core.context import CompileContext
 from qcompiler.core.errors import UserError
 from qcompiler.core.pass_manager import PassManager
 from qcompiler.core.registry import Registry, build_pipeline, parse_pipeline_text
-from qcompiler.plan import Plan, QuantSpec, _make_spec, required_opset
+from qcompiler.plan import Plan, QuantSpec, required_opset
+from qcompiler.plan.spec import make_spec
 
 if TYPE_CHECKING:
     import onnx_graphsurgeon as gs
@@ -32,13 +33,13 @@ RESOLVE = "resolve-plan"
 
 def plan_specs(plan: Plan) -> list[QuantSpec]:
     """Every quantized spec the plan can give a node (defaults and rules, merged as resolution merges them)."""
-    specs = [_make_spec(plan.weight_defaults, "defaults.weight"), _make_spec(plan.activation_defaults,
+    specs = [make_spec(plan.weight_defaults, "defaults.weight"), make_spec(plan.activation_defaults,
                                                                              "defaults.activation")]
     for r in plan.rules:
         if r.skip:
             continue
-        specs.append(_make_spec({**plan.weight_defaults, **r.weight}, r.describe()))
-        specs.append(_make_spec({**plan.activation_defaults, **r.activation}, r.describe()))
+        specs.append(make_spec({**plan.weight_defaults, **r.weight}, r.describe()))
+        specs.append(make_spec({**plan.activation_defaults, **r.activation}, r.describe()))
     return [s for s in specs if not s.is_float]
 
 

@@ -17,7 +17,8 @@ from qcompiler.autoplan.result import LayerInfo
 from qcompiler.calib import CalibrationSource, input_signatures
 from qcompiler.core.errors import UserError
 from qcompiler.core.registry import get_target
-from qcompiler.plan import NodePlan, Plan, QuantSpec, _make_spec, load_plan
+from qcompiler.plan import NodePlan, Plan, QuantSpec, load_plan
+from qcompiler.plan.spec import make_spec
 from qcompiler.session import run_prefix
 
 log = logging.getLogger("qcompiler.autoplan")
@@ -77,7 +78,7 @@ def prepare(model_path: str | Path, candidates: Sequence[Candidate], *, target: 
             if cand.lowbit and merged.get("dtype") in ("fp8e4m3", "fp8e5m2", "float"):
                 merged["dtype"] = "int8"
             try:
-                spec = _make_spec(merged, f"candidate {cand.name} for node '{np_.node}'")
+                spec = make_spec(merged, f"candidate {cand.name} for node '{np_.node}'")
                 trial = NodePlan(node=np_.node, op_type=np_.op_type, weight=spec, activation=np_.activation,
                                  rules=[f"candidate {cand.name}"], weight_inputs=np_.weight_inputs,
                                  activation_inputs=np_.activation_inputs)

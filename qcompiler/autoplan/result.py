@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ from qcompiler.autoplan import knapsack
 from qcompiler.autoplan.budget import DEFAULT_CANDIDATES, Budget, Candidate, fmt_unit, parse_candidates
 from qcompiler.autoplan.sensitivity import SensitivityResult
 from qcompiler.core.errors import UserError
+from qcompiler.core.numbers import json_float
 from qcompiler.plan import Plan, QuantSpec
 
 Progress = Callable[[str, int, int], None]
@@ -147,7 +147,7 @@ def _jsonable(x: Any) -> Any:
     if isinstance(x, (list, tuple)):
         return [_jsonable(v) for v in x]
     if isinstance(x, (np.floating, float)):
-        return None if not math.isfinite(float(x)) else float(x)
+        return json_float(float(x), nonfinite="none")
     if isinstance(x, np.integer):
         return int(x)
     return x

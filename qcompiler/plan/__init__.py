@@ -70,7 +70,6 @@ from qcompiler.plan.spec import (
 
 #: the old private name of :func:`make_spec` (``qcompiler.api`` and ``qcompiler.autoplan`` import it until
 #: they switch)
-_make_spec = make_spec
 
 __all__ = ["ACTIVATION_SCHEMES", "ALGORITHMS", "AUTO_CALIBRATIONS", "CALIBRATIONS", "DEFAULT_ACTIVATION",
            "DEFAULT_WEIGHT", "DTYPES", "GRANULARITIES", "PLAN_VERSION", "RANGES", "RECURRENT_OPS", "SCALES",

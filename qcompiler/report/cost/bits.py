@@ -19,7 +19,8 @@ if TYPE_CHECKING:
     from qcompiler.plan import QuantSpec
 
 FLOAT_BITS = 32
-_SUBBYTE = {np.dtype(ml_dtypes.int4): 4, np.dtype(ml_dtypes.uint4): 4}
+# sub-byte code types from the one dtype table (int4 / uint4), plus fp4 where ml_dtypes has it
+_SUBBYTE = {np.dtype(d.np_dtype): d.bits for d in QDTYPES.values() if d.bits < 8}
 for _name in ("float4_e2m1fn",):
     if hasattr(ml_dtypes, _name):
         _SUBBYTE[np.dtype(getattr(ml_dtypes, _name))] = 4
