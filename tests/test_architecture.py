@@ -18,6 +18,7 @@ Layers (a module may import, at module level, only from its own layer or lower o
 from __future__ import annotations
 
 import ast
+import tomllib
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -396,3 +397,16 @@ def test_root_package_only_reexports() -> None:
     _fail("qcompiler/__init__.py imports beyond qcompiler.core.errors",
           [f"{i.at(MODULES)}: {i.target}" for i in FIRST
            if i.src == "qcompiler" and i.target != "qcompiler.core.errors"])
+
+
+def test_pyproject_lists_every_package() -> None:
+    """setuptools installs only the packages pyproject names: a sub-package left out works in an editable
+    install (as in the tests) and is missing from a wheel."""
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = set()
+    for dotted, root in ROOTS.items():
+        for init in sorted(root.rglob("__init__.py")):
+            rel = init.parent.relative_to(root).parts
+            found.add(".".join((dotted, *rel)))
+    assert found - listed == set(), f"packages missing from pyproject.toml [tool.setuptools] packages: {sorted(found - listed)}"
+    assert listed - found == set(), f"pyproject.toml lists packages that do not exist: {sorted(listed - found)}"
