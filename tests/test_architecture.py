@@ -18,12 +18,12 @@ Layers (a module may import, at module level, only from its own layer or lower o
 from __future__ import annotations
 
 import ast
-import tomllib
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import tomllib
 
 REPO = Path(__file__).resolve().parents[1]
 # package name -> source folder, as pyproject.toml's [tool.setuptools] package-dir maps them
