@@ -442,3 +442,19 @@ def test_end_to_end_data_then_compile_validates(tmp_path: Path) -> None:
     res = run("validate", CBR, tmp_path / "q.onnx", "--data", tmp_path / "feeds.eval.npz", "--min-sqnr", "15")
     assert res.exit_code == 0, res.output
     assert "6 sample" in res.output
+
+
+def test_text_vocab_inside_the_folder_is_not_text_and_cased(tmp_path: Path) -> None:
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
+    (tmp_path / "t" / "lines.txt").write_text("Hello world\n")
+    model = text_model(tmp_path / "bert.onnx", 6)
+    res = run("data", model, tmp_path / "t", "-o", tmp_path / "a.npz", "--vocab", tmp_path / "t" / "vocab.txt")
+    assert res.exit_code == 0, res.output
+    assert load_npz(tmp_path / "a.npz")["input_ids"].tolist() == [[[2, 4, 7, 3, 0, 0]]]
+    res = run("data", model, tmp_path / "t" / "lines.txt", "-o", tmp_path / "b.npz", "--vocab",
+              tmp_path / "t" / "vocab.txt", "--cased")
+    assert res.exit_code == 0, res.output
+    assert load_npz(tmp_path / "b.npz")["input_ids"].tolist() == [[[2, 1, 7, 3, 0, 0]]]  # "Hello" -> [UNK]
+    res = run("data", model, tmp_path / "t", "-o", tmp_path / "c.npz")
+    assert res.exit_code == 2 and "give --vocab" in res.output

@@ -184,7 +184,7 @@ class InputSummary:
 def summarize(data: Dataset) -> list[InputSummary]:
     out = []
     for name, arr in data.arrays.items():
-        a = arr.astype(np.float64) if arr.size else np.zeros(1)
-        out.append(InputSummary(name, tuple(arr.shape), str(arr.dtype), float(a.min()), float(a.mean()),
-                                float(a.max())))
+        a = arr if arr.size else np.zeros(1)
+        out.append(InputSummary(name, tuple(arr.shape), str(arr.dtype), float(a.min()),
+                                float(a.mean(dtype=np.float64)), float(a.max())))
     return out
