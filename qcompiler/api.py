@@ -63,7 +63,8 @@ def build_bundle(model: str | os.PathLike[str], bundle: str | os.PathLike[str], 
         return compile_model(src, dest, opts, progress=progress)
 
     return package_model(model, bundle, compile_into, calib=calib, plan=plan, min_sqnr_db=min_sqnr_db,
-                         make_zip=make_zip, validate_data=validate_data, check_samples=check_samples)
+                         make_zip=make_zip, validate_data=validate_data, check_samples=check_samples,
+                         inputs=[(p, "plugin") for p in plugins if Path(p).is_file()])
 
 
 def load_for_inspect(path: str | os.PathLike[str]) -> ModelProto:

@@ -160,13 +160,56 @@ def compile_plan(model_path: str | os.PathLike[str], output_path: str | os.PathL
     opts = options or CompileOptions()
     t_start = time.perf_counter()
     src, out = Path(model_path), Path(output_path)
-    if out.resolve() == src.resolve():
-        raise UserError(f"{out}: output would overwrite the input model; choose another -o")
     if out.suffix != ".onnx":
         raise UserError(f"{out}: output file must end in .onnx")
     if out.is_dir():
         raise UserError(f"{out}: is a directory; -o needs a file name ending in .onnx")
+    # Every path this run may write is checked against every input (and its place) before any work, and
+    # everything is staged and moved into place together at the end (qcompiler.ir.outputs).
+    with compile_outputs(src, out, opts) as outs:
+        return _compile(src, out, opts, outs, progress, planner, t_start)
 
+
+#: Side files of ``OUT.onnx`` (suffix after ``OUT``'s stem) and how messages name them.
+SIDE_FILES = {".onnx.data": "the output's external data", ".plan.yaml": "the resolved-plan side file",
+              ".names.json": "the --compact-names side file", ".autoplan.yaml": "the --budget plan side file"}
+
+
+def _side_role(suffix: str) -> str:
+    return SIDE_FILES.get(suffix, f"the side file '{suffix}'")
+
+
+def compile_outputs(src: Path, out: Path, opts: CompileOptions) -> ir.OutputSet:
+    """The inputs a compile of ``src`` to ``out`` reads and every path it may write (not yet checked: enter
+    the returned :class:`~qcompiler.ir.OutputSet` to check them and create the staging folders)."""
+    outs = ir.OutputSet()
+    outs.add_input(src, "model", model=True)
+    plan = opts.plan.source if isinstance(opts.plan, Plan) else opts.plan
+    if plan is not None and Path(str(plan)).is_file():
+        outs.add_input(str(plan), "plan")
+    if opts.calib is not None and str(opts.calib) not in ("random", "none"):
+        outs.add_input(opts.calib, "calibration data")
+    outs.add_input(opts.validate_data, "validation data")
+    for spec in opts.plugins:
+        if Path(spec).is_file():
+            outs.add_input(spec, "plugin")
+    outs.add_output(out, "output", primary=True)
+    for suffix in SIDE_FILES:
+        if suffix != ".autoplan.yaml" or opts.budget is not None:
+            outs.add_output(out.with_name(out.stem + suffix), _side_role(suffix))
+    if opts.report is not None:
+        outs.add_output(opts.report, "--report")
+    if opts.dump_after:
+        outs.add_output(_dump_dir(out), "--dump-after folder", directory=True, in_place=True)
+    return outs
+
+
+def _dump_dir(out: Path) -> Path:
+    return out.with_name(out.stem + ".dump")
+
+
+def _compile(src: Path, out: Path, opts: CompileOptions, outs: ir.OutputSet, progress: Progress | None,
+             planner: Planner | None, t_start: float) -> CompileResult:
     reg = registry()
     for spec in opts.plugins:
         reg.load_plugin(spec)
@@ -190,16 +233,12 @@ def compile_plan(model_path: str | os.PathLike[str], output_path: str | os.PathL
     if opts.compact_names and not any(p.name == "compact-names" for p in passes):
         passes.append(reg.get("compact-names")())
     pm = PassManager(passes, verify_each=opts.verify_each, dump_after=set(opts.dump_after),
-                     dump_dir=out.with_name(out.stem + ".dump") if opts.dump_after else None,
+                     dump_dir=_dump_dir(out) if opts.dump_after else None,
                      on_pass=(lambda name, i, n: progress(f"pass:{name}", i, n)) if progress else None)
     pm.check({"model"})
 
     session = Session.load(src, plan, target)
     float_model = session.model
-    for f in sorted(ir.external_files(float_model)):  # the outputs must not replace the input's external data
-        if f in {(out.parent / n).resolve() for n in (out.name, out.name + ".data", out.stem + ".plan.yaml")}:
-            raise UserError(f"{out}: writing it would overwrite '{f.name}', external data of the input model; "
-                            "choose another -o")
     # Refuse a plan the target cannot run before any rewrite (see Session.import_graph), after the opset
     # upgrade the plan needs.
     graph = session.import_graph(upgrade=True, check=True)
@@ -226,85 +265,84 @@ def compile_plan(model_path: str | os.PathLike[str], output_path: str | os.PathL
     if threshold is None and ir.has_external_data(float_model):
         threshold = ir.DEFAULT_EXTERNAL_THRESHOLD  # external data in, external data out
     big = ir.parameter_bytes(float_model) >= ir.NO_PREPACK_BYTES
-    # Everything is written into a staging folder beside OUT (model tensor by tensor, external data streamed),
-    # checked and validated from there, and moved into place only when the whole compile succeeded.
-    with ir.staging(out) as stage:
-        staged = stage / out.name
-        ir.write_model(ctx.graph, ctx.meta, staged, external_data_threshold=threshold, consume=True)
-        # The graph is on disk now: free its (quantized) weights before validation opens sessions (which trims
-        # memory itself; a large model is trimmed now, before the cost report imports the written one).
-        ir.release_graph(ctx.graph, trim=big)
-        ctx.graph = gs.Graph(opset=ctx.graph.opset)
-        del graph
-        session.graph = None
-        qmodel = ir.load_model(staged, check=False)
-        ir.check_model(qmodel, where="compiled model")
+    # Everything is written into the staging folders (model tensor by tensor, external data streamed), checked
+    # and validated from there, and moved into place only when the whole compile succeeded.
+    staged = outs.path(out)
+    ir.write_model(ctx.graph, ctx.meta, staged, external_data_threshold=threshold, consume=True)
+    # The graph is on disk now: free its (quantized) weights before validation opens sessions (which trims
+    # memory itself; a large model is trimmed now, before the cost report imports the written one).
+    ir.release_graph(ctx.graph, trim=big)
+    ctx.graph = gs.Graph(opset=ctx.graph.opset)
+    del graph
+    session.graph = None
+    qmodel = ir.load_model(staged, check=False)
+    ir.check_model(qmodel, where="compiled model")
 
-        report: dict[str, Any] = {
-            "input": str(src),
-            "output": str(out),
-            "target": target.name,
-            "pipeline": pm.pipeline_text(),
-            "opset": ir.opset_of(qmodel),
-            "passes": [r.to_json() for r in records],
-            **{k: v for k, v in ctx.report.items() if not k.startswith("_")},
-        }
-        float_bytes = ir.model_summary(float_model)["parameter_bytes"]
-        quant_bytes = ir.model_summary(qmodel)["parameter_bytes"]
-        report["sizes"] = {"float_parameter_bytes": float_bytes, "quantized_parameter_bytes": quant_bytes,
-                           "ratio": round(quant_bytes / float_bytes, 4) if float_bytes else None}
-        known = (ctx.calib_shapes or None) if calib_source is not None else None
-        report["cost"] = cost.compile_cost(qmodel, staged, calib_source, shapes=not big, known_shapes=known).to_json()
-        if ctx.renamed.get("nodes"):  # compact-names: the report names layers as the compiled graph did
-            back = ctx.renamed["nodes"]
-            for layer in report["cost"].get("layers", []):
-                layer["name"] = back.get(layer.get("name"), layer.get("name"))
-        if auto is not None:  # the budget holds for what is written, counted as `inspect --cost` counts it
-            report["autoplan"] = auto.summary()
-            ctx.side_outputs[".autoplan.yaml"] = auto.text
-            auto.check(report["cost"])
+    report: dict[str, Any] = {
+        "input": str(src),
+        "output": str(out),
+        "target": target.name,
+        "pipeline": pm.pipeline_text(),
+        "opset": ir.opset_of(qmodel),
+        "passes": [r.to_json() for r in records],
+        **{k: v for k, v in ctx.report.items() if not k.startswith("_")},
+    }
+    float_bytes = ir.model_summary(float_model)["parameter_bytes"]
+    quant_bytes = ir.model_summary(qmodel)["parameter_bytes"]
+    report["sizes"] = {"float_parameter_bytes": float_bytes, "quantized_parameter_bytes": quant_bytes,
+                       "ratio": round(quant_bytes / float_bytes, 4) if float_bytes else None}
+    known = (ctx.calib_shapes or None) if calib_source is not None else None
+    report["cost"] = cost.compile_cost(qmodel, staged, calib_source, shapes=not big, known_shapes=known).to_json()
+    if ctx.renamed.get("nodes"):  # compact-names: the report names layers as the compiled graph did
+        back = ctx.renamed["nodes"]
+        for layer in report["cost"].get("layers", []):
+            layer["name"] = back.get(layer.get("name"), layer.get("name"))
+    if auto is not None:  # the budget holds for what is written, counted as `inspect --cost` counts it
+        report["autoplan"] = auto.summary()
+        ctx.side_outputs[".autoplan.yaml"] = auto.text
+        auto.check(report["cost"])
 
-        validation = None
-        do_validate = opts.validate if opts.validate is not None else (
-            calib_source is not None and not calib_source.synthetic) or opts.validate_data is not None
-        if stripped:
-            do_validate = False
-            report["validation_skipped"] = "function bodies stripped: the model needs native kernels"
-        if do_validate:
-            if opts.validate_data is not None:
-                feeds: Any = qv.load_feeds(opts.validate_data, float_model)
-            elif calib_source is not None:
-                feeds = list(_limited(calib_source, 64))
-            else:
-                raise UserError("validation needs data: give --calib DATA or --validate-data FILE.npz")
-            if progress:
-                progress("validate", 0, 1)
-            ir.trim_memory()  # graphs imported for the report above are cycles: unmap their weights first
-            # Large models: outputs only (per-layer sessions would hold the float weights twice more).
-            validation = qv.validate(float_model, qmodel, feeds, min_sqnr_db=opts.min_sqnr_db, per_layer=not big,
-                                     optimize=True if target.validation_optimization == "all" else "basic",
-                                     layer_samples=COMPILE_LAYER_SAMPLES,
-                                     names=ctx.renamed.get("tensors"))
-            report["validation"] = validation.to_json()
-            if opts.min_sqnr_db is not None and not validation.passed:
-                raise UserError(f"validation: output SQNR {validation.worst_output_sqnr():.2f} dB is below "
-                                f"--min-sqnr {opts.min_sqnr_db} dB; nothing written")
-        elif opts.min_sqnr_db is not None:
-            raise UserError("--min-sqnr needs validation data: give --calib DATA or --validate-data FILE.npz")
+    validation = None
+    do_validate = opts.validate if opts.validate is not None else (
+        calib_source is not None and not calib_source.synthetic) or opts.validate_data is not None
+    if stripped:
+        do_validate = False
+        report["validation_skipped"] = "function bodies stripped: the model needs native kernels"
+    if do_validate:
+        if opts.validate_data is not None:
+            feeds: Any = qv.load_feeds(opts.validate_data, float_model)
+        elif calib_source is not None:
+            feeds = list(_limited(calib_source, 64))
+        else:
+            raise UserError("validation needs data: give --calib DATA or --validate-data FILE.npz")
+        if progress:
+            progress("validate", 0, 1)
+        ir.trim_memory()  # graphs imported for the report above are cycles: unmap their weights first
+        # Large models: outputs only (per-layer sessions would hold the float weights twice more).
+        validation = qv.validate(float_model, qmodel, feeds, min_sqnr_db=opts.min_sqnr_db, per_layer=not big,
+                                 optimize=True if target.validation_optimization == "all" else "basic",
+                                 layer_samples=COMPILE_LAYER_SAMPLES,
+                                 names=ctx.renamed.get("tensors"))
+        report["validation"] = validation.to_json()
+        if opts.min_sqnr_db is not None and not validation.passed:
+            raise UserError(f"validation: output SQNR {validation.worst_output_sqnr():.2f} dB is below "
+                            f"--min-sqnr {opts.min_sqnr_db} dB; nothing written")
+    elif opts.min_sqnr_db is not None:
+        raise UserError("--min-sqnr needs validation data: give --calib DATA or --validate-data FILE.npz")
 
-        for suffix, text in sorted(ctx.side_outputs.items()):
-            (stage / (out.stem + suffix)).write_text(text, encoding="utf-8")
-        report["seconds"] = round(time.perf_counter() - t_start, 3)
-        files = [out.parent / f.name for f in sorted(stage.iterdir(), key=lambda f: (f.name != out.name, f.name))]
-    try:
-        if opts.report is not None:
-            with ir.atomic_output(Path(opts.report)) as tmp:
-                tmp.write_text(json.dumps(_jsonable(report), indent=2, sort_keys=True) + "\n", encoding="utf-8")
-            files.append(Path(opts.report))
-    except BaseException:
-        for f in files:
-            f.unlink(missing_ok=True)
-        raise
+    for suffix, text in sorted(ctx.side_outputs.items()):
+        side = out.with_name(out.stem + suffix)
+        if not outs.declared(side):  # a plugin's side file: checked now, before anything is moved
+            outs.add_output(side, _side_role(suffix))
+        outs.path(side).write_text(text, encoding="utf-8")
+    report["seconds"] = round(time.perf_counter() - t_start, 3)
+    if opts.report is not None:
+        outs.path(opts.report).write_text(json.dumps(_jsonable(report), indent=2, sort_keys=True) + "\n",
+                                          encoding="utf-8")
+    written = outs.commit()  # all together, or (rolled back) none
+    report_file = Path(opts.report) if opts.report is not None else None
+    files = sorted((f for f in written if f != report_file), key=lambda f: (f != out, f.name))
+    files += [f for f in written if f == report_file]
     return CompileResult(output=out, files=files, records=records, report=report, validation=validation,
                          pipeline=pm.pipeline_text())
 

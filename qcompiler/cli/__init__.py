@@ -233,12 +233,34 @@ def _echo_cost(c: dict[str, Any]) -> None:
 def validate_cmd(float_model: Path, quant_model: Path, data: Path, json_path: Path | None, min_sqnr: float | None,
                  layers: bool, max_layers: int, names_path: Path | None) -> None:
     """Compare QUANT_MODEL with FLOAT_MODEL in onnxruntime: SQNR, cosine, max error, top-1, per layer."""
-    fm = ir.load_model(float_model)
-    qm = ir.load_model(quant_model)
     explicit = names_path is not None
     if names_path is None:
         beside = quant_model.with_name(quant_model.stem + ".names.json")
         names_path = beside if beside.is_file() else None
+    outs = ir.OutputSet()  # --json may not be (or alias) an input; checked before anything is loaded
+    outs.add_input(float_model, "float model", model=True)
+    outs.add_input(quant_model, "quantized model", model=True)
+    outs.add_input(data, "validation data")
+    outs.add_input(names_path, "names file")
+    if json_path is not None:
+        outs.add_output(json_path, "--json", primary=True)
+    with outs:
+        report = _validate(float_model, quant_model, data, names_path, explicit, layers, min_sqnr)
+        click.echo(report.table(max_layers=max_layers))
+        if json_path is not None:
+            outs.path(json_path).write_text(json.dumps(report.to_json(), indent=2, sort_keys=True) + "\n",
+                                            encoding="utf-8")
+            outs.commit()
+    if min_sqnr is not None and not report.passed:
+        click.echo(f"error: output SQNR {report.worst_output_sqnr():.2f} dB is below --min-sqnr {min_sqnr} dB",
+                   err=True)
+        sys.exit(2)
+
+
+def _validate(float_model: Path, quant_model: Path, data: Path, names_path: Path | None, explicit: bool,
+              layers: bool, min_sqnr: float | None) -> Any:
+    fm = ir.load_model(float_model)
+    qm = ir.load_model(quant_model)
     names = qv.load_names(names_path) if names_path is not None else None
     if names is not None:
         unknown = set(names) - ir.tensor_names(qm)
@@ -249,15 +271,7 @@ def validate_cmd(float_model: Path, quant_model: Path, data: Path, json_path: Pa
             log.warning("%s: not the names of %s (a leftover of another compile?); ignored", names_path, quant_model)
             names = None
     feeds = qv.load_feeds(data, fm)
-    report = qv.validate(fm, qm, feeds, per_layer=layers, min_sqnr_db=min_sqnr, names=names)
-    click.echo(report.table(max_layers=max_layers))
-    if json_path is not None:
-        with ir.atomic_output(json_path) as tmp:
-            tmp.write_text(json.dumps(report.to_json(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    if min_sqnr is not None and not report.passed:
-        click.echo(f"error: output SQNR {report.worst_output_sqnr():.2f} dB is below --min-sqnr {min_sqnr} dB",
-                   err=True)
-        sys.exit(2)
+    return qv.validate(fm, qm, feeds, per_layer=layers, min_sqnr_db=min_sqnr, names=names)
 
 
 # ------------------------------------------------------------------------------------------------ inspect

@@ -9,7 +9,8 @@ Everything else in qcompiler works on an onnx-graphsurgeon :class:`gs.Graph`. Th
   ``qcompiler.pass`` tag of every node a pass created as node ``metadata_props``; upgrades the opset;
 * :mod:`~qcompiler.ir.fp16` converts fp16 models to fp32 and restores the fp16 interface afterwards;
 * :mod:`~qcompiler.ir.save` saves atomically (to a temporary folder beside the destination, then
-  ``os.replace``), optionally with external data;
+  ``os.replace``), optionally with external data; :mod:`~qcompiler.ir.outputs` is the output-path policy of
+  every command (:class:`OutputSet`: outputs checked against the inputs up front, staged, committed together);
 * :mod:`~qcompiler.ir.sessions` builds onnxruntime sessions, including ones that expose intermediate tensors;
 * :mod:`~qcompiler.ir.shapes` (static shape inference), :mod:`~qcompiler.ir.walk` (subgraphs and tensors, in
   order), :mod:`~qcompiler.ir.facts` (sizes and summaries), :mod:`~qcompiler.ir.memory` (freeing weights);
@@ -53,6 +54,7 @@ from qcompiler.ir.load import (
     load_model,
 )
 from qcompiler.ir.memory import release_graph, release_values, trim_memory
+from qcompiler.ir.outputs import OutputSet, external_data_files, resolve_path
 from qcompiler.ir.save import INLINE_LIMIT, atomic_output, save_model, serialize, staging, write_model
 from qcompiler.ir.sessions import NO_PREPACK_BYTES, graph_session, optimized_op_types, session, with_outputs
 from qcompiler.ir.shapes import INFER_MAX_PROTO_BYTES, infer_shapes
@@ -73,6 +75,7 @@ __all__ = [
     "TAG_KEY",
     "ExternalDataWriter",
     "ModelMeta",
+    "OutputSet",
     "all_constants",
     "atomic_output",
     "check_model",
@@ -81,6 +84,7 @@ __all__ = [
     "dtype_name",
     "export_model",
     "external_array",
+    "external_data_files",
     "external_files",
     "graph_session",
     "has_external_data",
@@ -96,6 +100,7 @@ __all__ = [
     "release_graph",
     "release_values",
     "renamed_tensors",
+    "resolve_path",
     "restore_io_dtypes",
     "save_model",
     "serialize",

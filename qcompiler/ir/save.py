@@ -1,7 +1,8 @@
 """Saving models: exporting a graph tensor by tensor, and writing atomically.
 
 Files go to a temporary folder beside the destination (:func:`staging`), then into place with ``os.replace``,
-so that a failure leaves nothing behind; large tensors go to external data, streamed.
+so that a failure leaves nothing behind; large tensors go to external data, streamed. The commands' output-path
+policy (outputs checked against the inputs, staged and committed together) is :class:`~qcompiler.ir.outputs.OutputSet`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from qcompiler.ir.convert import ModelMeta, export_model
 from qcompiler.ir.external import DEFAULT_EXTERNAL_THRESHOLD, ExternalDataWriter, has_external_data
 from qcompiler.ir.facts import constant_bytes, tensor_nbytes
 from qcompiler.ir.load import PROTOBUF_LIMIT
+from qcompiler.ir.outputs import OutputSet
 from qcompiler.ir.walk import _iter_all_tensors
 
 #: Graphs whose constants exceed this are written with external data even when not asked to (protobuf's
@@ -148,17 +150,10 @@ def serialize(model: onnx.ModelProto) -> bytes:
 
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike[str]):  # type: ignore[no-untyped-def]
-    """Context manager yielding a temp path; renamed to ``path`` only when the block succeeds."""
-    dest = Path(path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".qcompiler-", suffix=dest.suffix, dir=dest.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """Context manager yielding a temp path; moved to ``path`` only when the block succeeds. The path is checked
+    first (a folder in the way, an unwritable place: :class:`UserError`) — an :class:`OutputSet` of one file
+    (commands with inputs declare them in their own :class:`OutputSet`, so that outputs cannot overwrite them)."""
+    with OutputSet() as outs:
+        outs.add_output(path, "output", primary=True)
+        yield outs.path(path)
+        outs.commit()

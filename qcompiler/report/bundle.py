@@ -16,8 +16,9 @@ that it was validated::
       check/reference.npz    ... and the float model's outputs on them
 
 :func:`qcompiler.api.build_bundle` compiles with validation (the ``min_sqnr_db`` gate included), then assembles the bundle in a
-temporary folder beside the destination and renames it into place: a failed run (bad input, SQNR below the gate)
-leaves nothing behind. Every file is deterministic — the same inputs give byte-identical bundles (no timestamps;
+staging folder beside the destination and renames it (and the zip) into place together, after checking both
+paths against every input before any work (:class:`qcompiler.ir.OutputSet`): a failed run (bad input, SQNR below
+the gate) leaves nothing behind. Every file is deterministic — the same inputs give byte-identical bundles (no timestamps;
 zip entries carry a fixed date).
 
 :func:`verify_bundle` re-hashes every file against ``manifest.json`` (a changed, missing or unexpected file is a
@@ -163,34 +164,36 @@ class BundleResult:
 def package_model(model: str | os.PathLike[str], bundle: str | os.PathLike[str],
                   compile_into: Callable[[Path, Path], Any], *, calib: str | os.PathLike[str], plan: Any = None,
                   min_sqnr_db: float | None = None, make_zip: bool = False, validate_data: Any = None,
-                  check_samples: int = CHECK_SAMPLES) -> BundleResult:
+                  check_samples: int = CHECK_SAMPLES,
+                  inputs: Sequence[tuple[str | os.PathLike[str], str]] = ()) -> BundleResult:
     """Write a deployment bundle of ``model`` at ``bundle``: ``compile_into(model, path)`` compiles it with
     validation to ``path`` (a :func:`qcompiler.api.compile_model` with ``validate=True`` and the same ``calib``,
     ``plan``, ``min_sqnr_db`` and ``validate_data``) and returns its result (``.validation``, ``.report``,
-    ``.pipeline``); the other arguments are those of :func:`qcompiler.api.build_bundle`."""
+    ``.pipeline``); ``inputs``: further files the compile reads, as ``(path, what)`` (plugins), which the bundle
+    may not overwrite; the other arguments are those of :func:`qcompiler.api.build_bundle`."""
     src, dest = Path(model), Path(bundle)
     if str(calib) in ("random", "none") and validate_data is None:
         raise UserError(f"--calib {calib}: a bundle needs real calibration data (or --validate-data) to validate")
-    if dest.exists():
-        raise UserError(f"{dest}: already exists; remove it or choose another -o")
-    zip_dest = dest.with_name(dest.name + ".zip") if make_zip else None
-    if zip_dest is not None and zip_dest.exists():
-        raise UserError(f"{zip_dest}: already exists; remove it or choose another -o")
     if check_samples <= 0:
         raise UserError(f"--check-samples must be positive, got {check_samples}")
-
-    created = []
-    p = dest.parent.absolute()
-    while not p.exists() and p != p.parent:
-        created.append(p)
-        p = p.parent
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    except OSError as e:
-        raise UserError(f"{dest}: cannot write here: {e.strerror or e}") from None
-    done = False
-    try:
+    zip_dest = dest.with_name(dest.name + ".zip") if make_zip else None
+    # The bundle folder and its zip: new paths, checked against every input before any work, assembled in a
+    # staging folder beside them and moved into place together (qcompiler.ir.outputs).
+    outs = ir.OutputSet()
+    outs.add_input(src, "model", model=True)
+    outs.add_input(calib, "calibration data")
+    plan_file = getattr(plan, "source", plan)
+    if plan_file is not None and Path(str(plan_file)).is_file():
+        outs.add_input(str(plan_file), "plan")
+    outs.add_input(validate_data, "validation data")
+    for path, what in inputs:
+        outs.add_input(path, what)
+    outs.add_output(dest, "-o bundle folder", directory=True, new=True, primary=True)
+    if zip_dest is not None:
+        outs.add_output(zip_dest, "--zip", new=True)
+    with outs:
+        tmp = outs.path(dest)
+        tmp.mkdir()
         result = compile_into(src, tmp / MODEL_NAME)
         validation = result.validation
         assert validation is not None
@@ -238,30 +241,9 @@ def package_model(model: str | os.PathLike[str], bundle: str | os.PathLike[str],
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
         if zip_dest is not None:
-            ztmp = tmp.with_name(tmp.name + ".zip")
-            _write_zip(tmp, ztmp, dest.name)
-            os.chmod(ztmp, 0o666 & ~_umask())
-        os.chmod(tmp, 0o777 & ~_umask())
-        os.rename(tmp, dest)
-        if zip_dest is not None:
-            os.replace(ztmp, zip_dest)
-        done = True
+            _write_zip(tmp, outs.path(zip_dest), dest.name)
+        outs.commit()  # the zip, then the folder; a failed move rolls back the one already moved
         return BundleResult(dest, zip_dest, files, manifest, validation, report)
-    finally:
-        if not done:
-            shutil.rmtree(tmp, ignore_errors=True)
-            Path(str(tmp) + ".zip").unlink(missing_ok=True)
-            for c in created:
-                try:
-                    c.rmdir()
-                except OSError:
-                    break
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _versions() -> dict[str, str]:

@@ -40,15 +40,23 @@ def plan_group() -> None:
 def plan_resolve_cmd(model: Path, plan: str | None, target: str, output: Path | None) -> None:
     """Show which rule applies to every node of MODEL (after the target's graph clean-up: cleanup, BatchNorm
     folding, activation fusion)."""
-    p = load_plan(plan)
-    t = get_target(target)
-    # the target's own pipeline up to resolve-plan: the nodes (and names) the compile will see
-    ctx = run_prefix(model, p, t)
-    assert ctx.resolved is not None
-    text = ctx.resolved.to_yaml()
+    outs = ir.OutputSet()  # -o may not be (or alias) the model, its data or the plan: checked before any work
+    outs.add_input(model, "model", model=True)
+    if plan is not None and Path(plan).is_file():
+        outs.add_input(plan, "plan")
     if output is not None:
-        with ir.atomic_output(output) as tmp:
-            tmp.write_text(text, encoding="utf-8")
+        outs.add_output(output, "-o", primary=True)
+    with outs:
+        p = load_plan(plan)
+        t = get_target(target)
+        # the target's own pipeline up to resolve-plan: the nodes (and names) the compile will see
+        ctx = run_prefix(model, p, t)
+        assert ctx.resolved is not None
+        text = ctx.resolved.to_yaml()
+        if output is not None:
+            outs.path(output).write_text(text, encoding="utf-8")
+            outs.commit()
+    if output is not None:
         click.echo(f"wrote {output}")
     else:
         click.echo(text, nl=False)
@@ -128,21 +136,35 @@ def plan_auto_cmd(model: Path, budget: str, bitops: bool, calib: str | None, out
         raise UserError(f"--pareto: '{pareto}' must end in .csv (the plot goes beside it as .svg)")
     if measure and pareto is not None and (calib is None or calib in ("random", "none")):
         raise UserError("--measure needs real calibration data (--calib DATA), or give --measure 0")
-    progress = Progress(enabled=not quiet and sys.stderr.isatty())
-    try:
-        result = autoplan.auto_plan(model, calib, opts, progress=progress)
-        measured = []
-        if pareto is not None and measure:
-            assert calib is not None
-            measured = autoplan.measure_front(model, result, calib, points=measure, validate_data=validate_data,
-                                              progress=progress)
-    finally:
-        progress.close()
-    written = []
+    outs = ir.OutputSet()  # -o / --pareto (+ its .svg) checked against every input before any work
+    outs.add_input(model, "model", model=True)
+    if calib is not None and calib not in ("random", "none"):
+        outs.add_input(calib, "calibration data")
+    if base_plan is not None and Path(base_plan).is_file():
+        outs.add_input(base_plan, "plan")
+    outs.add_input(validate_data, "validation data")
     if output is not None:
-        written.append(autoplan.write_plan(result, output))
+        outs.add_output(output, "-o", primary=True)
     if pareto is not None:
-        written += autoplan.write_front(result, pareto)
+        outs.add_output(pareto, "--pareto")
+        outs.add_output(pareto.with_suffix(".svg"), "--pareto plot")
+    progress = Progress(enabled=not quiet and sys.stderr.isatty())
+    with outs:
+        try:
+            result = autoplan.auto_plan(model, calib, opts, progress=progress)
+            measured = []
+            if pareto is not None and measure:
+                assert calib is not None
+                measured = autoplan.measure_front(model, result, calib, points=measure, validate_data=validate_data,
+                                                  progress=progress)
+        finally:
+            progress.close()
+        if output is not None:
+            outs.path(output).write_text(result.text, encoding="utf-8")
+        if pareto is not None:
+            outs.path(pareto).write_text(autoplan.front_csv(result), encoding="utf-8")
+            outs.path(pareto.with_suffix(".svg")).write_text(autoplan.front_svg(result), encoding="utf-8")
+        written = outs.commit()
     if output is None:
         click.echo(result.text, nl=False)
     if quiet:

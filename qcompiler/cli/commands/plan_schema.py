@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from qcompiler import ir
 from qcompiler.plan.json_schema import plan_json_schema_text
 
 
@@ -24,5 +25,8 @@ def register(cli: click.Group) -> None:
         if output is None:
             click.echo(text, nl=False)
             return
-        output.write_text(text, encoding="utf-8")
+        with ir.OutputSet() as outs:  # checked (a folder in the way, an unwritable place), written atomically
+            outs.add_output(output, "-o", primary=True)
+            outs.path(output).write_text(text, encoding="utf-8")
+            outs.commit()
         click.echo(f"wrote {output}", err=True)
