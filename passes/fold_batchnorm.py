@@ -31,7 +31,8 @@ non-constant weight — becomes
     Y_bn = X · s_c + t_c      (Mul + Add, s_c and t_c of shape [C, 1, ..., 1] broadcasting over axis 1),
 provided the rank of X is known (else the BN is left alone and counted as ``skipped_unknown_rank``).
 A BN whose parameters are not constants, that runs in training mode or whose extra outputs are read is
-left alone.
+left alone. A BN whose constant parameters hold NaN / Inf, or whose σ² + ε is not positive, is refused
+(``UserError`` naming the node): folded, it would make a model that outputs NaN.
 
 Before a BN disappears, the per-channel mean β and standard deviation |γ|·σ/√(σ² + ε) of its output are
 recorded under its output name (``qcompiler.calib.bn_statistics``) for data-free calibration and the
@@ -53,6 +54,7 @@ import onnx_graphsurgeon as gs
 
 from qcompiler.calib import ChannelStats, bn_statistics
 from qcompiler.core.context import CompileContext
+from qcompiler.core.errors import UserError
 from qcompiler.core.pass_base import Pass, PassResult
 from qcompiler.ir.graph import (
     GraphIndex,
@@ -152,10 +154,19 @@ class _Folding:
         if c == 0 or any(a.size != c or a.ndim != 1 or not np.issubdtype(a.dtype, np.floating) for a in arrays):
             self._stats["skipped_bad_params"] += 1
             return None
+        for t, a in zip(bn.inputs[1:5], arrays):
+            if not np.isfinite(a).all():
+                raise UserError(f"node '{where}' (BatchNormalization): parameter '{t.name}' contains NaN or Inf; "
+                                "folding it would give a model that outputs NaN")
         gamma, beta, mean, var = (a.astype(np.float64) for a in arrays)
         eps = float(bn.attrs.get("epsilon", 1e-5))
-        scale = gamma / np.sqrt(var + eps)
-        shift = beta - mean * scale
+        with np.errstate(all="ignore"):
+            scale = gamma / np.sqrt(var + eps)
+            shift = beta - mean * scale
+        if not (np.isfinite(scale).all() and np.isfinite(shift).all()):
+            raise UserError(f"node '{where}' (BatchNormalization): variance + epsilon is not positive for some "
+                            f"channel (variance '{bn.inputs[4].name}', epsilon {eps:g}); the folded scale would be "
+                            "NaN or Inf")
         x, y = bn.inputs[0], bn.outputs[0]
         dtype = _float_dtype(x.dtype, arrays[0].dtype)
         return _BnParams(bn, x, y, scale, shift, dtype)

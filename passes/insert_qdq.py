@@ -43,6 +43,7 @@ left alone.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import Counter
 from collections.abc import Callable
@@ -205,21 +206,24 @@ class InsertQDQPass(Pass):
             raise UserError(f"node '{node.name}' ({node.op}): weight '{w.name}' contains NaN or Inf; "
                             "cannot quantize it")
         override = ctx.weight_overrides.get((node.name, wi))
+        # blocks are built at most one element longer than the reduction axis: a block_size beyond it is one
+        # block (zero padding included, the same scales), never an allocation of block_size rows
+        work_block = _bounded_block(block, values.shape[axis] if block and axis is not None else 0)
         if override is not None:
             qt = override
             axis, block = qt.axis, qt.block_size
             stats["weights_from_override"] += 1
         elif schemes.uses_scheme_quantizer(spec):
             # binary / ternary / shift codes, or int with power-of-two scales (qcompiler.quant.schemes)
-            res = schemes.quantize_for_spec(values, spec, axis, block, int(graph.opset))
-            qt = res.qt
+            res = schemes.quantize_for_spec(values, spec, axis, work_block, int(graph.opset))
+            qt = _with_block(res.qt, block)
             ctx.report.setdefault("lowbit", {}).setdefault("layers", {})[node.name] = res.info
             if spec.scheme == "ternary":
                 stats["ternary_zero_codes"] += res.zeros
                 stats["ternary_codes"] += int(values.size)
         else:
-            qt = quant.quantize_weight(values, spec.dtype, spec.symmetric, axis, block, spec.range,
-                                       spec.scale == "pow2")
+            qt = _with_block(quant.quantize_weight(values, spec.dtype, spec.symmetric, axis, work_block,
+                                                   spec.range, spec.scale == "pow2"), block)
 
         # bias: int32 with s_x * s_w (and the overflow guard raising s_w where needed)
         bias_codes = None
@@ -356,6 +360,28 @@ def _same_product(scale: np.ndarray, a: gs.Tensor, b: gs.Tensor) -> bool:
 #: code types whose DequantizeLinear may drop an all-zero zero point: a missing ``x_zero_point`` is 0 of the
 #: type of ``x`` (the spec: "x_zero_point and x must have the same type", "Zero point is 0 when it's not
 #: specified"); signed integers and fp8 (whose zero point is +0.0) only
+#: block sizes up to this are always computed as given (what real plans use: 16 ... 256)
+_EXACT_BLOCK = 256
+
+
+def _bounded_block(block: int | None, n: int) -> int | None:
+    """The block size to compute with for a reduction axis of length ``n``: ``block`` itself, except that a
+    block beyond ``max(2 n, 256)`` becomes ``n + 1`` — still one block holding the whole axis plus zero padding,
+    so the same ranges and codes, without padding ``block - n`` rows (a 2^31 block_size would allocate
+    hundreds of GiB)."""
+    if not block or n <= 0 or block <= max(2 * n, _EXACT_BLOCK):
+        return block
+    return n + 1
+
+
+def _with_block(qt: quant.QuantizedTensor, block: int | None) -> quant.QuantizedTensor:
+    """``qt`` carrying the plan's ``block_size`` (what DequantizeLinear's attribute says) when it was computed
+    with a bounded one."""
+    if qt.block_size == block or not block:
+        return qt
+    return dataclasses.replace(qt, block_size=block)
+
+
 _ZP_OPTIONAL = frozenset(np.dtype(t) for t in (np.int8, np.int16, np.int32, ml_dtypes.int4,
                                                 ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e5m2))
 

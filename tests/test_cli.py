@@ -283,7 +283,7 @@ def _bad_inputs(d: Path) -> dict[str, tuple[list[Any], str]]:
         "calib name": ([CONV, "--calib", d / "name.npz"],
                        f"error: {d / 'name.npz'}: array 'image' is not an input of the model (inputs: input)"),
         "calib nan": ([CONV, "--calib", d / "nan.npz"],
-                      f"error: {d / 'nan.npz'}: sample 2: array 'input' contains NaN or Inf (first at index "
+                      f"error: {d / 'nan.npz'}: sample 2: array 'input' contains NaN (first at index "
                       "(0, 1, 5, 7))"),
         "calib missing": ([CONV, "--calib", d / "nope.npz"],
                           f"error: {d / 'nope.npz'}: no such calibration file or folder"),

@@ -10,6 +10,7 @@ session expects.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,12 @@ import onnx_graphsurgeon as gs
 from qcompiler.core.errors import UserError
 
 Feed = dict[str, np.ndarray]
+
+#: a calibration / validation array's dynamic (or undeclared) dim may be at most this long ...
+MAX_DYNAMIC_DIM = 1 << 24
+#: ... and one feed array at most this many elements (1 GiB of float32): data is never larger than the
+#: feeds the model's input shapes describe, with dynamic dims bounded generously
+MAX_FEED_ELEMENTS = 1 << 28
 
 
 @dataclass
@@ -71,6 +78,7 @@ def check_array_meta(where: str, key: str, shape: tuple[int, ...], dtype: np.dty
     """Rank, fixed dims and dtype of one array against its input (no data needed)."""
     if dtype.hasobject:
         raise UserError(f"{where}: array '{key}' holds Python objects; only numeric arrays are accepted")
+    check_array_size(where, key, shape, sig)
     if sig.known_rank:
         if len(shape) != len(sig.shape):
             raise UserError(f"{where}: array '{key}' has shape {fmt_shape(shape)} (rank {len(shape)}) but model "
@@ -80,6 +88,21 @@ def check_array_meta(where: str, key: str, shape: tuple[int, ...], dtype: np.dty
                 raise UserError(f"{where}: array '{key}' has shape {fmt_shape(shape)}; dim {axis} is {got} but "
                                 f"model input {sig.describe()} needs {want}")
     _check_castable(where, key, dtype, sig)
+
+
+def check_array_size(where: str, key: str, shape: tuple[int, ...], sig: InputSig) -> None:
+    """An array is never larger than the feed its input describes: each dynamic dim at most
+    :data:`MAX_DYNAMIC_DIM`, the whole at most :data:`MAX_FEED_ELEMENTS` elements (checked from the header,
+    before anything is allocated)."""
+    for axis, got in enumerate(shape):
+        want = sig.shape[axis] if sig.known_rank and axis < len(sig.shape) else None
+        if not isinstance(want, int) and got > MAX_DYNAMIC_DIM:
+            raise UserError(f"{where}: array '{key}' has shape {fmt_shape(shape)}; dim {axis} ({got}) is beyond "
+                            f"the {MAX_DYNAMIC_DIM} limit for a dynamic dim of model input {sig.describe()}")
+    n = math.prod(int(d) for d in shape)
+    if n > MAX_FEED_ELEMENTS:
+        raise UserError(f"{where}: array '{key}' has shape {fmt_shape(shape)} ({n} elements), beyond the "
+                        f"{MAX_FEED_ELEMENTS} elements a feed of model input {sig.describe()} may have")
 
 
 def _check_castable(where: str, key: str, src: np.dtype, sig: InputSig) -> None:
@@ -96,16 +119,20 @@ def _check_castable(where: str, key: str, src: np.dtype, sig: InputSig) -> None:
 
 
 def _conform(where: str, key: str, arr: np.ndarray, sig: InputSig) -> np.ndarray:
-    """Check values (NaN/Inf, integer range) and cast ``arr`` to the input dtype."""
+    """Check values (NaN, integer range) and cast ``arr`` to the input dtype. ±Inf is data (attention masks
+    of transformer exports hold -inf); calibration statistics count it apart, so ranges stay finite."""
     dst = sig.dtype
     if arr.dtype.kind == "f":
-        if not np.isfinite(arr).all():
-            bad = tuple(int(i) for i in np.argwhere(~np.isfinite(arr))[0])
-            raise UserError(f"{where}: array '{key}' contains NaN or Inf (first at index {bad})")
+        finite = bool(np.isfinite(arr).all())
+        if not finite and np.isnan(arr).any():
+            bad = tuple(int(i) for i in np.argwhere(np.isnan(arr))[0])
+            raise UserError(f"{where}: array '{key}' contains NaN (first at index {bad})")
         if arr.dtype != dst:
             with np.errstate(over="ignore"):
                 out = arr.astype(dst)
-            if not np.isfinite(out).all():
+            ok = bool(np.isfinite(out).all()) if finite else (
+                np.count_nonzero(np.isinf(out)) == np.count_nonzero(np.isinf(arr)))
+            if not ok:
                 raise UserError(f"{where}: array '{key}' has values beyond the range of {dst} (model input "
                                 f"'{sig.name}')")
             return out

@@ -33,8 +33,19 @@ from qcompiler.calib.feeds import (
     check_symbolic,
     fmt_shape,
 )
-from qcompiler.calib.npz import load_member, member_layout, member_meta, npz_members, open_zip, read_header
+from qcompiler.calib.npz import (
+    ZIP_ERRORS,
+    check_member_size,
+    load_member,
+    member_layout,
+    member_meta,
+    member_nbytes,
+    npz_members,
+    open_zip,
+    read_header,
+)
 from qcompiler.core.errors import UserError
+from qcompiler.core.files import regular_file
 
 #: Random sources: size given to dynamic spatial / sequence dims (rank >= 3, any axis but the first).
 RANDOM_SPATIAL = 32
@@ -123,6 +134,7 @@ class CalibrationSource:
                 raise UserError(f"calibration: '{s}' is neither an existing path nor a known source "
                                 f"(give a folder of .npz files, an .npz file, or 'random')")
             raise UserError(f"{p}: no such calibration file or folder")
+        regular_file(p, what="calibration data (a folder of .npz files or one .npz file)", allow_dir=True)
         if p.is_dir():
             return _FolderSource(p, inputs, limit=limit)
         if p.suffix.lower() != ".npz":
@@ -220,6 +232,7 @@ class _FolderSource(CalibrationSource):
                 for key, member in members.items():
                     shape, dtype, raw = member_layout(f, zf, key, member)
                     check_array_meta(str(f), key, shape, dtype, by_name[key])
+                    check_member_size(f, key, shape, dtype, member_nbytes(zf, member))
                     shapes[key] = shape
                     if layout is not None and raw is not None:
                         layout[key] = (member, raw, shape, dtype)
@@ -243,9 +256,10 @@ class _FolderSource(CalibrationSource):
             if fast is not None:
                 yield check_feed(fast, self.inputs, str(f))
                 continue
+            regular_file(f, what="an .npz file")
             try:
                 z = np.load(f, allow_pickle=False)
-            except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+            except (SyntaxError, TypeError, *ZIP_ERRORS) as e:
                 raise UserError(f"{f}: not a valid .npz file ({type(e).__name__}: {e})") from None
             with z:
                 raw: dict[str, Any] = {}
@@ -254,7 +268,7 @@ class _FolderSource(CalibrationSource):
                         raw[key] = z[key]
                     except ValueError as e:
                         raise UserError(f"{f}: array '{key}' cannot be loaded ({e})") from None
-                    except (OSError, zipfile.BadZipFile, EOFError) as e:
+                    except (SyntaxError, TypeError, *ZIP_ERRORS) as e:
                         raise UserError(f"{f}: array '{key}' cannot be read ({type(e).__name__})") from None
             yield check_feed(raw, self.inputs, str(f))
 
@@ -277,7 +291,7 @@ class _FolderSource(CalibrationSource):
                         if arr.nbytes and (reader.readinto(arr.data.cast("B")) != arr.nbytes or fp.read(1)):
                             return None
                         out[key] = arr
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError):
+        except ZIP_ERRORS:
             return None  # np.load reports what is wrong
         return out
 
@@ -293,6 +307,7 @@ class _StackedNpzSource(CalibrationSource):
             check_keys(str(path), list(self.members), inputs)
             self.meta: dict[str, tuple[tuple[int, ...], np.dtype]] = {
                 k: member_meta(path, zf, k, m) for k, m in self.members.items()}
+            stored = {k: member_nbytes(zf, m) for k, m in self.members.items()}
         counts: dict[str, int] = {}
         for key, (shape, dtype) in self.meta.items():
             sig = by_name[key]
@@ -304,6 +319,7 @@ class _StackedNpzSource(CalibrationSource):
                                 f"a single .npz needs a leading sample axis: rank {len(sig.shape) + 1} "
                                 f"[N, *shape of input {sig.describe()}]")
             check_array_meta(str(path), key, shape[1:], dtype, sig)
+            check_member_size(path, key, shape, dtype, stored[key])
             counts[key] = shape[0]
         if len(set(counts.values())) > 1:
             detail = ", ".join(f"'{k}' has {v}" for k, v in counts.items())
@@ -325,7 +341,7 @@ class _StackedNpzSource(CalibrationSource):
         for key, member in self.members.items():
             fp = zf.open(member)
             stack.append(fp)
-            head = read_header(fp)
+            head = read_header(fp, str(self.path), key)
             if head is None or head[1]:  # unusual header or Fortran order: load this member whole
                 arr = load_member(self.path, key)
                 readers[key] = arr.__getitem__
@@ -352,7 +368,7 @@ class _StackedNpzSource(CalibrationSource):
                 for i in range(len(self)):
                     try:
                         raw = {k: r(i) for k, r in readers.items()}
-                    except (OSError, zipfile.BadZipFile, EOFError) as e:
+                    except ZIP_ERRORS as e:
                         raise UserError(f"{self.path}: sample {i} cannot be read ({type(e).__name__}: {e})") from None
                     yield check_feed(raw, self.inputs, f"{self.path}: sample {i}")
             finally:

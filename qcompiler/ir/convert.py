@@ -145,6 +145,8 @@ def export_model(graph: gs.Graph, meta: ModelMeta | None = None, *,
             t = tags.get(node.name)
             if t:
                 node.metadata_props.add(key=TAG_KEY, value=t)
+    if 0 < model.ir_version < 4:
+        _list_initializers_as_inputs(model.graph)
     # ai.onnx.ml and friends: keep the imports graphsurgeon found; make sure custom domains used are imported.
     domains = {imp.domain for imp in model.opset_import}
     for node in model.graph.node:
@@ -152,6 +154,17 @@ def export_model(graph: gs.Graph, meta: ModelMeta | None = None, *,
             model.opset_import.add(domain=node.domain, version=1)
             domains.add(node.domain)
     return model
+
+
+def _list_initializers_as_inputs(graph: onnx.GraphProto) -> None:
+    """IR versions < 4 require every initializer to be a graph input too (the exports of that era list them
+    all); constants the passes created (folded shapes, pads, quantized weights) are appended as inputs, in
+    initializer order, so the model keeps its IR version and stays valid."""
+    listed = {i.name for i in graph.input}
+    for t in graph.initializer:
+        if t.name not in listed:
+            graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+            listed.add(t.name)
 
 
 def copy_graph(graph: gs.Graph) -> gs.Graph:

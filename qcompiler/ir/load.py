@@ -6,17 +6,20 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import onnx
 from onnx import TensorProto
 
 from qcompiler.core.errors import UserError
+from qcompiler.core.files import regular_file
 from qcompiler.ir.external import MMAP_MIN_BYTES
 from qcompiler.ir.facts import _bits, _elements, _external_info
 from qcompiler.ir.shapes import INFER_MAX_PROTO_BYTES
-from qcompiler.ir.walk import _external_tensors, _iter_all_tensors
+from qcompiler.ir.walk import _external_tensors, _iter_all_tensors, _proto_graphs
 
 PROTOBUF_LIMIT = 2**31 - 1
 # Largest tensor (in elements) we accept from a model before refusing it as absurd.
@@ -26,11 +29,9 @@ MAX_ACTIVATION_ELEMENTS = 2**32
 
 
 def _check_path(path: Path) -> None:
-    if not path.exists():
-        raise UserError(f"{path}: no such file")
-    if path.is_dir():
-        raise UserError(f"{path}: is a directory, expected an .onnx file")
-    if path.stat().st_size == 0:
+    """A regular file (symlinks resolved: no FIFO, device or socket), not empty."""
+    st = regular_file(path, what="an .onnx file")
+    if st.st_size == 0:
         raise UserError(f"{path}: empty file, expected an ONNX model")
 
 
@@ -47,8 +48,12 @@ def _safe_external_path(base_dir: Path, location: str, where: str) -> Path:
     base = base_dir.resolve()
     if base != full and base not in full.parents:
         raise UserError(f"{where}: external data location '{location}' resolves outside the model folder; refused")
-    if not full.is_file():
+    if not full.exists() or full.is_dir():
         raise UserError(f"{where}: external data file '{location}' not found next to the model")
+    try:
+        regular_file(full, what="an external data file")
+    except UserError as e:  # a FIFO, a device: name the tensor too
+        raise UserError(f"{where}: {e}") from None
     return full
 
 
@@ -128,12 +133,66 @@ def load_model(path: str | os.PathLike[str], *, check: bool = True) -> onnx.Mode
         raise UserError(f"{p}: not an ONNX model (protobuf parse failed: {type(e).__name__})") from None
     if model.ir_version <= 0 or not model.HasField("graph") or not model.opset_import:
         raise UserError(f"{p}: not an ONNX model (no graph / ir_version / opset_import)")
+    _check_text(model, p)
     _check_tensor_sizes(model, p)
     _resolve_external_data(model, p)
     if check:
         check_model(model, where=str(p))
         _check_inferred_sizes(model, p)
+        _check_runtime(model, p)
     return model
+
+
+def _check_text(model: onnx.ModelProto, path: Path) -> None:
+    """Every string field (graph / node / tensor names, attributes' names, metadata) must be UTF-8 text:
+    protobuf hands invalid UTF-8 back as bytes, which every later step would trip over."""
+    stack: list[Any] = [model]
+    while stack:
+        msg = stack.pop()
+        for fd, value in msg.ListFields():
+            if fd.type == fd.TYPE_STRING:
+                for v in ((value,) if isinstance(value, (str, bytes)) else value):
+                    if not isinstance(v, str):
+                        raise UserError(f"{path}: {msg.DESCRIPTOR.name}.{fd.name} {bytes(v)[:60]!r} is not valid "
+                                        "UTF-8 text")
+            elif fd.type == fd.TYPE_MESSAGE:
+                if hasattr(value, "ListFields"):
+                    stack.append(value)
+                else:
+                    stack.extend(value)
+
+
+#: models whose serialized proto is larger than this are not test-loaded into onnxruntime at load time
+RUNTIME_CHECK_MAX_BYTES = 256 << 20
+#: onnxruntime's refusals that are not the model's fault: an op it has no kernel / schema for (a custom domain
+#: another runtime provides); the target in use decides about those
+_RUNTIME_UNSUPPORTED = ("is not a registered function/op", "NOT_IMPLEMENTED", "Could not find an implementation")
+
+
+def _check_runtime(model: onnx.ModelProto, path: Path) -> None:
+    """Refuse a model the ONNX checker accepts but onnxruntime rejects as invalid (duplicate node names, an
+    initializer whose type contradicts its graph input, If branches with different output counts, an opset
+    from the future): loaded without optimizations, the model must make a session. Skipped for models with
+    external data or above :data:`RUNTIME_CHECK_MAX_BYTES` (their sessions are built when needed)."""
+    if _external_tensors(model) or model.ByteSize() > RUNTIME_CHECK_MAX_BYTES:
+        return
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 4
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        text = " ".join(str(e).split())
+        if any(k in text for k in _RUNTIME_UNSUPPORTED):
+            return
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = re.sub(r"^\[ONNXRuntimeError\] : \d+ : [A-Z_]+ : ", "", first)
+        first = re.sub(r"^/\S+:\d+ [^(]*\(.*?\) ", "", first)  # onnxruntime's source location and function
+        if len(first) > 300:
+            first = first[:297] + "..."
+        raise UserError(f"{path}: onnxruntime refuses the model: {first}") from None
 
 
 def _check_inferred_sizes(model: onnx.ModelProto, path: Path) -> None:
@@ -146,8 +205,9 @@ def _check_inferred_sizes(model: onnx.ModelProto, path: Path) -> None:
         inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
     except Exception:  # inference is best effort here; the checker already ran
         return
-    producers = {o: n.name or n.op_type for n in inferred.graph.node for o in n.output}
-    for vi in [*inferred.graph.value_info, *inferred.graph.output]:
+    graphs = list(_proto_graphs(inferred.graph))  # subgraph bodies (If / Loop / Scan) included
+    producers = {o: n.name or n.op_type for g in graphs for n in g.node for o in n.output}
+    for vi in [v for g in graphs for v in [*g.value_info, *g.output]]:
         if not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):
             continue
         n = 1

@@ -18,6 +18,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 import yaml
 
+from qcompiler.core.errors import UserError
 from qcompiler.plan.spec import PLAN_VERSION, RECURRENT_OPS, WEIGHT_OPS, QuantSpec, activation_spec, make_spec
 
 if TYPE_CHECKING:
@@ -136,6 +137,18 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _check_axis(spec: QuantSpec, node: gs.Node, inputs: tuple[int, ...], where: str) -> None:
+    """A per-channel / block ``axis`` must be an axis of every weight it applies to (``-rank <= axis < rank``)."""
+    if spec.axis is None or spec.granularity not in ("per_channel", "block"):
+        return
+    for i in inputs:
+        w = node.inputs[i]
+        rank = len(w.shape)
+        if not -rank <= spec.axis < rank:
+            raise UserError(f"{where}: axis {spec.axis} is outside weight '{w.name}' of node '{node.name}' "
+                            f"({node.op}, rank {rank}: axis must be in [{-rank}, {rank - 1}])")
+
+
 #: ops a rule may name whose every float input is quantized (others: the first, or two for MatMul-like)
 _ACT_OPS_ALL_INPUTS = {"Add", "Mul", "Sub", "Div", "Concat", "MatMul", "Gemm", "Sum", "Max", "Min"}
 
@@ -169,6 +182,9 @@ def resolve(plan: Plan, graph: gs.Graph, *, warn: bool = True) -> ResolvedPlan:
             wspec = make_spec(w, f"{where}.weight")
             aspec = activation_spec(a, f"{where}.activation")
             np_.weight = None if wspec.is_float else wspec
+            if np_.weight is not None:
+                _check_axis(np_.weight, node, np_.weight_inputs,
+                            f"{where}.weight" if where.startswith(plan.source) else f"{plan.source}: {where}.weight")
             act_idx = tuple(i for i, t in enumerate(node.inputs[:1]) if not _is_const(t) and _float_tensor(t))
             if node.op in RECURRENT_OPS and not any(r.activation for r in matching):
                 act_idx = ()  # weight-only unless a rule asks for the activation

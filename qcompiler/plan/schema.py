@@ -30,6 +30,7 @@ from qcompiler.core.config import (
     settings_of,
 )
 from qcompiler.core.errors import UserError
+from qcompiler.core.files import regular_file
 from qcompiler.core.registry import registry
 from qcompiler.plan.presets import preset_path
 from qcompiler.plan.resolve import resolve
@@ -41,6 +42,7 @@ from qcompiler.plan.spec import (
     SPEC_SETTINGS,
     activation_spec,
     check_activation_scheme,
+    check_block_size,
     make_spec,
 )
 
@@ -48,6 +50,11 @@ if TYPE_CHECKING:
     from qcompiler.plan.resolve import ResolvedPlan
 
 #: PTQ algorithms a plan may turn on (``algorithms:`` key) -> the pass that implements each
+#: a plan file larger than this is refused before it is read
+MAX_PLAN_BYTES = 64 << 20
+#: mappings / lists nested deeper than this are refused (real plans are 4 levels deep)
+MAX_PLAN_DEPTH = 32
+
 ALGORITHMS = {"fold_bias": "fold-bias", "equalize": "equalize", "smooth": "smooth", "gptq": "gptq",
               "bias_correct": "bias-correct"}
 
@@ -108,7 +115,9 @@ def check_spec(d: Any, where: str) -> dict[str, Any]:
         return {}
     if not isinstance(d, dict):
         raise UserError(f"{where}: expected a mapping, got {type(d).__name__}")
-    return check_settings(d, SPEC_SETTINGS, where, SPEC_MESSAGES, order=SPEC_CHECK_ORDER)
+    checked = check_settings(d, SPEC_SETTINGS, where, SPEC_MESSAGES, order=SPEC_CHECK_ORDER)
+    check_block_size(checked, where)
+    return checked
 
 
 @dataclass
@@ -185,8 +194,9 @@ class Plan:
     @classmethod
     def from_file(cls, path: str | Path) -> Plan:
         p = Path(path)
-        if not p.is_file():
+        if not p.exists() and not p.is_symlink():
             raise UserError(f"{p}: no such plan file")
+        regular_file(p, what="a plan file", max_bytes=MAX_PLAN_BYTES)
         try:
             text = p.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
@@ -200,12 +210,16 @@ class Plan:
         except (yaml.YAMLError, json.JSONDecodeError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(f"{source}: not valid YAML/JSON: {first}") from None
+        except RecursionError:
+            raise UserError(f"{source}: nested too deeply to parse (a plan is at most {MAX_PLAN_DEPTH} levels "
+                            "deep)") from None
         return cls.from_dict(data, source=source)
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "<plan>") -> Plan:
         if not isinstance(data, dict):
             raise UserError(f"{source}: a plan must be a mapping with 'version', 'defaults', 'rules'")
+        check_depth(data, source)
         check_keys(data, PLAN_SETTINGS, source, _TOP_MESSAGES)
         version = data.get("version", PLAN_VERSION)
         if version != PLAN_VERSION:
@@ -231,6 +245,7 @@ class Plan:
         plan.disabled_algorithms = {str(k).replace("-", "_") for k, v in (data.get("algorithms") or {}).items()
                                     if v is False}
         plan.target_options = parse_target_options(data.get("targets"), source)
+        check_string_keys(data, source)
         return plan
 
     def to_dict(self) -> dict[str, Any]:
@@ -254,6 +269,39 @@ class Plan:
     # ---------------------------------------------------------------------------------------- resolution
     def resolve(self, graph: gs.Graph, *, warn: bool = True) -> ResolvedPlan:
         return resolve(self, graph, warn=warn)
+
+
+def _children(value: Any, path: str) -> list[tuple[str, Any]]:
+    if isinstance(value, dict):
+        return [(f"{path}.{k}" if path else str(k), v) for k, v in value.items()]
+    if isinstance(value, list):
+        return [(f"{path}[{i}]", v) for i, v in enumerate(value)]
+    return []
+
+
+def check_depth(data: Any, source: str) -> None:
+    """Refuse a plan nested deeper than :data:`MAX_PLAN_DEPTH` (walked without recursion, so a hostile file
+    cannot exhaust the stack of a later step)."""
+    stack = [(data, "", 1)]
+    while stack:
+        value, path, depth = stack.pop()
+        if depth > MAX_PLAN_DEPTH:
+            raise UserError(f"{source}: {path or 'the plan'} is nested deeper than {MAX_PLAN_DEPTH} levels")
+        stack.extend((v, p, depth + 1) for p, v in _children(value, path))
+
+
+def check_string_keys(data: Any, source: str) -> None:
+    """Every mapping key of a plan is a name: a YAML key like ``1:`` or ``true:`` that no other check looked at
+    (e.g. in another target's ``targets:`` section) is refused, naming where it is."""
+    stack = [(data, "")]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, dict):
+            for k in value:
+                if not isinstance(k, str):
+                    where = f"{source}: {path}" if path else source
+                    raise UserError(f"{where}: key {k!r} ({type(k).__name__}) is not a name; plan keys are strings")
+        stack.extend((v, p) for p, v in _children(value, path))
 
 
 def parse_rule(r: Any, i: int, source: str) -> Rule:

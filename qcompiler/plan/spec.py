@@ -18,9 +18,10 @@ from qcompiler.core.errors import UserError
 from qcompiler.quant.dtypes import DTYPES, FP8_DTYPES, SHIFT_BITS, UNIFORM_BITS
 
 __all__ = ["ACTIVATION_SCHEMES", "AUTO_CALIBRATIONS", "CALIBRATIONS", "DEFAULT_ACTIVATION", "DEFAULT_WEIGHT",
-           "DTYPES", "GRANULARITIES", "PLAN_VERSION", "RANGES", "RECURRENT_OPS", "SCALES", "SCHEMES", "SHIFT_BITS",
-           "SPEC_CHECK_ORDER", "SPEC_SETTINGS", "UNIFORM_BITS", "WEIGHT_OPS", "QuantSpec", "activation_spec", "check_activation_scheme",
-           "make_spec", "replace_spec", "required_opset"]
+           "DTYPES", "GRANULARITIES", "MAX_BLOCK_SIZE", "PLAN_VERSION", "RANGES", "RECURRENT_OPS", "SCALES", "SCHEMES",
+           "SHIFT_BITS", "SPEC_CHECK_ORDER", "SPEC_SETTINGS", "UNIFORM_BITS", "WEIGHT_OPS", "QuantSpec",
+           "activation_spec", "check_activation_scheme", "check_block_size", "make_spec", "replace_spec",
+           "required_opset"]
 
 #: the plan file format version this qcompiler reads and writes
 PLAN_VERSION = 1
@@ -35,6 +36,9 @@ SCHEMES = ("int", "binary", "ternary", "shift", "uniform")
 #: activations: int/fp8 dtypes (scheme int) or binary (sign with a per-tensor scale, for XNOR layers)
 ACTIVATION_SCHEMES = ("int", "binary")
 RANGES = ("minmax", "mse")
+#: the largest ``block_size`` a plan may give (real plans use 16 ... 256; a block longer than the weight's
+#: reduction axis is one block, so nothing needs more)
+MAX_BLOCK_SIZE = 1 << 16
 SCALES = ("float", "pow2")
 
 
@@ -82,8 +86,18 @@ DEFAULT_WEIGHT = {"dtype": "int8", "granularity": "per_channel", "symmetric": Tr
 DEFAULT_ACTIVATION = {"dtype": "uint8", "granularity": "per_tensor", "symmetric": False, "calibration": "minmax"}
 
 
+def check_block_size(d: dict[str, Any], where: str) -> None:
+    """Refuse a ``block_size`` beyond :data:`MAX_BLOCK_SIZE` (its type and power of two are checked with the
+    other keys)."""
+    b = d.get("block_size")
+    if isinstance(b, int) and not isinstance(b, bool) and b > MAX_BLOCK_SIZE:
+        raise UserError(f"{where}: block_size {b} is beyond the {MAX_BLOCK_SIZE} limit (a block longer than "
+                        "the weight's reduction axis is one block per channel)")
+
+
 def make_spec(d: dict[str, Any], where: str) -> QuantSpec:
     """A :class:`QuantSpec` from checked keys; refuses scheme / dtype / granularity / bits combinations."""
+    check_block_size(d, where)
     try:
         spec = QuantSpec(**d)
     except TypeError as e:

@@ -40,6 +40,7 @@ import os
 import shutil
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,7 @@ import numpy as np
 
 from qcompiler import __version__, ir
 from qcompiler.core.errors import UserError
+from qcompiler.core.files import regular_file
 from qcompiler.core.numbers import json_float, sqnr_db
 from qcompiler.ir.report_support import custom_op_domains, library_versions
 from qcompiler.report.validate.compare import validate
@@ -66,6 +68,8 @@ CHECK_SAMPLES = 4
 CHECK_TOLERANCE_DB = 0.5
 #: Layers shown in the HTML bar chart (worst first).
 CHART_LAYERS = 60
+#: a manifest larger than this is refused before it is read (real ones are a few KiB)
+MAX_MANIFEST_BYTES = 16 << 20
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 
 
@@ -298,8 +302,21 @@ def _extract_zip(path: Path, into: Path) -> Path:
                 roots.add(parts[0])
         if len(roots) != 1:
             raise UserError(f"{path}: a bundle zip holds exactly one top-level folder")
-        zf.extractall(into)
+        for info in zf.infolist():
+            if info.flag_bits & 0x1:
+                raise UserError(f"{path}: entry '{info.filename}' is encrypted; a bundle zip is never encrypted")
+            try:
+                zf.extract(info, into)
+            except (zipfile.BadZipFile, RuntimeError, NotImplementedError, OSError, EOFError, ValueError,
+                    zlib.error) as e:  # a bad CRC, a compression method zipfile lacks, a truncated member
+                raise UserError(f"{path}: entry '{info.filename}' cannot be extracted ({type(e).__name__}: "
+                                f"{_first_line(e)})") from None
     return into / roots.pop()
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return (lines[0] if lines else "")[:200]
 
 
 def verify_bundle(bundle: str | os.PathLike[str], *, float_model: Any = None, data: Any = None) -> VerifyResult:
@@ -308,6 +325,7 @@ def verify_bundle(bundle: str | os.PathLike[str], *, float_model: Any = None, da
     path = Path(bundle)
     if not path.exists():
         raise UserError(f"{path}: no such bundle")
+    regular_file(path, what="a bundle (a folder or a .zip)", allow_dir=True)
     if path.is_file():
         with tempfile.TemporaryDirectory(prefix="qcompiler-verify-") as td:
             return _verify_folder(_extract_zip(path, Path(td)), float_model, data, label=path)
@@ -316,12 +334,15 @@ def verify_bundle(bundle: str | os.PathLike[str], *, float_model: Any = None, da
 
 def _verify_folder(root: Path, float_model: Any, data: Any, label: Path) -> VerifyResult:
     mpath = root / MANIFEST
-    if not mpath.is_file():
+    if not mpath.exists():
         raise UserError(f"{label}: no {MANIFEST}; not a qcompiler bundle")
+    regular_file(mpath, what="a bundle manifest", max_bytes=MAX_MANIFEST_BYTES)
     try:
         manifest = json.loads(mpath.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
         raise UserError(f"{label}/{MANIFEST}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise UserError(f"{label}/{MANIFEST}: nested too deeply to be a manifest") from None
     if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
         raise UserError(f"{label}/{MANIFEST}: not a qcompiler bundle manifest")
     if manifest.get("format_version") != BUNDLE_VERSION:
@@ -330,12 +351,16 @@ def _verify_folder(root: Path, float_model: Any, data: Any, label: Path) -> Veri
     files = manifest.get("files")
     if not isinstance(files, dict) or MODEL_NAME not in files:
         raise UserError(f"{label}/{MANIFEST}: 'files' lists no {MODEL_NAME}")
+    fields = _manifest_fields(manifest, f"{label}/{MANIFEST}")
     root_r = root.resolve()
     for rel, meta in sorted(files.items()):
         f = root / rel
         if not isinstance(meta, dict) or ".." in Path(rel).parts or Path(rel).is_absolute() or (
                 root_r not in f.resolve().parents):
             raise UserError(f"{label}/{MANIFEST}: bad entry '{rel}'")
+        if not isinstance(meta.get("bytes"), int) or isinstance(meta.get("bytes"), bool) or not isinstance(
+                meta.get("sha256"), str):
+            raise UserError(f"{label}/{MANIFEST}: files.{rel}: expected {{\"bytes\": integer, \"sha256\": text}}")
         if not f.is_file():
             raise UserError(f"{label}/{rel}: missing (listed in {MANIFEST})")
         if f.stat().st_size != meta.get("bytes"):
@@ -351,7 +376,7 @@ def _verify_folder(root: Path, float_model: Any, data: Any, label: Path) -> Veri
             raise UserError(f"{label}/{rel}: not listed in {MANIFEST}")
 
     qmodel = ir.load_model(root / MODEL_NAME)
-    versions = manifest.get("versions", {})
+    versions = fields.versions
     now = _versions()
     messages = [f"{k} {versions.get(k)} -> {v}" for k, v in now.items() if versions.get(k) not in (None, v)]
 
@@ -360,9 +385,7 @@ def _verify_folder(root: Path, float_model: Any, data: Any, label: Path) -> Veri
     reference = _unstack(_load_npz(root / "check" / "reference.npz"))
     got = _run(ir.session(qmodel, threads=1), feeds)
     measured = _check_sqnrs(reference, got)
-    recorded = {k: _num(v) for k, v in manifest.get("check", {}).get("sqnr_db", {}).items()}
-    tol = float(manifest.get("check", {}).get("tolerance_db", CHECK_TOLERANCE_DB))
-    gate = manifest.get("validation", {}).get("min_sqnr_db")
+    recorded, tol, gate = fields.recorded, fields.tolerance, fields.gate
     check: dict[str, tuple[float, float]] = {}
     for name, rec in recorded.items():
         m = measured.get(name, math.nan)
@@ -386,6 +409,48 @@ def _verify_folder(root: Path, float_model: Any, data: Any, label: Path) -> Veri
             raise UserError(f"{label}: full validation: output SQNR {full.worst_output_sqnr():.2f} dB is below "
                             f"the bundle's --min-sqnr {gate} dB")
     return VerifyResult(files=len(files) + 1, check=check, full=full, messages=messages)
+
+
+@dataclass
+class _ManifestFields:
+    """The manifest values ``verify`` computes with, type-checked."""
+
+    versions: dict[str, Any]
+    recorded: dict[str, float]
+    tolerance: float
+    gate: float | None
+
+
+def _manifest_fields(manifest: dict[str, Any], where: str) -> _ManifestFields:
+    """``versions``, ``check.sqnr_db``, ``check.tolerance_db`` and ``validation.min_sqnr_db`` of a manifest,
+    each of the type ``package`` writes; a tampered one is a :class:`UserError` naming the key."""
+
+    def mapping(value: Any, key: str) -> dict[str, Any]:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise UserError(f"{where}: '{key}' must be a mapping, got {type(value).__name__}")
+        return value
+
+    def number(value: Any, key: str) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise UserError(f"{where}: '{key}' must be a number, got {type(value).__name__}")
+        if not isinstance(value, str):
+            return value  # as written: an int gate stays an int in messages
+        try:
+            return _num(value)
+        except ValueError:
+            raise UserError(f"{where}: '{key}' must be a number, got '{str(value)[:40]}'") from None
+
+    check = mapping(manifest.get("check"), "check")
+    sqnrs = mapping(check.get("sqnr_db"), "check.sqnr_db")
+    recorded = {str(k): number(v, f"check.sqnr_db.{k}") for k, v in sqnrs.items()}
+    tolerance = number(check.get("tolerance_db", CHECK_TOLERANCE_DB), "check.tolerance_db")
+    if not tolerance >= 0:
+        raise UserError(f"{where}: 'check.tolerance_db' must be >= 0, got {tolerance}")
+    gate_raw = mapping(manifest.get("validation"), "validation").get("min_sqnr_db")
+    gate = None if gate_raw is None else number(gate_raw, "validation.min_sqnr_db")
+    return _ManifestFields(mapping(manifest.get("versions"), "versions"), recorded, tolerance, gate)
 
 
 # ------------------------------------------------------------------------------------------------- HTML

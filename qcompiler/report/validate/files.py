@@ -13,19 +13,26 @@ from pathlib import Path
 from qcompiler import ir
 from qcompiler.calib import CalibrationSource, input_signatures
 from qcompiler.core.errors import UserError
+from qcompiler.core.files import regular_file
 from qcompiler.report.validate.sessions import ModelLike, _as_model
+
+#: a names file larger than this is refused before it is read
+MAX_NAMES_BYTES = 1 << 30
 
 
 def load_names(path: str | os.PathLike[str]) -> dict[str, str]:
     """The tensor map (new name -> original) of a ``compact-names`` side file ``OUT.names.json``; raises
     :class:`UserError` naming the file when it is missing or not such a file."""
     p = Path(path)
+    regular_file(p, what="a names file", max_bytes=MAX_NAMES_BYTES)
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UserError(f"{p}: no such file") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"{p}: not a names file ({type(e).__name__}: {e})") from None
+    except RecursionError:
+        raise UserError(f"{p}: not a names file (nested too deeply)") from None
     tensors = data.get("tensors") if isinstance(data, dict) else None
     if (not isinstance(data, dict) or data.get("version") != 1 or not isinstance(tensors, dict)
             or not all(isinstance(k, str) and isinstance(v, str) for k, v in tensors.items())):
