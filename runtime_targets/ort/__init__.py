@@ -21,6 +21,9 @@ integer kernels:
   int8 weight (and bias) become ``com.microsoft.DynamicQuantizeMatMul``, onnxruntime's dynamic quantization kernel
   (``dynamic_matmul.py``: onnxruntime would fuse a plain MatMul itself, but turns a 2-D MatMul + bias Add into a
   float Gemm first, and fuses no Gemm);
+* quantized Gather tables (embeddings) are dequantized at session load (float-speed lookups), or with the plan
+  option ``targets: {ort: {gather_block_quantized: true}}`` become ``com.microsoft.GatherBlockQuantized``
+  (``gather_block_quantized.py``);
 * fp8 activations after a ReLU/Clip get that activation re-applied after their DequantizeLinear
   (``fp8_guard.py``: onnxruntime's Relu->Q fusion is wrong for fp8).
 
@@ -58,10 +61,12 @@ class OrtTarget(Target):
     #: DynamicQuantizeMatMul (``ort-dynamic-matmul``); a Conv would only run in float on the dequantized values
     dynamic_activation_ops: ClassVar[frozenset[str]] = frozenset({"MatMul", "Gemm"})
     lowering: ClassVar[tuple[str, ...]] = ("lower-matmulnbits", "ort-dynamic-matmul", "ort-fp8-relu-guard",
-                                          "ort-load-time-dequant")
+                                          "ort-gather-block-quantized", "ort-load-time-dequant")
     options: ClassVar[dict[str, tuple[Any, str]]] = {
         "requantize_conv_outputs": (True, "quantize a Conv's output for QLinearConv even where only float ops read "
                                           "it (false: such a Conv keeps float activations)"),
+        "gather_block_quantized": (False, "quantized Gather tables as com.microsoft.GatherBlockQuantized (table "
+                                          "quantized in memory; slower lookups) instead of dequantized at load"),
     }
 
     def __init__(self) -> None:
