@@ -11,7 +11,8 @@ that it was validated::
       model.plan.yaml        the resolved precision plan (which rule decided every node)
       model.names.json       with ``compact_names``: the map from the model's short names back to the originals
       validation.json        the validation report (per output and per layer: SQNR, cosine, errors, top-1)
-      validation.html        the same as a self-contained page with an inline-SVG per-layer SQNR bar chart
+      validation.html        the same as a self-contained page: verdict, legend, an inline-SVG per-layer SQNR bar
+                             chart, every layer in graph order (op, node, plan rule; the worst highlighted)
       check/feeds.npz        the first few validation feeds ...
       check/reference.npz    ... and the float model's outputs on them
 
@@ -52,6 +53,7 @@ from qcompiler.core.numbers import json_float, sqnr_db
 from qcompiler.ir.report_support import custom_op_domains, library_versions
 from qcompiler.report.validate.compare import validate
 from qcompiler.report.validate.files import load_feeds, load_names
+from qcompiler.report.validate.result import LEGEND, NO_THRESHOLD
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,8 @@ CHECK_SAMPLES = 4
 CHECK_TOLERANCE_DB = 0.5
 #: Layers shown in the HTML bar chart (worst first).
 CHART_LAYERS = 60
+#: Layers highlighted in the HTML table of layers in graph order.
+WORST_LAYERS = 5
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 
 
@@ -224,7 +228,7 @@ def package_model(model: str | os.PathLike[str], bundle: str | os.PathLike[str],
             "plan": Path(str(getattr(plan, "source", plan))).name if plan is not None else "<default plan>",
             **_signatures(qmodel),
             "custom_op_domains": custom_op_domains(qmodel),
-            "validation": {"samples": validation.samples, "min_sqnr_db": min_sqnr_db, "passed": validation.passed,
+            "validation": {"samples": validation.samples, "min_sqnr_db": min_sqnr_db, "passed": validation.passed if min_sqnr_db is not None else None,
                            "worst_output_sqnr_db": vjson["worst_output_sqnr_db"],
                            "outputs": {m["name"]: m["sqnr_db"] for m in vjson["outputs"]}},
             "check": {"samples": len(feeds), "tolerance_db": CHECK_TOLERANCE_DB,
@@ -465,6 +469,37 @@ def _svg_chart(layers: list[dict[str, Any]], gate: float | None) -> str:
     return "\n".join(out)
 
 
+def _verdict_class(verdict: str) -> str:
+    return {"PASS": "pass", "FAIL": "fail"}.get(verdict, "none")
+
+
+def _layer_table(validation: dict[str, Any], gate: float | None) -> str:
+    """Every compared layer in graph order with its op type, node and plan rule; the ``WORST_LAYERS`` worst (and
+    any below the gate) highlighted."""
+    layers = validation.get("layers", [])
+    if not layers:
+        return "<p>No per-layer metrics.</p>"
+    worst = {str(r["name"]) for r in layers[:WORST_LAYERS]}  # ``layers`` are worst first
+    worst |= {str(r["name"]) for r in layers if gate is not None and not _num(r["sqnr_db"]) >= gate}
+    by_name = {str(r["name"]): r for r in layers}
+    order = [n for n in validation.get("graph_order", []) if n in by_name] or sorted(
+        by_name, key=lambda n: by_name[n].get("index") if by_name[n].get("index") is not None else 0)
+    e = html.escape
+
+    def cell(v: Any) -> str:
+        return f"<td>{e(str(v)) if v is not None else '–'}</td>"
+
+    rows = []
+    for i, name in enumerate(order):
+        r = by_name[name]
+        cls = ' class="worst"' if name in worst else ""
+        rows.append(f"<tr{cls}><td>{i}</td>{cell(name)}{cell(r.get('op_type'))}{cell(r.get('node'))}"
+                    f"{cell(r.get('rule'))}{cell(r['sqnr_db'])}{cell(r['cosine'])}{cell(r['max_abs'])}</tr>")
+    return ("<p>Highlighted: the worst layers" + (" and any below the gate" if gate is not None else "") + ".</p>\n"
+            "<table>\n<tr><th>#</th><th>tensor</th><th>op</th><th>node</th><th>plan rule</th><th>SQNR dB</th>"
+            "<th>cosine</th><th>max |d|</th></tr>\n" + "\n".join(rows) + "\n</table>")
+
+
 def render_html(manifest: dict[str, Any], validation: dict[str, Any]) -> str:
     """The self-contained validation page (no scripts, no external resources)."""
     e = html.escape
@@ -481,8 +516,12 @@ def render_html(manifest: dict[str, Any], validation: dict[str, Any]) -> str:
     sig = "\n".join(f"<tr><td>{e(kind)}</td><td>{e(s['name'])}</td><td>{e(str(s['dtype']))}</td>"
                     f"<td>{e(str(s['shape']))}</td></tr>"
                     for kind in ("inputs", "outputs") for s in manifest[kind])
-    verdict = "PASS" if validation["passed"] else "FAIL"
-    gate_txt = f"threshold {gate:g} dB" if gate is not None else "no threshold"
+    verdict = ("PASS" if validation["passed"] else "FAIL") if gate is not None else NO_THRESHOLD
+    gate_txt = f"threshold {gate:g} dB" if gate is not None else "give --min-sqnr DB for a verdict"
+    legend = "\n".join(f"<li>{e(text)}</li>" for text in validation.get("legend", LEGEND).values())
+    rules = str(validation.get("suggested_rules") or "")
+    rules_html = (f"<p>To keep the worst layers float, paste under <code>rules:</code> in the plan:</p>\n"
+                  f"<pre>{e(rules)}</pre>") if rules else ""
     versions = ", ".join(f"{k} {v}" for k, v in sorted(manifest["versions"].items()))
     opsets = ", ".join(f"{k} {v}" for k, v in sorted(manifest["opset_imports"].items()))
     n_layers = len(validation.get("layers", []))
@@ -498,12 +537,13 @@ table {{ border-collapse: collapse; font-size: 13px; }}
 td, th {{ border: 1px solid #ccc; padding: 3px 8px; text-align: left; }}
 th {{ background: #f2f2f2; }}
 .pass {{ color: #2e8b57; font-weight: bold; }} .fail {{ color: #d64545; font-weight: bold; }}
+.none {{ color: #555; font-weight: bold; }} tr.worst td {{ background: #fbe3e3; }}
 code {{ background: #f4f4f4; padding: 1px 4px; }}
 </style>
 </head>
 <body>
 <h1>Validation of {e(manifest['source_model'])} → {e(manifest['model'])}</h1>
-<p><span class="{verdict.lower()}">{verdict}</span>: worst output SQNR {fmt(validation['worst_output_sqnr_db'])} dB,
+<p><span class="{_verdict_class(verdict)}">{e(verdict)}</span>: worst output SQNR {fmt(validation['worst_output_sqnr_db'])} dB,
 {e(gate_txt)}, over {validation['samples']} sample(s) of <code>{e(str(validation.get('data', '')))}</code>.</p>
 <p>Target <code>{e(manifest['target'])}</code>; pipeline <code>{e(manifest['pipeline'])}</code>;
 plan <code>{e(str(manifest['plan']))}</code>.<br>
@@ -516,6 +556,13 @@ Opset imports: {e(opsets)}; custom-op domains: {e(', '.join(manifest['custom_op_
 </table>
 <h2>Per-layer SQNR ({min(n_layers, CHART_LAYERS)} worst of {n_layers} layers)</h2>
 {_svg_chart(validation.get('layers', []), gate)}
+{rules_html}
+<h2>Layers in graph order</h2>
+{_layer_table(validation, gate)}
+<h2>Legend</h2>
+<ul>
+{legend}
+</ul>
 <h2>Signature</h2>
 <table>
 <tr><th></th><th>name</th><th>dtype</th><th>shape</th></tr>
