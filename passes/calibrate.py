@@ -98,7 +98,7 @@ class Options:
 
 
 class CalibratePass(Pass):
-    """Collect activation statistics over the calibration data (random when none is given)."""
+    """Collect activation statistics over the calibration data (seeded random inputs only where allowed)."""
 
     name = "calibrate"
     Options = Options

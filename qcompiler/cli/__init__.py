@@ -37,7 +37,7 @@ Examples:
   qcompiler compile models/conv_bn_relu.onnx -o out/model.int8.onnx --calib models/conv_bn_relu.npz
   qcompiler compile model.onnx -o q.onnx --plan plan.yaml --calib calib/ --report report.json
   qcompiler compile model.onnx -o q.onnx --plan w4a16 --calib random
-  qcompiler compile model.onnx -o q.onnx --pipeline "cleanup,fold-batchnorm,resolve-plan,calibrate{method=percentile},insert-qdq,lower"
+  qcompiler compile model.onnx -o q.onnx --calib calib/ --pipeline "cleanup,fold-batchnorm,resolve-plan,calibrate{method=percentile},insert-qdq,lower"
   qcompiler validate model.onnx q.onnx --data held_out.npz --min-sqnr 20
   qcompiler inspect model.onnx
   qcompiler plan resolve model.onnx plan.yaml
@@ -107,7 +107,9 @@ def _bytes(n: float) -> str:
                                "(qcompiler plan show lists them; same as --plan NAME).")
 @click.option("--target", default="ort", show_default=True, help="Runtime target (qcompiler targets).")
 @click.option("--calib", help="Calibration data: folder of .npz feeds, one .npz with a leading sample axis, "
-                              "'random' (synthetic) or 'none'.")
+                              "'random' (synthetic ranges, asked for explicitly) or 'none' (BatchNorm statistics). "
+                              "Required when the plan quantizes activations statically (the default plan does); "
+                              "weight-only and dynamic plans need none.")
 @click.option("--calib-samples", type=int, help="Use at most N calibration samples.")
 @click.option("--calib-select", type=click.IntRange(min=1),
               help="Pick N representative samples (density + diversity) out of the calibration data.")
