@@ -17,8 +17,8 @@ that it was validated::
       check/reference.npz    ... and the float model's outputs on them
 
 :func:`qcompiler.api.build_bundle` compiles with validation (the ``min_sqnr_db`` gate included), then assembles the bundle in a
-temporary folder beside the destination and renames it into place: a failed run (bad input, SQNR below the gate)
-leaves nothing behind. Every file is deterministic — the same inputs give byte-identical bundles (no timestamps;
+temporary folder beside the destination and renames it into place: a failed run leaves nothing behind (an SQNR
+below the gate leaves only the compile report, ``BUNDLE.rejected.report.json``). Every file is deterministic — the same inputs give byte-identical bundles (no timestamps;
 zip entries carry a fixed date).
 
 :func:`verify_bundle` re-hashes every file against ``manifest.json`` (a changed, missing or unexpected file is a
