@@ -22,6 +22,7 @@ import pytest
 import yaml
 from _graphs import constant_nodes
 from click.testing import CliRunner, Result
+from realdata import fetch_model
 
 from qcompiler.api import CompileOptions, build_bundle, compile_model
 from qcompiler.cli import cli
@@ -238,8 +239,6 @@ def test_inspect_counts_constant_node_weights(tmp_path):
 
 
 def test_inspect_ppocr_cls_all_54_weight_ops():
-    from realdata import fetch_model
-
     res = run("inspect", fetch_model("ppocr_cls"))
     assert res.exit_code == 0, res.output
     assert "54 of 54 weight ops" in res.stdout
