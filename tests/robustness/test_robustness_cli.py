@@ -72,7 +72,7 @@ def check_rejected(stdout: str, stderr: str, code: int, expected: str, tmp: Path
         assert str(tmp / "out" / "q.rejected.report.json") in errors[0]
     else:
         assert not (tmp / "out").exists(), sorted(p.name for p in (tmp / "out").rglob("*"))
-    assert sorted(p.name for p in tmp.iterdir() if p.name not in ("in",) and not p.name.startswith("outside")) == []
+    assert sorted(p.name for p in tmp.iterdir() if p.name not in ("in", "out") and not p.name.startswith("outside")) == []
     assert snapshot(tmp / "in") == before
 
 
