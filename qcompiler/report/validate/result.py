@@ -28,6 +28,9 @@ LEGEND: dict[str, str] = {
 NO_THRESHOLD = "no threshold set"
 #: Worst layers a ready-to-paste plan rule is suggested for.
 SUGGESTED_RULES = 3
+#: Ops (float or as lowered) whose nodes carry weights: rules are suggested for them when no resolved plan is known.
+_WEIGHT_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "LSTM", "GRU", "RNN", "QLinearConv",
+                         "QLinearMatMul", "ConvInteger", "MatMulInteger", "MatMulNBits"})
 
 
 @dataclass
@@ -97,11 +100,14 @@ class ValidationReport:
 
     def suggested_rules(self, n: int = SUGGESTED_RULES) -> str:
         """Plan rules (YAML, to paste under ``rules:``) keeping the nodes of the ``n`` worst layers float: the
-        worst layers whose node the plan quantized (when no plan is known: every named node), one rule each."""
+        worst layers whose node the plan quantized (when no plan is known: the nodes of ops with weights), one rule
+        each."""
         picked: list[tuple[str, TensorMetrics]] = []
         for m in self.layers:
             info = self.layer_info.get(m.name)
             if info is None or not info.node or info.quantized is False or math.isinf(m.sqnr_db):
+                continue
+            if info.quantized is None and info.op_type not in _WEIGHT_OPS:  # no plan known: layers with weights
                 continue
             if info.node not in (p for p, _ in picked):
                 picked.append((info.node, m))
@@ -153,8 +159,8 @@ class ValidationReport:
             shown = self.layers[:max_layers]
             over = (f", over the first {self.layer_samples} sample(s)"
                     if self.layer_samples is not None and self.layer_samples < self.samples else "")
-            lines += ["", f"worst layers ({len(shown)} of {len(self.layers)}{over}; graph order in the JSON "
-                      "report):"]
+            lines += ["", f"worst layers ({len(shown)} of {len(self.layers)}{over}), worst first (graph order in "
+                      "the JSON report):"]
             lines += _format_rows(shown, self.layer_info)
             rules = self.suggested_rules()
             if rules:
