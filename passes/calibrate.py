@@ -6,7 +6,9 @@ outputs, one sample at a time, and stores a :class:`~qcompiler.calib.TensorStats
 ``ctx.stats``. The quantizer later asks each for ``stats.range(spec)`` (minmax, percentile, entropy or mse).
 
 Without calibration data (``ctx.calib is None``) it uses seeded random inputs and says so: the report's
-``calibration.synthetic`` is true and a warning is logged, because such ranges are only a placeholder.
+``calibration.synthetic`` is true and a warning is logged, because such ranges are only a placeholder. The compile
+sets ``ctx.options[REQUIRE_CALIBRATION_DATA]`` when no ``--calib`` was given: then static activation ranges without data are
+refused (a :class:`UserError` saying what to give) instead; ``--calib random`` is the explicit way to random ranges.
 
 Data-free mode (``--calib none``, ``ctx.data_free``): a tensor computed from a BatchNormalization output by
 elementwise ops only (ReLU, Clip, hard-swish, ..., see ``qcompiler.calib.bn_ranges``) gets its range from
@@ -55,7 +57,7 @@ from qcompiler.calib import (
     input_signatures,
     session_feed,
 )
-from qcompiler.core.context import CompileContext
+from qcompiler.core.context import REQUIRE_CALIBRATION_DATA, CompileContext
 from qcompiler.core.errors import UserError
 from qcompiler.core.pass_base import Pass, PassResult
 from qcompiler.plan import AUTO_CALIBRATIONS, CALIBRATIONS
@@ -96,7 +98,7 @@ class Options:
 
 
 class CalibratePass(Pass):
-    """Collect activation statistics over the calibration data (random when none is given)."""
+    """Collect activation statistics over the calibration data (seeded random inputs only where allowed)."""
 
     name = "calibrate"
     Options = Options
@@ -154,6 +156,8 @@ class CalibratePass(Pass):
         rest = {name: specs[name] for name in static if name not in fixed}
 
         source: CalibrationSource
+        if ctx.calib is None and rest and ctx.options.get(REQUIRE_CALIBRATION_DATA):
+            raise UserError(_no_data_message(ctx, rest))
         if ctx.calib is None:
             n = opts.samples or DEFAULT_RANDOM_SAMPLES
             source = CalibrationSource.from_arg("random", input_signatures(ctx.graph), seed=ctx.seed,
@@ -266,3 +270,14 @@ def _choose_method(ctx: CompileContext, names: list[str], fit: dict[str, TensorS
     log.info("calibration auto: %s (mean output SQNR on %d sample(s): %s)", best, len(feeds),
              ", ".join(f"{m} {v:.2f} dB" for m, v in scores.items()))
     return {"method": best, "output_sqnr_db": scores, "samples": len(feeds), "tensors": len(names)}
+
+
+def _no_data_message(ctx: CompileContext, rest: dict[str, Any]) -> str:
+    """The one-line refusal of static activation quantization without calibration data."""
+    first = next(iter(rest))
+    reader = next((n for n in ctx.graph.nodes if any(t.name == first for t in n.inputs)), None)
+    where = f"'{first}'" + (f" (input of {reader.op} '{reader.name}')" if reader is not None else "")
+    return (f"calibration: plan {ctx.plan.source} quantizes {len(rest)} activation tensor(s) statically (first: {where}) and no "
+            "calibration data was given: pass --calib DATA (a folder of .npz or one .npz), or --calib random to "
+            "accept synthetic ranges, or use a weight-only / dynamic plan (e.g. --preset w4a16 or w8a8-dynamic), "
+            "which needs no data")

@@ -19,6 +19,7 @@ from qcompiler import autoplan, ir
 from qcompiler.compile import (
     COMPILE_LAYER_SAMPLES,
     PIPELINE_INSERTIONS,
+    REJECTED_REPORT_SUFFIX,
     CompileOptions,
     CompileResult,
     Progress,
@@ -32,7 +33,7 @@ from qcompiler.session import plan_specs as _plan_specs
 if TYPE_CHECKING:
     from qcompiler.ir.api_support import ModelProto
 
-__all__ = ["COMPILE_LAYER_SAMPLES", "PIPELINE_INSERTIONS", "CompileOptions", "CompileResult", "Progress",
+__all__ = ["COMPILE_LAYER_SAMPLES", "PIPELINE_INSERTIONS", "REJECTED_REPORT_SUFFIX", "CompileOptions", "CompileResult", "Progress",
            "_plan_specs", "assemble_pipeline", "build_bundle", "compile_model", "load_for_inspect"]
 
 
@@ -59,7 +60,8 @@ def build_bundle(model: str | os.PathLike[str], bundle: str | os.PathLike[str], 
         opts = CompileOptions(plan=plan, target=target, calib=str(calib), pipeline=pipeline, validate=True,
                               validate_data=validate_data, min_sqnr_db=min_sqnr_db,
                               external_data_threshold=external_data_threshold, calib_samples=calib_samples,
-                              seed=seed, plugins=list(plugins), compact_names=compact_names)
+                              seed=seed, plugins=list(plugins), compact_names=compact_names,
+                              rejected_report=Path(bundle).with_name(Path(bundle).name + REJECTED_REPORT_SUFFIX))
         return compile_model(src, dest, opts, progress=progress)
 
     return package_model(model, bundle, compile_into, calib=calib, plan=plan, min_sqnr_db=min_sqnr_db,

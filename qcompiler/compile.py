@@ -4,7 +4,8 @@ Steps: load (checked, never modified) → parse the plan and pipeline, check the
 the target before any rewrite → upgrade the opset when the plan needs it → import into graphsurgeon (fp16
 models computed in fp32) → run the passes → restore the fp16 interface → validate in onnxruntime against the
 float model (when calibration data was given) → write the model and its side files atomically.
-A run that fails (including a failed ``min_sqnr_db`` gate) writes nothing.
+A run that fails writes nothing, except that a failed ``min_sqnr_db`` gate writes the report (no model) as
+``OUT.rejected.report.json``.
 
 The auto planner (``--budget``) sits above this module and compiles through it; :func:`qcompiler.api.compile_model`
 hands it in as the ``planner`` of :func:`compile_plan`.
@@ -25,6 +26,7 @@ import onnx_graphsurgeon as gs
 
 from qcompiler import ir
 from qcompiler.calib import CalibrationSource, input_signatures
+from qcompiler.core.context import REQUIRE_CALIBRATION_DATA
 from qcompiler.core.errors import UserError
 from qcompiler.core.pass_manager import PassManager, PassRecord
 from qcompiler.core.registry import build_pipeline, get_target, registry
@@ -42,6 +44,8 @@ Progress = Callable[[str, int, int], None]
 #: ``compile`` validates graph outputs on up to 64 samples and layers on the first few (per-layer runs expose
 #: every intermediate tensor: on PP-OCR rec, 64 samples of it took minutes). ``qcompiler validate`` does all.
 COMPILE_LAYER_SAMPLES = 8
+#: A model the ``min_sqnr_db`` gate refuses is not written; its report is, beside it, as ``OUT`` + this suffix.
+REJECTED_REPORT_SUFFIX = ".rejected.report.json"
 
 
 class Planned(Protocol):
@@ -66,7 +70,9 @@ class CompileOptions:
 
     plan: str | Path | Plan | None = None
     target: str = "ort"
-    calib: str | Path | None = None  # folder / .npz / "random" / "none"; None: random when needed
+    #: folder / .npz / "random" (synthetic ranges, asked for explicitly) / "none" (data-free: BN statistics);
+    #: None: no data — fine for weight-only and dynamic plans, a UserError when activations need static ranges
+    calib: str | Path | None = None
     pipeline: str | None = None
     validate: bool | None = None  # None: validate when real calibration data was given
     validate_data: str | Path | None = None  # held-back feeds for validation (defaults to the calib data)
@@ -90,6 +96,8 @@ class CompileOptions:
     strip_function_bodies: bool = False
     #: run ``compact-names`` last: short tensor / node names (graph I/O kept), the map back in OUT.names.json
     compact_names: bool = False
+    #: where the report goes when the ``min_sqnr_db`` gate refuses the model (default: OUT.rejected.report.json)
+    rejected_report: str | Path | None = None
 
 
 @dataclass
@@ -182,6 +190,20 @@ def _side_role(suffix: str) -> str:
 def compile_outputs(src: Path, out: Path, opts: CompileOptions) -> ir.OutputSet:
     """The inputs a compile of ``src`` to ``out`` reads and every path it may write (not yet checked: enter
     the returned :class:`~qcompiler.ir.OutputSet` to check them and create the staging folders)."""
+    outs = _compile_inputs(src, opts)
+    outs.add_output(out, "output", primary=True)
+    for suffix in SIDE_FILES:
+        if suffix != ".autoplan.yaml" or opts.budget is not None:
+            outs.add_output(out.with_name(out.stem + suffix), _side_role(suffix))
+    if opts.report is not None:
+        outs.add_output(opts.report, "--report")
+    if opts.dump_after:
+        outs.add_output(_dump_dir(out), "--dump-after folder", directory=True, in_place=True)
+    return outs
+
+
+def _compile_inputs(src: Path, opts: CompileOptions) -> ir.OutputSet:
+    """An output set holding every file a compile of ``src`` reads (no outputs yet)."""
     outs = ir.OutputSet()
     outs.add_input(src, "model", model=True)
     plan = opts.plan.source if isinstance(opts.plan, Plan) else opts.plan
@@ -193,14 +215,6 @@ def compile_outputs(src: Path, out: Path, opts: CompileOptions) -> ir.OutputSet:
     for spec in opts.plugins:
         if Path(spec).is_file():
             outs.add_input(spec, "plugin")
-    outs.add_output(out, "output", primary=True)
-    for suffix in SIDE_FILES:
-        if suffix != ".autoplan.yaml" or opts.budget is not None:
-            outs.add_output(out.with_name(out.stem + suffix), _side_role(suffix))
-    if opts.report is not None:
-        outs.add_output(opts.report, "--report")
-    if opts.dump_after:
-        outs.add_output(_dump_dir(out), "--dump-after folder", directory=True, in_place=True)
     return outs
 
 
@@ -250,11 +264,19 @@ def _compile(src: Path, out: Path, opts: CompileOptions, outs: ir.OutputSet, pro
         calib_source = CalibrationSource.from_arg(calib_arg, input_signatures(graph), seed=opts.seed,
                                                   limit=opts.calib_samples)
     ctx = session.context(calib=calib_source, output_path=out, seed=opts.seed, data_free=calib_arg == "none")
+    if calib_arg is None:  # no --calib: static activation ranges are refused, not silently calibrated on noise
+        ctx.options[REQUIRE_CALIBRATION_DATA] = True
+    random_shapes = getattr(calib_source, "shapes", None) if calib_source is not None and calib_source.synthetic \
+        else None
+    if random_shapes:
+        log.info("calibration: random inputs of shape %s", _fmt_shapes(random_shapes))
     if progress is not None:
         ctx.progress = progress
     if opts.strip_function_bodies:
         ctx.options["strip_function_bodies"] = True
     records = pm.run(ctx)
+    if random_shapes and isinstance(ctx.report.get("calibration"), dict) and ctx.report["calibration"].get("synthetic"):
+        ctx.report["calibration"]["random_shapes"] = {k: list(v) for k, v in random_shapes.items()}
     stripped = bool(ctx.options.get("function_bodies_stripped"))
     if stripped and (opts.validate or opts.validate_data is not None or opts.min_sqnr_db is not None):
         raise UserError("--strip-function-bodies: the custom ops have no function bodies left, so stock "
@@ -323,10 +345,16 @@ def _compile(src: Path, out: Path, opts: CompileOptions, outs: ir.OutputSet, pro
                                  optimize=True if target.validation_optimization == "all" else "basic",
                                  layer_samples=COMPILE_LAYER_SAMPLES,
                                  names=ctx.renamed.get("tensors"))
+        if ctx.resolved is not None:  # each layer's node and the plan rule that decided it
+            validation.attach_plan({n.node: n.to_dict() for n in ctx.resolved.nodes.values()},
+                                   ctx.renamed.get("nodes"))
         report["validation"] = validation.to_json()
         if opts.min_sqnr_db is not None and not validation.passed:
+            rejected = _write_rejected_report(report, src, opts, Path(opts.rejected_report) if opts.rejected_report
+                                              else out.with_name(out.stem + REJECTED_REPORT_SUFFIX))
             raise UserError(f"validation: output SQNR {validation.worst_output_sqnr():.2f} dB is below "
-                            f"--min-sqnr {opts.min_sqnr_db} dB; nothing written")
+                            f"--min-sqnr {opts.min_sqnr_db} dB; no model written, the validation report is in "
+                            f"{rejected}")
     elif opts.min_sqnr_db is not None:
         raise UserError("--min-sqnr needs validation data: give --calib DATA or --validate-data FILE.npz")
 
@@ -345,6 +373,22 @@ def _compile(src: Path, out: Path, opts: CompileOptions, outs: ir.OutputSet, pro
     files += [f for f in written if f == report_file]
     return CompileResult(output=out, files=files, records=records, report=report, validation=validation,
                          pipeline=pm.pipeline_text())
+
+
+def _write_rejected_report(report: dict[str, Any], src: Path, opts: CompileOptions, path: Path) -> Path:
+    """The compile report of a model refused by the ``--min-sqnr`` gate, written (atomically) at ``path`` under
+    the same output-path policy as the compile's own outputs (never over one of its inputs)."""
+    rep = {**report, "rejected": "output SQNR below --min-sqnr: the model was not written"}
+    outs = _compile_inputs(src, opts)
+    outs.add_output(path, "rejected-model report")
+    with outs:
+        outs.path(path).write_text(json.dumps(_jsonable(rep), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        outs.commit()
+    return path
+
+
+def _fmt_shapes(shapes: dict[str, Any]) -> str:
+    return ", ".join(f"{k} [{', '.join(str(d) for d in v)}]" for k, v in shapes.items())
 
 
 def _limited(source: Any, n: int) -> Any:

@@ -22,7 +22,8 @@ from click.testing import CliRunner, Result
 
 from qcompiler import __version__
 from qcompiler.cli import cli
-from qcompiler.report.bundle import CHART_LAYERS, verify_bundle
+from qcompiler.report.bundle import verify_bundle
+from qcompiler.report.html import CHART_LAYERS
 from qcompiler.runtime_targets import DEFAULT_PIPELINE
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
@@ -166,7 +167,10 @@ def test_below_threshold_writes_no_bundle(tmp_path: Path) -> None:
               "--min-sqnr", "90", "--zip")
     assert res.exit_code == 2
     assert "below --min-sqnr 90" in res.stderr and len(res.stderr.strip().splitlines()) == 1
-    assert not (tmp_path / "new").exists() and list(tmp_path.iterdir()) == []
+    # no bundle; the refused compile's report beside where it would have been, named in the error line
+    assert [p.name for p in tmp_path.iterdir()] == ["new"]
+    assert [p.name for p in (tmp_path / "new").iterdir()] == ["bundle.rejected.report.json"]
+    assert str(tmp_path / "new" / "bundle.rejected.report.json") in res.stderr
 
 
 def test_package_refuses_existing_bundle_and_synthetic_data(bundle: Path, tmp_path: Path) -> None:

@@ -22,11 +22,12 @@ from qcompiler import __version__, ir
 from qcompiler.api import CompileOptions, compile_model
 from qcompiler.cli.terminal import Progress, table
 from qcompiler.core.errors import PassFailure, UserError
-from qcompiler.core.registry import registry, targets
-from qcompiler.plan import Plan
+from qcompiler.core.registry import get_target, registry, targets
+from qcompiler.plan import Plan, weight_input_indices
 from qcompiler.report import cost
 from qcompiler.report import validate as qv
 from qcompiler.report.cost import format_bytes, format_count
+from qcompiler.session import run_prefix
 
 log = logging.getLogger("qcompiler")
 
@@ -36,7 +37,7 @@ Examples:
   qcompiler compile models/conv_bn_relu.onnx -o out/model.int8.onnx --calib models/conv_bn_relu.npz
   qcompiler compile model.onnx -o q.onnx --plan plan.yaml --calib calib/ --report report.json
   qcompiler compile model.onnx -o q.onnx --plan w4a16 --calib random
-  qcompiler compile model.onnx -o q.onnx --pipeline "cleanup,fold-batchnorm,resolve-plan,calibrate{method=percentile},insert-qdq,lower"
+  qcompiler compile model.onnx -o q.onnx --calib calib/ --pipeline "cleanup,fold-batchnorm,resolve-plan,calibrate{method=percentile},insert-qdq,lower"
   qcompiler validate model.onnx q.onnx --data held_out.npz --min-sqnr 20
   qcompiler inspect model.onnx
   qcompiler plan resolve model.onnx plan.yaml
@@ -106,7 +107,9 @@ def _bytes(n: float) -> str:
                                "(qcompiler plan show lists them; same as --plan NAME).")
 @click.option("--target", default="ort", show_default=True, help="Runtime target (qcompiler targets).")
 @click.option("--calib", help="Calibration data: folder of .npz feeds, one .npz with a leading sample axis, "
-                              "'random' (synthetic) or 'none'.")
+                              "'random' (synthetic ranges, asked for explicitly) or 'none' (BatchNorm statistics). "
+                              "Required when the plan quantizes activations statically (the default plan does); "
+                              "weight-only and dynamic plans need none.")
 @click.option("--calib-samples", type=int, help="Use at most N calibration samples.")
 @click.option("--calib-select", type=click.IntRange(min=1),
               help="Pick N representative samples (density + diversity) out of the calibration data.")
@@ -185,6 +188,10 @@ def compile_cmd(model: Path, output: Path, plan: str | None, preset: str | None,
         note = "  [SYNTHETIC ranges: give --calib DATA for real ones]" if cal.get("synthetic") else ""
         click.echo(f"calibration: {cal.get('source')} — {cal.get('samples')} samples, "
                    f"{cal.get('tensors')} tensors{note}")
+        if cal.get("random_shapes"):
+            click.echo("calibration: random inputs of shape " + ", ".join(
+                f"{k} [{', '.join(str(d) for d in v)}]" for k, v in cal["random_shapes"].items())
+                + " (standard normal values; dynamic dims: batch 1, H / W / sequence 32)")
         auto = cal.get("auto")
         if auto and auto.get("output_sqnr_db"):
             click.echo(f"calibration auto: {auto['method']} (output SQNR on {auto['samples']} samples: "
@@ -232,7 +239,10 @@ def _echo_cost(c: dict[str, Any]) -> None:
                    "layers are compared by their original names.")
 def validate_cmd(float_model: Path, quant_model: Path, data: Path, json_path: Path | None, min_sqnr: float | None,
                  layers: bool, max_layers: int, names_path: Path | None) -> None:
-    """Compare QUANT_MODEL with FLOAT_MODEL in onnxruntime: SQNR, cosine, max error, top-1, per layer."""
+    """Compare QUANT_MODEL with FLOAT_MODEL in onnxruntime: SQNR, cosine, max error, top-1, per layer.
+
+    Each layer is shown with its node, op type and, when the compile's QUANT_MODEL.plan.yaml is beside
+    QUANT_MODEL, the plan rule that decided it."""
     explicit = names_path is not None
     if names_path is None:
         beside = quant_model.with_name(quant_model.stem + ".names.json")
@@ -271,7 +281,12 @@ def _validate(float_model: Path, quant_model: Path, data: Path, names_path: Path
             log.warning("%s: not the names of %s (a leftover of another compile?); ignored", names_path, quant_model)
             names = None
     feeds = qv.load_feeds(data, fm)
-    return qv.validate(fm, qm, feeds, per_layer=layers, min_sqnr_db=min_sqnr, names=names)
+    report = qv.validate(fm, qm, feeds, per_layer=layers, min_sqnr_db=min_sqnr, names=names)
+    plan_file = quant_model.with_name(quant_model.stem + ".plan.yaml")  # the compile's resolved plan, if beside
+    plan_nodes = qv.load_plan_nodes(plan_file) if plan_file.is_file() else None
+    if plan_nodes is not None:
+        report.attach_plan(plan_nodes, qv.load_node_names(names_path) if names is not None and names_path else None)
+    return report
 
 
 # ------------------------------------------------------------------------------------------------ inspect
@@ -296,13 +311,16 @@ def inspect_cmd(model: Path, as_json: bool, with_cost: bool, shapes: tuple[str, 
         raise UserError("--shape is only used with --cost")
     m = ir.load_model(model)
     info = ir.model_summary(m)
-    graph, _ = ir.import_graph(m)
-    resolved = Plan.default().resolve(graph)
-    quantizable = [n.node for n in resolved.nodes.values() if n.quantized]
-    weight_ops = sum(1 for n in graph.nodes if n.op in ("Conv", "ConvTranspose", "Gemm", "MatMul"))
+    del m
+    # The graph the compile resolves its plan on (target ort's pipeline up to resolve-plan: Constant-node
+    # weights are initializers by then, BatchNorms folded), so the nodes and names are the compile's.
+    ctx = run_prefix(model, Plan.default(), get_target("ort"))
+    assert ctx.resolved is not None
+    quantizable = [n.node for n in ctx.resolved.nodes.values() if n.quantized]
+    weight_ops = sum(1 for n in ctx.graph.nodes if weight_input_indices(n))  # ops with a constant weight
     info["quantizable_nodes"] = quantizable
-    info["quantizable_note"] = ("with the default plan; weights held in Constant nodes become initializers in "
-                                "the cleanup pass" if weight_ops > len(quantizable) else "with the default plan")
+    info["weight_ops"] = weight_ops
+    info["quantizable_note"] = "with the default plan and target ort, on the graph the compile quantizes"
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
@@ -312,7 +330,8 @@ def inspect_cmd(model: Path, as_json: bool, with_cost: bool, shapes: tuple[str, 
     click.echo(table(["output", "dtype", "shape"], [(o["name"], o["dtype"], o["shape"]) for o in info["outputs"]]))
     click.echo(f"nodes: {info['nodes']}, parameter bytes: {_bytes(info['parameter_bytes'])}")
     click.echo(table(["op", "count"], list(info["ops"].items())))
-    click.echo(f"quantizable nodes ({info['quantizable_note']}): {len(quantizable)} of {weight_ops} weight ops")
+    click.echo(f"quantizable nodes ({info['quantizable_note']}): {len(quantizable)} of {weight_ops} weight ops "
+               "(ops with a constant weight, Constant nodes included)")
     for name in quantizable[:50]:
         click.echo(f"  {name}")
     if len(quantizable) > 50:

@@ -19,6 +19,11 @@ if TYPE_CHECKING:
     from qcompiler.runtime_targets import Target
 
 
+#: ``options`` flag the compile sets when no calibration data was given at all (no ``--calib``): ``calibrate``
+#: refuses static activation ranges instead of measuring them on random inputs (``--calib random`` asks for those)
+REQUIRE_CALIBRATION_DATA = "require_calibration_data"
+
+
 @dataclass
 class CompileContext:
     """Everything a pass may read or change.
@@ -39,7 +44,8 @@ class CompileContext:
       atomically and only when the whole compile succeeds.
     * ``weight_overrides``: (node name, input index) -> an already quantized weight (e.g. from ``gptq``) that
       ``insert-qdq`` must emit as is instead of rounding the float weight itself.
-    * ``options``: compile-wide flags passes and targets may read (``strip_function_bodies``, ...).
+    * ``options``: compile-wide flags passes and targets may read (``strip_function_bodies``,
+      :data:`REQUIRE_CALIBRATION_DATA`, ...).
     * ``passes_after``: the names of the passes still to run after the current one (set by the pass manager
       before each pass; e.g. ``calibrate`` warns when a pass whose effect it does not measure follows).
     * ``progress``: ``(what, done, total)`` callback for long passes (``calibrate`` reports its sample runs),

@@ -11,14 +11,16 @@ that it was validated::
       model.plan.yaml        the resolved precision plan (which rule decided every node)
       model.names.json       with ``compact_names``: the map from the model's short names back to the originals
       validation.json        the validation report (per output and per layer: SQNR, cosine, errors, top-1)
-      validation.html        the same as a self-contained page with an inline-SVG per-layer SQNR bar chart
+      validation.html        the same as a self-contained page: verdict, legend, an inline-SVG per-layer SQNR bar
+                             chart, every layer in graph order (op, node, plan rule; the worst highlighted)
       check/feeds.npz        the first few validation feeds ...
       check/reference.npz    ... and the float model's outputs on them
 
 :func:`qcompiler.api.build_bundle` compiles with validation (the ``min_sqnr_db`` gate included), then assembles the bundle in a
 staging folder beside the destination and renames it (and the zip) into place together, after checking both
-paths against every input before any work (:class:`qcompiler.ir.OutputSet`): a failed run (bad input, SQNR below
-the gate) leaves nothing behind. Every file is deterministic — the same inputs give byte-identical bundles (no timestamps;
+paths against every input before any work (:class:`qcompiler.ir.OutputSet`): a failed run leaves nothing behind
+(an SQNR below the gate leaves only the compile report, ``BUNDLE.rejected.report.json``). Every file is
+deterministic — the same inputs give byte-identical bundles (no timestamps;
 zip entries carry a fixed date).
 
 :func:`verify_bundle` re-hashes every file against ``manifest.json`` (a changed, missing or unexpected file is a
@@ -31,7 +33,6 @@ the full validation is rerun too.
 from __future__ import annotations
 
 import hashlib
-import html
 import io
 import json
 import logging
@@ -53,6 +54,7 @@ from qcompiler.core.errors import UserError
 from qcompiler.core.files import regular_file
 from qcompiler.core.numbers import json_float, sqnr_db
 from qcompiler.ir.report_support import custom_op_domains, library_versions
+from qcompiler.report.html import render_html
 from qcompiler.report.validate.compare import validate
 from qcompiler.report.validate.files import load_feeds, load_names
 
@@ -66,8 +68,6 @@ MANIFEST = "manifest.json"
 CHECK_SAMPLES = 4
 #: ``verify``: a check SQNR may differ from the recorded one by this much (other CPU, other onnxruntime build).
 CHECK_TOLERANCE_DB = 0.5
-#: Layers shown in the HTML bar chart (worst first).
-CHART_LAYERS = 60
 #: a manifest larger than this is refused before it is read (real ones are a few KiB)
 MAX_MANIFEST_BYTES = 16 << 20
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)
@@ -231,7 +231,7 @@ def package_model(model: str | os.PathLike[str], bundle: str | os.PathLike[str],
             "plan": Path(str(getattr(plan, "source", plan))).name if plan is not None else "<default plan>",
             **_signatures(qmodel),
             "custom_op_domains": custom_op_domains(qmodel),
-            "validation": {"samples": validation.samples, "min_sqnr_db": min_sqnr_db, "passed": validation.passed,
+            "validation": {"samples": validation.samples, "min_sqnr_db": min_sqnr_db, "passed": validation.passed if min_sqnr_db is not None else None,
                            "worst_output_sqnr_db": vjson["worst_output_sqnr_db"],
                            "outputs": {m["name"]: m["sqnr_db"] for m in vjson["outputs"]}},
             "check": {"samples": len(feeds), "tolerance_db": CHECK_TOLERANCE_DB,
@@ -451,123 +451,3 @@ def _manifest_fields(manifest: dict[str, Any], where: str) -> _ManifestFields:
     gate_raw = mapping(manifest.get("validation"), "validation").get("min_sqnr_db")
     gate = None if gate_raw is None else number(gate_raw, "validation.min_sqnr_db")
     return _ManifestFields(mapping(manifest.get("versions"), "versions"), recorded, tolerance, gate)
-
-
-# ------------------------------------------------------------------------------------------------- HTML
-def _bar_color(v: float, gate: float | None) -> str:
-    if math.isnan(v) or (gate is not None and v < gate):
-        return "#d64545"
-    if v >= 30:
-        return "#2e8b57"
-    if v >= 20:
-        return "#6aa84f"
-    if v >= 10:
-        return "#e69138"
-    return "#d64545"
-
-
-def _svg_chart(layers: list[dict[str, Any]], gate: float | None) -> str:
-    """Horizontal bars, one per layer (worst first), SQNR in dB; ``inf`` drawn full width, ``nan`` red."""
-    rows = layers[:CHART_LAYERS]
-    if not rows:
-        return "<p>No per-layer metrics (per-layer validation was skipped for this model).</p>"
-    vals = [_num(r["sqnr_db"]) for r in rows]
-    finite = [v for v in vals if math.isfinite(v)]
-    top = max([*finite, gate or 0.0, 10.0])
-    top = math.ceil(top / 10.0) * 10.0
-    bottom = min([0.0, *finite])
-    label_w, bar_w, row_h, pad = 330, 480, 18, 44
-    width = label_w + bar_w + 80
-    height = pad + row_h * len(rows) + 30
-
-    def x(v: float) -> float:
-        return label_w + bar_w * (min(max(v, bottom), top) - bottom) / (top - bottom)
-
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-           f'viewBox="0 0 {width} {height}" role="img" aria-label="per-layer SQNR in dB" '
-           'font-family="sans-serif" font-size="11">']
-    for tick in range(int(bottom), int(top) + 1, 10):
-        tx = x(float(tick))
-        out.append(f'<line x1="{tx:.1f}" y1="{pad - 6}" x2="{tx:.1f}" y2="{height - 24}" stroke="#ddd"/>')
-        out.append(f'<text x="{tx:.1f}" y="{height - 10}" text-anchor="middle" fill="#555">{tick}</text>')
-    out.append(f'<text x="{label_w + bar_w / 2:.0f}" y="13" text-anchor="middle" fill="#333">SQNR (dB), '
-               f'worst layers first</text>')
-    for i, (r, v) in enumerate(zip(rows, vals)):
-        y = pad + i * row_h
-        name = str(r["name"])
-        short = name if len(name) <= 48 else name[:22] + "…" + name[-23:]
-        val = "nan" if math.isnan(v) else ("inf" if v == math.inf else ("-inf" if v == -math.inf else f"{v:.2f}"))
-        w = 0.0 if math.isnan(v) else x(v if math.isfinite(v) else (top if v > 0 else bottom)) - x(bottom)
-        out.append(f'<text x="{label_w - 6}" y="{y + 12}" text-anchor="end" fill="#222">'
-                   f'<title>{html.escape(name)}</title>{html.escape(short)}</text>')
-        out.append(f'<rect x="{x(bottom):.1f}" y="{y + 2}" width="{max(w, 1.0):.1f}" height="{row_h - 5}" '
-                   f'fill="{_bar_color(v, gate)}"/>')
-        out.append(f'<text x="{x(bottom) + max(w, 1.0) + 4:.1f}" y="{y + 12}" fill="#222">{val}</text>')
-    if gate is not None:
-        gx = x(float(gate))
-        out.append(f'<line x1="{gx:.1f}" y1="{pad - 6}" x2="{gx:.1f}" y2="{height - 24}" stroke="#d64545" '
-                   'stroke-dasharray="4 3"/>')
-        out.append(f'<text x="{gx + 3:.1f}" y="{pad - 9}" fill="#d64545">gate {gate:g} dB</text>')
-    out.append("</svg>")
-    return "\n".join(out)
-
-
-def render_html(manifest: dict[str, Any], validation: dict[str, Any]) -> str:
-    """The self-contained validation page (no scripts, no external resources)."""
-    e = html.escape
-    gate = manifest["validation"].get("min_sqnr_db")
-
-    def fmt(v: Any) -> str:
-        return e(str(v)) if v is not None else "–"
-
-    out_rows = "\n".join(
-        f"<tr><td>{e(m['name'])}</td><td>{fmt(m['sqnr_db'])}</td><td>{fmt(m['cosine'])}</td>"
-        f"<td>{fmt(m['max_abs'])}</td><td>{fmt(m['mean_abs'])}</td>"
-        f"<td>{fmt(m['top1_agreement'] if m['top1_agreement'] is not None else m.get('exact_match'))}</td></tr>"
-        for m in validation["outputs"])
-    sig = "\n".join(f"<tr><td>{e(kind)}</td><td>{e(s['name'])}</td><td>{e(str(s['dtype']))}</td>"
-                    f"<td>{e(str(s['shape']))}</td></tr>"
-                    for kind in ("inputs", "outputs") for s in manifest[kind])
-    verdict = "PASS" if validation["passed"] else "FAIL"
-    gate_txt = f"threshold {gate:g} dB" if gate is not None else "no threshold"
-    versions = ", ".join(f"{k} {v}" for k, v in sorted(manifest["versions"].items()))
-    opsets = ", ".join(f"{k} {v}" for k, v in sorted(manifest["opset_imports"].items()))
-    n_layers = len(validation.get("layers", []))
-    return f"""<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<title>qcompiler validation: {e(manifest['source_model'])}</title>
-<style>
-body {{ font-family: sans-serif; margin: 24px; color: #222; max-width: 1000px; }}
-h1 {{ font-size: 20px; }} h2 {{ font-size: 16px; margin-top: 28px; }}
-table {{ border-collapse: collapse; font-size: 13px; }}
-td, th {{ border: 1px solid #ccc; padding: 3px 8px; text-align: left; }}
-th {{ background: #f2f2f2; }}
-.pass {{ color: #2e8b57; font-weight: bold; }} .fail {{ color: #d64545; font-weight: bold; }}
-code {{ background: #f4f4f4; padding: 1px 4px; }}
-</style>
-</head>
-<body>
-<h1>Validation of {e(manifest['source_model'])} → {e(manifest['model'])}</h1>
-<p><span class="{verdict.lower()}">{verdict}</span>: worst output SQNR {fmt(validation['worst_output_sqnr_db'])} dB,
-{e(gate_txt)}, over {validation['samples']} sample(s) of <code>{e(str(validation.get('data', '')))}</code>.</p>
-<p>Target <code>{e(manifest['target'])}</code>; pipeline <code>{e(manifest['pipeline'])}</code>;
-plan <code>{e(str(manifest['plan']))}</code>.<br>
-Opset imports: {e(opsets)}; custom-op domains: {e(', '.join(manifest['custom_op_domains']) or 'none')}.<br>
-{e(versions)}.</p>
-<h2>Graph outputs</h2>
-<table>
-<tr><th>output</th><th>SQNR dB</th><th>cosine</th><th>max |d|</th><th>mean |d|</th><th>top-1 / exact</th></tr>
-{out_rows}
-</table>
-<h2>Per-layer SQNR ({min(n_layers, CHART_LAYERS)} worst of {n_layers} layers)</h2>
-{_svg_chart(validation.get('layers', []), gate)}
-<h2>Signature</h2>
-<table>
-<tr><th></th><th>name</th><th>dtype</th><th>shape</th></tr>
-{sig}
-</table>
-</body>
-</html>
-"""

@@ -67,8 +67,12 @@ def check_rejected(stdout: str, stderr: str, code: int, expected: str, tmp: Path
     assert all(ln.startswith("WARNING ") for ln in lines if ln not in errors), stderr
     assert expected in errors[0], (expected, errors[0])
     assert stdout.strip() == "", stdout
-    assert not (tmp / "out").exists(), sorted(p.name for p in (tmp / "out").rglob("*"))
-    assert sorted(p.name for p in tmp.iterdir() if p.name not in ("in",) and not p.name.startswith("outside")) == []
+    if "below --min-sqnr" in expected:  # a refused model: no model, its report beside it, named in the error line
+        assert sorted(p.name for p in (tmp / "out").rglob("*")) == ["q.rejected.report.json"]
+        assert str(tmp / "out" / "q.rejected.report.json") in errors[0]
+    else:
+        assert not (tmp / "out").exists(), sorted(p.name for p in (tmp / "out").rglob("*"))
+    assert sorted(p.name for p in tmp.iterdir() if p.name not in ("in", "out") and not p.name.startswith("outside")) == []
     assert snapshot(tmp / "in") == before
 
 

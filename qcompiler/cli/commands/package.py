@@ -50,7 +50,7 @@ def register(cli: click.Group) -> None:
                     compact_names: bool, quiet: bool) -> None:
         """Compile MODEL, validate it, and write a deployment bundle (model, resolved plan, validation report
         as JSON and HTML, manifest with hashes and versions) at OUTPUT — atomically: nothing is written when
-        anything fails, including an SQNR below --min-sqnr."""
+        anything fails; an SQNR below --min-sqnr writes only the report, as OUTPUT.rejected.report.json."""
         res = build_bundle(model, output, target=target, calib=calib, plan=plan, pipeline=pipeline,
                            min_sqnr_db=min_sqnr, make_zip=make_zip, validate_data=validate_data,
                            calib_samples=calib_samples, seed=seed, external_data_threshold=external_data,
@@ -62,7 +62,7 @@ def register(cli: click.Group) -> None:
         click.echo(f"packaged {model} -> {output}/ ({len(res.files) + 1} files, {size / 2**20:.2f} MB; target "
                    f"{res.manifest['target']})")
         click.echo(f"pipeline: {res.manifest['pipeline']}")
-        gate = "" if min_sqnr is None else f" (gate {min_sqnr:g} dB: PASS)"
+        gate = " (no threshold set)" if min_sqnr is None else f" (gate {min_sqnr:g} dB: PASS)"
         click.echo(f"validation: worst output SQNR {_db(v.worst_output_sqnr())} dB over {v.samples} sample(s){gate}")
         for name in sorted(res.files):
             click.echo(f"  {res.files[name]['sha256'][:12]}  {name}")

@@ -24,11 +24,13 @@ Comparisons are done in float64 whatever the model's float type (fp16 models inc
 """
 
 from qcompiler.report.validate.compare import validate
-from qcompiler.report.validate.files import load_feeds, load_names
+from qcompiler.report.validate.files import load_feeds, load_names, load_node_names, load_plan_nodes
 from qcompiler.report.validate.layers import MAX_LAYERS, QDQ_OPS
 from qcompiler.report.validate.metrics import TOP1_MAX_CLASSES, TOP1_MIN_CLASSES, TensorMetrics
-from qcompiler.report.validate.result import ValidationReport
+from qcompiler.report.validate.result import LEGEND, NO_THRESHOLD, LayerInfo, ValidationReport
 from qcompiler.report.validate.sessions import ModelLike
 
-__all__ = ["MAX_LAYERS", "QDQ_OPS", "TOP1_MAX_CLASSES", "TOP1_MIN_CLASSES", "ModelLike", "TensorMetrics",
-           "ValidationReport", "load_feeds", "load_names", "validate"]
+__all__ = ["LEGEND", "MAX_LAYERS", "NO_THRESHOLD", "QDQ_OPS", "TOP1_MAX_CLASSES", "TOP1_MIN_CLASSES", "LayerInfo",
+           "ModelLike", "TensorMetrics", "ValidationReport", "load_feeds", "load_names", "load_node_names",
+           "load_plan_nodes",
+           "validate"]

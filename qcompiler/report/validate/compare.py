@@ -14,9 +14,9 @@ import numpy as np
 
 from qcompiler import ir
 from qcompiler.core.errors import UserError
-from qcompiler.report.validate.layers import _graph_facts, _layer_candidates, _working_subset
+from qcompiler.report.validate.layers import _graph_facts, _GraphFacts, _layer_candidates, _working_subset
 from qcompiler.report.validate.metrics import _Accumulator, _sort_key
-from qcompiler.report.validate.result import ValidationReport, _fmt_db
+from qcompiler.report.validate.result import LayerInfo, ValidationReport, _fmt_db
 from qcompiler.report.validate.sessions import (
     _FLOAT_ORT_TYPES,
     ModelLike,
@@ -80,6 +80,8 @@ def validate(
 
     layers: list[str] = []
     skipped: list[str] = []
+    ff: _GraphFacts | None = None
+    qf: _GraphFacts | None = None
     if per_layer:
         ff, qf = _graph_facts(fmodel), _graph_facts(qmodel)
         layers = _layer_candidates(ff, qf, layer_names)
@@ -159,6 +161,12 @@ def validate(
             skipped.append(n)
             continue
         layer_metrics.append(acc.metrics())
+    order = [m.name for m in layer_metrics]  # graph order (the float model's)
+    info = {}
+    if ff is not None and qf is not None:
+        for m in layer_metrics:
+            node, op = qf.layer_nodes.get(m.name, ("", ff.producers.get(m.name, "")))
+            info[m.name] = LayerInfo(node=node, op_type=op)
     layer_metrics.sort(key=_sort_key)
 
     passed = True
@@ -166,7 +174,7 @@ def validate(
         passed = all(m.sqnr_db >= min_sqnr_db for m in outputs)  # NaN compares False
     report = ValidationReport(outputs=outputs, layers=layer_metrics, samples=samples, min_sqnr_db=min_sqnr_db,
                               layer_samples=min(layer_samples, samples) if layer_samples is not None else None,
-                              passed=passed, skipped_layers=skipped)
+                              passed=passed, skipped_layers=skipped, layer_order=order, layer_info=info)
     log.info("validate: %d samples, %d outputs, %d layers, worst output SQNR %s dB%s", samples, len(outputs),
              len(layer_metrics), _fmt_db(report.worst_output_sqnr()),
              "" if min_sqnr_db is None else (" (pass)" if passed else " (FAIL)"))

@@ -7,8 +7,12 @@ Part of :mod:`qcompiler.report.validate`.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from qcompiler import ir
 from qcompiler.calib import CalibrationSource, input_signatures
@@ -16,6 +20,7 @@ from qcompiler.core.errors import UserError
 from qcompiler.core.files import regular_file
 from qcompiler.report.validate.sessions import ModelLike, _as_model
 
+log = logging.getLogger(__name__)
 #: a names file larger than this is refused before it is read
 MAX_NAMES_BYTES = 1 << 30
 
@@ -39,6 +44,32 @@ def load_names(path: str | os.PathLike[str]) -> dict[str, str]:
         raise UserError(f"{p}: not a names file (expected {{\"version\": 1, \"tensors\": {{new: old}}, ...}}, "
                         "as `qcompiler compile --compact-names` writes)")
     return dict(tensors)
+
+
+def load_node_names(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The node map (new name -> original) of a ``compact-names`` side file (empty when it has none)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    nodes = data.get("nodes") if isinstance(data, dict) else None
+    return {str(k): str(v) for k, v in nodes.items()} if isinstance(nodes, dict) else {}
+
+
+def load_plan_nodes(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]] | None:
+    """Node name -> its entry (``op_type``, ``rule``, ``float`` when kept float) of a resolved plan side file
+    ``OUT.plan.yaml``, as the compile writes it; ``None`` (with a warning) when the file is not one."""
+    p = Path(path)
+    try:
+        data = yaml.load(p.read_text(encoding="utf-8"), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        log.warning("%s: not a resolved plan (%s); layers shown without their plan rules", p, type(e).__name__)
+        return None
+    nodes = data.get("nodes") if isinstance(data, dict) else None
+    if not isinstance(nodes, list) or not all(isinstance(n, dict) and "node" in n for n in nodes):
+        log.warning("%s: not a resolved plan (no node list); layers shown without their plan rules", p)
+        return None
+    return {str(n["node"]): n for n in nodes}
 
 
 # ---------------------------------------------------------------------------------------------- feeds

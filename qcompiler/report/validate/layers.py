@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -33,17 +33,22 @@ class _GraphFacts:
     inputs: set[str]
     outputs: list[str]
     float_known: dict[str, bool]  # name -> is float, where graphsurgeon knows the dtype
+    #: name -> (node name, op type) of the layer that computes it: its producer, or for a tensor a
+    #: Quantize/DequantizeLinear produces, the node before that quantization plumbing
+    layer_nodes: dict[str, tuple[str, str]] = field(default_factory=dict)
 
 
 def _graph_facts(model: Any) -> _GraphFacts:
     graph, _meta = ir.import_graph(model)
     producers: dict[str, str] = {}
     float_known: dict[str, bool] = {}
+    made_by: dict[str, Any] = {}
     for node in graph.nodes:
         for t in node.outputs:
             if not t.name or t.name in producers:
                 continue
             producers[t.name] = node.op
+            made_by[t.name] = node
             dtype = getattr(t, "dtype", None)
             if dtype is not None:
                 try:
@@ -51,7 +56,18 @@ def _graph_facts(model: Any) -> _GraphFacts:
                 except TypeError:
                     pass
     return _GraphFacts(producers=producers, inputs={t.name for t in graph.inputs},
-                       outputs=[t.name for t in graph.outputs], float_known=float_known)
+                       outputs=[t.name for t in graph.outputs], float_known=float_known,
+                       layer_nodes={name: _layer_node(made_by, name) for name in made_by})
+
+
+def _layer_node(made_by: dict[str, Any], name: str) -> tuple[str, str]:
+    """(node name, op) of the layer computing tensor ``name``, looking through Quantize/DequantizeLinear."""
+    node = made_by[name]
+    for _ in range(8):  # DQ <- Q <- layer (a few hops at most)
+        if node.op not in QDQ_OPS or not node.inputs or node.inputs[0].name not in made_by:
+            break
+        node = made_by[node.inputs[0].name]
+    return str(node.name or ""), str(node.op)
 
 
 def _layer_candidates(ff: _GraphFacts, qf: _GraphFacts, layer_names: Sequence[str] | None) -> list[str]:

@@ -7,12 +7,44 @@ Part of :mod:`qcompiler.report.validate`.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from qcompiler.core.numbers import json_float
 from qcompiler.report.validate.metrics import TensorMetrics
+
+#: What each metric means and which direction is good (printed under the tables, in the JSON and the HTML).
+LEGEND: dict[str, str] = {
+    "sqnr_db": "SQNR: signal-to-quantization-noise ratio, 10*log10(sum ref^2 / sum (ref - q)^2) in dB; higher is "
+               "better (inf: identical; each +6 dB halves the error's amplitude)",
+    "cosine": "cosine: cosine similarity of the float and quantized values; closer to 1 is better",
+    "max_abs": "max|d|: largest absolute difference float - quantized, in the tensor's units; lower is better",
+    "mean_abs": "mean|d|: mean absolute difference; lower is better",
+    "top1": "top1/exact: for class-score outputs, the fraction of positions whose argmax agrees (top-1); for "
+            "integer tensors the fraction of exactly equal elements; higher is better (100% = the same)",
+}
+#: Verdict when no threshold (``--min-sqnr``) was given: there is nothing to pass or fail.
+NO_THRESHOLD = "no threshold set"
+#: Worst layers a ready-to-paste plan rule is suggested for.
+SUGGESTED_RULES = 3
+#: Ops (float or as lowered) whose nodes carry weights: rules are suggested for them when no resolved plan is known.
+_WEIGHT_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "LSTM", "GRU", "RNN", "QLinearConv",
+                         "QLinearMatMul", "ConvInteger", "MatMulInteger", "MatMulNBits"})
+
+
+@dataclass
+class LayerInfo:
+    """Where a compared tensor comes from: the node computing it (as the compiled graph names it), its op type,
+    and the plan rule that decided that node (``None`` when no resolved plan is known)."""
+
+    node: str
+    op_type: str
+    rule: str | None = None
+    quantized: bool | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"node": self.node, "op_type": self.op_type, "rule": self.rule, "quantized": self.quantized}
 
 
 @dataclass
@@ -20,8 +52,10 @@ class ValidationReport:
     """Result of :func:`validate`.
 
     ``outputs``: one entry per graph output (in the float model's order). ``layers``: intermediate tensors
-    present in both graphs, worst SQNR first. ``passed``: every output's SQNR ≥ ``min_sqnr_db`` (always
-    ``True`` when no threshold was given; a NaN SQNR never passes).
+    present in both graphs, worst SQNR first; ``layer_order`` the same names in graph order. ``layer_info``:
+    per layer tensor, the node computing it, its op type and (once :meth:`attach_plan` ran) the plan rule that
+    decided the node. ``passed``: every output's SQNR ≥ ``min_sqnr_db`` (always ``True`` when no threshold was
+    given — then :attr:`verdict` is "no threshold set", never PASS; a NaN SQNR never passes).
     """
 
     outputs: list[TensorMetrics]
@@ -31,6 +65,15 @@ class ValidationReport:
     passed: bool = True
     skipped_layers: list[str] = field(default_factory=list)
     layer_samples: int | None = None  # samples the per-layer metrics cover (None: all of them)
+    layer_order: list[str] = field(default_factory=list)
+    layer_info: dict[str, LayerInfo] = field(default_factory=dict)
+
+    @property
+    def verdict(self) -> str:
+        """``PASS`` / ``FAIL`` against ``min_sqnr_db``; :data:`NO_THRESHOLD` without one."""
+        if self.min_sqnr_db is None:
+            return NO_THRESHOLD
+        return "PASS" if self.passed else "FAIL"
 
     def worst_output_sqnr(self) -> float:
         """Lowest output SQNR in dB (NaN if any output is NaN; ``inf`` when all are identical)."""
@@ -40,39 +83,108 @@ class ValidationReport:
             return math.nan
         return min(m.sqnr_db for m in self.outputs)
 
+    def attach_plan(self, plan_nodes: Mapping[str, Mapping[str, Any]],
+                    node_names: Mapping[str, str] | None = None) -> None:
+        """Name the plan rule that decided each layer's node. ``plan_nodes``: node name -> its entry of the
+        resolved plan (``rule``, ``op_type``, and ``float`` for a node kept float: the ``nodes`` of
+        ``OUT.plan.yaml``). ``node_names``: compiled node name -> the name the plan knows (``compact-names``)."""
+        for info in self.layer_info.values():
+            name = node_names.get(info.node, info.node) if node_names else info.node
+            entry = plan_nodes.get(name)
+            info.node = name
+            if entry is None:
+                continue
+            info.op_type = str(entry.get("op_type", info.op_type))
+            info.quantized = "float" not in entry
+            info.rule = str(entry.get("rule", "defaults")) + ("" if info.quantized else " (float)")
+
+    def suggested_rules(self, n: int = SUGGESTED_RULES) -> str:
+        """Plan rules (YAML, to paste under ``rules:``) keeping the nodes of the ``n`` worst layers float: the
+        worst layers whose node the plan quantized (when no plan is known: the nodes of ops with weights), one rule
+        each."""
+        picked: list[tuple[str, TensorMetrics]] = []
+        for m in self.layers:
+            info = self.layer_info.get(m.name)
+            if info is None or not info.node or info.quantized is False or math.isinf(m.sqnr_db):
+                continue
+            if info.quantized is None and info.op_type not in _WEIGHT_OPS:  # no plan known: layers with weights
+                continue
+            if info.node not in (p for p, _ in picked):
+                picked.append((info.node, m))
+            if len(picked) >= n:
+                break
+        lines = []
+        for node, m in picked:
+            lines.append(f"- match: {{name: {_yaml_str(node)}}}  # {m.name}: {_fmt_db(m.sqnr_db)} dB")
+            lines.append("  skip: true")
+        return "\n".join(lines)
+
+    def _layer_json(self, m: TensorMetrics, index: dict[str, int]) -> dict[str, Any]:
+        d = m.to_json()
+        d["index"] = index.get(m.name)
+        info = self.layer_info.get(m.name)
+        d.update(info.to_json() if info is not None else {"node": None, "op_type": None, "rule": None,
+                                                           "quantized": None})
+        return d
+
     def to_json(self) -> dict[str, Any]:
         """JSON-serializable summary. Non-finite floats are the strings ``"inf"``, ``"-inf"``, ``"nan"``
         (an infinite SQNR means the tensors are identical); SQNR is rounded to 0.001 dB, cosine to 8
-        decimals, absolute errors to 6 significant digits."""
+        decimals, absolute errors to 6 significant digits. ``passed`` is ``null`` without a threshold
+        (``verdict``: "no threshold set"). ``layers`` are worst first, each with its graph position ``index``,
+        node, op type and plan rule; ``graph_order`` lists them in graph order."""
+        order = self.layer_order or [m.name for m in self.layers]
+        index = {name: i for i, name in enumerate(order)}
         return {
             "samples": int(self.samples),
             "min_sqnr_db": None if self.min_sqnr_db is None else float(self.min_sqnr_db),
-            "passed": bool(self.passed),
+            "passed": None if self.min_sqnr_db is None else bool(self.passed),
+            "verdict": self.verdict,
             "worst_output_sqnr_db": json_float(self.worst_output_sqnr(), 3),
             "outputs": [m.to_json() for m in self.outputs],
-            "layers": [m.to_json() for m in self.layers],
+            "layers": [self._layer_json(m, index) for m in self.layers],
+            "graph_order": [n for n in order if n in {m.name for m in self.layers}],
+            "suggested_rules": self.suggested_rules(),
+            "legend": dict(LEGEND),
             "skipped_layers": list(self.skipped_layers),
             "layer_samples": int(self.layer_samples) if self.layer_samples is not None else int(self.samples),
         }
 
     def table(self, max_layers: int = 15) -> str:
-        """Plain-text tables: every graph output, then the ``max_layers`` worst layers, then the verdict."""
+        """Plain-text tables: every graph output, then the ``max_layers`` worst layers (with the node, op type and
+        plan rule of each), a plan rule to paste for the worst, the legend, then the verdict."""
         lines = [f"validation over {self.samples} sample(s)", "", "outputs:"]
         lines += _format_rows(self.outputs)
         if self.layers and max_layers > 0:
             shown = self.layers[:max_layers]
             over = (f", over the first {self.layer_samples} sample(s)"
                     if self.layer_samples is not None and self.layer_samples < self.samples else "")
-            lines += ["", f"worst layers ({len(shown)} of {len(self.layers)}{over}):"]
-            lines += _format_rows(shown)
-        lines.append("")
+            lines += ["", f"worst layers ({len(shown)} of {len(self.layers)}{over}), worst first (graph order in "
+                      "the JSON report):"]
+            lines += _format_rows(shown, self.layer_info)
+            rules = self.suggested_rules()
+            if rules:
+                lines += ["", "to keep the worst layers float, paste under `rules:` in the plan:"]
+                lines += ["  " + r for r in rules.splitlines()]
+        lines += ["", "legend: " + "; ".join(LEGEND[k].split(":", 1)[0] + ":" + _direction(LEGEND[k])
+                                              for k in LEGEND)]
         worst = _fmt_db(self.worst_output_sqnr())
         if self.min_sqnr_db is None:
-            lines.append(f"worst output SQNR {worst} dB (no threshold)")
+            lines.append(f"worst output SQNR {worst} dB ({NO_THRESHOLD}; give --min-sqnr DB for a verdict)")
         else:
-            verdict = "PASS" if self.passed else "FAIL"
-            lines.append(f"{verdict}: worst output SQNR {worst} dB, threshold {self.min_sqnr_db:g} dB")
+            lines.append(f"{self.verdict}: worst output SQNR {worst} dB, threshold {self.min_sqnr_db:g} dB")
         return "\n".join(lines)
+
+
+def _direction(text: str) -> str:
+    """The "... is better" part of a legend entry."""
+    part = next((p for p in text.split(";") if "better" in p), text)
+    return " " + part.strip().split(" (")[0]
+
+
+def _yaml_str(s: str) -> str:
+    """``s`` as a single-quoted YAML scalar."""
+    return "'" + s.replace("'", "''") + "'"
 
 
 def _fmt_db(x: float) -> str:
@@ -86,12 +198,14 @@ def _short(name: str, width: int = 48) -> str:
     return name[: keep // 2] + "..." + name[len(name) - (keep - keep // 2):]
 
 
-def _format_rows(rows: Sequence[TensorMetrics]) -> list[str]:
-    header = ("tensor", "SQNR dB", "cosine", "max|d|", "mean|d|", "top1/exact", "elements")
+def _format_rows(rows: Sequence[TensorMetrics], info: Mapping[str, LayerInfo] | None = None) -> list[str]:
+    header: tuple[str, ...] = ("tensor", "SQNR dB", "cosine", "max|d|", "mean|d|", "top1/exact", "elements")
+    if info is not None:
+        header += ("op", "node", "plan rule")
     body = []
     for m in rows:
         agree = m.top1_agreement if m.top1_agreement is not None else m.exact_match
-        body.append((
+        row: tuple[str, ...] = (
             _short(m.name),
             _fmt_db(m.sqnr_db),
             f"{m.cosine:.6f}",
@@ -99,10 +213,15 @@ def _format_rows(rows: Sequence[TensorMetrics]) -> list[str]:
             f"{m.mean_abs:.4g}",
             "-" if agree is None else f"{100.0 * agree:.2f}%",
             str(m.elements),
-        ))
+        )
+        if info is not None:
+            li = info.get(m.name)
+            row += (li.op_type, _short(li.node or "-", 32), li.rule or "-") if li is not None else ("-", "-", "-")
+        body.append(row)
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+    left = {0, 7, 8, 9}
     out = []
     for r in [header, *body]:
-        cells = [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:])]
+        cells = [c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))]
         out.append("  " + "  ".join(cells).rstrip())
     return out
