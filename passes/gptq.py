@@ -27,6 +27,12 @@ MatMul weights the plan quantizes to an integer dtype of at most ``max_bits`` bi
 ``random``) the pass skips, with a warning, and the weights are rounded to nearest. Runs after ``resolve-plan`` and before ``insert-qdq``; a second run skips
 the layers that already have an override. Everything is numpy (float64); memory is one K × K matrix per layer.
 
+Rows: ``H`` is built from every row of every sample unless ``max_rows`` (N > 0) bounds it: then each sample
+gives ``ceil(N / samples)`` rows per layer (all of them when it has no more), drawn without replacement by
+``numpy.random.default_rng((compile seed, sample, layer))`` in increasing order and gathered before the patches
+are copied, and the shrinkage above counts the rows used. Building ``H`` is most of GPTQ's time (the sweep is
+cheap by comparison); see docs/ptq.md for the measured accuracy cost and why the default is every row.
+
 Stats: ``layers``, ``samples``, ``skipped_*``; ``ctx.report["gptq"]`` has the proxy loss ``‖ΔW·X‖²`` of
 round-to-nearest and of GPTQ per layer, summed.
 """
@@ -445,7 +451,8 @@ def _im2col(node: gs.Node, x: np.ndarray, groups: int, pick: _Pick | None = None
     idx = pick(n * int(np.prod(outs))) if pick is not None else None
     if idx is not None:  # gather the chosen windows only: [sel, C, *kshape] -> [groups, sel, (tap, channel)]
         coords = np.unravel_index(idx, (n, *outs))
-        sel = view[(coords[0], slice(None), *coords[1:])]
+        where: tuple[Any, ...] = (coords[0], slice(None), *coords[1:])
+        sel = view[where]
         sel = sel.reshape(len(idx), groups, cg, taps).transpose(1, 0, 3, 2)
         return np.ascontiguousarray(sel).reshape(groups, len(idx), taps * cg)
     view = view.reshape(n, groups, cg, *outs, *kshape)
