@@ -194,3 +194,10 @@ def test_validation_workers_env_is_read(monkeypatch):
     assert compare.validation_workers() == 3
     monkeypatch.setenv(compare.WORKERS_ENV, "x")
     assert 1 <= compare.validation_workers() <= 2
+
+
+def test_import_seconds_go_to_the_first_compile_only(monkeypatch):
+    monkeypatch.setattr(profile, "IMPORT_STARTED", 10.0)
+    monkeypatch.setattr(profile, "_IMPORT_DONE", 12.5)
+    assert profile.import_seconds() == 2.5
+    assert profile.import_seconds() is None

@@ -162,8 +162,12 @@ def mark_imported() -> None:
 
 
 def import_seconds() -> float | None:
-    """Seconds from the start of ``import qcompiler`` to :func:`mark_imported` (None when either is unknown:
-    the library used from Python, where the caller's imports are its own business)."""
+    """Seconds from the start of ``import qcompiler`` to :func:`mark_imported`, given once (to the first compile
+    of the process); None when unknown (the library used from Python, where the caller's imports are its own
+    business) or already given."""
+    global IMPORT_STARTED
     if IMPORT_STARTED is None or _IMPORT_DONE is None:
         return None
-    return max(0.0, _IMPORT_DONE - IMPORT_STARTED)
+    seconds = max(0.0, _IMPORT_DONE - IMPORT_STARTED)
+    IMPORT_STARTED = None
+    return seconds
