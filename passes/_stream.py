@@ -17,6 +17,7 @@ import onnx_graphsurgeon as gs
 
 from qcompiler import ir
 from qcompiler.calib import CalibrationSource, input_signatures
+from qcompiler.core import profile
 from qcompiler.core.context import CompileContext
 from qcompiler.core.errors import UserError
 
@@ -44,10 +45,20 @@ def axis_mean(x: np.ndarray, axis: int) -> tuple[np.ndarray, int]:
     return flat.sum(axis=1, dtype=np.float64), int(flat.shape[1])
 
 
+def progress_of(ctx: CompileContext, stage: str) -> Callable[[int, int], None] | None:
+    """``progress(done, total)`` reporting to ``ctx.progress`` as ``stage`` (None when nobody listens)."""
+    report = ctx.progress
+    if report is None:
+        return None
+    return lambda done, total: report(stage, done, total)
+
+
 def stream(graph: gs.Graph, names: Sequence[str], source: CalibrationSource,
-           consume: Callable[[dict[str, np.ndarray]], None], *, optimize: bool = True) -> int:
+           consume: Callable[[dict[str, np.ndarray]], None], *, optimize: bool = True,
+           progress: Callable[[int, int], None] | None = None) -> int:
     """Run ``graph`` on every feed of ``source`` exposing tensors ``names``; call ``consume({name: value})`` per
-    sample. Graph inputs among ``names`` come from the feed. Returns the number of samples."""
+    sample, then ``progress(done, len(source))``. Graph inputs among ``names`` come from the feed. Returns the
+    number of samples."""
     inputs = {s.name for s in input_signatures(graph)}
     run_names = [n for n in dict.fromkeys(names) if n not in inputs]
     sess = ir.graph_session(graph, extra_outputs=run_names, optimize=optimize) if run_names else None
@@ -57,11 +68,15 @@ def stream(graph: gs.Graph, names: Sequence[str], source: CalibrationSource,
         values: dict[str, np.ndarray] = {k: feed[k] for k in names if k in inputs}
         if sess is not None:
             try:
-                outs = sess.run(run_names, {k: v for k, v in feed.items() if k in want})
+                with profile.step("onnxruntime runs"):
+                    outs = sess.run(run_names, {k: v for k, v in feed.items() if k in want})
             except Exception as e:  # onnxruntime raises its own exception types
                 raise UserError(f"{source.label(i)}: onnxruntime failed on this calibration sample: "
                                 f"{' '.join(str(e).split())[:300]}") from None
             values.update(zip(run_names, outs))
-        consume(values)
+        with profile.step("statistics"):
+            consume(values)
         n += 1
+        if progress is not None:
+            progress(n, max(len(source), n))
     return n

@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,7 +42,7 @@ from qcompiler.core.pass_base import Pass, PassResult
 from qcompiler.ir.graph import GraphIndex, is_onnx_op
 
 from ._layers import Layer, find_layer
-from ._stream import source_for, stream
+from ._stream import progress_of, source_for, stream
 from .insert_qdq import InsertQDQPass
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,7 @@ class BiasCorrectPass(Pass):
             if source is None:
                 stats["skipped_no_data"] = len(layers)
                 return PassResult(False, stats)
-            shifts = self._empirical(source, layers, clone, stats)
+            shifts = self._empirical(source, layers, clone, stats, progress_of(ctx, "bias-correct"))
         modified = False
         total = 0.0
         for lay in layers:
@@ -141,8 +142,8 @@ class BiasCorrectPass(Pass):
         return qweights, clone
 
     # ------------------------------------------------------------------------------------------ empirical
-    def _empirical(self, source: Any, layers: list[Layer], clone: gs.Graph,
-                   stats: Counter[str]) -> dict[str, np.ndarray]:
+    def _empirical(self, source: Any, layers: list[Layer], clone: gs.Graph, stats: Counter[str],
+                   progress: Callable[[int, int], None] | None = None) -> dict[str, np.ndarray]:
         by_name = {n.name: n for n in clone.nodes}
         pairs: dict[str, tuple[str, str, int]] = {}  # node -> (quantized output, float twin output, axis)
         taken = set(clone.tensors().keys())
@@ -171,7 +172,8 @@ class BiasCorrectPass(Pass):
                 counts[node_name] = counts.get(node_name, 0) + flat.shape[1]
 
         names = [n for yq, yf, _ in pairs.values() for n in (yq, yf)]
-        stats["samples"] = stream(clone, names, source, consume, optimize=False)
+        stats["samples"] = stream(clone, names, source, consume, optimize=False,
+                                  progress=progress)
         return {k: sums[k] / max(counts[k], 1) for k in sums}
 
     # ------------------------------------------------------------------------------------------- analytic

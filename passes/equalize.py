@@ -49,7 +49,7 @@ from qcompiler.core.pass_base import Pass, PassResult
 from qcompiler.ir.graph import GraphIndex, is_onnx_op
 
 from ._layers import Layer, find_layer
-from ._stream import axis_max, source_for, stream
+from ._stream import axis_max, progress_of, source_for, stream
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +176,7 @@ class EqualizePass(Pass):
                 m = axis_max(v, axes[n])
                 ranges[n] = m if n not in ranges else np.maximum(ranges[n], m)
 
-        stream(ctx.graph, names, source, consume)
+        stream(ctx.graph, names, source, consume, progress=progress_of(ctx, "equalize"))
         return [ranges[n] for n in names]
 
     # ------------------------------------------------------------------------------------------ matching

@@ -27,6 +27,12 @@ MatMul weights the plan quantizes to an integer dtype of at most ``max_bits`` bi
 ``random``) the pass skips, with a warning, and the weights are rounded to nearest. Runs after ``resolve-plan`` and before ``insert-qdq``; a second run skips
 the layers that already have an override. Everything is numpy (float64); memory is one K × K matrix per layer.
 
+Rows: ``H`` is built from every row of every sample unless ``max_rows`` (N > 0) bounds it: then each sample
+gives ``ceil(N / samples)`` rows per layer (all of them when it has no more), drawn without replacement by
+``numpy.random.default_rng((compile seed, sample, layer))`` in increasing order and gathered before the patches
+are copied, and the shrinkage above counts the rows used. Building ``H`` is most of GPTQ's time (the sweep is
+cheap by comparison); see docs/ptq.md for the measured accuracy cost and why the default is every row.
+
 Stats: ``layers``, ``samples``, ``skipped_*``; ``ctx.report["gptq"]`` has the proxy loss ``‖ΔW·X‖²`` of
 round-to-nearest and of GPTQ per layer, summed.
 """
@@ -42,6 +48,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from qcompiler import quant
+from qcompiler.core import profile
 from qcompiler.core.context import CompileContext
 from qcompiler.core.errors import UserError
 from qcompiler.core.pass_base import Pass, PassResult
@@ -49,7 +56,7 @@ from qcompiler.ir.graph import GraphIndex, is_onnx_op
 from qcompiler.plan import QuantSpec
 
 from ._layers import Layer, find_layer
-from ._stream import source_for, stream
+from ._stream import progress_of, source_for, stream
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +64,8 @@ _INT_BITS = {"int4": 4, "uint4": 4, "int8": 8, "uint8": 8, "int16": 16, "uint16"
 #: sweep one-row groups (depthwise Convs, per-channel grids) together (:meth:`GPTQPass._gptq_one_row_groups`);
 #: False: one group at a time (the reference the tests compare with)
 BATCH_ONE_ROW_GROUPS = True
+#: default ``max_rows``: rows (im2col positions / tokens) per layer Hessian, over all samples (0: all of them)
+MAX_ROWS = 0
 
 
 @dataclass
@@ -66,6 +75,9 @@ class Options:
     max_bits: int = 4  # only weights quantized to at most this many bits
     samples: int | None = None  # use at most N calibration samples
     act_order: bool = False  # per-channel grids: quantize the columns in order of decreasing H_ii
+    #: Hessian of a layer from at most this many rows (im2col positions / tokens) in all, an even share per
+    #: sample, drawn with a fixed seed; 0: every row (see the module docstring, "Rows")
+    max_rows: int = MAX_ROWS
 
     def validate(self, pass_name: str = "gptq") -> None:
         if self.block_size < 1:
@@ -76,6 +88,8 @@ class Options:
             raise UserError(f"pass '{pass_name}' option 'max-bits': must be >= 2, got {self.max_bits}")
         if self.samples is not None and self.samples <= 0:
             raise UserError(f"pass '{pass_name}' option 'samples': must be a positive integer, got {self.samples}")
+        if self.max_rows < 0:
+            raise UserError(f"pass '{pass_name}' option 'max-rows': must be >= 0 (0: every row), got {self.max_rows}")
 
 
 @dataclass
@@ -133,10 +147,15 @@ class GPTQPass(Pass):
         if source is None:
             stats["skipped_no_data"] = len(jobs)
             return PassResult(False, stats)
-        stats["samples"] = self._accumulate(source, ctx, jobs)
+        with profile.step("hessians"):
+            stats["samples"] = self._accumulate(source, ctx, jobs)
         loss_rtn = loss_gptq = 0.0
-        for job in jobs:
-            qt, l_rtn, l_gptq = self._quantize(job)
+        layer_progress = progress_of(ctx, "gptq layers")
+        for li, job in enumerate(jobs):
+            with profile.step("sweep"):
+                qt, l_rtn, l_gptq = self._quantize(job)
+            if layer_progress is not None:
+                layer_progress(li + 1, len(jobs))
             ctx.weight_overrides[(job.layer.node.name, 1)] = qt
             loss_rtn += l_rtn
             loss_gptq += l_gptq
@@ -150,14 +169,20 @@ class GPTQPass(Pass):
     # ------------------------------------------------------------------------------------------ Hessians
     def _accumulate(self, source: Any, ctx: CompileContext, jobs: list[_Job]) -> int:
         names = [job.layer.node.inputs[0].name for job in jobs]
+        max_rows = self.options.max_rows
+        quota = -(-max_rows // max(len(source), 1)) if max_rows else None  # rows per sample and layer
+        sample = [0]
 
         def consume(values: dict[str, np.ndarray]) -> None:
-            for job, name in zip(jobs, names):
-                rows = _rows(job.layer, np.asarray(values[name], dtype=np.float32))  # [groups, P, K]
+            i = sample[0]
+            sample[0] += 1
+            for j, (job, name) in enumerate(zip(jobs, names)):
+                pick = _Pick(quota, (ctx.seed, i, j)) if quota else None
+                rows = _rows(job.layer, np.asarray(values[name], dtype=np.float32), pick)  # [groups, P, K]
                 job.h += np.matmul(rows.transpose(0, 2, 1), rows).astype(np.float64)  # float32 product per sample
                 job.rows += rows.shape[1]
 
-        return stream(ctx.graph, names, source, consume)
+        return stream(ctx.graph, names, source, consume, progress=progress_of(ctx, "gptq hessians"))
 
     # ---------------------------------------------------------------------------------------- quantizing
     def _quantize(self, job: _Job) -> tuple[quant.QuantizedTensor, float, float]:
@@ -366,17 +391,34 @@ def _axes(lay: Layer, spec: QuantSpec) -> tuple[int | None, int | None]:
     return lay.in_axis, int(spec.block_size)
 
 
-def _rows(lay: Layer, x: np.ndarray) -> np.ndarray:
+class _Pick:
+    """Which rows of a sample feed the Hessian: ``quota`` of them, drawn without replacement by a generator
+    seeded with ``key`` (compile seed, sample, layer), in increasing order; all rows when there are no more."""
+
+    def __init__(self, quota: int, key: tuple[int, ...]) -> None:
+        self.quota = quota
+        self.key = key
+
+    def __call__(self, n: int) -> np.ndarray | None:
+        if n <= self.quota:
+            return None
+        return np.sort(np.random.default_rng(list(self.key)).choice(n, self.quota, replace=False))
+
+
+def _rows(lay: Layer, x: np.ndarray, pick: _Pick | None = None) -> np.ndarray:
     """The layer's input as rows of its reduction dimension, per group: [groups, positions, K] (K ordered
-    (tap, in))."""
+    (tap, in)); ``pick``: only the rows it chooses (before the patches are copied out)."""
     if lay.op == "Conv":
-        return _im2col(lay.node, x, lay.groups)
+        return _im2col(lay.node, x, lay.groups, pick)
     k = lay.w.shape[lay.in_axis]
-    return x.reshape(1, -1, k)
+    rows = x.reshape(1, -1, k)
+    idx = pick(rows.shape[1]) if pick is not None else None
+    return rows if idx is None else rows[:, idx]
 
 
-def _im2col(node: gs.Node, x: np.ndarray, groups: int) -> np.ndarray:
-    """Conv input [N, C, *spatial] -> [groups, N·positions, taps·C/g] patches (zero padding as the Conv)."""
+def _im2col(node: gs.Node, x: np.ndarray, groups: int, pick: _Pick | None = None) -> np.ndarray:
+    """Conv input [N, C, *spatial] -> [groups, N·positions, taps·C/g] patches (zero padding as the Conv);
+    ``pick``: only the positions (of the N·positions, in order) it chooses."""
     w = np.asarray(node.inputs[1].values)
     kshape = tuple(int(v) for v in w.shape[2:])
     nd = len(kshape)
@@ -406,6 +448,13 @@ def _im2col(node: gs.Node, x: np.ndarray, groups: int) -> np.ndarray:
     view = view[(slice(None), slice(None), *(slice(None, None, s) for s in strides),
                  *(slice(None, None, d) for d in dil))]  # [N, C, *outs, *kshape]
     outs = view.shape[2:2 + nd]
+    idx = pick(n * int(np.prod(outs))) if pick is not None else None
+    if idx is not None:  # gather the chosen windows only: [sel, C, *kshape] -> [groups, sel, (tap, channel)]
+        coords = np.unravel_index(idx, (n, *outs))
+        where: tuple[Any, ...] = (coords[0], slice(None), *coords[1:])
+        sel = view[where]
+        sel = sel.reshape(len(idx), groups, cg, taps).transpose(1, 0, 3, 2)
+        return np.ascontiguousarray(sel).reshape(groups, len(idx), taps * cg)
     view = view.reshape(n, groups, cg, *outs, *kshape)
     order = (1, 0, *range(3, 3 + nd), *range(3 + nd, 3 + 2 * nd), 2)  # [groups, N, *outs, *kshape, cg]
     p = n * int(np.prod(outs))

@@ -43,7 +43,7 @@ from qcompiler.core.pass_base import Pass, PassResult
 from qcompiler.ir.graph import GraphIndex, exclusive_constant, is_onnx_op, known_rank, optional_input
 
 from ._layers import Layer, find_layer
-from ._stream import axis_max, source_for, stream
+from ._stream import axis_max, progress_of, source_for, stream
 
 log = logging.getLogger(__name__)
 
@@ -239,5 +239,5 @@ class SmoothPass(Pass):
                 m = axis_max(v, -1)
                 out[n] = m if n not in out else np.maximum(out[n], m)
 
-        stream(ctx.graph, [s.x.name for s in sites], source, consume)
+        stream(ctx.graph, [s.x.name for s in sites], source, consume, progress=progress_of(ctx, "smooth"))
         return out

@@ -26,6 +26,7 @@ import onnx_graphsurgeon as gs
 
 from qcompiler import ir
 from qcompiler.calib import CalibrationSource, input_signatures
+from qcompiler.core import profile
 from qcompiler.core.context import REQUIRE_CALIBRATION_DATA
 from qcompiler.core.errors import UserError
 from qcompiler.core.pass_manager import PassManager, PassRecord
@@ -108,6 +109,8 @@ class CompileResult:
     report: dict[str, Any]
     validation: Any = None
     pipeline: str = ""
+    #: where the seconds went (``qcompiler compile --profile``; ``report["profile"]`` is its JSON)
+    profile: profile.Profile | None = None
 
 
 def _preset_plan(name: str) -> str:
@@ -164,7 +167,21 @@ def compile_plan(model_path: str | os.PathLike[str], output_path: str | os.PathL
                  options: CompileOptions | None = None, progress: Progress | None = None, *,
                  planner: Planner | None = None) -> CompileResult:
     """Compile ``model_path`` to ``output_path``; raises :class:`UserError` for bad input. ``options.budget``
-    needs a ``planner`` (:func:`qcompiler.api.compile_model` gives the auto planner)."""
+    needs a ``planner`` (:func:`qcompiler.api.compile_model` gives the auto planner). Every step is timed
+    (:mod:`qcompiler.core.profile`): ``result.profile``, and ``report["profile"]``."""
+    prof = profile.Profile()
+    imported = profile.import_seconds()  # the command line's imports (None from Python)
+    if imported is not None:
+        prof.add("import", imported)
+    with prof.active():
+        result = _compile_plan(model_path, output_path, options, progress, planner=planner, prof=prof)
+    result.profile = prof
+    return result
+
+
+def _compile_plan(model_path: str | os.PathLike[str], output_path: str | os.PathLike[str],
+                  options: CompileOptions | None, progress: Progress | None, *, planner: Planner | None,
+                  prof: profile.Profile) -> CompileResult:
     opts = options or CompileOptions()
     t_start = time.perf_counter()
     src, out = Path(model_path), Path(output_path)
@@ -175,7 +192,7 @@ def compile_plan(model_path: str | os.PathLike[str], output_path: str | os.PathL
     # Every path this run may write is checked against every input (and its place) before any work, and
     # everything is staged and moved into place together at the end (qcompiler.ir.outputs).
     with compile_outputs(src, out, opts) as outs:
-        return _compile(src, out, opts, outs, progress, planner, t_start)
+        return _compile(src, out, opts, outs, progress, planner, t_start, prof)
 
 
 #: Side files of ``OUT.onnx`` (suffix after ``OUT``'s stem) and how messages name them.
@@ -223,21 +240,23 @@ def _dump_dir(out: Path) -> Path:
 
 
 def _compile(src: Path, out: Path, opts: CompileOptions, outs: ir.OutputSet, progress: Progress | None,
-             planner: Planner | None, t_start: float) -> CompileResult:
-    reg = registry()
-    for spec in opts.plugins:
-        reg.load_plugin(spec)
-    target = get_target(opts.target)
-    if opts.preset is not None and opts.plan is not None:
-        raise UserError("--preset and --plan both given; a preset is a plan: give one of them")
-    plan = opts.plan if isinstance(opts.plan, Plan) else load_plan(opts.plan if opts.preset is None
-                                                                   else _preset_plan(opts.preset))
+             planner: Planner | None, t_start: float, prof: profile.Profile) -> CompileResult:
+    with profile.step("setup (passes, target, plan)"):
+        reg = registry()
+        for spec in opts.plugins:
+            reg.load_plugin(spec)
+        target = get_target(opts.target)
+        if opts.preset is not None and opts.plan is not None:
+            raise UserError("--preset and --plan both given; a preset is a plan: give one of them")
+        plan = opts.plan if isinstance(opts.plan, Plan) else load_plan(opts.plan if opts.preset is None
+                                                                       else _preset_plan(opts.preset))
     target.check_options(plan.target_options, plan.source)  # a bad targets: section fails before any work
     auto = None
     if opts.budget is not None:  # mixed precision under a budget: the plan is planned first (autoplan)
         if planner is None:
             raise ValueError("compile_plan: options.budget needs a planner (qcompiler.api.compile_model)")
-        auto = planner(plan)
+        with profile.step("auto plan (--budget)"):
+            auto = planner(plan)
         plan = auto.plan
     calib_word = None if opts.calib is None else str(opts.calib)
     if opts.calib_select is not None and (calib_word is None or calib_word in ("random", "none")):
@@ -251,18 +270,21 @@ def _compile(src: Path, out: Path, opts: CompileOptions, outs: ir.OutputSet, pro
                      on_pass=(lambda name, i, n: progress(f"pass:{name}", i, n)) if progress else None)
     pm.check({"model"})
 
-    session = Session.load(src, plan, target)
+    with profile.step("load"):
+        session = Session.load(src, plan, target)
     float_model = session.model
     # Refuse a plan the target cannot run before any rewrite (see Session.import_graph), after the opset
     # upgrade the plan needs.
-    graph = session.import_graph(upgrade=True, check=True)
+    with profile.step("import graph"):
+        graph = session.import_graph(upgrade=True, check=True)
     io_dtypes = session.io_dtypes
 
     calib_source = None
     calib_arg = None if opts.calib is None else str(opts.calib)
     if calib_arg is not None and calib_arg != "none":
-        calib_source = CalibrationSource.from_arg(calib_arg, input_signatures(graph), seed=opts.seed,
-                                                  limit=opts.calib_samples)
+        with profile.step("calibration data"):
+            calib_source = CalibrationSource.from_arg(calib_arg, input_signatures(graph), seed=opts.seed,
+                                                      limit=opts.calib_samples)
     ctx = session.context(calib=calib_source, output_path=out, seed=opts.seed, data_free=calib_arg == "none")
     if calib_arg is None:  # no --calib: static activation ranges are refused, not silently calibrated on noise
         ctx.options[REQUIRE_CALIBRATION_DATA] = True
@@ -282,7 +304,8 @@ def _compile(src: Path, out: Path, opts: CompileOptions, outs: ir.OutputSet, pro
         raise UserError("--strip-function-bodies: the custom ops have no function bodies left, so stock "
                         "onnxruntime cannot validate the model; validate a build without the option (same codes)")
 
-    ir.restore_io_dtypes(ctx.graph, io_dtypes)
+    with profile.step("restore io dtypes"):
+        ir.restore_io_dtypes(ctx.graph, io_dtypes)
     threshold = opts.external_data_threshold
     if threshold is None and ir.has_external_data(float_model):
         threshold = ir.DEFAULT_EXTERNAL_THRESHOLD  # external data in, external data out
@@ -290,15 +313,17 @@ def _compile(src: Path, out: Path, opts: CompileOptions, outs: ir.OutputSet, pro
     # Everything is written into the staging folders (model tensor by tensor, external data streamed), checked
     # and validated from there, and moved into place only when the whole compile succeeded.
     staged = outs.path(out)
-    ir.write_model(ctx.graph, ctx.meta, staged, external_data_threshold=threshold, consume=True)
+    with profile.step("export + write"):
+        ir.write_model(ctx.graph, ctx.meta, staged, external_data_threshold=threshold, consume=True)
     # The graph is on disk now: free its (quantized) weights before validation opens sessions (which trims
     # memory itself; a large model is trimmed now, before the cost report imports the written one).
     ir.release_graph(ctx.graph, trim=big)
     ctx.graph = gs.Graph(opset=ctx.graph.opset)
     del graph
     session.graph = None
-    qmodel = ir.load_model(staged, check=False)
-    ir.check_model(qmodel, where="compiled model")
+    with profile.step("check written model"):
+        qmodel = ir.load_model(staged, check=False)
+        ir.check_model(qmodel, where="compiled model")
 
     report: dict[str, Any] = {
         "input": str(src),
@@ -314,7 +339,9 @@ def _compile(src: Path, out: Path, opts: CompileOptions, outs: ir.OutputSet, pro
     report["sizes"] = {"float_parameter_bytes": float_bytes, "quantized_parameter_bytes": quant_bytes,
                        "ratio": round(quant_bytes / float_bytes, 4) if float_bytes else None}
     known = (ctx.calib_shapes or None) if calib_source is not None else None
-    report["cost"] = cost.compile_cost(qmodel, staged, calib_source, shapes=not big, known_shapes=known).to_json()
+    with profile.step("cost report"):
+        report["cost"] = cost.compile_cost(qmodel, staged, calib_source, shapes=not big,
+                                           known_shapes=known).to_json()
     if ctx.renamed.get("nodes"):  # compact-names: the report names layers as the compiled graph did
         back = ctx.renamed["nodes"]
         for layer in report["cost"].get("layers", []):
@@ -341,10 +368,12 @@ def _compile(src: Path, out: Path, opts: CompileOptions, outs: ir.OutputSet, pro
             progress("validate", 0, 1)
         ir.trim_memory()  # graphs imported for the report above are cycles: unmap their weights first
         # Large models: outputs only (per-layer sessions would hold the float weights twice more).
-        validation = qv.validate(float_model, qmodel, feeds, min_sqnr_db=opts.min_sqnr_db, per_layer=not big,
-                                 optimize=True if target.validation_optimization == "all" else "basic",
-                                 layer_samples=COMPILE_LAYER_SAMPLES,
-                                 names=ctx.renamed.get("tensors"))
+        with profile.step("validation"):
+            validation = qv.validate(float_model, qmodel, feeds, min_sqnr_db=opts.min_sqnr_db,
+                                     per_layer=not big,
+                                     optimize=True if target.validation_optimization == "all" else "basic",
+                                     layer_samples=COMPILE_LAYER_SAMPLES, names=ctx.renamed.get("tensors"),
+                                     progress=(lambda d, t: progress("validate", d, t)) if progress else None)
         if ctx.resolved is not None:  # each layer's node and the plan rule that decided it
             validation.attach_plan({n.node: n.to_dict() for n in ctx.resolved.nodes.values()},
                                    ctx.renamed.get("nodes"))
@@ -358,16 +387,20 @@ def _compile(src: Path, out: Path, opts: CompileOptions, outs: ir.OutputSet, pro
     elif opts.min_sqnr_db is not None:
         raise UserError("--min-sqnr needs validation data: give --calib DATA or --validate-data FILE.npz")
 
-    for suffix, text in sorted(ctx.side_outputs.items()):
-        side = out.with_name(out.stem + suffix)
-        if not outs.declared(side):  # a plugin's side file: checked now, before anything is moved
-            outs.add_output(side, _side_role(suffix))
-        outs.path(side).write_text(text, encoding="utf-8")
+    with profile.step("side files"):
+        for suffix, text in sorted(ctx.side_outputs.items()):
+            side = out.with_name(out.stem + suffix)
+            if not outs.declared(side):  # a plugin's side file: checked now, before anything is moved
+                outs.add_output(side, _side_role(suffix))
+            outs.path(side).write_text(text, encoding="utf-8")
     report["seconds"] = round(time.perf_counter() - t_start, 3)
+    report["profile"] = prof.to_json()  # up to here; the report file and the move into place follow
     if opts.report is not None:
-        outs.path(opts.report).write_text(json.dumps(_jsonable(report), indent=2, sort_keys=True) + "\n",
-                                          encoding="utf-8")
-    written = outs.commit()  # all together, or (rolled back) none
+        with profile.step("report file"):
+            outs.path(opts.report).write_text(json.dumps(_jsonable(report), indent=2, sort_keys=True) + "\n",
+                                              encoding="utf-8")
+    with profile.step("move into place"):
+        written = outs.commit()  # all together, or (rolled back) none
     report_file = Path(opts.report) if opts.report is not None else None
     files = sorted((f for f in written if f != report_file), key=lambda f: (f != out, f.name))
     files += [f for f in written if f == report_file]

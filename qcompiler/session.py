@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qcompiler import ir
+from qcompiler.core import profile
 from qcompiler.core.context import CompileContext
 from qcompiler.core.errors import UserError
 from qcompiler.core.pass_manager import PassManager
@@ -84,16 +85,20 @@ class Session:
             need, why = required_opset(plan_specs(self.plan))
             if ir.opset_of(model) < need:
                 try:
-                    model = ir.upgrade_opset(model, need, why)
+                    with profile.step("opset upgrade"):
+                        model = ir.upgrade_opset(model, need, why)
                 except UserError:
                     if check:
                         graph, _ = ir.import_graph(model, str(self.src))
                         self.target.check(self.plan.resolve(graph, warn=False))
                     raise
-        graph, meta = ir.import_graph(model, str(self.src))
+        with profile.step("to graphsurgeon"):
+            graph, meta = ir.import_graph(model, str(self.src))
         if check:
-            self.target.check(self.plan.resolve(graph, warn=False))  # resolve-plan warns once, later
-        self.io_dtypes = ir.to_float32(graph)
+            with profile.step("plan check"):
+                self.target.check(self.plan.resolve(graph, warn=False))  # resolve-plan warns once, later
+        with profile.step("to float32"):
+            self.io_dtypes = ir.to_float32(graph)
         meta.io_dtypes = self.io_dtypes
         self.graph, self.meta = graph, meta
         return graph

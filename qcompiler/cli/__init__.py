@@ -21,6 +21,7 @@ import qcompiler.cli.commands as commands_pkg
 from qcompiler import __version__, ir
 from qcompiler.api import CompileOptions, compile_model
 from qcompiler.cli.terminal import Progress, table
+from qcompiler.core import profile
 from qcompiler.core.errors import PassFailure, UserError
 from qcompiler.core.registry import get_target, registry, targets
 from qcompiler.plan import Plan, weight_input_indices
@@ -139,6 +140,9 @@ def _bytes(n: float) -> str:
 @click.option("--compact-names", is_flag=True,
               help="Shortest names for every internal tensor and node (graph inputs / outputs kept; smaller "
                    "files for small models); the map back is written as OUT.names.json.")
+@click.option("--profile", "show_profile", is_flag=True,
+              help="Print where each second went: import, load, opset upgrade, each pass, export, cost report, "
+                   "validation, ... (step, seconds, share; the JSON report always has it).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or summary.")
 def compile_cmd(model: Path, output: Path, plan: str | None, preset: str | None, target: str,
                 calib: str | None, calib_samples: int | None, calib_select: int | None, pipeline: str | None,
@@ -146,7 +150,7 @@ def compile_cmd(model: Path, output: Path, plan: str | None, preset: str | None,
                 validate_data: Path | None, min_sqnr: float | None, verify_each: bool, dump_after: tuple[str, ...],
                 plugins: tuple[str, ...], external_data: int | None, seed: int, strip_function_bodies: bool,
                 budget: str | None, bitops: bool, candidates: str | None, metric: str, compact_names: bool,
-                quiet: bool) -> None:
+                show_profile: bool, quiet: bool) -> None:
     """Compile MODEL into a quantized model at OUTPUT."""
     if budget is None and (bitops or candidates is not None):
         raise UserError("--bitops and --candidates are options of --budget")
@@ -162,10 +166,18 @@ def compile_cmd(model: Path, output: Path, plan: str | None, preset: str | None,
         result = compile_model(model, output, opts, progress=progress)
     finally:
         progress.close()
+    prof = result.profile
+    if prof is not None:
+        prof.finish()
+    if show_profile and prof is not None:
+        click.echo(prof.table())
     if quiet:
         return
     rep = result.report
     click.echo(f"compiled {model} -> {output}  (target {rep['target']}, opset {rep['opset']}, {rep['seconds']} s)")
+    if prof is not None:
+        click.echo("time: " + ", ".join(f"{name} {sec:.2f} s ({share * 100:.0f}%)" for name, sec, share in prof.top(3))
+                   + ("" if show_profile else "  (--profile: every step)"))
     click.echo(f"pipeline: {result.pipeline}")
     rows = [(r.name, "yes" if r.modified else "no", f"{r.seconds * 1000:.1f}",
              ", ".join(f"{k}={v}" for k, v in sorted(r.stats.items()) if v)) for r in result.records]
@@ -384,6 +396,7 @@ def _register_extra_commands() -> None:
 
 
 _register_extra_commands()
+profile.mark_imported()  # the `import` step of `compile --profile` ends here
 
 
 def main() -> None:

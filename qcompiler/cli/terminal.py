@@ -26,7 +26,10 @@ class Progress:
         if stage != self.stage or self.bar is None:
             self.close()
             self.stage = stage
-            self.bar = tqdm(total=total, desc=stage, unit="sample", file=sys.stderr, leave=False)
+            self.bar = tqdm(total=total, desc=stage, unit="layer" if stage.endswith("layers") else "sample",
+                            file=sys.stderr, leave=False)
+        if total and self.bar.total != total:
+            self.bar.total = total
         self.bar.n = done
         self.bar.refresh()
 

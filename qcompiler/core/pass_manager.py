@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qcompiler.core import profile
 from qcompiler.core.context import CompileContext
 from qcompiler.core.errors import PassFailure, QCompilerError, UserError
 from qcompiler.core.model_io import ModelIO, installed
@@ -111,6 +112,10 @@ class PassManager:
                 for i, p in enumerate(self.passes)]
 
     def _run_step(self, step: _Step, ctx: CompileContext, *, top: bool) -> PassRecord:
+        with profile.step(f"pass {step.p.name}"):  # the compile's --profile (nothing when none is active)
+            return self._run_step_timed(step, ctx, top=top)
+
+    def _run_step_timed(self, step: _Step, ctx: CompileContext, *, top: bool) -> PassRecord:
         p = step.p
         ctx.passes_after = step.after  # what a pass may look ahead at
         t0 = time.perf_counter()

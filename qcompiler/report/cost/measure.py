@@ -15,6 +15,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from qcompiler import ir
+from qcompiler.core import profile
 from qcompiler.core.errors import UserError
 from qcompiler.report.cost.analysis import MAC_OPS, PASS_THROUGH, _Analysis, _node_bits, _owners, _peak
 from qcompiler.report.cost.bits import stored_bytes
@@ -50,7 +51,8 @@ def model_cost(model: ModelProto | str | os.PathLike[str], *,
     if isinstance(model, (str, os.PathLike)):
         path = Path(model)
         model = ir.load_model(path)
-    graph, _meta = ir.import_graph(model)
+    with profile.step("import"):
+        graph, _meta = ir.import_graph(model)
     graph.toposort()
     order = {id(n): i for i, n in enumerate(graph.nodes)}
     notes: list[str] = []
@@ -85,10 +87,12 @@ def model_cost(model: ModelProto | str | os.PathLike[str], *,
             used = _input_feed_shapes(graph, given, dyn, spatial)
             try:
                 if spatial is None:  # static inference first: no session when it gives every shape
-                    rt = _static_shapes(model, graph, used, known_shapes)
+                    with profile.step("shape inference"):
+                        rt = _static_shapes(model, graph, used, known_shapes)
                     shapes_from = "shape inference"
                 if not rt:
-                    rt = _runtime_shapes(model, graph, _feeds(graph, used))
+                    with profile.step("onnxruntime run for shapes"):
+                        rt = _runtime_shapes(model, graph, _feeds(graph, used))
                     shapes_from = "onnxruntime"
                 if spatial is not None:
                     notes.append(f"the run with dynamic dims 1 failed; shapes use {label} "

@@ -6,13 +6,18 @@ Part of :mod:`qcompiler.report.validate` (whose docstring defines the metrics).
 
 from __future__ import annotations
 
+import concurrent.futures
+import functools
 import itertools
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
+from typing import Any
 
 import numpy as np
 
 from qcompiler import ir
+from qcompiler.core import profile
 from qcompiler.core.errors import UserError
 from qcompiler.report.validate.layers import _graph_facts, _GraphFacts, _layer_candidates, _working_subset
 from qcompiler.report.validate.metrics import _Accumulator, _sort_key
@@ -42,6 +47,7 @@ def validate(
     optimize: bool | str = True,
     layer_samples: int | None = None,
     names: Mapping[str, str] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> ValidationReport:
     """Run both models on ``feeds`` and measure the quantized one against the float one.
 
@@ -53,7 +59,8 @@ def validate(
     float names. ``optimize`` is the onnxruntime optimization level of the quantized model's
     output run: True (full, what an onnxruntime deployment runs) or "basic" (a reference run for a graph meant
     for another runtime, free of onnxruntime's fusions). Raises :class:`UserError` for bad feeds or models whose outputs do not
-    match; :class:`RuntimeError` when only the quantized model fails to run.
+    match; :class:`RuntimeError` when only the quantized model fails to run. ``progress(done, total)`` is
+    called after each sample (``total``: ``len(feeds)`` when it has one, else 0).
     """
     flabel = _label(float_model, "float model")
     qlabel = _label(quant_model, "quantized model")
@@ -62,8 +69,9 @@ def validate(
     if names and per_layer:
         qmodel = ir.renamed_tensors(qmodel, dict(names))
 
-    f_plain = _Runner(fmodel)
-    q_plain = _Runner(qmodel, optimize=optimize)
+    with profile.step("sessions"):
+        f_plain = _Runner(fmodel)
+        q_plain = _Runner(qmodel, optimize=optimize)
     out_names = list(f_plain.output_types)
     missing = [n for n in out_names if n not in q_plain.output_types]
     if missing:
@@ -73,6 +81,7 @@ def validate(
     if extra_q:
         log.warning("validate: %s has extra output(s) not compared: %s", qlabel, ", ".join(extra_q))
 
+    total = len(feeds) if isinstance(feeds, Sized) else 0
     it = iter(feeds)
     first = next(it, None)
     if first is None:
@@ -90,62 +99,60 @@ def validate(
     f_first = _run_checked(f_plain, first, 0, out_names, "float", flabel)
     q_first = _run_checked(q_plain, first, 0, out_names, "quant", qlabel)
 
-    f_ext: _Runner | None = None
-    q_ext: _Runner | None = None
-    if layers:
-        f_ext = _try_runner(fmodel, layers, first)
-        q_ext = _try_runner(qmodel, layers, first)
-        if f_ext is None or q_ext is None:
-            log.info("validate: onnxruntime refused some intermediate outputs; finding which")
-            ok = _working_subset(fmodel, layers, first) if f_ext is None else layers
-            ok = _working_subset(qmodel, ok, first) if q_ext is None else ok
-            skipped += [n for n in layers if n not in set(ok)]
-            layers = ok
-            f_ext = _try_runner(fmodel, layers, first) if layers else None
-            q_ext = _try_runner(qmodel, layers, first) if layers else None
-            if layers and (f_ext is None or q_ext is None):
-                log.warning("validate: cannot expose intermediate tensors together; per-layer metrics skipped")
-                skipped += layers
-                layers, f_ext, q_ext = [], None, None
-    if f_ext is not None and q_ext is not None:
-        keep = [n for n in layers
-                if f_ext.output_types.get(n) in _FLOAT_ORT_TYPES and q_ext.output_types.get(n) in _FLOAT_ORT_TYPES]
-        layers = keep
-    else:
-        layers = []
-    if not layers:
-        f_ext = q_ext = None
+    with profile.step("per-layer sessions"):
+        layers, f_ext, q_ext = _layer_runners(fmodel, qmodel, layers, first, skipped)
 
     out_acc = {n: _Accumulator(n) for n in out_names}
     layer_acc = {n: _Accumulator(n) for n in layers}
     samples = 0
-    for idx, feed in enumerate(itertools.chain([first], it)):
-        if idx == 0:
-            fo, qo = f_first, q_first
-        else:
-            fo = _run_checked(f_plain, feed, idx, out_names, "float", flabel)
-            qo = _run_checked(q_plain, feed, idx, out_names, "quant", qlabel)
-        for n in out_names:
-            out_acc[n].update(fo[n], qo[n])
-        del fo, qo
-        if f_ext is not None and q_ext is not None and (layer_samples is None or idx < layer_samples):
-            try:
-                fl = f_ext.run(feed, idx, layers)
-                ql = q_ext.run(feed, idx, layers)
-            except UserError:
-                raise
-            except Exception as e:
-                log.warning("validate: per-layer run failed on sample %d (%s); per-layer metrics dropped",
-                            idx, _first_line(e))
-                skipped += layers
-                layers, layer_acc, f_ext, q_ext = [], {}, None, None
-            else:
-                for n in layers:
-                    layer_acc[n].update(fl[n], ql[n])
-                del fl, ql
-        samples += 1
-        if samples % 100 == 0:
-            log.info("validate: %d samples", samples)
+    workers = validation_workers()
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qcompiler-validate") \
+        if workers > 1 else None
+    try:
+        for idx, feed in enumerate(itertools.chain([first], it)):
+            with_layers = f_ext is not None and q_ext is not None and (layer_samples is None or idx < layer_samples)
+            # the runs of one sample (float / quantized, outputs / layers) go to the pool together; results are
+            # read in a fixed order, so the metrics and the error raised do not depend on the workers
+            jobs: list[Callable[[], dict[str, np.ndarray]]] = []
+            if idx > 0:
+                jobs += [functools.partial(_run_checked, f_plain, feed, idx, out_names, "float", flabel),
+                         functools.partial(_run_checked, q_plain, feed, idx, out_names, "quant", qlabel)]
+            if with_layers:
+                assert f_ext is not None and q_ext is not None
+                jobs += [functools.partial(f_ext.run, feed, idx, layers),
+                         functools.partial(q_ext.run, feed, idx, layers)]
+            futures = [pool.submit(j) for j in jobs] if pool is not None else None
+            results = _Results(jobs, futures)
+            with profile.step("graph outputs"):
+                fo, qo = (f_first, q_first) if idx == 0 else (results.get(0), results.get(1))
+                for n in out_names:
+                    out_acc[n].update(fo[n], qo[n])
+                del fo, qo
+            if with_layers:
+                k = 0 if idx == 0 else 2
+                with profile.step("layers"):
+                    try:
+                        fl, ql = results.get(k), results.get(k + 1)
+                    except UserError:
+                        raise
+                    except Exception as e:
+                        log.warning("validate: per-layer run failed on sample %d (%s); per-layer metrics dropped",
+                                    idx, _first_line(e))
+                        skipped += layers
+                        layers, layer_acc, f_ext, q_ext = [], {}, None, None
+                    else:
+                        for n in layers:
+                            layer_acc[n].update(fl[n], ql[n])
+                        del fl, ql
+            del results
+            samples += 1
+            if progress is not None:
+                progress(samples, max(total, samples))
+            if samples % 100 == 0:
+                log.info("validate: %d samples", samples)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
 
     outputs = []
     for n in out_names:
@@ -179,3 +186,65 @@ def validate(
              len(layer_metrics), _fmt_db(report.worst_output_sqnr()),
              "" if min_sqnr_db is None else (" (pass)" if passed else " (FAIL)"))
     return report
+
+
+#: environment variable overriding the number of concurrent onnxruntime runs of validation (1: sequential)
+WORKERS_ENV = "QCOMPILER_VALIDATE_WORKERS"
+
+
+def validation_workers() -> int:
+    """Concurrent runs while validating (``$QCOMPILER_VALIDATE_WORKERS``, else the usable CPUs, at most 2): the
+    float and the quantized model of a sample run side by side (onnxruntime releases the GIL)."""
+    env = os.environ.get(WORKERS_ENV, "").strip()
+    if env:
+        try:
+            return max(1, int(env))
+        except ValueError:
+            log.warning("%s=%r is not an integer; ignored", WORKERS_ENV, env)
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(1, min(2, cpus))
+
+
+class _Results:
+    """The results of one sample's runs, read by index: from the pool's futures, or run here on first read."""
+
+    def __init__(self, jobs: list[Callable[[], dict[str, np.ndarray]]],
+                 futures: list[concurrent.futures.Future[dict[str, np.ndarray]]] | None) -> None:
+        self.jobs = jobs
+        self.futures = futures
+
+    def get(self, i: int) -> dict[str, np.ndarray]:
+        if self.futures is not None:
+            return self.futures[i].result()
+        return self.jobs[i]()
+
+
+def _layer_runners(fmodel: Any, qmodel: Any, layers: list[str], first: dict[str, np.ndarray],
+                   skipped: list[str]) -> tuple[list[str], _Runner | None, _Runner | None]:
+    """Sessions exposing the ``layers`` tensors in both models (tensors onnxruntime refuses to expose, or that are
+    not float in both, are dropped; those refused go to ``skipped``): (layers kept, float runner, quant runner)."""
+    f_ext: _Runner | None = None
+    q_ext: _Runner | None = None
+    if layers:
+        f_ext = _try_runner(fmodel, layers, first)
+        q_ext = _try_runner(qmodel, layers, first)
+        if f_ext is None or q_ext is None:
+            log.info("validate: onnxruntime refused some intermediate outputs; finding which")
+            ok = _working_subset(fmodel, layers, first) if f_ext is None else layers
+            ok = _working_subset(qmodel, ok, first) if q_ext is None else ok
+            skipped += [n for n in layers if n not in set(ok)]
+            layers = ok
+            f_ext = _try_runner(fmodel, layers, first) if layers else None
+            q_ext = _try_runner(qmodel, layers, first) if layers else None
+            if layers and (f_ext is None or q_ext is None):
+                log.warning("validate: cannot expose intermediate tensors together; per-layer metrics skipped")
+                skipped += layers
+                layers, f_ext, q_ext = [], None, None
+    if f_ext is None or q_ext is None:
+        return [], None, None
+    layers = [n for n in layers
+              if f_ext.output_types.get(n) in _FLOAT_ORT_TYPES and q_ext.output_types.get(n) in _FLOAT_ORT_TYPES]
+    return (layers, f_ext, q_ext) if layers else ([], None, None)
