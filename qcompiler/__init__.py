@@ -4,7 +4,6 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-import qcompiler.core.profile  # noqa: F401  (first: its import time starts the clock of `--profile`'s import step)
 from qcompiler.core.errors import PassFailure, QCompilerError, UserError
 
 __all__ = ["PassFailure", "QCompilerError", "UserError", "__version__"]
