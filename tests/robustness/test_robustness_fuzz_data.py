@@ -61,11 +61,12 @@ def _edit(arrays: dict[str, np.ndarray], edit: list[Any], key: str) -> dict[str,
             y.reshape(-1)[arg[1] % y.size] = POISON[arg[0]]
         arrays[key] = y
     elif kind == "shape":
-        arrays[key] = {"add-axis": lambda: x[:, None], "drop-axis": lambda: x[:, 0],
-                       "trim-last": lambda: x[..., :-1], "zero-samples": lambda: x[:0],
-                       "one-sample": lambda: x[:1], "transpose": lambda: x.T, "scalar": lambda: np.float32(1.5),
-                       "fortran": lambda: np.asfortranarray(x), "broadcast-last": lambda: x[..., :1],
-                       "double-last": lambda: np.concatenate([x, x], axis=-1)}[arg]()
+        reshaped: Any = {"add-axis": lambda: x[:, None], "drop-axis": lambda: x[:, 0],
+                         "trim-last": lambda: x[..., :-1], "zero-samples": lambda: x[:0],
+                         "one-sample": lambda: x[:1], "transpose": lambda: x.T, "scalar": lambda: np.float32(1.5),
+                         "fortran": lambda: np.asfortranarray(x), "broadcast-last": lambda: x[..., :1],
+                         "double-last": lambda: np.concatenate([x, x], axis=-1)}[arg]()
+        arrays[key] = reshaped
     else:
         new = {"rename": key + "_typo", "extra": "unrelated", "empty": "", "slash": "a/b", "dotdot": "../x",
                "unicode": "ünï"}.get(arg)

@@ -62,7 +62,7 @@ MANIFEST_PATHS = [["format"], ["format_version"], ["model"], ["files"], ["files"
                   ["check", "sqnr_db", "output"], ["check", "tolerance_db"], ["check", "samples"],
                   ["validation"], ["validation", "min_sqnr_db"], ["validation", "outputs"], ["inputs"],
                   ["outputs"], ["target"], ["versions"], ["pipeline"], ["custom_op_domains"], ["opset_imports"]]
-VALUES = [None, 0, -1, 2, 1e9, -1e9, "x", "", [], {}, True, "NaN", {"bytes": 1, "sha256": "0" * 64}]
+VALUES: list[Any] = [None, 0, -1, 2, 1e9, -1e9, "x", "", [], {}, True, "NaN", {"bytes": 1, "sha256": "0" * 64}]
 BUNDLE_EDIT = st.one_of(
     st.tuples(st.just("set"), st.integers(0, len(MANIFEST_PATHS) - 1), st.integers(0, len(VALUES) - 1)),
     st.tuples(st.just("del"), st.integers(0, len(MANIFEST_PATHS) - 1), st.just(0)),
