@@ -8,6 +8,7 @@ never write anything, and a refused output path must leave every input byte-iden
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import os
@@ -42,6 +43,7 @@ def template(kind: str) -> Path:
     """A bundle (folder, with ``bundle.zip`` beside it) packaged once per process."""
     if kind not in _TEMPLATES:
         d = Path(tempfile.mkdtemp(prefix="qcompiler-fuzz-bundle-"))
+        atexit.register(shutil.rmtree, d, True)
         fixture, extra = TEMPLATES[kind]
         shutil.copy(C.MODELS / f"{fixture}.onnx", d / "model.onnx")
         np.savez(d / "calib.npz", **{k: v[:3] for k, v in C.fixture_npz(fixture).items()})
