@@ -1,95 +1,54 @@
-"""Bounded fuzzing of the CLI with hypothesis (issue 6): mutated ONNX protobufs, random plans and random pipeline
-texts. Whatever the input, ``qcompiler compile`` either succeeds (exit 0, a model that passes the ONNX checker)
-or refuses it (exit 2, exactly one ``error:`` line, nothing written) — never a crash (exit 1) and never a
-traceback. Derandomized (the same examples on every run) and bounded: ~60 s in all on this machine.
+"""Bounded fuzzing of the CLI with hypothesis (issues 6 and 16): mutated ONNX protobufs, random plans (as data
+and as mutated text: bad UTF-8, YAML / JSON syntax, anchors, nesting) and random pipeline texts. Every case is
+held to the contract of ``test_robustness_fuzz_contract``: exit 0 (a model that passes the ONNX checker) or 2
+(exactly one ``error:`` line, nothing written), never a crash or a traceback, every input byte-identical.
+Derandomized (the same examples on every run) and bounded; ``QCOMPILER_FUZZ_PROFILE=long`` for more.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
-import onnx
 import yaml
-from click.testing import CliRunner
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
-from hypothesis.configuration import set_hypothesis_home_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _robust_cases as C
+import test_robustness_fuzz_contract as F
 
-from qcompiler.cli import cli
-
-set_hypothesis_home_dir(tempfile.mkdtemp(prefix="qcompiler-hypothesis-"))  # no .hypothesis/ in the repo
-FUZZ = settings(derandomize=True, deadline=None, database=None, print_blob=True,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 SEEDS = {name: C.fixture_bytes(name) for name in ("gemm_head", "conv_bn_relu", "depthwise")}
 SEEDS["matmul"] = C.matmul_model().SerializeToString()
 
 
-def run_and_check(args: list[str], out: Path) -> int:
-    res = CliRunner().invoke(cli, args)
-    assert res.exception is None or isinstance(res.exception, SystemExit), repr(res.exception)
-    text = res.stdout + res.stderr
-    assert "Traceback" not in text
-    assert res.exit_code in (0, 2), (res.exit_code, res.stderr)
-    event(f"exit {res.exit_code}")
-    if res.exit_code == 2:
-        errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error: ")]
-        assert len(errors) == 1, res.stderr
-        assert not out.exists() and not any(out.parent.glob(".qcompiler-*"))
-    else:
-        onnx.checker.check_model(onnx.load(str(out)))
-    return res.exit_code
+def _model(root: Path, seed: str) -> Path:
+    (root / "in").mkdir()
+    model = root / "in" / "m.onnx"
+    model.write_bytes(SEEDS[seed])
+    return model
+
+
+def _compile(model: Path, root: Path, *extra: str) -> F.Call:
+    out = root / "out" / "q.onnx"
+    return F.Call(["compile", str(model), "-o", str(out), "--calib", "random", "--calib-samples", "2", *extra], out)
 
 
 # ------------------------------------------------------------------------------------ mutated protobufs
-mutation = st.one_of(
-    st.tuples(st.just("flip"), st.integers(0, 1 << 20), st.integers(0, 7)),
-    st.tuples(st.just("set"), st.integers(0, 1 << 20), st.integers(0, 255)),
-    st.tuples(st.just("delete"), st.integers(0, 1 << 20), st.integers(1, 64)),
-    st.tuples(st.just("insert"), st.integers(0, 1 << 20), st.binary(min_size=1, max_size=16)),
-    st.tuples(st.just("truncate"), st.integers(0, 1 << 20), st.just(0)),
-    st.tuples(st.just("duplicate"), st.integers(0, 1 << 20), st.integers(1, 256)),
-)
+@F.builder("model-bytes")
+def build_model_bytes(p: dict[str, Any], root: Path) -> F.Call:
+    model = _model(root, p["seed"])
+    model.write_bytes(F.mutate(SEEDS[p["seed"]], p["ops"]))
+    return _compile(model, root)
 
 
-def mutate(data: bytes, ops: list[tuple[str, int, Any]]) -> bytes:
-    b = bytearray(data)
-    for op, pos, arg in ops:
-        if not b:
-            break
-        i = pos % len(b)
-        if op == "flip":
-            b[i] ^= 1 << arg
-        elif op == "set":
-            b[i] = arg
-        elif op == "delete":
-            del b[i:i + arg]
-        elif op == "insert":
-            b[i:i] = arg
-        elif op == "truncate":
-            del b[i:]
-        else:
-            b[i:i] = b[i:i + arg]
-    return bytes(b)
-
-
-@settings(FUZZ, max_examples=250)
-@given(seed=st.sampled_from(sorted(SEEDS)), ops=st.lists(mutation, min_size=1, max_size=4))
-def test_fuzz_mutated_models(seed: str, ops: list[tuple[str, int, Any]]) -> None:
-    data = mutate(SEEDS[seed], ops)
-    with tempfile.TemporaryDirectory() as td:
-        model = Path(td) / "m.onnx"
-        model.write_bytes(data)
-        out = Path(td) / "out" / "q.onnx"
-        run_and_check(["compile", str(model), "-o", str(out), "--calib", "random", "--calib-samples", "2"], out)
-        assert model.read_bytes() == data
+@F.examples(250)
+@given(seed=st.sampled_from(sorted(SEEDS)), ops=F.MUTATIONS)
+def test_fuzz_mutated_models(seed: str, ops: list[Any]) -> None:
+    F.check_case("model-bytes", {"seed": seed, "ops": ops})
 
 
 # ------------------------------------------------------------------------------------------ random plans
@@ -117,30 +76,82 @@ PLAN = st.fixed_dictionaries({}, optional={"version": st.sampled_from([1, 1, 1, 
                                            "extra": st.integers()})
 
 
-@settings(FUZZ, max_examples=150)
+
+@F.builder("plan")
+def build_plan(p: dict[str, Any], root: Path) -> F.Call:
+    model = _model(root, p["seed"])
+    plan = root / "in" / ("plan.json" if p["as_json"] else "plan.yaml")
+    plan.write_text(json.dumps(p["plan"]) if p["as_json"] else yaml.safe_dump(p["plan"]), encoding="utf-8")
+    return _compile(model, root, "--plan", str(plan))
+
+
+@F.examples(150)
 @given(plan=PLAN, as_json=st.booleans(), seed=st.sampled_from(["gemm_head", "conv_bn_relu", "matmul"]))
 def test_fuzz_plans(plan: dict[str, Any], as_json: bool, seed: str) -> None:
-    with tempfile.TemporaryDirectory() as td:
-        model = Path(td) / "m.onnx"
-        model.write_bytes(SEEDS[seed])
-        p = Path(td) / ("plan.json" if as_json else "plan.yaml")
-        p.write_text(json.dumps(plan) if as_json else yaml.safe_dump(plan), encoding="utf-8")
-        out = Path(td) / "out" / "q.onnx"
-        run_and_check(["compile", str(model), "-o", str(out), "--plan", str(p), "--calib", "random",
-                       "--calib-samples", "2"], out)
+    F.check_case("plan", {"plan": plan, "as_json": as_json, "seed": seed})
 
 
+# ----------------------------------------------------------------------------------- plan files as text
+PLAN_TEXTS = [
+    "version: 1\ndefaults:\n  weight: {dtype: int8, granularity: per_channel}\n  activation: {dtype: uint8}\n"
+    "rules:\n  - match: {op_type: [Gemm, Conv]}\n    weight: {dtype: int4, block_size: 32}\n"
+    "  - match: {name_regex: '^/head'}\n    skip: true\n",
+    json.dumps({"version": 1, "defaults": {"weight": {"dtype": "int8"}},
+                "rules": [{"match": {"op_type": "MatMul"}, "activation": {"calibration": "percentile",
+                                                                          "percentile": 99.9}}]}, indent=1),
+    "# comment\nversion: 1\nrules: []\n",
+]
+WRAPS = {
+    "none": lambda t: t,
+    "bom": lambda t: b"\xef\xbb\xbf" + t,
+    "utf16": lambda t: t.decode("utf-8", "replace").encode("utf-16"),
+    "latin1": lambda t: t.replace(b"version", b"v\xe9rsion"),
+    "nul": lambda t: t[: len(t) // 2] + b"\x00" + t[len(t) // 2:],
+    "crlf": lambda t: t.replace(b"\n", b"\r\n"),
+    "tabs": lambda t: t.replace(b"  ", b"\t"),
+    "alias-bomb": lambda t: b"a: &a [x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a]\nc: &c [*b, *b, *b, *b, *b, *b]\n"
+                            b"d: [*c, *c, *c, *c, *c, *c]\n" + t,
+    "deep": lambda t: b"[" * 5000 + b"]" * 5000,
+    "huge-int": lambda t: b"version: 1" + b"0" * 5000 + b"\n",
+    "dup-keys": lambda t: t + b"\nversion: 1\n",
+    "merge-key": lambda t: b"base: &b {dtype: int8}\nversion: 1\ndefaults: {weight: {<<: *b, granularity: block}}\n",
+    "binary-tag": lambda t: b"version: !!binary aGVsbG8=\n",
+    "timestamp": lambda t: b"version: 2001-12-14t21:59:43.10-05:00\n",
+    "float-key": lambda t: b"version: 1\n1.5: x\n",
+}
+
+
+@F.builder("plan-text")
+def build_plan_text(p: dict[str, Any], root: Path) -> F.Call:
+    model = _model(root, p["seed"])
+    text = WRAPS[p["wrap"]](PLAN_TEXTS[p["base"]].encode())
+    plan = root / "in" / f"plan{p['suffix']}"
+    plan.write_bytes(F.mutate(text, p["ops"]) if p["ops"] else text)
+    return _compile(model, root, "--plan", str(plan))
+
+
+@F.examples(40)
+@given(seed=st.sampled_from(["gemm_head", "matmul"]), base=st.integers(0, len(PLAN_TEXTS) - 1),
+       wrap=st.sampled_from(sorted(WRAPS)), suffix=st.sampled_from([".yaml", ".json", ".yml", ".txt", ""]),
+       ops=st.one_of(st.just([]), F.MUTATIONS))
+def test_fuzz_plan_texts(seed: str, base: int, wrap: str, suffix: str, ops: list[Any]) -> None:
+    F.check_case("plan-text", {"seed": seed, "base": base, "wrap": wrap, "suffix": suffix, "ops": ops})
+
+
+# ------------------------------------------------------------------------------------------- pipelines
 PASSES = ["cleanup", "fold-batchnorm", "resolve-plan", "calibrate", "insert-qdq", "lower", "nope", ""]
 OPTS = st.sampled_from(["", "{method=percentile}", "{samples=1}", "{percentile=99}", "{x=1}", "{", "}",
                         "{method=}", "{fold_shapes=true}", "{=}"])
 
 
-@settings(FUZZ, max_examples=60)
+
+@F.builder("pipeline")
+def build_pipeline(p: dict[str, Any], root: Path) -> F.Call:
+    return _compile(_model(root, "gemm_head"), root, "--pipeline", p["text"])
+
+
+@F.examples(60)
 @given(items=st.lists(st.tuples(st.sampled_from(PASSES), OPTS), min_size=0, max_size=6),
        sep=st.sampled_from([",", ", ", ",,"]))
 def test_fuzz_pipelines(items: list[tuple[str, str]], sep: str) -> None:
-    text = sep.join(a + b for a, b in items)
-    with tempfile.TemporaryDirectory() as td:
-        out = Path(td) / "out" / "q.onnx"
-        run_and_check(["compile", str(C.MODELS / "gemm_head.onnx"), "-o", str(out), "--pipeline", text, "--calib",
-                       "random", "--calib-samples", "2"], out)
+    F.check_case("pipeline", {"text": sep.join(a + b for a, b in items)})
