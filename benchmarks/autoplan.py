@@ -60,7 +60,7 @@ from _common import (
 from qcompiler import autoplan
 from qcompiler.api import CompileOptions, compile_model
 from qcompiler.autoplan.sensitivity import METRICS, LayerUnderTest, compute, effective_samples
-from qcompiler.plan import Plan
+from qcompiler.plan import Plan, presets
 from qcompiler.report import cost
 
 #: the candidates at the bytes of uniform int4: SIX as in the first measurements, ALL with 3- and 2-bit shift
@@ -268,6 +268,58 @@ def run_model(key: str, args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def run_issue14(key: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Issue 14: ``qcompiler plan --budget <bytes of uniform --preset w4a8>`` (default options: the shipped presets
+    searched and measured on the last calibration samples held back, default candidates) against uniform
+    ``--preset w4a8``; both compiled with the whole calibration split, both measured on the same eval samples."""
+    task = load_task(key, n_calib=args.calib, n_eval=args.eval)
+    work = Path(tempfile.mkdtemp(prefix=f"issue14-{key}-"))
+    calib = write_feeds(task.calib, work / "calib")
+
+    def log(*a: Any) -> None:
+        print(f"[{key}]", *a, file=sys.stderr, flush=True)
+
+    uni = compile_and_measure(task, Plan.from_file(str(presets.preset_path("w4a8"))), calib, work, "ort", "w4a8")
+    log("uniform w4a8", uni["bytes"], f"{uni['sqnr_db']:.2f} dB")
+    out: dict[str, Any] = {"model": key, "w4a8": {k: uni[k] for k in ("bytes", "sqnr_db", "agreement")}, "runs": {}}
+    for label, cands in (("default", None), *[(c, c) for c in args.issue14_candidates]):
+        t = time.perf_counter()
+        opts = autoplan.PlanOptions(budget=autoplan.Budget.parse(str(uni["bytes"])),
+                                    candidates=autoplan.parse_candidates(cands or autoplan.DEFAULT_CANDIDATES),
+                                    default_candidates=cands is None, samples=args.samples,
+                                    max_samples=args.max_samples, holdout=args.holdout)
+        r = autoplan.auto_plan(task.model, calib, opts)
+        secs = time.perf_counter() - t
+        m = compile_and_measure(task, r.plan, calib, work, "ort", f"planned-{label.replace(',', '_')}")
+        entry = {"seconds": secs, "bytes": m["bytes"], "sqnr_db": m["sqnr_db"], "agreement": m["agreement"],
+                 "gain_db": m["sqnr_db"] - uni["sqnr_db"], "within_budget": m["bytes"] <= uni["bytes"],
+                 "base": r.baseline.get("name"), "uniform": r.uniform, "counts": r.counts(),
+                 "held_back": r.measured, "predicted_sqnr_db": r.predicted.get("sqnr_db"),
+                 "presets": r.baseline.get("presets")}
+        out["runs"][label] = entry
+        log("plan", label, {k: v for k, v in entry.items() if k != "presets"})
+    return out
+
+
+def markdown_issue14(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    rows = []
+    for r in results:
+        for label, e in r["runs"].items():
+            hb = e["held_back"]
+            mixed = hb.get("mixed", hb) if e["uniform"] else hb
+            rows.append((r["model"], label, str(r["w4a8"]["bytes"]), f"{r['w4a8']['sqnr_db']:.2f}", str(e["bytes"]),
+                         f"{e['sqnr_db']:.2f}", f"{e['gain_db']:+.2f}", e["base"],
+                         "uniform" if e["uniform"] else " ".join(f"{k}:{v}" for k, v in e["counts"].items() if v),
+                         f"{mixed['sqnr_db']:.2f} / {e['predicted_sqnr_db']:.2f}", f"{e['seconds']:.0f}"))
+    return "\n".join([
+        f"Machine: {machine().get('cpu', '?')}, {os.cpu_count()} cores. Calibration: {args.calib} samples (calib "
+        f"split; the planner holds back the last {args.holdout}, at most a quarter, to measure on); every number "
+        f"below measured on the first {args.eval} samples of the eval split (worst output SQNR, dB). Both plans "
+        "compiled with the whole calibration split.", "",
+        fmt_table(["model", "candidates", "w4a8 bytes", "w4a8 SQNR", "planned bytes", "planned SQNR", "gain",
+                   "base preset", "planned layers", "mixed: held-back measured / predicted", "plan s"], rows), ""])
+
+
 def markdown(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
     lines = [f"Machine: {machine().get('cpu', '?')}, {os.cpu_count()} cores. Calibration {args.calib} samples "
              f"(calib split), evaluation {args.eval} samples (eval split), sensitivity on the first {args.samples}.",
@@ -357,7 +409,20 @@ def main() -> None:
                     metavar="SELECT,EXCHANGE",
                     help="one more int4-bytes row: +shift3,2,int3,2 with --select / --exchange (default 32,2; 0 off)")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--issue14", action="store_true",
+                    help="only the issue-14 table: plan --budget <bytes of --preset w4a8> vs uniform --preset w4a8")
+    ap.add_argument("--issue14-candidates", default="", type=lambda t: [c for c in t.split(" ") if c],
+                    help="--issue14: more candidate lists to plan with besides the default (space-separated)")
+    ap.add_argument("--holdout", type=int, default=autoplan.HOLDOUT, help="--issue14: qcompiler plan --holdout")
     args = ap.parse_args()
+    if args.issue14:
+        res14 = []
+        for key in [k for k in args.models.split(",") if k]:
+            res14.append(run_issue14(key, args))
+            if args.json:
+                args.json.write_text(json.dumps(res14, indent=2, default=str) + "\n")
+        print(markdown_issue14(res14, args))
+        return
     results = []
     for key in [k for k in args.models.split(",") if k]:
         results.append(run_model(key, args))

@@ -8,6 +8,7 @@ import itertools
 import logging
 import math
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ from qcompiler.cli import cli
 from qcompiler.core.errors import UserError
 from qcompiler.plan import Plan
 from qcompiler.report import cost
+from qcompiler.report import validate as qv
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 CONV = MODELS / "conv_bn_relu.onnx"
@@ -287,7 +289,8 @@ def test_sensitivity_resting_on_one_sample_is_measured_on_more(tmp_path):
     x[2] *= 0.5 / 40.0  # sample 2: margin 0.5, near the decision boundary
     np.savez(tmp_path / "calib.npz", x=x)
     cands = ["int8", "int4"]
-    opts = autoplan.PlanOptions(budget=Budget.parse("100%"), candidates=parse_candidates(cands), samples=8)
+    opts = autoplan.PlanOptions(budget=Budget.parse("100%"), candidates=parse_candidates(cands), samples=8,
+                                presets=False, holdout=0)
     prep, lut = _layers(path, "int8,int4")
     ranges = autoplan.calib_source(prep.graph, tmp_path / "calib.npz", 8, 0)
     sens, feeds = autoplan.measure_sensitivity(prep.graph, lut, cands, ranges, opts)
@@ -297,7 +300,8 @@ def test_sensitivity_resting_on_one_sample_is_measured_on_more(tmp_path):
     sens8, _ = autoplan.measure_sensitivity(prep.graph, lut, cands, ranges, opts)
     assert sens8.samples == 8 and "first_pass" not in sens8.details
     res = autoplan.auto_plan(path, tmp_path / "calib.npz", autoplan.PlanOptions(
-        budget=Budget.parse("100%"), candidates=parse_candidates(cands), samples=8, select=0))
+        budget=Budget.parse("100%"), candidates=parse_candidates(cands), samples=8, select=0, presets=False,
+        holdout=0))
     assert res.sensitivity.samples == 32
     # alike samples, relative-MSE output: no second pass
     fpath, fcalib = _fragile_files(tmp_path)
@@ -326,6 +330,9 @@ def test_probability_outputs_use_kl():
 
 # -------------------------------------------------------------------------------------------- planning
 def _plan(path, calib, budget, cands="int8,int4", **kw):
+    """The search alone on the default plan (no preset search, nothing measured), unless ``kw`` says otherwise."""
+    kw.setdefault("presets", False)
+    kw.setdefault("holdout", 0)
     opts = autoplan.PlanOptions(budget=Budget.parse(budget, bitops=kw.pop("bitops", False)),
                                 candidates=parse_candidates(cands), samples=8, **kw)
     return autoplan.auto_plan(path, calib, opts)
@@ -428,7 +435,7 @@ def test_default_candidates_the_target_cannot_run_are_left_out(fragile, tmp_path
     assert size <= 0.30 * os.path.getsize(path)  # int8 everywhere fits 30 %
     # the same through the CLI: no --candidates given
     r = CliRunner().invoke(cli, ["plan", str(path), "--budget", "30%", "--calib", str(calib), "--target", "ort-qop",
-                                 "-o", str(tmp_path / "cli.yaml"), "-q"])
+                                 "-o", str(tmp_path / "cli.yaml"), "-q", "--no-presets"])
     assert r.exit_code == 0, r.output
     assert "int4" not in (tmp_path / "cli.yaml").read_text(encoding="utf-8").split("rules:")[-1]
 
@@ -451,7 +458,7 @@ def test_cli_round_trip(tmp_path):
     runner = CliRunner()
     plan, front = tmp_path / "plan.yaml", tmp_path / "front.csv"
     r = runner.invoke(cli, ["plan", str(CONV), "--budget", "11KB", "--calib", str(CONV_DATA), "-o", str(plan),
-                            "--pareto", str(front), "--measure", "2", "--samples", "8"])
+                            "--pareto", str(front), "--measure", "2", "--samples", "8", "--no-presets"])
     assert r.exit_code == 0, r.output
     assert plan.exists() and front.exists() and front.with_suffix(".svg").exists()
     text = plan.read_text()
@@ -468,7 +475,7 @@ def test_cli_round_trip(tmp_path):
     assert os.path.getsize(out) <= 11 * 1024 and "cost:" in r.output
     # explicit sub-command, plan to stdout; the other sub-commands still work
     r = runner.invoke(cli, ["plan", "auto", str(CONV), "--budget", "11KB", "--calib", str(CONV_DATA), "-q",
-                            "--metric", "act-stats"])
+                            "--metric", "act-stats", "--no-presets"])
     assert r.exit_code == 0 and r.output.startswith("# Mixed-precision plan")
     r = runner.invoke(cli, ["plan", "show"])
     assert r.exit_code == 0 and "w8a8" in r.output
@@ -543,3 +550,109 @@ def test_exchange_repairs_a_poor_plan_and_keeps_the_budget(fragile, tmp_path, mo
     assert sq_fixed >= sq_poor + 3.0, (sq_fixed, sq_poor)
     with pytest.raises(UserError, match="--exchange"):
         _plan(path, calib, "21%", metric="hessian", exchange=1)
+
+
+# ------------------------------------------------------------- issue 14: never lose to a uniform preset
+DEPTHWISE = MODELS / "depthwise.onnx"  # Conv only: w4a8's MatMul / Gemm rule matches nothing
+DEPTHWISE_DATA = MODELS / "depthwise.npz"
+
+
+def _held_back(data: Path, tmp_path: Path, n_hold: int) -> tuple[Path, list[dict[str, np.ndarray]]]:
+    """The calibration part (first samples, as a stacked .npz) and the held-back feeds (last n_hold) of ``data``."""
+    with np.load(data) as z:
+        arrays = {k: z[k] for k in z.files}
+    n = len(next(iter(arrays.values())))
+    fit = tmp_path / "fit.npz"
+    np.savez(fit, **{k: v[: n - n_hold] for k, v in arrays.items()})
+    return fit, [{k: v[i] for k, v in arrays.items()} for i in range(n - n_hold, n)]
+
+
+def test_planner_returns_the_uniform_preset_when_the_search_cannot_beat_it(fragile, tmp_path, monkeypatch):
+    """Rigged: the knapsack answers every layer at its cheapest candidate (int4, fragile layer included) and no
+    whole-plan selection repairs it. At a budget every preset fits, the best preset measures far better than that
+    mix on the held-back samples, so the planner returns the preset itself: it compiles to the same model as
+    `--preset NAME`, and the measured SQNR is the preset's."""
+    path, calib = fragile
+
+    def cheapest(values, costs, cap, opts):
+        return [int(np.nanargmin(row)) for row in costs]
+
+    monkeypatch.setattr(autoplan.search, "_solve", cheapest)
+    res = autoplan.auto_plan(path, calib, autoplan.PlanOptions(budget=Budget.parse("100%"), select=0))
+    assert res.uniform and res.choice == [1, 1, 1, 1]  # the mix found is all int4 ...
+    name = res.baseline["name"]
+    assert name in autoplan.baseline.presets.names()
+    fitting = [r for r in res.baseline["presets"] if r.get("fits")]
+    assert fitting and res.baseline["sqnr_db"] == max(r["sqnr_db"] for r in fitting)
+    assert res.measured["sqnr_db"] == res.baseline["sqnr_db"] > res.measured["mixed"]["sqnr_db"] + 3.0
+    assert res.text.startswith(f"# Plan written by `qcompiler plan` (qcompiler {autoplan.baseline.__version__}): "
+                               f"the uniform {name}")
+    # ... and the plan returned is the preset: the same compiled model
+    a, b = tmp_path / "planned.onnx", tmp_path / "preset.onnx"
+    compile_model(path, a, CompileOptions(plan=res.plan, calib=str(calib), validate=False))
+    compile_model(path, b, CompileOptions(preset=name, calib=str(calib), validate=False))
+    qa, qb = onnx.load(str(a)), onnx.load(str(b))
+    assert [n.op_type for n in qa.graph.node] == [n.op_type for n in qb.graph.node]
+    assert all(np.array_equal(numpy_helper.to_array(x), numpy_helper.to_array(y))
+               for x, y in zip(qa.graph.initializer, qb.graph.initializer, strict=True))
+
+
+def test_a_mixed_plan_that_measures_better_is_kept(tmp_path):
+    """Below every int8 preset's bytes the mix of int8 and int4 on top of the best int4 preset measures better
+    than that preset alone on the held-back samples (conv_bn_relu, 9000 bytes): the mix is returned, built on
+    the preset (its algorithms and weight ranges in the plan), within the budget."""
+    res = autoplan.auto_plan(CONV, CONV_DATA, autoplan.PlanOptions(budget=Budget.parse("9000")))
+    assert not res.uniform and res.baseline["fits"]
+    base = Plan.from_file(str(autoplan.baseline.presets.preset_path(res.baseline["name"])))
+    assert res.plan.algorithms == base.algorithms and res.plan.weight_defaults == base.weight_defaults
+    assert res.measured["sqnr_db"] > res.baseline["sqnr_db"]
+    assert res.verified["bytes"] <= 9000 and res.measured["bytes"] == res.verified["bytes"]
+
+
+def test_preset_base_with_rules_matching_no_node_warns_and_works(tmp_path):
+    """`plan --plan w4a8` on a Conv-only model: the preset's MatMul / Gemm rule matches no node — a warning, not an
+    exit 1; the plan keeps the preset's algorithms, compiles within the budget, and is never worse than w4a8
+    alone (measured)."""
+    uni = tmp_path / "w4a8.onnx"
+    r = CliRunner().invoke(cli, ["compile", str(DEPTHWISE), "-o", str(uni), "--preset", "w4a8",
+                                 "--calib", str(DEPTHWISE_DATA)])
+    assert r.exit_code == 0, r.output
+    budget = cost.model_cost(uni).total_bytes
+    out = tmp_path / "p.yaml"
+    r = CliRunner().invoke(cli, ["plan", str(DEPTHWISE), "--plan", "w4a8", "--budget", str(budget),
+                                 "--calib", str(DEPTHWISE_DATA), "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "rules[0] (op_type=MatMul,Gemm) match(es) no node of depthwise.onnx" in r.output
+    text = out.read_text(encoding="utf-8")
+    assert "gptq: {block_size: 128, damp: 0.01, act_order: true}" in text and "bias_correct: true" in text
+    # a mixed plan leaves the rule out; the uniform preset returned as it is keeps it
+    assert ("MatMul" in text) == text.startswith("# Plan written by `qcompiler plan` (qcompiler "), text[:300]
+    m = re.search(r"measured: output SQNR ([-0-9.]+) dB", r.output)
+    base = re.search(r"uniform base plan alone ([-0-9.]+) dB", r.output)
+    assert m is not None and (base is None or float(m.group(1)) >= float(base.group(1)))
+    q = tmp_path / "q.onnx"
+    r = CliRunner().invoke(cli, ["compile", str(DEPTHWISE), "-o", str(q), "--plan", str(out),
+                                 "--calib", str(DEPTHWISE_DATA)])
+    assert r.exit_code == 0, r.output
+    assert cost.model_cost(q).total_bytes <= budget
+
+
+def test_printed_sqnr_is_the_measured_one(tmp_path):
+    """The SQNR `plan` prints and writes is measured: compiling the written plan with the calibration samples it
+    names (the first 24 of 32) and running onnxruntime on the 8 held back (qcompiler's validate) gives it again,
+    to the printed digit; the additive model's figure is shown apart, labelled as predicted."""
+    out = tmp_path / "p.yaml"
+    r = CliRunner().invoke(cli, ["plan", str(CONV), "--budget", "9000", "--calib", str(CONV_DATA), "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    m = re.search(r"measured: output SQNR ([-0-9.]+) dB \(compiled, onnxruntime on the last 8 of the 32 "
+                  r"calibration samples, held back \(compiled with the first 24\)\)", r.output)
+    assert m is not None, r.output
+    assert re.search(r"predicted output SQNR [-0-9.]+ dB \(additive model\)", r.output)
+    text = out.read_text(encoding="utf-8")
+    assert f"# measured: output SQNR {m.group(1)} dB" in text and "# predicted (additive model, not measured)" in text
+    fit, held = _held_back(CONV_DATA, tmp_path, 8)
+    q = tmp_path / "q.onnx"
+    r = CliRunner().invoke(cli, ["compile", str(CONV), "-o", str(q), "--plan", str(out), "--calib", str(fit)])
+    assert r.exit_code == 0, r.output
+    again = qv.validate(CONV, q, held, per_layer=False).worst_output_sqnr()
+    assert f"{again:.2f}" == m.group(1)

@@ -46,6 +46,7 @@ Modules, by job: :mod:`~qcompiler.autoplan.budget` (budget and candidates), :mod
 from __future__ import annotations
 
 from qcompiler.autoplan import knapsack, sensitivity
+from qcompiler.autoplan.baseline import HOLDOUT, Holdout, auto_plan, make_holdout, plan_for_compile
 from qcompiler.autoplan.budget import BUDGET_KINDS, DEFAULT_CANDIDATES, Budget, Candidate, parse_candidates
 from qcompiler.autoplan.output import front_csv, front_svg, measure_front, write_front, write_plan
 from qcompiler.autoplan.plans import layer_rules, plan_text, text_for_choice
@@ -58,15 +59,15 @@ from qcompiler.autoplan.search import (
     SAMPLE_GROWTH,
     SOLVERS,
     _solve,
-    auto_plan,
     measure_sensitivity,
-    plan_for_compile,
+    search_plan,
 )
 
 __all__ = [
-    "BUDGET_KINDS", "DEFAULT_CANDIDATES", "MAX_ROUNDS", "MIN_ESS", "SAMPLE_GROWTH", "SOLVERS", "AutoPlanResult",
-    "Budget", "Candidate", "FrontPoint", "LayerInfo", "PlanOptions", "Prepared", "Progress", "_solve", "auto_plan",
-    "calib_source", "first_feeds", "front_csv", "front_svg", "knapsack", "layer_rules", "load_feeds",
-    "measure_front", "measure_sensitivity", "measure_sqnr", "output_quant", "parse_candidates", "plan_for_compile",
-    "plan_text", "prepare", "sensitivity", "text_for_choice", "weight_owners", "write_front", "write_plan",
+    "BUDGET_KINDS", "DEFAULT_CANDIDATES", "HOLDOUT", "MAX_ROUNDS", "MIN_ESS", "SAMPLE_GROWTH", "SOLVERS",
+    "AutoPlanResult", "Budget", "Candidate", "FrontPoint", "Holdout", "LayerInfo", "PlanOptions", "Prepared",
+    "Progress", "_solve", "auto_plan", "calib_source", "first_feeds", "front_csv", "front_svg", "knapsack",
+    "layer_rules", "load_feeds", "make_holdout", "measure_front", "measure_sensitivity", "measure_sqnr",
+    "output_quant", "parse_candidates", "plan_for_compile", "plan_text", "prepare", "search_plan", "sensitivity",
+    "text_for_choice", "weight_owners", "write_front", "write_plan",
 ]

@@ -33,7 +33,7 @@ def measure_front(model_path: str | Path, result: AutoPlanResult, calib: str | P
         if progress:
             progress("measure front", k, len(order))
         p = front[i]
-        plan = result.plan if p.chosen else Plan.from_text(text_for_choice(result, p.choice), source="<front>")
+        plan = result.plan if p.chosen and not result.uniform else Plan.from_text(text_for_choice(result, p.choice), source="<front>")
         p.measured_sqnr_db = measure_sqnr(model_path, plan, calib, target=result.target,
                                           validate_data=validate_data, calib_samples=calib_samples)
     if progress:

@@ -17,7 +17,7 @@ from qcompiler.autoplan.budget import Candidate, fmt_unit
 from qcompiler.autoplan.prepare import Prepared, spec_dict
 from qcompiler.autoplan.result import AutoPlanResult, PlanOptions
 from qcompiler.autoplan.sensitivity import SensitivityResult
-from qcompiler.plan import QuantSpec
+from qcompiler.plan import Plan, QuantSpec
 from qcompiler.report import cost
 
 
@@ -61,9 +61,15 @@ def layer_rules(prep: Prepared, candidates: Sequence[Candidate]) -> list[list[di
 
 def plan_text(prep: Prepared, rules: list[dict[str, Any]], header: Sequence[str],
               comments: Sequence[str] | None = None) -> str:
-    """YAML of a plan: header comments, the base plan's defaults / algorithms / rules, then ``rules`` (one per
-    layer, each after its comment line)."""
-    base = prep.base.to_dict()
+    """YAML of a plan on top of ``prep``'s base plan (:func:`plan_yaml`)."""
+    return plan_yaml(prep.base, rules, header, comments)
+
+
+def plan_yaml(base_plan: Plan, rules: Sequence[dict[str, Any]], header: Sequence[str],
+              comments: Sequence[str] | None = None) -> str:
+    """YAML of a plan: header comments, the base plan's defaults / algorithms / target options / rules, then
+    ``rules`` (one per layer, each after its comment line)."""
+    base = base_plan.to_dict()
     lines = [f"# {h}" if h else "#" for h in header]
     lines.append(f"version: {base['version']}")
     lines.append("defaults:")
@@ -71,7 +77,9 @@ def plan_text(prep: Prepared, rules: list[dict[str, Any]], header: Sequence[str]
     lines.append(f"  activation: {_flow(base['defaults']['activation'])}")
     if base.get("algorithms"):
         lines.append(f"algorithms: {_flow(base['algorithms'])}")
-    lines.append("rules:")
+    if base.get("targets"):
+        lines.append(f"targets: {_flow(base['targets'])}")
+    lines.append("rules:" if base["rules"] or rules else "rules: []")
     if base["rules"]:
         lines.append("  # rules of the base plan")
         for r in base["rules"]:
@@ -116,10 +124,10 @@ def plan_header(src: Path, opts: PlanOptions, budget_value: float, unit: str, pr
         f"model: {src.name}   target: {opts.target}   metric: {opts.metric}   candidates: {', '.join(names)}",
         f"budget: {opts.budget.text} = {fmt_unit(budget_value, unit)}"
         + ("  (model file bytes, as `qcompiler inspect --cost` counts them)" if unit == "bytes" else ""),
-        f"predicted: {round(predicted['bytes'])} bytes, {cost.format_count(predicted['bitops'])} BitOps, "
-        f"{predicted['avg_bits']:.3f} avg weight bits"
+        f"predicted (additive model, not measured): {round(predicted['bytes'])} bytes, "
+        f"{cost.format_count(predicted['bitops'])} BitOps, {predicted['avg_bits']:.3f} avg weight bits"
         + (f", output SQNR {sq:.2f} dB" if sq is not None and math.isfinite(sq) else "")
-        + (f" (measured whole on other calibration samples: {predicted['joint_sqnr_db']:.2f} dB)"
+        + (f" (pd, whole plan fake-quantized on other calibration samples: {predicted['joint_sqnr_db']:.2f} dB)"
            if predicted.get("joint_sqnr_db") is not None and math.isfinite(predicted["joint_sqnr_db"]) else ""),
         "layers: " + ", ".join(f"{n} x{c}" for n, c in counts.items() if c),
         "Each rule's comment: the layer's sensitivity s (predicted output distortion when only that layer is",
@@ -131,10 +139,11 @@ def plan_header(src: Path, opts: PlanOptions, budget_value: float, unit: str, pr
 
 def text_for_choice(result: AutoPlanResult, choice: Sequence[int]) -> str:
     """The result's plan text with each layer's rule switched to ``choice`` (comments unchanged)."""
+    text = result.search_text or result.text
     swap: dict[str, str] = {}
     for li, (old, new) in enumerate(zip(result.choice, choice)):
         a, b = result.rules[li][old], result.rules[li][new]
         if a is None or b is None:
             raise ValueError(f"layer {result.layers[li].name}: candidate not allowed")
         swap[f"  - {_flow(a)}"] = f"  - {_flow(b)}"
-    return "\n".join(swap.get(line, line) for line in result.text.splitlines()) + "\n"
+    return "\n".join(swap.get(line, line) for line in text.splitlines()) + "\n"

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,13 @@ def prepare(model_path: str | Path, candidates: Sequence[Candidate], *, target: 
     ctx = run_prefix(src, base, tgt)  # the target's pipeline up to resolve-plan: the compile's nodes and names
     meta = ctx.meta
     assert ctx.resolved is not None
+    unmatched = set(ctx.resolved.unmatched_rules)
+    if unmatched:
+        # a preset's rule for op types this model lacks (w4a8's MatMul / Gemm rule on a Conv-only model): it
+        # decides nothing here, so the plans written leave it out (and their compiles need not warn again)
+        log.warning("plan: base plan %s: %s match(es) no node of %s; left out of the plans written", base.source,
+                    ", ".join(sorted(unmatched)), src.name)
+        base = replace(base, rules=[r for r in base.rules if r.describe() not in unmatched])
     by_name = {n.name: n for n in ctx.graph.nodes}
     layers: list[LayerInfo] = []
     specs: list[dict[str, QuantSpec | None]] = []

@@ -97,6 +97,17 @@ def _cost_from_json(cj: dict[str, Any]) -> cost.CostReport:
                            notes=list(cj.get("notes", [])))
 
 
+def compiled_cost(res: Any, out: Path, shapes: dict[str, list[int]] | None, want_shapes: bool) -> cost.CostReport:
+    """The cost report of a compile's output ``out`` (``res``: its :class:`~qcompiler.compile.CompileResult`): the
+    compile's own when it counted what is asked, else counted again."""
+    files = [f for f in res.files if f.suffix in (".onnx", ".data") or f.name.endswith(".onnx.data")]
+    cj = res.report.get("cost")
+    if cj is not None and (not want_shapes or (cj.get("shapes_from") != "none" and cj.get("macs")
+                                               and cj.get("feed_shapes") == shapes)):
+        return _cost_from_json(cj)  # the compile counted it already (at the calibration sample's shapes)
+    return cost.model_cost(out, files=files, feed_shapes=shapes, shapes=want_shapes)
+
+
 class ProbeWorkdir:
     """A temporary folder with the one-sample calibration file the probe compiles use."""
 
@@ -115,13 +126,7 @@ class ProbeWorkdir:
         out = self.path / f"probe{self.n}.onnx"
         res = compile_plan(model, out, CompileOptions(plan=plan, target=target, calib=str(self.calib),
                                                       calib_samples=1, validate=False))
-        files = [f for f in res.files if f.suffix in (".onnx", ".data") or f.name.endswith(".onnx.data")]
-        cj = res.report.get("cost")
-        if cj is not None and (not want_shapes or (cj.get("shapes_from") != "none" and cj.get("macs")
-                                                   and cj.get("feed_shapes") == shapes)):
-            rep = _cost_from_json(cj)  # the compile counted it already (at the calibration sample's shapes)
-        else:
-            rep = cost.model_cost(out, files=files, feed_shapes=shapes, shapes=want_shapes)
+        rep = compiled_cost(res, out, shapes, want_shapes)
         self.owners = weight_owners(ir.import_graph(ir.load_model(out))[0], layers) if layers else {}
         plan_rep = res.report.get("plan", {})
         for f in res.files:

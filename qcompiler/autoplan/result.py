@@ -45,6 +45,14 @@ class PlanOptions:
     exchange: int = 0
     seed: int = 0
     resolution: int = knapsack.DEFAULT_RESOLUTION
+    #: without ``base_plan``: start from the best shipped preset that fits the budget, measured on the held-back
+    #: samples (:func:`~qcompiler.autoplan.baseline.auto_plan`); False: the default plan, as before
+    presets: bool = True
+    #: calibration samples held back (the last ones, at most a quarter) to measure plans on, compiled for real
+    #: with the others; 0: nothing measured (no preset search, no guard against the uniform plan)
+    holdout: int = 16
+    #: held-back feeds to measure on instead (then every calibration sample calibrates)
+    validate_data: str | Path | None = None
 
 
 @dataclass
@@ -101,6 +109,16 @@ class AutoPlanResult:
     target: str
     rules: list[list[dict[str, Any] | None]] = field(default_factory=list)
     rounds: int = 1
+    #: the plan written, compiled for real and measured in onnxruntime on held-back samples: ``sqnr_db``,
+    #: ``samples``, ``data`` (what they are), ``calib_samples`` (the compile's); empty when not measured
+    measured: dict[str, Any] = field(default_factory=dict)
+    #: the uniform plan the search started from and was compared with: ``name``, ``bytes``, ``sqnr_db``,
+    #: ``fits``, and ``presets`` (each shipped preset's ``name`` / ``bytes`` / ``fits`` / ``sqnr_db``)
+    baseline: dict[str, Any] = field(default_factory=dict)
+    #: the plan returned is the uniform base plan itself (no mixed plan measured better); ``choice`` and the
+    #: tables still describe the best mixed plan, whose text is ``search_text``
+    uniform: bool = False
+    search_text: str = ""
 
     def counts(self) -> dict[str, int]:
         out = dict.fromkeys(self.candidates, 0)
@@ -125,6 +143,7 @@ class AutoPlanResult:
             "budget_value": self.budget_value, "unit": self.unit, "metric": self.sensitivity.metric,
             "candidates": list(self.candidates), "counts": self.counts(),
             "predicted": _jsonable(self.predicted), "verified": _jsonable(self.verified),
+            "measured": _jsonable(self.measured), "baseline": _jsonable(self.baseline), "uniform": self.uniform,
             "front_points": len(self.front), "timings": {k: round(v, 3) for k, v in self.timings.items()},
             "sensitivity": {"samples": self.sensitivity.samples, "batches": self.sensitivity.batches,
                             "evaluations": self.sensitivity.evaluations, **_jsonable(

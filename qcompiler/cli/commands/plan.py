@@ -119,19 +119,27 @@ def plan_show_cmd(preset: str | None) -> None:
 @click.option("--measure", type=click.IntRange(min=0), default=5, show_default=True,
               help="With --pareto: compile N front points (and the plan) and measure their output SQNR.")
 @click.option("--validate-data", type=click.Path(path_type=Path),
-              help="Held-back feeds for the measured SQNR (default: the calibration data).")
+              help="Held-back feeds the plans are measured on (default: the last --holdout calibration samples, "
+                   "which the measuring compiles then leave out).")
+@click.option("--holdout", type=click.IntRange(min=0), default=autoplan.HOLDOUT, show_default=True,
+              help="Calibration samples held back (the last ones, at most a quarter) to measure the uniform "
+                   "presets and the plan on, compiled for real; 0: measure nothing.")
+@click.option("--presets/--no-presets", default=True, show_default=True,
+              help="Without --plan: start from the best shipped preset that fits the budget (measured), and "
+                   "return it when no mixed plan measures better.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for synthetic data and draws.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or summary.")
 def plan_auto_cmd(model: Path, budget: str, bitops: bool, calib: str | None, output: Path | None, candidates: str | None,
                   metric: str, target: str, base_plan: str | None, samples: int, batch_size: int, solver: str,
                   draws: int, select: int, refine: int, exchange: int, pareto: Path | None, measure: int,
-                  validate_data: Path | None, seed: int, quiet: bool) -> None:
+                  validate_data: Path | None, holdout: int, presets: bool, seed: int, quiet: bool) -> None:
     """Plan mixed precision for MODEL: the most accurate plan within --budget (also `qcompiler plan MODEL`)."""
     opts = autoplan.PlanOptions(budget=autoplan.Budget.parse(budget, bitops=bitops),
                                 candidates=autoplan.parse_candidates(candidates or autoplan.DEFAULT_CANDIDATES),
                                 default_candidates=candidates is None, metric=metric, target=target,
                                 base_plan=base_plan, samples=samples, batch_size=batch_size, solver=solver,
-                                draws=draws, select=select, refine=refine, exchange=exchange, seed=seed)
+                                draws=draws, select=select, refine=refine, exchange=exchange, seed=seed,
+                                presets=presets, holdout=holdout, validate_data=validate_data)
     if pareto is not None and pareto.suffix.lower() != ".csv":
         raise UserError(f"--pareto: '{pareto}' must end in .csv (the plot goes beside it as .svg)")
     if measure and pareto is not None and (calib is None or calib in ("random", "none")):
@@ -185,13 +193,30 @@ def plan_auto_cmd(model: Path, budget: str, bitops: bool, calib: str | None, out
     limit = (format_bytes(result.budget_value) + f" ({int(result.budget_value)} bytes)" if unit == "bytes" else
              f"{format_count(result.budget_value)} BitOps" if unit == "bitops" else f"{result.budget_value:g} bits")
     click.echo(f"budget: {result.budget.describe()} -> {limit}", err=err)
-    click.echo("plan: " + ", ".join(f"{k} x{n}" for k, n in result.counts().items() if n)
-               + f"; predicted {round(p['bytes'])} bytes, {format_count(p['bitops'])} BitOps, "
-               f"{p['avg_bits']:.3f} avg weight bits" + (f", output SQNR {sq:.2f} dB" if sq is not None else ""),
-               err=err)
-    click.echo(f"verified: compiled plan takes {v['bytes']} bytes"
-               + (f", {format_count(v['bitops'])} BitOps" if v.get("bitops") is not None else "")
-               + f" ({result.rounds} round(s)); within the budget", err=err)
+    m, b = result.measured, result.baseline
+    if b.get("presets"):
+        click.echo("presets: " + ", ".join(
+            f"{r['name']} {r['bytes']} B" + (f" {r['sqnr_db']:.2f} dB" if r.get("sqnr_db") is not None else
+                                             " (over)" if not r.get("fits") else "")
+            for r in b["presets"] if "bytes" in r), err=err)
+    mixed = ("best mixed plan: " if result.uniform else "plan: ") + ", ".join(
+        f"{k} x{n}" for k, n in result.counts().items() if n)
+    click.echo(mixed + f"; predicted {round(p['bytes'])} bytes, {format_count(p['bitops'])} BitOps, "
+               f"{p['avg_bits']:.3f} avg weight bits"
+               + (f", predicted output SQNR {sq:.2f} dB (additive model)" if sq is not None else "")
+               + (f"; measured {m['mixed']['sqnr_db']:.2f} dB" if result.uniform else ""), err=err)
+    if result.uniform:
+        click.echo(f"plan: the uniform {b['name']}, {m['bytes']} bytes (no mixed plan measured better)", err=err)
+    else:
+        click.echo(f"verified: compiled plan takes {v['bytes']} bytes"
+                   + (f", {format_count(v['bitops'])} BitOps" if v.get("bitops") is not None else "")
+                   + f" ({result.rounds} round(s)); within the budget", err=err)
+    if m:
+        click.echo(f"measured: output SQNR {m['sqnr_db']:.2f} dB (compiled, onnxruntime on {m['data']})"
+                   + (f"; uniform {b['name']} alone {b['sqnr_db']:.2f} dB"
+                      if not result.uniform and b.get("sqnr_db") is not None else ""), err=err)
+    else:
+        click.echo("measured: nothing (no calibration data, or --holdout 0): the SQNR above is predicted", err=err)
     for pt in measured:
         click.echo(f"front point {round(pt.bytes)} bytes: predicted "
                    + ("n/a" if pt.predicted_sqnr_db is None else f"{pt.predicted_sqnr_db:.2f} dB")
