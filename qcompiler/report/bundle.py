@@ -231,8 +231,11 @@ def package_model(model: str | os.PathLike[str], bundle: str | os.PathLike[str],
             "plan": Path(str(getattr(plan, "source", plan))).name if plan is not None else "<default plan>",
             **_signatures(qmodel),
             "custom_op_domains": custom_op_domains(qmodel),
-            "validation": {"samples": validation.samples, "min_sqnr_db": min_sqnr_db, "passed": validation.passed if min_sqnr_db is not None else None,
+            "validation": {"samples": validation.samples, "min_sqnr_db": min_sqnr_db, "passed": validation.passed if validation.gated else None,
                            "worst_output_sqnr_db": vjson["worst_output_sqnr_db"],
+                           "worst_slice_sqnr_db": vjson["worst_slice_sqnr_db"],
+                           "checks": [{k: c[k] for k in ("check", "source", "value", "passed")}
+                                      for c in vjson["checks"]],
                            "outputs": {m["name"]: m["sqnr_db"] for m in vjson["outputs"]}},
             "check": {"samples": len(feeds), "tolerance_db": CHECK_TOLERANCE_DB,
                       "sqnr_db": {k: json_float(v, 3) for k, v in check.items()}},
@@ -406,8 +409,8 @@ def _verify_folder(root: Path, float_model: Any, data: Any, label: Path) -> Veri
         names = load_names(names_file) if names_file.is_file() else None
         full = validate(fm, qmodel, load_feeds(data, fm), min_sqnr_db=gate, names=names)
         if gate is not None and not full.passed:
-            raise UserError(f"{label}: full validation: output SQNR {full.worst_output_sqnr():.2f} dB is below "
-                            f"the bundle's --min-sqnr {gate} dB")
+            raise UserError(f"{label}: full validation: output SQNR {full.worst_slice_sqnr():.2f} dB (whole "
+                            f"outputs and their worst slices) is below the bundle's --min-sqnr {gate} dB")
     return VerifyResult(files=len(files) + 1, check=check, full=full, messages=messages)
 
 
