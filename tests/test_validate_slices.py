@@ -401,3 +401,17 @@ def test_package_records_checks(det_files, tmp_path):
     assert [(c["check"], c["passed"]) for c in checks] == [("output0[:, :4] sqnr>=20", True)]
     assert manifest["validation"]["passed"] is True
     assert "worst_slice_sqnr_db" in manifest["validation"]
+    # `verify` reruns the recorded checks in the full validation
+    res = run("verify", out, "--model", det_files["float"], "--data", det_files["data"])
+    assert res.exit_code == 0, res.output
+    assert "pass: output0[:, :4] sqnr>=20" in res.stdout
+    manifest["validation"]["checks"][0]["check"] = "output0[:, :4]>=200dB"
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    res = run("verify", out, "--model", det_files["float"], "--data", det_files["data"])
+    assert res.exit_code == 2
+    assert res.stderr.strip().startswith(f"error: {out}: full validation: check output0[:, :4] sqnr>=200 failed "
+                                         f"({out}/manifest.json: validation.checks[0])")
+    manifest["validation"]["checks"][0]["check"] = "output0[:"
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    res = run("verify", out)
+    assert res.exit_code == 2 and "'validation.checks[0].check': --check 'output0[:': unbalanced" in res.stderr
