@@ -401,6 +401,8 @@ def test_package_records_checks(det_files, tmp_path):
     assert [(c["check"], c["passed"]) for c in checks] == [("output0[:, :4] sqnr>=20", True)]
     assert manifest["validation"]["passed"] is True
     assert "worst_slice_sqnr_db" in manifest["validation"]
+    page = (out / "validation.html").read_text()
+    assert "<code>output0[:, :4] sqnr&gt;=20</code>" in page and "of axis 1: " in page
     # `verify` reruns the recorded checks in the full validation
     res = run("verify", out, "--model", det_files["float"], "--data", det_files["data"])
     assert res.exit_code == 0, res.output
