@@ -54,13 +54,15 @@ def build_bundle(model: str | os.PathLike[str], bundle: str | os.PathLike[str], 
                  min_sqnr_db: float | None = None, make_zip: bool = False, validate_data: Any = None,
                  calib_samples: int | None = None, seed: int = 0, external_data_threshold: int | None = None,
                  plugins: Sequence[str] = (), check_samples: int = CHECK_SAMPLES,
-                 progress: Any = None, compact_names: bool = False) -> BundleResult:
+                 progress: Any = None, compact_names: bool = False, checks: Sequence[Any] = (),
+                 slice_axes: dict[str, int] | None = None) -> BundleResult:
     """Compile ``model`` (validated against real data) and write a deployment bundle at ``bundle``."""
     def compile_into(src: Path, dest: Path) -> Any:
         opts = CompileOptions(plan=plan, target=target, calib=str(calib), pipeline=pipeline, validate=True,
                               validate_data=validate_data, min_sqnr_db=min_sqnr_db,
                               external_data_threshold=external_data_threshold, calib_samples=calib_samples,
                               seed=seed, plugins=list(plugins), compact_names=compact_names,
+                              checks=list(checks), slice_axes=dict(slice_axes or {}),
                               rejected_report=Path(bundle).with_name(Path(bundle).name + REJECTED_REPORT_SUFFIX))
         return compile_model(src, dest, opts, progress=progress)
 

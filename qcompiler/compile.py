@@ -4,7 +4,8 @@ Steps: load (checked, never modified) → parse the plan and pipeline, check the
 the target before any rewrite → upgrade the opset when the plan needs it → import into graphsurgeon (fp16
 models computed in fp32) → run the passes → restore the fp16 interface → validate in onnxruntime against the
 float model (when calibration data was given) → write the model and its side files atomically.
-A run that fails writes nothing, except that a failed ``min_sqnr_db`` gate writes the report (no model) as
+A run that fails writes nothing, except that a failed validation gate (``min_sqnr_db`` on every output's whole
+tensor and worst slice, or a check of ``checks`` / the plan's ``checks:``) writes the report (no model) as
 ``OUT.rejected.report.json``.
 
 The auto planner (``--budget``) sits above this module and compiles through it; :func:`qcompiler.api.compile_model`
@@ -32,6 +33,7 @@ from qcompiler.core.errors import UserError
 from qcompiler.core.pass_manager import PassManager, PassRecord
 from qcompiler.core.registry import build_pipeline, get_target, registry
 from qcompiler.plan import ALGORITHMS, Plan, load_plan
+from qcompiler.plan.checks import Check, parse_check
 from qcompiler.plan.presets import names as preset_names
 from qcompiler.plan.presets import preset_path
 from qcompiler.report import cost
@@ -77,7 +79,11 @@ class CompileOptions:
     pipeline: str | None = None
     validate: bool | None = None  # None: validate when real calibration data was given
     validate_data: str | Path | None = None  # held-back feeds for validation (defaults to the calib data)
-    min_sqnr_db: float | None = None
+    min_sqnr_db: float | None = None  # gate on every output's whole-tensor and worst-slice SQNR
+    #: checks on named output slices (``--check`` text or parsed); the plan's ``checks:`` are added to them
+    checks: list[str | Check] = field(default_factory=list)
+    #: output name -> the axis its worst slice is measured along (``--slice-axis``; default: see validate.slices)
+    slice_axes: dict[str, int] = field(default_factory=dict)
     verify_each: bool = False
     dump_after: set[str] = field(default_factory=set)
     external_data_threshold: int | None = None
@@ -251,6 +257,7 @@ def _compile(src: Path, out: Path, opts: CompileOptions, outs: ir.OutputSet, pro
         plan = opts.plan if isinstance(opts.plan, Plan) else load_plan(opts.plan if opts.preset is None
                                                                        else _preset_plan(opts.preset))
     target.check_options(plan.target_options, plan.source)  # a bad targets: section fails before any work
+    checks = [parse_check(c) if isinstance(c, str) else c for c in opts.checks] + list(plan.checks)
     auto = None
     if opts.budget is not None:  # mixed precision under a budget: the plan is planned first (autoplan)
         if planner is None:
@@ -300,7 +307,8 @@ def _compile(src: Path, out: Path, opts: CompileOptions, outs: ir.OutputSet, pro
     if random_shapes and isinstance(ctx.report.get("calibration"), dict) and ctx.report["calibration"].get("synthetic"):
         ctx.report["calibration"]["random_shapes"] = {k: list(v) for k, v in random_shapes.items()}
     stripped = bool(ctx.options.get("function_bodies_stripped"))
-    if stripped and (opts.validate or opts.validate_data is not None or opts.min_sqnr_db is not None):
+    if stripped and (opts.validate or opts.validate_data is not None or opts.min_sqnr_db is not None
+                     or opts.checks):
         raise UserError("--strip-function-bodies: the custom ops have no function bodies left, so stock "
                         "onnxruntime cannot validate the model; validate a build without the option (same codes)")
 
@@ -373,19 +381,23 @@ def _compile(src: Path, out: Path, opts: CompileOptions, outs: ir.OutputSet, pro
                                      per_layer=not big,
                                      optimize=True if target.validation_optimization == "all" else "basic",
                                      layer_samples=COMPILE_LAYER_SAMPLES, names=ctx.renamed.get("tensors"),
-                                     progress=(lambda d, t: progress("validate", d, t)) if progress else None)
+                                     progress=(lambda d, t: progress("validate", d, t)) if progress else None,
+                                     checks=checks, slice_axes=opts.slice_axes or None)
         if ctx.resolved is not None:  # each layer's node and the plan rule that decided it
             validation.attach_plan({n.node: n.to_dict() for n in ctx.resolved.nodes.values()},
                                    ctx.renamed.get("nodes"))
         report["validation"] = validation.to_json()
-        if opts.min_sqnr_db is not None and not validation.passed:
+        if validation.gated and not validation.passed:
             rejected = _write_rejected_report(report, src, opts, Path(opts.rejected_report) if opts.rejected_report
                                               else out.with_name(out.stem + REJECTED_REPORT_SUFFIX))
-            raise UserError(f"validation: output SQNR {validation.worst_output_sqnr():.2f} dB is below "
-                            f"--min-sqnr {opts.min_sqnr_db} dB; no model written, the validation report is in "
+            raise UserError(f"validation: {validation.failure()}; no model written, the validation report is in "
                             f"{rejected}")
-    elif opts.min_sqnr_db is not None:
-        raise UserError("--min-sqnr needs validation data: give --calib DATA or --validate-data FILE.npz")
+    elif opts.min_sqnr_db is not None or opts.checks:
+        raise UserError(f"{'--min-sqnr' if opts.min_sqnr_db is not None else '--check'} needs validation data: "
+                        "give --calib DATA or --validate-data FILE.npz")
+    elif checks:
+        log.warning("%s: the plan's checks were not measured (no validation: give --calib DATA or --validate-data "
+                    "FILE.npz)", plan.source)
 
     with profile.step("side files"):
         for suffix, text in sorted(ctx.side_outputs.items()):
@@ -411,7 +423,9 @@ def _compile(src: Path, out: Path, opts: CompileOptions, outs: ir.OutputSet, pro
 def _write_rejected_report(report: dict[str, Any], src: Path, opts: CompileOptions, path: Path) -> Path:
     """The compile report of a model refused by the ``--min-sqnr`` gate, written (atomically) at ``path`` under
     the same output-path policy as the compile's own outputs (never over one of its inputs)."""
-    rep = {**report, "rejected": "output SQNR below --min-sqnr: the model was not written"}
+    failure = report.get("validation", {}).get("failure") or ""
+    reason = "output SQNR below --min-sqnr" if "--min-sqnr" in failure else "a validation check failed"
+    rep = {**report, "rejected": f"{reason}: the model was not written ({failure})"}
     outs = _compile_inputs(src, opts)
     outs.add_output(path, "rejected-model report")
     with outs:

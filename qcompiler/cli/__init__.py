@@ -25,6 +25,7 @@ from qcompiler.core import profile
 from qcompiler.core.errors import PassFailure, UserError
 from qcompiler.core.registry import get_target, registry, targets
 from qcompiler.plan import Plan, weight_input_indices
+from qcompiler.plan.checks import Check, parse_check, parse_slice_axes
 from qcompiler.report import cost
 from qcompiler.report import validate as qv
 from qcompiler.report.cost import format_bytes, format_count
@@ -119,7 +120,14 @@ def _bytes(n: float) -> str:
 @click.option("--validate/--no-validate", "validate", default=None,
               help="Validate against the float model (default: when real calibration data is given).")
 @click.option("--validate-data", type=click.Path(path_type=Path), help="Held-back feeds (.npz) for validation.")
-@click.option("--min-sqnr", type=float, help="Fail (exit 2, nothing written) when an output's SQNR is below DB.")
+@click.option("--min-sqnr", type=float,
+              help="Fail (exit 2, nothing written) when an output's SQNR is below DB: its whole-tensor SQNR or the "
+                   "SQNR of its worst slice along the channel / feature axis (the JSON report shows both).")
+@click.option("--check", "checks", multiple=True, metavar="CHECK",
+              help="A threshold on an output or a slice of it, e.g. 'output0[..., 4:]>=20dB', 'probs cos>=0.999', "
+                   "'output0 maxerr<=0.05', 'probs top1>=99%' (repeatable); a failed check fails like --min-sqnr.")
+@click.option("--slice-axis", "slice_axes", multiple=True, metavar="OUTPUT=AXIS",
+              help="Measure OUTPUT's worst slice along AXIS (default: 1, or the last axis of [N, F] / [N, A, C]).")
 @click.option("--verify-each", is_flag=True, help="Run the ONNX checker + shape inference after every pass.")
 @click.option("--dump-after", multiple=True, help="Save the graph after PASS (or 'all') to OUT.dump/.")
 @click.option("--plugin", "plugins", multiple=True, help="Load passes from module:Class or path/to/file.py.")
@@ -150,12 +158,14 @@ def compile_cmd(model: Path, output: Path, plan: str | None, preset: str | None,
                 validate_data: Path | None, min_sqnr: float | None, verify_each: bool, dump_after: tuple[str, ...],
                 plugins: tuple[str, ...], external_data: int | None, seed: int, strip_function_bodies: bool,
                 budget: str | None, bitops: bool, candidates: str | None, metric: str, compact_names: bool,
-                show_profile: bool, quiet: bool) -> None:
+                show_profile: bool, quiet: bool, checks: tuple[str, ...], slice_axes: tuple[str, ...]) -> None:
     """Compile MODEL into a quantized model at OUTPUT."""
     if budget is None and (bitops or candidates is not None):
         raise UserError("--bitops and --candidates are options of --budget")
+    parsed = [parse_check(c) for c in checks]
     opts = CompileOptions(plan=plan, target=target, calib=calib, pipeline=pipeline, validate=validate,
                           validate_data=validate_data, min_sqnr_db=min_sqnr, verify_each=verify_each,
+                          checks=list(parsed), slice_axes=parse_slice_axes(slice_axes),
                           dump_after=set(dump_after), external_data_threshold=external_data,
                           calib_samples=calib_samples, calib_select=calib_select, preset=preset, seed=seed,
                           plugins=list(plugins), report=report, strip_function_bodies=strip_function_bodies,
@@ -243,18 +253,28 @@ def _echo_cost(c: dict[str, Any]) -> None:
 @click.option("--data", required=True, type=click.Path(path_type=Path),
               help="Feeds: .npz with a leading sample axis, or a folder of .npz files.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the report as JSON.")
-@click.option("--min-sqnr", type=float, help="Exit 2 when a graph output's SQNR is below DB.")
+@click.option("--min-sqnr", type=float,
+              help="Exit 2 when a graph output's SQNR is below DB: its whole-tensor SQNR or that of its worst slice "
+                   "along the channel / feature axis.")
+@click.option("--check", "checks", multiple=True, metavar="CHECK",
+              help="A threshold on an output or a slice of it, e.g. 'output0[..., 4:]>=20dB', 'probs cos>=0.999', "
+                   "'output0 maxerr<=0.05', 'probs top1>=99%' (repeatable); exit 2 when one fails.")
+@click.option("--slice-axis", "slice_axes", multiple=True, metavar="OUTPUT=AXIS",
+              help="Measure OUTPUT's worst slice along AXIS (default: 1, or the last axis of [N, F] / [N, A, C]).")
 @click.option("--layers/--no-layers", default=True, show_default=True, help="Per-layer comparison.")
 @click.option("--max-layers", type=int, default=15, show_default=True, help="Worst layers to print.")
 @click.option("--names", "names_path", type=click.Path(path_type=Path),
               help="The OUT.names.json of a --compact-names compile (default: the one beside QUANT_MODEL, if any): "
                    "layers are compared by their original names.")
 def validate_cmd(float_model: Path, quant_model: Path, data: Path, json_path: Path | None, min_sqnr: float | None,
-                 layers: bool, max_layers: int, names_path: Path | None) -> None:
+                 checks: tuple[str, ...], slice_axes: tuple[str, ...], layers: bool, max_layers: int,
+                 names_path: Path | None) -> None:
     """Compare QUANT_MODEL with FLOAT_MODEL in onnxruntime: SQNR, cosine, max error, top-1, per layer.
 
     Each layer is shown with its node, op type and, when the compile's QUANT_MODEL.plan.yaml is beside
     QUANT_MODEL, the plan rule that decided it."""
+    parsed = [parse_check(c) for c in checks]
+    axes = parse_slice_axes(slice_axes)
     explicit = names_path is not None
     if names_path is None:
         beside = quant_model.with_name(quant_model.stem + ".names.json")
@@ -267,20 +287,19 @@ def validate_cmd(float_model: Path, quant_model: Path, data: Path, json_path: Pa
     if json_path is not None:
         outs.add_output(json_path, "--json", primary=True)
     with outs:
-        report = _validate(float_model, quant_model, data, names_path, explicit, layers, min_sqnr)
+        report = _validate(float_model, quant_model, data, names_path, explicit, layers, min_sqnr, parsed, axes)
         click.echo(report.table(max_layers=max_layers))
         if json_path is not None:
             outs.path(json_path).write_text(json.dumps(report.to_json(), indent=2, sort_keys=True) + "\n",
                                             encoding="utf-8")
             outs.commit()
-    if min_sqnr is not None and not report.passed:
-        click.echo(f"error: output SQNR {report.worst_output_sqnr():.2f} dB is below --min-sqnr {min_sqnr} dB",
-                   err=True)
+    if report.gated and not report.passed:
+        click.echo(f"error: {report.failure()}", err=True)
         sys.exit(2)
 
 
 def _validate(float_model: Path, quant_model: Path, data: Path, names_path: Path | None, explicit: bool,
-              layers: bool, min_sqnr: float | None) -> Any:
+              layers: bool, min_sqnr: float | None, checks: list[Check], slice_axes: dict[str, int]) -> Any:
     fm = ir.load_model(float_model)
     qm = ir.load_model(quant_model)
     names = qv.load_names(names_path) if names_path is not None else None
@@ -293,7 +312,8 @@ def _validate(float_model: Path, quant_model: Path, data: Path, names_path: Path
             log.warning("%s: not the names of %s (a leftover of another compile?); ignored", names_path, quant_model)
             names = None
     feeds = qv.load_feeds(data, fm)
-    report = qv.validate(fm, qm, feeds, per_layer=layers, min_sqnr_db=min_sqnr, names=names)
+    report = qv.validate(fm, qm, feeds, per_layer=layers, min_sqnr_db=min_sqnr, names=names, checks=checks,
+                         slice_axes=slice_axes or None)
     plan_file = quant_model.with_name(quant_model.stem + ".plan.yaml")  # the compile's resolved plan, if beside
     plan_nodes = qv.load_plan_nodes(plan_file) if plan_file.is_file() else None
     if plan_nodes is not None:

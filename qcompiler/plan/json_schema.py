@@ -13,6 +13,7 @@ from typing import Any
 
 from qcompiler.core.config import json_schema, json_schema_of, settings_of, settings_of_table
 from qcompiler.core.registry import registry, targets
+from qcompiler.plan.checks import CHECK_SETTINGS
 from qcompiler.plan.schema import (
     ALGORITHMS,
     DEFAULTS_SETTINGS,
@@ -76,6 +77,7 @@ def plan_json_schema() -> dict[str, Any]:
             "properties": {name: _algorithm(p) for name, p in sorted(ALGORITHMS.items())},
             "additionalProperties": False}),
         "targets": _described("targets", PLAN_SETTINGS, _targets()),
+        "checks": _described("checks", PLAN_SETTINGS, {"type": ["array", "null"], "items": {"$ref": "#/$defs/check"}}),
     }
     assert set(props) == set(PLAN_SETTINGS)
     return {
@@ -86,7 +88,9 @@ def plan_json_schema() -> dict[str, Any]:
         "properties": {k: props[k] for k in PLAN_SETTINGS},
         "additionalProperties": False,
         "$defs": {"spec": spec, "rule": {"type": "object", "properties": rule_props, "required": ["match"],
-                                         "additionalProperties": False}},
+                                         "additionalProperties": False},
+                  "check": {**json_schema(CHECK_SETTINGS), "required": ["output"],
+                            "anyOf": [{"required": [k]} for k in ("min_sqnr_db", "min_cosine", "max_abs", "min_top1")]}},
     }
 
 

@@ -32,6 +32,7 @@ from qcompiler.core.config import (
 from qcompiler.core.errors import UserError
 from qcompiler.core.files import regular_file
 from qcompiler.core.registry import registry
+from qcompiler.plan.checks import Check, parse_plan_checks, plan_checks_to_dict
 from qcompiler.plan.presets import preset_path
 from qcompiler.plan.resolve import resolve
 from qcompiler.plan.spec import (
@@ -73,6 +74,9 @@ class PlanKeys:
         default=None, metadata=described("PTQ algorithms: true / false or a mapping of the pass's options"))
     targets: dict[str, Any] | None = field(
         default=None, metadata=described("per runtime target options: target name -> options"))
+    checks: list[Any] | None = field(default=None, metadata=described(
+        "validation checks on graph outputs or slices of them, each with its own thresholds; a check that fails "
+        "fails the compile's validation gate"))
     comment: str | None = field(default=None, metadata=described("free text"))
     description: str | None = field(default=None, metadata=described("free text"))
 
@@ -185,6 +189,8 @@ class Plan:
     #: per-target options (``targets: {ort: {requantize_conv_outputs: false}}``): target name -> options; a
     #: target reads only its own section, checked against its ``options`` by ``resolve-plan``
     target_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: validation checks (``checks:`` key), one per threshold
+    checks: list[Check] = field(default_factory=list)
 
     # ------------------------------------------------------------------------------------------- parsing
     @classmethod
@@ -245,6 +251,7 @@ class Plan:
         plan.disabled_algorithms = {str(k).replace("-", "_") for k, v in (data.get("algorithms") or {}).items()
                                     if v is False}
         plan.target_options = parse_target_options(data.get("targets"), source)
+        plan.checks = parse_plan_checks(data.get("checks"), source)
         check_string_keys(data, source)
         return plan
 
@@ -257,6 +264,7 @@ class Plan:
                                **{k: False for k in sorted(self.disabled_algorithms)}}}
                if self.algorithms or self.disabled_algorithms else {}),
             **({"targets": {k: dict(v) for k, v in self.target_options.items()}} if self.target_options else {}),
+            **({"checks": plan_checks_to_dict(self.checks)} if self.checks else {}),
         }
 
     def dtypes_used(self) -> set[tuple[str, str]]:

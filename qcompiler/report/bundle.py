@@ -43,7 +43,7 @@ import tempfile
 import zipfile
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,7 @@ from qcompiler.core.errors import UserError
 from qcompiler.core.files import regular_file
 from qcompiler.core.numbers import json_float, sqnr_db
 from qcompiler.ir.report_support import custom_op_domains, library_versions
+from qcompiler.plan.checks import Check, parse_check
 from qcompiler.report.html import render_html
 from qcompiler.report.validate.compare import validate
 from qcompiler.report.validate.files import load_feeds, load_names
@@ -231,8 +232,11 @@ def package_model(model: str | os.PathLike[str], bundle: str | os.PathLike[str],
             "plan": Path(str(getattr(plan, "source", plan))).name if plan is not None else "<default plan>",
             **_signatures(qmodel),
             "custom_op_domains": custom_op_domains(qmodel),
-            "validation": {"samples": validation.samples, "min_sqnr_db": min_sqnr_db, "passed": validation.passed if min_sqnr_db is not None else None,
+            "validation": {"samples": validation.samples, "min_sqnr_db": min_sqnr_db, "passed": validation.passed if validation.gated else None,
                            "worst_output_sqnr_db": vjson["worst_output_sqnr_db"],
+                           "worst_slice_sqnr_db": vjson["worst_slice_sqnr_db"],
+                           "checks": [{k: c[k] for k in ("check", "source", "value", "passed")}
+                                      for c in vjson["checks"]],
                            "outputs": {m["name"]: m["sqnr_db"] for m in vjson["outputs"]}},
             "check": {"samples": len(feeds), "tolerance_db": CHECK_TOLERANCE_DB,
                       "sqnr_db": {k: json_float(v, 3) for k, v in check.items()}},
@@ -404,10 +408,12 @@ def _verify_folder(root: Path, float_model: Any, data: Any, label: Path) -> Veri
         fm = ir.load_model(float_model)
         names_file = root / (Path(MODEL_NAME).stem + ".names.json")  # a --compact-names bundle
         names = load_names(names_file) if names_file.is_file() else None
-        full = validate(fm, qmodel, load_feeds(data, fm), min_sqnr_db=gate, names=names)
+        full = validate(fm, qmodel, load_feeds(data, fm), min_sqnr_db=gate, names=names, checks=fields.checks)
+        if full.failed_checks():
+            raise UserError(f"{label}: full validation: {full.failure()}")
         if gate is not None and not full.passed:
-            raise UserError(f"{label}: full validation: output SQNR {full.worst_output_sqnr():.2f} dB is below "
-                            f"the bundle's --min-sqnr {gate} dB")
+            raise UserError(f"{label}: full validation: output SQNR {full.worst_slice_sqnr():.2f} dB (whole "
+                            f"outputs and their worst slices) is below the bundle's --min-sqnr {gate} dB")
     return VerifyResult(files=len(files) + 1, check=check, full=full, messages=messages)
 
 
@@ -419,6 +425,7 @@ class _ManifestFields:
     recorded: dict[str, float]
     tolerance: float
     gate: float | None
+    checks: list[Check] = field(default_factory=list)
 
 
 def _manifest_fields(manifest: dict[str, Any], where: str) -> _ManifestFields:
@@ -450,4 +457,17 @@ def _manifest_fields(manifest: dict[str, Any], where: str) -> _ManifestFields:
         raise UserError(f"{where}: 'check.tolerance_db' must be >= 0, got {tolerance}")
     gate_raw = mapping(manifest.get("validation"), "validation").get("min_sqnr_db")
     gate = None if gate_raw is None else number(gate_raw, "validation.min_sqnr_db")
-    return _ManifestFields(mapping(manifest.get("versions"), "versions"), recorded, tolerance, gate)
+    checks_raw = mapping(manifest.get("validation"), "validation").get("checks") or []
+    if not isinstance(checks_raw, list):
+        raise UserError(f"{where}: 'validation.checks' must be a list, got {type(checks_raw).__name__}")
+    checks = []
+    for i, entry in enumerate(checks_raw):
+        key = f"validation.checks[{i}]"
+        text = entry.get("check") if isinstance(entry, dict) else None
+        if not isinstance(text, str):
+            raise UserError(f"{where}: '{key}.check' must be a string")
+        try:
+            checks.append(replace(parse_check(text), where=f"{where}: {key}"))
+        except UserError as e:
+            raise UserError(f"{where}: '{key}.check': {e}") from None
+    return _ManifestFields(mapping(manifest.get("versions"), "versions"), recorded, tolerance, gate, checks)

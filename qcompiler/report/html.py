@@ -106,6 +106,13 @@ def _layer_table(validation: dict[str, Any], gate: float | None) -> str:
             "<th>cosine</th><th>max |d|</th></tr>\n" + "\n".join(rows) + "\n</table>")
 
 
+def _worst_slice_cell(ws: Any) -> str:
+    """``index i of axis a: SQNR dB, max |d|`` of an output's worst slice (``–`` without one)."""
+    if not isinstance(ws, dict) or ws.get("index") is None:
+        return "–"
+    return html.escape(f"{ws['index']} of axis {ws['axis']}: {ws['sqnr_db']} dB, max |d| {ws['max_abs']}")
+
+
 def render_html(manifest: dict[str, Any], validation: dict[str, Any]) -> str:
     """The self-contained validation page (no scripts, no external resources)."""
     e = html.escape
@@ -117,12 +124,18 @@ def render_html(manifest: dict[str, Any], validation: dict[str, Any]) -> str:
     out_rows = "\n".join(
         f"<tr><td>{e(m['name'])}</td><td>{fmt(m['sqnr_db'])}</td><td>{fmt(m['cosine'])}</td>"
         f"<td>{fmt(m['max_abs'])}</td><td>{fmt(m['mean_abs'])}</td>"
-        f"<td>{fmt(m['top1_agreement'] if m['top1_agreement'] is not None else m.get('exact_match'))}</td></tr>"
+        f"<td>{fmt(m['top1_agreement'] if m['top1_agreement'] is not None else m.get('exact_match'))}</td>"
+        f"<td>{_worst_slice_cell(m.get('worst_slice'))}</td></tr>"
         for m in validation["outputs"])
+    checks = validation.get("checks") or []
+    checks_html = ("<h2>Checks</h2>\n<ul>\n" + "\n".join(
+        f"<li><span class=\"{'pass' if c.get('passed') else 'fail'}\">{'pass' if c.get('passed') else 'FAIL'}</span> "
+        f"<code>{e(str(c.get('check')))}</code>: measured {fmt(c.get('value'))}</li>" for c in checks)
+        + "\n</ul>") if checks else ""
     sig = "\n".join(f"<tr><td>{e(kind)}</td><td>{e(s['name'])}</td><td>{e(str(s['dtype']))}</td>"
                     f"<td>{e(str(s['shape']))}</td></tr>"
                     for kind in ("inputs", "outputs") for s in manifest[kind])
-    verdict = ("PASS" if validation["passed"] else "FAIL") if gate is not None else NO_THRESHOLD
+    verdict = ("PASS" if validation["passed"] else "FAIL") if gate is not None or checks else NO_THRESHOLD
     gate_txt = f"threshold {gate:g} dB" if gate is not None else "give --min-sqnr DB for a verdict"
     legend = "\n".join(f"<li>{e(text)}</li>" for text in validation.get("legend", LEGEND).values())
     rules = str(validation.get("suggested_rules") or "")
@@ -157,9 +170,11 @@ Opset imports: {e(opsets)}; custom-op domains: {e(', '.join(manifest['custom_op_
 {e(versions)}.</p>
 <h2>Graph outputs</h2>
 <table>
-<tr><th>output</th><th>SQNR dB</th><th>cosine</th><th>max |d|</th><th>mean |d|</th><th>top-1 / exact</th></tr>
+<tr><th>output</th><th>SQNR dB</th><th>cosine</th><th>max |d|</th><th>mean |d|</th><th>top-1 / exact</th>
+<th>worst slice</th></tr>
 {out_rows}
 </table>
+{checks_html}
 <h2>Per-layer SQNR ({min(n_layers, CHART_LAYERS)} worst of {n_layers} layers)</h2>
 {_svg_chart(validation.get('layers', []), gate)}
 {rules_html}

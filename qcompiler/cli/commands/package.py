@@ -13,6 +13,7 @@ from typing import Any
 import click
 
 from qcompiler.api import build_bundle
+from qcompiler.plan.checks import parse_check, parse_slice_axes
 from qcompiler.report.bundle import verify_bundle
 
 
@@ -30,7 +31,14 @@ def register(cli: click.Group) -> None:
                                                  "validate unless --validate-data is given.")
     @click.option("--plan", help="Precision plan: a YAML/JSON file or a preset name.")
     @click.option("--pipeline", help="Textual pipeline (default: the target's).")
-    @click.option("--min-sqnr", type=float, help="Fail (exit 2, no bundle) when an output's SQNR is below DB.")
+    @click.option("--min-sqnr", type=float,
+                  help="Fail (exit 2, no bundle) when an output's SQNR is below DB: its whole-tensor SQNR or that "
+                       "of its worst slice along the channel / feature axis.")
+    @click.option("--check", "checks", multiple=True, metavar="CHECK",
+                  help="A threshold on an output or a slice of it, e.g. 'output0[..., 4:]>=20dB' (repeatable; see "
+                       "`qcompiler compile --help`); a failed check fails like --min-sqnr. The bundle records them.")
+    @click.option("--slice-axis", "slice_axes", multiple=True, metavar="OUTPUT=AXIS",
+                  help="Measure OUTPUT's worst slice along AXIS (default: 1, or the last axis of [N, F] / [N, A, C]).")
     @click.option("--zip", "make_zip", is_flag=True, help="Also write BUNDLE.zip.")
     @click.option("--validate-data", type=click.Path(path_type=Path), help="Held-back feeds for validation.")
     @click.option("--calib-samples", type=int, help="Use at most N calibration samples.")
@@ -47,14 +55,15 @@ def register(cli: click.Group) -> None:
     def package_cmd(model: Path, output: Path, target: str, calib: str, plan: str | None, pipeline: str | None,
                     min_sqnr: float | None, make_zip: bool, validate_data: Path | None, calib_samples: int | None,
                     check_samples: int, external_data: int | None, plugins: tuple[str, ...], seed: int,
-                    compact_names: bool, quiet: bool) -> None:
+                    compact_names: bool, quiet: bool, checks: tuple[str, ...], slice_axes: tuple[str, ...]) -> None:
         """Compile MODEL, validate it, and write a deployment bundle (model, resolved plan, validation report
         as JSON and HTML, manifest with hashes and versions) at OUTPUT — atomically: nothing is written when
         anything fails; an SQNR below --min-sqnr writes only the report, as OUTPUT.rejected.report.json."""
         res = build_bundle(model, output, target=target, calib=calib, plan=plan, pipeline=pipeline,
                            min_sqnr_db=min_sqnr, make_zip=make_zip, validate_data=validate_data,
                            calib_samples=calib_samples, seed=seed, external_data_threshold=external_data,
-                           plugins=plugins, check_samples=check_samples, compact_names=compact_names)
+                           plugins=plugins, check_samples=check_samples, compact_names=compact_names,
+                           checks=[parse_check(c) for c in checks], slice_axes=parse_slice_axes(slice_axes))
         if quiet:
             return
         v: Any = res.validation
@@ -64,6 +73,8 @@ def register(cli: click.Group) -> None:
         click.echo(f"pipeline: {res.manifest['pipeline']}")
         gate = " (no threshold set)" if min_sqnr is None else f" (gate {min_sqnr:g} dB: PASS)"
         click.echo(f"validation: worst output SQNR {_db(v.worst_output_sqnr())} dB over {v.samples} sample(s){gate}")
+        click.echo(f"worst slice SQNR {_db(v.worst_slice_sqnr())} dB" + (
+            f"; {len(v.checks)} check(s) met" if v.checks else ""))
         for name in sorted(res.files):
             click.echo(f"  {res.files[name]['sha256'][:12]}  {name}")
         click.echo(f"  {'':12s}  manifest.json")

@@ -13,6 +13,9 @@ memory does not grow with the number of samples.
 * ``top1_agreement``: for float outputs that look like class scores (rank ≥ 2, last dimension between 2 and
   100 000): the fraction of positions (every index of all axes but the last, over all samples) where the
   argmax over the last axis agrees. ``None`` otherwise.
+* ``worst_slice`` (graph outputs): the slice along the channel / feature axis of lowest SQNR, and
+  ``topk_agreement`` for class-score outputs; ``checks``: named output slices with their own thresholds
+  (see :mod:`qcompiler.report.validate.slices`).
 * ``exact_match``: for integer / bool tensors, the fraction of elements exactly equal (their SQNR is computed
   over the values cast to float). ``None`` for float tensors.
 
@@ -29,8 +32,8 @@ from qcompiler.report.validate.layers import MAX_LAYERS, QDQ_OPS
 from qcompiler.report.validate.metrics import TOP1_MAX_CLASSES, TOP1_MIN_CLASSES, TensorMetrics
 from qcompiler.report.validate.result import LEGEND, NO_THRESHOLD, LayerInfo, ValidationReport
 from qcompiler.report.validate.sessions import ModelLike
+from qcompiler.report.validate.slices import CheckResult, SliceMetrics, default_slice_axis
 
-__all__ = ["LEGEND", "MAX_LAYERS", "NO_THRESHOLD", "QDQ_OPS", "TOP1_MAX_CLASSES", "TOP1_MIN_CLASSES", "LayerInfo",
-           "ModelLike", "TensorMetrics", "ValidationReport", "load_feeds", "load_names", "load_node_names",
-           "load_plan_nodes",
-           "validate"]
+__all__ = ["LEGEND", "MAX_LAYERS", "NO_THRESHOLD", "QDQ_OPS", "TOP1_MAX_CLASSES", "TOP1_MIN_CLASSES", "CheckResult",
+           "LayerInfo", "ModelLike", "SliceMetrics", "TensorMetrics", "ValidationReport", "default_slice_axis",
+           "load_feeds", "load_names", "load_node_names", "load_plan_nodes", "validate"]

@@ -19,6 +19,7 @@ import numpy as np
 from qcompiler import ir
 from qcompiler.core import profile
 from qcompiler.core.errors import UserError
+from qcompiler.plan.checks import Check
 from qcompiler.report.validate.layers import _graph_facts, _GraphFacts, _layer_candidates, _working_subset
 from qcompiler.report.validate.metrics import _Accumulator, _sort_key
 from qcompiler.report.validate.result import LayerInfo, ValidationReport, _fmt_db
@@ -31,6 +32,15 @@ from qcompiler.report.validate.sessions import (
     _run_checked,
     _Runner,
     _try_runner,
+)
+from qcompiler.report.validate.slices import (
+    SCORE_OPS,
+    CheckResult,
+    _CheckAccumulator,
+    _SliceAccumulator,
+    _TopKAccumulator,
+    default_slice_axis,
+    looks_like_probabilities,
 )
 
 log = logging.getLogger(__name__)
@@ -48,6 +58,8 @@ def validate(
     layer_samples: int | None = None,
     names: Mapping[str, str] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    checks: Sequence[Check] = (),
+    slice_axes: Mapping[str, int] | None = None,
 ) -> ValidationReport:
     """Run both models on ``feeds`` and measure the quantized one against the float one.
 
@@ -61,6 +73,12 @@ def validate(
     for another runtime, free of onnxruntime's fusions). Raises :class:`UserError` for bad feeds or models whose outputs do not
     match; :class:`RuntimeError` when only the quantized model fails to run. ``progress(done, total)`` is
     called after each sample (``total``: ``len(feeds)`` when it has one, else 0).
+
+    Every float graph output also gets its worst slice along its channel / feature axis (``slice_axes``: output
+    name -> axis, overriding :func:`~qcompiler.report.validate.slices.default_slice_axis`) and, for class-score
+    outputs, top-k agreement. ``checks``: thresholds on named output slices (``--check``, the plan's
+    ``checks:``); ``passed`` needs every check met and, with ``min_sqnr_db``, every output's whole-tensor and
+    worst-slice SQNR at least ``min_sqnr_db``.
     """
     flabel = _label(float_model, "float model")
     qlabel = _label(quant_model, "quantized model")
@@ -77,6 +95,12 @@ def validate(
     if missing:
         raise UserError(f"{qlabel}: lacks graph output(s) {', '.join(repr(n) for n in missing)} "
                         f"of {flabel}")
+    for c in checks:
+        if c.output not in out_names:
+            raise UserError(f"{c.where}: no graph output '{c.output}' (outputs: {', '.join(out_names)})")
+    for n in slice_axes or {}:
+        if n not in out_names:
+            raise UserError(f"--slice-axis {n}=...: no graph output '{n}' (outputs: {', '.join(out_names)})")
     extra_q = [n for n in q_plain.output_types if n not in f_plain.output_types]
     if extra_q:
         log.warning("validate: %s has extra output(s) not compared: %s", qlabel, ", ".join(extra_q))
@@ -103,6 +127,8 @@ def validate(
         layers, f_ext, q_ext = _layer_runners(fmodel, qmodel, layers, first, skipped)
 
     out_acc = {n: _Accumulator(n) for n in out_names}
+    slice_acc, topk_acc = _output_accumulators(fmodel, ff, f_first, out_names, slice_axes or {}, checks)
+    check_acc = [_CheckAccumulator(c) for c in checks]
     layer_acc = {n: _Accumulator(n) for n in layers}
     samples = 0
     workers = validation_workers()
@@ -127,6 +153,12 @@ def validate(
                 fo, qo = (f_first, q_first) if idx == 0 else (results.get(0), results.get(1))
                 for n in out_names:
                     out_acc[n].update(fo[n], qo[n])
+                    if n in slice_acc:
+                        slice_acc[n].update(np.asarray(fo[n]), np.asarray(qo[n]))
+                    if n in topk_acc:
+                        topk_acc[n].update(np.asarray(fo[n]), np.asarray(qo[n]))
+                for ca in check_acc:
+                    ca.update(fo[ca.check.output], qo[ca.check.output])
                 del fo, qo
             if with_layers:
                 k = 0 if idx == 0 else 2
@@ -159,7 +191,13 @@ def validate(
         acc = out_acc[n]
         if acc.bad is not None:
             raise UserError(f"{qlabel}: output '{n}' does not match {flabel}: {acc.bad}")
-        outputs.append(acc.metrics())
+        m = acc.metrics()
+        if n in slice_acc:
+            m.worst_slice = slice_acc[n].metrics()
+        if n in topk_acc:
+            m.topk = topk_acc[n].result()
+        outputs.append(m)
+    check_results: list[CheckResult] = [ca.result() for ca in check_acc]
     layer_metrics = []
     for n in layers:
         acc = layer_acc[n]
@@ -176,16 +214,52 @@ def validate(
             info[m.name] = LayerInfo(node=node, op_type=op)
     layer_metrics.sort(key=_sort_key)
 
-    passed = True
+    passed = all(r.passed for r in check_results)
     if min_sqnr_db is not None:
-        passed = all(m.sqnr_db >= min_sqnr_db for m in outputs)  # NaN compares False
+        passed = passed and all(m.worst_sqnr() >= min_sqnr_db for m in outputs)  # NaN compares False
     report = ValidationReport(outputs=outputs, layers=layer_metrics, samples=samples, min_sqnr_db=min_sqnr_db,
                               layer_samples=min(layer_samples, samples) if layer_samples is not None else None,
-                              passed=passed, skipped_layers=skipped, layer_order=order, layer_info=info)
+                              passed=passed, skipped_layers=skipped, layer_order=order, layer_info=info,
+                              checks=check_results)
     log.info("validate: %d samples, %d outputs, %d layers, worst output SQNR %s dB%s", samples, len(outputs),
              len(layer_metrics), _fmt_db(report.worst_output_sqnr()),
              "" if min_sqnr_db is None else (" (pass)" if passed else " (FAIL)"))
     return report
+
+
+def _output_accumulators(fmodel: Any, ff: _GraphFacts | None, first: Mapping[str, Any], out_names: list[str],
+                         slice_axes: Mapping[str, int], checks: Sequence[Check],
+                         ) -> tuple[dict[str, _SliceAccumulator], dict[str, _TopKAccumulator]]:
+    """Per float graph output: its worst-slice accumulator (along the ``slice_axes`` override or the default
+    axis) and, for class scores (see :mod:`~qcompiler.report.validate.slices`), its top-k accumulator."""
+    producers: Mapping[str, str] = {}
+    if ff is not None:
+        producers = ff.producers
+    elif ir.parameter_bytes(fmodel) < ir.NO_PREPACK_BYTES:  # large models: detected from the values only
+        producers = _graph_facts(fmodel).producers
+    named = {c.output for c in checks}
+    slices: dict[str, _SliceAccumulator] = {}
+    topk: dict[str, _TopKAccumulator] = {}
+    for n in out_names:
+        ref = np.asarray(first[n])
+        if not np.issubdtype(ref.dtype, np.floating):
+            continue
+        if n in slice_axes:
+            axis = slice_axes[n]
+            if not -ref.ndim <= axis < ref.ndim:
+                raise UserError(f"--slice-axis {n}={axis}: output '{n}' has rank {ref.ndim} "
+                                f"(shape {list(ref.shape)})")
+            axis %= ref.ndim
+        else:
+            default = default_slice_axis(tuple(ref.shape))
+            if default is None:
+                continue
+            axis = default
+        slices[n] = _SliceAccumulator(axis)
+        if ref.ndim >= 1 and ref.shape[-1] >= 2 and (
+                producers.get(n) in SCORE_OPS or n in named or looks_like_probabilities(ref)):
+            topk[n] = _TopKAccumulator(int(ref.shape[-1]))
+    return slices, topk
 
 
 #: environment variable overriding the number of concurrent onnxruntime runs of validation (1: sequential)

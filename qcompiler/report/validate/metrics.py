@@ -32,8 +32,27 @@ class TensorMetrics:
     top1_agreement: float | None
     elements: int
     exact_match: float | None = None
+    #: graph outputs: the worst slice along the channel / feature axis (a ``slices.SliceMetrics``), else None
+    worst_slice: Any = None
+    #: graph outputs that are class scores: k -> top-k agreement (see ``slices``), else None
+    topk: dict[int, float] | None = None
+
+    def worst_sqnr(self) -> float:
+        """The lower of the whole-tensor SQNR and the worst slice's (NaN if either is NaN)."""
+        ws = self.worst_slice.sqnr_db if self.worst_slice is not None else math.inf
+        if math.isnan(self.sqnr_db) or math.isnan(ws):
+            return math.nan
+        return min(self.sqnr_db, ws)
 
     def to_json(self) -> dict[str, Any]:
+        d = self._base_json()
+        if self.worst_slice is not None:
+            d["worst_slice"] = self.worst_slice.to_json()
+        if self.topk is not None:
+            d["topk_agreement"] = {str(k): json_float(v, 6) for k, v in sorted(self.topk.items())}
+        return d
+
+    def _base_json(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "sqnr_db": json_float(self.sqnr_db, 3),
@@ -53,6 +72,19 @@ def _sort_key(m: TensorMetrics) -> float:
 
 def _is_float(dtype: Any) -> bool:
     return bool(np.issubdtype(dtype, np.floating))
+
+
+def _sqnr(ref2: float, noise2: float) -> float:
+    """10·log10(ref2 / noise2) with the module's conventions (identical: inf; zero signal: -inf; NaN: nan)."""
+    if math.isnan(ref2) or math.isnan(noise2):
+        return math.nan
+    if noise2 == 0.0:
+        return math.inf
+    if ref2 == 0.0:
+        return -math.inf
+    if math.isinf(noise2):
+        return -math.inf if not math.isinf(ref2) else math.nan
+    return 10.0 * math.log10(ref2 / noise2) if not math.isinf(ref2) else math.inf
 
 
 class _Accumulator:
@@ -111,16 +143,7 @@ class _Accumulator:
 
     def metrics(self) -> TensorMetrics:
         ref2, q2, noise2 = self.ref2, self.q2, self.noise2
-        if any(math.isnan(v) for v in (ref2, q2, noise2, self.dot)):
-            sqnr = math.nan
-        elif noise2 == 0.0:
-            sqnr = math.inf
-        elif ref2 == 0.0:
-            sqnr = -math.inf
-        elif math.isinf(noise2):
-            sqnr = -math.inf if not math.isinf(ref2) else math.nan
-        else:
-            sqnr = 10.0 * math.log10(ref2 / noise2) if not math.isinf(ref2) else math.inf
+        sqnr = math.nan if math.isnan(q2) or math.isnan(self.dot) else _sqnr(ref2, noise2)
         denom = math.sqrt(ref2) * math.sqrt(q2)
         if math.isnan(denom) or math.isnan(self.dot):
             cosine = math.nan

@@ -13,6 +13,7 @@ from typing import Any
 
 from qcompiler.core.numbers import json_float
 from qcompiler.report.validate.metrics import TensorMetrics
+from qcompiler.report.validate.slices import CheckResult
 
 #: What each metric means and which direction is good (printed under the tables, in the JSON and the HTML).
 LEGEND: dict[str, str] = {
@@ -21,6 +22,10 @@ LEGEND: dict[str, str] = {
     "cosine": "cosine: cosine similarity of the float and quantized values; closer to 1 is better",
     "max_abs": "max|d|: largest absolute difference float - quantized, in the tensor's units; lower is better",
     "mean_abs": "mean|d|: mean absolute difference; lower is better",
+    "worst_slice": "worst slice: the output's slice (one index of its channel / feature axis) of lowest SQNR: axis, "
+                   "index, SQNR in dB and max|d|; higher SQNR is better",
+    "topk": "top-k: for probability / logit outputs, the fraction of positions where the float top-1 class is "
+            "among the quantized top-k; higher is better",
     "top1": "top1/exact: for class-score outputs, the fraction of positions whose argmax agrees (top-1); for "
             "integer tensors the fraction of exactly equal elements; higher is better (100% = the same)",
 }
@@ -54,8 +59,9 @@ class ValidationReport:
     ``outputs``: one entry per graph output (in the float model's order). ``layers``: intermediate tensors
     present in both graphs, worst SQNR first; ``layer_order`` the same names in graph order. ``layer_info``:
     per layer tensor, the node computing it, its op type and (once :meth:`attach_plan` ran) the plan rule that
-    decided the node. ``passed``: every output's SQNR ≥ ``min_sqnr_db`` (always ``True`` when no threshold was
-    given — then :attr:`verdict` is "no threshold set", never PASS; a NaN SQNR never passes).
+    decided the node. ``passed``: every check met and every output's SQNR — whole tensor and worst slice — ≥
+    ``min_sqnr_db`` (``True`` when no threshold and no check was given — then :attr:`verdict` is "no threshold
+    set", never PASS; a NaN SQNR never passes). ``checks``: the ``--check`` / plan ``checks:`` results.
     """
 
     outputs: list[TensorMetrics]
@@ -67,13 +73,49 @@ class ValidationReport:
     layer_samples: int | None = None  # samples the per-layer metrics cover (None: all of them)
     layer_order: list[str] = field(default_factory=list)
     layer_info: dict[str, LayerInfo] = field(default_factory=dict)
+    checks: list[CheckResult] = field(default_factory=list)
+
+    @property
+    def gated(self) -> bool:
+        """Whether there is anything to pass or fail (``min_sqnr_db`` or checks)."""
+        return self.min_sqnr_db is not None or bool(self.checks)
 
     @property
     def verdict(self) -> str:
-        """``PASS`` / ``FAIL`` against ``min_sqnr_db``; :data:`NO_THRESHOLD` without one."""
-        if self.min_sqnr_db is None:
+        """``PASS`` / ``FAIL`` against ``min_sqnr_db`` and the checks; :data:`NO_THRESHOLD` without any."""
+        if not self.gated:
             return NO_THRESHOLD
         return "PASS" if self.passed else "FAIL"
+
+    def worst_slice_sqnr(self) -> float:
+        """Lowest SQNR in dB over the outputs, each output counting its worst slice (or its whole-tensor SQNR
+        when lower, or when it has no slices); NaN if any is NaN, ``inf`` when all are identical."""
+        if not self.outputs:
+            return math.inf
+        values = [m.worst_sqnr() for m in self.outputs]
+        if any(math.isnan(v) for v in values):
+            return math.nan
+        return min(values)
+
+    def failed_checks(self) -> list[CheckResult]:
+        return [c for c in self.checks if not c.passed]
+
+    def failure(self) -> str:
+        """One line saying why the gate failed (empty when it passed)."""
+        if self.passed:
+            return ""
+        parts = []
+        if self.min_sqnr_db is not None and not self.worst_slice_sqnr() >= self.min_sqnr_db:
+            m = min(self.outputs, key=lambda o: -math.inf if math.isnan(o.worst_sqnr()) else o.worst_sqnr())
+            ws = m.worst_slice
+            where = (f" (slice {ws.index} of axis {ws.axis})" if ws is not None and ws.index is not None
+                     and not ws.sqnr_db > m.sqnr_db else "")
+            parts.append(f"output '{m.name}'{where} SQNR {_fmt_db(m.worst_sqnr())} dB is below --min-sqnr "
+                         f"{self.min_sqnr_db} dB")
+        for c in self.failed_checks():
+            shown = "not measurable" if c.value is None else f"{c.value:.4g}"
+            parts.append(f"check {c.check.describe()} failed ({c.check.where}): measured {shown}")
+        return "; ".join(parts)
 
     def worst_output_sqnr(self) -> float:
         """Lowest output SQNR in dB (NaN if any output is NaN; ``inf`` when all are identical)."""
@@ -138,10 +180,13 @@ class ValidationReport:
         return {
             "samples": int(self.samples),
             "min_sqnr_db": None if self.min_sqnr_db is None else float(self.min_sqnr_db),
-            "passed": None if self.min_sqnr_db is None else bool(self.passed),
+            "passed": None if not self.gated else bool(self.passed),
             "verdict": self.verdict,
             "worst_output_sqnr_db": json_float(self.worst_output_sqnr(), 3),
+            "worst_slice_sqnr_db": json_float(self.worst_slice_sqnr(), 3),
             "outputs": [m.to_json() for m in self.outputs],
+            "checks": [c.to_json() for c in self.checks],
+            "failure": self.failure() or None,
             "layers": [self._layer_json(m, index) for m in self.layers],
             "graph_order": [n for n in order if n in {m.name for m in self.layers}],
             "suggested_rules": self.suggested_rules(),
@@ -155,6 +200,9 @@ class ValidationReport:
         plan rule of each), a plan rule to paste for the worst, the legend, then the verdict."""
         lines = [f"validation over {self.samples} sample(s)", "", "outputs:"]
         lines += _format_rows(self.outputs)
+        lines += _slice_lines(self.outputs)
+        if self.checks:
+            lines += ["", "checks:"] + ["  " + c.line() for c in self.checks]
         if self.layers and max_layers > 0:
             shown = self.layers[:max_layers]
             over = (f", over the first {self.layer_samples} sample(s)"
@@ -169,11 +217,32 @@ class ValidationReport:
         lines += ["", "legend: " + "; ".join(LEGEND[k].split(":", 1)[0] + ":" + _direction(LEGEND[k])
                                               for k in LEGEND)]
         worst = _fmt_db(self.worst_output_sqnr())
-        if self.min_sqnr_db is None:
-            lines.append(f"worst output SQNR {worst} dB ({NO_THRESHOLD}; give --min-sqnr DB for a verdict)")
+        worst_slice = _fmt_db(self.worst_slice_sqnr())
+        if not self.gated:
+            lines.append(f"worst output SQNR {worst} dB, worst slice {worst_slice} dB ({NO_THRESHOLD}; give "
+                         "--min-sqnr DB or --check for a verdict)")
         else:
-            lines.append(f"{self.verdict}: worst output SQNR {worst} dB, threshold {self.min_sqnr_db:g} dB")
+            gate = f", threshold {self.min_sqnr_db:g} dB" if self.min_sqnr_db is not None else ""
+            failed = len(self.failed_checks())
+            checks = f", {len(self.checks) - failed} of {len(self.checks)} check(s) met" if self.checks else ""
+            lines.append(f"{self.verdict}: worst output SQNR {worst} dB, worst slice {worst_slice} dB{gate}{checks}")
         return "\n".join(lines)
+
+
+def _slice_lines(outputs: Sequence[TensorMetrics]) -> list[str]:
+    """The worst slice and top-k agreement of each output (none when no output has them)."""
+    lines = []
+    for m in outputs:
+        ws = m.worst_slice
+        part = []
+        if ws is not None and ws.index is not None:
+            part.append(f"worst slice {ws.index} of axis {ws.axis} ({ws.slices} slices): SQNR {_fmt_db(ws.sqnr_db)} "
+                        f"dB, max|d| {ws.max_abs:.4g}")
+        if m.topk:
+            part.append(", ".join(f"top-{k} {100.0 * v:.2f}%" for k, v in sorted(m.topk.items())))
+        if part:
+            lines.append(f"  {_short(m.name)}: " + "; ".join(part))
+    return ["", "per output:", *lines] if lines else []
 
 
 def _direction(text: str) -> str:

@@ -1,0 +1,219 @@
+"""What users see of an output, measured streaming: the worst slice along its channel / feature axis, top-k
+agreement of probability / logit outputs, and the named slices of ``--check`` / the plan's ``checks:``.
+
+**Slice axis** (:func:`default_slice_axis`, overridden per output by ``--slice-axis OUTPUT=AXIS``): rank 2
+``[N, F]`` -> the last axis (features / classes); rank 3 ``[N, C, A]`` -> axis 1 when ``C <= A`` (a detector head
+``[1, 84, 8400]``: box coordinates and class scores are channels), else the last axis (``[N, A, C]``,
+``[N, T, D]``); rank ≥ 4 ``[N, C, H, W]`` -> axis 1; rank 1 -> axis 0; scalars have no slices. Each index of that
+axis is one slice; per slice only Σref², Σ(ref−q)² and max|ref−q| are kept, so memory does not grow with the
+samples. The worst slice is the one of lowest SQNR among the slices whose float values are not all zero (a slice
+that is exactly zero in the float model has no signal to measure against; its error still counts in ``max_abs``).
+
+**Top-k agreement** (k = 1, and 5 when the class axis has ≥ 5 entries), over the last axis, for outputs that are
+class scores: produced by Softmax / LogSoftmax / Sigmoid, or whose float values on the first sample lie in
+[0, 1] and sum to 1 along the last axis, or named by a check. It is the fraction of positions where the float
+model's top-1 class is among the quantized model's top-k classes.
+
+Part of :mod:`qcompiler.report.validate`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from qcompiler.core.errors import UserError
+from qcompiler.core.numbers import json_float
+from qcompiler.plan.checks import Check
+from qcompiler.report.validate.metrics import TensorMetrics, _Accumulator, _is_float, _sqnr
+
+#: Ops whose outputs are class scores (top-k agreement is reported for them).
+SCORE_OPS = frozenset({"Softmax", "LogSoftmax", "Sigmoid"})
+#: Tolerance on "sums to 1" when detecting probability outputs from their values.
+PROB_SUM_TOL = 1e-3
+
+
+def default_slice_axis(shape: tuple[int, ...]) -> int | None:
+    """The channel / feature axis of an output of this shape (module docstring); ``None`` for a scalar."""
+    rank = len(shape)
+    if rank == 0:
+        return None
+    if rank == 1:
+        return 0
+    if rank == 2:
+        return 1
+    if rank == 3:
+        return 1 if shape[1] <= shape[2] else 2
+    return 1
+
+
+def looks_like_probabilities(ref: np.ndarray) -> bool:
+    """Float values in [0, 1] summing to 1 (within :data:`PROB_SUM_TOL`) along a last axis of ≥ 2 entries."""
+    if not _is_float(ref.dtype) or ref.ndim < 1 or ref.shape[-1] < 2 or ref.size == 0:
+        return False
+    r = ref.astype(np.float64, copy=False)
+    if not np.all(np.isfinite(r)) or r.min() < -PROB_SUM_TOL or r.max() > 1.0 + PROB_SUM_TOL:
+        return False
+    return bool(np.all(np.abs(r.sum(axis=-1) - 1.0) <= PROB_SUM_TOL))
+
+
+@dataclass
+class SliceMetrics:
+    """The worst slice of an output along ``axis``: its ``index``, SQNR and largest absolute error, out of
+    ``slices`` (``silent``: slices exactly zero in the float model, left out of the ranking)."""
+
+    axis: int
+    index: int | None
+    sqnr_db: float
+    max_abs: float
+    slices: int
+    silent: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"axis": self.axis, "index": self.index, "sqnr_db": json_float(self.sqnr_db, 3),
+                "max_abs": json_float(self.max_abs, significant=6), "slices": self.slices, "silent": self.silent}
+
+
+class _SliceAccumulator:
+    """Per-slice running sums along one axis (arrays of the axis' length; nothing per sample)."""
+
+    __slots__ = ("axis", "bad", "max_abs", "noise2", "ref2")
+
+    def __init__(self, axis: int) -> None:
+        self.axis = axis
+        self.ref2: np.ndarray | None = None
+        self.noise2: np.ndarray | None = None
+        self.max_abs: np.ndarray | None = None
+        self.bad: str | None = None
+
+    def update(self, ref: np.ndarray, q: np.ndarray) -> None:
+        if self.bad is not None or ref.shape != q.shape:
+            return
+        n = ref.shape[self.axis]
+        r = np.moveaxis(ref.astype(np.float64, copy=False), self.axis, 0).reshape(n, -1)
+        x = np.moveaxis(q.astype(np.float64, copy=False), self.axis, 0).reshape(n, -1)
+        d = r - x
+        ref2 = np.sum(r * r, axis=1)
+        noise2 = np.sum(d * d, axis=1)
+        mx = np.max(np.abs(d), axis=1) if d.shape[1] else np.zeros(n)
+        if self.ref2 is None:
+            self.ref2, self.noise2, self.max_abs = ref2, noise2, mx
+        elif self.ref2.shape[0] != n:
+            self.bad = f"axis {self.axis} changes length between samples ({self.ref2.shape[0]} vs {n})"
+        else:
+            assert self.noise2 is not None and self.max_abs is not None
+            self.ref2 += ref2
+            self.noise2 += noise2
+            self.max_abs = np.maximum(self.max_abs, mx)
+
+    def metrics(self) -> SliceMetrics | None:
+        if self.bad is not None or self.ref2 is None or self.noise2 is None or self.max_abs is None:
+            return None
+        n = int(self.ref2.shape[0])
+        sq = [_sqnr(float(a), float(b)) for a, b in zip(self.ref2, self.noise2)]
+        silent = [i for i in range(n) if self.ref2[i] == 0.0]
+        ranked = [i for i in range(n) if self.ref2[i] != 0.0] or list(range(n))
+        if not ranked:
+            return SliceMetrics(axis=self.axis, index=None, sqnr_db=math.inf, max_abs=0.0, slices=0)
+        worst = min(ranked, key=lambda i: (-math.inf if math.isnan(sq[i]) else sq[i], i))
+        return SliceMetrics(axis=self.axis, index=worst, sqnr_db=sq[worst], max_abs=float(self.max_abs[worst]),
+                            slices=n, silent=len(silent) if len(ranked) < n else 0)
+
+
+class _TopKAccumulator:
+    """Top-k agreement over the last axis: float top-1 among the quantized top-k, counted per position."""
+
+    __slots__ = ("hits", "ks", "n")
+
+    def __init__(self, classes: int) -> None:
+        self.ks = [1, 5] if classes >= 5 else [1]
+        self.hits = dict.fromkeys(self.ks, 0)
+        self.n = 0
+
+    def update(self, ref: np.ndarray, q: np.ndarray) -> None:
+        if ref.shape != q.shape or ref.ndim < 1:
+            return
+        top_f = np.argmax(ref, axis=-1)[..., None]
+        order = np.argsort(-q.astype(np.float64, copy=False), axis=-1, kind="stable")
+        for k in self.ks:
+            self.hits[k] += int(np.count_nonzero(np.any(order[..., :k] == top_f, axis=-1)))
+        self.n += int(top_f.size)
+
+    def result(self) -> dict[int, float] | None:
+        return {k: self.hits[k] / self.n for k in self.ks} if self.n else None
+
+
+@dataclass
+class CheckResult:
+    """One check measured: the ``value`` of its metric over the slice (``None`` when it cannot be computed) and
+    whether it met the threshold; ``metrics``: all metrics of the slice."""
+
+    check: Check
+    value: float | None
+    passed: bool
+    metrics: TensorMetrics
+
+    def to_json(self) -> dict[str, Any]:
+        v = self.value
+        return {**self.check.to_json(), "value": None if v is None else json_float(v, significant=6),
+                "passed": bool(self.passed), "sqnr_db": json_float(self.metrics.sqnr_db, 3),
+                "cosine": json_float(self.metrics.cosine, 8),
+                "max_abs": json_float(self.metrics.max_abs, significant=6),
+                "elements": int(self.metrics.elements)}
+
+    def line(self) -> str:
+        shown = "-" if self.value is None else f"{self.value:.4g}"
+        return f"{'pass' if self.passed else 'FAIL'}: {self.check.describe()}: measured {shown}"
+
+
+class _CheckAccumulator:
+    """A check's slice of one output, accumulated like a whole tensor (plus top-1 over its last axis)."""
+
+    __slots__ = ("acc", "check", "top1_hits", "top1_n")
+
+    def __init__(self, check: Check) -> None:
+        self.check = check
+        self.acc = _Accumulator(check.describe())
+        self.top1_hits = 0
+        self.top1_n = 0
+
+    def select(self, a: np.ndarray) -> np.ndarray:
+        try:
+            part = a[self.check.index] if self.check.index else a
+        except IndexError as e:
+            raise UserError(f"{self.check.where}: slice [{self.check.slice_text}] does not fit output "
+                            f"'{self.check.output}' of shape {list(a.shape)}: {e}") from None
+        part = np.asarray(part)
+        if part.size == 0:
+            raise UserError(f"{self.check.where}: slice [{self.check.slice_text}] of output '{self.check.output}' "
+                            f"(shape {list(a.shape)}) is empty")
+        return part
+
+    def update(self, ref: np.ndarray, q: np.ndarray) -> None:
+        r, x = self.select(np.asarray(ref)), self.select(np.asarray(q))
+        self.acc.update(r, x)
+        if self.check.metric == "top1":
+            if r.ndim < 1 or r.shape[-1] < 2:
+                raise UserError(f"{self.check.where}: top1 needs a last axis of at least 2 entries; the slice has "
+                                f"shape {list(r.shape)}")
+            if r.shape == x.shape:
+                self.top1_hits += int(np.count_nonzero(np.argmax(r, axis=-1) == np.argmax(x, axis=-1)))
+                self.top1_n += int(np.prod(r.shape[:-1], dtype=np.int64))
+
+    def result(self) -> CheckResult:
+        m = self.acc.metrics()
+        value: float | None
+        if self.check.metric == "sqnr":
+            value = m.sqnr_db
+        elif self.check.metric == "cos":
+            value = m.cosine
+        elif self.check.metric == "maxerr":
+            value = m.max_abs
+        else:
+            value = 100.0 * self.top1_hits / self.top1_n if self.top1_n else None
+        if self.acc.bad is not None:
+            value = None
+        return CheckResult(check=self.check, value=value, passed=self.check.passes(value), metrics=m)
