@@ -296,6 +296,20 @@ def test_plan_nested_deeper_than_limit_refused(inp: Path, out: Path) -> None:
             ["p.json: comment[0]", "is nested deeper than 32 levels"], inp, out)
 
 
+@pytest.mark.parametrize("name, text, words", [
+    ("huge.yaml", "version: 1" + "0" * 5000 + "\n", ["huge.yaml: not valid YAML/JSON", "4300 digits"]),
+    ("huge.json", '{"version": 1' + "0" * 5000 + "}", ["huge.json: not valid YAML/JSON", "4300 digits"]),
+    ("month.yaml", "version: 1\ncomment: 2001-13-14\n", ["month.yaml: not valid YAML/JSON", "month must be"]),
+], ids=["yaml-int-5001-digits", "json-int-5001-digits", "yaml-13th-month"])
+def test_plan_value_the_parser_cannot_build_refused(inp: Path, out: Path, name: str, text: str,
+                                                    words: list[str]) -> None:
+    """Found by test_fuzz_plan_texts (wrap huge-int): Python's int() refuses over 4300 digits with ValueError,
+    and PyYAML's timestamp constructor raises ValueError on an impossible date; both used to exit 1."""
+    model, calib = mm_inputs(inp)
+    (inp / name).write_text(text)
+    refused(["compile", model, "-o", out, "--calib", calib, "--plan", inp / name], words, inp, out)
+
+
 def test_plan_block_size_2_pow_31_refused(inp: Path, out: Path) -> None:
     model, calib = mm_inputs(inp)
     (inp / "plan.yaml").write_text("version: 1\nrules:\n  - match: {name: mm}\n"
