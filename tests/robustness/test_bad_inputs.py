@@ -250,7 +250,10 @@ def test_npz_deflate64_member_refused(inp: Path, out: Path) -> None:
     ("{'descr': np.float32, 'fortran_order': False, 'shape': (4, 1, 16), }", ["malformed .npy header"]),
     ("{'descr': 'not-a-type', 'fortran_order': False, 'shape': (4, 1, 16), }", ["malformed .npy header"]),
     ("{'descr': '<f4', 'fortran_order': False, 'shape': (4, 1, 16.5), }", ["malformed .npy header"]),
-], ids=["negative-shape", "non-literal-descr", "unknown-descr", "float-dim"])
+    # found by test_fuzz_calibration_data (a duplicated / cut header): numpy's header filter tokenizes an
+    # unclosed bracket and raises tokenize.TokenError, which used to exit 1
+    ("{'descr': '<f4', 'fortran_order': False, 'shape': (4, 1, 16", ["malformed .npy header", "TokenError"]),
+], ids=["negative-shape", "non-literal-descr", "unknown-descr", "float-dim", "unclosed-bracket"])
 def test_malformed_npy_header_refused(inp: Path, out: Path, header: str, words: list[str]) -> None:
     model, _ = mm_inputs(inp)
     (inp / "calib.npz").write_bytes(zip_with({"x.npy": npy_bytes(header, b"\0" * 256)}))
@@ -265,6 +268,18 @@ def test_malformed_npy_header_in_folder_refused(inp: Path, out: Path) -> None:
         "{'descr': '<f4', 'fortran_order': False, 'shape': (1, -16), }", b"\0" * 64)}))
     refused(["compile", model, "-o", out, "--calib", d], ["000.npz", "array 'x'", "non-negative"], inp, out)
 
+
+
+def test_data_npy_unclosed_header_refused(inp: Path, tmp_path: Path) -> None:
+    """`qcompiler data` on a folder of .npy arrays: the same damaged header (tokenize.TokenError inside numpy)
+    is one error line naming the file, nothing written."""
+    model, _ = mm_inputs(inp)
+    d = inp / "arrays"
+    d.mkdir()
+    np.save(d / "000.npy", np.zeros((1, 16), np.float32))
+    (d / "001.npy").write_bytes(npy_bytes("{'descr': '<f4', 'fortran_order': False, 'shape': (1, 16", b"\0" * 64))
+    out = tmp_path / "out" / "feeds.npz"
+    refused(["data", model, d, "-o", out], ["001.npy", "not a readable .npy array", "TokenError"], inp, out)
 
 # ================================================================================ plans that used to exit 1
 def test_plan_non_string_key_refused(inp: Path, out: Path) -> None:
