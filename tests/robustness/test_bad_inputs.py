@@ -281,6 +281,22 @@ def test_data_npy_unclosed_header_refused(inp: Path, tmp_path: Path) -> None:
     out = tmp_path / "out" / "feeds.npz"
     refused(["data", model, d, "-o", out], ["001.npy", "not a readable .npy array", "TokenError"], inp, out)
 
+
+@pytest.mark.parametrize("extra", [[], ["--external-data", "100000000"]], ids=["default", "external-data-out"])
+def test_external_data_location_too_long_for_the_file_system_refused(inp: Path, out: Path,
+                                                                     extra: list[str]) -> None:
+    """Found by test_fuzz_external_data (location 'a' * 300): stat() raises ENAMETOOLONG, an OSError that used
+    to end as exit 1 (at load, and in the output check's scan of the model's external data files)."""
+    m = C.matmul_model()
+    w = m.graph.initializer[0]
+    w.ClearField("raw_data")
+    w.data_location = TensorProto.EXTERNAL
+    w.external_data.add(key="location", value="a" * 300)
+    model = C.save(m, inp / "model.onnx")
+    refused(["compile", model, "-o", out, "--calib", "random", *extra],
+            ["model.onnx: tensor 'W'", "external data location 'aaaa", "(300 characters) cannot be opened",
+             "File name too long"], inp, out)
+
 # ================================================================================ plans that used to exit 1
 def test_plan_non_string_key_refused(inp: Path, out: Path) -> None:
     model, calib = mm_inputs(inp)
