@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import math
+import tokenize
 import zipfile
 import zlib
 from pathlib import Path
@@ -21,9 +22,13 @@ _READABLE = {zipfile.ZIP_STORED: "stored", zipfile.ZIP_DEFLATED: "deflate", zipf
              zipfile.ZIP_LZMA: "lzma"}
 _METHOD_NAMES = {9: "deflate64", 6: "implode", 93: "zstandard", 95: "xz", 98: "ppmd", 97: "wavpack"}
 #: exceptions reading a zip member can raise on a damaged or unusual archive (RuntimeError: an encrypted
-#: member; NotImplementedError: a compression method zipfile lacks; zlib.error: a corrupt deflate stream)
+#: member; NotImplementedError: a compression method zipfile lacks; zlib.error: a corrupt deflate stream;
+#: tokenize.TokenError: numpy's parser of an old-style .npy header on an unterminated bracket)
 ZIP_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, RuntimeError, NotImplementedError, zlib.error,
-              KeyError)
+              KeyError, tokenize.TokenError)
+#: exceptions numpy's .npy header parser raises on a damaged header (it tokenizes and evaluates a dict literal)
+HEADER_ERRORS = (ValueError, SyntaxError, TypeError, KeyError, EOFError, OverflowError, RecursionError, MemoryError,
+                 tokenize.TokenError)
 
 
 def npz_members(path: Path, zf: zipfile.ZipFile) -> dict[str, str]:
@@ -75,8 +80,7 @@ def read_header(fp: IO[bytes], where: str = "", key: str = "") -> tuple[tuple[in
         else:
             return None
         out_dtype = np.dtype(dtype)
-    except (ValueError, SyntaxError, TypeError, KeyError, EOFError, OverflowError, RecursionError,
-            MemoryError) as e:
+    except HEADER_ERRORS as e:
         raise UserError(f"{where}: array '{key}' has a malformed .npy header ({type(e).__name__}: "
                         f"{_first_line(e)})") from None
     if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):

@@ -44,12 +44,19 @@ def _safe_external_path(base_dir: Path, location: str, where: str) -> Path:
     parts = Path(location.replace("\\", "/")).parts
     if ".." in parts:
         raise UserError(f"{where}: external data location '{location}' contains '..'; refused")
-    full = (base_dir / location).resolve()
-    base = base_dir.resolve()
-    if base != full and base not in full.parents:
-        raise UserError(f"{where}: external data location '{location}' resolves outside the model folder; refused")
-    if not full.exists() or full.is_dir():
-        raise UserError(f"{where}: external data file '{location}' not found next to the model")
+    try:
+        full = (base_dir / location).resolve()
+        base = base_dir.resolve()
+        if base != full and base not in full.parents:
+            raise UserError(f"{where}: external data location '{location}' resolves outside the model folder; "
+                            "refused")
+        if not full.exists() or full.is_dir():
+            raise UserError(f"{where}: external data file '{location}' not found next to the model")
+    except (OSError, ValueError) as e:  # a name over the file system's limit (ENAMETOOLONG), a NUL byte
+        shown = repr(location[:60] + ("..." if len(location) > 60 else ""))
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise UserError(f"{where}: external data location {shown} ({len(location)} characters) cannot be "
+                        f"opened: {reason}") from None
     try:
         regular_file(full, what="an external data file")
     except UserError as e:  # a FIFO, a device: name the tensor too

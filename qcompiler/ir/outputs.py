@@ -73,9 +73,12 @@ def external_data_files(model_path: PathLike) -> set[Path]:
         loc = _external_info(t).get("location", "")
         if not loc or os.path.isabs(loc) or ".." in Path(loc.replace("\\", "/")).parts:
             continue
-        full = resolve_path(base / loc)
-        if (full == base or base in full.parents) and full.is_file():
-            out.add(full)
+        try:
+            full = resolve_path(base / loc)
+            if (full == base or base in full.parents) and full.is_file():
+                out.add(full)
+        except (OSError, ValueError):  # a name too long for the file system, a NUL byte: the loader says so
+            continue
     return out
 
 

@@ -216,6 +216,8 @@ class Plan:
         except (yaml.YAMLError, json.JSONDecodeError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(f"{source}: not valid YAML/JSON: {first}") from None
+        except ValueError as e:  # a value the parser cannot build: an int over 4300 digits, a 13th month
+            raise UserError(f"{source}: not valid YAML/JSON: {str(e).splitlines()[0] if str(e) else e!r}") from None
         except RecursionError:
             raise UserError(f"{source}: nested too deeply to parse (a plan is at most {MAX_PLAN_DEPTH} levels "
                             "deep)") from None

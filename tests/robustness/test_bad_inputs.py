@@ -250,7 +250,10 @@ def test_npz_deflate64_member_refused(inp: Path, out: Path) -> None:
     ("{'descr': np.float32, 'fortran_order': False, 'shape': (4, 1, 16), }", ["malformed .npy header"]),
     ("{'descr': 'not-a-type', 'fortran_order': False, 'shape': (4, 1, 16), }", ["malformed .npy header"]),
     ("{'descr': '<f4', 'fortran_order': False, 'shape': (4, 1, 16.5), }", ["malformed .npy header"]),
-], ids=["negative-shape", "non-literal-descr", "unknown-descr", "float-dim"])
+    # found by test_fuzz_calibration_data (a duplicated / cut header): numpy's header filter tokenizes an
+    # unclosed bracket and raises tokenize.TokenError, which used to exit 1
+    ("{'descr': '<f4', 'fortran_order': False, 'shape': (4, 1, 16", ["malformed .npy header", "TokenError"]),
+], ids=["negative-shape", "non-literal-descr", "unknown-descr", "float-dim", "unclosed-bracket"])
 def test_malformed_npy_header_refused(inp: Path, out: Path, header: str, words: list[str]) -> None:
     model, _ = mm_inputs(inp)
     (inp / "calib.npz").write_bytes(zip_with({"x.npy": npy_bytes(header, b"\0" * 256)}))
@@ -265,6 +268,34 @@ def test_malformed_npy_header_in_folder_refused(inp: Path, out: Path) -> None:
         "{'descr': '<f4', 'fortran_order': False, 'shape': (1, -16), }", b"\0" * 64)}))
     refused(["compile", model, "-o", out, "--calib", d], ["000.npz", "array 'x'", "non-negative"], inp, out)
 
+
+
+def test_data_npy_unclosed_header_refused(inp: Path, tmp_path: Path) -> None:
+    """`qcompiler data` on a folder of .npy arrays: the same damaged header (tokenize.TokenError inside numpy)
+    is one error line naming the file, nothing written."""
+    model, _ = mm_inputs(inp)
+    d = inp / "arrays"
+    d.mkdir()
+    np.save(d / "000.npy", np.zeros((1, 16), np.float32))
+    (d / "001.npy").write_bytes(npy_bytes("{'descr': '<f4', 'fortran_order': False, 'shape': (1, 16", b"\0" * 64))
+    out = tmp_path / "out" / "feeds.npz"
+    refused(["data", model, d, "-o", out], ["001.npy", "not a readable .npy array", "TokenError"], inp, out)
+
+
+@pytest.mark.parametrize("extra", [[], ["--external-data", "100000000"]], ids=["default", "external-data-out"])
+def test_external_data_location_too_long_for_the_file_system_refused(inp: Path, out: Path,
+                                                                     extra: list[str]) -> None:
+    """Found by test_fuzz_external_data (location 'a' * 300): stat() raises ENAMETOOLONG, an OSError that used
+    to end as exit 1 (at load, and in the output check's scan of the model's external data files)."""
+    m = C.matmul_model()
+    w = m.graph.initializer[0]
+    w.ClearField("raw_data")
+    w.data_location = TensorProto.EXTERNAL
+    w.external_data.add(key="location", value="a" * 300)
+    model = C.save(m, inp / "model.onnx")
+    refused(["compile", model, "-o", out, "--calib", "random", *extra],
+            ["model.onnx: tensor 'W'", "external data location 'aaaa", "(300 characters) cannot be opened",
+             "File name too long"], inp, out)
 
 # ================================================================================ plans that used to exit 1
 def test_plan_non_string_key_refused(inp: Path, out: Path) -> None:
@@ -294,6 +325,20 @@ def test_plan_nested_deeper_than_limit_refused(inp: Path, out: Path) -> None:
     (inp / "p.json").write_text('{"version": 1, "comment": ' + "[" * 40 + "]" * 40 + "}")
     refused(["compile", model, "-o", out, "--calib", calib, "--plan", inp / "p.json"],
             ["p.json: comment[0]", "is nested deeper than 32 levels"], inp, out)
+
+
+@pytest.mark.parametrize("name, text, words", [
+    ("huge.yaml", "version: 1" + "0" * 5000 + "\n", ["huge.yaml: not valid YAML/JSON", "4300 digits"]),
+    ("huge.json", '{"version": 1' + "0" * 5000 + "}", ["huge.json: not valid YAML/JSON", "4300 digits"]),
+    ("month.yaml", "version: 1\ncomment: 2001-13-14\n", ["month.yaml: not valid YAML/JSON", "month must be"]),
+], ids=["yaml-int-5001-digits", "json-int-5001-digits", "yaml-13th-month"])
+def test_plan_value_the_parser_cannot_build_refused(inp: Path, out: Path, name: str, text: str,
+                                                    words: list[str]) -> None:
+    """Found by test_fuzz_plan_texts (wrap huge-int): Python's int() refuses over 4300 digits with ValueError,
+    and PyYAML's timestamp constructor raises ValueError on an impossible date; both used to exit 1."""
+    model, calib = mm_inputs(inp)
+    (inp / name).write_text(text)
+    refused(["compile", model, "-o", out, "--calib", calib, "--plan", inp / name], words, inp, out)
 
 
 def test_plan_block_size_2_pow_31_refused(inp: Path, out: Path) -> None:

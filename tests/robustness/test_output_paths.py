@@ -26,6 +26,7 @@ from qcompiler import compile as compile_mod
 from qcompiler import ir
 from qcompiler.cli import cli
 from qcompiler.core.errors import UserError
+from qcompiler.report.validate.files import load_names
 
 MODELS = Path(__file__).resolve().parent.parent.parent / "models"
 GEMM = MODELS / "gemm_head.onnx"
@@ -310,6 +311,25 @@ def test_rerun_overwrites_its_own_outputs_identically(work: Path) -> None:
     assert run(*args).exit_code == 0
     assert tree(work) == first
 
+
+
+def test_stale_names_side_file_replaced_only_by_a_successful_compile(work: Path) -> None:
+    """A file at OUT.names.json that no command reads (a stale side file of an earlier compile) is an output,
+    not an input: a --compact-names compile replaces it with its map; a refused compile leaves it as it was.
+    (The fuzz case output-path/alias-side-names held this to "input unchanged" before; the oracle is fixed.)"""
+    stale = work / "o.names.json"
+    stale.write_text("{}", encoding="utf-8")
+    (work / "bad.yaml").write_text("version: 7\n", encoding="utf-8")
+    before = tree(work)
+    res = run("compile", work / "m.onnx", "-o", work / "o.onnx", "--calib", work / "calib.npz", "--compact-names",
+              "--plan", work / "bad.yaml")
+    refused(res, "bad.yaml", "unsupported plan version")
+    assert tree(work) == before
+    res = run("compile", work / "m.onnx", "-o", work / "o.onnx", "--calib", work / "calib.npz", "--compact-names",
+              "-q")
+    assert res.exit_code == 0, res.output
+    names = load_names(stale)
+    assert names and all(isinstance(k, str) and isinstance(v, str) for k, v in names.items())
 
 # ------------------------------------------------------------------------------ package, plan auto, schema
 def test_package_zip_may_not_overwrite_an_input(work: Path) -> None:

@@ -243,8 +243,9 @@ def build_output_path(p: dict[str, Any], root: Path) -> F.Call:
     report: Path | None = root / "report.json" if p["report"] else None
     if shape in ("alias-model", "alias-plan", "alias-data", "alias-side-plan", "alias-side-names"):
         out = {"alias-model": model, "alias-plan": plan}.get(shape, inp / "q.onnx")
-        if shape == "alias-side-names":
+        if shape == "alias-side-names":  # a stale side file, read by nothing: a successful compile replaces it
             (inp / "q.names.json").write_text("{}")
+            replace.add("in/q.names.json")
     elif shape == "alias-model-dotdot":
         out_arg = f"{inp}/../in/model.onnx"
     elif shape == "alias-model-dot":

@@ -17,6 +17,7 @@ import numpy as np
 
 from qcompiler.calib.feeds import InputSig
 from qcompiler.calib.make.samples import Arrays, Item, RawSource
+from qcompiler.calib.npz import HEADER_ERRORS
 from qcompiler.core.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ def load_npy(path: Path) -> np.ndarray:
         if "pickle" in str(e).lower() or "object" in str(e).lower():
             raise UserError(f"{path}: the array holds Python objects (pickled); refused") from None
         raise UserError(f"{path}: not a readable .npy array ({e})") from None
-    except (OSError, EOFError) as e:
+    except (OSError, *HEADER_ERRORS) as e:  # a damaged header: SyntaxError, TokenError, TypeError, ...
         raise UserError(f"{path}: not a readable .npy array ({type(e).__name__}: {e})") from None
     if not isinstance(arr, np.ndarray):
         raise UserError(f"{path}: not a single .npy array")

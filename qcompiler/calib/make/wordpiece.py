@@ -89,8 +89,10 @@ class WordPiece:
     def _from_json(cls, path: Path, text: str, lowercase: bool | None) -> WordPiece:
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as e:
+        except ValueError as e:  # bad JSON, or an int over 4300 digits
             raise UserError(f"{path}: not valid JSON ({e})") from None
+        except RecursionError:
+            raise UserError(f"{path}: not valid JSON (nested too deeply)") from None
         model = data.get("model") if isinstance(data, dict) else None
         if not isinstance(model, dict) or model.get("type") != "WordPiece":
             kind = model.get("type") if isinstance(model, dict) else None

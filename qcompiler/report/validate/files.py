@@ -34,7 +34,7 @@ def load_names(path: str | os.PathLike[str]) -> dict[str, str]:
         data = json.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UserError(f"{p}: no such file") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # ValueError: bad UTF-8, bad JSON, an int over 4300 digits
         raise UserError(f"{p}: not a names file ({type(e).__name__}: {e})") from None
     except RecursionError:
         raise UserError(f"{p}: not a names file (nested too deeply)") from None
@@ -50,7 +50,7 @@ def load_node_names(path: str | os.PathLike[str]) -> dict[str, str]:
     """The node map (new name -> original) of a ``compact-names`` side file (empty when it has none)."""
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    except (OSError, ValueError, RecursionError):
         return {}
     nodes = data.get("nodes") if isinstance(data, dict) else None
     return {str(k): str(v) for k, v in nodes.items()} if isinstance(nodes, dict) else {}
@@ -62,7 +62,7 @@ def load_plan_nodes(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]] |
     p = Path(path)
     try:
         data = yaml.load(p.read_text(encoding="utf-8"), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+    except (OSError, ValueError, RecursionError, yaml.YAMLError) as e:
         log.warning("%s: not a resolved plan (%s); layers shown without their plan rules", p, type(e).__name__)
         return None
     nodes = data.get("nodes") if isinstance(data, dict) else None
