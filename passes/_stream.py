@@ -10,7 +10,9 @@ the number of samples. :func:`source_for` picks the data a pass works on: the re
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -30,6 +32,26 @@ def source_for(ctx: CompileContext, pass_name: str, samples: int | None = None) 
         return ctx.calib.take(samples)
     log.warning("%s: no real calibration data (give --calib DATA); its data-driven step is skipped", pass_name)
     return None
+
+
+@contextmanager
+def one_blas_thread() -> Iterator[None]:
+    """numpy's BLAS on one thread inside the block: its sums then do not depend on the machine's core count
+    (OpenBLAS splits a product's reduction differently per thread count, which changes the float32 rounding),
+    and callers parallelize over independent products themselves (:func:`layer_threads`). Without
+    ``threadpoolctl`` the BLAS keeps its own threads."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - threadpoolctl is a dependency; keep working without it
+        yield
+        return
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
+
+
+def layer_threads(n: int) -> int:
+    """Worker threads for ``n`` independent per-layer products: one per core, at most ``n``."""
+    return max(1, min(n, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
 
 def axis_max(x: np.ndarray, axis: int) -> np.ndarray:
