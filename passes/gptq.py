@@ -152,15 +152,17 @@ class GPTQPass(Pass):
             stats["samples"] = self._accumulate(source, ctx, jobs)
         loss_rtn = loss_gptq = 0.0
         layer_progress = progress_of(ctx, "gptq layers")
-        for li, job in enumerate(jobs):
-            with profile.step("sweep"):
-                qt, l_rtn, l_gptq = self._quantize(job)
-            if layer_progress is not None:
-                layer_progress(li + 1, len(jobs))
-            ctx.weight_overrides[(job.layer.node.name, 1)] = qt
-            loss_rtn += l_rtn
-            loss_gptq += l_gptq
-            stats["layers"] += 1
+        # the layers' sweeps are independent: in parallel threads, each on one BLAS thread (as the Hessians);
+        # results are taken in layer order, so the overrides and the summed losses do not depend on the timing
+        with profile.step("sweep"), one_blas_thread(), \
+                ThreadPoolExecutor(max_workers=layer_threads(len(jobs))) as pool:
+            for li, (job, (qt, l_rtn, l_gptq)) in enumerate(zip(jobs, pool.map(self._quantize, jobs))):
+                if layer_progress is not None:
+                    layer_progress(li + 1, len(jobs))
+                ctx.weight_overrides[(job.layer.node.name, 1)] = qt
+                loss_rtn += l_rtn
+                loss_gptq += l_gptq
+                stats["layers"] += 1
         ctx.report["gptq"] = {"layers": stats["layers"], "samples": stats["samples"],
                               "proxy_loss_round_to_nearest": float(f"{loss_rtn:.6g}"),
                               "proxy_loss_gptq": float(f"{loss_gptq:.6g}")}
