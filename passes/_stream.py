@@ -9,16 +9,18 @@ the number of samples. :func:`source_for` picks the data a pass works on: the re
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from qcompiler import ir
-from qcompiler.calib import CalibrationSource, input_signatures
+from qcompiler.calib import CalibrationSource, calibration_workers, input_signatures
 from qcompiler.core import profile
 from qcompiler.core.context import CompileContext
 from qcompiler.core.errors import UserError
@@ -77,28 +79,54 @@ def progress_of(ctx: CompileContext, stage: str) -> Callable[[int, int], None] |
 
 def stream(graph: gs.Graph, names: Sequence[str], source: CalibrationSource,
            consume: Callable[[dict[str, np.ndarray]], None], *, optimize: bool = True,
-           progress: Callable[[int, int], None] | None = None) -> int:
+           progress: Callable[[int, int], None] | None = None, workers: int | None = None) -> int:
     """Run ``graph`` on every feed of ``source`` exposing tensors ``names``; call ``consume({name: value})`` per
-    sample, then ``progress(done, len(source))``. Graph inputs among ``names`` come from the feed. Returns the
-    number of samples."""
+    sample, in sample order, then ``progress(done, len(source))``. Graph inputs among ``names`` come from the
+    feed. Returns the number of samples.
+
+    As calibration does (:func:`qcompiler.calib.calibration_workers`): up to ``workers`` runs in flight on
+    worker threads, each session run on one intra-op thread, while ``consume`` folds the previous sample in —
+    the values and their order are the same for any ``workers``; at most ``workers + 1`` samples are held."""
     inputs = {s.name for s in input_signatures(graph)}
     run_names = [n for n in dict.fromkeys(names) if n not in inputs]
-    sess = ir.graph_session(graph, extra_outputs=run_names, optimize=optimize) if run_names else None
+    workers = calibration_workers() if workers is None else max(1, int(workers))
+    sess = ir.graph_session(graph, extra_outputs=run_names, optimize=optimize, threads=1) if run_names else None
     want = {i.name for i in sess.get_inputs()} if sess is not None else set()
+
+    def run(i: int, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        assert sess is not None
+        try:
+            return list(sess.run(run_names, {k: v for k, v in feed.items() if k in want}))
+        except Exception as e:  # onnxruntime raises its own exception types
+            raise UserError(f"{source.label(i)}: onnxruntime failed on this calibration sample: "
+                            f"{' '.join(str(e).split())[:300]}") from None
+
     n = 0
-    for i, feed in enumerate(source):
-        values: dict[str, np.ndarray] = {k: feed[k] for k in names if k in inputs}
-        if sess is not None:
-            try:
-                with profile.step("onnxruntime runs"):
-                    outs = sess.run(run_names, {k: v for k, v in feed.items() if k in want})
-            except Exception as e:  # onnxruntime raises its own exception types
-                raise UserError(f"{source.label(i)}: onnxruntime failed on this calibration sample: "
-                                f"{' '.join(str(e).split())[:300]}") from None
-            values.update(zip(run_names, outs))
-        with profile.step("statistics"):
-            consume(values)
-        n += 1
-        if progress is not None:
-            progress(n, max(len(source), n))
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qcompiler-stream") as pool:
+        pending: collections.deque[tuple[dict[str, np.ndarray], Future[list[np.ndarray]] | None]] = \
+            collections.deque()
+
+        def fold(feed: dict[str, np.ndarray], fut: Future[list[np.ndarray]] | None) -> None:
+            nonlocal n
+            values: dict[str, np.ndarray] = {k: feed[k] for k in names if k in inputs}
+            if fut is not None:
+                with profile.step("onnxruntime runs"):  # the wait for this sample's run
+                    values.update(zip(run_names, fut.result()))
+            with profile.step("statistics"):
+                consume(values)
+            n += 1
+            if progress is not None:
+                progress(n, max(len(source), n))
+
+        try:
+            for i, feed in enumerate(source):
+                pending.append((feed, pool.submit(run, i, feed) if sess is not None else None))
+                if len(pending) > workers:
+                    fold(*pending.popleft())
+            while pending:
+                fold(*pending.popleft())
+        finally:
+            for _, fut in pending:
+                if fut is not None:
+                    fut.cancel()
     return n
