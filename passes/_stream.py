@@ -15,6 +15,7 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -22,6 +23,7 @@ import onnx_graphsurgeon as gs
 from qcompiler import ir
 from qcompiler.calib import CalibrationSource, calibration_workers, input_signatures
 from qcompiler.core import profile
+from qcompiler.core.activations import ActivationCache, graph_key
 from qcompiler.core.context import CompileContext
 from qcompiler.core.errors import UserError
 
@@ -56,6 +58,22 @@ def layer_threads(n: int) -> int:
     return max(1, min(n, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
 
+#: passes that read ``ctx.activations`` (streaming the calibration samples through the float graph ``calibrate``
+#: ran) and release it when done; calibrate keeps activations only when one of them follows
+STREAMING_PASSES = frozenset({"gptq"})
+
+
+def activation_cache_for(ctx: CompileContext) -> ActivationCache | None:
+    """``ctx.activations`` when a pass that streams the same samples runs later, else ``None`` (nothing kept)."""
+    return ctx.activations if STREAMING_PASSES.intersection(ctx.passes_after) else None
+
+
+def release_activations(ctx: CompileContext) -> None:
+    """Free the cached activations once no pass left would read them."""
+    if not STREAMING_PASSES.intersection(ctx.passes_after):
+        ctx.activations.clear()
+
+
 def axis_max(x: np.ndarray, axis: int) -> np.ndarray:
     """max |x| per index of ``axis`` (float64)."""
     a = np.moveaxis(np.abs(np.asarray(x)), axis, 0)
@@ -79,22 +97,44 @@ def progress_of(ctx: CompileContext, stage: str) -> Callable[[int, int], None] |
 
 def stream(graph: gs.Graph, names: Sequence[str], source: CalibrationSource,
            consume: Callable[[dict[str, np.ndarray]], None], *, optimize: bool = True,
-           progress: Callable[[int, int], None] | None = None, workers: int | None = None) -> int:
+           progress: Callable[[int, int], None] | None = None, workers: int | None = None,
+           cache: ActivationCache | None = None) -> int:
     """Run ``graph`` on every feed of ``source`` exposing tensors ``names``; call ``consume({name: value})`` per
     sample, in sample order, then ``progress(done, len(source))``. Graph inputs among ``names`` come from the
     feed. Returns the number of samples.
 
     As calibration does (:func:`qcompiler.calib.calibration_workers`): up to ``workers`` runs in flight on
     worker threads, each session run on one intra-op thread, while ``consume`` folds the previous sample in —
-    the values and their order are the same for any ``workers``; at most ``workers + 1`` samples are held."""
+    the values and their order are the same for any ``workers``; at most ``workers + 1`` samples are held.
+
+    ``cache``: samples whose tensors it holds for this very graph (calibration's runs) are not run again; the
+    session is made only when a sample misses."""
     inputs = {s.name for s in input_signatures(graph)}
     run_names = [n for n in dict.fromkeys(names) if n not in inputs]
     workers = calibration_workers() if workers is None else max(1, int(workers))
-    sess = ir.graph_session(graph, extra_outputs=run_names, optimize=optimize, threads=1) if run_names else None
-    want = {i.name for i in sess.get_inputs()} if sess is not None else set()
+    key = graph_key(graph) if cache is not None and run_names and cache.max_bytes > 0 else None
+    sess: Any = None
+    want: set[str] = set()
+
+    def session() -> Any:
+        nonlocal sess, want
+        if sess is None:
+            sess = ir.graph_session(graph, extra_outputs=run_names, optimize=optimize, threads=1)
+            want = {i.name for i in sess.get_inputs()}
+        return sess
+
+    hits = [0]
+
+    def cached(i: int) -> Future[list[np.ndarray]] | None:
+        hit = cache.lookup(key, source.label(i), run_names) if cache is not None and key is not None else None
+        if hit is None:
+            return None
+        hits[0] += 1
+        done: Future[list[np.ndarray]] = Future()
+        done.set_result([hit[n] for n in run_names])
+        return done
 
     def run(i: int, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-        assert sess is not None
         try:
             return list(sess.run(run_names, {k: v for k, v in feed.items() if k in want}))
         except Exception as e:  # onnxruntime raises its own exception types
@@ -120,7 +160,13 @@ def stream(graph: gs.Graph, names: Sequence[str], source: CalibrationSource,
 
         try:
             for i, feed in enumerate(source):
-                pending.append((feed, pool.submit(run, i, feed) if sess is not None else None))
+                fut = None
+                if run_names:
+                    fut = cached(i)
+                    if fut is None:
+                        session()
+                        fut = pool.submit(run, i, feed)
+                pending.append((feed, fut))
                 if len(pending) > workers:
                     fold(*pending.popleft())
             while pending:
@@ -129,4 +175,6 @@ def stream(graph: gs.Graph, names: Sequence[str], source: CalibrationSource,
             for _, fut in pending:
                 if fut is not None:
                     fut.cancel()
+    if key is not None:
+        log.debug("stream: %d of %d samples from the activation cache", hits[0], n)
     return n

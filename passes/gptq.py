@@ -57,7 +57,7 @@ from qcompiler.ir.graph import GraphIndex, is_onnx_op
 from qcompiler.plan import QuantSpec
 
 from ._layers import Layer, find_layer
-from ._stream import layer_threads, one_blas_thread, progress_of, source_for, stream
+from ._stream import layer_threads, one_blas_thread, progress_of, release_activations, source_for, stream
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +114,12 @@ class GPTQPass(Pass):
     invalidates_why = "it chooses the weights' codes"
 
     def run(self, ctx: CompileContext) -> PassResult:
+        try:
+            return self._run(ctx)
+        finally:
+            release_activations(ctx)  # calibration's activations, kept for this pass only
+
+    def _run(self, ctx: CompileContext) -> PassResult:
         opts: Options = self.options
         opts.validate(self.name)
         assert ctx.resolved is not None
@@ -193,7 +199,8 @@ class GPTQPass(Pass):
                 for f in [pool.submit(one, i, j, values[name]) for j, name in enumerate(names)]:
                     f.result()
 
-            return stream(ctx.graph, names, source, consume, progress=progress_of(ctx, "gptq hessians"))
+            return stream(ctx.graph, names, source, consume, progress=progress_of(ctx, "gptq hessians"),
+                          cache=ctx.activations)
 
     # ---------------------------------------------------------------------------------------- quantizing
     def _quantize(self, job: _Job) -> tuple[quant.QuantizedTensor, float, float]:
