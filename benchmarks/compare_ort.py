@@ -3,6 +3,7 @@
 
     python benchmarks/compare_ort.py ppocr_cls                       # or ppocr_rec, silero_vad
     python benchmarks/compare_ort.py MODEL.onnx --calib-data CALIB --eval-data EVAL   # any model
+    python benchmarks/compare_ort.py ppocr_rec --mode speed --repeat 1    # issue 15: time / RSS vs onnxruntime
     python benchmarks/compare_ort.py silero_vad --mode calib-rss     # calibration peak RSS, 64 vs 256 samples
     python benchmarks/compare_ort.py --mode conv-fixture             # models/conv_bn_relu.onnx latency
     python benchmarks/compare_ort.py ppocr_cls --mode all --json out.json
@@ -30,6 +31,11 @@ and seeds than the calibration feeds): SQNR of every graph output against the fl
 (top-1 for the angle classifier; per-position argmax and whole-line greedy CTC for the recognizer; speech
 decision p > 0.5 for the VAD), the file bytes, and the onnxruntime CPU latency (``--threads`` intra-op
 threads, sequential executor, warm-up, then the median over interleaved rounds) on the first evaluation feed.
+
+Mode ``speed`` (issue 15), for one model: compile time and peak RSS, ``--repeat`` runs each: qcompiler's
+default plan with validation (as ``qcompiler compile --calib`` does) and without (``--no-validate``) against
+onnxruntime MinMax, and ``--preset w8a8`` (without validation) against onnxruntime Percentile, each pair
+scored on the evaluation feeds (output SQNR); prints the issue's "Done means" ratios and whether each is met.
 
 Mode ``calib-rss``: qcompiler's (and onnxruntime MinMax's) compile peak RSS with ``--rss-samples`` (64,256)
 calibration samples; qcompiler's calibration is streaming, so its peak must not grow.
@@ -91,7 +97,8 @@ def _worker(spec: dict[str, Any]) -> None:
     info: dict[str, Any] = {}
     if tool == "qcompiler":
         res = compile_model(spec["model"], spec["out"],
-                            CompileOptions(plan=spec.get("plan"), calib=spec["calib"], validate=False,
+                            CompileOptions(plan=spec.get("plan"), calib=spec["calib"],
+                                           validate=bool(spec.get("validate", False)),
                                            target=spec.get("target", "ort"),
                                            compact_names=bool(spec.get("compact_names"))))
         passes: dict[str, float] = {}
@@ -314,6 +321,71 @@ def _targets(q: dict[str, Any], ort: dict[str, Any] | None, best: dict[str, Any]
     return checks
 
 
+# ================================================================================================ speed
+SPEED = {"default": 1.0, "default --no-validate": 0.5, "w8a8": 1.0, "rss": 1.0, "sqnr_db": 0.3}
+
+
+def speed(args: argparse.Namespace, model: str, work: Path) -> dict[str, Any]:
+    """Issue 15: qcompiler default (validated / not) vs onnxruntime MinMax, w8a8 vs onnxruntime Percentile."""
+    task = _task(args, model, args.samples)
+    calib_dir = C.write_feeds(task.calib, work / "calib")
+    fp32 = Path(task.model)
+    print(f"\n## {model}: compile speed, {len(task.calib)} calibration samples, {args.repeat} run(s) each\n",
+          flush=True)
+    q = {"tool": "qcompiler", "model": str(fp32), "calib": str(calib_dir), "target": args.target}
+    o = {"tool": "ort", "model": str(fp32), "calib": str(calib_dir), "workdir": str(work), "op_types": None,
+         "quant_format": args.ort_format, "symbolic_shapes": args.ort_symbolic_shapes}
+    specs: dict[str, dict[str, Any]] = {
+        "qcompiler default": {**q, "out": str(work / "q_default.onnx"), "validate": True},
+        "qcompiler default --no-validate": {**q, "out": str(work / "q_default_nv.onnx")},
+        "qcompiler w8a8": {**q, "out": str(work / "q_w8a8.onnx"), "plan": "w8a8"},
+        "ort MinMax": {**o, "out": str(work / "ort_minmax.onnx"), "method": "MinMax"},
+        "ort Percentile": {**o, "out": str(work / "ort_percentile.onnx"), "method": "Percentile"}}
+    tools = _compile_all(specs, {k: args.repeat for k in specs}, args.mem_limit_mb)
+    print("scoring on the evaluation feeds ...", file=sys.stderr, flush=True)
+    ref = C.run_all(fp32, task.eval)
+    for t in tools.values():
+        if "error" not in t:
+            s = _score(task, ref, Path(t["path"]))
+            t.update(sqnr=s.sqnr, primary=s.primary)
+    rows = []
+    for name, t in tools.items():
+        if "error" in t:
+            rows.append([name, "failed: " + t["error"], "", "", "", ""])
+            continue
+        rows.append([name, f"{t['seconds']:.2f}", f"{t['min_seconds']:.2f}", f"{t['cpu_seconds']:.2f}",
+                     _fmt(t["peak_rss_mb"], ".0f"), _fmt(t["sqnr"][t["primary"]])])
+    print(C.fmt_table(["tool", "compile s (median)", "min s", "CPU s", "peak RSS MB", "SQNR dB"], rows,
+                      align_right=lambda i: i != 0))
+    checks: list[dict[str, Any]] = []
+
+    def ratio(a: str, b: str, limit: float, what: str) -> None:
+        ta, tb = tools[a], tools[b]
+        if "error" in ta or "error" in tb:
+            checks.append({"what": what, "met": False, "detail": "a compile failed"})
+            return
+        r = ta["seconds"] / tb["seconds"]
+        checks.append({"what": what, "met": r <= limit, "ratio": r,
+                       "detail": f"{ta['seconds']:.2f} s vs {tb['seconds']:.2f} s = {r:.2f}x (limit {limit}x)"})
+
+    ratio("qcompiler default", "ort MinMax", SPEED["default"], "default (validated) <= 1.0x ort MinMax")
+    ratio("qcompiler default --no-validate", "ort MinMax", SPEED["default --no-validate"],
+          "default --no-validate <= 0.5x ort MinMax")
+    ratio("qcompiler w8a8", "ort Percentile", SPEED["w8a8"], "w8a8 <= 1.0x ort Percentile")
+    w, p = tools["qcompiler w8a8"], tools["ort Percentile"]
+    if "sqnr" in w and "sqnr" in p:
+        d = w["sqnr"][w["primary"]] - p["sqnr"][p["primary"]]
+        checks.append({"what": "w8a8 SQNR >= ort Percentile - 0.3 dB", "met": d >= -SPEED["sqnr_db"],
+                       "detail": f"{w['sqnr'][w['primary']]:.2f} vs {p['sqnr'][p['primary']]:.2f} dB ({d:+.2f})"})
+        r = w["peak_rss_mb"] / p["peak_rss_mb"]
+        checks.append({"what": "w8a8 peak RSS <= 1.0x ort Percentile", "met": r <= SPEED["rss"],
+                       "detail": f"{w['peak_rss_mb']:.0f} vs {p['peak_rss_mb']:.0f} MB = {r:.2f}x"})
+    print("\ntargets (issue 15, 'Done means'):")
+    for c in checks:
+        print(f"- {'MET ' if c['met'] else 'MISS'}  {c['what']}: {c['detail']}")
+    return {"model": model, "tools": tools, "targets": checks, "calib_samples": len(task.calib)}
+
+
 # ============================================================================================ calib-rss
 def calib_rss(args: argparse.Namespace, model: str, work: Path) -> dict[str, Any]:
     counts = sorted(args.rss_samples)
@@ -403,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", nargs="?", help=f"{' | '.join(C.REAL_MODELS)} | path/to/model.onnx")
-    ap.add_argument("--mode", default="compare", choices=("compare", "calib-rss", "conv-fixture", "all"))
+    ap.add_argument("--mode", default="compare", choices=("compare", "speed", "calib-rss", "conv-fixture", "all"))
     ap.add_argument("--plan", help="qcompiler plan (file or preset); default: the default plan")
     ap.add_argument("--compact-names", action="store_true", help="qcompiler: compile with --compact-names")
     ap.add_argument("--target", default="ort", help="qcompiler target (default ort; ort-qop writes onnxruntime's "
@@ -450,6 +522,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.mode in ("compare", "all"):
             result["compare"] = compare(args, args.model, work / "compare")
+        if args.mode == "speed":
+            result["speed"] = speed(args, args.model, work / "speed")
         if args.mode in ("calib-rss", "all"):
             result["calib_rss"] = calib_rss(args, args.model, work / "rss")
         if args.mode in ("conv-fixture", "all"):

@@ -62,6 +62,7 @@ from qcompiler.core.errors import UserError
 from qcompiler.core.pass_base import Pass, PassResult
 from qcompiler.plan import AUTO_CALIBRATIONS, CALIBRATIONS
 
+from ._stream import activation_cache_for
 from .insert_qdq import InsertQDQPass
 
 log = logging.getLogger(__name__)
@@ -190,7 +191,8 @@ class CalibratePass(Pass):
             for name, st in held_stats.items():
                 ctx.stats[name].merge(st)  # exact: the same statistics as one pass over every sample
         else:
-            ctx.stats = collect(ctx.graph, rest, source, progress=progress, shapes=shapes) if rest else {}
+            ctx.stats = collect(ctx.graph, rest, source, progress=progress, shapes=shapes,
+                                cache=activation_cache_for(ctx)) if rest else {}
         if shapes:  # first-sample shapes: the compile's cost report infers the rest instead of running the model
             ctx.calib_shapes = shapes
         for name, (lo, hi) in fixed.items():

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,7 +57,7 @@ from qcompiler.ir.graph import GraphIndex, is_onnx_op
 from qcompiler.plan import QuantSpec
 
 from ._layers import Layer, find_layer
-from ._stream import progress_of, source_for, stream
+from ._stream import layer_threads, one_blas_thread, progress_of, release_activations, source_for, stream
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +114,12 @@ class GPTQPass(Pass):
     invalidates_why = "it chooses the weights' codes"
 
     def run(self, ctx: CompileContext) -> PassResult:
+        try:
+            return self._run(ctx)
+        finally:
+            release_activations(ctx)  # calibration's activations, kept for this pass only
+
+    def _run(self, ctx: CompileContext) -> PassResult:
         opts: Options = self.options
         opts.validate(self.name)
         assert ctx.resolved is not None
@@ -151,15 +158,17 @@ class GPTQPass(Pass):
             stats["samples"] = self._accumulate(source, ctx, jobs)
         loss_rtn = loss_gptq = 0.0
         layer_progress = progress_of(ctx, "gptq layers")
-        for li, job in enumerate(jobs):
-            with profile.step("sweep"):
-                qt, l_rtn, l_gptq = self._quantize(job)
-            if layer_progress is not None:
-                layer_progress(li + 1, len(jobs))
-            ctx.weight_overrides[(job.layer.node.name, 1)] = qt
-            loss_rtn += l_rtn
-            loss_gptq += l_gptq
-            stats["layers"] += 1
+        # the layers' sweeps are independent: in parallel threads, each on one BLAS thread (as the Hessians);
+        # results are taken in layer order, so the overrides and the summed losses do not depend on the timing
+        with profile.step("sweep"), one_blas_thread(), \
+                ThreadPoolExecutor(max_workers=layer_threads(len(jobs))) as pool:
+            for li, (job, (qt, l_rtn, l_gptq)) in enumerate(zip(jobs, pool.map(self._quantize, jobs))):
+                if layer_progress is not None:
+                    layer_progress(li + 1, len(jobs))
+                ctx.weight_overrides[(job.layer.node.name, 1)] = qt
+                loss_rtn += l_rtn
+                loss_gptq += l_gptq
+                stats["layers"] += 1
         ctx.report["gptq"] = {"layers": stats["layers"], "samples": stats["samples"],
                               "proxy_loss_round_to_nearest": float(f"{loss_rtn:.6g}"),
                               "proxy_loss_gptq": float(f"{loss_gptq:.6g}")}
@@ -173,16 +182,25 @@ class GPTQPass(Pass):
         quota = -(-max_rows // max(len(source), 1)) if max_rows else None  # rows per sample and layer
         sample = [0]
 
-        def consume(values: dict[str, np.ndarray]) -> None:
-            i = sample[0]
-            sample[0] += 1
-            for j, (job, name) in enumerate(zip(jobs, names)):
-                pick = _Pick(quota, (ctx.seed, i, j)) if quota else None
-                rows = _rows(job.layer, np.asarray(values[name], dtype=np.float32), pick)  # [groups, P, K]
-                job.h += np.matmul(rows.transpose(0, 2, 1), rows).astype(np.float64)  # float32 product per sample
-                job.rows += rows.shape[1]
+        def one(i: int, j: int, x: np.ndarray) -> None:
+            job = jobs[j]
+            pick = _Pick(quota, (ctx.seed, i, j)) if quota else None
+            rows = _rows(job.layer, np.asarray(x, dtype=np.float32), pick)  # [groups, P, K]
+            job.h += np.matmul(rows.transpose(0, 2, 1), rows).astype(np.float64)  # float32 product per sample
+            job.rows += rows.shape[1]
 
-        return stream(ctx.graph, names, source, consume, progress=progress_of(ctx, "gptq hessians"))
+        # the layers of one sample in parallel threads (numpy lets go of the GIL while copying and in BLAS), each
+        # product on one BLAS thread: the same sums on every machine, and no BLAS threads spinning against the
+        # layer threads (on a loaded 2-core machine, 2 BLAS threads made one syrk up to 100x slower)
+        with ThreadPoolExecutor(max_workers=layer_threads(len(jobs))) as pool, one_blas_thread():
+            def consume(values: dict[str, np.ndarray]) -> None:
+                i = sample[0]
+                sample[0] += 1
+                for f in [pool.submit(one, i, j, values[name]) for j, name in enumerate(names)]:
+                    f.result()
+
+            return stream(ctx.graph, names, source, consume, progress=progress_of(ctx, "gptq hessians"),
+                          cache=ctx.activations)
 
     # ---------------------------------------------------------------------------------------- quantizing
     def _quantize(self, job: _Job) -> tuple[quant.QuantizedTensor, float, float]:
@@ -455,10 +473,17 @@ def _im2col(node: gs.Node, x: np.ndarray, groups: int, pick: _Pick | None = None
         sel = view[where]
         sel = sel.reshape(len(idx), groups, cg, taps).transpose(1, 0, 3, 2)
         return np.ascontiguousarray(sel).reshape(groups, len(idx), taps * cg)
-    view = view.reshape(n, groups, cg, *outs, *kshape)
-    order = (1, 0, *range(3, 3 + nd), *range(3 + nd, 3 + 2 * nd), 2)  # [groups, N, *outs, *kshape, cg]
+    # channels last once ([groups, N, *padded, cg]: a small copy), then one strided slice per tap into
+    # [groups, N, *outs, *kshape, cg] — each copy runs over contiguous channels, unlike one copy of the
+    # transposed window view (same values, same order)
+    xt = np.ascontiguousarray(xp.reshape(n, groups, cg, *xp.shape[2:]).transpose(1, 0, *range(3, 3 + nd), 2))
+    out = np.empty((groups, n, *outs, *kshape, cg), dtype=xp.dtype)
+    for tap in np.ndindex(*kshape):
+        src = tuple(slice(tap[d] * dil[d], tap[d] * dil[d] + (outs[d] - 1) * strides[d] + 1, strides[d])
+                    for d in range(nd))
+        out[(slice(None), slice(None), *(slice(None),) * nd, *tap)] = xt[(slice(None), slice(None), *src)]
     p = n * int(np.prod(outs))
-    return np.ascontiguousarray(view.transpose(order)).reshape(groups, p, taps * cg)
+    return out.reshape(groups, p, taps * cg)
 
 
 def _inverse_cholesky_upper(h: np.ndarray) -> np.ndarray:

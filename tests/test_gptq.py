@@ -239,3 +239,61 @@ def test_one_row_groups_swept_together_give_the_same_codes(tmp_path, monkeypatch
     assert res.report["gptq"]["proxy_loss_gptq"] == pytest.approx(res_alone.report["gptq"]["proxy_loss_gptq"],
                                                                   rel=1e-9)
     assert res.report["gptq"]["proxy_loss_gptq"] < 0.9 * res.report["gptq"]["proxy_loss_round_to_nearest"]
+
+
+def chain_model() -> onnx.ModelProto:
+    """Three Convs and a MatMul (dilated, strided, 1×1): several GPTQ layers for the threaded paths."""
+    b = Builder(23)
+    b.node("Conv", ["x", b.init("w1", b.randn(16, 8, 3, 3, scale=0.2))], ["c1"], name="c1", pads=[2, 2, 2, 2],
+           dilations=[2, 2])
+    b.node("Conv", ["c1", b.init("w2", b.randn(16, 4, 3, 3, scale=0.2))], ["c2"], name="c2", group=4,
+           pads=[1, 1, 1, 1], strides=[2, 2])
+    b.node("Conv", ["c2", b.init("w3", b.randn(12, 16, 1, 1, scale=0.2))], ["c3"], name="c3")
+    b.node("MatMul", ["c3", b.init("w4", b.randn(5, 7, scale=0.2))], ["y"], name="mm")
+    return b.model([vi("x", ["N", 8, 10, 10])], [vi("y", ["N", 12, 5, 7])])
+
+
+@pytest.mark.parametrize("dil,strides,pads,auto,groups", [
+    ([1, 1], [1, 1], [1, 1, 1, 1], "NOTSET", 1), ([2, 1], [1, 2], [0, 0, 0, 0], "SAME_UPPER", 2),
+    ([1, 3], [2, 2], [2, 0, 1, 3], "NOTSET", 8), ([1, 1], [3, 1], [0, 0, 0, 0], "VALID", 4)])
+def test_im2col_per_tap_copy_equals_the_window_view(dil, strides, pads, auto, groups):
+    """The per-tap copy GPTQ unfolds with gives exactly (bit for bit) the rows of the one-copy window view it
+    replaced — so the Hessians, and the codes, are the same."""
+    from qcompiler.passes.gptq import _im2col
+
+    class _Node:
+        def __init__(self) -> None:
+            self.inputs = [None, type("W", (), {"values": np.zeros((8, 8 // groups, 3, 2), np.float32)})()]
+            self.attrs = {"dilations": dil, "strides": strides, "pads": pads, "auto_pad": auto}
+
+    x = RNG.standard_normal((2, 8, 11, 9)).astype(np.float32)
+    got = _im2col(_Node(), x, groups)
+    # reference: the window view of the padded input, one copy in [groups, N, *outs, *kshape, cg] order
+    if auto == "SAME_UPPER":
+        pt = [max((-(-s // st) - 1) * st + (k - 1) * d + 1 - s, 0) for s, st, k, d in zip((11, 9), strides, (3, 2), dil)]
+        pads = [pt[0] // 2, pt[1] // 2, pt[0] - pt[0] // 2, pt[1] - pt[1] // 2]
+    elif auto == "VALID":
+        pads = [0, 0, 0, 0]
+    xp = np.pad(x, [(0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])])
+    span = ((3 - 1) * dil[0] + 1, (2 - 1) * dil[1] + 1)
+    v = np.lib.stride_tricks.sliding_window_view(xp, span, axis=(2, 3))[:, :, ::strides[0], ::strides[1],
+                                                                        ::dil[0], ::dil[1]]
+    outs = v.shape[2:4]
+    v = v.reshape(2, groups, 8 // groups, *outs, 3, 2).transpose(1, 0, 3, 4, 5, 6, 2)
+    ref = np.ascontiguousarray(v).reshape(groups, 2 * outs[0] * outs[1], 6 * (8 // groups))
+    assert got.dtype == np.float32 and got.shape == ref.shape
+    assert np.array_equal(got, ref)
+
+
+def test_gptq_codes_do_not_depend_on_the_layer_threads(tmp_path, monkeypatch):
+    """Hessians and sweeps run one thread per layer, each on one BLAS thread: one worker or several give the
+    same file, byte for byte (and the same summed proxy losses)."""
+    from qcompiler.passes import gptq as gptq_mod
+
+    calib = RNG.standard_normal((24, 1, 8, 10, 10)).astype(np.float32)
+    _, many, res_many = _compile(tmp_path, chain_model(), calib, plan(INT4_PC), "many")
+    monkeypatch.setattr(gptq_mod, "layer_threads", lambda n: 1)
+    _, one, res_one = _compile(tmp_path, chain_model(), calib, plan(INT4_PC), "one")
+    assert res_many.report["gptq"]["layers"] == 4
+    assert many.read_bytes() == one.read_bytes()
+    assert res_many.report["gptq"] == res_one.report["gptq"]

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import onnx_graphsurgeon as gs
 
+from qcompiler.core.activations import ActivationCache
 from qcompiler.core.model_io import ModelIO, installed
 
 if TYPE_CHECKING:
@@ -52,6 +53,9 @@ class CompileContext:
       set by the driver; ``None``: no progress reporting.
     * ``bias_corrected``: names of the nodes whose bias ``bias-correct`` already shifted (a second run skips
       them).
+    * ``activations``: float activations by calibration sample that ``calibrate`` captured for the PTQ passes
+      streaming the same samples after it (:class:`~qcompiler.core.activations.ActivationCache`, bounded in
+      bytes; a rewrite of the graph makes its entries miss).
     * ``model_io``: how to export / check / save the graph as a model (``None``: the process-wide one the IR
       layer installed, see :mod:`qcompiler.core.model_io`).
     * ``data_free``: ``--calib none`` — activation ranges must come from the model itself (BN statistics).
@@ -88,6 +92,7 @@ class CompileContext:
     progress: Callable[[str, int, int], None] | None = None
     bias_corrected: set[str] = field(default_factory=set)
     model_io: ModelIO | None = None
+    activations: ActivationCache = field(default_factory=ActivationCache)
 
     @property
     def opset(self) -> int:
