@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import os
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -26,6 +25,7 @@ from qcompiler.core import profile
 from qcompiler.core.activations import ActivationCache, graph_key
 from qcompiler.core.context import CompileContext
 from qcompiler.core.errors import UserError
+from qcompiler.core.workers import usable_cpus
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def one_blas_thread() -> Iterator[None]:
 
 def layer_threads(n: int) -> int:
     """Worker threads for ``n`` independent per-layer products: one per core, at most ``n``."""
-    return max(1, min(n, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+    return max(1, min(n, usable_cpus()))
 
 
 #: passes that read ``ctx.activations`` (streaming the calibration samples through the float graph ``calibrate``

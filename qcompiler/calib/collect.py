@@ -11,7 +11,6 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import logging
-import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -23,6 +22,7 @@ from qcompiler.calib.sources import CalibrationSource
 from qcompiler.calib.stats import TensorStats
 from qcompiler.core.activations import ActivationCache, graph_key
 from qcompiler.core.errors import UserError
+from qcompiler.core.workers import worker_count
 from qcompiler.ir import graph_session
 from qcompiler.plan import QuantSpec
 
@@ -126,17 +126,7 @@ def calibration_workers() -> int:
     """Concurrent onnxruntime runs during calibration: ``$QCOMPILER_CALIB_WORKERS`` when set, else the CPUs this
     process may use, at most 2 (on 2 cores two single-threaded runs keep both busy without the thread pool's
     synchronization; more would only add memory)."""
-    env = os.environ.get(WORKERS_ENV, "").strip()
-    if env:
-        try:
-            return max(1, int(env))
-        except ValueError:
-            log.warning("%s=%r is not an integer; ignored", WORKERS_ENV, env)
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cpus = os.cpu_count() or 1
-    return max(1, min(2, cpus))
+    return worker_count(WORKERS_ENV)
 
 
 def _run_samples(sess: Any, group: list[str], source: CalibrationSource, sigs: Sequence[InputSig],

@@ -10,7 +10,6 @@ import concurrent.futures
 import functools
 import itertools
 import logging
-import os
 from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
 from typing import Any
 
@@ -19,6 +18,7 @@ import numpy as np
 from qcompiler import ir
 from qcompiler.core import profile
 from qcompiler.core.errors import UserError
+from qcompiler.core.workers import worker_count
 from qcompiler.plan.checks import Check
 from qcompiler.report.validate.layers import _graph_facts, _GraphFacts, _layer_candidates, _working_subset
 from qcompiler.report.validate.metrics import _Accumulator, _sort_key
@@ -269,17 +269,7 @@ WORKERS_ENV = "QCOMPILER_VALIDATE_WORKERS"
 def validation_workers() -> int:
     """Concurrent runs while validating (``$QCOMPILER_VALIDATE_WORKERS``, else the usable CPUs, at most 2): the
     float and the quantized model of a sample run side by side (onnxruntime releases the GIL)."""
-    env = os.environ.get(WORKERS_ENV, "").strip()
-    if env:
-        try:
-            return max(1, int(env))
-        except ValueError:
-            log.warning("%s=%r is not an integer; ignored", WORKERS_ENV, env)
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cpus = os.cpu_count() or 1
-    return max(1, min(2, cpus))
+    return worker_count(WORKERS_ENV)
 
 
 class _Results:
