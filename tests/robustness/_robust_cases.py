@@ -9,6 +9,7 @@ present, ``onnx.checker.check_model``) — rejects the mutated file, so every ca
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import zipfile
@@ -890,3 +891,22 @@ def env_without_color() -> dict[str, str]:
     env = dict(os.environ)
     env.pop("FORCE_COLOR", None)
     return env
+
+
+def snapshot(root: Path) -> dict[str, tuple[str, str, int]]:
+    """Every entry under ``root`` (symlinks and FIFOs not followed or opened): kind, digest / target, mtime."""
+    out: dict[str, tuple[str, str, int]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in [*dirnames, *filenames]:
+            p = Path(dirpath) / name
+            st = p.lstat()
+            rel = p.relative_to(root).as_posix()
+            if p.is_symlink():
+                out[rel] = ("link", os.readlink(p), st.st_mtime_ns)
+            elif p.is_dir():
+                out[rel] = ("dir", "", st.st_mtime_ns)
+            elif p.is_file():
+                out[rel] = ("file", hashlib.sha256(p.read_bytes()).hexdigest(), st.st_mtime_ns)
+            else:
+                out[rel] = ("special", "", st.st_mtime_ns)
+    return out

@@ -6,7 +6,6 @@ compiles. The bad files are built here.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -38,29 +37,10 @@ BACKEND_DATA = Path(onnx.__file__).parent / "backend" / "test" / "data"
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def snapshot(root: Path) -> dict[str, tuple[str, str, int]]:
-    """Every entry under ``root`` (symlinks and FIFOs not followed or opened): kind, digest / target, mtime."""
-    out: dict[str, tuple[str, str, int]] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in [*dirnames, *filenames]:
-            p = Path(dirpath) / name
-            st = p.lstat()
-            rel = p.relative_to(root).as_posix()
-            if p.is_symlink():
-                out[rel] = ("link", os.readlink(p), st.st_mtime_ns)
-            elif p.is_dir():
-                out[rel] = ("dir", "", st.st_mtime_ns)
-            elif p.is_file():
-                out[rel] = ("file", hashlib.sha256(p.read_bytes()).hexdigest(), st.st_mtime_ns)
-            else:
-                out[rel] = ("special", "", st.st_mtime_ns)
-    return out
-
-
 def refused(args: list[Any], expected: list[str], inp: Path, out: Path | None = None) -> str:
     """Run the CLI in-process: exit 2, exactly one ``error:`` line holding every ``expected`` part, no
     traceback, ``out`` not created, ``inp`` unchanged. Returns the error line."""
-    before = snapshot(inp)
+    before = C.snapshot(inp)
     res = CliRunner().invoke(cli, [str(a) for a in args])
     assert res.exit_code == 2, (res.exit_code, res.stdout, res.stderr, repr(res.exception))
     text = res.stdout + res.stderr
@@ -71,13 +51,13 @@ def refused(args: list[Any], expected: list[str], inp: Path, out: Path | None = 
         assert part in errors[0], (part, errors[0])
     if out is not None:
         assert not out.exists() and not out.parent.exists(), sorted(out.parent.rglob("*"))
-    assert snapshot(inp) == before
+    assert C.snapshot(inp) == before
     return errors[0]
 
 
 def refused_process(args: list[Any], expected: list[str], inp: Path, out: Path | None = None) -> str:
     """Like :func:`refused`, as a real process with a timeout (for inputs that used to block forever)."""
-    before = snapshot(inp)
+    before = C.snapshot(inp)
     proc = subprocess.run([sys.executable, "-m", "qcompiler.cli", *map(str, args)], capture_output=True, text=True,
                           env=C.env_without_color(), timeout=120)
     assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
@@ -88,7 +68,7 @@ def refused_process(args: list[Any], expected: list[str], inp: Path, out: Path |
         assert part in errors[0], (part, errors[0])
     if out is not None:
         assert not out.exists() and not out.parent.exists()
-    assert snapshot(inp) == before
+    assert C.snapshot(inp) == before
     return errors[0]
 
 

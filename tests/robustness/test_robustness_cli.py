@@ -11,8 +11,6 @@ object construction, no plugin imported from a model or plan).
 
 from __future__ import annotations
 
-import hashlib
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -39,23 +37,6 @@ def test_at_least_200_generated_cases() -> None:
             "plan", "pipeline", "unsupported", "absurd", "cli"} <= kinds
 
 
-def snapshot(root: Path) -> dict[str, tuple[str, str, int]]:
-    """Every entry under ``root`` (symlinks not followed): kind, sha256 / link target, mtime."""
-    out: dict[str, tuple[str, str, int]] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in [*dirnames, *filenames]:
-            p = Path(dirpath) / name
-            st = p.lstat()
-            rel = p.relative_to(root).as_posix()
-            if p.is_symlink():
-                out[rel] = ("link", os.readlink(p), st.st_mtime_ns)
-            elif p.is_dir():
-                out[rel] = ("dir", "", st.st_mtime_ns)
-            else:
-                out[rel] = ("file", hashlib.sha256(p.read_bytes()).hexdigest(), st.st_mtime_ns)
-    return out
-
-
 def check_rejected(stdout: str, stderr: str, code: int, expected: str, tmp: Path,
                    before: dict[str, tuple[str, str, int]]) -> None:
     assert code == 2, (code, stdout, stderr)
@@ -73,14 +54,14 @@ def check_rejected(stdout: str, stderr: str, code: int, expected: str, tmp: Path
     else:
         assert not (tmp / "out").exists(), sorted(p.name for p in (tmp / "out").rglob("*"))
     assert sorted(p.name for p in tmp.iterdir() if p.name not in ("in", "out") and not p.name.startswith("outside")) == []
-    assert snapshot(tmp / "in") == before
+    assert C.snapshot(tmp / "in") == before
 
 
 def prepare(cid: str, tmp: Path) -> tuple[list[str], str, dict[str, tuple[str, str, int]]]:
     inp = tmp / "in"
     inp.mkdir()
     args, expected = C.case_by_id(cid).build(inp, tmp / "out" / "q.onnx")
-    return args, expected, snapshot(inp)
+    return args, expected, C.snapshot(inp)
 
 
 @pytest.mark.parametrize("cid", IDS)
