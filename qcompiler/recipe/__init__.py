@@ -37,6 +37,7 @@ from qcompiler.recipe.candidates import (
     guarded_algorithms,
     keep_float,
     recipe_candidates,
+    same_precision_as_default,
     unguarded,
     without,
 )
@@ -55,6 +56,11 @@ from qcompiler.recipe.measure import Bench, Measured, held_back, load_metric, ru
 __all__ = ["EFFORTS", "OPTIMIZE", "Measured", "RecipeResult", "guard_plan", "plan_for_compile", "score"]
 
 log = logging.getLogger("qcompiler.recipe")
+
+#: the guard drops an algorithm only when the plan measures this much better without it (held-back noise)
+GUARD_MARGIN_DB = 0.05
+#: a preset of the default plan's precision (8-bit weights and activations) stays within this of the default plan
+PRESET_FLOOR_DB = 0.5
 
 Progress = Callable[[str, int, int], None]
 
@@ -161,27 +167,40 @@ def _guard(bench: Bench, base: Plan, progress: Progress | None) -> RecipeResult:
             progress(f"guard:{name}", i, len(names))
         m = bench.measure(without(base, [name], f"without {name}"), f"without-{name}", f"{name} off")
         measured.append(m)
-        if not m.error and not written.error and m.sqnr_db > written.sqnr_db:
+        if not m.error and not written.error and m.sqnr_db > written.sqnr_db + GUARD_MARGIN_DB:
             dropped.append(name)
+    final = written
+    if len(dropped) == 1:
+        final = measured[1 + names.index(dropped[0])]
+    elif dropped:  # measured together too: keep the single best drop if the set is not better
+        both = bench.measure(without(base, dropped, "without " + "+".join(dropped)), "without-" + "+".join(dropped),
+                             "every algorithm that measured worse, off")
+        measured.append(both)
+        best = max((measured[1 + names.index(n)] for n in dropped), key=lambda m: m.sqnr_db)
+        final = both
+        if best.sqnr_db > both.sqnr_db:
+            dropped, final = [best.name.removeprefix("without-")], best
+    notes: list[str] = []
+    if same_precision_as_default(base):  # a w8a8 preset never measures 0.5 dB below the plain default plan
+        default = bench.measure(Plan.default(), "default-plan", "the plain default plan")
+        measured.append(default)
+        if not default.error and final.sqnr_db < default.sqnr_db - PRESET_FLOOR_DB and set(dropped) != set(names):
+            all_off = bench.measure(without(base, names, "without all"), "without-all", "every guarded algorithm off")
+            measured.append(all_off)
+            if all_off.sqnr_db > final.sqnr_db:
+                dropped, final = list(names), all_off
+        if not default.error and final.sqnr_db < default.sqnr_db - PRESET_FLOOR_DB:
+            notes.append(f"still {default.sqnr_db - final.sqnr_db:.2f} dB below the plain default plan with every "
+                         "guarded algorithm measured; not an algorithm's doing")
+            log.warning("%s: %s", base.source, notes[-1])
     plan = base
     if dropped:
-        plan = without(base, dropped, f"{base.source} (guarded)")
-        if len(dropped) > 1:  # measured together too: keep the single best if the set is not better
-            both = bench.measure(plan, "without-" + "+".join(dropped), "all that measured worse off")
-            measured.append(both)
-            singles = [m for m in measured[1:len(names) + 1] if m.name.removeprefix("without-") in dropped]
-            best_single = max(singles, key=lambda m: m.sqnr_db)
-            if best_single.sqnr_db > both.sqnr_db:
-                dropped = [best_single.name.removeprefix("without-")]
-                plan = without(base, dropped, f"{base.source} (guarded)")
-        plan.source = base.source
+        plan = without(base, dropped, base.source)
         for name in dropped:
+            alone = next(m for m in measured if m.name == f"without-{name}")
             log.warning("%s: algorithm guard dropped %s: it measured worse than without it on %d held-back "
                         "sample(s) (%s dB with, %s dB without)", base.source, name, len(bench.held),
-                        fmt_db(written.sqnr_db), fmt_db(next(m.sqnr_db for m in measured
-                                                              if m.name == f"without-{name}")))
+                        fmt_db(written.sqnr_db), fmt_db(alone.sqnr_db))
     reason = ("dropped " + ", ".join(dropped)) if dropped else "every algorithm measured at least as good as without"
-    return RecipeResult(plan=plan, text="", mode="guard", candidates=measured, winner="as-written" if not dropped
-                        else "without-" + "+".join(dropped), reason=reason, held_samples=len(bench.held),
-                        dropped=dropped)
-
+    return RecipeResult(plan=plan, text="", mode="guard", candidates=measured, winner=final.name, reason=reason,
+                        held_samples=len(bench.held), dropped=dropped, notes=notes)

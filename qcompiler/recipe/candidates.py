@@ -156,3 +156,11 @@ def without(plan: Plan, names: list[str], label: str) -> Plan:
 def unguarded(plan: Plan) -> Plan:
     """``plan`` as written, the guard option removed (what the guard measures as 'with')."""
     return without(plan, [], "as written")
+
+
+def same_precision_as_default(plan: Plan) -> bool:
+    """Whether ``plan`` quantizes like the default plan (8-bit integer weights, 8-bit integer activations), so that
+    the plain default plan is a fair floor for it."""
+    w, a = plan.weight_defaults, plan.activation_defaults
+    return str(w.get("dtype")) in ("int8", "uint8") and str(a.get("dtype")) in ("int8", "uint8") and all(
+        str({**w, **r.weight}.get("dtype")) in ("int8", "uint8") for r in plan.rules)

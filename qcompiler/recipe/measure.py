@@ -4,13 +4,14 @@ score (:func:`score`), its latency against the float model's, its bytes and, whe
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import importlib.util
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,7 +116,8 @@ class Bench:
             self.options, plan=plan, preset=None, calib=self.calib, calib_samples=samples or self.fit_samples,
             validate=False, validate_data=None, min_sqnr_db=None, report=None, budget=None, calib_select=None,
             dump_after=set(), compact_names=False, recipe_out=None, verify_each=False)
-        result = compile_plan(self.model, out, opts)
+        with _quiet():
+            result = compile_plan(self.model, out, opts)
         return out, result.report
 
     def measure(self, plan: Plan, name: str, change: str, *, samples: int | None = None) -> Measured:
@@ -151,6 +153,22 @@ class Bench:
             if len(nodes) == n:
                 break
         return nodes
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """The candidates' own compiles log errors only (their warnings — a rule matching no node — are the final
+    compile's to give, once)."""
+    names = [n for n in logging.Logger.manager.loggerDict if n.startswith("qcompiler") and n != "qcompiler.recipe"]
+    loggers = [logging.getLogger(n) for n in ["qcompiler", *names]]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
 
 
 def _file_name(name: str) -> str:
