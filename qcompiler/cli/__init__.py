@@ -252,7 +252,8 @@ BUDGET_METRICS = ("pd", "hessian", "act-stats", "orthogonality")
 def _echo_recipe(r: dict[str, Any]) -> None:
     """The measured default's candidate table (or the guard's measurements) of the compile summary."""
     rows = [(m["name"], m["sqnr_db"], "" if m["latency_ratio"] == "inf" else f"{m['latency_ratio']:.2f}x",
-             m["bytes"], "" if m.get("metric") is None else f"{m['metric']:.4g}", m.get("error", ""))
+             m["bytes"], "" if m.get("metric") is None else f"{m['metric']:.4g}",
+             m.get("error") or "; ".join(m.get("notes", [])) or ("WINNER" if m["name"] == r["winner"] else ""))
             for m in r["candidates"]]
     head = "measured default" if r["mode"] == "auto" else "algorithm guard"
     click.echo(f"{head}: {len(r['candidates'])} candidate(s) on {r['held_samples']} held-back sample(s)")

@@ -117,6 +117,7 @@ def _choose(bench: Bench, opts: CompileOptions, base: Plan, progress: Progress |
         if progress:
             progress(f"recipe:{cand.name}", i, total)
         measured.append(bench.measure(cand.plan, cand.name, cand.change))
+        measured[-1].structural = cand.structural
         log.info("recipe: %s %s dB, %.2fx float, %d bytes", cand.name, fmt_db(measured[-1].sqnr_db),
                  measured[-1].latency_ratio, measured[-1].bytes)
     by_name = {c.name: c for c in singles}
@@ -131,8 +132,12 @@ def _choose(bench: Bench, opts: CompileOptions, base: Plan, progress: Progress |
         if nodes:
             kf = keep_float(by_name[top.name], nodes)
             measured.append(bench.measure(kf.plan, kf.name, kf.change))
+            measured[-1].structural = True
             by_name[kf.name] = kf
     winner, reason = pick(measured, cons, bench.float_metric)
+    for m in measured:
+        if m is not winner and not m.error:
+            m.notes.append(why_not(m, measured[0], cons, bench.float_metric) or "eligible, not the best")
     notes: list[str] = []
     if winner is not measured[0]:  # confirm on all N samples, as the compile will calibrate
         full_w = bench.measure(winner.plan, winner.name + "-all", "winner on all samples",

@@ -15,12 +15,6 @@ from qcompiler.plan import Plan
 
 #: a candidate per effort: low, normal, high (None: all)
 EFFORT_CANDIDATES = {"low": 4, "normal": 8, "high": None}
-#: the algorithm toggles the measured default tries one at a time on top of the default plan
-TOGGLES = (
-    ("gptq", {"max_bits": 8}),
-    ("bias_correct", True),
-    ("smooth", True),
-)
 MATMUL_OPS = ("MatMul", "Gemm")
 
 
@@ -31,6 +25,10 @@ class Candidate:
     name: str
     change: str
     plan: Plan
+    #: it changes which tensors are quantized (the graph's kernels, so its latency): the only candidates the
+    #: implicit latency limit of --optimize accuracy applies to (the others differ from the default plan in
+    #: values only, and their latency differences are measurement noise)
+    structural: bool = False
 
 
 def plan_from(d: dict[str, Any], name: str) -> Plan:
@@ -73,17 +71,17 @@ def recipe_candidates(base: Plan, op_types: set[str]) -> list[Candidate]:
                      plan_from(_with_activation(d, calibration="auto"), "range-auto"))]
     if has_matmul:
         out.append(Candidate("dynamic-matmul", "MatMul / Gemm inputs quantized at run time (w8a8-dynamic style)",
-                             plan_from(_with_dynamic_matmul(d), "dynamic-matmul")))
+                             plan_from(_with_dynamic_matmul(d), "dynamic-matmul"), True))
     out.append(Candidate("gptq", "GPTQ chooses the int8 weight codes", plan_from(
         _with_algorithm(d, "gptq", {"max_bits": 8}), "gptq")))
     out.append(Candidate("weights-only", "activations float, int8 weights (no activation rounding, no integer "
-                                         "kernels)", plan_from(_with_activation(d, dtype="float"), "weights-only")))
+                                         "kernels)", plan_from(_with_activation(d, dtype="float"), "weights-only"), True))
     out.append(Candidate("bias-correct", "bias correction on", plan_from(
         _with_algorithm(d, "bias_correct", True), "bias-correct")))
     if has_matmul:
         out.append(Candidate("smooth", "SmoothQuant on", plan_from(_with_algorithm(d, "smooth", True), "smooth")))
         out.append(Candidate("w8a8-dynamic", "the w8a8-dynamic preset (only MatMul / Gemm inputs quantized, at "
-                                             "run time)", plan_from(_dynamic_only(d), "w8a8-dynamic")))
+                                             "run time)", plan_from(_dynamic_only(d), "w8a8-dynamic"), True))
     out.append(Candidate("percentile", "activation ranges: 99.99th percentile", plan_from(
         _with_activation(d, calibration="percentile", percentile=99.99), "percentile")))
     return out
@@ -121,7 +119,7 @@ def keep_float(best: Candidate, nodes: list[str]) -> Candidate:
     d["rules"] = [*d.get("rules", []), *({"match": {"name": n}, "skip": True} for n in nodes)]
     name = f"{best.name}+float{len(nodes)}"
     return Candidate(name, f"{best.name} with its {len(nodes)} most sensitive layer(s) float: {', '.join(nodes)}",
-                     plan_from(d, name))
+                     plan_from(d, name), True)
 
 
 # ----------------------------------------------------------------------------------------------- the guard

@@ -81,6 +81,7 @@ class Measured:
     seconds: float = 0.0
     error: str | None = None
     notes: list[str] = field(default_factory=list)
+    structural: bool = False  # see Candidate.structural
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "change": self.change, "sqnr_db": _num(self.sqnr_db),
