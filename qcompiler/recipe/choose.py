@@ -17,9 +17,9 @@ from qcompiler.recipe.measure import Measured
 log = logging.getLogger("qcompiler.recipe")
 
 OPTIMIZE = ("accuracy", "latency", "size")
-#: --optimize accuracy without --max-latency-ratio: a candidate may be at most this much slower than the default
-#: plan (or than float, when the default plan is slower than float) — else keeping activations float (weights only)
-#: would win on almost every model, giving up the integer kernels' speed for accuracy nobody asked for
+#: --optimize accuracy without --max-latency-ratio: a candidate that changes which tensors are quantized may be at
+#: most this much slower than the default plan — else keeping activations float (weights only) would win on almost
+#: every model, giving up the integer kernels' speed for accuracy nobody asked for (--max-latency-ratio 1 allows it)
 LATENCY_SLACK = 1.10
 EFFORTS = ("low", "normal", "high")
 
@@ -50,7 +50,7 @@ class Constraints:
         if self.max_latency_ratio is not None:
             out.append(f"latency <= {self.max_latency_ratio}x float")
         if self.implicit_latency is not None:
-            out.append(f"latency <= {self.implicit_latency}x float (the default plan's or float's, +10%)")
+            out.append(f"latency <= {self.implicit_latency}x float (the default plan's +10%)")
         if self.budget is not None:
             out.append(f"bytes <= {self.budget.text}")
         if self.min_sqnr_db is not None:
@@ -75,7 +75,7 @@ def why_not(m: Measured, base: Measured, c: Constraints, float_metric: float | N
     if c.max_latency_ratio is not None and m.latency_ratio > c.max_latency_ratio:
         return f"latency {m.latency_ratio:.2f}x > {c.max_latency_ratio}x"
     if c.implicit_latency is not None and m.structural and m.latency_ratio > c.implicit_latency:
-        return f"latency {m.latency_ratio:.2f}x > {c.implicit_latency}x (the default plan's or float's, +10%)"
+        return f"latency {m.latency_ratio:.2f}x > {c.implicit_latency}x (the default plan's +10%)"
     limit = c.byte_limit()
     if limit is not None and m.bytes > limit:
         return f"{m.bytes} bytes > {int(limit)}"
@@ -89,7 +89,7 @@ def pick(measured: list[Measured], c: Constraints, float_metric: float | None) -
     """The winner and why. ``measured[0]`` is the default plan: nothing below it on the held-back samples wins."""
     base = measured[0]
     if c.optimize == "accuracy" and c.max_latency_ratio is None and math.isfinite(base.latency_ratio):
-        c.implicit_latency = round(max(1.0, base.latency_ratio) * LATENCY_SLACK, 3)
+        c.implicit_latency = round(base.latency_ratio * LATENCY_SLACK, 3)
     ok = [m for m in measured if why_not(m, base, c, float_metric) is None]
     if not ok:
         reasons = "; ".join(f"{m.name}: {why_not(m, base, c, float_metric)}" for m in measured)
