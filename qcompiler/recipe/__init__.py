@@ -3,7 +3,7 @@ measure}``).
 
 **Measured default.** The last ``h = min(16, N / 4)`` of the N calibration samples are held back; every candidate
 (:mod:`qcompiler.recipe.candidates`: the plain default plan — always first, the baseline —, calibration auto,
-dynamic MatMul / Gemm inputs, GPTQ, weights only, bias correction, SmoothQuant, the w8a8-dynamic preset,
+the w8a8 preset as written, dynamic MatMul / Gemm inputs, GPTQ, weights only, bias correction, SmoothQuant, the w8a8-dynamic preset,
 percentile ranges; then the better single changes together, and at ``--effort high`` the best so far with its
 most sensitive layers float) is compiled calibrated on the other N - h samples and run in onnxruntime on the h
 held-back ones: score (:func:`qcompiler.recipe.measure.score`), latency against the float model (one thread, best

@@ -11,7 +11,7 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
-from qcompiler.plan import Plan
+from qcompiler.plan import Plan, load_plan
 
 #: a candidate per effort: low, normal, high (None: all)
 EFFORT_CANDIDATES = {"low": 4, "normal": 8, "high": None}
@@ -69,6 +69,10 @@ def recipe_candidates(base: Plan, op_types: set[str]) -> list[Candidate]:
     out = [Candidate("default", "the plain default plan (baseline)", plan_from(d, "default")),
            Candidate("range-auto", "activation ranges: calibration auto (minmax / percentile / entropy / mse)",
                      plan_from(_with_activation(d, calibration="auto"), "range-auto"))]
+    shipped = load_plan("w8a8")
+    shipped.guard = "off"
+    out.append(Candidate("w8a8", "the w8a8 preset as written (percentile ranges, int8 GPTQ, float-read Conv outputs "
+                                 "not requantized)", shipped, True))
     if has_matmul:
         out.append(Candidate("dynamic-matmul", "MatMul / Gemm inputs quantized at run time (w8a8-dynamic style)",
                              plan_from(_with_dynamic_matmul(d), "dynamic-matmul"), True))
