@@ -178,7 +178,9 @@ def _file_name(name: str) -> str:
 
 def run_timed(model: Path | Any, feeds: Sequence[dict[str, np.ndarray]]) -> tuple[list[dict[str, np.ndarray]], float]:
     """The outputs of ``model`` on ``feeds`` and the best of :data:`LATENCY_REPEATS` timed passes (seconds)."""
-    sess = ir.session(model, threads=1)
+    # loaded first: a session from the path cannot read small external tensors (a Reshape's shape) that the
+    # loader resolves
+    sess = ir.session(ir.load_model(model) if isinstance(model, (str, Path)) else model, threads=1)
     names = [o.name for o in sess.get_outputs()]
     outputs = [dict(zip(names, sess.run(names, f), strict=True)) for f in feeds]  # also the warm-up
     best = math.inf
