@@ -151,8 +151,10 @@ def _choose(bench: Bench, opts: CompileOptions, base: Plan, progress: Progress |
             notes.append("the default plan kept: the winner lost to it once calibrated on all samples")
             reason = f"{winner.name} lost to the default plan when calibrated on all samples ({acc_w:.4g} < {acc_d:.4g})"
             winner = measured[0]
+    # only measured values that do not depend on timing: same inputs, same file
     header = (f"qcompiler --plan auto: the measured default's winner '{winner.name}' ({winner.change})\n"
-              f"{reason}\nreproduce: qcompiler compile MODEL --plan THIS_FILE --calib DATA")
+              f"held-back SQNR {fmt_db(winner.sqnr_db)} dB (the default plan: {fmt_db(measured[0].sqnr_db)} dB)\n"
+              "reproduce: qcompiler compile MODEL --plan THIS_FILE --calib DATA")
     plan = Plan.from_text(plan_text(winner.plan, header), source=f"<recipe {winner.name}>")
     return RecipeResult(plan=plan, text=plan_text(winner.plan, header), mode="auto", candidates=measured,
                         winner=winner.name, reason=reason, held_samples=len(bench.held), constraints=cons,

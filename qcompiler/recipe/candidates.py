@@ -78,12 +78,13 @@ def recipe_candidates(base: Plan, op_types: set[str]) -> list[Candidate]:
                              plan_from(_with_dynamic_matmul(d), "dynamic-matmul"), True))
     out.append(Candidate("gptq", "GPTQ chooses the int8 weight codes", plan_from(
         _with_algorithm(d, "gptq", {"max_bits": 8}), "gptq")))
+    if has_matmul:
+        out.append(Candidate("smooth", "SmoothQuant on", plan_from(_with_algorithm(d, "smooth", True), "smooth")))
     out.append(Candidate("weights-only", "activations float, int8 weights (no activation rounding, no integer "
                                          "kernels)", plan_from(_with_activation(d, dtype="float"), "weights-only"), True))
     out.append(Candidate("bias-correct", "bias correction on", plan_from(
         _with_algorithm(d, "bias_correct", True), "bias-correct")))
     if has_matmul:
-        out.append(Candidate("smooth", "SmoothQuant on", plan_from(_with_algorithm(d, "smooth", True), "smooth")))
         out.append(Candidate("w8a8-dynamic", "the w8a8-dynamic preset (only MatMul / Gemm inputs quantized, at "
                                              "run time)", plan_from(_dynamic_only(d), "w8a8-dynamic"), True))
     out.append(Candidate("percentile", "activation ranges: 99.99th percentile", plan_from(
