@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qcompiler import autoplan, ir
+from qcompiler import autoplan, ir, recipe
 from qcompiler.compile import (
     COMPILE_LAYER_SAMPLES,
     PIPELINE_INSERTIONS,
@@ -46,7 +46,10 @@ def compile_model(model_path: str | os.PathLike[str], output_path: str | os.Path
     def planner(base: Plan) -> autoplan.AutoPlanResult:
         return autoplan.plan_for_compile(Path(model_path), opts, base, progress)
 
-    return compile_plan(model_path, output_path, opts, progress, planner=planner)
+    def measured(base: Plan) -> recipe.RecipeResult:
+        return recipe.plan_for_compile(Path(model_path), opts, base, progress)
+
+    return compile_plan(model_path, output_path, opts, progress, planner=planner, recipe=measured)
 
 
 def build_bundle(model: str | os.PathLike[str], bundle: str | os.PathLike[str], *, target: str = "ort",

@@ -65,6 +65,19 @@ class Planned(Protocol):
 
 #: ``planner(base_plan)``: the plan to compile instead of the base plan (``--budget``)
 Planner = Callable[[Plan], Planned]
+#: the plan name that asks for the measured default (:mod:`qcompiler.recipe`)
+AUTO_PLAN = "auto"
+
+
+def wants_recipe(opts: CompileOptions, plan: Plan) -> bool:
+    """Whether the compile's recipe hook runs: ``--plan auto``, or a plan with ``algorithms: {guard: measure}``
+    and real calibration data to measure on (without it the guard leaves the plan as written)."""
+    if opts.plan == AUTO_PLAN:
+        return True
+    real = opts.calib is not None and str(opts.calib) not in ("random", "none")
+    if plan.guard == "measure" and not real:
+        log.info("%s: algorithm guard: no real calibration data to measure on; algorithms run as written", plan.source)
+    return plan.guard == "measure" and real
 
 
 @dataclass
@@ -105,6 +118,16 @@ class CompileOptions:
     compact_names: bool = False
     #: where the report goes when the ``min_sqnr_db`` gate refuses the model (default: OUT.rejected.report.json)
     rejected_report: str | Path | None = None
+    # the measured default (plan="auto", qcompiler.recipe) and its constraints; with plan="auto", ``budget`` and
+    # ``min_sqnr_db`` are constraints on the candidates (no --budget auto plan)
+    optimize: str = "accuracy"  # accuracy | latency | size
+    max_latency_ratio: float | None = None  # onnxruntime latency vs the float model's, on this machine
+    #: task metric: f(quantized outputs, float outputs, feeds) -> higher-is-better float (lists of per-sample
+    #: dicts), or "module:function" / "file.py:function"
+    task_metric: Any = None
+    max_drop: float | None = None  # the most the task metric may drop below the float model's
+    effort: str = "normal"  # low (<= 4 candidates) | normal (<= 8) | high (all)
+    recipe_out: str | Path | None = None  # write the winning recipe here as a plan YAML
 
 
 @dataclass
@@ -171,23 +194,24 @@ def assemble_pipeline(text: str, plan: Plan, reg: Any = None, *, calib_select: i
 
 def compile_plan(model_path: str | os.PathLike[str], output_path: str | os.PathLike[str],
                  options: CompileOptions | None = None, progress: Progress | None = None, *,
-                 planner: Planner | None = None) -> CompileResult:
+                 planner: Planner | None = None, recipe: Planner | None = None) -> CompileResult:
     """Compile ``model_path`` to ``output_path``; raises :class:`UserError` for bad input. ``options.budget``
-    needs a ``planner`` (:func:`qcompiler.api.compile_model` gives the auto planner). Every step is timed
+    needs a ``planner`` (:func:`qcompiler.api.compile_model` gives the auto planner), ``plan="auto"`` and guarded
+    plans a ``recipe`` (the measured default, :mod:`qcompiler.recipe`). Every step is timed
     (:mod:`qcompiler.core.profile`): ``result.profile``, and ``report["profile"]``."""
     prof = profile.Profile()
     imported = profile.import_seconds()  # the command line's imports (None from Python)
     if imported is not None:
         prof.add("import", imported)
     with prof.active():
-        result = _compile_plan(model_path, output_path, options, progress, planner=planner, prof=prof)
+        result = _compile_plan(model_path, output_path, options, progress, planner=planner, recipe=recipe, prof=prof)
     result.profile = prof
     return result
 
 
 def _compile_plan(model_path: str | os.PathLike[str], output_path: str | os.PathLike[str],
                   options: CompileOptions | None, progress: Progress | None, *, planner: Planner | None,
-                  prof: profile.Profile) -> CompileResult:
+                  recipe: Planner | None, prof: profile.Profile) -> CompileResult:
     opts = options or CompileOptions()
     t_start = time.perf_counter()
     src, out = Path(model_path), Path(output_path)
@@ -198,7 +222,7 @@ def _compile_plan(model_path: str | os.PathLike[str], output_path: str | os.Path
     # Every path this run may write is checked against every input (and its place) before any work, and
     # everything is staged and moved into place together at the end (qcompiler.ir.outputs).
     with compile_outputs(src, out, opts) as outs:
-        return _compile(src, out, opts, outs, progress, planner, t_start, prof)
+        return _compile(src, out, opts, outs, progress, planner, t_start, prof, recipe)
 
 
 #: Side files of ``OUT.onnx`` (suffix after ``OUT``'s stem) and how messages name them.
@@ -218,6 +242,8 @@ def compile_outputs(src: Path, out: Path, opts: CompileOptions) -> ir.OutputSet:
     for suffix in SIDE_FILES:
         if suffix != ".autoplan.yaml" or opts.budget is not None:
             outs.add_output(out.with_name(out.stem + suffix), _side_role(suffix))
+    if opts.recipe_out is not None:
+        outs.add_output(opts.recipe_out, "--recipe-out")
     if opts.report is not None:
         outs.add_output(opts.report, "--report")
     if opts.dump_after:
@@ -246,7 +272,8 @@ def _dump_dir(out: Path) -> Path:
 
 
 def _compile(src: Path, out: Path, opts: CompileOptions, outs: ir.OutputSet, progress: Progress | None,
-             planner: Planner | None, t_start: float, prof: profile.Profile) -> CompileResult:
+             planner: Planner | None, t_start: float, prof: profile.Profile,
+             recipe: Planner | None = None) -> CompileResult:
     with profile.step("setup (passes, target, plan)"):
         reg = registry()
         for spec in opts.plugins:
@@ -254,12 +281,24 @@ def _compile(src: Path, out: Path, opts: CompileOptions, outs: ir.OutputSet, pro
         target = get_target(opts.target)
         if opts.preset is not None and opts.plan is not None:
             raise UserError("--preset and --plan both given; a preset is a plan: give one of them")
-        plan = opts.plan if isinstance(opts.plan, Plan) else load_plan(opts.plan if opts.preset is None
-                                                                       else _preset_plan(opts.preset))
+        plan = opts.plan if isinstance(opts.plan, Plan) else Plan.default() if opts.plan == AUTO_PLAN else load_plan(
+            opts.plan if opts.preset is None else _preset_plan(opts.preset))
     target.check_options(plan.target_options, plan.source)  # a bad targets: section fails before any work
+    if opts.recipe_out is not None and opts.plan != AUTO_PLAN:
+        raise UserError("--recipe-out writes the recipe --plan auto chose: give --plan auto")
+    measured = None
+    if wants_recipe(opts, plan):  # the measured default (--plan auto) or a preset's algorithm guard
+        if opts.plan == AUTO_PLAN and (opts.calib is None or str(opts.calib) in ("random", "none")):
+            raise UserError("--plan auto measures its candidates on real data: give --calib DIR|FILE.npz")
+        if recipe is None and opts.plan == AUTO_PLAN:
+            raise ValueError("compile_plan: plan 'auto' needs a recipe (qcompiler.api.compile_model)")
+        if recipe is not None:  # without one (autoplan's probe compiles) a guarded plan runs as written
+            with profile.step("measured recipe"):
+                measured = recipe(plan)
+            plan = measured.plan
     checks = [parse_check(c) if isinstance(c, str) else c for c in opts.checks] + list(plan.checks)
     auto = None
-    if opts.budget is not None:  # mixed precision under a budget: the plan is planned first (autoplan)
+    if opts.budget is not None and opts.plan != AUTO_PLAN:  # mixed precision under a budget: planned first
         if planner is None:
             raise ValueError("compile_plan: options.budget needs a planner (qcompiler.api.compile_model)")
         with profile.step("auto plan (--budget)"):
@@ -358,6 +397,11 @@ def _compile(src: Path, out: Path, opts: CompileOptions, outs: ir.OutputSet, pro
         report["autoplan"] = auto.summary()
         ctx.side_outputs[".autoplan.yaml"] = auto.text
         auto.check(report["cost"])
+    if measured is not None:
+        report["recipe"] = measured.summary()
+        measured.check(report["cost"])
+        if opts.recipe_out is not None:
+            outs.path(opts.recipe_out).write_text(measured.text, encoding="utf-8")
 
     validation = None
     do_validate = opts.validate if opts.validate is not None else (

@@ -49,6 +49,7 @@ LAYERS: dict[str, int] = {
     "qcompiler.session": 3,  # the pipeline-prefix runner
     "qcompiler.compile": 3,  # compile machinery below autoplan (if it lives in its own module)
     "qcompiler.autoplan": 4,
+    "qcompiler.recipe": 4,  # the measured default (--plan auto) and the presets' algorithm guard
     "qcompiler.api": 5,
     "qcompiler.cli": 5,
 }

@@ -70,6 +70,10 @@ def plan_yaml(base_plan: Plan, rules: Sequence[dict[str, Any]], header: Sequence
     """YAML of a plan: header comments, the base plan's defaults / algorithms / target options / rules, then
     ``rules`` (one per layer, each after its comment line)."""
     base = base_plan.to_dict()
+    # the planner measured its plan with the algorithms as written: a preset's guard (qcompiler.recipe) would
+    # change them again when the plan is compiled
+    algorithms = {k: v for k, v in (base.get("algorithms") or {}).items() if k != "guard"}
+    base["algorithms"] = algorithms
     lines = [f"# {h}" if h else "#" for h in header]
     lines.append(f"version: {base['version']}")
     lines.append("defaults:")

@@ -143,8 +143,20 @@ def _bytes(n: float) -> str:
 @click.option("--bitops", is_flag=True, help="With --budget: the budget counts BitOps (1.5G, or 50%).")
 @click.option("--candidates", help="With --budget: precisions a layer may take (default int8,int4, less what the "
                                      "target runs on no layer).")
-@click.option("--metric", type=click.Choice(["pd", "hessian", "act-stats", "orthogonality"]), default="pd",
-              show_default=True, help="With --budget: the sensitivity metric.")
+@click.option("--metric", default="pd", show_default=True,
+              help="With --budget: the sensitivity metric (pd, hessian, act-stats, orthogonality). With --plan "
+                   "auto: a task metric module:function (or file.py:function) scoring (quantized outputs, float "
+                   "outputs, feeds) -> higher-is-better float.")
+@click.option("--optimize", type=click.Choice(["accuracy", "latency", "size"]), default="accuracy",
+              show_default=True, help="With --plan auto: what the measured default maximizes / minimizes.")
+@click.option("--max-latency-ratio", type=float,
+              help="With --plan auto: onnxruntime latency at most R times the float model's (on this machine).")
+@click.option("--max-drop", type=float, help="With --plan auto and --metric module:function: the most the task "
+                                            "metric may drop below the float model's.")
+@click.option("--effort", type=click.Choice(["low", "normal", "high"]), default="normal", show_default=True,
+              help="With --plan auto: candidates measured (low 4, normal 8, high all).")
+@click.option("--recipe-out", type=click.Path(path_type=Path),
+              help="With --plan auto: write the winning recipe as a plan YAML (compile --plan FILE reproduces it).")
 @click.option("--compact-names", is_flag=True,
               help="Shortest names for every internal tensor and node (graph inputs / outputs kept; smaller "
                    "files for small models); the map back is written as OUT.names.json.")
@@ -157,11 +169,24 @@ def compile_cmd(model: Path, output: Path, plan: str | None, preset: str | None,
                 report: Path | None, validate: bool | None,
                 validate_data: Path | None, min_sqnr: float | None, verify_each: bool, dump_after: tuple[str, ...],
                 plugins: tuple[str, ...], external_data: int | None, seed: int, strip_function_bodies: bool,
-                budget: str | None, bitops: bool, candidates: str | None, metric: str, compact_names: bool,
-                show_profile: bool, quiet: bool, checks: tuple[str, ...], slice_axes: tuple[str, ...]) -> None:
-    """Compile MODEL into a quantized model at OUTPUT."""
+                budget: str | None, bitops: bool, candidates: str | None, metric: str, optimize: str,
+                max_latency_ratio: float | None, max_drop: float | None, effort: str, recipe_out: Path | None,
+                compact_names: bool, show_profile: bool, quiet: bool, checks: tuple[str, ...],
+                slice_axes: tuple[str, ...]) -> None:
+    """Compile MODEL into a quantized model at OUTPUT. --plan auto: the measured default (candidates measured on
+    held-back calibration samples, the best kept under --optimize and the constraints)."""
     if budget is None and (bitops or candidates is not None):
         raise UserError("--bitops and --candidates are options of --budget")
+    auto = plan == "auto"
+    task_metric = metric if ":" in metric else None
+    if task_metric is not None and not auto:
+        raise UserError("--metric module:function is a task metric for --plan auto")
+    if task_metric is None and metric not in BUDGET_METRICS:
+        raise UserError(f"--metric: '{metric}' is neither a sensitivity metric ({', '.join(BUDGET_METRICS)}) nor "
+                        "module:function")
+    if not auto and (max_latency_ratio is not None or max_drop is not None or optimize != "accuracy"
+                     or effort != "normal"):
+        raise UserError("--optimize, --max-latency-ratio, --max-drop and --effort are options of --plan auto")
     parsed = [parse_check(c) for c in checks]
     opts = CompileOptions(plan=plan, target=target, calib=calib, pipeline=pipeline, validate=validate,
                           validate_data=validate_data, min_sqnr_db=min_sqnr, verify_each=verify_each,
@@ -169,8 +194,10 @@ def compile_cmd(model: Path, output: Path, plan: str | None, preset: str | None,
                           dump_after=set(dump_after), external_data_threshold=external_data,
                           calib_samples=calib_samples, calib_select=calib_select, preset=preset, seed=seed,
                           plugins=list(plugins), report=report, strip_function_bodies=strip_function_bodies,
-                          budget=budget, budget_bitops=bitops, budget_candidates=candidates, budget_metric=metric,
-                          compact_names=compact_names)
+                          budget=budget, budget_bitops=bitops, budget_candidates=candidates,
+                          budget_metric=metric if task_metric is None else "pd", compact_names=compact_names,
+                          optimize=optimize, max_latency_ratio=max_latency_ratio, task_metric=task_metric,
+                          max_drop=max_drop, effort=effort, recipe_out=recipe_out)
     progress = Progress(enabled=not quiet and sys.stderr.isatty())
     try:
         result = compile_model(model, output, opts, progress=progress)
@@ -202,6 +229,8 @@ def compile_cmd(model: Path, output: Path, plan: str | None, preset: str | None,
         click.echo(f"auto plan: budget {ap['budget']} ({ap['unit']}), metric {ap['metric']}: "
                    + ", ".join(f"{k} x{v}" for k, v in ap["counts"].items() if v)
                    + f" (plan written beside the model as {Path(output).stem}.autoplan.yaml)")
+    if rep.get("recipe"):
+        _echo_recipe(rep["recipe"])
     cal = rep.get("calibration")
     if cal and cal.get("source") is None and cal.get("dynamic"):
         click.echo(f"calibration: none needed — {cal['dynamic']} activation tensor(s) quantized at run time "
@@ -226,6 +255,26 @@ def compile_cmd(model: Path, output: Path, plan: str | None, preset: str | None,
         click.echo("validation: skipped (no calibration data; use --calib DATA or --validate-data FILE.npz)")
     for f in result.files:
         click.echo(f"wrote {f}")
+
+
+BUDGET_METRICS = ("pd", "hessian", "act-stats", "orthogonality")
+
+
+def _echo_recipe(r: dict[str, Any]) -> None:
+    """The measured default's candidate table (or the guard's measurements) of the compile summary."""
+    rows = [(m["name"], m["sqnr_db"], "" if m["latency_ratio"] == "inf" else f"{m['latency_ratio']:.2f}x",
+             m["bytes"], "" if m.get("metric") is None else f"{m['metric']:.4g}",
+             m.get("error") or "; ".join(m.get("notes", [])) or ("WINNER" if m["name"] == r["winner"] else ""))
+            for m in r["candidates"]]
+    head = "measured default" if r["mode"] == "auto" else "algorithm guard"
+    click.echo(f"{head}: {len(r['candidates'])} candidate(s) on {r['held_samples']} held-back sample(s)")
+    if rows:
+        click.echo(table(["candidate", "SQNR dB", "latency", "bytes", "metric", "note"], rows))
+    click.echo(f"{head}: {r['winner']} — {r['reason']}")
+    for note in r.get("notes", []):
+        click.echo(f"{head}: {note}")
+    if r.get("dropped"):
+        click.echo(f"{head}: dropped {', '.join(r['dropped'])} (measured worse than without)")
 
 
 def _echo_cost(c: dict[str, Any]) -> None:

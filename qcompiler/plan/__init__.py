@@ -35,6 +35,7 @@ from __future__ import annotations
 from qcompiler.plan.resolve import NodePlan, ResolvedPlan, resolve, weight_input_index, weight_input_indices
 from qcompiler.plan.schema import (
     ALGORITHMS,
+    GUARDS,
     Plan,
     Rule,
     check_algorithm_options,
@@ -74,7 +75,7 @@ from qcompiler.plan.spec import (
 #: they switch)
 
 __all__ = ["ACTIVATION_SCHEMES", "ALGORITHMS", "AUTO_CALIBRATIONS", "CALIBRATIONS", "DEFAULT_ACTIVATION",
-           "DEFAULT_WEIGHT", "DTYPES", "GRANULARITIES", "PLAN_VERSION", "RANGES", "RECURRENT_OPS", "SCALES",
+           "DEFAULT_WEIGHT", "DTYPES", "GRANULARITIES", "GUARDS", "PLAN_VERSION", "RANGES", "RECURRENT_OPS", "SCALES",
            "SCHEMES", "SHIFT_BITS", "TABLE_MIN_BYTES", "TABLE_OPS", "UNIFORM_BITS", "WEIGHT_OPS", "NodePlan", "Plan", "QuantSpec", "ResolvedPlan",
            "Rule", "activation_spec", "check_activation_scheme", "check_algorithm_options", "check_spec",
            "load_plan", "make_spec", "parse_algorithms", "parse_rule", "parse_target_options", "replace_spec",

@@ -17,6 +17,7 @@ from qcompiler.plan.checks import CHECK_SETTINGS
 from qcompiler.plan.schema import (
     ALGORITHMS,
     DEFAULTS_SETTINGS,
+    GUARDS,
     MATCH_SETTINGS,
     PLAN_SETTINGS,
     RULE_SETTINGS,
@@ -74,7 +75,10 @@ def plan_json_schema() -> dict[str, Any]:
         "rules": _described("rules", PLAN_SETTINGS, {"type": ["array", "null"], "items": {"$ref": "#/$defs/rule"}}),
         "algorithms": _described("algorithms", PLAN_SETTINGS, {
             "type": ["object", "null"],
-            "properties": {name: _algorithm(p) for name, p in sorted(ALGORITHMS.items())},
+            "properties": {**{name: _algorithm(p) for name, p in sorted(ALGORITHMS.items())},
+                           "guard": {"enum": list(GUARDS), "description": "measure: keep each algorithm (and "
+                                     "percentile clipping) only where it measures at least as good as without it "
+                                     "on held-back calibration samples"}},
             "additionalProperties": False}),
         "targets": _described("targets", PLAN_SETTINGS, _targets()),
         "checks": _described("checks", PLAN_SETTINGS, {"type": ["array", "null"], "items": {"$ref": "#/$defs/check"}}),

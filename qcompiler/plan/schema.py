@@ -58,6 +58,10 @@ MAX_PLAN_DEPTH = 32
 
 ALGORITHMS = {"fold_bias": "fold-bias", "equalize": "equalize", "smooth": "smooth", "gptq": "gptq",
               "bias_correct": "bias-correct"}
+#: ``algorithms: {guard: measure}``: keep each algorithm the plan turns on (and percentile clipping) only where it
+#: measures at least as good as without it on held-back calibration samples (:mod:`qcompiler.recipe`);
+#: ``off`` (the default for a plan that does not say): the algorithms run as written
+GUARDS = ("off", "measure")
 
 
 @dataclass
@@ -191,6 +195,8 @@ class Plan:
     target_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: validation checks (``checks:`` key), one per threshold
     checks: list[Check] = field(default_factory=list)
+    #: ``algorithms: {guard: measure}`` (one of :data:`GUARDS`)
+    guard: str = "off"
 
     # ------------------------------------------------------------------------------------------- parsing
     @classmethod
@@ -250,8 +256,9 @@ class Plan:
         check_activation_scheme(plan.activation_defaults, f"{source}: defaults.activation")
         activation_spec(plan.activation_defaults, f"{source}: defaults.activation")
         plan.algorithms = parse_algorithms(data.get("algorithms"), source)
+        plan.guard = parse_guard(data.get("algorithms"), source)
         plan.disabled_algorithms = {str(k).replace("-", "_") for k, v in (data.get("algorithms") or {}).items()
-                                    if v is False}
+                                    if v is False and str(k) != "guard"}
         plan.target_options = parse_target_options(data.get("targets"), source)
         plan.checks = parse_plan_checks(data.get("checks"), source)
         check_string_keys(data, source)
@@ -263,8 +270,9 @@ class Plan:
             "defaults": {"weight": dict(self.weight_defaults), "activation": dict(self.activation_defaults)},
             "rules": [r.to_dict() for r in self.rules],
             **({"algorithms": {**{k: (dict(v) if v else True) for k, v in self.algorithms.items()},
-                               **{k: False for k in sorted(self.disabled_algorithms)}}}
-               if self.algorithms or self.disabled_algorithms else {}),
+                               **{k: False for k in sorted(self.disabled_algorithms)},
+                               **({"guard": self.guard} if self.guard != "off" else {})}}
+               if self.algorithms or self.disabled_algorithms or self.guard != "off" else {}),
             **({"targets": {k: dict(v) for k, v in self.target_options.items()}} if self.target_options else {}),
             **({"checks": plan_checks_to_dict(self.checks)} if self.checks else {}),
         }
@@ -386,6 +394,8 @@ def parse_algorithms(data: Any, source: str) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for raw_name, value in data.items():
         name = str(raw_name).replace("-", "_")
+        if name == "guard":
+            continue  # parse_guard
         if name not in ALGORITHMS:
             raise UserError(f"{where}: unknown algorithm '{raw_name}' (known: {', '.join(sorted(ALGORITHMS))})")
         if value is False or value is None:
@@ -398,6 +408,18 @@ def parse_algorithms(data: Any, source: str) -> dict[str, dict[str, Any]]:
             raise UserError(f"{where}.{name}: expected true, false or a mapping of options, got '{value}'")
         out[name] = check_algorithm_options(ALGORITHMS[name], opts, f"{where}.{name}")
     return out
+
+
+def parse_guard(data: Any, source: str) -> str:
+    """``algorithms: {guard: measure}`` -> ``"measure"``; absent -> ``"off"``."""
+    if not isinstance(data, dict) or "guard" not in data:
+        return "off"
+    value = data["guard"]
+    if value is False:
+        value = "off"
+    if value not in GUARDS:
+        raise UserError(f"{source}: algorithms.guard: expected one of {', '.join(GUARDS)}, got '{value}'")
+    return str(value)
 
 
 def check_algorithm_options(pass_name: str, opts: dict[str, Any], where: str) -> dict[str, Any]:

@@ -1,0 +1,213 @@
+"""The measured default (``compile --plan auto``) and the algorithm guard of the presets (``algorithms: {guard:
+measure}``).
+
+**Measured default.** The last ``h = min(16, N / 4)`` of the N calibration samples are held back; every candidate
+(:mod:`qcompiler.recipe.candidates`: the plain default plan — always first, the baseline —, calibration auto,
+the w8a8 preset as written, dynamic MatMul / Gemm inputs, GPTQ, weights only, bias correction, SmoothQuant, the w8a8-dynamic preset,
+percentile ranges; then the better single changes together, and at ``--effort high`` the best so far with its
+most sensitive layers float) is compiled calibrated on the other N - h samples and run in onnxruntime on the h
+held-back ones: score (:func:`qcompiler.recipe.measure.score`), latency against the float model (one thread, best
+of 3), bytes (as ``inspect --cost`` counts them), and the task metric when given. The winner is the best under
+``--optimize`` among the candidates that meet the constraints and are not below the default plan (by the task
+metric when given, else by the score). Confirmation: the winner and the default plan compiled on all N samples are
+compared once more on the held-back samples, and the default plan is kept if the winner lost there. ``--effort``
+caps the candidates (low 4, normal 8, high all).
+
+**Guard.** A plan with ``algorithms: {guard: measure}`` (the shipped presets) is measured as written, and once
+without each algorithm it turns on (percentile clipping counting as one: without it, minmax ranges); an algorithm
+whose removal measures strictly better on the held-back samples is dropped (a warning, and ``recipe.dropped`` in
+the report). When nothing is dropped the plan compiled is the plan as written (same bytes as without the guard).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from qcompiler import ir
+from qcompiler.autoplan.budget import Budget
+from qcompiler.compile import CompileOptions
+from qcompiler.core.errors import UserError
+from qcompiler.plan import Plan
+from qcompiler.recipe.candidates import (
+    EFFORT_CANDIDATES,
+    combined,
+    guarded_algorithms,
+    keep_float,
+    recipe_candidates,
+    same_precision_as_default,
+    unguarded,
+    without,
+)
+from qcompiler.recipe.choose import (
+    EFFORTS,
+    OPTIMIZE,
+    Constraints,
+    RecipeResult,
+    fmt_db,
+    pick,
+    plan_text,
+    why_not,
+)
+from qcompiler.recipe.measure import Bench, Measured, held_back, load_metric, run_timed, score
+
+__all__ = ["EFFORTS", "OPTIMIZE", "Measured", "RecipeResult", "guard_plan", "plan_for_compile", "score"]
+
+log = logging.getLogger("qcompiler.recipe")
+
+#: the guard drops an algorithm only when the plan measures this much better without it (held-back noise)
+GUARD_MARGIN_DB = 0.05
+#: a preset of the default plan's precision (8-bit weights and activations) stays within this of the default plan
+PRESET_FLOOR_DB = 0.5
+
+Progress = Callable[[str, int, int], None]
+
+
+def plan_for_compile(model: Path, opts: CompileOptions, base: Plan, progress: Progress | None = None) -> RecipeResult:
+    """The compile's hook: the measured default for ``--plan auto``, else the guard of ``base``."""
+    with tempfile.TemporaryDirectory(prefix="qcompiler-recipe-") as tmp:
+        bench = _bench(model, opts, Path(tmp))
+        if opts.plan == "auto":
+            return _choose(bench, opts, base, progress)
+        return _guard(bench, base, progress)
+
+
+def guard_plan(model: Path, opts: CompileOptions, base: Plan) -> RecipeResult:
+    """The guard alone (for tools): ``base`` with the algorithms that measured worse dropped."""
+    with tempfile.TemporaryDirectory(prefix="qcompiler-recipe-") as tmp:
+        return _guard(_bench(model, opts, Path(tmp)), base, None)
+
+
+def _bench(model: Path, opts: CompileOptions, tmp: Path) -> Bench:
+    calib = str(opts.calib)
+    fit, held = held_back(calib, model, opts.calib_samples)
+    float_outputs, float_seconds = run_timed(model, held)
+    metric = load_metric(opts.task_metric)
+    float_metric = float(metric(float_outputs, float_outputs, held)) if metric is not None else None
+    latency = opts.optimize == "latency" or opts.max_latency_ratio is not None or opts.plan == "auto"
+    return Bench(model=model, options=opts, calib=calib, fit_samples=fit, held=held, float_outputs=float_outputs,
+                 float_seconds=float_seconds, workdir=tmp, metric=metric, float_metric=float_metric,
+                 latency=latency)
+
+
+def _constraints(opts: CompileOptions, model: Path) -> Constraints:
+    if opts.optimize not in OPTIMIZE:
+        raise UserError(f"--optimize: '{opts.optimize}' (one of {', '.join(OPTIMIZE)})")
+    budget = Budget.parse(opts.budget) if opts.budget is not None else None
+    float_bytes = int(ir.model_summary(ir.load_model(model))["parameter_bytes"]) if budget is not None else 0
+    return Constraints(optimize=opts.optimize, max_latency_ratio=opts.max_latency_ratio, budget=budget,
+                       float_bytes=float_bytes, min_sqnr_db=opts.min_sqnr_db, max_drop=opts.max_drop)
+
+
+def _choose(bench: Bench, opts: CompileOptions, base: Plan, progress: Progress | None) -> RecipeResult:
+    if opts.effort not in EFFORTS:
+        raise UserError(f"--effort: '{opts.effort}' (one of {', '.join(EFFORTS)})")
+    if opts.max_drop is not None and bench.metric is None:
+        raise UserError("--max-drop needs a task metric (--metric module:function)")
+    cons = _constraints(opts, bench.model)
+    cap = EFFORT_CANDIDATES[opts.effort]
+    op_types = set(ir.model_summary(ir.load_model(bench.model))["ops"])
+    todo = recipe_candidates(base, op_types)
+    singles = todo if cap is None else todo[:max(1, cap - 1)]  # a place left for the combination
+    measured: list[Measured] = []
+    total = len(singles) + 1
+    for i, cand in enumerate(singles):
+        if progress:
+            progress(f"recipe:{cand.name}", i, total)
+        measured.append(bench.measure(cand.plan, cand.name, cand.change))
+        measured[-1].structural = cand.structural
+        log.info("recipe: %s %s dB, %.2fx float, %d bytes", cand.name, fmt_db(measured[-1].sqnr_db),
+                 measured[-1].latency_ratio, measured[-1].bytes)
+    by_name = {c.name: c for c in singles}
+    better = [by_name[m.name] for m in measured[1:] if not m.error and m.sqnr_db > measured[0].sqnr_db]
+    extra = combined(base, better)
+    if extra is not None and (cap is None or len(measured) < cap):
+        measured.append(bench.measure(extra.plan, extra.name, extra.change))
+        by_name[extra.name] = extra
+    if cap is None:  # effort high: the best so far with its most sensitive layers float
+        top = max((m for m in measured if not m.error), key=lambda m: m.sqnr_db)
+        nodes = bench.sensitive_nodes(top.plan, top.name + "-layers", 2)
+        if nodes:
+            kf = keep_float(by_name[top.name], nodes)
+            measured.append(bench.measure(kf.plan, kf.name, kf.change))
+            measured[-1].structural = True
+            by_name[kf.name] = kf
+    winner, reason = pick(measured, cons, bench.float_metric)
+    for m in measured:
+        if m is not winner and not m.error:
+            m.notes.append(why_not(m, measured[0], cons, bench.float_metric) or "eligible, not the best")
+    notes: list[str] = []
+    if winner is not measured[0]:  # confirm on all N samples, as the compile will calibrate
+        full_w = bench.measure(winner.plan, winner.name + "-all", "winner on all samples",
+                               samples=opts.calib_samples or 10**9)
+        full_d = bench.measure(measured[0].plan, "default-all", "default on all samples",
+                               samples=opts.calib_samples or 10**9)
+        acc_w = full_w.metric if full_w.metric is not None else full_w.sqnr_db
+        acc_d = full_d.metric if full_d.metric is not None else full_d.sqnr_db
+        notes.append(f"calibrated on all samples: {winner.name} {acc_w:.4g}, default {acc_d:.4g}")
+        if acc_w < acc_d and why_not(measured[0], measured[0], cons, bench.float_metric) is None:
+            notes.append("the default plan kept: the winner lost to it once calibrated on all samples")
+            reason = f"{winner.name} lost to the default plan when calibrated on all samples ({acc_w:.4g} < {acc_d:.4g})"
+            winner = measured[0]
+    # only measured values that do not depend on timing: same inputs, same file
+    header = (f"qcompiler --plan auto: the measured default's winner '{winner.name}' ({winner.change})\n"
+              f"held-back SQNR {fmt_db(winner.sqnr_db)} dB (the default plan: {fmt_db(measured[0].sqnr_db)} dB)\n"
+              "reproduce: qcompiler compile MODEL --plan THIS_FILE --calib DATA")
+    plan = Plan.from_text(plan_text(winner.plan, header), source=f"<recipe {winner.name}>")
+    return RecipeResult(plan=plan, text=plan_text(winner.plan, header), mode="auto", candidates=measured,
+                        winner=winner.name, reason=reason, held_samples=len(bench.held), constraints=cons,
+                        notes=notes)
+
+
+def _guard(bench: Bench, base: Plan, progress: Progress | None) -> RecipeResult:
+    names = guarded_algorithms(base)
+    bench.latency = False
+    if not names:
+        return RecipeResult(plan=base, text="", mode="guard", reason="nothing to guard")
+    written = bench.measure(unguarded(base), "as-written", "the plan as written")
+    measured = [written]
+    dropped: list[str] = []
+    for i, name in enumerate(names):
+        if progress:
+            progress(f"guard:{name}", i, len(names))
+        m = bench.measure(without(base, [name], f"without {name}"), f"without-{name}", f"{name} off")
+        measured.append(m)
+        if not m.error and not written.error and m.sqnr_db > written.sqnr_db + GUARD_MARGIN_DB:
+            dropped.append(name)
+    final = written
+    if len(dropped) == 1:
+        final = measured[1 + names.index(dropped[0])]
+    elif dropped:  # measured together too: keep the single best drop if the set is not better
+        both = bench.measure(without(base, dropped, "without " + "+".join(dropped)), "without-" + "+".join(dropped),
+                             "every algorithm that measured worse, off")
+        measured.append(both)
+        best = max((measured[1 + names.index(n)] for n in dropped), key=lambda m: m.sqnr_db)
+        final = both
+        if best.sqnr_db > both.sqnr_db:
+            dropped, final = [best.name.removeprefix("without-")], best
+    notes: list[str] = []
+    if same_precision_as_default(base):  # a w8a8 preset never measures 0.5 dB below the plain default plan
+        default = bench.measure(Plan.default(), "default-plan", "the plain default plan")
+        measured.append(default)
+        if not default.error and final.sqnr_db < default.sqnr_db - PRESET_FLOOR_DB and set(dropped) != set(names):
+            all_off = bench.measure(without(base, names, "without all"), "without-all", "every guarded algorithm off")
+            measured.append(all_off)
+            if all_off.sqnr_db > final.sqnr_db:
+                dropped, final = list(names), all_off
+        if not default.error and final.sqnr_db < default.sqnr_db - PRESET_FLOOR_DB:
+            notes.append(f"still {default.sqnr_db - final.sqnr_db:.2f} dB below the plain default plan with every "
+                         "guarded algorithm measured; not an algorithm's doing")
+            log.warning("%s: %s", base.source, notes[-1])
+    plan = base
+    if dropped:
+        plan = without(base, dropped, base.source)
+        for name in dropped:
+            alone = next(m for m in measured if m.name == f"without-{name}")
+            log.warning("%s: algorithm guard dropped %s: it measured worse than without it on %d held-back "
+                        "sample(s) (%s dB with, %s dB without)", base.source, name, len(bench.held),
+                        fmt_db(written.sqnr_db), fmt_db(alone.sqnr_db))
+    reason = ("dropped " + ", ".join(dropped)) if dropped else "every algorithm measured at least as good as without"
+    return RecipeResult(plan=plan, text="", mode="guard", candidates=measured, winner=final.name, reason=reason,
+                        held_samples=len(bench.held), dropped=dropped, notes=notes)

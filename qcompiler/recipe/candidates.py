@@ -1,0 +1,169 @@
+"""The candidate plans the measured default (``--plan auto``) tries, and the ablations of the algorithm guard.
+
+Every candidate is an ordinary :class:`~qcompiler.plan.Plan` built from a plan dictionary (``Plan.to_dict``), so
+the winner written with ``--recipe-out`` is a plan file like any other. Order matters: ``--effort`` keeps the
+first candidates of :func:`recipe_candidates` (the plain default plan always first).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+from qcompiler.plan import Plan, load_plan
+
+#: a candidate per effort: low, normal, high (None: all)
+EFFORT_CANDIDATES = {"low": 4, "normal": 8, "high": None}
+MATMUL_OPS = ("MatMul", "Gemm")
+
+
+@dataclass
+class Candidate:
+    """One recipe to measure: a name for the tables, what it changes, and its plan."""
+
+    name: str
+    change: str
+    plan: Plan
+    #: it changes which tensors are quantized (the graph's kernels, so its latency): the only candidates the
+    #: implicit latency limit of --optimize accuracy applies to (the others differ from the default plan in
+    #: values only, and their latency differences are measurement noise)
+    structural: bool = False
+
+
+def plan_from(d: dict[str, Any], name: str) -> Plan:
+    return Plan.from_dict(copy.deepcopy(d), source=f"<recipe {name}>")
+
+
+def _with_algorithm(d: dict[str, Any], name: str, value: Any) -> dict[str, Any]:
+    out = copy.deepcopy(d)
+    algos = dict(out.get("algorithms") or {})
+    algos[name] = value
+    out["algorithms"] = algos
+    return out
+
+
+def _with_activation(d: dict[str, Any], **keys: Any) -> dict[str, Any]:
+    out = copy.deepcopy(d)
+    act = dict(out["defaults"]["activation"])
+    act.update(keys)
+    if act.get("calibration") != "percentile":
+        act.pop("percentile", None)
+    out["defaults"]["activation"] = act
+    return out
+
+
+def _with_dynamic_matmul(d: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(d)
+    out["rules"] = [*out.get("rules", []),
+                    {"match": {"op_type": list(MATMUL_OPS)},
+                     "activation": {"dtype": "uint8", "granularity": "per_tensor", "symmetric": False,
+                                    "calibration": "dynamic"}}]
+    return out
+
+
+def recipe_candidates(base: Plan, op_types: set[str]) -> list[Candidate]:
+    """The single-change candidates, most promising first (see the module doc). ``op_types``: the model's ops."""
+    d = base.to_dict()
+    has_matmul = bool(op_types & set(MATMUL_OPS))
+    out = [Candidate("default", "the plain default plan (baseline)", plan_from(d, "default")),
+           Candidate("range-auto", "activation ranges: calibration auto (minmax / percentile / entropy / mse)",
+                     plan_from(_with_activation(d, calibration="auto"), "range-auto"))]
+    shipped = load_plan("w8a8")
+    shipped.guard = "off"
+    out.append(Candidate("w8a8", "the w8a8 preset as written (percentile ranges, int8 GPTQ, float-read Conv outputs "
+                                 "not requantized)", shipped, True))
+    if has_matmul:
+        out.append(Candidate("dynamic-matmul", "MatMul / Gemm inputs quantized at run time (w8a8-dynamic style)",
+                             plan_from(_with_dynamic_matmul(d), "dynamic-matmul"), True))
+    out.append(Candidate("gptq", "GPTQ chooses the int8 weight codes", plan_from(
+        _with_algorithm(d, "gptq", {"max_bits": 8}), "gptq")))
+    if has_matmul:
+        out.append(Candidate("smooth", "SmoothQuant on", plan_from(_with_algorithm(d, "smooth", True), "smooth")))
+    out.append(Candidate("weights-only", "activations float, int8 weights (no activation rounding, no integer "
+                                         "kernels)", plan_from(_with_activation(d, dtype="float"), "weights-only"), True))
+    out.append(Candidate("bias-correct", "bias correction on", plan_from(
+        _with_algorithm(d, "bias_correct", True), "bias-correct")))
+    if has_matmul:
+        out.append(Candidate("w8a8-dynamic", "the w8a8-dynamic preset (only MatMul / Gemm inputs quantized, at "
+                                             "run time)", plan_from(_dynamic_only(d), "w8a8-dynamic"), True))
+    out.append(Candidate("percentile", "activation ranges: 99.99th percentile", plan_from(
+        _with_activation(d, calibration="percentile", percentile=99.99), "percentile")))
+    return out
+
+
+def _dynamic_only(d: dict[str, Any]) -> dict[str, Any]:
+    return _with_dynamic_matmul(_with_activation(d, dtype="float", granularity="per_tensor"))
+
+
+def combined(base: Plan, winners: list[Candidate]) -> Candidate | None:
+    """The default plan with every single change that measured better than the default at once (range method
+    and algorithm toggles; the activation-kind changes — dynamic, weights-only — are alternatives, not added)."""
+    d = base.to_dict()
+    names = []
+    for c in winners:
+        if c.name == "range-auto":
+            d = _with_activation(d, calibration="auto")
+        elif c.name == "percentile" and "range-auto" not in names:
+            d = _with_activation(d, calibration="percentile", percentile=99.99)
+        elif c.name in ("gptq", "bias-correct", "smooth"):
+            key = c.name.replace("-", "_")
+            d = _with_algorithm(d, key, {"max_bits": 8} if key == "gptq" else True)
+        else:
+            continue
+        names.append(c.name)
+    if len(names) < 2:
+        return None
+    name = "+".join(names)
+    return Candidate(name, "the better single changes together", plan_from(d, name))
+
+
+def keep_float(best: Candidate, nodes: list[str]) -> Candidate:
+    """``best`` with ``nodes`` (the most sensitive quantized layers) kept float."""
+    d = best.plan.to_dict()
+    d["rules"] = [*d.get("rules", []), *({"match": {"name": n}, "skip": True} for n in nodes)]
+    name = f"{best.name}+float{len(nodes)}"
+    return Candidate(name, f"{best.name} with its {len(nodes)} most sensitive layer(s) float: {', '.join(nodes)}",
+                     plan_from(d, name), True)
+
+
+# ----------------------------------------------------------------------------------------------- the guard
+def guarded_algorithms(plan: Plan) -> list[str]:
+    """What the algorithm guard measures in ``plan``: each algorithm it turns on, and ``percentile`` clipping
+    when its default activations use it."""
+    names = sorted(plan.algorithms)
+    if plan.activation_defaults.get("calibration") == "percentile" and plan.activation_defaults.get("dtype") != "float":
+        names.append("percentile")
+    return names
+
+
+def without(plan: Plan, names: list[str], label: str) -> Plan:
+    """``plan`` with the guarded algorithms ``names`` off (percentile clipping -> minmax ranges) and no guard."""
+    d = plan.to_dict()
+    algos = dict(d.get("algorithms") or {})
+    algos.pop("guard", None)
+    for n in names:
+        if n == "percentile":
+            d = _with_activation(d, calibration="minmax")
+        elif n == "fold_bias":
+            algos[n] = False  # the default pipeline runs fold-bias: off must be said
+        else:
+            algos.pop(n, None)
+    if algos:
+        d["algorithms"] = algos
+    else:
+        d.pop("algorithms", None)
+    return plan_from(d, label)
+
+
+def unguarded(plan: Plan) -> Plan:
+    """``plan`` as written, the guard option removed (what the guard measures as 'with')."""
+    return without(plan, [], "as written")
+
+
+def same_precision_as_default(plan: Plan) -> bool:
+    """Whether ``plan`` quantizes like the default plan (8-bit integer weights, 8-bit integer activations), so that
+    the plain default plan is a fair floor for it."""
+    w, a = plan.weight_defaults, plan.activation_defaults
+    return str(w.get("dtype")) in ("int8", "uint8") and str(a.get("dtype")) in ("int8", "uint8") and all(
+        str({**w, **r.weight}.get("dtype")) in ("int8", "uint8") for r in plan.rules)

@@ -1,0 +1,203 @@
+"""Measuring one candidate plan: compile it (calibrated on the first N - h calibration samples), then run the
+float and the compiled model in onnxruntime on the h held-back samples (the last ``min(16, N / 4)``) for its
+score (:func:`score`), its latency against the float model's, its bytes and, when given, the task metric."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import importlib.util
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qcompiler import ir
+from qcompiler.compile import CompileOptions, compile_plan
+from qcompiler.core.errors import UserError
+from qcompiler.plan import Plan
+from qcompiler.report import validate as qv
+
+log = logging.getLogger("qcompiler.recipe")
+
+#: the most samples held back from calibration to measure candidates on
+HELD_SAMPLES = 16
+#: latency: the best of this many timed passes over the held-back samples
+LATENCY_REPEATS = 3
+
+Metric = Callable[[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]], float]
+
+
+def score(report: Any) -> float:
+    """The accuracy score of a candidate (higher is better): the worst slice's SQNR when the validation report
+    has :meth:`worst_slice_sqnr`, else the worst graph output's SQNR (dB). One function, so the merger can switch."""
+    worst_slice = getattr(report, "worst_slice_sqnr", None)
+    value = worst_slice() if callable(worst_slice) else report.worst_output_sqnr()
+    return -math.inf if value is None or math.isnan(value) else float(value)
+
+
+def load_metric(spec: str | Metric | None) -> Metric | None:
+    """``--metric module:function`` (or ``path/to/file.py:function``) -> the callable; a callable passes through."""
+    if spec is None or callable(spec):
+        return spec
+    text = str(spec)
+    mod_name, sep, func_name = text.rpartition(":")
+    if not sep or not mod_name or not func_name:
+        raise UserError(f"--metric: '{text}' is not module:function")
+    try:
+        if mod_name.endswith(".py") or Path(mod_name).is_file():
+            where = importlib.util.spec_from_file_location(f"qcompiler_metric_{Path(mod_name).stem}", mod_name)
+            if where is None or where.loader is None:
+                raise UserError(f"--metric: cannot load '{mod_name}'")
+            module = importlib.util.module_from_spec(where)
+            where.loader.exec_module(module)
+        else:
+            module = importlib.import_module(mod_name)
+    except (ImportError, OSError, SyntaxError) as e:
+        raise UserError(f"--metric: cannot import '{mod_name}': {e}") from None
+    fn = getattr(module, func_name, None)
+    if not callable(fn):
+        raise UserError(f"--metric: '{mod_name}' has no function '{func_name}'")
+    return fn  # type: ignore[no-any-return]
+
+
+@dataclass
+class Measured:
+    """One candidate's measurements on the held-back samples (``error``: why it could not be measured)."""
+
+    name: str
+    change: str
+    plan: Plan
+    sqnr_db: float = -math.inf
+    latency_ratio: float = math.inf
+    bytes: int = 0
+    metric: float | None = None
+    seconds: float = 0.0
+    error: str | None = None
+    notes: list[str] = field(default_factory=list)
+    structural: bool = False  # see Candidate.structural
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "change": self.change, "sqnr_db": _num(self.sqnr_db),
+                "latency_ratio": _num(self.latency_ratio), "bytes": self.bytes, "metric": self.metric,
+                "seconds": round(self.seconds, 3), **({"error": self.error} if self.error else {}),
+                **({"notes": self.notes} if self.notes else {})}
+
+
+def _num(x: float) -> float | str:
+    return round(x, 3) if math.isfinite(x) else str(x)
+
+
+@dataclass
+class Bench:
+    """What every candidate is measured against: the float model on the held-back samples."""
+
+    model: Path
+    options: CompileOptions
+    calib: str
+    fit_samples: int
+    held: list[dict[str, np.ndarray]]
+    float_outputs: list[dict[str, np.ndarray]]
+    float_seconds: float
+    workdir: Path
+    metric: Metric | None = None
+    float_metric: float | None = None
+    latency: bool = True
+
+    def run(self, plan: Plan, name: str, *, samples: int | None = None) -> tuple[Path, dict[str, Any]]:
+        """Compile ``plan`` into the work folder, calibrated on ``samples`` (default: the fit samples)."""
+        out = self.workdir / f"{_file_name(name)}.onnx"
+        opts = dataclasses.replace(
+            self.options, plan=plan, preset=None, calib=self.calib, calib_samples=samples or self.fit_samples,
+            validate=False, validate_data=None, min_sqnr_db=None, report=None, budget=None, calib_select=None,
+            dump_after=set(), compact_names=False, recipe_out=None, verify_each=False)
+        with _quiet():
+            result = compile_plan(self.model, out, opts)
+        return out, result.report
+
+    def measure(self, plan: Plan, name: str, change: str, *, samples: int | None = None) -> Measured:
+        m = Measured(name, change, plan)
+        t0 = time.perf_counter()
+        try:
+            out, report = self.run(plan, name, samples=samples)
+            m.bytes = int(report.get("cost", {}).get("total_bytes") or report["sizes"]["quantized_parameter_bytes"])
+            m.sqnr_db = score(qv.validate(self.model, out, self.held, per_layer=False))
+            if self.latency or self.metric is not None:
+                outputs, secs = run_timed(out, self.held)
+                m.latency_ratio = secs / self.float_seconds if self.float_seconds > 0 else math.inf
+                if self.metric is not None:
+                    m.metric = float(self.metric(outputs, self.float_outputs, self.held))
+        except UserError as e:
+            m.error = str(e)
+            log.info("recipe: candidate %s not measured: %s", name, e)
+        m.seconds = time.perf_counter() - t0
+        return m
+
+    def sensitive_nodes(self, plan: Plan, name: str, n: int) -> list[str]:
+        """The ``n`` quantized layers of ``plan``'s compile whose outputs are furthest from the float model's."""
+        out, _ = self.run(plan, name)
+        rep = qv.validate(self.model, out, self.held[:4], per_layer=True)
+        nodes: list[str] = []
+        for layer in rep.layers:
+            info = rep.layer_info.get(layer.name)
+            if info is None or not info.node or info.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+                continue
+            if not math.isfinite(layer.sqnr_db) or info.node in nodes:
+                continue
+            nodes.append(info.node)
+            if len(nodes) == n:
+                break
+        return nodes
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """The candidates' own compiles log errors only (their warnings — a rule matching no node — are the final
+    compile's to give, once)."""
+    names = [n for n in logging.Logger.manager.loggerDict if n.startswith("qcompiler") and n != "qcompiler.recipe"]
+    loggers = [logging.getLogger(n) for n in ["qcompiler", *names]]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def _file_name(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
+
+
+def run_timed(model: Path | Any, feeds: Sequence[dict[str, np.ndarray]]) -> tuple[list[dict[str, np.ndarray]], float]:
+    """The outputs of ``model`` on ``feeds`` and the best of :data:`LATENCY_REPEATS` timed passes (seconds)."""
+    # loaded first: a session from the path cannot read small external tensors (a Reshape's shape) that the
+    # loader resolves
+    sess = ir.session(ir.load_model(model) if isinstance(model, (str, Path)) else model, threads=1)
+    names = [o.name for o in sess.get_outputs()]
+    outputs = [dict(zip(names, sess.run(names, f), strict=True)) for f in feeds]  # also the warm-up
+    best = math.inf
+    for _ in range(LATENCY_REPEATS):
+        t0 = time.perf_counter()
+        for f in feeds:
+            sess.run(names, f)
+        best = min(best, time.perf_counter() - t0)
+    return outputs, best
+
+
+def held_back(calib: str, model: Path, limit: int | None) -> tuple[int, list[dict[str, np.ndarray]]]:
+    """(samples to calibrate candidates on, the held-back feeds): the last ``min(16, N / 4)`` of the N samples."""
+    source = qv.load_feeds(calib, model)
+    n = len(source) if limit is None else min(len(source), limit)
+    held = min(HELD_SAMPLES, n // 4)
+    if held < 1:
+        raise UserError(f"{calib}: {n} calibration sample(s); measuring recipes needs at least 4 (the last "
+                        "quarter is held back to measure on)")
+    return n - held, list(source.subset(range(n - held, n)))
