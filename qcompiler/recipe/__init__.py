@@ -51,7 +51,7 @@ from qcompiler.recipe.choose import (
     plan_text,
     why_not,
 )
-from qcompiler.recipe.measure import Bench, Measured, held_back, load_metric, run_timed, score
+from qcompiler.recipe.measure import Bench, Measured, call_metric, held_back, load_metric, run_timed, score
 
 __all__ = ["EFFORTS", "OPTIMIZE", "Measured", "RecipeResult", "guard_plan", "plan_for_compile", "score"]
 
@@ -85,7 +85,7 @@ def _bench(model: Path, opts: CompileOptions, tmp: Path) -> Bench:
     fit, held = held_back(calib, model, opts.calib_samples)
     float_outputs, float_seconds = run_timed(model, held)
     metric = load_metric(opts.task_metric)
-    float_metric = float(metric(float_outputs, float_outputs, held)) if metric is not None else None
+    float_metric = call_metric(metric, float_outputs, float_outputs, held) if metric is not None else None
     latency = opts.optimize == "latency" or opts.max_latency_ratio is not None or opts.plan == "auto"
     return Bench(model=model, options=opts, calib=calib, fit_samples=fit, held=held, float_outputs=float_outputs,
                  float_seconds=float_seconds, workdir=tmp, metric=metric, float_metric=float_metric,

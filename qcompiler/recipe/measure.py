@@ -42,6 +42,20 @@ def score(report: Any) -> float:
     return -math.inf if value is None or math.isnan(value) else float(value)
 
 
+def call_metric(fn: Metric, quantized: list[dict[str, np.ndarray]], reference: list[dict[str, np.ndarray]],
+                feeds: list[dict[str, np.ndarray]]) -> float:
+    """The user's task metric on one candidate's outputs, as a float; a metric that raises or returns no number is
+    the user's mistake, named in one line (``UserError``), not a crash of the compiler."""
+    name = getattr(fn, "__name__", repr(fn))
+    try:
+        value = float(fn(quantized, reference, feeds))
+    except Exception as e:  # the user's code: any exception is reported, in one line
+        raise UserError(f"--metric: {name} raised {type(e).__name__}: {e}") from None
+    if math.isnan(value):
+        raise UserError(f"--metric: {name} returned NaN")
+    return value
+
+
 def load_metric(spec: str | Metric | None) -> Metric | None:
     """``--metric module:function`` (or ``path/to/file.py:function``) -> the callable; a callable passes through."""
     if spec is None or callable(spec):
@@ -132,7 +146,7 @@ class Bench:
                 outputs, secs = run_timed(out, self.held)
                 m.latency_ratio = secs / self.float_seconds if self.float_seconds > 0 else math.inf
                 if self.metric is not None:
-                    m.metric = float(self.metric(outputs, self.float_outputs, self.held))
+                    m.metric = call_metric(self.metric, outputs, self.float_outputs, self.held)
         except UserError as e:
             m.error = str(e)
             log.info("recipe: candidate %s not measured: %s", name, e)
