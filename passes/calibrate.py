@@ -7,7 +7,7 @@ outputs, one sample at a time, and stores a :class:`~qcompiler.calib.TensorStats
 
 Without calibration data (``ctx.calib is None``) it uses seeded random inputs and says so: the report's
 ``calibration.synthetic`` is true and a warning is logged, because such ranges are only a placeholder. The compile
-sets ``ctx.options[REQUIRE_CALIBRATION_DATA]`` when no ``--calib`` was given: then static activation ranges without data are
+sets ``ctx.require_calibration_data`` when no ``--calib`` was given: then static activation ranges without data are
 refused (a :class:`UserError` saying what to give) instead; ``--calib random`` is the explicit way to random ranges.
 
 Data-free mode (``--calib none``, ``ctx.data_free``): a tensor computed from a BatchNormalization output by
@@ -57,7 +57,7 @@ from qcompiler.calib import (
     input_signatures,
     session_feed,
 )
-from qcompiler.core.context import REQUIRE_CALIBRATION_DATA, CompileContext
+from qcompiler.core.context import CompileContext
 from qcompiler.core.errors import UserError
 from qcompiler.core.pass_base import Pass, PassResult
 from qcompiler.plan import AUTO_CALIBRATIONS, CALIBRATIONS
@@ -157,7 +157,7 @@ class CalibratePass(Pass):
         rest = {name: specs[name] for name in static if name not in fixed}
 
         source: CalibrationSource
-        if ctx.calib is None and rest and ctx.options.get(REQUIRE_CALIBRATION_DATA):
+        if ctx.calib is None and rest and ctx.require_calibration_data:
             raise UserError(_no_data_message(ctx, rest))
         if ctx.calib is None:
             n = opts.samples or DEFAULT_RANDOM_SAMPLES

@@ -28,7 +28,6 @@ import onnx_graphsurgeon as gs
 from qcompiler import ir
 from qcompiler.calib import CalibrationSource, input_signatures
 from qcompiler.core import profile
-from qcompiler.core.context import REQUIRE_CALIBRATION_DATA
 from qcompiler.core.errors import UserError
 from qcompiler.core.pass_manager import PassManager, PassRecord
 from qcompiler.core.registry import build_pipeline, get_target, registry
@@ -333,7 +332,7 @@ def _compile(src: Path, out: Path, opts: CompileOptions, outs: ir.OutputSet, pro
                                                       limit=opts.calib_samples)
     ctx = session.context(calib=calib_source, output_path=out, seed=opts.seed, data_free=calib_arg == "none")
     if calib_arg is None:  # no --calib: static activation ranges are refused, not silently calibrated on noise
-        ctx.options[REQUIRE_CALIBRATION_DATA] = True
+        ctx.require_calibration_data = True
     random_shapes = getattr(calib_source, "shapes", None) if calib_source is not None and calib_source.synthetic \
         else None
     if random_shapes:
@@ -341,11 +340,11 @@ def _compile(src: Path, out: Path, opts: CompileOptions, outs: ir.OutputSet, pro
     if progress is not None:
         ctx.progress = progress
     if opts.strip_function_bodies:
-        ctx.options["strip_function_bodies"] = True
+        ctx.strip_function_bodies = True
     records = pm.run(ctx)
     if random_shapes and isinstance(ctx.report.get("calibration"), dict) and ctx.report["calibration"].get("synthetic"):
         ctx.report["calibration"]["random_shapes"] = {k: list(v) for k, v in random_shapes.items()}
-    stripped = bool(ctx.options.get("function_bodies_stripped"))
+    stripped = ctx.function_bodies_stripped
     if stripped and (opts.validate or opts.validate_data is not None or opts.min_sqnr_db is not None
                      or opts.checks):
         raise UserError("--strip-function-bodies: the custom ops have no function bodies left, so stock "

@@ -357,7 +357,7 @@ def test_strip_function_bodies():
     from qcompiler.core.context import CompileContext
 
     ctx = CompileContext(graph=graph, meta=meta, plan=Plan.default(), target=get_target("qonnx"),
-                         options={"strip_function_bodies": True})
+                         strip_function_bodies=True)
     LowerQonnxQuantPass().run(ctx)
     stripped = ir.export_model(ctx.graph, ctx.meta)
     assert len(stripped.functions) == 0 and len(_qonnx_nodes(stripped)) == 4

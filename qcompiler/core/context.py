@@ -20,11 +20,6 @@ if TYPE_CHECKING:
     from qcompiler.runtime_targets import Target
 
 
-#: ``options`` flag the compile sets when no calibration data was given at all (no ``--calib``): ``calibrate``
-#: refuses static activation ranges instead of measuring them on random inputs (``--calib random`` asks for those)
-REQUIRE_CALIBRATION_DATA = "require_calibration_data"
-
-
 @dataclass
 class CompileContext:
     """Everything a pass may read or change.
@@ -45,8 +40,11 @@ class CompileContext:
       atomically and only when the whole compile succeeds.
     * ``weight_overrides``: (node name, input index) -> an already quantized weight (e.g. from ``gptq``) that
       ``insert-qdq`` must emit as is instead of rounding the float weight itself.
-    * ``options``: compile-wide flags passes and targets may read (``strip_function_bodies``,
-      :data:`REQUIRE_CALIBRATION_DATA`, ...).
+    * ``options``: free-form compile-wide settings of plug-ins (the built-ins use the typed fields below).
+    * ``require_calibration_data``: no calibration data was given at all (no ``--calib``): ``calibrate`` refuses
+      static activation ranges instead of measuring them on random inputs (``--calib random`` asks for those).
+    * ``strip_function_bodies``: ``--strip-function-bodies`` — custom-domain lowerings leave out the ONNX function
+      bodies; ``function_bodies_stripped``: a lowering did so (the driver then cannot validate in onnxruntime).
     * ``passes_after``: the names of the passes still to run after the current one (set by the pass manager
       before each pass; e.g. ``calibrate`` warns when a pass whose effect it does not measure follows).
     * ``progress``: ``(what, done, total)`` callback for long passes (``calibrate`` reports its sample runs),
@@ -83,6 +81,9 @@ class CompileContext:
     side_outputs: dict[str, str] = field(default_factory=dict)
     weight_overrides: dict[tuple[str, int], QuantizedTensor] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
+    require_calibration_data: bool = False
+    strip_function_bodies: bool = False
+    function_bodies_stripped: bool = False
     data_free: bool = False
     seed: int = 0
     bn_stats: dict[str, Any] = field(default_factory=dict)

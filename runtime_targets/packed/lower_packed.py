@@ -14,7 +14,7 @@ attribute; uniform 3- / 2-bit weights likewise as ``Int3*`` / ``Int2*`` ops);
 ``packed`` and ``ort`` compute with the same weights. When the input is a binary activation
 (``Where(x >= 0, β, −β)`` from ``insert-qdq``) the op reads ``x`` itself with ``input_scale = β`` (the XNOR
 form); the ``Where`` stays for any other reader. Each op type used gets its model-local function body
-(:mod:`.functions`) unless ``ctx.options["strip_function_bodies"]`` is set (``--strip-function-bodies``: for a
+(:mod:`.functions`) unless ``ctx.strip_function_bodies`` is set (``--strip-function-bodies``: for a
 runtime with native kernels). Bytes per layer go to ``ctx.report["packed"]``. A second run finds no
 DequantizeLinear-fed low-bit layer and changes nothing.
 """
@@ -105,10 +105,10 @@ class LowerPackedPass(Pass):
                 used.add(done)
         if not used:
             return PassResult(False, stats)
-        strip = bool(ctx.options.get("strip_function_bodies"))
+        strip = ctx.strip_function_bodies
         report["function_bodies"] = "stripped" if strip else "embedded"
         if strip:
-            ctx.options["function_bodies_stripped"] = True  # the driver skips validation in onnxruntime
+            ctx.function_bodies_stripped = True  # the driver skips validation in onnxruntime
         if not strip:
             have = {(f.domain, f.name) for f in graph.functions}
             for op in sorted(used):

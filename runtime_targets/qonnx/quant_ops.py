@@ -23,7 +23,7 @@ Two rewrites, both exact (the lowered graph computes what the QDQ graph computes
 Not rewritten (counted): block-wise DequantizeLinear (no broadcastable ``Quant`` scale; the target refuses
 block plans), fp8 codes, non-constant scales, Q/DQ pairs whose scales or zero points differ. A second run finds
 no QuantizeLinear/DequantizeLinear left and changes nothing. Function bodies (``functions.py``) are added for
-the ops used unless ``ctx.options["strip_function_bodies"]``.
+the ops used unless ``ctx.strip_function_bodies``.
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ class LowerQonnxQuantPass(Pass):
         remove_nodes(graph, doomed)
         graph.nodes.extend(new_nodes)
         used = {n.op for n in graph.nodes if n.domain == DOMAIN}
-        if used and not ctx.options.get("strip_function_bodies"):
+        if used and not ctx.strip_function_bodies:
             stats["function_bodies"] += ensure_functions(graph, used)
         if new_nodes:
             graph.toposort()
