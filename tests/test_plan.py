@@ -83,6 +83,24 @@ def test_unmatched_rule_is_a_warning(caplog):
     assert "matches no node" in caplog.text
 
 
+def test_preset_rule_matching_no_node_is_listed_not_warned(caplog):
+    """A shipped preset is written for many models: w4a16's embedding-table rule finds no Gather in a convnet.
+    The resolved plan lists it, the log says it at INFO, and no warning is printed; a user's own plan still warns."""
+    g = _graph("conv_bn_relu.onnx")
+    plan = load_plan(str(preset_path("w4a16")))
+    with caplog.at_level(logging.INFO, logger="qcompiler.plan.resolve"):
+        r = plan.resolve(g)
+    gather = [u for u in r.unmatched_rules if "Gather" in u]
+    assert gather, r.unmatched_rules
+    msgs = [(rec.levelno, rec.getMessage()) for rec in caplog.records if "matches no node" in rec.getMessage()]
+    assert msgs and all(level == logging.INFO for level, _ in msgs)
+    own = Plan.from_dict({"version": 1, "rules": [{"match": {"op_type": "Gather"}, "weight": {"dtype": "int8"}}]})
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="qcompiler.plan.resolve"):
+        own.resolve(g)
+    assert [rec.levelno for rec in caplog.records if "matches no node" in rec.getMessage()] == [logging.WARNING]
+
+
 @pytest.mark.parametrize("text, fragment", [
     ("version: 1\nfoo: 1\n", "unknown top-level key 'foo'"),
     ("version: 2\n", "unsupported plan version '2'"),

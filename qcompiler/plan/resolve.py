@@ -20,6 +20,7 @@ import onnx_graphsurgeon as gs
 import yaml
 
 from qcompiler.core.errors import UserError
+from qcompiler.plan.presets import is_preset
 from qcompiler.plan.spec import (
     PLAN_VERSION,
     RECURRENT_OPS,
@@ -236,7 +237,10 @@ def resolve(plan: Plan, graph: gs.Graph, *, warn: bool = True) -> ResolvedPlan:
             np_.reason = "not a weight op (float unless a rule names it)"
         nodes[node.name] = np_
     unmatched = [r.describe() for r in plan.rules if r.index not in used]
+    # A shipped preset is written for many models (w4a16's embedding-table rule, say): a rule of it that finds
+    # nothing in this one is expected, so it is logged, not warned about; the resolved plan lists it either way.
+    quiet = is_preset(plan.source)
     for d in unmatched if warn else ():
-        log.warning("%s: %s matches no node", plan.source, d)
+        (log.info if quiet else log.warning)("%s: %s matches no node", plan.source, d)
     return ResolvedPlan(nodes=nodes, unmatched_rules=unmatched, source=plan.source)
 

@@ -14,3 +14,13 @@ def names() -> list[str]:
 def preset_path(name: str) -> Path | None:
     p = _DIR / f"{name}.yaml"
     return p if name in names() else None
+
+
+def is_preset(source: str | Path | None) -> bool:
+    """``source`` (a plan's ``source``) is one of the shipped preset files."""
+    if source is None:
+        return False
+    try:
+        return Path(source).resolve().parent == _DIR
+    except (OSError, ValueError):
+        return False
