@@ -5,6 +5,7 @@ the ONNX checker, and the external data — whose ``location`` must stay inside 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 from collections.abc import Iterator
@@ -22,6 +23,12 @@ from qcompiler.ir.shapes import INFER_MAX_PROTO_BYTES
 from qcompiler.ir.walk import _external_tensors, _iter_all_tensors, _proto_graphs
 
 PROTOBUF_LIMIT = 2**31 - 1
+#: models (by path and content digest) whose load-time checks passed in this process, most recent last: loading
+#: the same bytes again — the candidate compiles of ``--plan auto`` and ``plan --budget`` load their input dozens of
+#: times — skips the checker, shape inference and the onnxruntime trial session (1.7 s a load on a 97 MB ViT).
+#: Models with external data are always checked (their data files are not part of the digest).
+_CHECKED: dict[tuple[str, bytes], None] = {}
+_CHECKED_MAX = 64
 # Largest tensor (in elements) we accept from a model before refusing it as absurd.
 MAX_TENSOR_ELEMENTS = 2**34
 #: Largest intermediate tensor (elements, from static shape inference at load) before the model is refused.
@@ -135,6 +142,7 @@ def load_model(path: str | os.PathLike[str], *, check: bool = True) -> onnx.Mode
             data = f.read()
         model = onnx.ModelProto()
         model.ParseFromString(data)
+        key = (str(p.resolve()), hashlib.blake2b(data, digest_size=16).digest()) if check else None
         del data
     except Exception as e:  # protobuf DecodeError and friends
         raise UserError(f"{p}: not an ONNX model (protobuf parse failed: {type(e).__name__})") from None
@@ -143,10 +151,14 @@ def load_model(path: str | os.PathLike[str], *, check: bool = True) -> onnx.Mode
     _check_text(model, p)
     _check_tensor_sizes(model, p)
     _resolve_external_data(model, p)
-    if check:
+    if check and (key not in _CHECKED or _external_tensors(model)):
         check_model(model, where=str(p))
         _check_inferred_sizes(model, p)
         _check_runtime(model, p)
+        if key is not None and not _external_tensors(model):
+            _CHECKED[key] = None
+            while len(_CHECKED) > _CHECKED_MAX:
+                del _CHECKED[next(iter(_CHECKED))]
     return model
 
 

@@ -29,8 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _robust_cases as C
 
+from qcompiler import ir
 from qcompiler.calib.feeds import MAX_DYNAMIC_DIM
 from qcompiler.cli import cli
+from qcompiler.core.errors import UserError
+from qcompiler.ir import load as ir_load
 from qcompiler.plan.spec import MAX_BLOCK_SIZE
 
 BACKEND_DATA = Path(onnx.__file__).parent / "backend" / "test" / "data"
@@ -427,6 +430,27 @@ def test_model_onnxruntime_refuses_is_user_error(inp: Path, out: Path, make: Any
     line = refused(["compile", model, "-o", out, "--calib", "random"],
                    ["model.onnx: onnxruntime refuses the model: ", *words], inp, out)
     assert "[ONNXRuntimeError]" not in line and "onnxruntime_src" not in line
+
+
+def test_load_checks_run_once_per_content_and_again_when_the_file_changes(inp: Path, monkeypatch: Any) -> None:
+    """The checker / shape inference / onnxruntime trial of a load are remembered by the file's path and content
+    digest: the same bytes loaded again (the candidate compiles of --plan auto) are not re-checked, and a file
+    replaced by a model onnxruntime refuses is refused, whatever its timestamps."""
+    runs: list[str] = []
+    real = ir_load._check_runtime
+    monkeypatch.setattr(ir_load, "_check_runtime", lambda m, p: (runs.append(str(p)), real(m, p))[1])
+    path = C.save(C.matmul_model(seed=123), inp / "model.onnx")
+    ir.load_model(path)
+    ir.load_model(path)
+    ir.load_model(path, check=False)
+    assert runs == [str(path)]
+    bad = _dup_names()
+    stat = path.stat()
+    C.save(bad, path)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same timestamps: only the content tells
+    with pytest.raises(UserError, match="onnxruntime refuses the model"):
+        ir.load_model(path)
+    assert len(runs) == 2
 
 
 def test_constant_of_shape_in_if_branch_refused(inp: Path, out: Path) -> None:
