@@ -20,6 +20,7 @@ import click
 import qcompiler.cli.commands as commands_pkg
 from qcompiler import __version__, ir
 from qcompiler.api import CompileOptions, compile_model
+from qcompiler.cli.options import slice_axis_option
 from qcompiler.cli.terminal import Progress, table
 from qcompiler.core import profile
 from qcompiler.core.errors import PassFailure, UserError
@@ -126,8 +127,7 @@ def _bytes(n: float) -> str:
 @click.option("--check", "checks", multiple=True, metavar="CHECK",
               help="A threshold on an output or a slice of it, e.g. 'output0[..., 4:]>=20dB', 'probs cos>=0.999', "
                    "'output0 maxerr<=0.05', 'probs top1>=99%' (repeatable); a failed check fails like --min-sqnr.")
-@click.option("--slice-axis", "slice_axes", multiple=True, metavar="OUTPUT=AXIS",
-              help="Measure OUTPUT's worst slice along AXIS (default: 1, or the last axis of [N, F] / [N, A, C]).")
+@slice_axis_option
 @click.option("--verify-each", is_flag=True, help="Run the ONNX checker + shape inference after every pass.")
 @click.option("--dump-after", multiple=True, help="Save the graph after PASS (or 'all') to OUT.dump/.")
 @click.option("--plugin", "plugins", multiple=True, help="Load passes from module:Class or path/to/file.py.")
@@ -308,8 +308,7 @@ def _echo_cost(c: dict[str, Any]) -> None:
 @click.option("--check", "checks", multiple=True, metavar="CHECK",
               help="A threshold on an output or a slice of it, e.g. 'output0[..., 4:]>=20dB', 'probs cos>=0.999', "
                    "'output0 maxerr<=0.05', 'probs top1>=99%' (repeatable); exit 2 when one fails.")
-@click.option("--slice-axis", "slice_axes", multiple=True, metavar="OUTPUT=AXIS",
-              help="Measure OUTPUT's worst slice along AXIS (default: 1, or the last axis of [N, F] / [N, A, C]).")
+@slice_axis_option
 @click.option("--layers/--no-layers", default=True, show_default=True, help="Per-layer comparison.")
 @click.option("--max-layers", type=int, default=15, show_default=True, help="Worst layers to print.")
 @click.option("--names", "names_path", type=click.Path(path_type=Path),

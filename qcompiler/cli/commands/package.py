@@ -13,6 +13,7 @@ from typing import Any
 import click
 
 from qcompiler.api import build_bundle
+from qcompiler.cli.options import slice_axis_option
 from qcompiler.plan.checks import parse_check, parse_slice_axes
 from qcompiler.report.bundle import verify_bundle
 
@@ -37,8 +38,7 @@ def register(cli: click.Group) -> None:
     @click.option("--check", "checks", multiple=True, metavar="CHECK",
                   help="A threshold on an output or a slice of it, e.g. 'output0[..., 4:]>=20dB' (repeatable; see "
                        "`qcompiler compile --help`); a failed check fails like --min-sqnr. The bundle records them.")
-    @click.option("--slice-axis", "slice_axes", multiple=True, metavar="OUTPUT=AXIS",
-                  help="Measure OUTPUT's worst slice along AXIS (default: 1, or the last axis of [N, F] / [N, A, C]).")
+    @slice_axis_option
     @click.option("--zip", "make_zip", is_flag=True, help="Also write BUNDLE.zip.")
     @click.option("--validate-data", type=click.Path(path_type=Path), help="Held-back feeds for validation.")
     @click.option("--calib-samples", type=int, help="Use at most N calibration samples.")
