@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qcompiler import autoplan, ir, recipe
+from qcompiler import autoplan, recipe
 from qcompiler.compile import (
     COMPILE_LAYER_SAMPLES,
     PIPELINE_INSERTIONS,
@@ -28,13 +28,12 @@ from qcompiler.compile import (
 )
 from qcompiler.plan import Plan
 from qcompiler.report.bundle import CHECK_SAMPLES, BundleResult, package_model
-from qcompiler.session import plan_specs as _plan_specs
 
 if TYPE_CHECKING:
-    from qcompiler.ir.api_support import ModelProto
+    pass
 
 __all__ = ["COMPILE_LAYER_SAMPLES", "PIPELINE_INSERTIONS", "REJECTED_REPORT_SUFFIX", "CompileOptions", "CompileResult", "Progress",
-           "_plan_specs", "assemble_pipeline", "build_bundle", "compile_model", "load_for_inspect"]
+           "assemble_pipeline", "build_bundle", "compile_model"]
 
 
 def compile_model(model_path: str | os.PathLike[str], output_path: str | os.PathLike[str],
@@ -72,7 +71,3 @@ def build_bundle(model: str | os.PathLike[str], bundle: str | os.PathLike[str], 
     return package_model(model, bundle, compile_into, calib=calib, plan=plan, min_sqnr_db=min_sqnr_db,
                          make_zip=make_zip, validate_data=validate_data, check_samples=check_samples,
                          inputs=[(p, "plugin") for p in plugins if Path(p).is_file()])
-
-
-def load_for_inspect(path: str | os.PathLike[str]) -> ModelProto:
-    return ir.load_model(path)

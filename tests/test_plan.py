@@ -136,11 +136,11 @@ def test_presets_load_and_required_opset():
     for n in names():
         p = load_plan(n)
         assert p.source == str(preset_path(n))
-    from qcompiler.api import _plan_specs
+    from qcompiler.session import plan_specs
 
-    assert required_opset(_plan_specs(load_plan("w8a8")))[0] == 13
-    assert required_opset(_plan_specs(load_plan("fp8")))[0] == 21  # block scales
-    assert required_opset(_plan_specs(load_plan("w4a16")))[0] == 21
+    assert required_opset(plan_specs(load_plan("w8a8")))[0] == 13
+    assert required_opset(plan_specs(load_plan("fp8")))[0] == 21  # block scales
+    assert required_opset(plan_specs(load_plan("w4a16")))[0] == 21
 
 
 def test_missing_plan_file():
