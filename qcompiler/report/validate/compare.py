@@ -6,9 +6,9 @@ Part of :mod:`qcompiler.report.validate` (whose docstring defines the metrics).
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import functools
-import itertools
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
 from typing import Any
@@ -21,7 +21,7 @@ from qcompiler.core.errors import UserError
 from qcompiler.core.workers import worker_count
 from qcompiler.plan.checks import Check
 from qcompiler.report.validate.layers import _graph_facts, _GraphFacts, _layer_candidates, _working_subset
-from qcompiler.report.validate.metrics import _Accumulator, _sort_key
+from qcompiler.report.validate.metrics import Workspace, _Accumulator, _sort_key
 from qcompiler.report.validate.result import LayerInfo, ValidationReport, _fmt_db
 from qcompiler.report.validate.sessions import (
     _FLOAT_ORT_TYPES,
@@ -131,35 +131,64 @@ def validate(
     check_acc = [_CheckAccumulator(c) for c in checks]
     layer_acc = {n: _Accumulator(n) for n in layers}
     samples = 0
+    ws = Workspace()  # float64 scratch buffers, one set per thread, dropped with this call
     workers = validation_workers()
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qcompiler-validate") \
         if workers > 1 else None
-    try:
-        for idx, feed in enumerate(itertools.chain([first], it)):
-            with_layers = f_ext is not None and q_ext is not None and (layer_samples is None or idx < layer_samples)
-            # the runs of one sample (float / quantized, outputs / layers) go to the pool together; results are
-            # read in a fixed order, so the metrics and the error raised do not depend on the workers
-            jobs: list[Callable[[], dict[str, np.ndarray]]] = []
-            if idx > 0:
-                jobs += [functools.partial(_run_checked, f_plain, feed, idx, out_names, "float", flabel),
-                         functools.partial(_run_checked, q_plain, feed, idx, out_names, "quant", qlabel)]
-            if with_layers:
-                assert f_ext is not None and q_ext is not None
+    # Samples whose runs are in flight before the current one is measured: the pool runs sample i+1 while this
+    # thread accumulates sample i (one ahead with per-layer runs, more for outputs of a few MiB).
+    ahead = 0 if pool is None else _lookahead(f_first, q_first)
+    queue: collections.deque[_Sample] = collections.deque()
+    feeds_left = True
+
+    def submit(idx: int, feed: dict[str, np.ndarray]) -> _Sample:
+        with_layers = f_ext is not None and q_ext is not None and (layer_samples is None or idx < layer_samples)
+        jobs: list[Callable[[], dict[str, np.ndarray]]] = []
+        if idx > 0:
+            jobs += [functools.partial(_run_checked, f_plain, feed, idx, out_names, "float", flabel),
+                     functools.partial(_run_checked, q_plain, feed, idx, out_names, "quant", qlabel)]
+        if with_layers:
+            assert f_ext is not None and q_ext is not None
+            if idx == 0:  # the exposing sessions ran sample 0 when they were tried: their outputs are kept
+                jobs += [f_ext.take_first(layers), q_ext.take_first(layers)]
+            else:
                 jobs += [functools.partial(f_ext.run, feed, idx, layers),
                          functools.partial(q_ext.run, feed, idx, layers)]
-            futures = [pool.submit(j) for j in jobs] if pool is not None else None
-            results = _Results(jobs, futures)
+        futures = [pool.submit(j) for j in jobs] if pool is not None else None
+        return _Sample(idx, with_layers, _Results(jobs, futures))
+
+    def fill(until: int) -> None:
+        nonlocal feeds_left
+        while feeds_left and len(queue) <= until:
+            idx = samples + len(queue)
+            try:
+                feed = first if idx == 0 else next(it)
+            except StopIteration:
+                feeds_left = False
+                return
+            except Exception as e:  # raised in its turn, after the samples before it are measured
+                queue.append(_Sample(idx, False, None, error=e))
+                feeds_left = False
+                return
+            queue.append(submit(idx, feed))
+
+    try:
+        while True:
+            layers_next = f_ext is not None and (layer_samples is None or samples + 1 < layer_samples)
+            fill(min(1, ahead) if layers_next else ahead)
+            if not queue:
+                break
+            cur = queue.popleft()
+            if cur.error is not None:
+                raise cur.error
+            results = cur.results
+            assert results is not None
+            idx = cur.idx
+            # results are read in a fixed order, so the metrics and the error raised do not depend on the workers
             with profile.step("graph outputs"):
                 fo, qo = (f_first, q_first) if idx == 0 else (results.get(0), results.get(1))
-                for n in out_names:
-                    out_acc[n].update(fo[n], qo[n])
-                    if n in slice_acc:
-                        slice_acc[n].update(np.asarray(fo[n]), np.asarray(qo[n]))
-                    if n in topk_acc:
-                        topk_acc[n].update(np.asarray(fo[n]), np.asarray(qo[n]))
-                for ca in check_acc:
-                    ca.update(fo[ca.check.output], qo[ca.check.output])
-                del fo, qo
+            with_layers = cur.with_layers and f_ext is not None and q_ext is not None
+            fl = ql = None
             if with_layers:
                 k = 0 if idx == 0 else 2
                 with profile.step("layers"):
@@ -172,11 +201,25 @@ def validate(
                                     idx, _first_line(e))
                         skipped += layers
                         layers, layer_acc, f_ext, q_ext = [], {}, None, None
-                    else:
-                        for n in layers:
-                            layer_acc[n].update(fl[n], ql[n])
-                        del fl, ql
-            del results
+            # the layers' sums accumulate on the pool while this thread does the outputs'; each accumulator
+            # still takes its samples in order (this sample's updates end before the next sample's begin)
+            chunks = _update_layers(pool, workers, ws, layer_acc, layers, fl, ql) if fl is not None and ql is not None \
+                else []
+            with profile.step("graph outputs"):
+                for n in out_names:
+                    out_acc[n].update(fo[n], qo[n], ws)
+                    if n in slice_acc:
+                        slice_acc[n].update(np.asarray(fo[n]), np.asarray(qo[n]))
+                    if n in topk_acc:
+                        topk_acc[n].update(np.asarray(fo[n]), np.asarray(qo[n]))
+                for ca in check_acc:
+                    ca.update(fo[ca.check.output], qo[ca.check.output])
+                del fo, qo
+            if chunks:
+                with profile.step("layers"):
+                    for chunk in chunks:
+                        chunk.result()
+            del results, cur, fl, ql, chunks
             samples += 1
             if progress is not None:
                 progress(samples, max(total, samples))
@@ -270,6 +313,50 @@ def validation_workers() -> int:
     """Concurrent runs while validating (``$QCOMPILER_VALIDATE_WORKERS``, else the usable CPUs, at most 2): the
     float and the quantized model of a sample run side by side (onnxruntime releases the GIL)."""
     return worker_count(WORKERS_ENV)
+
+
+#: Graph-output bytes of a sample (float + quantized) up to which more samples run ahead of the one measured.
+LOOKAHEAD_BYTES = 32 << 20
+#: At most this many samples run ahead.
+MAX_LOOKAHEAD = 4
+
+
+def _lookahead(f_first: Mapping[str, Any], q_first: Mapping[str, Any]) -> int:
+    """Samples to keep running ahead of the one measured, from the size of the first sample's outputs: up to
+    :data:`MAX_LOOKAHEAD` within :data:`LOOKAHEAD_BYTES`, none when one sample's outputs are larger than that."""
+    size = sum(int(np.asarray(v).nbytes) for v in f_first.values()) + \
+        sum(int(np.asarray(v).nbytes) for v in q_first.values())
+    return max(0, min(MAX_LOOKAHEAD, LOOKAHEAD_BYTES // max(1, size)))
+
+
+def _update_layers(pool: concurrent.futures.ThreadPoolExecutor | None, parts: int, ws: Workspace,
+                   layer_acc: dict[str, _Accumulator], layers: list[str], fl: Mapping[str, np.ndarray],
+                   ql: Mapping[str, np.ndarray]) -> list[concurrent.futures.Future[None]]:
+    """Add one sample to every layer's accumulator: on the pool in interleaved slices (futures returned,
+    to be waited for before the next sample), or here when there is no pool."""
+
+    def update(names: Sequence[str]) -> None:
+        for n in names:
+            layer_acc[n].update(fl[n], ql[n], ws)
+
+    if pool is None:
+        update(layers)
+        return []
+    return [pool.submit(update, layers[i::parts]) for i in range(max(1, parts))]
+
+
+class _Sample:
+    """One sample in flight: its index, whether its layers are compared, its runs (or the error its feed
+    raised, for its turn)."""
+
+    __slots__ = ("error", "idx", "results", "with_layers")
+
+    def __init__(self, idx: int, with_layers: bool, results: _Results | None,
+                 error: BaseException | None = None) -> None:
+        self.idx = idx
+        self.with_layers = with_layers
+        self.results = results
+        self.error = error
 
 
 class _Results:
