@@ -78,10 +78,10 @@ def _first_line(e: BaseException) -> str:
 class _Runner:
     """One onnxruntime session and the output names wanted from it."""
 
-    def __init__(self, model: Any, extra: Sequence[str] = (), optimize: bool | str = True) -> None:
+    def __init__(self, model: Any, extra: Sequence[str] = (), optimize: bool | str = True, threads: int = 0) -> None:
         self.extra = list(extra)
         self.sess = ir.session(ir.with_outputs(model, self.extra, keep_outputs=False) if self.extra else model,
-                               optimize=optimize)
+                               optimize=optimize, threads=threads)
         self.dtypes = _input_dtypes(self.sess)
         self.output_types = {o.name: o.type for o in self.sess.get_outputs()}
         #: the outputs of the trial run (:func:`_try_runner`), kept for the first sample's turn
@@ -102,9 +102,9 @@ class _Runner:
         return job
 
 
-def _try_runner(model: Any, names: Sequence[str], feed: dict[str, np.ndarray]) -> _Runner | None:
+def _try_runner(model: Any, names: Sequence[str], feed: dict[str, np.ndarray], threads: int = 0) -> _Runner | None:
     try:
-        r = _Runner(model, names)
+        r = _Runner(model, names, threads=threads)
         r.first = r.run(feed, 0, names)
         return r
     except UserError:
