@@ -6,7 +6,6 @@ Part of :mod:`qcompiler.report.validate` (whose docstring defines the metrics).
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures
 import functools
 import logging
@@ -22,6 +21,7 @@ from qcompiler.core.workers import usable_cpus, worker_count
 from qcompiler.plan.checks import Check
 from qcompiler.report.validate.layers import _graph_facts, _GraphFacts, _layer_candidates, _working_subset
 from qcompiler.report.validate.metrics import Workspace, _Accumulator, _sort_key
+from qcompiler.report.validate.pipeline import Job, Pipeline, Results, lookahead
 from qcompiler.report.validate.result import LayerInfo, ValidationReport, _fmt_db
 from qcompiler.report.validate.sessions import (
     _FLOAT_ORT_TYPES,
@@ -117,84 +117,62 @@ def validate(
     skipped: list[str] = []
     ff: _GraphFacts | None = None
     qf: _GraphFacts | None = None
-    if per_layer:
-        ff, qf = _graph_facts(fmodel), _graph_facts(qmodel)
-        layers = _layer_candidates(ff, qf, layer_names)
-
-    # Check the plain sessions run at all before blaming any exposed tensor.
-    f_first = _run_checked(f_plain, first, 0, out_names, "float", flabel)
-    q_first = _run_checked(q_plain, first, 0, out_names, "quant", qlabel)
-
-    with profile.step("per-layer sessions"):
-        layers, f_ext, q_ext = _layer_runners(fmodel, qmodel, layers, first, skipped, threads)
-
-    out_acc = {n: _Accumulator(n) for n in out_names}
-    slice_acc, topk_acc = _output_accumulators(fmodel, ff, f_first, out_names, slice_axes or {}, checks)
-    check_acc = [_CheckAccumulator(c) for c in checks]
-    layer_acc = {n: _Accumulator(n) for n in layers}
+    f_ext: _Runner | None = None
+    q_ext: _Runner | None = None
     samples = 0
     ws = Workspace()  # float64 scratch buffers, one set per thread, dropped with this call
+
+    def output_jobs(idx: int, feed: dict[str, np.ndarray]) -> list[Job]:
+        if idx == 0:  # run before the others, to check the plain sessions run at all
+            return []
+        return [functools.partial(_run_checked, f_plain, feed, idx, out_names, "float", flabel),
+                functools.partial(_run_checked, q_plain, feed, idx, out_names, "quant", qlabel)]
+
+    def layer_jobs(idx: int, feed: dict[str, np.ndarray]) -> list[Job] | None:
+        if f_ext is None or q_ext is None or (layer_samples is not None and idx >= layer_samples):
+            return None
+        if idx == 0:  # the exposing sessions ran sample 0 when they were tried: their outputs are kept
+            return [f_ext.take_first(layers), q_ext.take_first(layers)]
+        return [functools.partial(f_ext.run, feed, idx, layers), functools.partial(q_ext.run, feed, idx, layers)]
+
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qcompiler-validate") \
         if workers > 1 else None
-    # Samples whose runs are in flight before the current one is measured: the pool runs sample i+1 while this
-    # thread accumulates sample i (one ahead with per-layer runs, more for outputs of a few MiB).
-    ahead = 0 if pool is None else _lookahead(f_first, q_first)
-    queue: collections.deque[_Sample] = collections.deque()
-    feeds_left = True
-
-    def submit(idx: int, feed: dict[str, np.ndarray]) -> _Sample:
-        with_layers = f_ext is not None and q_ext is not None and (layer_samples is None or idx < layer_samples)
-        jobs: list[Callable[[], dict[str, np.ndarray]]] = []
-        if idx > 0:
-            jobs += [functools.partial(_run_checked, f_plain, feed, idx, out_names, "float", flabel),
-                     functools.partial(_run_checked, q_plain, feed, idx, out_names, "quant", qlabel)]
-        if with_layers:
-            assert f_ext is not None and q_ext is not None
-            if idx == 0:  # the exposing sessions ran sample 0 when they were tried: their outputs are kept
-                jobs += [f_ext.take_first(layers), q_ext.take_first(layers)]
-            else:
-                jobs += [functools.partial(f_ext.run, feed, idx, layers),
-                         functools.partial(q_ext.run, feed, idx, layers)]
-        futures = [pool.submit(j) for j in jobs] if pool is not None else None
-        return _Sample(idx, with_layers, _Results(jobs, futures))
-
-    def fill(until: int) -> None:
-        nonlocal feeds_left
-        while feeds_left and len(queue) <= until:
-            idx = samples + len(queue)
-            try:
-                feed = first if idx == 0 else next(it)
-            except StopIteration:
-                feeds_left = False
-                return
-            except Exception as e:  # raised in its turn, after the samples before it are measured
-                queue.append(_Sample(idx, False, None, error=e))
-                feeds_left = False
-                return
-            queue.append(submit(idx, feed))
-
     try:
+        # Check the plain sessions run at all before blaming any exposed tensor (float first, then quantized).
+        firsts = Results([functools.partial(_run_checked, f_plain, first, 0, out_names, "float", flabel),
+                          functools.partial(_run_checked, q_plain, first, 0, out_names, "quant", qlabel)], pool)
+        if per_layer:
+            ff, qf = _graph_facts(fmodel), _graph_facts(qmodel)
+            layers = _layer_candidates(ff, qf, layer_names)
+        f_first, q_first = firsts.get(0), firsts.get(1)
+        del firsts
+        # The next samples' output runs start now, while the per-layer sessions are built; then one sample
+        # runs ahead of the one measured while per-layer runs go on, more for outputs of a few MiB.
+        ahead = 0 if pool is None else lookahead(f_first, q_first)
+        pipe = Pipeline(pool, first, it, output_jobs, layer_jobs)
+        pipe.fill(ahead)
+        with profile.step("per-layer sessions"):
+            layers, f_ext, q_ext = _layer_runners(fmodel, qmodel, layers, first, skipped, threads)
+        del first
+
+        out_acc = {n: _Accumulator(n) for n in out_names}
+        slice_acc, topk_acc = _output_accumulators(fmodel, ff, f_first, out_names, slice_axes or {}, checks)
+        check_acc = [_CheckAccumulator(c) for c in checks]
+        layer_acc = {n: _Accumulator(n) for n in layers}
         while True:
             layers_next = f_ext is not None and (layer_samples is None or samples + 1 < layer_samples)
-            fill(min(1, ahead) if layers_next else ahead)
-            if not queue:
+            cur = pipe.next(min(1, ahead) if layers_next else ahead)
+            if cur is None:
                 break
-            cur = queue.popleft()
-            if cur.error is not None:
-                raise cur.error
-            results = cur.results
-            assert results is not None
             idx = cur.idx
-            # results are read in a fixed order, so the metrics and the error raised do not depend on the workers
+            assert cur.outputs is not None
             with profile.step("graph outputs"):
-                fo, qo = (f_first, q_first) if idx == 0 else (results.get(0), results.get(1))
-            with_layers = cur.with_layers and f_ext is not None and q_ext is not None
+                fo, qo = (f_first, q_first) if idx == 0 else (cur.outputs.get(0), cur.outputs.get(1))
             fl = ql = None
-            if with_layers:
-                k = 0 if idx == 0 else 2
+            if cur.layers is not None and f_ext is not None:
                 with profile.step("layers"):
                     try:
-                        fl, ql = results.get(k), results.get(k + 1)
+                        fl, ql = cur.layers.get(0), cur.layers.get(1)
                     except UserError:
                         raise
                     except Exception as e:
@@ -204,8 +182,8 @@ def validate(
                         layers, layer_acc, f_ext, q_ext = [], {}, None, None
             # the layers' sums accumulate on the pool while this thread does the outputs'; each accumulator
             # still takes its samples in order (this sample's updates end before the next sample's begin)
-            chunks = _update_layers(pool, workers, ws, layer_acc, layers, fl, ql) if fl is not None and ql is not None \
-                else []
+            chunks = _update_layers(pool, workers, ws, layer_acc, layers, fl, ql) \
+                if fl is not None and ql is not None else []
             with profile.step("graph outputs"):
                 for n in out_names:
                     out_acc[n].update(fo[n], qo[n], ws)
@@ -220,7 +198,7 @@ def validate(
                 with profile.step("layers"):
                     for chunk in chunks:
                         chunk.result()
-            del results, cur, fl, ql, chunks
+            del cur, fl, ql, chunks
             samples += 1
             if progress is not None:
                 progress(samples, max(total, samples))
@@ -316,20 +294,6 @@ def validation_workers() -> int:
     return worker_count(WORKERS_ENV)
 
 
-#: Graph-output bytes of a sample (float + quantized) up to which more samples run ahead of the one measured.
-LOOKAHEAD_BYTES = 32 << 20
-#: At most this many samples run ahead.
-MAX_LOOKAHEAD = 4
-
-
-def _lookahead(f_first: Mapping[str, Any], q_first: Mapping[str, Any]) -> int:
-    """Samples to keep running ahead of the one measured, from the size of the first sample's outputs: up to
-    :data:`MAX_LOOKAHEAD` within :data:`LOOKAHEAD_BYTES`, none when one sample's outputs are larger than that."""
-    size = sum(int(np.asarray(v).nbytes) for v in f_first.values()) + \
-        sum(int(np.asarray(v).nbytes) for v in q_first.values())
-    return max(0, min(MAX_LOOKAHEAD, LOOKAHEAD_BYTES // max(1, size)))
-
-
 def _update_layers(pool: concurrent.futures.ThreadPoolExecutor | None, parts: int, ws: Workspace,
                    layer_acc: dict[str, _Accumulator], layers: list[str], fl: Mapping[str, np.ndarray],
                    ql: Mapping[str, np.ndarray]) -> list[concurrent.futures.Future[None]]:
@@ -346,20 +310,6 @@ def _update_layers(pool: concurrent.futures.ThreadPoolExecutor | None, parts: in
     return [pool.submit(update, layers[i::parts]) for i in range(max(1, parts))]
 
 
-class _Sample:
-    """One sample in flight: its index, whether its layers are compared, its runs (or the error its feed
-    raised, for its turn)."""
-
-    __slots__ = ("error", "idx", "results", "with_layers")
-
-    def __init__(self, idx: int, with_layers: bool, results: _Results | None,
-                 error: BaseException | None = None) -> None:
-        self.idx = idx
-        self.with_layers = with_layers
-        self.results = results
-        self.error = error
-
-
 def session_threads(workers: int) -> int:
     """onnxruntime intra-op threads of each validation session: the usable CPUs shared among the ``workers``
     runs in flight (1 each on two cores), or onnxruntime's default (0) when runs go one at a time.
@@ -368,20 +318,6 @@ def session_threads(workers: int) -> int:
     silero-vad (an LSTM of many small ops) a run took 2.8 ms with the default pool and 2.1 ms on one thread
     (quantized: 0.8 vs 0.4 ms)."""
     return max(1, usable_cpus() // workers) if workers > 1 else 0
-
-
-class _Results:
-    """The results of one sample's runs, read by index: from the pool's futures, or run here on first read."""
-
-    def __init__(self, jobs: list[Callable[[], dict[str, np.ndarray]]],
-                 futures: list[concurrent.futures.Future[dict[str, np.ndarray]]] | None) -> None:
-        self.jobs = jobs
-        self.futures = futures
-
-    def get(self, i: int) -> dict[str, np.ndarray]:
-        if self.futures is not None:
-            return self.futures[i].result()
-        return self.jobs[i]()
 
 
 def _layer_runners(fmodel: Any, qmodel: Any, layers: list[str], first: dict[str, np.ndarray],
