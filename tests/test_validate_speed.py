@@ -71,11 +71,12 @@ def test_pipelined_report_equals_the_sequential_one(monkeypatch, layer_samples):
     assert {m["name"]: m["elements"] for m in one["layers"]} == {k: v * measured for k, v in per_sample.items()}
 
 
-def test_no_lookahead_gives_the_same_report(monkeypatch):
-    """Outputs above the lookahead budget: nothing runs ahead, same numbers."""
-    ahead = _report(2, monkeypatch, layer_samples=2)
-    monkeypatch.setattr(pipeline, "LOOKAHEAD_BYTES", 1)
-    none = _report(2, monkeypatch, layer_samples=2)
+@pytest.mark.parametrize("budget", ["LOOKAHEAD_BYTES", "LAYER_LOOKAHEAD_BYTES"])
+def test_no_lookahead_gives_the_same_report(monkeypatch, budget):
+    """Outputs (or exposed layers) above the lookahead budget: nothing runs ahead, same numbers."""
+    ahead = _report(2, monkeypatch, layer_samples=4)
+    monkeypatch.setattr(pipeline, budget, 1)
+    none = _report(2, monkeypatch, layer_samples=4)
     assert json.dumps(ahead, sort_keys=True) == json.dumps(none, sort_keys=True)
 
 
@@ -194,6 +195,10 @@ def test_lookahead_is_bounded_by_the_output_bytes():
     assert pipeline.lookahead(big, big) == 0
     half = {"y": np.zeros(pipeline.LOOKAHEAD_BYTES // 16, np.float32)}  # 2 x 1/4 of the budget a sample
     assert pipeline.lookahead(half, half) == 2
+    assert pipeline.layer_lookahead(4, small, small) == 1
+    assert pipeline.layer_lookahead(0, small, small) == 0
+    layer = {"t": np.zeros(pipeline.LAYER_LOOKAHEAD_BYTES // 8 + 1, np.float32)}  # half the budget and a bit
+    assert pipeline.layer_lookahead(4, layer, layer) == 0
 
 
 # ---------------------------------------------------------------------------- errors in their turn

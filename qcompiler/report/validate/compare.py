@@ -21,7 +21,7 @@ from qcompiler.core.workers import usable_cpus, worker_count
 from qcompiler.plan.checks import Check
 from qcompiler.report.validate.layers import _graph_facts, _GraphFacts, _layer_candidates, _working_subset
 from qcompiler.report.validate.metrics import Workspace, _Accumulator, _sort_key
-from qcompiler.report.validate.pipeline import Job, Pipeline, Results, lookahead
+from qcompiler.report.validate.pipeline import Job, Pipeline, Results, layer_lookahead, lookahead
 from qcompiler.report.validate.result import LayerInfo, ValidationReport, _fmt_db
 from qcompiler.report.validate.sessions import (
     _FLOAT_ORT_TYPES,
@@ -154,6 +154,8 @@ def validate(
         with profile.step("per-layer sessions"):
             layers, f_ext, q_ext = _layer_runners(fmodel, qmodel, layers, first, skipped, threads)
         del first
+        layer_ahead = layer_lookahead(ahead, f_ext.first, q_ext.first) if f_ext is not None and q_ext is not None \
+            else 0
 
         out_acc = {n: _Accumulator(n) for n in out_names}
         slice_acc, topk_acc = _output_accumulators(fmodel, ff, f_first, out_names, slice_axes or {}, checks)
@@ -161,7 +163,7 @@ def validate(
         layer_acc = {n: _Accumulator(n) for n in layers}
         while True:
             layers_next = f_ext is not None and (layer_samples is None or samples + 1 < layer_samples)
-            cur = pipe.next(min(1, ahead) if layers_next else ahead)
+            cur = pipe.next(layer_ahead if layers_next else ahead)
             if cur is None:
                 break
             idx = cur.idx

@@ -26,6 +26,10 @@ import numpy as np
 LOOKAHEAD_BYTES = 32 << 20
 #: At most this many samples run ahead.
 MAX_LOOKAHEAD = 4
+#: Per-layer samples run one ahead only when one sample's exposed tensors (float + quantized) are within this:
+#: a second sample's tensors are held meanwhile (PP-OCR det's 252 layers: 232 MiB a sample, so none ahead; its
+#: runs and sums still go two at a time within the sample).
+LAYER_LOOKAHEAD_BYTES = 64 << 20
 
 Job = Callable[[], dict[str, np.ndarray]]
 
@@ -33,9 +37,19 @@ Job = Callable[[], dict[str, np.ndarray]]
 def lookahead(f_first: Mapping[str, Any], q_first: Mapping[str, Any]) -> int:
     """Samples to keep running ahead of the one measured, from the size of the first sample's outputs: up to
     :data:`MAX_LOOKAHEAD` within :data:`LOOKAHEAD_BYTES`, none when one sample's outputs are larger than that."""
-    size = sum(int(np.asarray(v).nbytes) for v in f_first.values()) + \
-        sum(int(np.asarray(v).nbytes) for v in q_first.values())
+    size = nbytes(f_first, q_first)
     return max(0, min(MAX_LOOKAHEAD, LOOKAHEAD_BYTES // max(1, size)))
+
+
+def layer_lookahead(ahead: int, f_layers: Mapping[str, Any] | None, q_layers: Mapping[str, Any] | None) -> int:
+    """Samples to run ahead while per-layer runs go on, from one sample's exposed tensors (the trial runs'):
+    one (at most ``ahead``) within :data:`LAYER_LOOKAHEAD_BYTES`, else none."""
+    return min(1, ahead) if nbytes(f_layers, q_layers) <= LAYER_LOOKAHEAD_BYTES else 0
+
+
+def nbytes(*results: Mapping[str, Any] | None) -> int:
+    """Bytes of the arrays in some run results."""
+    return sum(int(np.asarray(v).nbytes) for r in results if r for v in r.values())
 
 
 class Results:
