@@ -154,8 +154,11 @@ def validate(
         with profile.step("per-layer sessions"):
             layers, f_ext, q_ext = _layer_runners(fmodel, qmodel, layers, first, skipped, threads)
         del first
-        layer_ahead = layer_lookahead(ahead, f_ext.first, q_ext.first) if f_ext is not None and q_ext is not None \
-            else 0
+        layer_ahead = 0
+        if f_ext is not None and q_ext is not None:
+            layer_ahead = layer_lookahead(ahead, f_ext.first, q_ext.first)
+            if layer_samples is not None and layer_samples <= 0:  # no sample takes the trial runs' tensors
+                f_ext.first = q_ext.first = None
 
         out_acc = {n: _Accumulator(n) for n in out_names}
         slice_acc, topk_acc = _output_accumulators(fmodel, ff, f_first, out_names, slice_axes or {}, checks)
