@@ -232,3 +232,63 @@ def test_an_earlier_failing_sample_is_reported_before_a_later_bad_feed(monkeypat
     monkeypatch.setenv(compare.WORKERS_ENV, str(workers))
     with pytest.raises(UserError, match=r"float model: onnxruntime failed on sample 1"):
         validate.validate(_convnet(0), _convnet(0, noise=0.02), gen(), layer_samples=2)
+
+
+# ------------------------------------------------------------------------------ load: one serialization
+def _record_checks(monkeypatch) -> list:
+    from qcompiler.ir import load as ir_load
+
+    seen: list = []
+    for name in ("check_model", "_check_inferred_sizes", "_check_runtime"):
+        real = getattr(ir_load, name)
+
+        def wrapper(*a, _real=real, _name=name, **kw):
+            seen.append((_name, kw.get("serialized")))
+            return _real(*a, **kw)
+        monkeypatch.setattr(ir_load, name, wrapper)
+    ir_load._CHECKED.clear()
+    return seen
+
+
+def test_load_checks_an_inline_model_from_the_file_bytes(tmp_path, monkeypatch):
+    """No external data: the checker, shape inference and the onnxruntime trial get the file's bytes (no
+    re-serialization of the proto); the model loaded is the same."""
+    path = tmp_path / "m.onnx"
+    onnx.save_model(_convnet(0), str(path))
+    seen = _record_checks(monkeypatch)
+    m = ir.load_model(path)
+    assert [n for n, _ in seen] == ["check_model", "_check_inferred_sizes", "_check_runtime"]
+    assert all(blob == path.read_bytes() for _, blob in seen)
+    assert m.SerializeToString() == _convnet(0).SerializeToString()
+
+
+def test_load_checks_a_model_with_external_data_from_the_proto(tmp_path, monkeypatch):
+    """External tensors (small ones read inline while loading, so the proto no longer matches the file): the
+    checks see the proto, not the file's bytes."""
+    path = tmp_path / "m.onnx"
+    onnx.save_model(_convnet(0), str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="m.onnx.data", size_threshold=0)
+    assert (tmp_path / "m.onnx.data").stat().st_size > 0
+    seen = _record_checks(monkeypatch)
+    ir.load_model(path)
+    assert seen and all(blob is None for _, blob in seen)
+
+
+@pytest.mark.parametrize("bad", ["checker", "runtime"])
+def test_load_refusals_are_unchanged_with_the_file_bytes(tmp_path, bad):
+    """A model the checker refuses, and one only onnxruntime refuses, still fail with their one-line errors."""
+    m = _convnet(0)
+    if bad == "checker":
+        m.graph.node[1].input[0] = "nowhere"  # an input nothing produces
+        want = "fails the ONNX checker"
+    else:
+        m.graph.node[1].name = "conv1"  # duplicate node names: the checker passes, onnxruntime refuses
+        want = "onnxruntime refuses the model"
+    path = tmp_path / "bad.onnx"
+    path.write_bytes(m.SerializeToString())
+    from qcompiler.ir import load as ir_load
+
+    ir_load._CHECKED.clear()
+    with pytest.raises(UserError, match=want) as e:
+        ir.load_model(path)
+    assert str(e.value).startswith(str(path)) and "\n" not in str(e.value)
