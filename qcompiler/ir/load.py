@@ -143,22 +143,28 @@ def load_model(path: str | os.PathLike[str], *, check: bool = True) -> onnx.Mode
         model = onnx.ModelProto()
         model.ParseFromString(data)
         key = (str(p.resolve()), hashlib.blake2b(data, digest_size=16).digest()) if check else None
-        del data
     except Exception as e:  # protobuf DecodeError and friends
         raise UserError(f"{p}: not an ONNX model (protobuf parse failed: {type(e).__name__})") from None
     if model.ir_version <= 0 or not model.HasField("graph") or not model.opset_import:
         raise UserError(f"{p}: not an ONNX model (no graph / ir_version / opset_import)")
     _check_text(model, p)
     _check_tensor_sizes(model, p)
-    _resolve_external_data(model, p)
+    inline = not _external_tensors(model)
+    _resolve_external_data(model, p)  # small external tensors become inline: the proto differs from the file
     if check and (key not in _CHECKED or _external_tensors(model)):
-        check_model(model, where=str(p))
-        _check_inferred_sizes(model, p)
-        _check_runtime(model, p)
+        # Without external data the file's bytes are the model (nothing above changed it): the checker,
+        # shape inference and onnxruntime take them as they are, instead of three serializations and three
+        # ByteSize() walks of the proto (each ~0.18 s on the 97 MB ViT: 1.1 of its 2.1 s load).
+        blob = data if inline else None
+        check_model(model, where=str(p), serialized=blob)
+        _check_inferred_sizes(model, p, serialized=blob)
+        _check_runtime(model, p, serialized=blob)
+        del blob
         if key is not None and not _external_tensors(model):
             _CHECKED[key] = None
             while len(_CHECKED) > _CHECKED_MAX:
                 del _CHECKED[next(iter(_CHECKED))]
+    del data
     return model
 
 
@@ -188,12 +194,14 @@ RUNTIME_CHECK_MAX_BYTES = 256 << 20
 _RUNTIME_UNSUPPORTED = ("is not a registered function/op", "NOT_IMPLEMENTED", "Could not find an implementation")
 
 
-def _check_runtime(model: onnx.ModelProto, path: Path) -> None:
+def _check_runtime(model: onnx.ModelProto, path: Path, serialized: bytes | None = None) -> None:
     """Refuse a model the ONNX checker accepts but onnxruntime rejects as invalid (duplicate node names, an
     initializer whose type contradicts its graph input, If branches with different output counts, an opset
     from the future): loaded without optimizations, the model must make a session. Skipped for models with
-    external data or above :data:`RUNTIME_CHECK_MAX_BYTES` (their sessions are built when needed)."""
-    if _external_tensors(model) or model.ByteSize() > RUNTIME_CHECK_MAX_BYTES:
+    external data or above :data:`RUNTIME_CHECK_MAX_BYTES` (their sessions are built when needed).
+    ``serialized``: the model's bytes when the caller has them."""
+    if _external_tensors(model) or (len(serialized) if serialized is not None else model.ByteSize()) \
+            > RUNTIME_CHECK_MAX_BYTES:
         return
     import onnxruntime as ort
 
@@ -201,7 +209,8 @@ def _check_runtime(model: onnx.ModelProto, path: Path) -> None:
     so.log_severity_level = 4
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
-        ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        ort.InferenceSession(serialized if serialized is not None else model.SerializeToString(), so,
+                             providers=["CPUExecutionProvider"])
     except Exception as e:
         text = " ".join(str(e).split())
         if any(k in text for k in _RUNTIME_UNSUPPORTED):
@@ -214,14 +223,16 @@ def _check_runtime(model: onnx.ModelProto, path: Path) -> None:
         raise UserError(f"{path}: onnxruntime refuses the model: {first}") from None
 
 
-def _check_inferred_sizes(model: onnx.ModelProto, path: Path) -> None:
+def _check_inferred_sizes(model: onnx.ModelProto, path: Path, serialized: bytes | None = None) -> None:
     """Refuse a model whose (statically inferred) intermediate tensors are absurdly large — e.g. a
     ConstantOfShape of [2^20, 2^20] — before anything tries to allocate them. Skipped for protos above
-    ``INFER_MAX_PROTO_BYTES`` (shape inference copies the whole proto)."""
-    if model.ByteSize() > INFER_MAX_PROTO_BYTES:
+    ``INFER_MAX_PROTO_BYTES`` (shape inference copies the whole proto). ``serialized``: the model's bytes when the
+    caller has them."""
+    if (len(serialized) if serialized is not None else model.ByteSize()) > INFER_MAX_PROTO_BYTES:
         return
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(serialized if serialized is not None else model,
+                                                     check_type=False, strict_mode=False, data_prop=True)
     except Exception:  # inference is best effort here; the checker already ran
         return
     graphs = list(_proto_graphs(inferred.graph))  # subgraph bodies (If / Loop / Scan) included
@@ -264,10 +275,18 @@ def _externals_hidden(model: onnx.ModelProto) -> Iterator[None]:
             t.data_location = TensorProto.EXTERNAL
 
 
-def check_model(model: onnx.ModelProto, *, where: str = "model", full: bool = False) -> None:
-    """Run the ONNX checker (and strict shape inference when ``full``); raise :class:`UserError` on failure."""
+def check_model(model: onnx.ModelProto, *, where: str = "model", full: bool = False,
+                serialized: bytes | None = None) -> None:
+    """Run the ONNX checker (and strict shape inference when ``full``); raise :class:`UserError` on failure.
+    ``serialized``: the bytes of ``model`` (one without external data) when the caller has them: checked as
+    they are, without serializing the proto again."""
     try:
-        if model.ByteSize() < PROTOBUF_LIMIT:
+        if serialized is not None:
+            if len(serialized) < PROTOBUF_LIMIT:
+                onnx.checker.check_model(serialized)
+                if full:
+                    onnx.shape_inference.infer_shapes(serialized, check_type=True, strict_mode=True)
+        elif model.ByteSize() < PROTOBUF_LIMIT:
             with _externals_hidden(model):
                 onnx.checker.check_model(model)
             if full:

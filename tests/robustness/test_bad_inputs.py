@@ -438,7 +438,7 @@ def test_load_checks_run_once_per_content_and_again_when_the_file_changes(inp: P
     replaced by a model onnxruntime refuses is refused, whatever its timestamps."""
     runs: list[str] = []
     real = ir_load._check_runtime
-    monkeypatch.setattr(ir_load, "_check_runtime", lambda m, p: (runs.append(str(p)), real(m, p))[1])
+    monkeypatch.setattr(ir_load, "_check_runtime", lambda m, p, **kw: (runs.append(str(p)), real(m, p, **kw))[1])
     path = C.save(C.matmul_model(seed=123), inp / "model.onnx")
     ir.load_model(path)
     ir.load_model(path)

@@ -22,8 +22,16 @@ memory does not grow with the number of samples.
 Graph outputs are measured on plain sessions of both models (no intermediate outputs exposed), so
 onnxruntime applies the same fusions (e.g. QDQ → integer kernels) as in deployment and a model compared
 with itself gives exactly ``inf``. Per-layer metrics come from a second pair of sessions exposing the
-intermediate tensors (which may disable some fusions); each sample then runs four times in all.
-Comparisons are done in float64 whatever the model's float type (fp16 models included).
+intermediate tensors (which may disable some fusions); each sample then runs four times in all (the
+exposing sessions' trial run on sample 0 is that sample's result). Comparisons are done in float64 whatever the
+model's float type (fp16 models included).
+
+Speed without changing a number (:mod:`~qcompiler.report.validate.pipeline`): the runs of the next samples go to
+a pool of ``$QCOMPILER_VALIDATE_WORKERS`` threads (default: the usable CPUs, at most 2) while the current one is
+measured, each session with the usable CPUs shared among the runs in flight as intra-op threads; the
+per-layer sums run on the pool too, each accumulator taking its samples in order; the float64 copies and
+products reuse per-thread scratch buffers. Results are read in a fixed order, so one worker or two give the
+same report byte for byte.
 """
 
 from qcompiler.report.validate.compare import validate

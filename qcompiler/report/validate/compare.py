@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
-import itertools
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
 from typing import Any
@@ -18,10 +17,11 @@ import numpy as np
 from qcompiler import ir
 from qcompiler.core import profile
 from qcompiler.core.errors import UserError
-from qcompiler.core.workers import worker_count
+from qcompiler.core.workers import usable_cpus, worker_count
 from qcompiler.plan.checks import Check
 from qcompiler.report.validate.layers import _graph_facts, _GraphFacts, _layer_candidates, _working_subset
-from qcompiler.report.validate.metrics import _Accumulator, _sort_key
+from qcompiler.report.validate.metrics import Workspace, _Accumulator, _sort_key
+from qcompiler.report.validate.pipeline import Job, Pipeline, Results, layer_lookahead, lookahead
 from qcompiler.report.validate.result import LayerInfo, ValidationReport, _fmt_db
 from qcompiler.report.validate.sessions import (
     _FLOAT_ORT_TYPES,
@@ -87,9 +87,11 @@ def validate(
     if names and per_layer:
         qmodel = ir.renamed_tensors(qmodel, dict(names))
 
+    workers = validation_workers()
+    threads = session_threads(workers)
     with profile.step("sessions"):
-        f_plain = _Runner(fmodel)
-        q_plain = _Runner(qmodel, optimize=optimize)
+        f_plain = _Runner(fmodel, threads=threads)
+        q_plain = _Runner(qmodel, optimize=optimize, threads=threads)
     out_names = list(f_plain.output_types)
     missing = [n for n in out_names if n not in q_plain.output_types]
     if missing:
@@ -115,56 +117,67 @@ def validate(
     skipped: list[str] = []
     ff: _GraphFacts | None = None
     qf: _GraphFacts | None = None
-    if per_layer:
-        ff, qf = _graph_facts(fmodel), _graph_facts(qmodel)
-        layers = _layer_candidates(ff, qf, layer_names)
-
-    # Check the plain sessions run at all before blaming any exposed tensor.
-    f_first = _run_checked(f_plain, first, 0, out_names, "float", flabel)
-    q_first = _run_checked(q_plain, first, 0, out_names, "quant", qlabel)
-
-    with profile.step("per-layer sessions"):
-        layers, f_ext, q_ext = _layer_runners(fmodel, qmodel, layers, first, skipped)
-
-    out_acc = {n: _Accumulator(n) for n in out_names}
-    slice_acc, topk_acc = _output_accumulators(fmodel, ff, f_first, out_names, slice_axes or {}, checks)
-    check_acc = [_CheckAccumulator(c) for c in checks]
-    layer_acc = {n: _Accumulator(n) for n in layers}
+    f_ext: _Runner | None = None
+    q_ext: _Runner | None = None
     samples = 0
-    workers = validation_workers()
+    ws = Workspace()  # float64 scratch buffers, one set per thread, dropped with this call
+
+    def output_jobs(idx: int, feed: dict[str, np.ndarray]) -> list[Job]:
+        if idx == 0:  # run before the others, to check the plain sessions run at all
+            return []
+        return [functools.partial(_run_checked, f_plain, feed, idx, out_names, "float", flabel),
+                functools.partial(_run_checked, q_plain, feed, idx, out_names, "quant", qlabel)]
+
+    def layer_jobs(idx: int, feed: dict[str, np.ndarray]) -> list[Job] | None:
+        if f_ext is None or q_ext is None or (layer_samples is not None and idx >= layer_samples):
+            return None
+        if idx == 0:  # the exposing sessions ran sample 0 when they were tried: their outputs are kept
+            return [f_ext.take_first(layers), q_ext.take_first(layers)]
+        return [functools.partial(f_ext.run, feed, idx, layers), functools.partial(q_ext.run, feed, idx, layers)]
+
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qcompiler-validate") \
         if workers > 1 else None
     try:
-        for idx, feed in enumerate(itertools.chain([first], it)):
-            with_layers = f_ext is not None and q_ext is not None and (layer_samples is None or idx < layer_samples)
-            # the runs of one sample (float / quantized, outputs / layers) go to the pool together; results are
-            # read in a fixed order, so the metrics and the error raised do not depend on the workers
-            jobs: list[Callable[[], dict[str, np.ndarray]]] = []
-            if idx > 0:
-                jobs += [functools.partial(_run_checked, f_plain, feed, idx, out_names, "float", flabel),
-                         functools.partial(_run_checked, q_plain, feed, idx, out_names, "quant", qlabel)]
-            if with_layers:
-                assert f_ext is not None and q_ext is not None
-                jobs += [functools.partial(f_ext.run, feed, idx, layers),
-                         functools.partial(q_ext.run, feed, idx, layers)]
-            futures = [pool.submit(j) for j in jobs] if pool is not None else None
-            results = _Results(jobs, futures)
+        # Check the plain sessions run at all before blaming any exposed tensor (float first, then quantized).
+        firsts = Results([functools.partial(_run_checked, f_plain, first, 0, out_names, "float", flabel),
+                          functools.partial(_run_checked, q_plain, first, 0, out_names, "quant", qlabel)], pool)
+        if per_layer:
+            ff, qf = _graph_facts(fmodel), _graph_facts(qmodel)
+            layers = _layer_candidates(ff, qf, layer_names)
+        f_first, q_first = firsts.get(0), firsts.get(1)
+        del firsts
+        # The next samples' output runs start now, while the per-layer sessions are built; then one sample
+        # runs ahead of the one measured while per-layer runs go on, more for outputs of a few MiB.
+        ahead = 0 if pool is None else lookahead(f_first, q_first)
+        pipe = Pipeline(pool, first, it, output_jobs, layer_jobs)
+        pipe.fill(ahead)
+        with profile.step("per-layer sessions"):
+            layers, f_ext, q_ext = _layer_runners(fmodel, qmodel, layers, first, skipped, threads)
+        del first
+        layer_ahead = 0
+        if f_ext is not None and q_ext is not None:
+            layer_ahead = layer_lookahead(ahead, f_ext.first, q_ext.first)
+            if layer_samples is not None and layer_samples <= 0:  # no sample takes the trial runs' tensors
+                f_ext.first = q_ext.first = None
+
+        out_acc = {n: _Accumulator(n) for n in out_names}
+        slice_acc, topk_acc = _output_accumulators(fmodel, ff, f_first, out_names, slice_axes or {}, checks)
+        check_acc = [_CheckAccumulator(c) for c in checks]
+        layer_acc = {n: _Accumulator(n) for n in layers}
+        while True:
+            layers_next = f_ext is not None and (layer_samples is None or samples + 1 < layer_samples)
+            cur = pipe.next(layer_ahead if layers_next else ahead)
+            if cur is None:
+                break
+            idx = cur.idx
+            assert cur.outputs is not None
             with profile.step("graph outputs"):
-                fo, qo = (f_first, q_first) if idx == 0 else (results.get(0), results.get(1))
-                for n in out_names:
-                    out_acc[n].update(fo[n], qo[n])
-                    if n in slice_acc:
-                        slice_acc[n].update(np.asarray(fo[n]), np.asarray(qo[n]))
-                    if n in topk_acc:
-                        topk_acc[n].update(np.asarray(fo[n]), np.asarray(qo[n]))
-                for ca in check_acc:
-                    ca.update(fo[ca.check.output], qo[ca.check.output])
-                del fo, qo
-            if with_layers:
-                k = 0 if idx == 0 else 2
+                fo, qo = (f_first, q_first) if idx == 0 else (cur.outputs.get(0), cur.outputs.get(1))
+            fl = ql = None
+            if cur.layers is not None and f_ext is not None:
                 with profile.step("layers"):
                     try:
-                        fl, ql = results.get(k), results.get(k + 1)
+                        fl, ql = cur.layers.get(0), cur.layers.get(1)
                     except UserError:
                         raise
                     except Exception as e:
@@ -172,11 +185,25 @@ def validate(
                                     idx, _first_line(e))
                         skipped += layers
                         layers, layer_acc, f_ext, q_ext = [], {}, None, None
-                    else:
-                        for n in layers:
-                            layer_acc[n].update(fl[n], ql[n])
-                        del fl, ql
-            del results
+            # the layers' sums accumulate on the pool while this thread does the outputs'; each accumulator
+            # still takes its samples in order (this sample's updates end before the next sample's begin)
+            chunks = _update_layers(pool, workers, ws, layer_acc, layers, fl, ql) \
+                if fl is not None and ql is not None else []
+            with profile.step("graph outputs"):
+                for n in out_names:
+                    out_acc[n].update(fo[n], qo[n], ws)
+                    if n in slice_acc:
+                        slice_acc[n].update(np.asarray(fo[n]), np.asarray(qo[n]))
+                    if n in topk_acc:
+                        topk_acc[n].update(np.asarray(fo[n]), np.asarray(qo[n]))
+                for ca in check_acc:
+                    ca.update(fo[ca.check.output], qo[ca.check.output])
+                del fo, qo
+            if chunks:
+                with profile.step("layers"):
+                    for chunk in chunks:
+                        chunk.result()
+            del cur, fl, ql, chunks
             samples += 1
             if progress is not None:
                 progress(samples, max(total, samples))
@@ -272,37 +299,49 @@ def validation_workers() -> int:
     return worker_count(WORKERS_ENV)
 
 
-class _Results:
-    """The results of one sample's runs, read by index: from the pool's futures, or run here on first read."""
+def _update_layers(pool: concurrent.futures.ThreadPoolExecutor | None, parts: int, ws: Workspace,
+                   layer_acc: dict[str, _Accumulator], layers: list[str], fl: Mapping[str, np.ndarray],
+                   ql: Mapping[str, np.ndarray]) -> list[concurrent.futures.Future[None]]:
+    """Add one sample to every layer's accumulator: on the pool in interleaved slices (futures returned,
+    to be waited for before the next sample), or here when there is no pool."""
 
-    def __init__(self, jobs: list[Callable[[], dict[str, np.ndarray]]],
-                 futures: list[concurrent.futures.Future[dict[str, np.ndarray]]] | None) -> None:
-        self.jobs = jobs
-        self.futures = futures
+    def update(names: Sequence[str]) -> None:
+        for n in names:
+            layer_acc[n].update(fl[n], ql[n], ws)
 
-    def get(self, i: int) -> dict[str, np.ndarray]:
-        if self.futures is not None:
-            return self.futures[i].result()
-        return self.jobs[i]()
+    if pool is None:
+        update(layers)
+        return []
+    return [pool.submit(update, layers[i::parts]) for i in range(max(1, parts))]
+
+
+def session_threads(workers: int) -> int:
+    """onnxruntime intra-op threads of each validation session: the usable CPUs shared among the ``workers``
+    runs in flight (1 each on two cores), or onnxruntime's default (0) when runs go one at a time.
+
+    Two concurrent runs each with a thread pool as wide as the machine wake threads on every small op: on
+    silero-vad (an LSTM of many small ops) a run took 2.8 ms with the default pool and 2.1 ms on one thread
+    (quantized: 0.8 vs 0.4 ms)."""
+    return max(1, usable_cpus() // workers) if workers > 1 else 0
 
 
 def _layer_runners(fmodel: Any, qmodel: Any, layers: list[str], first: dict[str, np.ndarray],
-                   skipped: list[str]) -> tuple[list[str], _Runner | None, _Runner | None]:
+                   skipped: list[str], threads: int = 0) -> tuple[list[str], _Runner | None, _Runner | None]:
     """Sessions exposing the ``layers`` tensors in both models (tensors onnxruntime refuses to expose, or that are
     not float in both, are dropped; those refused go to ``skipped``): (layers kept, float runner, quant runner)."""
     f_ext: _Runner | None = None
     q_ext: _Runner | None = None
     if layers:
-        f_ext = _try_runner(fmodel, layers, first)
-        q_ext = _try_runner(qmodel, layers, first)
+        f_ext = _try_runner(fmodel, layers, first, threads)
+        q_ext = _try_runner(qmodel, layers, first, threads)
         if f_ext is None or q_ext is None:
             log.info("validate: onnxruntime refused some intermediate outputs; finding which")
             ok = _working_subset(fmodel, layers, first) if f_ext is None else layers
             ok = _working_subset(qmodel, ok, first) if q_ext is None else ok
             skipped += [n for n in layers if n not in set(ok)]
             layers = ok
-            f_ext = _try_runner(fmodel, layers, first) if layers else None
-            q_ext = _try_runner(qmodel, layers, first) if layers else None
+            f_ext = _try_runner(fmodel, layers, first, threads) if layers else None
+            q_ext = _try_runner(qmodel, layers, first, threads) if layers else None
             if layers and (f_ext is None or q_ext is None):
                 log.warning("validate: cannot expose intermediate tensors together; per-layer metrics skipped")
                 skipped += layers

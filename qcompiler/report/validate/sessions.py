@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -78,22 +78,34 @@ def _first_line(e: BaseException) -> str:
 class _Runner:
     """One onnxruntime session and the output names wanted from it."""
 
-    def __init__(self, model: Any, extra: Sequence[str] = (), optimize: bool | str = True) -> None:
+    def __init__(self, model: Any, extra: Sequence[str] = (), optimize: bool | str = True, threads: int = 0) -> None:
         self.extra = list(extra)
         self.sess = ir.session(ir.with_outputs(model, self.extra, keep_outputs=False) if self.extra else model,
-                               optimize=optimize)
+                               optimize=optimize, threads=threads)
         self.dtypes = _input_dtypes(self.sess)
         self.output_types = {o.name: o.type for o in self.sess.get_outputs()}
+        #: the outputs of the trial run (:func:`_try_runner`), kept for the first sample's turn
+        self.first: dict[str, np.ndarray] | None = None
 
     def run(self, feed: dict[str, np.ndarray], sample: int, names: Sequence[str]) -> dict[str, np.ndarray]:
         vals = self.sess.run(list(names), _adapt_feed(feed, self.dtypes, sample))
         return dict(zip(names, vals))
 
+    def take_first(self, names: Sequence[str]) -> Callable[[], dict[str, np.ndarray]]:
+        """A job giving the kept outputs ``names`` of the trial run on sample 0 (released once taken): the same
+        session on the same feed, so the values a second run would give, without running it."""
+        first, self.first = self.first, None
+        assert first is not None, "no trial run kept"
 
-def _try_runner(model: Any, names: Sequence[str], feed: dict[str, np.ndarray]) -> _Runner | None:
+        def job() -> dict[str, np.ndarray]:
+            return {n: first[n] for n in names}
+        return job
+
+
+def _try_runner(model: Any, names: Sequence[str], feed: dict[str, np.ndarray], threads: int = 0) -> _Runner | None:
     try:
-        r = _Runner(model, names)
-        r.run(feed, 0, names)
+        r = _Runner(model, names, threads=threads)
+        r.first = r.run(feed, 0, names)
         return r
     except UserError:
         raise
