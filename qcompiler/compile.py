@@ -95,11 +95,14 @@ def _real_calib(opts: CompileOptions) -> bool:
 def resolve_default(opts: CompileOptions) -> CompileOptions:
     """The compile's options with the default decided. No plan, preset or budget given: the measured default
     (``plan="auto"``) when there is real calibration data of at least :data:`MIN_RECIPE_SAMPLES` samples, else the
-    plain default plan (``plan="default"``) and one INFO line saying why. Anything else is returned as given."""
+    plain default plan (``plan="default"``) and one INFO line saying why — also with a ``pipeline`` of the user's:
+    the candidates would each run its passes. Anything else is returned as given."""
     if opts.plan is not None or opts.preset is not None or opts.budget is not None:
         return opts
     why: str | None
-    if opts.calib is None:
+    if opts.pipeline is not None:
+        why = "--pipeline given (the measured default compiles its candidates with the target's pipeline)"
+    elif opts.calib is None:
         why = "no calibration data (give --calib DIR|FILE.npz to measure candidates on)"
     elif not _real_calib(opts):
         why = f"--calib {opts.calib}: no real samples to measure candidates on"
@@ -107,7 +110,8 @@ def resolve_default(opts: CompileOptions) -> CompileOptions:
         n = _count_samples(Path(str(opts.calib)))
         if n is not None and opts.calib_samples is not None:
             n = min(n, opts.calib_samples)
-        why = None if n is None or n >= MIN_RECIPE_SAMPLES else (
+        why = None if n is not None and n >= MIN_RECIPE_SAMPLES else (
+            f"{opts.calib}: not readable as calibration data" if n is None else
             f"{opts.calib}: {n} calibration sample(s); the measured default needs at least {MIN_RECIPE_SAMPLES} "
             "(the last quarter is held back to measure candidates on)")
     if why is not None:

@@ -47,7 +47,7 @@ def tmp_module(tmp_path_factory: pytest.TempPathFactory) -> Path:
 _CACHE: dict[tuple[str, str, str], onnx.ModelProto] = {}
 
 
-def compiled(name: str, tmp: Path, plan: str | Plan | None = None, pipeline: str | None = None,
+def compiled(name: str, tmp: Path, plan: str | Plan = "default", pipeline: str | None = None,
              key: str = "") -> onnx.ModelProto:
     """Compile fixture ``name`` with its first 16 samples as calibration (cached)."""
     k = (name, key or str(plan), pipeline or "")
@@ -314,7 +314,7 @@ def test_resolved_plan_notes_the_target_default(tmp_path):
     data = dict(np.load(MODELS / "depthwise.npz"))
     np.savez(tmp_path / "c.npz", **{k: v[:8] for k, v in data.items()})
     res = compile_model(MODELS / "depthwise.onnx", tmp_path / "q.onnx", CompileOptions(calib=str(tmp_path / "c.npz"),
-                                                                                      validate=False))
+                                                                                      plan="default", validate=False))
     side = (tmp_path / "q.plan.yaml").read_text()
     assert "note: 'activation float: target ort computes depthwise Conv in float" in side
     rp = next(r for r in res.records if r.name == "resolve-plan")

@@ -315,7 +315,7 @@ def test_plan_default_is_the_plain_default_plan_byte_for_byte(tmp_path: Path, na
     assert "plan: <default plan>" in (tmp_path / "a.plan.yaml").read_text()
 
 
-def test_without_real_data_no_plan_is_the_plain_default_plan(tmp_path: Path,
+def test_no_plan_without_real_data_is_the_plain_default_plan(tmp_path: Path,
                                                              caplog: pytest.LogCaptureFixture) -> None:
     model, npz = fixture("gemm_head")
     data = dict(np.load(npz))
@@ -323,7 +323,9 @@ def test_without_real_data_no_plan_is_the_plain_default_plan(tmp_path: Path,
     np.savez(three, **{k: v[:3] for k, v in data.items()})
     cases = [("random", {}, "--calib random: no real samples to measure candidates on"),
              (str(three), {}, "three.npz: 3 calibration sample(s); the measured default needs at least 4"),
-             (str(npz), {"calib_samples": 3}, "gemm_head.npz: 3 calibration sample(s)")]
+             (str(npz), {"calib_samples": 3}, "gemm_head.npz: 3 calibration sample(s)"),
+             (str(npz), {"pipeline": "cleanup,fold-batchnorm,resolve-plan,calibrate,insert-qdq,lower"},
+              "--pipeline given")]
     for i, (calib, extra, why) in enumerate(cases):
         out, ref = tmp_path / f"n{i}.onnx", tmp_path / f"d{i}.onnx"
         caplog.clear()

@@ -25,6 +25,7 @@ the report). When nothing is dropped the plan compiled is the plan as written (s
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import tempfile
@@ -95,7 +96,8 @@ def _bench(model: Path, opts: CompileOptions, tmp: Path) -> Bench:
     latency = opts.optimize == "latency" or opts.max_latency_ratio is not None
     float_outputs, float_seconds = run_timed(model, held) if latency or metric is not None else ([], 0.0)
     float_metric = call_metric(metric, float_outputs, float_outputs, held) if metric is not None else None
-    return Bench(model=model, options=opts, calib=calib, fit_samples=fit, held=held, float_outputs=float_outputs,
+    # the candidates' compiles are not validated: the compile's --check thresholds are for the model written
+    return Bench(model=model, options=dataclasses.replace(opts, checks=[]), calib=calib, fit_samples=fit, held=held, float_outputs=float_outputs,
                  float_seconds=float_seconds, workdir=tmp, metric=metric, float_metric=float_metric,
                  latency=latency)
 
@@ -105,8 +107,12 @@ def _constraints(opts: CompileOptions, model: Path) -> Constraints:
         raise UserError(f"--optimize: '{opts.optimize}' (one of {', '.join(OPTIMIZE)})")
     budget = Budget.parse(opts.budget) if opts.budget is not None else None
     float_bytes = int(ir.model_summary(ir.load_model(model))["parameter_bytes"]) if budget is not None else 0
+    # --min-sqnr shapes the choice under --optimize latency / size (the fastest / smallest that meets it); under
+    # accuracy the most accurate candidate is kept anyway, and --min-sqnr stays the compile's validation gate
+    # (exit 2, the rejected model's report written), as for any plan
+    min_sqnr = opts.min_sqnr_db if opts.optimize != "accuracy" else None
     return Constraints(optimize=opts.optimize, max_latency_ratio=opts.max_latency_ratio, budget=budget,
-                       float_bytes=float_bytes, min_sqnr_db=opts.min_sqnr_db, max_drop=opts.max_drop)
+                       float_bytes=float_bytes, min_sqnr_db=min_sqnr, max_drop=opts.max_drop)
 
 
 def _choose(bench: Bench, opts: CompileOptions, base: Plan, progress: Progress | None) -> RecipeResult:
