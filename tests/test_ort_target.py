@@ -427,7 +427,7 @@ def test_conv_outputs_read_only_by_float_ops_stay_float_when_asked(tmp_path):
     feeds = [{"x": rng.standard_normal((1, 8, 12, 12)).astype(np.float32)} for _ in range(24)]
     np.savez(tmp_path / "calib.npz", x=np.stack([f["x"] for f in feeds[:16]]))
     ref = _outputs(onnx.load(str(src)), feeds[16:])
-    plans = {"default": None, "no-requant": Plan.from_dict(
+    plans = {"default": "default", "no-requant": Plan.from_dict(
         {"version": 1, "targets": {"ort": {"requantize_conv_outputs": False}}}, source="p.yaml")}
     got = {}
     for key, plan in plans.items():
