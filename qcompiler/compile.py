@@ -144,7 +144,7 @@ def _count_samples(path: Path) -> int | None:
 class CompileOptions:
     """Everything ``qcompiler compile`` takes (all optional)."""
 
-    plan: str | Path | Plan | None = None
+    plan: str | Path | Plan | None = None  # None: see resolve_default; "default": the plain default plan
     target: str = "ort"
     #: folder / .npz / "random" (synthetic ranges, asked for explicitly) / "none" (data-free: BN statistics);
     #: None: no data — fine for weight-only and dynamic plans, a UserError when activations need static ranges
