@@ -290,12 +290,15 @@ def test_no_plan_with_real_calibration_runs_the_measured_default(tmp_path: Path)
 
 
 def _plain_plan_file(tmp_path: Path) -> Path:
+    """``qcompiler plan show default`` written to a file: the plain default plan (``Plan.default()``) as YAML."""
     import yaml
 
     from qcompiler.plan import Plan
 
+    shown = run("plan", "show", "default")
+    assert shown.exit_code == 0 and yaml.safe_load(shown.stdout) == Plan.default().to_dict()
     path = tmp_path / "plain.yaml"
-    path.write_text(yaml.safe_dump(Plan.default().to_dict(), sort_keys=False))
+    path.write_text(shown.stdout)
     return path
 
 
