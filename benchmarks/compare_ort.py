@@ -97,7 +97,7 @@ def _worker(spec: dict[str, Any]) -> None:
     info: dict[str, Any] = {}
     if tool == "qcompiler":
         res = compile_model(spec["model"], spec["out"],
-                            CompileOptions(plan=spec.get("plan"), calib=spec["calib"],
+                            CompileOptions(plan=spec.get("plan") or "default", calib=spec["calib"],
                                            validate=bool(spec.get("validate", False)),
                                            target=spec.get("target", "ort"),
                                            compact_names=bool(spec.get("compact_names"))))
@@ -439,7 +439,7 @@ def conv_fixture(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     src = C.REPO / "models" / "conv_bn_relu.onnx"
     data = C.REPO / "models" / "conv_bn_relu.npz"
     out = work / "conv_bn_relu.q.onnx"
-    compile_model(src, out, CompileOptions(plan=args.plan, calib=str(data), validate=False))
+    compile_model(src, out, CompileOptions(plan=args.plan or "default", calib=str(data), validate=False))
     with np.load(data) as z:
         x = z["input"]  # [S, 1, 3, 32, 32]
     print(f"\n## models/conv_bn_relu.onnx: float vs compiled latency ({args.threads} thread(s))\n", flush=True)

@@ -135,7 +135,7 @@ def run_model(model: str, tmp: Path, targets: tuple[str, ...] = ("ort", "packed"
 def int8_baseline(model: str, tmp: Path) -> dict[str, Any]:
     src, calib, evals = _data(model, tmp)
     out = tmp / f"{model}.int8.onnx"
-    compile_model(src, out, CompileOptions(calib=calib, validate=False))
+    compile_model(src, out, CompileOptions(plan="default", calib=calib, validate=False))
     rep = qv.validate(ir.load_model(src), onnx.load(out), evals, per_layer=False)
     return {"model": model, "output_sqnr_db": round(rep.worst_output_sqnr(), 2),
             "top1": rep.outputs[0].top1_agreement}

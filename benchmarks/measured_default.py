@@ -59,7 +59,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as td:
         work = Path(td)
         folder = C.write_feeds(calib, work / "calib")
-        runs: dict[str, CompileOptions] = {"default": CompileOptions(calib=str(folder), validate=False)}
+        runs: dict[str, CompileOptions] = {"default": CompileOptions(plan="default", calib=str(folder),
+                                                                   validate=False)}
         if "auto" not in skip:
             runs["auto"] = CompileOptions(plan="auto", calib=str(folder), validate=False, effort=args.effort)
         for p in PRESETS:

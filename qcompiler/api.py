@@ -38,15 +38,17 @@ __all__ = ["COMPILE_LAYER_SAMPLES", "PIPELINE_INSERTIONS", "REJECTED_REPORT_SUFF
 
 def compile_model(model_path: str | os.PathLike[str], output_path: str | os.PathLike[str],
                   options: CompileOptions | None = None, progress: Progress | None = None) -> CompileResult:
-    """Compile ``model_path`` to ``output_path``; raises :class:`UserError` for bad input. With
-    ``options.budget``, the plan is planned first (:func:`qcompiler.autoplan.plan_for_compile`)."""
+    """Compile ``model_path`` to ``output_path``; raises :class:`UserError` for bad input. With no plan, preset
+    or budget and real calibration data (at least 4 samples), the measured default chooses the recipe
+    (:mod:`qcompiler.recipe`; ``plan="default"`` compiles the plain default plan instead), as ``plan="auto"``
+    does. With ``options.budget``, the plan is planned first (:func:`qcompiler.autoplan.plan_for_compile`)."""
     opts = options or CompileOptions()
 
     def planner(base: Plan) -> autoplan.AutoPlanResult:
         return autoplan.plan_for_compile(Path(model_path), opts, base, progress)
 
-    def measured(base: Plan) -> recipe.RecipeResult:
-        return recipe.plan_for_compile(Path(model_path), opts, base, progress)
+    def measured(base: Plan, resolved: CompileOptions) -> recipe.RecipeResult:
+        return recipe.plan_for_compile(Path(model_path), resolved, base, progress)
 
     return compile_plan(model_path, output_path, opts, progress, planner=planner, recipe=measured)
 

@@ -14,6 +14,7 @@ hands it in as the ``planner`` of :func:`compile_plan`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -27,11 +28,12 @@ import onnx_graphsurgeon as gs
 
 from qcompiler import ir
 from qcompiler.calib import CalibrationSource, input_signatures
+from qcompiler.calib.npz import member_meta, npz_members, open_zip
 from qcompiler.core import profile
 from qcompiler.core.errors import UserError
 from qcompiler.core.pass_manager import PassManager, PassRecord
 from qcompiler.core.registry import build_pipeline, get_target, registry
-from qcompiler.plan import ALGORITHMS, Plan, load_plan
+from qcompiler.plan import ALGORITHMS, DEFAULT_PLAN_NAME, Plan, load_plan
 from qcompiler.plan.checks import Check, parse_check
 from qcompiler.plan.presets import names as preset_names
 from qcompiler.plan.presets import preset_path
@@ -64,26 +66,85 @@ class Planned(Protocol):
 
 #: ``planner(base_plan)``: the plan to compile instead of the base plan (``--budget``)
 Planner = Callable[[Plan], Planned]
-#: the plan name that asks for the measured default (:mod:`qcompiler.recipe`)
+#: ``recipe(base_plan, options)``: the measured default or a preset's algorithm guard (:mod:`qcompiler.recipe`);
+#: ``options`` are the compile's, with ``plan="auto"`` when the measured default runs
+Recipe = Callable[[Plan, "CompileOptions"], Planned]
+#: the plan name that asks for the measured default (:mod:`qcompiler.recipe`) by name: what a compile with no
+#: plan runs when it has real calibration data
 AUTO_PLAN = "auto"
+#: the measured default holds back the last quarter of the calibration samples: it needs at least this many
+MIN_RECIPE_SAMPLES = 4
 
 
 def wants_recipe(opts: CompileOptions, plan: Plan) -> bool:
-    """Whether the compile's recipe hook runs: ``--plan auto``, or a plan with ``algorithms: {guard: measure}``
-    and real calibration data to measure on (without it the guard leaves the plan as written)."""
+    """Whether the compile's recipe hook runs: the measured default (``opts.plan == "auto"``, see
+    :func:`resolve_default`), or a plan with ``algorithms: {guard: measure}`` and real calibration data to measure
+    on (without it the guard leaves the plan as written)."""
     if opts.plan == AUTO_PLAN:
         return True
-    real = opts.calib is not None and str(opts.calib) not in ("random", "none")
+    real = _real_calib(opts)
     if plan.guard == "measure" and not real:
         log.info("%s: algorithm guard: no real calibration data to measure on; algorithms run as written", plan.source)
     return plan.guard == "measure" and real
+
+
+def _real_calib(opts: CompileOptions) -> bool:
+    return opts.calib is not None and str(opts.calib) not in ("random", "none")
+
+
+def resolve_default(opts: CompileOptions) -> CompileOptions:
+    """The compile's options with the default decided. No plan, preset or budget given: the measured default
+    (``plan="auto"``) when there is real calibration data of at least :data:`MIN_RECIPE_SAMPLES` samples, else the
+    plain default plan (``plan="default"``) and one INFO line saying why — also with a ``pipeline`` of the user's:
+    the candidates would each run its passes. Anything else is returned as given."""
+    if opts.plan is not None or opts.preset is not None or opts.budget is not None:
+        return opts
+    why: str | None
+    if opts.pipeline is not None:
+        why = "--pipeline given (the measured default compiles its candidates with the target's pipeline)"
+    elif opts.calib is None:
+        why = "no calibration data (give --calib DIR|FILE.npz to measure candidates on)"
+    elif not _real_calib(opts):
+        why = f"--calib {opts.calib}: no real samples to measure candidates on"
+    else:
+        n = _count_samples(Path(str(opts.calib)))
+        if n is not None and opts.calib_samples is not None:
+            n = min(n, opts.calib_samples)
+        why = None if n is not None and n >= MIN_RECIPE_SAMPLES else (
+            f"{opts.calib}: not readable as calibration data" if n is None else
+            f"{opts.calib}: {n} calibration sample(s); the measured default needs at least {MIN_RECIPE_SAMPLES} "
+            "(the last quarter is held back to measure candidates on)")
+    if why is not None:
+        log.info("no plan given: the plain default plan, not the measured default: %s", why)
+        return dataclasses.replace(opts, plan=DEFAULT_PLAN_NAME)
+    log.info("no plan given: the measured default (--plan default skips it)")
+    return dataclasses.replace(opts, plan=AUTO_PLAN)
+
+
+def _count_samples(path: Path) -> int | None:
+    """The number of samples in calibration data ``path`` from the folder listing or the .npz headers alone
+    (None: not readable as such; the calibration source names the fault later)."""
+    try:
+        if path.is_dir():
+            return sum(1 for p in path.iterdir() if p.is_file() and p.suffix.lower() == ".npz")
+        if path.suffix.lower() != ".npz" or not path.is_file():
+            return None
+        with open_zip(path) as zf:
+            members = npz_members(path, zf)
+            if not members:
+                return None
+            key, member = next(iter(members.items()))
+            shape, _ = member_meta(path, zf, key, member)
+        return int(shape[0]) if shape else None
+    except (UserError, OSError, ValueError):
+        return None
 
 
 @dataclass
 class CompileOptions:
     """Everything ``qcompiler compile`` takes (all optional)."""
 
-    plan: str | Path | Plan | None = None
+    plan: str | Path | Plan | None = None  # None: see resolve_default; "default": the plain default plan
     target: str = "ort"
     #: folder / .npz / "random" (synthetic ranges, asked for explicitly) / "none" (data-free: BN statistics);
     #: None: no data — fine for weight-only and dynamic plans, a UserError when activations need static ranges
@@ -117,15 +178,16 @@ class CompileOptions:
     compact_names: bool = False
     #: where the report goes when the ``min_sqnr_db`` gate refuses the model (default: OUT.rejected.report.json)
     rejected_report: str | Path | None = None
-    # the measured default (plan="auto", qcompiler.recipe) and its constraints; with plan="auto", ``budget`` and
-    # ``min_sqnr_db`` are constraints on the candidates (no --budget auto plan)
+    # the measured default (no plan given and real calibration data, or plan="auto"; qcompiler.recipe) and its
+    # constraints; with plan="auto", ``budget`` and ``min_sqnr_db`` are constraints on the candidates (no --budget
+    # auto plan). Latency is measured only when asked for (optimize="latency", max_latency_ratio).
     optimize: str = "accuracy"  # accuracy | latency | size
     max_latency_ratio: float | None = None  # onnxruntime latency vs the float model's, on this machine
     #: task metric: f(quantized outputs, float outputs, feeds) -> higher-is-better float (lists of per-sample
     #: dicts), or "module:function" / "file.py:function"
     task_metric: Any = None
     max_drop: float | None = None  # the most the task metric may drop below the float model's
-    effort: str = "normal"  # low (<= 4 candidates) | normal (<= 8) | high (all)
+    effort: str | None = None  # low (the default: 4-5 candidates) | normal (<= 8) | high (all)
     recipe_out: str | Path | None = None  # write the winning recipe here as a plan YAML
 
 
@@ -139,6 +201,29 @@ class CompileResult:
     pipeline: str = ""
     #: where the seconds went (``qcompiler compile --profile``; ``report["profile"]`` is its JSON)
     profile: profile.Profile | None = None
+
+
+def _check_recipe_options(opts: CompileOptions, given: CompileOptions) -> None:
+    """The measured default's options are refused (one line, naming them) where it does not run."""
+    if opts.plan == AUTO_PLAN:
+        return
+    named = [name for name, on in (("--optimize", opts.optimize != "accuracy"),
+                                   ("--max-latency-ratio", opts.max_latency_ratio is not None),
+                                   ("--max-drop", opts.max_drop is not None),
+                                   ("--metric module:function", opts.task_metric is not None),
+                                   ("--effort", opts.effort is not None),
+                                   ("--recipe-out", opts.recipe_out is not None)) if on]
+    if not named:
+        return
+    if given.plan is None and given.preset is None and given.budget is None:
+        where = ("the measured default, which needs real calibration data of at least "
+                 f"{MIN_RECIPE_SAMPLES} samples (--calib DIR|FILE.npz)")
+    else:
+        chosen = given.preset or given.plan
+        plan = chosen.source if isinstance(chosen, Plan) else chosen
+        where = (f"the measured default (no --plan, or --plan auto), not of --plan {plan}" if given.budget is None
+                 else "the measured default, not of --budget")
+    raise UserError(f"{', '.join(named)}: {'options' if len(named) > 1 else 'an option'} of {where}")
 
 
 def _preset_plan(name: str) -> str:
@@ -193,10 +278,12 @@ def assemble_pipeline(text: str, plan: Plan, reg: Any = None, *, calib_select: i
 
 def compile_plan(model_path: str | os.PathLike[str], output_path: str | os.PathLike[str],
                  options: CompileOptions | None = None, progress: Progress | None = None, *,
-                 planner: Planner | None = None, recipe: Planner | None = None) -> CompileResult:
+                 planner: Planner | None = None, recipe: Recipe | None = None) -> CompileResult:
     """Compile ``model_path`` to ``output_path``; raises :class:`UserError` for bad input. ``options.budget``
     needs a ``planner`` (:func:`qcompiler.api.compile_model` gives the auto planner), ``plan="auto"`` and guarded
-    plans a ``recipe`` (the measured default, :mod:`qcompiler.recipe`). Every step is timed
+    plans a ``recipe`` (the measured default, :mod:`qcompiler.recipe`). With a ``recipe`` and no plan given, the
+    default is decided by :func:`resolve_default` (the measured default on real calibration data); without one
+    (autoplan's probe compiles, the recipe's candidates) no plan means the plain default plan. Every step is timed
     (:mod:`qcompiler.core.profile`): ``result.profile``, and ``report["profile"]``."""
     prof = profile.Profile()
     imported = profile.import_seconds()  # the command line's imports (None from Python)
@@ -210,7 +297,7 @@ def compile_plan(model_path: str | os.PathLike[str], output_path: str | os.PathL
 
 def _compile_plan(model_path: str | os.PathLike[str], output_path: str | os.PathLike[str],
                   options: CompileOptions | None, progress: Progress | None, *, planner: Planner | None,
-                  recipe: Planner | None, prof: profile.Profile) -> CompileResult:
+                  recipe: Recipe | None, prof: profile.Profile) -> CompileResult:
     opts = options or CompileOptions()
     t_start = time.perf_counter()
     src, out = Path(model_path), Path(output_path)
@@ -272,7 +359,7 @@ def _dump_dir(out: Path) -> Path:
 
 def _compile(src: Path, out: Path, opts: CompileOptions, outs: ir.OutputSet, progress: Progress | None,
              planner: Planner | None, t_start: float, prof: profile.Profile,
-             recipe: Planner | None = None) -> CompileResult:
+             recipe: Recipe | None = None) -> CompileResult:
     with profile.step("setup (passes, target, plan)"):
         reg = registry()
         for spec in opts.plugins:
@@ -280,20 +367,21 @@ def _compile(src: Path, out: Path, opts: CompileOptions, outs: ir.OutputSet, pro
         target = get_target(opts.target)
         if opts.preset is not None and opts.plan is not None:
             raise UserError("--preset and --plan both given; a preset is a plan: give one of them")
+        if recipe is not None:  # no plan given: the measured default on real data, else the plain default plan
+            given, opts = opts, resolve_default(opts)  # (without one: a candidate's or a probe's own compile)
+            _check_recipe_options(opts, given)
         plan = opts.plan if isinstance(opts.plan, Plan) else Plan.default() if opts.plan == AUTO_PLAN else load_plan(
             opts.plan if opts.preset is None else _preset_plan(opts.preset))
     target.check_options(plan.target_options, plan.source)  # a bad targets: section fails before any work
-    if opts.recipe_out is not None and opts.plan != AUTO_PLAN:
-        raise UserError("--recipe-out writes the recipe --plan auto chose: give --plan auto")
     measured = None
-    if wants_recipe(opts, plan):  # the measured default (--plan auto) or a preset's algorithm guard
-        if opts.plan == AUTO_PLAN and (opts.calib is None or str(opts.calib) in ("random", "none")):
+    if wants_recipe(opts, plan):  # the measured default or a preset's algorithm guard
+        if opts.plan == AUTO_PLAN and not _real_calib(opts):
             raise UserError("--plan auto measures its candidates on real data: give --calib DIR|FILE.npz")
         if recipe is None and opts.plan == AUTO_PLAN:
             raise ValueError("compile_plan: plan 'auto' needs a recipe (qcompiler.api.compile_model)")
         if recipe is not None:  # without one (autoplan's probe compiles) a guarded plan runs as written
             with profile.step("measured recipe"):
-                measured = recipe(plan)
+                measured = recipe(plan, opts)
             plan = measured.plan
     checks = [parse_check(c) if isinstance(c, str) else c for c in opts.checks] + list(plan.checks)
     auto = None

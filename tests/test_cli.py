@@ -49,7 +49,8 @@ def held_out(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 @pytest.fixture(scope="module")
 def compiled_default(tmp_path_factory: pytest.TempPathFactory, held_out: tuple[Path, Path]) -> tuple[Path, Result]:
     out = tmp_path_factory.mktemp("cli_compile") / "model.int8.onnx"
-    res = run("compile", CONV, "-o", out, "--calib", held_out[0], "--report", out.with_suffix(".json"))
+    res = run("compile", CONV, "-o", out, "--plan", "default", "--calib", held_out[0], "--report",
+              out.with_suffix(".json"))
     return out, res
 
 

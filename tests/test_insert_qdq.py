@@ -142,7 +142,7 @@ def tmp_module(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("insert_qdq")
 
 
-def compiled(name: str, tmp: Path, plan: str | Plan | None = None, pipeline: str | None = None,
+def compiled(name: str, tmp: Path, plan: str | Plan = "default", pipeline: str | None = None,
              key: str = "") -> tuple[onnx.ModelProto, Any, float]:
     """Compile fixture ``name`` (cached per module): (quantized model, CompileResult, held-back SQNR)."""
     k = (name, key or str(plan), pipeline or "")

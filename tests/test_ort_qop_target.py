@@ -36,7 +36,7 @@ def tmp_module(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("ort_qop")
 
 
-def _compile(name: str, tmp: Path, target: str, plan: Any = None) -> onnx.ModelProto:
+def _compile(name: str, tmp: Path, target: str, plan: Any = "default") -> onnx.ModelProto:
     data = dict(np.load(MODELS / f"{name}.npz"))
     calib = tmp / f"{name}.calib.npz"
     if not calib.exists():
@@ -269,7 +269,7 @@ def test_int4_weight_only_matmul_becomes_matmulnbits(tmp_path):
 def test_cli_compiles_for_the_target_and_lists_it(tmp_path):
     out = tmp_path / "cbr.onnx"
     r = CliRunner().invoke(cli, ["compile", str(MODELS / "conv_bn_relu.onnx"), "-o", str(out), "--target", "ort-qop",
-                                 "--calib", str(MODELS / "conv_bn_relu.npz")])
+                                 "--plan", "default", "--calib", str(MODELS / "conv_bn_relu.npz")])
     assert r.exit_code == 0, r.output
     assert "lower-qoperator.qlinear_conv=4" in r.output and "worst output SQNR" in r.output
     listed = CliRunner().invoke(cli, ["targets"])

@@ -47,7 +47,7 @@ def tmp_module(tmp_path_factory: pytest.TempPathFactory) -> Path:
 _CACHE: dict[tuple[str, str, str], onnx.ModelProto] = {}
 
 
-def compiled(name: str, tmp: Path, plan: str | Plan | None = None, pipeline: str | None = None,
+def compiled(name: str, tmp: Path, plan: str | Plan = "default", pipeline: str | None = None,
              key: str = "") -> onnx.ModelProto:
     """Compile fixture ``name`` with its first 16 samples as calibration (cached)."""
     k = (name, key or str(plan), pipeline or "")
@@ -314,7 +314,7 @@ def test_resolved_plan_notes_the_target_default(tmp_path):
     data = dict(np.load(MODELS / "depthwise.npz"))
     np.savez(tmp_path / "c.npz", **{k: v[:8] for k, v in data.items()})
     res = compile_model(MODELS / "depthwise.onnx", tmp_path / "q.onnx", CompileOptions(calib=str(tmp_path / "c.npz"),
-                                                                                      validate=False))
+                                                                                      plan="default", validate=False))
     side = (tmp_path / "q.plan.yaml").read_text()
     assert "note: 'activation float: target ort computes depthwise Conv in float" in side
     rp = next(r for r in res.records if r.name == "resolve-plan")
@@ -427,7 +427,7 @@ def test_conv_outputs_read_only_by_float_ops_stay_float_when_asked(tmp_path):
     feeds = [{"x": rng.standard_normal((1, 8, 12, 12)).astype(np.float32)} for _ in range(24)]
     np.savez(tmp_path / "calib.npz", x=np.stack([f["x"] for f in feeds[:16]]))
     ref = _outputs(onnx.load(str(src)), feeds[16:])
-    plans = {"default": None, "no-requant": Plan.from_dict(
+    plans = {"default": "default", "no-requant": Plan.from_dict(
         {"version": 1, "targets": {"ort": {"requantize_conv_outputs": False}}}, source="p.yaml")}
     got = {}
     for key, plan in plans.items():

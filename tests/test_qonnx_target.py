@@ -41,7 +41,7 @@ FIXTURES = ["conv_bn_relu", "depthwise", "convtranspose_bn", "gemm_head", "trans
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def _compile_pair(src: Path, calib: Path | str, tmp: Path, plan=None) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+def _compile_pair(src: Path, calib: Path | str, tmp: Path, plan="default") -> tuple[onnx.ModelProto, onnx.ModelProto]:
     """(QONNX model, the QDQ model it was lowered from) for the same plan and calibration."""
     q = tmp / "qonnx.onnx"
     r = tmp / "qdq.onnx"
@@ -388,8 +388,8 @@ def test_ppocr_cls_agrees_with_onnxruntime(tmp_path):
 def test_compile_validates_qonnx_model_in_onnxruntime(tmp_path):
     """The compile's own validation step runs the QONNX model (function bodies) in stock onnxruntime."""
     src, calib = MODELS / "gemm_head.onnx", MODELS / "gemm_head.npz"
-    r = compile_model(src, tmp_path / "q.onnx", CompileOptions(target="qonnx", calib=str(calib)))
-    rr = compile_model(src, tmp_path / "r.onnx", CompileOptions(target="qonnx", calib=str(calib),
+    r = compile_model(src, tmp_path / "q.onnx", CompileOptions(target="qonnx", plan="default", calib=str(calib)))
+    rr = compile_model(src, tmp_path / "r.onnx", CompileOptions(target="qonnx", plan="default", calib=str(calib),
                                                                  pipeline=QDQ_PIPELINE))
     s_q = r.validation.to_json()["outputs"][0]["sqnr_db"]
     s_r = rr.validation.to_json()["outputs"][0]["sqnr_db"]

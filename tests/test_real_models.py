@@ -82,7 +82,7 @@ def _compile(key: str, tmp_path_factory: pytest.TempPathFactory) -> Compiled:
     calib_dir = C.write_feeds(task.calib, work / "calib")
     eval_dir = C.write_feeds(task.eval, work / "eval")
     out = work / "api" / f"{key}.int8.onnx"
-    result = compile_model(task.model, out, CompileOptions(calib=str(calib_dir), validate=False))
+    result = compile_model(task.model, out, CompileOptions(plan="default", calib=str(calib_dir), validate=False))
     ref = C.run_all(task.model, task.eval)
     quant = C.run_all(out, task.eval)
     return Compiled(key, task, work, calib_dir, eval_dir, out, result, ref, quant,
@@ -294,7 +294,7 @@ def _small_eval(c: Compiled) -> Path:
 def test_cli_compile_matches_api(key: str, request: pytest.FixtureRequest) -> None:
     c: Compiled = request.getfixturevalue({"ppocr_cls": "cls", "silero_vad": "vad", "ppocr_rec": "rec"}[key])
     out = c.work / "cli" / f"{key}.int8.onnx"
-    args = ["compile", str(c.task.model), "-o", str(out), "--calib", str(c.calib_dir)]
+    args = ["compile", str(c.task.model), "-o", str(out), "--plan", "default", "--calib", str(c.calib_dir)]
     # Validation after compiling (on by default with --calib) is per layer: on held-back samples here, and
     # skipped for the recognizer, whose per-layer validation of 64 samples takes minutes.
     args += ["--no-validate"] if key == "ppocr_rec" else ["--validate-data", str(_small_eval(c))]
@@ -346,7 +346,7 @@ def test_ort_qop_writes_the_kernels_onnxruntime_fuses(key: str, conv: int, mm: i
     3e-8 on probabilities, where onnxruntime computes the MatMul head + bias Add as one float Gemm)."""
     c: Compiled = request.getfixturevalue({"ppocr_cls": "cls", "silero_vad": "vad", "ppocr_rec": "rec"}[key])
     out = c.work / "qop" / f"{key}.qop.onnx"
-    res = compile_model(c.task.model, out, CompileOptions(calib=str(c.calib_dir), validate=False, target="ort-qop"))
+    res = compile_model(c.task.model, out, CompileOptions(plan="default", calib=str(c.calib_dir), validate=False, target="ort-qop"))
     ops = Counter(n.op_type for n in onnx.load(str(out)).graph.node)
     assert ops["QLinearConv"] == conv == ir.optimized_op_types(c.out).get("QLinearConv")
     assert ops["MatMulIntegerToFloat"] == mm and ops["Conv"] + conv == _op_count(c.out, "Conv")
@@ -414,7 +414,7 @@ def _zoo(key: str, n_calib: int, n_eval: int, tmp_path_factory: pytest.TempPathF
     calib_dir = C.write_feeds(calib, work / "calib")
     model = realdata.fetch_model(key)
     out = work / f"{key}.int8.onnx"
-    compile_model(model, out, CompileOptions(calib=str(calib_dir), validate=False))
+    compile_model(model, out, CompileOptions(plan="default", calib=str(calib_dir), validate=False))
     ort_out = work / f"{key}.ort.onnx"
     C.ort_quantize(model, ort_out, calib_dir, method="MinMax", per_channel=True, workdir=work)
     first = [next(iter(r.values())) for r in C.run_all(model, ev)]

@@ -57,13 +57,13 @@ def test_measured_default_never_below_default_plan(tmp_path: Path, name: str) ->
     auto, plain = tmp_path / "auto.onnx", tmp_path / "plain.onnx"
     r = run("compile", model, "-o", auto, "--plan", "auto", "--calib", npz, "--report", tmp_path / "r.json")
     assert r.exit_code == 0, r.output
-    assert run("compile", model, "-o", plain, "--calib", npz, "-q").exit_code == 0
+    assert run("compile", model, "-o", plain, "--plan", "default", "--calib", npz, "-q").exit_code == 0
     assert held_sqnr(model, auto, npz) >= held_sqnr(model, plain, npz) - 1e-6
     assert digest(model, npz) == before
     rep = json.loads((tmp_path / "r.json").read_text())["recipe"]
     assert rep["mode"] == "auto" and rep["held_samples"] == 8
     assert rep["candidates"][0]["name"] == "default"
-    assert len(rep["candidates"]) <= 8  # --effort normal
+    assert len(rep["candidates"]) <= 5  # --effort low, the default
     assert rep["winner"] in {c["name"] for c in rep["candidates"]}
     assert "measured default:" in r.output and rep["winner"] in r.output
 
@@ -89,7 +89,7 @@ def test_max_latency_ratio_is_honoured(tmp_path: Path) -> None:
     r = run("compile", model, "-o", out, "--plan", "auto", "--effort", "low", "--calib", npz,
             "--max-latency-ratio", "0.0001")
     assert r.exit_code == 2
-    assert "error: --plan auto: no candidate meets latency <= 0.0001x float" in r.output
+    assert "error: the measured default: no candidate meets latency <= 0.0001x float" in r.output
     assert "Traceback" not in r.output and not out.exists()
     res = compile_model(model, out, CompileOptions(plan="auto", calib=str(npz), effort="low",
                                                    max_latency_ratio=1000.0))
@@ -147,10 +147,10 @@ def test_task_metric_is_called_and_max_drop_enforced(tmp_path: Path) -> None:
     assert all(c == [8, 8, 8] for c in calls)  # the 8 held-back samples
     assert all(isinstance(c["metric"], float) and c["metric"] <= 0 for c in rec["candidates"])
     winner = next(c for c in rec["candidates"] if c["name"] == rec["winner"])
-    # the winner has the best task metric among the candidates no constraint ruled out (the implicit latency
-    # limit is measured, so on a loaded machine it may rule out a candidate that measured faster on another run)
-    eligible = [c for c in rec["candidates"]
-                if not any("latency" in n or "below the default" in n for n in c.get("notes", []))]
+    # the winner has the best task metric among the candidates no constraint ruled out (no latency constraint:
+    # latency is not measured, nothing timed decides)
+    assert rec["latency_measured"] is False and all(c["latency_ratio"] == "inf" for c in rec["candidates"])
+    eligible = [c for c in rec["candidates"] if not any("below the default" in n for n in c.get("notes", []))]
     assert winner in eligible
     assert winner["metric"] == max(c["metric"] for c in eligible)
     r = run("compile", model, "-o", tmp_path / "z.onnx", "--plan", "auto", "--effort", "low", "--calib", npz,
@@ -235,9 +235,17 @@ def test_user_errors(tmp_path: Path) -> None:
         (["--plan", bad, "--calib", npz], f"error: {bad}: algorithms.guard: expected one of off, measure"),
         (["--plan", "auto"], "error: --plan auto measures its candidates on real data"),
         (["--plan", "auto", "--calib", "random"], "error: --plan auto measures its candidates on real data"),
-        (["--calib", npz, "--recipe-out", tmp_path / "r.yaml"], "error: --recipe-out writes the recipe --plan auto"),
-        (["--calib", npz, "--effort", "high"], "error: --optimize, --max-latency-ratio, --max-drop and --effort"),
-        (["--calib", npz, "--metric", "m:f"], "error: --metric module:function is a task metric for --plan auto"),
+        (["--plan", "default", "--calib", npz, "--recipe-out", tmp_path / "r.yaml"],
+         "error: --recipe-out: an option of the measured default (no --plan, or --plan auto), not of --plan default"),
+        (["--preset", "w8a8", "--calib", npz, "--effort", "high", "--optimize", "size"],
+         "error: --optimize, --effort: options of the measured default (no --plan, or --plan auto), not of --plan "
+         "w8a8"),
+        (["--calib", npz, "--budget", "50%", "--metric", "m:f"],
+         "error: --metric module:function: an option of the measured default, not of --budget"),
+        (["--calib", "random", "--effort", "high"],
+         "error: --effort: an option of the measured default, which needs real calibration data of at least 4"),
+        (["--effort", "normal"],
+         "error: --effort: an option of the measured default, which needs real calibration data of at least 4"),
         (["--plan", "auto", "--calib", npz, "--max-drop", "1"], "error: --max-drop needs a task metric"),
     ]
     before = digest(model, npz)
@@ -247,3 +255,136 @@ def test_user_errors(tmp_path: Path) -> None:
         assert msg in r.output, (args, r.output)
         assert "Traceback" not in r.output and not out.exists()
     assert digest(model, npz) == before
+
+
+# ------------------------------------------------------------------------- the measured default is the default
+def test_no_plan_with_real_calibration_runs_the_measured_default(tmp_path: Path) -> None:
+    model, npz = fixture("conv_bn_relu")
+    before = digest(model, npz)
+    out, plain, report = tmp_path / "q.onnx", tmp_path / "plain.onnx", tmp_path / "r.json"
+    r = run("compile", model, "-o", out, "--calib", npz, "--report", report)
+    assert r.exit_code == 0, r.output
+    rec = json.loads(report.read_text())["recipe"]
+    assert rec["mode"] == "auto" and rec["held_samples"] == 8
+    names = [c["name"] for c in rec["candidates"]]
+    # --effort low: the default plan, w8a8, range-auto, dynamic-matmul (the fixture has a Gemm); no weights-only
+    assert names[:4] == ["default", "w8a8", "range-auto", "dynamic-matmul"] and len(names) <= 5
+    assert "weights-only" not in names and "w8a8-dynamic" not in names
+    assert rec["latency_measured"] is False and all(c["latency_ratio"] == "inf" for c in rec["candidates"])
+    won = next(c for c in rec["candidates"] if c["name"] == rec["winner"])
+    assert won["sqnr_db"] >= rec["candidates"][0]["sqnr_db"]
+    # the summary line: winner, held-back SQNR against the plain default plan, candidates, how to skip it
+    line = next(ln for ln in r.output.splitlines() if ln.startswith("measured default: '"))
+    assert f"'{rec['winner']}' chosen, held-back SQNR {won['sqnr_db']:.2f} dB vs " \
+           f"{rec['candidates'][0]['sqnr_db']:.2f} dB for the plain default plan" in line
+    assert f"({len(names)} candidate(s) on 8 held-back sample(s); --plan default skips it)" in line
+    assert "validation over 32 sample(s)" in r.output  # the validation summary stays
+    # oracle: onnxruntime on both compiled files, on the held-back samples
+    assert run("compile", model, "-o", plain, "--plan", "default", "--calib", npz, "-q").exit_code == 0
+    assert held_sqnr(model, out, npz) >= held_sqnr(model, plain, npz) - 1e-6
+    assert digest(model, npz) == before
+    # the API has the same default
+    api = tmp_path / "api.onnx"
+    res = compile_model(model, api, CompileOptions(calib=str(npz)))
+    assert res.report["recipe"]["winner"] == rec["winner"] and digest(api) == digest(out)
+
+
+def _plain_plan_file(tmp_path: Path) -> Path:
+    """``qcompiler plan show default`` written to a file: the plain default plan (``Plan.default()``) as YAML."""
+    import yaml
+
+    from qcompiler.plan import Plan
+
+    shown = run("plan", "show", "default")
+    assert shown.exit_code == 0 and yaml.safe_load(shown.stdout) == Plan.default().to_dict()
+    path = tmp_path / "plain.yaml"
+    path.write_text(shown.stdout)
+    return path
+
+
+@pytest.mark.parametrize("name", ["conv_bn_relu", "transformer_block"])
+def test_plan_default_is_the_plain_default_plan_byte_for_byte(tmp_path: Path, name: str) -> None:
+    model, npz = fixture(name)
+    a, b, c = tmp_path / "a.onnx", tmp_path / "b.onnx", tmp_path / "c.onnx"
+    r = run("compile", model, "-o", a, "--plan", "default", "--calib", npz, "--report", tmp_path / "a.json")
+    assert r.exit_code == 0, r.output
+    assert "recipe" not in json.loads((tmp_path / "a.json").read_text())
+    assert "measured default" not in r.output
+    assert run("compile", model, "-o", b, "--plan", _plain_plan_file(tmp_path), "--calib", npz, "-q").exit_code == 0
+    compile_model(model, c, CompileOptions(plan="default", calib=str(npz)))
+    assert digest(a) == digest(b) == digest(c)
+    # the resolved-plan side file names the plan's source: the same as a compile with no plan and no data said
+    assert (tmp_path / "a.plan.yaml").read_bytes() == (tmp_path / "c.plan.yaml").read_bytes()
+    assert "plan: <default plan>" in (tmp_path / "a.plan.yaml").read_text()
+
+
+def test_no_plan_without_real_data_is_the_plain_default_plan(tmp_path: Path,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    model, npz = fixture("gemm_head")
+    data = dict(np.load(npz))
+    three = tmp_path / "three.npz"
+    np.savez(three, **{k: v[:3] for k, v in data.items()})
+    cases = [("random", {}, "--calib random: no real samples to measure candidates on"),
+             (str(three), {}, "three.npz: 3 calibration sample(s); the measured default needs at least 4"),
+             (str(npz), {"calib_samples": 3}, "gemm_head.npz: 3 calibration sample(s)"),
+             (str(npz), {"pipeline": "cleanup,fold-batchnorm,resolve-plan,calibrate,insert-qdq,lower"},
+              "--pipeline given")]
+    for i, (calib, extra, why) in enumerate(cases):
+        out, ref = tmp_path / f"n{i}.onnx", tmp_path / f"d{i}.onnx"
+        caplog.clear()
+        with caplog.at_level("INFO", logger="qcompiler"):
+            res = compile_model(model, out, CompileOptions(calib=calib, **extra))  # type: ignore[arg-type]
+        infos = [rec.getMessage() for rec in caplog.records if "no plan given" in rec.getMessage()]
+        assert len(infos) == 1 and why in infos[0], infos
+        assert "recipe" not in res.report
+        compile_model(model, ref, CompileOptions(plan="default", calib=calib, **extra))  # type: ignore[arg-type]
+        assert digest(out) == digest(ref)
+    # no data at all: the plain default plan, which needs data for its static activation ranges (as before)
+    r = run("compile", model, "-o", tmp_path / "x.onnx")
+    assert r.exit_code == 2 and "no calibration data was given" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_measured_default_is_deterministic_and_never_times(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import qcompiler.recipe as recipe_pkg
+
+    def no_timing(*_a: object, **_k: object) -> object:
+        raise AssertionError("latency measured without a latency constraint")
+
+    monkeypatch.setattr(recipe_pkg, "run_timed", no_timing)
+    model, npz = fixture("transformer_block")
+    outs = []
+    for k in range(2):
+        out, recipe = tmp_path / f"m{k}.onnx", tmp_path / f"m{k}.yaml"
+        r = run("compile", model, "-o", out, "--calib", npz, "--recipe-out", recipe, "-q")
+        assert r.exit_code == 0, r.output
+        outs.append((out, recipe))
+    assert digest(outs[0][0]) == digest(outs[1][0])  # same inputs, same bytes
+    assert outs[0][1].read_text() == outs[1][1].read_text()
+    again = tmp_path / "again.onnx"
+    assert run("compile", model, "-o", again, "--plan", outs[0][1], "--calib", npz, "-q").exit_code == 0
+    assert digest(again) == digest(outs[0][0])  # --recipe-out pins the choice
+    # --plan auto is the same default by name
+    alias = tmp_path / "alias.onnx"
+    assert run("compile", model, "-o", alias, "--plan", "auto", "--calib", npz, "-q").exit_code == 0
+    assert digest(alias) == digest(outs[0][0])
+
+
+def test_weights_only_needs_a_speed_or_size_question() -> None:
+    from qcompiler.plan import Plan
+    from qcompiler.recipe.candidates import effort_cap, recipe_candidates
+
+    plain = [c.name for c in recipe_candidates(Plan.default(), {"Conv", "Gemm"})]
+    assert "weights-only" not in plain and "w8a8-dynamic" not in plain
+    offered = [c.name for c in recipe_candidates(Plan.default(), {"Conv", "Gemm"}, float_activations=True)]
+    assert offered[:5] == ["default", "w8a8", "range-auto", "dynamic-matmul", "weights-only"]
+    assert offered[-1] == "w8a8-dynamic"
+    assert effort_cap("low", False) == 4 and effort_cap("low", True) == 5 and effort_cap("low", True, True) == 6
+    assert effort_cap("normal", True, True) == 8 and effort_cap("high", True) is None
+
+
+def test_effort_high_and_size_offer_weights_only(tmp_path: Path) -> None:
+    model, npz = fixture("gemm_head")
+    res = compile_model(model, tmp_path / "s.onnx", CompileOptions(calib=str(npz), optimize="size"))
+    names = [c["name"] for c in res.report["recipe"]["candidates"]]
+    assert "weights-only" in names and res.report["recipe"]["latency_measured"] is False

@@ -329,7 +329,8 @@ def test_cli_validate_check_and_gate(det_files, tmp_path):
 
 
 def _compile_args(det_files: dict[str, Path], out: Path, *extra: Any) -> list[Any]:
-    return ["compile", det_files["float"], "-o", out, "--calib", det_files["data"], "-q", *extra]
+    plan = [] if "--plan" in extra else ["--plan", "default"]
+    return ["compile", det_files["float"], "-o", out, "--calib", det_files["data"], "-q", *plan, *extra]
 
 
 def test_compile_check_refuses_and_writes_rejected_report(det_files, tmp_path):

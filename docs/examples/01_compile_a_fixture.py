@@ -1,14 +1,15 @@
 """01 — Compile a model with the Python API and look at what onnxruntime runs.
 
 Compiles ``models/conv_bn_relu.onnx`` (Conv-BN-ReLU stack, a residual Add, a depthwise conv and a Gemm head)
-with the default target (``ort``) and the default plan (int8 per-channel weights, uint8 per-tensor
-activations), calibrated on the fixture's 32 samples. Prints what each pass did, the parameter bytes before
+with the default target (``ort``) and the plain default plan (``plan="default"``: int8 per-channel weights, uint8
+per-tensor activations; with no plan the measured default would choose among a few candidate recipes),
+calibrated on the fixture's 32 samples. Prints what each pass did, the parameter bytes before
 and after, the validation against the float model, and the ops onnxruntime actually runs after its graph
 optimizations (``QLinearConv`` / ``QGemm``: the integer kernels).
 
 The same from the command line::
 
-    qcompiler compile models/conv_bn_relu.onnx -o out/conv_bn_relu.int8.onnx --calib models/conv_bn_relu.npz
+    qcompiler compile models/conv_bn_relu.onnx -o out/conv_bn_relu.int8.onnx --plan default --calib models/conv_bn_relu.npz
 
 Run::
 
@@ -31,7 +32,7 @@ MODELS = Path(__file__).resolve().parents[2] / "models"
 def main(out_dir: Path) -> dict[str, Any]:
     out = out_dir / "conv_bn_relu.int8.onnx"
     result = compile_model(MODELS / "conv_bn_relu.onnx", out,
-                           CompileOptions(calib=str(MODELS / "conv_bn_relu.npz")))
+                           CompileOptions(plan="default", calib=str(MODELS / "conv_bn_relu.npz")))
 
     print(f"pipeline: {result.pipeline}")
     for r in result.records:

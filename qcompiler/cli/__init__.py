@@ -38,6 +38,7 @@ EXAMPLES = """
 \b
 Examples:
   qcompiler compile models/conv_bn_relu.onnx -o out/model.int8.onnx --calib models/conv_bn_relu.npz
+  qcompiler compile model.onnx -o q.onnx --plan default --calib calib/
   qcompiler compile model.onnx -o q.onnx --plan plan.yaml --calib calib/ --report report.json
   qcompiler compile model.onnx -o q.onnx --plan w4a16 --calib random
   qcompiler compile model.onnx -o q.onnx --calib calib/ --pipeline "cleanup,fold-batchnorm,resolve-plan,calibrate{method=percentile},insert-qdq,lower"
@@ -105,7 +106,9 @@ def _bytes(n: float) -> str:
 @cli.command("compile", epilog=EXAMPLES)
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-o", "--output", "output", required=True, type=click.Path(path_type=Path), help="Output .onnx.")
-@click.option("--plan", help="Precision plan: a YAML/JSON file or a preset name (qcompiler plan show).")
+@click.option("--plan", help="Precision plan: a YAML/JSON file, a preset name (qcompiler plan show), 'default' "
+                             "(the plain default plan: skips the measured default) or 'auto' (the measured default, "
+                             "what no plan gives with real calibration data).")
 @click.option("--preset", help="A shipped plan by name: w8a8, w4a8, w4a16, fp8, w4a8-fp8, ... "
                                "(qcompiler plan show lists them; same as --plan NAME).")
 @click.option("--target", default="ort", show_default=True, help="Runtime target (qcompiler targets).")
@@ -144,19 +147,22 @@ def _bytes(n: float) -> str:
 @click.option("--candidates", help="With --budget: precisions a layer may take (default int8,int4, less what the "
                                      "target runs on no layer).")
 @click.option("--metric", default="pd", show_default=True,
-              help="With --budget: the sensitivity metric (pd, hessian, act-stats, orthogonality). With --plan "
-                   "auto: a task metric module:function (or file.py:function) scoring (quantized outputs, float "
-                   "outputs, feeds) -> higher-is-better float.")
+              help="With --budget: the sensitivity metric (pd, hessian, act-stats, orthogonality). For the "
+                   "measured default: a task metric module:function (or file.py:function) scoring (quantized "
+                   "outputs, float outputs, feeds) -> higher-is-better float.")
 @click.option("--optimize", type=click.Choice(["accuracy", "latency", "size"]), default="accuracy",
-              show_default=True, help="With --plan auto: what the measured default maximizes / minimizes.")
+              show_default=True, help="What the measured default maximizes / minimizes (latency: measured on this "
+                                      "machine, so pin the choice with --recipe-out).")
 @click.option("--max-latency-ratio", type=float,
-              help="With --plan auto: onnxruntime latency at most R times the float model's (on this machine).")
-@click.option("--max-drop", type=float, help="With --plan auto and --metric module:function: the most the task "
+              help="Measured default: onnxruntime latency at most R times the float model's (measured on this "
+                   "machine: pin the choice with --recipe-out).")
+@click.option("--max-drop", type=float, help="Measured default with --metric module:function: the most the task "
                                             "metric may drop below the float model's.")
-@click.option("--effort", type=click.Choice(["low", "normal", "high"]), default="normal", show_default=True,
-              help="With --plan auto: candidates measured (low 4, normal 8, high all).")
+@click.option("--effort", type=click.Choice(["low", "normal", "high"]),
+              help="Measured default: candidates measured (low, the default: 4, 5 with MatMul / Gemm; normal 8; "
+                   "high all, weights-only included).")
 @click.option("--recipe-out", type=click.Path(path_type=Path),
-              help="With --plan auto: write the winning recipe as a plan YAML (compile --plan FILE reproduces it).")
+              help="Measured default: write the winning recipe as a plan YAML (compile --plan FILE reproduces it).")
 @click.option("--compact-names", is_flag=True,
               help="Shortest names for every internal tensor and node (graph inputs / outputs kept; smaller "
                    "files for small models); the map back is written as OUT.names.json.")
@@ -170,23 +176,23 @@ def compile_cmd(model: Path, output: Path, plan: str | None, preset: str | None,
                 validate_data: Path | None, min_sqnr: float | None, verify_each: bool, dump_after: tuple[str, ...],
                 plugins: tuple[str, ...], external_data: int | None, seed: int, strip_function_bodies: bool,
                 budget: str | None, bitops: bool, candidates: str | None, metric: str, optimize: str,
-                max_latency_ratio: float | None, max_drop: float | None, effort: str, recipe_out: Path | None,
+                max_latency_ratio: float | None, max_drop: float | None, effort: str | None,
+                recipe_out: Path | None,
                 compact_names: bool, show_profile: bool, quiet: bool, checks: tuple[str, ...],
                 slice_axes: tuple[str, ...]) -> None:
-    """Compile MODEL into a quantized model at OUTPUT. --plan auto: the measured default (candidates measured on
-    held-back calibration samples, the best kept under --optimize and the constraints)."""
+    """Compile MODEL into a quantized model at OUTPUT.
+
+    With no --plan / --preset / --budget and real calibration data (at least 4 samples) the measured default
+    chooses the recipe: candidate plans compiled and measured on held-back calibration samples, the most accurate
+    that is never below the plain default plan kept (deterministic: no timing decides unless --optimize latency
+    or --max-latency-ratio asks). --plan default compiles the plain default plan; --plan auto is the measured
+    default by name."""
     if budget is None and (bitops or candidates is not None):
         raise UserError("--bitops and --candidates are options of --budget")
-    auto = plan == "auto"
     task_metric = metric if ":" in metric else None
-    if task_metric is not None and not auto:
-        raise UserError("--metric module:function is a task metric for --plan auto")
     if task_metric is None and metric not in BUDGET_METRICS:
         raise UserError(f"--metric: '{metric}' is neither a sensitivity metric ({', '.join(BUDGET_METRICS)}) nor "
                         "module:function")
-    if not auto and (max_latency_ratio is not None or max_drop is not None or optimize != "accuracy"
-                     or effort != "normal"):
-        raise UserError("--optimize, --max-latency-ratio, --max-drop and --effort are options of --plan auto")
     parsed = [parse_check(c) for c in checks]
     opts = CompileOptions(plan=plan, target=target, calib=calib, pipeline=pipeline, validate=validate,
                           validate_data=validate_data, min_sqnr_db=min_sqnr, verify_each=verify_each,
@@ -267,7 +273,15 @@ def _echo_recipe(r: dict[str, Any]) -> None:
              m.get("error") or "; ".join(m.get("notes", [])) or ("WINNER" if m["name"] == r["winner"] else ""))
             for m in r["candidates"]]
     head = "measured default" if r["mode"] == "auto" else "algorithm guard"
-    click.echo(f"{head}: {len(r['candidates'])} candidate(s) on {r['held_samples']} held-back sample(s)")
+    if r["mode"] == "auto":
+        won = next((m for m in r["candidates"] if m["name"] == r["winner"]), None)
+        base = r["candidates"][0] if r["candidates"] else None
+        sqnr = "" if won is None or base is None else (
+            f", held-back SQNR {_db(won['sqnr_db'])} dB vs {_db(base['sqnr_db'])} dB for the plain default plan")
+        click.echo(f"{head}: '{r['winner']}' chosen{sqnr} ({len(r['candidates'])} candidate(s) on "
+                   f"{r['held_samples']} held-back sample(s); --plan default skips it)")
+    else:
+        click.echo(f"{head}: {len(r['candidates'])} candidate(s) on {r['held_samples']} held-back sample(s)")
     if rows:
         click.echo(table(["candidate", "SQNR dB", "latency", "bytes", "metric", "note"], rows))
     click.echo(f"{head}: {r['winner']} — {r['reason']}")
@@ -275,6 +289,10 @@ def _echo_recipe(r: dict[str, Any]) -> None:
         click.echo(f"{head}: {note}")
     if r.get("dropped"):
         click.echo(f"{head}: dropped {', '.join(r['dropped'])} (measured worse than without)")
+
+
+def _db(x: Any) -> str:
+    return f"{x:.2f}" if isinstance(x, (int, float)) else str(x)
 
 
 def _echo_cost(c: dict[str, Any]) -> None:

@@ -35,6 +35,7 @@ from __future__ import annotations
 from qcompiler.plan.resolve import NodePlan, ResolvedPlan, resolve, weight_input_index, weight_input_indices
 from qcompiler.plan.schema import (
     ALGORITHMS,
+    DEFAULT_PLAN_NAME,
     GUARDS,
     Plan,
     Rule,
@@ -75,6 +76,7 @@ from qcompiler.plan.spec import (
 #: they switch)
 
 __all__ = ["ACTIVATION_SCHEMES", "ALGORITHMS", "AUTO_CALIBRATIONS", "CALIBRATIONS", "DEFAULT_ACTIVATION",
+           "DEFAULT_PLAN_NAME",
            "DEFAULT_WEIGHT", "DTYPES", "GRANULARITIES", "GUARDS", "PLAN_VERSION", "RANGES", "RECURRENT_OPS", "SCALES",
            "SCHEMES", "SHIFT_BITS", "TABLE_MIN_BYTES", "TABLE_OPS", "UNIFORM_BITS", "WEIGHT_OPS", "NodePlan", "Plan", "QuantSpec", "ResolvedPlan",
            "Rule", "activation_spec", "check_activation_scheme", "check_algorithm_options", "check_spec",

@@ -436,11 +436,19 @@ def check_algorithm_options(pass_name: str, opts: dict[str, Any], where: str) ->
     return checked
 
 
+#: the plan name that asks for the plain default plan (``--plan default``): what ``compile`` compiled without a
+#: plan before the measured default became the default (a file of that name in the working folder wins)
+DEFAULT_PLAN_NAME = "default"
+
+
 def load_plan(arg: str | Path | None) -> Plan:
-    """``None`` -> default plan; a preset name (see ``qcompiler plan show``) or a file path."""
+    """``None`` or ``"default"`` -> the plain default plan; a preset name (see ``qcompiler plan show``) or a file
+    path."""
     if arg is None:
         return Plan.default()
     s = str(arg)
+    if s == DEFAULT_PLAN_NAME and not Path(s).exists():
+        return Plan.default()
     pp = preset_path(s)
     if pp is not None and not Path(s).exists():
         return Plan.from_file(pp)

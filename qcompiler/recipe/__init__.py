@@ -1,17 +1,21 @@
-"""The measured default (``compile --plan auto``) and the algorithm guard of the presets (``algorithms: {guard:
-measure}``).
+"""The measured default (``qcompiler compile MODEL --calib DATA`` with no plan, or ``--plan auto``) and the algorithm
+guard of the presets (``algorithms: {guard: measure}``).
 
 **Measured default.** The last ``h = min(16, N / 4)`` of the N calibration samples are held back; every candidate
-(:mod:`qcompiler.recipe.candidates`: the plain default plan — always first, the baseline —, calibration auto,
-the w8a8 preset as written, dynamic MatMul / Gemm inputs, GPTQ, weights only, bias correction, SmoothQuant, the w8a8-dynamic preset,
-percentile ranges; then the better single changes together, and at ``--effort high`` the best so far with its
-most sensitive layers float) is compiled calibrated on the other N - h samples and run in onnxruntime on the h
-held-back ones: score (:func:`qcompiler.recipe.measure.score`), latency against the float model (one thread, best
-of 3), bytes (as ``inspect --cost`` counts them), and the task metric when given. The winner is the best under
-``--optimize`` among the candidates that meet the constraints and are not below the default plan (by the task
-metric when given, else by the score). Confirmation: the winner and the default plan compiled on all N samples are
-compared once more on the held-back samples, and the default plan is kept if the winner lost there. ``--effort``
-caps the candidates (low 4, normal 8, high all).
+(:mod:`qcompiler.recipe.candidates`: the plain default plan — always first, the baseline —, the w8a8 preset as
+written, calibration auto, dynamic MatMul / Gemm inputs; at ``--effort normal`` / ``high`` also GPTQ, SmoothQuant,
+bias correction, percentile ranges; with a latency / size constraint or at ``--effort high`` also the candidates
+that keep activations float: w8a8-dynamic, weights only; then the better single changes together, and at
+``--effort high`` the best so far with its most sensitive layers float) is compiled calibrated on the other N - h
+samples and run in onnxruntime on the h held-back ones: score (:func:`qcompiler.recipe.measure.score`), bytes (as
+``inspect --cost`` counts them), the task metric when given, and latency against the float model (one thread, best
+of 3) only when a latency constraint asks for it (``--optimize latency``, ``--max-latency-ratio``). The winner is
+the best under ``--optimize`` among the candidates that meet the constraints and are not below the default plan
+(by the task metric when given, else by the score). Without a latency constraint nothing timed decides: the same
+inputs give the same file. Confirmation: the winner and the default plan compiled on all N samples are compared
+once more on the held-back samples, and the default plan is kept if the winner lost there. ``--effort`` caps the
+candidates (low — the default — 4, one more on a model with MatMul / Gemm and one more when weights-only is
+offered; normal 8; high all).
 
 **Guard.** A plan with ``algorithms: {guard: measure}`` (the shipped presets) is measured as written, and once
 without each algorithm it turns on (percentile clipping counting as one: without it, minmax ranges); an algorithm
@@ -21,7 +25,9 @@ the report). When nothing is dropped the plan compiled is the plan as written (s
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -32,8 +38,9 @@ from qcompiler.compile import CompileOptions
 from qcompiler.core.errors import UserError
 from qcompiler.plan import Plan
 from qcompiler.recipe.candidates import (
-    EFFORT_CANDIDATES,
+    MATMUL_OPS,
     combined,
+    effort_cap,
     guarded_algorithms,
     keep_float,
     recipe_candidates,
@@ -66,7 +73,8 @@ Progress = Callable[[str, int, int], None]
 
 
 def plan_for_compile(model: Path, opts: CompileOptions, base: Plan, progress: Progress | None = None) -> RecipeResult:
-    """The compile's hook: the measured default for ``--plan auto``, else the guard of ``base``."""
+    """The compile's hook: the measured default for ``plan="auto"`` (what the compile resolves no plan to, on real
+    calibration data), else the guard of ``base``."""
     with tempfile.TemporaryDirectory(prefix="qcompiler-recipe-") as tmp:
         bench = _bench(model, opts, Path(tmp))
         if opts.plan == "auto":
@@ -83,11 +91,13 @@ def guard_plan(model: Path, opts: CompileOptions, base: Plan) -> RecipeResult:
 def _bench(model: Path, opts: CompileOptions, tmp: Path) -> Bench:
     calib = str(opts.calib)
     fit, held = held_back(calib, model, opts.calib_samples)
-    float_outputs, float_seconds = run_timed(model, held)
     metric = load_metric(opts.task_metric)
+    # latency only where a constraint asks for it: timing must not decide what a plain compile writes
+    latency = opts.optimize == "latency" or opts.max_latency_ratio is not None
+    float_outputs, float_seconds = run_timed(model, held) if latency or metric is not None else ([], 0.0)
     float_metric = call_metric(metric, float_outputs, float_outputs, held) if metric is not None else None
-    latency = opts.optimize == "latency" or opts.max_latency_ratio is not None or opts.plan == "auto"
-    return Bench(model=model, options=opts, calib=calib, fit_samples=fit, held=held, float_outputs=float_outputs,
+    # the candidates' compiles are not validated: the compile's --check thresholds are for the model written
+    return Bench(model=model, options=dataclasses.replace(opts, checks=[]), calib=calib, fit_samples=fit, held=held, float_outputs=float_outputs,
                  float_seconds=float_seconds, workdir=tmp, metric=metric, float_metric=float_metric,
                  latency=latency)
 
@@ -97,19 +107,27 @@ def _constraints(opts: CompileOptions, model: Path) -> Constraints:
         raise UserError(f"--optimize: '{opts.optimize}' (one of {', '.join(OPTIMIZE)})")
     budget = Budget.parse(opts.budget) if opts.budget is not None else None
     float_bytes = int(ir.model_summary(ir.load_model(model))["parameter_bytes"]) if budget is not None else 0
+    # --min-sqnr shapes the choice under --optimize latency / size (the fastest / smallest that meets it); under
+    # accuracy the most accurate candidate is kept anyway, and --min-sqnr stays the compile's validation gate
+    # (exit 2, the rejected model's report written), as for any plan
+    min_sqnr = opts.min_sqnr_db if opts.optimize != "accuracy" else None
     return Constraints(optimize=opts.optimize, max_latency_ratio=opts.max_latency_ratio, budget=budget,
-                       float_bytes=float_bytes, min_sqnr_db=opts.min_sqnr_db, max_drop=opts.max_drop)
+                       float_bytes=float_bytes, min_sqnr_db=min_sqnr, max_drop=opts.max_drop)
 
 
 def _choose(bench: Bench, opts: CompileOptions, base: Plan, progress: Progress | None) -> RecipeResult:
-    if opts.effort not in EFFORTS:
+    if opts.effort is not None and opts.effort not in EFFORTS:
         raise UserError(f"--effort: '{opts.effort}' (one of {', '.join(EFFORTS)})")
     if opts.max_drop is not None and bench.metric is None:
         raise UserError("--max-drop needs a task metric (--metric module:function)")
+    effort = opts.effort or "low"
     cons = _constraints(opts, bench.model)
-    cap = EFFORT_CANDIDATES[opts.effort]
     op_types = set(ir.model_summary(ir.load_model(bench.model))["ops"])
-    todo = recipe_candidates(base, op_types)
+    # activations kept float (weights only, w8a8-dynamic) would win on accuracy almost everywhere by giving up the
+    # integer kernels: offered only when the user weighs speed / size, or asks for every candidate
+    float_acts = effort == "high" or cons.timed or cons.optimize == "size" or cons.budget is not None
+    cap = effort_cap(effort, bool(op_types & set(MATMUL_OPS)), float_acts)
+    todo = recipe_candidates(base, op_types, float_activations=float_acts)
     singles = todo if cap is None else todo[:max(1, cap - 1)]  # a place left for the combination
     measured: list[Measured] = []
     total = len(singles) + 1
@@ -118,8 +136,8 @@ def _choose(bench: Bench, opts: CompileOptions, base: Plan, progress: Progress |
             progress(f"recipe:{cand.name}", i, total)
         measured.append(bench.measure(cand.plan, cand.name, cand.change))
         measured[-1].structural = cand.structural
-        log.info("recipe: %s %s dB, %.2fx float, %d bytes", cand.name, fmt_db(measured[-1].sqnr_db),
-                 measured[-1].latency_ratio, measured[-1].bytes)
+        log.info("recipe: %s %s dB, %d bytes%s", cand.name, fmt_db(measured[-1].sqnr_db), measured[-1].bytes,
+                 f", {measured[-1].latency_ratio:.2f}x float" if bench.latency else "")
     by_name = {c.name: c for c in singles}
     better = [by_name[m.name] for m in measured[1:] if not m.error and m.sqnr_db > measured[0].sqnr_db]
     extra = combined(base, better)
@@ -134,6 +152,9 @@ def _choose(bench: Bench, opts: CompileOptions, base: Plan, progress: Progress |
             measured.append(bench.measure(kf.plan, kf.name, kf.change))
             measured[-1].structural = True
             by_name[kf.name] = kf
+    if not bench.latency:  # run for a task metric's outputs only: its timing is no measurement anything uses
+        for m in measured:
+            m.latency_ratio = math.inf
     winner, reason = pick(measured, cons, bench.float_metric)
     for m in measured:
         if m is not winner and not m.error:
@@ -152,7 +173,7 @@ def _choose(bench: Bench, opts: CompileOptions, base: Plan, progress: Progress |
             reason = f"{winner.name} lost to the default plan when calibrated on all samples ({acc_w:.4g} < {acc_d:.4g})"
             winner = measured[0]
     # only measured values that do not depend on timing: same inputs, same file
-    header = (f"qcompiler --plan auto: the measured default's winner '{winner.name}' ({winner.change})\n"
+    header = (f"qcompiler: the measured default's winner '{winner.name}' ({winner.change})\n"
               f"held-back SQNR {fmt_db(winner.sqnr_db)} dB (the default plan: {fmt_db(measured[0].sqnr_db)} dB)\n"
               "reproduce: qcompiler compile MODEL --plan THIS_FILE --calib DATA")
     plan = Plan.from_text(plan_text(winner.plan, header), source=f"<recipe {winner.name}>")

@@ -1,8 +1,15 @@
-"""The candidate plans the measured default (``--plan auto``) tries, and the ablations of the algorithm guard.
+"""The candidate plans the measured default tries, and the ablations of the algorithm guard.
 
 Every candidate is an ordinary :class:`~qcompiler.plan.Plan` built from a plan dictionary (``Plan.to_dict``), so
 the winner written with ``--recipe-out`` is a plan file like any other. Order matters: ``--effort`` keeps the
-first candidates of :func:`recipe_candidates` (the plain default plan always first).
+first candidates of :func:`recipe_candidates` (the plain default plan always first; :func:`effort_cap`). The order
+is what measured best on the model zoo (benchmarks/RESULTS.md, "Measured default"): the w8a8 preset as written
+(PP-OCR cls / rec), calibration auto (silero-vad), dynamic MatMul / Gemm inputs (transformers) — the candidates of
+``--effort low``, the default — then GPTQ, SmoothQuant, bias correction (PP-OCR det's winner was range-auto +
+GPTQ + bias correction), percentile ranges. The candidates that keep activations float where the default plan
+runs integer kernels (weights only, after the low ones; w8a8-dynamic, last) are offered only when the user asks
+for a latency / size constraint or ``--effort high`` (``float_activations``): by accuracy alone they would win
+almost everywhere by giving up the integer kernels.
 """
 
 from __future__ import annotations
@@ -13,9 +20,19 @@ from typing import Any
 
 from qcompiler.plan import Plan, load_plan
 
-#: a candidate per effort: low, normal, high (None: all)
+#: candidates per effort, the combination slot included: low, normal, high (None: all). Low: the plain default
+#: plan, w8a8, range-auto (and dynamic-matmul on a model with MatMul / Gemm: :func:`effort_cap`) + combination
 EFFORT_CANDIDATES = {"low": 4, "normal": 8, "high": None}
 MATMUL_OPS = ("MatMul", "Gemm")
+
+
+def effort_cap(effort: str, has_matmul: bool, float_activations: bool = False) -> int | None:
+    """How many candidates ``effort`` measures, the combination slot included (None: all): at low, one more for
+    dynamic-matmul on a model with MatMul / Gemm and one more for weights-only when it is offered."""
+    cap = EFFORT_CANDIDATES[effort]
+    if effort != "low" or cap is None:
+        return cap
+    return cap + int(has_matmul) + int(float_activations)
 
 
 @dataclass
@@ -25,10 +42,11 @@ class Candidate:
     name: str
     change: str
     plan: Plan
-    #: it changes which tensors are quantized (the graph's kernels, so its latency): the only candidates the
-    #: implicit latency limit of --optimize accuracy applies to (the others differ from the default plan in
-    #: values only, and their latency differences are measurement noise)
+    #: it changes which tensors are quantized (the graph's kernels), not only values
     structural: bool = False
+    #: it keeps activations float where the default plan quantizes them (gives up integer kernels): offered only
+    #: with a latency / size constraint or --effort high
+    float_activations: bool = False
 
 
 def plan_from(d: dict[str, Any], name: str) -> Plan:
@@ -62,33 +80,37 @@ def _with_dynamic_matmul(d: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def recipe_candidates(base: Plan, op_types: set[str]) -> list[Candidate]:
-    """The single-change candidates, most promising first (see the module doc). ``op_types``: the model's ops."""
+def recipe_candidates(base: Plan, op_types: set[str], *, float_activations: bool = False) -> list[Candidate]:
+    """The single-change candidates, most promising first (see the module doc). ``op_types``: the model's ops;
+    ``float_activations``: also those that keep activations float (weights only, after the candidates of
+    ``--effort low``; w8a8-dynamic, last)."""
     d = base.to_dict()
     has_matmul = bool(op_types & set(MATMUL_OPS))
-    out = [Candidate("default", "the plain default plan (baseline)", plan_from(d, "default")),
-           Candidate("range-auto", "activation ranges: calibration auto (minmax / percentile / entropy / mse)",
-                     plan_from(_with_activation(d, calibration="auto"), "range-auto"))]
     shipped = load_plan("w8a8")
     shipped.guard = "off"
-    out.append(Candidate("w8a8", "the w8a8 preset as written (percentile ranges, int8 GPTQ, float-read Conv outputs "
-                                 "not requantized)", shipped, True))
+    out = [Candidate("default", "the plain default plan (baseline)", plan_from(d, "default")),
+           Candidate("w8a8", "the w8a8 preset as written (percentile ranges, int8 GPTQ, float-read Conv outputs "
+                             "not requantized)", shipped, True),
+           Candidate("range-auto", "activation ranges: calibration auto (minmax / percentile / entropy / mse)",
+                     plan_from(_with_activation(d, calibration="auto"), "range-auto"))]
     if has_matmul:
         out.append(Candidate("dynamic-matmul", "MatMul / Gemm inputs quantized at run time (w8a8-dynamic style)",
                              plan_from(_with_dynamic_matmul(d), "dynamic-matmul"), True))
+    if float_activations:
+        out.append(Candidate("weights-only", "activations float, int8 weights (no activation rounding, no integer "
+                                             "kernels)", plan_from(_with_activation(d, dtype="float"),
+                                                                   "weights-only"), True, True))
     out.append(Candidate("gptq", "GPTQ chooses the int8 weight codes", plan_from(
         _with_algorithm(d, "gptq", {"max_bits": 8}), "gptq")))
     if has_matmul:
         out.append(Candidate("smooth", "SmoothQuant on", plan_from(_with_algorithm(d, "smooth", True), "smooth")))
-    out.append(Candidate("weights-only", "activations float, int8 weights (no activation rounding, no integer "
-                                         "kernels)", plan_from(_with_activation(d, dtype="float"), "weights-only"), True))
     out.append(Candidate("bias-correct", "bias correction on", plan_from(
         _with_algorithm(d, "bias_correct", True), "bias-correct")))
-    if has_matmul:
-        out.append(Candidate("w8a8-dynamic", "the w8a8-dynamic preset (only MatMul / Gemm inputs quantized, at "
-                                             "run time)", plan_from(_dynamic_only(d), "w8a8-dynamic"), True))
     out.append(Candidate("percentile", "activation ranges: 99.99th percentile", plan_from(
         _with_activation(d, calibration="percentile", percentile=99.99), "percentile")))
+    if float_activations and has_matmul:
+        out.append(Candidate("w8a8-dynamic", "the w8a8-dynamic preset (only MatMul / Gemm inputs quantized, at "
+                                             "run time)", plan_from(_dynamic_only(d), "w8a8-dynamic"), True, True))
     return out
 
 

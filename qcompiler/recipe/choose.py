@@ -17,10 +17,6 @@ from qcompiler.recipe.measure import Measured
 log = logging.getLogger("qcompiler.recipe")
 
 OPTIMIZE = ("accuracy", "latency", "size")
-#: --optimize accuracy without --max-latency-ratio: a candidate that changes which tensors are quantized may be at
-#: most this much slower than the default plan — else keeping activations float (weights only) would win on almost
-#: every model, giving up the integer kernels' speed for accuracy nobody asked for (--max-latency-ratio 1 allows it)
-LATENCY_SLACK = 1.10
 EFFORTS = ("low", "normal", "high")
 
 
@@ -32,8 +28,12 @@ class Constraints:
     float_bytes: int = 0
     min_sqnr_db: float | None = None
     max_drop: float | None = None
-    #: set by :func:`pick` (see :data:`LATENCY_SLACK`)
-    implicit_latency: float | None = None
+
+    @property
+    def timed(self) -> bool:
+        """Whether the choice depends on measured latency (``--optimize latency``, ``--max-latency-ratio``): only
+        then is latency measured, and only then may two compiles of the same inputs choose differently."""
+        return self.optimize == "latency" or self.max_latency_ratio is not None
 
     def byte_limit(self) -> float | None:
         if self.budget is None:
@@ -49,8 +49,6 @@ class Constraints:
         out = []
         if self.max_latency_ratio is not None:
             out.append(f"latency <= {self.max_latency_ratio}x float")
-        if self.implicit_latency is not None:
-            out.append(f"latency <= {self.implicit_latency}x float (the default plan's +10%)")
         if self.budget is not None:
             out.append(f"bytes <= {self.budget.text}")
         if self.min_sqnr_db is not None:
@@ -74,8 +72,6 @@ def why_not(m: Measured, base: Measured, c: Constraints, float_metric: float | N
         return f"SQNR below {c.min_sqnr_db} dB"
     if c.max_latency_ratio is not None and m.latency_ratio > c.max_latency_ratio:
         return f"latency {m.latency_ratio:.2f}x > {c.max_latency_ratio}x"
-    if c.implicit_latency is not None and m.structural and m.latency_ratio > c.implicit_latency:
-        return f"latency {m.latency_ratio:.2f}x > {c.implicit_latency}x (the default plan's +10%)"
     limit = c.byte_limit()
     if limit is not None and m.bytes > limit:
         return f"{m.bytes} bytes > {int(limit)}"
@@ -86,14 +82,14 @@ def why_not(m: Measured, base: Measured, c: Constraints, float_metric: float | N
 
 
 def pick(measured: list[Measured], c: Constraints, float_metric: float | None) -> tuple[Measured, str]:
-    """The winner and why. ``measured[0]`` is the default plan: nothing below it on the held-back samples wins."""
+    """The winner and why. ``measured[0]`` is the default plan: nothing below it on the held-back samples wins.
+    Without a latency constraint only measured values that do not depend on timing decide (accuracy, bytes, the
+    task metric): same inputs, same winner."""
     base = measured[0]
-    if c.optimize == "accuracy" and c.max_latency_ratio is None and math.isfinite(base.latency_ratio):
-        c.implicit_latency = round(base.latency_ratio * LATENCY_SLACK, 3)
     ok = [m for m in measured if why_not(m, base, c, float_metric) is None]
     if not ok:
         reasons = "; ".join(f"{m.name}: {why_not(m, base, c, float_metric)}" for m in measured)
-        raise UserError(f"--plan auto: no candidate meets {', '.join(c.describe()) or 'the constraints'} "
+        raise UserError(f"the measured default: no candidate meets {', '.join(c.describe()) or 'the constraints'} "
                         f"at or above the default plan ({reasons}); nothing written")
     what = "task metric" if base.metric is not None else "SQNR"
     if c.optimize == "latency":
@@ -126,6 +122,7 @@ class RecipeResult:
 
     def summary(self) -> dict[str, Any]:
         return {"mode": self.mode, "winner": self.winner, "reason": self.reason, "held_samples": self.held_samples,
+                "latency_measured": bool(self.constraints and self.constraints.timed),
                 "candidates": [m.to_json() for m in self.candidates], "dropped": list(self.dropped),
                 "constraints": self.constraints.describe() if self.constraints else [],
                 **({"notes": self.notes} if self.notes else {})}

@@ -30,7 +30,8 @@ def register(cli: click.Group) -> None:
     @click.option("--target", default="ort", show_default=True, help="Runtime target (qcompiler targets).")
     @click.option("--calib", required=True, help="Calibration data (folder of .npz or one .npz); also used to "
                                                  "validate unless --validate-data is given.")
-    @click.option("--plan", help="Precision plan: a YAML/JSON file or a preset name.")
+    @click.option("--plan", help="Precision plan: a YAML/JSON file or a preset name; without one, the measured "
+                                 "default (as compile), 'default' for the plain default plan.")
     @click.option("--pipeline", help="Textual pipeline (default: the target's).")
     @click.option("--min-sqnr", type=float,
                   help="Fail (exit 2, no bundle) when an output's SQNR is below DB: its whole-tensor SQNR or that "

@@ -7,12 +7,13 @@ import sys
 from pathlib import Path
 
 import click
+import yaml
 
 from qcompiler import autoplan, ir
 from qcompiler.cli.terminal import Progress, table
 from qcompiler.core.errors import UserError
 from qcompiler.core.registry import get_target
-from qcompiler.plan import load_plan, presets
+from qcompiler.plan import DEFAULT_PLAN_NAME, Plan, load_plan, presets
 from qcompiler.report.cost import format_bytes, format_count
 from qcompiler.session import run_prefix
 
@@ -68,10 +69,14 @@ def plan_resolve_cmd(model: Path, plan: str | None, target: str, output: Path | 
 @plan_group.command("show")
 @click.argument("preset", required=False)
 def plan_show_cmd(preset: str | None) -> None:
-    """Print a shipped preset plan (without PRESET: list them)."""
+    """Print a shipped preset plan (without PRESET: list them; 'default': the plain default plan)."""
     if preset is None:
         for n in presets.names():
             click.echo(n)
+        return
+    if preset == DEFAULT_PLAN_NAME:
+        click.echo(yaml.safe_dump(Plan.default().to_dict(), sort_keys=False, default_flow_style=None, width=120),
+                   nl=False)
         return
     p = presets.preset_path(preset)
     if p is None:
