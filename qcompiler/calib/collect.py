@@ -19,6 +19,7 @@ import onnx_graphsurgeon as gs
 
 from qcompiler.calib.feeds import Feed, InputSig, input_signatures, session_feed
 from qcompiler.calib.sources import CalibrationSource
+from qcompiler.calib.statcache import collection_key, stats_cache
 from qcompiler.calib.stats import TensorStats
 from qcompiler.core.activations import ActivationCache, graph_key
 from qcompiler.core.errors import UserError
@@ -53,7 +54,9 @@ def collect(graph: gs.Graph, specs: dict[str, QuantSpec], source: CalibrationSou
     is filled with the (shape, dtype) of the graph inputs, the graph outputs and the collected tensors on the
     first sample (what the cost model can reuse instead of running the model again). ``cache``, when given,
     keeps each sample's collected tensors (up to its byte cap; real data and one group only) for the passes
-    that stream the same samples through the same graph later. A feed onnxruntime rejects raises
+    that stream the same samples through the same graph later. What it collects is also kept in the process's
+    statistics cache (:mod:`qcompiler.calib.statcache`), and a collection of the same graph, tensors and
+    samples is served from there (equal statistics, no run). A feed onnxruntime rejects raises
     :class:`UserError` naming the sample; a tensor name that is not in the graph raises ``ValueError``.
     """
     tensors = graph.tensors()
@@ -86,7 +89,22 @@ def collect(graph: gs.Graph, specs: dict[str, QuantSpec], source: CalibrationSou
     done = 0
     workers = calibration_workers() if workers is None else max(1, int(workers))
     keep = cache is not None and len(groups) == 1 and not source.synthetic and cache.max_bytes > 0
-    key = graph_key(graph) if keep else None
+    scache = stats_cache()
+    gkey = graph_key(graph) if keep or (scache.max_bytes > 0 and not source.synthetic) else None
+    key = gkey if keep else None
+    # the same graph, samples and session already collected in this process (another candidate plan)
+    ckey = collection_key(gkey, sigs, source, run_names, size)
+    wanted = {name: stats[name].has_histogram for name in [*run_names, *from_feed]}
+    hit = scache.lookup(ckey, wanted, shapes is not None)
+    if hit is not None:
+        stats.update(hit[0])
+        if shapes is not None:
+            shapes.update(hit[1])
+        if progress is not None:
+            progress(total, total)
+        log.debug("calibration: %d tensor(s) over %d sample(s) from the statistics cache", len(wanted), n)
+        _warn_nonfinite(stats)
+        return stats
     for gi, group in enumerate(groups):
         # One intra-op thread per run (a sample per run, up to `workers` runs in flight): measured 1.3-2.3x faster
         # per sample than onnxruntime's default pool on the 2-core CI machines, which also fights numpy for cores.
@@ -111,11 +129,16 @@ def collect(graph: gs.Graph, specs: dict[str, QuantSpec], source: CalibrationSou
             done += 1
             if progress is not None:
                 progress(done, total)
+    scache.store(ckey, {name: stats[name] for name in wanted}, shapes)
+    _warn_nonfinite(stats)
+    return stats
+
+
+def _warn_nonfinite(stats: dict[str, TensorStats]) -> None:
     for name, st in stats.items():
         if st.nonfinite:
             log.warning("calibration: tensor '%s' produced %d NaN/Inf values (ignored in its range)", name,
                         st.nonfinite)
-    return stats
 
 
 #: environment variable overriding the number of concurrent calibration runs (1: strictly sequential)
