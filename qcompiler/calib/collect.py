@@ -21,6 +21,7 @@ from qcompiler.calib.feeds import Feed, InputSig, input_signatures, session_feed
 from qcompiler.calib.sources import CalibrationSource
 from qcompiler.calib.statcache import collection_key, stats_cache
 from qcompiler.calib.stats import TensorStats
+from qcompiler.core import profile
 from qcompiler.core.activations import ActivationCache, graph_key
 from qcompiler.core.errors import UserError
 from qcompiler.core.workers import worker_count
@@ -90,10 +91,11 @@ def collect(graph: gs.Graph, specs: dict[str, QuantSpec], source: CalibrationSou
     workers = calibration_workers() if workers is None else max(1, int(workers))
     keep = cache is not None and len(groups) == 1 and not source.synthetic and cache.max_bytes > 0
     scache = stats_cache()
-    gkey = graph_key(graph) if keep or (scache.max_bytes > 0 and not source.synthetic) else None
+    with profile.step("statistics cache key"):
+        gkey = graph_key(graph) if keep or (scache.max_bytes > 0 and not source.synthetic) else None
+        # the same graph, samples and session already collected in this process (another candidate plan)
+        ckey = collection_key(gkey, sigs, source, run_names, size)
     key = gkey if keep else None
-    # the same graph, samples and session already collected in this process (another candidate plan)
-    ckey = collection_key(gkey, sigs, source, run_names, size)
     wanted = {name: stats[name].has_histogram for name in [*run_names, *from_feed]}
     hit = scache.lookup(ckey, wanted, shapes is not None)
     if hit is not None:
