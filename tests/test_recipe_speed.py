@@ -139,6 +139,36 @@ def test_other_samples_graph_or_tensors_miss(tmp_path: Path, monkeypatch) -> Non
         collect(graph, spec, _source(graph, folder), workers=1)
 
 
+@pytest.mark.parametrize("method", ["minmax", "percentile", "entropy"])
+def test_a_cached_prefix_is_merged_with_the_rest_exactly(tmp_path: Path, monkeypatch, method: str) -> None:
+    """The candidates calibrate on the first N - h samples, the confirmation and the final compile on all N:
+    only the last h run, and the merged statistics are those of one pass."""
+    graph = _graph()
+    folder = _folder(tmp_path / "calib", n=9, seed=5)
+    src = _source(graph, folder)
+    specs = {"h": QuantSpec(dtype="uint8", calibration=method), "y": QuantSpec(dtype="int8", calibration=method),
+             "x": QuantSpec(dtype="int8", calibration=method)}
+    reset_stats_cache(0)
+    one_pass: dict = {}
+    fresh = collect(graph, specs, src, workers=1, shapes=one_pass)
+    reset_stats_cache()
+    collect(graph, specs, src.take(6), workers=2, shapes={})
+    ran: list[int] = []
+    real = collect_module._run_samples
+    monkeypatch.setattr(collect_module, "_run_samples", lambda sess, group, source, *a: ran.append(len(source))
+                        or real(sess, group, source, *a))
+    calls: list = []
+    shapes: dict = {}
+    merged = collect(graph, specs, src, workers=2, shapes=shapes, progress=lambda d, t: calls.append((d, t)))
+    assert ran == [3] and stats_cache().partial_hits == 1
+    assert {k: _fields(v) for k, v in merged.items()} == {k: _fields(v) for k, v in fresh.items()}
+    assert all(merged[k].range(specs[k]) == fresh[k].range(specs[k]) for k in specs)
+    assert shapes == one_pass and calls == [(i, 9) for i in range(1, 10)]
+    # and the whole now comes from the cache
+    assert {k: _fields(v) for k, v in collect(graph, specs, src).items()} == {k: _fields(v) for k, v in fresh.items()}
+    assert ran == [3] and stats_cache().hits == 1
+
+
 def test_random_and_in_memory_sources_and_a_zero_cap_keep_nothing(tmp_path: Path, monkeypatch) -> None:
     graph = _graph()
     spec = {"h": QuantSpec(dtype="uint8")}
