@@ -222,6 +222,21 @@ def test_score_against_the_reference_is_validates_number(tmp_path: Path, name: s
     assert runs == [1]  # the float model ran once for every candidate
 
 
+def test_a_confirmation_is_scored_but_not_timed(tmp_path: Path, monkeypatch) -> None:
+    model, npz = MODELS / "gemm_head.onnx", MODELS / "gemm_head.npz"
+    bench = _bench(model, npz, tmp_path)
+    repeats: list[int] = []
+    real = measure.run_timed
+    monkeypatch.setattr(measure, "run_timed", lambda m, f, repeats_=3, **k: repeats.append(k.get("repeats", 3))
+                        or real(m, f, **k))
+    cand = bench.measure(Plan.default(), "default", "")
+    conf = bench.measure(Plan.default(), "default-all", "", samples=10**9)
+    assert repeats == [3]  # the candidate timed best-of-3; the confirmation (no task metric) not run again
+    assert np.isfinite(cand.latency_ratio) and conf.latency_ratio == np.inf and not conf.error
+    full = qv.validate(model, tmp_path / "default-all.onnx", bench.held, per_layer=False)
+    assert conf.sqnr_db == score(full)
+
+
 def test_candidate_bytes_are_the_cost_reports_total_bytes(tmp_path: Path) -> None:
     model, npz = MODELS / "conv_bn_relu.onnx", MODELS / "conv_bn_relu.npz"
     out = tmp_path / "q.onnx"

@@ -169,10 +169,13 @@ class Bench:
             qmodel = ir.load_model(out, check=False)
             with profile.step("candidate scores"):
                 m.sqnr_db = score(self.validate(qmodel, out))
-            if self.latency or self.metric is not None:
-                with profile.step("candidate latency"):
-                    outputs, secs = run_timed(qmodel, self.held)
-                m.latency_ratio = secs / self.float_seconds if self.float_seconds > 0 else math.inf
+            # a confirmation (calibrated on other samples than the candidates) is compared by accuracy only
+            timed = self.latency and samples is None
+            if timed or self.metric is not None:
+                with profile.step("candidate latency" if timed else "candidate outputs"):
+                    outputs, secs = run_timed(qmodel, self.held, repeats=LATENCY_REPEATS if timed else 0)
+                if timed:
+                    m.latency_ratio = secs / self.float_seconds if self.float_seconds > 0 else math.inf
                 if self.metric is not None:
                     m.metric = call_metric(self.metric, outputs, self.float_outputs, self.held)
         except UserError as e:
@@ -246,15 +249,17 @@ def _file_name(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
 
 
-def run_timed(model: Path | Any, feeds: Sequence[dict[str, np.ndarray]]) -> tuple[list[dict[str, np.ndarray]], float]:
-    """The outputs of ``model`` on ``feeds`` and the best of :data:`LATENCY_REPEATS` timed passes (seconds)."""
+def run_timed(model: Path | Any, feeds: Sequence[dict[str, np.ndarray]],
+              repeats: int = LATENCY_REPEATS) -> tuple[list[dict[str, np.ndarray]], float]:
+    """The outputs of ``model`` on ``feeds`` and the best of ``repeats`` timed passes (seconds; ``inf`` with
+    none)."""
     # loaded first: a session from the path cannot read small external tensors (a Reshape's shape) that the
     # loader resolves
     sess = ir.session(ir.load_model(model) if isinstance(model, (str, Path)) else model, threads=1)
     names = [o.name for o in sess.get_outputs()]
     outputs = [dict(zip(names, sess.run(names, f), strict=True)) for f in feeds]  # also the warm-up
     best = math.inf
-    for _ in range(LATENCY_REPEATS):
+    for _ in range(repeats):
         t0 = time.perf_counter()
         for f in feeds:
             sess.run(names, f)
