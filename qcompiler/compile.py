@@ -189,6 +189,9 @@ class CompileOptions:
     max_drop: float | None = None  # the most the task metric may drop below the float model's
     effort: str | None = None  # low (the default: 4-5 candidates) | normal (<= 8) | high (all)
     recipe_out: str | Path | None = None  # write the winning recipe here as a plan YAML
+    #: False: no cost report unless a budget needs it (``report["cost"]`` empty; the measured default's candidate
+    #: compiles count the bytes of the files written, which is the report's ``total_bytes``)
+    cost_report: bool = True
 
 
 @dataclass
@@ -473,9 +476,11 @@ def _compile(src: Path, out: Path, opts: CompileOptions, outs: ir.OutputSet, pro
     report["sizes"] = {"float_parameter_bytes": float_bytes, "quantized_parameter_bytes": quant_bytes,
                        "ratio": round(quant_bytes / float_bytes, 4) if float_bytes else None}
     known = (ctx.calib_shapes or None) if calib_source is not None else None
-    with profile.step("cost report"):
-        report["cost"] = cost.compile_cost(qmodel, staged, calib_source, shapes=not big,
-                                           known_shapes=known).to_json()
+    report["cost"] = {}
+    if opts.cost_report or opts.budget is not None:  # a budget is checked on the report
+        with profile.step("cost report"):
+            report["cost"] = cost.compile_cost(qmodel, staged, calib_source, shapes=not big,
+                                               known_shapes=known).to_json()
     if ctx.renamed.get("nodes"):  # compact-names: the report names layers as the compiled graph did
         back = ctx.renamed["nodes"]
         for layer in report["cost"].get("layers", []):

@@ -12,6 +12,8 @@ The package, one module per job:
   ``percentile``, ``entropy`` or ``mse``).
 * :mod:`~qcompiler.calib.collect`: :func:`collect`, the float graph run in onnxruntime over a source (worker
   threads, results in sample order) into the statistics of the requested tensors.
+* :mod:`~qcompiler.calib.statcache`: the process-level cache of collected statistics that lets candidate
+  compiles of one model (``--plan auto``, the algorithm guard) share a collection (:func:`stats_cache`).
 * :mod:`~qcompiler.calib.dataflow`: data-free ranges (``--calib none``) from the BatchNormalization statistics
   that ``fold-batchnorm`` records (:class:`ChannelStats`, :func:`bn_statistics`, :func:`bn_ranges`).
 
@@ -31,6 +33,7 @@ from qcompiler.calib.sources import (
     random_shape,
     random_source,
 )
+from qcompiler.calib.statcache import StatsCache, reset_stats_cache, stats_cache
 from qcompiler.calib.stats import HIST_BINS, TensorStats, needs_histogram
 
 __all__ = [
@@ -44,6 +47,7 @@ __all__ = [
     "ChannelStats",
     "Feed",
     "InputSig",
+    "StatsCache",
     "TensorStats",
     "bn_ranges",
     "bn_statistics",
@@ -54,5 +58,7 @@ __all__ = [
     "needs_histogram",
     "random_shape",
     "random_source",
+    "reset_stats_cache",
     "session_feed",
+    "stats_cache",
 ]

@@ -16,6 +16,7 @@ limited to its first samples (:meth:`~CalibrationSource.take`) or to chosen ones
 
 from __future__ import annotations
 
+import hashlib
 import math
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
@@ -82,6 +83,12 @@ class CalibrationSource:
     def label(self, i: int) -> str:
         """Human name of sample ``i`` for error messages (e.g. ``calib/003.npz``)."""
         return f"{self.description}: sample {i}"
+
+    def sample_ids(self) -> list[str] | None:
+        """A content identity per sample, in order (the same samples read from the same bytes: the same ids;
+        a file changed in place: other ids); ``None`` when the source has none (random, in memory). It reads
+        every file used once (a digest), so it costs about one pass over the data without the model runs."""
+        return None
 
     # ------------------------------------------------------------------------------------ public API
     def __len__(self) -> int:
@@ -162,6 +169,10 @@ class _Limited(CalibrationSource):
     def label(self, i: int) -> str:
         return self.base.label(i)
 
+    def sample_ids(self) -> list[str] | None:
+        ids = self.base.sample_ids()
+        return None if ids is None else ids[:len(self)]
+
 
 class _Subset(CalibrationSource):
     def __init__(self, base: CalibrationSource, indices: Sequence[int]) -> None:
@@ -181,6 +192,10 @@ class _Subset(CalibrationSource):
 
     def label(self, i: int) -> str:
         return self.base.label(self.indices[i])
+
+    def sample_ids(self) -> list[str] | None:
+        ids = self.base.sample_ids()
+        return None if ids is None else [ids[i] for i in self.indices]
 
     def _feeds(self) -> Iterator[Feed]:
         want = iter(self.indices)
@@ -247,6 +262,9 @@ class _FolderSource(CalibrationSource):
 
     def label(self, i: int) -> str:
         return str(self.files[i])
+
+    def sample_ids(self) -> list[str] | None:
+        return [f"{f.name}:{file_digest(f)}" for f in self.files[:len(self)]]
 
     def _feeds(self) -> Iterator[Feed]:
         for f in self.files:
@@ -336,6 +354,10 @@ class _StackedNpzSource(CalibrationSource):
     def label(self, i: int) -> str:
         return f"{self.path}: sample {i}"
 
+    def sample_ids(self) -> list[str] | None:
+        digest = file_digest(self.path)
+        return [f"{digest}:{i}" for i in range(len(self))]
+
     def _readers(self, zf: zipfile.ZipFile, stack: list[Any]) -> dict[str, Callable[[int], np.ndarray]]:
         readers: dict[str, Callable[[int], np.ndarray]] = {}
         for key, member in self.members.items():
@@ -410,6 +432,18 @@ class _RandomSource(CalibrationSource):
                     raise UserError(f"calibration: cannot make random data for input {s.describe()}; "
                                     f"give calibration files")
             yield feed
+
+
+def file_digest(path: Path) -> str:
+    """The content digest of a file (a calibration sample's identity, :meth:`CalibrationSource.sample_ids`)."""
+    h = hashlib.blake2b(digest_size=16)
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    except OSError as e:
+        raise UserError(f"{path}: calibration file cannot be read ({e.strerror or type(e).__name__})") from None
+    return h.hexdigest()
 
 
 def random_shape(sig: InputSig) -> tuple[int, ...]:

@@ -91,6 +91,23 @@ class TensorStats:
         return (f"<TensorStats min={self.min:.6g} max={self.max:.6g} count={self.count} samples={self.samples}"
                 f"{' hist' if self.hist is not None else ''}>")
 
+    def copy(self) -> TensorStats:
+        """An independent copy (the histogram copied)."""
+        out = TensorStats.__new__(TensorStats)
+        out.__dict__.update(self.__dict__)
+        if self.hist is not None:
+            out.hist = self.hist.copy()
+        return out
+
+    def without_histogram(self) -> TensorStats:
+        """These statistics as collected without a histogram (for ``minmax``): ``update`` keeps ``min``, ``max``,
+        ``count``, ``samples`` and ``nonfinite`` the same either way, while ``zeros`` and the histogram range
+        are only kept with a histogram."""
+        out = TensorStats(histogram=False, bins=self.bins)
+        out.min, out.max, out.count, out.samples, out.nonfinite = (self.min, self.max, self.count, self.samples,
+                                                                   self.nonfinite)
+        return out
+
     # ----------------------------------------------------------------------------------------- update
     def update(self, x: np.ndarray) -> None:
         """Add one sample's values of the tensor."""

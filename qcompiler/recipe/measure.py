@@ -1,6 +1,13 @@
 """Measuring one candidate plan: compile it (calibrated on the first N - h calibration samples), then run the
-float and the compiled model in onnxruntime on the h held-back samples (the last ``min(16, N / 4)``) for its
-score (:func:`score`), its latency against the float model's, its bytes and, when given, the task metric."""
+compiled model in onnxruntime on the h held-back samples (the last ``min(16, N / 4)``) for its score
+(:func:`score`, against the float model's outputs computed once per bench: :attr:`Bench.reference`), its
+latency against the float model's, its bytes and, when given, the task metric.
+
+What a candidate costs, besides its passes: no cost report (the bytes are the files'), no validation inside
+the compile, one load of the file written (no second checker / trial session), one session for the score and
+one for the latency; calibration statistics shared with an earlier candidate come from the process's
+statistics cache (:mod:`qcompiler.calib.statcache`). ``compile --profile`` shows the candidates' steps under
+``measured recipe``."""
 
 from __future__ import annotations
 
@@ -20,6 +27,7 @@ import numpy as np
 
 from qcompiler import ir
 from qcompiler.compile import CompileOptions, compile_plan
+from qcompiler.core import profile
 from qcompiler.core.errors import UserError
 from qcompiler.plan import Plan
 from qcompiler.report import validate as qv
@@ -123,6 +131,17 @@ class Bench:
     metric: Metric | None = None
     float_metric: float | None = None
     latency: bool = True
+    #: the float model's outputs on the held-back samples as validation computes them (made once, on first use)
+    _reference: qv.Reference | None = field(default=None, init=False, repr=False)
+
+    @property
+    def reference(self) -> qv.Reference:
+        """The float model run once on the held-back samples, as :func:`qcompiler.report.validate.validate` runs
+        it: every candidate is scored against these outputs (the float model is not run again per candidate)."""
+        if self._reference is None:
+            with profile.step("float reference"):
+                self._reference = qv.float_reference(self.model, self.held)
+        return self._reference
 
     def run(self, plan: Plan, name: str, *, samples: int | None = None) -> tuple[Path, dict[str, Any]]:
         """Compile ``plan`` into the work folder, calibrated on ``samples`` (default: the fit samples)."""
@@ -130,9 +149,12 @@ class Bench:
         opts = dataclasses.replace(
             self.options, plan=plan, preset=None, calib=self.calib, calib_samples=samples or self.fit_samples,
             validate=False, validate_data=None, min_sqnr_db=None, report=None, budget=None, calib_select=None,
-            dump_after=set(), compact_names=False, recipe_out=None, verify_each=False)
+            dump_after=set(), compact_names=False, recipe_out=None, verify_each=False, cost_report=False)
+        outer = profile.current()
         with _quiet():
             result = compile_plan(self.model, out, opts)
+        if outer is not None and result.profile is not None:  # the candidate's steps, under the recipe's step
+            _graft(outer, "candidate compiles", result.profile)
         return out, result.report
 
     def measure(self, plan: Plan, name: str, change: str, *, samples: int | None = None) -> Measured:
@@ -140,11 +162,20 @@ class Bench:
         t0 = time.perf_counter()
         try:
             out, report = self.run(plan, name, samples=samples)
-            m.bytes = int(report.get("cost", {}).get("total_bytes") or report["sizes"]["quantized_parameter_bytes"])
-            m.sqnr_db = score(qv.validate(self.model, out, self.held, per_layer=False))
-            if self.latency or self.metric is not None:
-                outputs, secs = run_timed(out, self.held)
-                m.latency_ratio = secs / self.float_seconds if self.float_seconds > 0 else math.inf
+            m.bytes = int(report.get("cost", {}).get("total_bytes") or written_bytes(out)
+                          or report["sizes"]["quantized_parameter_bytes"])
+            # checked by the compile (the ONNX checker on the file written): loaded once, without the load-time
+            # checks, for the score's session and the latency's
+            qmodel = ir.load_model(out, check=False)
+            with profile.step("candidate scores"):
+                m.sqnr_db = score(self.validate(qmodel, out))
+            # a confirmation (calibrated on other samples than the candidates) is compared by accuracy only
+            timed = self.latency and samples is None
+            if timed or self.metric is not None:
+                with profile.step("candidate latency" if timed else "candidate outputs"):
+                    outputs, secs = run_timed(qmodel, self.held, repeats=LATENCY_REPEATS if timed else 0)
+                if timed:
+                    m.latency_ratio = secs / self.float_seconds if self.float_seconds > 0 else math.inf
                 if self.metric is not None:
                     m.metric = call_metric(self.metric, outputs, self.float_outputs, self.held)
         except UserError as e:
@@ -152,6 +183,18 @@ class Bench:
             log.info("recipe: candidate %s not measured: %s", name, e)
         m.seconds = time.perf_counter() - t0
         return m
+
+    def validate(self, qmodel: Any, out: Path) -> qv.ValidationReport:
+        """``qv.validate(self.model, out, self.held, per_layer=False)``, number for number, against
+        :attr:`reference` (the float model not run again). A model onnxruntime refuses is reported as the
+        load-time check reports it (``UserError``)."""
+        try:
+            return qv.validate_against(self.reference, qmodel, label=str(out))
+        except UserError:
+            raise
+        except Exception:
+            ir.load_model(out)  # the load-time checks name what onnxruntime refuses (UserError)
+            raise
 
     def sensitive_nodes(self, plan: Plan, name: str, n: int) -> list[str]:
         """The ``n`` quantized layers of ``plan``'s compile whose outputs are furthest from the float model's."""
@@ -186,24 +229,48 @@ def _quiet() -> Iterator[None]:
             lg.setLevel(level)
 
 
+def _graft(outer: profile.Profile, name: str, inner: profile.Profile) -> None:
+    """Add ``inner``'s steps (a candidate's own compile profile) under step ``name`` of ``outer``'s open step,
+    summed by name, so that ``compile --profile`` shows where the candidates' seconds went."""
+    def merge(into: profile.Step, steps: list[profile.Step]) -> None:
+        for st in steps:
+            c = into.child(st.name)
+            c.seconds += st.seconds
+            c.calls += max(1, st.calls)
+            merge(c, st.children)
+
+    with outer.step(name) as top:
+        pass
+    top.seconds += inner.finish()
+    merge(top, inner.root.children)
+
+
 def _file_name(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
 
 
-def run_timed(model: Path | Any, feeds: Sequence[dict[str, np.ndarray]]) -> tuple[list[dict[str, np.ndarray]], float]:
-    """The outputs of ``model`` on ``feeds`` and the best of :data:`LATENCY_REPEATS` timed passes (seconds)."""
+def run_timed(model: Path | Any, feeds: Sequence[dict[str, np.ndarray]],
+              repeats: int = LATENCY_REPEATS) -> tuple[list[dict[str, np.ndarray]], float]:
+    """The outputs of ``model`` on ``feeds`` and the best of ``repeats`` timed passes (seconds; ``inf`` with
+    none)."""
     # loaded first: a session from the path cannot read small external tensors (a Reshape's shape) that the
     # loader resolves
     sess = ir.session(ir.load_model(model) if isinstance(model, (str, Path)) else model, threads=1)
     names = [o.name for o in sess.get_outputs()]
     outputs = [dict(zip(names, sess.run(names, f), strict=True)) for f in feeds]  # also the warm-up
     best = math.inf
-    for _ in range(LATENCY_REPEATS):
+    for _ in range(repeats):
         t0 = time.perf_counter()
         for f in feeds:
             sess.run(names, f)
         best = min(best, time.perf_counter() - t0)
     return outputs, best
+
+
+def written_bytes(out: Path) -> int:
+    """The bytes of a compiled model as the cost report counts them (``total_bytes``): the file and its external
+    data file, when there is one."""
+    return sum(f.stat().st_size for f in (out, out.with_name(out.name + ".data")) if f.exists())
 
 
 def held_back(calib: str, model: Path, limit: int | None) -> tuple[int, list[dict[str, np.ndarray]]]:

@@ -1,0 +1,192 @@
+"""A process-level cache of collected calibration statistics, bounded in bytes.
+
+The measured default (``compile --plan auto``) and the presets' algorithm guard compile several candidate plans
+of one model on the same calibration samples in one process. Candidates that differ only in what runs after
+calibration (``gptq``, ``bias_correct``) or in the range method read from the same statistics (``percentile``
+on / off) collect exactly the same statistics: the same BN-folded graph, the same tensors exposed, the same
+samples. :func:`~qcompiler.calib.collect.collect` keeps what it collected here and gives it back instead of
+running onnxruntime again.
+
+An entry is keyed by
+
+* the collection (:func:`collection_base`): :func:`~qcompiler.core.activations.graph_key` of the graph (nodes,
+  attributes, constant values, inputs and outputs: any rewrite of the graph or of a weight misses), the graph
+  inputs' names, dtypes and shapes, and the tensors run in onnxruntime, in order, with the group size (which
+  tensors a session exposes can change onnxruntime's fusions, so values are reused only for the very same
+  session);
+* the samples: the content digest of every sample read (:meth:`~qcompiler.calib.sources.CalibrationSource.
+  sample_ids`: the bytes of each ``.npz`` of a folder, the bytes of a stacked ``.npz`` and the index), in
+  order — a ``take`` or ``subset`` reading the same samples is the same key, a file changed in place
+  (timestamps or not) another one.
+
+A collection over samples whose first ones an entry holds (the candidates calibrate on the first N - h samples,
+the confirmation and the final compile on all N) is served that prefix and collects only the rest; the two
+merge exactly (:meth:`TensorStats.merge`: min / max, counts and histogram bins are what one pass gives).
+
+Per tensor an entry holds its :class:`~qcompiler.calib.stats.TensorStats`, with a histogram when one was
+collected. The collector settings are the histogram (or not): a request for a histogram method is served only
+by a histogram entry; a ``minmax`` request by either (without a histogram, ``update`` keeps exactly the same
+``min`` / ``max`` / ``count`` / ``samples`` / ``nonfinite``, and ``zeros`` stays 0:
+:meth:`TensorStats.without_histogram`). Entries are copied in and out (the calibrate pass merges into its
+statistics), so a hit gives statistics equal field for field — and ranges bit for bit — to a new collection.
+In-memory and random sources are not cached.
+
+Cap: ``$QCOMPILER_STATS_CACHE_MB`` (default 128; 0 turns the cache off); the least recently used entries go
+first.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import logging
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from qcompiler.calib.feeds import InputSig
+from qcompiler.calib.stats import TensorStats
+
+log = logging.getLogger("qcompiler.calib")
+
+#: environment variable: the cache's cap in MiB (0: no cache)
+CACHE_ENV = "QCOMPILER_STATS_CACHE_MB"
+DEFAULT_MAX_MB = 128
+
+Shapes = dict[str, tuple[tuple[int, ...], np.dtype]]
+
+
+def default_max_bytes() -> int:
+    env = os.environ.get(CACHE_ENV, "").strip()
+    if env:
+        try:
+            return max(0, int(float(env) * 2**20))
+        except ValueError:
+            log.warning("%s=%r is not a number; ignored", CACHE_ENV, env)
+    return DEFAULT_MAX_MB * 2**20
+
+
+def collection_base(gkey: str | None, sigs: Sequence[InputSig], run_names: Sequence[str],
+                    group_size: int) -> str | None:
+    """The key of a collection without its samples (graph, inputs, session; see the module doc); ``None``:
+    not cacheable."""
+    if gkey is None:
+        return None
+    h = hashlib.blake2b(digest_size=16)
+    h.update(gkey.encode())
+    h.update(repr([(s.name, str(s.dtype), tuple(s.shape)) for s in sigs]).encode())
+    h.update(repr((list(run_names), group_size)).encode())
+    return h.hexdigest()
+
+
+@dataclass
+class Hit:
+    """What :meth:`StatsCache.lookup` found: copies of the statistics of the first ``covered`` samples asked
+    for (all of them, or a prefix), and their first-sample shapes."""
+
+    stats: dict[str, TensorStats]
+    shapes: Shapes
+    covered: int
+
+
+class StatsCache:
+    """``(collection base, sample ids) -> ({tensor: TensorStats}, first-sample shapes)``, at most ``max_bytes``
+    of statistics in all."""
+
+    def __init__(self, max_bytes: int | None = None) -> None:
+        self.max_bytes = default_max_bytes() if max_bytes is None else max(0, int(max_bytes))
+        self.nbytes = 0
+        self.hits = 0
+        self.partial_hits = 0
+        self.misses = 0
+        self._data: collections.OrderedDict[tuple[str, tuple[str, ...]], tuple[dict[str, TensorStats], Shapes]] = \
+            collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def lookup(self, base: str | None, ids: Sequence[str] | None, wanted: dict[str, bool], shapes: bool, *,
+               prefix: bool = True) -> Hit | None:
+        """Copies of the statistics of ``wanted`` (name -> needs a histogram) over the samples ``ids``, or with
+        ``prefix`` over their longest cached prefix (the caller collects the rest and merges: exact), when an
+        entry holds every tensor wanted (and, with ``shapes``, the first-sample shapes); else ``None``."""
+        if base is None or ids is None or self.max_bytes <= 0:
+            return None
+        want = tuple(ids)
+        with self._lock:
+            best: tuple[str, tuple[str, ...]] | None = None
+            for key, (stats, shp) in self._data.items():
+                k_base, k_ids = key
+                if k_base != base or len(k_ids) > len(want) or (len(k_ids) < len(want) and not prefix):
+                    continue
+                if best is not None and len(k_ids) <= len(best[1]):
+                    continue
+                if want[:len(k_ids)] != k_ids or (shapes and not shp) or any(
+                        n not in stats or (h and not stats[n].has_histogram) for n, h in wanted.items()):
+                    continue
+                best = key
+            if best is None:
+                self.misses += 1
+                return None
+            self._data.move_to_end(best)
+            stats, shp = self._data[best]
+            if len(best[1]) == len(want):
+                self.hits += 1
+            else:
+                self.partial_hits += 1
+            out = {n: stats[n].copy() if h else stats[n].without_histogram() for n, h in wanted.items()}
+            return Hit(out, dict(shp), len(best[1]))
+
+    def store(self, base: str | None, ids: Sequence[str] | None, stats: dict[str, TensorStats],
+              shapes: Shapes | None) -> None:
+        """Keep copies of ``stats`` (and ``shapes``) over the samples ``ids``, adding to what the entry holds (a
+        tensor keeps its histogram entry); the least recently used entries go when over the cap."""
+        if base is None or ids is None or self.max_bytes <= 0:
+            return
+        key = (base, tuple(ids))
+        with self._lock:
+            old_stats, old_shapes = self._data.pop(key, ({}, {}))
+            self.nbytes -= _nbytes(old_stats)
+            merged = dict(old_stats)
+            for n, st in stats.items():
+                if n not in merged or (st.has_histogram and not merged[n].has_histogram):
+                    merged[n] = st.copy()
+            size = _nbytes(merged)
+            if size > self.max_bytes:
+                return
+            self._data[key] = (merged, {**old_shapes, **(shapes or {})})
+            self.nbytes += size
+            while self.nbytes > self.max_bytes:
+                _, (gone, _s) = self._data.popitem(last=False)
+                self.nbytes -= _nbytes(gone)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._data.clear()
+            self.nbytes = 0
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+def _nbytes(stats: dict[str, TensorStats]) -> int:
+    return sum(st.nbytes + 256 for st in stats.values())
+
+
+_CACHE: StatsCache | None = None
+
+
+def stats_cache() -> StatsCache:
+    """The process's cache (created on first use, its cap read from ``$QCOMPILER_STATS_CACHE_MB`` then)."""
+    global _CACHE
+    if _CACHE is None:
+        _CACHE = StatsCache()
+    return _CACHE
+
+
+def reset_stats_cache(max_bytes: int | None = None) -> StatsCache:
+    """A new, empty process cache (``max_bytes``: its cap; default from the environment). For tests and tools."""
+    global _CACHE
+    _CACHE = StatsCache(max_bytes)
+    return _CACHE

@@ -1,0 +1,115 @@
+"""Graph-output validation against float outputs computed once: for tools that measure many quantized versions
+of one model on the same feeds (the measured default's candidates, :mod:`qcompiler.recipe.measure`).
+
+:func:`float_reference` runs the float model on the feeds once, exactly as :func:`~qcompiler.report.validate.
+validate` runs it (a plain session at full optimization, feeds adapted to its input types); :func:`compare`
+then runs only the quantized model (:func:`validate_against`) and accumulates the same metrics in the same sample order. The report is
+the one ``validate(float_model, quant_model, feeds, per_layer=False)`` gives — every output's SQNR, cosine,
+errors, worst slice and top-k, number for number — without running the float model again.
+
+Part of :mod:`qcompiler.report.validate`.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from qcompiler import ir
+from qcompiler.core import profile
+from qcompiler.core.errors import UserError
+from qcompiler.report.validate.compare import _output_accumulators, validation_workers
+from qcompiler.report.validate.layers import _graph_facts, _GraphFacts
+from qcompiler.report.validate.metrics import _Accumulator
+from qcompiler.report.validate.result import ValidationReport
+from qcompiler.report.validate.sessions import ModelLike, _as_model, _label, _run_checked, _Runner
+
+
+@dataclass
+class Reference:
+    """The float model's graph outputs on ``feeds`` (one dict per sample, in the session's output order)."""
+
+    feeds: list[dict[str, np.ndarray]]
+    outputs: list[dict[str, np.ndarray]]
+    output_types: dict[str, str]
+    label: str
+    #: node output -> op type of the float graph (what validate reads to spot class-score outputs)
+    producers: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.output_types)
+
+
+def float_reference(float_model: ModelLike, feeds: Sequence[dict[str, np.ndarray]]) -> Reference:
+    """Run ``float_model`` on ``feeds`` once, as :func:`validate` does; a failing run raises :class:`UserError`."""
+    label = _label(float_model, "float model")
+    fmodel = _as_model(float_model)
+    feeds = list(feeds)
+    if not feeds:
+        raise UserError("validate: no samples to run (empty data)")
+    with profile.step("sessions"):
+        runner = _Runner(fmodel)
+    names = list(runner.output_types)
+    outputs = [_run_checked(runner, f, i, names, "float", label) for i, f in enumerate(feeds)]
+    producers = _graph_facts(fmodel).producers if ir.parameter_bytes(fmodel) < ir.NO_PREPACK_BYTES else {}
+    return Reference(feeds=feeds, outputs=outputs, output_types=dict(runner.output_types), label=label,
+                     producers=producers)
+
+
+def validate_against(ref: Reference, quant_model: ModelLike, *, optimize: bool | str = True,
+                     slice_axes: Mapping[str, int] | None = None, label: str | None = None) -> ValidationReport:
+    """The graph-output report of ``quant_model`` against ``ref`` (``validate(..., per_layer=False)``'s numbers,
+    the float model not run). The quantized runs go to up to :func:`validation_workers` threads; their results
+    are accumulated in sample order. ``label`` names the quantized model in messages (default: its path).
+    Raises as :func:`validate` does."""
+    qlabel = label or _label(quant_model, "quantized model")
+    qmodel = _as_model(quant_model)
+    with profile.step("sessions"):
+        q_plain = _Runner(qmodel, optimize=optimize)
+    out_names = ref.names
+    missing = [n for n in out_names if n not in q_plain.output_types]
+    if missing:
+        raise UserError(f"{qlabel}: lacks graph output(s) {', '.join(repr(n) for n in missing)} of {ref.label}")
+    for n in slice_axes or {}:
+        if n not in out_names:
+            raise UserError(f"--slice-axis {n}=...: no graph output '{n}' (outputs: {', '.join(out_names)})")
+    facts = _GraphFacts(producers=ref.producers, inputs=set(), outputs=[], float_known={})
+    slice_acc, topk_acc = _output_accumulators(None, facts, ref.outputs[0], out_names, slice_axes or {}, ())
+    out_acc = {n: _Accumulator(n) for n in out_names}
+    run = functools.partial(_quant_run, q_plain, out_names, qlabel)
+    workers = min(validation_workers(), len(ref.feeds))
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers),
+                                               thread_name_prefix="qcompiler-validate") as pool:
+        results = pool.map(run, range(len(ref.feeds)), ref.feeds) if workers > 1 else map(
+            run, range(len(ref.feeds)), ref.feeds)
+        with profile.step("graph outputs"):
+            for fo, qo in zip(ref.outputs, results, strict=True):
+                for n in out_names:
+                    out_acc[n].update(fo[n], qo[n])
+                    if n in slice_acc:
+                        slice_acc[n].update(np.asarray(fo[n]), np.asarray(qo[n]))
+                    if n in topk_acc:
+                        topk_acc[n].update(np.asarray(fo[n]), np.asarray(qo[n]))
+    outputs = []
+    for n in out_names:
+        acc = out_acc[n]
+        if acc.bad is not None:
+            raise UserError(f"{qlabel}: output '{n}' does not match {ref.label}: {acc.bad}")
+        m = acc.metrics()
+        if n in slice_acc:
+            m.worst_slice = slice_acc[n].metrics()
+        if n in topk_acc:
+            m.topk = topk_acc[n].result()
+        outputs.append(m)
+    return ValidationReport(outputs=outputs, layers=[], samples=len(ref.feeds), min_sqnr_db=None, passed=True)
+
+
+def _quant_run(runner: _Runner, names: list[str], label: str, idx: int,
+               feed: dict[str, np.ndarray]) -> dict[str, Any]:
+    return _run_checked(runner, feed, idx, names, "quant", label)
