@@ -5,7 +5,8 @@ model.
 
 Rows: the default plan, the default plan with ``smooth: true`` (alpha 0.5; also ``affine: true``, smoothing
 through a LayerNorm exported as primitive ops, as ``auto`` does) and with ``smooth: {alpha: auto}``,
-``w8a8-dynamic`` and ``w8a8-dynamic`` with per-token activations (:data:`PLANS`). Calibration feeds from the
+``w8a8-dynamic``, ``w8a8-dynamic`` with per-token activations, and that with ``smooth: {alpha: auto}``
+(:data:`PLANS`). Calibration feeds from the
 ``calib`` split, evaluation feeds from the disjoint ``eval`` split; each row: the worst graph output's SQNR (dB)
 against the float model on the evaluation feeds, the compile seconds, the ``smooth`` pass's chosen alphas, and
 onnxruntime latency vs float (one thread, median of interleaved rounds)."""
@@ -44,6 +45,8 @@ PLANS: dict[str, dict[str, Any]] = {
                                                                     "symmetric": False,
                                                                     "calibration": "dynamic"}}]},
 }
+PLANS["w8a8-dynamic-per-token+smooth-auto"] = {**PLANS["w8a8-dynamic-per-token"],
+                                               "algorithms": {"smooth": {"alpha": "auto"}}}
 
 
 def main() -> int:

@@ -13,15 +13,16 @@ For one smoothed tensor X (channels on the last axis) read by the MatMul / Gemm 
 * **The measure** (:func:`choose`): each sample's rows are quantized as a compile *without that sample* would
   quantize them (leave one out): s' from the other samples' maxima, divided out, fake-quantized with the plan's
   activation spec on the per-tensor range of the other samples (``min_j lo_j/s'_j``, ``max_j hi_j/s'_j``: what
-  ``minmax`` calibration measures on the smoothed graph; a per-token spec quantizes each row on its own range,
-  as it does at run time), and carried by s'/s onto the weights ``diag(s)·W_i``, each quantized once per
+  ``minmax`` calibration measures on the smoothed graph — also taken for other methods and for per-tensor
+  ``dynamic`` specs, whose ranges it approximates; a per-token spec quantizes each row on its own range, as it
+  does at run time), and carried by s'/s onto the weights ``diag(s)·W_i``, each quantized once per
   candidate with its plan weight spec (per-channel / per-tensor / block, range method, scheme). The error is
   ``Σ_i ‖X̂·Ŵ_i − X·W_i‖² / ‖X·W_i‖²`` (each product's noise-to-signal ratio, so a wide layer does not drown a
   narrow one), in float32 on one BLAS thread (the same sums on every machine). Measured on the calibration
   samples themselves (ranges from all of them), the error cannot see that new data goes past the calibrated
   range, and α → 1 — every channel exactly at the range's edge — looked best where it lost 5 dB on new data;
-  leaving the sample out counts that clipping (on the test fixtures the measure then tracks the SQNR on
-  held-back data to ~0.1 dB).
+  leaving the sample out counts that clipping (on the test fixtures the choice is then the best fixed α or
+  within 0.1 dB of it).
 * **The choice**: the candidate with the lowest error; a smoothing candidate must beat "off" by
   :data:`MIN_GAIN` (10 %, 0.46 dB) to be taken, so a tensor without outliers keeps s = 1 and the pass is never
   worse than off on this measure. Ties go to the earlier candidate (off, then the smaller α).
@@ -141,10 +142,7 @@ def _fake_quant_activation(x: np.ndarray, lo: float, hi: float, spec: QuantSpec)
     if spec.is_float:
         return x
     if spec.granularity == "per_token":  # each row on its own range, as at run time
-        rlo = np.minimum(x.min(axis=1, keepdims=True), 0.0)
-        rhi = np.maximum(x.max(axis=1, keepdims=True), 0.0)
-        s, z = quant.qparams(rlo.reshape(-1), rhi.reshape(-1), spec.dtype, spec.symmetric)
-        return quant.dequantize(quant.quantize(x, s, z, spec.dtype, 0), s, z, 0)
+        return quant.per_token_dequantize(x, spec.dtype, spec.symmetric)
     s, z = quant.qparams(lo, hi, spec.dtype, spec.symmetric)
     return quant.dequantize(quant.quantize(x, s, z, spec.dtype), s, z)
 
