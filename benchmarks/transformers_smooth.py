@@ -9,7 +9,12 @@ through a LayerNorm exported as primitive ops, as ``auto`` does) and with ``smoo
 (:data:`PLANS`). Calibration feeds from the
 ``calib`` split, evaluation feeds from the disjoint ``eval`` split; each row: the worst graph output's SQNR (dB)
 against the float model on the evaluation feeds, the compile seconds, the ``smooth`` pass's chosen alphas, and
-onnxruntime latency vs float (one thread, median of interleaved rounds)."""
+onnxruntime latency vs float (one thread, median of interleaved rounds).
+
+    python benchmarks/transformers_smooth.py vit_focus --mode lowering --eval 8 -o out/tsq_lowering_vit.json
+
+compares, for the per-token lowering decision, per-tensor dynamic, per-token in its reference form and lowered,
+and int8 symmetric per-token (:func:`lowering_probe`)."""
 
 from __future__ import annotations
 
@@ -26,8 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C
 from measured_default import inputs, worst_sqnr
 
+from qcompiler import ir
 from qcompiler.api import CompileOptions, compile_model
 from qcompiler.plan import Plan
+from qcompiler.runtime_targets import DEFAULT_PIPELINE
 
 DYNAMIC = {"defaults": {"weight": {"dtype": "int8", "granularity": "per_channel", "symmetric": True},
                         "activation": {"dtype": "float"}}}
@@ -42,15 +49,51 @@ PLANS: dict[str, dict[str, Any]] = {
                                                           "symmetric": False, "calibration": "dynamic"}}]},
     "w8a8-dynamic-per-token": {**DYNAMIC, "rules": [{"match": {"op_type": ["MatMul", "Gemm"]},
                                                      "activation": {"dtype": "uint8", "granularity": "per_token",
-                                                                    "symmetric": False,
-                                                                    "calibration": "dynamic"}}]},
+                                                                    "symmetric": False, "calibration": "dynamic"}}]},
 }
 PLANS["w8a8-dynamic-per-token+smooth-auto"] = {**PLANS["w8a8-dynamic-per-token"],
                                                "algorithms": {"smooth": {"alpha": "auto"}}}
 
 
+def _per_token(dtype: str = "uint8", symmetric: bool = False) -> dict[str, Any]:
+    rule = {"match": {"op_type": ["MatMul", "Gemm"]}, "activation": {"dtype": dtype, "granularity": "per_token",
+                                                                    "symmetric": symmetric, "calibration": "dynamic"}}
+    return {**DYNAMIC, "rules": [rule]}
+
+
+def lowering_probe(model: Path, ev: list[dict[str, Any]], work: Path) -> dict[str, Any]:
+    """``--mode lowering``: per-tensor dynamic, per-token in its reference form (no ``lower``), per-token lowered,
+    int8 symmetric per-token; SQNR, latency vs float, and the lowered vs the reference form (no onnxruntime
+    optimization, whose MatMulNBits fusion changes the reference form's rounding)."""
+    ref = C.run_all(model, ev)
+    rows: dict[str, Any] = {}
+    paths: dict[str, Any] = {"float": model}
+    no_lower = DEFAULT_PIPELINE.replace(",lower", "")
+    for name, plan, pipeline in (("per_tensor", PLANS["w8a8-dynamic"], None),
+                                 ("per_token_reference", _per_token(), no_lower),
+                                 ("per_token_lowered", _per_token(), None),
+                                 ("per_token_int8", _per_token("int8", True), None)):
+        out = work / f"{name}.onnx"
+        compile_model(model, out, CompileOptions(plan=Plan.from_dict(plan, source=name), validate=False,
+                                                 pipeline=pipeline))
+        rows[name] = {"sqnr_db": round(worst_sqnr(ref, C.run_all(out, ev)), 2)}
+        paths[name] = out
+        print(name, rows[name], flush=True)
+    lat = C.latency_ms({k: str(v) for k, v in paths.items()}, ev[0], threads=1, warmup=5, rounds=5, per_round=10)
+    for k, v in lat.items():
+        if k != "float":
+            rows[k]["latency_ratio"] = round(v["median"] / lat["float"]["median"], 3)
+    a, b = ir.session(str(paths["per_token_reference"]), optimize=False), ir.session(str(paths["per_token_lowered"]))
+    ra, rb = [a.run(None, f) for f in ev], [b.run(None, f) for f in ev]
+    rows["lowered_vs_reference_db"] = [round(C.sqnr_db([x[i] for x in ra], [y[i] for y in rb]), 1)
+                                       for i in range(len(ra[0]))]
+    print(rows, flush=True)
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--mode", choices=("plans", "lowering"), default="plans")
     ap.add_argument("model")
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--eval", type=int, default=16)
@@ -59,6 +102,13 @@ def main() -> int:
     ap.add_argument("-o", "--output", required=True)
     args = ap.parse_args()
     model = C.realdata.fetch_model(args.model)
+    if args.mode == "lowering":
+        with tempfile.TemporaryDirectory() as td:
+            rows = lowering_probe(Path(model), inputs(args.model, args.eval, "eval"), Path(td))
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps({"model": args.model, "eval": args.eval, "mode": "lowering",
+                                                 "rows": rows}, indent=2, default=str) + "\n")
+        return 0
     calib, ev = inputs(args.model, args.samples, "calib"), inputs(args.model, args.eval, "eval")
     ref = C.run_all(model, ev)
     rows: dict[str, Any] = {}
