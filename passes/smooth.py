@@ -23,7 +23,10 @@ The ``1/s`` is folded into the op producing X, so no node is added:
 * ``LayerNormalization`` over the last axis: γ ← γ/s, β ← β/s;
 * a MatMul / Gemm (with its per-channel bias Add, if any), optionally through a ReLU: output columns and bias
   divided by s;
-* ``Mul(x, c)`` by a per-channel constant c: c ← c/s.
+* ``Mul(x, c)`` by a per-channel constant c: c ← c/s;
+* with ``affine`` (on by default with ``alpha=auto``; off with a numeric alpha, whose compiles stay as they were):
+  ``Add(Mul(z, g), b)`` with per-channel constants g, b — a LayerNorm exported as primitive ops (ViT, PP-OCR
+  rec) — g ← g/s, b ← b/s.
 
 Every reader of X must be a MatMul / Gemm (no transA) with a constant weight whose activation input the plan
 quantizes; every rewritten constant (γ, β, weights, biases) must be read by nothing outside the match. Needs

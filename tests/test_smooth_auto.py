@@ -10,11 +10,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from click.testing import CliRunner
 from _graphs import Builder, assert_same_outputs, vi
 
 from qcompiler import ir
 from qcompiler.api import CompileOptions, compile_model
 from qcompiler.calib import CalibrationSource, input_signatures
+from qcompiler.cli import cli
 from qcompiler.core.context import CompileContext
 from qcompiler.core.errors import UserError
 from qcompiler.core.pass_manager import PassManager
@@ -245,3 +247,19 @@ def test_bad_alpha_is_one_line():
         build_pipeline("smooth{alpha=auto,rows=0}")
     assert build_pipeline("smooth{alpha=auto}")[0].options.alpha == "auto"
     assert build_pipeline("smooth{alpha=0.25}")[0].options.alpha == 0.25
+
+
+def test_cli_pipeline_text_and_bad_value(tmp_path):
+    np.savez(tmp_path / "calib.npz", x=np.load(MODELS / "transformer_block.npz")["x"][:8])
+    out = tmp_path / "tb.onnx"
+    pipe = "cleanup,fold-batchnorm,cleanup,resolve-plan,smooth{alpha=auto},calibrate,insert-qdq,lower"
+    res = CliRunner().invoke(cli, ["compile", str(TB), "-o", str(out), "--calib", str(tmp_path / "calib.npz"),
+                                   "--pipeline", pipe, "--no-validate"])
+    assert res.exit_code == 0, res.output
+    onnx.checker.check_model(onnx.load(str(out)), full_check=True)
+    bad = tmp_path / "bad.onnx"
+    res = CliRunner().invoke(cli, ["compile", str(TB), "-o", str(bad), "--calib", str(tmp_path / "calib.npz"),
+                                   "--pipeline", pipe.replace("alpha=auto", "alpha=most")])
+    assert res.exit_code == 2 and not bad.exists()
+    assert res.output.strip().splitlines()[-1] == ("error: pass 'smooth' option 'alpha': must be a number in [0, 1] "
+                                                   "or 'auto', got 'most'")
