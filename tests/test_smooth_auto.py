@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from click.testing import CliRunner
 from _graphs import Builder, assert_same_outputs, vi
+from click.testing import CliRunner
 
 from qcompiler import ir
 from qcompiler.api import CompileOptions, compile_model
