@@ -60,6 +60,8 @@ log = logging.getLogger(__name__)
 
 #: s is kept within [1/MAX_SCALE, MAX_SCALE]
 MAX_SCALE = 1e4
+#: alpha=auto: the rows kept at once for the measure (tensors beyond it are measured in a further pass)
+AUTO_ROWS_BYTES = 256 << 20
 
 
 @dataclass
@@ -302,31 +304,49 @@ class SmoothPass(Pass):
     def _measured_scales(self, ctx: CompileContext, sites: list[_Site], source: Any,
                          stats: Counter[str]) -> dict[str, np.ndarray]:
         """``alpha=auto``: per tensor, the s of the candidate (off or a grid alpha) whose quantized products
-        have the lowest error on the calibration rows (:func:`passes._alpha_search.choose`)."""
-        quota = search.quota(self.options.rows, len(source))
-        rows = {s.x.name: search.SiteRows((int(ctx.seed), i), quota) for i, s in enumerate(sites)}
-
-        def consume(values: dict[str, np.ndarray]) -> None:
-            for n, v in values.items():
-                rows[n].add(v)
-
-        stream(ctx.graph, list(rows), source, consume, progress=progress_of(ctx, "smooth"))
-        resolved = ctx.resolved
-        assert resolved is not None
+        have the lowest error on the calibration rows (:func:`passes._alpha_search.choose`). The tensors are
+        measured in groups whose kept rows fit :data:`AUTO_ROWS_BYTES` (one pass over the data per group; the
+        rows and so the choice do not depend on the grouping)."""
+        n = len(source)
+        quota = search.quota(self.options.rows, n)
+        groups: list[list[int]] = []
+        used = 0
+        for i, site in enumerate(sites):
+            size = quota * n * site.consumers[0].n_in * 4
+            if not groups or used + size > AUTO_ROWS_BYTES:
+                groups.append([])
+                used = 0
+            groups[-1].append(i)
+            used += size
         out: dict[str, np.ndarray] = {}
         report: dict[str, Any] = {}
-        with one_blas_thread():
-            for site in sites:
-                act = ctx.activation_specs.get(site.x.name) or resolved.nodes[site.consumers[0].node.name].activation
-                assert act is not None
-                weights = [resolved.nodes[c.node.name].weight for c in site.consumers]
-                alpha, s, errors = search.choose(rows[site.x.name], site.consumers, act, weights, int(ctx.opset))
-                rows[site.x.name].release()
-                out[site.x.name] = s
-                label = "off" if alpha is None else f"{alpha:.1f}"
-                stats[f"alpha_{label}"] += 1
-                report[site.x.name] = {"alpha": label, "error": errors[label], "error_off": errors["off"]}
-                log.info("smooth: %s: alpha %s (relative error %.4g, off %.4g)", site.x.name, label,
-                         errors[label], errors["off"])
+        for group in groups:
+            rows = {sites[i].x.name: search.SiteRows((int(ctx.seed), i), quota) for i in group}
+
+            def consume(values: dict[str, np.ndarray], rows: dict[str, search.SiteRows] = rows) -> None:
+                for name, v in values.items():
+                    rows[name].add(v)
+
+            stream(ctx.graph, list(rows), source, consume, progress=progress_of(ctx, "smooth"))
+            with one_blas_thread():
+                for i in group:
+                    self._choose(ctx, sites[i], rows[sites[i].x.name], out, report, stats)
         ctx.report.setdefault("smooth", {})["alphas"] = report
         return out
+
+    @staticmethod
+    def _choose(ctx: CompileContext, site: _Site, rows: search.SiteRows, out: dict[str, np.ndarray],
+                report: dict[str, Any], stats: Counter[str]) -> None:
+        resolved = ctx.resolved
+        assert resolved is not None
+        act = ctx.activation_specs.get(site.x.name) or resolved.nodes[site.consumers[0].node.name].activation
+        assert act is not None
+        weights = [resolved.nodes[c.node.name].weight for c in site.consumers]
+        alpha, s, errors = search.choose(rows, site.consumers, act, weights, int(ctx.opset))
+        rows.release()
+        out[site.x.name] = s
+        label = "off" if alpha is None else f"{alpha:.1f}"
+        stats[f"alpha_{label}"] += 1
+        report[site.x.name] = {"alpha": label, "error": errors[label], "error_off": errors["off"]}
+        log.info("smooth: %s: alpha %s (relative error %.4g, off %.4g)", site.x.name, label, errors[label],
+                 errors["off"])

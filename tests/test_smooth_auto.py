@@ -22,6 +22,7 @@ from qcompiler.core.errors import UserError
 from qcompiler.core.pass_manager import PassManager
 from qcompiler.core.registry import build_pipeline
 from qcompiler.passes import _alpha_search as search
+from qcompiler.passes import smooth as smooth_mod
 from qcompiler.plan import Plan
 from qcompiler.runtime_targets import get_target
 
@@ -263,3 +264,14 @@ def test_cli_pipeline_text_and_bad_value(tmp_path):
     assert res.exit_code == 2 and not bad.exists()
     assert res.output.strip().splitlines()[-1] == ("error: pass 'smooth' option 'alpha': must be a number in [0, 1] "
                                                    "or 'auto', got 'most'")
+
+
+def test_measuring_in_groups_changes_nothing(monkeypatch):
+    """Tensors whose kept rows exceed the budget are measured in further passes: the same rows, the same bytes."""
+    calib = np.load(MODELS / "transformer_block.npz")["x"]
+    ctx, stats = _ctx(onnx.load(str(TB)), calib, "cleanup,resolve-plan,smooth{alpha=auto}")
+    one_pass = ir.export_model(ctx.graph, ctx.meta).SerializeToString()
+    monkeypatch.setattr(smooth_mod, "AUTO_ROWS_BYTES", 1)  # every tensor its own pass over the data
+    ctx2, stats2 = _ctx(onnx.load(str(TB)), calib, "cleanup,resolve-plan,smooth{alpha=auto}")
+    assert ir.export_model(ctx2.graph, ctx2.meta).SerializeToString() == one_pass and stats2 == stats
+    assert ctx2.report["smooth"]["alphas"] == ctx.report["smooth"]["alphas"]
