@@ -16,6 +16,12 @@ For every node the resolved plan quantizes:
   ``DynamicQuantizeLinear(x) -> (xq, s, z) -> DequantizeLinear(xq, s, z)`` (uint8, ``s = (max(x, 0) −
   min(x, 0)) / 255``, ``z = round(−min(x, 0) / s)``, per run); onnxruntime fuses it with a MatMul's int8 weight
   into ``DynamicQuantizeMatMul``. Its Conv / Gemm bias stays float (there is no fixed ``s_x`` for int32 codes);
+* ``granularity: per_token`` with ``calibration: dynamic``: one run-time scale (and zero point) per row of a
+  MatMul / Gemm input, in standard ONNX ops (``ReduceMin`` / ``ReduceMax`` → scale, zero point → ``Div`` /
+  ``Round`` / ``Clip`` / ``Cast`` codes → ``(q − z)·s``; :mod:`passes._per_token`). A tensor some reader does
+  not read as its row operand (attention's K, V) gets one run-time scale per tensor instead
+  (``DynamicQuantizeLinear`` for uint8). The ort target lowers a MatMul on it to ``MatMulInteger``
+  (``ort-per-token-matmul``);
 * weights with a low-bit ``scheme`` (binary / ternary / shift) or ``scale: pow2`` are quantized by
   :mod:`qcompiler.quant.schemes`: integer codes (int4/int8/int16/int32, zero point 0) times a per-channel scale, read
   through the same ``DequantizeLinear``; **binary activations** (``activation: {scheme: binary}``) become
@@ -68,6 +74,8 @@ from qcompiler.ir.axes import block_axis, per_channel_axis
 from qcompiler.ir.graph import GraphIndex
 from qcompiler.plan import TABLE_OPS, NodePlan, QuantSpec, required_opset
 from qcompiler.quant import schemes
+
+from ._per_token import emit_per_token
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +159,19 @@ class InsertQDQPass(Pass):
                     self._emit_binarize(graph, names, t, schemes.binary_activation_scale(st), targets)
                     stats["activations_binary"] += 1
                 continue
+            if dynamic and spec.granularity == "per_token":
+                # one run-time scale per row where every reader multiplies rows (a MatMul's / Gemm's A); else one
+                # per tensor (a row of attention's K or V runs along the reduction axis: its scale would not
+                # factor out of the product) — DynamicQuantizeLinear for uint8, the same ops over every axis for int8
+                per_row = all(_row_reader(c, i) for c, i in targets)
+                if per_row or spec.symmetric:
+                    dq_pt = emit_per_token(graph, names, self.tag, t, spec.dtype, spec.symmetric, ctx.opset,
+                                           per_row)
+                    for consumer, i in targets:
+                        consumer.inputs[i] = dq_pt
+                    stats[f"activations_{spec.dtype}_per_token{'' if per_row else '_as_per_tensor'}"] += 1
+                    continue
+                stats[f"activations_{spec.dtype}_per_token_as_per_tensor"] += 1
             dq_out = gs.Variable(names(f"{name}:dq"), dtype=np.float32, shape=t.shape)
             s_t: gs.Tensor
             z_t: gs.Tensor
@@ -374,6 +395,11 @@ class InsertQDQPass(Pass):
         graph.nodes.append(self.tag(gs.Node("DequantizeLinear", names(f"{base}:DQ"), attrs=attrs,
                                             inputs=inputs, outputs=[out])))
         return out
+
+
+def _row_reader(node: gs.Node, i: int) -> bool:
+    """Input ``i`` of ``node`` is the left operand whose rows the op multiplies (MatMul A, Gemm A without transA)."""
+    return i == 0 and (node.op == "MatMul" or (node.op == "Gemm" and not int(node.attrs.get("transA", 0))))
 
 
 def _same_product(scale: np.ndarray, a: gs.Tensor, b: gs.Tensor) -> bool:

@@ -138,7 +138,11 @@ class Target:
             if a.scheme == "int" and a.dtype not in allowed:
                 raise self._refuse(np_, f"activation dtype {a.dtype} is not supported "
                                         f"(supported: {', '.join(sorted(allowed)) or 'none'})")
-            if a.granularity != "per_tensor":
+            if a.granularity == "per_token" and np_.op_type not in self.dynamic_activation_ops:
+                raise self._refuse(np_, "activation granularity per_token (run-time scales per row) is not supported"
+                                        + (f" (only for {', '.join(sorted(self.dynamic_activation_ops))})"
+                                           if self.dynamic_activation_ops else ""))
+            if a.granularity not in ("per_tensor", "per_token"):
                 raise self._refuse(np_, f"activation granularity {a.granularity} is not supported "
                                         "(activations are quantized per tensor)")
             if a.calibration == "dynamic" and np_.op_type not in self.dynamic_activation_ops:

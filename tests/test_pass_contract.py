@@ -34,7 +34,7 @@ MODELS = Path(__file__).resolve().parent.parent / "models"
 #: the default pipeline, the passes a property-requiring pass is preceded by
 PREFIX = DEFAULT_PIPELINE.split(",")
 #: passes that need a transformer (LayerNorm -> MatMul sites, MatMul weights) to do anything
-TRANSFORMER = {"smooth", "gptq", "lower-matmulnbits", "ort-dynamic-matmul"}
+TRANSFORMER = {"smooth", "gptq", "lower-matmulnbits", "ort-dynamic-matmul", "ort-per-token-matmul"}
 #: plans that give a target's lowering something to rewrite
 INT4_WEIGHT_ONLY = {"version": 1, "rules": [{"match": {"op_type": "MatMul"},
                                               "weight": {"dtype": "int4", "granularity": "block"},
@@ -44,6 +44,9 @@ PLANS = {
     "gptq": INT4_WEIGHT_ONLY,
     "ort-dynamic-matmul": {"version": 1, "rules": [{"match": {"op_type": "MatMul"},
                                                     "activation": {"calibration": "dynamic"}}]},
+    "ort-per-token-matmul": {"version": 1, "rules": [{"match": {"op_type": "MatMul"},
+                                                      "activation": {"calibration": "dynamic",
+                                                                     "granularity": "per_token"}}]},
     "lower-packed": {"version": 1, "rules": [{"match": {"name_regex": "^block"}, "weight": {"scheme": "ternary"}}]},
     "lower-qonnx-quant": {"version": 1, "rules": [{"match": {"name_regex": "^block"},
                                                    "weight": {"scheme": "ternary"}}]},
@@ -207,7 +210,7 @@ def test_sequential_merges_child_stats_and_lower_times_each_child():
 def test_lowering_child_is_dumped_when_named(tmp_path):
     ctx, lower = _fixture("lower")
     PassManager([lower], dump_after={"ort-load-time-dequant"}, dump_dir=tmp_path).run(ctx)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["01-lower.05-ort-load-time-dequant.onnx"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["01-lower.06-ort-load-time-dequant.onnx"]
     with pytest.raises(UserError, match="--dump-after: no pass named 'nope' in the pipeline"):
         PassManager([lower], dump_after={"nope"}, dump_dir=tmp_path)
 

@@ -73,8 +73,11 @@ def test_preset_option_is_an_alias_of_plan_name(tmp_path):
 # ------------------------------------------------------------------------------------- algorithms: key
 @pytest.mark.parametrize("algorithms,message", [
     ({"cle": True}, "algorithms: unknown algorithm 'cle' (known: bias_correct, equalize, fold_bias, gptq, smooth)"),
-    ({"smooth": {"beta": 1}}, "algorithms.smooth: unknown option 'beta' (known: alpha, apply_threshold, samples)"),
-    ({"smooth": {"alpha": "high"}}, "algorithms.smooth: option 'alpha' must be float, got 'high'"),
+    ({"smooth": {"beta": 1}}, "algorithms.smooth: unknown option 'beta' (known: affine, alpha, apply_threshold, rows, "
+                              "samples)"),
+    ({"smooth": {"alpha": "high"}}, "algorithms.smooth: pass 'smooth' option 'alpha': must be a number in [0, 1] or "
+                                    "'auto', got 'high'"),
+    ({"smooth": {"alpha": [0.5]}}, "algorithms.smooth: option 'alpha' must be float, got '[0.5]'"),
     ({"smooth": {"alpha": 2.0}}, "algorithms.smooth: pass 'smooth' option 'alpha': must be in [0, 1], got 2.0"),
     ({"gptq": {"block_size": 1.5}}, "algorithms.gptq: option 'block_size' must be int, got '1.5'"),
     ({"gptq": "yes"}, "algorithms.gptq: expected true, false or a mapping of options, got 'yes'"),

@@ -55,6 +55,13 @@ class Setting:
         return args[0] if _is_union(self.annotation) and args else self.annotation
 
     @property
+    def members(self) -> tuple[Any, ...]:
+        """The types a value may have, ``None`` left out (``float | str`` -> ``(float, str)``)."""
+        if _is_union(self.annotation):
+            return tuple(a for a in typing.get_args(self.annotation) if a is not type(None))
+        return (self.annotation,)
+
+    @property
     def optional(self) -> bool:
         return _is_union(self.annotation) and type(None) in typing.get_args(self.annotation)
 
@@ -170,9 +177,11 @@ def check_keys(values: Mapping[str, Any], settings: Mapping[str, Setting], where
 def _has_type(value: Any, s: Setting) -> bool:
     if s.exact:
         return type(value) is type(s.default)
-    base = s.base
     if value is None:
         return s.optional
+    if len(s.members) > 1:  # a union of types (``alpha: float | str``): any member's type will do
+        return any(_has_type(value, Setting(s.name, m)) for m in s.members)
+    base = s.base
     if base is bool:
         return isinstance(value, bool)
     if base is int:
@@ -215,7 +224,9 @@ def check_value(value: Any, s: Setting, where: str, messages: Messages, key: str
         raise _fail(messages.invalid, where, s, key, value)
     if s.power_of_two and not _is_power_of_two(value):
         raise _fail(messages.power_of_two, where, s, key, value)
-    return float(value) if s.base is float and not s.exact else value
+    if s.base is float and not s.exact and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return value
 
 
 def _check_phased(keyed: Mapping[str, tuple[str, Any]], settings: Mapping[str, Setting], where: str,
@@ -286,7 +297,12 @@ def parse_text(value: str, annotation: Any, where: str) -> Any:
         non_none = [a for a in args if a is not type(None)]
         if value.lower() in ("none", "null", ""):
             return None
-        return parse_text(value, non_none[0], where)
+        for member in non_none[:-1]:  # ``float | str``: a number if the text reads as one, else the text
+            try:
+                return parse_text(value, member, where)
+            except UserError:
+                continue
+        return parse_text(value, non_none[-1], where)
     if origin in (tuple, list):
         parts = [p for p in value.split(";") if p]
         item_t = args[0] if args else str
@@ -333,8 +349,12 @@ def json_schema_of(s: Setting) -> dict[str, Any]:
     if s.doc:
         out["description"] = s.doc
     typ = _json_type(s.base)
+    if len(s.members) > 1:
+        names = [_json_type(m).get("type") for m in s.members]
+        if all(isinstance(n, str) for n in names):
+            typ = {"type": names}
     if s.optional and "type" in typ:
-        typ["type"] = [typ["type"], "null"]
+        typ["type"] = [*(typ["type"] if isinstance(typ["type"], list) else [typ["type"]]), "null"]
     out.update(typ)
     if s.choices is not None:
         out["enum"] = list(s.choices)

@@ -18,7 +18,8 @@ from qcompiler.core.errors import UserError
 from qcompiler.quant.dtypes import DTYPES, FP8_DTYPES, SHIFT_BITS, UNIFORM_BITS
 
 __all__ = ["ACTIVATION_SCHEMES", "AUTO_CALIBRATIONS", "CALIBRATIONS", "DEFAULT_ACTIVATION", "DEFAULT_WEIGHT",
-           "DTYPES", "GRANULARITIES", "MAX_BLOCK_SIZE", "PLAN_VERSION", "RANGES", "RECURRENT_OPS", "SCALES", "SCHEMES",
+           "DTYPES", "GRANULARITIES", "MAX_BLOCK_SIZE", "PER_TOKEN_KINDS", "PLAN_VERSION", "RANGES", "RECURRENT_OPS",
+           "SCALES", "SCHEMES",
            "SHIFT_BITS", "SPEC_CHECK_ORDER", "SPEC_SETTINGS", "TABLE_MIN_BYTES", "TABLE_OPS", "UNIFORM_BITS",
            "WEIGHT_OPS", "QuantSpec", "activation_spec", "check_activation_scheme", "check_block_size", "make_spec",
            "replace_spec", "required_opset"]
@@ -34,7 +35,10 @@ TABLE_OPS = ("Gather",)
 TABLE_MIN_BYTES = 64 * 1024
 #: recurrent ops: weight-only (W and R quantized, activations float — no integer kernel to gain)
 RECURRENT_OPS = ("LSTM", "GRU", "RNN")
-GRANULARITIES = ("per_tensor", "per_channel", "block")
+GRANULARITIES = ("per_tensor", "per_channel", "block", "per_token")
+#: ``granularity: per_token`` (activations, ``calibration: dynamic``): one run-time scale per row of a MatMul / Gemm
+#: input (every axis but the last), with these (dtype, symmetric) pairs
+PER_TOKEN_KINDS = (("uint8", False), ("int8", True))
 CALIBRATIONS = ("minmax", "percentile", "entropy", "mse", "auto", "dynamic")
 #: the methods ``calibration: auto`` chooses among (the calibrate pass measures each on the whole model)
 AUTO_CALIBRATIONS = ("minmax", "percentile", "entropy", "mse")
@@ -54,7 +58,9 @@ class QuantSpec:
 
     dtype: str = setting("int8", choices=DTYPES, doc="element type of the codes; float keeps the tensor float")
     granularity: str = setting("per_tensor", choices=GRANULARITIES,
-                               doc="one scale per tensor, per output channel, or per block of block_size")
+                               doc="one scale per tensor, per output channel, per block of block_size, or (activations "
+                                   "with calibration dynamic) per token: per row of a MatMul / Gemm input, at run "
+                                   "time")
     symmetric: bool = setting(True, doc="zero point 0 (false: asymmetric, the range widened to contain 0)")
     axis: int | None = setting(None, doc="per-channel / block axis; derived from the op when null")
     block_size: int = setting(32, positive=True, power_of_two=True,
@@ -116,6 +122,9 @@ def make_spec(d: dict[str, Any], where: str) -> QuantSpec:
     if spec.scheme == "shift" and spec.bits not in SHIFT_BITS:
         raise UserError(f"{where}: shift bits must be one of {', '.join(map(str, SHIFT_BITS))} "
                         f"(sign + 2**(bits-1) exponents), got {spec.bits}")
+    if spec.granularity == "per_token" and (spec.calibration != "dynamic" or spec.scheme != "int"):
+        raise UserError(f"{where}: granularity per_token is measured at run time, for activations: set calibration "
+                        "dynamic (and scheme int)")
     if spec.scheme == "uniform" and spec.bits not in UNIFORM_BITS:
         raise UserError(f"{where}: uniform bits must be one of {', '.join(map(str, UNIFORM_BITS))}, got {spec.bits}")
     return spec
@@ -133,11 +142,16 @@ def activation_spec(d: dict[str, Any], where: str) -> QuantSpec:
     spec = make_spec(d, where)
     if spec.scheme == "binary" and spec.calibration == "minmax":
         spec = replace(spec, calibration="mse")
-    if spec.calibration == "dynamic" and not spec.is_float and (
+    if spec.calibration == "dynamic" and not spec.is_float and spec.granularity == "per_token":
+        if (spec.dtype, spec.symmetric) not in PER_TOKEN_KINDS:
+            raise UserError(f"{where}: granularity per_token quantizes each row at run time as uint8 asymmetric "
+                            "(DynamicQuantizeLinear's convention) or int8 symmetric: set dtype uint8 with symmetric "
+                            "false, or int8 with symmetric true")
+    elif spec.calibration == "dynamic" and not spec.is_float and (
             spec.dtype != "uint8" or spec.symmetric or spec.granularity != "per_tensor" or spec.scheme != "int"):
         raise UserError(f"{where}: calibration dynamic quantizes at run time with DynamicQuantizeLinear, which "
                         "writes uint8, asymmetric, per tensor: set dtype uint8, symmetric false, granularity "
-                        "per_tensor")
+                        "per_tensor (or per_token)")
     return spec
 
 

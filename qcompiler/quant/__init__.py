@@ -36,8 +36,9 @@ from qcompiler.quant.dtypes import (
     qdtype,
 )
 
-__all__ = ["CODE_DTYPES", "DTYPES", "INT32_LIMIT", "MIN_SCALE", "QDTYPES", "SHIFT_BITS", "UNIFORM_BITS", "QDType",
-           "QuantizedTensor", "dequantize", "expand_scale", "int_bits", "is_code_dtype", "pow2_scale", "qdtype",
+__all__ = ["CODE_DTYPES", "DTYPES", "INT32_LIMIT", "MIN_SCALE", "PER_TOKEN_MIN_SCALE", "PER_TOKEN_SUFFIXES", "QDTYPES",
+           "SHIFT_BITS", "UNIFORM_BITS", "QDType", "QuantizedTensor", "dequantize", "expand_scale", "int_bits",
+           "is_code_dtype", "per_token_codes", "per_token_dequantize", "per_token_qparams", "pow2_scale", "qdtype",
            "qparams", "quantize", "quantize_bias", "quantize_weight", "sqnr_db"]
 
 INT32_LIMIT = 2**31 - 1
@@ -246,3 +247,49 @@ def sqnr_db(ref: np.ndarray, test: np.ndarray) -> float:
     if noise == 0.0:
         return float("inf")
     return 10.0 * np.log10(max(sig, 1e-300) / noise)
+
+
+# ------------------------------------------------------------------------------------ per-token (run time)
+#: the smallest run-time per-token scale (an all-zero row: codes = zero point, dequantized exactly to 0)
+PER_TOKEN_MIN_SCALE = np.float32(1e-12)
+#: how insert-qdq names the codes, the row scale and the zero point of a per-token form (suffixes of the tensor's
+#: name), which a target's lowering reads back
+PER_TOKEN_SUFFIXES = (":pt_q", ":pt_s", ":pt_zp")
+
+
+def per_token_qparams(x: np.ndarray, dtype: str, symmetric: bool,
+                      per_row: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+    """Run-time scale and zero point of each row of ``x`` (every axis but the last; ``per_row=False``: the whole
+    tensor), float32 with a trailing axis of 1, computed with the float32 operations the graph runs (so the codes
+    are bit for bit onnxruntime's): asymmetric ``lo = min(min(x), 0)``, ``hi = max(max(x), 0)``,
+    ``s = max((hi − lo) / (qmax − qmin), PER_TOKEN_MIN_SCALE)``, ``z = clip(round(qmin − lo / s), qmin, qmax)``
+    (DynamicQuantizeLinear's convention, per row); symmetric ``s = max(max|x| / qmax, …)``, no zero point."""
+    dt = qdtype(dtype)
+    x = np.asarray(x, dtype=np.float32)
+    axis = -1 if per_row else None
+    if symmetric:
+        absmax = np.abs(x).max(axis=axis, keepdims=True)
+        return np.maximum(absmax / np.float32(dt.qmax), PER_TOKEN_MIN_SCALE).astype(np.float32), None
+    lo = np.minimum(x.min(axis=axis, keepdims=True), np.float32(0))
+    hi = np.maximum(x.max(axis=axis, keepdims=True), np.float32(0))
+    s = np.maximum((hi - lo) / np.float32(dt.qmax - dt.qmin), PER_TOKEN_MIN_SCALE).astype(np.float32)
+    z = np.clip(np.rint(np.float32(dt.qmin) - lo / s), dt.qmin, dt.qmax).astype(np.float32)
+    return s, z
+
+
+def per_token_codes(x: np.ndarray, dtype: str, symmetric: bool, per_row: bool = True) -> np.ndarray:
+    """The integer codes of :func:`per_token_qparams`: ``clip(round(x / s) + z, qmin, qmax)``."""
+    dt = qdtype(dtype)
+    x = np.asarray(x, dtype=np.float32)
+    s, z = per_token_qparams(x, dtype, symmetric, per_row)
+    q = np.rint(x / s)
+    if z is not None:
+        q = q + z
+    return np.clip(q, dt.qmin, dt.qmax).astype(dt.np_dtype)
+
+
+def per_token_dequantize(x: np.ndarray, dtype: str, symmetric: bool, per_row: bool = True) -> np.ndarray:
+    """``x`` quantized per token and back: ``(q − z) · s`` (float32)."""
+    s, z = per_token_qparams(x, dtype, symmetric, per_row)
+    q = per_token_codes(x, dtype, symmetric, per_row).astype(np.float32)
+    return ((q - z) * s if z is not None else q * s).astype(np.float32)

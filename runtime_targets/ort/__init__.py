@@ -21,6 +21,8 @@ integer kernels:
   int8 weight (and bias) become ``com.microsoft.DynamicQuantizeMatMul``, onnxruntime's dynamic quantization kernel
   (``dynamic_matmul.py``: onnxruntime would fuse a plain MatMul itself, but turns a 2-D MatMul + bias Add into a
   float Gemm first, and fuses no Gemm);
+* MatMul inputs with ``granularity: per_token`` (run-time scales per row, standard ONNX ops) and an int8 weight
+  become ``MatMulInteger`` on the codes, scaled per row and per column (``per_token_matmul.py``);
 * quantized Gather tables (embeddings) are dequantized at session load (float-speed lookups), or with the plan
   option ``targets: {ort: {gather_block_quantized: true}}`` become ``com.microsoft.GatherBlockQuantized``
   (``gather_block_quantized.py``);
@@ -60,7 +62,8 @@ class OrtTarget(Target):
     #: a MatMul / Gemm reading DynamicQuantizeLinear -> DequantizeLinear is written as onnxruntime's
     #: DynamicQuantizeMatMul (``ort-dynamic-matmul``); a Conv would only run in float on the dequantized values
     dynamic_activation_ops: ClassVar[frozenset[str]] = frozenset({"MatMul", "Gemm"})
-    lowering: ClassVar[tuple[str, ...]] = ("lower-matmulnbits", "ort-dynamic-matmul", "ort-fp8-relu-guard",
+    lowering: ClassVar[tuple[str, ...]] = ("lower-matmulnbits", "ort-dynamic-matmul", "ort-per-token-matmul",
+                                          "ort-fp8-relu-guard",
                                           "ort-gather-block-quantized", "ort-load-time-dequant")
     options: ClassVar[dict[str, tuple[Any, str]]] = {
         "requantize_conv_outputs": (True, "quantize a Conv's output for QLinearConv even where only float ops read "
