@@ -3,8 +3,8 @@ guard of the presets (``algorithms: {guard: measure}``).
 
 **Measured default.** The last ``h = min(16, N / 4)`` of the N calibration samples are held back; every candidate
 (:mod:`qcompiler.recipe.candidates`: the plain default plan — always first, the baseline —, the w8a8 preset as
-written, calibration auto, dynamic MatMul / Gemm inputs; at ``--effort normal`` / ``high`` also GPTQ, SmoothQuant,
-bias correction, percentile ranges; with a latency / size constraint or at ``--effort high`` also the candidates
+written, calibration auto, dynamic MatMul / Gemm inputs; at ``--effort normal`` / ``high`` also GPTQ, SmoothQuant
+(alpha by measurement), per-token dynamic MatMul / Gemm inputs, bias correction, percentile ranges; with a latency / size constraint or at ``--effort high`` also the candidates
 that keep activations float: w8a8-dynamic, weights only; then the better single changes together, and at
 ``--effort high`` the best so far with its most sensitive layers float) is compiled calibrated on the other N - h
 samples and run in onnxruntime on the h held-back ones: score (:func:`qcompiler.recipe.measure.score`), bytes (as

@@ -24,6 +24,8 @@ from qcompiler.plan import Plan, load_plan
 #: plan, w8a8, range-auto (and dynamic-matmul on a model with MatMul / Gemm: :func:`effort_cap`) + combination
 EFFORT_CANDIDATES = {"low": 4, "normal": 8, "high": None}
 MATMUL_OPS = ("MatMul", "Gemm")
+#: SmoothQuant as the measured default tries it: alpha per smoothed tensor from a grid, by measured error
+SMOOTH_AUTO = {"alpha": "auto"}
 
 
 def effort_cap(effort: str, has_matmul: bool, float_activations: bool = False) -> int | None:
@@ -71,11 +73,11 @@ def _with_activation(d: dict[str, Any], **keys: Any) -> dict[str, Any]:
     return out
 
 
-def _with_dynamic_matmul(d: dict[str, Any]) -> dict[str, Any]:
+def _with_dynamic_matmul(d: dict[str, Any], granularity: str = "per_tensor") -> dict[str, Any]:
     out = copy.deepcopy(d)
     out["rules"] = [*out.get("rules", []),
                     {"match": {"op_type": list(MATMUL_OPS)},
-                     "activation": {"dtype": "uint8", "granularity": "per_tensor", "symmetric": False,
+                     "activation": {"dtype": "uint8", "granularity": granularity, "symmetric": False,
                                     "calibration": "dynamic"}}]
     return out
 
@@ -103,7 +105,11 @@ def recipe_candidates(base: Plan, op_types: set[str], *, float_activations: bool
     out.append(Candidate("gptq", "GPTQ chooses the int8 weight codes", plan_from(
         _with_algorithm(d, "gptq", {"max_bits": 8}), "gptq")))
     if has_matmul:
-        out.append(Candidate("smooth", "SmoothQuant on", plan_from(_with_algorithm(d, "smooth", True), "smooth")))
+        out.append(Candidate("smooth", "SmoothQuant, its alpha chosen per tensor by measurement",
+                             plan_from(_with_algorithm(d, "smooth", SMOOTH_AUTO), "smooth")))
+        out.append(Candidate("per-token-matmul", "MatMul / Gemm inputs quantized at run time, one scale per row "
+                                                 "(token)", plan_from(_with_dynamic_matmul(d, "per_token"),
+                                                                      "per-token-matmul"), True))
     out.append(Candidate("bias-correct", "bias correction on", plan_from(
         _with_algorithm(d, "bias_correct", True), "bias-correct")))
     out.append(Candidate("percentile", "activation ranges: 99.99th percentile", plan_from(
@@ -130,7 +136,7 @@ def combined(base: Plan, winners: list[Candidate]) -> Candidate | None:
             d = _with_activation(d, calibration="percentile", percentile=99.99)
         elif c.name in ("gptq", "bias-correct", "smooth"):
             key = c.name.replace("-", "_")
-            d = _with_algorithm(d, key, {"max_bits": 8} if key == "gptq" else True)
+            d = _with_algorithm(d, key, {"max_bits": 8} if key == "gptq" else SMOOTH_AUTO if key == "smooth" else True)
         else:
             continue
         names.append(c.name)
