@@ -69,7 +69,13 @@ def _ort_worker(spec: dict[str, Any]) -> None:
             src = Path(spec["workdir"]) / "dyn-opset13.onnx"
             onnx.save(version_converter.convert_version(m, 13), str(src))
         del m
-        quantize_dynamic(str(src), spec["out"], per_channel=True, weight_type=QuantType.QInt8)
+        # its pre-processing (as for quantize_static): it folds Constant-node weights into initializers, which
+        # quantize_dynamic requires (PP-OCR rec / det: "Expected conv2d_157.w_0 to be an initializer" without it)
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+
+        pre = Path(spec["workdir"]) / "dyn-pre.onnx"
+        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+        quantize_dynamic(str(pre), spec["out"], per_channel=True, weight_type=QuantType.QInt8)
     else:
         C.ort_quantize(spec["model"], spec["out"], spec["calib"], method=spec["method"],
                        op_types=spec.get("op_types"), workdir=spec["workdir"])
