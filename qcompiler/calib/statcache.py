@@ -40,7 +40,6 @@ from __future__ import annotations
 import collections
 import hashlib
 import logging
-import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -49,6 +48,7 @@ import numpy as np
 
 from qcompiler.calib.feeds import InputSig
 from qcompiler.calib.stats import TensorStats
+from qcompiler.core.activations import mib_from_env
 
 log = logging.getLogger("qcompiler.calib")
 
@@ -60,13 +60,7 @@ Shapes = dict[str, tuple[tuple[int, ...], np.dtype]]
 
 
 def default_max_bytes() -> int:
-    env = os.environ.get(CACHE_ENV, "").strip()
-    if env:
-        try:
-            return max(0, int(float(env) * 2**20))
-        except ValueError:
-            log.warning("%s=%r is not a number; ignored", CACHE_ENV, env)
-    return DEFAULT_MAX_MB * 2**20
+    return mib_from_env(CACHE_ENV, DEFAULT_MAX_MB)
 
 
 def collection_base(gkey: str | None, sigs: Sequence[InputSig], run_names: Sequence[str],

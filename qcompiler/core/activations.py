@@ -32,14 +32,19 @@ DEFAULT_MAX_MB = 256
 MAX_FINGERPRINT_BYTES = 512 * 2**20
 
 
-def default_max_bytes() -> int:
-    env = os.environ.get(CACHE_ENV, "").strip()
+def mib_from_env(var: str, default_mb: int) -> int:
+    """A cache cap in bytes from environment variable ``var`` (MiB; 0 turns the cache off), else ``default_mb``."""
+    env = os.environ.get(var, "").strip()
     if env:
         try:
             return max(0, int(float(env) * 2**20))
         except ValueError:
-            log.warning("%s=%r is not a number; ignored", CACHE_ENV, env)
-    return DEFAULT_MAX_MB * 2**20
+            log.warning("%s=%r is not a number; ignored", var, env)
+    return default_mb * 2**20
+
+
+def default_max_bytes() -> int:
+    return mib_from_env(CACHE_ENV, DEFAULT_MAX_MB)
 
 
 def graph_key(graph: gs.Graph) -> str | None:

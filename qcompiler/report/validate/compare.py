@@ -213,17 +213,7 @@ def validate(
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
 
-    outputs = []
-    for n in out_names:
-        acc = out_acc[n]
-        if acc.bad is not None:
-            raise UserError(f"{qlabel}: output '{n}' does not match {flabel}: {acc.bad}")
-        m = acc.metrics()
-        if n in slice_acc:
-            m.worst_slice = slice_acc[n].metrics()
-        if n in topk_acc:
-            m.topk = topk_acc[n].result()
-        outputs.append(m)
+    outputs = _output_metrics(out_names, out_acc, slice_acc, topk_acc, qlabel, flabel)
     check_results: list[CheckResult] = [ca.result() for ca in check_acc]
     layer_metrics = []
     for n in layers:
@@ -351,3 +341,21 @@ def _layer_runners(fmodel: Any, qmodel: Any, layers: list[str], first: dict[str,
     layers = [n for n in layers
               if f_ext.output_types.get(n) in _FLOAT_ORT_TYPES and q_ext.output_types.get(n) in _FLOAT_ORT_TYPES]
     return (layers, f_ext, q_ext) if layers else ([], None, None)
+
+
+def _output_metrics(out_names: Sequence[str], out_acc: Mapping[str, Any], slice_acc: Mapping[str, Any],
+                    topk_acc: Mapping[str, Any], qlabel: str, flabel: str) -> list[Any]:
+    """Each graph output's metrics from its accumulators (worst slice and top-k where measured); an output whose
+    shape or type did not match the float model's is the user's error, named."""
+    outputs = []
+    for n in out_names:
+        acc = out_acc[n]
+        if acc.bad is not None:
+            raise UserError(f"{qlabel}: output '{n}' does not match {flabel}: {acc.bad}")
+        m = acc.metrics()
+        if n in slice_acc:
+            m.worst_slice = slice_acc[n].metrics()
+        if n in topk_acc:
+            m.topk = topk_acc[n].result()
+        outputs.append(m)
+    return outputs

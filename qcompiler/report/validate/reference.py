@@ -23,7 +23,7 @@ import numpy as np
 from qcompiler import ir
 from qcompiler.core import profile
 from qcompiler.core.errors import UserError
-from qcompiler.report.validate.compare import _output_accumulators, validation_workers
+from qcompiler.report.validate.compare import _output_accumulators, _output_metrics, validation_workers
 from qcompiler.report.validate.layers import _graph_facts, _GraphFacts
 from qcompiler.report.validate.metrics import _Accumulator
 from qcompiler.report.validate.result import ValidationReport
@@ -96,17 +96,7 @@ def validate_against(ref: Reference, quant_model: ModelLike, *, optimize: bool |
                         slice_acc[n].update(np.asarray(fo[n]), np.asarray(qo[n]))
                     if n in topk_acc:
                         topk_acc[n].update(np.asarray(fo[n]), np.asarray(qo[n]))
-    outputs = []
-    for n in out_names:
-        acc = out_acc[n]
-        if acc.bad is not None:
-            raise UserError(f"{qlabel}: output '{n}' does not match {ref.label}: {acc.bad}")
-        m = acc.metrics()
-        if n in slice_acc:
-            m.worst_slice = slice_acc[n].metrics()
-        if n in topk_acc:
-            m.topk = topk_acc[n].result()
-        outputs.append(m)
+    outputs = _output_metrics(out_names, out_acc, slice_acc, topk_acc, qlabel, ref.label)
     return ValidationReport(outputs=outputs, layers=[], samples=len(ref.feeds), min_sqnr_db=None, passed=True)
 
 
