@@ -20,7 +20,7 @@ import click
 import qcompiler.cli.commands as commands_pkg
 from qcompiler import __version__, ir
 from qcompiler.api import CompileOptions, compile_model
-from qcompiler.cli.options import slice_axis_option
+from qcompiler.cli.options import check_option, min_sqnr_option, slice_axis_option
 from qcompiler.cli.terminal import Progress, table
 from qcompiler.core import profile
 from qcompiler.core.errors import PassFailure, UserError
@@ -124,12 +124,9 @@ def _bytes(n: float) -> str:
 @click.option("--validate/--no-validate", "validate", default=None,
               help="Validate against the float model (default: when real calibration data is given).")
 @click.option("--validate-data", type=click.Path(path_type=Path), help="Held-back feeds (.npz) for validation.")
-@click.option("--min-sqnr", type=float,
-              help="Fail (exit 2, nothing written) when an output's SQNR is below DB: its whole-tensor SQNR or the "
-                   "SQNR of its worst slice along the channel / feature axis (the JSON report shows both).")
-@click.option("--check", "checks", multiple=True, metavar="CHECK",
-              help="A threshold on an output or a slice of it, e.g. 'output0[..., 4:]>=20dB', 'probs cos>=0.999', "
-                   "'output0 maxerr<=0.05', 'probs top1>=99%' (repeatable); a failed check fails like --min-sqnr.")
+@min_sqnr_option("Fail (exit 2, nothing written) when an output's SQNR is below DB: its whole-tensor SQNR or the "
+                 "SQNR of its worst slice along the channel / feature axis (the JSON report shows both).")
+@check_option(" (repeatable); a failed check fails like --min-sqnr.")
 @slice_axis_option
 @click.option("--verify-each", is_flag=True, help="Run the ONNX checker + shape inference after every pass.")
 @click.option("--dump-after", multiple=True, help="Save the graph after PASS (or 'all') to OUT.dump/.")
@@ -320,12 +317,9 @@ def _echo_cost(c: dict[str, Any]) -> None:
 @click.option("--data", required=True, type=click.Path(path_type=Path),
               help="Feeds: .npz with a leading sample axis, or a folder of .npz files.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the report as JSON.")
-@click.option("--min-sqnr", type=float,
-              help="Exit 2 when a graph output's SQNR is below DB: its whole-tensor SQNR or that of its worst slice "
-                   "along the channel / feature axis.")
-@click.option("--check", "checks", multiple=True, metavar="CHECK",
-              help="A threshold on an output or a slice of it, e.g. 'output0[..., 4:]>=20dB', 'probs cos>=0.999', "
-                   "'output0 maxerr<=0.05', 'probs top1>=99%' (repeatable); exit 2 when one fails.")
+@min_sqnr_option("Exit 2 when a graph output's SQNR is below DB: its whole-tensor SQNR or that of its worst slice "
+                 "along the channel / feature axis.")
+@check_option(" (repeatable); exit 2 when one fails.")
 @slice_axis_option
 @click.option("--layers/--no-layers", default=True, show_default=True, help="Per-layer comparison.")
 @click.option("--max-layers", type=int, default=15, show_default=True, help="Worst layers to print.")

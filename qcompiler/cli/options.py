@@ -2,9 +2,28 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
+
+#: the examples of ``--check``'s help
+CHECK_EXAMPLES = ("'output0[..., 4:]>=20dB', 'probs cos>=0.999', 'output0 maxerr<=0.05', "
+                  "'probs top1>=99%'")
 
 #: ``--slice-axis OUTPUT=AXIS``: the axis along which an output's worst slice is measured
 slice_axis_option = click.option(
     "--slice-axis", "slice_axes", multiple=True, metavar="OUTPUT=AXIS",
     help="Measure OUTPUT's worst slice along AXIS (default: 1, or the last axis of [N, F] / [N, A, C]).")
+
+
+def min_sqnr_option(help_text: str) -> Any:
+    """``--min-sqnr DB``: the gate on every output's whole-tensor and worst-slice SQNR; ``help_text`` says what
+    a failure does in this command."""
+    return click.option("--min-sqnr", type=float, help=help_text)
+
+
+def check_option(outcome: str, examples: str = CHECK_EXAMPLES) -> Any:
+    """``--check CHECK`` (repeatable): a threshold on an output or a slice of it; ``outcome`` ends the help
+    with what a failed check does in this command."""
+    return click.option("--check", "checks", multiple=True, metavar="CHECK",
+                        help=f"A threshold on an output or a slice of it, e.g. {examples}{outcome}")

@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from qcompiler.api import build_bundle
-from qcompiler.cli.options import slice_axis_option
+from qcompiler.cli.options import check_option, min_sqnr_option, slice_axis_option
 from qcompiler.plan.checks import parse_check, parse_slice_axes
 from qcompiler.report.bundle import verify_bundle
 
@@ -33,12 +33,10 @@ def register(cli: click.Group) -> None:
     @click.option("--plan", help="Precision plan: a YAML/JSON file or a preset name; without one, the measured "
                                  "default (as compile), 'default' for the plain default plan.")
     @click.option("--pipeline", help="Textual pipeline (default: the target's).")
-    @click.option("--min-sqnr", type=float,
-                  help="Fail (exit 2, no bundle) when an output's SQNR is below DB: its whole-tensor SQNR or that "
-                       "of its worst slice along the channel / feature axis.")
-    @click.option("--check", "checks", multiple=True, metavar="CHECK",
-                  help="A threshold on an output or a slice of it, e.g. 'output0[..., 4:]>=20dB' (repeatable; see "
-                       "`qcompiler compile --help`); a failed check fails like --min-sqnr. The bundle records them.")
+    @min_sqnr_option("Fail (exit 2, no bundle) when an output's SQNR is below DB: its whole-tensor SQNR or that "
+                     "of its worst slice along the channel / feature axis.")
+    @check_option(" (repeatable; see `qcompiler compile --help`); a failed check fails like --min-sqnr. The bundle "
+                  "records them.", examples="'output0[..., 4:]>=20dB'")
     @slice_axis_option
     @click.option("--zip", "make_zip", is_flag=True, help="Also write BUNDLE.zip.")
     @click.option("--validate-data", type=click.Path(path_type=Path), help="Held-back feeds for validation.")
