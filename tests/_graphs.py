@@ -63,6 +63,15 @@ def vi(name: str, dims: Sequence[Any], dtype: int = F32) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(name, dtype, list(dims))
 
 
+def matmul_relu_graph() -> Any:
+    """x [N, 6] -> MatMul (constant 6x4 weight, seed 5) -> Relu -> y, imported (a graphsurgeon graph)."""
+    b = Builder(5)
+    b.node("MatMul", ["x", b.init("w", b.randn(6, 4))], ["h"], name="mm")
+    b.node("Relu", ["h"], ["y"], name="relu")
+    graph, _ = ir.import_graph(b.model([vi("x", ["N", 6])], [vi("y", ["N", 4])]))
+    return graph
+
+
 def conv_bn(*, bias: bool = True, group: int = 1, cin: int = 4, cout: int = 8, relu: bool = False,
             seed: int = 0) -> onnx.ModelProto:
     """x[N,cin,8,8] -> Conv(3x3, group) -> BN -> [Relu] -> y (the BN output is the graph output unless relu)."""

@@ -5,22 +5,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from _graphs import Builder, vi
+from _graphs import matmul_relu_graph
 
-from qcompiler import ir
 from qcompiler.calib import CalibrationSource, collect, input_signatures
 from qcompiler.core.activations import CACHE_ENV, ActivationCache, default_max_bytes, graph_key
 from qcompiler.passes import _stream
 from qcompiler.passes._stream import stream
 from qcompiler.plan import QuantSpec
-
-
-def _graph():
-    b = Builder(5)
-    b.node("MatMul", ["x", b.init("w", b.randn(6, 4))], ["h"], name="mm")
-    b.node("Relu", ["h"], ["y"], name="relu")
-    graph, _ = ir.import_graph(b.model([vi("x", ["N", 6])], [vi("y", ["N", 4])]))
-    return graph
 
 
 def _source(graph, n=5):
@@ -30,13 +21,13 @@ def _source(graph, n=5):
 
 
 def test_graph_key_follows_weights_and_structure():
-    g = _graph()
+    g = matmul_relu_graph()
     k = graph_key(g)
-    assert k is not None and graph_key(_graph()) == k  # same graph, same key
+    assert k is not None and graph_key(matmul_relu_graph()) == k  # same graph, same key
     w = g.tensors()["w"]
     w.values = np.asarray(w.values) * 1.0001  # a weight rewritten (smooth, equalize, ...)
     assert graph_key(g) != k
-    g2 = _graph()
+    g2 = matmul_relu_graph()
     g2.nodes[1].op = "Sigmoid"
     assert graph_key(g2) != k
 
@@ -62,7 +53,7 @@ def test_cap_from_the_environment(monkeypatch):
 
 
 def test_calibration_fills_the_cache_and_stream_reads_it_without_a_session(monkeypatch):
-    graph = _graph()
+    graph = matmul_relu_graph()
     src = _source(graph)
     cache = ActivationCache()
     spec = QuantSpec(dtype="uint8")
@@ -84,7 +75,7 @@ def test_calibration_fills_the_cache_and_stream_reads_it_without_a_session(monke
 
 
 def test_collect_keeps_nothing_beyond_the_cap_or_for_random_data():
-    graph = _graph()
+    graph = matmul_relu_graph()
     cache = ActivationCache(max_bytes=2 * 32)
     collect(graph, {"h": QuantSpec(dtype="uint8")}, _source(graph), cache=cache, workers=1)
     assert cache.nbytes == 2 * 32  # two samples of five fit

@@ -70,17 +70,24 @@ def test_measured_default_never_below_default_plan(tmp_path: Path, name: str) ->
 
 def test_recipe_out_reproduces_byte_for_byte_and_is_deterministic(tmp_path: Path) -> None:
     model, npz = fixture("conv_bn_relu")
+    _twice_then_pinned(tmp_path, model, npz, "--plan", "auto")
+
+
+def _twice_then_pinned(tmp_path: Path, model: Path, npz: Path, *args: str) -> Path:
+    """Compile twice with ``args`` and ``--recipe-out``: the same bytes and the same recipe both times, and the
+    recipe given back as ``--plan`` reproduces the model byte for byte. Returns the first model."""
     outs = []
     for k in range(2):
         out, recipe = tmp_path / f"a{k}.onnx", tmp_path / f"recipe{k}.yaml"
-        r = run("compile", model, "-o", out, "--plan", "auto", "--calib", npz, "--recipe-out", recipe, "-q")
+        r = run("compile", model, "-o", out, *args, "--calib", npz, "--recipe-out", recipe, "-q")
         assert r.exit_code == 0, r.output
         outs.append((out, recipe))
     assert digest(outs[0][0]) == digest(outs[1][0])  # same inputs, same bytes
     assert outs[0][1].read_text() == outs[1][1].read_text()
     again = tmp_path / "again.onnx"
     assert run("compile", model, "-o", again, "--plan", outs[0][1], "--calib", npz, "-q").exit_code == 0
-    assert digest(again) == digest(outs[0][0])
+    assert digest(again) == digest(outs[0][0])  # --recipe-out pins the choice
+    return outs[0][0]
 
 
 def test_max_latency_ratio_is_honoured(tmp_path: Path) -> None:
@@ -353,21 +360,11 @@ def test_measured_default_is_deterministic_and_never_times(tmp_path: Path, monke
 
     monkeypatch.setattr(recipe_pkg, "run_timed", no_timing)
     model, npz = fixture("transformer_block")
-    outs = []
-    for k in range(2):
-        out, recipe = tmp_path / f"m{k}.onnx", tmp_path / f"m{k}.yaml"
-        r = run("compile", model, "-o", out, "--calib", npz, "--recipe-out", recipe, "-q")
-        assert r.exit_code == 0, r.output
-        outs.append((out, recipe))
-    assert digest(outs[0][0]) == digest(outs[1][0])  # same inputs, same bytes
-    assert outs[0][1].read_text() == outs[1][1].read_text()
-    again = tmp_path / "again.onnx"
-    assert run("compile", model, "-o", again, "--plan", outs[0][1], "--calib", npz, "-q").exit_code == 0
-    assert digest(again) == digest(outs[0][0])  # --recipe-out pins the choice
+    first = _twice_then_pinned(tmp_path, model, npz)
     # --plan auto is the same default by name
     alias = tmp_path / "alias.onnx"
     assert run("compile", model, "-o", alias, "--plan", "auto", "--calib", npz, "-q").exit_code == 0
-    assert digest(alias) == digest(outs[0][0])
+    assert digest(alias) == digest(first)
 
 
 def test_weights_only_needs_a_speed_or_size_question() -> None:

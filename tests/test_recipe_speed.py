@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _graphs import Builder, vi
+from _graphs import matmul_relu_graph
 
 from qcompiler import ir
 from qcompiler.api import CompileOptions, compile_model
@@ -39,14 +39,6 @@ def fresh_cache():
     reset_stats_cache()
 
 
-def _graph():
-    b = Builder(5)
-    b.node("MatMul", ["x", b.init("w", b.randn(6, 4))], ["h"], name="mm")
-    b.node("Relu", ["h"], ["y"], name="relu")
-    graph, _ = ir.import_graph(b.model([vi("x", ["N", 6])], [vi("y", ["N", 4])]))
-    return graph
-
-
 def _folder(tmp: Path, n: int = 6, seed: int = 3) -> Path:
     rng = np.random.default_rng(seed)
     tmp.mkdir(parents=True, exist_ok=True)
@@ -70,7 +62,7 @@ def _no_session(*a, **k):
 
 # ------------------------------------------------------------------------------------------ statistics cache
 def test_second_collection_comes_from_the_cache_equal_field_for_field(tmp_path: Path, monkeypatch) -> None:
-    graph = _graph()
+    graph = matmul_relu_graph()
     src = _source(graph, _folder(tmp_path / "calib"))
     specs = {"h": QuantSpec(dtype="uint8", calibration="percentile"), "y": QuantSpec(dtype="uint8")}
     first = collect(graph, specs, src, workers=1)
@@ -89,7 +81,7 @@ def test_second_collection_comes_from_the_cache_equal_field_for_field(tmp_path: 
 
 
 def test_minmax_is_served_by_a_histogram_collection_with_the_same_ranges(tmp_path: Path, monkeypatch) -> None:
-    graph = _graph()
+    graph = matmul_relu_graph()
     src = _source(graph, _folder(tmp_path / "calib"))
     pct = {"h": QuantSpec(dtype="uint8", calibration="percentile"), "y": QuantSpec(dtype="uint8",
                                                                                     calibration="entropy")}
@@ -112,7 +104,7 @@ def test_minmax_is_served_by_a_histogram_collection_with_the_same_ranges(tmp_pat
 
 
 def test_other_samples_graph_or_tensors_miss(tmp_path: Path, monkeypatch) -> None:
-    graph = _graph()
+    graph = matmul_relu_graph()
     folder = _folder(tmp_path / "calib")
     src = _source(graph, folder)
     spec = {"h": QuantSpec(dtype="uint8")}
@@ -125,7 +117,7 @@ def test_other_samples_graph_or_tensors_miss(tmp_path: Path, monkeypatch) -> Non
             collect(graph, spec, other, workers=1)
     with pytest.raises(AssertionError, match="must not build a session"):
         collect(graph, {"h": QuantSpec(dtype="uint8"), "y": QuantSpec(dtype="uint8")}, src, workers=1)
-    g2 = _graph()
+    g2 = matmul_relu_graph()
     w = g2.tensors()["w"]
     w.values = np.asarray(w.values) * 1.5  # a weight rewritten (smooth, equalize): another graph
     with pytest.raises(AssertionError, match="must not build a session"):
@@ -143,7 +135,7 @@ def test_other_samples_graph_or_tensors_miss(tmp_path: Path, monkeypatch) -> Non
 def test_a_cached_prefix_is_merged_with_the_rest_exactly(tmp_path: Path, monkeypatch, method: str) -> None:
     """The candidates calibrate on the first N - h samples, the confirmation and the final compile on all N:
     only the last h run, and the merged statistics are those of one pass."""
-    graph = _graph()
+    graph = matmul_relu_graph()
     folder = _folder(tmp_path / "calib", n=9, seed=5)
     src = _source(graph, folder)
     specs = {"h": QuantSpec(dtype="uint8", calibration=method), "y": QuantSpec(dtype="int8", calibration=method),
@@ -170,7 +162,7 @@ def test_a_cached_prefix_is_merged_with_the_rest_exactly(tmp_path: Path, monkeyp
 
 
 def test_random_and_in_memory_sources_and_a_zero_cap_keep_nothing(tmp_path: Path, monkeypatch) -> None:
-    graph = _graph()
+    graph = matmul_relu_graph()
     spec = {"h": QuantSpec(dtype="uint8")}
     collect(graph, spec, CalibrationSource.from_arg("random", input_signatures(graph)), workers=1)
     feeds = [{"x": np.ones((2, 6), np.float32)}]
@@ -184,7 +176,7 @@ def test_random_and_in_memory_sources_and_a_zero_cap_keep_nothing(tmp_path: Path
 
 
 def test_the_cache_stays_under_its_cap(tmp_path: Path) -> None:
-    graph = _graph()
+    graph = matmul_relu_graph()
     spec = {"h": QuantSpec(dtype="uint8", calibration="percentile")}
     one = TensorStats(histogram=True).nbytes + 256
     cache = reset_stats_cache(int(2.5 * one))

@@ -4,20 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from _graphs import Builder, vi
+from _graphs import matmul_relu_graph
 
-from qcompiler import ir
 from qcompiler.calib import CalibrationSource, input_signatures
 from qcompiler.core.errors import UserError
 from qcompiler.passes._stream import layer_threads, one_blas_thread, stream
-
-
-def _graph():
-    b = Builder(5)
-    b.node("MatMul", ["x", b.init("w", b.randn(6, 4))], ["h"], name="mm")
-    b.node("Relu", ["h"], ["y"], name="relu")
-    graph, _ = ir.import_graph(b.model([vi("x", ["N", 6])], [vi("y", ["N", 4])]))
-    return graph
 
 
 def _feeds(n: int) -> list[dict[str, np.ndarray]]:
@@ -27,7 +18,7 @@ def _feeds(n: int) -> list[dict[str, np.ndarray]]:
 
 @pytest.mark.parametrize("workers", [1, 2, 5])
 def test_stream_consumes_every_sample_in_order_for_any_workers(workers):
-    graph = _graph()
+    graph = matmul_relu_graph()
     feeds = _feeds(9)
     src = CalibrationSource.from_feeds(feeds, input_signatures(graph))
     seen: list[tuple[np.ndarray, np.ndarray]] = []
@@ -42,7 +33,7 @@ def test_stream_consumes_every_sample_in_order_for_any_workers(workers):
 
 
 def test_stream_names_the_failing_sample():
-    graph = _graph()
+    graph = matmul_relu_graph()
     feeds = _feeds(4)
     src = CalibrationSource.from_feeds(feeds, input_signatures(graph), "calib")
     src.feeds[2] = {"x": np.zeros((2, 5), np.float32)}  # type: ignore[attr-defined]  # past the feed check
