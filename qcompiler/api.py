@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from qcompiler import autoplan, recipe
 from qcompiler.compile import (
@@ -28,9 +28,6 @@ from qcompiler.compile import (
 )
 from qcompiler.plan import Plan
 from qcompiler.report.bundle import CHECK_SAMPLES, BundleResult, package_model
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = ["COMPILE_LAYER_SAMPLES", "PIPELINE_INSERTIONS", "REJECTED_REPORT_SUFFIX", "CompileOptions", "CompileResult", "Progress",
            "assemble_pipeline", "build_bundle", "compile_model"]

@@ -75,11 +75,12 @@ class Profile:
             st.calls += 1
             self._stack.pop()
 
-    def add(self, name: str, seconds: float) -> None:
-        """A step timed elsewhere (the imports, the pass manager's own clock), under the open step."""
+    def add(self, name: str, seconds: float) -> Step:
+        """A step timed elsewhere (the imports, the pass manager's own clock), under the open step; returns it."""
         st = self._stack[-1].child(name)
         st.seconds += seconds
         st.calls += 1
+        return st
 
     def finish(self) -> float:
         """Stops the clock of the whole compile (the first call counts); returns its seconds."""

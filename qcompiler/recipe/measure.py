@@ -239,10 +239,7 @@ def _graft(outer: profile.Profile, name: str, inner: profile.Profile) -> None:
             c.calls += max(1, st.calls)
             merge(c, st.children)
 
-    with outer.step(name) as top:
-        pass
-    top.seconds += inner.finish()
-    merge(top, inner.root.children)
+    merge(outer.add(name, inner.finish()), inner.root.children)
 
 
 def _file_name(name: str) -> str:
