@@ -63,11 +63,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("models", nargs="+", help=f"{' | '.join(realdata.MODELS)} | path/to/model.onnx")
     ap.add_argument("--calib", help="a model file's calibration data (folder of .npz or one .npz)")
     ap.add_argument("--samples", type=int, default=64, help="calibration samples of a real model (default 64)")
-    ap.add_argument("--preset", help="compile with this preset (default: the default plan)")
+    ap.add_argument("--preset", help="compile with this preset (default: the measured default)")
+    ap.add_argument("--plan", help="compile with this plan (e.g. 'default': the plain default plan)")
     ap.add_argument("--no-validate", action="store_true", help="compile with --no-validate")
     ap.add_argument("--json", help="write every profile here")
     args = ap.parse_args(argv)
-    extra = (["--preset", args.preset] if args.preset else []) + (["--no-validate"] if args.no_validate else [])
+    extra = (["--preset", args.preset] if args.preset else []) + (["--plan", args.plan] if args.plan else []) \
+        + (["--no-validate"] if args.no_validate else [])
     results = []
     with tempfile.TemporaryDirectory(prefix="qcompiler-profile-") as tmp:
         work = Path(tmp)
@@ -84,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             res = profile_one(model, calib, work, extra)
             res["key"] = key
             print(f"\n## {key}{' --preset ' + args.preset if args.preset else ''}"
+                  f"{' --plan ' + args.plan if args.plan else ''}"
                   f"{' --no-validate' if args.no_validate else ''}\n\n{res['table']}", flush=True)
             results.append(res)
     if args.json:

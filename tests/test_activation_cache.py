@@ -4,6 +4,7 @@ the same samples later; passes/_stream.py reads them instead of running onnxrunt
 from __future__ import annotations
 
 import numpy as np
+import onnx_graphsurgeon as gs
 import pytest
 from _graphs import matmul_relu_graph
 
@@ -30,6 +31,23 @@ def test_graph_key_follows_weights_and_structure():
     g2 = matmul_relu_graph()
     g2.nodes[1].op = "Sigmoid"
     assert graph_key(g2) != k
+
+
+def test_graph_key_reads_tensor_valued_attributes():
+    # a ConstantOfShape's value is a tensor attribute (the vision transformer of the zoo keeps one after cleanup):
+    # fingerprinted by its bytes, so such graphs are cached too, and a changed value is another key
+    def graph(fill: float) -> gs.Graph:
+        g = matmul_relu_graph()
+        shape = gs.Constant("cos_shape", np.array([1], dtype=np.int64))
+        out = gs.Variable("cos_out", dtype=np.float32)
+        g.nodes.append(gs.Node("ConstantOfShape", "cos", attrs={"value": gs.Constant(
+            "cos_value", np.array([fill], dtype=np.float32))}, inputs=[shape], outputs=[out]))
+        g.outputs.append(out)
+        return g
+
+    k = graph_key(graph(1.0))
+    assert k is not None and graph_key(graph(1.0)) == k
+    assert graph_key(graph(2.0)) != k
 
 
 def test_cache_keeps_at_most_its_cap_and_gives_read_only_arrays():

@@ -48,8 +48,9 @@ def default_max_bytes() -> int:
 
 
 def graph_key(graph: gs.Graph) -> str | None:
-    """Fingerprint of everything that decides the float values of ``graph``'s tensors; ``None`` (do not
-    cache) for graphs with subgraphs or more than :data:`MAX_FINGERPRINT_BYTES` of constants."""
+    """Fingerprint of everything that decides the float values of ``graph``'s tensors (tensor-valued attributes,
+    such as a ``ConstantOfShape``'s value, by their bytes); ``None`` (do not cache) for graphs with subgraphs or
+    more than :data:`MAX_FINGERPRINT_BYTES` of constants."""
     h = hashlib.blake2b(digest_size=16)
     seen: set[str] = set()
     total = 0
@@ -62,26 +63,47 @@ def graph_key(graph: gs.Graph) -> str | None:
             v = np.ascontiguousarray(np.asarray(t.values))
             total += v.nbytes
             if total > MAX_FINGERPRINT_BYTES:
-                raise OverflowError
+                raise _Uncacheable
             h.update(f"{v.dtype.str}{v.shape}".encode())
             h.update(v.tobytes() if v.dtype != object else repr(v.tolist()).encode())
+
+    def attr(name: str, a: object) -> None:
+        nonlocal total
+        if isinstance(a, gs.Tensor):  # a tensor-valued attribute (ConstantOfShape's value): its bytes, not a repr
+            v = np.ascontiguousarray(np.asarray(a.values)) if isinstance(a, gs.Constant) else None
+            if v is None:
+                raise _Uncacheable
+            total += v.nbytes
+            if total > MAX_FINGERPRINT_BYTES:
+                raise _Uncacheable
+            h.update(f"@{name}={v.dtype.str}{v.shape}".encode())
+            h.update(v.tobytes() if v.dtype != object else repr(v.tolist()).encode())
+        else:
+            h.update(f"@{name}={a!r}".encode())
 
     try:
         for t in graph.inputs:
             tensor(t)
         for node in graph.nodes:
             for a in node.attrs.values():
-                if isinstance(a, (gs.Graph, gs.Tensor)) or (
-                        isinstance(a, (list, tuple)) and any(isinstance(x, gs.Graph) for x in a)):
+                if isinstance(a, gs.Graph) or (isinstance(a, (list, tuple)) and any(
+                        isinstance(x, (gs.Graph, gs.Tensor)) for x in a)):
                     return None
-            h.update(f"#{node.op}|{node.domain}|{node.name}|{sorted(node.attrs.items())!r}".encode())
+            h.update(f"#{node.op}|{node.domain}|{node.name}".encode())
+            for name in sorted(node.attrs):
+                attr(name, node.attrs[name])
             for t in (*node.inputs, *node.outputs):
                 tensor(t)
         for t in graph.outputs:
             tensor(t)
-    except OverflowError:
+    except _Uncacheable:
         return None
     return h.hexdigest()
+
+
+class _Uncacheable(Exception):
+    """Raised inside :func:`graph_key`: the graph is not fingerprinted (too many constant bytes, or an attribute
+    whose value cannot be read)."""
 
 
 class ActivationCache:
