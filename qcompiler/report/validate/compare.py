@@ -143,7 +143,8 @@ def validate(
                           functools.partial(_run_checked, q_plain, first, 0, out_names, "quant", qlabel)], pool)
         if per_layer:
             ff, qf = _graph_facts(fmodel), _graph_facts(qmodel)
-            layers = _layer_candidates(ff, qf, layer_names)
+            # layer_samples=0: no sample is compared per layer, so no layer is listed (and no exposing session)
+            layers = _layer_candidates(ff, qf, layer_names) if layer_samples is None or layer_samples > 0 else []
         f_first, q_first = firsts.get(0), firsts.get(1)
         del firsts
         # The next samples' output runs start now, while the per-layer sessions are built; then one sample
@@ -157,8 +158,6 @@ def validate(
         layer_ahead = 0
         if f_ext is not None and q_ext is not None:
             layer_ahead = layer_lookahead(ahead, f_ext.first, q_ext.first)
-            if layer_samples is not None and layer_samples <= 0:  # no sample takes the trial runs' tensors
-                f_ext.first = q_ext.first = None
 
         out_acc = {n: _Accumulator(n) for n in out_names}
         slice_acc, topk_acc = _output_accumulators(fmodel, ff, f_first, out_names, slice_axes or {}, checks)
