@@ -212,7 +212,11 @@ def cached_hessians(keys: Keys | None, need: Sequence[bool]) -> list[Prefix | No
     if keys is None:
         return [None] * len(need)
     cache = hessian_cache()
-    return [cache.lookup(k, keys.ids, prefix=keys.prefix) if nd else None for k, nd in zip(keys.layers, need)]
+    got = [cache.lookup(k, keys.ids, prefix=keys.prefix) if nd else None for k, nd in zip(keys.layers, need)]
+    log.debug("gptq: %d of %d needed Hessians from the cache over all %d samples, %d over their first ones",
+              sum(1 for g in got if g is not None and g.covered == len(keys.ids)), sum(need), len(keys.ids),
+              sum(1 for g in got if g is not None and g.covered < len(keys.ids)))
+    return got
 
 
 def store_hessians(keys: Keys | None, done: Sequence[tuple[int, np.ndarray, int]]) -> None:
@@ -228,7 +232,9 @@ def cached_sweeps(keys: Keys | None, whats: Sequence[str]) -> list[Sweep | None]
         return [None] * len(whats)
     samples = repr(keys.ids)
     keys.sweeps = [_digest(lk, samples, wd, what) for lk, wd, what in zip(keys.layers, keys.weights, whats)]
-    return [sweep_cache().lookup(k) for k in keys.sweeps]
+    got = [sweep_cache().lookup(k) for k in keys.sweeps]
+    log.debug("gptq: %d of %d layers' sweeps from the cache", sum(1 for g in got if g is not None), len(got))
+    return got
 
 
 def store_sweep(keys: Keys | None, j: int, value: Sweep) -> None:

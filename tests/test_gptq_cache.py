@@ -185,3 +185,23 @@ def test_caps_environment_and_lru(tmp_path, monkeypatch) -> None:
     assert hc.lookup("layer2", ["b"]) is None  # not a prefix
     hc.store("big", ["a"], np.ones((1, 512, 512)), 1)  # 2 MiB > cap: not kept, nothing evicted
     assert len(hc) == 2
+
+
+def test_a_folder_source_reads_its_files_once_for_its_ids(tmp_path, monkeypatch) -> None:
+    """The calibrate and gptq passes of one compile both key their caches on the samples' ids: one digest per
+    file per source; a new source (the next compile) reads them again, so a file changed since is seen."""
+    from qcompiler.calib import CalibrationSource, input_signatures, sources
+    from qcompiler.ir import import_graph
+
+    calib = folder(tmp_path, 3)
+    graph, _meta = import_graph(chain_model())
+    read: list[str] = []
+    real = sources.file_digest
+    monkeypatch.setattr(sources, "file_digest", lambda p: read.append(p.name) or real(p))
+    src = CalibrationSource.from_arg(str(calib), input_signatures(graph))
+    first = src.sample_ids()
+    assert src.sample_ids() == first and src.take(2).sample_ids() == first[:2]
+    assert read == ["000.npz", "001.npz", "002.npz"]
+    shutil.copy(calib / "000.npz", calib / "002.npz")
+    again = CalibrationSource.from_arg(str(calib), input_signatures(graph)).sample_ids()
+    assert len(read) == 6 and again[:2] == first[:2] and again[2] != first[2]
