@@ -24,7 +24,8 @@ block, and the sweep's options (``block_size``, ``damp``, ``act_order``, the one
 the sweep reads. The final compile after a confirmation on the same samples then does no GPTQ work at all (and
 no onnxruntime run: with every layer's Hessian cached the samples are not streamed).
 
-Caps: ``$QCOMPILER_HESSIAN_CACHE_MB`` (default 512) and ``$QCOMPILER_GPTQ_SWEEP_CACHE_MB`` (default 64); 0 turns
+An entry replaces the layer's entries over a prefix of its samples. Caps:
+``$QCOMPILER_HESSIAN_CACHE_MB`` (default 512) and ``$QCOMPILER_GPTQ_SWEEP_CACHE_MB`` (default 64); 0 turns
 a cache off; the least recently used entries go first. Counters ``hits`` / ``partial_hits`` / ``misses`` as
 :mod:`qcompiler.calib.statcache`'s.
 """
@@ -130,9 +131,16 @@ class HessianCache(_Lru):
             return Prefix(h.copy(), rows, len(best[1]))
 
     def store(self, key: str, ids: Sequence[str], h: np.ndarray, rows: int) -> None:
-        """Keep a copy of ``H`` (and its row count) over the samples ``ids``."""
-        if self.max_bytes > 0:
-            self._put((key, tuple(ids)), (h.copy(), int(rows)), h.nbytes + 256)
+        """Keep a copy of ``H`` (and its row count) over the samples ``ids``, in place of the layer's entries
+        over a prefix of them (the candidates' samples, once the confirmation has all of them: one ``H`` per
+        layer stays in memory)."""
+        if self.max_bytes <= 0:
+            return
+        want = tuple(ids)
+        with self._lock:
+            for k in [k for k in self._data if k[0] == key and len(k[1]) < len(want) and want[:len(k[1])] == k[1]]:
+                self.nbytes -= self._data.pop(k)[1]
+        self._put((key, want), (h.copy(), int(rows)), h.nbytes + 256)
 
 
 Sweep = tuple[quant.QuantizedTensor, float, float]
