@@ -206,3 +206,25 @@ def test_a_folder_source_reads_its_files_once_for_its_ids(tmp_path, monkeypatch)
     shutil.copy(calib / "000.npz", calib / "002.npz")
     again = CalibrationSource.from_arg(str(calib), input_signatures(graph)).sample_ids()
     assert len(read) == 6 and again[:2] == first[:2] and again[2] != first[2]
+
+
+@pytest.mark.parametrize("plan_name", ["w8a8", "auto"])
+def test_guard_and_measured_default_share_gptq_work_and_write_the_uncached_bytes(tmp_path, plan_name) -> None:
+    """``--preset w8a8`` (the guard: as written and without percentile on the first samples, then the final
+    compile on all) and the measured default on a fixture: the caches serve the guard's second compile's sweeps
+    and the final compile's Hessians over the first samples — and the file is the one written without them."""
+    root = Path(__file__).resolve().parents[1] / "models"
+    model, calib = root / "conv_bn_relu.onnx", root / "conv_bn_relu.npz"
+
+    def run(tag: str) -> bytes:
+        out = tmp_path / f"{tag}.onnx"
+        compile_model(model, out, CompileOptions(plan=plan_name, calib=str(calib), validate=False))
+        return out.read_bytes()
+
+    cached = run("cached")
+    hc, sc = _gptq_cache.hessian_cache(), _gptq_cache.sweep_cache()
+    assert hc.misses > 0 and hc.partial_hits > 0  # the compile on all samples continued the first samples' H
+    if plan_name == "w8a8":
+        assert sc.hits > 0  # "without percentile": GPTQ's very inputs, options and grids
+    _gptq_cache.reset_caches(0, 0)
+    assert run("off") == cached
