@@ -15,26 +15,26 @@ yet quantized, in proportion to the inverse Hessian:
 in blocks of ``block_size`` columns (updates inside a block are immediate, the rest of the matrix is updated
 once per block: the "lazy batch" form). With ``act_order`` (per-channel grids only) the columns are swept in
 order of decreasing ``H_jj`` — W and H permuted alike, the codes put back in the weight's column order — so the
-inputs with the most energy are rounded while the most columns remain to absorb their error. The grid Q is the plan's: per-channel scales are fixed from the whole
-weight (``range: minmax`` or ``mse``) before the sweep; block-wise scales (``granularity: block``) are chosen
-when the sweep reaches the first column of each block, from the already-updated weights, as GPTQ's grouped
-variant does. Conv columns are ordered (kH, kW, Cin) so that a block of Cin at one kernel tap is contiguous.
+inputs with the most energy are rounded while the most columns remain to absorb their error. The grid Q is
+the plan's: per-channel scales are fixed from the whole weight (``range: minmax`` or ``mse``) before the sweep;
+block-wise scales (``granularity: block``) are chosen when the sweep reaches the first column of each block, from
+the already-updated weights, as GPTQ's grouped variant does. Conv columns are ordered (kH, kW, Cin).
 
 The result goes to ``ctx.weight_overrides[(node, 1)]`` as a :class:`~qcompiler.quant.QuantizedTensor` in the
 weight's own layout, which ``insert-qdq`` emits as is; the float graph is not changed. Applies to Conv / Gemm /
 MatMul weights the plan quantizes to an integer dtype of at most ``max_bits`` bits (int4 by default), scheme
 ``int``, not shared with another node. Needs real calibration data: without it (no ``--calib``, ``none`` or
-``random``) the pass skips, with a warning, and the weights are rounded to nearest. Runs after ``resolve-plan`` and before ``insert-qdq``; a second run skips
-the layers that already have an override. Everything is numpy (float64); memory is one K × K matrix per layer.
+``random``) the pass skips, with a warning (round to nearest). Runs after ``resolve-plan``, before ``insert-qdq``;
+a second run skips layers with an override. All numpy (float64); memory is one K × K matrix per layer.
 
 Rows: ``H`` is built from every row of every sample unless ``max_rows`` (N > 0) bounds it: then each sample
 gives ``ceil(N / samples)`` rows per layer (all of them when it has no more), drawn without replacement by
 ``numpy.random.default_rng((compile seed, sample, layer))`` in increasing order and gathered before the patches
 are copied, and the shrinkage above counts the rows used. Building ``H`` is most of GPTQ's time (the sweep is
 cheap by comparison); see docs/ptq.md for the measured accuracy cost and why the default is every row.
-
-Stats: ``layers``, ``samples``, ``skipped_*``; ``ctx.report["gptq"]`` has the proxy loss ``‖ΔW·X‖²`` of
-round-to-nearest and of GPTQ per layer, summed.
+Caches (:mod:`._gptq_cache`): a layer's ``H`` over the same samples (or their first ones: only the rest is
+accumulated, bit for bit the same sum) and its sweep are taken from an earlier compile in the process.
+Stats: ``layers``, ``samples``, ``skipped_*``; ``ctx.report["gptq"]`` the summed proxy losses ``‖ΔW·X‖²``.
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ from qcompiler.core.pass_base import Pass, PassResult
 from qcompiler.ir.graph import GraphIndex, is_onnx_op
 from qcompiler.plan import QuantSpec
 
+from . import _gptq_cache
 from ._layers import Layer, find_layer
 from ._stream import layer_threads, one_blas_thread, progress_of, release_activations, source_for, stream
 
@@ -154,21 +155,32 @@ class GPTQPass(Pass):
         if source is None:
             stats["skipped_no_data"] = len(jobs)
             return PassResult(False, stats)
+        with profile.step("cache keys"):  # the same Hessians / sweeps of an earlier compile (_gptq_cache)
+            keys = _gptq_cache.Keys.of(ctx.graph, source, [(j.layer.node, j.layer.w) for j in jobs], opts.max_rows,
+                                       ctx.seed)
+            what = (opts.block_size, opts.damp, opts.act_order, BATCH_ONE_ROW_GROUPS)  # all the sweep reads
+            done = _gptq_cache.cached_sweeps(keys, [repr((j.spec, j.axis, j.block, what)) for j in jobs])
+        todo = [job for job, d in zip(jobs, done) if d is None]
         with profile.step("hessians"):
-            stats["samples"] = self._accumulate(source, ctx, jobs)
+            stats["samples"] = self._accumulate(source, ctx, jobs, keys, [d is None for d in done])
         loss_rtn = loss_gptq = 0.0
         layer_progress = progress_of(ctx, "gptq layers")
         # the layers' sweeps are independent: in parallel threads, each on one BLAS thread (as the Hessians);
         # results are taken in layer order, so the overrides and the summed losses do not depend on the timing
         with profile.step("sweep"), one_blas_thread(), \
                 ThreadPoolExecutor(max_workers=layer_threads(len(jobs))) as pool:
-            for li, (job, (qt, l_rtn, l_gptq)) in enumerate(zip(jobs, pool.map(self._quantize, jobs))):
+            swept = iter(pool.map(self._quantize, todo))
+            for li, job in enumerate(jobs):
+                got = done[li]
+                if got is None:
+                    got = next(swept)
+                    _gptq_cache.store_sweep(keys, li, got)
+                qt, l_rtn, l_gptq = got
                 if layer_progress is not None:
                     layer_progress(li + 1, len(jobs))
                 ctx.weight_overrides[(job.layer.node.name, 1)] = qt
-                loss_rtn += l_rtn
-                loss_gptq += l_gptq
-                stats["layers"] += 1
+                loss_rtn, loss_gptq = loss_rtn + l_rtn, loss_gptq + l_gptq
+            stats["layers"] = len(jobs)
         ctx.report["gptq"] = {"layers": stats["layers"], "samples": stats["samples"],
                               "proxy_loss_round_to_nearest": float(f"{loss_rtn:.6g}"),
                               "proxy_loss_gptq": float(f"{loss_gptq:.6g}")}
@@ -176,11 +188,21 @@ class GPTQPass(Pass):
         return PassResult(False, stats)
 
     # ------------------------------------------------------------------------------------------ Hessians
-    def _accumulate(self, source: Any, ctx: CompileContext, jobs: list[_Job]) -> int:
-        names = [job.layer.node.inputs[0].name for job in jobs]
-        max_rows = self.options.max_rows
-        quota = -(-max_rows // max(len(source), 1)) if max_rows else None  # rows per sample and layer
-        sample = [0]
+    def _accumulate(self, source: Any, ctx: CompileContext, jobs: list[_Job], keys: _gptq_cache.Keys | None,
+                    need: list[bool]) -> int:
+        """The ``need``-ed jobs' H over ``source``, cached ones (or prefixes) taken. Returns the sample count."""
+        n = len(source)
+        start = [0 if nd else n for nd in need]  # per job: the samples its H already holds
+        for j, hit in enumerate(_gptq_cache.cached_hessians(keys, need)):
+            if hit is not None:
+                jobs[j].h, jobs[j].rows, start[j] = hit.h, hit.rows, hit.covered
+        todo = [j for j in range(len(jobs)) if start[j] < n]
+        if not todo:
+            return n
+        first = min(start[j] for j in todo)
+        names = {j: jobs[j].layer.node.inputs[0].name for j in todo}
+        quota = -(-self.options.max_rows // max(n, 1)) if self.options.max_rows else None  # rows per sample, layer
+        sample = [first]
 
         def one(i: int, j: int, x: np.ndarray) -> None:
             job = jobs[j]
@@ -192,15 +214,19 @@ class GPTQPass(Pass):
         # the layers of one sample in parallel threads (numpy lets go of the GIL while copying and in BLAS), each
         # product on one BLAS thread: the same sums on every machine, and no BLAS threads spinning against the
         # layer threads (on a loaded 2-core machine, 2 BLAS threads made one syrk up to 100x slower)
-        with ThreadPoolExecutor(max_workers=layer_threads(len(jobs))) as pool, one_blas_thread():
+        with ThreadPoolExecutor(max_workers=layer_threads(len(todo))) as pool, one_blas_thread():
             def consume(values: dict[str, np.ndarray]) -> None:
                 i = sample[0]
                 sample[0] += 1
-                for f in [pool.submit(one, i, j, values[name]) for j, name in enumerate(names)]:
+                for f in [pool.submit(one, i, j, values[nm]) for j, nm in names.items() if i >= start[j]]:  # not cached
                     f.result()
 
-            return stream(ctx.graph, names, source, consume, progress=progress_of(ctx, "gptq hessians"),
-                          cache=ctx.activations)
+            report = progress_of(ctx, "gptq hessians")
+            got = stream(ctx.graph, list(names.values()), source if first == 0 else source.subset(range(first, n)),
+                         consume, cache=ctx.activations,
+                         progress=None if report is None else lambda done, _t: report(first + done, n))
+        _gptq_cache.store_hessians(keys, [(j, jobs[j].h, jobs[j].rows) for j in todo])
+        return first + got
 
     # ---------------------------------------------------------------------------------------- quantizing
     def _quantize(self, job: _Job) -> tuple[quant.QuantizedTensor, float, float]:

@@ -17,6 +17,7 @@ from qcompiler.api import CompileOptions, compile_model
 from qcompiler.cli import cli
 from qcompiler.core import profile
 from qcompiler.core.errors import UserError
+from qcompiler.passes import _gptq_cache
 from qcompiler.passes import gptq as gptq_mod
 from qcompiler.report import validate as qv
 from qcompiler.report.validate import compare
@@ -50,6 +51,14 @@ def test_profile_nests_steps_adds_repeats_and_shares(monkeypatch):
     assert lines[0].split() == ["step", "seconds", "share"] and lines[-1].split() == ["total", "4.000", "100.0%"]
 
 
+
+@pytest.fixture(autouse=True)
+def no_gptq_caches():
+    """GPTQ does its work in every compile here (tests/test_gptq_cache.py tests the caches)."""
+    _gptq_cache.reset_caches(0, 0)
+    yield
+    _gptq_cache.reset_caches()
+
 def test_compile_profile_covers_every_step(tmp_path):
     calib = smooth_maps(8, seed=4)
     _, _out, res = _compile(tmp_path, conv_model(), calib, plan(INT4_PC), "q")
@@ -59,8 +68,8 @@ def test_compile_profile_covers_every_step(tmp_path):
                  "move into place"):
         assert want in names, (want, names)
     gptq = next(s for s in res.profile.root.children if s.name == "pass gptq")
-    assert [c.name for c in gptq.children] == ["hessians", "sweep"]
-    assert [c.name for c in gptq.children[0].children] == ["statistics"]  # the Conv reads the graph input: no run
+    assert [c.name for c in gptq.children] == ["cache keys", "hessians", "sweep"]
+    assert [c.name for c in gptq.children[1].children] == ["statistics"]  # the Conv reads the graph input: no run
     rep = res.report["profile"]
     assert [s["step"] for s in rep["steps"]] == names[:len(rep["steps"])]
     assert rep["seconds"] <= res.profile.finish() + 1e-9

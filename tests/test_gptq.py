@@ -20,6 +20,17 @@ from qcompiler.report import validate as qv
 RNG = np.random.default_rng(11)
 
 
+@pytest.fixture(autouse=True)
+def no_gptq_caches():
+    """Every compile here does its GPTQ work (no Hessian / sweep from an earlier test's compile: the comparisons
+    below are between computations); tests/test_gptq_cache.py tests the caches."""
+    from qcompiler.passes import _gptq_cache
+
+    _gptq_cache.reset_caches(0, 0)
+    yield
+    _gptq_cache.reset_caches()
+
+
 def correlated(n: int, shape: tuple[int, ...], dim_axis: int, seed: int) -> np.ndarray:
     """Samples whose features (along ``dim_axis``) are strongly correlated: z @ A with a decaying spectrum (A is
     the same for every seed: calibration and evaluation data share the distribution, not the samples)."""

@@ -234,6 +234,7 @@ class _FolderSource(CalibrationSource):
         super().__init__(inputs, f"{folder}/ ({len(files)} .npz files)", limit=limit)
         self.folder = folder
         self.files = files
+        self._ids: list[str] | None = None
         by_name = {s.name: s for s in inputs}
         #: per file: array name -> (zip member, raw .npy header, shape, dtype) for reading without np.load
         self._layout: dict[Path, dict[str, tuple[str, bytes, tuple[int, ...], np.dtype]]] = {}
@@ -264,7 +265,10 @@ class _FolderSource(CalibrationSource):
         return str(self.files[i])
 
     def sample_ids(self) -> list[str] | None:
-        return [f"{f.name}:{file_digest(f)}" for f in self.files[:len(self)]]
+        # read once per source: a compile's calibrate and gptq passes both key their caches on them
+        if self._ids is None:
+            self._ids = [f"{f.name}:{file_digest(f)}" for f in self.files[:len(self)]]
+        return list(self._ids)
 
     def _feeds(self) -> Iterator[Feed]:
         for f in self.files:
@@ -319,6 +323,7 @@ class _StackedNpzSource(CalibrationSource):
 
     def __init__(self, path: Path, inputs: list[InputSig], *, limit: int | None = None) -> None:
         self.path = path
+        self._digest: str | None = None
         by_name = {s.name: s for s in inputs}
         with open_zip(path) as zf:
             self.members = npz_members(path, zf)
@@ -355,8 +360,9 @@ class _StackedNpzSource(CalibrationSource):
         return f"{self.path}: sample {i}"
 
     def sample_ids(self) -> list[str] | None:
-        digest = file_digest(self.path)
-        return [f"{digest}:{i}" for i in range(len(self))]
+        if self._digest is None:  # read once per source (see the folder source's)
+            self._digest = file_digest(self.path)
+        return [f"{self._digest}:{i}" for i in range(len(self))]
 
     def _readers(self, zf: zipfile.ZipFile, stack: list[Any]) -> dict[str, Callable[[int], np.ndarray]]:
         readers: dict[str, Callable[[int], np.ndarray]] = {}
