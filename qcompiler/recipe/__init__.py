@@ -97,7 +97,7 @@ def _bench(model: Path, opts: CompileOptions, tmp: Path) -> Bench:
     float_outputs, float_seconds = run_timed(model, held) if latency or metric is not None else ([], 0.0)
     float_metric = call_metric(metric, float_outputs, float_outputs, held) if metric is not None else None
     # the candidates' compiles are not validated: the compile's --check thresholds are for the model written
-    return Bench(model=model, options=dataclasses.replace(opts, checks=[]), calib=calib, fit_samples=fit, held=held, float_outputs=float_outputs,
+    return Bench(model=model, options=dataclasses.replace(opts, checks=[]), calib=calib, fit=fit, held=held, float_outputs=float_outputs,
                  float_seconds=float_seconds, workdir=tmp, metric=metric, float_metric=float_metric,
                  latency=latency)
 
