@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +20,8 @@ from qcompiler.api import CompileOptions, compile_model
 from qcompiler.calib import CalibrationSource, collect, input_signatures, reset_stats_cache, stats_cache
 from qcompiler.calib.stats import TensorStats
 from qcompiler.cli import cli
-from qcompiler.plan import QuantSpec, load_plan
-from qcompiler.recipe.candidates import guarded_algorithms, without
+from qcompiler.plan import Plan, QuantSpec, load_plan
+from qcompiler.recipe.candidates import dynamic_upgrades, guarded_algorithms, without
 from qcompiler.recipe.measure import held_back, held_indices
 
 collect_module = importlib.import_module("qcompiler.calib.collect")
@@ -154,46 +155,66 @@ def test_measured_default_with_and_without_the_cache_is_byte_identical(tmp_path:
 
 
 # ------------------------------------------------------------------------------------ w8a8-dynamic's guard
-def test_w8a8_dynamic_guards_per_token_and_smooth() -> None:
-    plan = load_plan("w8a8-dynamic")
-    assert plan.guard == "measure" and guarded_algorithms(plan) == ["smooth", "per_token"]
+def test_per_token_scales_are_guarded_and_w8a8_dynamic_offers_them() -> None:
+    plan = Plan.from_dict({"version": 1, "defaults": {"activation": {"dtype": "float"}}, "rules": [
+        {"match": {"op_type": ["MatMul"]}, "activation": {"dtype": "uint8", "granularity": "per_token",
+                                                          "symmetric": False, "calibration": "dynamic"}}],
+        "algorithms": {"guard": "measure"}})
+    assert guarded_algorithms(plan) == ["per_token"] and dynamic_upgrades(plan) == []
     off = without(plan, ["per_token"], "x").to_dict()
-    assert [r["activation"]["granularity"] for r in off["rules"]] == ["per_tensor"]
-    assert off["algorithms"] == {"smooth": {"alpha": "auto"}}
-    both = without(plan, ["smooth", "per_token"], "x").to_dict()
-    assert "algorithms" not in both and both["rules"][0]["activation"]["calibration"] == "dynamic"
+    assert [r["activation"]["granularity"] for r in off["rules"]] == ["per_tensor"] and "algorithms" not in off
+    shipped = load_plan("w8a8-dynamic")
+    assert shipped.guard == "measure" and guarded_algorithms(shipped) == []
+    ups = dynamic_upgrades(shipped)
+    assert [u.name for u in ups] == ["with-per_token", "with-per_token+smooth"]
+    assert [r["activation"]["granularity"] for r in ups[0].plan.to_dict()["rules"]] == ["per_token"]
+    assert "algorithms" not in ups[0].plan.to_dict()
+    assert ups[1].plan.to_dict()["algorithms"] == {"smooth": {"alpha": "auto"}}
+    assert dynamic_upgrades(load_plan("w8a8")) == []  # static activations: nothing to offer
 
 
-def test_w8a8_dynamic_without_data_is_per_token_and_unsmoothed(tmp_path: Path) -> None:
+def _preset_without_guard(tmp: Path) -> Path:
+    text = (Path(__file__).resolve().parents[1] / "qcompiler/plan/presets/w8a8-dynamic.yaml").read_text()
+    p = tmp / "plain-dynamic.yaml"
+    p.write_text(text.split("algorithms:")[0])
+    return p
+
+
+def test_w8a8_dynamic_without_data_is_compiled_as_written(tmp_path: Path, caplog) -> None:
     model = MODELS / "transformer_block.onnx"
     before = _digest(model)
     out, rep = tmp_path / "d.onnx", tmp_path / "d.json"
-    r = CliRunner().invoke(cli, ["compile", str(model), "-o", str(out), "--preset", "w8a8-dynamic", "--report",
-                                  str(rep), "--no-validate"])
+    with caplog.at_level(logging.WARNING):
+        r = CliRunner().invoke(cli, ["compile", str(model), "-o", str(out), "--preset", "w8a8-dynamic",
+                                     "--report", str(rep), "--no-validate"])
     assert r.exit_code == 0, r.output
-    report = json.loads(rep.read_text())
-    assert "recipe" not in report  # no data: the guard does not run
-    assert "smooth" not in report["pipeline"] or "smoothed" not in json.dumps(report.get("passes", {}))
-    # the same as the preset with SmoothQuant taken out: smoothing needs data, and without it nothing changes
-    plain = tmp_path / "p.yaml"
-    text = (Path(__file__).resolve().parents[1] / "qcompiler/plan/presets/w8a8-dynamic.yaml").read_text()
-    plain.write_text(text.split("algorithms:")[0])
+    assert "recipe" not in json.loads(rep.read_text())  # no data: the guard does not run
+    assert "WARNING" not in r.output and not caplog.records
     ref = tmp_path / "ref.onnx"
-    r = CliRunner().invoke(cli, ["compile", str(model), "-o", str(ref), "--plan", str(plain), "--no-validate",
-                                  "-q"])
+    r = CliRunner().invoke(cli, ["compile", str(model), "-o", str(ref), "--plan", str(_preset_without_guard(
+        tmp_path)), "--no-validate", "-q"])
     assert r.exit_code == 0, r.output
-    assert _digest(out) == _digest(ref)
-    assert _digest(model) == before
+    assert _digest(out) == _digest(ref) and _digest(model) == before
 
 
-def test_w8a8_dynamic_with_data_measures_and_reports(tmp_path: Path) -> None:
+def test_w8a8_dynamic_with_data_compiles_the_best_measured(tmp_path: Path) -> None:
     model, npz = MODELS / "transformer_block.onnx", MODELS / "transformer_block.npz"
-    rep = tmp_path / "d.json"
-    r = CliRunner().invoke(cli, ["compile", str(model), "-o", str(tmp_path / "d.onnx"), "--preset",
-                                  "w8a8-dynamic", "--calib", str(npz), "--report", str(rep), "--no-validate"])
+    out, rep = tmp_path / "d.onnx", tmp_path / "d.json"
+    r = CliRunner().invoke(cli, ["compile", str(model), "-o", str(out), "--preset", "w8a8-dynamic", "--calib",
+                                 str(npz), "--report", str(rep), "--no-validate"])
     assert r.exit_code == 0, r.output
     rec = json.loads(rep.read_text())["recipe"]
     names = {c["name"]: c for c in rec["candidates"]}
-    assert set(names) >= {"as-written", "without-smooth", "without-per_token"}
-    for name in rec["dropped"]:  # dropped only where it measured better without, by the guard's margin
-        assert names[f"without-{name}"]["sqnr_db"] > names["as-written"]["sqnr_db"] + 0.05
+    assert list(names) == ["as-written", "with-per_token", "with-per_token+smooth"]
+    best = max(names.values(), key=lambda c: c["sqnr_db"])
+    won = names[rec["winner"]]
+    if best["sqnr_db"] > names["as-written"]["sqnr_db"] + 0.05:
+        assert won is best and f"{best['name'].removeprefix('with-')} added" in r.output
+    else:
+        assert rec["winner"] == "as-written"
+    # the file is that candidate's plan compiled on all the samples
+    ups = {u.name: u.plan for u in dynamic_upgrades(load_plan("w8a8-dynamic"))}
+    ref = tmp_path / "ref.onnx"
+    compile_model(model, ref, CompileOptions(plan=ups[won["name"]] if won["name"] in ups else str(
+        _preset_without_guard(tmp_path)), calib=str(npz), validate=False))
+    assert _digest(out) == _digest(ref)

@@ -194,6 +194,30 @@ def without(plan: Plan, names: list[str], label: str) -> Plan:
     return plan_from(d, label)
 
 
+def dynamic_upgrades(plan: Plan) -> list[Candidate]:
+    """What the guard also measures in a plan of the w8a8-dynamic kind (activations float by default, MatMul /
+    Gemm inputs quantized at run time with one scale per tensor, no SmoothQuant): the same plan with one scale
+    per row (token), and that with SmoothQuant (alpha by measurement). Empty for any other plan."""
+    d = plan.to_dict()
+    rules = d.get("rules") or []
+    dynamic = [r for r in rules if isinstance(r.get("activation"), dict)
+               and r["activation"].get("calibration") == "dynamic"
+               and r["activation"].get("granularity", "per_tensor") == "per_tensor"]
+    if plan.activation_defaults.get("dtype") != "float" or not dynamic or "smooth" in plan.algorithms:
+        return []
+    d.setdefault("algorithms", {}).pop("guard", None)
+    d["rules"] = [{**r, "activation": {**r["activation"], "granularity": "per_token"}} if r in dynamic else r
+                  for r in rules]
+    if not d["algorithms"]:
+        d.pop("algorithms")
+    per_token = Candidate("with-per_token", "MatMul / Gemm inputs: one run-time scale per row (token)",
+                          plan_from(d, f"{plan.source} + per_token"), True)
+    both = Candidate("with-per_token+smooth", "per-token scales and SmoothQuant (alpha by measurement)",
+                     plan_from(_with_algorithm(d, "smooth", SMOOTH_AUTO), f"{plan.source} + per_token + smooth"),
+                     True)
+    return [per_token, both]
+
+
 def unguarded(plan: Plan) -> Plan:
     """``plan`` as written, the guard option removed (what the guard measures as 'with')."""
     return without(plan, [], "as written")
