@@ -218,3 +218,14 @@ def test_w8a8_dynamic_with_data_compiles_the_best_measured(tmp_path: Path) -> No
     compile_model(model, ref, CompileOptions(plan=ups[won["name"]] if won["name"] in ups else str(
         _preset_without_guard(tmp_path)), calib=str(npz), validate=False))
     assert _digest(out) == _digest(ref)
+
+
+def test_w8a8_dynamic_on_a_model_without_matmul_measures_nothing(tmp_path: Path) -> None:
+    model, npz = MODELS / "depthwise.onnx", MODELS / "depthwise.npz"  # Conv, BatchNormalization, Relu only
+    out = tmp_path / "c.onnx"
+    r = compile_model(model, out, CompileOptions(preset="w8a8-dynamic", calib=str(npz), validate=False))
+    assert r.report["recipe"]["candidates"] == [] and r.report["recipe"]["reason"] == "nothing to guard"
+    ref = tmp_path / "ref.onnx"
+    compile_model(model, ref, CompileOptions(plan=str(_preset_without_guard(tmp_path)), calib=str(npz),
+                                             validate=False))
+    assert _digest(out) == _digest(ref)

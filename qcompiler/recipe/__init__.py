@@ -190,6 +190,8 @@ def _choose(bench: Bench, opts: CompileOptions, base: Plan, progress: Progress |
 def _guard(bench: Bench, base: Plan, progress: Progress | None) -> RecipeResult:
     names = guarded_algorithms(base)
     ups = dynamic_upgrades(base)
+    if ups and not set(ir.model_summary(ir.load_model(bench.model))["ops"]) & set(MATMUL_OPS):
+        ups = []  # no MatMul / Gemm: per-token scales and SmoothQuant would change nothing
     bench.latency = False
     if not names and not ups:
         return RecipeResult(plan=base, text="", mode="guard", reason="nothing to guard")
