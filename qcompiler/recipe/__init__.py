@@ -1,13 +1,16 @@
 """The measured default (``qcompiler compile MODEL --calib DATA`` with no plan, or ``--plan auto``) and the algorithm
 guard of the presets (``algorithms: {guard: measure}``).
 
-**Measured default.** The last ``h = min(16, N / 4)`` of the N calibration samples are held back; every candidate
+**Measured default.** ``h = min(16, N / 4)`` of the N calibration samples are held back, every ``N // h``-th
+(:func:`qcompiler.recipe.measure.held_back`: spread over the data, so that data stored in order is measured on
+every kind of its inputs); every candidate
 (:mod:`qcompiler.recipe.candidates`: the plain default plan — always first, the baseline —, the w8a8 preset as
 written, calibration auto, dynamic MatMul / Gemm inputs; at ``--effort normal`` / ``high`` also GPTQ, SmoothQuant
 (alpha by measurement), per-token dynamic MatMul / Gemm inputs, bias correction, percentile ranges; with a latency / size constraint or at ``--effort high`` also the candidates
 that keep activations float: w8a8-dynamic, weights only; then the better single changes together, and at
 ``--effort high`` the best so far with its most sensitive layers float) is compiled calibrated on the other N - h
-samples and run in onnxruntime on the h held-back ones: score (:func:`qcompiler.recipe.measure.score`), bytes (as
+samples and run in onnxruntime on the h held-back ones: score (:func:`qcompiler.recipe.measure.score`: worst slice
+SQNR, binary probability outputs in logit space), bytes (as
 ``inspect --cost`` counts them), the task metric when given, and latency against the float model (one thread, best
 of 3) only when a latency constraint asks for it (``--optimize latency``, ``--max-latency-ratio``). The winner is
 the best under ``--optimize`` among the candidates that meet the constraints and are not below the default plan
