@@ -72,7 +72,7 @@ Recipe = Callable[[Plan, "CompileOptions"], Planned]
 #: the plan name that asks for the measured default (:mod:`qcompiler.recipe`) by name: what a compile with no
 #: plan runs when it has real calibration data
 AUTO_PLAN = "auto"
-#: the measured default holds back the last quarter of the calibration samples: it needs at least this many
+#: the measured default holds back a quarter (every 4th) of the calibration samples: it needs at least this many
 MIN_RECIPE_SAMPLES = 4
 
 
@@ -113,7 +113,7 @@ def resolve_default(opts: CompileOptions) -> CompileOptions:
         why = None if n is not None and n >= MIN_RECIPE_SAMPLES else (
             f"{opts.calib}: not readable as calibration data" if n is None else
             f"{opts.calib}: {n} calibration sample(s); the measured default needs at least {MIN_RECIPE_SAMPLES} "
-            "(the last quarter is held back to measure candidates on)")
+            "(a quarter is held back to measure candidates on)")
     if why is not None:
         log.info("no plan given: the plain default plan, not the measured default: %s", why)
         return dataclasses.replace(opts, plan=DEFAULT_PLAN_NAME)
@@ -161,6 +161,7 @@ class CompileOptions:
     dump_after: set[str] = field(default_factory=set)
     external_data_threshold: int | None = None
     calib_samples: int | None = None
+    calib_indices: tuple[int, ...] | None = None  # calibrate on these samples only (the recipe's fit samples)
     calib_select: int | None = None  # pick N representative samples of the calibration data (calib-select)
     preset: str | None = None  # a shipped plan by name (same as plan=NAME; not both)
     seed: int = 0
@@ -421,6 +422,8 @@ def _compile(src: Path, out: Path, opts: CompileOptions, outs: ir.OutputSet, pro
         with profile.step("calibration data"):
             calib_source = CalibrationSource.from_arg(calib_arg, input_signatures(graph), seed=opts.seed,
                                                       limit=opts.calib_samples)
+            if opts.calib_indices is not None:
+                calib_source = calib_source.subset(opts.calib_indices)
     ctx = session.context(calib=calib_source, output_path=out, seed=opts.seed, data_free=calib_arg == "none")
     if calib_arg is None:  # no --calib: static activation ranges are refused, not silently calibrated on noise
         ctx.require_calibration_data = True

@@ -134,11 +134,14 @@ def split(tmp_path_factory: pytest.TempPathFactory):
     return out
 
 
-def _measure(tmp_path, split, fx: str, preset: str, calib: str | None = None):
+def _measure(tmp_path, split, fx: str, preset, calib: str | None = None):
+    """``preset``: a preset's name, ``"default"`` (the plain default plan) or a :class:`Plan`."""
     cal, held = split[fx]
-    out = tmp_path / f"{fx}.{preset}.onnx"
-    res = compile_model(MODELS / f"{fx}.onnx", out, CompileOptions(preset=preset, calib=calib or str(cal),
-                                                                  validate=False))
+    name = preset if isinstance(preset, str) else "plan"
+    out = tmp_path / f"{fx}.{name}.onnx"
+    which = {"plan": preset} if not isinstance(preset, str) or preset == "default" else {"preset": preset}
+    res = compile_model(MODELS / f"{fx}.onnx", out, CompileOptions(calib=calib or str(cal), validate=False,
+                                                                  **which))
     rep = qv.validate(MODELS / f"{fx}.onnx", out, held, per_layer=False)
     return min(o.sqnr_db for o in rep.outputs), res, onnx.load(out)
 
@@ -153,7 +156,19 @@ def _measure(tmp_path, split, fx: str, preset: str, calib: str | None = None):
     ("transformer_block", "w4a8-fp8", 18.5),  # 19.9
 ])
 def test_presets_on_fixtures(tmp_path, split, fx, preset, floor):
-    sqnr, res, model = _measure(tmp_path, split, fx, preset)
+    if preset == "w8a8-cle":
+        # the algorithms as written (the guard off): equalize + bias correction help here. With its guard (the
+        # shipped preset) the 6 samples it holds back of these 24 (every 4th) cannot tell them apart — every
+        # ablation within 0.3 dB of the plan as written — and it drops both (measured 29.6 dB, the plain default
+        # plan's 29.8): never below the plain default plan by more than 0.5 dB, the guard's promise
+        guarded, _, _ = _measure(tmp_path, split, fx, preset)
+        plain, _, _ = _measure(tmp_path, split, fx, "default")
+        assert guarded >= plain - 0.5, (guarded, plain)
+    what: str | Plan = preset
+    if preset == "w8a8-cle":
+        what = load_plan(preset)
+        what.guard = "off"
+    sqnr, res, model = _measure(tmp_path, split, fx, what)
     assert sqnr >= floor, sqnr
     dtypes = {numpy_helper.to_array(t).dtype.name for t in model.graph.initializer}
     if preset.startswith("w8a8"):

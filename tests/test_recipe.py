@@ -33,16 +33,17 @@ def digest(*paths: Path) -> list[str]:
 
 
 def held_sqnr(model: Path, quant: Path, npz: Path) -> float:
-    """Worst graph output SQNR (dB) of ``quant`` against ``model`` over the held-back samples (the last
-    min(16, N / 4) of ``npz``), computed here with onnxruntime."""
+    """Worst graph output SQNR (dB) of ``quant`` against ``model`` over the held-back samples (min(16, N / 4) of
+    ``npz``, every (N // h)-th), computed here with onnxruntime."""
     data = dict(np.load(npz))
     n = len(next(iter(data.values())))
     h = min(16, n // 4)
+    step = n // h
     fs, qs = ort.InferenceSession(str(model)), ort.InferenceSession(str(quant))
     names = [o.name for o in fs.get_outputs()]
     sig = np.zeros(len(names))
     err = np.zeros(len(names))
-    for i in range(n - h, n):
+    for i in range(step - 1, h * step, step):
         feed = {k: v[i] for k, v in data.items()}
         for j, (f, q) in enumerate(zip(fs.run(names, feed), qs.run(names, feed), strict=True)):
             sig[j] += float(np.sum(np.square(f.astype(np.float64))))
@@ -173,8 +174,8 @@ def test_task_metric_is_called_and_max_drop_enforced(tmp_path: Path) -> None:
     assert not (tmp_path / "z.onnx").exists()
 
 
-#: the w4a8 preset's recipe: on the gemm_head fixture its GPTQ (act_order, after percentile ranges, before bias
-#: correction) measures worse than without it
+#: the w4a8 preset's recipe: on the gemm_head fixture, measured on the held-back samples (every 4th), its bias
+#: correction (after GPTQ with act_order on percentile ranges) measures worse than without it (11.04 vs 11.17 dB)
 RIGGED = """version: 1
 defaults:
   weight: {dtype: int4, granularity: per_channel, symmetric: false, range: mse}
@@ -197,14 +198,18 @@ def test_guard_drops_an_algorithm_that_hurts(tmp_path: Path) -> None:
     out, report = tmp_path / "g.onnx", tmp_path / "g.json"
     r = run("compile", model, "-o", out, "--plan", rigged, "--calib", npz, "--report", report)
     assert r.exit_code == 0, r.output
-    assert "algorithm guard: dropped gptq (measured worse than without)" in r.output
+    assert "algorithm guard: dropped bias_correct (measured worse than without)" in r.output
     rec = json.loads(report.read_text())["recipe"]
-    assert rec["mode"] == "guard" and rec["dropped"] == ["gptq"]
+    assert rec["mode"] == "guard" and rec["dropped"] == ["bias_correct"]
     names = {c["name"]: c for c in rec["candidates"]}
-    assert names["without-gptq"]["sqnr_db"] > names["as-written"]["sqnr_db"]
-    # what was compiled is the plan without gptq
-    plain = tmp_path / "nogptq.yaml"
-    plain.write_text((RIGGED % "").replace("  gptq: {block_size: 128, damp: 0.01, act_order: true}\n", ""))
+    assert names["without-bias_correct"]["sqnr_db"] > names["as-written"]["sqnr_db"] + 0.05
+    # the others measured no better than as written (GPTQ helps here: without it, lower): kept
+    assert all(names[f"without-{n}"]["sqnr_db"] <= names["as-written"]["sqnr_db"] + 0.05
+               for n in ("gptq", "fold_bias", "percentile"))
+    assert names["without-gptq"]["sqnr_db"] < names["as-written"]["sqnr_db"]
+    # what was compiled is the plan without bias correction
+    plain = tmp_path / "nobc.yaml"
+    plain.write_text((RIGGED % "").replace("  bias_correct: true\n", ""))
     ref = tmp_path / "ref.onnx"
     assert run("compile", model, "-o", ref, "--plan", plain, "--calib", npz, "-q").exit_code == 0
     assert digest(out) == digest(ref)

@@ -190,7 +190,7 @@ def test_the_cache_stays_under_its_cap(tmp_path: Path) -> None:
 def _bench(model: Path, npz: Path, tmp: Path) -> Bench:
     fit, held = held_back(str(npz), model, None)
     outputs, secs = run_timed(model, held)
-    return Bench(model=model, options=CompileOptions(calib=str(npz)), calib=str(npz), fit_samples=fit, held=held,
+    return Bench(model=model, options=CompileOptions(calib=str(npz)), calib=str(npz), fit=fit, held=held,
                  float_outputs=outputs, float_seconds=secs, workdir=tmp)
 
 

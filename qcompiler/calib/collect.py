@@ -92,7 +92,7 @@ def collect(graph: gs.Graph, specs: dict[str, QuantSpec], source: CalibrationSou
     scache = stats_cache()
     with profile.step("statistics cache key"):
         gkey = graph_key(graph) if keep or (scache.max_bytes > 0 and not source.synthetic) else None
-        # the same graph and session over the same samples (or their first ones) already collected in this
+        # the same graph and session over the same samples (or a part of them) already collected in this
         # process: another candidate plan of the measured default or the guard
         base = collection_base(gkey, sigs, run_names, size)
         ids = source.sample_ids() if base is not None else None
@@ -109,7 +109,7 @@ def collect(graph: gs.Graph, specs: dict[str, QuantSpec], source: CalibrationSou
         log.debug("calibration: %d tensor(s) over %d of %d sample(s) from the statistics cache", len(wanted),
                   hit.covered, n)
     if hit is None or hit.covered < n:
-        rest = source if hit is None else source.subset(range(hit.covered, n))
+        rest = source if hit is None else source.subset(hit.rest)
         got = {name: TensorStats.for_spec(specs[name]) for name in wanted}
         later = progress if hit is None or progress is None else (
             lambda done, _total: progress(hit.covered + done, total))

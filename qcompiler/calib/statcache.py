@@ -19,9 +19,12 @@ An entry is keyed by
   order — a ``take`` or ``subset`` reading the same samples is the same key, a file changed in place
   (timestamps or not) another one.
 
-A collection over samples whose first ones an entry holds (the candidates calibrate on the first N - h samples,
-the confirmation and the final compile on all N) is served that prefix and collects only the rest; the two
-merge exactly (:meth:`TensorStats.merge`: min / max, counts and histogram bins are what one pass gives).
+A collection over samples of which an entry holds a part (the candidates calibrate on the N - h "fit" samples,
+every k-th held back, the confirmation and the final compile on all N) is served that part and collects only the
+rest; the two merge exactly, in any order (:meth:`TensorStats.merge`: min / max and counts are order-free, and
+histogram bins are power-of-two cells whose doubling merges pairs exactly, so the bins are what one pass over the
+samples in file order gives). The part must be the wanted samples' first one and those after it in order (a
+subsequence starting at the first sample: the first-sample shapes are that sample's).
 
 Per tensor an entry holds its :class:`~qcompiler.calib.stats.TensorStats`, with a histogram when one was
 collected. The collector settings are the histogram (or not): a request for a histogram method is served only
@@ -42,7 +45,7 @@ import hashlib
 import logging
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -78,12 +81,14 @@ def collection_base(gkey: str | None, sigs: Sequence[InputSig], run_names: Seque
 
 @dataclass
 class Hit:
-    """What :meth:`StatsCache.lookup` found: copies of the statistics of the first ``covered`` samples asked
-    for (all of them, or a prefix), and their first-sample shapes."""
+    """What :meth:`StatsCache.lookup` found: copies of the statistics of ``covered`` of the samples asked for
+    (all of them, or a part starting at the first), their first-sample shapes, and the positions of the samples
+    asked for that they do not cover (``rest``, ascending; empty: all covered)."""
 
     stats: dict[str, TensorStats]
     shapes: Shapes
     covered: int
+    rest: list[int] = field(default_factory=list)
 
 
 class StatsCache:
@@ -103,23 +108,28 @@ class StatsCache:
     def lookup(self, base: str | None, ids: Sequence[str] | None, wanted: dict[str, bool], shapes: bool, *,
                prefix: bool = True) -> Hit | None:
         """Copies of the statistics of ``wanted`` (name -> needs a histogram) over the samples ``ids``, or with
-        ``prefix`` over their longest cached prefix (the caller collects the rest and merges: exact), when an
+        ``prefix`` over the largest cached part of them that starts at their first sample (a prefix, or the
+        first and others after it in order; the caller collects :attr:`Hit.rest` and merges: exact), when an
         entry holds every tensor wanted (and, with ``shapes``, the first-sample shapes); else ``None``."""
         if base is None or ids is None or self.max_bytes <= 0:
             return None
         want = tuple(ids)
         with self._lock:
             best: tuple[str, tuple[str, ...]] | None = None
+            best_rest: list[int] = []
             for key, (stats, shp) in self._data.items():
                 k_base, k_ids = key
                 if k_base != base or len(k_ids) > len(want) or (len(k_ids) < len(want) and not prefix):
                     continue
                 if best is not None and len(k_ids) <= len(best[1]):
                     continue
-                if want[:len(k_ids)] != k_ids or (shapes and not shp) or any(
+                if (shapes and not shp) or any(
                         n not in stats or (h and not stats[n].has_histogram) for n, h in wanted.items()):
                     continue
-                best = key
+                rest = _uncovered(want, k_ids)
+                if rest is None:
+                    continue
+                best, best_rest = key, rest
             if best is None:
                 self.misses += 1
                 return None
@@ -130,7 +140,7 @@ class StatsCache:
             else:
                 self.partial_hits += 1
             out = {n: stats[n].copy() if h else stats[n].without_histogram() for n, h in wanted.items()}
-            return Hit(out, dict(shp), len(best[1]))
+            return Hit(out, dict(shp), len(best[1]), best_rest)
 
     def store(self, base: str | None, ids: Sequence[str] | None, stats: dict[str, TensorStats],
               shapes: Shapes | None) -> None:
@@ -162,6 +172,22 @@ class StatsCache:
 
     def __len__(self) -> int:
         return len(self._data)
+
+
+def _uncovered(want: tuple[str, ...], have: tuple[str, ...]) -> list[int] | None:
+    """The positions of ``want`` not matched when ``have`` is matched in order against it (greedily, first
+    sample to first sample), or ``None`` when ``have`` is not such a subsequence of ``want`` starting at its
+    first sample."""
+    if not have or not want or have[0] != want[0]:
+        return None
+    rest: list[int] = []
+    j = 0
+    for i, sid in enumerate(want):
+        if j < len(have) and sid == have[j]:
+            j += 1
+        else:
+            rest.append(i)
+    return rest if j == len(have) else None
 
 
 def _nbytes(stats: dict[str, TensorStats]) -> int:

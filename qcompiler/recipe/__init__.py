@@ -1,13 +1,16 @@
 """The measured default (``qcompiler compile MODEL --calib DATA`` with no plan, or ``--plan auto``) and the algorithm
 guard of the presets (``algorithms: {guard: measure}``).
 
-**Measured default.** The last ``h = min(16, N / 4)`` of the N calibration samples are held back; every candidate
+**Measured default.** ``h = min(16, N / 4)`` of the N calibration samples are held back, every ``N // h``-th
+(:func:`qcompiler.recipe.measure.held_back`: spread over the data, so that data stored in order is measured on
+every kind of its inputs); every candidate
 (:mod:`qcompiler.recipe.candidates`: the plain default plan — always first, the baseline —, the w8a8 preset as
 written, calibration auto, dynamic MatMul / Gemm inputs; at ``--effort normal`` / ``high`` also GPTQ, SmoothQuant
 (alpha by measurement), per-token dynamic MatMul / Gemm inputs, bias correction, percentile ranges; with a latency / size constraint or at ``--effort high`` also the candidates
 that keep activations float: w8a8-dynamic, weights only; then the better single changes together, and at
 ``--effort high`` the best so far with its most sensitive layers float) is compiled calibrated on the other N - h
-samples and run in onnxruntime on the h held-back ones: score (:func:`qcompiler.recipe.measure.score`), bytes (as
+samples and run in onnxruntime on the h held-back ones: score (:func:`qcompiler.recipe.measure.score`: worst slice
+SQNR, binary probability outputs in logit space), bytes (as
 ``inspect --cost`` counts them), the task metric when given, and latency against the float model (one thread, best
 of 3) only when a latency constraint asks for it (``--optimize latency``, ``--max-latency-ratio``). The winner is
 the best under ``--optimize`` among the candidates that meet the constraints and are not below the default plan
@@ -18,7 +21,11 @@ candidates (low — the default — 4, one more on a model with MatMul / Gemm an
 offered; normal 8; high all).
 
 **Guard.** A plan with ``algorithms: {guard: measure}`` (the shipped presets) is measured as written, and once
-without each algorithm it turns on (percentile clipping counting as one: without it, minmax ranges); an algorithm
+without each algorithm it turns on (percentile clipping counting as one: without it, minmax ranges; per-token
+run-time scales too: without them, one per tensor). A plan of the w8a8-dynamic kind (float activations, MatMul /
+Gemm inputs quantized at run time per tensor) is also measured with per-token scales, and with per-token scales
+and SmoothQuant (alpha by measurement): the best of those replaces the plan when it measures better than as
+written (by the same margin; :func:`~qcompiler.recipe.candidates.dynamic_upgrades`). An algorithm
 whose removal measures strictly better on the held-back samples is dropped (a warning, and ``recipe.dropped`` in
 the report). When nothing is dropped the plan compiled is the plan as written (same bytes as without the guard).
 """
@@ -40,6 +47,7 @@ from qcompiler.plan import Plan
 from qcompiler.recipe.candidates import (
     MATMUL_OPS,
     combined,
+    dynamic_upgrades,
     effort_cap,
     guarded_algorithms,
     keep_float,
@@ -97,7 +105,7 @@ def _bench(model: Path, opts: CompileOptions, tmp: Path) -> Bench:
     float_outputs, float_seconds = run_timed(model, held) if latency or metric is not None else ([], 0.0)
     float_metric = call_metric(metric, float_outputs, float_outputs, held) if metric is not None else None
     # the candidates' compiles are not validated: the compile's --check thresholds are for the model written
-    return Bench(model=model, options=dataclasses.replace(opts, checks=[]), calib=calib, fit_samples=fit, held=held, float_outputs=float_outputs,
+    return Bench(model=model, options=dataclasses.replace(opts, checks=[]), calib=calib, fit=fit, held=held, float_outputs=float_outputs,
                  float_seconds=float_seconds, workdir=tmp, metric=metric, float_metric=float_metric,
                  latency=latency)
 
@@ -184,11 +192,31 @@ def _choose(bench: Bench, opts: CompileOptions, base: Plan, progress: Progress |
 
 def _guard(bench: Bench, base: Plan, progress: Progress | None) -> RecipeResult:
     names = guarded_algorithms(base)
+    ups = dynamic_upgrades(base)
+    if ups and not set(ir.model_summary(ir.load_model(bench.model))["ops"]) & set(MATMUL_OPS):
+        ups = []  # no MatMul / Gemm: per-token scales and SmoothQuant would change nothing
     bench.latency = False
-    if not names:
+    if not names and not ups:
         return RecipeResult(plan=base, text="", mode="guard", reason="nothing to guard")
     written = bench.measure(unguarded(base), "as-written", "the plan as written")
     measured = [written]
+    if ups:  # w8a8-dynamic's kind: per-token scales and SmoothQuant, each kept only where it measures better
+        tried = [bench.measure(u.plan, u.name, u.change) for u in ups]
+        measured += tried
+        best = max((m for m in tried if not m.error), key=lambda m: m.sqnr_db, default=None)
+        if best is not None and not written.error and best.sqnr_db > written.sqnr_db + GUARD_MARGIN_DB:
+            up = next(u for u in ups if u.name == best.name)
+            log.info("%s: algorithm guard: %s measured better than as written on %d held-back sample(s) (%s dB vs "
+                     "%s dB)", base.source, up.name, len(bench.held), fmt_db(best.sqnr_db), fmt_db(written.sqnr_db))
+            return RecipeResult(plan=Plan.from_dict(up.plan.to_dict(), source=base.source), text="", mode="guard",
+                                candidates=measured, winner=best.name, reason=f"{up.change}: measured better",
+                                held_samples=len(bench.held),
+                                notes=[f"{best.name.removeprefix('with-')} added: {fmt_db(best.sqnr_db)} dB vs "
+                                       f"{fmt_db(written.sqnr_db)} dB as written"])
+        if not names:
+            return RecipeResult(plan=base, text="", mode="guard", candidates=measured, winner=written.name,
+                                reason="as written measured at least as good as per-token scales and SmoothQuant",
+                                held_samples=len(bench.held))
     dropped: list[str] = []
     for i, name in enumerate(names):
         if progress:

@@ -157,22 +157,32 @@ def keep_float(best: Candidate, nodes: list[str]) -> Candidate:
 
 # ----------------------------------------------------------------------------------------------- the guard
 def guarded_algorithms(plan: Plan) -> list[str]:
-    """What the algorithm guard measures in ``plan``: each algorithm it turns on, and ``percentile`` clipping
-    when its default activations use it."""
+    """What the algorithm guard measures in ``plan``: each algorithm it turns on, ``percentile`` clipping when
+    its default activations use it, and ``per_token`` run-time scales when a rule's activations use them."""
     names = sorted(plan.algorithms)
     if plan.activation_defaults.get("calibration") == "percentile" and plan.activation_defaults.get("dtype") != "float":
         names.append("percentile")
+    if any(_per_token(r.get("activation")) for r in plan.to_dict().get("rules") or []):
+        names.append("per_token")
     return names
 
 
+def _per_token(act: Any) -> bool:
+    return isinstance(act, dict) and act.get("granularity") == "per_token"
+
+
 def without(plan: Plan, names: list[str], label: str) -> Plan:
-    """``plan`` with the guarded algorithms ``names`` off (percentile clipping -> minmax ranges) and no guard."""
+    """``plan`` with the guarded algorithms ``names`` off (percentile clipping -> minmax ranges, per-token
+    run-time scales -> one per tensor) and no guard."""
     d = plan.to_dict()
     algos = dict(d.get("algorithms") or {})
     algos.pop("guard", None)
     for n in names:
         if n == "percentile":
             d = _with_activation(d, calibration="minmax")
+        elif n == "per_token":
+            d["rules"] = [{**r, "activation": {**r["activation"], "granularity": "per_tensor"}}
+                          if _per_token(r.get("activation")) else r for r in d.get("rules") or []]
         elif n == "fold_bias":
             algos[n] = False  # the default pipeline runs fold-bias: off must be said
         else:
@@ -182,6 +192,30 @@ def without(plan: Plan, names: list[str], label: str) -> Plan:
     else:
         d.pop("algorithms", None)
     return plan_from(d, label)
+
+
+def dynamic_upgrades(plan: Plan) -> list[Candidate]:
+    """What the guard also measures in a plan of the w8a8-dynamic kind (activations float by default, MatMul /
+    Gemm inputs quantized at run time with one scale per tensor, no SmoothQuant): the same plan with one scale
+    per row (token), and that with SmoothQuant (alpha by measurement). Empty for any other plan."""
+    d = plan.to_dict()
+    rules = d.get("rules") or []
+    dynamic = [r for r in rules if isinstance(r.get("activation"), dict)
+               and r["activation"].get("calibration") == "dynamic"
+               and r["activation"].get("granularity", "per_tensor") == "per_tensor"]
+    if plan.activation_defaults.get("dtype") != "float" or not dynamic or "smooth" in plan.algorithms:
+        return []
+    d.setdefault("algorithms", {}).pop("guard", None)
+    d["rules"] = [{**r, "activation": {**r["activation"], "granularity": "per_token"}} if r in dynamic else r
+                  for r in rules]
+    if not d["algorithms"]:
+        d.pop("algorithms")
+    per_token = Candidate("with-per_token", "MatMul / Gemm inputs: one run-time scale per row (token)",
+                          plan_from(d, f"{plan.source} + per_token"), True)
+    both = Candidate("with-per_token+smooth", "per-token scales and SmoothQuant (alpha by measurement)",
+                     plan_from(_with_algorithm(d, "smooth", SMOOTH_AUTO), f"{plan.source} + per_token + smooth"),
+                     True)
+    return [per_token, both]
 
 
 def unguarded(plan: Plan) -> Plan:

@@ -1,5 +1,6 @@
-"""Measuring one candidate plan: compile it (calibrated on the first N - h calibration samples), then run the
-compiled model in onnxruntime on the h held-back samples (the last ``min(16, N / 4)``) for its score
+"""Measuring one candidate plan: compile it (calibrated on the N - h "fit" calibration samples), then run the
+compiled model in onnxruntime on the h held-back samples (``min(16, N / 4)`` of them, spread over the data:
+every k-th, :func:`held_back`) for its score
 (:func:`score`, against the float model's outputs computed once per bench: :attr:`Bench.reference`), its
 latency against the float model's, its bytes and, when given, the task metric.
 
@@ -42,12 +43,57 @@ LATENCY_REPEATS = 3
 Metric = Callable[[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]], float]
 
 
-def score(report: Any) -> float:
+#: probabilities are clipped to [PROB_EPS, 1 - PROB_EPS] before their logit is taken (float32 saturates there)
+PROB_EPS = 1e-7
+
+
+def score(report: Any, logit_db: dict[str, float] | None = None) -> float:
     """The accuracy score of a candidate (higher is better): the worst slice's SQNR when the validation report
-    has :meth:`worst_slice_sqnr`, else the worst graph output's SQNR (dB). One function, so the merger can switch."""
-    worst_slice = getattr(report, "worst_slice_sqnr", None)
-    value = worst_slice() if callable(worst_slice) else report.worst_output_sqnr()
+    has :meth:`worst_slice_sqnr`, else the worst graph output's SQNR (dB); a binary probability output
+    (:func:`probability_outputs`) counts by its SQNR in logit space (``logit_db``: output -> dB) instead. One
+    function, so the merger can switch."""
+    if logit_db:
+        values = [logit_db[m.name] if m.name in logit_db else m.worst_sqnr() for m in report.outputs]
+        value = math.nan if any(math.isnan(v) for v in values) else min(values, default=math.inf)
+    else:
+        worst_slice = getattr(report, "worst_slice_sqnr", None)
+        value = worst_slice() if callable(worst_slice) else report.worst_output_sqnr()
     return -math.inf if value is None or math.isnan(value) else float(value)
+
+
+def probability_outputs(outputs: Sequence[dict[str, np.ndarray]]) -> list[str]:
+    """The graph outputs that are binary probabilities on every sample: floating point, every value in [0, 1],
+    1-D or at most 2 values along axis 1 (a Sigmoid, a two-way Softmax). Their SQNR in probability space is
+    decided by the few inputs near 0.5: a confident input (p = 0.996) hides an error the next uncertain input
+    shows, so the score takes them in logit space (:func:`logit_sqnr`), where every input's error counts."""
+    if not outputs:
+        return []
+    out = []
+    for name in outputs[0]:
+        arrays = [np.asarray(o[name]) for o in outputs]
+        if all(a.dtype.kind == "f" and a.size and (a.ndim == 1 or a.shape[1] <= 2) and float(a.min()) >= 0.0
+               and float(a.max()) <= 1.0 for a in arrays):
+            out.append(name)
+    return out
+
+
+def logit_sqnr(reference: Sequence[dict[str, np.ndarray]], quantized: Sequence[dict[str, np.ndarray]],
+               name: str) -> float:
+    """Whole-output SQNR (dB) of output ``name`` in logit space (``log p - log(1 - p)``, ``p`` clipped to
+    [:data:`PROB_EPS`, 1 - :data:`PROB_EPS`]) over the samples; ``inf`` when identical."""
+    sig = err = 0.0
+    for f, q in zip(reference, quantized, strict=True):
+        lf, lq = (_logit(np.asarray(x[name], np.float64)) for x in (f, q))
+        sig += float(np.sum(lf * lf))
+        err += float(np.sum((lf - lq) ** 2))
+    if err == 0.0:
+        return math.inf
+    return 10.0 * math.log10(sig / err) if sig > 0 else -math.inf
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    c = np.clip(p, PROB_EPS, 1.0 - PROB_EPS)
+    return np.log(c) - np.log1p(-c)
 
 
 def call_metric(fn: Metric, quantized: list[dict[str, np.ndarray]], reference: list[dict[str, np.ndarray]],
@@ -123,7 +169,8 @@ class Bench:
     model: Path
     options: CompileOptions
     calib: str
-    fit_samples: int
+    #: the samples the candidates calibrate on (indices into the first ``options.calib_samples`` of the data)
+    fit: tuple[int, ...]
     held: list[dict[str, np.ndarray]]
     float_outputs: list[dict[str, np.ndarray]]
     float_seconds: float
@@ -133,6 +180,15 @@ class Bench:
     latency: bool = True
     #: the float model's outputs on the held-back samples as validation computes them (made once, on first use)
     _reference: qv.Reference | None = field(default=None, init=False, repr=False)
+    _probabilities: list[str] | None = field(default=None, init=False, repr=False)
+
+    @property
+    def probabilities(self) -> list[str]:
+        """The graph outputs scored in logit space (:func:`probability_outputs` of the float model's outputs on the
+        held-back samples)."""
+        if self._probabilities is None:
+            self._probabilities = probability_outputs(self.reference.outputs)
+        return self._probabilities
 
     @property
     def reference(self) -> qv.Reference:
@@ -144,10 +200,12 @@ class Bench:
         return self._reference
 
     def run(self, plan: Plan, name: str, *, samples: int | None = None) -> tuple[Path, dict[str, Any]]:
-        """Compile ``plan`` into the work folder, calibrated on ``samples`` (default: the fit samples)."""
+        """Compile ``plan`` into the work folder, calibrated on the fit samples, or on the first ``samples``
+        samples of the data when given (the confirmation: all of them)."""
         out = self.workdir / f"{_file_name(name)}.onnx"
         opts = dataclasses.replace(
-            self.options, plan=plan, preset=None, calib=self.calib, calib_samples=samples or self.fit_samples,
+            self.options, plan=plan, preset=None, calib=self.calib,
+            calib_samples=samples or self.options.calib_samples, calib_indices=None if samples else self.fit,
             validate=False, validate_data=None, min_sqnr_db=None, report=None, budget=None, calib_select=None,
             dump_after=set(), compact_names=False, recipe_out=None, verify_each=False, cost_report=False)
         outer = profile.current()
@@ -168,7 +226,12 @@ class Bench:
             # checks, for the score's session and the latency's
             qmodel = ir.load_model(out, check=False)
             with profile.step("candidate scores"):
-                m.sqnr_db = score(self.validate(qmodel, out))
+                rep = self.validate(qmodel, out)
+                logit_db = None
+                if self.probabilities:  # binary probability outputs: their error in logit space
+                    qouts, _ = run_timed(qmodel, self.held, repeats=0)
+                    logit_db = {n: logit_sqnr(self.reference.outputs, qouts, n) for n in self.probabilities}
+                m.sqnr_db = score(rep, logit_db)
             # a confirmation (calibrated on other samples than the candidates) is compared by accuracy only
             timed = self.latency and samples is None
             if timed or self.metric is not None:
@@ -270,12 +333,27 @@ def written_bytes(out: Path) -> int:
     return sum(f.stat().st_size for f in (out, out.with_name(out.name + ".data")) if f.exists())
 
 
-def held_back(calib: str, model: Path, limit: int | None) -> tuple[int, list[dict[str, np.ndarray]]]:
-    """(samples to calibrate candidates on, the held-back feeds): the last ``min(16, N / 4)`` of the N samples."""
+def held_back(calib: str, model: Path, limit: int | None) -> tuple[tuple[int, ...], list[dict[str, np.ndarray]]]:
+    """(the samples to calibrate candidates on, the held-back feeds) of the first ``limit`` (all: None) of the N
+    calibration samples: ``h = min(16, N / 4)`` samples held back, spread over the data — every k-th with
+    ``k = N // h``, the last of each run of k (indices k-1, 2k-1, ...) — and the other N - h to calibrate on.
+    Spread, not the last h: data stored in order (a folder sorted by class, a recording in time order) would
+    otherwise hold back one kind of input only, and the score would say nothing about the others."""
     source = qv.load_feeds(calib, model)
     n = len(source) if limit is None else min(len(source), limit)
-    held = min(HELD_SAMPLES, n // 4)
-    if held < 1:
-        raise UserError(f"{calib}: {n} calibration sample(s); measuring recipes needs at least 4 (the last "
-                        "quarter is held back to measure on)")
-    return n - held, list(source.subset(range(n - held, n)))
+    held_idx = held_indices(n)
+    if not held_idx:
+        raise UserError(f"{calib}: {n} calibration sample(s); measuring recipes needs at least 4 (a quarter "
+                        "is held back to measure on)")
+    held = set(held_idx)
+    return tuple(i for i in range(n) if i not in held), list(source.subset(held_idx))
+
+
+def held_indices(n: int) -> list[int]:
+    """The indices of the samples :func:`held_back` holds back of ``n``: every ``n // h``-th (``h = min(16,
+    n / 4)``), the last of each run; none below 4 samples."""
+    h = min(HELD_SAMPLES, n // 4)
+    if h < 1:
+        return []
+    k = n // h
+    return [(i + 1) * k - 1 for i in range(h)]
