@@ -112,3 +112,17 @@ def test_too_few_samples_measure_on_all(n, tmp_path):
     hold = autoplan.make_holdout(CONV, data, autoplan.PlanOptions(budget=Budget.parse("9000"), holdout=16),
                                  tmp_path)
     assert hold is not None and len(hold.feeds) == 1 and "every 4th" in hold.data
+
+
+def test_a_mix_must_beat_the_base_by_the_margin_and_on_both_halves():
+    """The guard's rule (`Measured.beats`): 0.25 dB better over all the held-back samples and no worse on either
+    half of them; else the uniform base is returned."""
+    from qcompiler.autoplan.baseline import MIX_MARGIN_DB, Measured
+
+    rep = cost.CostReport.__new__(cost.CostReport)
+    base = Measured(20.0, rep, (19.0, 21.0))
+    assert MIX_MARGIN_DB == 0.25
+    assert Measured(21.0, rep, (19.5, 22.0)).beats(base)
+    assert not Measured(20.2, rep, (19.5, 22.0)).beats(base)  # under the margin
+    assert not Measured(21.0, rep, (18.9, 23.0)).beats(base)  # worse on one half
+    assert Measured(21.0, rep, ()).beats(Measured(20.0, rep, ()))  # too few samples to split: the margin alone
