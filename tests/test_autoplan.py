@@ -607,7 +607,8 @@ def test_a_mixed_plan_that_measures_better_is_kept(tmp_path):
     the preset (its algorithms and weight ranges in the plan), within the budget."""
     res = autoplan.auto_plan(CONV, CONV_DATA, autoplan.PlanOptions(budget=Budget.parse("9000")))
     assert not res.uniform and res.baseline["fits"]
-    base = Plan.from_file(str(autoplan.baseline.presets.preset_path(res.baseline["name"])))
+    base = autoplan.baseline.without(Plan.from_file(str(autoplan.baseline.presets.preset_path(
+        res.baseline["preset"]))), res.baseline["off"], "base")
     assert res.plan.algorithms == base.algorithms and res.plan.weight_defaults == base.weight_defaults
     assert res.measured["sqnr_db"] > res.baseline["sqnr_db"]
     assert res.verified["bytes"] <= 9000 and res.measured["bytes"] == res.verified["bytes"]
@@ -643,20 +644,27 @@ def test_preset_base_with_rules_matching_no_node_warns_and_works(tmp_path):
 
 def test_printed_sqnr_is_the_measured_one(tmp_path):
     """The SQNR `plan` prints and writes is measured: compiling the written plan with the calibration samples it
-    names (the first 24 of 32) and running onnxruntime on the 8 held back (qcompiler's validate) gives it again,
-    to the printed digit; the additive model's figure is shown apart, labelled as predicted."""
+    names (the 24 of 32 not held back) and running onnxruntime on the 8 held back — every 4th, spread over the
+    data — gives it again (the worst output slice, as `validate` reports it), to the printed digit; the additive
+    model's figure is shown apart, labelled as predicted."""
     out = tmp_path / "p.yaml"
     r = CliRunner().invoke(cli, ["plan", str(CONV), "--budget", "9000", "--calib", str(CONV_DATA), "-o", str(out)])
     assert r.exit_code == 0, r.output
-    m = re.search(r"measured: output SQNR ([-0-9.]+) dB \(compiled, onnxruntime on the last 8 of the 32 "
-                  r"calibration samples, held back \(compiled with the first 24\)\)", r.output)
+    m = re.search(r"measured: output SQNR ([-0-9.]+) dB \(compiled, onnxruntime on 8 of the 32 calibration "
+                  r"samples spread over them \(every 4th\), held back \(compiled with the other 24\)\)", r.output)
     assert m is not None, r.output
     assert re.search(r"predicted output SQNR [-0-9.]+ dB \(additive model\)", r.output)
     text = out.read_text(encoding="utf-8")
     assert f"# measured: output SQNR {m.group(1)} dB" in text and "# predicted (additive model, not measured)" in text
-    fit, held = _held_back(CONV_DATA, tmp_path, 8)
+    held_idx = autoplan.baseline.spread(32, 8)
+    assert held_idx == [3, 7, 11, 15, 19, 23, 27, 31]
+    with np.load(CONV_DATA) as z:
+        arrays = {k: z[k] for k in z.files}
+    fit = tmp_path / "fit.npz"
+    np.savez(fit, **{k: np.delete(v, held_idx, axis=0) for k, v in arrays.items()})
+    held = [{k: v[i] for k, v in arrays.items()} for i in held_idx]
     q = tmp_path / "q.onnx"
     r = CliRunner().invoke(cli, ["compile", str(CONV), "-o", str(q), "--plan", str(out), "--calib", str(fit)])
     assert r.exit_code == 0, r.output
-    again = qv.validate(CONV, q, held, per_layer=False).worst_output_sqnr()
+    again = qv.validate(CONV, q, held, per_layer=False).worst_slice_sqnr()
     assert f"{again:.2f}" == m.group(1)

@@ -4,17 +4,24 @@ The mixed-precision search (:func:`~qcompiler.autoplan.search.search_plan`) pred
 sensitivities; a preset that turns on GPTQ, bias correction or MSE ranges compiles better than any such
 prediction. So, when calibration data is given:
 
-1. **Held-back samples** (:func:`make_holdout`): the last ``holdout`` (16) calibration samples, at most a quarter
-   of them (or ``validate_data``). Every plan below is compiled for real with the other samples and measured in
-   onnxruntime on those (worst output SQNR, :func:`qcompiler.report.validate.validate`).
-2. **The starting preset** (without ``base_plan``): every shipped preset (``qcompiler plan show``) is compiled on
-   one sample to count its cost in the budget's unit (cheap: sizes do not depend on the calibration values);
-   those that fit are compiled for real and measured; the best by output SQNR is the base plan of the search,
-   which thus builds on its calibration method, ranges, GPTQ and bias correction. No preset fits: the default
-   plan, as before.
-3. **The guard**: the search's plan is compiled and measured the same way; when the base plan alone fits the
-   budget and measures at least as well, the base plan itself is returned (``AutoPlanResult.uniform``). With
-   ``base_plan`` given, that plan is the base and the guard (no preset search).
+1. **Held-back samples** (:func:`make_holdout`): ``holdout`` (16) calibration samples spread over them
+   (:func:`spread`: every 4th of 64), at most a quarter (or ``validate_data``). Every plan below is compiled for
+   real with the other samples and measured in onnxruntime on those: the worst output slice's SQNR (each
+   output's worst slice along its channel / feature axis, or the whole tensor when lower:
+   ``ValidationReport.worst_slice_sqnr``, what ``qcompiler validate`` and the measured default gate on).
+2. **The starting preset** (without ``base_plan``, :func:`best_preset`): every shipped preset
+   (``qcompiler plan show``) is compiled on one sample to count its cost in the budget's unit; those within
+   :data:`PROBE_MARGIN` of the budget are compiled for real and measured, and the best of them also with each of
+   its algorithms off (:func:`without`: the ablations of its guard). The best that fits by its real compile's
+   bytes is the base plan of the search, which thus builds on its calibration method, ranges and algorithms.
+   No preset fits: the default plan, as before.
+3. **The searches** (:func:`_searches`): with the default candidates, the knapsack with the default list, with
+   each of :data:`EXTRA_CANDIDATES`, with their union and with the union in the trust regions :data:`STAYS`;
+   each distinct plan compiled for real and measured; the best that fits is the mixed plan.
+4. **The guard**: when the base plan alone fits the budget and the mixed plan does not measure at least
+   :data:`MIX_MARGIN_DB` better, and no worse on either half of the held-back samples, the base plan itself is
+   returned (``AutoPlanResult.uniform``). With ``base_plan`` given, that plan is the base and the guard (no
+   preset search).
 
 The SQNR written in the plan's header and printed is this measured one; the additive model's prediction is
 shown beside it, labelled as predicted. Without calibration data (or ``holdout=0``) nothing is measured: the
@@ -24,12 +31,14 @@ search runs on the base plan (default: W8A8) as before.
 from __future__ import annotations
 
 import contextlib
+import copy
+import json
 import logging
 import math
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from qcompiler import __version__
-from qcompiler.autoplan.budget import DEFAULT_CANDIDATES, Budget, fmt_unit, parse_candidates
+from qcompiler.autoplan.budget import DEFAULT_CANDIDATES, Budget, Candidate, fmt_unit, parse_candidates
 from qcompiler.autoplan.plans import plan_yaml
 from qcompiler.autoplan.prepare import first_feeds
 from qcompiler.autoplan.probes import ProbeWorkdir, compiled_cost
@@ -76,9 +85,18 @@ class Measured:
 
     sqnr_db: float
     cost: cost.CostReport
+    #: the same measure on each half of the held-back samples (even / odd positions); empty: not measured
+    halves: tuple[float, ...] = ()
 
     def amount(self, unit: str) -> float:
         return _amount(self.cost, unit)
+
+    def beats(self, base: Measured) -> bool:
+        """Whether this (mixed) plan measures better than ``base`` beyond the held-back samples' noise: at least
+        :data:`MIX_MARGIN_DB` better on all of them, and not worse on either half."""
+        if _db(self.sqnr_db) < _db(base.sqnr_db) + MIX_MARGIN_DB:
+            return False
+        return all(_db(a) >= _db(b) for a, b in zip(self.halves, base.halves, strict=False))
 
 
 def _amount(rep: cost.CostReport, unit: str) -> float:
@@ -107,8 +125,17 @@ def _quiet() -> Iterator[None]:
         root.setLevel(level)
 
 
-def make_holdout(model_path: str | Path, calib: str | Path | None, opts: PlanOptions) -> Holdout | None:
-    """The samples plans are measured on (see the module docstring); ``None`` when nothing can be measured."""
+def spread(n: int, h: int) -> list[int]:
+    """``h`` of ``n`` sample indices spread evenly over them (the last of each run of ``n / h``): every 4th of 64
+    for 16. A folder sorted by class, or a confident classifier whose few uncertain inputs sit in one part of the
+    data, is then measured on a part of each."""
+    return sorted({min(n - 1, round((i + 1) * n / h) - 1) for i in range(h)})
+
+
+def make_holdout(model_path: str | Path, calib: str | Path | None, opts: PlanOptions,
+                 tmp: Path | None = None) -> Holdout | None:
+    """The samples plans are measured on (see the module docstring); ``None`` when nothing can be measured.
+    ``tmp``: a folder for the other samples' calibration files (without one: the last samples are held back)."""
     if opts.holdout <= 0 or calib is None or str(calib) in ("none", "random"):
         return None
     src = qv.load_feeds(calib, model_path)
@@ -120,8 +147,20 @@ def make_holdout(model_path: str | Path, calib: str | Path | None, opts: PlanOpt
     if h == 0:
         return Holdout(str(calib), None, [dict(f) for f in src],
                        f"the {n} calibration sample(s) (too few to hold any back)")
-    return Holdout(str(calib), n - h, [dict(f) for f in src.subset(range(n - h, n))],
-                   f"the last {h} of the {n} calibration samples, held back (compiled with the first {n - h})")
+    if tmp is None:
+        return Holdout(str(calib), n - h, [dict(f) for f in src.subset(range(n - h, n))],
+                       f"the last {h} of the {n} calibration samples, held back (compiled with the first {n - h})")
+    held = spread(n, h)
+    rest = [i for i in range(n) if i not in set(held)]
+    folder = tmp / "calib-fit"
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, feed in enumerate(src.subset(rest)):
+        arrays: dict[str, Any] = {name: np.asarray(v) for name, v in feed.items()}
+        np.savez(folder / f"{k:06d}.npz", **arrays)
+    step = n / h
+    return Holdout(str(folder), None, [dict(f) for f in src.subset(held)],
+                   f"{h} of the {n} calibration samples spread over them (every {step:g}th), held back "
+                   f"(compiled with the other {n - h})")
 
 
 def measure(model_path: Path, plan: Plan, target: str, hold: Holdout, tmp: Path, tag: str,
@@ -134,19 +173,76 @@ def measure(model_path: Path, plan: Plan, target: str, hold: Holdout, tmp: Path,
     try:
         rep = compiled_cost(res, out, shapes, want_bitops)
         report = qv.validate(model_path, out, hold.feeds, per_layer=False)
-        return Measured(float(report.worst_output_sqnr()), rep)
+        halves = tuple(float(qv.validate(model_path, out, part, per_layer=False).worst_slice_sqnr())
+                       for part in (hold.feeds[0::2], hold.feeds[1::2])) if len(hold.feeds) >= 4 else ()
+        return Measured(float(report.worst_slice_sqnr()), rep, halves)
     finally:
         for f in res.files:
             f.unlink(missing_ok=True)
 
 
+#: a preset whose one-sample size probe is at most this fraction over the budget is compiled for real anyway: the
+#: bytes of a compile depend a little on its algorithms (bias correction adds biases) and on the guard's choices
+PROBE_MARGIN = 0.05
+#: extra candidate lists searched, besides the default one, when the user gave none (each plan measured for real):
+#: a cheaper granularity pays for the int8 layers at the bytes of a uniform int4 preset
+EXTRA_CANDIDATES = ("int8,int4,int4/tensor", "int8,int4,int4/channel")
+#: trust regions (``PlanOptions.stay``) searched with every candidate of those lists: plans a few clear steps
+#: from the base, measured beside the full knapsack's
+STAYS = (0.5, 0.8)
+#: a mixed plan replaces the uniform base only when it measures at least this much better on the held-back
+#: samples, and no worse on either half of them (:meth:`Measured.beats`; their noise: on silero-vad a mix 0.8 dB
+#: above the base on the last 16 calibration samples measured 1.2 dB below it on the eval split)
+MIX_MARGIN_DB = 0.25
+
+
+def guarded_algorithms(plan: Plan) -> list[str]:
+    """What a preset's algorithm guard (:mod:`qcompiler.recipe`) would measure: each algorithm the plan turns on
+    and ``percentile`` clipping when its default activations use it."""
+    names = sorted(k for k, v in plan.algorithms.items() if k != "guard" and v is not False)
+    act = plan.activation_defaults
+    if act.get("calibration") == "percentile" and act.get("dtype") != "float":
+        names.append("percentile")
+    return names
+
+
+def without(plan: Plan, names: Sequence[str], label: str) -> Plan:
+    """``plan`` with the algorithms ``names`` off (``percentile``: minmax ranges) and no guard: the variants the
+    preset's guard chooses among (the same rule as ``qcompiler.recipe.candidates.without``)."""
+    d = copy.deepcopy(plan.to_dict())
+    algos = {k: v for k, v in (d.get("algorithms") or {}).items() if k != "guard"}
+    for n in names:
+        if n == "percentile":
+            act = dict(d["defaults"]["activation"])
+            act["calibration"] = "minmax"
+            act.pop("percentile", None)
+            d["defaults"]["activation"] = act
+        elif n == "fold_bias":
+            algos[n] = False  # the default pipeline runs fold-bias: off must be said
+        else:
+            algos.pop(n, None)
+    if algos:
+        d["algorithms"] = algos
+    else:
+        d.pop("algorithms", None)
+    return Plan.from_dict(d, source=label)
+
+
+def _better(m: Measured, best: Measured | None) -> bool:
+    return best is None or (_db(m.sqnr_db), -m.cost.total_bytes) > (_db(best.sqnr_db), -best.cost.total_bytes)
+
+
 def best_preset(model_path: Path, opts: PlanOptions, hold: Holdout, work: ProbeWorkdir, tmp: Path,
                 budget_value: float, unit: str, shapes: dict[str, list[int]],
                 progress: Progress | None = None) -> tuple[list[dict[str, Any]], tuple[str, Plan, Measured] | None]:
-    """Every shipped preset's cost (a one-sample probe compile) and, for those that fit, its measured SQNR; and
-    the best of those (highest SQNR, then fewest bytes), or ``None`` when none fits."""
+    """Every shipped preset's cost (a one-sample probe compile) and, for those within :data:`PROBE_MARGIN` of the
+    budget, the preset as written compiled for real and measured; then, for the one that measures best, each
+    variant with one of its algorithms off (what its guard chooses among; one that adds bytes may be what
+    keeps the preset over the budget). The best that fits by the bytes of its real compile (highest SQNR, then
+    fewest bytes) is returned with its name, or ``None`` when none fits."""
     rows: list[dict[str, Any]] = []
     best: tuple[str, Plan, Measured] | None = None
+    top: tuple[str, Plan, Measured] | None = None
     names = presets.names()
     for k, name in enumerate(names):
         if progress:
@@ -159,18 +255,116 @@ def best_preset(model_path: Path, opts: PlanOptions, hold: Holdout, work: ProbeW
             log.info("plan: preset %s left out: %s", name, e)
             rows.append({"name": name, "error": str(e)})
             continue
-        row: dict[str, Any] = {"name": name, "bytes": rep.total_bytes, "fits": _amount(rep, unit) <= budget_value}
-        if row["fits"]:
+        row: dict[str, Any] = {"name": name, "bytes": rep.total_bytes,
+                               "fits": _amount(rep, unit) <= budget_value}
+        if _amount(rep, unit) <= budget_value * (1.0 + PROBE_MARGIN):
+            written = without(plan, [], name)
             with _quiet():
-                m = measure(model_path, plan, opts.target, hold, tmp, f"preset-{name}", shapes, unit == "bitops")
-            row["sqnr_db"] = m.sqnr_db
-            key = (_db(m.sqnr_db), -m.cost.total_bytes)
-            if best is None or key > (_db(best[2].sqnr_db), -best[2].cost.total_bytes):
-                best = (name, plan, m)
+                m = measure(model_path, written, opts.target, hold, tmp, f"preset-{name}", shapes,
+                            unit == "bitops")
+            row.update(bytes=m.cost.total_bytes, fits=m.amount(unit) <= budget_value, sqnr_db=m.sqnr_db)
+            if row["fits"] and _better(m, best[2] if best else None):
+                best = (name, written, m)
+            if _better(m, top[2] if top else None):
+                top = (name, plan, m)
         rows.append(row)
+    if top is not None:
+        name, plan, _ = top
+        algos = guarded_algorithms(plan)
+        for k, algo in enumerate(algos):
+            if progress:
+                progress(f"preset {name}: one algorithm off", k, len(algos))
+            label = f"{name} without {algo}"
+            var = without(plan, [algo], label)
+            try:
+                with _quiet():
+                    m = measure(model_path, var, opts.target, hold, tmp, f"preset-{name}-no-{algo}", shapes,
+                                unit == "bitops")
+            except UserError as e:
+                log.info("plan: %s left out: %s", label, e)
+                continue
+            fits = m.amount(unit) <= budget_value
+            rows.append({"name": label, "bytes": m.cost.total_bytes, "fits": fits, "sqnr_db": m.sqnr_db})
+            if fits and _better(m, best[2] if best else None):
+                best = (label, var, m)
     if progress:
         progress("presets (probe and measure)", len(names), len(names))
     return rows, best
+
+
+def _preferred(m: Measured, other: Measured, base: Measured | None) -> bool:
+    """Whether mixed plan ``m`` is preferred to ``other``: one that beats the base (:meth:`Measured.beats`) first,
+    then the better measured."""
+    if base is not None and m.beats(base) != other.beats(base):
+        return m.beats(base)
+    return _better(m, other)
+
+
+def _distinct(result: AutoPlanResult) -> str:
+    """What makes two searches' plans the same plan: their rules (the header's comments differ)."""
+    return json.dumps(result.plan.to_dict().get("rules", []), sort_keys=True, default=str)
+
+
+def _searches(src: Path, opts: PlanOptions, base: Plan, hold: Holdout, tmp: Path,
+              shapes: dict[str, list[int]], unit: str, budget_value: float, progress: Progress | None,
+              sensitivity: SensitivityResult | None, base_m: Measured | None = None
+              ) -> tuple[AutoPlanResult, Measured, list[dict[str, Any]]]:
+    """The search on ``base`` with the user's candidates, or — with the default ones — with the default list and
+    with each of :data:`EXTRA_CANDIDATES` (sensitivities measured once, over their union); every distinct plan
+    compiled for real and measured on the held-back samples; the best that fits by its real bytes (else the
+    first) with its measurement, and one row per search."""
+    lists = [opts.candidates]
+    if opts.default_candidates:
+        lists += [parse_candidates(t) for t in EXTRA_CANDIDATES]
+    union: list[Candidate] = []
+    for cl in lists:
+        union += [c for c in cl if c.name not in {u.name for u in union}]
+    sens = sensitivity
+    if sens is None and len(lists) > 1:
+        # one sensitivity pass over every candidate of every list (the searches below reuse its columns)
+        first = search_plan(src, hold.calib,
+                            PlanOptions(**{**opts.__dict__, "base_plan": base, "candidates": union}),
+                            progress=progress, calib_samples=hold.fit)
+        sens = first.sensitivity
+    rows: list[dict[str, Any]] = []
+    seen: dict[str, Measured] = {}
+    best: tuple[AutoPlanResult, Measured] | None = None
+    fallback: tuple[AutoPlanResult, Measured] | None = None
+    runs: list[tuple[list[Candidate], float]] = [(cl, opts.stay) for cl in lists]
+    if len(lists) > 1:
+        if len(union) > max(len(cl) for cl in lists):
+            runs.append((union, 0.0))
+        runs += [(union, stay) for stay in STAYS]
+    for k, (cl, stay) in enumerate(runs):
+        label = ",".join(c.name for c in cl) + (f" (stay {stay:g})" if stay else "")
+        sopts = PlanOptions(**{**opts.__dict__, "base_plan": base, "candidates": cl, "stay": stay,
+                               **({"select": 0} if stay else {})})
+        try:
+            r = search_plan(src, hold.calib, sopts, progress=progress, sensitivity=sens, calib_samples=hold.fit)
+        except UserError as e:
+            if k == 0:
+                raise
+            log.info("plan: candidates %s: %s", label, e)
+            rows.append({"candidates": label, "error": str(e)})
+            continue
+        key = _distinct(r)
+        m = seen.get(key)
+        if m is None:
+            m = measure(src, r.plan, opts.target, hold, tmp, f"mixed{k}", shapes, unit == "bitops")
+            seen[key] = m
+        fits = m.amount(unit) <= budget_value
+        rows.append({"candidates": label, "counts": {n: c for n, c in r.counts().items() if c},
+                     "bytes": m.cost.total_bytes, "fits": fits, "sqnr_db": m.sqnr_db, "halves_db": list(m.halves),
+                     "predicted_sqnr_db": r.predicted.get("sqnr_db")})
+        log.info("plan: candidates %s: measured %.2f dB, %d bytes%s", label, m.sqnr_db, m.cost.total_bytes,
+                 "" if fits else " (over the budget)")
+        if fallback is None:
+            fallback = (r, m)
+        if fits and (best is None or _preferred(m, best[1], base_m)):
+            best = (r, m)
+    chosen = best or fallback
+    assert chosen is not None
+    return chosen[0], chosen[1], rows
 
 
 def auto_plan(model_path: str | Path, calib: str | Path | None, options: PlanOptions, *,
@@ -181,8 +375,14 @@ def auto_plan(model_path: str | Path, calib: str | Path | None, options: PlanOpt
     and base plan (a superset of the candidates) instead of measuring."""
     src = Path(model_path)
     opts = options
-    hold = make_holdout(src, calib, opts)
+    tmp = Path(tempfile.mkdtemp(prefix="qcompiler-autoplan-measure-"))
+    try:
+        hold = make_holdout(src, calib, opts, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if hold is None:
+        shutil.rmtree(tmp, ignore_errors=True)
         return search_plan(src, calib, opts, progress=progress, sensitivity=sensitivity)
     t0 = time.perf_counter()
     unit = opts.budget.unit
@@ -191,7 +391,6 @@ def auto_plan(model_path: str | Path, calib: str | Path | None, options: PlanOpt
     src_rep = cost.model_cost(src, feed_shapes=shapes, shapes=unit == "bitops")
     budget_value = _absolute_budget(opts.budget, {"bytes": float(src_rep.total_bytes),
                                                   "bitops": float(src_rep.bitops)})
-    tmp = Path(tempfile.mkdtemp(prefix="qcompiler-autoplan-measure-"))
     work = ProbeWorkdir(first)
     try:
         rows: list[dict[str, Any]] = []
@@ -215,20 +414,25 @@ def auto_plan(model_path: str | Path, calib: str | Path | None, options: PlanOpt
                       if _amount(rep, unit) <= budget_value else Measured(math.nan, rep))
         base_fits = base_m.amount(unit) <= budget_value
         t_base = time.perf_counter() - t0
-        sopts = PlanOptions(**{**opts.__dict__, "base_plan": base})
-        result = search_plan(src, calib, sopts, progress=progress, sensitivity=sensitivity, calib_samples=hold.fit)
         t = time.perf_counter()
-        mixed = measure(src, result.plan, opts.target, hold, tmp, "mixed", shapes, unit == "bitops")
+        result, mixed, searches = _searches(src, opts, base, hold, tmp, shapes, unit, budget_value, progress,
+                                            sensitivity, base_m if base_fits else None)
+        result.timings["searches"] = time.perf_counter() - t
         result.timings["baseline"] = t_base
-        result.timings["measure"] = time.perf_counter() - t
         result.timings["total"] = time.perf_counter() - t0
     finally:
         work.close()
         shutil.rmtree(tmp, ignore_errors=True)
     result.baseline = {"name": name, "bytes": base_m.cost.total_bytes, "fits": base_fits,
-                       "sqnr_db": base_m.sqnr_db if base_fits else None, "presets": rows}
-    mixed_info = {"sqnr_db": mixed.sqnr_db, **hold.to_json()}
-    if base_fits and _db(base_m.sqnr_db) >= _db(mixed.sqnr_db):
+                       "sqnr_db": base_m.sqnr_db if base_fits else None, "halves_db": list(base_m.halves),
+                       "presets": rows, "searches": searches,
+                       "text": plan_yaml(base, [], [f"the uniform {name}, as the planner measured it"])}
+    if best is not None:  # a shipped preset (as written, or with one algorithm off: "w4a8 without gptq")
+        preset, _, off = name.partition(" without ")
+        result.baseline.update(preset=preset, off=[off] if off else [])
+    mixed_info = {"sqnr_db": mixed.sqnr_db, "halves_db": list(mixed.halves), **hold.to_json()}
+    mixed_fits = mixed.amount(unit) <= budget_value
+    if base_fits and (not mixed_fits or not mixed.beats(base_m)):
         log.info("plan: the uniform %s (%.2f dB measured) is not beaten by the best mixed plan (%.2f dB); "
                  "returning it", name, base_m.sqnr_db, mixed.sqnr_db)
         result.search_text = result.text

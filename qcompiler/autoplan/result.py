@@ -44,11 +44,15 @@ class PlanOptions:
     #: (see :func:`~qcompiler.autoplan.search._exchange`)
     exchange: int = 0
     seed: int = 0
+    #: a trust region around the base plan: each layer leaving the base plan's own weight dtype costs the knapsack
+    #: this quantile (in [0, 1)) of the layers' upgrade gains in sensitivity, so only the clearest changes are
+    #: made (0: off; :func:`~qcompiler.autoplan.search.stay_penalty`)
+    stay: float = 0.0
     resolution: int = knapsack.DEFAULT_RESOLUTION
     #: without ``base_plan``: start from the best shipped preset that fits the budget, measured on the held-back
     #: samples (:func:`~qcompiler.autoplan.baseline.auto_plan`); False: the default plan, as before
     presets: bool = True
-    #: calibration samples held back (the last ones, at most a quarter) to measure plans on, compiled for real
+    #: calibration samples held back (spread over them, at most a quarter) to measure plans on, compiled for real
     #: with the others; 0: nothing measured (no preset search, no guard against the uniform plan)
     holdout: int = 16
     #: held-back feeds to measure on instead (then every calibration sample calibrates)

@@ -181,9 +181,10 @@ def search_plan(model_path: str | Path, calib: str | Path | None, options: PlanO
         select_state: dict[str, Any] = {}
         raw_front = _front_points(values, table, base, sens, unit, opts)
         pool_front = sorted(raw_front, key=_unit_key(unit)) if opts.select else []
+        solve_values = values + stay_penalty(values, prep.layers, names, opts.stay) if opts.stay > 0 else values
         while True:
             rounds += 1
-            choice = _solve(values, table[unit], cap, opts)
+            choice = _solve(solve_values, table[unit], cap, opts)
             if choice is None:
                 cheapest = _cheapest(unit, table, base)
                 raise UserError(f"--budget: {opts.budget.describe()} = {fmt_unit(budget_value, unit)} is below "
@@ -237,6 +238,28 @@ def search_plan(model_path: str | Path, calib: str | Path | None, options: PlanO
                           sensitivity=sens, predicted=predicted,
                           verified=verified, front=front, timings=timings, float_totals=float_totals,
                           model=str(src), target=opts.target, rules=rules, rounds=rounds)
+
+
+def stay_penalty(values: np.ndarray, layers: Sequence[LayerInfo], names: Sequence[str], stay: float) -> np.ndarray:
+    """What leaving the base plan costs each (layer, candidate) in the knapsack (``PlanOptions.stay``): 0 at the
+    candidate that is the layer's base weight dtype as the base plan writes it (``int4`` on a W4A8 preset), else
+    the ``stay`` quantile of the layers' upgrade gains (base sensitivity minus the lowest). Upgrades gaining less,
+    and the downgrades paying for them, are then not worth it: a plan a few clear steps from the base, measured
+    apart from the full knapsack's (the sensitivities are round-to-nearest; the base's GPTQ / bias correction
+    are not in them, so small predicted gains are the least trustworthy)."""
+    pen = np.zeros_like(values)
+    gains = []
+    for li, la in enumerate(layers):
+        own = str(la.base_weight.get("dtype"))
+        if own not in names or not np.isfinite(values[li, names.index(own)]):
+            continue
+        ci = names.index(own)
+        row = values[li][np.isfinite(values[li])]
+        gains.append(max(0.0, float(values[li, ci] - row.min())))
+        pen[li] = 1.0
+        pen[li, ci] = 0.0
+    lam = float(np.quantile(gains, stay)) if gains else 0.0
+    return pen * lam
 
 
 def _sqnr(signal: np.ndarray, noise: np.ndarray) -> float:

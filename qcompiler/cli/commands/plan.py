@@ -124,11 +124,11 @@ def plan_show_cmd(preset: str | None) -> None:
 @click.option("--measure", type=click.IntRange(min=0), default=5, show_default=True,
               help="With --pareto: compile N front points (and the plan) and measure their output SQNR.")
 @click.option("--validate-data", type=click.Path(path_type=Path),
-              help="Held-back feeds the plans are measured on (default: the last --holdout calibration samples, "
-                   "which the measuring compiles then leave out).")
+              help="Held-back feeds the plans are measured on (default: --holdout calibration samples spread over "
+                   "them, which the measuring compiles then leave out).")
 @click.option("--holdout", type=click.IntRange(min=0), default=autoplan.HOLDOUT, show_default=True,
-              help="Calibration samples held back (the last ones, at most a quarter) to measure the uniform "
-                   "presets and the plan on, compiled for real; 0: measure nothing.")
+              help="Calibration samples held back (spread over them: every 4th for 16 of 64; at most a quarter) "
+                   "to measure the uniform presets and the plans on, compiled for real; 0: measure nothing.")
 @click.option("--presets/--no-presets", default=True, show_default=True,
               help="Without --plan: start from the best shipped preset that fits the budget (measured), and "
                    "return it when no mixed plan measures better.")

@@ -1,0 +1,128 @@
+"""Issue 14, item 5: `plan --budget <bytes of a uniform preset>` never loses to that preset — the preset's
+variants (one algorithm off) measured, the held-back samples spread over the data, the worst output slice as the
+measure, and the trust-region search (``stay``) that keeps a plan a few clear steps from its base."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qcompiler import autoplan
+from qcompiler.api import CompileOptions, compile_model
+from qcompiler.autoplan import Budget, LayerInfo
+from qcompiler.autoplan.baseline import guarded_algorithms, spread, without
+from qcompiler.autoplan.search import stay_penalty
+from qcompiler.plan import load_plan
+from qcompiler.report import cost
+from qcompiler.report import validate as qv
+
+MODELS = Path(__file__).resolve().parents[1] / "models"
+CONV = MODELS / "conv_bn_relu.onnx"
+CONV_DATA = MODELS / "conv_bn_relu.npz"
+
+
+def test_spread_holds_back_every_kth_sample():
+    assert spread(64, 16) == list(range(3, 64, 4))
+    assert spread(32, 8) == [3, 7, 11, 15, 19, 23, 27, 31]
+    assert spread(10, 2) == [4, 9]
+    assert spread(5, 5) == [0, 1, 2, 3, 4]
+
+
+def test_preset_variants_are_the_guards_ablations():
+    """w4a8's variants: each algorithm it turns on, and its percentile clipping, off one at a time; no guard left
+    in any of them (the planner measures what it writes)."""
+    w4a8 = load_plan("w4a8")
+    assert guarded_algorithms(w4a8) == ["bias_correct", "fold_bias", "gptq", "percentile"]
+    assert without(w4a8, ["percentile"], "x").activation_defaults["calibration"] == "minmax"
+    assert "percentile" not in without(w4a8, ["percentile"], "x").activation_defaults
+    assert without(w4a8, ["fold_bias"], "x").to_dict()["algorithms"]["fold_bias"] is False
+    off = without(w4a8, ["gptq"], "x")
+    assert "gptq" not in off.algorithms and off.guard == "off" and "bias_correct" in off.algorithms
+    assert without(w4a8, [], "x").guard == "off"
+
+
+def _layer(name: str, dtype: str) -> LayerInfo:
+    return LayerInfo(name=name, op_type="Conv", params=1, macs=0, allowed=["int8", "int4", "int4/tensor"],
+                     refused={}, base_weight={"dtype": dtype}, activation=None)
+
+
+def test_stay_penalty_is_zero_at_the_base_dtype_and_a_quantile_of_the_gains_elsewhere():
+    names = ["int8", "int4", "int4/tensor"]
+    values = np.array([[0.0, 1.0, 2.0],    # gain 1.0 by going int8
+                       [0.0, 3.0, 3.5],    # gain 3.0
+                       [0.5, 0.5, 0.9]])   # gain 0.0
+    layers = [_layer(f"l{i}", "int4") for i in range(3)]
+    pen = stay_penalty(values, layers, names, 0.5)
+    assert np.all(pen[:, 1] == 0.0)
+    assert np.allclose(pen[:, [0, 2]], 1.0)  # the median of the gains (0, 1, 3)
+    assert np.allclose(stay_penalty(values, layers, names, 1.0)[:, 0], 3.0)
+    # a layer whose base dtype is no candidate is left alone
+    assert np.all(stay_penalty(values, [_layer("a", "int8"), *layers[1:]], ["int16", "int4", "x"], 0.5)[0] == 0)
+
+
+def _w4a8_bytes(tmp_path: Path) -> int:
+    uni = tmp_path / "w4a8.onnx"
+    compile_model(CONV, uni, CompileOptions(preset="w4a8", calib=str(CONV_DATA), validate=False))
+    return int(cost.model_cost(uni).total_bytes)
+
+
+def test_planner_at_the_bytes_of_uniform_w4a8_measures_at_least_as_well_as_it(tmp_path):
+    """conv_bn_relu, budget = the bytes of `--preset w4a8`: the planner's plan fits, and compiled with the samples
+    the planner calibrated with and run on those it held back (every 4th) it measures at least as well as the
+    uniform w4a8 — the preset as written and each variant the planner measured — on the same samples. The
+    search row of every candidate list is recorded, with the trust-region plans among them."""
+    budget = _w4a8_bytes(tmp_path)
+    res = autoplan.auto_plan(CONV, CONV_DATA, autoplan.PlanOptions(budget=Budget.parse(str(budget)),
+                                                                   default_candidates=True))
+    assert res.measured["bytes"] <= budget
+    searches = res.baseline["searches"]
+    assert [s["candidates"] for s in searches][:3] == ["int8,int4", "int8,int4,int4/tensor",
+                                                       "int8,int4,int4/channel"]
+    assert any("(stay 0.5)" in s["candidates"] for s in searches)
+    variants = [r for r in res.baseline["presets"] if r.get("fits") and r["name"].startswith("w4a8")]
+    assert {r["name"] for r in variants} >= {"w4a8", "w4a8 without gptq", "w4a8 without percentile"}
+    assert res.measured["sqnr_db"] >= max(r["sqnr_db"] for r in variants)
+    # measured again, outside the planner: the plan vs w4a8 as written, same samples
+    with np.load(CONV_DATA) as z:
+        arrays = {k: z[k] for k in z.files}
+    held_idx = spread(32, 8)
+    fit = tmp_path / "fit.npz"
+    np.savez(fit, **{k: np.delete(v, held_idx, axis=0) for k, v in arrays.items()})
+    held = [{k: v[i] for k, v in arrays.items()} for i in held_idx]
+    scores = {}
+    for name, plan in (("planned", res.plan), ("w4a8", without(load_plan("w4a8"), [], "w4a8 as written"))):
+        out = tmp_path / f"{name}.onnx"
+        compile_model(CONV, out, CompileOptions(plan=plan, calib=str(fit), validate=False))
+        scores[name] = qv.validate(CONV, out, held, per_layer=False).worst_slice_sqnr()
+        if name == "planned":
+            assert cost.model_cost(out).total_bytes <= budget
+    assert scores["planned"] >= scores["w4a8"]
+    assert f"{scores['planned']:.4f}" == f"{res.measured['sqnr_db']:.4f}"
+
+
+@pytest.mark.parametrize("n", [4])
+def test_too_few_samples_measure_on_all(n, tmp_path):
+    """Fewer than 4 samples per held-back one: nothing spread, every sample calibrates and measures."""
+    with np.load(CONV_DATA) as z:
+        arrays = {k: z[k][:n] for k in z.files}
+    data = tmp_path / "d.npz"
+    np.savez(data, **arrays)
+    hold = autoplan.make_holdout(CONV, data, autoplan.PlanOptions(budget=Budget.parse("9000"), holdout=16),
+                                 tmp_path)
+    assert hold is not None and len(hold.feeds) == 1 and "every 4th" in hold.data
+
+
+def test_a_mix_must_beat_the_base_by_the_margin_and_on_both_halves():
+    """The guard's rule (`Measured.beats`): 0.25 dB better over all the held-back samples and no worse on either
+    half of them; else the uniform base is returned."""
+    from qcompiler.autoplan.baseline import MIX_MARGIN_DB, Measured
+
+    rep = cost.CostReport.__new__(cost.CostReport)
+    base = Measured(20.0, rep, (19.0, 21.0))
+    assert MIX_MARGIN_DB == 0.25
+    assert Measured(21.0, rep, (19.5, 22.0)).beats(base)
+    assert not Measured(20.2, rep, (19.5, 22.0)).beats(base)  # under the margin
+    assert not Measured(21.0, rep, (18.9, 23.0)).beats(base)  # worse on one half
+    assert Measured(21.0, rep, ()).beats(Measured(20.0, rep, ()))  # too few samples to split: the margin alone
