@@ -21,9 +21,11 @@ from qcompiler import autoplan, ir, quant
 from qcompiler.api import CompileOptions, compile_model
 from qcompiler.autoplan import Budget, parse_candidates
 from qcompiler.autoplan.sensitivity import METRICS, LayerUnderTest, compute, fake_quantize
+from qcompiler.calib import spread_indices
 from qcompiler.cli import cli
 from qcompiler.core.errors import UserError
 from qcompiler.plan import Plan, load_plan
+from qcompiler.plan.ablations import without
 from qcompiler.report import cost
 from qcompiler.report import validate as qv
 
@@ -607,7 +609,7 @@ def test_a_mixed_plan_that_measures_better_is_kept(tmp_path):
     the preset (its algorithms and weight ranges in the plan), within the budget."""
     res = autoplan.auto_plan(CONV, CONV_DATA, autoplan.PlanOptions(budget=Budget.parse("9000")))
     assert not res.uniform and res.baseline["fits"]
-    base = autoplan.baseline.without(Plan.from_file(str(autoplan.baseline.presets.preset_path(
+    base = without(Plan.from_file(str(autoplan.baseline.presets.preset_path(
         res.baseline["preset"]))), res.baseline["off"], "base")
     assert res.plan.algorithms == base.algorithms and res.plan.weight_defaults == base.weight_defaults
     assert res.measured["sqnr_db"] > res.baseline["sqnr_db"]
@@ -656,7 +658,7 @@ def test_printed_sqnr_is_the_measured_one(tmp_path):
     assert re.search(r"predicted output SQNR [-0-9.]+ dB \(additive model\)", r.output)
     text = out.read_text(encoding="utf-8")
     assert f"# measured: output SQNR {m.group(1)} dB" in text and "# predicted (additive model, not measured)" in text
-    held_idx = autoplan.baseline.spread(32, 8)
+    held_idx = spread_indices(32, 8)
     assert held_idx == [3, 7, 11, 15, 19, 23, 27, 31]
     with np.load(CONV_DATA) as z:
         arrays = {k: z[k] for k in z.files}

@@ -12,9 +12,10 @@ import pytest
 from qcompiler import autoplan
 from qcompiler.api import CompileOptions, compile_model
 from qcompiler.autoplan import Budget, LayerInfo
-from qcompiler.autoplan.baseline import guarded_algorithms, spread, without
 from qcompiler.autoplan.search import stay_penalty
+from qcompiler.calib import spread_indices as spread
 from qcompiler.plan import load_plan
+from qcompiler.plan.ablations import guarded_algorithms, without
 from qcompiler.report import cost
 from qcompiler.report import validate as qv
 

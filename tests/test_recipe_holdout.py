@@ -21,7 +21,8 @@ from qcompiler.calib import CalibrationSource, collect, input_signatures, reset_
 from qcompiler.calib.stats import TensorStats
 from qcompiler.cli import cli
 from qcompiler.plan import Plan, QuantSpec, load_plan
-from qcompiler.recipe.candidates import dynamic_upgrades, guarded_algorithms, without
+from qcompiler.plan.ablations import guarded_algorithms
+from qcompiler.recipe.candidates import dynamic_upgrades, without
 from qcompiler.recipe.measure import held_back, held_indices
 
 collect_module = importlib.import_module("qcompiler.calib.collect")

@@ -5,7 +5,7 @@ sensitivities; a preset that turns on GPTQ, bias correction or MSE ranges compil
 prediction. So, when calibration data is given:
 
 1. **Held-back samples** (:func:`make_holdout`): ``holdout`` (16) calibration samples spread over them
-   (:func:`spread`: every 4th of 64), at most a quarter (or ``validate_data``). Every plan below is compiled for
+   (:func:`qcompiler.calib.spread_indices`: every 4th of 64), at most a quarter (or ``validate_data``). Every plan below is compiled for
    real with the other samples and measured in onnxruntime on those: the worst output slice's SQNR (each
    output's worst slice along its channel / feature axis, or the whole tensor when lower:
    ``ValidationReport.worst_slice_sqnr``, what ``qcompiler validate`` and the measured default gate on).
@@ -31,14 +31,13 @@ search runs on the base plan (default: W8A8) as before.
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import logging
 import math
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,9 +52,11 @@ from qcompiler.autoplan.probes import ProbeWorkdir, compiled_cost
 from qcompiler.autoplan.result import AutoPlanResult, PlanOptions, Progress
 from qcompiler.autoplan.search import _absolute_budget, search_plan
 from qcompiler.autoplan.sensitivity import SensitivityResult
+from qcompiler.calib import spread_indices
 from qcompiler.compile import CompileOptions, compile_plan
 from qcompiler.core.errors import UserError
 from qcompiler.plan import Plan, load_plan, presets
+from qcompiler.plan.ablations import guarded_algorithms, without
 from qcompiler.report import cost
 from qcompiler.report import validate as qv
 
@@ -125,13 +126,6 @@ def _quiet() -> Iterator[None]:
         root.setLevel(level)
 
 
-def spread(n: int, h: int) -> list[int]:
-    """``h`` of ``n`` sample indices spread evenly over them (the last of each run of ``n / h``): every 4th of 64
-    for 16. A folder sorted by class, or a confident classifier whose few uncertain inputs sit in one part of the
-    data, is then measured on a part of each."""
-    return sorted({min(n - 1, round((i + 1) * n / h) - 1) for i in range(h)})
-
-
 def make_holdout(model_path: str | Path, calib: str | Path | None, opts: PlanOptions,
                  tmp: Path | None = None) -> Holdout | None:
     """The samples plans are measured on (see the module docstring); ``None`` when nothing can be measured.
@@ -150,7 +144,7 @@ def make_holdout(model_path: str | Path, calib: str | Path | None, opts: PlanOpt
     if tmp is None:
         return Holdout(str(calib), n - h, [dict(f) for f in src.subset(range(n - h, n))],
                        f"the last {h} of the {n} calibration samples, held back (compiled with the first {n - h})")
-    held = spread(n, h)
+    held = spread_indices(n, h)
     rest = [i for i in range(n) if i not in set(held)]
     folder = tmp / "calib-fit"
     folder.mkdir(parents=True, exist_ok=True)
@@ -194,38 +188,6 @@ STAYS = (0.5, 0.8)
 #: samples, and no worse on either half of them (:meth:`Measured.beats`; their noise: on silero-vad a mix 0.8 dB
 #: above the base on the last 16 calibration samples measured 1.2 dB below it on the eval split)
 MIX_MARGIN_DB = 0.25
-
-
-def guarded_algorithms(plan: Plan) -> list[str]:
-    """What a preset's algorithm guard (:mod:`qcompiler.recipe`) would measure: each algorithm the plan turns on
-    and ``percentile`` clipping when its default activations use it."""
-    names = sorted(k for k, v in plan.algorithms.items() if k != "guard" and v is not False)
-    act = plan.activation_defaults
-    if act.get("calibration") == "percentile" and act.get("dtype") != "float":
-        names.append("percentile")
-    return names
-
-
-def without(plan: Plan, names: Sequence[str], label: str) -> Plan:
-    """``plan`` with the algorithms ``names`` off (``percentile``: minmax ranges) and no guard: the variants the
-    preset's guard chooses among (the same rule as ``qcompiler.recipe.candidates.without``)."""
-    d = copy.deepcopy(plan.to_dict())
-    algos = {k: v for k, v in (d.get("algorithms") or {}).items() if k != "guard"}
-    for n in names:
-        if n == "percentile":
-            act = dict(d["defaults"]["activation"])
-            act["calibration"] = "minmax"
-            act.pop("percentile", None)
-            d["defaults"]["activation"] = act
-        elif n == "fold_bias":
-            algos[n] = False  # the default pipeline runs fold-bias: off must be said
-        else:
-            algos.pop(n, None)
-    if algos:
-        d["algorithms"] = algos
-    else:
-        d.pop("algorithms", None)
-    return Plan.from_dict(d, source=label)
 
 
 def _better(m: Measured, best: Measured | None) -> bool:

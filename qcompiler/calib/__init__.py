@@ -32,6 +32,7 @@ from qcompiler.calib.sources import (
     CalibrationSource,
     random_shape,
     random_source,
+    spread_indices,
 )
 from qcompiler.calib.statcache import StatsCache, reset_stats_cache, stats_cache
 from qcompiler.calib.stats import HIST_BINS, TensorStats, needs_histogram
@@ -60,5 +61,6 @@ __all__ = [
     "random_source",
     "reset_stats_cache",
     "session_feed",
+    "spread_indices",
     "stats_cache",
 ]

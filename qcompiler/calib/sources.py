@@ -440,6 +440,18 @@ class _RandomSource(CalibrationSource):
             yield feed
 
 
+def spread_indices(n: int, h: int) -> list[int]:
+    """``h`` of ``n`` sample indices spread over them: every k-th with ``k = n // h``, the last of each run of k
+    (indices k-1, 2k-1, ...; 16 of 64: every 4th). The measured default, the presets' guard and the planner hold
+    these back to measure on: data stored in order (a folder sorted by class, a recording in time order, a
+    confident classifier's few uncertain inputs in one part) is then measured on a part of each, not on the last
+    kind only. Empty when ``h < 1``."""
+    if h < 1 or n < 1:
+        return []
+    k = max(1, n // h)
+    return [(i + 1) * k - 1 for i in range(min(h, n))]
+
+
 def file_digest(path: Path) -> str:
     """The content digest of a file (a calibration sample's identity, :meth:`CalibrationSource.sample_ids`)."""
     h = hashlib.blake2b(digest_size=16)

@@ -44,12 +44,12 @@ from qcompiler.autoplan.budget import Budget
 from qcompiler.compile import CompileOptions
 from qcompiler.core.errors import UserError
 from qcompiler.plan import Plan
+from qcompiler.plan.ablations import guarded_algorithms
 from qcompiler.recipe.candidates import (
     MATMUL_OPS,
     combined,
     dynamic_upgrades,
     effort_cap,
-    guarded_algorithms,
     keep_float,
     recipe_candidates,
     same_precision_as_default,

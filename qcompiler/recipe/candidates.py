@@ -18,7 +18,7 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
-from qcompiler.plan import Plan, load_plan
+from qcompiler.plan import Plan, ablations, load_plan
 
 #: candidates per effort, the combination slot included: low, normal, high (None: all). Low: the plain default
 #: plan, w8a8, range-auto (and dynamic-matmul on a model with MatMul / Gemm: :func:`effort_cap`) + combination
@@ -156,42 +156,10 @@ def keep_float(best: Candidate, nodes: list[str]) -> Candidate:
 
 
 # ----------------------------------------------------------------------------------------------- the guard
-def guarded_algorithms(plan: Plan) -> list[str]:
-    """What the algorithm guard measures in ``plan``: each algorithm it turns on, ``percentile`` clipping when
-    its default activations use it, and ``per_token`` run-time scales when a rule's activations use them."""
-    names = sorted(plan.algorithms)
-    if plan.activation_defaults.get("calibration") == "percentile" and plan.activation_defaults.get("dtype") != "float":
-        names.append("percentile")
-    if any(_per_token(r.get("activation")) for r in plan.to_dict().get("rules") or []):
-        names.append("per_token")
-    return names
-
-
-def _per_token(act: Any) -> bool:
-    return isinstance(act, dict) and act.get("granularity") == "per_token"
-
-
 def without(plan: Plan, names: list[str], label: str) -> Plan:
-    """``plan`` with the guarded algorithms ``names`` off (percentile clipping -> minmax ranges, per-token
-    run-time scales -> one per tensor) and no guard."""
-    d = plan.to_dict()
-    algos = dict(d.get("algorithms") or {})
-    algos.pop("guard", None)
-    for n in names:
-        if n == "percentile":
-            d = _with_activation(d, calibration="minmax")
-        elif n == "per_token":
-            d["rules"] = [{**r, "activation": {**r["activation"], "granularity": "per_tensor"}}
-                          if _per_token(r.get("activation")) else r for r in d.get("rules") or []]
-        elif n == "fold_bias":
-            algos[n] = False  # the default pipeline runs fold-bias: off must be said
-        else:
-            algos.pop(n, None)
-    if algos:
-        d["algorithms"] = algos
-    else:
-        d.pop("algorithms", None)
-    return plan_from(d, label)
+    """``plan`` with the guarded algorithms ``names`` off and no guard (:func:`qcompiler.plan.ablations.without`),
+    its source named as the recipe's plans are."""
+    return ablations.without(plan, names, f"<recipe {label}>")
 
 
 def dynamic_upgrades(plan: Plan) -> list[Candidate]:

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from qcompiler import ir
+from qcompiler.calib import spread_indices
 from qcompiler.compile import CompileOptions, compile_plan
 from qcompiler.core import profile
 from qcompiler.core.errors import UserError
@@ -352,8 +353,4 @@ def held_back(calib: str, model: Path, limit: int | None) -> tuple[tuple[int, ..
 def held_indices(n: int) -> list[int]:
     """The indices of the samples :func:`held_back` holds back of ``n``: every ``n // h``-th (``h = min(16,
     n / 4)``), the last of each run; none below 4 samples."""
-    h = min(HELD_SAMPLES, n // 4)
-    if h < 1:
-        return []
-    k = n // h
-    return [(i + 1) * k - 1 for i in range(h)]
+    return spread_indices(n, min(HELD_SAMPLES, n // 4))
