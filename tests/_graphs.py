@@ -162,6 +162,19 @@ def bn_on_input(seed: int = 7) -> onnx.ModelProto:
     return b.model([vi("x", ["N", 3, 4, 4])], [vi("y", ["N", 3, 4, 4])])
 
 
+def gptq_chain_model(seed: int) -> onnx.ModelProto:
+    """Three Convs (dilated, grouped and strided, 1×1) and a MatMul: four GPTQ layers for the threaded and cached
+    paths (weights from ``seed``)."""
+    b = Builder(seed)
+    b.node("Conv", ["x", b.init("w1", b.randn(16, 8, 3, 3, scale=0.2))], ["c1"], name="c1", pads=[2, 2, 2, 2],
+           dilations=[2, 2])
+    b.node("Conv", ["c1", b.init("w2", b.randn(16, 4, 3, 3, scale=0.2))], ["c2"], name="c2", group=4,
+           pads=[1, 1, 1, 1], strides=[2, 2])
+    b.node("Conv", ["c2", b.init("w3", b.randn(12, 16, 1, 1, scale=0.2))], ["c3"], name="c3")
+    b.node("MatMul", ["c3", b.init("w4", b.randn(5, 7, scale=0.2))], ["y"], name="mm")
+    return b.model([vi("x", ["N", 8, 10, 10])], [vi("y", ["N", 12, 5, 7])])
+
+
 def conv_chain(blocks: int, c: int = 4, seed: int = 8) -> onnx.ModelProto:
     """``blocks`` x (Conv 1x1 -> BN -> Relu): 3 nodes per block."""
     b = Builder(seed)

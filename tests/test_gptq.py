@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from _graphs import Builder, ort_run, vi
+from _graphs import Builder, gptq_chain_model, ort_run, vi
 from onnx import numpy_helper
 
 from qcompiler import ir, quant
@@ -253,15 +253,7 @@ def test_one_row_groups_swept_together_give_the_same_codes(tmp_path, monkeypatch
 
 
 def chain_model() -> onnx.ModelProto:
-    """Three Convs and a MatMul (dilated, strided, 1×1): several GPTQ layers for the threaded paths."""
-    b = Builder(23)
-    b.node("Conv", ["x", b.init("w1", b.randn(16, 8, 3, 3, scale=0.2))], ["c1"], name="c1", pads=[2, 2, 2, 2],
-           dilations=[2, 2])
-    b.node("Conv", ["c1", b.init("w2", b.randn(16, 4, 3, 3, scale=0.2))], ["c2"], name="c2", group=4,
-           pads=[1, 1, 1, 1], strides=[2, 2])
-    b.node("Conv", ["c2", b.init("w3", b.randn(12, 16, 1, 1, scale=0.2))], ["c3"], name="c3")
-    b.node("MatMul", ["c3", b.init("w4", b.randn(5, 7, scale=0.2))], ["y"], name="mm")
-    return b.model([vi("x", ["N", 8, 10, 10])], [vi("y", ["N", 12, 5, 7])])
+    return gptq_chain_model(23)
 
 
 @pytest.mark.parametrize("dil,strides,pads,auto,groups", [

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from _graphs import Builder, vi
+from _graphs import gptq_chain_model
 
 from qcompiler.api import CompileOptions, compile_model
 from qcompiler.passes import _gptq_cache
@@ -32,15 +32,7 @@ def fresh_caches():
 
 
 def chain_model() -> onnx.ModelProto:
-    """Three Convs (dilated, grouped and strided, 1×1) and a MatMul: four GPTQ layers."""
-    b = Builder(31)
-    b.node("Conv", ["x", b.init("w1", b.randn(16, 8, 3, 3, scale=0.2))], ["c1"], name="c1", pads=[2, 2, 2, 2],
-           dilations=[2, 2])
-    b.node("Conv", ["c1", b.init("w2", b.randn(16, 4, 3, 3, scale=0.2))], ["c2"], name="c2", group=4,
-           pads=[1, 1, 1, 1], strides=[2, 2])
-    b.node("Conv", ["c2", b.init("w3", b.randn(12, 16, 1, 1, scale=0.2))], ["c3"], name="c3")
-    b.node("MatMul", ["c3", b.init("w4", b.randn(5, 7, scale=0.2))], ["y"], name="mm")
-    return b.model([vi("x", ["N", 8, 10, 10])], [vi("y", ["N", 12, 5, 7])])
+    return gptq_chain_model(31)
 
 
 def plan(weight: dict = INT4_PC, gptq: dict | None = None) -> Plan:
