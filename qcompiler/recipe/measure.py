@@ -227,10 +227,10 @@ class Bench:
             # checks, for the score's session and the latency's
             qmodel = ir.load_model(out, check=False)
             with profile.step("candidate scores"):
-                rep = self.validate(qmodel, out)
+                qouts: list[dict[str, np.ndarray]] = []
+                rep = self.validate(qmodel, out, keep=qouts)
                 logit_db = None
                 if self.probabilities:  # binary probability outputs: their error in logit space
-                    qouts, _ = run_timed(qmodel, self.held, repeats=0)
                     logit_db = {n: logit_sqnr(self.reference.outputs, qouts, n) for n in self.probabilities}
                 m.sqnr_db = score(rep, logit_db)
             # a confirmation (calibrated on other samples than the candidates) is compared by accuracy only
@@ -248,12 +248,13 @@ class Bench:
         m.seconds = time.perf_counter() - t0
         return m
 
-    def validate(self, qmodel: Any, out: Path) -> qv.ValidationReport:
+    def validate(self, qmodel: Any, out: Path,
+                 keep: list[dict[str, np.ndarray]] | None = None) -> qv.ValidationReport:
         """``qv.validate(self.model, out, self.held, per_layer=False)``, number for number, against
         :attr:`reference` (the float model not run again). A model onnxruntime refuses is reported as the
         load-time check reports it (``UserError``)."""
         try:
-            return qv.validate_against(self.reference, qmodel, label=str(out))
+            return qv.validate_against(self.reference, qmodel, label=str(out), keep=keep)
         except UserError:
             raise
         except Exception:

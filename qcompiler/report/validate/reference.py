@@ -63,11 +63,13 @@ def float_reference(float_model: ModelLike, feeds: Sequence[dict[str, np.ndarray
 
 
 def validate_against(ref: Reference, quant_model: ModelLike, *, optimize: bool | str = True,
-                     slice_axes: Mapping[str, int] | None = None, label: str | None = None) -> ValidationReport:
+                     slice_axes: Mapping[str, int] | None = None, label: str | None = None,
+                     keep: list[dict[str, Any]] | None = None) -> ValidationReport:
     """The graph-output report of ``quant_model`` against ``ref`` (``validate(..., per_layer=False)``'s numbers,
     the float model not run). The quantized runs go to up to :func:`validation_workers` threads; their results
     are accumulated in sample order. ``label`` names the quantized model in messages (default: its path).
-    Raises as :func:`validate` does."""
+    ``keep``: a list the quantized model's outputs of each sample are appended to, in sample order (for a caller
+    that scores them otherwise too, without running the model again). Raises as :func:`validate` does."""
     qlabel = label or _label(quant_model, "quantized model")
     qmodel = _as_model(quant_model)
     with profile.step("sessions"):
@@ -90,6 +92,8 @@ def validate_against(ref: Reference, quant_model: ModelLike, *, optimize: bool |
             run, range(len(ref.feeds)), ref.feeds)
         with profile.step("graph outputs"):
             for fo, qo in zip(ref.outputs, results, strict=True):
+                if keep is not None:
+                    keep.append(qo)
                 for n in out_names:
                     out_acc[n].update(fo[n], qo[n])
                     if n in slice_acc:
