@@ -127,9 +127,9 @@ def _quiet() -> Iterator[None]:
 
 
 def make_holdout(model_path: str | Path, calib: str | Path | None, opts: PlanOptions,
-                 tmp: Path | None = None) -> Holdout | None:
+                 tmp: Path) -> Holdout | None:
     """The samples plans are measured on (see the module docstring); ``None`` when nothing can be measured.
-    ``tmp``: a folder for the other samples' calibration files (without one: the last samples are held back)."""
+    ``tmp``: a folder for the other samples' calibration files (what the plans are compiled and searched with)."""
     if opts.holdout <= 0 or calib is None or str(calib) in ("none", "random"):
         return None
     src = qv.load_feeds(calib, model_path)
@@ -141,9 +141,6 @@ def make_holdout(model_path: str | Path, calib: str | Path | None, opts: PlanOpt
     if h == 0:
         return Holdout(str(calib), None, [dict(f) for f in src],
                        f"the {n} calibration sample(s) (too few to hold any back)")
-    if tmp is None:
-        return Holdout(str(calib), n - h, [dict(f) for f in src.subset(range(n - h, n))],
-                       f"the last {h} of the {n} calibration samples, held back (compiled with the first {n - h})")
     held = spread_indices(n, h)
     rest = [i for i in range(n) if i not in set(held)]
     folder = tmp / "calib-fit"
