@@ -32,8 +32,9 @@ gives ``ceil(N / samples)`` rows per layer (all of them when it has no more), dr
 ``numpy.random.default_rng((compile seed, sample, layer))`` in increasing order and gathered before the patches
 are copied, and the shrinkage above counts the rows used. Building ``H`` is most of GPTQ's time (the sweep is
 cheap by comparison); see docs/ptq.md for the measured accuracy cost and why the default is every row.
-Caches (:mod:`._gptq_cache`): a layer's ``H`` over the same samples (or their first ones: only the rest is
-accumulated, bit for bit the same sum) and its sweep are taken from an earlier compile in the process.
+Order: the samples the measured default holds back (``calib.held_back_indices``) are summed last. Caches
+(:mod:`._gptq_cache`): a layer's ``H`` over the same samples (or their first ones: only the rest is accumulated,
+bit for bit the same sum — so all N continue the candidates' N - h) and its sweep come from an earlier compile.
 Stats: ``layers``, ``samples``, ``skipped_*``; ``ctx.report["gptq"]`` the summed proxy losses ``‖ΔW·X‖²``.
 """
 
@@ -155,6 +156,7 @@ class GPTQPass(Pass):
         if source is None:
             stats["skipped_no_data"] = len(jobs)
             return PassResult(False, stats)
+        source = source.held_back_last()  # the order H is summed in (module doc, "Order")
         with profile.step("cache keys"):  # the same Hessians / sweeps of an earlier compile (_gptq_cache)
             keys = _gptq_cache.Keys.of(ctx.graph, source, [(j.layer.node, j.layer.w) for j in jobs], opts.max_rows,
                                        ctx.seed)
@@ -165,8 +167,7 @@ class GPTQPass(Pass):
             stats["samples"] = self._accumulate(source, ctx, jobs, keys, [d is None for d in done])
         loss_rtn = loss_gptq = 0.0
         layer_progress = progress_of(ctx, "gptq layers")
-        # the layers' sweeps are independent: in parallel threads, each on one BLAS thread (as the Hessians);
-        # results are taken in layer order, so the overrides and the summed losses do not depend on the timing
+        # independent sweeps in parallel threads on one BLAS thread each; taken in layer order (timing-free results)
         with profile.step("sweep"), one_blas_thread(), \
                 ThreadPoolExecutor(max_workers=layer_threads(len(jobs))) as pool:
             swept = iter(pool.map(self._quantize, todo))
@@ -211,9 +212,8 @@ class GPTQPass(Pass):
             job.h += np.matmul(rows.transpose(0, 2, 1), rows).astype(np.float64)  # float32 product per sample
             job.rows += rows.shape[1]
 
-        # the layers of one sample in parallel threads (numpy lets go of the GIL while copying and in BLAS), each
-        # product on one BLAS thread: the same sums on every machine, and no BLAS threads spinning against the
-        # layer threads (on a loaded 2-core machine, 2 BLAS threads made one syrk up to 100x slower)
+        # a sample's layers in parallel threads, each product on one BLAS thread: the same sums on any machine
+        # (docs/ptq.md "threads, not BLAS threads": 2 BLAS threads made one syrk up to 100x slower under load)
         with ThreadPoolExecutor(max_workers=layer_threads(len(todo))) as pool, one_blas_thread():
             def consume(values: dict[str, np.ndarray]) -> None:
                 i = sample[0]

@@ -19,6 +19,7 @@ from qcompiler.calib import (
     TensorStats,
     calibration_workers,
     collect,
+    held_back_indices,
     input_signatures,
     random_source,
 )
@@ -663,3 +664,26 @@ def test_folder_source_direct_reads_equal_np_load(tmp_path):
     assert np.all(collect_all(src)[0]["a"] == 2.5)
     np.savez(d / "000.npz", **{**files["000.npz"], "a": np.zeros((4, 5), np.float32)})
     _err(lambda: collect_all(src), "000.npz", "'a'", "dim 1 is 5")
+
+
+def test_held_back_last_reads_the_held_back_samples_after_the_others(tmp_path):
+    """GPTQ's summation order: of 16 samples, the 4 the measured default holds back (every 4th) come last, each
+    part in file order; a subset of the other 12 (the candidates' ``calib_indices``) is read as it is, so its
+    order is the first 12 of the whole one's; labels, ids and positions follow the samples."""
+    sig = [InputSig("x", np.dtype(np.float32), (1, 2))]
+    for i in range(16):
+        np.savez(tmp_path / f"{i:03d}.npz", x=np.full((1, 2), i, np.float32))
+    src = CalibrationSource.from_arg(str(tmp_path), sig)
+    held = held_back_indices(16)
+    assert held == [3, 7, 11, 15]
+    order = src.held_back_last()
+    want = [i for i in range(16) if i not in held] + held
+    assert [int(f["x"][0, 0]) for f in order] == want
+    assert order.sample_ids() == [src.sample_ids()[i] for i in want]
+    assert [order.label(k) for k in range(16)] == [src.label(i) for i in want]
+    assert order.parent_positions() == (16, want)
+    fit = src.subset([i for i in range(16) if i not in held])
+    assert fit.held_back_last() is fit and fit.parent_positions() == (16, want[:12])
+    assert order.sample_ids()[:12] == fit.sample_ids()  # the whole order continues the candidates' one
+    few = src.take(3)  # fewer than 4 samples: nothing held back, nothing moved
+    assert few.held_back_last() is few

@@ -14,6 +14,7 @@ import pytest
 from _graphs import gptq_chain_model
 
 from qcompiler.api import CompileOptions, compile_model
+from qcompiler.calib import held_back_indices
 from qcompiler.passes import _gptq_cache
 from qcompiler.passes import gptq as gptq_mod
 from qcompiler.plan import Plan
@@ -51,12 +52,14 @@ def folder(tmp: Path, n: int, name: str = "calib", seed: int = 5) -> Path:
     return d
 
 
-def compile_once(tmp: Path, calib: Path, tag: str, p: Plan | None = None) -> tuple[bytes, dict]:
+def compile_once(tmp: Path, calib: Path, tag: str, p: Plan | None = None,
+                 indices: tuple[int, ...] | None = None) -> tuple[bytes, dict]:
     src = tmp / "m.onnx"
     if not src.exists():
         onnx.save(chain_model(), src)
     out = tmp / f"{tag}.onnx"
-    res = compile_model(src, out, CompileOptions(plan=p or plan(), calib=str(calib), validate=False))
+    res = compile_model(src, out, CompileOptions(plan=p or plan(), calib=str(calib), validate=False,
+                                                 calib_indices=indices))
     assert res.report["gptq"]["layers"] == LAYERS
     return out.read_bytes(), res.report["gptq"]
 
@@ -103,10 +106,14 @@ def test_other_sweep_options_reuse_the_hessians_and_give_the_uncached_bytes(tmp_
 
 
 def test_prefix_then_rest_gives_bit_identical_hessians_and_bytes(tmp_path) -> None:
-    """The candidates on the first 12 samples, the confirmation on all 16: the 16-sample Hessians are the
-    cached 12-sample ones plus the last 4 samples — bit for bit those accumulated from scratch."""
-    short, full = folder(tmp_path, 12, "short"), folder(tmp_path, 16, "full")
-    compile_once(tmp_path, short, "short")
+    """The measured default's candidates on the 12 fit samples of 16 (``calib_indices``: every 4th held back),
+    then the confirmation on all 16: GPTQ sums the held-back samples last (``held_back_last``), so the
+    16-sample Hessians are the cached 12-sample ones plus the 4 held-back samples — bit for bit those
+    accumulated from scratch."""
+    full = folder(tmp_path, 16, "full")
+    fit = tuple(i for i in range(16) if i not in held_back_indices(16))
+    assert len(fit) == 12
+    compile_once(tmp_path, full, "short", indices=fit)
     merged, rep_merged = compile_once(tmp_path, full, "merged")
     hc = _gptq_cache.hessian_cache()
     assert (hc.partial_hits, hc.hits) == (LAYERS, 0)
@@ -206,8 +213,8 @@ def test_guard_and_measured_default_share_gptq_work_and_write_the_uncached_bytes
     compile on all) and the measured default on a fixture (candidates on the fit samples, the confirmation and
     the final compile on all): the caches serve the guard's second compile and the final compile after a
     confirmation — and the file is the one written without them. The held-back samples are spread over the data
-    (every k-th), so the fit samples are no prefix of all N: a Hessian sum depends on its order, so nothing is
-    continued from them (no partial hit)."""
+    (every k-th) and GPTQ sums them last, so the compile on all N continues the fit samples' Hessians (partial
+    hits)."""
     root = Path(__file__).resolve().parents[1] / "models"
     model, calib = root / "conv_bn_relu.onnx", root / "conv_bn_relu.npz"
 
@@ -218,7 +225,7 @@ def test_guard_and_measured_default_share_gptq_work_and_write_the_uncached_bytes
 
     cached = run("cached")
     hc, sc = _gptq_cache.hessian_cache(), _gptq_cache.sweep_cache()
-    assert hc.misses > 0 and hc.partial_hits == 0
+    assert hc.misses > 0 and hc.partial_hits > 0  # all N continued the fit samples' H
     assert sc.hits > 0  # w8a8: "without percentile" (GPTQ's very inputs); auto: the final compile after the confirmation
     _gptq_cache.reset_caches(0, 0)
     assert run("off") == cached

@@ -26,10 +26,12 @@ from qcompiler.calib.collect import WORKERS_ENV, calibration_workers, collect
 from qcompiler.calib.dataflow import BN_SIGMAS, ChannelStats, bn_ranges, bn_statistics
 from qcompiler.calib.feeds import Feed, InputSig, check_feed, input_signatures, session_feed
 from qcompiler.calib.sources import (
+    HELD_BACK_MAX,
     RANDOM_INT_HIGH,
     RANDOM_MAX_ELEMENTS,
     RANDOM_SPATIAL,
     CalibrationSource,
+    held_back_indices,
     random_shape,
     random_source,
     spread_indices,
@@ -39,6 +41,7 @@ from qcompiler.calib.stats import HIST_BINS, TensorStats, needs_histogram
 
 __all__ = [
     "BN_SIGMAS",
+    "HELD_BACK_MAX",
     "HIST_BINS",
     "RANDOM_INT_HIGH",
     "RANDOM_MAX_ELEMENTS",
@@ -55,6 +58,7 @@ __all__ = [
     "calibration_workers",
     "check_feed",
     "collect",
+    "held_back_indices",
     "input_signatures",
     "needs_histogram",
     "random_shape",

@@ -56,6 +56,10 @@ RANDOM_INT_HIGH = 8
 RANDOM_MAX_ELEMENTS = 1 << 28
 
 
+#: the most calibration samples the measured default and the presets' guard hold back (:func:`held_back_indices`)
+HELD_BACK_MAX = 16
+
+
 class CalibrationSource:
     """Iterable of feeds: dict[input_name -> np.ndarray] at the exact shape fed to the model.
 
@@ -121,6 +125,25 @@ class CalibrationSource:
     def subset(self, indices: Sequence[int]) -> CalibrationSource:
         """This source restricted to the samples at ``indices`` (0-based, read in order, streaming)."""
         return _Subset(self, indices)
+
+    def parent_positions(self) -> tuple[int, list[int]]:
+        """(the number of samples of the data this source selects from, the position there of each of its samples):
+        a :meth:`subset` (the measured default's candidates calibrate on ``CompileOptions.calib_indices``) keeps
+        its base's; any other source is its own data (``take`` starts a new one)."""
+        n = len(self)
+        return n, list(range(n))
+
+    def held_back_last(self) -> CalibrationSource:
+        """This source with the samples the measured default holds back of its data (:func:`held_back_indices` of
+        :meth:`parent_positions`) read after the others, each part in order: GPTQ sums its Hessians in this order,
+        so that the sum over all N samples continues, bit for bit, the sum over the candidates' N - h (a float
+        sum depends on its order). Itself when nothing moves."""
+        n, pos = self.parent_positions()
+        held = set(held_back_indices(n))
+        last = [i for i, p in enumerate(pos) if p in held]
+        if not last or len(last) == len(pos) or last == list(range(len(pos) - len(last), len(pos))):
+            return self
+        return _Chain([self.subset([i for i, p in enumerate(pos) if p not in held]), self.subset(last)])
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.description!r} ({len(self)} samples)>"
@@ -197,6 +220,10 @@ class _Subset(CalibrationSource):
         ids = self.base.sample_ids()
         return None if ids is None else [ids[i] for i in self.indices]
 
+    def parent_positions(self) -> tuple[int, list[int]]:
+        n, pos = self.base.parent_positions()
+        return n, [pos[i] for i in self.indices]
+
     def _feeds(self) -> Iterator[Feed]:
         want = iter(self.indices)
         nxt = next(want, None)
@@ -206,6 +233,40 @@ class _Subset(CalibrationSource):
             if j == nxt:
                 yield feed
                 nxt = next(want, None)
+
+
+class _Chain(CalibrationSource):
+    """Sources read one after the other (:meth:`CalibrationSource.held_back_last`)."""
+
+    def __init__(self, parts: Sequence[CalibrationSource]) -> None:
+        super().__init__(parts[0].inputs, parts[0].description, synthetic=any(p.synthetic for p in parts))
+        self.parts = list(parts)
+
+    def _count(self) -> int:
+        return sum(len(p) for p in self.parts)
+
+    def _where(self, i: int) -> tuple[CalibrationSource, int]:
+        for p in self.parts:
+            if i < len(p):
+                return p, i
+            i -= len(p)
+        raise IndexError(i)
+
+    def label(self, i: int) -> str:
+        part, j = self._where(i)
+        return part.label(j)
+
+    def sample_ids(self) -> list[str] | None:
+        ids = [p.sample_ids() for p in self.parts]
+        return None if any(x is None for x in ids) else [i for x in ids if x is not None for i in x]
+
+    def parent_positions(self) -> tuple[int, list[int]]:
+        got = [p.parent_positions() for p in self.parts]
+        return got[0][0], [q for _n, pos in got for q in pos]
+
+    def _feeds(self) -> Iterator[Feed]:
+        for p in self.parts:
+            yield from p
 
 
 class _ListSource(CalibrationSource):
@@ -450,6 +511,12 @@ def spread_indices(n: int, h: int) -> list[int]:
         return []
     k = max(1, n // h)
     return [(i + 1) * k - 1 for i in range(min(h, n))]
+
+
+def held_back_indices(n: int) -> list[int]:
+    """The samples the measured default and the presets' guard hold back of ``n`` to measure on:
+    ``h = min(HELD_BACK_MAX, n // 4)`` of them, :func:`spread_indices`; none below 4 samples."""
+    return spread_indices(n, min(HELD_BACK_MAX, n // 4))
 
 
 def file_digest(path: Path) -> str:

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from qcompiler import ir
-from qcompiler.calib import spread_indices
+from qcompiler.calib import held_back_indices
 from qcompiler.compile import CompileOptions, compile_plan
 from qcompiler.core import profile
 from qcompiler.core.errors import UserError
@@ -36,8 +36,6 @@ from qcompiler.report import validate as qv
 
 log = logging.getLogger("qcompiler.recipe")
 
-#: the most samples held back from calibration to measure candidates on
-HELD_SAMPLES = 16
 #: latency: the best of this many timed passes over the held-back samples
 LATENCY_REPEATS = 3
 
@@ -354,4 +352,4 @@ def held_back(calib: str, model: Path, limit: int | None) -> tuple[tuple[int, ..
 def held_indices(n: int) -> list[int]:
     """The indices of the samples :func:`held_back` holds back of ``n``: every ``n // h``-th (``h = min(16,
     n / 4)``), the last of each run; none below 4 samples."""
-    return spread_indices(n, min(HELD_SAMPLES, n // 4))
+    return held_back_indices(n)
