@@ -67,7 +67,16 @@ def task_inputs(key: str, n: int, split: str) -> tuple[list[Feed], np.ndarray | 
         return realdata.ppocr_rec_inputs(n, split), None
     if key == "silero_vad":
         return realdata.silero_vad_inputs(n, split), None
-    raise KeyError(f"unknown real model {key!r}; known: {', '.join(REAL_MODELS)}")
+    if key == "ppocr_det":
+        return list(realdata.ppocr_det_inputs(n, split)), None
+    if key == "vit_focus":
+        return list(realdata.vit_focus_inputs(n, split)), None
+    raise KeyError(f"unknown real model {key!r}; known: {', '.join((*REAL_MODELS, 'ppocr_det', 'vit_focus'))}")
+
+
+def zoo_feeds(key: str, n: int, split: str) -> list[Feed]:
+    """``n`` realistic feeds of any zoo model (the five of ``tests/realdata.py``) from ``split``, without labels."""
+    return task_inputs(key, n, split)[0]
 
 
 AGREEMENT = {

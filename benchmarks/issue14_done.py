@@ -27,8 +27,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
@@ -40,14 +38,6 @@ from qcompiler.report import validate as qv
 
 PRESETS = ("w8a8", "w8a8-percentile", "w8a8-cle", "w8a8-auto", "w8a8-dynamic")
 WORKER_FLAG = "--ort-worker"
-
-
-def inputs(key: str, n: int, split: str) -> list[dict[str, np.ndarray]]:
-    if key == "ppocr_det":
-        return list(realdata.ppocr_det_inputs(n, split))
-    if key == "vit_focus":
-        return list(realdata.vit_focus_inputs(n, split))
-    return C.task_inputs(key, n, split)[0]
 
 
 def file_bytes(path: Path) -> int:
@@ -107,7 +97,7 @@ def main() -> int:
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     model = Path(realdata.fetch_model(args.model))
-    calib, ev = inputs(args.model, args.samples, "calib"), inputs(args.model, args.eval, "eval")
+    calib, ev = C.zoo_feeds(args.model, args.samples, "calib"), C.zoo_feeds(args.model, args.eval, "eval")
     rows: dict[str, dict[str, Any]] = {}
     files: dict[str, Path] = {}
     with tempfile.TemporaryDirectory() as td:

@@ -30,14 +30,6 @@ from qcompiler.api import CompileOptions, compile_model
 PRESETS = ("w8a8", "w8a8-percentile", "w8a8-cle", "w8a8-auto", "w8a8-dynamic")
 
 
-def inputs(key: str, n: int, split: str) -> list[dict[str, np.ndarray]]:
-    if key == "ppocr_det":
-        return list(realdata.ppocr_det_inputs(n, split))
-    if key == "vit_focus":
-        return list(realdata.vit_focus_inputs(n, split))
-    return C.task_inputs(key, n, split)[0]
-
-
 def worst_sqnr(ref: list[dict[str, np.ndarray]], q: list[dict[str, np.ndarray]]) -> float:
     return min(C.sqnr_db([r[k] for r in ref], [x[k] for x in q]) for k in ref[0])
 
@@ -53,7 +45,7 @@ def main() -> int:
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     model = realdata.fetch_model(args.model)
-    calib, ev = inputs(args.model, args.samples, "calib"), inputs(args.model, args.eval, "eval")
+    calib, ev = C.zoo_feeds(args.model, args.samples, "calib"), C.zoo_feeds(args.model, args.eval, "eval")
     ref = C.run_all(model, ev)
     rows: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as td:

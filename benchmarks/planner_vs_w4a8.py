@@ -27,7 +27,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import _common as C
 import realdata
-from issue14_done import inputs
 
 from qcompiler import autoplan
 from qcompiler.api import CompileOptions, compile_model
@@ -48,7 +47,7 @@ def main() -> int:
     ap.add_argument("--json")
     args = ap.parse_args()
     model = Path(realdata.fetch_model(args.model))
-    calib, ev = inputs(args.model, args.samples, "calib"), inputs(args.model, args.eval, "eval")
+    calib, ev = C.zoo_feeds(args.model, args.samples, "calib"), C.zoo_feeds(args.model, args.eval, "eval")
     shapes = {k: list(v.shape) for k, v in calib[0].items()}
     row: dict[str, Any] = {"model": args.model, "samples": len(calib), "eval": len(ev)}
     with tempfile.TemporaryDirectory() as td:

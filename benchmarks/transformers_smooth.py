@@ -29,7 +29,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as C
-from measured_default import inputs, worst_sqnr
+from measured_default import worst_sqnr
 
 from qcompiler import ir
 from qcompiler.api import CompileOptions, compile_model
@@ -104,12 +104,12 @@ def main() -> int:
     model = C.realdata.fetch_model(args.model)
     if args.mode == "lowering":
         with tempfile.TemporaryDirectory() as td:
-            rows = lowering_probe(Path(model), inputs(args.model, args.eval, "eval"), Path(td))
+            rows = lowering_probe(Path(model), C.zoo_feeds(args.model, args.eval, "eval"), Path(td))
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps({"model": args.model, "eval": args.eval, "mode": "lowering",
                                                  "rows": rows}, indent=2, default=str) + "\n")
         return 0
-    calib, ev = inputs(args.model, args.samples, "calib"), inputs(args.model, args.eval, "eval")
+    calib, ev = C.zoo_feeds(args.model, args.samples, "calib"), C.zoo_feeds(args.model, args.eval, "eval")
     ref = C.run_all(model, ev)
     rows: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as td:
