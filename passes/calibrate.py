@@ -48,6 +48,7 @@ import numpy as np
 
 from qcompiler import ir
 from qcompiler.calib import (
+    AUTO_HELD_SAMPLES,
     BN_SIGMAS,
     CalibrationSource,
     TensorStats,
@@ -80,7 +81,7 @@ class Options:
     percentile: float | None = None  # override the percentile (50, 100]
     samples: int | None = None  # use at most N samples
     #: calibration: auto holds out the last min(N, samples / 4) samples and measures each method on them
-    auto_samples: int = 16
+    auto_samples: int = AUTO_HELD_SAMPLES
 
     def validate(self, pass_name: str = "calibrate") -> None:
         if self.method == "dynamic":

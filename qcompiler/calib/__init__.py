@@ -36,10 +36,17 @@ from qcompiler.calib.sources import (
     random_source,
     spread_indices,
 )
-from qcompiler.calib.statcache import StatsCache, reset_stats_cache, stats_cache
+from qcompiler.calib.statcache import (
+    AUTO_HELD_SAMPLES,
+    StatsCache,
+    collect_for_auto,
+    reset_stats_cache,
+    stats_cache,
+)
 from qcompiler.calib.stats import HIST_BINS, TensorStats, needs_histogram
 
 __all__ = [
+    "AUTO_HELD_SAMPLES",
     "BN_SIGMAS",
     "HELD_BACK_MAX",
     "HIST_BINS",
@@ -58,6 +65,7 @@ __all__ = [
     "calibration_workers",
     "check_feed",
     "collect",
+    "collect_for_auto",
     "held_back_indices",
     "input_signatures",
     "needs_histogram",

@@ -19,7 +19,7 @@ import onnx_graphsurgeon as gs
 
 from qcompiler.calib.feeds import Feed, InputSig, input_signatures, session_feed
 from qcompiler.calib.sources import CalibrationSource
-from qcompiler.calib.statcache import collection_base, stats_cache
+from qcompiler.calib.statcache import auto_parts, collecting_for_auto, collection_base, stats_cache
 from qcompiler.calib.stats import TensorStats
 from qcompiler.core import profile
 from qcompiler.core.activations import ActivationCache, graph_key
@@ -108,7 +108,11 @@ def collect(graph: gs.Graph, specs: dict[str, QuantSpec], source: CalibrationSou
                 progress(done, total)
         log.debug("calibration: %d tensor(s) over %d of %d sample(s) from the statistics cache", len(wanted),
                   hit.covered, n)
-    if hit is None or hit.covered < n:
+    if hit is None and ids is not None and len(groups) == 1 and collecting_for_auto() and \
+            not all(wanted.values()) and len(auto_parts(n)) > 1:
+        _collect_for_auto(graph, groups, from_feed, source, sigs, workers, stats, wanted, progress, shapes,
+                          cache if key is not None else None, key, base, ids)
+    elif hit is None or hit.covered < n:
         rest = source if hit is None else source.subset(hit.rest)
         got = {name: TensorStats.for_spec(specs[name]) for name in wanted}
         later = progress if hit is None or progress is None else (
@@ -123,6 +127,35 @@ def collect(graph: gs.Graph, specs: dict[str, QuantSpec], source: CalibrationSou
         scache.store(base, ids, {name: stats[name] for name in wanted}, shapes)
     _warn_nonfinite(stats)
     return stats
+
+
+def _collect_for_auto(graph: gs.Graph, groups: list[list[str]], from_feed: list[str], source: CalibrationSource,
+                      sigs: Sequence[InputSig], workers: int, stats: dict[str, TensorStats], wanted: dict[str, bool],
+                      progress: Callable[[int, int], None] | None,
+                      shapes: dict[str, tuple[tuple[int, ...], np.dtype]] | None, cache: ActivationCache | None,
+                      key: str | None, base: str | None, ids: Sequence[str]) -> None:
+    """:func:`collect` under :func:`~qcompiler.calib.statcache.collect_for_auto`: histograms for every tensor of
+    ``wanted``, collected over calibration auto's two parts of ``source`` (each kept in the statistics cache) and
+    merged (exact: the statistics of one pass in order; kept too); ``stats`` gets what was asked for."""
+    scache = stats_cache()
+    n = len(source)
+    merged: dict[str, TensorStats] = {}
+    first_shapes: dict[str, tuple[tuple[int, ...], np.dtype]] | None = {} if shapes is not None else None
+    for part in auto_parts(n):
+        got = {name: TensorStats(histogram=True) for name in wanted}
+        later = None if progress is None else (lambda done, total, at=part.start: progress(at + done, n))
+        _run_groups(graph, groups, from_feed, source.subset(part), sigs, workers, got, later, len(part),
+                    first_shapes if part.start == 0 else None, cache, key)
+        scache.store(base, [ids[i] for i in part], got, first_shapes if part.start == 0 else None)
+        if not merged:
+            merged = {name: st.copy() for name, st in got.items()}
+        else:
+            for name, st in got.items():
+                merged[name].merge(st)
+    scache.store(base, ids, merged, first_shapes)
+    if shapes is not None and first_shapes is not None:
+        shapes.update(first_shapes)
+    stats.update({name: st if wanted[name] else st.without_histogram() for name, st in merged.items()})
 
 
 def _run_groups(graph: gs.Graph, groups: list[list[str]], from_feed: list[str], source: CalibrationSource,
