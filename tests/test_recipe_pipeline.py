@@ -156,8 +156,8 @@ def test_measured_default_is_byte_identical_with_and_without_collect_for_auto(tm
 
 
 def test_confirmation_skipped_only_when_the_winner_leads_by_the_margin(tmp_path: Path, monkeypatch) -> None:
-    """conv_bn_relu: w8a8 wins by 5.6 dB: confirmed at the shipped margin; with the margin at 0 the confirmation is
-    skipped, with the same file."""
+    """conv_bn_relu: w8a8 wins by 5.6 dB: confirmed at the shipped margin; with the margin at 0 (and 8 held-back
+    samples enough) the confirmation is skipped, with the same file."""
     model, npz = MODELS / "conv_bn_relu.onnx", MODELS / "conv_bn_relu.npz"
     runs = _count_runs(monkeypatch)
     confirmed = tmp_path / "confirmed.onnx"
@@ -171,12 +171,13 @@ def test_confirmation_skipped_only_when_the_winner_leads_by_the_margin(tmp_path:
     runs.clear()
     reset_stats_cache()
     monkeypatch.setattr(recipe, "CONFIRM_MARGIN_DB", 0.0)
+    monkeypatch.setattr(recipe, "CONFIRM_MIN_HELD", 8)  # 32 samples: 8 held back
     skipped = tmp_path / "skipped.onnx"
     r2 = compile_model(model, skipped, CompileOptions(calib=str(npz), validate=False))
     rec2 = r2.report["recipe"]
     assert rec2["winner"] == rec1["winner"] and all(s is None for s in runs)  # no compile on all samples
     assert any(n.startswith(f"not re-measured on all samples: {rec2['winner']} leads the default plan by")
-               for n in rec2["notes"])
+               and n.endswith("dB on the 8 held-back samples (>= 0 dB)") for n in rec2["notes"])
     assert _digest(skipped) == _digest(confirmed)
     # a task metric decides: always confirmed (its scale is the user's)
     runs.clear()
@@ -189,3 +190,19 @@ def test_confirmation_skipped_only_when_the_winner_leads_by_the_margin(tmp_path:
                        CompileOptions(calib=str(npz), validate=False, task_metric=f"{metric}:neg_mse"))
     assert r3.report["recipe"]["winner"] != "default"
     assert [s for s in runs if s is not None] == [10**9, 10**9]
+
+
+def test_few_held_back_samples_always_confirm(tmp_path: Path, monkeypatch) -> None:
+    """4 samples, 1 held back: dynamic-matmul leads the default plan by 19 dB there, beyond the margin, and loses to
+    it once both calibrate on all 4 samples: the confirmation runs (fewer than CONFIRM_MIN_HELD held back) and keeps
+    the default plan."""
+    model, npz = MODELS / "conv_bn_relu.onnx", MODELS / "conv_bn_relu.npz"
+    runs = _count_runs(monkeypatch)
+    r = compile_model(model, tmp_path / "q.onnx", CompileOptions(calib=str(npz), calib_samples=4, validate=False))
+    rec = r.report["recipe"]
+    best = max(rec["candidates"], key=lambda c: c["sqnr_db"])
+    assert best["name"] == "dynamic-matmul" and best["sqnr_db"] - rec["candidates"][0]["sqnr_db"] >= \
+        recipe.CONFIRM_MARGIN_DB
+    assert [s for s in runs if s is not None] == [4, 4]  # winner and default plan on all 4 samples
+    assert rec["winner"] == "default" and "the default plan kept: the winner lost to it once calibrated on all " \
+        "samples" in rec["notes"]
