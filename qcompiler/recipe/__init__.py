@@ -18,8 +18,9 @@ the best under ``--optimize`` among the candidates that meet the constraints and
 inputs give the same file. Confirmation: the winner and the default plan compiled on all N samples are compared
 once more on the held-back samples, and the default plan is kept if the winner lost there — unless the winner leads
 the default plan by :data:`CONFIRM_MARGIN_DB` or more on :data:`CONFIRM_MIN_HELD` (16) or more held-back samples
-(N >= 64) and no task metric decides: then the final compile is the winner's only compile on all N. Either way the winner is never below the default plan on
-the held-back samples as the candidates were measured (N - h calibration samples). ``--effort`` caps the
+(N >= 64) and no task metric decides: then the final compile is the winner's only compile on all N. Either way
+the winner is never below the default plan on the held-back samples as the candidates were measured (calibrated
+on the other N - h samples). ``--effort`` caps the
 candidates (low — the default — 4, one more on a model with MatMul / Gemm and one more when weights-only is
 offered; normal 8; high all).
 
@@ -127,7 +128,7 @@ def _constraints(opts: CompileOptions, model: Path) -> Constraints:
     if opts.optimize not in OPTIMIZE:
         raise UserError(f"--optimize: '{opts.optimize}' (one of {', '.join(OPTIMIZE)})")
     budget = Budget.parse(opts.budget) if opts.budget is not None else None
-    float_bytes = int(ir.model_summary(ir.load_model(model, check=False))["parameter_bytes"]) if budget is not None else 0
+    float_bytes = 0 if budget is None else int(ir.model_summary(ir.load_model(model, check=False))["parameter_bytes"])
     # --min-sqnr shapes the choice under --optimize latency / size (the fastest / smallest that meets it); under
     # accuracy the most accurate candidate is kept anyway, and --min-sqnr stays the compile's validation gate
     # (exit 2, the rejected model's report written), as for any plan
