@@ -14,8 +14,10 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from qcompiler import ir
+from qcompiler.core import profile
 from qcompiler.core.errors import UserError
 from qcompiler.ir.report_support import shape_inferred_model
+from qcompiler.report.cost.analysis import MAC_OPS
 
 if TYPE_CHECKING:
     from qcompiler.ir.report_support import ModelProto
@@ -107,7 +109,12 @@ def _static_shapes(model: ModelProto, graph: gs.Graph, shapes: Mapping[str, list
                    ) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """What :func:`_runtime_shapes` returns, from ONNX shape inference with the inputs at ``shapes`` (helped by
     the measured ``known`` shapes when they were measured at those input shapes) — or ``{}`` unless inference
-    gives every tensor a node produces a full shape and a numpy dtype (then the model is run)."""
+    gives every tensor a node produces a full shape and a numpy dtype (then the model is run).
+
+    Where inference stops at a node whose output shape depends on computed values (a ``Resize`` to sizes, an
+    ``Expand`` to a shape worked out from ``Shape`` through ``Cast`` / ``Div`` / ``Where``), those nodes alone are
+    run (:func:`_evaluated_shapes`: the small subgraph computing them, ``Shape`` of a sized tensor taken as a
+    constant) and inference goes on from their measured shapes, up to :data:`EVALUATION_ROUNDS` times."""
     seeds: dict[str, tuple[Sequence[int], Any]] = {}
     if known:
         inputs = [t for t in graph.inputs if not isinstance(t, gs.Constant)]
@@ -115,13 +122,22 @@ def _static_shapes(model: ModelProto, graph: gs.Graph, shapes: Mapping[str, list
                for t in inputs):
             tensors = graph.tensors()
             seeds = {k: v for k, v in known.items() if k in tensors and not isinstance(tensors[k], gs.Constant)}
-    inferred = ir.infer_shapes(model, {k: list(v) for k, v in shapes.items()}, seeds)
-    if not inferred:
-        return {}
-    out: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
-    for name in _produced_names(graph):
-        if name not in inferred:
+    names = _produced_names(graph)
+    for _round in range(EVALUATION_ROUNDS + 1):
+        inferred = ir.infer_shapes(model, {k: list(v) for k, v in shapes.items()}, seeds)
+        if not inferred:
             return {}
+        if all(name in inferred for name in names):
+            break
+        if _round == EVALUATION_ROUNDS:
+            return {}
+        with profile.step("partial evaluation"):
+            measured = _evaluated_shapes(graph, {**inferred, **seeds}, shapes)
+        if not measured:
+            return {}
+        seeds.update(measured)
+    out: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
+    for name in names:
         out[name] = inferred[name]
     for t in graph.inputs:
         if isinstance(t, gs.Constant) or t.name not in shapes:
@@ -129,6 +145,89 @@ def _static_shapes(model: ModelProto, graph: gs.Graph, shapes: Mapping[str, list
         out[t.name] = (tuple(int(d) for d in shapes[t.name]),
                        np.dtype(t.dtype) if t.dtype is not None else np.dtype(np.float32))
     return out
+
+
+#: rounds of :func:`_evaluated_shapes` (each followed by shape inference) before the whole model is run instead
+EVALUATION_ROUNDS = 4
+#: :func:`_evaluated_shapes` runs a subgraph of at most this many nodes, none of them a MAC op
+EVALUATION_MAX_NODES = 256
+#: and replaces an input by zeros of its size only up to this many elements
+EVALUATION_MAX_ELEMENTS = 1 << 24
+#: ops whose output shape follows from the shapes of their inputs and the values of all but the first (the
+#: data): Reshape, Expand, Tile (shape / repeats), Resize / Upsample (scales / sizes), Slice (starts / ends /
+#: axes / steps), Pad (pads), ConstantOfShape has no data input
+VALUE_FREE_FIRST_INPUT = frozenset({"Reshape", "Expand", "Tile", "Resize", "Upsample", "Slice", "Pad"})
+
+
+def _evaluated_shapes(graph: gs.Graph, sized: Mapping[str, tuple[Sequence[int], Any]],
+                      shapes: Mapping[str, list[int]]) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Shape and dtype of the outputs of the nodes where shape inference stopped — every input sized
+    (``sized``), an output not —, measured by running only what computes them, in a copy of ``graph``: each
+    ``Shape`` of a sized tensor becomes the constant it evaluates to; the first input of an op whose output
+    shape does not depend on that input's values (:data:`VALUE_FREE_FIRST_INPUT`: a ``Reshape``'s data, a
+    ``Resize``'s image) becomes zeros of its size when computing it would cost more than the rest; the graph's
+    outputs are those nodes' outputs and what none of them needs is dropped. Graph inputs still read are fed as
+    :func:`_runtime_shapes` feeds them (at ``shapes``). Outputs that still need a MAC op or more than
+    :data:`EVALUATION_MAX_NODES` nodes are left for a later round (the next inference may size what they
+    depend on); ``{}`` when no output is left or the subgraph fails to run."""
+
+    def ready(t: gs.Tensor) -> bool:
+        return isinstance(t, gs.Constant) or not t.name or t.name in sized or t.name in shapes
+
+    sub = graph.copy()
+    for node in sub.nodes:
+        src = node.inputs[0].name if node.op == "Shape" and node.inputs else None
+        if src is None or (src not in sized and src not in shapes) or len(node.outputs) != 1:
+            continue
+        dims = [int(d) for d in (sized[src][0] if src in sized else shapes[src])]
+        start, end = node.attrs.get("start", 0), node.attrs.get("end", None)
+        out = node.outputs[0]
+        node.outputs.clear()
+        out.to_constant(np.array(dims[start:end], dtype=np.int64))
+    wanted: list[gs.Tensor] = []
+    for node in list(sub.nodes):
+        todo = [t for t in node.outputs if t.name and t.name not in sized]
+        if not todo or not all(ready(t) for t in node.inputs):
+            continue
+        first = node.inputs[0] if node.inputs else None
+        if node.op in VALUE_FREE_FIRST_INPUT and isinstance(first, gs.Variable) and first.name in sized \
+                and not _cheap_to_compute(first):
+            dims, dtype = sized[first.name]
+            if int(np.prod(dims, dtype=np.int64)) > EVALUATION_MAX_ELEMENTS:
+                continue
+            node.inputs[0] = gs.Constant(f"{first.name}:zeros", np.zeros(tuple(int(d) for d in dims), np.dtype(dtype)))
+        wanted += [t for t in todo if _cheap_to_compute(t)]
+    if not wanted:
+        return {}
+    sub.outputs = wanted
+    for t in sub.outputs:
+        t.dtype, t.shape = None, None
+    sub.cleanup(remove_unused_graph_inputs=True)
+    try:
+        sess = ir.graph_session(sub, optimize=False, threads=1)
+        feeds = _feeds(graph, dict(shapes))
+        names = [o.name for o in sess.get_outputs()]
+        vals = sess.run(names, {i.name: feeds[i.name] for i in sess.get_inputs()})
+    except Exception as e:  # the whole model is run instead
+        log.info("cost: partial evaluation for shapes failed: %s", " ".join(str(e).split())[:200])
+        return {}
+    return {n: (tuple(int(d) for d in np.shape(v)), np.asarray(v).dtype) for n, v in zip(names, vals)}
+
+
+def _cheap_to_compute(t: gs.Tensor) -> bool:
+    """Whether the nodes computing ``t`` are at most :data:`EVALUATION_MAX_NODES`, none of them a MAC op."""
+    seen: set[int] = set()
+    stack = list(t.inputs)
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if node.op in MAC_OPS or len(seen) > EVALUATION_MAX_NODES:
+            return False
+        for i in node.inputs:
+            stack.extend(i.inputs)
+    return True
 
 
 def _runtime_shapes(model: ModelProto, graph: gs.Graph, feeds: dict[str, np.ndarray]
