@@ -192,10 +192,10 @@ def _evaluated_shapes(graph: gs.Graph, sized: Mapping[str, tuple[Sequence[int], 
         first = node.inputs[0] if node.inputs else None
         if node.op in VALUE_FREE_FIRST_INPUT and isinstance(first, gs.Variable) and first.name in sized \
                 and not _cheap_to_compute(first):
-            dims, dtype = sized[first.name]
-            if int(np.prod(dims, dtype=np.int64)) > EVALUATION_MAX_ELEMENTS:
+            size, dtype = tuple(int(d) for d in sized[first.name][0]), np.dtype(sized[first.name][1])
+            if int(np.prod(size, dtype=np.int64)) > EVALUATION_MAX_ELEMENTS:
                 continue
-            node.inputs[0] = gs.Constant(f"{first.name}:zeros", np.zeros(tuple(int(d) for d in dims), np.dtype(dtype)))
+            node.inputs[0] = gs.Constant(f"{first.name}:zeros", np.zeros(size, dtype))
         wanted += [t for t in todo if _cheap_to_compute(t)]
     if not wanted:
         return {}
