@@ -46,8 +46,9 @@ log = logging.getLogger("qcompiler.api")  # the name the messages of compile hav
 Progress = Callable[[str, int, int], None]
 
 #: ``compile`` validates graph outputs on up to 64 samples and layers on the first few (per-layer runs expose
-#: every intermediate tensor: on PP-OCR rec, 64 samples of it took minutes). ``qcompiler validate`` does all.
-COMPILE_LAYER_SAMPLES = 8
+#: every intermediate tensor: on PP-OCR rec, 64 samples of it took minutes), as many as fit their tensors (float +
+#: quantized) in 2 GiB: PP-OCR det 232 MiB a sample (8), the ViT 697 MiB (2). ``qcompiler validate`` does all.
+COMPILE_LAYER_SAMPLES, COMPILE_LAYER_BYTES = 8, 2 << 30
 #: A model the ``min_sqnr_db`` gate refuses is not written; its report is, beside it, as ``OUT`` + this suffix.
 REJECTED_REPORT_SUFFIX = ".rejected.report.json"
 
@@ -519,7 +520,8 @@ def _compile(src: Path, out: Path, opts: CompileOptions, outs: ir.OutputSet, pro
             validation = qv.validate(float_model, qmodel, feeds, min_sqnr_db=opts.min_sqnr_db,
                                      per_layer=not big,
                                      optimize=True if target.validation_optimization == "all" else "basic",
-                                     layer_samples=COMPILE_LAYER_SAMPLES, names=ctx.renamed.get("tensors"),
+                                     layer_samples=COMPILE_LAYER_SAMPLES, layer_bytes=COMPILE_LAYER_BYTES,
+                                     names=ctx.renamed.get("tensors"),
                                      progress=(lambda d, t: progress("validate", d, t)) if progress else None,
                                      checks=checks, slice_axes=opts.slice_axes or None)
         if ctx.resolved is not None:  # each layer's node and the plan rule that decided it

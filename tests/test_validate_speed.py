@@ -294,3 +294,20 @@ def test_load_refusals_are_unchanged_with_the_file_bytes(tmp_path, bad):
     with pytest.raises(UserError, match=want) as e:
         ir.load_model(path)
     assert str(e.value).startswith(str(path)) and "\n" not in str(e.value)
+
+
+# --------------------------------------------------------------------------------- per-layer samples by bytes
+@pytest.mark.parametrize("workers", [1, 2])
+def test_layer_bytes_bounds_the_per_layer_samples_only(monkeypatch, workers):
+    """``layer_bytes`` (what the compile gives, for a large model's layers) keeps as many first samples for the
+    per-layer metrics as their exposed tensors fit (float + quantized, measured on sample 0; at least one, at
+    most ``layer_samples``): the report is the one ``layer_samples`` of that many gives, outputs untouched."""
+    feeds = _feeds(12)
+    per_sample = 2 * 4 * 144 * (8 + 8 + 4)  # c1, r1, c2 in both models (outputs y, m are not layers)
+    bounded = _report(workers, monkeypatch, feeds, layer_samples=8, layer_bytes=2 * per_sample + per_sample // 2)
+    assert bounded["layer_samples"] == 2 and bounded["layers"]
+    assert bounded == _report(workers, monkeypatch, feeds, layer_samples=2)
+    assert bounded["outputs"] == _report(workers, monkeypatch, feeds, layer_samples=8)["outputs"]
+    assert _report(workers, monkeypatch, feeds, layer_samples=8, layer_bytes=1)["layer_samples"] == 1
+    assert _report(workers, monkeypatch, feeds, layer_samples=3, layer_bytes=1 << 30)["layer_samples"] == 3
+    assert _report(workers, monkeypatch, feeds, layer_bytes=3 * per_sample)["layer_samples"] == 3
