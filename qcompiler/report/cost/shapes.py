@@ -162,47 +162,70 @@ VALUE_FREE_FIRST_INPUT = frozenset({"Reshape", "Expand", "Tile", "Resize", "Upsa
 def _evaluated_shapes(graph: gs.Graph, sized: Mapping[str, tuple[Sequence[int], Any]],
                       shapes: Mapping[str, list[int]]) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """Shape and dtype of the outputs of the nodes where shape inference stopped — every input sized
-    (``sized``), an output not —, measured by running only what computes them, in a copy of ``graph``: each
-    ``Shape`` of a sized tensor becomes the constant it evaluates to; the first input of an op whose output
-    shape does not depend on that input's values (:data:`VALUE_FREE_FIRST_INPUT`: a ``Reshape``'s data, a
-    ``Resize``'s image) becomes zeros of its size when computing it would cost more than the rest; the graph's
-    outputs are those nodes' outputs and what none of them needs is dropped. Graph inputs still read are fed as
-    :func:`_runtime_shapes` feeds them (at ``shapes``). Outputs that still need a MAC op or more than
-    :data:`EVALUATION_MAX_NODES` nodes are left for a later round (the next inference may size what they
-    depend on); ``{}`` when no output is left or the subgraph fails to run."""
+    (``sized``), an output not —, measured by running only what computes them: a subgraph of those nodes and
+    the nodes computing their inputs, where each ``Shape`` of a sized tensor is the constant it evaluates to
+    and the first input of an op whose output shape does not depend on that input's values
+    (:data:`VALUE_FREE_FIRST_INPUT`: a ``Reshape``'s data, a ``Resize``'s image) is zeros of its size when
+    computing it would need a MAC op. Graph inputs it still reads are fed as :func:`_runtime_shapes` feeds them
+    (at ``shapes``). Outputs that still need a MAC op or more than :data:`EVALUATION_MAX_NODES` nodes are left
+    for a later round (the next inference may size what they depend on); ``{}`` when no output is left or the
+    subgraph fails to run. ``graph`` is not modified."""
 
     def ready(t: gs.Tensor) -> bool:
         return isinstance(t, gs.Constant) or not t.name or t.name in sized or t.name in shapes
 
-    sub = graph.copy()
-    for node in sub.nodes:
-        src = node.inputs[0].name if node.op == "Shape" and node.inputs else None
-        if src is None or (src not in sized and src not in shapes) or len(node.outputs) != 1:
-            continue
-        dims = [int(d) for d in (sized[src][0] if src in sized else shapes[src])]
-        start, end = node.attrs.get("start", 0), node.attrs.get("end", None)
-        out = node.outputs[0]
-        node.outputs.clear()
-        out.to_constant(np.array(dims[start:end], dtype=np.int64))
+    def known_dims(name: str) -> list[int] | None:
+        dims = sized[name][0] if name in sized else shapes.get(name)
+        return None if dims is None else [int(d) for d in dims]
+
+    def shape_value(node: gs.Node) -> np.ndarray | None:
+        if node.op != "Shape" or not node.inputs or len(node.outputs) != 1:
+            return None
+        dims = known_dims(node.inputs[0].name)
+        return None if dims is None else np.array(dims[node.attrs.get("start", 0):node.attrs.get("end", None)],
+                                                  dtype=np.int64)
+
+    def closure(tensors: Sequence[gs.Tensor], into: dict[int, gs.Node]) -> bool:
+        """Add the nodes computing ``tensors`` to ``into`` (stopping at constants, graph inputs and Shapes of
+        sized tensors); False when they need a MAC op or ``into`` would pass the node limit."""
+        stack = [n for t in tensors if isinstance(t, gs.Variable) for n in t.inputs]
+        while stack:
+            node = stack.pop()
+            if id(node) in into:
+                continue
+            if node.op in MAC_OPS or len(into) >= EVALUATION_MAX_NODES:
+                return False
+            into[id(node)] = node
+            if shape_value(node) is None:
+                stack += [n for t in node.inputs if isinstance(t, gs.Variable) for n in t.inputs]
+        return True
+
+    picked: dict[int, gs.Node] = {}
+    zeros: dict[int, gs.Constant] = {}  # node id -> the zeros standing for its first input
     wanted: list[gs.Tensor] = []
-    for node in list(sub.nodes):
+    for node in graph.nodes:
         todo = [t for t in node.outputs if t.name and t.name not in sized]
         if not todo or not all(ready(t) for t in node.inputs):
             continue
-        first = node.inputs[0] if node.inputs else None
+        trial = dict(picked)
+        inputs = list(node.inputs)
+        first = inputs[0] if inputs else None
         if node.op in VALUE_FREE_FIRST_INPUT and isinstance(first, gs.Variable) and first.name in sized \
-                and not _cheap_to_compute(first):
+                and not closure([first], dict(trial)):
             size, dtype = tuple(int(d) for d in sized[first.name][0]), np.dtype(sized[first.name][1])
             if int(np.prod(size, dtype=np.int64)) > EVALUATION_MAX_ELEMENTS:
                 continue
-            node.inputs[0] = gs.Constant(f"{first.name}:zeros", np.zeros(size, dtype))
-        wanted += [t for t in todo if _cheap_to_compute(t)]
+            zeros[id(node)] = gs.Constant(f"{first.name}:zeros", np.zeros(size, dtype))
+            inputs = inputs[1:]
+        if len(trial) >= EVALUATION_MAX_NODES or not closure(inputs, trial):
+            zeros.pop(id(node), None)
+            continue
+        trial[id(node)] = node
+        picked = trial
+        wanted += todo
     if not wanted:
         return {}
-    sub.outputs = wanted
-    for t in sub.outputs:
-        t.dtype, t.shape = None, None
-    sub.cleanup(remove_unused_graph_inputs=True)
+    sub = _subgraph(graph, [n for n in graph.nodes if id(n) in picked], wanted, zeros, shape_value)
     try:
         sess = ir.graph_session(sub, optimize=False, threads=1)
         feeds = _feeds(graph, dict(shapes))
@@ -214,20 +237,39 @@ def _evaluated_shapes(graph: gs.Graph, sized: Mapping[str, tuple[Sequence[int], 
     return {n: (tuple(int(d) for d in np.shape(v)), np.asarray(v).dtype) for n, v in zip(names, vals)}
 
 
-def _cheap_to_compute(t: gs.Tensor) -> bool:
-    """Whether the nodes computing ``t`` are at most :data:`EVALUATION_MAX_NODES`, none of them a MAC op."""
-    seen: set[int] = set()
-    stack = list(t.inputs)
-    while stack:
-        node = stack.pop()
-        if id(node) in seen:
+def _subgraph(graph: gs.Graph, nodes: list[gs.Node], outputs: list[gs.Tensor], zeros: Mapping[int, gs.Constant],
+              shape_value: Any) -> gs.Graph:
+    """A new graph of copies of ``nodes`` (in their order) computing ``outputs``: the outputs of a Shape
+    ``shape_value`` evaluates become constants, a node in ``zeros`` reads that constant as its first input, graph
+    inputs read stay inputs; ``graph``'s nodes and tensors are not touched."""
+    made: dict[str, gs.Tensor] = {}
+    graph_inputs = {t.name for t in graph.inputs}
+    consts = {t.name: v for n in nodes if (v := shape_value(n)) is not None for t in n.outputs}
+
+    def tensor(t: gs.Tensor) -> gs.Tensor:
+        if not t.name:
+            return gs.Variable.empty()
+        if t.name not in made:
+            if t.name in consts:
+                made[t.name] = gs.Constant(t.name, consts[t.name])
+            elif isinstance(t, gs.Constant):
+                made[t.name] = gs.Constant(t.name, t.values)
+            else:
+                made[t.name] = gs.Variable(t.name, dtype=t.dtype if t.name in graph_inputs else None,
+                                           shape=t.shape if t.name in graph_inputs else None)
+        return made[t.name]
+
+    copies = []
+    for n in nodes:
+        if n.op == "Shape" and n.outputs and n.outputs[0].name in consts:
             continue
-        seen.add(id(node))
-        if node.op in MAC_OPS or len(seen) > EVALUATION_MAX_NODES:
-            return False
-        for i in node.inputs:
-            stack.extend(i.inputs)
-    return True
+        ins = [tensor(t) for t in n.inputs]
+        if id(n) in zeros:
+            ins[0] = zeros[id(n)]
+        copies.append(gs.Node(n.op, n.name, dict(n.attrs), ins, [tensor(t) for t in n.outputs], domain=n.domain))
+    sub_inputs = [made[t.name] for t in graph.inputs if t.name in made and isinstance(made[t.name], gs.Variable)]
+    return gs.Graph(nodes=copies, inputs=sub_inputs, outputs=[tensor(t) for t in outputs], opset=graph.opset,
+                    import_domains=graph.import_domains, functions=list(graph.functions))
 
 
 def _runtime_shapes(model: ModelProto, graph: gs.Graph, feeds: dict[str, np.ndarray]
