@@ -359,3 +359,26 @@ def test_partial_evaluation_sizes_what_inference_cannot_without_running_the_mode
     assert runs == [1] and ran.shapes_from == "onnxruntime"
     _same_costs(evaluated, ran)
     assert evaluated.to_json()["notes"] == ran.to_json()["notes"]
+
+
+@pytest.mark.parametrize("path", sorted(MODELS.glob("*.onnx")), ids=lambda p: p.stem)
+def test_shape_inference_on_the_structure_copy_equals_it_on_the_whole_model(path):
+    """Output types for exposed tensors, static shapes and the load-time size check infer on the graph without its
+    large weights' values (ir.shapes.structure_copy): every value info comes out the same as on the whole model."""
+    from qcompiler import ir
+    from qcompiler.ir.shapes import STRUCTURE_KEEP_ELEMENTS, structure_copy
+
+    model = ir.load_model(path)
+    light = structure_copy(model)
+
+    def infos(m, **kw):
+        g = onnx.shape_inference.infer_shapes(m, strict_mode=False, **kw).graph
+        return {vi.name: vi.type.SerializeToString() for vi in [*g.value_info, *g.input, *g.output]}
+
+    assert infos(light) == infos(model)
+    assert infos(light, data_prop=True) == infos(model, data_prop=True)
+    big = [t.name for t in model.graph.initializer if math.prod(t.dims) > STRUCTURE_KEEP_ELEMENTS]
+    stubs = {t.name: t for t in light.graph.initializer}
+    assert all(not stubs[n].raw_data and list(stubs[n].dims) == list(
+        next(t for t in model.graph.initializer if t.name == n).dims) for n in big)
+    assert model.ByteSize() == ir.load_model(path).ByteSize()  # the model itself is untouched
