@@ -15,6 +15,7 @@ hands it in as the ``planner`` of :func:`compile_plan`.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -46,8 +47,11 @@ log = logging.getLogger("qcompiler.api")  # the name the messages of compile hav
 Progress = Callable[[str, int, int], None]
 
 #: ``compile`` validates graph outputs on up to 64 samples and layers on the first few (per-layer runs expose
-#: every intermediate tensor: on PP-OCR rec, 64 samples of it took minutes). ``qcompiler validate`` does all.
-COMPILE_LAYER_SAMPLES = 8
+#: every intermediate tensor: on PP-OCR rec, 64 samples of it took minutes), as many as fit their tensors (float +
+#: quantized) in 2 GiB: PP-OCR det 232 MiB a sample (8), the ViT 697 MiB (2). ``qcompiler validate`` does all.
+COMPILE_LAYER_SAMPLES, COMPILE_LAYER_BYTES = 8, 2 << 30
+#: a float model of this many parameter bytes or more has memory given back (``ir.trim_memory``) before validation
+TRIM_BYTES = 32 << 20
 #: A model the ``min_sqnr_db`` gate refuses is not written; its report is, beside it, as ``OUT`` + this suffix.
 REJECTED_REPORT_SUFFIX = ".rejected.report.json"
 
@@ -508,18 +512,20 @@ def _compile(src: Path, out: Path, opts: CompileOptions, outs: ir.OutputSet, pro
         if opts.validate_data is not None:
             feeds: Any = qv.load_feeds(opts.validate_data, float_model)
         elif calib_source is not None:
-            feeds = list(_limited(calib_source, 64))
+            feeds = list(itertools.islice(calib_source, 64))
         else:
             raise UserError("validation needs data: give --calib DATA or --validate-data FILE.npz")
         if progress:
             progress("validate", 0, 1)
-        ir.trim_memory()  # graphs imported for the report above are cycles: unmap their weights first
+        if float_bytes >= TRIM_BYTES:  # the graphs imported for the report above are cycles: unmap their weights
+            ir.trim_memory()  # (a full collection and malloc_trim: 0.03-0.07 s, worth it for a large model only)
         # Large models: outputs only (per-layer sessions would hold the float weights twice more).
         with profile.step("validation"):
             validation = qv.validate(float_model, qmodel, feeds, min_sqnr_db=opts.min_sqnr_db,
                                      per_layer=not big,
                                      optimize=True if target.validation_optimization == "all" else "basic",
-                                     layer_samples=COMPILE_LAYER_SAMPLES, names=ctx.renamed.get("tensors"),
+                                     layer_samples=COMPILE_LAYER_SAMPLES, layer_bytes=COMPILE_LAYER_BYTES,
+                                     names=ctx.renamed.get("tensors"),
                                      progress=(lambda d, t: progress("validate", d, t)) if progress else None,
                                      checks=checks, slice_axes=opts.slice_axes or None)
         if ctx.resolved is not None:  # each layer's node and the plan rule that decided it
@@ -575,13 +581,6 @@ def _write_rejected_report(report: dict[str, Any], src: Path, opts: CompileOptio
 
 def _fmt_shapes(shapes: dict[str, Any]) -> str:
     return ", ".join(f"{k} [{', '.join(str(d) for d in v)}]" for k, v in shapes.items())
-
-
-def _limited(source: Any, n: int) -> Any:
-    for i, feed in enumerate(source):
-        if i >= n:
-            break
-        yield feed
 
 
 def _jsonable(x: Any) -> Any:

@@ -21,6 +21,7 @@ from qcompiler.core.errors import UserError
 from qcompiler.plan import Plan, QuantSpec
 from qcompiler.report import cost
 from qcompiler.report.cost import measure as cost_measure
+from qcompiler.report.cost import shapes as cost_shapes
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 F32 = TensorProto.FLOAT
@@ -304,6 +305,7 @@ def test_static_shapes_equal_a_run_and_measured_shapes_help(tmp_path, monkeypatc
     runs = []
     real_run = cost_measure._runtime_shapes
     monkeypatch.setattr(cost_measure, "_runtime_shapes", lambda *a: runs.append(1) or real_run(*a))
+    monkeypatch.setattr(cost_shapes, "EVALUATION_ROUNDS", 0)  # no partial evaluation (its own test below)
     ran = cost.model_cost(path, feed_shapes={"x": [2, 3, 8, 8]})  # Cast blocks inference: the model is run
     assert ran.shapes_from == "onnxruntime" and len(runs) == 1
     assert ran.layer("matmul").macs == 2 * 144 * 5 and ran.layer("conv").macs == 2 * 4 * 6 * 6 * 27
@@ -328,3 +330,55 @@ def test_static_shapes_equal_a_run_and_measured_shapes_help(tmp_path, monkeypatc
     monkeypatch.setattr(cost_measure, "_static_shapes", lambda *a: {})
     _same_costs(static, cost.model_cost(fixture, feed_shapes={"input": [1, 3, 32, 32]}))
     assert len(runs) == 3
+
+
+def test_partial_evaluation_sizes_what_inference_cannot_without_running_the_model(tmp_path, monkeypatch):
+    """Where inference stops (a Reshape to a shape computed through Cast), only the nodes computing that shape
+    run — the Shape of the sized Relu output taken as a constant, the Reshape's data replaced by zeros, no Conv
+    and no MatMul — and the report is the one a run of the whole model gives."""
+    from qcompiler import ir
+
+    rng = np.random.default_rng(4)
+    path = _save(_shape_chain_model(rng), tmp_path / "m.onnx")
+    runs, subgraphs = [], []
+    real_run = cost_measure._runtime_shapes
+    monkeypatch.setattr(cost_measure, "_runtime_shapes", lambda *a: runs.append(1) or real_run(*a))
+    real_session = ir.graph_session
+
+    def spy(graph, *a, **kw):
+        subgraphs.append(sorted(n.op for n in graph.nodes if n.op != "Constant"))
+        return real_session(graph, *a, **kw)
+
+    monkeypatch.setattr(ir, "graph_session", spy)
+    evaluated = cost.model_cost(path, feed_shapes={"x": [2, 3, 8, 8]})
+    assert runs == [] and evaluated.shapes_from == "shape inference"
+    assert subgraphs == [["Cast", "Cast", "Concat", "Reshape", "Slice"]]
+    assert evaluated.layer("matmul").macs == 2 * 144 * 5 and evaluated.peak_activation_bytes
+    monkeypatch.setattr(cost_shapes, "EVALUATION_ROUNDS", 0)
+    ran = cost.model_cost(path, feed_shapes={"x": [2, 3, 8, 8]})
+    assert runs == [1] and ran.shapes_from == "onnxruntime"
+    _same_costs(evaluated, ran)
+    assert evaluated.to_json()["notes"] == ran.to_json()["notes"]
+
+
+@pytest.mark.parametrize("path", sorted(MODELS.glob("*.onnx")), ids=lambda p: p.stem)
+def test_shape_inference_on_the_structure_copy_equals_it_on_the_whole_model(path):
+    """Output types for exposed tensors, static shapes and the load-time size check infer on the graph without its
+    large weights' values (ir.shapes.structure_copy): every value info comes out the same as on the whole model."""
+    from qcompiler import ir
+    from qcompiler.ir.shapes import STRUCTURE_KEEP_ELEMENTS, structure_copy
+
+    model = ir.load_model(path)
+    light = structure_copy(model)
+
+    def infos(m, **kw):
+        g = onnx.shape_inference.infer_shapes(m, strict_mode=False, **kw).graph
+        return {vi.name: vi.type.SerializeToString() for vi in [*g.value_info, *g.input, *g.output]}
+
+    assert infos(light) == infos(model)
+    assert infos(light, data_prop=True) == infos(model, data_prop=True)
+    big = [t.name for t in model.graph.initializer if math.prod(t.dims) > STRUCTURE_KEEP_ELEMENTS]
+    stubs = {t.name: t for t in light.graph.initializer}
+    assert all(not stubs[n].raw_data and list(stubs[n].dims) == list(
+        next(t for t in model.graph.initializer if t.name == n).dims) for n in big)
+    assert model.ByteSize() == ir.load_model(path).ByteSize()  # the model itself is untouched

@@ -294,3 +294,43 @@ def test_load_refusals_are_unchanged_with_the_file_bytes(tmp_path, bad):
     with pytest.raises(UserError, match=want) as e:
         ir.load_model(path)
     assert str(e.value).startswith(str(path)) and "\n" not in str(e.value)
+
+
+# --------------------------------------------------------------------------------- per-layer samples by bytes
+@pytest.mark.parametrize("workers", [1, 2])
+def test_layer_bytes_bounds_the_per_layer_samples_only(monkeypatch, workers):
+    """``layer_bytes`` (what the compile gives, for a large model's layers) keeps as many first samples for the
+    per-layer metrics as their exposed tensors fit (float + quantized, measured on sample 0; at least one, at
+    most ``layer_samples``): the report is the one ``layer_samples`` of that many gives, outputs untouched."""
+    feeds = _feeds(12)
+    per_sample = 2 * 4 * 144 * (8 + 8 + 4)  # c1, r1, c2 in both models (outputs y, m are not layers)
+    bounded = _report(workers, monkeypatch, feeds, layer_samples=8, layer_bytes=2 * per_sample + per_sample // 2)
+    assert bounded["layer_samples"] == 2 and bounded["layers"]
+    assert bounded == _report(workers, monkeypatch, feeds, layer_samples=2)
+    assert bounded["outputs"] == _report(workers, monkeypatch, feeds, layer_samples=8)["outputs"]
+    assert _report(workers, monkeypatch, feeds, layer_samples=8, layer_bytes=1)["layer_samples"] == 1
+    assert _report(workers, monkeypatch, feeds, layer_samples=3, layer_bytes=1 << 30)["layer_samples"] == 3
+    assert _report(workers, monkeypatch, feeds, layer_bytes=3 * per_sample)["layer_samples"] == 3
+
+
+# --------------------------------------------------------------------------------- the measured default's reference
+def test_float_reference_and_validate_against_give_validates_numbers_with_one_or_two_workers(monkeypatch):
+    """The float reference runs side by side (as validate's runs, one intra-op thread each): its outputs, and
+    the report validate_against gives from them, are validate's (per_layer=False) byte for byte, with 1 or 2
+    workers; the first failing sample is the one named."""
+    fm, qm, feeds = _convnet(0), _convnet(0, noise=0.02), _feeds(9)
+    results = {}
+    for workers in (1, 2):
+        monkeypatch.setenv(compare.WORKERS_ENV, str(workers))
+        ref = validate.float_reference(fm, feeds)
+        results[workers] = (ref.outputs, validate.validate_against(ref, qm).to_json())
+    (o1, r1), (o2, r2) = results[1], results[2]
+    assert all(np.array_equal(a[n], b[n]) for a, b in zip(o1, o2, strict=True) for n in a) and r1 == r2
+    monkeypatch.setenv(compare.WORKERS_ENV, "2")
+    full = validate.validate(fm, qm, feeds, per_layer=False).to_json()
+    assert full == results[2][1]
+    bad = [dict(f) for f in feeds]
+    bad[5] = {"x": np.zeros((1, 3, 7, 7), np.float32)}
+    bad[7] = {"x": np.zeros((1, 3, 5, 5), np.float32)}
+    with pytest.raises(UserError, match="on sample 5"):
+        validate.float_reference(fm, bad)

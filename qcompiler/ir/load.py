@@ -19,7 +19,7 @@ from qcompiler.core.errors import UserError
 from qcompiler.core.files import regular_file
 from qcompiler.ir.external import MMAP_MIN_BYTES
 from qcompiler.ir.facts import _bits, _elements, _external_info
-from qcompiler.ir.shapes import INFER_MAX_PROTO_BYTES
+from qcompiler.ir.shapes import INFER_MAX_PROTO_BYTES, structure_copy
 from qcompiler.ir.walk import _external_tensors, _iter_all_tensors, _proto_graphs
 
 PROTOBUF_LIMIT = 2**31 - 1
@@ -226,13 +226,13 @@ def _check_runtime(model: onnx.ModelProto, path: Path, serialized: bytes | None 
 def _check_inferred_sizes(model: onnx.ModelProto, path: Path, serialized: bytes | None = None) -> None:
     """Refuse a model whose (statically inferred) intermediate tensors are absurdly large — e.g. a
     ConstantOfShape of [2^20, 2^20] — before anything tries to allocate them. Skipped for protos above
-    ``INFER_MAX_PROTO_BYTES`` (shape inference copies the whole proto). ``serialized``: the model's bytes when the
-    caller has them."""
+    ``INFER_MAX_PROTO_BYTES``. ``serialized``: the model's bytes when the caller has them (only their size is read:
+    inference runs on :func:`~qcompiler.ir.shapes.structure_copy`, the graph without its weights' values)."""
     if (len(serialized) if serialized is not None else model.ByteSize()) > INFER_MAX_PROTO_BYTES:
         return
-    try:
-        inferred = onnx.shape_inference.infer_shapes(serialized if serialized is not None else model,
-                                                     check_type=False, strict_mode=False, data_prop=True)
+    try:  # on the graph without its weights' values: the same shapes, without copying the weights
+        inferred = onnx.shape_inference.infer_shapes(structure_copy(model), check_type=False, strict_mode=False,
+                                                     data_prop=True)
     except Exception:  # inference is best effort here; the checker already ran
         return
     graphs = list(_proto_graphs(inferred.graph))  # subgraph bodies (If / Loop / Scan) included

@@ -31,7 +31,8 @@ a pool of ``$QCOMPILER_VALIDATE_WORKERS`` threads (default: the usable CPUs, at 
 measured, each session with the usable CPUs shared among the runs in flight as intra-op threads; the
 per-layer sums run on the pool too, each accumulator taking its samples in order; the float64 copies and
 products reuse per-thread scratch buffers. Results are read in a fixed order, so one worker or two give the
-same report byte for byte.
+same report byte for byte. ``layer_bytes`` (the compile: 2 GiB) bounds the per-layer samples to those whose exposed
+tensors fit it — fewer samples, so other per-layer numbers, on a large model only (the ViT: 2 instead of 8).
 """
 
 from qcompiler.report.validate.compare import validate

@@ -21,7 +21,7 @@ from qcompiler.core.workers import usable_cpus, worker_count
 from qcompiler.plan.checks import Check
 from qcompiler.report.validate.layers import _graph_facts, _GraphFacts, _layer_candidates, _working_subset
 from qcompiler.report.validate.metrics import Workspace, _Accumulator, _sort_key
-from qcompiler.report.validate.pipeline import Job, Pipeline, Results, layer_lookahead, lookahead
+from qcompiler.report.validate.pipeline import Job, Pipeline, Results, layer_lookahead, lookahead, nbytes
 from qcompiler.report.validate.result import LayerInfo, ValidationReport, _fmt_db
 from qcompiler.report.validate.sessions import (
     _FLOAT_ORT_TYPES,
@@ -60,13 +60,16 @@ def validate(
     progress: Callable[[int, int], None] | None = None,
     checks: Sequence[Check] = (),
     slice_axes: Mapping[str, int] | None = None,
+    layer_bytes: int | None = None,
 ) -> ValidationReport:
     """Run both models on ``feeds`` and measure the quantized one against the float one.
 
     ``float_model`` / ``quant_model``: a path or an ``onnx.ModelProto``. ``feeds``: any iterable of
     ``{input name: array}`` (consumed once, one sample at a time). ``layer_names`` limits the per-layer
     comparison to those tensors; ``layer_samples`` limits it to the first N samples (the outputs still use all
-    of them). ``names``: quantized-model tensor name -> float-model name, for a model whose names
+    of them), and ``layer_bytes`` to as many first samples as fit their exposed tensors (float + quantized, as
+    measured on sample 0) into that many bytes, at least one (a large model's layers: the ViT's 659 take
+    0.7 GiB a sample). ``names``: quantized-model tensor name -> float-model name, for a model whose names
     ``compact-names`` shortened (its ``OUT.names.json`` ``tensors``); layers are compared and reported by the
     float names. ``optimize`` is the onnxruntime optimization level of the quantized model's
     output run: True (full, what an onnxruntime deployment runs) or "basic" (a reference run for a graph meant
@@ -158,6 +161,8 @@ def validate(
         layer_ahead = 0
         if f_ext is not None and q_ext is not None:
             layer_ahead = layer_lookahead(ahead, f_ext.first, q_ext.first)
+            if layer_bytes is not None:
+                layer_samples = bounded_layer_samples(layer_samples, layer_bytes, nbytes(f_ext.first, q_ext.first))
 
         out_acc = {n: _Accumulator(n) for n in out_names}
         slice_acc, topk_acc = _output_accumulators(fmodel, ff, f_first, out_names, slice_axes or {}, checks)
@@ -241,6 +246,17 @@ def validate(
              len(layer_metrics), _fmt_db(report.worst_output_sqnr()),
              "" if min_sqnr_db is None else (" (pass)" if passed else " (FAIL)"))
     return report
+
+
+def bounded_layer_samples(layer_samples: int | None, layer_bytes: int, per_sample: int) -> int | None:
+    """The per-layer samples within ``layer_bytes`` of exposed tensors at ``per_sample`` bytes a sample (at least
+    one), and at most ``layer_samples`` (None: no other bound)."""
+    fit = max(1, layer_bytes // max(1, per_sample))
+    if layer_samples is not None and layer_samples <= fit:
+        return layer_samples
+    log.info("validate: per-layer metrics over the first %d sample(s): %.0f MiB of layer tensors a sample, "
+             "%.0f MiB at most", fit, per_sample / 2**20, layer_bytes / 2**20)
+    return fit
 
 
 def _output_accumulators(fmodel: Any, ff: _GraphFacts | None, first: Mapping[str, Any], out_names: list[str],

@@ -23,7 +23,12 @@ import numpy as np
 from qcompiler import ir
 from qcompiler.core import profile
 from qcompiler.core.errors import UserError
-from qcompiler.report.validate.compare import _output_accumulators, _output_metrics, validation_workers
+from qcompiler.report.validate.compare import (
+    _output_accumulators,
+    _output_metrics,
+    session_threads,
+    validation_workers,
+)
 from qcompiler.report.validate.layers import _graph_facts, _GraphFacts
 from qcompiler.report.validate.metrics import _Accumulator
 from qcompiler.report.validate.result import ValidationReport
@@ -47,16 +52,24 @@ class Reference:
 
 
 def float_reference(float_model: ModelLike, feeds: Sequence[dict[str, np.ndarray]]) -> Reference:
-    """Run ``float_model`` on ``feeds`` once, as :func:`validate` does; a failing run raises :class:`UserError`."""
+    """Run ``float_model`` on ``feeds`` once, as :func:`validate` does (up to :func:`validation_workers` runs side by
+    side, each session on :func:`session_threads` intra-op threads); a failing run raises :class:`UserError`
+    (the first failing sample's, in sample order)."""
     label = _label(float_model, "float model")
     fmodel = _as_model(float_model)
     feeds = list(feeds)
     if not feeds:
         raise UserError("validate: no samples to run (empty data)")
+    workers = min(validation_workers(), len(feeds))
     with profile.step("sessions"):
-        runner = _Runner(fmodel)
+        runner = _Runner(fmodel, threads=session_threads(workers))
     names = list(runner.output_types)
-    outputs = [_run_checked(runner, f, i, names, "float", label) for i, f in enumerate(feeds)]
+    jobs = [functools.partial(_run_checked, runner, f, i, names, "float", label) for i, f in enumerate(feeds)]
+    if workers > 1:  # side by side on one intra-op thread each, as validate runs them; read in sample order
+        with concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qcompiler-validate") as pool:
+            outputs = list(pool.map(lambda job: job(), jobs))
+    else:
+        outputs = [job() for job in jobs]
     producers = _graph_facts(fmodel).producers if ir.parameter_bytes(fmodel) < ir.NO_PREPACK_BYTES else {}
     return Reference(feeds=feeds, outputs=outputs, output_types=dict(runner.output_types), label=label,
                      producers=producers)
@@ -66,14 +79,16 @@ def validate_against(ref: Reference, quant_model: ModelLike, *, optimize: bool |
                      slice_axes: Mapping[str, int] | None = None, label: str | None = None,
                      keep: list[dict[str, Any]] | None = None) -> ValidationReport:
     """The graph-output report of ``quant_model`` against ``ref`` (``validate(..., per_layer=False)``'s numbers,
-    the float model not run). The quantized runs go to up to :func:`validation_workers` threads; their results
-    are accumulated in sample order. ``label`` names the quantized model in messages (default: its path).
+    the float model not run). The quantized runs go to up to :func:`validation_workers` threads (each session on
+    :func:`session_threads` intra-op threads, as in :func:`validate`); their results are accumulated in sample
+    order. ``label`` names the quantized model in messages (default: its path).
     ``keep``: a list the quantized model's outputs of each sample are appended to, in sample order (for a caller
     that scores them otherwise too, without running the model again). Raises as :func:`validate` does."""
     qlabel = label or _label(quant_model, "quantized model")
     qmodel = _as_model(quant_model)
+    workers = min(validation_workers(), len(ref.feeds))
     with profile.step("sessions"):
-        q_plain = _Runner(qmodel, optimize=optimize)
+        q_plain = _Runner(qmodel, optimize=optimize, threads=session_threads(workers))
     out_names = ref.names
     missing = [n for n in out_names if n not in q_plain.output_types]
     if missing:
@@ -85,7 +100,6 @@ def validate_against(ref: Reference, quant_model: ModelLike, *, optimize: bool |
     slice_acc, topk_acc = _output_accumulators(None, facts, ref.outputs[0], out_names, slice_axes or {}, ())
     out_acc = {n: _Accumulator(n) for n in out_names}
     run = functools.partial(_quant_run, q_plain, out_names, qlabel)
-    workers = min(validation_workers(), len(ref.feeds))
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers),
                                                thread_name_prefix="qcompiler-validate") as pool:
         results = pool.map(run, range(len(ref.feeds)), ref.feeds) if workers > 1 else map(
