@@ -32,11 +32,7 @@ collect_module = importlib.import_module("qcompiler.calib.collect")  # the packa
 MODELS = Path(__file__).resolve().parents[1] / "models"
 
 
-@pytest.fixture(autouse=True)
-def fresh_cache():
-    reset_stats_cache()
-    yield
-    reset_stats_cache()
+pytestmark = pytest.mark.usefixtures("fresh_stats_cache")  # tests/conftest.py
 
 
 def _folder(tmp: Path, n: int, seed: int = 7) -> Path:

@@ -31,12 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
 
 
-@pytest.fixture(autouse=True)
-def fresh_cache():
-    """Every test starts from an empty process cache (and leaves one behind)."""
-    reset_stats_cache()
-    yield
-    reset_stats_cache()
+pytestmark = pytest.mark.usefixtures("fresh_stats_cache")  # tests/conftest.py
 
 
 def _folder(tmp: Path, n: int = 6, seed: int = 3) -> Path:
