@@ -3,6 +3,8 @@
 
     python benchmarks/gptq_speed.py --tag before ppocr_rec ppocr_det --presets w8a8 w4a8
     python benchmarks/gptq_speed.py --tag after  ppocr_rec ppocr_det --presets w8a8 w4a8 --compare before
+    git show e50a045:passes/gptq.py > /tmp/gptq_e50a045.py   # an earlier version, same checkout
+    python benchmarks/gptq_speed.py --tag old ppocr_rec --gptq-source /tmp/gptq_e50a045.py
 
 Each (model, preset) is compiled once in a fresh process with the preset **without its guard** (one compile, so
 every second of ``gptq`` in the profile is GPTQ building each layer's Hessian over the 64 ``calib`` samples and
@@ -56,7 +58,20 @@ def unguarded_plan(preset: str, work: Path) -> Path:
 
 def child(model: str, out: str, calib: str, plan: str, report: str) -> None:
     """One compile in this process, GPTQ's CPU seconds (process time: every thread) measured around its
-    Hessians and its whole pass; printed as JSON on the last line."""
+    Hessians and its whole pass; printed as JSON on the last line. ``$GPTQ_SOURCE``: run this file as
+    ``qcompiler.passes.gptq`` instead (an earlier version, for an A/B in one checkout)."""
+    source = os.environ.get("GPTQ_SOURCE")
+    if source:
+        import importlib.util
+
+        import qcompiler.passes
+
+        spec = importlib.util.spec_from_file_location("qcompiler.passes.gptq", source)
+        assert spec is not None and spec.loader is not None
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["qcompiler.passes.gptq"] = mod
+        spec.loader.exec_module(mod)
+        qcompiler.passes.gptq = mod  # type: ignore[attr-defined]
     from qcompiler.api import compile_model
     from qcompiler.compile import CompileOptions
     from qcompiler.passes import gptq
@@ -89,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compare", help="an earlier tag: byte-compare the written models with its")
     ap.add_argument("--work", default="/tmp/gptq_speed")
     ap.add_argument("--samples", type=int, default=64)
+    ap.add_argument("--gptq-source", help="compile with this passes/gptq.py instead (e.g. `git show REV:passes/gptq.py "
+                    "> /tmp/gptq_before.py`): the A/B's other side")
     ap.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -111,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
                    str(report)]
             before = resource.getrusage(resource.RUSAGE_CHILDREN)
             t0 = time.perf_counter()
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
+            env = {**os.environ, **({"GPTQ_SOURCE": str(Path(args.gptq_source).resolve())} if args.gptq_source else {})}
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             wall = time.perf_counter() - t0
             after = resource.getrusage(resource.RUSAGE_CHILDREN)
             if proc.returncode != 0:

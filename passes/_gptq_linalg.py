@@ -24,7 +24,7 @@ def inverse_cholesky_upper(h: np.ndarray) -> np.ndarray:
     extra = 0.0
     for _ in range(8):
         try:
-            hd = h + extra * np.eye(k)
+            hd = h + extra * np.eye(k) if extra else h  # h + 0·I is h, value for value
             if k <= DIRECT_MAX_K:
                 return np.linalg.cholesky(np.linalg.inv(hd)).T
             lower = np.linalg.cholesky(hd[::-1, ::-1])

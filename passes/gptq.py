@@ -363,7 +363,8 @@ class GPTQPass(Pass):
         h[dead, dead] = 1.0
         w[:, dead] = 0.0
         # damping, plus shrinkage towards the diagonal when few calibration rows estimate a K x K matrix
-        h += (opts.damp + min(k / max(n_rows, 1), 1.0)) * float(np.mean(np.diag(h))) * np.eye(k)
+        # (on the diagonal only: h + c·I, value for value, without a K x K identity)
+        h[np.diag_indices(k)] += (opts.damp + min(k / max(n_rows, 1), 1.0)) * float(np.mean(np.diag(h)))
         u = inverse_cholesky_upper(h)
         codes = np.zeros(w.shape, dtype=np.int64)
         deq = np.zeros_like(w)
