@@ -25,13 +25,19 @@ weight's own layout, which ``insert-qdq`` emits as is; the float graph is not ch
 MatMul weights the plan quantizes to an integer dtype of at most ``max_bits`` bits (int4 by default), scheme
 ``int``, not shared with another node. Needs real calibration data: without it (no ``--calib``, ``none`` or
 ``random``) the pass skips, with a warning (round to nearest). Runs after ``resolve-plan``, before ``insert-qdq``;
-a second run skips layers with an override. All numpy (float64); memory is one K × K matrix per layer.
+a second run skips layers with an override. All numpy (float64 sums of float32 per-sample products); memory
+is one K × K matrix per layer, plus one float32 K × K product buffer per thread and layer shape.
 
 Rows: ``H`` is built from every row of every sample unless ``max_rows`` (N > 0) bounds it: then each sample
 gives ``ceil(N / samples)`` rows per layer (all of them when it has no more), drawn without replacement by
 ``numpy.random.default_rng((compile seed, sample, layer))`` in increasing order and gathered before the patches
 are copied, and the shrinkage above counts the rows used. Building ``H`` is most of GPTQ's time (the sweep is
 cheap by comparison); see docs/ptq.md for the measured accuracy cost and why the default is every row.
+Arithmetic (:mod:`._gptq_rows`, :mod:`._gptq_linalg`): Conv inputs are unfolded transposed (``[groups, K, P]``)
+and ``H`` is numpy's ``syrk`` of them, bit for bit the product of the rows; layers reading one tensor with one
+geometry (Q / K / V) share one ``H``, built once (not with ``max_rows``: each layer draws its own rows); above
+K = 128 the sweep's ``U`` comes from the reversed Cholesky factor's triangular inverse (docs/ptq.md, "Speed:
+the arithmetic").
 Order: the samples the measured default holds back (``calib.held_back_indices``) are summed last. Caches
 (:mod:`._gptq_cache`): a layer's ``H`` over the same samples (or their first ones: only the rest is accumulated,
 bit for bit the same sum — so all N continue the candidates' N - h) and its sweep come from an earlier compile.
@@ -495,7 +501,8 @@ class _Grid:
     def round(self, col: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         q = np.rint(col.astype(np.float32) / self.s32).astype(np.int64)
         q += self.zp
-        np.clip(q, self.qmin, self.qmax, out=q)
+        np.maximum(q, self.qmin, out=q)  # np.clip without its Python-level argument checks
+        np.minimum(q, self.qmax, out=q)
         return q, ((q - self.zp).astype(np.float32) * self.s32).astype(np.float64)
 
     def round_matrix(self, m: np.ndarray) -> np.ndarray:
