@@ -25,13 +25,19 @@ weight's own layout, which ``insert-qdq`` emits as is; the float graph is not ch
 MatMul weights the plan quantizes to an integer dtype of at most ``max_bits`` bits (int4 by default), scheme
 ``int``, not shared with another node. Needs real calibration data: without it (no ``--calib``, ``none`` or
 ``random``) the pass skips, with a warning (round to nearest). Runs after ``resolve-plan``, before ``insert-qdq``;
-a second run skips layers with an override. All numpy (float64); memory is one K × K matrix per layer.
+a second run skips layers with an override. All numpy (float64 sums of float32 per-sample products); memory
+is one K × K matrix per layer, plus one float32 K × K product buffer per thread and layer shape.
 
 Rows: ``H`` is built from every row of every sample unless ``max_rows`` (N > 0) bounds it: then each sample
 gives ``ceil(N / samples)`` rows per layer (all of them when it has no more), drawn without replacement by
 ``numpy.random.default_rng((compile seed, sample, layer))`` in increasing order and gathered before the patches
 are copied, and the shrinkage above counts the rows used. Building ``H`` is most of GPTQ's time (the sweep is
 cheap by comparison); see docs/ptq.md for the measured accuracy cost and why the default is every row.
+Arithmetic (:mod:`._gptq_rows`, :mod:`._gptq_linalg`): Conv inputs are unfolded transposed (``[groups, K, P]``)
+and ``H`` is numpy's ``syrk`` of them, bit for bit the product of the rows; layers reading one tensor with one
+geometry (Q / K / V) share one ``H``, built once (not with ``max_rows``: each layer draws its own rows); above
+K = 128 the sweep's ``U`` comes from the reversed Cholesky factor's triangular inverse (docs/ptq.md, "Speed:
+the arithmetic").
 Order: the samples the measured default holds back (``calib.held_back_indices``) are summed last. Caches
 (:mod:`._gptq_cache`): a layer's ``H`` over the same samples (or their first ones: only the rest is accumulated,
 bit for bit the same sum — so all N continue the candidates' N - h) and its sweep come from an earlier compile.
@@ -41,13 +47,13 @@ Stats: ``layers``, ``samples``, ``skipped_*``; ``ctx.report["gptq"]`` the summed
 from __future__ import annotations
 
 import logging
+import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import onnx_graphsurgeon as gs
 
 from qcompiler import quant
 from qcompiler.core import profile
@@ -58,6 +64,8 @@ from qcompiler.ir.graph import GraphIndex, is_onnx_op
 from qcompiler.plan import QuantSpec
 
 from . import _gptq_cache
+from ._gptq_linalg import inverse_cholesky_upper, inverse_cholesky_upper_stack
+from ._gptq_rows import _cols, _im2col, _Pick, _rows, _rows_key  # noqa: F401  (_im2col: tests, tools)
 from ._layers import Layer, find_layer
 from ._stream import layer_threads, one_blas_thread, progress_of, release_activations, source_for, stream
 
@@ -201,20 +209,41 @@ class GPTQPass(Pass):
         if not todo:
             return n
         first = min(start[j] for j in todo)
-        names = {j: jobs[j].layer.node.inputs[0].name for j in todo}
         quota = -(-self.options.max_rows // max(n, 1)) if self.options.max_rows else None  # rows per sample, layer
+        # layers reading the same input with the same geometry (a Q / K / V triple, branches of one tensor) have
+        # the same H: built once, by the first of them (same samples only); without a row quota only
+        share: dict[Any, int] = {}
+        followers: dict[int, int] = {}
+        for j in todo:
+            lead = share.setdefault((_rows_key(jobs[j].layer), start[j]), j) if quota is None else j
+            if lead != j:
+                followers[j] = lead
+        lead_todo = [j for j in todo if j not in followers]
+        names = {j: jobs[j].layer.node.inputs[0].name for j in lead_todo}
         sample = [first]
+        scratch = threading.local()  # per thread: a float32 [groups, K, K] product buffer per shape
 
         def one(i: int, j: int, x: np.ndarray) -> None:
             job = jobs[j]
-            pick = _Pick(quota, (ctx.seed, i, j)) if quota else None
-            rows = _rows(job.layer, np.asarray(x, dtype=np.float32), pick)  # [groups, P, K]
-            job.h += np.matmul(rows.transpose(0, 2, 1), rows).astype(np.float64)  # float32 product per sample
-            job.rows += rows.shape[1]
+            x32 = np.asarray(x, dtype=np.float32)
+            if quota:
+                rows = _rows(job.layer, x32, _Pick(quota, (ctx.seed, i, j)))  # [groups, P, K]
+                a, b = rows.transpose(0, 2, 1), rows
+            else:
+                a = _cols(job.layer, x32)  # [groups, K, P]: the same product as rows^T rows, bit for bit
+                b = a.transpose(0, 2, 1)
+            bufs = scratch.__dict__.setdefault("bufs", {})
+            shape = (a.shape[0], a.shape[1], a.shape[1])
+            buf = bufs.get(shape)
+            if buf is None:
+                buf = bufs[shape] = np.empty(shape, dtype=np.float32)
+            np.matmul(a, b, out=buf)  # float32 product per sample (numpy: syrk, a and b one buffer)
+            np.add(job.h, buf, out=job.h)  # summed in float64 (the float32 values converted exactly)
+            job.rows += a.shape[2]
 
         # a sample's layers in parallel threads, each product on one BLAS thread: the same sums on any machine
         # (docs/ptq.md "threads, not BLAS threads": 2 BLAS threads made one syrk up to 100x slower under load)
-        with ThreadPoolExecutor(max_workers=layer_threads(len(todo))) as pool, one_blas_thread():
+        with ThreadPoolExecutor(max_workers=layer_threads(len(lead_todo))) as pool, one_blas_thread():
             def consume(values: dict[str, np.ndarray]) -> None:
                 i = sample[0]
                 sample[0] += 1
@@ -222,9 +251,11 @@ class GPTQPass(Pass):
                     f.result()
 
             report = progress_of(ctx, "gptq hessians")
-            got = stream(ctx.graph, list(names.values()), source if first == 0 else source.subset(range(first, n)),
-                         consume, cache=ctx.activations,
+            got = stream(ctx.graph, list(dict.fromkeys(names.values())),
+                         source if first == 0 else source.subset(range(first, n)), consume, cache=ctx.activations,
                          progress=None if report is None else lambda done, _t: report(first + done, n))
+        for j, lead in followers.items():
+            jobs[j].h, jobs[j].rows = jobs[lead].h.copy(), jobs[lead].rows
         _gptq_cache.store_hessians(keys, [(j, jobs[j].h, jobs[j].rows) for j in todo])
         return first + got
 
@@ -298,10 +329,7 @@ class GPTQPass(Pass):
         w[dead] = 0.0
         mean = np.array([float(np.mean(np.diag(h[g]))) for g in range(g_n)])
         h = h + ((opts.damp + min(k / max(job.rows, 1), 1.0)) * mean)[:, None, None] * eye
-        try:
-            u = np.linalg.cholesky(np.linalg.inv(h)).transpose(0, 2, 1)
-        except np.linalg.LinAlgError:
-            u = np.stack([_inverse_cholesky_upper(h[g]) for g in range(g_n)])
+        u = inverse_cholesky_upper_stack(h)
         codes = np.zeros(w.shape, dtype=np.int64)
         deq = np.zeros_like(w)
         for i in range(k):
@@ -341,26 +369,35 @@ class GPTQPass(Pass):
         h[dead, dead] = 1.0
         w[:, dead] = 0.0
         # damping, plus shrinkage towards the diagonal when few calibration rows estimate a K x K matrix
-        h += (opts.damp + min(k / max(n_rows, 1), 1.0)) * float(np.mean(np.diag(h))) * np.eye(k)
-        u = _inverse_cholesky_upper(h)
+        # (on the diagonal only: h + c·I, value for value, without a K x K identity)
+        h[np.diag_indices(k)] += (opts.damp + min(k / max(n_rows, 1), 1.0)) * float(np.mean(np.diag(h)))
+        u = inverse_cholesky_upper(h)
         codes = np.zeros(w.shape, dtype=np.int64)
         deq = np.zeros_like(w)
         bs = opts.block_size
+        tmp = np.empty((min(bs, k), w.shape[0]))
         for i1 in range(0, k, bs):
             i2 = min(i1 + bs, k)
-            w1 = w[:, i1:i2].copy()
-            err1 = np.zeros_like(w1)
+            # the block's columns as contiguous rows ([cols, rows]): each column's read and each rank-1 update
+            # of the rest run over contiguous memory, with no temporaries (the same products and differences,
+            # in the same order, as w1[:, i:] -= outer(e, u1[i, i:]))
+            w1t = np.ascontiguousarray(w[:, i1:i2].T)
+            err1 = np.empty((w.shape[0], i2 - i1))
             u1 = u[i1:i2, i1:i2]
             for i in range(i2 - i1):
                 col = i1 + i
                 if blocks is not None:
-                    blocks.start(col, w1, w, i1, i)
+                    blocks.start(col, w1t.T, w, i1, i)
                 cur = blocks.grid(col) if blocks is not None else grid
-                q, d = cur.round(w1[:, i])
+                wi = w1t[i]
+                q, d = cur.round(wi)
                 codes[:, col] = q
                 deq[:, col] = d
-                e = (w1[:, i] - d) / u1[i, i]
-                w1[:, i:] -= np.outer(e, u1[i, i:])
+                e = (wi - d) / u1[i, i]
+                rest = w1t[i + 1:]  # column i itself is not read again
+                if len(rest):
+                    t = np.multiply(u1[i, i + 1:, None], e[None, :], out=tmp[:len(rest)])
+                    np.subtract(rest, t, out=rest)
                 err1[:, i] = e
             w[:, i2:] -= err1 @ u[i1:i2, i2:]
         return codes, deq
@@ -435,96 +472,6 @@ def _axes(lay: Layer, spec: QuantSpec) -> tuple[int | None, int | None]:
     return lay.in_axis, int(spec.block_size)
 
 
-class _Pick:
-    """Which rows of a sample feed the Hessian: ``quota`` of them, drawn without replacement by a generator
-    seeded with ``key`` (compile seed, sample, layer), in increasing order; all rows when there are no more."""
-
-    def __init__(self, quota: int, key: tuple[int, ...]) -> None:
-        self.quota = quota
-        self.key = key
-
-    def __call__(self, n: int) -> np.ndarray | None:
-        if n <= self.quota:
-            return None
-        return np.sort(np.random.default_rng(list(self.key)).choice(n, self.quota, replace=False))
-
-
-def _rows(lay: Layer, x: np.ndarray, pick: _Pick | None = None) -> np.ndarray:
-    """The layer's input as rows of its reduction dimension, per group: [groups, positions, K] (K ordered
-    (tap, in)); ``pick``: only the rows it chooses (before the patches are copied out)."""
-    if lay.op == "Conv":
-        return _im2col(lay.node, x, lay.groups, pick)
-    k = lay.w.shape[lay.in_axis]
-    rows = x.reshape(1, -1, k)
-    idx = pick(rows.shape[1]) if pick is not None else None
-    return rows if idx is None else rows[:, idx]
-
-
-def _im2col(node: gs.Node, x: np.ndarray, groups: int, pick: _Pick | None = None) -> np.ndarray:
-    """Conv input [N, C, *spatial] -> [groups, N·positions, taps·C/g] patches (zero padding as the Conv);
-    ``pick``: only the positions (of the N·positions, in order) it chooses."""
-    w = np.asarray(node.inputs[1].values)
-    kshape = tuple(int(v) for v in w.shape[2:])
-    nd = len(kshape)
-    strides = [int(v) for v in node.attrs.get("strides", [1] * nd)]
-    dil = [int(v) for v in node.attrs.get("dilations", [1] * nd)]
-    pads = [int(v) for v in node.attrs.get("pads", [0] * (2 * nd))]
-    auto = node.attrs.get("auto_pad", "NOTSET")
-    auto = auto.decode() if isinstance(auto, bytes) else str(auto)
-    spatial = x.shape[2:]
-    if auto in ("SAME_UPPER", "SAME_LOWER"):
-        pads = [0] * (2 * nd)
-        for d in range(nd):
-            out = -(-spatial[d] // strides[d])
-            total = max((out - 1) * strides[d] + (kshape[d] - 1) * dil[d] + 1 - spatial[d], 0)
-            lo = total // 2 if auto == "SAME_UPPER" else total - total // 2
-            pads[d], pads[d + nd] = lo, total - lo
-    elif auto == "VALID":
-        pads = [0] * (2 * nd)
-    xp = np.pad(x, [(0, 0), (0, 0)] + [(pads[d], pads[d + nd]) for d in range(nd)])
-    n, c = x.shape[0], x.shape[1]
-    cg = c // groups
-    taps = int(np.prod(kshape))
-    # every window as a view [N, C, *positions, *window], strided by the Conv's strides and dilations, then one
-    # copy into [groups, N·positions, (tap, channel)]
-    span = tuple((kshape[d] - 1) * dil[d] + 1 for d in range(nd))
-    view = np.lib.stride_tricks.sliding_window_view(xp, span, axis=tuple(range(2, 2 + nd)))
-    view = view[(slice(None), slice(None), *(slice(None, None, s) for s in strides),
-                 *(slice(None, None, d) for d in dil))]  # [N, C, *outs, *kshape]
-    outs = view.shape[2:2 + nd]
-    idx = pick(n * int(np.prod(outs))) if pick is not None else None
-    if idx is not None:  # gather the chosen windows only: [sel, C, *kshape] -> [groups, sel, (tap, channel)]
-        coords = np.unravel_index(idx, (n, *outs))
-        where: tuple[Any, ...] = (coords[0], slice(None), *coords[1:])
-        sel = view[where]
-        sel = sel.reshape(len(idx), groups, cg, taps).transpose(1, 0, 3, 2)
-        return np.ascontiguousarray(sel).reshape(groups, len(idx), taps * cg)
-    # channels last once ([groups, N, *padded, cg]: a small copy), then one strided slice per tap into
-    # [groups, N, *outs, *kshape, cg] — each copy runs over contiguous channels, unlike one copy of the
-    # transposed window view (same values, same order)
-    xt = np.ascontiguousarray(xp.reshape(n, groups, cg, *xp.shape[2:]).transpose(1, 0, *range(3, 3 + nd), 2))
-    out = np.empty((groups, n, *outs, *kshape, cg), dtype=xp.dtype)
-    for tap in np.ndindex(*kshape):
-        src = tuple(slice(tap[d] * dil[d], tap[d] * dil[d] + (outs[d] - 1) * strides[d] + 1, strides[d])
-                    for d in range(nd))
-        out[(slice(None), slice(None), *(slice(None),) * nd, *tap)] = xt[(slice(None), slice(None), *src)]
-    p = n * int(np.prod(outs))
-    return out.reshape(groups, p, taps * cg)
-
-
-def _inverse_cholesky_upper(h: np.ndarray) -> np.ndarray:
-    """Upper Cholesky factor of H⁻¹ (GPTQ's U), damping more when H is numerically singular."""
-    k = h.shape[0]
-    extra = 0.0
-    for _ in range(8):
-        try:
-            hinv = np.linalg.inv(h + extra * np.eye(k))
-            return np.linalg.cholesky(hinv).T
-        except np.linalg.LinAlgError:
-            extra = max(extra * 10.0, 1e-6 * float(np.mean(np.diag(h))) or 1e-6)
-    raise RuntimeError("gptq: Hessian is not positive definite even after extra damping")
-
-
 def _proxy(w: np.ndarray, wq: np.ndarray, h: np.ndarray) -> float:
     """tr(ΔW·H·ΔWᵀ) = mean ‖ΔW·x‖² over the calibration rows."""
     d = wq - w
@@ -549,11 +496,14 @@ class _Grid:
         self.qmin, self.qmax = dt.qmin, dt.qmax
         self.scale = np.asarray(scale, dtype=np.float32).astype(np.float64)
         self.zp = np.asarray(zp).astype(np.int64)
+        self.s32 = self.scale.astype(np.float32)
 
     def round(self, col: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        s32 = self.scale.astype(np.float32)
-        q = np.clip(np.rint(col.astype(np.float32) / s32).astype(np.int64) + self.zp, self.qmin, self.qmax)
-        return q, ((q - self.zp).astype(np.float32) * s32).astype(np.float64)
+        q = np.rint(col.astype(np.float32) / self.s32).astype(np.int64)
+        q += self.zp
+        np.maximum(q, self.qmin, out=q)  # np.clip without its Python-level argument checks
+        np.minimum(q, self.qmax, out=q)
+        return q, ((q - self.zp).astype(np.float32) * self.s32).astype(np.float64)
 
     def round_matrix(self, m: np.ndarray) -> np.ndarray:
         s32 = self.scale.astype(np.float32)[:, None]
