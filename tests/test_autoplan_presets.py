@@ -196,3 +196,16 @@ def test_planner_records_the_activation_step(tmp_path):
     assert ("16 bits" in res.text) == act["kept"]
     if act["kept"]:
         assert res.measured["sqnr_db"] == act["sqnr_db"] and res.measured["bytes"] <= budget
+    # the CLI says what the step found, on one line, and writes the same plan
+    from click.testing import CliRunner
+
+    from qcompiler.cli import cli
+
+    out = tmp_path / "plan.yaml"
+    r = CliRunner().invoke(cli, ["plan", str(CONV), "--budget", str(budget), "--calib", str(CONV_DATA), "-o",
+                                 str(out)])
+    assert r.exit_code == 0, r.output
+    line = next(x for x in r.output.splitlines() if x.startswith("activations: "))
+    assert f"16-bit on {act['tensors']} tensor(s)" in line and f"{act['sqnr_db']:.2f} dB" in line
+    assert line.endswith("; kept") == act["kept"]
+    assert out.read_text() == res.text

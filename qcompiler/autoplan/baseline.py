@@ -16,12 +16,18 @@ prediction. So, when calibration data is given:
    bytes is the base plan of the search, which thus builds on its calibration method, ranges and algorithms.
    No preset fits: the default plan, as before.
 3. **The searches** (:func:`_searches`): with the default candidates, the knapsack with the default list, with
-   each of :data:`EXTRA_CANDIDATES`, with their union and with the union in the trust regions :data:`STAYS`;
-   each distinct plan compiled for real and measured; the best that fits is the mixed plan.
+   each of :data:`EXTRA_CANDIDATES` (per-tensor int4, per-channel int4, symmetric block-wise int4: cheaper
+   granularities that pay for int8 layers), with their union and with the union in the trust regions
+   :data:`STAYS`; each distinct plan compiled for real and measured; the best that fits is the mixed plan.
 4. **The guard**: when the base plan alone fits the budget and the mixed plan does not measure at least
-   :data:`MIX_MARGIN_DB` better, and no worse on either half of the held-back samples, the base plan itself is
+   :data:`MIX_MARGIN_DB` better on the held-back samples *and on each half of them*, the base plan itself is
    returned (``AutoPlanResult.uniform``). With ``base_plan`` given, that plan is the base and the guard (no
    preset search).
+5. **Activations** (:func:`_activation_step`, :mod:`qcompiler.autoplan.activations`): the chosen plan with
+   16-bit activations on the tensors read only by layers that run float anyway (int4 weights: no integer
+   kernel in onnxruntime), compiled and measured; kept when it fits and beats the chosen plan by the same rule
+   (when the uniform base was chosen, and has no byte left for the zero points, the best mix widened is tried
+   against it too). Recorded in ``AutoPlanResult.baseline["activations"]``.
 
 The SQNR written in the plan's header and printed is this measured one; the additive model's prediction is
 shown beside it, labelled as predicted. Without calibration data (or ``holdout=0``) nothing is measured: the
