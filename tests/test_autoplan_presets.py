@@ -209,3 +209,36 @@ def test_planner_records_the_activation_step(tmp_path):
     assert f"16-bit on {act['tensors']} tensor(s)" in line and f"{act['sqnr_db']:.2f} dB" in line
     assert line.endswith("; kept") == act["kept"]
     assert out.read_text() == res.text
+
+
+def test_activation_step_widens_the_mix_when_the_uniform_base_has_no_byte_left(monkeypatch):
+    """A uniform base exactly at the budget cannot take the zero-point bytes of 16-bit activations: the step tries
+    the best mix widened too, and keeps it only when it beats the *base* (the chosen plan) by the guard's rule;
+    nothing is kept when neither fits and beats."""
+    from types import SimpleNamespace
+
+    from qcompiler.autoplan import baseline as B
+    from qcompiler.autoplan.activations import Widening
+
+    def m(db: float, halves: tuple[float, float], nbytes: int) -> B.Measured:
+        return B.Measured(db, SimpleNamespace(total_bytes=nbytes), halves)  # type: ignore[arg-type]
+
+    wide = Widening(["t"], [{"match": {"name": "n"}, "activation": {"dtype": "uint16"}}])
+    monkeypatch.setattr(B, "wide_activations", lambda *a, **k: wide)
+    monkeypatch.setattr(B, "widened", lambda plan, w, label: plan)
+    results = {"wide0": m(30.0, (30.0, 30.0), 1001), "wide1": m(21.0, (20.5, 21.5), 990)}
+    monkeypatch.setattr(B, "measure", lambda src, plan, target, hold, tmp, tag, *a: results[tag])
+    base, mix = load_plan("w4a8"), load_plan("w8a8")
+    base_m, mix_m = m(20.0, (20.0, 20.0), 1000), m(20.1, (20.1, 20.1), 990)
+    opts = autoplan.PlanOptions(budget=Budget.parse("1000"))
+
+    def step() -> B.ActivationStep:
+        return B._activation_step(CONV, [(base, base_m), (mix, mix_m)], opts, None, None,  # type: ignore[arg-type]
+                                  {}, "bytes", 1000.0, None)
+
+    got = step()
+    assert got.kept and got.start == 1 and got.measured is results["wide1"]
+    assert [t["fits"] for t in got.info["tries"]] == [False, True] and got.info["plan"] == "mixed"
+    results["wide1"] = m(21.0, (20.1, 21.9), 990)  # better overall, not by the margin on one half
+    got = step()
+    assert not got.kept and got.info["tried"] and len(got.info["tries"]) == 2
