@@ -5,11 +5,13 @@
 
 Both are compiled from the same ``calib``-split feeds (``--samples``, 64): uniform ``--preset w4a8`` (its bytes, as
 ``qcompiler inspect --cost`` counts them, are the budget), then ``qcompiler plan MODEL --calib DATA --budget
-<those bytes>`` with its default options (it holds back the last calibration samples to measure plans on) and the
-written plan compiled with all the feeds, as ``qcompiler compile --plan PLAN`` would. Both files are scored on the
+<those bytes>`` with its default options (it holds back a spread of the calibration samples, every 4th, to measure
+plans on) and the written plan compiled with all the feeds, as ``qcompiler compile --plan PLAN`` would. Both files are scored on the
 disjoint ``eval`` split against the float model: the worst output slice's SQNR (dB; the rule of ``qcompiler
 validate``: each output's worst slice along its channel / feature axis, or the whole tensor when lower). Prints one
-table row and the target (planner >= w4a8 + 1 dB; never below it; within the budget).
+table row and the target (planner >= w4a8 + 1 dB; never below it; within the budget), whether the planner's 16-bit
+activations step was kept, and the planned file's onnxruntime latency against w4a8's (1 thread, ``--latency-rounds``
+interleaved rounds on the first eval feed).
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ def main() -> int:
     ap.add_argument("--samples", type=int, default=64, help="calibration feeds (calib split)")
     ap.add_argument("--eval", type=int, default=32, help="evaluation feeds (eval split)")
     ap.add_argument("--candidates", default=None, help="qcompiler plan --candidates (default: its default)")
+    ap.add_argument("--latency-rounds", type=int, default=10,
+                    help="interleaved latency rounds, planned vs w4a8 (onnxruntime, 1 thread); 0: not measured")
     ap.add_argument("--json")
     args = ap.parse_args()
     model = Path(realdata.fetch_model(args.model))
@@ -80,6 +84,7 @@ def main() -> int:
         row["timings"] = {k: round(v, 2) for k, v in res.timings.items()}
         row["presets"] = res.baseline.get("presets") if res.baseline else None
         row["searches"] = res.baseline.get("searches") if res.baseline else None
+        row["activations"] = res.baseline.get("activations") if res.baseline else None
         files = [("w4a8", uni), ("planned", planned)]
         if res.baseline and res.baseline.get("text") and not res.uniform:
             # the uniform plan the planner started from, alone: how much of the gain is the mix's
@@ -93,16 +98,26 @@ def main() -> int:
             rep = qv.validate(model, path, ev, per_layer=False)
             row[f"{name}_worst_slice_db"] = round(rep.worst_slice_sqnr(), 2)
             row[f"{name}_whole_db"] = round(rep.worst_output_sqnr(), 2)
+        if args.latency_rounds:
+            # onnxruntime, 1 thread, interleaved rounds on the first eval feed: the planned file against w4a8
+            lat = C.latency_ms({"w4a8": uni, "planned": planned}, ev[0], threads=1, warmup=10,
+                               rounds=args.latency_rounds, per_round=5)
+            row["latency_ms"] = {k: round(v["median"], 3) for k, v in lat.items()}
+            row["latency_ratio"] = round(lat["planned"]["median"] / lat["w4a8"]["median"], 3)
     row["gain_db"] = round(row["planned_worst_slice_db"] - row["w4a8_worst_slice_db"], 2)
     row["within_budget"] = row["planned_bytes"] <= row["w4a8_bytes"]
     row["met"] = row["gain_db"] >= 1.0 and row["within_budget"]
     row["never_below"] = row["gain_db"] >= 0.0
+    act = row.get("activations") or {}
     print(C.fmt_table(["model", "w4a8 worst slice", "planner worst slice", "planner's base alone", "w4a8 bytes",
-                       "planned bytes", "gain", "met", "plan s"],
+                       "planned bytes", "gain", "met", "16-bit activations", "latency × w4a8", "plan s"],
                       [[args.model, str(row["w4a8_worst_slice_db"]), str(row["planned_worst_slice_db"]),
                         str(row.get("base_worst_slice_db", "(returned)")),
                         str(row["w4a8_bytes"]), str(row["planned_bytes"]), f"{row['gain_db']:+.2f}",
-                        "met" if row["met"] else "missed", str(row["plan_seconds"])]]))
+                        "met" if row["met"] else "missed",
+                        (f"{act.get('tensors', 0)} kept" if act.get("kept") else
+                         f"{act.get('tensors', 0)} tried, not kept" if act.get("tried") else "none"),
+                        str(row.get("latency_ratio", "-")), str(row["plan_seconds"])]]))
     print(json.dumps(row, default=str), file=sys.stderr)
     if args.json:
         Path(args.json).write_text(json.dumps(row, indent=2, default=str) + "\n")

@@ -155,6 +155,20 @@ def test_candidate_granularity_suffix():
             parse_candidates(bad)
 
 
+def test_candidate_symmetry_suffix():
+    """``int4/block64/sym``: the granularity, then the symmetry (no zero points stored; ``/asym``: one per scale)
+    whatever the base plan says; the suffix only after a granularity, on int dtypes."""
+    c = parse_candidates("int4/block64/sym,int4/channel/asym,int4/block64")
+    assert [x.name for x in c] == ["int4/block64/sym", "int4/channel/asym", "int4/block64"]
+    assert c[0].keys() == {"dtype": "int4", "scheme": "int", "granularity": "block", "block_size": 64,
+                           "symmetric": True}
+    assert c[1].keys() == {"dtype": "int4", "scheme": "int", "granularity": "per_channel", "symmetric": False}
+    for bad, match in (("int4/sym", "granularity suffix"), ("int4/block64/foo", "symmetry suffix"),
+                       ("ternary/tensor/sym", "symmetry suffix"), ("int4/block64/sym,int4/block64/sym", "twice")):
+        with pytest.raises(UserError, match=match):
+            parse_candidates(bad)
+
+
 def test_per_tensor_candidate_costs_fewer_bytes(tmp_path):
     """``int8/tensor`` stores one scale and zero point per layer instead of one per output channel: the planner's
     measured byte table and the compiled model agree, and every weight DequantizeLinear has a scalar scale."""

@@ -12,9 +12,10 @@ import pytest
 from qcompiler import autoplan
 from qcompiler.api import CompileOptions, compile_model
 from qcompiler.autoplan import Budget, LayerInfo
+from qcompiler.autoplan.activations import wide_activations
 from qcompiler.autoplan.search import stay_penalty
 from qcompiler.calib import spread_indices as spread
-from qcompiler.plan import load_plan
+from qcompiler.plan import Plan, load_plan
 from qcompiler.plan.ablations import guarded_algorithms, without
 from qcompiler.report import cost
 from qcompiler.report import validate as qv
@@ -116,14 +117,128 @@ def test_too_few_samples_measure_on_all(n, tmp_path):
 
 
 def test_a_mix_must_beat_the_base_by_the_margin_and_on_both_halves():
-    """The guard's rule (`Measured.beats`): 0.25 dB better over all the held-back samples and no worse on either
-    half of them; else the uniform base is returned."""
+    """The guard's rule (`Measured.beats`): 0.25 dB better over all the held-back samples and 0.25 dB better on
+    each half of them; else the uniform base is returned."""
     from qcompiler.autoplan.baseline import MIX_MARGIN_DB, Measured
 
     rep = cost.CostReport.__new__(cost.CostReport)
     base = Measured(20.0, rep, (19.0, 21.0))
     assert MIX_MARGIN_DB == 0.25
     assert Measured(21.0, rep, (19.5, 22.0)).beats(base)
+    assert Measured(20.25, rep, (19.25, 21.25)).beats(base)  # the margin exactly, everywhere
     assert not Measured(20.2, rep, (19.5, 22.0)).beats(base)  # under the margin
     assert not Measured(21.0, rep, (18.9, 23.0)).beats(base)  # worse on one half
+    assert not Measured(21.0, rep, (19.2, 23.0)).beats(base)  # better on one half by less than the margin
+    # ppocr_det, session 8: +0.69 dB over w4a8 on the held-back samples, +0.09 / +1.20 on the halves; 0.43 dB
+    # below it on the eval split. Not kept now.
+    assert not Measured(13.01, rep, (12.76, 13.23)).beats(Measured(12.32, rep, (12.67, 12.03)))
     assert Measured(21.0, rep, ()).beats(Measured(20.0, rep, ()))  # too few samples to split: the margin alone
+
+
+def _plan(rules: list[dict]) -> Plan:
+    d = without(load_plan("w4a8"), [], "w4a8").to_dict()
+    d["rules"] = [*(d.get("rules") or []), *rules]
+    return Plan.from_dict(d, source="test")
+
+
+def test_wide_activations_only_where_every_reader_runs_float():
+    """conv_bn_relu under w4a8 with conv2 at int8: the input of an int4 conv is widened to 16 bits unless an
+    8-bit-weight layer (an integer kernel) reads it or writes it; the rules name the readers, in graph order, and
+    set only their activation (the layer's weight rule still applies)."""
+    int8 = {"dtype": "int8", "granularity": "per_channel", "symmetric": True}
+    w = wide_activations(CONV, _plan([{"match": {"name": "conv2"}, "weight": int8}]))
+    # conv1 reads the input (int4: widened); conv2 is int8 (kept 8-bit); block.conv1 reads relu2, which the
+    # target requantizes for conv2's integer kernel (kept); block.conv2 reads block.relu1 (widened); dw.conv's
+    # activations are float already (the ort target's choice for depthwise convs); the Gemm is int4 block-wise
+    assert w.tensors == ["input", "block.relu1", "flatten"]
+    assert [r["match"]["name"] for r in w.rules] == ["conv1", "block.conv2", "logits"]  # type: ignore[index]
+    assert all(r["activation"] == {"dtype": "uint16"} for r in w.rules)
+    # every layer at 8 bits: nothing to widen
+    assert not wide_activations(CONV, load_plan("w8a8"))
+
+
+def test_widened_plan_compiles_16_bit_activations_and_its_text_reads_back(tmp_path):
+    """The widened plan compiles with uint16 QuantizeLinear on the widened tensors only, a few bytes more than the
+    plan (one zero-point byte each); its text (the plan's text, the rules appended under a comment) reads back
+    to the same rules, byte-identical when written twice."""
+    import onnx
+
+    from qcompiler.autoplan.activations import widened, widened_text
+    from qcompiler.autoplan.plans import plan_yaml
+
+    int8 = {"dtype": "int8", "granularity": "per_channel", "symmetric": True}
+    plan = _plan([{"match": {"name": "conv2"}, "weight": int8}])
+    w = wide_activations(CONV, plan)
+    wide = widened(plan, w, "wide")
+    outs = {}
+    for name, p in (("plan", plan), ("wide", wide)):
+        outs[name] = tmp_path / f"{name}.onnx"
+        compile_model(CONV, outs[name], CompileOptions(plan=p, calib=str(CONV_DATA), validate=False))
+    m = onnx.load(str(outs["wide"]))
+    q16 = [n for n in m.graph.node if n.op_type == "QuantizeLinear"
+           and any(i.name == n.input[2] and i.data_type == onnx.TensorProto.UINT16 for i in m.graph.initializer)]
+    assert sorted(n.input[0] for n in q16) == sorted(w.tensors)
+    extra = cost.model_cost(outs["wide"]).total_bytes - cost.model_cost(outs["plan"]).total_bytes
+    assert 0 < extra <= 8 * len(w.tensors)
+    text = widened_text(plan_yaml(plan, [], ["header"]), w, "wide")
+    assert text == widened_text(plan_yaml(plan, [], ["header"]), w, "wide")
+    assert Plan.from_text(text, source="x").to_dict()["rules"] == wide.to_dict()["rules"]
+
+
+def test_planner_records_the_activation_step(tmp_path):
+    """auto_plan measures the chosen plan with 16-bit activations where its layers run float and says what it
+    found: tried, the tensors, the measure, whether it fit and was kept; a kept widening is in the plan text."""
+    budget = _w4a8_bytes(tmp_path) + 64
+    res = autoplan.auto_plan(CONV, CONV_DATA, autoplan.PlanOptions(budget=Budget.parse(str(budget)),
+                                                                   default_candidates=True))
+    act = res.baseline["activations"]
+    assert act["tried"] and act["tensors"] >= 1 and act["bytes"] > 0 and len(act["halves_db"]) == 2
+    assert ("16 bits" in res.text) == act["kept"]
+    if act["kept"]:
+        assert res.measured["sqnr_db"] == act["sqnr_db"] and res.measured["bytes"] <= budget
+    # the CLI says what the step found, on one line, and writes the same plan
+    from click.testing import CliRunner
+
+    from qcompiler.cli import cli
+
+    out = tmp_path / "plan.yaml"
+    r = CliRunner().invoke(cli, ["plan", str(CONV), "--budget", str(budget), "--calib", str(CONV_DATA), "-o",
+                                 str(out)])
+    assert r.exit_code == 0, r.output
+    line = next(x for x in r.output.splitlines() if x.startswith("activations: "))
+    assert f"16-bit on {act['tensors']} tensor(s)" in line and f"{act['sqnr_db']:.2f} dB" in line
+    assert line.endswith("; kept") == act["kept"]
+    assert out.read_text() == res.text
+
+
+def test_activation_step_widens_the_mix_when_the_uniform_base_has_no_byte_left(monkeypatch):
+    """A uniform base exactly at the budget cannot take the zero-point bytes of 16-bit activations: the step tries
+    the best mix widened too, and keeps it only when it beats the *base* (the chosen plan) by the guard's rule;
+    nothing is kept when neither fits and beats."""
+    from types import SimpleNamespace
+
+    from qcompiler.autoplan import baseline as B
+    from qcompiler.autoplan.activations import Widening
+
+    def m(db: float, halves: tuple[float, float], nbytes: int) -> B.Measured:
+        return B.Measured(db, SimpleNamespace(total_bytes=nbytes), halves)  # type: ignore[arg-type]
+
+    wide = Widening(["t"], [{"match": {"name": "n"}, "activation": {"dtype": "uint16"}}])
+    monkeypatch.setattr(B, "wide_activations", lambda *a, **k: wide)
+    monkeypatch.setattr(B, "widened", lambda plan, w, label: plan)
+    results = {"wide0": m(30.0, (30.0, 30.0), 1001), "wide1": m(21.0, (20.5, 21.5), 990)}
+    monkeypatch.setattr(B, "measure", lambda src, plan, target, hold, tmp, tag, *a: results[tag])
+    base, mix = load_plan("w4a8"), load_plan("w8a8")
+    base_m, mix_m = m(20.0, (20.0, 20.0), 1000), m(20.1, (20.1, 20.1), 990)
+    opts = autoplan.PlanOptions(budget=Budget.parse("1000"))
+
+    def step() -> B.ActivationStep:
+        return B._activation_step(CONV, [(base, base_m), (mix, mix_m)], opts, None, None,  # type: ignore[arg-type]
+                                  {}, "bytes", 1000.0, None)
+
+    got = step()
+    assert got.kept and got.start == 1 and got.measured is results["wide1"]
+    assert [t["fits"] for t in got.info["tries"]] == [False, True] and got.info["plan"] == "mixed"
+    results["wide1"] = m(21.0, (20.1, 21.9), 990)  # better overall, not by the margin on one half
+    got = step()
+    assert not got.kept and got.info["tried"] and len(got.info["tries"]) == 2

@@ -39,7 +39,9 @@ matched by ``name``, each preceded by a comment with the layer's sensitivity and
 Modules, by job: :mod:`~qcompiler.autoplan.budget` (budget and candidates), :mod:`~qcompiler.autoplan.result`
 (options and results), :mod:`~qcompiler.autoplan.prepare` (layers 1., feeds), :mod:`~qcompiler.autoplan.plans`
 (plan text), :mod:`~qcompiler.autoplan.probes` (costs 3., probe and measuring compiles),
-:mod:`~qcompiler.autoplan.search` (2., 4., 5.), :mod:`~qcompiler.autoplan.output` (plan, CSV and SVG files).
+:mod:`~qcompiler.autoplan.search` (2., 4., 5.), :mod:`~qcompiler.autoplan.output` (plan, CSV and SVG files);
+:mod:`~qcompiler.autoplan.baseline` (the measured presets, searches and guard around them) and
+:mod:`~qcompiler.autoplan.activations` (16-bit activations where a layer runs float anyway).
 """
 
 

@@ -108,7 +108,9 @@ class Candidate:
 
 
 def parse_candidates(text: str | Sequence[str]) -> list[Candidate]:
-    """``"fp32,int8,int4,ternary,binary,shift4"`` -> candidates (order kept, duplicates refused)."""
+    """``"fp32,int8,int4,ternary,binary,shift4"`` -> candidates (order kept, duplicates refused). A candidate may
+    fix its granularity (``int4/tensor``, ``int4/channel``, ``int4/block64``) and then its symmetry
+    (``int4/block64/sym``: no zero points stored; ``/asym``)."""
     items = [t.strip() for t in (text.split(",") if isinstance(text, str) else text) if str(t).strip()]
     if not items:
         raise UserError("--candidates: empty list")
@@ -135,8 +137,11 @@ def parse_candidates(text: str | Sequence[str]) -> list[Candidate]:
         else:
             raise UserError(f"--candidates: unknown candidate '{raw}' (fp32, int8, int4, uint8, uint4, int16, "
                             "fp8e4m3, fp8e5m2, int3, int2, binary, ternary, shift2..shift4)")
+        gran, _, sym = gran.partition("/")
         if gran:
             cand = _with_granularity(cand, gran, raw)
+        if sym:
+            cand = _with_symmetry(cand, sym, raw)
         if any(c.name == cand.name for c in out):
             raise UserError(f"--candidates: '{raw}' given twice")
         out.append(cand)
@@ -162,6 +167,15 @@ def _with_granularity(cand: Candidate, gran: str, raw: str) -> Candidate:
         raise UserError(f"--candidates: '{raw}': the granularity suffix must be /tensor, /channel or /blockN "
                         "(N >= 2; int dtypes only)")
     return Candidate(f"{cand.name}/{label}", (*(cand.weight or ()), *keys))
+
+
+def _with_symmetry(cand: Candidate, sym: str, raw: str) -> Candidate:
+    """``cand`` with its weight codes symmetric (``/sym``: zero point 0, none stored) or asymmetric (``/asym``: a
+    zero point per scale) whatever the base plan says (``int4/block64/sym``)."""
+    if cand.is_float or cand.lowbit or sym not in ("sym", "asym"):
+        raise UserError(f"--candidates: '{raw}': the symmetry suffix must be /sym or /asym, after a granularity "
+                        "(int4/block64/sym; int dtypes only)")
+    return Candidate(f"{cand.name}/{sym}", (*(cand.weight or ()), ("symmetric", sym == "sym")))
 
 
 def fmt_unit(x: float, unit: str) -> str:
