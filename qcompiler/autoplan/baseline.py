@@ -29,6 +29,9 @@ prediction. So, when calibration data is given:
    (when the uniform base was chosen, and has no byte left for the zero points, the best mix widened is tried
    against it too). Recorded in ``AutoPlanResult.baseline["activations"]``.
 
+With ``max_latency_ratio`` (``plan --max-latency-ratio R``, :mod:`qcompiler.autoplan.latency`) every plan measured
+above is also timed against the float model, and one over ``R`` is neither a base nor returned.
+
 The SQNR written in the plan's header and printed is this measured one; the additive model's prediction is
 shown beside it, labelled as predicted. Without calibration data (or ``holdout=0``) nothing is measured: the
 search runs on the base plan (default: W8A8) as before.
@@ -53,6 +56,7 @@ import numpy as np
 from qcompiler import __version__
 from qcompiler.autoplan.activations import Widening, wide_activations, widened, widened_text
 from qcompiler.autoplan.budget import DEFAULT_CANDIDATES, Budget, Candidate, fmt_unit, parse_candidates
+from qcompiler.autoplan.latency import LatencyLimit, check_ratio
 from qcompiler.autoplan.plans import plan_yaml
 from qcompiler.autoplan.prepare import first_feeds
 from qcompiler.autoplan.probes import ProbeWorkdir, compiled_cost
@@ -82,6 +86,8 @@ class Holdout:
     fit: int | None
     feeds: list[dict[str, np.ndarray]]
     data: str
+    #: ``--max-latency-ratio``: every plan measured is also timed against the float model (None: nothing timed)
+    latency: LatencyLimit | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"samples": len(self.feeds), "calib_samples": self.fit, "data": self.data}
@@ -95,6 +101,9 @@ class Measured:
     cost: cost.CostReport
     #: the same measure on each half of the held-back samples (even / odd positions); empty: not measured
     halves: tuple[float, ...] = ()
+    #: latency over the float model's (``--max-latency-ratio``; None: not timed) and whether it is within the limit
+    latency_ratio: float | None = None
+    eligible: bool = True
 
     def amount(self, unit: str) -> float:
         return _amount(self.cost, unit)
@@ -163,9 +172,10 @@ def make_holdout(model_path: str | Path, calib: str | Path | None, opts: PlanOpt
 
 
 def measure(model_path: Path, plan: Plan, target: str, hold: Holdout, tmp: Path, tag: str,
-            shapes: dict[str, list[int]], want_bitops: bool) -> Measured:
+            shapes: dict[str, list[int]], want_bitops: bool, label: str | None = None) -> Measured:
     """Compile ``plan`` for real (calibration: ``hold``'s first samples) and measure its worst output SQNR in
-    onnxruntime on the held-back samples (:func:`qcompiler.report.validate.validate`, graph outputs only)."""
+    onnxruntime on the held-back samples (:func:`qcompiler.report.validate.validate`, graph outputs only); with
+    ``hold.latency``, also its latency ratio (recorded as ``label``)."""
     out = tmp / f"{tag}.onnx"
     res = compile_plan(model_path, out, CompileOptions(plan=plan, target=target, calib=hold.calib,
                                                        calib_samples=hold.fit, validate=False))
@@ -174,7 +184,11 @@ def measure(model_path: Path, plan: Plan, target: str, hold: Holdout, tmp: Path,
         report = qv.validate(model_path, out, hold.feeds, per_layer=False)
         halves = tuple(float(qv.validate(model_path, out, part, per_layer=False).worst_slice_sqnr())
                        for part in (hold.feeds[0::2], hold.feeds[1::2])) if len(hold.feeds) >= 4 else ()
-        return Measured(float(report.worst_slice_sqnr()), rep, halves)
+        m = Measured(float(report.worst_slice_sqnr()), rep, halves)
+        if hold.latency is not None:
+            m.latency_ratio = hold.latency.time(out, label or tag)
+            m.eligible = hold.latency.eligible(m.latency_ratio)
+        return m
     finally:
         for f in res.files:
             f.unlink(missing_ok=True)
@@ -231,11 +245,12 @@ def best_preset(model_path: Path, opts: PlanOptions, hold: Holdout, work: ProbeW
             written = without(plan, [], name)
             with _quiet():
                 m = measure(model_path, written, opts.target, hold, tmp, f"preset-{name}", shapes,
-                            unit == "bitops")
-            row.update(bytes=m.cost.total_bytes, fits=m.amount(unit) <= budget_value, sqnr_db=m.sqnr_db)
-            if row["fits"] and _better(m, best[2] if best else None):
+                            unit == "bitops", name)
+            row.update(bytes=m.cost.total_bytes, fits=m.amount(unit) <= budget_value, sqnr_db=m.sqnr_db,
+                       **_latency_row(m))
+            if row["fits"] and m.eligible and _better(m, best[2] if best else None):
                 best = (name, written, m)
-            if _better(m, top[2] if top else None):
+            if m.eligible and _better(m, top[2] if top else None):
                 top = (name, plan, m)
         rows.append(row)
     if top is not None:
@@ -249,17 +264,25 @@ def best_preset(model_path: Path, opts: PlanOptions, hold: Holdout, work: ProbeW
             try:
                 with _quiet():
                     m = measure(model_path, var, opts.target, hold, tmp, f"preset-{name}-no-{algo}", shapes,
-                                unit == "bitops")
+                                unit == "bitops", label)
             except UserError as e:
                 log.info("plan: %s left out: %s", label, e)
                 continue
             fits = m.amount(unit) <= budget_value
-            rows.append({"name": label, "bytes": m.cost.total_bytes, "fits": fits, "sqnr_db": m.sqnr_db})
-            if fits and _better(m, best[2] if best else None):
+            rows.append({"name": label, "bytes": m.cost.total_bytes, "fits": fits, "sqnr_db": m.sqnr_db,
+                         **_latency_row(m)})
+            if fits and m.eligible and _better(m, best[2] if best else None):
                 best = (label, var, m)
     if progress:
         progress("presets (probe and measure)", len(names), len(names))
     return rows, best
+
+
+def _latency_row(m: Measured) -> dict[str, Any]:
+    """A table row's latency fields (none when nothing is timed: the rows of a plain run stay as they were)."""
+    if m.latency_ratio is None:
+        return {}
+    return {"latency_ratio": m.latency_ratio, **({} if m.eligible else {"over_latency": True})}
 
 
 def _preferred(m: Measured, other: Measured, base: Measured | None) -> bool:
@@ -320,17 +343,18 @@ def _searches(src: Path, opts: PlanOptions, base: Plan, hold: Holdout, tmp: Path
         key = _distinct(r)
         m = seen.get(key)
         if m is None:
-            m = measure(src, r.plan, opts.target, hold, tmp, f"mixed{k}", shapes, unit == "bitops")
+            m = measure(src, r.plan, opts.target, hold, tmp, f"mixed{k}", shapes, unit == "bitops",
+                        f"mixed plan ({label})")
             seen[key] = m
         fits = m.amount(unit) <= budget_value
         rows.append({"candidates": label, "counts": {n: c for n, c in r.counts().items() if c},
                      "bytes": m.cost.total_bytes, "fits": fits, "sqnr_db": m.sqnr_db, "halves_db": list(m.halves),
-                     "predicted_sqnr_db": r.predicted.get("sqnr_db")})
+                     "predicted_sqnr_db": r.predicted.get("sqnr_db"), **_latency_row(m)})
         log.info("plan: candidates %s: measured %.2f dB, %d bytes%s", label, m.sqnr_db, m.cost.total_bytes,
                  "" if fits else " (over the budget)")
         if fallback is None:
             fallback = (r, m)
-        if fits and (best is None or _preferred(m, best[1], base_m)):
+        if fits and m.eligible and (best is None or _preferred(m, best[1], base_m)):
             best = (r, m)
     chosen = best or fallback
     assert chosen is not None
@@ -345,6 +369,7 @@ def auto_plan(model_path: str | Path, calib: str | Path | None, options: PlanOpt
     and base plan (a superset of the candidates) instead of measuring."""
     src = Path(model_path)
     opts = options
+    check_ratio(opts.max_latency_ratio)
     tmp = Path(tempfile.mkdtemp(prefix="qcompiler-autoplan-measure-"))
     try:
         hold = make_holdout(src, calib, opts, tmp)
@@ -353,6 +378,9 @@ def auto_plan(model_path: str | Path, calib: str | Path | None, options: PlanOpt
         raise
     if hold is None:
         shutil.rmtree(tmp, ignore_errors=True)
+        if opts.max_latency_ratio is not None:
+            raise UserError("--max-latency-ratio: the plans are timed on held-back calibration samples; give real "
+                            "calibration data (--calib DATA) and --holdout above 0")
         return search_plan(src, calib, opts, progress=progress, sensitivity=sensitivity)
     t0 = time.perf_counter()
     unit = opts.budget.unit
@@ -363,6 +391,8 @@ def auto_plan(model_path: str | Path, calib: str | Path | None, options: PlanOpt
                                                   "bitops": float(src_rep.bitops)})
     work = ProbeWorkdir(first)
     try:
+        if opts.max_latency_ratio is not None:
+            hold.latency = LatencyLimit.start(src, hold.feeds, opts.max_latency_ratio)
         rows: list[dict[str, Any]] = []
         base: Plan
         if opts.base_plan is None and opts.presets:
@@ -380,16 +410,19 @@ def auto_plan(model_path: str | Path, calib: str | Path | None, options: PlanOpt
             base = opts.base_plan if isinstance(opts.base_plan, Plan) else load_plan(opts.base_plan)
             with _quiet():
                 rep, _ = work.compile(src, base, opts.target, shapes=shapes, want_shapes=unit == "bitops")
-            base_m = (measure(src, base, opts.target, hold, tmp, "base", shapes, unit == "bitops")
+            base_m = (measure(src, base, opts.target, hold, tmp, "base", shapes, unit == "bitops", f"the {name}")
                       if _amount(rep, unit) <= budget_value else Measured(math.nan, rep))
         base_fits = base_m.amount(unit) <= budget_value
+        base_ok = base_fits and base_m.eligible  # may be returned: fits the budget and the latency limit
         t_base = time.perf_counter() - t0
         t = time.perf_counter()
         result, mixed, searches = _searches(src, opts, base, hold, tmp, shapes, unit, budget_value, progress,
-                                            sensitivity, base_m if base_fits else None)
+                                            sensitivity, base_m if base_ok else None)
         result.timings["searches"] = time.perf_counter() - t
-        mixed_fits = mixed.amount(unit) <= budget_value
-        uniform = base_fits and (not mixed_fits or not mixed.beats(base_m))
+        mixed_fits = mixed.amount(unit) <= budget_value and mixed.eligible
+        if hold.latency is not None and not base_ok and not mixed.eligible:
+            raise hold.latency.nothing_eligible()
+        uniform = base_ok and (not mixed_fits or not mixed.beats(base_m))
         t = time.perf_counter()
         starts = [(base, base_m)] if uniform else [(result.plan, mixed)]
         if uniform and mixed_fits and (mixed.sqnr_db, mixed.cost.total_bytes) != (base_m.sqnr_db,
@@ -407,18 +440,21 @@ def auto_plan(model_path: str | Path, calib: str | Path | None, options: PlanOpt
     result.baseline = {"name": name, "bytes": base_m.cost.total_bytes, "fits": base_fits,
                        "sqnr_db": base_m.sqnr_db if base_fits else None, "halves_db": list(base_m.halves),
                        "presets": rows, "searches": searches,
-                       "text": plan_yaml(base, [], [f"the uniform {name}, as the planner measured it"])}
+                       "text": plan_yaml(base, [], [f"the uniform {name}, as the planner measured it"]),
+                       **_latency_row(base_m)}
+    if hold.latency is not None:
+        result.baseline["latency"] = hold.latency.to_json()
     if best is not None:  # a shipped preset (as written, or with one algorithm off: "w4a8 without gptq")
         preset, _, off = name.partition(" without ")
         result.baseline.update(preset=preset, off=[off] if off else [])
-    mixed_info = {"sqnr_db": mixed.sqnr_db, "halves_db": list(mixed.halves), **hold.to_json()}
+    mixed_info = {"sqnr_db": mixed.sqnr_db, "halves_db": list(mixed.halves), **hold.to_json(), **_latency_row(mixed)}
     if uniform:
         log.info("plan: the uniform %s (%.2f dB measured) is not beaten by the best mixed plan (%.2f dB); "
                  "returning it", name, base_m.sqnr_db, mixed.sqnr_db)
         result.search_text = result.text
         result.uniform = True
         result.measured = {"sqnr_db": base_m.sqnr_db, "bytes": base_m.cost.total_bytes, **hold.to_json(),
-                           "mixed": mixed_info}
+                           **_latency_row(base_m), "mixed": mixed_info}
         result.text = _uniform_text(src, opts, budget_value, unit, name, base, base_m, mixed, result, hold)
     else:
         result.measured = {**mixed_info, "bytes": mixed.cost.total_bytes}
@@ -427,7 +463,8 @@ def auto_plan(model_path: str | Path, calib: str | Path | None, options: PlanOpt
     if act.kept:
         assert act.measured is not None
         result.measured = {**result.measured, "sqnr_db": act.measured.sqnr_db, "halves_db": list(act.measured.halves),
-                           "bytes": act.measured.cost.total_bytes, "without_activations": {
+                           "bytes": act.measured.cost.total_bytes, **_latency_row(act.measured),
+                           "without_activations": {
                                "sqnr_db": result.measured["sqnr_db"], "bytes": result.measured["bytes"]}}
         result.text = widened_text(result.text, act.widening, act.comment(hold))
     result.plan = Plan.from_text(result.text, source="<auto plan>")
@@ -449,7 +486,8 @@ class ActivationStep:
         assert self.measured is not None
         return (f"activations of {len(self.widening.tensors)} tensor(s) read only by layers that run float "
                 f"anyway (no integer kernel for their weights) at 16 bits: "
-                + _measured_line(self.measured.sqnr_db, hold) + f", {self.measured.cost.total_bytes} bytes")
+                + _measured_line(self.measured.sqnr_db, hold) + f", {self.measured.cost.total_bytes} bytes"
+                + _latency_text(self.measured))
 
 
 def _activation_step(src: Path, starts: list[tuple[Plan, Measured]], opts: PlanOptions, hold: Holdout, tmp: Path,
@@ -475,18 +513,18 @@ def _activation_step(src: Path, starts: list[tuple[Plan, Measured]], opts: PlanO
         try:
             with _quiet():
                 m = measure(src, widened(plan, widening, "wide activations"), opts.target, hold, tmp, f"wide{k}",
-                            shapes, unit == "bitops")
+                            shapes, unit == "bitops", "16-bit activations")
         except UserError as e:  # the target refuses 16-bit activations: nothing to try
             log.info("plan: 16-bit activations left out: %s", e)
             return ActivationStep(widening, None, False, {"tried": False, "error": str(e)})
         fits = m.amount(unit) <= budget_value
-        kept = fits and m.beats(chosen)
+        kept = fits and m.eligible and m.beats(chosen)
         log.info("plan: 16-bit activations on %d tensor(s) of the %s plan: measured %.2f dB (chosen plan %.2f dB), "
                  "%d bytes%s", len(widening.tensors), "chosen" if k == 0 else "mixed", m.sqnr_db, chosen.sqnr_db,
                  m.cost.total_bytes, "; kept" if kept else "")
         tried = {"plan": "chosen" if k == 0 else "mixed", "tensors": len(widening.tensors),
                  "nodes": len(widening.rules), "sqnr_db": m.sqnr_db, "halves_db": list(m.halves),
-                 "bytes": m.cost.total_bytes, "fits": fits, "kept": kept}
+                 "bytes": m.cost.total_bytes, "fits": fits, "kept": kept, **_latency_row(m)}
         info = {"tried": True, **tried, "tries": [*info.get("tries", []), tried]}
         last = ActivationStep(widening, m, kept, info, k)
         if kept:
@@ -500,13 +538,20 @@ def _measured_line(sqnr: float, hold: Holdout) -> str:
     return f"measured: output SQNR {sqnr:.2f} dB (compiled, onnxruntime on {hold.data})"
 
 
+def _latency_text(m: Measured) -> str:
+    """``, latency 1.23x float`` when the plan was timed (``--max-latency-ratio``), else nothing."""
+    return "" if m.latency_ratio is None else f", latency {m.latency_ratio:.2f}x float"
+
+
 def _with_measured(text: str, mixed: Measured, name: str, base: Measured | None, hold: Holdout) -> str:
     """The search's plan text with the measured SQNR (and the uniform base's) after the predicted line."""
-    extra = _measured_line(mixed.sqnr_db, hold) + (
-        f"; uniform {name} alone: {base.sqnr_db:.2f} dB, {base.cost.total_bytes} bytes" if base is not None else "")
+    extra = _measured_line(mixed.sqnr_db, hold) + _latency_text(mixed) + (
+        f"; uniform {name} alone: {base.sqnr_db:.2f} dB, {base.cost.total_bytes} bytes{_latency_text(base)}"
+        if base is not None else "")
     lines = text.splitlines()
     at = next((i + 1 for i, line in enumerate(lines) if line.startswith("# predicted")), 0)
-    return "\n".join([*lines[:at], f"# {extra}", *lines[at:]]) + "\n"
+    limit = [f"# {hold.latency.header()}"] if hold.latency is not None else []
+    return "\n".join([*lines[:at], f"# {extra}", *limit, *lines[at:]]) + "\n"
 
 
 def _uniform_text(src: Path, opts: PlanOptions, budget_value: float, unit: str, name: str, base: Plan,
@@ -516,9 +561,12 @@ def _uniform_text(src: Path, opts: PlanOptions, budget_value: float, unit: str, 
     header = [
         f"Plan written by `qcompiler plan` (qcompiler {__version__}): the uniform {name}, which no mixed plan beat.",
         f"model: {src.name}   target: {opts.target}   budget: {opts.budget.text} = {fmt_unit(budget_value, unit)}",
-        f"uniform {name}: {base_m.cost.total_bytes} bytes; " + _measured_line(base_m.sqnr_db, hold),
+        f"uniform {name}: {base_m.cost.total_bytes} bytes; " + _measured_line(base_m.sqnr_db, hold)
+        + _latency_text(base_m),
         f"best mixed plan found ({counts}): measured {mixed.sqnr_db:.2f} dB, {mixed.cost.total_bytes} bytes"
+        + _latency_text(mixed)
         + (f" (predicted by the additive model: {sq:.2f} dB)" if sq is not None and math.isfinite(sq) else ""),
+        *([hold.latency.header()] if hold.latency is not None else []),
         "",
     ]
     return plan_yaml(base, [], header)

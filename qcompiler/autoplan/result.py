@@ -57,6 +57,9 @@ class PlanOptions:
     holdout: int = 16
     #: held-back feeds to measure on instead (then every calibration sample calibrates)
     validate_data: str | Path | None = None
+    #: the most a returned plan's onnxruntime latency may be over the float model's (one thread, best of 3 on the
+    #: held-back samples; :mod:`qcompiler.autoplan.latency`); None: nothing timed
+    max_latency_ratio: float | None = None
 
 
 @dataclass

@@ -33,11 +33,10 @@ from qcompiler.core import profile
 from qcompiler.core.errors import UserError
 from qcompiler.plan import Plan
 from qcompiler.report import validate as qv
+from qcompiler.report.latency import LATENCY_REPEATS, run_timed  # the one timing, shared with the planner
 
 log = logging.getLogger("qcompiler.recipe")
 
-#: latency: the best of this many timed passes over the held-back samples
-LATENCY_REPEATS = 3
 
 Metric = Callable[[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]], float]
 
@@ -307,24 +306,6 @@ def _graft(outer: profile.Profile, name: str, inner: profile.Profile) -> None:
 
 def _file_name(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
-
-
-def run_timed(model: Path | Any, feeds: Sequence[dict[str, np.ndarray]],
-              repeats: int = LATENCY_REPEATS) -> tuple[list[dict[str, np.ndarray]], float]:
-    """The outputs of ``model`` on ``feeds`` and the best of ``repeats`` timed passes (seconds; ``inf`` with
-    none)."""
-    # loaded first: a session from the path cannot read small external tensors (a Reshape's shape) that the
-    # loader resolves; without the load-time checks: the bench's held_back loaded (and checked) it already
-    sess = ir.session(ir.load_model(model, check=False) if isinstance(model, (str, Path)) else model, threads=1)
-    names = [o.name for o in sess.get_outputs()]
-    outputs = [dict(zip(names, sess.run(names, f), strict=True)) for f in feeds]  # also the warm-up
-    best = math.inf
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for f in feeds:
-            sess.run(names, f)
-        best = min(best, time.perf_counter() - t0)
-    return outputs, best
 
 
 def written_bytes(out: Path) -> int:

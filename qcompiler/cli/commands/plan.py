@@ -132,19 +132,25 @@ def plan_show_cmd(preset: str | None) -> None:
 @click.option("--presets/--no-presets", default=True, show_default=True,
               help="Without --plan: start from the best shipped preset that fits the budget (measured), and "
                    "return it when no mixed plan measures better.")
+@click.option("--max-latency-ratio", type=click.FloatRange(min=0, min_open=True),
+              help="Return only a plan whose onnxruntime latency is at most R times the float model's (one thread, "
+                   "best of 3 on the held-back samples); the uniform base is chosen among those within it. "
+                   "Default: nothing timed.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for synthetic data and draws.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or summary.")
 def plan_auto_cmd(model: Path, budget: str, bitops: bool, calib: str | None, output: Path | None, candidates: str | None,
                   metric: str, target: str, base_plan: str | None, samples: int, batch_size: int, solver: str,
                   draws: int, select: int, refine: int, exchange: int, pareto: Path | None, measure: int,
-                  validate_data: Path | None, holdout: int, presets: bool, seed: int, quiet: bool) -> None:
+                  validate_data: Path | None, holdout: int, presets: bool, max_latency_ratio: float | None, seed: int,
+                  quiet: bool) -> None:
     """Plan mixed precision for MODEL: the most accurate plan within --budget (also `qcompiler plan MODEL`)."""
     opts = autoplan.PlanOptions(budget=autoplan.Budget.parse(budget, bitops=bitops),
                                 candidates=autoplan.parse_candidates(candidates or autoplan.DEFAULT_CANDIDATES),
                                 default_candidates=candidates is None, metric=metric, target=target,
                                 base_plan=base_plan, samples=samples, batch_size=batch_size, solver=solver,
                                 draws=draws, select=select, refine=refine, exchange=exchange, seed=seed,
-                                presets=presets, holdout=holdout, validate_data=validate_data)
+                                presets=presets, holdout=holdout, validate_data=validate_data,
+                                max_latency_ratio=max_latency_ratio)
     if pareto is not None and pareto.suffix.lower() != ".csv":
         raise UserError(f"--pareto: '{pareto}' must end in .csv (the plot goes beside it as .svg)")
     if measure and pareto is not None and (calib is None or calib in ("random", "none")):
@@ -202,7 +208,7 @@ def plan_auto_cmd(model: Path, budget: str, bitops: bool, calib: str | None, out
     if b.get("presets"):
         click.echo("presets: " + ", ".join(
             f"{r['name']} {r['bytes']} B" + (f" {r['sqnr_db']:.2f} dB" if r.get("sqnr_db") is not None else
-                                             " (over)" if not r.get("fits") else "")
+                                             " (over)" if not r.get("fits") else "") + _latency(r)
             for r in b["presets"] if "bytes" in r), err=err)
     mixed = ("best mixed plan: " if result.uniform else "plan: ") + ", ".join(
         f"{k} x{n}" for k, n in result.counts().items() if n)
@@ -218,17 +224,24 @@ def plan_auto_cmd(model: Path, budget: str, bitops: bool, calib: str | None, out
                    + f" ({result.rounds} round(s)); within the budget", err=err)
     if m:
         click.echo(f"measured: output SQNR {m['sqnr_db']:.2f} dB (compiled, onnxruntime on {m['data']})"
-                   + (f"; uniform {b['name']} alone {b['sqnr_db']:.2f} dB"
+                   + _latency(m, ", latency")
+                   + (f"; uniform {b['name']} alone {b['sqnr_db']:.2f} dB" + _latency(b, ", latency")
                       if not result.uniform and b.get("sqnr_db") is not None else ""), err=err)
     else:
         click.echo("measured: nothing (no calibration data, or --holdout 0): the SQNR above is predicted", err=err)
+    lat = b.get("latency")
+    if lat:
+        click.echo(f"latency: at most {lat['max_ratio']:g}x float (onnxruntime, 1 thread, float "
+                   f"{lat['float_seconds'] * 1e3:.3g} ms on the held-back samples); {len(lat['timed'])} plan(s) timed"
+                   + (f"; not eligible: {', '.join(lat['not_eligible'])}" if lat["not_eligible"] else ""), err=err)
     act = b.get("activations") or {}
     if act.get("tried"):
         click.echo(f"activations: 16-bit on {act['tensors']} tensor(s) read only by layers that run float anyway "
                    f"(no integer kernel for their weights; same ops, latency unchanged in kind): measured "
                    f"{act['sqnr_db']:.2f} dB, {act['bytes']} bytes"
-                   + ("; kept" if act["kept"] else "; over the budget, not kept" if not act["fits"] else
-                      "; not better by the guard's margin, not kept"), err=err)
+                   + _latency(act, ", latency") + ("; kept" if act["kept"] else "; over the budget, not kept" if not act["fits"] else
+                                      "; over the latency limit, not kept" if act.get("over_latency") else
+                                      "; not better by the guard's margin, not kept"), err=err)
     for pt in measured:
         click.echo(f"front point {round(pt.bytes)} bytes: predicted "
                    + ("n/a" if pt.predicted_sqnr_db is None else f"{pt.predicted_sqnr_db:.2f} dB")
@@ -238,6 +251,15 @@ def plan_auto_cmd(model: Path, budget: str, bitops: bool, calib: str | None, out
                f"samples, {result.sensitivity.evaluations} evaluations; costs {t['costs']:.1f} s)", err=err)
     for f in written:
         click.echo(f"wrote {f}", err=err)
+
+
+def _latency(row: dict[str, object], lead: str = "") -> str:
+    """`` 1.23x float`` for a row that was timed (``--max-latency-ratio``), `` (not eligible)`` added when over;
+    nothing for a row that was not."""
+    ratio = row.get("latency_ratio")
+    if not isinstance(ratio, float):
+        return ""
+    return f"{lead} {ratio:.2f}x float" + (" (not eligible)" if row.get("over_latency") else "")
 
 
 def register(cli: click.Group) -> None:
