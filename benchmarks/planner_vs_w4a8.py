@@ -48,6 +48,8 @@ def main() -> int:
     ap.add_argument("--candidates", default=None, help="qcompiler plan --candidates (default: its default)")
     ap.add_argument("--latency-rounds", type=int, default=10,
                     help="interleaved latency rounds, planned vs w4a8 (onnxruntime, 1 thread); 0: not measured")
+    ap.add_argument("--max-latency-ratio", type=float, default=None,
+                    help="qcompiler plan --max-latency-ratio R (default: none, nothing timed)")
     ap.add_argument("--json")
     args = ap.parse_args()
     model = Path(realdata.fetch_model(args.model))
@@ -66,7 +68,8 @@ def main() -> int:
         cands = args.candidates or autoplan.DEFAULT_CANDIDATES
         opts = autoplan.PlanOptions(budget=autoplan.Budget.parse(str(row["w4a8_bytes"])),
                                     candidates=autoplan.parse_candidates(cands),
-                                    default_candidates=args.candidates is None)
+                                    default_candidates=args.candidates is None,
+                                    max_latency_ratio=args.max_latency_ratio)
         t0 = time.perf_counter()
         res = autoplan.auto_plan(model, folder, opts)
         row["plan_seconds"] = round(time.perf_counter() - t0, 2)
@@ -85,6 +88,7 @@ def main() -> int:
         row["presets"] = res.baseline.get("presets") if res.baseline else None
         row["searches"] = res.baseline.get("searches") if res.baseline else None
         row["activations"] = res.baseline.get("activations") if res.baseline else None
+        row["plan_latency"] = res.baseline.get("latency") if res.baseline else None
         files = [("w4a8", uni), ("planned", planned)]
         if res.baseline and res.baseline.get("text") and not res.uniform:
             # the uniform plan the planner started from, alone: how much of the gain is the mix's
@@ -100,10 +104,11 @@ def main() -> int:
             row[f"{name}_whole_db"] = round(rep.worst_output_sqnr(), 2)
         if args.latency_rounds:
             # onnxruntime, 1 thread, interleaved rounds on the first eval feed: the planned file against w4a8
-            lat = C.latency_ms({"w4a8": uni, "planned": planned}, ev[0], threads=1, warmup=10,
+            lat = C.latency_ms({"float": model, "w4a8": uni, "planned": planned}, ev[0], threads=1, warmup=10,
                                rounds=args.latency_rounds, per_round=5)
             row["latency_ms"] = {k: round(v["median"], 3) for k, v in lat.items()}
             row["latency_ratio"] = round(lat["planned"]["median"] / lat["w4a8"]["median"], 3)
+            row["planned_vs_float"] = round(lat["planned"]["median"] / lat["float"]["median"], 3)
     row["gain_db"] = round(row["planned_worst_slice_db"] - row["w4a8_worst_slice_db"], 2)
     row["within_budget"] = row["planned_bytes"] <= row["w4a8_bytes"]
     row["met"] = row["gain_db"] >= 1.0 and row["within_budget"]
