@@ -5,7 +5,7 @@ The float model is timed once on the held-back samples (:func:`qcompiler.report.
 the best of 3 passes after a warm-up — the measurement the measured default's ``--max-latency-ratio`` takes), and
 every plan the planner could return — each uniform preset measured as a base, each variant, the default or given
 base plan, each distinct searched mix, the 16-bit-activation step — is timed the same way right after its real
-compile. A plan over ``R`` is not eligible: it is never the base, never returned, and listed with its ratio
+compile (one over ``R`` timed once more, the lower kept). A plan over ``R`` is not eligible: it is never the base, never returned, and listed with its ratio
 (``w4a8-fp8: 2.44x float > 1.5``). When nothing is eligible the planner stops with one line naming the fastest
 plan measured (:meth:`LatencyLimit.nothing_eligible`). Without the option nothing is timed: timing never decides
 a plain run."""
@@ -55,8 +55,12 @@ class LatencyLimit:
         return cls(limit, feeds, secs)
 
     def time(self, path: Path, name: str) -> float:
-        """The latency ratio of the compiled model at ``path`` (recorded under ``name``)."""
+        """The latency ratio of the compiled model at ``path`` (recorded under ``name``). One over the limit is
+        timed once more and keeps the lower of the two: other processes' load only adds time, and on a model of
+        a few ms a single spike of it moved the same plan from 1.13x to 1.73x float (PP-OCR cls, load 2-3)."""
         _, secs = run_timed(path, self.feeds)
+        if self.float_seconds > 0 and secs / self.float_seconds > self.limit:
+            secs = min(secs, run_timed(path, self.feeds)[1])
         ratio = secs / self.float_seconds if self.float_seconds > 0 else math.inf
         self.timed[name] = ratio
         if ratio > self.limit:
