@@ -513,7 +513,8 @@ def _activation_step(src: Path, starts: list[tuple[Plan, Measured]], opts: PlanO
         try:
             with _quiet():
                 m = measure(src, widened(plan, widening, "wide activations"), opts.target, hold, tmp, f"wide{k}",
-                            shapes, unit == "bitops", "16-bit activations")
+                            shapes, unit == "bitops",
+                            f"16-bit activations on the {'chosen' if k == 0 else 'mixed'} plan")
         except UserError as e:  # the target refuses 16-bit activations: nothing to try
             log.info("plan: 16-bit activations left out: %s", e)
             return ActivationStep(widening, None, False, {"tried": False, "error": str(e)})
