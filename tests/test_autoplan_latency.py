@@ -104,17 +104,24 @@ def test_measured_a_ratio_between_presets_leaves_the_slower_ones_out():
     assert slow > 1.2 * fastest, f"the base ({free.baseline['name']}) is not slower than the fastest preset"
     limit = math.sqrt(slow * fastest)
 
-    res = _plan(WIDE, limit)
-    lat = res.baseline["latency"]
-    assert res.baseline["latency_ratio"] <= limit
-    assert res.measured["latency_ratio"] <= limit
-    for r in [*res.baseline["presets"], *res.baseline["searches"]]:
-        if "latency_ratio" in r:
-            assert bool(r.get("over_latency")) == (r["latency_ratio"] > limit), r
-    assert all(re.fullmatch(r".+: [0-9.]+x float > [0-9.e+-]+", w) for w in lat["not_eligible"])
-    assert sum(ratio > limit for ratio in lat["timed"].values()) == len(lat["not_eligible"]) > 0
-    better = [r for r in res.baseline["presets"] if r.get("fits") and r["sqnr_db"] > res.baseline["sqnr_db"]]
-    assert better and any(r.get("over_latency") for r in better)
+    # the rule's consistency must hold on every run; that a better plan was left out needs the base's measured
+    # gap to repeat under the limit's run: timing noise on a shared machine gets up to three runs for that
+    left_out = False
+    for _ in range(3):
+        res = _plan(WIDE, limit)
+        lat = res.baseline["latency"]
+        assert res.baseline["latency_ratio"] <= limit
+        assert res.measured["latency_ratio"] <= limit
+        for r in [*res.baseline["presets"], *res.baseline["searches"]]:
+            if "latency_ratio" in r:
+                assert bool(r.get("over_latency")) == (r["latency_ratio"] > limit), r
+        assert all(re.fullmatch(r".+: [0-9.]+x float > [0-9.e+-]+", w) for w in lat["not_eligible"])
+        assert sum(ratio > limit for ratio in lat["timed"].values()) == len(lat["not_eligible"])
+        better = [r for r in res.baseline["presets"] if r.get("fits") and r["sqnr_db"] > res.baseline["sqnr_db"]]
+        if lat["not_eligible"] and any(r.get("over_latency") for r in better):
+            left_out = True
+            break
+    assert left_out, "no run left a better-measuring plan out for its latency"
 
 
 def test_cli_nothing_within_the_ratio_is_exit_2_naming_the_fastest(tmp_path):
