@@ -41,7 +41,7 @@ def inverse_cholesky_upper_stack(h: np.ndarray) -> np.ndarray:
     if k <= DIRECT_MAX_K:
         try:
             return np.linalg.cholesky(np.linalg.inv(h)).transpose(0, 2, 1)
-        except np.linalg.LinAlgError:
+        except np.linalg.LinAlgError:  # a group needs extra damping: each alone below, damped where it must be
             pass
     return np.stack([inverse_cholesky_upper(h[g]) for g in range(h.shape[0])])
 

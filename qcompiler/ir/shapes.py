@@ -10,6 +10,8 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from qcompiler.ir.facts import _elements
+
 log = logging.getLogger("qcompiler.ir")  # the package's logger, as before ir was split into modules
 
 #: Static shape inference (the size check at load, :func:`infer_shapes`) runs only on protos up to this size
@@ -38,10 +40,7 @@ def structure_copy(model: onnx.ModelProto) -> onnx.ModelProto:
     g.value_info.extend(src.value_info)
     g.sparse_initializer.extend(src.sparse_initializer)
     for t in src.initializer:
-        n = 1
-        for d in t.dims:
-            n *= d
-        if n <= STRUCTURE_KEEP_ELEMENTS and t.data_location != onnx.TensorProto.EXTERNAL:
+        if _elements(t) <= STRUCTURE_KEEP_ELEMENTS and t.data_location != onnx.TensorProto.EXTERNAL:
             g.initializer.append(t)
         else:
             s = g.initializer.add()
