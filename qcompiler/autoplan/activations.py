@@ -7,7 +7,7 @@ whose every quantized reader is such a layer (read 8-bit per tensor with a calib
 target requantizes for an integer kernel, not produced by a layer with 8-bit weights), and :func:`widened` is
 the plan with one rule per reader setting its activation to 16 bits (``uint8`` → ``uint16``, ``int8`` →
 ``int16``; opset 21's 16-bit ``QuantizeLinear``). The bytes grow by one zero-point byte per tensor; latency
-does not change in kind (the same Q / DQ pair, the same float op). :func:`~qcompiler.autoplan.baseline.auto_plan`
+does not change in kind (the same Q / DQ pair, the same float op), though 16-bit Q / DQ measured slower (docs). :func:`~qcompiler.autoplan.baseline.auto_plan`
 compiles the widened plan for real, measures it on the held-back samples and keeps it only when it beats the
 plan it started from by the guard's rule (:meth:`~qcompiler.autoplan.baseline.Measured.beats`) and fits the
 budget.
