@@ -40,6 +40,7 @@ from qcompiler.plan.presets import names as preset_names
 from qcompiler.plan.presets import preset_path
 from qcompiler.report import cost
 from qcompiler.report import validate as qv
+from qcompiler.report.latency import check_ratio
 from qcompiler.session import Session
 
 log = logging.getLogger("qcompiler.api")  # the name the messages of compile have always carried
@@ -214,6 +215,7 @@ class CompileResult:
 def _check_recipe_options(opts: CompileOptions, given: CompileOptions) -> None:
     """The measured default's options are refused (one line, naming them) where it does not run."""
     if opts.plan == AUTO_PLAN:
+        check_ratio(opts.max_latency_ratio)
         return
     named = [name for name, on in (("--optimize", opts.optimize != "accuracy"),
                                    ("--max-latency-ratio", opts.max_latency_ratio is not None),

@@ -120,6 +120,17 @@ def test_compile_calib_folder(tmp_path):
     assert rep["validation"]["samples"] == 5
 
 
+def test_compile_no_validate_says_why_validation_was_skipped(tmp_path):
+    # with real data, --no-validate is the reason, not a lack of calibration data
+    out = tmp_path / "q.onnx"
+    res = run("compile", CONV, "-o", out, "--calib", CONV_NPZ, "--plan", "default", "--no-validate",
+              "--report", tmp_path / "r.json")
+    assert res.exit_code == 0, res.output
+    assert "validation: skipped (--no-validate)" in res.stdout
+    assert "no calibration data" not in res.stdout
+    assert "validation" not in json.loads((tmp_path / "r.json").read_text())
+
+
 def test_compile_calib_random_says_synthetic(tmp_path):
     out = tmp_path / "q.onnx"
     res = run("compile", CONV, "-o", out, "--calib", "random", "--calib-samples", 4, "--report", tmp_path / "r.json")

@@ -107,6 +107,20 @@ def test_max_latency_ratio_is_honoured(tmp_path: Path) -> None:
     assert "latency <= 1000.0x float" in rec["constraints"]
 
 
+@pytest.mark.parametrize("ratio", ["0", "-1", "nan", "inf"])
+def test_max_latency_ratio_not_positive_is_refused_before_any_work(tmp_path: Path, ratio: str) -> None:
+    # the same one-line check as `plan --max-latency-ratio`, before a candidate is compiled
+    model, npz = fixture("gemm_head")
+    out = tmp_path / "q.onnx"
+    before = digest(model, npz)
+    r = run("compile", model, "-o", out, "--calib", npz, "--max-latency-ratio", ratio)
+    assert r.exit_code == 2, r.output
+    assert r.output.strip().splitlines()[-1].startswith(f"error: --max-latency-ratio: {float(ratio):g} is not a "
+                                                        "positive number")
+    assert "Traceback" not in r.output and not out.exists() and list(tmp_path.iterdir()) == []
+    assert digest(model, npz) == before
+
+
 def test_budget_and_optimize_size(tmp_path: Path) -> None:
     model, npz = fixture("conv_bn_relu")
     res = compile_model(model, tmp_path / "s.onnx", CompileOptions(plan="auto", calib=str(npz), optimize="size"))

@@ -21,16 +21,9 @@ from typing import Any
 import numpy as np
 
 from qcompiler.core.errors import UserError
-from qcompiler.report.latency import LATENCY_REPEATS, run_timed
+from qcompiler.report.latency import LATENCY_REPEATS, check_ratio, run_timed
 
 log = logging.getLogger("qcompiler.autoplan")
-
-
-def check_ratio(ratio: float | None) -> None:
-    """A ratio that is not a positive finite number is refused (one line)."""
-    if ratio is not None and not (math.isfinite(ratio) and ratio > 0):
-        raise UserError(f"--max-latency-ratio: {ratio:g} is not a positive number (a latency over the float "
-                        "model's, e.g. 1.0: not slower than float)")
 
 
 @dataclass

@@ -254,6 +254,8 @@ def compile_cmd(model: Path, output: Path, plan: str | None, preset: str | None,
         click.echo(result.validation.table())
     elif rep.get("validation_skipped"):
         click.echo(f"validation: skipped ({rep['validation_skipped']})")
+    elif validate is False:
+        click.echo("validation: skipped (--no-validate)")
     else:
         click.echo("validation: skipped (no calibration data; use --calib DATA or --validate-data FILE.npz)")
     for f in result.files:

@@ -15,9 +15,18 @@ from typing import Any
 import numpy as np
 
 from qcompiler import ir
+from qcompiler.core.errors import UserError
 
 #: latency: the best of this many timed passes over the feeds
 LATENCY_REPEATS = 3
+
+
+def check_ratio(ratio: float | None) -> None:
+    """``--max-latency-ratio`` (``compile`` and ``plan``): a ratio that is not a positive finite number is refused
+    (one line)."""
+    if ratio is not None and not (math.isfinite(ratio) and ratio > 0):
+        raise UserError(f"--max-latency-ratio: {ratio:g} is not a positive number (a latency over the float "
+                        "model's, e.g. 1.0: not slower than float)")
 
 
 def run_timed(model: Path | Any, feeds: Sequence[dict[str, np.ndarray]],
