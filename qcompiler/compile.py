@@ -214,11 +214,11 @@ class CompileResult:
 
 def _check_recipe_options(opts: CompileOptions, given: CompileOptions) -> None:
     """The measured default's options are refused (one line, naming them) where it does not run."""
+    check_ratio(opts.max_latency_ratio)
     if opts.plan == AUTO_PLAN:
-        check_ratio(opts.max_latency_ratio)
         return
-    named = [name for name, on in (("--optimize", opts.optimize != "accuracy"),
-                                   ("--max-latency-ratio", opts.max_latency_ratio is not None),
+    named = [name for name, on in (("--optimize", opts.optimize != "accuracy"),  # --budget plans under the ratio
+                                   ("--max-latency-ratio", opts.max_latency_ratio is not None and given.budget is None),
                                    ("--max-drop", opts.max_drop is not None),
                                    ("--metric module:function", opts.task_metric is not None),
                                    ("--effort", opts.effort is not None),

@@ -143,6 +143,28 @@ def test_cli_nothing_within_the_ratio_is_exit_2_naming_the_fastest(tmp_path):
     assert (CONV.read_bytes(), CONV_DATA.read_bytes()) == before
 
 
+def test_compile_budget_plans_under_the_ratio_too(tmp_path):
+    """`compile --budget B --max-latency-ratio R` hands R to the planner (as `plan` takes it): nothing within a
+    thousandth of float is exit 2 with the planner's line, nothing written; a ratio no plan can exceed compiles
+    the plan `plan --budget` returns without it (same bytes as the compile without the option)."""
+    out = tmp_path / "q.onnx"
+    before = CONV.read_bytes(), CONV_DATA.read_bytes()
+    r = CliRunner().invoke(cli, ["compile", str(CONV), "-o", str(out), "--budget", WIDE, "--calib", str(CONV_DATA),
+                                 "--max-latency-ratio", "0.001", "-q"])
+    assert r.exit_code == 2, r.output
+    assert re.search(r"^error: --max-latency-ratio 0\.001: no plan within it; the fastest measured, ", r.output, re.M)
+    assert "Traceback" not in r.output and list(tmp_path.iterdir()) == []
+    assert (CONV.read_bytes(), CONV_DATA.read_bytes()) == before
+    outs = []
+    for extra in ([], ["--max-latency-ratio", "1000"]):
+        o = tmp_path / f"q{len(outs)}.onnx"
+        r = CliRunner().invoke(cli, ["compile", str(CONV), "-o", str(o), "--budget", WIDE, "--calib", str(CONV_DATA),
+                                     "--no-validate", "-q", *extra])
+        assert r.exit_code == 0, r.output
+        outs.append(o.read_bytes())
+    assert outs[0] == outs[1]
+
+
 def test_cli_prints_the_ratios_and_writes_them_in_the_header(tmp_path):
     out = tmp_path / "plan.yaml"
     r = CliRunner().invoke(cli, ["plan", str(CONV), "--budget", TIGHT, "--calib", str(CONV_DATA), "-o", str(out),

@@ -582,6 +582,7 @@ def plan_for_compile(model_path: str | Path, copts: Any, base: Plan, progress: P
     popts = PlanOptions(budget=budget, candidates=parse_candidates(copts.budget_candidates or DEFAULT_CANDIDATES),
                         default_candidates=not copts.budget_candidates,
                         metric=copts.budget_metric or "pd", target=copts.target,
-                        base_plan=base if given else None, seed=copts.seed, validate_data=copts.validate_data)
+                        base_plan=base if given else None, seed=copts.seed, validate_data=copts.validate_data,
+                        max_latency_ratio=copts.max_latency_ratio)
     calib = None if copts.calib is None or str(copts.calib) in ("none", "random") else copts.calib
     return auto_plan(model_path, calib, popts, progress=progress)

@@ -151,8 +151,8 @@ def _bytes(n: float) -> str:
               show_default=True, help="What the measured default maximizes / minimizes (latency: measured on this "
                                       "machine, so pin the choice with --recipe-out).")
 @click.option("--max-latency-ratio", type=float,
-              help="Measured default: onnxruntime latency at most R times the float model's (measured on this "
-                   "machine: pin the choice with --recipe-out).")
+              help="Measured default (and the planner, with --budget): onnxruntime latency at most R times the "
+                   "float model's (measured on this machine: pin the choice with --recipe-out).")
 @click.option("--max-drop", type=float, help="Measured default with --metric module:function: the most the task "
                                             "metric may drop below the float model's.")
 @click.option("--effort", type=click.Choice(["low", "normal", "high"]),
