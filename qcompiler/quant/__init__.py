@@ -94,10 +94,10 @@ def float16_scale(scale: Any) -> np.ndarray:
     big = float(np.max(s, initial=0.0))
     if big > FLOAT16_MAX:
         raise Float16ScaleError(f"scale {big:.6g} is beyond float16's largest value {FLOAT16_MAX:g}")
-    h = s.astype(np.float16)  # round to nearest (even)
-    low = h.astype(np.float32) < s
-    h = np.where(low, np.nextafter(h, np.float16(np.inf)), h)
-    return np.asarray(h, dtype=np.float16).astype(np.float32)
+    h = np.array(s.astype(np.float16), ndmin=1)  # round to nearest (even), then up where that went below
+    low = h.astype(np.float32) < s.reshape(h.shape)
+    h[low] = np.nextafter(h[low], np.float16(np.inf))
+    return h.astype(np.float32).reshape(s.shape)
 
 
 def _bshape(ndim: int, axis: int) -> list[int]:
