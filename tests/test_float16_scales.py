@@ -321,7 +321,7 @@ def test_scale_step_moves_largest_layers_first_and_not_predicted_worse():
         layers=[layer(name="stft", params=66048, base_weight={"dtype": "int4"}),
                 layer(name="lstm", params=131072, base_weight={"dtype": "int4"}),
                 layer(name="enc", params=24576, base_weight={"dtype": "int4"})],
-        candidates=names, choice=[1, 1, 1])
+        candidates=names, choice=[1, 1, 1], union_sensitivity=None)
     got = [(m.layer, m.candidate) for m in moves(res, uniform=True)]  # type: ignore[arg-type]
     assert got == [("lstm", "int4/block32/sym/f16"), ("stft", "int4/block32/sym/f16"),
                    ("stft", "int4/block64/sym/f16")]
@@ -331,3 +331,18 @@ def test_scale_step_moves_largest_layers_first_and_not_predicted_worse():
     res.choice = [2, 1, 1]  # a mixed plan: stft already at b32/f16
     assert [(m.layer, m.candidate) for m in moves(res, uniform=False)][:2] == [  # type: ignore[arg-type]
         ("lstm", "int4/block32/sym/f16"), ("stft", "int4/block64/sym/f16")]
+
+
+def test_scale_step_tries_the_float16_twin_of_a_float32_block_candidate():
+    """The searches' ``int4/block32/sym`` predicts its ``/f16`` twin (the same grid up to float16 rounding); a layer
+    already at ``int4/block32/sym`` is not moved to its twin (no gain to measure)."""
+    names = ["int8", "int4", "int4/block32/sym", "int4/block64/sym"]
+    values = np.array([[0.0003, 0.0718, 0.0706, 0.098], [0.001, 0.05, 0.01, 0.005]])
+    res = SimpleNamespace(
+        sensitivity=SimpleNamespace(candidates=names, layers=["lstm", "conv"], values=values),
+        layers=[SimpleNamespace(name="lstm", params=131072, base_weight={"dtype": "int4"}),
+                SimpleNamespace(name="conv", params=1000, base_weight={"dtype": "int4"})],
+        candidates=names, choice=[1, 2], union_sensitivity=None)
+    got = [(m.layer, m.candidate) for m in moves(res, uniform=False)]  # type: ignore[arg-type]
+    assert got == [("lstm", "int4/block32/sym/f16"), ("conv", "int4/block64/sym/f16")]
+    assert moves(res, uniform=False)[0].rule["weight"]["scale"] == "float16"  # type: ignore[arg-type]

@@ -16,8 +16,8 @@ prediction. So, when calibration data is given:
    bytes is the base plan of the search, which thus builds on its calibration method, ranges and algorithms.
    No preset fits: the default plan, as before.
 3. **The searches** (:func:`_searches`): with the default candidates, the knapsack with the default list, with
-   each of :data:`EXTRA_CANDIDATES` (per-tensor int4, per-channel int4, symmetric block-wise int4 with float16
-   scales: cheaper granularities that pay for int8 layers), with their union and with the union in the trust regions
+   each of :data:`EXTRA_CANDIDATES` (per-tensor int4, per-channel int4, symmetric block-wise int4: cheaper
+   granularities that pay for int8 layers), with their union and with the union in the trust regions
    :data:`STAYS`; each distinct plan compiled for real and measured; the best that fits is the mixed plan.
 4. **The guard**: when the base plan alone fits the budget and the mixed plan does not measure at least
    :data:`MIX_MARGIN_DB` better on the held-back samples *and on each half of them*, the base plan itself is
@@ -200,11 +200,7 @@ def measure(model_path: Path, plan: Plan, target: str, hold: Holdout, tmp: Path,
 PROBE_MARGIN = 0.05
 #: extra candidate lists searched, besides the default one, when the user gave none (each plan measured for real):
 #: a cheaper granularity pays for the int8 layers at the bytes of a uniform int4 preset
-#: The block-wise ones store float16 scales (``/f16``: half the bytes of float32 scales, codes on the rounded grid;
-#: session 10: on silero-vad the LSTM at ``int4/block32/sym`` measured +5.4 dB on eval but 7.7 KB over the budget of
-#: uniform w4a8, at ``int4/block32/sym/f16`` the same dB and 268 bytes under it)
-EXTRA_CANDIDATES = ("int8,int4,int4/tensor", "int8,int4,int4/channel",
-                    "int8,int4,int4/block32/sym/f16,int4/block64/sym/f16")
+EXTRA_CANDIDATES = ("int8,int4,int4/tensor", "int8,int4,int4/channel", "int8,int4,int4/block32/sym,int4/block64/sym")
 #: trust regions (``PlanOptions.stay``) searched with every candidate of those lists: plans a few clear steps
 #: from the base, measured beside the full knapsack's
 STAYS = (0.5, 0.8)
@@ -363,6 +359,7 @@ def _searches(src: Path, opts: PlanOptions, base: Plan, hold: Holdout, tmp: Path
             best = (r, m)
     chosen = best or fallback
     assert chosen is not None
+    chosen[0].union_sensitivity = sens
     return chosen[0], chosen[1], rows
 
 

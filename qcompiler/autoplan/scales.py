@@ -1,11 +1,14 @@
 """The planner's scale step: a layer moved, alone, to finer int4 blocks with float16 scales, measured.
 
 ``scale: float16`` halves the bytes of block-wise scales, so a layer may take 32-wide blocks at about the bytes of
-its per-channel int4 codes (:data:`~qcompiler.autoplan.baseline.EXTRA_CANDIDATES`' ``int4/block32/sym/f16``,
-``int4/block64/sym/f16``). The searches choose such moves from round-to-nearest sensitivities, which can rate a
-move far below what it measures: on silero-vad the LSTM at ``int4/block32/sym/f16`` (rest uniform w4a8) predicts
-0.0694 against 0.0718 at the preset's per-channel int4 — nothing — and measures 7.18 dB on the held-back samples
-against 2.83, 268 bytes under the budget. The knapsack's plans change several layers at once and measured worse.
+its per-channel int4 codes (``int4/block32/sym/f16``: the ``/f16`` twin of the searches' ``int4/block32/sym``). The
+searches choose from round-to-nearest sensitivities, which can rate such a move far below what it measures: on
+silero-vad the LSTM at ``int4/block32/sym/f16`` (rest uniform w4a8) predicts 0.0694 against 0.0718 at the
+preset's per-channel int4 — nothing — and measures 7.18 dB on the held-back samples against 2.83, 268 bytes under
+the budget; the knapsack's plans (with float16-scale candidates in its lists: tried, session 10) change several
+layers at once and measured worse (0.32 dB), and on PP-OCR cls the union knapsack with them measured 42.7 dB held
+back where session 9's lists gave 47.2. So the searches keep their float32-scale block candidates and the float16
+ones are tried here, one layer at a time.
 
 So, after the searches, :func:`scale_step` tries each of the first :data:`MAX_TRIES` single moves of
 :func:`moves` on the chosen plan (the largest layers first: where finer blocks cost the most bytes and float16
@@ -72,13 +75,27 @@ class ScaleStep:
         result.uniform = False
 
 
+def f16_columns(names: list[str]) -> list[tuple[str, int]]:
+    """The ``/f16`` block candidates the step may try, each with the sensitivity column that predicts it: a
+    ``/f16`` candidate's own, or for a block-wise float32-scale candidate (``int4/block32/sym``) its ``/f16`` twin
+    with the float32 one's column (the same grid but for the float16 rounding of its scales: at most 2^-10)."""
+    out: list[tuple[str, int]] = []
+    for i, c in enumerate(names):
+        if c.endswith(SUFFIX):
+            out.append((c, i))
+        elif "/block" in c and c + SUFFIX not in names:
+            out.append((c + SUFFIX, i))
+    return out
+
+
 def moves(result: AutoPlanResult, uniform: bool) -> list[Move]:
-    """The single-layer moves to a ``/f16`` candidate the step tries, in order (see the module doc): from the
-    base plan's own weight dtype (``uniform``) or the mixed plan's choice; none where the candidate is not allowed
-    or its sensitivity predicts it worse than the layer's current precision."""
-    sens = result.sensitivity
+    """The single-layer moves to a ``/f16`` block candidate the step tries, in order (see the module doc): from the
+    base plan's own weight dtype (``uniform``) or the mixed plan's choice; none where the sensitivity has no value
+    for the candidate (not allowed there), where it predicts the move worse than the layer's current precision, or
+    where the layer already has that grid."""
+    sens = result.union_sensitivity or result.sensitivity
     names = list(sens.candidates)
-    f16 = [c for c in names if c.endswith(SUFFIX)]
+    f16 = f16_columns(names)
     if not f16:
         return []
     order = sorted(range(len(result.layers)), key=lambda i: (-result.layers[i].params, i))
@@ -92,10 +109,11 @@ def moves(result: AutoPlanResult, uniform: bool) -> list[Move]:
         if uniform and la.base_weight.get("scale") == "float16":
             continue
         cur_v = sens.values[si, names.index(cur)] if cur in names else math.nan
-        for c in sorted(f16, key=lambda c: float(sens.values[si, names.index(c)])
-                        if np.isfinite(sens.values[si, names.index(c)]) else math.inf):
-            v = sens.values[si, names.index(c)]
-            if c == cur or not np.isfinite(v) or (np.isfinite(cur_v) and v > cur_v):
+        row = sorted(f16, key=lambda t: float(sens.values[si, t[1]]) if np.isfinite(sens.values[si, t[1]])
+                     else math.inf)
+        for c, col in row:
+            v = sens.values[si, col]
+            if c == cur or names[col] == cur or not np.isfinite(v) or (np.isfinite(cur_v) and v > cur_v):
                 continue
             out.append(Move(la.name, c, {"match": {"name": la.name}, "weight": parse_candidates(c)[0].keys()}))
     return out
