@@ -346,3 +346,18 @@ def test_scale_step_tries_the_float16_twin_of_a_float32_block_candidate():
     got = [(m.layer, m.candidate) for m in moves(res, uniform=False)]  # type: ignore[arg-type]
     assert got == [("lstm", "int4/block32/sym/f16"), ("conv", "int4/block64/sym/f16")]
     assert moves(res, uniform=False)[0].rule["weight"]["scale"] == "float16"  # type: ignore[arg-type]
+
+
+def test_cost_report_attributes_the_float16_scale_to_its_layer(tmp_path):
+    """The float16 scale reaches the layer through its Cast: the layer owns codes + 2 bytes per scale, and
+    nothing is left unattributed (the planner's byte table reads these per-layer bytes)."""
+    from qcompiler.report import cost
+
+    w = (np.random.default_rng(10).standard_normal((64, 16)) * 0.2).astype(np.float32)
+    src, calib = _matmul(tmp_path, w)
+    out = tmp_path / "q.onnx"
+    _compile(src, calib, out, _plan(F16_BLOCK), NO_LOWER)
+    rep = cost.model_cost(out, feed_shapes={"x": [1, 64]})
+    mm = next(la for la in rep.layers if la.name == "mm")
+    assert mm.bytes == 64 * 16 // 2 + 2 * 16 * 2
+    assert rep.unattributed_bytes == 0
