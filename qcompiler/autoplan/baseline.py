@@ -427,15 +427,15 @@ def auto_plan(model_path: str | Path, calib: str | Path | None, options: PlanOpt
         uniform = base_ok and (not mixed_fits or not mixed.beats(base_m))
         t = time.perf_counter()
         starts = [(base, base_m)] if uniform else [(result.plan, mixed)]
-        scale = scale_step(starts[0], result, uniform, opts, budget_value, unit, progress, lambda p, tag, label: measure(
-            src, p, opts.target, hold, tmp, tag, shapes, unit == "bitops", label))  # float16 scales (scales.py)
-        starts[0] = (scale.plan, scale.measured) if scale.kept and scale.plan is not None else starts[0]
         if uniform and mixed_fits and (mixed.sqnr_db, mixed.cost.total_bytes) != (base_m.sqnr_db,
                                                                                    base_m.cost.total_bytes):
             starts.append((result.plan, mixed))  # the mix, widened, may beat the base where the mix alone did not
         act = _activation_step(src, starts, opts, hold, tmp, shapes, unit, budget_value, progress)
         if act.kept and act.start == 1:
             uniform = False
+        chosen = (widened(starts[act.start][0], act.widening, "wide activations"), act.measured) if act.kept else starts[0]
+        scale = scale_step(chosen, result, uniform, opts, budget_value, unit, progress, lambda p, tag, label: measure(
+            src, p, opts.target, hold, tmp, tag, shapes, unit == "bitops", label))  # float16 scales (scales.py)
         result.timings["activations"] = time.perf_counter() - t
         result.timings["baseline"] = t_base
         result.timings["total"] = time.perf_counter() - t0
@@ -464,7 +464,6 @@ def auto_plan(model_path: str | Path, calib: str | Path | None, options: PlanOpt
     else:
         result.measured = {**mixed_info, "bytes": mixed.cost.total_bytes}
         result.text = _with_measured(result.text, mixed, name, base_m if base_fits else None, hold)
-    scale.apply(result, hold.data) if not (act.kept and act.start == 1) else None
     result.baseline["activations"] = act.info
     if act.kept:
         assert act.measured is not None
@@ -473,6 +472,7 @@ def auto_plan(model_path: str | Path, calib: str | Path | None, options: PlanOpt
                            "without_activations": {
                                "sqnr_db": result.measured["sqnr_db"], "bytes": result.measured["bytes"]}}
         result.text = widened_text(result.text, act.widening, act.comment(hold))
+    scale.apply(result, hold.data)
     result.plan = Plan.from_text(result.text, source="<auto plan>")
     return result
 
