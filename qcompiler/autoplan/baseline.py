@@ -28,6 +28,8 @@ prediction. So, when calibration data is given:
    kernel in onnxruntime), compiled and measured; kept when it fits and beats the chosen plan by the same rule
    (when the uniform base was chosen, and has no byte left for the zero points, the best mix widened is tried
    against it too). Recorded in ``AutoPlanResult.baseline["activations"]``.
+6. **Float16 scales** (:mod:`qcompiler.autoplan.scales`): the plan step 5 returns with one layer at a finer block
+   grid with float16 scales, a few such moves measured; kept by the same rule (``baseline["scales"]``).
 
 With ``max_latency_ratio`` (``plan --max-latency-ratio R``, :mod:`qcompiler.autoplan.latency`) every plan measured
 above is also timed against the float model, and one over ``R`` is neither a base nor returned.
