@@ -361,3 +361,18 @@ def test_cost_report_attributes_the_float16_scale_to_its_layer(tmp_path):
     mm = next(la for la in rep.layers if la.name == "mm")
     assert mm.bytes == 64 * 16 // 2 + 2 * 16 * 2
     assert rep.unattributed_bytes == 0
+
+
+def test_plan_cli_reports_the_float16_scale_step(tmp_path):
+    """``qcompiler plan`` with calibration data runs the step and says what it measured (conv_bn_relu at 9000
+    bytes: three moves measured, none kept; the plan written is the one measured before)."""
+    from click.testing import CliRunner
+
+    out = tmp_path / "p.yaml"
+    res = CliRunner().invoke(cli, ["plan", str(MODELS / "conv_bn_relu.onnx"), "--budget", "9000", "--calib",
+                                   str(MODELS / "conv_bn_relu.npz"), "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    line = next(ln for ln in res.output.splitlines() if ln.startswith("float16 scales:"))
+    assert line == ("float16 scales: 3 move(s) of one layer to finer blocks with float16 scales measured: none "
+                    "better by the guard's margin within the budget")
+    assert "scale: float16" not in out.read_text()
