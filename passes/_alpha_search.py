@@ -162,7 +162,7 @@ def _fake_quant_weight(lay: Layer, w: np.ndarray, spec: QuantSpec | None, opset:
     if schemes.uses_scheme_quantizer(spec):
         return schemes.quantize_for_spec(w, spec, axis, block, opset).qt.dequantize()
     return quant.quantize_weight(w, spec.dtype, spec.symmetric, axis, block, spec.range,
-                                 spec.scale == "pow2").dequantize()
+                                 spec.scale == "pow2", f16=spec.scale == "float16").dequantize()
 
 
 def _as_kn(lay: Layer, w: np.ndarray) -> np.ndarray:

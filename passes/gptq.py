@@ -142,7 +142,7 @@ class GPTQPass(Pass):
                 continue
             spec = np_.weight
             bits = _INT_BITS.get(spec.dtype)
-            if bits is None or bits > opts.max_bits or spec.scheme != "int" or spec.scale != "float":
+            if bits is None or bits > opts.max_bits or spec.scheme != "int" or spec.scale not in ("float", "float16"):
                 stats["skipped_not_low_bit"] += 1
                 continue
             if (node.name, 1) in ctx.weight_overrides:
@@ -269,7 +269,7 @@ class GPTQPass(Pass):
         mats = [gw[g].transpose(0, 2, 1).reshape(out_g, taps * in_g) for g in range(g_n)]
         per_channel_scale = None
         if spec.granularity != "block":
-            ref = quant.quantize_weight(w.astype(np.float32), spec.dtype, spec.symmetric, job.axis, None, spec.range)
+            ref = _fixed_grid(w.astype(np.float32), spec, job.axis, lay.node.name)
             per_channel_scale = (ref.scale, ref.zero_point)
         if (BATCH_ONE_ROW_GROUPS and per_channel_scale is not None and out_g == 1 and g_n > 1
                 and taps * in_g <= self.options.block_size):
@@ -472,6 +472,17 @@ def _axes(lay: Layer, spec: QuantSpec) -> tuple[int | None, int | None]:
     return lay.in_axis, int(spec.block_size)
 
 
+def _fixed_grid(w: np.ndarray, spec: QuantSpec, axis: int | None, node: str) -> quant.QuantizedTensor:
+    """Round-to-nearest of ``w`` on the plan's grid, whose scales (and zero points) GPTQ keeps: with ``scale:
+    float16`` the scales rounded up to float16, as insert-qdq stores them."""
+    try:
+        return quant.quantize_weight(w, spec.dtype, spec.symmetric, axis, None, spec.range,
+                                     f16=spec.scale == "float16")
+    except quant.Float16ScaleError as e:
+        raise UserError(f"gptq: {f'node {node!r}: ' if node else ''}scale float16: {e}; use scale float for this "
+                        "layer") from None
+
+
 def _proxy(w: np.ndarray, wq: np.ndarray, h: np.ndarray) -> float:
     """tr(ΔW·H·ΔWᵀ) = mean ‖ΔW·x‖² over the calibration rows."""
     d = wq - w
@@ -540,7 +551,7 @@ class _BlockGrid:
         for c in range(lo, hi):
             cols.append(w1[:, c - i1] if i1 <= c < i1 + width else w[:, c])
         vals = np.stack(cols, axis=1).astype(np.float32)
-        ref = quant.quantize_weight(vals, self.spec.dtype, self.spec.symmetric, 0, None, self.spec.range)
+        ref = _fixed_grid(vals, self.spec, 0, "")
         s, z = np.asarray(ref.scale).reshape(-1), np.asarray(ref.zero_point).astype(np.int64).reshape(-1)
         self.scales[:, bid] = s
         self.zps[:, bid] = z

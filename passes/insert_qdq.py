@@ -22,6 +22,10 @@ For every node the resolved plan quantizes:
   not read as its row operand (attention's K, V) gets one run-time scale per tensor instead
   (``DynamicQuantizeLinear`` for uint8). The ort target lowers a MatMul on it to ``MatMulInteger``
   (``ort-per-token-matmul``);
+* ``scale: float16`` (weights, scheme int): the scales are rounded up to float16 before the codes are computed
+  (:func:`qcompiler.quant.float16_scale`) and stored as a float16 initializer read through
+  ``Cast(to float)``: ``Wq --DequantizeLinear(Cast(s16), z_w)--> W'``; half the bytes of float32 block scales,
+  the same product ``(q − z) · s`` (the cast is exact). A scale above 65504 is refused, naming the node;
 * weights with a low-bit ``scheme`` (binary / ternary / shift) or ``scale: pow2`` are quantized by
   :mod:`qcompiler.quant.schemes`: integer codes (int4/int8/int16/int32, zero point 0) times a per-channel scale, read
   through the same ``DequantizeLinear``; **binary activations** (``activation: {scheme: binary}``) become
@@ -71,7 +75,7 @@ from qcompiler.core.context import CompileContext
 from qcompiler.core.errors import UserError
 from qcompiler.core.pass_base import Pass, PassResult
 from qcompiler.ir.axes import block_axis, per_channel_axis
-from qcompiler.ir.graph import GraphIndex
+from qcompiler.ir.graph import GraphIndex, float16_scale_source
 from qcompiler.plan import TABLE_OPS, NodePlan, QuantSpec, required_opset
 from qcompiler.quant import schemes
 
@@ -273,8 +277,13 @@ class InsertQDQPass(Pass):
                 stats["ternary_zero_codes"] += res.zeros
                 stats["ternary_codes"] += int(values.size)
         else:
-            qt = _with_block(quant.quantize_weight(values, spec.dtype, spec.symmetric, axis, work_block,
-                                                   spec.range, spec.scale == "pow2"), block)
+            try:
+                qt = _with_block(quant.quantize_weight(values, spec.dtype, spec.symmetric, axis, work_block,
+                                                       spec.range, spec.scale == "pow2",
+                                                       f16=spec.scale == "float16"), block)
+            except quant.Float16ScaleError as e:
+                raise UserError(f"node '{node.name}' ({node.op}, {_rule_of(np_)}): weight '{w.name}': scale "
+                                f"float16: {e}; use scale float for this layer") from None
 
         # bias: int32 with s_x * s_w (and the overflow guard raising s_w where needed)
         bias_codes = None
@@ -303,6 +312,8 @@ class InsertQDQPass(Pass):
                 stats["bias_overflow_guard"] += 1
                 if spec.scale == "pow2":
                     ws = schemes.ceil_pow2(ws)  # raised scales stay powers of two
+                elif spec.scale == "float16":
+                    ws = quant.float16_scale(ws)  # rounded up: still enough for the bias
                 qt = quant.QuantizedTensor(quant.quantize(values, ws, qt.zero_point, spec.dtype, axis, block),
                                            np.asarray(ws, dtype=np.float32).reshape(np.shape(qt.scale)),
                                            qt.zero_point, axis, block, spec.dtype)
@@ -313,12 +324,15 @@ class InsertQDQPass(Pass):
 
         # onnxruntime fuses DQ -> Gemm into QGemm only when the weight DequantizeLinear has an explicit zero
         # point, so a weight any Gemm reads keeps its zero point even when it is 0 (Conv / MatMul fuse without)
-        dq_out = self._emit_dq(graph, names, w.name, qt, explicit_zp=any(c.op == "Gemm" for c in w.outputs))
+        dq_out = self._emit_dq(graph, names, w.name, qt, explicit_zp=any(c.op == "Gemm" for c in w.outputs),
+                               f16=spec.scale == "float16")
         cache[key] = dq_out
         node.inputs[wi] = dq_out
         stats[f"weights_{spec.dtype if spec.scheme == 'int' else spec.scheme}_{spec.granularity}"] += 1
         stats["weight_bytes_float"] += values.nbytes
         stats["weight_bytes_quantized"] += (qt.q.size * schemes.storage_bits(qt.dtype) + 7) // 8
+        if spec.scale == "float16":
+            stats["weight_scales_float16"] += int(np.size(qt.scale))
         if bias_codes is not None:
             codes, bscale = bias_codes
             bias_c = node.inputs[2]
@@ -365,10 +379,12 @@ class InsertQDQPass(Pass):
 
     def _emit_dq(self, graph: gs.Graph, names: _Names, base: str, qt: quant.QuantizedTensor,
                  explicit_zp: bool = False,
-                 scale_product: tuple[gs.Tensor, gs.Tensor] | None = None) -> gs.Variable:
+                 scale_product: tuple[gs.Tensor, gs.Tensor] | None = None, f16: bool = False) -> gs.Variable:
         """``DequantizeLinear`` of constant codes. ``scale_product`` (an int32 bias: the weight and input scale
         constants): the scale is computed in the graph as their float32 ``Mul`` when that gives ``qt.scale`` bit
-        for bit, instead of being stored a second time."""
+        for bit, instead of being stored a second time. ``f16`` (``scale: float16``; ``qt.scale`` holds
+        float16 values): the scale is stored as float16 (``<base>:s16``) and ``Cast`` to float in the graph
+        (``<base>:s``), so the DequantizeLinear computes ``(q − z) · float32(s16)`` as before."""
         q_c = gs.Constant(names(f"{base}:q"), qt.q)
         scale = np.asarray(qt.scale, dtype=np.float32)
         zp = np.asarray(qt.zero_point)
@@ -381,6 +397,13 @@ class InsertQDQPass(Pass):
             s_c = gs.Variable(names(f"{base}:s"), dtype=np.float32, shape=list(scale.shape))
             graph.nodes.append(self.tag(gs.Node("Mul", names(f"{base}:Mul"), inputs=list(scale_product),
                                                 outputs=[s_c])))
+        if s_c is None and f16:
+            if not np.array_equal(scale.astype(np.float16).astype(np.float32), scale):
+                raise RuntimeError(f"weight '{base}': scale float16 asked for, but its scales are not float16 values")
+            s16 = gs.Constant(names(f"{base}:s16"), scale.astype(np.float16))
+            s_c = gs.Variable(names(f"{base}:s"), dtype=np.float32, shape=list(scale.shape))
+            graph.nodes.append(self.tag(gs.Node("Cast", names(f"{base}:Cast"), attrs={"to": _FLOAT},
+                                                inputs=[s16], outputs=[s_c])))
         if s_c is None:
             s_c = gs.Constant(names(f"{base}:s"), scale)
         inputs: list[Any] = [q_c, s_c]
@@ -397,17 +420,32 @@ class InsertQDQPass(Pass):
         return out
 
 
+#: onnx.TensorProto.FLOAT, Cast's ``to``
+_FLOAT = 1
+
+
+def _rule_of(np_: NodePlan) -> str:
+    return np_.rules[-1] if np_.rules else "plan defaults"
+
+
 def _row_reader(node: gs.Node, i: int) -> bool:
     """Input ``i`` of ``node`` is the left operand whose rows the op multiplies (MatMul A, Gemm A without transA)."""
     return i == 0 and (node.op == "MatMul" or (node.op == "Gemm" and not int(node.attrs.get("transA", 0))))
 
 
+def _stored_scale(t: gs.Tensor) -> np.ndarray | None:
+    """A scale stored in the file: a constant, or a float16 constant cast to float (``scale: float16``)."""
+    if isinstance(t, gs.Constant):
+        return np.asarray(t.values)
+    s16 = float16_scale_source(t)
+    return None if s16 is None else np.asarray(s16.values).astype(np.float32)
+
+
 def _same_product(scale: np.ndarray, a: gs.Tensor, b: gs.Tensor) -> bool:
-    """True when the float32 constants ``a · b`` (broadcast) equal ``scale`` bit for bit, shape included."""
-    if not (isinstance(a, gs.Constant) and isinstance(b, gs.Constant)):
-        return False
-    va, vb = np.asarray(a.values), np.asarray(b.values)
-    if va.dtype != np.float32 or vb.dtype != np.float32:
+    """True when the float32 scales ``a · b`` (broadcast; constants, or a float16 constant cast to float) equal
+    ``scale`` bit for bit, shape included."""
+    va, vb = _stored_scale(a), _stored_scale(b)
+    if va is None or vb is None or va.dtype != np.float32 or vb.dtype != np.float32:
         return False
     prod = np.asarray(va * vb, dtype=np.float32)
     return prod.shape == scale.shape and np.array_equal(prod.view(np.uint32), scale.view(np.uint32))

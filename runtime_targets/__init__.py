@@ -94,6 +94,9 @@ class Target:
     dynamic_activation_ops: ClassVar[frozenset[str]] = frozenset()
     #: names of the registered passes ``lower`` runs for this target, in order
     lowering: ClassVar[tuple[str, ...]] = ()
+    #: the weight ``scale:`` values this target runs (``float16``: float16 scale initializers cast to float in the
+    #: graph before DequantizeLinear — only targets whose lowering reads such a scale)
+    weight_scales: ClassVar[frozenset[str]] = frozenset({"float", "pow2"})
 
     def check_options(self, plan_options: dict[str, dict[str, Any]], source: str) -> dict[str, Any]:
         """This target's options from a plan's ``targets:`` section, defaults filled in. Raises
@@ -131,6 +134,10 @@ class Target:
                                         f"(supported: {', '.join(sorted(cap.weight_dtypes))})")
             if w.granularity not in cap.granularities:
                 raise self._refuse(np_, f"weight granularity {w.granularity} is not supported for {np_.op_type}")
+            if w.scale not in self.weight_scales:
+                runs = sorted(n for n, t in targets().items() if w.scale in t.weight_scales)
+                raise self._refuse(np_, f"weight scale {w.scale} is not supported on this target"
+                                        + (f" (targets running it: {', '.join(runs)})" if runs else ""))
         if a is not None:
             allowed = cap.activation_dtypes if cap is not None else self.other_activation_dtypes
             if a.scheme not in ("int", *(cap.schemes if cap else ())):

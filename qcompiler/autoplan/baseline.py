@@ -28,6 +28,8 @@ prediction. So, when calibration data is given:
    kernel in onnxruntime), compiled and measured; kept when it fits and beats the chosen plan by the same rule
    (when the uniform base was chosen, and has no byte left for the zero points, the best mix widened is tried
    against it too). Recorded in ``AutoPlanResult.baseline["activations"]``.
+6. **Float16 scales** (:mod:`qcompiler.autoplan.scales`): the plan step 5 returns with one layer at a finer block
+   grid with float16 scales, a few such moves measured; kept by the same rule (``baseline["scales"]``).
 
 With ``max_latency_ratio`` (``plan --max-latency-ratio R``, :mod:`qcompiler.autoplan.latency`) every plan measured
 above is also timed against the float model, and one over ``R`` is neither a base nor returned.
@@ -61,6 +63,7 @@ from qcompiler.autoplan.plans import plan_yaml
 from qcompiler.autoplan.prepare import first_feeds
 from qcompiler.autoplan.probes import ProbeWorkdir, compiled_cost
 from qcompiler.autoplan.result import AutoPlanResult, PlanOptions, Progress
+from qcompiler.autoplan.scales import scale_step
 from qcompiler.autoplan.search import _absolute_budget, search_plan
 from qcompiler.autoplan.sensitivity import SensitivityResult
 from qcompiler.calib import spread_indices
@@ -358,6 +361,7 @@ def _searches(src: Path, opts: PlanOptions, base: Plan, hold: Holdout, tmp: Path
             best = (r, m)
     chosen = best or fallback
     assert chosen is not None
+    chosen[0].union_sensitivity = sens
     return chosen[0], chosen[1], rows
 
 
@@ -431,6 +435,9 @@ def auto_plan(model_path: str | Path, calib: str | Path | None, options: PlanOpt
         act = _activation_step(src, starts, opts, hold, tmp, shapes, unit, budget_value, progress)
         if act.kept and act.start == 1:
             uniform = False
+        chosen = (widened(starts[act.start][0], act.widening, "wide activations"), act.measured) if act.kept else starts[0]
+        scale = scale_step(chosen, result, uniform, opts, budget_value, unit, progress, lambda p, tag, label: measure(
+            src, p, opts.target, hold, tmp, tag, shapes, unit == "bitops", label))  # float16 scales (scales.py)
         result.timings["activations"] = time.perf_counter() - t
         result.timings["baseline"] = t_base
         result.timings["total"] = time.perf_counter() - t0
@@ -467,6 +474,7 @@ def auto_plan(model_path: str | Path, calib: str | Path | None, options: PlanOpt
                            "without_activations": {
                                "sqnr_db": result.measured["sqnr_db"], "bytes": result.measured["bytes"]}}
         result.text = widened_text(result.text, act.widening, act.comment(hold))
+    scale.apply(result, hold.data)
     result.plan = Plan.from_text(result.text, source="<auto plan>")
     return result
 

@@ -109,8 +109,9 @@ class Candidate:
 
 def parse_candidates(text: str | Sequence[str]) -> list[Candidate]:
     """``"fp32,int8,int4,ternary,binary,shift4"`` -> candidates (order kept, duplicates refused). A candidate may
-    fix its granularity (``int4/tensor``, ``int4/channel``, ``int4/block64``) and then its symmetry
-    (``int4/block64/sym``: no zero points stored; ``/asym``)."""
+    fix its granularity (``int4/tensor``, ``int4/channel``, ``int4/block64``), then its symmetry
+    (``int4/block64/sym``: no zero points stored; ``/asym``), and last store its scales as float16
+    (``int4/block32/sym/f16``, ``int4/f16``: ``scale: float16``, half the bytes of float32 scales)."""
     items = [t.strip() for t in (text.split(",") if isinstance(text, str) else text) if str(t).strip()]
     if not items:
         raise UserError("--candidates: empty list")
@@ -137,11 +138,20 @@ def parse_candidates(text: str | Sequence[str]) -> list[Candidate]:
         else:
             raise UserError(f"--candidates: unknown candidate '{raw}' (fp32, int8, int4, uint8, uint4, int16, "
                             "fp8e4m3, fp8e5m2, int3, int2, binary, ternary, shift2..shift4)")
-        gran, _, sym = gran.partition("/")
+        parts = gran.split("/") if gran else []
+        f16 = bool(parts) and parts[-1] in _SCALE_SUFFIX
+        if f16:
+            parts = parts[:-1]
+        if len(parts) > 2:
+            raise UserError(f"--candidates: '{raw}': too many suffixes (dtype/granularity/symmetry/f16, e.g. "
+                            "int4/block32/sym/f16)")
+        gran, sym = (*parts, "", "")[:2]
         if gran:
             cand = _with_granularity(cand, gran, raw)
         if sym:
             cand = _with_symmetry(cand, sym, raw)
+        if f16:
+            cand = _with_scale(cand, "f16", raw)
         if any(c.name == cand.name for c in out):
             raise UserError(f"--candidates: '{raw}' given twice")
         out.append(cand)
@@ -167,6 +177,18 @@ def _with_granularity(cand: Candidate, gran: str, raw: str) -> Candidate:
         raise UserError(f"--candidates: '{raw}': the granularity suffix must be /tensor, /channel or /blockN "
                         "(N >= 2; int dtypes only)")
     return Candidate(f"{cand.name}/{label}", (*(cand.weight or ()), *keys))
+
+
+#: ``--candidates`` scale suffixes (the last one): ``/f16`` stores the weight scales as float16 (``scale: float16``)
+_SCALE_SUFFIX = {"f16": "float16"}
+
+
+def _with_scale(cand: Candidate, suffix: str, raw: str) -> Candidate:
+    """``cand`` with its weight scales stored as float16 (``/f16``, last: ``int4/block32/sym/f16``)."""
+    if cand.is_float or cand.lowbit:
+        raise UserError(f"--candidates: '{raw}': the /f16 suffix (float16 scales) takes an int dtype "
+                        "(int4/block32/sym/f16, int8/f16)")
+    return Candidate(f"{cand.name}/{suffix}", (*(cand.weight or ()), ("scale", _SCALE_SUFFIX[suffix])))
 
 
 def _with_symmetry(cand: Candidate, sym: str, raw: str) -> Candidate:

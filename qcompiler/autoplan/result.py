@@ -126,6 +126,9 @@ class AutoPlanResult:
     #: tables still describe the best mixed plan, whose text is ``search_text``
     uniform: bool = False
     search_text: str = ""
+    #: the sensitivities over every candidate the planner's searches measured (their union), when several lists
+    #: were searched (``sensitivity`` then covers this result's own list); the float16-scale step reads them
+    union_sensitivity: SensitivityResult | None = None
 
     def counts(self) -> dict[str, int]:
         out = dict.fromkeys(self.candidates, 0)

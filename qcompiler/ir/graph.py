@@ -17,6 +17,7 @@ __all__ = [
     "GraphIndex",
     "const_values",
     "exclusive_constant",
+    "float16_scale_source",
     "infer_rank",
     "is_empty",
     "is_onnx_op",
@@ -62,16 +63,31 @@ def const_values(t: gs.Tensor | None) -> np.ndarray | None:
     return None
 
 
+def float16_scale_source(t: gs.Tensor | None) -> gs.Constant | None:
+    """The float16 constant behind ``t`` when ``t`` is ``Cast(to float)`` of one (``insert-qdq``'s ``scale:
+    float16``: the stored scale, cast to float32 in the graph), else ``None``."""
+    node = producer(t) if isinstance(t, gs.Variable) else None
+    if node is None or not is_onnx_op(node, "Cast") or len(node.inputs) != 1 or int(node.attrs.get("to", 0)) != 1:
+        return None
+    src = node.inputs[0]
+    return src if isinstance(src, gs.Constant) and np.asarray(src.values).dtype == np.float16 else None
+
+
 def scale_values(t: gs.Tensor | None) -> np.ndarray | None:
-    """Values of a quantization scale: a constant, or the float32 product ``Mul(a, b)`` of two float32 constants
+    """Values of a quantization scale: a constant, a float16 constant cast to float (:func:`float16_scale_source`;
+    float32 values, the cast is exact), or the float32 product ``Mul(a, b)`` of two such float32 values
     (``insert-qdq`` computes an int32 bias's scale s_w · s_x that way), computed as the runtime does; else
     ``None``."""
     if isinstance(t, gs.Constant):
         return np.asarray(t.values)
+    s16 = float16_scale_source(t)
+    if s16 is not None:
+        return np.asarray(s16.values).astype(np.float32)
     node = producer(t) if t is not None else None
     if node is None or not is_onnx_op(node, "Mul") or len(node.inputs) != 2:
         return None
-    a, b = (const_values(x) for x in node.inputs)
+    a, b = (scale_values(x) if not isinstance(x, gs.Constant) and float16_scale_source(x) is not None
+            else const_values(x) for x in node.inputs)
     if a is None or b is None or a.dtype != np.float32 or b.dtype != np.float32:
         return None
     return np.asarray(a * b, dtype=np.float32)

@@ -49,7 +49,7 @@ RANGES = ("minmax", "mse")
 #: the largest ``block_size`` a plan may give (real plans use 16 ... 256; a block longer than the weight's
 #: reduction axis is one block, so nothing needs more)
 MAX_BLOCK_SIZE = 1 << 16
-SCALES = ("float", "pow2")
+SCALES = ("float", "pow2", "float16")
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,8 @@ class QuantSpec:
     range: str = setting("minmax", choices=RANGES, doc="weights: how the clipping range is chosen")
     scheme: str = setting("int", choices=SCHEMES, doc="int | binary | ternary | shift | uniform (low-bit weight "
                                                       "schemes; activations: int or binary)")
-    scale: str = setting("float", choices=SCALES, doc="float | pow2 (power-of-two scales)")
+    scale: str = setting("float", choices=SCALES, doc="float | pow2 (power-of-two scales) | float16 (weights, scheme "
+                                                      "int: scales stored as float16, cast to float in the graph)")
     bits: int = setting(4, positive=True, doc="shift scheme: sign + 2**(bits-1) exponents (2, 3 or 4); uniform: "
                                               "2**bits levels (2 or 3)")
     threshold: float = setting(0.7, interval=(0.0, 2.0, True, True), doc="ternary: delta = threshold * mean|W|")
@@ -125,12 +126,22 @@ def make_spec(d: dict[str, Any], where: str) -> QuantSpec:
     if spec.granularity == "per_token" and (spec.calibration != "dynamic" or spec.scheme != "int"):
         raise UserError(f"{where}: granularity per_token is measured at run time, for activations: set calibration "
                         "dynamic (and scheme int)")
+    if spec.scale == "float16" and spec.scheme != "int":
+        raise UserError(f"{where}: scale float16 stores an int scheme's scales as float16; scheme '{spec.scheme}' "
+                        "takes scale float or pow2")
     if spec.scheme == "uniform" and spec.bits not in UNIFORM_BITS:
         raise UserError(f"{where}: uniform bits must be one of {', '.join(map(str, UNIFORM_BITS))}, got {spec.bits}")
     return spec
 
 
+def _check_activation_scale(d: dict[str, Any], where: str) -> None:
+    if d.get("scale") == "float16":
+        raise UserError(f"{where}: scale float16 is for weights (stored scales); an activation's scale is one "
+                        "float32 per tensor: remove scale from the activation")
+
+
 def check_activation_scheme(d: dict[str, Any], where: str) -> None:
+    _check_activation_scale(d, where)
     if d.get("scheme", "int") not in ACTIVATION_SCHEMES:
         raise UserError(f"{where}: activation scheme '{d['scheme']}' is not supported "
                         f"(one of: {', '.join(ACTIVATION_SCHEMES)}; ternary and shift are weight schemes)")
@@ -139,6 +150,7 @@ def check_activation_scheme(d: dict[str, Any], where: str) -> None:
 def activation_spec(d: dict[str, Any], where: str) -> QuantSpec:
     """An activation spec. Binary activations take beta = mean|x| from the calibration histogram, so a
     ``minmax`` calibration (which keeps no histogram) becomes ``mse`` for them."""
+    _check_activation_scale(d, where)
     spec = make_spec(d, where)
     if spec.scheme == "binary" and spec.calibration == "minmax":
         spec = replace(spec, calibration="mse")

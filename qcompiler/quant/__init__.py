@@ -12,6 +12,13 @@ s = (hi − lo) / (qmax − qmin), z = round(qmin − lo / s). fp8: s = max|x| /
 Granularity: per tensor (one s), per channel (one s per index of ``axis``), block-wise (one s per
 ``block_size`` consecutive elements along ``axis``, as DequantizeLinear's ``block_size`` attribute reads it).
 
+Float16 scales (a plan's ``scale: float16``, weights only): each scale is stored as float16, the smallest
+float16 ≥ the float32 scale (:func:`float16_scale`: rounding up never clips more than the float32 scale would;
+in float16's normal range it raises a scale by at most 2^-10 relative, below it the subnormals keep it > 0), and the
+codes are computed with that rounded scale, so ``(q − z) · float32(s16)`` is what the graph's
+``Cast(s16 → float) → DequantizeLinear`` computes. A scale above float16's largest value (65504) is refused
+(:class:`Float16ScaleError`).
+
 Bias of Conv/Gemm: int32 codes with s_b = s_x · s_w (per output channel), z = 0. When |b| / s_b would not fit
 in int32 (tiny scales), the weight scale of that channel is raised until it fits — the overflow guard.
 """
@@ -36,13 +43,61 @@ from qcompiler.quant.dtypes import (
     qdtype,
 )
 
-__all__ = ["CODE_DTYPES", "DTYPES", "INT32_LIMIT", "MIN_SCALE", "PER_TOKEN_MIN_SCALE", "PER_TOKEN_SUFFIXES", "QDTYPES",
-           "SHIFT_BITS", "UNIFORM_BITS", "QDType", "QuantizedTensor", "dequantize", "expand_scale", "int_bits",
-           "is_code_dtype", "per_token_codes", "per_token_dequantize", "per_token_qparams", "pow2_scale", "qdtype",
-           "qparams", "quantize", "quantize_bias", "quantize_weight", "sqnr_db"]
+__all__ = [
+    "CODE_DTYPES",
+    "DTYPES",
+    "FLOAT16_MAX",
+    "INT32_LIMIT",
+    "MIN_SCALE",
+    "PER_TOKEN_MIN_SCALE",
+    "PER_TOKEN_SUFFIXES",
+    "QDTYPES",
+    "SHIFT_BITS",
+    "UNIFORM_BITS",
+    "Float16ScaleError",
+    "QDType",
+    "QuantizedTensor",
+    "dequantize",
+    "expand_scale",
+    "float16_scale",
+    "int_bits",
+    "is_code_dtype",
+    "per_token_codes",
+    "per_token_dequantize",
+    "per_token_qparams",
+    "pow2_scale",
+    "qdtype",
+    "qparams",
+    "quantize",
+    "quantize_bias",
+    "quantize_weight",
+    "sqnr_db",
+]
 
 INT32_LIMIT = 2**31 - 1
 MIN_SCALE = 1e-12
+
+
+#: the largest finite float16: a ``scale: float16`` above it is refused
+FLOAT16_MAX = 65504.0
+
+
+class Float16ScaleError(ValueError):
+    """A scale that float16 cannot hold (above :data:`FLOAT16_MAX`); the caller names the weight."""
+
+
+def float16_scale(scale: Any) -> np.ndarray:
+    """The smallest float16 ≥ each (positive, float32) scale, returned as float32 (exactly representable in
+    float16, so storing it as float16 and casting back gives the same bits). Raises :class:`Float16ScaleError`
+    when a scale exceeds :data:`FLOAT16_MAX`."""
+    s = np.asarray(scale, dtype=np.float32)
+    big = float(np.max(s, initial=0.0))
+    if big > FLOAT16_MAX:
+        raise Float16ScaleError(f"scale {big:.6g} is beyond float16's largest value {FLOAT16_MAX:g}")
+    h = np.array(s.astype(np.float16), ndmin=1)  # round to nearest (even), then up where that went below
+    low = h.astype(np.float32) < s.reshape(h.shape)
+    h[low] = np.nextafter(h[low], np.float16(np.inf))
+    return h.astype(np.float32).reshape(s.shape)
 
 
 def _bshape(ndim: int, axis: int) -> list[int]:
@@ -188,8 +243,10 @@ def _reduce_mean_blocks(x: np.ndarray, axis: int, block_size: int) -> np.ndarray
 
 
 def quantize_weight(w: np.ndarray, dtype: str, symmetric: bool, axis: int | None, block_size: int | None = None,
-                    range_method: str = "minmax", pow2: bool = False) -> QuantizedTensor:
-    """Quantize a constant weight; ``axis`` None = per tensor; ``block_size`` with ``axis`` = block-wise."""
+                    range_method: str = "minmax", pow2: bool = False, f16: bool = False) -> QuantizedTensor:
+    """Quantize a constant weight; ``axis`` None = per tensor; ``block_size`` with ``axis`` = block-wise.
+    ``f16``: the scales rounded up to float16 (:func:`float16_scale`) before the codes are computed (the MSE
+    range search compares the float32 candidates; the chosen one is rounded)."""
     w = np.asarray(w, dtype=np.float32)
     lo, hi = _reduce_minmax(w, axis, block_size)
     if range_method == "mse":
@@ -197,6 +254,8 @@ def quantize_weight(w: np.ndarray, dtype: str, symmetric: bool, axis: int | None
     scale, zp = qparams(lo, hi, dtype, symmetric)
     if pow2:
         scale = pow2_scale(w, scale, zp, dtype, axis, block_size)
+    if f16:
+        scale = float16_scale(scale)
     q = quantize(w, scale, zp, dtype, axis, block_size)
     return QuantizedTensor(q, scale, zp, axis, block_size, dtype)
 

@@ -65,6 +65,9 @@ class OrtTarget(Target):
     lowering: ClassVar[tuple[str, ...]] = ("lower-matmulnbits", "ort-dynamic-matmul", "ort-per-token-matmul",
                                           "ort-fp8-relu-guard",
                                           "ort-gather-block-quantized", "ort-load-time-dequant")
+    #: ``scale: float16`` weights: a float16 scale initializer and ``Cast(to float)`` before the DequantizeLinear
+    #: (onnxruntime folds the Cast at load, so its QDQ fusions see a constant float32 scale)
+    weight_scales: ClassVar[frozenset[str]] = frozenset({"float", "pow2", "float16"})
     options: ClassVar[dict[str, tuple[Any, str]]] = {
         "requantize_conv_outputs": (True, "quantize a Conv's output for QLinearConv even where only float ops read "
                                           "it (false: such a Conv keeps float activations)"),

@@ -28,6 +28,10 @@ int8 1.4–2.1, packed int4 8.7, DequantizeLinear → Gather int8 10.8, int4 44.
 fast as the float Gather, so the default dequantizes at load (float speed); ``true`` trades 2–20x lookup time
 (microseconds per token) for a table 4–8x smaller in memory.
 
+``scale: float16`` (the DequantizeLinear reads ``Cast(s16)``): dequantized at load, the scale stays float16 in the
+file (``Cast(s16')``, folded at load); as GatherBlockQuantized, whose scales have the output's type, the scales are
+written as float32 (the same values: the cast is exact) — 2 bytes more per scale than the QDQ form.
+
 Not rewritten: a table another op reads too (a tied output projection reads the same DequantizeLinear: it stays
 standard QDQ, stat ``skipped_shared``), other layouts (``skipped_layout``). A second run finds nothing.
 """
@@ -43,7 +47,7 @@ import onnx_graphsurgeon as gs
 
 from qcompiler.core.context import CompileContext
 from qcompiler.core.pass_base import Pass, PassResult
-from qcompiler.ir.graph import GraphIndex, remove_nodes
+from qcompiler.ir.graph import GraphIndex, float16_scale_source, remove_nodes
 
 DOMAIN = "com.microsoft"
 _FLOAT = 1  # onnx.TensorProto.FLOAT, Cast's ``to``
@@ -57,6 +61,7 @@ class _Table:
     s: np.ndarray
     z: np.ndarray | None
     block: int  # 0: one scale per row
+    f16: bool = False  # scale: float16 (the DQ reads Cast(s16)): s holds its float32 values
 
 
 def _pack(u: np.ndarray) -> np.ndarray:
@@ -135,19 +140,21 @@ class OrtGatherBlockQuantizedPass(Pass):
             stats["skipped_shared"] += 1
             return None
         q = np.asarray(q_c.values)
-        if not isinstance(s_c, gs.Constant) or (z_c is not None and not isinstance(z_c, gs.Constant)) or q.ndim != 2:
+        s16 = float16_scale_source(s_c)
+        if ((not isinstance(s_c, gs.Constant) and s16 is None)
+                or (z_c is not None and not isinstance(z_c, gs.Constant)) or q.ndim != 2):
             stats["skipped_layout"] += 1
             return None
-        s = np.asarray(s_c.values, np.float32)
+        s = np.asarray((s16 if s16 is not None else s_c).values, np.float32)
         z = None if z_c is None else np.asarray(z_c.values)
         v, d = q.shape
         axis = int(dq.attrs.get("axis", 1)) % 2
         block = int(dq.attrs.get("block_size", 0))
         if q.dtype == np.int8 and not block and axis == 0 and s.shape == (v,):
-            return _Table(dq, q, s, z, 0)
+            return _Table(dq, q, s, z, 0, s16 is not None)
         if (q.dtype in _INT4 and axis == 1 and block >= 16 and not block & (block - 1) and d % block == 0
                 and s.shape == (v, d // block)):
-            return _Table(dq, q, s, z, block)
+            return _Table(dq, q, s, z, block, s16 is not None)
         stats["skipped_layout"] += 1
         return None
 
@@ -196,7 +203,12 @@ class OrtGatherBlockQuantizedPass(Pass):
             z_f = gs.Constant(index.unique_name(f"{base}:zpf"), t.z.astype(np.float32).reshape(shape))
             new.append(gs.Node("Sub", index.unique_name(f"{base}:Sub"), inputs=[x, z_f], outputs=[centered]))
             x = centered
-        s_b = gs.Constant(index.unique_name(f"{base}:sb"), t.s.reshape(shape))
+        s_b: gs.Tensor = gs.Constant(index.unique_name(f"{base}:sb"), t.s.reshape(shape))
+        if t.f16:  # kept float16 in the file, cast (exactly) when the session loads
+            s16_b = gs.Constant(index.unique_name(f"{base}:sb16"), t.s.astype(np.float16).reshape(shape))
+            s_b = var("sbf", shape)
+            new.append(gs.Node("Cast", index.unique_name(f"{base}:CastS"), attrs={"to": _FLOAT}, inputs=[s16_b],
+                               outputs=[s_b]))
         t.dq.outputs.clear()
         if t.block:
             scaled = var("scaled", list(x.shape or []))

@@ -12,7 +12,9 @@ This pass writes the same dequantization with ops onnxruntime does fold at sessi
       →  Mul(Cast(q, float), s')                              when z is absent or all zero
       →  Mul(Sub(Cast(q, float), z'), s')                     otherwise
 
-with ``s'`` / ``z'`` the scale / zero point as float32 constants shaped to broadcast along ``axis`` (``[C, 1, …]``).
+with ``s'`` / ``z'`` the scale / zero point as float32 constants shaped to broadcast along ``axis`` (``[C, 1, …]``);
+a ``scale: float16`` weight (``DequantizeLinear(q, Cast(s16))``) keeps its float16 scale, reshaped, as
+``Cast(s16', to float)`` (folded at load too: the same float32 values).
 Exact: every int8 / int16 / int4 / fp8 code converts to float32 exactly, ``q − z`` too, and one float32 multiply
 rounds as DequantizeLinear's does — bit-identical weights. The file keeps the integer codes (same bytes, plus
 a few nodes); the session holds the float weights, as it would for the float model.
@@ -34,7 +36,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from qcompiler.core.pass_base import GraphPass, PassResult
-from qcompiler.ir.graph import GraphIndex, producer, remove_nodes
+from qcompiler.ir.graph import GraphIndex, float16_scale_source, producer, remove_nodes
 
 _FLOAT = 1  # onnx.TensorProto.FLOAT, Cast's ``to``
 
@@ -83,12 +85,14 @@ class OrtLoadTimeDequantPass(GraphPass):
                 if any(n.op in _WEIGHT_INPUTS for n in readers):
                     stats["skipped_integer_kernel"] += 1
                 continue
-            if (not isinstance(s_c, gs.Constant) or (z_c is not None and not isinstance(z_c, gs.Constant))
-                    or int(dq.attrs.get("block_size", 0))):
+            s16 = float16_scale_source(s_c)
+            if ((not isinstance(s_c, gs.Constant) and s16 is None)
+                    or (z_c is not None and not isinstance(z_c, gs.Constant)) or int(dq.attrs.get("block_size", 0))):
                 stats["skipped_layout"] += 1
                 continue
             q = np.asarray(q_c.values)
-            s = np.asarray(s_c.values, dtype=np.float32)
+            s = np.asarray(s16.values if s16 is not None else s_c.values, dtype=np.float16 if s16 is not None
+                           else np.float32)
             z = None if z_c is None else np.asarray(z_c.values)
             shape = [1] * q.ndim
             if s.ndim == 1 and s.size > 1:
@@ -104,7 +108,12 @@ class OrtLoadTimeDequantPass(GraphPass):
                 centered = gs.Variable(index.unique_name(f"{base}:c"), dtype=np.float32, shape=list(q.shape))
                 new.append(gs.Node("Sub", index.unique_name(f"{base}:Sub"), inputs=[qf, zf], outputs=[centered]))
                 qf = centered
-            s_b = gs.Constant(index.unique_name(f"{base}:sb"), s.reshape(shape if s.ndim else ()))
+            s_b: gs.Tensor = gs.Constant(index.unique_name(f"{base}:sb"), s.reshape(shape if s.ndim else ()))
+            if s16 is not None:  # scale: float16 — kept float16 in the file, cast (exactly) when the session loads
+                s16_b, s_b = s_b, gs.Variable(index.unique_name(f"{base}:sbf"), dtype=np.float32,
+                                              shape=list(s.reshape(shape if s.ndim else ()).shape))
+                new.append(gs.Node("Cast", index.unique_name(f"{base}:CastS"), attrs={"to": _FLOAT},
+                                   inputs=[s16_b], outputs=[s_b]))
             dq.outputs.clear()
             new.append(gs.Node("Mul", index.unique_name(f"{base}:Mul"), inputs=[qf, s_b], outputs=[out]))
             for n in new:

@@ -6,6 +6,13 @@ where A is not itself dequantized (weight-only) and B is a power of two >= 16. M
 For signed int4 codes ``q`` with zero point ``z``: ``u = q + 8``, ``z_u = z + 8`` (same value). Codes are laid
 out per output column ``n``, in blocks of B along K, two per byte, low nibble first; K is padded to a whole
 block with the zero point (value 0).
+
+A ``scale: float16`` weight (``DequantizeLinear(Wq, Cast(s16))``) is lowered the same way with its scales written
+as float32 (the same values: the float16 → float32 conversion is exact; stat ``float16_scales_written_float32``):
+MatMulNBits takes scales of its input's type (float32 here; onnxruntime 1.32 refuses float16 scales with a
+float32 input), so such a layer stores no fewer bytes than with ``scale: float``, and computes the same. Left in
+QDQ form instead, onnxruntime folds the Cast and fuses DequantizeLinear → MatMul into its own MatMulNBits, but with
+``accuracy_level`` 4 (int8 activations: not the DequantizeLinear's product; measured in docs/mixed-precision.md).
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from qcompiler.core.pass_base import GraphPass, PassResult
+from qcompiler.ir.graph import float16_scale_source
 
 DOMAIN = "com.microsoft"
 
@@ -76,6 +84,9 @@ class LowerMatMulNBitsPass(GraphPass):
             qc, sc = dq.inputs[0], dq.inputs[1]
             zc = dq.inputs[2] if len(dq.inputs) > 2 else None
             block = int(dq.attrs.get("block_size", 0))
+            s16 = float16_scale_source(sc)
+            if s16 is not None:
+                sc = s16  # scale: float16 — written float32 below (module doc)
             if not (isinstance(qc, gs.Constant) and isinstance(sc, gs.Constant)) or qc.values.ndim != 2:
                 continue
             if qc.values.dtype not in (np.dtype(ml_dtypes.int4), np.dtype(ml_dtypes.uint4)):
@@ -88,8 +99,10 @@ class LowerMatMulNBitsPass(GraphPass):
                 continue
             k, n = qc.values.shape
             zp = zc.values if isinstance(zc, gs.Constant) else np.zeros(sc.values.shape, dtype=qc.values.dtype)
-            b, scales, zpk = to_matmulnbits(qc.values, sc.values, zp, block)
+            b, scales, zpk = to_matmulnbits(qc.values, np.asarray(sc.values).astype(np.float32), zp, block)
             inputs = [a, gs.Constant(qc.name + "_nbits", b), gs.Constant(sc.name + "_nbits", scales)]
+            if s16 is not None:
+                stats["float16_scales_written_float32"] += 1
             if zpk is not None:
                 inputs.append(gs.Constant((zc.name if zc is not None else qc.name + "_zp") + "_nbits", zpk))
             new = gs.Node("MatMulNBits", node.name, domain=DOMAIN,

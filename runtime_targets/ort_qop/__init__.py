@@ -36,6 +36,8 @@ _PT_PC = frozenset({"per_tensor", "per_channel"})
 
 
 class OrtQOperatorTarget(OrtTarget):
+    #: no ``scale: float16`` (its lowering reads constant float32 scales)
+    weight_scales: ClassVar[frozenset[str]] = frozenset({"float", "pow2"})
     name: ClassVar[str] = "ort-qop"
     description: ClassVar[str] = ("onnxruntime integer ops in the file (QOperator format): QLinearConv, QLinearMatMul, "
                                   "MatMulIntegerToFloat, QGemm; MatMulNBits for int4")

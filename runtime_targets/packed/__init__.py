@@ -42,6 +42,8 @@ PACKED_OPS = ("Conv", "Gemm", "MatMul")
 
 
 class PackedTarget(OrtTarget):
+    #: no ``scale: float16`` (its lowering reads constant float32 scales)
+    weight_scales: ClassVar[frozenset[str]] = frozenset({"float", "pow2"})
     name: ClassVar[str] = "packed"
     description: ClassVar[str] = (f"bit-packed {DOMAIN} ops (Binary/Ternary/Shift/Int3/Int2 Conv, Gemm, MatMul) with ONNX "
                                   "function bodies for stock onnxruntime; other layers as for ort")

@@ -64,7 +64,8 @@ def fake_quantize(node: gs.Node, values: np.ndarray, spec: QuantSpec, opset: int
     axis, block = _axes(node, w.ndim, spec)
     if spec.scheme != "int" or spec.scale == "pow2":
         return schemes.quantize_for_spec(w, spec, axis, block, opset).qt.dequantize().astype(np.float32)
-    return quant.quantize_weight(w, spec.dtype, spec.symmetric, axis, block, spec.range).dequantize()
+    return quant.quantize_weight(w, spec.dtype, spec.symmetric, axis, block, spec.range,
+                                 f16=spec.scale == "float16").dequantize()
 
 
 def quantized_weights(layer: LayerUnderTest, cand: str, opset: int = 21) -> list[np.ndarray]:

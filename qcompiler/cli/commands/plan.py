@@ -96,7 +96,8 @@ def plan_show_cmd(preset: str | None) -> None:
 @click.option("--candidates",
               help="Precisions a layer may take (default int8,int4, less what the target runs on no layer): fp32, "
                    "int8, int4, uint8, int16, fp8e4m3, ternary, binary, shift4, and int3 / int2 (uniform, "
-                   "bit-packed: --target packed) ...")
+                   "bit-packed: --target packed) ...; suffixes /tensor, /channel, /blockN, then /sym or /asym, "
+                   "then /f16 (float16 scales): int4/block32/sym/f16")
 @click.option("--metric", type=click.Choice(["pd", "hessian", "act-stats", "orthogonality"]), default="pd",
               show_default=True, help="Sensitivity: PD-Quant output change, HAWQ-V2 Hessian trace (forward "
                                       "only), myQASR activation statistics, OMPQ orthogonality.")
@@ -242,6 +243,11 @@ def plan_auto_cmd(model: Path, budget: str, bitops: bool, calib: str | None, out
                    + _latency(act, ", latency") + ("; kept" if act["kept"] else "; over the budget, not kept" if not act["fits"] else
                                       "; over the latency limit, not kept" if act.get("over_latency") else
                                       "; not better by the guard's margin, not kept"), err=err)
+    sc = b.get("scales") or {}
+    if sc.get("tried"):
+        click.echo(f"float16 scales: {sc['tried']} move(s) of one layer to finer blocks with float16 scales measured: "
+                   + (f"{sc['kept']} kept" if sc.get("kept") else "none better by the guard's margin within the budget"),
+                   err=err)
     for pt in measured:
         click.echo(f"front point {round(pt.bytes)} bytes: predicted "
                    + ("n/a" if pt.predicted_sqnr_db is None else f"{pt.predicted_sqnr_db:.2f} dB")

@@ -214,12 +214,33 @@ def _codes_cast(node: gs.Node | None) -> gs.Constant | None:
     return c if c is not None and is_code_dtype(c.dtype) else None
 
 
+def _scale_cast(node: gs.Node) -> bool:
+    """``Cast(to float)`` of a stored float16 constant (a ``scale: float16`` weight scale): its bytes belong, like
+    the scale they stand for, to the op the DequantizeLinear (or the load-time ``Mul``) feeds."""
+    return (node.op == "Cast" and len(node.inputs) == 1 and int(node.attrs.get("to", 0)) == 1
+            and _stored_scale(node.inputs[0]) is not None and bool(node.outputs))
+
+
+def _stored_scale(t: Any) -> gs.Constant | None:
+    """A float16 constant (a stored ``scale: float16``)."""
+    c = _const_values(t)
+    return c if c is not None and np.dtype(c.dtype) == np.float16 else None
+
+
+def _scale_value(t: Any) -> bool:
+    """A stored constant, or the Cast of a stored float16 scale."""
+    if _const_values(t) is not None:
+        return True
+    p = t.inputs[0] if t is not None and getattr(t, "inputs", None) else None
+    return p is not None and _scale_cast(p)
+
+
 def _load_time_step(node: gs.Node) -> bool:
     """A node of the ort target's load-time dequantization ``Mul(Cast(codes) [− z'], s')`` (see
     ``runtime_targets/ort/load_time_dequant.py``): attributed, like a DequantizeLinear, to the op it feeds."""
     if _codes_cast(node) is not None:
         return True
-    if node.op not in ("Sub", "Mul") or len(node.inputs) != 2 or _const_values(node.inputs[1]) is None:
+    if node.op not in ("Sub", "Mul") or len(node.inputs) != 2 or not _scale_value(node.inputs[1]):
         return False
     src = node.inputs[0].inputs[0] if node.inputs[0].inputs else None
     return src is not None and (_codes_cast(src) is not None or (node.op == "Mul" and src.op == "Sub"
@@ -229,7 +250,7 @@ def _load_time_step(node: gs.Node) -> bool:
 def _scale_product(node: gs.Node) -> bool:
     """``Mul`` of two stored constants read only by DequantizeLinear nodes: an int32 bias scale ``s_w · s_x``
     computed in the graph (insert-qdq); its inputs belong, like the bias, to the op reading the dequantized bias."""
-    return (node.op == "Mul" and len(node.inputs) == 2 and all(_const_values(i) is not None for i in node.inputs)
+    return (node.op == "Mul" and len(node.inputs) == 2 and all(_scale_value(i) for i in node.inputs)
             and bool(node.outputs) and bool(node.outputs[0].outputs)
             and all(c.op == "DequantizeLinear" for c in node.outputs[0].outputs))
 
@@ -286,8 +307,8 @@ def _first_reader(t: Any, order: dict[int, int]) -> gs.Node | None:
             continue
         visited.add(id(cur))
         for consumer in cur.outputs:
-            if (consumer.op in PASS_THROUGH or _load_time_step(consumer) or _scale_product(consumer)) \
-                    and consumer.outputs:
+            if (consumer.op in PASS_THROUGH or _load_time_step(consumer) or _scale_product(consumer)
+                    or _scale_cast(consumer)) and consumer.outputs:
                 stack.extend(consumer.outputs)
                 continue
             if best is None or order.get(id(consumer), 1 << 60) < order.get(id(best), 1 << 60):
