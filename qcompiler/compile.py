@@ -28,8 +28,9 @@ from typing import Any, Protocol
 import onnx_graphsurgeon as gs
 
 from qcompiler import ir
-from qcompiler.calib import CalibrationSource, input_signatures
+from qcompiler.calib import input_signatures
 from qcompiler.calib.npz import member_meta, npz_members, open_zip
+from qcompiler.calib.shared import shared_source, sharing_sources
 from qcompiler.core import profile
 from qcompiler.core.errors import UserError
 from qcompiler.core.pass_manager import PassManager, PassRecord
@@ -297,7 +298,7 @@ def compile_plan(model_path: str | os.PathLike[str], output_path: str | os.PathL
     imported = profile.import_seconds()  # the command line's imports (None from Python)
     if imported is not None:
         prof.add("import", imported)
-    with prof.active():
+    with prof.active(), sharing_sources():  # nested compiles (a recipe's candidates) share calibration sources
         result = _compile_plan(model_path, output_path, options, progress, planner=planner, recipe=recipe, prof=prof)
     result.profile = prof
     return result
@@ -424,8 +425,9 @@ def _compile(src: Path, out: Path, opts: CompileOptions, outs: ir.OutputSet, pro
     calib_arg = None if opts.calib is None else str(opts.calib)
     if calib_arg is not None and calib_arg != "none":
         with profile.step("calibration data"):
-            calib_source = CalibrationSource.from_arg(calib_arg, input_signatures(graph), seed=opts.seed,
-                                                      limit=opts.calib_samples)
+            # the candidates of a measured recipe and the final compile read one source (checked, digested once)
+            calib_source = shared_source(calib_arg, input_signatures(graph), seed=opts.seed,
+                                         limit=opts.calib_samples)
             if opts.calib_indices is not None:
                 calib_source = calib_source.subset(opts.calib_indices)
     ctx = session.context(calib=calib_source, output_path=out, seed=opts.seed, data_free=calib_arg == "none")
