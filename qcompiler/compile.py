@@ -30,7 +30,7 @@ import onnx_graphsurgeon as gs
 from qcompiler import ir
 from qcompiler.calib import input_signatures
 from qcompiler.calib.npz import member_meta, npz_members, open_zip
-from qcompiler.calib.shared import shared_source, sharing_sources
+from qcompiler.calib.shared import FloatOutputs, shared_source, sharing_sources
 from qcompiler.core import profile
 from qcompiler.core.errors import UserError
 from qcompiler.core.pass_manager import PassManager, PassRecord
@@ -41,7 +41,7 @@ from qcompiler.plan.presets import names as preset_names
 from qcompiler.plan.presets import preset_path
 from qcompiler.report import cost
 from qcompiler.report import validate as qv
-from qcompiler.session import Session
+from qcompiler.session import Session, keeps_float_function
 
 log = logging.getLogger("qcompiler.api")  # the name the messages of compile have always carried
 
@@ -53,6 +53,8 @@ Progress = Callable[[str, int, int], None]
 COMPILE_LAYER_SAMPLES, COMPILE_LAYER_BYTES = 8, 2 << 30
 #: a float model of this many parameter bytes or more has memory given back (``ir.trim_memory``) before validation
 TRIM_BYTES = 32 << 20
+#: validation on calibration data: its first samples; their float outputs kept by calibration up to these bytes
+VALIDATION_SAMPLES, FLOAT_OUTPUTS_BYTES = 64, 64 << 20
 #: A model the ``min_sqnr_db`` gate refuses is not written; its report is, beside it, as ``OUT`` + this suffix.
 REJECTED_REPORT_SUFFIX = ".rejected.report.json"
 
@@ -243,8 +245,7 @@ def _preset_plan(name: str) -> str:
 
 #: Where the plan's ``algorithms`` and ``--calib-select`` go in a pipeline, in this order: (pass, anchor, side).
 #: After ``fold-batchnorm``: fold-bias (graph normalization the plan must see). After ``resolve-plan`` (BN folded, plan known, nothing calibrated yet): calib-select, equalize, smooth.
-#: Before ``insert-qdq`` (ranges calibrated, nothing quantized yet): gptq, then bias-correct (which measures
-#: the error of the weights gptq chose).
+#: Before ``insert-qdq`` (ranges calibrated, nothing quantized yet): gptq, then bias-correct (measuring gptq's).
 PIPELINE_INSERTIONS = (
     ("fold-bias", "fold-batchnorm", "after"),
     ("calib-select", "resolve-plan", "after"),
@@ -415,8 +416,7 @@ def _compile(src: Path, out: Path, opts: CompileOptions, outs: ir.OutputSet, pro
     with profile.step("load"):
         session = Session.load(src, plan, target)
     float_model = session.model
-    # Refuse a plan the target cannot run before any rewrite (see Session.import_graph), after the opset
-    # upgrade the plan needs.
+    # Refuse a plan the target cannot run before any rewrite (Session.import_graph), after the opset upgrade.
     with profile.step("import graph"):
         graph = session.import_graph(upgrade=True, check=True)
     io_dtypes = session.io_dtypes
@@ -436,11 +436,15 @@ def _compile(src: Path, out: Path, opts: CompileOptions, outs: ir.OutputSet, pro
     random_shapes = getattr(calib_source, "shapes", None) if calib_source is not None and calib_source.synthetic \
         else None
     if random_shapes:
-        log.info("calibration: random inputs of shape %s", _fmt_shapes(random_shapes))
+        log.info("calibration: random inputs of shape %s",
+                 ", ".join(f"{k} [{', '.join(str(d) for d in v)}]" for k, v in random_shapes.items()))
     if progress is not None:
         ctx.progress = progress
     if opts.strip_function_bodies:
         ctx.strip_function_bodies = True
+    if calib_source is not None and not calib_source.synthetic and opts.validate is not False and \
+            opts.validate_data is None and keeps_float_function([p.name for p in passes], "calibrate"):
+        ctx.float_outputs = FloatOutputs(VALIDATION_SAMPLES, FLOAT_OUTPUTS_BYTES)  # validation's float reference
     records = pm.run(ctx)
     if random_shapes and isinstance(ctx.report.get("calibration"), dict) and ctx.report["calibration"].get("synthetic"):
         ctx.report["calibration"]["random_shapes"] = {k: list(v) for k, v in random_shapes.items()}
@@ -514,7 +518,7 @@ def _compile(src: Path, out: Path, opts: CompileOptions, outs: ir.OutputSet, pro
         if opts.validate_data is not None:
             feeds: Any = qv.load_feeds(opts.validate_data, float_model)
         elif calib_source is not None:
-            feeds = list(itertools.islice(calib_source, 64))
+            feeds = list(itertools.islice(calib_source, VALIDATION_SAMPLES))
         else:
             raise UserError("validation needs data: give --calib DATA or --validate-data FILE.npz")
         if progress:
@@ -529,7 +533,8 @@ def _compile(src: Path, out: Path, opts: CompileOptions, outs: ir.OutputSet, pro
                                      layer_samples=COMPILE_LAYER_SAMPLES, layer_bytes=COMPILE_LAYER_BYTES,
                                      names=ctx.renamed.get("tensors"),
                                      progress=(lambda d, t: progress("validate", d, t)) if progress else None,
-                                     checks=checks, slice_axes=opts.slice_axes or None)
+                                     checks=checks, slice_axes=opts.slice_axes or None,
+                                     float_outputs=None if ctx.float_outputs is None else ctx.float_outputs.values)
         if ctx.resolved is not None:  # each layer's node and the plan rule that decided it
             validation.attach_plan({n.node: n.to_dict() for n in ctx.resolved.nodes.values()},
                                    ctx.renamed.get("nodes"))
@@ -579,10 +584,6 @@ def _write_rejected_report(report: dict[str, Any], src: Path, opts: CompileOptio
         outs.path(path).write_text(json.dumps(_jsonable(rep), indent=2, sort_keys=True) + "\n", encoding="utf-8")
         outs.commit()
     return path
-
-
-def _fmt_shapes(shapes: dict[str, Any]) -> str:
-    return ", ".join(f"{k} [{', '.join(str(d) for d in v)}]" for k, v in shapes.items())
 
 
 def _jsonable(x: Any) -> Any:

@@ -25,7 +25,7 @@ from typing import Any
 from qcompiler.calib.feeds import InputSig
 from qcompiler.calib.sources import CalibrationSource
 
-__all__ = ["shared_source", "sharing_sources"]
+__all__ = ["FloatOutputs", "shared_source", "sharing_sources"]
 
 _SCOPE: contextvars.ContextVar[dict[Any, CalibrationSource] | None] = contextvars.ContextVar(
     "qcompiler_shared_sources", default=None)
@@ -57,3 +57,28 @@ def shared_source(arg: str | Path, inputs: Sequence[InputSig], *, seed: int = 0,
     if src is None:
         src = scope[key] = CalibrationSource.from_arg(arg, list(inputs), seed=seed, limit=limit)
     return src
+
+
+class FloatOutputs:
+    """The float graph's outputs on the first ``limit`` samples of a calibration, as its onnxruntime runs gave
+    them (:func:`~qcompiler.calib.collect.collect` with ``outputs=``): the compile's validation takes them as its
+    float reference for those samples instead of running the float model on them again. Filled only by a
+    collection that runs every sample from the first (no statistics-cache hit) and kept up to ``max_bytes``;
+    ``values``: sample index -> {graph output name: array}, for samples ``0 .. len(values) - 1``."""
+
+    def __init__(self, limit: int, max_bytes: int) -> None:
+        self.limit = limit
+        self.max_bytes = max_bytes
+        self.values: dict[int, dict[str, Any]] = {}
+        self.nbytes = 0
+        self.full = False  # over max_bytes: what is kept stays, nothing more
+
+    def put(self, i: int, outputs: dict[str, Any]) -> None:
+        if self.full or i != len(self.values) or i >= self.limit:
+            return
+        n = sum(int(getattr(v, "nbytes", 0)) for v in outputs.values())
+        if self.nbytes + n > self.max_bytes:
+            self.full = True
+            return
+        self.values[i] = outputs
+        self.nbytes += n
