@@ -184,7 +184,8 @@ def _run_groups(graph: gs.Graph, groups: list[list[str]], from_feed: list[str], 
         for i, feed, outs in _run_samples(sess, group, source, sigs, workers, extra, every, until):
             if keep is not None and outs is not None and i < until:
                 got = dict(zip([*group, *every], outs))
-                keep.put(i, {n: got[n] for n in out_names})
+                # copies: a value onnxruntime returned may pin its memory arena's chunk while it is kept
+                keep.put(i, {n: np.array(got[n], copy=True) for n in out_names})
                 if shapes is not None and i == 0:
                     shapes.update({k: (tuple(v.shape), v.dtype) for k, v in got.items()})
                 outs = outs[:len(group)]
