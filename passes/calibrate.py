@@ -193,7 +193,7 @@ class CalibratePass(Pass):
                 ctx.stats[name].merge(st)  # exact: the same statistics as one pass over every sample
         else:
             ctx.stats = collect(ctx.graph, rest, source, progress=progress, shapes=shapes,
-                                cache=activation_cache_for(ctx)) if rest else {}
+                                cache=activation_cache_for(ctx), outputs=ctx.float_outputs) if rest else {}
         if shapes:  # first-sample shapes: the compile's cost report infers the rest instead of running the model
             ctx.calib_shapes = shapes
         for name, (lo, hi) in fixed.items():

@@ -28,10 +28,12 @@ from typing import Any, Protocol
 import onnx_graphsurgeon as gs
 
 from qcompiler import ir
-from qcompiler.calib import CalibrationSource, input_signatures
+from qcompiler.calib import input_signatures
 from qcompiler.calib.npz import member_meta, npz_members, open_zip
+from qcompiler.calib.shared import FloatOutputs, shared_source, sharing_sources
 from qcompiler.core import profile
 from qcompiler.core.errors import UserError
+from qcompiler.core.numbers import json_tree
 from qcompiler.core.pass_manager import PassManager, PassRecord
 from qcompiler.core.registry import build_pipeline, get_target, registry
 from qcompiler.plan import ALGORITHMS, DEFAULT_PLAN_NAME, Plan, load_plan
@@ -41,7 +43,7 @@ from qcompiler.plan.presets import preset_path
 from qcompiler.report import cost
 from qcompiler.report import validate as qv
 from qcompiler.report.latency import check_ratio
-from qcompiler.session import Session
+from qcompiler.session import Session, keeps_float_function
 
 log = logging.getLogger("qcompiler.api")  # the name the messages of compile have always carried
 
@@ -53,6 +55,8 @@ Progress = Callable[[str, int, int], None]
 COMPILE_LAYER_SAMPLES, COMPILE_LAYER_BYTES = 8, 2 << 30
 #: a float model of this many parameter bytes or more has memory given back (``ir.trim_memory``) before validation
 TRIM_BYTES = 32 << 20
+#: validation on calibration data: its first samples; their float outputs kept by calibration up to these bytes
+VALIDATION_SAMPLES, FLOAT_OUTPUTS_BYTES = 64, 64 << 20
 #: A model the ``min_sqnr_db`` gate refuses is not written; its report is, beside it, as ``OUT`` + this suffix.
 REJECTED_REPORT_SUFFIX = ".rejected.report.json"
 
@@ -244,8 +248,7 @@ def _preset_plan(name: str) -> str:
 
 #: Where the plan's ``algorithms`` and ``--calib-select`` go in a pipeline, in this order: (pass, anchor, side).
 #: After ``fold-batchnorm``: fold-bias (graph normalization the plan must see). After ``resolve-plan`` (BN folded, plan known, nothing calibrated yet): calib-select, equalize, smooth.
-#: Before ``insert-qdq`` (ranges calibrated, nothing quantized yet): gptq, then bias-correct (which measures
-#: the error of the weights gptq chose).
+#: Before ``insert-qdq`` (ranges calibrated, nothing quantized yet): gptq, then bias-correct (measuring gptq's).
 PIPELINE_INSERTIONS = (
     ("fold-bias", "fold-batchnorm", "after"),
     ("calib-select", "resolve-plan", "after"),
@@ -299,7 +302,7 @@ def compile_plan(model_path: str | os.PathLike[str], output_path: str | os.PathL
     imported = profile.import_seconds()  # the command line's imports (None from Python)
     if imported is not None:
         prof.add("import", imported)
-    with prof.active():
+    with prof.active(), sharing_sources():  # nested compiles (a recipe's candidates) share calibration sources
         result = _compile_plan(model_path, output_path, options, progress, planner=planner, recipe=recipe, prof=prof)
     result.profile = prof
     return result
@@ -416,8 +419,7 @@ def _compile(src: Path, out: Path, opts: CompileOptions, outs: ir.OutputSet, pro
     with profile.step("load"):
         session = Session.load(src, plan, target)
     float_model = session.model
-    # Refuse a plan the target cannot run before any rewrite (see Session.import_graph), after the opset
-    # upgrade the plan needs.
+    # Refuse a plan the target cannot run before any rewrite (Session.import_graph), after the opset upgrade.
     with profile.step("import graph"):
         graph = session.import_graph(upgrade=True, check=True)
     io_dtypes = session.io_dtypes
@@ -426,8 +428,9 @@ def _compile(src: Path, out: Path, opts: CompileOptions, outs: ir.OutputSet, pro
     calib_arg = None if opts.calib is None else str(opts.calib)
     if calib_arg is not None and calib_arg != "none":
         with profile.step("calibration data"):
-            calib_source = CalibrationSource.from_arg(calib_arg, input_signatures(graph), seed=opts.seed,
-                                                      limit=opts.calib_samples)
+            # the candidates of a measured recipe and the final compile read one source (checked, digested once)
+            calib_source = shared_source(calib_arg, input_signatures(graph), seed=opts.seed,
+                                         limit=opts.calib_samples)
             if opts.calib_indices is not None:
                 calib_source = calib_source.subset(opts.calib_indices)
     ctx = session.context(calib=calib_source, output_path=out, seed=opts.seed, data_free=calib_arg == "none")
@@ -436,11 +439,15 @@ def _compile(src: Path, out: Path, opts: CompileOptions, outs: ir.OutputSet, pro
     random_shapes = getattr(calib_source, "shapes", None) if calib_source is not None and calib_source.synthetic \
         else None
     if random_shapes:
-        log.info("calibration: random inputs of shape %s", _fmt_shapes(random_shapes))
+        log.info("calibration: random inputs of shape %s",
+                 ", ".join(f"{k} [{', '.join(str(d) for d in v)}]" for k, v in random_shapes.items()))
     if progress is not None:
         ctx.progress = progress
     if opts.strip_function_bodies:
         ctx.strip_function_bodies = True
+    if calib_source is not None and not calib_source.synthetic and opts.validate is not False and \
+            opts.validate_data is None and keeps_float_function([p.name for p in passes], "calibrate"):
+        ctx.float_outputs = FloatOutputs(VALIDATION_SAMPLES, FLOAT_OUTPUTS_BYTES)  # validation's float reference
     records = pm.run(ctx)
     if random_shapes and isinstance(ctx.report.get("calibration"), dict) and ctx.report["calibration"].get("synthetic"):
         ctx.report["calibration"]["random_shapes"] = {k: list(v) for k, v in random_shapes.items()}
@@ -514,7 +521,7 @@ def _compile(src: Path, out: Path, opts: CompileOptions, outs: ir.OutputSet, pro
         if opts.validate_data is not None:
             feeds: Any = qv.load_feeds(opts.validate_data, float_model)
         elif calib_source is not None:
-            feeds = list(itertools.islice(calib_source, 64))
+            feeds = list(itertools.islice(calib_source, VALIDATION_SAMPLES))
         else:
             raise UserError("validation needs data: give --calib DATA or --validate-data FILE.npz")
         if progress:
@@ -529,7 +536,8 @@ def _compile(src: Path, out: Path, opts: CompileOptions, outs: ir.OutputSet, pro
                                      layer_samples=COMPILE_LAYER_SAMPLES, layer_bytes=COMPILE_LAYER_BYTES,
                                      names=ctx.renamed.get("tensors"),
                                      progress=(lambda d, t: progress("validate", d, t)) if progress else None,
-                                     checks=checks, slice_axes=opts.slice_axes or None)
+                                     checks=checks, slice_axes=opts.slice_axes or None,
+                                     float_outputs=None if ctx.float_outputs is None else ctx.float_outputs.values)
         if ctx.resolved is not None:  # each layer's node and the plan rule that decided it
             validation.attach_plan({n.node: n.to_dict() for n in ctx.resolved.nodes.values()},
                                    ctx.renamed.get("nodes"))
@@ -556,7 +564,7 @@ def _compile(src: Path, out: Path, opts: CompileOptions, outs: ir.OutputSet, pro
     report["profile"] = prof.to_json()  # up to here; the report file and the move into place follow
     if opts.report is not None:
         with profile.step("report file"):
-            outs.path(opts.report).write_text(json.dumps(_jsonable(report), indent=2, sort_keys=True) + "\n",
+            outs.path(opts.report).write_text(json.dumps(json_tree(report), indent=2, sort_keys=True) + "\n",
                                               encoding="utf-8")
     with profile.step("move into place"):
         written = outs.commit()  # all together, or (rolled back) none
@@ -576,24 +584,7 @@ def _write_rejected_report(report: dict[str, Any], src: Path, opts: CompileOptio
     outs = _compile_inputs(src, opts)
     outs.add_output(path, "rejected-model report")
     with outs:
-        outs.path(path).write_text(json.dumps(_jsonable(rep), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        outs.path(path).write_text(json.dumps(json_tree(rep), indent=2, sort_keys=True) + "\n", encoding="utf-8")
         outs.commit()
     return path
 
-
-def _fmt_shapes(shapes: dict[str, Any]) -> str:
-    return ", ".join(f"{k} [{', '.join(str(d) for d in v)}]" for k, v in shapes.items())
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, float) and (x != x or x in (float("inf"), float("-inf"))):
-        return str(x)
-    if hasattr(x, "item") and callable(x.item):
-        return _jsonable(x.item())
-    if isinstance(x, Path):
-        return str(x)
-    return x

@@ -8,6 +8,7 @@ so that they see the nodes (and node names) the compile will see.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -117,3 +118,15 @@ def run_prefix(model_path: str | Path, plan: Plan, target: Target, until: str = 
     ctx = session.context()
     PassManager(prefix_passes(target, until)).run(ctx)
     return ctx
+
+
+#: built-in passes that keep the float function of the graph (folding, fusing, cleanup, deciding the plan)
+FUNCTION_PRESERVING = frozenset({"cleanup", "fold-batchnorm", "fold-bias", "fuse-activations", "resolve-plan"})
+
+
+def keeps_float_function(pass_names: Sequence[str], until: str) -> bool:
+    """Whether every pass before ``until`` in the pipeline ``pass_names`` keeps the float function (so that the
+    graph ``until`` runs computes the float model's outputs, up to float rounding: the compile's validation may
+    then take calibration's float outputs as its reference); False when ``until`` is not in the pipeline."""
+    names = list(pass_names)
+    return until in names and all(n in FUNCTION_PRESERVING for n in names[:names.index(until)])

@@ -18,6 +18,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from qcompiler.calib.feeds import Feed, InputSig, input_signatures, session_feed
+from qcompiler.calib.shared import FloatOutputs
 from qcompiler.calib.sources import CalibrationSource
 from qcompiler.calib.statcache import auto_parts, collecting_for_auto, collection_base, stats_cache
 from qcompiler.calib.stats import TensorStats
@@ -42,7 +43,7 @@ def collect(graph: gs.Graph, specs: dict[str, QuantSpec], source: CalibrationSou
             progress: Callable[[int, int], None] | None = None,
             batch_tensors: int | None = None, workers: int | None = None,
             shapes: dict[str, tuple[tuple[int, ...], np.dtype]] | None = None,
-            cache: ActivationCache | None = None) -> dict[str, TensorStats]:
+            cache: ActivationCache | None = None, outputs: FloatOutputs | None = None) -> dict[str, TensorStats]:
     """Statistics of the tensors named in ``specs`` over the feeds of ``source``.
 
     Runs ``graph`` (float) in onnxruntime with those tensors exposed as extra outputs, one sample at a time;
@@ -59,6 +60,8 @@ def collect(graph: gs.Graph, specs: dict[str, QuantSpec], source: CalibrationSou
     statistics cache (:mod:`qcompiler.calib.statcache`), and a collection of the same graph, tensors and
     samples is served from there (equal statistics, no run). A feed onnxruntime rejects raises
     :class:`UserError` naming the sample; a tensor name that is not in the graph raises ``ValueError``.
+    ``outputs``, when given, gets the graph outputs of the first samples (:class:`~qcompiler.calib.shared.
+    FloatOutputs`: the compile's validation reference) when this collection runs every sample itself.
     """
     tensors = graph.tensors()
     missing = [n for n in specs if n not in tensors]
@@ -118,7 +121,8 @@ def collect(graph: gs.Graph, specs: dict[str, QuantSpec], source: CalibrationSou
         later = progress if hit is None or progress is None else (
             lambda done, _total: progress(hit.covered + done, total))
         _run_groups(graph, groups, from_feed, rest, sigs, workers, got, later, len(rest) * len(groups),
-                    shapes if hit is None else None, cache if key is not None else None, key)
+                    shapes if hit is None else None, cache if key is not None else None, key,
+                    outputs if hit is None else None)
         if hit is None:
             stats.update(got)
         else:
@@ -162,16 +166,29 @@ def _run_groups(graph: gs.Graph, groups: list[list[str]], from_feed: list[str], 
                 sigs: Sequence[InputSig], workers: int, stats: dict[str, TensorStats],
                 progress: Callable[[int, int], None] | None, total: int,
                 shapes: dict[str, tuple[tuple[int, ...], np.dtype]] | None, cache: ActivationCache | None,
-                key: str | None) -> None:
+                key: str | None, outputs: FloatOutputs | None = None) -> None:
     """The onnxruntime runs of :func:`collect`: every group of tensors over every sample of ``source``, into
-    ``stats`` (and ``shapes``, ``cache``, as :func:`collect` says)."""
+    ``stats`` (and ``shapes``, ``cache``, ``outputs``, as :func:`collect` says)."""
     done = 0
     for gi, group in enumerate(groups):
         # One intra-op thread per run (a sample per run, up to `workers` runs in flight): measured 1.3-2.3x faster
         # per sample than onnxruntime's default pool on the 2-core CI machines, which also fights numpy for cores.
         sess = graph_session(graph, extra_outputs=group, threads=1) if group else None
         extra = [t.name for t in graph.outputs if t.name not in group] if shapes is not None and gi == 0 else []
-        for i, feed, outs in _run_samples(sess, group, source, sigs, workers, extra):
+        # the graph outputs of the first samples, for validation (the same session: the same fusions, the same
+        # values of the collected tensors)
+        keep = outputs if outputs is not None and gi == 0 and sess is not None and graph.outputs else None
+        out_names = [t.name for t in graph.outputs] if keep is not None else []
+        every = [n for n in out_names if n not in group]
+        until = min(keep.limit, len(source)) if keep is not None else 0
+        for i, feed, outs in _run_samples(sess, group, source, sigs, workers, extra, every, until):
+            if keep is not None and outs is not None and i < until:
+                got = dict(zip([*group, *every], outs))
+                # copies: a value onnxruntime returned may pin its memory arena's chunk while it is kept
+                keep.put(i, {n: np.array(got[n], copy=True) for n in out_names})
+                if shapes is not None and i == 0:
+                    shapes.update({k: (tuple(v.shape), v.dtype) for k, v in got.items()})
+                outs = outs[:len(group)]
             if gi == 0:
                 for name in from_feed:
                     stats[name].update(feed[name])
@@ -211,7 +228,8 @@ def calibration_workers() -> int:
 
 
 def _run_samples(sess: Any, group: list[str], source: CalibrationSource, sigs: Sequence[InputSig],
-                 workers: int, first_extra: Sequence[str] = ()) -> Iterator[tuple[int, Feed, list[np.ndarray] | None]]:
+                 workers: int, first_extra: Sequence[str] = (), extra: Sequence[str] = (),
+                 extra_until: int = 0) -> Iterator[tuple[int, Feed, list[np.ndarray] | None]]:
     """(index, feed, outputs of ``group``) for every sample of ``source``, in order (the first sample also
     fetches ``first_extra``, after those of ``group``); with ``workers`` > 1 the runs of the next samples
     proceed on worker threads (onnxruntime releases the GIL) while the caller consumes this one. ``sess``
@@ -224,7 +242,8 @@ def _run_samples(sess: Any, group: list[str], source: CalibrationSource, sigs: S
 
     def run(i: int, feed: Feed) -> list[np.ndarray]:
         try:
-            return list(sess.run([*group, *first_extra] if i == 0 else group, session_feed(feed, sigs, want)))
+            names = [*group, *extra] if i < extra_until else [*group, *first_extra] if i == 0 else group
+            return list(sess.run(names, session_feed(feed, sigs, want)))
         except Exception as e:  # onnxruntime raises its own exception types
             raise UserError(f"{source.label(i)}: onnxruntime failed on this calibration sample: "
                             f"{_one_line(e)}") from None

@@ -62,6 +62,9 @@ class CompileContext:
       absorption, analytic bias correction read them).
     * ``calib_shapes``: tensor name -> (shape, dtype) the calibrate pass saw on its first sample; the compile's
       cost report sizes tensors from them instead of running the model again.
+    * ``float_outputs``: where ``calibrate`` puts the float graph's outputs on the first calibration samples
+      (:class:`~qcompiler.calib.shared.FloatOutputs`, set by the compile driver when its validation runs on those
+      samples: they are its float reference there); ``None``: not wanted.
     * ``renamed``: ``{"tensors": {new: old}, "nodes": {new: old}}`` once ``compact-names`` has shortened the
       names (old: the names before it); validation and the cost report map names back through it.
     """
@@ -88,6 +91,7 @@ class CompileContext:
     seed: int = 0
     bn_stats: dict[str, Any] = field(default_factory=dict)
     calib_shapes: dict[str, Any] = field(default_factory=dict)
+    float_outputs: Any = None
     renamed: dict[str, dict[str, str]] = field(default_factory=dict)
     passes_after: tuple[str, ...] = ()
     progress: Callable[[str, int, int], None] | None = None

@@ -3,7 +3,9 @@
 * :func:`sqnr_db` — ``10·log10(Σref² / Σ(ref−q)²)`` in float64, over one pair of arrays or summed over
   sequences of array pairs;
 * :func:`json_float` — a float as strict JSON can hold it: rounded to decimals or significant digits, and the
-  non-finite values spelled ``"inf"`` / ``"-inf"`` / ``"nan"`` (or ``None``).
+  non-finite values spelled ``"inf"`` / ``"-inf"`` / ``"nan"`` (or ``None``);
+* :func:`json_tree` — a report's nested dicts / lists made JSON-writable as they are (numpy scalars to Python
+  numbers, paths to strings, non-finite floats spelled out), nothing rounded.
 """
 
 from __future__ import annotations
@@ -67,3 +69,20 @@ def json_float(x: float, digits: int | None = None, *, significant: int | None =
     if digits is not None:
         return round(float(x), digits)
     return float(x)
+
+
+def json_tree(x: Any) -> Any:
+    """``x`` (dicts, lists, tuples, numbers, numpy scalars, paths) as strict JSON can hold it: keys as strings,
+    numpy scalars as Python numbers, paths as strings, non-finite floats as ``"nan"`` / ``"inf"`` / ``"-inf"``;
+    values are not rounded."""
+    if isinstance(x, dict):
+        return {str(k): json_tree(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_tree(v) for v in x]
+    if isinstance(x, float) and (x != x or x in (float("inf"), float("-inf"))):
+        return str(x)
+    if hasattr(x, "item") and callable(x.item):
+        return json_tree(x.item())
+    if hasattr(x, "__fspath__"):
+        return str(x)
+    return x

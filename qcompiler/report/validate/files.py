@@ -16,6 +16,7 @@ import yaml
 
 from qcompiler import ir
 from qcompiler.calib import CalibrationSource, input_signatures
+from qcompiler.calib.shared import shared_source
 from qcompiler.core.errors import UserError
 from qcompiler.core.files import regular_file
 from qcompiler.report.validate.sessions import ModelLike, _as_model
@@ -89,4 +90,4 @@ def load_feeds(path: str | os.PathLike[str], model: ModelLike) -> CalibrationSou
     if not p.exists():  # checked here so that no calibration keyword (e.g. 'random') is taken for data
         raise UserError(f"{p}: no such file or folder")
     graph, _meta = ir.import_graph(_as_model(model))
-    return CalibrationSource.from_arg(p, input_signatures(graph))
+    return shared_source(p, input_signatures(graph))  # inside a compile: the source its calibration reads

@@ -74,6 +74,8 @@ class ValidationReport:
     layer_order: list[str] = field(default_factory=list)
     layer_info: dict[str, LayerInfo] = field(default_factory=dict)
     checks: list[CheckResult] = field(default_factory=list)
+    #: samples whose float reference came from calibration's runs (``validate(float_outputs=)``), not a float run
+    float_from_calibration: int = 0
 
     @property
     def gated(self) -> bool:
@@ -193,6 +195,7 @@ class ValidationReport:
             "legend": dict(LEGEND),
             "skipped_layers": list(self.skipped_layers),
             "layer_samples": int(self.layer_samples) if self.layer_samples is not None else int(self.samples),
+            **({"float_from_calibration": int(self.float_from_calibration)} if self.float_from_calibration else {}),
         }
 
     def table(self, max_layers: int = 15) -> str:
