@@ -166,6 +166,7 @@ class CompileOptions:
     external_data_threshold: int | None = None
     calib_samples: int | None = None
     calib_indices: tuple[int, ...] | None = None  # calibrate on these samples only (the recipe's fit samples)
+    collect_for_auto: bool = False  # calibrate also caches what a later calibration: auto reads (same bytes)
     calib_select: int | None = None  # pick N representative samples of the calibration data (calib-select)
     preset: str | None = None  # a shipped plan by name (same as plan=NAME; not both)
     seed: int = 0
@@ -439,6 +440,7 @@ def _compile(src: Path, out: Path, opts: CompileOptions, outs: ir.OutputSet, pro
         ctx.progress = progress
     if opts.strip_function_bodies:
         ctx.strip_function_bodies = True
+    ctx.collect_for_auto = opts.collect_for_auto
     records = pm.run(ctx)
     if random_shapes and isinstance(ctx.report.get("calibration"), dict) and ctx.report["calibration"].get("synthetic"):
         ctx.report["calibration"]["random_shapes"] = {k: list(v) for k, v in random_shapes.items()}

@@ -19,7 +19,7 @@ import onnx_graphsurgeon as gs
 
 from qcompiler.calib.feeds import Feed, InputSig, input_signatures, session_feed
 from qcompiler.calib.sources import CalibrationSource
-from qcompiler.calib.statcache import auto_parts, collecting_for_auto, collection_base, stats_cache
+from qcompiler.calib.statcache import auto_parts, collection_base, stats_cache
 from qcompiler.calib.stats import TensorStats
 from qcompiler.core import profile
 from qcompiler.core.activations import ActivationCache, graph_key
@@ -42,7 +42,7 @@ def collect(graph: gs.Graph, specs: dict[str, QuantSpec], source: CalibrationSou
             progress: Callable[[int, int], None] | None = None,
             batch_tensors: int | None = None, workers: int | None = None,
             shapes: dict[str, tuple[tuple[int, ...], np.dtype]] | None = None,
-            cache: ActivationCache | None = None) -> dict[str, TensorStats]:
+            cache: ActivationCache | None = None, for_auto: bool = False) -> dict[str, TensorStats]:
     """Statistics of the tensors named in ``specs`` over the feeds of ``source``.
 
     Runs ``graph`` (float) in onnxruntime with those tensors exposed as extra outputs, one sample at a time;
@@ -57,7 +57,14 @@ def collect(graph: gs.Graph, specs: dict[str, QuantSpec], source: CalibrationSou
     keeps each sample's collected tensors (up to its byte cap; real data and one group only) for the passes
     that stream the same samples through the same graph later. What it collects is also kept in the process's
     statistics cache (:mod:`qcompiler.calib.statcache`), and a collection of the same graph, tensors and
-    samples is served from there (equal statistics, no run). A feed onnxruntime rejects raises
+    samples is served from there (equal statistics, no run). ``for_auto``: a collection that misses that cache
+    and has tensors collected without a histogram (``minmax``) collects histograms for every tensor instead, in
+    the two parts a later ``calibration: auto`` over the same samples asks for (:func:`~qcompiler.calib.statcache.
+    auto_parts`: the first ``N - h`` and the last ``h``), and keeps both parts and their exact merge in the
+    statistics cache; it returns what it was asked for (``minmax`` tensors :meth:`~qcompiler.calib.stats.
+    TensorStats.without_histogram`, equal field for field to a collection without one): the measured default's
+    plain default plan candidate asks for it (``CompileOptions.collect_for_auto``), whose samples and tensors its
+    ``calibration: auto`` candidate collects again. A feed onnxruntime rejects raises
     :class:`UserError` naming the sample; a tensor name that is not in the graph raises ``ValueError``.
     """
     tensors = graph.tensors()
@@ -108,7 +115,7 @@ def collect(graph: gs.Graph, specs: dict[str, QuantSpec], source: CalibrationSou
                 progress(done, total)
         log.debug("calibration: %d tensor(s) over %d of %d sample(s) from the statistics cache", len(wanted),
                   hit.covered, n)
-    if hit is None and ids is not None and len(groups) == 1 and collecting_for_auto() and \
+    if hit is None and ids is not None and len(groups) == 1 and for_auto and \
             not all(wanted.values()) and len(auto_parts(n)) > 1:
         _collect_for_auto(graph, groups, from_feed, source, sigs, workers, stats, wanted, progress, shapes,
                           cache if key is not None else None, key, base, ids)
@@ -134,7 +141,7 @@ def _collect_for_auto(graph: gs.Graph, groups: list[list[str]], from_feed: list[
                       progress: Callable[[int, int], None] | None,
                       shapes: dict[str, tuple[tuple[int, ...], np.dtype]] | None, cache: ActivationCache | None,
                       key: str | None, base: str | None, ids: Sequence[str]) -> None:
-    """:func:`collect` under :func:`~qcompiler.calib.statcache.collect_for_auto`: histograms for every tensor of
+    """:func:`collect` with ``for_auto``: histograms for every tensor of
     ``wanted``, collected over calibration auto's two parts of ``source`` (each kept in the statistics cache) and
     merged (exact: the statistics of one pass in order; kept too); ``stats`` gets what was asked for."""
     scache = stats_cache()

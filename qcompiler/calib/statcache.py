@@ -41,11 +41,10 @@ first.
 from __future__ import annotations
 
 import collections
-import contextlib
 import hashlib
 import logging
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -200,29 +199,6 @@ _CACHE: StatsCache | None = None
 #: calibration auto's default hold-out (the calibrate pass's ``auto_samples``): ``min(AUTO_HELD_SAMPLES, N / 4)``
 #: of its N samples, the last ones
 AUTO_HELD_SAMPLES = 16
-_FOR_AUTO = threading.local()
-
-
-@contextlib.contextmanager
-def collect_for_auto(on: bool = True) -> Iterator[None]:
-    """While active (``on``), a collection in this thread that misses the cache and has tensors collected without a
-    histogram (``minmax``) collects histograms for every tensor instead, in the two parts a later ``calibration:
-    auto`` over the same samples asks for — the first ``N - h`` and the last ``h``, ``h = min(``
-    :data:`AUTO_HELD_SAMPLES` ``, N / 4)`` — and keeps both parts and their exact merge in the cache; it returns
-    what it was asked for (``minmax`` tensors :meth:`~qcompiler.calib.stats.TensorStats.without_histogram`, equal
-    field for field to a collection without one). The measured default turns it on for the plain default plan's
-    candidate, whose samples and tensors its ``calibration: auto`` candidate collects again."""
-    was = getattr(_FOR_AUTO, "on", False)
-    _FOR_AUTO.on = on
-    try:
-        yield
-    finally:
-        _FOR_AUTO.on = was
-
-
-def collecting_for_auto() -> bool:
-    """Whether :func:`collect_for_auto` is active in this thread."""
-    return bool(getattr(_FOR_AUTO, "on", False))
 
 
 def auto_parts(n: int) -> list[range]:

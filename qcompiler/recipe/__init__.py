@@ -46,7 +46,6 @@ from pathlib import Path
 from qcompiler import ir
 from qcompiler.autoplan.budget import Budget
 from qcompiler.calib.sources import HELD_BACK_MAX
-from qcompiler.calib.statcache import collect_for_auto
 from qcompiler.compile import CompileOptions
 from qcompiler.core.errors import UserError
 from qcompiler.plan import Plan
@@ -160,8 +159,7 @@ def _choose(bench: Bench, opts: CompileOptions, base: Plan, progress: Progress |
     for i, cand in enumerate(singles):
         if progress:
             progress(f"recipe:{cand.name}", i, total)
-        with collect_for_auto(i == 0 and auto_later):
-            measured.append(bench.measure(cand.plan, cand.name, cand.change))
+        measured.append(bench.measure(cand.plan, cand.name, cand.change, collect_for_auto=i == 0 and auto_later))
         measured[-1].structural = cand.structural
         log.info("recipe: %s %s dB, %d bytes%s", cand.name, fmt_db(measured[-1].sqnr_db), measured[-1].bytes,
                  f", {measured[-1].latency_ratio:.2f}x float" if bench.latency else "")

@@ -197,15 +197,18 @@ class Bench:
                 self._reference = qv.float_reference(self.model, self.held)
         return self._reference
 
-    def run(self, plan: Plan, name: str, *, samples: int | None = None) -> tuple[Path, dict[str, Any]]:
+    def run(self, plan: Plan, name: str, *, samples: int | None = None,
+            collect_for_auto: bool = False) -> tuple[Path, dict[str, Any]]:
         """Compile ``plan`` into the work folder, calibrated on the fit samples, or on the first ``samples``
-        samples of the data when given (the confirmation: all of them)."""
+        samples of the data when given (the confirmation: all of them); ``collect_for_auto``: its calibration also
+        keeps what a later ``calibration: auto`` candidate reads (:attr:`CompileOptions.collect_for_auto`)."""
         out = self.workdir / f"{_file_name(name)}.onnx"
         opts = dataclasses.replace(
             self.options, plan=plan, preset=None, calib=self.calib,
             calib_samples=samples or self.options.calib_samples, calib_indices=None if samples else self.fit,
             validate=False, validate_data=None, min_sqnr_db=None, report=None, budget=None, calib_select=None,
-            dump_after=set(), compact_names=False, recipe_out=None, verify_each=False, cost_report=False)
+            dump_after=set(), compact_names=False, recipe_out=None, verify_each=False, cost_report=False,
+            collect_for_auto=collect_for_auto)
         outer = profile.current()
         with _quiet():
             result = compile_plan(self.model, out, opts)
@@ -213,11 +216,12 @@ class Bench:
             _graft(outer, "candidate compiles", result.profile)
         return out, result.report
 
-    def measure(self, plan: Plan, name: str, change: str, *, samples: int | None = None) -> Measured:
+    def measure(self, plan: Plan, name: str, change: str, *, samples: int | None = None,
+                collect_for_auto: bool = False) -> Measured:
         m = Measured(name, change, plan)
         t0 = time.perf_counter()
         try:
-            out, report = self.run(plan, name, samples=samples)
+            out, report = self.run(plan, name, samples=samples, collect_for_auto=collect_for_auto)
             m.bytes = int(report.get("cost", {}).get("total_bytes") or written_bytes(out)
                           or report["sizes"]["quantized_parameter_bytes"])
             # checked by the compile (the ONNX checker on the file written): loaded once, without the load-time
