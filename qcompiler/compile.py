@@ -529,7 +529,8 @@ def _compile(src: Path, out: Path, opts: CompileOptions, outs: ir.OutputSet, pro
                                      layer_samples=COMPILE_LAYER_SAMPLES, layer_bytes=COMPILE_LAYER_BYTES,
                                      names=ctx.renamed.get("tensors"),
                                      progress=(lambda d, t: progress("validate", d, t)) if progress else None,
-                                     checks=checks, slice_axes=opts.slice_axes or None)
+                                     checks=checks, slice_axes=opts.slice_axes or None,
+                                     float_outputs=qv.known_outputs(getattr(measured, "reference", None), src, feeds))
         if ctx.resolved is not None:  # each layer's node and the plan rule that decided it
             validation.attach_plan({n.node: n.to_dict() for n in ctx.resolved.nodes.values()},
                                    ctx.renamed.get("nodes"))

@@ -89,6 +89,9 @@ CONFIRM_MARGIN_DB = 8.0
 CONFIRM_MIN_HELD = HELD_BACK_MAX
 #: a preset of the default plan's precision (8-bit weights and activations) stays within this of the default plan
 PRESET_FLOOR_DB = 0.5
+#: the float outputs on the held-back samples are handed to the compile's validation (which then does not run the
+#: float model on those samples again) when they take at most this many bytes (PP-OCR rec: 13 MB for 16 samples)
+REFERENCE_KEEP_BYTES = 64 << 20
 
 Progress = Callable[[str, int, int], None]
 
@@ -98,9 +101,11 @@ def plan_for_compile(model: Path, opts: CompileOptions, base: Plan, progress: Pr
     calibration data), else the guard of ``base``."""
     with tempfile.TemporaryDirectory(prefix="qcompiler-recipe-") as tmp:
         bench = _bench(model, opts, Path(tmp))
-        if opts.plan == "auto":
-            return _choose(bench, opts, base, progress)
-        return _guard(bench, base, progress)
+        result = _choose(bench, opts, base, progress) if opts.plan == "auto" else _guard(bench, base, progress)
+        ref = bench.scored_reference()
+        if ref is not None and sum(v.nbytes for o in ref.outputs for v in o.values()) <= REFERENCE_KEEP_BYTES:
+            result.reference = dataclasses.replace(ref, indices=bench.held_indices)
+        return result
 
 
 def guard_plan(model: Path, opts: CompileOptions, base: Plan) -> RecipeResult:

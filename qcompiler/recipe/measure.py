@@ -189,6 +189,16 @@ class Bench:
         return self._probabilities
 
     @property
+    def held_indices(self) -> tuple[int, ...]:
+        """The places of the held-back samples among the first ``len(fit) + len(held)`` calibration samples."""
+        fit = set(self.fit)
+        return tuple(i for i in range(len(self.fit) + len(self.held)) if i not in fit)
+
+    def scored_reference(self) -> qv.Reference | None:
+        """:attr:`reference` when a candidate was scored against it (``None``: never computed)."""
+        return self._reference
+
+    @property
     def reference(self) -> qv.Reference:
         """The float model run once on the held-back samples, as :func:`qcompiler.report.validate.validate` runs
         it: every candidate is scored against these outputs (the float model is not run again per candidate)."""

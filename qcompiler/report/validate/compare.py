@@ -61,6 +61,7 @@ def validate(
     checks: Sequence[Check] = (),
     slice_axes: Mapping[str, int] | None = None,
     layer_bytes: int | None = None,
+    float_outputs: Mapping[int, Mapping[str, np.ndarray]] | None = None,
 ) -> ValidationReport:
     """Run both models on ``feeds`` and measure the quantized one against the float one.
 
@@ -82,6 +83,11 @@ def validate(
     outputs, top-k agreement. ``checks``: thresholds on named output slices (``--check``, the plan's
     ``checks:``); ``passed`` needs every check met and, with ``min_sqnr_db``, every output's whole-tensor and
     worst-slice SQNR at least ``min_sqnr_db``.
+
+    ``float_outputs``: sample index -> the float model's graph outputs on that sample, as this call would compute
+    them (the same model, session settings and feed: :func:`~qcompiler.report.validate.reference.known_outputs`
+    of a :func:`~qcompiler.report.validate.reference.float_reference` run earlier); those samples' float output
+    runs are not made again (their per-layer runs are). The report is the same number for number.
     """
     flabel = _label(float_model, "float model")
     qlabel = _label(quant_model, "quantized model")
@@ -125,11 +131,17 @@ def validate(
     samples = 0
     ws = Workspace()  # float64 scratch buffers, one set per thread, dropped with this call
 
+    known = {i: dict(o) for i, o in (float_outputs or {}).items() if all(n in o for n in out_names)}
+
+    def float_job(idx: int, feed: dict[str, np.ndarray]) -> Job:
+        if idx in known:  # computed already by the caller (the same model, settings and feed): not run again
+            return functools.partial(known.pop, idx)
+        return functools.partial(_run_checked, f_plain, feed, idx, out_names, "float", flabel)
+
     def output_jobs(idx: int, feed: dict[str, np.ndarray]) -> list[Job]:
         if idx == 0:  # run before the others, to check the plain sessions run at all
             return []
-        return [functools.partial(_run_checked, f_plain, feed, idx, out_names, "float", flabel),
-                functools.partial(_run_checked, q_plain, feed, idx, out_names, "quant", qlabel)]
+        return [float_job(idx, feed), functools.partial(_run_checked, q_plain, feed, idx, out_names, "quant", qlabel)]
 
     def layer_jobs(idx: int, feed: dict[str, np.ndarray]) -> list[Job] | None:
         if f_ext is None or q_ext is None or (layer_samples is not None and idx >= layer_samples):
@@ -142,7 +154,7 @@ def validate(
         if workers > 1 else None
     try:
         # Check the plain sessions run at all before blaming any exposed tensor (float first, then quantized).
-        firsts = Results([functools.partial(_run_checked, f_plain, first, 0, out_names, "float", flabel),
+        firsts = Results([float_job(0, first),
                           functools.partial(_run_checked, q_plain, first, 0, out_names, "quant", qlabel)], pool)
         if per_layer:
             ff, qf = _graph_facts(fmodel), _graph_facts(qmodel)

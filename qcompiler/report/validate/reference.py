@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,6 +46,11 @@ class Reference:
     label: str
     #: node output -> op type of the float graph (what validate reads to spot class-score outputs)
     producers: dict[str, str] = field(default_factory=dict)
+    #: the intra-op threads of the float session that ran them (:func:`session_threads`)
+    threads: int = 0
+    #: where ``feeds`` sit among a caller's samples (the measured default's held-back calibration samples), for
+    #: :func:`known_outputs`; empty: unknown
+    indices: tuple[int, ...] = ()
 
     @property
     def names(self) -> list[str]:
@@ -61,8 +67,9 @@ def float_reference(float_model: ModelLike, feeds: Sequence[dict[str, np.ndarray
     if not feeds:
         raise UserError("validate: no samples to run (empty data)")
     workers = min(validation_workers(), len(feeds))
+    threads = session_threads(workers)
     with profile.step("sessions"):
-        runner = _Runner(fmodel, threads=session_threads(workers))
+        runner = _Runner(fmodel, threads=threads)
     names = list(runner.output_types)
     jobs = [functools.partial(_run_checked, runner, f, i, names, "float", label) for i, f in enumerate(feeds)]
     if workers > 1:  # side by side on one intra-op thread each, as validate runs them; read in sample order
@@ -72,7 +79,25 @@ def float_reference(float_model: ModelLike, feeds: Sequence[dict[str, np.ndarray
         outputs = [job() for job in jobs]
     producers = _graph_facts(fmodel).producers if ir.parameter_bytes(fmodel) < ir.NO_PREPACK_BYTES else {}
     return Reference(feeds=feeds, outputs=outputs, output_types=dict(runner.output_types), label=label,
-                     producers=producers)
+                     producers=producers, threads=threads)
+
+
+def known_outputs(ref: Reference | None, model: str | os.PathLike[str], feeds: Any) -> dict[int, dict[str, np.ndarray]]:
+    """What :func:`validate`'s ``float_outputs`` can take from ``ref`` for ``feeds``: ``{i: ref.outputs[j]}`` for
+    ``i = ref.indices[j]`` (``ref``'s samples at their places in ``feeds``: the measured default's held-back
+    calibration samples among the compile's validation samples, the first 64 calibration samples) where ``feeds``
+    (a list) holds at ``i`` the very feed ``ref`` ran (same names, dtypes, shapes and values), ``ref`` ran the
+    file ``model`` and its float session had the intra-op threads :func:`validate` gives its own; else nothing
+    (validate then runs the float model on every sample, as without)."""
+    if ref is None or not isinstance(feeds, list) or ref.label != str(model) or \
+            ref.threads != session_threads(validation_workers()) or len(ref.indices) != len(ref.feeds):
+        return {}
+    return {i: ref.outputs[j] for j, i in enumerate(ref.indices) if i < len(feeds) and _same(feeds[i], ref.feeds[j])}
+
+
+def _same(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    return a.keys() == b.keys() and all(
+        np.asarray(a[k]).dtype == np.asarray(b[k]).dtype and np.array_equal(a[k], b[k]) for k in a)
 
 
 def validate_against(ref: Reference, quant_model: ModelLike, *, optimize: bool | str = True,
