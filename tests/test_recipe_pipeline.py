@@ -80,8 +80,12 @@ def test_collect_for_auto_gives_what_was_asked_and_keeps_the_parts_auto_reads(tm
     reset_stats_cache()
     shapes: dict = {}
     calls: list = []
+    built: list = []
+    real_session = collect_module.graph_session
+    monkeypatch.setattr(collect_module, "graph_session", lambda *a, **k: built.append(1) or real_session(*a, **k))
     got = collect(graph, minmax, src, workers=2, shapes=shapes, progress=lambda d, t: calls.append((d, t)),
                   for_auto=True)
+    assert len(built) == 1  # one session for both parts
     # what a minmax collection gives, field for field (no histogram, no zeros counted), and its shapes
     assert {k: _fields(v) for k, v in got.items()} == {k: _fields(v) for k, v in plain.items()}
     assert not any(st.has_histogram for st in got.values())
