@@ -100,3 +100,15 @@ def test_measured_default_validation_reuses_the_held_back_float_runs(tmp_path: P
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
     assert json.dumps(reused.report["validation"], sort_keys=True) == \
         json.dumps(plain.report["validation"], sort_keys=True)
+
+
+def test_reference_kept_only_within_its_byte_cap(tmp_path: Path, monkeypatch) -> None:
+    """Above `recipe.REFERENCE_KEEP_BYTES` (outputs and feeds of the held-back samples) the recipe keeps nothing
+    and validation runs the float model on every sample, as before."""
+    import qcompiler.recipe as recipe
+
+    model, npz = MODELS / "conv_bn_relu.onnx", str(MODELS / "conv_bn_relu.npz")
+    monkeypatch.setattr(recipe, "REFERENCE_KEEP_BYTES", 0)
+    runs = _count_float_runs(monkeypatch)
+    compile_model(model, tmp_path / "q.onnx", CompileOptions(calib=npz))
+    assert sorted(runs) == list(range(min(64, len(_feeds("conv_bn_relu")))))

@@ -43,6 +43,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+
 from qcompiler import ir
 from qcompiler.autoplan.budget import Budget
 from qcompiler.calib.sources import HELD_BACK_MAX
@@ -90,7 +92,7 @@ CONFIRM_MIN_HELD = HELD_BACK_MAX
 #: a preset of the default plan's precision (8-bit weights and activations) stays within this of the default plan
 PRESET_FLOOR_DB = 0.5
 #: the float outputs on the held-back samples are handed to the compile's validation (which then does not run the
-#: float model on those samples again) when they take at most this many bytes (PP-OCR rec: 13 MB for 16 samples)
+#: float model on those samples again) when they and their feeds take at most this many bytes (PP-OCR rec: 13 MB)
 REFERENCE_KEEP_BYTES = 64 << 20
 
 Progress = Callable[[str, int, int], None]
@@ -103,7 +105,8 @@ def plan_for_compile(model: Path, opts: CompileOptions, base: Plan, progress: Pr
         bench = _bench(model, opts, Path(tmp))
         result = _choose(bench, opts, base, progress) if opts.plan == "auto" else _guard(bench, base, progress)
         ref = bench.scored_reference()
-        if ref is not None and sum(v.nbytes for o in ref.outputs for v in o.values()) <= REFERENCE_KEEP_BYTES:
+        if ref is not None and sum(np.asarray(v).nbytes for d in (*ref.outputs, *ref.feeds)
+                                   for v in d.values()) <= REFERENCE_KEEP_BYTES:
             result.reference = dataclasses.replace(ref, indices=bench.held_indices)
         return result
 
