@@ -237,3 +237,62 @@ def test_collect_for_auto_is_a_compile_option_passed_to_calibrate(tmp_path: Path
     compile_model(model, tmp_path / "auto2.onnx", CompileOptions(plan=auto, calib=str(npz), validate=False))
     assert len(runs) == 1 + 2  # the default plan's collection, then auto's two parts
     assert _digest(tmp_path / "auto.onnx") == _digest(tmp_path / "auto2.onnx")
+
+
+def test_a_collection_is_served_from_a_larger_one_on_the_same_graph_after_its_first_sample_checks(
+        tmp_path: Path, monkeypatch) -> None:
+    """A collection of some tensors on a graph and samples a cached collection ran with more tensors (the default
+    plan's candidate; w8a8's and dynamic-matmul's tensors are a part of its on rec and the ViT) runs its own session
+    on the first sample only: when every tensor's values there match the larger session's (digests) it takes the
+    statistics from the cache, equal field for field to its own collection; when they differ it collects."""
+    graph = matmul_relu_graph()
+    src = CalibrationSource.from_arg(str(_folder(tmp_path / "calib", 12)), input_signatures(graph))
+    big = {"x": QuantSpec(dtype="int8"), "h": QuantSpec(dtype="uint8"), "y": QuantSpec(dtype="uint8")}
+    small = {"y": QuantSpec(dtype="uint8", calibration="percentile")}  # a histogram: the larger one has them
+    reset_stats_cache(0)
+    want_shapes: dict = {}
+    fresh = collect(graph, small, src, workers=1, shapes=want_shapes)
+    reset_stats_cache()
+    collect(graph, big, src, workers=1, for_auto=True, shapes={})
+    runs: list[int] = []
+    real = collect_module._run_samples
+    monkeypatch.setattr(collect_module, "_run_samples", lambda sess, group, source, *a: runs.append(len(source))
+                        or real(sess, group, source, *a))
+    shapes: dict = {}
+    served = collect(graph, small, src, workers=1, shapes=shapes)
+    assert runs == [1] and stats_cache().superset_hits == 1  # the first sample only
+    assert {k: _fields(v) for k, v in served.items()} == {k: _fields(v) for k, v in fresh.items()}
+    assert shapes == want_shapes  # the first-sample shapes of this collection's tensors, inputs and outputs only
+    # a mismatch on the first sample: collected (the session built for the check is used), the same statistics
+    reset_stats_cache()
+    collect(graph, big, src, workers=1, for_auto=True)
+    runs.clear()
+    monkeypatch.setattr(collect_module, "first_digest", lambda v: str(np.asarray(v).sum()) + "?")
+    built: list = []
+    real_session = collect_module.graph_session
+    monkeypatch.setattr(collect_module, "graph_session", lambda *a, **k: built.append(1) or real_session(*a, **k))
+    again = collect(graph, small, src, workers=1)
+    assert runs == [1, 12] and len(built) == 1
+    assert {k: _fields(v) for k, v in again.items()} == {k: _fields(v) for k, v in fresh.items()}
+    # other samples, or the same tensors on another graph: no superset
+    reset_stats_cache()
+    collect(graph, big, src.subset(range(8)), workers=1)
+    runs.clear()
+    collect(graph, small, src, workers=1)
+    assert runs == [12] and stats_cache().superset_hits == 0
+
+
+@pytest.mark.parametrize(("name", "serves"), [("conv_bn_relu", True), ("transformer_block", False)])
+def test_measured_default_is_byte_identical_with_and_without_serving_subsets(tmp_path: Path, name: str, serves: bool,
+                                                                             monkeypatch) -> None:
+    model, npz = MODELS / f"{name}.onnx", MODELS / f"{name}.npz"
+    on, off = tmp_path / "on.onnx", tmp_path / "off.onnx"
+    r_on = compile_model(model, on, CompileOptions(calib=str(npz), validate=False))
+    served = stats_cache().superset_hits
+    reset_stats_cache()
+    monkeypatch.setattr(collect_module, "SERVE_SUBSETS", False)
+    r_off = compile_model(model, off, CompileOptions(calib=str(npz), validate=False))
+    assert _digest(on) == _digest(off)
+    assert [c["sqnr_db"] for c in r_on.report["recipe"]["candidates"]] == \
+        [c["sqnr_db"] for c in r_off.report["recipe"]["candidates"]]
+    assert (served >= 1) == serves and stats_cache().superset_hits == 0
