@@ -68,6 +68,8 @@ def test_known_outputs_only_for_the_same_model_feeds_and_session(tmp_path: Path)
     assert qv.known_outputs(ref, model, feeds) == {}  # places unknown
     ref.indices = (3, 7)
     assert sorted(qv.known_outputs(ref, model, feeds)) == [3, 7]
+    handed = ref.handed((3, 7))  # what the recipe hands the compile: no feeds kept, their digests are
+    assert handed.feeds == [] and sorted(qv.known_outputs(handed, model, feeds)) == [3, 7]
     assert qv.known_outputs(ref, model, iter(feeds)) == {}  # not a list: no places
     assert qv.known_outputs(ref, tmp_path / "other.onnx", feeds) == {}  # another model file
     assert qv.known_outputs(None, model, feeds) == {}
@@ -103,7 +105,7 @@ def test_measured_default_validation_reuses_the_held_back_float_runs(tmp_path: P
 
 
 def test_reference_kept_only_within_its_byte_cap(tmp_path: Path, monkeypatch) -> None:
-    """Above `recipe.REFERENCE_KEEP_BYTES` (outputs and feeds of the held-back samples) the recipe keeps nothing
+    """Above `recipe.REFERENCE_KEEP_BYTES` (the float outputs of the held-back samples) the recipe keeps nothing
     and validation runs the float model on every sample, as before."""
     import qcompiler.recipe as recipe
 

@@ -92,7 +92,8 @@ CONFIRM_MIN_HELD = HELD_BACK_MAX
 #: a preset of the default plan's precision (8-bit weights and activations) stays within this of the default plan
 PRESET_FLOOR_DB = 0.5
 #: the float outputs on the held-back samples are handed to the compile's validation (which then does not run the
-#: float model on those samples again) when they and their feeds take at most this many bytes (PP-OCR rec: 13 MB)
+#: float model on those samples again) when they take at most this many bytes (PP-OCR rec: 13 MB; the feeds are
+#: not kept, their digests are)
 REFERENCE_KEEP_BYTES = 64 << 20
 
 Progress = Callable[[str, int, int], None]
@@ -105,9 +106,9 @@ def plan_for_compile(model: Path, opts: CompileOptions, base: Plan, progress: Pr
         bench = _bench(model, opts, Path(tmp))
         result = _choose(bench, opts, base, progress) if opts.plan == "auto" else _guard(bench, base, progress)
         ref = bench.scored_reference()
-        if ref is not None and sum(np.asarray(v).nbytes for d in (*ref.outputs, *ref.feeds)
-                                   for v in d.values()) <= REFERENCE_KEEP_BYTES:
-            result.reference = dataclasses.replace(ref, indices=bench.held_indices)
+        if ref is not None and sum(np.asarray(v).nbytes for d in ref.outputs for v in d.values()) <= \
+                REFERENCE_KEEP_BYTES:
+            result.reference = ref.handed(bench.held_indices)
         return result
 
 
