@@ -178,9 +178,9 @@ class CalibratePass(Pass):
         if held:  # calibration: auto — the last samples held out to measure each method on
             fit = source.subset(range(n_samples - held))
             held_out = source.subset(range(n_samples - held, n_samples))
-            ctx.stats = collect(ctx.graph, rest, fit, progress=progress, shapes=shapes)
+            ctx.stats = collect(ctx.graph, rest, fit, progress=progress, shapes=shapes, for_auto=ctx.collect_for_auto)
             later = (lambda done, total: progress(n_samples - held + done, n_samples)) if progress else None
-            held_stats = collect(ctx.graph, rest, held_out, progress=later)
+            held_stats = collect(ctx.graph, rest, held_out, progress=later, for_auto=ctx.collect_for_auto)
             chosen = _choose_method(ctx, auto, ctx.stats, held_out)
             later_algos = [q for q in ctx.passes_after if q in _UNMEASURED]
             if later_algos:
@@ -193,7 +193,8 @@ class CalibratePass(Pass):
                 ctx.stats[name].merge(st)  # exact: the same statistics as one pass over every sample
         else:
             ctx.stats = collect(ctx.graph, rest, source, progress=progress, shapes=shapes,
-                                cache=activation_cache_for(ctx), outputs=ctx.float_outputs) if rest else {}
+                                cache=activation_cache_for(ctx), outputs=ctx.float_outputs,
+                                for_auto=ctx.collect_for_auto) if rest else {}
         if shapes:  # first-sample shapes: the compile's cost report infers the rest instead of running the model
             ctx.calib_shapes = shapes
         for name, (lo, hi) in fixed.items():

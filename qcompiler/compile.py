@@ -171,6 +171,7 @@ class CompileOptions:
     external_data_threshold: int | None = None
     calib_samples: int | None = None
     calib_indices: tuple[int, ...] | None = None  # calibrate on these samples only (the recipe's fit samples)
+    collect_for_auto: bool = False  # calibrate also caches what a later calibration: auto reads (same bytes)
     calib_select: int | None = None  # pick N representative samples of the calibration data (calib-select)
     preset: str | None = None  # a shipped plan by name (same as plan=NAME; not both)
     seed: int = 0
@@ -448,6 +449,7 @@ def _compile(src: Path, out: Path, opts: CompileOptions, outs: ir.OutputSet, pro
     if calib_source is not None and not calib_source.synthetic and opts.validate is not False and \
             opts.validate_data is None and keeps_float_function([p.name for p in passes], "calibrate"):
         ctx.float_outputs = FloatOutputs(VALIDATION_SAMPLES, FLOAT_OUTPUTS_BYTES)  # validation's float reference
+    ctx.collect_for_auto = opts.collect_for_auto
     records = pm.run(ctx)
     if random_shapes and isinstance(ctx.report.get("calibration"), dict) and ctx.report["calibration"].get("synthetic"):
         ctx.report["calibration"]["random_shapes"] = {k: list(v) for k, v in random_shapes.items()}
@@ -537,7 +539,8 @@ def _compile(src: Path, out: Path, opts: CompileOptions, outs: ir.OutputSet, pro
                                      names=ctx.renamed.get("tensors"),
                                      progress=(lambda d, t: progress("validate", d, t)) if progress else None,
                                      checks=checks, slice_axes=opts.slice_axes or None,
-                                     float_outputs=None if ctx.float_outputs is None else ctx.float_outputs.values)
+                                     calib_outputs=None if ctx.float_outputs is None else ctx.float_outputs.values,
+                                     float_outputs=qv.known_outputs(getattr(measured, "reference", None), src, feeds))
         if ctx.resolved is not None:  # each layer's node and the plan rule that decided it
             validation.attach_plan({n.node: n.to_dict() for n in ctx.resolved.nodes.values()},
                                    ctx.renamed.get("nodes"))

@@ -80,7 +80,7 @@ def test_given_float_outputs_give_the_same_report_and_skip_the_float_runs(tmp_pa
         return real(runner, feed, sample, names, which, label)
 
     monkeypatch.setattr(compare_module, "_run_checked", counting)
-    reused = qv.validate(model, q, feeds, float_outputs=given)
+    reused = qv.validate(model, q, feeds, calib_outputs=given)
     assert reused.float_from_calibration == len(feeds) - 1
     assert runs["float"] == 1 and runs["quant"] == len(feeds)  # the float model ran sample 0 only
     a, b = plain.to_json(), reused.to_json()
@@ -98,7 +98,7 @@ def test_outputs_that_differ_on_sample_0_are_not_used(tmp_path: Path) -> None:
     # another function (here: the outputs scaled by 1.001, as an fp16 or pruned graph would differ): not used,
     # though the later samples would have been "right"
     off = {i: {k: v * np.float32(1.001) if i == 0 else v for k, v in d.items()} for i, d in given.items()}
-    rep = qv.validate(model, q, feeds, float_outputs=off)
+    rep = qv.validate(model, q, feeds, calib_outputs=off)
     assert rep.float_from_calibration == 0 and rep.to_json() == plain
     # a missing output, a wrong dtype: not used either
     assert not _equivalent({}, given[0], list(given[0]))

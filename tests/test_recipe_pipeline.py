@@ -1,5 +1,6 @@
 """The measured default's pipeline cost around its compiles (issue 15): the plain default plan's statistics collected
-once for the `calibration: auto` candidate too (qcompiler.calib.statcache.collect_for_auto), and the confirmation
+once for the `calibration: auto` candidate too (`CompileOptions.collect_for_auto` -> the calibrate pass ->
+`collect(..., for_auto=True)`), and the confirmation
 on all samples skipped when the winner leads the default plan by CONFIRM_MARGIN_DB — neither changes a byte."""
 
 from __future__ import annotations
@@ -18,12 +19,11 @@ from qcompiler.calib import (
     AUTO_HELD_SAMPLES,
     CalibrationSource,
     collect,
-    collect_for_auto,
     input_signatures,
     reset_stats_cache,
     stats_cache,
 )
-from qcompiler.calib.statcache import auto_parts, collecting_for_auto
+from qcompiler.calib.statcache import auto_parts
 from qcompiler.calib.stats import TensorStats
 from qcompiler.plan import QuantSpec
 from qcompiler.recipe.measure import Bench
@@ -63,13 +63,6 @@ def test_auto_parts_are_calibration_autos_hold_out() -> None:
     assert auto_parts(12) == [range(9), range(9, 12)]
     assert auto_parts(3) == [range(3)]  # nothing held out below 4 samples
     assert AUTO_HELD_SAMPLES == 16
-    assert not collecting_for_auto()
-    with collect_for_auto():
-        assert collecting_for_auto()
-        with collect_for_auto(False):
-            assert not collecting_for_auto()
-        assert collecting_for_auto()
-    assert not collecting_for_auto()
 
 
 def test_collect_for_auto_gives_what_was_asked_and_keeps_the_parts_auto_reads(tmp_path: Path, monkeypatch) -> None:
@@ -87,8 +80,12 @@ def test_collect_for_auto_gives_what_was_asked_and_keeps_the_parts_auto_reads(tm
     reset_stats_cache()
     shapes: dict = {}
     calls: list = []
-    with collect_for_auto():
-        got = collect(graph, minmax, src, workers=2, shapes=shapes, progress=lambda d, t: calls.append((d, t)))
+    built: list = []
+    real_session = collect_module.graph_session
+    monkeypatch.setattr(collect_module, "graph_session", lambda *a, **k: built.append(1) or real_session(*a, **k))
+    got = collect(graph, minmax, src, workers=2, shapes=shapes, progress=lambda d, t: calls.append((d, t)),
+                  for_auto=True)
+    assert len(built) == 1  # one session for both parts
     # what a minmax collection gives, field for field (no histogram, no zeros counted), and its shapes
     assert {k: _fields(v) for k, v in got.items()} == {k: _fields(v) for k, v in plain.items()}
     assert not any(st.has_histogram for st in got.values())
@@ -113,10 +110,9 @@ def test_collect_for_auto_leaves_a_histogram_collection_and_a_hit_as_they_were(t
     real = collect_module._run_samples
     monkeypatch.setattr(collect_module, "_run_samples", lambda sess, group, source, *a: ran.append(len(source))
                         or real(sess, group, source, *a))
-    with collect_for_auto():
-        collect(graph, pct, src, workers=1)  # every tensor wants a histogram already: one pass, as without
-        assert ran == [8]
-        collect(graph, {"h": QuantSpec(dtype="uint8")}, src, workers=1)  # served by that entry: no run
+    collect(graph, pct, src, workers=1, for_auto=True)  # every tensor wants a histogram already: one pass
+    assert ran == [8]
+    collect(graph, {"h": QuantSpec(dtype="uint8")}, src, workers=1, for_auto=True)  # served by that entry: no run
     assert ran == [8] and stats_cache().hits == 1
 
 
@@ -124,9 +120,9 @@ def _count_runs(monkeypatch) -> list[int | None]:
     runs: list[int | None] = []
     real = Bench.run
 
-    def run(self, plan, name, *, samples=None):
+    def run(self, plan, name, *, samples=None, **kw):
         runs.append(samples)
-        return real(self, plan, name, samples=samples)
+        return real(self, plan, name, samples=samples, **kw)
 
     monkeypatch.setattr(Bench, "run", run)
     return runs
@@ -140,13 +136,21 @@ def test_measured_default_is_byte_identical_with_and_without_collect_for_auto(tm
     r_on = compile_model(model, on, CompileOptions(calib=str(npz), validate=False))
     hits_on = stats_cache().hits
     reset_stats_cache()
-    monkeypatch.setattr(recipe, "collect_for_auto", lambda on=True: collect_for_auto(False))
+    asked: list[bool] = []
+    real_run = Bench.run
+
+    def run_without(self, plan, name, *, collect_for_auto=False, **kw):
+        asked.append(collect_for_auto)
+        return real_run(self, plan, name, collect_for_auto=False, **kw)
+
+    monkeypatch.setattr(Bench, "run", run_without)
     off = tmp_path / "off.onnx"
     r_off = compile_model(model, off, CompileOptions(calib=str(npz), validate=False))
     assert _digest(on) == _digest(off)
     assert r_on.report["recipe"]["winner"] == r_off.report["recipe"]["winner"]
     assert [c["sqnr_db"] for c in r_on.report["recipe"]["candidates"]] == \
         [c["sqnr_db"] for c in r_off.report["recipe"]["candidates"]]
+    assert asked[0] and not any(asked[1:])  # asked for by the default plan's candidate only
     # the range-auto candidate's two collections came from the default plan's
     assert hits_on >= stats_cache().hits + 2
 
@@ -202,3 +206,93 @@ def test_few_held_back_samples_always_confirm(tmp_path: Path, monkeypatch) -> No
     assert [s for s in runs if s is not None] == [4, 4]  # winner and default plan on all 4 samples
     assert rec["winner"] == "default" and "the default plan kept: the winner lost to it once calibrated on all " \
         "samples" in rec["notes"]
+
+
+def test_collect_for_auto_is_a_compile_option_passed_to_calibrate(tmp_path: Path, monkeypatch) -> None:
+    """`CompileOptions.collect_for_auto` reaches the calibrate pass (no thread-local mode left in calib): the plain
+    default plan's compile with it writes the same file as without, and a later `calibration: auto` compile of the
+    same model on the same samples runs no calibration session (both of its collections are cache hits)."""
+    import qcompiler.calib.statcache as statcache
+    from qcompiler.plan import Plan
+    from qcompiler.recipe.candidates import recipe_candidates
+
+    assert not hasattr(statcache, "collect_for_auto") and not hasattr(statcache, "collecting_for_auto")
+    model, npz = MODELS / "conv_bn_relu.onnx", MODELS / "conv_bn_relu.npz"
+    plain, asked = tmp_path / "plain.onnx", tmp_path / "asked.onnx"
+    compile_model(model, plain, CompileOptions(plan="default", calib=str(npz), validate=False))
+    reset_stats_cache()
+    compile_model(model, asked, CompileOptions(plan="default", calib=str(npz), validate=False,
+                                               collect_for_auto=True))
+    assert _digest(plain) == _digest(asked)
+    auto = next(c.plan for c in recipe_candidates(Plan.default(), {"Conv"}) if c.name == "range-auto")
+    runs: list[int] = []
+    real = collect_module._run_groups
+    monkeypatch.setattr(collect_module, "_run_groups", lambda *a, **k: runs.append(1) or real(*a, **k))
+    hits = stats_cache().hits
+    compile_model(model, tmp_path / "auto.onnx", CompileOptions(plan=auto, calib=str(npz), validate=False))
+    assert runs == [] and stats_cache().hits == hits + 2
+    # without the option the same auto compile collects (the default plan's minmax entry has no histograms)
+    reset_stats_cache()
+    compile_model(model, tmp_path / "plain2.onnx", CompileOptions(plan="default", calib=str(npz), validate=False))
+    compile_model(model, tmp_path / "auto2.onnx", CompileOptions(plan=auto, calib=str(npz), validate=False))
+    assert len(runs) == 1 + 2  # the default plan's collection, then auto's two parts
+    assert _digest(tmp_path / "auto.onnx") == _digest(tmp_path / "auto2.onnx")
+
+
+def test_a_collection_is_served_from_a_larger_one_on_the_same_graph_after_its_first_sample_checks(
+        tmp_path: Path, monkeypatch) -> None:
+    """A collection of some tensors on a graph and samples a cached collection ran with more tensors (the default
+    plan's candidate; w8a8's and dynamic-matmul's tensors are a part of its on rec and the ViT) runs its own session
+    on the first sample only: when every tensor's values there match the larger session's (digests) it takes the
+    statistics from the cache, equal field for field to its own collection; when they differ it collects."""
+    graph = matmul_relu_graph()
+    src = CalibrationSource.from_arg(str(_folder(tmp_path / "calib", 12)), input_signatures(graph))
+    big = {"x": QuantSpec(dtype="int8"), "h": QuantSpec(dtype="uint8"), "y": QuantSpec(dtype="uint8")}
+    small = {"y": QuantSpec(dtype="uint8", calibration="percentile")}  # a histogram: the larger one has them
+    reset_stats_cache(0)
+    want_shapes: dict = {}
+    fresh = collect(graph, small, src, workers=1, shapes=want_shapes)
+    reset_stats_cache()
+    collect(graph, big, src, workers=1, for_auto=True, shapes={})
+    runs: list[int] = []
+    real = collect_module._run_samples
+    monkeypatch.setattr(collect_module, "_run_samples", lambda sess, group, source, *a: runs.append(len(source))
+                        or real(sess, group, source, *a))
+    shapes: dict = {}
+    served = collect(graph, small, src, workers=1, shapes=shapes)
+    assert runs == [1] and stats_cache().superset_hits == 1  # the first sample only
+    assert {k: _fields(v) for k, v in served.items()} == {k: _fields(v) for k, v in fresh.items()}
+    assert shapes == want_shapes  # the first-sample shapes of this collection's tensors, inputs and outputs only
+    # a mismatch on the first sample: collected (the session built for the check is used), the same statistics
+    reset_stats_cache()
+    collect(graph, big, src, workers=1, for_auto=True)
+    runs.clear()
+    monkeypatch.setattr(collect_module, "first_digest", lambda v: str(np.asarray(v).sum()) + "?")
+    built: list = []
+    real_session = collect_module.graph_session
+    monkeypatch.setattr(collect_module, "graph_session", lambda *a, **k: built.append(1) or real_session(*a, **k))
+    again = collect(graph, small, src, workers=1)
+    assert runs == [1, 12] and len(built) == 1
+    assert {k: _fields(v) for k, v in again.items()} == {k: _fields(v) for k, v in fresh.items()}
+    # other samples, or the same tensors on another graph: no superset
+    reset_stats_cache()
+    collect(graph, big, src.subset(range(8)), workers=1)
+    runs.clear()
+    collect(graph, small, src, workers=1)
+    assert runs == [12] and stats_cache().superset_hits == 0
+
+
+@pytest.mark.parametrize(("name", "serves"), [("conv_bn_relu", True), ("transformer_block", False)])
+def test_measured_default_is_byte_identical_with_and_without_serving_subsets(tmp_path: Path, name: str, serves: bool,
+                                                                             monkeypatch) -> None:
+    model, npz = MODELS / f"{name}.onnx", MODELS / f"{name}.npz"
+    on, off = tmp_path / "on.onnx", tmp_path / "off.onnx"
+    r_on = compile_model(model, on, CompileOptions(calib=str(npz), validate=False))
+    served = stats_cache().superset_hits
+    reset_stats_cache()
+    monkeypatch.setattr(collect_module, "SERVE_SUBSETS", False)
+    r_off = compile_model(model, off, CompileOptions(calib=str(npz), validate=False))
+    assert _digest(on) == _digest(off)
+    assert [c["sqnr_db"] for c in r_on.report["recipe"]["candidates"]] == \
+        [c["sqnr_db"] for c in r_off.report["recipe"]["candidates"]]
+    assert (served >= 1) == serves and stats_cache().superset_hits == 0

@@ -32,6 +32,7 @@ from qcompiler.report.validate.slices import (
     _TopKAccumulator,
     default_slice_axis,
     looks_like_probabilities,
+    stable_rank,
 )
 
 F32 = TensorProto.FLOAT
@@ -235,6 +236,25 @@ def test_topk_detected_from_values_and_small_class_axis():
     p = rng.random((5, 4))
     assert looks_like_probabilities(p / p.sum(-1, keepdims=True))
     assert not looks_like_probabilities(p)
+
+
+def test_stable_rank_is_the_position_in_a_stable_argsort():
+    """Top-k counts the float top-1's rank in the quantized scores without sorting them: the same position as
+    ``np.argsort(-q, kind="stable")`` gives, ties (``-0.0 == 0.0``), infinities and NaNs included."""
+    rng = np.random.default_rng(11)
+    for _ in range(2000):
+        shape = (*rng.integers(1, 4, size=rng.integers(0, 3)), int(rng.integers(1, 12)))
+        q = rng.integers(-3, 3, size=shape).astype(np.float32)
+        u = rng.random(shape)
+        q[u < 0.1] = np.nan
+        q[(u >= 0.1) & (u < 0.15)] = -0.0
+        q[(u >= 0.15) & (u < 0.2)] = np.inf
+        q[(u >= 0.2) & (u < 0.25)] = -np.inf
+        idx = rng.integers(0, shape[-1], size=(*shape[:-1], 1))
+        v = -q.astype(np.float64)
+        order = np.argsort(v, axis=-1, kind="stable")
+        want = np.argmax(order == idx, axis=-1)
+        np.testing.assert_array_equal(stable_rank(v, idx), want)
 
 
 # ------------------------------------------------------------------------------------------------ checks

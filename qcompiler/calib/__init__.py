@@ -39,7 +39,6 @@ from qcompiler.calib.sources import (
 from qcompiler.calib.statcache import (
     AUTO_HELD_SAMPLES,
     StatsCache,
-    collect_for_auto,
     reset_stats_cache,
     stats_cache,
 )
@@ -65,7 +64,6 @@ __all__ = [
     "calibration_workers",
     "check_feed",
     "collect",
-    "collect_for_auto",
     "held_back_indices",
     "input_signatures",
     "needs_histogram",

@@ -20,7 +20,7 @@ import onnx_graphsurgeon as gs
 from qcompiler.calib.feeds import Feed, InputSig, input_signatures, session_feed
 from qcompiler.calib.shared import FloatOutputs
 from qcompiler.calib.sources import CalibrationSource
-from qcompiler.calib.statcache import auto_parts, collecting_for_auto, collection_base, stats_cache
+from qcompiler.calib.statcache import Hit, auto_parts, collection_base, first_digest, graph_base, stats_cache
 from qcompiler.calib.stats import TensorStats
 from qcompiler.core import profile
 from qcompiler.core.activations import ActivationCache, graph_key
@@ -43,7 +43,8 @@ def collect(graph: gs.Graph, specs: dict[str, QuantSpec], source: CalibrationSou
             progress: Callable[[int, int], None] | None = None,
             batch_tensors: int | None = None, workers: int | None = None,
             shapes: dict[str, tuple[tuple[int, ...], np.dtype]] | None = None,
-            cache: ActivationCache | None = None, outputs: FloatOutputs | None = None) -> dict[str, TensorStats]:
+            cache: ActivationCache | None = None, outputs: FloatOutputs | None = None,
+            for_auto: bool = False) -> dict[str, TensorStats]:
     """Statistics of the tensors named in ``specs`` over the feeds of ``source``.
 
     Runs ``graph`` (float) in onnxruntime with those tensors exposed as extra outputs, one sample at a time;
@@ -58,7 +59,14 @@ def collect(graph: gs.Graph, specs: dict[str, QuantSpec], source: CalibrationSou
     keeps each sample's collected tensors (up to its byte cap; real data and one group only) for the passes
     that stream the same samples through the same graph later. What it collects is also kept in the process's
     statistics cache (:mod:`qcompiler.calib.statcache`), and a collection of the same graph, tensors and
-    samples is served from there (equal statistics, no run). A feed onnxruntime rejects raises
+    samples is served from there (equal statistics, no run). ``for_auto``: a collection that misses that cache
+    and has tensors collected without a histogram (``minmax``) collects histograms for every tensor instead, in
+    the two parts a later ``calibration: auto`` over the same samples asks for (:func:`~qcompiler.calib.statcache.
+    auto_parts`: the first ``N - h`` and the last ``h``), and keeps both parts and their exact merge in the
+    statistics cache; it returns what it was asked for (``minmax`` tensors :meth:`~qcompiler.calib.stats.
+    TensorStats.without_histogram`, equal field for field to a collection without one): the measured default's
+    plain default plan candidate asks for it (``CompileOptions.collect_for_auto``), whose samples and tensors its
+    ``calibration: auto`` candidate collects again. A feed onnxruntime rejects raises
     :class:`UserError` naming the sample; a tensor name that is not in the graph raises ``ValueError``.
     ``outputs``, when given, gets the graph outputs of the first samples (:class:`~qcompiler.calib.shared.
     FloatOutputs`: the compile's validation reference) when this collection runs every sample itself.
@@ -102,6 +110,14 @@ def collect(graph: gs.Graph, specs: dict[str, QuantSpec], source: CalibrationSou
     key = gkey if keep else None
     wanted = {name: stats[name].has_histogram for name in [*run_names, *from_feed]}
     hit = scache.lookup(base, ids, wanted, shapes is not None, prefix=len(groups) == 1)
+    gbase = graph_base(gkey, sigs)
+    digests: dict[str, str] = {}
+    sessions: dict[int, Any] = {}
+    if hit is None and SERVE_SUBSETS and len(groups) == 1 and run_names and not for_auto:
+        hit = _from_superset(graph, run_names, source, sigs, wanted, shapes, gbase, ids, sessions, digests)
+        if hit is not None:  # kept under this collection's own key too (its next compile on all N: a part)
+            scache.store(base, ids, hit.stats, {**hit.shapes} if shapes is not None else None, graph=gbase,
+                         digests=digests)
     if hit is not None:
         stats.update(hit.stats)
         if shapes is not None:
@@ -111,24 +127,25 @@ def collect(graph: gs.Graph, specs: dict[str, QuantSpec], source: CalibrationSou
                 progress(done, total)
         log.debug("calibration: %d tensor(s) over %d of %d sample(s) from the statistics cache", len(wanted),
                   hit.covered, n)
-    if hit is None and ids is not None and len(groups) == 1 and collecting_for_auto() and \
+    if hit is None and ids is not None and len(groups) == 1 and for_auto and \
             not all(wanted.values()) and len(auto_parts(n)) > 1:
         _collect_for_auto(graph, groups, from_feed, source, sigs, workers, stats, wanted, progress, shapes,
-                          cache if key is not None else None, key, base, ids)
+                          cache if key is not None else None, key, base, ids, gbase)
     elif hit is None or hit.covered < n:
         rest = source if hit is None else source.subset(hit.rest)
         got = {name: TensorStats.for_spec(specs[name]) for name in wanted}
         later = progress if hit is None or progress is None else (
             lambda done, _total: progress(hit.covered + done, total))
         _run_groups(graph, groups, from_feed, rest, sigs, workers, got, later, len(rest) * len(groups),
-                    shapes if hit is None else None, cache if key is not None else None, key,
-                    outputs if hit is None else None)
+                    shapes if hit is None else None, cache if key is not None else None, key, sessions,
+                    digests if hit is None else None, outputs if hit is None else None)
         if hit is None:
             stats.update(got)
         else:
             for name in wanted:
                 stats[name].merge(got[name])  # exact: the statistics of one pass over every sample
-        scache.store(base, ids, {name: stats[name] for name in wanted}, shapes)
+        scache.store(base, ids, {name: stats[name] for name in wanted}, shapes, graph=gbase if hit is None else None,
+                     digests=digests)
     _warn_nonfinite(stats)
     return stats
 
@@ -137,43 +154,81 @@ def _collect_for_auto(graph: gs.Graph, groups: list[list[str]], from_feed: list[
                       sigs: Sequence[InputSig], workers: int, stats: dict[str, TensorStats], wanted: dict[str, bool],
                       progress: Callable[[int, int], None] | None,
                       shapes: dict[str, tuple[tuple[int, ...], np.dtype]] | None, cache: ActivationCache | None,
-                      key: str | None, base: str | None, ids: Sequence[str]) -> None:
-    """:func:`collect` under :func:`~qcompiler.calib.statcache.collect_for_auto`: histograms for every tensor of
+                      key: str | None, base: str | None, ids: Sequence[str], gbase: str | None = None) -> None:
+    """:func:`collect` with ``for_auto``: histograms for every tensor of
     ``wanted``, collected over calibration auto's two parts of ``source`` (each kept in the statistics cache) and
     merged (exact: the statistics of one pass in order; kept too); ``stats`` gets what was asked for."""
     scache = stats_cache()
     n = len(source)
     merged: dict[str, TensorStats] = {}
     first_shapes: dict[str, tuple[tuple[int, ...], np.dtype]] | None = {} if shapes is not None else None
+    sessions: dict[int, Any] = {}  # one session for both parts: the same graph and outputs
+    first: dict[str, str] = {}
     for part in auto_parts(n):
         got = {name: TensorStats(histogram=True) for name in wanted}
         later = None if progress is None else (lambda done, total, at=part.start: progress(at + done, n))
+        digests: dict[str, str] = {}
         _run_groups(graph, groups, from_feed, source.subset(part), sigs, workers, got, later, len(part),
-                    first_shapes if part.start == 0 else None, cache, key)
-        scache.store(base, [ids[i] for i in part], got, first_shapes if part.start == 0 else None)
+                    first_shapes if part.start == 0 else None, cache, key, sessions, digests)
+        first = first or digests
+        scache.store(base, [ids[i] for i in part], got, first_shapes if part.start == 0 else None, graph=gbase,
+                     digests=digests)
         if not merged:
             merged = {name: st.copy() for name, st in got.items()}
         else:
             for name, st in got.items():
                 merged[name].merge(st)
-    scache.store(base, ids, merged, first_shapes)
+    scache.store(base, ids, merged, first_shapes, graph=gbase, digests=first)
     if shapes is not None and first_shapes is not None:
         shapes.update(first_shapes)
     stats.update({name: st if wanted[name] else st.without_histogram() for name, st in merged.items()})
+
+
+def _from_superset(graph: gs.Graph, run_names: list[str], source: CalibrationSource, sigs: Sequence[InputSig],
+                   wanted: dict[str, bool], shapes: dict[str, tuple[tuple[int, ...], np.dtype]] | None,
+                   gbase: str | None, ids: Sequence[str] | None, sessions: dict[int, Any],
+                   digests: dict[str, str]) -> Hit | None:
+    """The statistics of ``wanted`` from a cached collection on the same graph, inputs and samples that ran more
+    tensors (the measured default's plain default plan, whose tensors hold another candidate's), when this
+    collection's own session gives, on the first sample, every tensor of ``run_names`` bit for bit as that
+    collection's session did (digests): onnxruntime fuses by what a session exposes, so that is checked, not
+    assumed. The session built for the check is left in ``sessions`` (the caller's collection uses it when the check
+    fails); ``digests`` gets its first-sample digests."""
+    sup = stats_cache().superset(gbase, ids, wanted, run_names, shapes is not None)
+    if sup is None:
+        return None
+    with profile.step("statistics from a larger collection"):
+        sess = sessions[0] = graph_session(graph, extra_outputs=run_names, threads=1)
+        _, _, outs = next(_run_samples(sess, run_names, source.take(1), sigs, 1))
+        assert outs is not None
+        digests.update({name: first_digest(val) for name, val in zip(run_names, outs)})
+        if any(digests[name] != sup.digests[name] for name in run_names):
+            log.debug("calibration: a larger collection's first-sample values differ from this session's; collecting")
+            return None
+    keep = {s.name for s in sigs} | set(run_names) | {t.name for t in graph.outputs}
+    log.debug("calibration: %d tensor(s) from a larger collection on the same graph and samples", len(wanted))
+    return Hit(sup.stats, {k: v for k, v in sup.shapes.items() if k in keep}, sup.covered)
 
 
 def _run_groups(graph: gs.Graph, groups: list[list[str]], from_feed: list[str], source: CalibrationSource,
                 sigs: Sequence[InputSig], workers: int, stats: dict[str, TensorStats],
                 progress: Callable[[int, int], None] | None, total: int,
                 shapes: dict[str, tuple[tuple[int, ...], np.dtype]] | None, cache: ActivationCache | None,
-                key: str | None, outputs: FloatOutputs | None = None) -> None:
+                key: str | None, sessions: dict[int, Any] | None = None,
+                digests: dict[str, str] | None = None, outputs: FloatOutputs | None = None) -> None:
     """The onnxruntime runs of :func:`collect`: every group of tensors over every sample of ``source``, into
-    ``stats`` (and ``shapes``, ``cache``, ``outputs``, as :func:`collect` says)."""
+    ``stats`` (and ``shapes``, ``cache``, ``outputs``, as :func:`collect` says). ``sessions``: group index -> its
+    session, kept there for another call over the same graph and groups (built on first use). ``digests``: filled
+    with the first group's tensors' :func:`~qcompiler.calib.statcache.first_digest` on the first sample."""
     done = 0
     for gi, group in enumerate(groups):
         # One intra-op thread per run (a sample per run, up to `workers` runs in flight): measured 1.3-2.3x faster
         # per sample than onnxruntime's default pool on the 2-core CI machines, which also fights numpy for cores.
-        sess = graph_session(graph, extra_outputs=group, threads=1) if group else None
+        sess = (sessions or {}).get(gi)
+        if sess is None and group:
+            sess = graph_session(graph, extra_outputs=group, threads=1)
+            if sessions is not None:
+                sessions[gi] = sess
         extra = [t.name for t in graph.outputs if t.name not in group] if shapes is not None and gi == 0 else []
         # the graph outputs of the first samples, for validation (the same session: the same fusions, the same
         # values of the collected tensors)
@@ -199,6 +254,8 @@ def _run_groups(graph: gs.Graph, groups: list[list[str]], from_feed: list[str], 
                     shapes.update({k: (tuple(v.shape), v.dtype) for k, v in zip([*group, *extra], outs)})
                     outs = outs[:len(group)]
             if outs is not None:
+                if digests is not None and gi == 0 and i == 0:
+                    digests.update({name: first_digest(val) for name, val in zip(group, outs)})
                 for name, val in zip(group, outs):
                     stats[name].update(val)
                 if key is not None and cache is not None:
@@ -215,6 +272,10 @@ def _warn_nonfinite(stats: dict[str, TensorStats]) -> None:
             log.warning("calibration: tensor '%s' produced %d NaN/Inf values (ignored in its range)", name,
                         st.nonfinite)
 
+
+#: serve a collection from a cached one on the same graph and samples that ran more tensors, after checking its
+#: first sample (:func:`_from_superset`); False: collect (the statistics are the same either way)
+SERVE_SUBSETS = True
 
 #: environment variable overriding the number of concurrent calibration runs (1: strictly sequential)
 WORKERS_ENV = "QCOMPILER_CALIB_WORKERS"

@@ -26,6 +26,14 @@ histogram bins are power-of-two cells whose doubling merges pairs exactly, so th
 samples in file order gives). The part must be the wanted samples' first one and those after it in order (a
 subsequence starting at the first sample: the first-sample shapes are that sample's).
 
+A collection that misses may also be served by an entry of a collection on the same graph, inputs and samples
+that ran more tensors, among them every tensor wanted (:meth:`StatsCache.superset`; the measured default's plain
+default plan exposes every tensor its w8a8 and dynamic-matmul candidates collect on PP-OCR rec and the ViT). Since
+onnxruntime fuses by what a session exposes, that is not assumed: each entry keeps a digest of its tensors' values
+on its first sample (:func:`first_digest`), and :func:`~qcompiler.calib.collect.collect` runs its own session on
+the first sample and takes the entry's statistics only when every tensor's digest matches (one run instead of N;
+on a mismatch it collects as without, with that session).
+
 Per tensor an entry holds its :class:`~qcompiler.calib.stats.TensorStats`, with a histogram when one was
 collected. The collector settings are the histogram (or not): a request for a histogram method is served only
 by a histogram entry; a ``minmax`` request by either (without a histogram, ``update`` keeps exactly the same
@@ -41,11 +49,10 @@ first.
 from __future__ import annotations
 
 import collections
-import contextlib
 import hashlib
 import logging
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -80,6 +87,21 @@ def collection_base(gkey: str | None, sigs: Sequence[InputSig], run_names: Seque
     return h.hexdigest()
 
 
+def graph_base(gkey: str | None, sigs: Sequence[InputSig]) -> str | None:
+    """The key of a collection's graph and inputs, whatever tensors it runs (:meth:`StatsCache.superset`)."""
+    return None if gkey is None else collection_base(gkey, sigs, ["<graph>"], 0)
+
+
+def first_digest(value: np.ndarray) -> str:
+    """A digest of one tensor's values (dtype, shape, bytes): two sessions that give the same digest on a sample
+    computed the tensor alike there."""
+    a = np.ascontiguousarray(value)
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{a.dtype.str}{a.shape}".encode())
+    h.update(a.data)
+    return h.hexdigest()
+
+
 @dataclass
 class Hit:
     """What :meth:`StatsCache.lookup` found: copies of the statistics of ``covered`` of the samples asked for
@@ -90,6 +112,8 @@ class Hit:
     shapes: Shapes
     covered: int
     rest: list[int] = field(default_factory=list)
+    #: tensor -> digest of its values on the first sample (:func:`first_digest`), as the entry's session gave them
+    digests: dict[str, str] = field(default_factory=dict)
 
 
 class StatsCache:
@@ -104,6 +128,9 @@ class StatsCache:
         self.misses = 0
         self._data: collections.OrderedDict[tuple[str, tuple[str, ...]], tuple[dict[str, TensorStats], Shapes]] = \
             collections.OrderedDict()
+        #: entry -> (its graph's key without the tensors run, :func:`graph_base`; first-sample digests by tensor)
+        self._meta: dict[tuple[str, tuple[str, ...]], tuple[str | None, dict[str, str]]] = {}
+        self.superset_hits = 0
         self._lock = threading.Lock()
 
     def lookup(self, base: str | None, ids: Sequence[str] | None, wanted: dict[str, bool], shapes: bool, *,
@@ -143,14 +170,41 @@ class StatsCache:
             out = {n: stats[n].copy() if h else stats[n].without_histogram() for n, h in wanted.items()}
             return Hit(out, dict(shp), len(best[1]), best_rest)
 
+    def superset(self, graph: str | None, ids: Sequence[str] | None, wanted: dict[str, bool],
+                 run: Sequence[str], shapes: bool) -> Hit | None:
+        """Copies of the statistics of ``wanted`` over exactly the samples ``ids`` from an entry of another
+        collection on the same graph and inputs (``graph``: :func:`graph_base`) that ran more tensors: one that holds
+        every tensor wanted (with a histogram where wanted), the first-sample digests of the tensors ``run`` and,
+        with ``shapes``, the first-sample shapes; the caller checks the digests against its own session's first
+        run before taking them (:func:`~qcompiler.calib.collect.collect`). ``None``: no such entry."""
+        if graph is None or ids is None or self.max_bytes <= 0:
+            return None
+        want = tuple(ids)
+        with self._lock:
+            for key, (stats, shp) in reversed(self._data.items()):
+                g, digests = self._meta.get(key, (None, {}))
+                if g != graph or key[1] != want or (shapes and not shp) or any(n not in digests for n in run) or any(
+                        n not in stats or (h and not stats[n].has_histogram) for n, h in wanted.items()):
+                    continue
+                self._data.move_to_end(key)
+                self.superset_hits += 1
+                out = {n: stats[n].copy() if h else stats[n].without_histogram() for n, h in wanted.items()}
+                return Hit(out, dict(shp), len(want), [], {n: digests[n] for n in run})
+        return None
+
     def store(self, base: str | None, ids: Sequence[str] | None, stats: dict[str, TensorStats],
-              shapes: Shapes | None) -> None:
+              shapes: Shapes | None, *, graph: str | None = None, digests: dict[str, str] | None = None) -> None:
         """Keep copies of ``stats`` (and ``shapes``) over the samples ``ids``, adding to what the entry holds (a
-        tensor keeps its histogram entry); the least recently used entries go when over the cap."""
+        tensor keeps its histogram entry); the least recently used entries go when over the cap. ``graph`` /
+        ``digests``: the collection's :func:`graph_base` and its tensors' first-sample digests, for
+        :meth:`superset`."""
         if base is None or ids is None or self.max_bytes <= 0:
             return
         key = (base, tuple(ids))
         with self._lock:
+            if graph is not None:
+                _g, old = self._meta.get(key, (graph, {}))
+                self._meta[key] = (graph, {**old, **(digests or {})})
             old_stats, old_shapes = self._data.pop(key, ({}, {}))
             self.nbytes -= _nbytes(old_stats)
             merged = dict(old_stats)
@@ -159,16 +213,19 @@ class StatsCache:
                     merged[n] = st.copy()
             size = _nbytes(merged)
             if size > self.max_bytes:
+                self._meta.pop(key, None)
                 return
             self._data[key] = (merged, {**old_shapes, **(shapes or {})})
             self.nbytes += size
             while self.nbytes > self.max_bytes:
-                _, (gone, _s) = self._data.popitem(last=False)
+                gone_key, (gone, _s) = self._data.popitem(last=False)
+                self._meta.pop(gone_key, None)
                 self.nbytes -= _nbytes(gone)
 
     def clear(self) -> None:
         with self._lock:
             self._data.clear()
+            self._meta.clear()
             self.nbytes = 0
 
     def __len__(self) -> int:
@@ -200,29 +257,6 @@ _CACHE: StatsCache | None = None
 #: calibration auto's default hold-out (the calibrate pass's ``auto_samples``): ``min(AUTO_HELD_SAMPLES, N / 4)``
 #: of its N samples, the last ones
 AUTO_HELD_SAMPLES = 16
-_FOR_AUTO = threading.local()
-
-
-@contextlib.contextmanager
-def collect_for_auto(on: bool = True) -> Iterator[None]:
-    """While active (``on``), a collection in this thread that misses the cache and has tensors collected without a
-    histogram (``minmax``) collects histograms for every tensor instead, in the two parts a later ``calibration:
-    auto`` over the same samples asks for — the first ``N - h`` and the last ``h``, ``h = min(``
-    :data:`AUTO_HELD_SAMPLES` ``, N / 4)`` — and keeps both parts and their exact merge in the cache; it returns
-    what it was asked for (``minmax`` tensors :meth:`~qcompiler.calib.stats.TensorStats.without_histogram`, equal
-    field for field to a collection without one). The measured default turns it on for the plain default plan's
-    candidate, whose samples and tensors its ``calibration: auto`` candidate collects again."""
-    was = getattr(_FOR_AUTO, "on", False)
-    _FOR_AUTO.on = on
-    try:
-        yield
-    finally:
-        _FOR_AUTO.on = was
-
-
-def collecting_for_auto() -> bool:
-    """Whether :func:`collect_for_auto` is active in this thread."""
-    return bool(getattr(_FOR_AUTO, "on", False))
 
 
 def auto_parts(n: int) -> list[range]:

@@ -67,6 +67,10 @@ class CompileContext:
       samples: they are its float reference there); ``None``: not wanted.
     * ``renamed``: ``{"tensors": {new: old}, "nodes": {new: old}}`` once ``compact-names`` has shortened the
       names (old: the names before it); validation and the cost report map names back through it.
+    * ``collect_for_auto``: ``calibrate`` collects histograms in the two parts a later ``calibration: auto`` over
+      the same graph and samples reads (``collect(..., for_auto=True)``; the same statistics returned), so that
+      such a compile in this process is served from the statistics cache (``CompileOptions.collect_for_auto``:
+      the measured default's plain default plan candidate).
     """
 
     graph: gs.Graph
@@ -96,6 +100,7 @@ class CompileContext:
     passes_after: tuple[str, ...] = ()
     progress: Callable[[str, int, int], None] | None = None
     bias_corrected: set[str] = field(default_factory=set)
+    collect_for_auto: bool = False
     model_io: ModelIO | None = None
     activations: ActivationCache = field(default_factory=ActivationCache)
 

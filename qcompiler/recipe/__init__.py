@@ -43,10 +43,11 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+
 from qcompiler import ir
 from qcompiler.autoplan.budget import Budget
 from qcompiler.calib.sources import HELD_BACK_MAX
-from qcompiler.calib.statcache import collect_for_auto
 from qcompiler.compile import CompileOptions
 from qcompiler.core.errors import UserError
 from qcompiler.plan import Plan
@@ -90,6 +91,10 @@ CONFIRM_MARGIN_DB = 8.0
 CONFIRM_MIN_HELD = HELD_BACK_MAX
 #: a preset of the default plan's precision (8-bit weights and activations) stays within this of the default plan
 PRESET_FLOOR_DB = 0.5
+#: the float outputs on the held-back samples are handed to the compile's validation (which then does not run the
+#: float model on those samples again) when they take at most this many bytes (PP-OCR rec: 13 MB; the feeds are
+#: not kept, their digests are)
+REFERENCE_KEEP_BYTES = 64 << 20
 
 Progress = Callable[[str, int, int], None]
 
@@ -99,9 +104,12 @@ def plan_for_compile(model: Path, opts: CompileOptions, base: Plan, progress: Pr
     calibration data), else the guard of ``base``."""
     with tempfile.TemporaryDirectory(prefix="qcompiler-recipe-") as tmp:
         bench = _bench(model, opts, Path(tmp))
-        if opts.plan == "auto":
-            return _choose(bench, opts, base, progress)
-        return _guard(bench, base, progress)
+        result = _choose(bench, opts, base, progress) if opts.plan == "auto" else _guard(bench, base, progress)
+        ref = bench.scored_reference()
+        if ref is not None and sum(np.asarray(v).nbytes for d in ref.outputs for v in d.values()) <= \
+                REFERENCE_KEEP_BYTES:
+            result.reference = ref.handed(bench.held_indices)
+        return result
 
 
 def guard_plan(model: Path, opts: CompileOptions, base: Plan) -> RecipeResult:
@@ -160,8 +168,7 @@ def _choose(bench: Bench, opts: CompileOptions, base: Plan, progress: Progress |
     for i, cand in enumerate(singles):
         if progress:
             progress(f"recipe:{cand.name}", i, total)
-        with collect_for_auto(i == 0 and auto_later):
-            measured.append(bench.measure(cand.plan, cand.name, cand.change))
+        measured.append(bench.measure(cand.plan, cand.name, cand.change, collect_for_auto=i == 0 and auto_later))
         measured[-1].structural = cand.structural
         log.info("recipe: %s %s dB, %d bytes%s", cand.name, fmt_db(measured[-1].sqnr_db), measured[-1].bytes,
                  f", {measured[-1].latency_ratio:.2f}x float" if bench.latency else "")

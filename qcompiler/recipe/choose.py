@@ -119,6 +119,10 @@ class RecipeResult:
     dropped: list[str] = field(default_factory=list)
     constraints: Constraints | None = None
     notes: list[str] = field(default_factory=list)
+    #: the float model's outputs on the held-back samples the candidates were scored against, with those samples'
+    #: places among the calibration samples (a ``qv.Reference``; ``None``: not kept): the compile's validation
+    #: takes them instead of running the float model on those samples again (``qv.known_outputs``)
+    reference: Any = None
 
     def summary(self) -> dict[str, Any]:
         return {"mode": self.mode, "winner": self.winner, "reason": self.reason, "held_samples": self.held_samples,

@@ -189,6 +189,16 @@ class Bench:
         return self._probabilities
 
     @property
+    def held_indices(self) -> tuple[int, ...]:
+        """The places of the held-back samples among the first ``len(fit) + len(held)`` calibration samples."""
+        fit = set(self.fit)
+        return tuple(i for i in range(len(self.fit) + len(self.held)) if i not in fit)
+
+    def scored_reference(self) -> qv.Reference | None:
+        """:attr:`reference` when a candidate was scored against it (``None``: never computed)."""
+        return self._reference
+
+    @property
     def reference(self) -> qv.Reference:
         """The float model run once on the held-back samples, as :func:`qcompiler.report.validate.validate` runs
         it: every candidate is scored against these outputs (the float model is not run again per candidate)."""
@@ -197,15 +207,18 @@ class Bench:
                 self._reference = qv.float_reference(self.model, self.held)
         return self._reference
 
-    def run(self, plan: Plan, name: str, *, samples: int | None = None) -> tuple[Path, dict[str, Any]]:
+    def run(self, plan: Plan, name: str, *, samples: int | None = None,
+            collect_for_auto: bool = False) -> tuple[Path, dict[str, Any]]:
         """Compile ``plan`` into the work folder, calibrated on the fit samples, or on the first ``samples``
-        samples of the data when given (the confirmation: all of them)."""
+        samples of the data when given (the confirmation: all of them); ``collect_for_auto``: its calibration also
+        keeps what a later ``calibration: auto`` candidate reads (:attr:`CompileOptions.collect_for_auto`)."""
         out = self.workdir / f"{_file_name(name)}.onnx"
         opts = dataclasses.replace(
             self.options, plan=plan, preset=None, calib=self.calib,
             calib_samples=samples or self.options.calib_samples, calib_indices=None if samples else self.fit,
             validate=False, validate_data=None, min_sqnr_db=None, report=None, budget=None, calib_select=None,
-            dump_after=set(), compact_names=False, recipe_out=None, verify_each=False, cost_report=False)
+            dump_after=set(), compact_names=False, recipe_out=None, verify_each=False, cost_report=False,
+            collect_for_auto=collect_for_auto)
         outer = profile.current()
         with _quiet():
             result = compile_plan(self.model, out, opts)
@@ -213,11 +226,12 @@ class Bench:
             _graft(outer, "candidate compiles", result.profile)
         return out, result.report
 
-    def measure(self, plan: Plan, name: str, change: str, *, samples: int | None = None) -> Measured:
+    def measure(self, plan: Plan, name: str, change: str, *, samples: int | None = None,
+                collect_for_auto: bool = False) -> Measured:
         m = Measured(name, change, plan)
         t0 = time.perf_counter()
         try:
-            out, report = self.run(plan, name, samples=samples)
+            out, report = self.run(plan, name, samples=samples, collect_for_auto=collect_for_auto)
             m.bytes = int(report.get("cost", {}).get("total_bytes") or written_bytes(out)
                           or report["sizes"]["quantized_parameter_bytes"])
             # checked by the compile (the ONNX checker on the file written): loaded once, without the load-time

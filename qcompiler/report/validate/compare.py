@@ -62,6 +62,7 @@ def validate(
     slice_axes: Mapping[str, int] | None = None,
     layer_bytes: int | None = None,
     float_outputs: Mapping[int, Mapping[str, np.ndarray]] | None = None,
+    calib_outputs: Mapping[int, Mapping[str, np.ndarray]] | None = None,
 ) -> ValidationReport:
     """Run both models on ``feeds`` and measure the quantized one against the float one.
 
@@ -84,11 +85,15 @@ def validate(
     ``checks:``); ``passed`` needs every check met and, with ``min_sqnr_db``, every output's whole-tensor and
     worst-slice SQNR at least ``min_sqnr_db``.
 
-    ``float_outputs``: sample index -> the float graph outputs already computed on that sample (the compile's
-    calibration runs, :class:`~qcompiler.calib.shared.FloatOutputs`: the same graph after constant and
-    BatchNormalization folding). The float model still runs sample 0; when the given outputs there equal its
-    own within :data:`REUSE_RTOL` of each output's largest magnitude (float rounding of an equivalent graph),
-    the given outputs stand in for the float model's run on the other samples they cover
+    ``float_outputs``: sample index -> the float model's graph outputs on that sample, as this call would compute
+    them (the same model, session settings and feed: :func:`~qcompiler.report.validate.reference.known_outputs`
+    of a :func:`~qcompiler.report.validate.reference.float_reference` run earlier); those samples' float output
+    runs are not made again (their per-layer runs are). The report is the same number for number.
+    ``calib_outputs``: sample index -> the float graph outputs already computed on that sample by the compile's
+    calibration runs (:class:`~qcompiler.calib.shared.FloatOutputs`: the same graph after constant and
+    BatchNormalization folding). The float model still runs sample 0 (unless ``float_outputs`` has it); when the
+    given outputs there equal its own within :data:`REUSE_RTOL` of each output's largest magnitude (float rounding
+    of an equivalent graph), they stand in for the float model's run on the other samples they cover
     (``report.float_from_calibration`` counts them); else every sample runs as without them.
     """
     flabel = _label(float_model, "float model")
@@ -133,18 +138,22 @@ def validate(
     samples = 0
     ws = Workspace()  # float64 scratch buffers, one set per thread, dropped with this call
 
-    given: Mapping[int, Mapping[str, np.ndarray]] = {}  # float_outputs, once sample 0 showed them equivalent
+    given: Mapping[int, Mapping[str, np.ndarray]] = {}  # calib_outputs, once sample 0 showed them equivalent
     reused = [0]
+    known = {i: dict(o) for i, o in (float_outputs or {}).items() if all(n in o for n in out_names)}
+
+    def float_job(idx: int, feed: dict[str, np.ndarray]) -> Job:
+        if idx in known:  # computed already by the caller (the same model, settings and feed): not run again
+            return functools.partial(known.pop, idx)
+        if idx in given:  # calibration's run of an equivalent graph (sample 0 checked)
+            reused[0] += 1
+            return functools.partial(_given, given[idx], out_names)
+        return functools.partial(_run_checked, f_plain, feed, idx, out_names, "float", flabel)
 
     def output_jobs(idx: int, feed: dict[str, np.ndarray]) -> list[Job]:
         if idx == 0:  # run before the others, to check the plain sessions run at all
             return []
-        if idx in given:
-            reused[0] += 1
-            return [functools.partial(_given, given[idx], out_names),
-                    functools.partial(_run_checked, q_plain, feed, idx, out_names, "quant", qlabel)]
-        return [functools.partial(_run_checked, f_plain, feed, idx, out_names, "float", flabel),
-                functools.partial(_run_checked, q_plain, feed, idx, out_names, "quant", qlabel)]
+        return [float_job(idx, feed), functools.partial(_run_checked, q_plain, feed, idx, out_names, "quant", qlabel)]
 
     def layer_jobs(idx: int, feed: dict[str, np.ndarray]) -> list[Job] | None:
         if f_ext is None or q_ext is None or (layer_samples is not None and idx >= layer_samples):
@@ -157,7 +166,7 @@ def validate(
         if workers > 1 else None
     try:
         # Check the plain sessions run at all before blaming any exposed tensor (float first, then quantized).
-        firsts = Results([functools.partial(_run_checked, f_plain, first, 0, out_names, "float", flabel),
+        firsts = Results([float_job(0, first),
                           functools.partial(_run_checked, q_plain, first, 0, out_names, "quant", qlabel)], pool)
         if per_layer:
             ff, qf = _graph_facts(fmodel), _graph_facts(qmodel)
@@ -165,8 +174,8 @@ def validate(
             layers = _layer_candidates(ff, qf, layer_names) if layer_samples is None or layer_samples > 0 else []
         f_first, q_first = firsts.get(0), firsts.get(1)
         del firsts
-        if float_outputs and _equivalent(float_outputs.get(0), f_first, out_names):
-            given = float_outputs
+        if calib_outputs and _equivalent(calib_outputs.get(0), f_first, out_names):
+            given = calib_outputs
         # The next samples' output runs start now, while the per-layer sessions are built; then one sample
         # runs ahead of the one measured while per-layer runs go on, more for outputs of a few MiB.
         ahead = 0 if pool is None else lookahead(f_first, q_first)

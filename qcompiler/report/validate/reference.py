@@ -13,7 +13,10 @@ Part of :mod:`qcompiler.report.validate`.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import functools
+import hashlib
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,6 +48,18 @@ class Reference:
     label: str
     #: node output -> op type of the float graph (what validate reads to spot class-score outputs)
     producers: dict[str, str] = field(default_factory=dict)
+    #: the intra-op threads of the float session that ran them (:func:`session_threads`)
+    threads: int = 0
+    #: where ``feeds`` sit among a caller's samples (the measured default's held-back calibration samples), for
+    #: :func:`known_outputs`; empty: unknown
+    indices: tuple[int, ...] = ()
+    #: :func:`feed_digest` of each feed (what :func:`known_outputs` compares, also once ``feeds`` are dropped)
+    feed_digests: tuple[str, ...] = ()
+
+    def handed(self, indices: Sequence[int]) -> Reference:
+        """A copy for :func:`known_outputs` only: the outputs, the feeds' digests and their places ``indices``, not
+        the feeds themselves (less to hold while the caller compiles on)."""
+        return dataclasses.replace(self, feeds=[], indices=tuple(indices))
 
     @property
     def names(self) -> list[str]:
@@ -61,8 +76,9 @@ def float_reference(float_model: ModelLike, feeds: Sequence[dict[str, np.ndarray
     if not feeds:
         raise UserError("validate: no samples to run (empty data)")
     workers = min(validation_workers(), len(feeds))
+    threads = session_threads(workers)
     with profile.step("sessions"):
-        runner = _Runner(fmodel, threads=session_threads(workers))
+        runner = _Runner(fmodel, threads=threads)
     names = list(runner.output_types)
     jobs = [functools.partial(_run_checked, runner, f, i, names, "float", label) for i, f in enumerate(feeds)]
     if workers > 1:  # side by side on one intra-op thread each, as validate runs them; read in sample order
@@ -72,7 +88,31 @@ def float_reference(float_model: ModelLike, feeds: Sequence[dict[str, np.ndarray
         outputs = [job() for job in jobs]
     producers = _graph_facts(fmodel).producers if ir.parameter_bytes(fmodel) < ir.NO_PREPACK_BYTES else {}
     return Reference(feeds=feeds, outputs=outputs, output_types=dict(runner.output_types), label=label,
-                     producers=producers)
+                     producers=producers, threads=threads, feed_digests=tuple(feed_digest(f) for f in feeds))
+
+
+def known_outputs(ref: Reference | None, model: str | os.PathLike[str], feeds: Any) -> dict[int, dict[str, np.ndarray]]:
+    """What :func:`validate`'s ``float_outputs`` can take from ``ref`` for ``feeds``: ``{i: ref.outputs[j]}`` for
+    ``i = ref.indices[j]`` (``ref``'s samples at their places in ``feeds``: the measured default's held-back
+    calibration samples among the compile's validation samples, the first 64 calibration samples) where ``feeds``
+    (a list) holds at ``i`` the very feed ``ref`` ran (same names, dtypes, shapes and values), ``ref`` ran the
+    file ``model`` and its float session had the intra-op threads :func:`validate` gives its own; else nothing
+    (validate then runs the float model on every sample, as without)."""
+    if ref is None or not isinstance(feeds, list) or ref.label != str(model) or \
+            ref.threads != session_threads(validation_workers()) or len(ref.indices) != len(ref.feed_digests):
+        return {}
+    return {i: ref.outputs[j] for j, i in enumerate(ref.indices)
+            if i < len(feeds) and feed_digest(feeds[i]) == ref.feed_digests[j]}
+
+
+def feed_digest(feed: Mapping[str, Any]) -> str:
+    """A digest of one feed: its input names, and each array's dtype, shape and bytes."""
+    h = hashlib.blake2b(digest_size=16)
+    for name in sorted(feed):
+        a = np.ascontiguousarray(feed[name])
+        h.update(f"{name}\0{a.dtype.str}{a.shape}\0".encode())
+        h.update(a.data)
+    return h.hexdigest()
 
 
 def validate_against(ref: Reference, quant_model: ModelLike, *, optimize: bool | str = True,

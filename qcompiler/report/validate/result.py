@@ -74,7 +74,7 @@ class ValidationReport:
     layer_order: list[str] = field(default_factory=list)
     layer_info: dict[str, LayerInfo] = field(default_factory=dict)
     checks: list[CheckResult] = field(default_factory=list)
-    #: samples whose float reference came from calibration's runs (``validate(float_outputs=)``), not a float run
+    #: samples whose float reference came from calibration's runs (``validate(calib_outputs=)``), not a float run
     float_from_calibration: int = 0
 
     @property

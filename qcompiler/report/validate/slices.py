@@ -123,6 +123,21 @@ class _SliceAccumulator:
                             slices=n, silent=len(silent) if len(ranked) < n else 0)
 
 
+def stable_rank(v: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """Where entry ``idx`` (shape ``[..., 1]``) of each row of ``v`` (last axis) lands in
+    ``np.argsort(v, axis=-1, kind="stable")``, without sorting (linear, not n log n: a 6625-class CTC head's top-k
+    took 19 ms a sample sorted): the entries smaller than it plus the equal ones before it; a NaN (sorted last,
+    NaNs in index order) lands after every number and the NaNs before it. Returns shape ``[...]``."""
+    x = np.take_along_axis(v, idx, axis=-1)
+    before = np.arange(v.shape[-1]) < idx
+    pos = np.count_nonzero(v < x, axis=-1) + np.count_nonzero((v == x) & before, axis=-1)
+    nan = np.isnan(x[..., 0])
+    if nan.any():
+        vn = np.isnan(v)
+        pos = np.where(nan, np.count_nonzero(~vn, axis=-1) + np.count_nonzero(vn & before, axis=-1), pos)
+    return np.asarray(pos)
+
+
 class _TopKAccumulator:
     """Top-k agreement over the last axis: float top-1 among the quantized top-k, counted per position."""
 
@@ -137,9 +152,9 @@ class _TopKAccumulator:
         if ref.shape != q.shape or ref.ndim < 1:
             return
         top_f = np.argmax(ref, axis=-1)[..., None]
-        order = np.argsort(-q.astype(np.float64, copy=False), axis=-1, kind="stable")
+        pos = stable_rank(-q.astype(np.float64, copy=False), top_f)
         for k in self.ks:
-            self.hits[k] += int(np.count_nonzero(np.any(order[..., :k] == top_f, axis=-1)))
+            self.hits[k] += int(np.count_nonzero(pos < k))
         self.n += int(top_f.size)
 
     def result(self) -> dict[int, float] | None:
