@@ -73,11 +73,17 @@ class Planned(Protocol):
     def check(self, cost_json: dict[str, Any]) -> None: ...
 
 
+class RecipeOutcome(Planned, Protocol):
+    """A ``recipe``'s :class:`Planned`, with the float outputs it scored against (validation reuses them)."""
+
+    reference: qv.Reference | None
+
+
 #: ``planner(base_plan)``: the plan to compile instead of the base plan (``--budget``)
 Planner = Callable[[Plan], Planned]
 #: ``recipe(base_plan, options)``: the measured default or a preset's algorithm guard (:mod:`qcompiler.recipe`);
 #: ``options`` are the compile's, with ``plan="auto"`` when the measured default runs
-Recipe = Callable[[Plan, "CompileOptions"], Planned]
+Recipe = Callable[[Plan, "CompileOptions"], RecipeOutcome]
 #: the plan name that asks for the measured default (:mod:`qcompiler.recipe`) by name: what a compile with no
 #: plan runs when it has real calibration data
 AUTO_PLAN = "auto"
@@ -540,7 +546,7 @@ def _compile(src: Path, out: Path, opts: CompileOptions, outs: ir.OutputSet, pro
                                      progress=(lambda d, t: progress("validate", d, t)) if progress else None,
                                      checks=checks, slice_axes=opts.slice_axes or None,
                                      calib_outputs=None if ctx.float_outputs is None else ctx.float_outputs.values,
-                                     float_outputs=qv.known_outputs(getattr(measured, "reference", None), src, feeds))
+                                     float_outputs=qv.known_outputs(None if measured is None else measured.reference, src, feeds))
         if ctx.resolved is not None:  # each layer's node and the plan rule that decided it
             validation.attach_plan({n.node: n.to_dict() for n in ctx.resolved.nodes.values()},
                                    ctx.renamed.get("nodes"))

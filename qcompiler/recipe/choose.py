@@ -13,6 +13,7 @@ from qcompiler.autoplan.budget import Budget
 from qcompiler.core.errors import UserError
 from qcompiler.plan import Plan
 from qcompiler.recipe.measure import Measured
+from qcompiler.report import validate as qv
 
 log = logging.getLogger("qcompiler.recipe")
 
@@ -120,9 +121,9 @@ class RecipeResult:
     constraints: Constraints | None = None
     notes: list[str] = field(default_factory=list)
     #: the float model's outputs on the held-back samples the candidates were scored against, with those samples'
-    #: places among the calibration samples (a ``qv.Reference``; ``None``: not kept): the compile's validation
-    #: takes them instead of running the float model on those samples again (``qv.known_outputs``)
-    reference: Any = None
+    #: places among the calibration samples (``None``: not kept): the compile's validation takes them instead of
+    #: running the float model on those samples again (``qv.known_outputs``)
+    reference: qv.Reference | None = None
 
     def summary(self) -> dict[str, Any]:
         return {"mode": self.mode, "winner": self.winner, "reason": self.reason, "held_samples": self.held_samples,
