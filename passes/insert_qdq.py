@@ -75,7 +75,7 @@ from qcompiler.core.context import CompileContext
 from qcompiler.core.errors import UserError
 from qcompiler.core.pass_base import Pass, PassResult
 from qcompiler.ir.axes import block_axis, per_channel_axis
-from qcompiler.ir.graph import GraphIndex, float16_scale_source
+from qcompiler.ir.graph import GraphIndex, stored_scale
 from qcompiler.plan import TABLE_OPS, NodePlan, QuantSpec, required_opset
 from qcompiler.quant import schemes
 
@@ -433,18 +433,10 @@ def _row_reader(node: gs.Node, i: int) -> bool:
     return i == 0 and (node.op == "MatMul" or (node.op == "Gemm" and not int(node.attrs.get("transA", 0))))
 
 
-def _stored_scale(t: gs.Tensor) -> np.ndarray | None:
-    """A scale stored in the file: a constant, or a float16 constant cast to float (``scale: float16``)."""
-    if isinstance(t, gs.Constant):
-        return np.asarray(t.values)
-    s16 = float16_scale_source(t)
-    return None if s16 is None else np.asarray(s16.values).astype(np.float32)
-
-
 def _same_product(scale: np.ndarray, a: gs.Tensor, b: gs.Tensor) -> bool:
     """True when the float32 scales ``a · b`` (broadcast; constants, or a float16 constant cast to float) equal
     ``scale`` bit for bit, shape included."""
-    va, vb = _stored_scale(a), _stored_scale(b)
+    va, vb = stored_scale(a), stored_scale(b)
     if va is None or vb is None or va.dtype != np.float32 or vb.dtype != np.float32:
         return False
     prod = np.asarray(va * vb, dtype=np.float32)

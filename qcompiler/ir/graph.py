@@ -30,6 +30,7 @@ __all__ = [
     "rewire_consumers",
     "scale_values",
     "sole_consumer",
+    "stored_scale",
 ]
 
 
@@ -73,21 +74,26 @@ def float16_scale_source(t: gs.Tensor | None) -> gs.Constant | None:
     return src if isinstance(src, gs.Constant) and np.asarray(src.values).dtype == np.float16 else None
 
 
-def scale_values(t: gs.Tensor | None) -> np.ndarray | None:
-    """Values of a quantization scale: a constant, a float16 constant cast to float (:func:`float16_scale_source`;
-    float32 values, the cast is exact), or the float32 product ``Mul(a, b)`` of two such float32 values
-    (``insert-qdq`` computes an int32 bias's scale s_w · s_x that way), computed as the runtime does; else
-    ``None``."""
+def stored_scale(t: gs.Tensor | None) -> np.ndarray | None:
+    """The values of a scale stored in the file: a constant's, or those of a float16 constant cast to float
+    (:func:`float16_scale_source`; as float32, the cast is exact); else ``None``."""
     if isinstance(t, gs.Constant):
         return np.asarray(t.values)
     s16 = float16_scale_source(t)
-    if s16 is not None:
-        return np.asarray(s16.values).astype(np.float32)
+    return None if s16 is None else np.asarray(s16.values).astype(np.float32)
+
+
+def scale_values(t: gs.Tensor | None) -> np.ndarray | None:
+    """Values of a quantization scale: a stored one (:func:`stored_scale`), or the float32 product ``Mul(a, b)``
+    of two stored float32 ones (``insert-qdq`` computes an int32 bias's scale s_w · s_x that way), computed as the
+    runtime does; else ``None``."""
+    stored = stored_scale(t)
+    if stored is not None:
+        return stored
     node = producer(t) if t is not None else None
     if node is None or not is_onnx_op(node, "Mul") or len(node.inputs) != 2:
         return None
-    a, b = (scale_values(x) if not isinstance(x, gs.Constant) and float16_scale_source(x) is not None
-            else const_values(x) for x in node.inputs)
+    a, b = (stored_scale(x) for x in node.inputs)
     if a is None or b is None or a.dtype != np.float32 or b.dtype != np.float32:
         return None
     return np.asarray(a * b, dtype=np.float32)
