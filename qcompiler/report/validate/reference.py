@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from qcompiler import ir
+from qcompiler.calib.statcache import first_digest
 from qcompiler.core import profile
 from qcompiler.core.errors import UserError
 from qcompiler.report.validate.compare import (
@@ -106,12 +107,11 @@ def known_outputs(ref: Reference | None, model: str | os.PathLike[str], feeds: A
 
 
 def feed_digest(feed: Mapping[str, Any]) -> str:
-    """A digest of one feed: its input names, and each array's dtype, shape and bytes."""
+    """A digest of one feed: its input names, and each array's :func:`~qcompiler.calib.statcache.first_digest`
+    (dtype, shape and bytes)."""
     h = hashlib.blake2b(digest_size=16)
     for name in sorted(feed):
-        a = np.ascontiguousarray(feed[name])
-        h.update(f"{name}\0{a.dtype.str}{a.shape}\0".encode())
-        h.update(a.data)
+        h.update(f"{name}\0{first_digest(np.asarray(feed[name]))}\0".encode())
     return h.hexdigest()
 
 
