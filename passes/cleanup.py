@@ -64,6 +64,7 @@ class CleanupPass(GraphPass):
     """Constant nodes to initializers, constant folding, Identity and dead-node removal, toposort, node names."""
 
     name = "cleanup"
+    keeps_function = True  # outputs unchanged up to float rounding (calibration after it runs the float model)
     Options = CleanupOptions
     produces = frozenset({"clean"})
 

@@ -91,6 +91,7 @@ class FoldBatchNormPass(Pass):
     """Fold BatchNormalization into Conv / ConvTranspose / Gemm / MatMul weights; lower the rest to Mul + Add."""
 
     name = "fold-batchnorm"
+    keeps_function = True  # outputs unchanged up to float rounding (calibration after it runs the float model)
     produces = frozenset({"bn-folded"})
 
     def run(self, ctx: CompileContext) -> PassResult:

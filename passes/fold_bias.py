@@ -33,6 +33,7 @@ class FoldBiasPass(GraphPass):
     """Fold a per-channel constant Add after Conv / ConvTranspose / Gemm into the op's bias input."""
 
     name = "fold-bias"
+    keeps_function = True  # outputs unchanged up to float rounding (calibration after it runs the float model)
 
     def run_graph(self, graph: gs.Graph) -> PassResult:
         index = GraphIndex(graph)

@@ -73,6 +73,7 @@ class FuseActivationsPass(GraphPass):
     """Fuse element-wise hard-sigmoid / hard-swish chains into HardSigmoid / HardSwish."""
 
     name = "fuse-activations"
+    keeps_function = True  # outputs unchanged up to float rounding (calibration after it runs the float model)
 
     def run_graph(self, graph: gs.Graph) -> PassResult:
         index = GraphIndex(graph)

@@ -25,6 +25,7 @@ class ResolvePlanPass(Pass):
     """Apply the precision plan to every node; check it against the target; list tensors to calibrate."""
 
     name = "resolve-plan"
+    keeps_function = True  # outputs unchanged up to float rounding (calibration after it runs the float model)
     produces = frozenset({"plan-resolved"})
 
     def run(self, ctx: CompileContext) -> PassResult:

@@ -453,7 +453,7 @@ def _compile(src: Path, out: Path, opts: CompileOptions, outs: ir.OutputSet, pro
     if opts.strip_function_bodies:
         ctx.strip_function_bodies = True
     if calib_source is not None and not calib_source.synthetic and opts.validate is not False and \
-            opts.validate_data is None and keeps_float_function([p.name for p in passes], "calibrate"):
+            opts.validate_data is None and keeps_float_function(passes, "calibrate"):
         ctx.float_outputs = FloatOutputs(VALIDATION_SAMPLES, FLOAT_OUTPUTS_BYTES)  # validation's float reference
     ctx.collect_for_auto = opts.collect_for_auto
     records = pm.run(ctx)

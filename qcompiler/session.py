@@ -120,13 +120,10 @@ def run_prefix(model_path: str | Path, plan: Plan, target: Target, until: str = 
     return ctx
 
 
-#: built-in passes that keep the float function of the graph (folding, fusing, cleanup, deciding the plan)
-FUNCTION_PRESERVING = frozenset({"cleanup", "fold-batchnorm", "fold-bias", "fuse-activations", "resolve-plan"})
-
-
-def keeps_float_function(pass_names: Sequence[str], until: str) -> bool:
-    """Whether every pass before ``until`` in the pipeline ``pass_names`` keeps the float function (so that the
-    graph ``until`` runs computes the float model's outputs, up to float rounding: the compile's validation may
-    then take calibration's float outputs as its reference); False when ``until`` is not in the pipeline."""
-    names = list(pass_names)
-    return until in names and all(n in FUNCTION_PRESERVING for n in names[:names.index(until)])
+def keeps_float_function(passes: Sequence[Pass], until: str) -> bool:
+    """Whether every pass before the one named ``until`` in ``passes`` keeps the float function (declares
+    ``keeps_function``: the graph ``until`` runs computes the float model's outputs, up to float rounding, so the
+    compile's validation may take calibration's float outputs as its reference); False when ``until`` is not in
+    the pipeline."""
+    names = [p.name for p in passes]
+    return until in names and all(p.keeps_function for p in passes[:names.index(until)])

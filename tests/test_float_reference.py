@@ -22,7 +22,6 @@ from qcompiler.calib.sources import CalibrationSource
 from qcompiler.plan import QuantSpec
 from qcompiler.report import validate as qv
 from qcompiler.report.validate.compare import REUSE_RTOL, _equivalent
-from qcompiler.session import keeps_float_function
 
 compare_module = importlib.import_module("qcompiler.report.validate.compare")
 
@@ -140,15 +139,6 @@ def test_collect_keeps_the_graph_outputs_of_the_first_samples_with_the_same_stat
     small = FloatOutputs(limit=6, max_bytes=2 * one)
     collect(graph, specs, src, workers=1, outputs=small)
     assert sorted(small.values) == [0, 1] and small.full
-
-
-def test_function_keeping_pipeline_rule() -> None:
-    default = ["cleanup", "fold-batchnorm", "fold-bias", "fuse-activations", "cleanup", "resolve-plan", "calibrate",
-               "gptq", "insert-qdq", "lower"]
-    assert keeps_float_function(default, "calibrate")
-    assert not keeps_float_function(["cleanup", "resolve-plan", "equalize", "calibrate"], "calibrate")
-    assert not keeps_float_function(["cleanup", "resolve-plan", "calib-select", "calibrate"], "calibrate")
-    assert not keeps_float_function(["cleanup", "insert-qdq"], "calibrate")
 
 
 # ---------------------------------------------------------------------------------------------------- compile

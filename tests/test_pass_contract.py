@@ -18,7 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
 from qcompiler import ir
 from qcompiler.calib import CalibrationSource, input_signatures
@@ -29,6 +31,7 @@ from qcompiler.core.pass_manager import PassManager
 from qcompiler.core.registry import build_pipeline, registry, targets
 from qcompiler.plan import Plan, required_opset
 from qcompiler.runtime_targets import DEFAULT_PIPELINE, get_target
+from qcompiler.session import keeps_float_function
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 #: the default pipeline, the passes a property-requiring pass is preceded by
@@ -225,3 +228,70 @@ def test_nested_sequential_runs_every_leaf_through_the_manager():
     assert [c.name for c in rec[0].children] == ["group", "make-x"]
     assert [c.name for c in rec[0].children[0].children] == ["break-x"]
     assert rec[0].stats == {"group.break-x.broke": 2, "make-x.made": 1} and "x" in ctx.properties
+
+
+# ------------------------------------------------------------------------------------ keeps_function
+FUNCTION_MODELS = ("conv_bn_relu", "convtranspose_bn", "depthwise", "gemm_head", "opset11_constants",
+                   "shared_weight", "transformer_block")
+
+
+def _exporter_chains() -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """Conv, then its bias as a separate per-channel Add (fold-bias), then hard-swish spelled out as
+    ``x * clip(x + 3, 0, 6) / 6`` (fuse-activations): the exporter patterns no file in models/ has."""
+    rng = np.random.default_rng(0)
+    consts = {"w": rng.normal(size=(4, 3, 3, 3)).astype(np.float32), "c": rng.normal(size=(1, 4, 1, 1)).astype(np.float32),
+              "three": np.array(3, np.float32), "zero": np.array(0, np.float32), "six": np.array(6, np.float32)}
+    nodes = [helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["y", "c"], ["yb"]),
+             helper.make_node("Add", ["yb", "three"], ["a"]), helper.make_node("Clip", ["a", "zero", "six"], ["cl"]),
+             helper.make_node("Mul", ["yb", "cl"], ["m"]), helper.make_node("Div", ["m", "six"], ["out"])]
+    graph = helper.make_graph(nodes, "chains", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 4, 8, 8])],
+                              [numpy_helper.from_array(v, k) for k, v in consts.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    return model, {"x": rng.normal(size=(1, 3, 8, 8)).astype(np.float32) * 3}
+
+
+def _float_outputs(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = {i.name for i in sess.get_inputs()}
+    return sess.run(None, {k: v for k, v in feeds.items() if k in names})
+
+
+@pytest.mark.parametrize("name", [n for n in _builtins() if registry().get(n).keeps_function])
+def test_passes_that_claim_to_keep_the_function_do(name):
+    """A pass declaring ``keeps_function`` (calibration after it then stands in for validation's float runs)
+    leaves onnxruntime's outputs equal up to float rounding on every fixture model, and rewrites at least one."""
+    changed = 0
+    cases = [(m, onnx.load(str(MODELS / f"{m}.onnx")), {k: v[0] for k, v in np.load(MODELS / f"{m}.npz").items()})
+             for m in FUNCTION_MODELS]
+    for model, proto, feeds in [*cases, ("exporter chains", *_exporter_chains())]:
+        graph, meta = ir.import_graph(proto)
+        ctx = CompileContext(graph=graph, meta=meta, plan=Plan.default(), target=get_target("ort"))
+        if name == "resolve-plan":
+            PassManager(build_pipeline(",".join(PREFIX[:PREFIX.index("resolve-plan")]))).run(ctx)
+        before = _float_outputs(ir.export_model(ctx.graph, ctx.meta), feeds)
+        rec = PassManager(build_pipeline(name)).run(ctx)[-1]
+        changed += bool(rec.modified)
+        after = _float_outputs(ir.export_model(ctx.graph, ctx.meta), feeds)
+        for b, a in zip(before, after, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(np.abs(b).max() + 1e-6), err_msg=(name, model))
+    assert changed or name == "resolve-plan", f"{name} rewrote no fixture: the claim is untested"
+
+
+def test_keeps_float_function_reads_the_passes_declarations():
+    class _Plugin(Pass):
+        name = "my-fold"
+        keeps_function = True
+
+        def run(self, ctx: CompileContext) -> PassResult:
+            return PassResult()
+
+    default = build_pipeline("cleanup,fold-batchnorm,fuse-activations,resolve-plan,calibrate,insert-qdq,lower")
+    assert keeps_float_function(default, "calibrate")
+    assert keeps_float_function([_Plugin(), *default], "calibrate")  # a plugin that declares it qualifies
+    assert not keeps_float_function(build_pipeline("cleanup,resolve-plan,equalize,calibrate"), "calibrate")
+    assert not keeps_float_function([_Make(), *default], "calibrate")  # undeclared: not assumed
+    assert not keeps_float_function(build_pipeline("cleanup,insert-qdq"), "calibrate")
+    assert Sequential([_Plugin(), registry().get("cleanup")()]).keeps_function
+    assert not Sequential([_Plugin(), _Make()]).keeps_function and not Sequential([]).keeps_function

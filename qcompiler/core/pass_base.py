@@ -9,6 +9,9 @@ A pass is one rewrite (or analysis) of a :class:`~qcompiler.core.context.Compile
   :class:`~qcompiler.core.pass_manager.PassManager` checks before running anything: a pass needs what it
   requires established by an earlier pass, establishes what it produces, and breaks what it invalidates (a
   pass that invalidates a property an earlier pass established is out of order: it must run before that pass),
+* ``keeps_function``: True when the pass keeps the graph's float function (for any input the outputs are the
+  same up to float rounding: folding, fusing, clean-up, deciding the plan); calibration's float runs after such
+  passes only may stand in for validation's float reference (:func:`qcompiler.session.keeps_float_function`),
 * ``run(ctx) -> PassResult``: whether the graph changed and a statistics counter. Everything a run computes
   lives in locals (or a small per-run object), never on ``self``: a pass instance may run many times.
 
@@ -71,6 +74,9 @@ class Pass:
     invalidates: frozenset[str] = frozenset()
     #: why the order matters, shown in that error: ``'smooth' must run before 'calibrate' (<why>)``
     invalidates_why: ClassVar[str] = ""
+    #: True when the pass keeps the graph's float function (outputs equal up to float rounding for any input):
+    #: calibration after only such passes runs the float model (tests/test_pass_contract.py checks every claim)
+    keeps_function: bool = False
     #: True when a second run right after the first changes nothing (tests/test_pass_contract.py checks every
     #: built-in that claims it); False for passes that would do their work again
     idempotent: ClassVar[bool] = True
@@ -154,7 +160,8 @@ class Sequential(Pass):
     (timed, verified with ``verify_each``, dumped when ``dump_after`` names it) and records the Sequential as
     one pass whose statistics are the children's, keyed ``"<child>.<stat>"``. ``requires`` / ``produces`` /
     ``invalidates`` of a Sequential built from passes are the union of its children's (and its own; a
-    requirement an earlier child produces is not required from outside).
+    requirement an earlier child produces is not required from outside); it keeps the function when every child
+    does (or its class says so).
     """
 
     def __init__(self, passes: Sequence[Pass] = (), options: Any = None, **kwargs: Any) -> None:
@@ -166,6 +173,8 @@ class Sequential(Pass):
             made |= p.produces                                   # is not required from outside
             self.produces = self.produces | p.produces
             self.invalidates = self.invalidates | p.invalidates
+        self.keeps_function = self.keeps_function or (bool(self.passes) and
+                                                      all(p.keeps_function for p in self.passes))
 
     def children(self, ctx: CompileContext) -> list[Pass]:
         """The passes to run, in order (default: the ones given to the constructor)."""
