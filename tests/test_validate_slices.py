@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from click.testing import CliRunner, Result
 from onnx import TensorProto, helper, numpy_helper
@@ -438,3 +439,78 @@ def test_package_records_checks(det_files, tmp_path):
     (out / "manifest.json").write_text(json.dumps(manifest))
     res = run("verify", out)
     assert res.exit_code == 2 and "'validation.checks[0].check': --check 'output0[:': unbalanced" in res.stderr
+
+
+# ------------------------------------------------------------------------ silent classes (PROB_FLOOR)
+def _softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def test_class_that_never_fires_is_silent_but_a_rare_one_is_ranked():
+    """A 6-way softmax: class 5 never above 1e-5 (its relative error huge: the worst SQNR of all), class 4
+    above the floor on one sample only. As class scores, class 5 is left out and class 4 ranked; as plain
+    features (``classes=False``), or for logits (negative values), nothing is left out."""
+    rng = np.random.default_rng(3)
+    z = rng.normal(0, 1, (40, 6))
+    z[:, 5] -= 30.0          # p ~ 1e-13: never fires
+    z[:, 4] -= 12.0          # p ~ 1e-5 ...
+    z[7, 4] += 12.0          # ... but on sample 7 a real candidate
+    ref = _softmax(z)
+    assert ref[:, 5].max() < qv.slices.PROB_FLOOR <= ref[:, 4].max()
+    q = ref * (1 + rng.normal(0, 1e-3, ref.shape))
+    q[:, 5] = ref[:, 5] * 3.0  # 300 % off on a class nobody sees: -6 dB
+    brute = [10 * math.log10(np.sum(ref[:, c] ** 2) / np.sum((ref[:, c] - q[:, c]) ** 2)) for c in range(6)]
+    assert int(np.argmin(brute)) == 5
+    acc = _SliceAccumulator(1, classes=True)
+    for i in range(0, 40, 8):
+        acc.update(ref[i:i + 8], q[i:i + 8])
+    m = acc.metrics()
+    assert m is not None and m.silent == 1
+    ranked = [c for c in range(6) if c != 5]
+    want = min(ranked, key=lambda c: brute[c])
+    assert m.index == want and m.sqnr_db == pytest.approx(brute[want], abs=1e-9)
+    plain = _SliceAccumulator(1)
+    plain.update(ref, q)
+    pm = plain.metrics()
+    assert pm is not None and pm.index == 5 and pm.silent == 0
+    logits = _SliceAccumulator(1, classes=True)  # log-probabilities: values below 0, no floor
+    logits.update(np.log(ref), np.log(np.abs(q)))
+    lm = logits.metrics()
+    assert lm is not None and lm.silent == 0
+
+
+def test_validate_leaves_never_predicted_classes_out_of_the_worst_slice(tmp_path: Path):
+    """End to end: a Softmax classifier [N, 8] whose classes 6, 7 never fire; the 'quantized' twin scales
+    their logits (as a coarse per-tensor scale would round a tiny probability), the rest stays close. The
+    report ranks classes 0-5 only, counts 2 silent, and the printed line says so."""
+    rng = np.random.default_rng(5)
+    w = rng.normal(0, 1, (4, 8)).astype(np.float32)
+    b = np.zeros(8, np.float32)
+    b[6:] = -40.0
+    dw = rng.normal(0, 1e-3, w.shape).astype(np.float32)
+
+    def model(shift: float, noise: float) -> onnx.ModelProto:
+        bb = b.copy()
+        bb[6:] += shift
+        ww = w + noise * dw
+        nodes = [helper.make_node("MatMul", ["x", "w"], ["z"]), helper.make_node("Add", ["z", "b"], ["zb"]),
+                 helper.make_node("Softmax", ["zb"], ["p"], axis=-1)]
+        return _finish(nodes, [helper.make_tensor_value_info("x", F32, [None, 4])],
+                       [helper.make_tensor_value_info("p", F32, [None, 8])],
+                       [numpy_helper.from_array(ww, "w"), numpy_helper.from_array(bb, "b")])
+
+    feeds = [{"x": rng.normal(0, 1, (2, 4)).astype(np.float32)} for _ in range(6)]
+    fm, qm = model(0.0, 0.0), model(1.5, 1.0)
+    rep = qv.validate(fm, qm, feeds, per_layer=False)
+    ws = rep.outputs[0].worst_slice
+    # the oracle: per-class SQNR from onnxruntime's outputs, by numpy
+    fs, qs = (ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]) for m in (fm, qm))
+    f = np.concatenate([fs.run(None, d)[0] for d in feeds])
+    q = np.concatenate([qs.run(None, d)[0] for d in feeds])
+    per = [10 * math.log10(np.sum(f[:, c].astype(np.float64) ** 2) / np.sum((f[:, c] - q[:, c]).astype(np.float64) ** 2))
+           for c in range(8)]
+    assert f[:, 6:].max() < 1e-12 and min(per[6:]) < 0 < min(per[:6])  # the never-fired classes: worst by far
+    assert ws is not None and ws.silent == 2 and ws.index == int(np.argmin(per[:6]))
+    assert ws.sqnr_db == pytest.approx(min(per[:6]), abs=0.01)
+    assert "(8 slices, 2 silent left out)" in rep.table()

@@ -351,9 +351,10 @@ def _output_accumulators(fmodel: Any, ff: _GraphFacts | None, first: Mapping[str
             if default is None:
                 continue
             axis = default
-        slices[n] = _SliceAccumulator(axis)
-        if ref.ndim >= 1 and ref.shape[-1] >= 2 and (
-                producers.get(n) in SCORE_OPS or n in named or looks_like_probabilities(ref)):
+        scores = ref.ndim >= 1 and ref.shape[-1] >= 2 and (
+            producers.get(n) in SCORE_OPS or n in named or looks_like_probabilities(ref))
+        slices[n] = _SliceAccumulator(axis, classes=scores and axis == ref.ndim - 1)
+        if scores:
             topk[n] = _TopKAccumulator(int(ref.shape[-1]))
     return slices, topk
 

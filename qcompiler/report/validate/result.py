@@ -239,8 +239,9 @@ def _slice_lines(outputs: Sequence[TensorMetrics]) -> list[str]:
         ws = m.worst_slice
         part = []
         if ws is not None and ws.index is not None:
-            part.append(f"worst slice {ws.index} of axis {ws.axis} ({ws.slices} slices): SQNR {_fmt_db(ws.sqnr_db)} "
-                        f"dB, max|d| {ws.max_abs:.4g}")
+            left = f", {ws.silent} silent left out" if ws.silent else ""
+            part.append(f"worst slice {ws.index} of axis {ws.axis} ({ws.slices} slices{left}): SQNR "
+                        f"{_fmt_db(ws.sqnr_db)} dB, max|d| {ws.max_abs:.4g}")
         if m.topk:
             part.append(", ".join(f"top-{k} {100.0 * v:.2f}%" for k, v in sorted(m.topk.items())))
         if part:
