@@ -199,6 +199,8 @@ def score(key: str, ref: Sequence[dict[str, np.ndarray]], q: Sequence[dict[str, 
         a = np.concatenate([np.argmax(r[primary], axis=-1).reshape(-1) for r in ref])
         b = np.concatenate([np.argmax(x[primary], axis=-1).reshape(-1) for x in q])
         agreement = float(np.mean(a == b))
+        if key == "magika":
+            extra["active classes worst dB"] = active_classes_worst_db(ref, q, primary)
         if key == "ppocr_rec":
             same = [ctc_greedy(r[primary][0]) == ctc_greedy(x[primary][0]) for r, x in zip(ref, q, strict=True)]
             extra["line agreement (greedy CTC)"] = float(np.mean(same))
@@ -206,6 +208,22 @@ def score(key: str, ref: Sequence[dict[str, np.ndarray]], q: Sequence[dict[str, 
             extra["accuracy (float)"] = float(np.mean(a == labels))
             extra["accuracy (quantized)"] = float(np.mean(b == labels))
     return Score(sqnr=sq, primary=primary, agreement=agreement, extra=extra)
+
+
+def active_classes_worst_db(ref: Sequence[dict[str, np.ndarray]], q: Sequence[dict[str, np.ndarray]], name: str,
+                            p_min: float = 0.01) -> float:
+    """The lowest per-class SQNR (dB, all samples pooled) of a ``[N, classes]`` probability output, among the
+    classes whose float probability exceeds ``p_min`` on some sample: the worst slice a user can see (a class
+    that never rises above 1e-5 has no signal to measure, yet ranks worst along the class axis)."""
+    r = np.concatenate([np.asarray(x[name], dtype=np.float64).reshape(-1, x[name].shape[-1]) for x in ref])
+    d = r - np.concatenate([np.asarray(x[name], dtype=np.float64).reshape(-1, x[name].shape[-1]) for x in q])
+    active = r.max(axis=0) > p_min
+    if not active.any():
+        return math.inf
+    noise = np.sum(d * d, axis=0)[active]
+    signal = np.sum(r * r, axis=0)[active]
+    with np.errstate(divide="ignore"):
+        return float(np.min(10.0 * np.log10(signal / noise)))
 
 
 def nudenet_metrics(ref: Sequence[dict[str, np.ndarray]], q: Sequence[dict[str, np.ndarray]], name: str = "output0",

@@ -28,6 +28,7 @@ import functools
 import hashlib
 import importlib.util
 import json
+import os
 import sysconfig
 import zipfile
 from pathlib import Path
@@ -149,7 +150,8 @@ def _kind_files(root: Path | None, pattern: str) -> list[Path]:
     files = []
     for p in sorted(root.glob(pattern)):
         try:
-            if p.is_file() and not p.is_symlink() and p.stat().st_size >= 4 * MAGIKA_MIN_SIZE:
+            if (p.is_file() and not p.is_symlink() and p.stat().st_size >= 4 * MAGIKA_MIN_SIZE
+                    and os.access(p, os.R_OK)):
                 files.append(p)
         except OSError:
             continue

@@ -201,7 +201,7 @@ def test_nudenet_eval_images_have_detections() -> None:
     assert feeds[0]["images"].shape == (1, 3, 320, 320) and feeds[0]["images"].dtype == np.float32
     assert 0.0 <= feeds[0]["images"].min() and feeds[0]["images"].max() <= 1.0
     with_dets = sum(bool(H.nudenet_detections(sess.run(None, f)[0])) for f in feeds)
-    assert with_dets >= 8  # measured 12 of 48: the detections agreement has something to agree on
+    assert with_dets >= 8  # measured 10 of 48: the detections agreement has something to agree on
 
 
 def test_nudenet_measured_default_keeps_the_score_rows(nudenet: dict[str, Run]) -> None:
