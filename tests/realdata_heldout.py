@@ -144,11 +144,17 @@ def _magika_sources(split: str) -> list[tuple[str, Path | None, str]]:
     ]
 
 
+#: never read for calib: installed packages (the eval split's source) live under these below the standard library
+_PACKAGE_DIRS = frozenset({"site-packages", "dist-packages"})
+
+
 def _kind_files(root: Path | None, pattern: str) -> list[Path]:
     if root is None or not root.is_dir():
         return []
     files = []
     for p in sorted(root.glob(pattern)):
+        if root.name not in _PACKAGE_DIRS and _PACKAGE_DIRS & set(p.relative_to(root).parts):
+            continue
         try:
             if (p.is_file() and not p.is_symlink() and p.stat().st_size >= 4 * MAGIKA_MIN_SIZE
                     and os.access(p, os.R_OK)):
