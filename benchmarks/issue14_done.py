@@ -14,9 +14,12 @@ Compiles, from the same ``calib``-split feeds:
 
 Scores every file on the disjoint ``eval``-split feeds against the float model: the worst output slice's SQNR (dB;
 the same worst-slice rule as ``qcompiler validate``: each output's worst slice along its channel / feature axis,
-or its whole-tensor SQNR when lower), the worst whole-output SQNR, onnxruntime latency against float (1 thread,
-interleaved rounds, median) and file bytes (with external data) against the fp32 file. Prints the table and the
-issue's targets (met / missed) for this model."""
+or its whole-tensor SQNR when lower, with the index of that slice), the worst whole-output SQNR, the model's task
+metric where ``_common.score`` has one (cls / rec / silero; the held-out ``magika``: top-1 agreement and the worst
+class among those that fire; ``nudenet``: detections agreement and the score rows' SQNR), onnxruntime latency
+against float (1 thread, interleaved rounds, median) and file bytes (with external data) against the fp32 file.
+A compile or onnxruntime quantization that raises is a row with its error. Prints the table and the issue's
+targets (met / missed) for this model."""
 
 from __future__ import annotations
 
