@@ -5,7 +5,8 @@
 * :func:`score` -- float vs quantized outputs over the evaluation feeds: per-output SQNR (dB, summed over all
   samples: ``10 log10(sum ref^2 / sum (ref - q)^2)``) and the task agreement (top-1 for the angle classifier,
   per-position argmax and whole-line greedy CTC decode for the recognizer, speech decision ``p > 0.5`` for
-  the VAD).
+  the VAD; held out: top-1 for magika, and for nudenet's YOLOv8n the detections agreement with the SQNR of the
+  score rows 4: alone, :func:`nudenet_metrics`).
 * :func:`ort_quantize` -- onnxruntime's ``quantize_static`` the way a user runs it on these models: opset
   upgraded to 13 when lower (per-channel needs it: onnxruntime refuses per-channel QDQ models below 13),
   ``quant_pre_process(skip_symbolic_shape=True)`` (symbolic shape inference fails on them), then QDQ with
@@ -38,9 +39,14 @@ if str(REPO / "tests") not in sys.path:
     sys.path.insert(0, str(REPO / "tests"))
 
 import realdata  # noqa: E402  (tests/realdata.py: the pinned real models and their realistic inputs)
+import realdata_heldout  # noqa: E402  (tests/realdata_heldout.py: the held-out models' inputs)
 
 Feed = dict[str, np.ndarray]
 REAL_MODELS = ("ppocr_cls", "ppocr_rec", "silero_vad")
+#: never tuned on (tests/realdata_heldout.py): reported apart from the zoo
+HELDOUT_MODELS = ("magika", "nudenet")
+#: the keys :func:`load_task` and :func:`score` know (task metric and all)
+SCORED_MODELS = (*REAL_MODELS, *HELDOUT_MODELS)
 ORT_METHODS = ("MinMax", "Entropy", "Percentile")
 
 
@@ -71,11 +77,17 @@ def task_inputs(key: str, n: int, split: str) -> tuple[list[Feed], np.ndarray | 
         return list(realdata.ppocr_det_inputs(n, split)), None
     if key == "vit_focus":
         return list(realdata.vit_focus_inputs(n, split)), None
-    raise KeyError(f"unknown real model {key!r}; known: {', '.join((*REAL_MODELS, 'ppocr_det', 'vit_focus'))}")
+    if key == "magika":
+        return realdata_heldout.magika_inputs(n, split), None
+    if key == "nudenet":
+        return realdata_heldout.nudenet_inputs(n, split), None
+    known = (*REAL_MODELS, "ppocr_det", "vit_focus", *HELDOUT_MODELS)
+    raise KeyError(f"unknown real model {key!r}; known: {', '.join(known)}")
 
 
 def zoo_feeds(key: str, n: int, split: str) -> list[Feed]:
-    """``n`` realistic feeds of any zoo model (the five of ``tests/realdata.py``) from ``split``, without labels."""
+    """``n`` realistic feeds of any zoo model (the five of ``tests/realdata.py``, and the two held-out models of
+    ``tests/realdata_heldout.py``) from ``split``, without labels."""
     return task_inputs(key, n, split)[0]
 
 
@@ -83,6 +95,8 @@ AGREEMENT = {
     "ppocr_cls": "top-1 agreement",
     "ppocr_rec": "per-position argmax agreement",
     "silero_vad": "speech-decision agreement (p > 0.5)",
+    "magika": "top-1 agreement",
+    "nudenet": "detections agreement (IoU of score > 0.25 sets)",
 }
 
 
@@ -173,7 +187,10 @@ def score(key: str, ref: Sequence[dict[str, np.ndarray]], q: Sequence[dict[str, 
     primary = names[0]
     sq = {n: sqnr_db([r[n] for r in ref], [x[n] for x in q]) for n in names}
     extra: dict[str, float] = {}
-    if key == "silero_vad":
+    if key == "nudenet":
+        agreement, scores_db = nudenet_metrics(ref, q, primary)
+        extra["score rows SQNR dB"] = scores_db
+    elif key == "silero_vad":
         a = np.concatenate([r[primary].reshape(-1) for r in ref]) > 0.5
         b = np.concatenate([x[primary].reshape(-1) for x in q]) > 0.5
         agreement = float(np.mean(a == b))
@@ -182,6 +199,8 @@ def score(key: str, ref: Sequence[dict[str, np.ndarray]], q: Sequence[dict[str, 
         a = np.concatenate([np.argmax(r[primary], axis=-1).reshape(-1) for r in ref])
         b = np.concatenate([np.argmax(x[primary], axis=-1).reshape(-1) for x in q])
         agreement = float(np.mean(a == b))
+        if key == "magika":
+            extra["active classes worst dB"] = active_classes_worst_db(ref, q, primary)
         if key == "ppocr_rec":
             same = [ctc_greedy(r[primary][0]) == ctc_greedy(x[primary][0]) for r, x in zip(ref, q, strict=True)]
             extra["line agreement (greedy CTC)"] = float(np.mean(same))
@@ -189,6 +208,40 @@ def score(key: str, ref: Sequence[dict[str, np.ndarray]], q: Sequence[dict[str, 
             extra["accuracy (float)"] = float(np.mean(a == labels))
             extra["accuracy (quantized)"] = float(np.mean(b == labels))
     return Score(sqnr=sq, primary=primary, agreement=agreement, extra=extra)
+
+
+def active_classes_worst_db(ref: Sequence[dict[str, np.ndarray]], q: Sequence[dict[str, np.ndarray]], name: str,
+                            p_min: float = 0.01) -> float:
+    """The lowest per-class SQNR (dB, all samples pooled) of a ``[N, classes]`` probability output, among the
+    classes whose float probability exceeds ``p_min`` on some sample: the worst slice a user can see (a class
+    that never rises above 1e-5 has no signal to measure, yet ranks worst along the class axis)."""
+    r = np.concatenate([np.asarray(x[name], dtype=np.float64).reshape(-1, x[name].shape[-1]) for x in ref])
+    d = r - np.concatenate([np.asarray(x[name], dtype=np.float64).reshape(-1, x[name].shape[-1]) for x in q])
+    active = r.max(axis=0) > p_min
+    if not active.any():
+        return math.inf
+    noise = np.sum(d * d, axis=0)[active]
+    signal = np.sum(r * r, axis=0)[active]
+    with np.errstate(divide="ignore"):
+        return float(np.min(10.0 * np.log10(signal / noise)))
+
+
+def nudenet_metrics(ref: Sequence[dict[str, np.ndarray]], q: Sequence[dict[str, np.ndarray]], name: str = "output0",
+                    threshold: float = 0.25) -> tuple[float, float]:
+    """``(detections agreement, score-rows SQNR dB)`` of a YOLOv8 head ``[1, 4 + classes, anchors]``.
+
+    Detections agreement: per image, the set of (anchor, class) whose score exceeds ``threshold`` in the float
+    output and in the quantized one, their intersection over union, averaged over the images where either set is
+    non-empty (1.0 when no image has a detection). Score-rows SQNR: rows 4: only, all images pooled."""
+    rows = realdata_heldout.NUDENET_BOX_ROWS
+    ious = []
+    for r, x in zip(ref, q, strict=True):
+        a = realdata_heldout.nudenet_detections(r[name], threshold)
+        b = realdata_heldout.nudenet_detections(x[name], threshold)
+        if a or b:
+            ious.append(len(a & b) / len(a | b))
+    scores_db = sqnr_db([r[name][:, rows:] for r in ref], [x[name][:, rows:] for x in q])
+    return (float(np.mean(ious)) if ious else 1.0), scores_db
 
 
 # ======================================================================================= onnxruntime

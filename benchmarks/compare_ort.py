@@ -112,6 +112,7 @@ def _worker(spec: dict[str, Any]) -> None:
     else:
         info["phases"] = C.ort_quantize(spec["model"], spec["out"], spec["calib"], method=spec["method"],
                                         op_types=spec.get("op_types"), workdir=spec.get("workdir"),
+                                        per_channel=not spec.get("per_tensor"),
                                         quant_format=spec.get("quant_format", "QDQ"),
                                         symbolic_shapes=bool(spec.get("symbolic_shapes")))
     seconds = time.perf_counter() - t0
@@ -169,11 +170,11 @@ def _compile_all(specs: dict[str, dict[str, Any]], repeat: dict[str, int], mem_l
 
 # ============================================================================================== data
 def _task(args: argparse.Namespace, model: str, n_calib: int) -> C.Task:
-    if model in C.REAL_MODELS:
+    if model in C.SCORED_MODELS:
         return C.load_task(model, n_calib, args.eval)
     path = Path(model)
     if not path.is_file():
-        raise SystemExit(f"error: {model}: not one of {', '.join(C.REAL_MODELS)} and not a file")
+        raise SystemExit(f"error: {model}: not one of {', '.join(C.SCORED_MODELS)} and not a file")
     if not args.calib_data or not args.eval_data:
         raise SystemExit("error: a model file needs --calib-data and --eval-data (folder of .npz or one .npz "
                          "with a leading sample axis)")
@@ -185,7 +186,7 @@ def _task(args: argparse.Namespace, model: str, n_calib: int) -> C.Task:
 
 
 def _score(task: C.Task, ref: list[dict[str, np.ndarray]], path: Path) -> C.Score:
-    key = task.key if task.key in C.REAL_MODELS else "custom"
+    key = task.key if task.key in C.SCORED_MODELS else "custom"
     return C.score(key, ref, C.run_all(path, task.eval), labels=task.labels)
 
 
@@ -216,7 +217,8 @@ def compare(args: argparse.Namespace, model: str, work: Path) -> dict[str, Any]:
         out = work / (name.replace(" ", "_").replace("/", "_") + ".onnx")
         specs[name] = {"tool": "ort", "model": str(fp32), "out": str(out), "calib": str(calib_dir),
                        "method": method, "op_types": op_types, "workdir": str(work),
-                       "quant_format": args.ort_format, "symbolic_shapes": args.ort_symbolic_shapes}
+                       "quant_format": args.ort_format, "symbolic_shapes": args.ort_symbolic_shapes,
+                       "per_tensor": args.ort_per_tensor}
         repeat[name] = args.repeat if (method == "MinMax" and op_types is None) else 1  # the default: timed
     tools = _compile_all(specs, repeat, args.mem_limit_mb)
 
@@ -233,7 +235,7 @@ def compare(args: argparse.Namespace, model: str, work: Path) -> dict[str, Any]:
         t.update(sqnr=s.sqnr, primary=s.primary, agreement=s.agreement, extra=s.extra,
                  bytes=Path(t["path"]).stat().st_size)
         t["bytes_ratio"] = t["bytes"] / fp32_bytes
-    f_extra = C.score(task.key if task.key in C.REAL_MODELS else "custom", ref, ref, labels=task.labels).extra
+    f_extra = C.score(task.key if task.key in C.SCORED_MODELS else "custom", ref, ref, labels=task.labels).extra
 
     print("measuring latency ...", file=sys.stderr, flush=True)
     lat_models = {"float": str(fp32), **{k: t["path"] for k, t in tools.items() if "error" not in t}}
@@ -334,7 +336,8 @@ def speed(args: argparse.Namespace, model: str, work: Path) -> dict[str, Any]:
           flush=True)
     q = {"tool": "qcompiler", "model": str(fp32), "calib": str(calib_dir), "target": args.target}
     o = {"tool": "ort", "model": str(fp32), "calib": str(calib_dir), "workdir": str(work), "op_types": None,
-         "quant_format": args.ort_format, "symbolic_shapes": args.ort_symbolic_shapes}
+         "quant_format": args.ort_format, "symbolic_shapes": args.ort_symbolic_shapes,
+         "per_tensor": args.ort_per_tensor}
     specs: dict[str, dict[str, Any]] = {
         "qcompiler default": {**q, "out": str(work / "q_default.onnx"), "validate": True},
         "qcompiler default --no-validate": {**q, "out": str(work / "q_default_nv.onnx")},
@@ -481,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("model", nargs="?", help=f"{' | '.join(C.REAL_MODELS)} | path/to/model.onnx")
+    ap.add_argument("model", nargs="?", help=f"{' | '.join(C.SCORED_MODELS)} | path/to/model.onnx")
     ap.add_argument("--mode", default="compare", choices=("compare", "speed", "calib-rss", "conv-fixture", "all"))
     ap.add_argument("--plan", help="qcompiler plan (file or preset); default: the default plan")
     ap.add_argument("--compact-names", action="store_true", help="qcompiler: compile with --compact-names")
@@ -490,6 +493,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ort-symbolic-shapes", action="store_true",
                     help="onnxruntime's quant_pre_process at its defaults (symbolic shape inference; fails on the "
                          "PP-OCR models) instead of skip_symbolic_shape=True")
+    ap.add_argument("--ort-per-tensor", action="store_true",
+                    help="onnxruntime: per-tensor weights (magika: onnxruntime 1.32's per-channel quantize_static "
+                         "raises in its int32-bias scale adjustment)")
     ap.add_argument("--ort-format", default="QDQ", choices=("QDQ", "QOperator"),
                     help="onnxruntime quantize_static quant_format (default QDQ; QOperator to compare with ort-qop)")
     ap.add_argument("--samples", type=int, default=64, help="calibration samples (default 64)")

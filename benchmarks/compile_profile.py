@@ -25,11 +25,13 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 import realdata  # noqa: E402  (tests/realdata.py: the pinned real models and their realistic inputs)
+import realdata_heldout  # noqa: E402  (tests/realdata_heldout.py: the held-out models' inputs)
 
 
 def calib_feeds(key: str, n: int) -> list[dict[str, Any]]:
-    """``n`` calibration feeds of realdata model ``key`` (its ``KEY_inputs(n, "calib")``)."""
-    fn = getattr(realdata, f"{key}_inputs", None)
+    """``n`` calibration feeds of realdata model ``key`` (its ``KEY_inputs(n, "calib")``, in realdata or, for the
+    held-out magika / nudenet, realdata_heldout)."""
+    fn = getattr(realdata, f"{key}_inputs", None) or getattr(realdata_heldout, f"{key}_inputs", None)
     if fn is None:
         raise SystemExit(f"error: tests/realdata.py has no {key}_inputs() for model '{key}'")
     out = fn(n, "calib")

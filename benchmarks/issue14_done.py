@@ -9,13 +9,17 @@ Compiles, from the same ``calib``-split feeds:
 * every 8-bit preset (``--presets``; each with its algorithm guard as shipped);
 * onnxruntime: ``quantize_static`` QDQ (per-channel int8 weights, uint8 activations) with MinMax / Entropy /
   Percentile calibration, MinMax restricted to Conv + MatMul (``op_types_to_quantize``), and ``quantize_dynamic``
-  (per-channel int8) — each in a fresh process killed above ``--mem-limit-gb``.
+  (per-channel int8), and MinMax with per-tensor weights — each in a fresh process killed above
+  ``--mem-limit-gb``.
 
 Scores every file on the disjoint ``eval``-split feeds against the float model: the worst output slice's SQNR (dB;
 the same worst-slice rule as ``qcompiler validate``: each output's worst slice along its channel / feature axis,
-or its whole-tensor SQNR when lower), the worst whole-output SQNR, onnxruntime latency against float (1 thread,
-interleaved rounds, median) and file bytes (with external data) against the fp32 file. Prints the table and the
-issue's targets (met / missed) for this model."""
+or its whole-tensor SQNR when lower, with the index of that slice), the worst whole-output SQNR, the model's task
+metric where ``_common.score`` has one (cls / rec / silero; the held-out ``magika``: top-1 agreement and the worst
+class among those that fire; ``nudenet``: detections agreement and the score rows' SQNR), onnxruntime latency
+against float (1 thread, interleaved rounds, median) and file bytes (with external data) against the fp32 file.
+A compile or onnxruntime quantization that raises is a row with its error. Prints the table and the issue's
+targets (met / missed) for this model."""
 
 from __future__ import annotations
 
@@ -68,7 +72,8 @@ def _ort_worker(spec: dict[str, Any]) -> None:
         quantize_dynamic(str(pre), spec["out"], per_channel=True, weight_type=QuantType.QInt8)
     else:
         C.ort_quantize(spec["model"], spec["out"], spec["calib"], method=spec["method"],
-                       op_types=spec.get("op_types"), workdir=spec["workdir"])
+                       op_types=spec.get("op_types"), workdir=spec["workdir"],
+                       per_channel=spec.get("per_channel", True))
     print("RESULT ok", flush=True)
 
 
@@ -113,7 +118,13 @@ def main() -> int:
                 continue
             out = work / f"{name.replace(' ', '_')}.onnx"
             t0 = time.perf_counter()
-            res = compile_model(model, out, opts)
+            try:
+                res = compile_model(model, out, opts)
+            except Exception as e:  # a crash is a result here (held-out models): recorded, the run goes on
+                rows[name] = {"seconds": round(time.perf_counter() - t0, 2),
+                              "error": f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"}
+                print(f"{name}: {rows[name]}", file=sys.stderr, flush=True)
+                continue
             rows[name] = {"seconds": round(time.perf_counter() - t0, 2)}
             rec = res.report.get("recipe")
             if rec:
@@ -123,6 +134,9 @@ def main() -> int:
         ort_specs: dict[str, dict[str, Any]] = {
             f"ort {m}": {"kind": "static", "method": m} for m in C.ORT_METHODS}
         ort_specs["ort MinMax Conv+MatMul"] = {"kind": "static", "method": "MinMax", "op_types": ["Conv", "MatMul"]}
+        # per-tensor weights: what a user falls back to where per-channel fails (magika: onnxruntime 1.32's
+        # int32-bias scale adjustment raises on per-channel scales)
+        ort_specs["ort MinMax per-tensor"] = {"kind": "static", "method": "MinMax", "per_channel": False}
         ort_specs["ort dynamic"] = {"kind": "dynamic"}
         for name, spec in ort_specs.items():
             if name in skip or name.removeprefix("ort ") in skip:
@@ -136,23 +150,36 @@ def main() -> int:
             else:
                 files[name] = out
             print(f"{name}: {rows[name]}", file=sys.stderr, flush=True)
+        ref = C.run_all(model, ev) if args.model in C.AGREEMENT else None
         for name, path in files.items():
             rep = qv.validate(model, path, ev, per_layer=False)
             rows[name].update(worst_slice_db=round(rep.worst_slice_sqnr(), 2),
                               whole_db=round(rep.worst_output_sqnr(), 2),
                               file_ratio=round(file_bytes(path) / file_bytes(model), 3))
+            ws = next((m.worst_slice for m in rep.outputs if m.worst_slice is not None), None)
+            if ws is not None:
+                rows[name]["worst_slice_index"] = ws.index
+            if ref is not None:  # the task metric of tests/realdata*.py's models (C.score)
+                sc = C.score(args.model, ref, C.run_all(path, ev))
+                rows[name]["agreement"] = round(sc.agreement, 4)
+                rows[name].update({k: round(v, 2) for k, v in sc.extra.items() if k.endswith(" dB")})
         lat = C.latency_ms({"float": str(model), **{k: str(v) for k, v in files.items()}}, ev[0], threads=1,
                            warmup=5, rounds=7, per_round=10)
         for k in files:
             rows[k]["latency_ratio"] = round(lat[k]["median"] / lat["float"]["median"], 3)
     ort_ok = {k: v for k, v in rows.items() if k.startswith("ort") and "worst_slice_db" in v}
     best = max(ort_ok, key=lambda k: ort_ok[k]["worst_slice_db"]) if ort_ok else None
-    table = [[k, str(v.get("worst_slice_db", "-")), str(v.get("whole_db", "-")), str(v.get("latency_ratio", "-")),
+    extra_cols = sorted({k for v in rows.values() for k in v if k.endswith(" dB")})
+    table = [[k, str(v.get("worst_slice_db", "-")), str(v.get("worst_slice_index", "-")), str(v.get("whole_db", "-")),
+              *[str(v.get(c, "-")) for c in extra_cols],
+              str(v.get("agreement", "-")), str(v.get("latency_ratio", "-")),
               str(v.get("file_ratio", "-")), str(v["seconds"]),
               v.get("error") or (v.get("recipe") or {}).get("winner") or ""] for k, v in rows.items()]
+    agreement = C.AGREEMENT.get(args.model, "agreement")
     print(f"\n## {args.model}: {len(calib)} calibration / {len(ev)} evaluation feeds\n")
-    print(C.fmt_table(["", "worst slice dB", "whole dB", "latency x float", "file x fp32", "compile s", "note"],
-                      table, align_right=lambda i: 0 < i < 6))
+    headers = ["", "worst slice dB", "slice", "whole dB", *extra_cols, agreement, "latency x float", "file x fp32",
+               "compile s", "note"]
+    print(C.fmt_table(headers, table, align_right=lambda i: 0 < i < len(headers) - 1))
     targets: list[dict[str, Any]] = []
     d = rows.get("qc default", {})
     if best is not None and "worst_slice_db" in d:

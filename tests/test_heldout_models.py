@@ -1,0 +1,241 @@
+"""Quality on two held-out real models nobody tuned the presets or the measured default on (issue 14).
+
+Models (pinned wheels fetched by ``tests/realdata.py``; inputs from ``tests/realdata_heldout.py``):
+
+* ``magika`` 1.0.3 ``standard_v3_3/model.onnx`` -- a 1-D conv + dense file-type classifier, input int32 bytes
+  [1, 2048], output a softmax over 214 content types. Calibrated on 64 files of the Python standard library,
+  scored on 48 other files (installed packages' photos, shared libraries, stubs, metadata; system docs).
+* ``nudenet`` 3.4.2 ``320n.onnx`` -- a YOLOv8n detector at 320, output ``output0`` [1, 22, 2100]: rows 0-3 the
+  box in pixels (0-320), rows 4-21 the 18 class scores (0-1). Calibrated on 64 letterboxed crops of the
+  ``calib`` photos, scored on 48 crops of the disjoint ``eval`` photos.
+
+The oracles are independent of qcompiler: onnxruntime runs of the float and the compiled files, and the numbers
+are computed here with numpy (per-slice SQNR along the channel / class axis, top-1 agreement, detections above
+0.25). Every floor is the value measured on this project's machine (AMD EPYC Zen 4, onnxruntime 1.32, session
+11, ``benchmarks/RESULTS.md`` "Held-out models (session 11)") minus a margin, named next to it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+
+from qcompiler.api import CompileOptions, compile_model
+from qcompiler.report import validate as qv
+
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+sys.path.insert(0, str(TESTS))
+
+import realdata_heldout as H  # noqa: E402
+
+
+def _load_common() -> Any:
+    if "_bench_common" in sys.modules:  # loaded by another test module: the same object
+        return sys.modules["_bench_common"]
+    spec = importlib.util.spec_from_file_location("_bench_common", REPO / "benchmarks" / "_common.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["_bench_common"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+C = _load_common()  # benchmarks/_common.py: tasks, metrics (shared with benchmarks/issue14_done.py)
+
+N_CALIB = 64
+N_EVAL = 48
+MARGIN_DB = 3.0  # every SQNR floor: the measured value minus this
+
+# magika (measured default: winner w8a8; plain = --plan default)
+MAGIKA_DEFAULT_WHOLE_DB = 57.36 - MARGIN_DB
+MAGIKA_DEFAULT_ACTIVE_DB = 24.50 - MARGIN_DB  # worst class among those with float p > 0.01 on some eval file
+MAGIKA_DEFAULT_WORST_SLICE_DB = 1.57 - MARGIN_DB  # worst of all 214 classes: pcap, float p <= 2.3e-5
+MAGIKA_PLAIN_ACTIVE_DB = 7.41  # --plan default's worst active class
+MAGIKA_MIN_TOP1 = 47 / 48  # measured 48 / 48
+MAGIKA_ACTIVE_P = 0.01
+# nudenet (measured default: winner w8a8; plain = --plan default)
+NUDENET_DEFAULT_SCORES_DB = 30.68 - MARGIN_DB  # rows 4: pooled
+NUDENET_DEFAULT_WORST_ROW_DB = 18.62 - MARGIN_DB  # worst of the 22 rows (row 21)
+NUDENET_DEFAULT_WHOLE_DB = 48.15 - MARGIN_DB
+NUDENET_DEFAULT_MIN_DETECTIONS = 0.95  # measured 0.986
+NUDENET_PLAIN_SCORES_DB = 5.04 - MARGIN_DB  # the issue's "5.1 dB on the score channels"
+NUDENET_PLAIN_WHOLE_DB = 28.40 - MARGIN_DB
+FILE_RATIO = 0.30  # issue 14: file <= 0.30x fp32
+
+
+@dataclass
+class Run:
+    model: Path
+    out: Path
+    ref: list[dict[str, np.ndarray]]
+    quant: list[dict[str, np.ndarray]]
+    result: Any
+
+
+def _runs(key: str, plans: dict[str, CompileOptions], work: Path) -> dict[str, Run]:
+    task = C.load_task(key, N_CALIB, N_EVAL)
+    calib = C.write_feeds(task.calib, work / "calib")
+    ref = C.run_all(task.model, task.eval)
+    out: dict[str, Run] = {}
+    for name, opts in plans.items():
+        opts.calib = str(calib)
+        path = work / f"{key}.{name}.onnx"
+        result = compile_model(task.model, path, opts)
+        out[name] = Run(Path(task.model), path, ref, C.run_all(path, task.eval), result)
+    return out
+
+
+def _stack(outs: list[dict[str, np.ndarray]], name: str) -> np.ndarray:
+    return np.concatenate([o[name] for o in outs], axis=0).astype(np.float64)
+
+
+def _slice_sqnr(ref: np.ndarray, q: np.ndarray, axis: int) -> np.ndarray:
+    """SQNR (dB) of each index of ``axis``, all other axes and samples pooled."""
+    r = np.moveaxis(ref, axis, 0).reshape(ref.shape[axis], -1)
+    d = r - np.moveaxis(q, axis, 0).reshape(ref.shape[axis], -1)
+    with np.errstate(divide="ignore"):
+        return np.asarray(10.0 * np.log10(np.sum(r * r, axis=1) / np.sum(d * d, axis=1)))
+
+
+def _whole_sqnr(ref: np.ndarray, q: np.ndarray) -> float:
+    return 10.0 * math.log10(float(np.sum(ref * ref)) / float(np.sum((ref - q) ** 2)))
+
+
+# ================================================================================================= magika
+
+
+@pytest.fixture(scope="module")
+def magika(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Run]:
+    return _runs("magika", {"measured": CompileOptions(validate=False),
+                            "plain": CompileOptions(plan="default", validate=False)},
+                 tmp_path_factory.mktemp("magika"))
+
+
+def test_magika_inputs_are_disjoint_real_files_the_float_model_recognises() -> None:
+    calib, eval_ = H.magika_files("calib"), H.magika_files("eval")
+    assert not set(calib) & set(eval_)
+    feeds, paths = H.magika_inputs(N_EVAL, "eval", return_paths=True)
+    assert H.magika_inputs(5, "eval")[4]["bytes"].tobytes() == feeds[4]["bytes"].tobytes()  # prefix-stable
+    labels = H.magika_labels()
+    assert len(labels) == 214
+    sess = C.session(H.fetch("magika"))
+    top = [labels[int(np.argmax(sess.run(None, f)[0]))] for f in feeds]
+    expect = {".png": "png", ".jpg": "jpeg", ".so": "elf", ".py": "python", ".gz": "gzip"}
+    scored = [(expect[p.suffix], t) for p, t in zip(paths, top, strict=True) if p.suffix in expect]
+    assert len(scored) >= 10
+    assert sum(e == t for e, t in scored) >= 0.9 * len(scored), scored
+
+
+def test_magika_feature_extraction_strips_and_pads() -> None:
+    f = H.magika_features(b"  \n\tabc  \n")  # head: leading whitespace stripped; tail: trailing whitespace
+    assert f.dtype == np.int32 and f.shape == (2048,)
+    assert list(f[:6]) == list(b"abc  \n") and set(f[6:1024].tolist()) == {256}
+    assert set(f[1024:-7].tolist()) == {256} and list(f[-7:]) == list(b"  \n\tabc")
+    big = bytes(range(256)) * 40  # 10240 bytes: the first block's head, the last block's tail
+    g = H.magika_features(big)
+    assert list(g[:1024]) == list(big[:1024]) and list(g[1024:]) == list(big[-1024:])
+
+
+def test_magika_measured_default_quality(magika: dict[str, Run]) -> None:
+    run = magika["measured"]
+    onnx.checker.check_model(str(run.out), full_check=True)
+    ref, q = _stack(run.ref, "target_label"), _stack(run.quant, "target_label")
+    assert float(np.mean(ref.argmax(1) == q.argmax(1))) >= MAGIKA_MIN_TOP1
+    assert _whole_sqnr(ref, q) >= MAGIKA_DEFAULT_WHOLE_DB
+    per_class = _slice_sqnr(ref, q, axis=1)
+    active = ref.max(axis=0) > MAGIKA_ACTIVE_P
+    assert active.sum() >= 10
+    assert per_class[active].min() >= MAGIKA_DEFAULT_ACTIVE_DB
+    assert per_class.min() >= MAGIKA_DEFAULT_WORST_SLICE_DB
+    fp32 = run.model.stat().st_size
+    assert run.out.stat().st_size <= FILE_RATIO * fp32
+
+
+def test_magika_measured_default_beats_plain_default_on_the_classes_that_fire(magika: dict[str, Run]) -> None:
+    ref = _stack(magika["measured"].ref, "target_label")
+    active = ref.max(axis=0) > MAGIKA_ACTIVE_P
+    worst = {k: float(_slice_sqnr(ref, _stack(r.quant, "target_label"), axis=1)[active].min())
+             for k, r in magika.items()}
+    assert worst["plain"] <= MAGIKA_PLAIN_ACTIVE_DB + MARGIN_DB  # what the measured default exists to fix
+    assert worst["measured"] >= worst["plain"] + 10.0, worst
+
+
+def test_magika_validate_worst_slice_is_the_numpy_one(magika: dict[str, Run]) -> None:
+    """qcompiler's worst-slice rule on a [N, 214] softmax: the class axis, the same class and SQNR as numpy."""
+    run = magika["plain"]
+    feeds = C.zoo_feeds("magika", N_EVAL, "eval")
+    rep = qv.validate(run.model, run.out, feeds, per_layer=False)
+    ws = rep.outputs[0].worst_slice
+    per_class = _slice_sqnr(_stack(run.ref, "target_label"), _stack(run.quant, "target_label"), axis=1)
+    assert (ws.axis, ws.slices) == (1, 214)
+    assert ws.index == int(np.argmin(per_class))
+    assert ws.sqnr_db == pytest.approx(float(per_class.min()), abs=0.01)
+
+
+# ================================================================================================ nudenet
+
+
+@pytest.fixture(scope="module")
+def nudenet(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Run]:
+    return _runs("nudenet", {"measured": CompileOptions(validate=False),
+                             "plain": CompileOptions(plan="default", validate=False)},
+                 tmp_path_factory.mktemp("nudenet"))
+
+
+def _detections_iou(run: Run) -> float:
+    return float(C.nudenet_metrics(run.ref, run.quant)[0])
+
+
+def test_nudenet_eval_images_have_detections() -> None:
+    sess = C.session(H.fetch("nudenet"))
+    feeds = H.nudenet_inputs(N_EVAL, "eval")
+    assert feeds[0]["images"].shape == (1, 3, 320, 320) and feeds[0]["images"].dtype == np.float32
+    assert 0.0 <= feeds[0]["images"].min() and feeds[0]["images"].max() <= 1.0
+    with_dets = sum(bool(H.nudenet_detections(sess.run(None, f)[0])) for f in feeds)
+    assert with_dets >= 8  # measured 10 of 48: the detections agreement has something to agree on
+
+
+def test_nudenet_measured_default_keeps_the_score_rows(nudenet: dict[str, Run]) -> None:
+    run = nudenet["measured"]
+    onnx.checker.check_model(str(run.out), full_check=True)
+    ref, q = _stack(run.ref, "output0"), _stack(run.quant, "output0")
+    rows = H.NUDENET_BOX_ROWS
+    assert _whole_sqnr(ref[:, rows:], q[:, rows:]) >= NUDENET_DEFAULT_SCORES_DB
+    assert _slice_sqnr(ref, q, axis=1).min() >= NUDENET_DEFAULT_WORST_ROW_DB
+    assert _whole_sqnr(ref, q) >= NUDENET_DEFAULT_WHOLE_DB
+    assert _detections_iou(run) >= NUDENET_DEFAULT_MIN_DETECTIONS
+    assert run.out.stat().st_size <= FILE_RATIO * run.model.stat().st_size
+
+
+def test_nudenet_plain_default_floor_and_score_rows_far_below_w8a8(nudenet: dict[str, Run]) -> None:
+    """``--plan default``: box rows fine, score rows poor (the issue's 5.1 dB); the measured default at least 15 dB above."""
+    rows = H.NUDENET_BOX_ROWS
+    plain, w8 = nudenet["plain"], nudenet["measured"]
+    ref, q = _stack(plain.ref, "output0"), _stack(plain.quant, "output0")
+    assert _whole_sqnr(ref, q) >= NUDENET_PLAIN_WHOLE_DB
+    plain_scores = _whole_sqnr(ref[:, rows:], q[:, rows:])
+    assert plain_scores >= NUDENET_PLAIN_SCORES_DB
+    w8_scores = _whole_sqnr(ref[:, rows:], _stack(w8.quant, "output0")[:, rows:])
+    assert w8_scores >= plain_scores + 15.0
+    assert _detections_iou(w8) > _detections_iou(plain)
+
+
+def test_nudenet_validate_worst_slice_sees_the_score_rows(nudenet: dict[str, Run]) -> None:
+    """The worst-slice rule slices [1, 22, 2100] along the 22 rows and so ranks every class-score row."""
+    run = nudenet["plain"]
+    rep = qv.validate(run.model, run.out, C.zoo_feeds("nudenet", N_EVAL, "eval"), per_layer=False)
+    ws = rep.outputs[0].worst_slice
+    per_row = _slice_sqnr(_stack(run.ref, "output0"), _stack(run.quant, "output0"), axis=1)
+    assert (ws.axis, ws.slices) == (1, 22)
+    assert ws.index == int(np.argmin(per_row)) and ws.index >= H.NUDENET_BOX_ROWS
+    assert ws.sqnr_db == pytest.approx(float(per_row.min()), abs=0.01)
+    assert rep.worst_slice_sqnr() < per_row[: H.NUDENET_BOX_ROWS].min()  # the box rows never hide it
