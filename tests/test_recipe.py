@@ -64,8 +64,7 @@ def test_measured_default_never_below_default_plan(tmp_path: Path, name: str) ->
     rep = json.loads((tmp_path / "r.json").read_text())["recipe"]
     assert rep["mode"] == "auto" and rep["held_samples"] == 8
     assert rep["candidates"][0]["name"] == "default"
-    guard = [c for c in rep["candidates"] if c["name"].startswith("w8a8-no-")]  # the w8a8 candidate's own guard
-    assert len(rep["candidates"]) - len(guard) <= 5 and len(guard) <= 3  # --effort low, the default
+    assert len(rep["candidates"]) <= 5  # --effort low, the default
     assert rep["winner"] in {c["name"] for c in rep["candidates"]}
     assert "measured default:" in r.output and rep["winner"] in r.output
 
@@ -295,18 +294,7 @@ def test_no_plan_with_real_calibration_runs_the_measured_default(tmp_path: Path)
     assert rec["mode"] == "auto" and rec["held_samples"] == 8
     names = [c["name"] for c in rec["candidates"]]
     # --effort low: the default plan, w8a8, range-auto, dynamic-matmul (the fixture has a Gemm); no weights-only
-    assert names[:4] == ["default", "w8a8", "range-auto", "dynamic-matmul"]
-    guard = [c for c in rec["candidates"] if c["name"].startswith("w8a8-no-")]
-    assert len(names) - len(guard) <= 5
-    # w8a8's own guard: each guarded algorithm measured off; an ablation stays a candidate only when it measured
-    # better than w8a8 as written by the guard's margin, the others are listed with the reason
-    w8a8 = next(c for c in rec["candidates"] if c["name"] == "w8a8")
-    assert {c["name"] for c in guard} >= {"w8a8-no-gptq", "w8a8-no-percentile"}
-    for c in guard:
-        lost = any("the guard's ablation" in n for n in c.get("notes", []))
-        assert lost == (c["sqnr_db"] <= w8a8["sqnr_db"] + 0.05), c
-        if lost:
-            assert rec["winner"] != c["name"]
+    assert names[:4] == ["default", "w8a8", "range-auto", "dynamic-matmul"] and len(names) <= 5
     assert "weights-only" not in names and "w8a8-dynamic" not in names
     assert rec["latency_measured"] is False and all(c["latency_ratio"] == "inf" for c in rec["candidates"])
     won = next(c for c in rec["candidates"] if c["name"] == rec["winner"])

@@ -54,7 +54,6 @@ from qcompiler.plan import Plan
 from qcompiler.plan.ablations import guarded_algorithms
 from qcompiler.recipe.candidates import (
     MATMUL_OPS,
-    Candidate,
     combined,
     dynamic_upgrades,
     effort_cap,
@@ -174,15 +173,7 @@ def _choose(bench: Bench, opts: CompileOptions, base: Plan, progress: Progress |
         log.info("recipe: %s %s dB, %d bytes%s", cand.name, fmt_db(measured[-1].sqnr_db), measured[-1].bytes,
                  f", {measured[-1].latency_ratio:.2f}x float" if bench.latency else "")
     by_name = {c.name: c for c in singles}
-    ablations_table: list[Measured] = []
-    for cand in [c for c in singles if c.guarded]:  # a preset candidate gets its own guard, as the preset does
-        kept, tried = _guard_candidate(bench, cand, next(m for m in measured if m.name == cand.name))
-        ablations_table += [m for m in tried if m is not kept]
-        if kept is not None:
-            measured.append(kept)
-            by_name[kept.name] = Candidate(kept.name, kept.change, kept.plan, cand.structural)
-    better = [by_name[m.name] for m in measured[1:] if not m.error and m.sqnr_db > measured[0].sqnr_db
-              and m.name in by_name and by_name[m.name] in singles]
+    better = [by_name[m.name] for m in measured[1:] if not m.error and m.sqnr_db > measured[0].sqnr_db]
     extra = combined(base, better)
     if extra is not None and (cap is None or len(measured) < cap):
         measured.append(bench.measure(extra.plan, extra.name, extra.change))
@@ -202,10 +193,6 @@ def _choose(bench: Bench, opts: CompileOptions, base: Plan, progress: Progress |
     for m in measured:
         if m is not winner and not m.error:
             m.notes.append(why_not(m, measured[0], cons, bench.float_metric) or "eligible, not the best")
-    for m in ablations_table:
-        m.notes.append(f"the guard's ablation: not better than as written by {GUARD_MARGIN_DB:g} dB" if not m.error
-                       else m.error)
-    measured += ablations_table
     notes: list[str] = []
     lead = winner.sqnr_db - measured[0].sqnr_db
     if winner is not measured[0] and bench.metric is None and lead >= CONFIRM_MARGIN_DB and \
@@ -232,38 +219,6 @@ def _choose(bench: Bench, opts: CompileOptions, base: Plan, progress: Progress |
     return RecipeResult(plan=plan, text=plan_text(winner.plan, header), mode="auto", candidates=measured,
                         winner=winner.name, reason=reason, held_samples=len(bench.held), constraints=cons,
                         notes=notes)
-
-
-def _guard_candidate(bench: Bench, cand: Candidate, written: Measured) -> tuple[Measured | None, list[Measured]]:
-    """The algorithm guard's rule on a preset candidate measured as written (``written``): each guarded algorithm
-    turned off alone, dropped when that measures better by :data:`GUARD_MARGIN_DB`; two or more dropped are
-    measured together too, and the better of that and the best single drop is kept. Returns the kept ablation
-    (None: as written stays) and every ablation measured (for the candidate table)."""
-    if written.error:
-        return None, []
-    tried: list[Measured] = []
-    dropped: list[Measured] = []
-    for name in guarded_algorithms(cand.plan):
-        m = bench.measure(without(cand.plan, [name], f"{cand.name} without {name}"), f"{cand.name}-no-{name}",
-                          f"{cand.name} with {name} off (its guard)")
-        m.structural = cand.structural
-        tried.append(m)
-        if not m.error and m.sqnr_db > written.sqnr_db + GUARD_MARGIN_DB:
-            dropped.append(m)
-    if not dropped:
-        return None, tried
-    kept = max(dropped, key=lambda m: m.sqnr_db)
-    if len(dropped) > 1:
-        names = [m.name.removeprefix(f"{cand.name}-no-") for m in dropped]
-        both = bench.measure(without(cand.plan, names, f"{cand.name} without {'+'.join(names)}"),
-                             f"{cand.name}-no-{'+'.join(names)}", f"{cand.name} with {', '.join(names)} off (its guard)")
-        both.structural = cand.structural
-        tried.append(both)
-        if not both.error and both.sqnr_db >= kept.sqnr_db:
-            kept = both
-    log.info("recipe: %s's guard keeps %s (%s dB vs %s dB as written)", cand.name, kept.name, fmt_db(kept.sqnr_db),
-             fmt_db(written.sqnr_db))
-    return kept, tried
 
 
 def _guard(bench: Bench, base: Plan, progress: Progress | None) -> RecipeResult:

@@ -49,9 +49,6 @@ class Candidate:
     #: it keeps activations float where the default plan quantizes them (gives up integer kernels): offered only
     #: with a latency / size constraint or --effort high
     float_activations: bool = False
-    #: a shipped preset measured as written: its guarded algorithms (GPTQ, percentile ranges) are then each measured
-    #: off too, and dropped by the guard's rule (the preset as the user would get it from --preset)
-    guarded: bool = False
 
 
 def plan_from(d: dict[str, Any], name: str) -> Plan:
@@ -95,7 +92,7 @@ def recipe_candidates(base: Plan, op_types: set[str], *, float_activations: bool
     shipped.guard = "off"
     out = [Candidate("default", "the plain default plan (baseline)", plan_from(d, "default")),
            Candidate("w8a8", "the w8a8 preset as written (percentile ranges, int8 GPTQ, float-read Conv outputs "
-                             "not requantized)", shipped, True, guarded=True),
+                             "not requantized)", shipped, True),
            Candidate("range-auto", "activation ranges: calibration auto (minmax / percentile / entropy / mse)",
                      plan_from(_with_activation(d, calibration="auto"), "range-auto"))]
     if has_matmul:
