@@ -128,10 +128,11 @@ class _SliceAccumulator:
 
     def _silent(self) -> np.ndarray:
         """Which slices carry no signal: exactly zero in the float model, or (class scores in [0, 1]) a class
-        whose float probability never reaches :data:`PROB_FLOOR`."""
+        whose float probability never reaches :data:`PROB_FLOOR` (values in [0, 1] within float32 rounding:
+        :data:`PROB_SUM_TOL`)."""
         assert self.ref2 is not None and self.peak is not None
         silent = self.ref2 == 0.0
-        if self.classes and self.lo >= 0.0 and float(np.max(self.peak)) <= 1.0:
+        if self.classes and self.lo >= -PROB_SUM_TOL and float(np.max(self.peak)) <= 1.0 + PROB_SUM_TOL:
             silent |= self.peak < PROB_FLOOR
         return silent
 
