@@ -85,6 +85,19 @@ MODELS: dict[str, tuple[str, str, str]] = {
 SPLITS = ("calib", "eval")
 
 
+def bench_common():
+    """``benchmarks/_common.py`` (tasks, metrics, onnxruntime's quantizer: what the benchmarks score with), loaded
+    once per process as module ``_bench_common`` so every test module gets the same object."""
+    if "_bench_common" in sys.modules:
+        return sys.modules["_bench_common"]
+    spec = importlib.util.spec_from_file_location("_bench_common", REPO / "benchmarks" / "_common.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["_bench_common"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
 # ==================================================================================================
 # models
 # ==================================================================================================

@@ -17,7 +17,6 @@ are computed here with numpy (per-slice SQNR along the channel / class axis, top
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import sys
 from dataclasses import dataclass
@@ -35,21 +34,10 @@ TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
 sys.path.insert(0, str(TESTS))
 
+import realdata  # noqa: E402
 import realdata_heldout as H  # noqa: E402
 
-
-def _load_common() -> Any:
-    if "_bench_common" in sys.modules:  # loaded by another test module: the same object
-        return sys.modules["_bench_common"]
-    spec = importlib.util.spec_from_file_location("_bench_common", REPO / "benchmarks" / "_common.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["_bench_common"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-C = _load_common()  # benchmarks/_common.py: tasks, metrics (shared with benchmarks/issue14_done.py)
+C = realdata.bench_common()  # benchmarks/_common.py: tasks, metrics (shared with benchmarks/issue14_done.py)
 
 N_CALIB = 64
 N_EVAL = 48

@@ -20,7 +20,6 @@ activations, same 64 samples, opset upgraded to 13 as per-channel needs, ``quant
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import sys
@@ -42,17 +41,9 @@ TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
 sys.path.insert(0, str(TESTS))
 
+import realdata  # noqa: E402  (tests/realdata.py, on the path above)
 
-def _load_common() -> Any:
-    spec = importlib.util.spec_from_file_location("_bench_common", REPO / "benchmarks" / "_common.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["_bench_common"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-C = _load_common()  # benchmarks/_common.py: tasks, metrics, onnxruntime's quantizer (shared with the benchmark)
+C = realdata.bench_common()  # benchmarks/_common.py: tasks, metrics, onnxruntime's quantizer (shared with the benchmark)
 
 N_CALIB = 64
 N_EVAL = 48
@@ -406,8 +397,6 @@ class Zoo:
 
 
 def _zoo(key: str, n_calib: int, n_eval: int, tmp_path_factory: pytest.TempPathFactory) -> Zoo:
-    import realdata
-
     make = {"ppocr_det": realdata.ppocr_det_inputs, "vit_focus": realdata.vit_focus_inputs}[key]
     calib, ev = make(n_calib, "calib"), make(n_eval, "eval")
     work = tmp_path_factory.mktemp(key)
