@@ -23,8 +23,11 @@ copy of the graph, every ``auto`` tensor with that method), each copy runs in on
 samples (at the optimization level the target validates at: ``ort`` fuses its integer kernels), and the method
 whose outputs are closest to the float model's (mean output SQNR in dB over the float outputs) replaces ``auto``
 in those tensors' specs. The held-out statistics are then merged in (exact), so the compile's ranges come from
-all N samples, as with that method given by hand; every sample still runs once. The report's
-``calibration.auto`` lists each method's held-out SQNR and the choice. Holding out matters: measured on the
+all N samples, as with that method given by hand; every sample still runs once. The float reference on the
+held-out samples comes from calibration's own runs of them (their graph outputs fetched in the same runs, or kept
+by the statistics cache with the statistics that served them), taken once the trials' float session gives the
+first held-out sample's outputs bit for bit as kept (else the float graph runs every held-out sample again).
+The report's ``calibration.auto`` lists each method's held-out SQNR and the choice. Holding out matters: measured on the
 calibration samples themselves, clipping methods look best on PP-OCR cls, whose held-back evaluation lines
 prefer minmax by 10 dB (benchmarks/RESULTS.md, "Calibration: auto"). The measurement leaves out what later
 passes (``gptq``, ``bias-correct``) change; with synthetic data (``--calib random``) or fewer than 4 samples

@@ -42,8 +42,13 @@ by a histogram entry; a ``minmax`` request by either (without a histogram, ``upd
 statistics), so a hit gives statistics equal field for field — and ranges bit for bit — to a new collection.
 In-memory and random sources are not cached.
 
-Cap: ``$QCOMPILER_STATS_CACHE_MB`` (default 128; 0 turns the cache off); the least recently used entries go
-first.
+Besides statistics, the cache keeps the graph outputs of calibration auto's held-out part that a ``for_auto``
+collection ran (:meth:`StatsCache.keep_outputs`, keyed by the graph and the samples, at most
+:data:`OUTPUTS_MAX_BYTES`): the ``calibration: auto`` candidate's method trials take them as their float reference
+once their own float session gives the first held-out sample's outputs bit for bit as kept (the calibrate pass).
+
+Cap: ``$QCOMPILER_STATS_CACHE_MB`` (default 128; 0 turns the cache off, kept outputs too); the least recently used
+entries go first.
 """
 
 from __future__ import annotations
