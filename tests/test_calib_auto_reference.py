@@ -148,6 +148,7 @@ def test_a_for_auto_collection_keeps_the_held_out_parts_outputs_only_and_a_hit_s
     kept = FloatOutputs(len(held), 1 << 20)
     served = collect(graph, auto, src.subset(held), workers=1, outputs=kept)
     assert cache.outputs_hits == 1 and cache.hits == 1 and all(st.has_histogram for st in served.values())
+    assert cache.outputs_nbytes == 0  # taken out: one reader, their memory goes with it
     sess = ir.graph_session(graph, threads=1)
     for i, feed in enumerate(src.subset(held)):
         assert kept.values[i]["y"].tobytes() == sess.run(["y"], feed)[0].tobytes()
@@ -164,11 +165,13 @@ def test_kept_outputs_are_bounded_and_off_with_the_cache(tmp_path):
     cache = reset_stats_cache()
     cache.keep_outputs(gbase, ["a"], one, max_bytes=3 * 4096)
     cache.keep_outputs(gbase, ["too-big"], [{"y": np.zeros(4096, np.float32)}], max_bytes=3 * 4096)
-    assert cache.outputs(gbase, ["too-big"]) is None
+    assert cache.take_outputs(gbase, ["too-big"]) is None
     for k in "bcd":
         cache.keep_outputs(gbase, [k], one, max_bytes=3 * 4096)
-    assert cache.outputs_nbytes == 3 * 4096 and cache.outputs(gbase, ["a"]) is None  # least recent gone
-    assert cache.outputs(gbase, ["d"]) is not None and cache.outputs(gbase, ["d", "c"]) is None  # exactly the ids
+    assert cache.outputs_nbytes == 3 * 4096 and cache.take_outputs(gbase, ["a"]) is None  # least recent gone
+    assert cache.take_outputs(gbase, ["d", "c"]) is None  # exactly the ids
+    assert cache.take_outputs(gbase, ["d"]) is not None and cache.outputs_nbytes == 2 * 4096  # taken: gone
+    assert cache.take_outputs(gbase, ["d"]) is None
     off = reset_stats_cache(0)
     off.keep_outputs(gbase, ["a"], one)
-    assert off.outputs(gbase, ["a"]) is None and off.outputs_nbytes == 0
+    assert off.take_outputs(gbase, ["a"]) is None and off.outputs_nbytes == 0

@@ -139,7 +139,7 @@ def collect(graph: gs.Graph, specs: dict[str, QuantSpec], source: CalibrationSou
         log.debug("calibration: %d tensor(s) over %d of %d sample(s) from the statistics cache", len(wanted),
                   hit.covered, n)
         if outputs is not None and hit.covered == n:  # the graph outputs, when the collection kept them too
-            for i, kept in enumerate(scache.outputs(gbase, ids) or []):
+            for i, kept in enumerate(scache.take_outputs(gbase, ids) or []):
                 outputs.put(i, kept)
     if hit is None and ids is not None and len(groups) == 1 and for_auto and \
             not all(wanted.values()) and len(auto_parts(n)) > 1:

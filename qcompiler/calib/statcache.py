@@ -147,7 +147,7 @@ class StatsCache:
     def keep_outputs(self, graph: str | None, ids: Sequence[str] | None, values: Sequence[dict[str, np.ndarray]],
                      max_bytes: int | None = None) -> None:
         """Keep the graph outputs of the samples ``ids`` (``values[i]``: sample ``ids[i]``'s {output: array}, as a
-        collection's session on the graph ``graph`` (:func:`graph_base`) gave them) for :meth:`outputs`; the
+        collection's session on the graph ``graph`` (:func:`graph_base`) gave them) for :meth:`take_outputs`; the
         least recently kept go past ``max_bytes`` (default :data:`OUTPUTS_MAX_BYTES`) in all. Not kept when the
         statistics cache is off."""
         if graph is None or ids is None or self.max_bytes <= 0 or len(values) != len(ids) or not values:
@@ -166,17 +166,18 @@ class StatsCache:
                 _k, (_v, gone) = self._outputs.popitem(last=False)
                 self.outputs_nbytes -= gone
 
-    def outputs(self, graph: str | None, ids: Sequence[str] | None) -> list[dict[str, np.ndarray]] | None:
+    def take_outputs(self, graph: str | None, ids: Sequence[str] | None) -> list[dict[str, np.ndarray]] | None:
         """The graph outputs :meth:`keep_outputs` kept for exactly the samples ``ids`` on the graph ``graph``
-        (``None``: none kept). Whoever takes them as another session's outputs checks a sample first: they are
-        what the keeping collection's session computed."""
+        (``None``: none kept), taken out of the cache (one reader: the ``calibration: auto`` candidate of the
+        measured default; their memory goes with it). Whoever takes them as another session's outputs checks a
+        sample first: they are what the keeping collection's session computed."""
         if graph is None or ids is None or self.max_bytes <= 0:
             return None
         with self._lock:
-            got = self._outputs.get((graph, tuple(ids)))
+            got = self._outputs.pop((graph, tuple(ids)), None)
             if got is None:
                 return None
-            self._outputs.move_to_end((graph, tuple(ids)))
+            self.outputs_nbytes -= got[1]
             self.outputs_hits += 1
             return list(got[0])
 
