@@ -77,7 +77,7 @@ log = logging.getLogger(__name__)
 _UNMEASURED = ("gptq", "bias-correct")
 
 #: the most bytes of float outputs calibration auto keeps from its held-out samples' calibration runs as its trials'
-#: reference (PP-OCR rec: 12 MB for 12 samples); above it the float graph runs on them once more
+#: reference (PP-OCR rec: 6.4 MB for 12 samples); above it the float graph runs on them once more
 AUTO_REFERENCE_BYTES = 64 << 20
 
 #: Random samples used when no calibration data is given (and ``samples`` is not set).
