@@ -23,8 +23,11 @@ copy of the graph, every ``auto`` tensor with that method), each copy runs in on
 samples (at the optimization level the target validates at: ``ort`` fuses its integer kernels), and the method
 whose outputs are closest to the float model's (mean output SQNR in dB over the float outputs) replaces ``auto``
 in those tensors' specs. The held-out statistics are then merged in (exact), so the compile's ranges come from
-all N samples, as with that method given by hand; every sample still runs once. The report's
-``calibration.auto`` lists each method's held-out SQNR and the choice. Holding out matters: measured on the
+all N samples, as with that method given by hand; every sample still runs once. The float reference on the
+held-out samples comes from calibration's own runs of them (their graph outputs fetched in the same runs, or kept
+by the statistics cache with the statistics that served them), taken once the trials' float session gives the
+first held-out sample's outputs bit for bit as kept (else the float graph runs every held-out sample again).
+The report's ``calibration.auto`` lists each method's held-out SQNR and the choice. Holding out matters: measured on the
 calibration samples themselves, clipping methods look best on PP-OCR cls, whose held-back evaluation lines
 prefer minmax by 10 dB (benchmarks/RESULTS.md, "Calibration: auto"). The measurement leaves out what later
 passes (``gptq``, ``bias-correct``) change; with synthetic data (``--calib random``) or fewer than 4 samples
@@ -51,10 +54,12 @@ from qcompiler.calib import (
     AUTO_HELD_SAMPLES,
     BN_SIGMAS,
     CalibrationSource,
+    FloatOutputs,
     TensorStats,
     bn_ranges,
     bn_statistics,
     collect,
+    first_digest,
     input_signatures,
     session_feed,
 )
@@ -70,6 +75,10 @@ log = logging.getLogger(__name__)
 
 #: passes after calibrate whose effect ``calibration: auto`` does not measure
 _UNMEASURED = ("gptq", "bias-correct")
+
+#: the most bytes of float outputs calibration auto keeps from its held-out samples' calibration runs as its trials'
+#: reference (PP-OCR rec: 6.4 MB for 12 samples); above it the float graph runs on them once more
+AUTO_REFERENCE_BYTES = 64 << 20
 
 #: Random samples used when no calibration data is given (and ``samples`` is not set).
 DEFAULT_RANDOM_SAMPLES = 16
@@ -180,8 +189,12 @@ class CalibratePass(Pass):
             held_out = source.subset(range(n_samples - held, n_samples))
             ctx.stats = collect(ctx.graph, rest, fit, progress=progress, shapes=shapes, for_auto=ctx.collect_for_auto)
             later = (lambda done, total: progress(n_samples - held + done, n_samples)) if progress else None
-            held_stats = collect(ctx.graph, rest, held_out, progress=later, for_auto=ctx.collect_for_auto)
-            chosen = _choose_method(ctx, auto, ctx.stats, held_out)
+            # the held-out samples' graph outputs from the same runs (or kept by the collection that served them):
+            # the trials' float reference, once the first sample checks
+            kept = FloatOutputs(held, AUTO_REFERENCE_BYTES)
+            held_stats = collect(ctx.graph, rest, held_out, progress=later, for_auto=ctx.collect_for_auto,
+                                 outputs=kept)
+            chosen = _choose_method(ctx, auto, ctx.stats, held_out, kept.values)
             later_algos = [q for q in ctx.passes_after if q in _UNMEASURED]
             if later_algos:
                 log.warning("calibration auto: chose %s measured without %s, which run(s) after calibrate and "
@@ -235,22 +248,35 @@ class CalibratePass(Pass):
 
 
 def _choose_method(ctx: CompileContext, names: list[str], fit: dict[str, TensorStats],
-                   held: CalibrationSource) -> dict[str, Any]:
+                   held: CalibrationSource, kept: dict[int, dict[str, Any]] | None = None) -> dict[str, Any]:
     """``calibration: auto``: quantize a copy of the graph with each method of :data:`AUTO_CALIBRATIONS` for the
     tensors ``names`` (ranges from the statistics ``fit``; ``insert-qdq`` as the compile runs it), run it on the
     held-out samples ``held`` and return the method with the highest mean output SQNR against the float graph
-    (ties: the earlier method)."""
+    (ties: the earlier method). ``kept``: the float graph's outputs on the held-out samples as the calibration's
+    own runs gave them (sample index -> {output: array}); taken as the float reference for samples 1 .. h - 1
+    only when they hold every sample and this function's own float session gives sample 0's outputs bit for bit
+    as kept (else every sample runs here, as without)."""
     feeds = list(held)
     sigs = input_signatures(ctx.graph)
     outputs = [t.name for t in ctx.graph.outputs]
     optimize: Any = True if ctx.target.validation_optimization == "all" else "basic"
 
-    def run(graph: Any) -> list[list[np.ndarray]]:
+    def run(graph: Any, check: dict[int, dict[str, Any]] | None = None) -> list[list[np.ndarray]]:
+        """``graph``'s outputs on every held-out sample; with ``check``, those after the first from ``check``
+        when the first sample's outputs are ``check``'s bit for bit."""
         sess = ir.graph_session(graph, optimize=optimize)
         want = {i.name: i.type for i in sess.get_inputs()}
-        return [sess.run(outputs, session_feed(f, sigs, want)) for f in feeds]
+        got: list[list[np.ndarray]] = []
+        for i, f in enumerate(feeds):
+            got.append(sess.run(outputs, session_feed(f, sigs, want)))
+            if i == 0 and check is not None and all(first_digest(np.asarray(v)) == first_digest(
+                    np.asarray(check[0][o])) for o, v in zip(outputs, got[0], strict=True)):
+                log.debug("calibration auto: the float reference of %d held-out sample(s) from calibration's runs",
+                          len(feeds) - 1)
+                return got + [[check[j][o] for o in outputs] for j in range(1, len(feeds))]
+        return got
 
-    ref = run(ctx.graph)
+    ref = run(ctx.graph, kept if _holds(kept, len(feeds), outputs) else None)
     floats = [j for j, v in enumerate(ref[0]) if np.asarray(v).dtype.kind == "f"]
     scores: dict[str, float] = {}
     for method in AUTO_CALIBRATIONS:
@@ -274,6 +300,11 @@ def _choose_method(ctx: CompileContext, names: list[str], fit: dict[str, TensorS
     log.info("calibration auto: %s (mean output SQNR on %d sample(s): %s)", best, len(feeds),
              ", ".join(f"{m} {v:.2f} dB" for m, v in scores.items()))
     return {"method": best, "output_sqnr_db": scores, "samples": len(feeds), "tensors": len(names)}
+
+
+def _holds(kept: dict[int, dict[str, Any]] | None, n: int, outputs: list[str]) -> bool:
+    """``kept`` has every output of samples ``0 .. n - 1`` (and there are samples after the first)."""
+    return kept is not None and n > 1 and all(i in kept and all(o in kept[i] for o in outputs) for i in range(n))
 
 
 def _no_data_message(ctx: CompileContext, rest: dict[str, Any]) -> str:

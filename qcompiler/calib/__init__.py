@@ -25,6 +25,7 @@ from __future__ import annotations
 from qcompiler.calib.collect import WORKERS_ENV, calibration_workers, collect
 from qcompiler.calib.dataflow import BN_SIGMAS, ChannelStats, bn_ranges, bn_statistics
 from qcompiler.calib.feeds import Feed, InputSig, check_feed, input_signatures, session_feed
+from qcompiler.calib.shared import FloatOutputs
 from qcompiler.calib.sources import (
     HELD_BACK_MAX,
     RANDOM_INT_HIGH,
@@ -39,6 +40,7 @@ from qcompiler.calib.sources import (
 from qcompiler.calib.statcache import (
     AUTO_HELD_SAMPLES,
     StatsCache,
+    first_digest,
     reset_stats_cache,
     stats_cache,
 )
@@ -56,6 +58,7 @@ __all__ = [
     "CalibrationSource",
     "ChannelStats",
     "Feed",
+    "FloatOutputs",
     "InputSig",
     "StatsCache",
     "TensorStats",
@@ -64,6 +67,7 @@ __all__ = [
     "calibration_workers",
     "check_feed",
     "collect",
+    "first_digest",
     "held_back_indices",
     "input_signatures",
     "needs_histogram",

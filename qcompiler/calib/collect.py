@@ -20,7 +20,15 @@ import onnx_graphsurgeon as gs
 from qcompiler.calib.feeds import Feed, InputSig, input_signatures, session_feed
 from qcompiler.calib.shared import FloatOutputs
 from qcompiler.calib.sources import CalibrationSource
-from qcompiler.calib.statcache import Hit, auto_parts, collection_base, first_digest, graph_base, stats_cache
+from qcompiler.calib.statcache import (
+    OUTPUTS_MAX_BYTES,
+    Hit,
+    auto_parts,
+    collection_base,
+    first_digest,
+    graph_base,
+    stats_cache,
+)
 from qcompiler.calib.stats import TensorStats
 from qcompiler.core import profile
 from qcompiler.core.activations import ActivationCache, graph_key
@@ -69,7 +77,10 @@ def collect(graph: gs.Graph, specs: dict[str, QuantSpec], source: CalibrationSou
     ``calibration: auto`` candidate collects again. A feed onnxruntime rejects raises
     :class:`UserError` naming the sample; a tensor name that is not in the graph raises ``ValueError``.
     ``outputs``, when given, gets the graph outputs of the first samples (:class:`~qcompiler.calib.shared.
-    FloatOutputs`: the compile's validation reference) when this collection runs every sample itself.
+    FloatOutputs`: the compile's validation reference) when this collection runs every sample itself, or of
+    every sample when the statistics cache serves all of them and kept their outputs (a ``for_auto`` collection
+    keeps those of calibration auto's held-out part: :meth:`~qcompiler.calib.statcache.StatsCache.keep_outputs`;
+    they are that collection's session's values, for a caller that checks a sample against its own session).
     """
     tensors = graph.tensors()
     missing = [n for n in specs if n not in tensors]
@@ -127,6 +138,9 @@ def collect(graph: gs.Graph, specs: dict[str, QuantSpec], source: CalibrationSou
                 progress(done, total)
         log.debug("calibration: %d tensor(s) over %d of %d sample(s) from the statistics cache", len(wanted),
                   hit.covered, n)
+        if outputs is not None and hit.covered == n:  # the graph outputs, when the collection kept them too
+            for i, kept in enumerate(scache.take_outputs(gbase, ids) or []):
+                outputs.put(i, kept)
     if hit is None and ids is not None and len(groups) == 1 and for_auto and \
             not all(wanted.values()) and len(auto_parts(n)) > 1:
         _collect_for_auto(graph, groups, from_feed, source, sigs, workers, stats, wanted, progress, shapes,
@@ -164,12 +178,17 @@ def _collect_for_auto(graph: gs.Graph, groups: list[list[str]], from_feed: list[
     first_shapes: dict[str, tuple[tuple[int, ...], np.dtype]] | None = {} if shapes is not None else None
     sessions: dict[int, Any] = {}  # one session for both parts: the same graph and outputs
     first: dict[str, str] = {}
-    for part in auto_parts(n):
+    parts = auto_parts(n)
+    for part in parts:
         got = {name: TensorStats(histogram=True) for name in wanted}
         later = None if progress is None else (lambda done, total, at=part.start: progress(at + done, n))
         digests: dict[str, str] = {}
+        # the held-out part's graph outputs too (the same runs): calibration auto's float reference for its trials
+        held = FloatOutputs(len(part), OUTPUTS_MAX_BYTES) if part is parts[-1] and len(parts) > 1 else None
         _run_groups(graph, groups, from_feed, source.subset(part), sigs, workers, got, later, len(part),
-                    first_shapes if part.start == 0 else None, cache, key, sessions, digests)
+                    first_shapes if part.start == 0 else None, cache, key, sessions, digests, held)
+        if held is not None and len(held.values) == len(part):
+            scache.keep_outputs(gbase, [ids[i] for i in part], [held.values[i] for i in range(len(part))])
         first = first or digests
         scache.store(base, [ids[i] for i in part], got, first_shapes if part.start == 0 else None, graph=gbase,
                      digests=digests)

@@ -42,8 +42,13 @@ by a histogram entry; a ``minmax`` request by either (without a histogram, ``upd
 statistics), so a hit gives statistics equal field for field — and ranges bit for bit — to a new collection.
 In-memory and random sources are not cached.
 
-Cap: ``$QCOMPILER_STATS_CACHE_MB`` (default 128; 0 turns the cache off); the least recently used entries go
-first.
+Besides statistics, the cache keeps the graph outputs of calibration auto's held-out part that a ``for_auto``
+collection ran (:meth:`StatsCache.keep_outputs`, keyed by the graph and the samples, at most
+:data:`OUTPUTS_MAX_BYTES`): the ``calibration: auto`` candidate's method trials take them as their float reference
+once their own float session gives the first held-out sample's outputs bit for bit as kept (the calibrate pass).
+
+Cap: ``$QCOMPILER_STATS_CACHE_MB`` (default 128; 0 turns the cache off, kept outputs too); the least recently used
+entries go first.
 """
 
 from __future__ import annotations
@@ -132,6 +137,49 @@ class StatsCache:
         self._meta: dict[tuple[str, tuple[str, ...]], tuple[str | None, dict[str, str]]] = {}
         self.superset_hits = 0
         self._lock = threading.Lock()
+        #: (graph base, sample ids) -> the graph outputs of those samples as a collection's runs gave them
+        #: (:meth:`keep_outputs`), least recently used first; at most :data:`OUTPUTS_MAX_BYTES` in all
+        self._outputs: collections.OrderedDict[tuple[str, tuple[str, ...]], tuple[list[dict[str, np.ndarray]], int]] = \
+            collections.OrderedDict()
+        self.outputs_nbytes = 0
+        self.outputs_hits = 0
+
+    def keep_outputs(self, graph: str | None, ids: Sequence[str] | None, values: Sequence[dict[str, np.ndarray]],
+                     max_bytes: int | None = None) -> None:
+        """Keep the graph outputs of the samples ``ids`` (``values[i]``: sample ``ids[i]``'s {output: array}, as a
+        collection's session on the graph ``graph`` (:func:`graph_base`) gave them) for :meth:`take_outputs`; the
+        least recently kept go past ``max_bytes`` (default :data:`OUTPUTS_MAX_BYTES`) in all. Not kept when the
+        statistics cache is off."""
+        if graph is None or ids is None or self.max_bytes <= 0 or len(values) != len(ids) or not values:
+            return
+        cap = OUTPUTS_MAX_BYTES if max_bytes is None else max_bytes
+        size = sum(int(np.asarray(v).nbytes) for d in values for v in d.values())
+        if size > cap:
+            return
+        key = (graph, tuple(ids))
+        with self._lock:
+            _old, old_size = self._outputs.pop(key, ([], 0))
+            self.outputs_nbytes -= old_size
+            self._outputs[key] = (list(values), size)
+            self.outputs_nbytes += size
+            while self.outputs_nbytes > cap:
+                _k, (_v, gone) = self._outputs.popitem(last=False)
+                self.outputs_nbytes -= gone
+
+    def take_outputs(self, graph: str | None, ids: Sequence[str] | None) -> list[dict[str, np.ndarray]] | None:
+        """The graph outputs :meth:`keep_outputs` kept for exactly the samples ``ids`` on the graph ``graph``
+        (``None``: none kept), taken out of the cache (one reader: the ``calibration: auto`` candidate of the
+        measured default; their memory goes with it). Whoever takes them as another session's outputs checks a
+        sample first: they are what the keeping collection's session computed."""
+        if graph is None or ids is None or self.max_bytes <= 0:
+            return None
+        with self._lock:
+            got = self._outputs.pop((graph, tuple(ids)), None)
+            if got is None:
+                return None
+            self.outputs_nbytes -= got[1]
+            self.outputs_hits += 1
+            return list(got[0])
 
     def lookup(self, base: str | None, ids: Sequence[str] | None, wanted: dict[str, bool], shapes: bool, *,
                prefix: bool = True) -> Hit | None:
@@ -227,6 +275,8 @@ class StatsCache:
             self._data.clear()
             self._meta.clear()
             self.nbytes = 0
+            self._outputs.clear()
+            self.outputs_nbytes = 0
 
     def __len__(self) -> int:
         return len(self._data)
@@ -253,6 +303,10 @@ def _nbytes(stats: dict[str, TensorStats]) -> int:
 
 
 _CACHE: StatsCache | None = None
+
+#: the most bytes of graph outputs :meth:`StatsCache.keep_outputs` holds (calibration auto's held-out float
+#: reference: PP-OCR rec's 12 samples take 6.4 MB, det's 4.9 MB)
+OUTPUTS_MAX_BYTES = 64 << 20
 
 #: calibration auto's default hold-out (the calibrate pass's ``auto_samples``): ``min(AUTO_HELD_SAMPLES, N / 4)``
 #: of its N samples, the last ones
