@@ -12,8 +12,23 @@ import math
 import numpy as np
 import pytest
 
-from qcompiler.calib.stats import _FP8, TensorStats, _dtype_bits, _uniform_err
+from qcompiler.calib.stats import _FP8, TensorStats, _cube, _dtype_bits, _rounding_integral
 from qcompiler.plan import QuantSpec
+
+
+# the per-bin error of the mse search as it was before calibration's edge table (the reference it is held to)
+def _uniform_err(hist: np.ndarray, a: np.ndarray, b: np.ndarray, s: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """Expected total squared error of the magnitudes counted in bins [a, b) (uniform inside each bin),
+    quantized to a grid of step ``s`` and clipped at ``t``. ``s`` and ``t``: column vectors of candidates;
+    returns one error per candidate."""
+    s = np.maximum(s, np.finfo(np.float64).tiny)
+    keep = hist > 0
+    hist, a, b = hist[keep], a[keep], b[keep]
+    w = b - a
+    # rounding error over [a, min(b, t)] (empty when a >= t), clipping error over [max(a, t), b]
+    rounding = _rounding_integral(np.minimum(b, t), s) - _rounding_integral(np.minimum(a, t), s)
+    clipping = (_cube(np.maximum(b - t, 0.0)) - _cube(np.maximum(a - t, 0.0))) / 3.0
+    return np.asarray(((rounding + clipping) / w) @ hist)
 
 
 def _fields(st: TensorStats) -> tuple:

@@ -419,24 +419,12 @@ def _rounding_integral(x: np.ndarray, s: np.ndarray) -> np.ndarray:
     return n * (_cube(s) / 12.0) + _cube(r) / 3.0
 
 
-def _uniform_err(hist: np.ndarray, a: np.ndarray, b: np.ndarray, s: np.ndarray, t: np.ndarray) -> np.ndarray:
-    """Expected total squared error of the magnitudes counted in bins [a, b) (uniform inside each bin),
-    quantized to a grid of step ``s`` and clipped at ``t``. ``s`` and ``t``: column vectors of candidates;
-    returns one error per candidate."""
-    s = np.maximum(s, np.finfo(np.float64).tiny)
-    keep = hist > 0
-    hist, a, b = hist[keep], a[keep], b[keep]
-    w = b - a
-    # rounding error over [a, min(b, t)] (empty when a >= t), clipping error over [max(a, t), b]
-    rounding = _rounding_integral(np.minimum(b, t), s) - _rounding_integral(np.minimum(a, t), s)
-    clipping = (_cube(np.maximum(b - t, 0.0)) - _cube(np.maximum(a - t, 0.0))) / 3.0
-    return np.asarray(((rounding + clipping) / w) @ hist)
-
-
 class _EdgeTable:
-    """:func:`_uniform_err`'s per-bin terms for the nonzero bins of one or two magnitude histograms on the same
+    """The uniform grid's expected squared error terms (rounding to step ``s`` inside ``[0, t]``, clipping above ``t``;
+    a bin's values uniform inside it) for the nonzero bins of one or two magnitude histograms on the same
     grid (bin ``k`` = [k·w, (k+1)·w)) and the same candidate steps ``s`` and clips ``t``, value for value as
-    :func:`_uniform_err` computes them (the same floating-point operations on the same numbers), with
+    the per-bin formula computes them (the same floating-point operations on the same numbers: the replaced
+    per-bin code is tests/test_calib_exactness.py's reference), with
     :func:`_rounding_integral` and the clipping cube evaluated once per bin edge instead of twice per bin and side:
     a bin's upper edge ``(k+1)·w`` is the next bin's lower edge ``k·w + w`` bit for bit (``w`` a power of two), and
     the positive and negative sides of a symmetric range share their clips. The edges are found once per search
@@ -451,7 +439,7 @@ class _EdgeTable:
 
     def errors(self, counts: Sequence[np.ndarray], s: np.ndarray, t: np.ndarray) -> list[np.ndarray]:
         """Per side (``counts``: its nonzero bins' counts, in the order of ``kept``), the expected squared error
-        per candidate, as :func:`_uniform_err` gives it."""
+        per candidate."""
         s = np.maximum(s, np.finfo(np.float64).tiny)
         f = _rounding_integral(np.minimum(self.edges, t), s)
         g = _cube(np.maximum(self.edges - t, 0.0))
