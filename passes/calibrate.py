@@ -53,6 +53,7 @@ from qcompiler import ir
 from qcompiler.calib import (
     AUTO_HELD_SAMPLES,
     BN_SIGMAS,
+    OUTPUTS_MAX_BYTES,
     CalibrationSource,
     FloatOutputs,
     TensorStats,
@@ -75,10 +76,6 @@ log = logging.getLogger(__name__)
 
 #: passes after calibrate whose effect ``calibration: auto`` does not measure
 _UNMEASURED = ("gptq", "bias-correct")
-
-#: the most bytes of float outputs calibration auto keeps from its held-out samples' calibration runs as its trials'
-#: reference (PP-OCR rec: 6.4 MB for 12 samples); above it the float graph runs on them once more
-AUTO_REFERENCE_BYTES = 64 << 20
 
 #: Random samples used when no calibration data is given (and ``samples`` is not set).
 DEFAULT_RANDOM_SAMPLES = 16
@@ -191,7 +188,8 @@ class CalibratePass(Pass):
             later = (lambda done, total: progress(n_samples - held + done, n_samples)) if progress else None
             # the held-out samples' graph outputs from the same runs (or kept by the collection that served them):
             # the trials' float reference, once the first sample checks
-            kept = FloatOutputs(held, AUTO_REFERENCE_BYTES)
+            # (at most the statistics cache's bound on kept outputs: above it the float graph runs on them once more)
+            kept = FloatOutputs(held, OUTPUTS_MAX_BYTES)
             held_stats = collect(ctx.graph, rest, held_out, progress=later, for_auto=ctx.collect_for_auto,
                                  outputs=kept)
             chosen = _choose_method(ctx, auto, ctx.stats, held_out, kept.values)

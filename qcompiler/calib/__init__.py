@@ -39,6 +39,7 @@ from qcompiler.calib.sources import (
 )
 from qcompiler.calib.statcache import (
     AUTO_HELD_SAMPLES,
+    OUTPUTS_MAX_BYTES,
     StatsCache,
     first_digest,
     reset_stats_cache,
@@ -51,6 +52,7 @@ __all__ = [
     "BN_SIGMAS",
     "HELD_BACK_MAX",
     "HIST_BINS",
+    "OUTPUTS_MAX_BYTES",
     "RANDOM_INT_HIGH",
     "RANDOM_MAX_ELEMENTS",
     "RANDOM_SPATIAL",
