@@ -14,7 +14,10 @@ shapes, the layer (node, op, input tensor, weight shape, attributes: what decide
 then the samples' content ids (:meth:`~qcompiler.calib.CalibrationSource.sample_ids`), in order. ``H`` is
 accumulated one sample after the other (``h += float64(float32 XᵀX of the sample)``), so the sum over samples
 0..m-1 followed by samples m..N-1 is the very sum over 0..N-1: an entry over the first m samples asked for is
-served and only the rest is accumulated (**prefix merge**), bit for bit what a compile without the cache gets.
+served and only the rest is accumulated (**prefix merge**), bit for bit what a compile without the cache gets
+(for a layer whose ``H`` comes from shifted products, :mod:`._gptq_gram`, the two parts are each assembled from
+their sums: equal to the one sum up to float64 rounding, ~1e-16 relative; the same codes on every test and zoo
+model).
 With ``max_rows > 0`` the per-sample quota depends on the number of samples, so only an entry over exactly the
 same samples is used. Copies go in and out (the pass adds to what it is given).
 

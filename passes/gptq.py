@@ -33,14 +33,18 @@ gives ``ceil(N / samples)`` rows per layer (all of them when it has no more), dr
 ``numpy.random.default_rng((compile seed, sample, layer))`` in increasing order and gathered before the patches
 are copied, and the shrinkage above counts the rows used. Building ``H`` is most of GPTQ's time (the sweep is
 cheap by comparison); see docs/ptq.md for the measured accuracy cost and why the default is every row.
-Arithmetic (:mod:`._gptq_rows`, :mod:`._gptq_linalg`): Conv inputs are unfolded transposed (``[groups, K, P]``)
-and ``H`` is numpy's ``syrk`` of them, bit for bit the product of the rows; layers reading one tensor with one
+Arithmetic (:mod:`._gptq_rows`, :mod:`._gptq_gram`, :mod:`._gptq_linalg`): a stride-1 Conv with several taps
+and at least 16 input channels per group builds ``H`` from shifted products of its input, without unfolding it
+(``XᵀX`` in exact arithmetic; float32 rounding in another order; assembled once after the last sample); other
+Conv inputs are unfolded transposed (``[groups, K, P]``) and ``H`` is numpy's ``syrk`` of them, bit for bit the
+product of the rows; layers reading one tensor with one
 geometry (Q / K / V) share one ``H``, built once (not with ``max_rows``: each layer draws its own rows); above
 K = 128 the sweep's ``U`` comes from the reversed Cholesky factor's triangular inverse (docs/ptq.md, "Speed:
 the arithmetic").
 Order: the samples the measured default holds back (``calib.held_back_indices``) are summed last. Caches
 (:mod:`._gptq_cache`): a layer's ``H`` over the same samples (or their first ones: only the rest is accumulated,
-bit for bit the same sum — so all N continue the candidates' N - h) and its sweep come from an earlier compile.
+bit for bit the same sum, up to float64 rounding where the shifted products assemble it — so all N continue the
+candidates' N - h) and its sweep come from an earlier compile.
 Stats: ``layers``, ``samples``, ``skipped_*``; ``ctx.report["gptq"]`` the summed proxy losses ``‖ΔW·X‖²``.
 """
 
@@ -63,7 +67,7 @@ from qcompiler.core.pass_base import Pass, PassResult
 from qcompiler.ir.graph import GraphIndex, is_onnx_op
 from qcompiler.plan import QuantSpec
 
-from . import _gptq_cache
+from . import _gptq_cache, _gptq_gram
 from ._gptq_linalg import inverse_cholesky_upper, inverse_cholesky_upper_stack
 from ._gptq_rows import _cols, _im2col, _Pick, _rows, _rows_key  # noqa: F401  (_im2col: tests, tools)
 from ._layers import Layer, find_layer
@@ -77,6 +81,9 @@ _INT_BITS = {"int4": 4, "uint4": 4, "int8": 8, "uint8": 8, "int16": 16, "uint16"
 BATCH_ONE_ROW_GROUPS = True
 #: default ``max_rows``: rows (im2col positions / tokens) per layer Hessian, over all samples (0: all of them)
 MAX_ROWS = 0
+#: stride-1 Convs' Hessians from shifted products of the input (:mod:`._gptq_gram`); False: every layer from its
+#: unfolded rows (the reference the tests compare with)
+SHIFTED_GRAM = True
 
 
 @dataclass
@@ -221,22 +228,27 @@ class GPTQPass(Pass):
         lead_todo = [j for j in todo if j not in followers]
         names = {j: jobs[j].layer.node.inputs[0].name for j in lead_todo}
         sample = [first]
+        grams = {j: _gptq_gram.ConvGram(jobs[j].layer) for j in lead_todo
+                 if SHIFTED_GRAM and not quota and _gptq_gram.eligible(jobs[j].layer)}
         scratch = threading.local()  # per thread: a float32 [groups, K, K] product buffer per shape
 
         def one(i: int, j: int, x: np.ndarray) -> None:
             job = jobs[j]
             x32 = np.asarray(x, dtype=np.float32)
+            if j in grams:  # stride-1 Conv: shifted products, H assembled after the last sample
+                grams[j].add(x32)
+                return
+            bufs = scratch.__dict__.setdefault("bufs", {})
+            shape = job.h.shape
+            buf = bufs.get(shape)
+            if buf is None:
+                buf = bufs[shape] = np.empty(shape, dtype=np.float32)
             if quota:
                 rows = _rows(job.layer, x32, _Pick(quota, (ctx.seed, i, j)))  # [groups, P, K]
                 a, b = rows.transpose(0, 2, 1), rows
             else:
                 a = _cols(job.layer, x32)  # [groups, K, P]: the same product as rows^T rows, bit for bit
                 b = a.transpose(0, 2, 1)
-            bufs = scratch.__dict__.setdefault("bufs", {})
-            shape = (a.shape[0], a.shape[1], a.shape[1])
-            buf = bufs.get(shape)
-            if buf is None:
-                buf = bufs[shape] = np.empty(shape, dtype=np.float32)
             np.matmul(a, b, out=buf)  # float32 product per sample (numpy: syrk, a and b one buffer)
             np.add(job.h, buf, out=job.h)  # summed in float64 (the float32 values converted exactly)
             job.rows += a.shape[2]
@@ -254,6 +266,9 @@ class GPTQPass(Pass):
             got = stream(ctx.graph, list(dict.fromkeys(names.values())),
                          source if first == 0 else source.subset(range(first, n)), consume, cache=ctx.activations,
                          progress=None if report is None else lambda done, _t: report(first + done, n))
+        for j, gram in grams.items():
+            np.add(jobs[j].h, gram.total(), out=jobs[j].h)
+            jobs[j].rows += gram.rows
         for j, lead in followers.items():
             jobs[j].h, jobs[j].rows = jobs[lead].h.copy(), jobs[lead].rows
         _gptq_cache.store_hessians(keys, [(j, jobs[j].h, jobs[j].rows) for j in todo])
