@@ -286,13 +286,16 @@ class GPTQPass(Pass):
         if spec.granularity != "block":
             ref = _fixed_grid(w.astype(np.float32), spec, job.axis, lay.node.name)
             per_channel_scale = (ref.scale, ref.zero_point)
-        if (BATCH_ONE_ROW_GROUPS and per_channel_scale is not None and out_g == 1 and g_n > 1
-                and taps * in_g <= self.options.block_size):
+        if (BATCH_ONE_ROW_GROUPS and (per_channel_scale is not None or job.block is not None) and out_g == 1
+                and g_n > 1 and taps * in_g <= self.options.block_size):
             # depthwise-like: many one-row groups, each swept on its own K <= block_size columns — the same
-            # arithmetic, vectorized over the groups
-            q_all, l_rtn, l_gptq = self._gptq_one_row_groups(np.stack(mats)[:, 0, :], job, per_channel_scale,
-                                                             lay, g_n)
-            qt = self._assemble(lay, spec, job, list(q_all[:, None, :]), [], [], per_channel_scale, in_g, taps)
+            # arithmetic, vectorized over the groups (per-channel grids, or block grids chosen as the sweep goes)
+            q_all, l_rtn, l_gptq, bg = self._gptq_one_row_groups(np.stack(mats)[:, 0, :], job, per_channel_scale,
+                                                                 lay, g_n, in_g, taps)
+            s_rows = [] if bg is None else list(bg.scales[:, None, :])
+            z_rows = [] if bg is None else list(bg.zps[:, None, :])
+            qt = self._assemble(lay, spec, job, list(q_all[:, None, :]), s_rows, z_rows, per_channel_scale, in_g,
+                                taps)
             return qt, l_rtn, l_gptq
         q_mats: list[np.ndarray] = []
         s_mats: list[np.ndarray] = []
@@ -317,22 +320,30 @@ class GPTQPass(Pass):
         qt = self._assemble(lay, spec, job, q_mats, s_mats, z_mats, per_channel_scale, in_g, taps)
         return qt, l_rtn, l_gptq
 
-    def _gptq_one_row_groups(self, m: np.ndarray, job: _Job, per_channel: tuple[np.ndarray, np.ndarray],
-                             lay: Layer, g_n: int) -> tuple[np.ndarray, float, float]:
-        """:meth:`_gptq` (per-channel grid, one block) for ``g_n`` groups of one row each, ``m`` [g_n, K], all
-        at once: element for element the arithmetic of the per-group sweep (the same damping, inverse
-        Cholesky factor, rounding and updates), so the codes are the same. Returns (codes [g_n, K], proxy loss
-        of round-to-nearest, of GPTQ)."""
+    def _gptq_one_row_groups(self, m: np.ndarray, job: _Job, per_channel: tuple[np.ndarray, np.ndarray] | None,
+                             lay: Layer, g_n: int, in_g: int, taps: int
+                             ) -> tuple[np.ndarray, float, float, _BlockGrid | None]:
+        """:meth:`_gptq` (per-channel grid, or block grids: ``per_channel`` None; one lazy block) for ``g_n``
+        groups of one row each, ``m`` [g_n, K], all at once: element for element the arithmetic of the per-group
+        sweep (the same damping, inverse Cholesky factor, rounding, block scales and updates), so the codes are
+        the same. Returns (codes [g_n, K], proxy loss of round-to-nearest, of GPTQ, the block grids or None)."""
         opts: Options = self.options
         k = m.shape[1]
         h0 = job.h / max(job.rows, 1)  # [g, K, K]
-        scale, zp = (np.concatenate(v) for v in zip(*(_rows_of_scale(per_channel, lay, g, 1) for g in range(g_n))))
-        grid = _Grid(job.spec, scale, zp)  # one row per group: a column of all groups rounds as one
+        bg = None
+        if per_channel is None:  # block grids, one row per group: each block's scales chosen at its first column
+            assert job.block is not None
+            bg = _BlockGrid(job.spec, job.block, in_g, taps, g_n)
+            grid = _Grid(job.spec, np.ones(g_n), np.zeros(g_n))
+        else:
+            scale, zp = (np.concatenate(v) for v in zip(*(_rows_of_scale(per_channel, lay, g, 1)
+                                                          for g in range(g_n))))
+            grid = _Grid(job.spec, scale, zp)  # one row per group: a column of all groups rounds as one
 
         w = m.copy()
         h = h0
         perm = None
-        if opts.act_order:
+        if opts.act_order and bg is None:
             perm = np.argsort(-np.diagonal(h0, axis1=1, axis2=2), axis=1, kind="stable")
             w = np.take_along_axis(w, perm, axis=1)
             h = np.take_along_axis(np.take_along_axis(h0, perm[:, :, None], axis=1), perm[:, None, :], axis=2)
@@ -348,7 +359,9 @@ class GPTQPass(Pass):
         codes = np.zeros(w.shape, dtype=np.int64)
         deq = np.zeros_like(w)
         for i in range(k):
-            q, d = grid.round(w[:, i])
+            if bg is not None:
+                bg.start(i, w, w, 0, i)
+            q, d = (grid if bg is None else bg.grid(i)).round(w[:, i])
             codes[:, i] = q
             deq[:, i] = d
             e = (w[:, i] - d) / u[:, i, i]
@@ -357,10 +370,17 @@ class GPTQPass(Pass):
             inv = np.argsort(perm, axis=1)
             codes = np.take_along_axis(codes, inv, axis=1)
             deq = np.take_along_axis(deq, inv, axis=1)
-        rtn = grid.round_matrix(m)
+        if bg is None:
+            rtn = grid.round_matrix(m)
+        else:  # round-to-nearest on block grids of the weights as they are (as _rtn, all groups at once)
+            rg = _BlockGrid(job.spec, job.block or 1, in_g, taps, g_n)
+            rtn = np.zeros_like(m)
+            for col in range(k):
+                rg.start(col, m, m, 0, col)
+                rtn[:, col] = rg.grid(col).round(m[:, col])[1]
         l_rtn = float(np.sum(np.matmul((rtn - m)[:, None, :], h0)[:, 0, :] * (rtn - m)))
         l_gptq = float(np.sum(np.matmul((deq - m)[:, None, :], h0)[:, 0, :] * (deq - m)))
-        return codes, l_rtn, l_gptq
+        return codes, l_rtn, l_gptq, bg
 
     def _gptq(self, w: np.ndarray, h: np.ndarray, grid: _Grid, blocks: _BlockGrid | None,
               in_g: int, taps: int, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
