@@ -47,6 +47,14 @@ collection ran (:meth:`StatsCache.keep_outputs`, keyed by the graph and the samp
 :data:`OUTPUTS_MAX_BYTES`): the ``calibration: auto`` candidate's method trials take them as their float reference
 once their own float session gives the first held-out sample's outputs bit for bit as kept (the calibrate pass).
 
+It also keeps, per sample, the graph outputs a collection's own runs gave (:meth:`StatsCache.keep_sample_outputs`,
+keyed by the collection (:func:`collection_base`: the very same session) and the sample's content id, at most
+:data:`OUTPUTS_MAX_BYTES` in all, least recently used first out): the measured default's candidates calibrate on
+the N - h fit samples and keep their outputs there; the final compile, served its statistics from the cache, finds
+them (:meth:`StatsCache.sample_outputs`, by content id: its sample ``i`` gets exactly sample ``i``'s outputs) and
+hands them to its validation as its own calibration runs would have (the same session: the same values, bit for
+bit), instead of the float model running on those samples again.
+
 Cap: ``$QCOMPILER_STATS_CACHE_MB`` (default 128; 0 turns the cache off, kept outputs too); the least recently used
 entries go first.
 """
@@ -57,7 +65,7 @@ import collections
 import hashlib
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -143,6 +151,12 @@ class StatsCache:
             collections.OrderedDict()
         self.outputs_nbytes = 0
         self.outputs_hits = 0
+        #: (collection base, sample id) -> that sample's graph outputs as the collection's session gave them
+        #: (:meth:`keep_sample_outputs`), least recently used first; at most :data:`OUTPUTS_MAX_BYTES` in all
+        self._samples: collections.OrderedDict[tuple[str, str], tuple[dict[str, np.ndarray], int]] = \
+            collections.OrderedDict()
+        self.samples_nbytes = 0
+        self.sample_hits = 0
 
     def keep_outputs(self, graph: str | None, ids: Sequence[str] | None, values: Sequence[dict[str, np.ndarray]],
                      max_bytes: int | None = None) -> None:
@@ -180,6 +194,52 @@ class StatsCache:
             self.outputs_nbytes -= got[1]
             self.outputs_hits += 1
             return list(got[0])
+
+    def keep_sample_outputs(self, base: str | None, ids: Sequence[str] | None,
+                            values: Mapping[int, Mapping[str, np.ndarray]], max_bytes: int | None = None) -> None:
+        """Keep ``values`` (position in ``ids`` -> that sample's {graph output: array}, as the session of the
+        collection ``base`` (:func:`collection_base`) gave them) under each sample's id, for
+        :meth:`sample_outputs`; the least recently used samples go past ``max_bytes`` (default
+        :data:`OUTPUTS_MAX_BYTES`) in all. The arrays are kept as given (not copied: the caller gives up writing
+        them). Not kept when the statistics cache is off."""
+        if base is None or ids is None or self.max_bytes <= 0:
+            return
+        cap = OUTPUTS_MAX_BYTES if max_bytes is None else max_bytes
+        with self._lock:
+            for i in sorted(values):
+                if not 0 <= i < len(ids):
+                    continue
+                outs = dict(values[i])
+                size = sum(int(np.asarray(v).nbytes) for v in outs.values())
+                if size > cap:
+                    continue
+                key = (base, ids[i])
+                _old, old_size = self._samples.pop(key, ({}, 0))
+                self.samples_nbytes -= old_size
+                self._samples[key] = (outs, size)
+                self.samples_nbytes += size
+                while self.samples_nbytes > cap:
+                    _k, (_v, gone) = self._samples.popitem(last=False)
+                    self.samples_nbytes -= gone
+
+    def sample_outputs(self, base: str | None, ids: Sequence[str] | None,
+                       positions: Sequence[int] | None = None) -> dict[int, dict[str, np.ndarray]]:
+        """The graph outputs :meth:`keep_sample_outputs` kept under the collection ``base`` for the samples
+        ``ids`` (of ``positions`` only, when given): position in ``ids`` -> {output: array}, for the samples it
+        holds (left in the cache: a later compile of the same graph and samples finds them again)."""
+        if base is None or ids is None or self.max_bytes <= 0:
+            return {}
+        got: dict[int, dict[str, np.ndarray]] = {}
+        with self._lock:
+            for i in (range(len(ids)) if positions is None else positions):
+                key = (base, ids[i])
+                entry = self._samples.get(key)
+                if entry is None:
+                    continue
+                self._samples.move_to_end(key)
+                got[i] = dict(entry[0])
+            self.sample_hits += len(got)
+        return got
 
     def lookup(self, base: str | None, ids: Sequence[str] | None, wanted: dict[str, bool], shapes: bool, *,
                prefix: bool = True) -> Hit | None:
@@ -277,6 +337,8 @@ class StatsCache:
             self.nbytes = 0
             self._outputs.clear()
             self.outputs_nbytes = 0
+            self._samples.clear()
+            self.samples_nbytes = 0
 
     def __len__(self) -> int:
         return len(self._data)
