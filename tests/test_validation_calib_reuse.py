@@ -211,3 +211,41 @@ def test_the_sample_store_is_bounded_and_off_with_the_cache():
     off = reset_stats_cache(0)
     off.keep_sample_outputs("base", ["a"], one)
     assert off.sample_outputs("base", ["a"]) == {} and off.samples_nbytes == 0
+
+
+def test_a_final_compile_that_calibrates_nothing_takes_another_sessions_outputs_on_the_same_graph(
+        tmp_path, monkeypatch):
+    """A weight-only winner's calibration runs nothing: its validation takes what a candidate's calibration on the
+    same graph kept (another session: checked against the float model on one sample first)."""
+    model, npz = MODELS / "conv_bn_relu.onnx", _npz(tmp_path)
+    cand = CompileOptions(plan="default", calib=npz, calib_indices=tuple(FIT), validate=False,
+                          share_float_outputs=True)
+    compile_model(model, tmp_path / "cand.onnx", cand)
+    runs = _float_runs(monkeypatch)
+    res = compile_model(model, tmp_path / "a.onnx", CompileOptions(preset="w4a16", calib=npz))
+    assert res.report["calibration"]["tensors"] == 0  # nothing calibrated statically
+    assert runs == [0, *HELD]  # the check on sample 0, and the samples no candidate ran
+    assert res.report["validation"]["float_from_calibration"] == len(FIT) - 1
+    monkeypatch.setattr(StatsCache, "sample_outputs", lambda *a, **k: {})
+    runs.clear()
+    plain = compile_model(model, tmp_path / "b.onnx", CompileOptions(preset="w4a16", calib=npz))
+    assert sorted(runs) == list(range(N)) and (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+    a, b = res.validation, plain.validation
+    assert a is not None and b is not None
+    for x, y in zip(a.outputs, b.outputs, strict=True):  # float rounding of an equivalent graph at most
+        assert abs(x.sqnr_db - y.sqnr_db) < 1e-3
+
+
+def test_equal_outputs_of_two_sessions_on_one_graph_are_held_once_and_found_by_graph():
+    cache = reset_stats_cache()
+    y = np.arange(8, dtype=np.float32)
+    cache.keep_sample_outputs("s1", ["a", "b"], {0: {"y": y}, 1: {"y": y + 1}}, graph="g")
+    cache.keep_sample_outputs("s2", ["a"], {0: {"y": y.copy()}}, graph="g")  # equal values: the first's array
+    assert cache.sample_outputs("s2", ["a"])[0]["y"] is y
+    cache.keep_sample_outputs("s3", ["a"], {0: {"y": y + 2}}, graph="g")  # other values: its own
+    assert cache.sample_outputs("s3", ["a"])[0]["y"].tobytes() == (y + 2).tobytes()
+    # a collection with no entry of its own (or none at all) finds another session's on the same graph
+    got = cache.sample_outputs("s9", ["a", "b", "c"], graph="g")
+    assert sorted(got) == [0, 1] and got[1]["y"].tobytes() == (y + 1).tobytes()
+    assert cache.sample_outputs(None, ["b"], graph="other") == {}
+    assert sorted(cache.sample_outputs(None, ["a", "b"], graph="g")) == [0, 1]

@@ -150,7 +150,8 @@ def collect(graph: gs.Graph, specs: dict[str, QuantSpec], source: CalibrationSou
             found = dict(enumerate(scache.take_outputs(gbase, ids) or []))
         if not found:
             served = set(range(n)) - set(hit.rest)
-            found = scache.sample_outputs(base, ids, [i for i in range(min(n, outputs.limit)) if i in served])
+            found = scache.sample_outputs(base, ids, [i for i in range(min(n, outputs.limit)) if i in served],
+                                          graph=gbase)
     if hit is None and ids is not None and len(groups) == 1 and for_auto and \
             not all(wanted.values()) and len(auto_parts(n)) > 1:
         _collect_for_auto(graph, groups, from_feed, source, sigs, workers, stats, wanted, progress, shapes,
@@ -175,7 +176,7 @@ def collect(graph: gs.Graph, specs: dict[str, QuantSpec], source: CalibrationSou
                 found.update({hit.rest[j]: v for j, v in ran.values.items()})
         if outputs is not None and outputs.share and ran is not None:
             scache.keep_sample_outputs(base, ids, ran.values if hit is None else
-                                       {hit.rest[j]: v for j, v in ran.values.items()})
+                                       {hit.rest[j]: v for j, v in ran.values.items()}, graph=gbase)
         scache.store(base, ids, {name: stats[name] for name in wanted}, shapes, graph=gbase if hit is None else None,
                      digests=digests)
     if outputs is not None:
@@ -183,6 +184,22 @@ def collect(graph: gs.Graph, specs: dict[str, QuantSpec], source: CalibrationSou
             outputs.put(i, found[i])
     _warn_nonfinite(stats)
     return stats
+
+
+def outputs_from_cache(graph: gs.Graph, source: CalibrationSource, outputs: FloatOutputs) -> None:
+    """Fill ``outputs`` with the graph outputs the statistics cache kept for ``source``'s samples from collections
+    on ``graph`` (:meth:`~qcompiler.calib.statcache.StatsCache.sample_outputs` by graph: another session, the same
+    function up to float rounding), for a calibration that runs nothing itself (no activation calibrated
+    statically: a weight-only plan) whose compile validates on those samples."""
+    scache = stats_cache()
+    if source.synthetic or scache.max_bytes <= 0 or not scache.samples_nbytes:
+        return
+    with profile.step("statistics cache key"):
+        gbase = graph_base(graph_key(graph), input_signatures(graph))
+        ids = source.sample_ids()
+    found = scache.sample_outputs(None, ids, range(min(len(source), outputs.limit)), graph=gbase)
+    for i in sorted(found):
+        outputs.put(i, found[i])
 
 
 def _collect_for_auto(graph: gs.Graph, groups: list[list[str]], from_feed: list[str], source: CalibrationSource,
@@ -220,7 +237,7 @@ def _collect_for_auto(graph: gs.Graph, groups: list[list[str]], from_feed: list[
             for i, v in placed.items():
                 outputs.put(i, v)
             if outputs.share:
-                scache.keep_sample_outputs(base, ids, placed)
+                scache.keep_sample_outputs(base, ids, placed, graph=gbase)
         first = first or digests
         scache.store(base, [ids[i] for i in part], got, first_shapes if part.start == 0 else None, graph=gbase,
                      digests=digests)
