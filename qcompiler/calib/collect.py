@@ -84,7 +84,9 @@ def collect(graph: gs.Graph, specs: dict[str, QuantSpec], source: CalibrationSou
     against its own session), else sample by sample those a collection with this very session (same graph,
     inputs and tensors run: the same values, bit for bit) kept with ``outputs.share`` (:meth:`~qcompiler.calib.
     statcache.StatsCache.keep_sample_outputs`, matched by content id: this collection's sample ``i`` gets sample
-    ``i``'s). With ``outputs.share`` the outputs of the samples this collection runs are kept there too.
+    ``i``'s), or failing that another collection on the same graph kept (another session: the same function up to
+    float rounding, which validation checks on one sample). With ``outputs.share`` the outputs of the samples this
+    collection runs are kept there too.
     """
     tensors = graph.tensors()
     missing = [n for n in specs if n not in tensors]
@@ -143,7 +145,8 @@ def collect(graph: gs.Graph, specs: dict[str, QuantSpec], source: CalibrationSou
         log.debug("calibration: %d tensor(s) over %d of %d sample(s) from the statistics cache", len(wanted),
                   hit.covered, n)
     # the graph outputs of the samples the cache serves, when a collection kept them: this collection's own
-    # calibration auto part (exact ids), else sample by sample those of a collection with this very session
+    # calibration auto part (exact ids), else sample by sample those of a collection with this very session (the
+    # same values as its own runs), or failing that of another collection on this graph (validation checks them)
     found: dict[int, dict[str, np.ndarray]] = {}
     if outputs is not None and hit is not None:
         if hit.covered == n:
