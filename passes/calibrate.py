@@ -62,6 +62,7 @@ from qcompiler.calib import (
     collect,
     first_digest,
     input_signatures,
+    outputs_from_cache,
     session_feed,
 )
 from qcompiler.core.context import CompileContext
@@ -147,6 +148,8 @@ class CalibratePass(Pass):
         static = [name for name, spec in specs.items() if spec.calibration != "dynamic"]
         if not static:  # nothing to calibrate
             ctx.stats = {}
+            if ctx.float_outputs is not None and ctx.calib is not None:  # validation's reference, where kept
+                outputs_from_cache(ctx.graph, ctx.calib.take(opts.samples), ctx.float_outputs)
             ctx.report["calibration"] = {"source": None, "synthetic": False, "samples": 0, "tensors": 0,
                                          "methods": {"dynamic": n_dynamic} if n_dynamic else {}}
             if n_dynamic:
@@ -184,7 +187,9 @@ class CalibratePass(Pass):
         if held:  # calibration: auto — the last samples held out to measure each method on
             fit = source.subset(range(n_samples - held))
             held_out = source.subset(range(n_samples - held, n_samples))
-            ctx.stats = collect(ctx.graph, rest, fit, progress=progress, shapes=shapes, for_auto=ctx.collect_for_auto)
+            # the fit samples are the first ones: their graph outputs go to validation at their own places
+            ctx.stats = collect(ctx.graph, rest, fit, progress=progress, shapes=shapes, for_auto=ctx.collect_for_auto,
+                                outputs=ctx.float_outputs)
             later = (lambda done, total: progress(n_samples - held + done, n_samples)) if progress else None
             # the held-out samples' graph outputs from the same runs (or kept by the collection that served them):
             # the trials' float reference, once the first sample checks

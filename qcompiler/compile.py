@@ -178,6 +178,7 @@ class CompileOptions:
     calib_samples: int | None = None
     calib_indices: tuple[int, ...] | None = None  # calibrate on these samples only (the recipe's fit samples)
     collect_for_auto: bool = False  # calibrate also caches what a later calibration: auto reads (same bytes)
+    share_float_outputs: bool = False  # calibration's float outputs kept for a later compile's validation (recipe)
     calib_select: int | None = None  # pick N representative samples of the calibration data (calib-select)
     preset: str | None = None  # a shipped plan by name (same as plan=NAME; not both)
     seed: int = 0
@@ -452,9 +453,9 @@ def _compile(src: Path, out: Path, opts: CompileOptions, outs: ir.OutputSet, pro
         ctx.progress = progress
     if opts.strip_function_bodies:
         ctx.strip_function_bodies = True
-    if calib_source is not None and not calib_source.synthetic and opts.validate is not False and \
-            opts.validate_data is None and keeps_float_function(passes, "calibrate"):
-        ctx.float_outputs = FloatOutputs(VALIDATION_SAMPLES, FLOAT_OUTPUTS_BYTES)  # validation's float reference
+    if calib_source is not None and not calib_source.synthetic and (opts.share_float_outputs or (
+            opts.validate is not False and opts.validate_data is None)) and keeps_float_function(passes, "calibrate"):
+        ctx.float_outputs = FloatOutputs(VALIDATION_SAMPLES, FLOAT_OUTPUTS_BYTES, share=opts.share_float_outputs)
     ctx.collect_for_auto = opts.collect_for_auto
     records = pm.run(ctx)
     if random_shapes and isinstance(ctx.report.get("calibration"), dict) and ctx.report["calibration"].get("synthetic"):

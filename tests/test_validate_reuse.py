@@ -13,6 +13,7 @@ import pytest
 
 from qcompiler.api import CompileOptions, compile_model
 from qcompiler.calib import held_back_indices
+from qcompiler.calib.statcache import StatsCache
 from qcompiler.report import validate as qv
 from qcompiler.report.validate.compare import session_threads, validation_workers
 
@@ -88,10 +89,12 @@ def test_known_outputs_only_for_the_same_model_feeds_and_session(tmp_path: Path)
 def test_measured_default_validation_reuses_the_held_back_float_runs(tmp_path: Path, name: str,
                                                                        monkeypatch) -> None:
     """The compile's validation runs the float model on the calibration samples the candidates were not scored
-    on only; its report is the one of a validation that runs them all (known_outputs turned off)."""
+    on only; its report is the one of a validation that runs them all (known_outputs turned off). (The candidates'
+    calibration outputs, which serve the other samples, are turned off here: tests/test_validation_calib_reuse.py.)"""
     model, npz = MODELS / f"{name}.onnx", str(MODELS / f"{name}.npz")
     n = min(64, len(_feeds(name)))
     held = held_back_indices(len(_feeds(name)))
+    monkeypatch.setattr(StatsCache, "sample_outputs", lambda *a, **k: {})
     runs = _count_float_runs(monkeypatch)
     reused = compile_model(model, tmp_path / "a.onnx", CompileOptions(calib=npz))
     assert sorted(runs) == [i for i in range(n) if i not in held]
@@ -111,6 +114,7 @@ def test_reference_kept_only_within_its_byte_cap(tmp_path: Path, monkeypatch) ->
 
     model, npz = MODELS / "conv_bn_relu.onnx", str(MODELS / "conv_bn_relu.npz")
     monkeypatch.setattr(recipe, "REFERENCE_KEEP_BYTES", 0)
+    monkeypatch.setattr(StatsCache, "sample_outputs", lambda *a, **k: {})  # the candidates' calibration outputs off
     runs = _count_float_runs(monkeypatch)
     compile_model(model, tmp_path / "q.onnx", CompileOptions(calib=npz))
     assert sorted(runs) == list(range(min(64, len(_feeds("conv_bn_relu")))))

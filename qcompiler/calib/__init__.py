@@ -22,7 +22,7 @@ This module re-exports the public names of its modules (``from qcompiler.calib i
 
 from __future__ import annotations
 
-from qcompiler.calib.collect import WORKERS_ENV, calibration_workers, collect
+from qcompiler.calib.collect import WORKERS_ENV, calibration_workers, collect, outputs_from_cache
 from qcompiler.calib.dataflow import BN_SIGMAS, ChannelStats, bn_ranges, bn_statistics
 from qcompiler.calib.feeds import Feed, InputSig, check_feed, input_signatures, session_feed
 from qcompiler.calib.shared import FloatOutputs
@@ -73,6 +73,7 @@ __all__ = [
     "held_back_indices",
     "input_signatures",
     "needs_histogram",
+    "outputs_from_cache",
     "random_shape",
     "random_source",
     "reset_stats_cache",

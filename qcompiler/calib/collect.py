@@ -77,10 +77,16 @@ def collect(graph: gs.Graph, specs: dict[str, QuantSpec], source: CalibrationSou
     ``calibration: auto`` candidate collects again. A feed onnxruntime rejects raises
     :class:`UserError` naming the sample; a tensor name that is not in the graph raises ``ValueError``.
     ``outputs``, when given, gets the graph outputs of the first samples (:class:`~qcompiler.calib.shared.
-    FloatOutputs`: the compile's validation reference) when this collection runs every sample itself, or of
-    every sample when the statistics cache serves all of them and kept their outputs (a ``for_auto`` collection
-    keeps those of calibration auto's held-out part: :meth:`~qcompiler.calib.statcache.StatsCache.keep_outputs`;
-    they are that collection's session's values, for a caller that checks a sample against its own session).
+    FloatOutputs`: the compile's validation reference): of the samples this collection runs itself, and of the
+    samples the statistics cache serves where it kept their outputs — every sample's when a ``for_auto``
+    collection kept them for exactly these samples (calibration auto's held-out part: :meth:`~qcompiler.calib.
+    statcache.StatsCache.keep_outputs`; that collection's session's values, for a caller that checks a sample
+    against its own session), else sample by sample those a collection with this very session (same graph,
+    inputs and tensors run: the same values, bit for bit) kept with ``outputs.share`` (:meth:`~qcompiler.calib.
+    statcache.StatsCache.keep_sample_outputs`, matched by content id: this collection's sample ``i`` gets sample
+    ``i``'s), or failing that another collection on the same graph kept (another session: the same function up to
+    float rounding, which validation checks on one sample). With ``outputs.share`` the outputs of the samples this
+    collection runs are kept there too.
     """
     tensors = graph.tensors()
     missing = [n for n in specs if n not in tensors]
@@ -138,40 +144,77 @@ def collect(graph: gs.Graph, specs: dict[str, QuantSpec], source: CalibrationSou
                 progress(done, total)
         log.debug("calibration: %d tensor(s) over %d of %d sample(s) from the statistics cache", len(wanted),
                   hit.covered, n)
-        if outputs is not None and hit.covered == n:  # the graph outputs, when the collection kept them too
-            for i, kept in enumerate(scache.take_outputs(gbase, ids) or []):
-                outputs.put(i, kept)
+    # the graph outputs of the samples the cache serves, when a collection kept them: this collection's own
+    # calibration auto part (exact ids), else sample by sample those of a collection with this very session (the
+    # same values as its own runs), or failing that of another collection on this graph (validation checks them)
+    found: dict[int, dict[str, np.ndarray]] = {}
+    if outputs is not None and hit is not None:
+        if hit.covered == n:
+            found = dict(enumerate(scache.take_outputs(gbase, ids) or []))
+        if not found:
+            served = set(range(n)) - set(hit.rest)
+            found = scache.sample_outputs(base, ids, [i for i in range(min(n, outputs.limit)) if i in served],
+                                          graph=gbase)
     if hit is None and ids is not None and len(groups) == 1 and for_auto and \
             not all(wanted.values()) and len(auto_parts(n)) > 1:
         _collect_for_auto(graph, groups, from_feed, source, sigs, workers, stats, wanted, progress, shapes,
-                          cache if key is not None else None, key, base, ids, gbase)
+                          cache if key is not None else None, key, base, ids, gbase, outputs)
     elif hit is None or hit.covered < n:
         rest = source if hit is None else source.subset(hit.rest)
         got = {name: TensorStats.for_spec(specs[name]) for name in wanted}
         later = progress if hit is None or progress is None else (
             lambda done, _total: progress(hit.covered + done, total))
+        # the rest's graph outputs from the same runs, at their places among this collection's samples
+        ran = outputs if hit is None or outputs is None else FloatOutputs(
+            sum(1 for i in hit.rest if i < outputs.limit), outputs.max_bytes)
         _run_groups(graph, groups, from_feed, rest, sigs, workers, got, later, len(rest) * len(groups),
                     shapes if hit is None else None, cache if key is not None else None, key, sessions,
-                    digests if hit is None else None, outputs if hit is None else None)
+                    digests if hit is None else None, ran)
         if hit is None:
             stats.update(got)
         else:
             for name in wanted:
                 stats[name].merge(got[name])  # exact: the statistics of one pass over every sample
+            if ran is not None:
+                found.update({hit.rest[j]: v for j, v in ran.values.items()})
+        if outputs is not None and outputs.share and ran is not None:
+            scache.keep_sample_outputs(base, ids, ran.values if hit is None else
+                                       {hit.rest[j]: v for j, v in ran.values.items()}, graph=gbase)
         scache.store(base, ids, {name: stats[name] for name in wanted}, shapes, graph=gbase if hit is None else None,
                      digests=digests)
+    if outputs is not None:
+        for i in sorted(found):  # in sample order, as one collection's runs would have given them
+            outputs.put(i, found[i])
     _warn_nonfinite(stats)
     return stats
+
+
+def outputs_from_cache(graph: gs.Graph, source: CalibrationSource, outputs: FloatOutputs) -> None:
+    """Fill ``outputs`` with the graph outputs the statistics cache kept for ``source``'s samples from collections
+    on ``graph`` (:meth:`~qcompiler.calib.statcache.StatsCache.sample_outputs` by graph: another session, the same
+    function up to float rounding), for a calibration that runs nothing itself (no activation calibrated
+    statically: a weight-only plan) whose compile validates on those samples."""
+    scache = stats_cache()
+    if source.synthetic or scache.max_bytes <= 0 or not scache.samples_nbytes:
+        return
+    with profile.step("statistics cache key"):
+        gbase = graph_base(graph_key(graph), input_signatures(graph))
+        ids = source.sample_ids()
+    found = scache.sample_outputs(None, ids, range(min(len(source), outputs.limit)), graph=gbase)
+    for i in sorted(found):
+        outputs.put(i, found[i])
 
 
 def _collect_for_auto(graph: gs.Graph, groups: list[list[str]], from_feed: list[str], source: CalibrationSource,
                       sigs: Sequence[InputSig], workers: int, stats: dict[str, TensorStats], wanted: dict[str, bool],
                       progress: Callable[[int, int], None] | None,
                       shapes: dict[str, tuple[tuple[int, ...], np.dtype]] | None, cache: ActivationCache | None,
-                      key: str | None, base: str | None, ids: Sequence[str], gbase: str | None = None) -> None:
+                      key: str | None, base: str | None, ids: Sequence[str], gbase: str | None = None,
+                      outputs: FloatOutputs | None = None) -> None:
     """:func:`collect` with ``for_auto``: histograms for every tensor of
     ``wanted``, collected over calibration auto's two parts of ``source`` (each kept in the statistics cache) and
-    merged (exact: the statistics of one pass in order; kept too); ``stats`` gets what was asked for."""
+    merged (exact: the statistics of one pass in order; kept too); ``stats`` gets what was asked for, ``outputs``
+    the graph outputs of the first samples (kept in the statistics cache too when it says ``share``)."""
     scache = stats_cache()
     n = len(source)
     merged: dict[str, TensorStats] = {}
@@ -185,10 +228,19 @@ def _collect_for_auto(graph: gs.Graph, groups: list[list[str]], from_feed: list[
         digests: dict[str, str] = {}
         # the held-out part's graph outputs too (the same runs): calibration auto's float reference for its trials
         held = FloatOutputs(len(part), OUTPUTS_MAX_BYTES) if part is parts[-1] and len(parts) > 1 else None
+        # the first samples' graph outputs for the compile's validation (and a later compile's), from the same runs
+        mine = held if held is not None or outputs is None else FloatOutputs(
+            max(0, min(len(part), outputs.limit - part.start)), outputs.max_bytes)
         _run_groups(graph, groups, from_feed, source.subset(part), sigs, workers, got, later, len(part),
-                    first_shapes if part.start == 0 else None, cache, key, sessions, digests, held)
+                    first_shapes if part.start == 0 else None, cache, key, sessions, digests, mine)
         if held is not None and len(held.values) == len(part):
             scache.keep_outputs(gbase, [ids[i] for i in part], [held.values[i] for i in range(len(part))])
+        if outputs is not None and mine is not None:
+            placed = {part.start + j: v for j, v in sorted(mine.values.items()) if part.start + j < outputs.limit}
+            for i, v in placed.items():
+                outputs.put(i, v)
+            if outputs.share:
+                scache.keep_sample_outputs(base, ids, placed, graph=gbase)
         first = first or digests
         scache.store(base, [ids[i] for i in part], got, first_shapes if part.start == 0 else None, graph=gbase,
                      digests=digests)

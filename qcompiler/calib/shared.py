@@ -62,19 +62,24 @@ def shared_source(arg: str | Path, inputs: Sequence[InputSig], *, seed: int = 0,
 class FloatOutputs:
     """The float graph's outputs on the first ``limit`` samples of a calibration, as its onnxruntime runs gave
     them (:func:`~qcompiler.calib.collect.collect` with ``outputs=``): the compile's validation takes them as its
-    float reference for those samples instead of running the float model on them again. Filled only by a
-    collection that runs every sample from the first (no statistics-cache hit) and kept up to ``max_bytes``;
-    ``values``: sample index -> {graph output name: array}, for samples ``0 .. len(values) - 1``."""
+    float reference for those samples instead of running the float model on them again. Filled by the samples a
+    collection runs itself and, on a statistics-cache hit, by the samples whose outputs the cache kept from a
+    collection with the same session (:meth:`~qcompiler.calib.statcache.StatsCache.sample_outputs`); kept up to
+    ``max_bytes``, in sample order; ``values``: sample index -> {graph output name: array} (not every index need be
+    there). ``share``: the collection also keeps what it ran in the statistics cache for a later compile on the same
+    graph and samples (the measured default's candidates, whose fit samples' outputs the final compile's validation
+    takes)."""
 
-    def __init__(self, limit: int, max_bytes: int) -> None:
+    def __init__(self, limit: int, max_bytes: int, *, share: bool = False) -> None:
         self.limit = limit
         self.max_bytes = max_bytes
+        self.share = share
         self.values: dict[int, dict[str, Any]] = {}
         self.nbytes = 0
         self.full = False  # over max_bytes: what is kept stays, nothing more
 
     def put(self, i: int, outputs: dict[str, Any]) -> None:
-        if self.full or i != len(self.values) or i >= self.limit:
+        if self.full or i in self.values or not 0 <= i < self.limit:
             return
         n = sum(int(getattr(v, "nbytes", 0)) for v in outputs.values())
         if self.nbytes + n > self.max_bytes:

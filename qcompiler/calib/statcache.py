@@ -47,6 +47,16 @@ collection ran (:meth:`StatsCache.keep_outputs`, keyed by the graph and the samp
 :data:`OUTPUTS_MAX_BYTES`): the ``calibration: auto`` candidate's method trials take them as their float reference
 once their own float session gives the first held-out sample's outputs bit for bit as kept (the calibrate pass).
 
+It also keeps, per sample, the graph outputs a collection's own runs gave (:meth:`StatsCache.keep_sample_outputs`,
+keyed by the collection (:func:`collection_base`: the very same session) and the sample's content id, at most
+:data:`OUTPUTS_MAX_BYTES` in all, least recently used first out): the measured default's candidates calibrate on
+the N - h fit samples and keep their outputs there; the final compile, served its statistics from the cache, finds
+them (:meth:`StatsCache.sample_outputs`, by content id: its sample ``i`` gets exactly sample ``i``'s outputs) and
+hands them to its validation as its own calibration runs would have (the same session: the same values, bit for
+bit), instead of the float model running on those samples again. A compile whose calibration runs nothing (no
+activation calibrated statically: a weight-only winner) takes those of another collection on the same graph
+(:func:`graph_base`; another session: the same function up to float rounding, which validation checks).
+
 Cap: ``$QCOMPILER_STATS_CACHE_MB`` (default 128; 0 turns the cache off, kept outputs too); the least recently used
 entries go first.
 """
@@ -57,7 +67,7 @@ import collections
 import hashlib
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -143,6 +153,14 @@ class StatsCache:
             collections.OrderedDict()
         self.outputs_nbytes = 0
         self.outputs_hits = 0
+        #: (collection base, sample id) -> that sample's graph outputs as the collection's session gave them
+        #: (:meth:`keep_sample_outputs`), least recently used first; at most :data:`OUTPUTS_MAX_BYTES` in all
+        self._samples: collections.OrderedDict[tuple[str, str], tuple[dict[str, np.ndarray], int, str | None]] = \
+            collections.OrderedDict()
+        #: (graph base, sample id) -> the collections (bases) that kept that sample's outputs on that graph
+        self._by_graph: dict[tuple[str, str], list[str]] = {}
+        self.samples_nbytes = 0
+        self.sample_hits = 0
 
     def keep_outputs(self, graph: str | None, ids: Sequence[str] | None, values: Sequence[dict[str, np.ndarray]],
                      max_bytes: int | None = None) -> None:
@@ -180,6 +198,92 @@ class StatsCache:
             self.outputs_nbytes -= got[1]
             self.outputs_hits += 1
             return list(got[0])
+
+    def keep_sample_outputs(self, base: str | None, ids: Sequence[str] | None,
+                            values: Mapping[int, Mapping[str, np.ndarray]], max_bytes: int | None = None, *,
+                            graph: str | None = None) -> None:
+        """Keep ``values`` (position in ``ids`` -> that sample's {graph output: array}, as the session of the
+        collection ``base`` (:func:`collection_base`) on the graph ``graph`` (:func:`graph_base`) gave them) under
+        each sample's id, for :meth:`sample_outputs`; the least recently used samples go past ``max_bytes`` (default
+        :data:`OUTPUTS_MAX_BYTES`) in all. The arrays are kept as given (not copied: the caller gives up writing
+        them). Not kept when the statistics cache is off."""
+        if base is None or ids is None or self.max_bytes <= 0:
+            return
+        cap = OUTPUTS_MAX_BYTES if max_bytes is None else max_bytes
+        with self._lock:
+            for i in sorted(values):
+                if not 0 <= i < len(ids):
+                    continue
+                outs = dict(values[i])
+                size = sum(int(np.asarray(v).nbytes) for v in outs.values())
+                if size > cap:
+                    continue
+                key = (base, ids[i])
+                self._drop_sample(key)
+                if graph is not None:  # another session's equal values on this graph: one copy in memory
+                    outs = self._same_as_kept(graph, ids[i], outs)
+                self._samples[key] = (outs, size, graph)
+                self.samples_nbytes += size
+                if graph is not None:
+                    self._by_graph.setdefault((graph, ids[i]), []).append(base)
+                while self.samples_nbytes > cap:
+                    self._drop_sample(next(iter(self._samples)))
+
+    def _same_as_kept(self, graph: str, sid: str, outs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``outs`` with each array another collection on ``graph`` kept for sample ``sid`` with equal dtype, shape
+        and bytes replaced by that array (the same values, held once)."""
+        others = self._by_graph.get((graph, sid))
+        if not others:
+            return outs
+        kept = self._samples.get((others[-1], sid))
+        if kept is None:
+            return outs
+        same = {}
+        for name, v in outs.items():
+            k = kept[0].get(name)
+            a = np.asarray(v)
+            same[name] = k if k is not None and k.dtype == a.dtype and k.shape == a.shape and \
+                k.tobytes() == a.tobytes() else v
+        return same
+
+    def _drop_sample(self, key: tuple[str, str]) -> None:
+        got = self._samples.pop(key, None)
+        if got is None:
+            return
+        self.samples_nbytes -= got[1]
+        if got[2] is not None:
+            bases = self._by_graph.get((got[2], key[1]), [])
+            if key[0] in bases:
+                bases.remove(key[0])
+            if not bases:
+                self._by_graph.pop((got[2], key[1]), None)
+
+    def sample_outputs(self, base: str | None, ids: Sequence[str] | None, positions: Sequence[int] | None = None,
+                       *, graph: str | None = None) -> dict[int, dict[str, np.ndarray]]:
+        """The graph outputs :meth:`keep_sample_outputs` kept for the samples ``ids`` (of ``positions`` only, when
+        given): position in ``ids`` -> {output: array}, for the samples it holds (left in the cache: a later compile
+        of the same graph and samples finds them again). Those the collection ``base`` kept (the very same session:
+        the values its own runs give, bit for bit) first; with ``graph`` (:func:`graph_base`), for the other
+        samples, those another collection on that graph kept (another session: the same function up to float
+        rounding; ``base`` may then be ``None``)."""
+        if (base is None and graph is None) or ids is None or self.max_bytes <= 0:
+            return {}
+        got: dict[int, dict[str, np.ndarray]] = {}
+        with self._lock:
+            for i in (range(len(ids)) if positions is None else positions):
+                key = (base or "", ids[i])
+                entry = self._samples.get(key) if base is not None else None
+                if entry is None and graph is not None:
+                    others = self._by_graph.get((graph, ids[i]))
+                    if others:
+                        key = (others[-1], ids[i])
+                        entry = self._samples.get(key)
+                if entry is None:
+                    continue
+                self._samples.move_to_end(key)
+                got[i] = dict(entry[0])
+            self.sample_hits += len(got)
+        return got
 
     def lookup(self, base: str | None, ids: Sequence[str] | None, wanted: dict[str, bool], shapes: bool, *,
                prefix: bool = True) -> Hit | None:
@@ -277,6 +381,9 @@ class StatsCache:
             self.nbytes = 0
             self._outputs.clear()
             self.outputs_nbytes = 0
+            self._samples.clear()
+            self._by_graph.clear()
+            self.samples_nbytes = 0
 
     def __len__(self) -> int:
         return len(self._data)

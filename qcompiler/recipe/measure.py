@@ -211,14 +211,15 @@ class Bench:
             collect_for_auto: bool = False) -> tuple[Path, dict[str, Any]]:
         """Compile ``plan`` into the work folder, calibrated on the fit samples, or on the first ``samples``
         samples of the data when given (the confirmation: all of them); ``collect_for_auto``: its calibration also
-        keeps what a later ``calibration: auto`` candidate reads (:attr:`CompileOptions.collect_for_auto`)."""
+        keeps what a later ``calibration: auto`` candidate reads (:attr:`CompileOptions.collect_for_auto`). Its
+        calibration's float outputs are kept for the final compile's validation (``share_float_outputs``)."""
         out = self.workdir / f"{_file_name(name)}.onnx"
         opts = dataclasses.replace(
             self.options, plan=plan, preset=None, calib=self.calib,
             calib_samples=samples or self.options.calib_samples, calib_indices=None if samples else self.fit,
             validate=False, validate_data=None, min_sqnr_db=None, report=None, budget=None, calib_select=None,
             dump_after=set(), compact_names=False, recipe_out=None, verify_each=False, cost_report=False,
-            collect_for_auto=collect_for_auto)
+            collect_for_auto=collect_for_auto, share_float_outputs=True)
         outer = profile.current()
         with _quiet():
             result = compile_plan(self.model, out, opts)

@@ -91,10 +91,12 @@ def validate(
     runs are not made again (their per-layer runs are). The report is the same number for number.
     ``calib_outputs``: sample index -> the float graph outputs already computed on that sample by the compile's
     calibration runs (:class:`~qcompiler.calib.shared.FloatOutputs`: the same graph after constant and
-    BatchNormalization folding). The float model still runs sample 0 (unless ``float_outputs`` has it); when the
-    given outputs there equal its own within :data:`REUSE_RTOL` of each output's largest magnitude (float rounding
-    of an equivalent graph), they stand in for the float model's run on the other samples they cover
-    (``report.float_from_calibration`` counts them); else every sample runs as without them.
+    BatchNormalization folding). They are checked on one sample: the first that ``float_outputs`` has too (the
+    measured default's held-back samples: no float run for the check), else sample 0, which the float model runs;
+    when the given outputs there equal the float model's within :data:`REUSE_RTOL` of each output's largest
+    magnitude (float rounding of an equivalent graph), they stand in for the float model's run on the samples they
+    cover that ``float_outputs`` does not (``report.float_from_calibration`` counts them); else every sample runs as
+    without them.
     """
     flabel = _label(float_model, "float model")
     qlabel = _label(quant_model, "quantized model")
@@ -141,6 +143,11 @@ def validate(
     given: Mapping[int, Mapping[str, np.ndarray]] = {}  # calib_outputs, once sample 0 showed them equivalent
     reused = [0]
     known = {i: dict(o) for i, o in (float_outputs or {}).items() if all(n in o for n in out_names)}
+    # calib_outputs are checked against the float model's outputs on one sample: one whose float outputs are known
+    # (the measured default's held-back samples) when they cover one — no float run for it —, else sample 0, below
+    checked = next((i for i in sorted(known) if calib_outputs and i in calib_outputs), None)
+    if checked is not None and calib_outputs and _equivalent(calib_outputs[checked], known[checked], out_names):
+        given = calib_outputs
 
     def float_job(idx: int, feed: dict[str, np.ndarray]) -> Job:
         if idx in known:  # computed already by the caller (the same model, settings and feed): not run again
@@ -174,7 +181,7 @@ def validate(
             layers = _layer_candidates(ff, qf, layer_names) if layer_samples is None or layer_samples > 0 else []
         f_first, q_first = firsts.get(0), firsts.get(1)
         del firsts
-        if calib_outputs and _equivalent(calib_outputs.get(0), f_first, out_names):
+        if checked is None and calib_outputs and _equivalent(calib_outputs.get(0), f_first, out_names):
             given = calib_outputs
         # The next samples' output runs start now, while the per-layer sessions are built; then one sample
         # runs ahead of the one measured while per-layer runs go on, more for outputs of a few MiB.
