@@ -52,6 +52,7 @@ GEOMETRIES = [
     (16, 1, (3, 3), {"pads": [3, 0, 0, 3]}, [(2, 16, 4, 5)]),  # a tap that reads only padding on some rows
     (16, 1, (3, 3), {"pads": [1, 1, 1, 1]}, [(1, 16, 9, 7), (1, 16, 5, 12), (2, 16, 3, 3)]),  # sizes change
     (16, 1, (5, 5), {"dilations": [1, 2]}, [(1, 16, 6, 9), (1, 16, 8, 10)]),  # a kernel wider than half the input
+    (16, 1, (3, 2, 3), {"pads": [1, 0, 1, 1, 1, 0]}, [(2, 16, 4, 5, 6)]),  # 3-D
 ]
 
 
