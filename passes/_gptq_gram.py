@@ -12,12 +12,18 @@ them: ``B(t', t) = B(t, t')ᵀ``):
 
 ``z`` carries a zero margin of the kernel's span after every spatial dimension, so that a flattened shift never
 pairs two nonzero values across a row (or image) boundary, and ``F_δ`` needs no copy: two strided views of one
-array. Arithmetic: a 3×3 Conv needs 13 ``cg × cg`` GEMMs over the positions where the unfolding needs one
-``9cg × 9cg`` SYRK (about 3× fewer multiply-adds) and no 9× copy of its input; 1-D kernels of 3 half. The values are
+array. Each sample's float32 ``F_δ`` and border slabs are summed in float64 per ``δ`` and per tap pair
+(:class:`ConvGram`); ``H`` is assembled from those sums once, after the last sample. Arithmetic: a 3×3 Conv needs
+13 ``cg × cg`` GEMMs over the positions where the unfolding needs one ``9cg × 9cg`` SYRK (about 3× fewer
+multiply-adds) and no 9× copy of its input; a 1-D kernel of 3, 3 GEMMs for one ``3cg × 3cg`` SYRK. The values are
 those of ``XᵀX`` in exact arithmetic; in float32 they differ from the unfolding's by rounding (sums in another
 order, the borders subtracted: relative to the block's magnitude, a few float32 ulps; tests/test_gptq_gram.py
-holds them to the float64 product of the rows). Used where it pays: stride 1, ``cg >= MIN_CHANNELS`` input
-channels per group, more than one tap; every other Conv (strided, depthwise, 1×1) keeps the unfolding.
+holds them to the float64 product of the rows). One thing rounding must not touch: GPTQ takes an input whose
+``H_ii`` is exactly 0 as dead, and a subtraction leaves a residue where a tap reads only zeros of a channel that is
+nonzero elsewhere (silero-vad's encoder.3 sees one position: its outer taps read only padding) — so which inputs a
+tap ever reads nonzero is counted exactly (integer summed-area tables of the nonzeros) and the others' rows and
+columns are set to 0. Used where it pays: stride 1, ``cg >= MIN_CHANNELS`` input channels per group, more than one
+tap; every other Conv (strided, depthwise, 1×1) and MatMul / Gemm keep the unfolding.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ MIN_CHANNELS = 16
 
 
 def eligible(lay: Layer) -> bool:
-    """Whether :func:`conv_gram` computes this layer's Hessian (stride-1 Conv, several taps, enough channels)."""
+    """Whether :class:`ConvGram` computes this layer's Hessian (stride-1 Conv, several taps, enough channels)."""
     if lay.op != "Conv":
         return False
     node = lay.node
