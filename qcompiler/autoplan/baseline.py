@@ -49,7 +49,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +61,7 @@ from qcompiler.autoplan.budget import DEFAULT_CANDIDATES, Budget, Candidate, fmt
 from qcompiler.autoplan.latency import LatencyLimit, check_ratio
 from qcompiler.autoplan.plans import plan_yaml
 from qcompiler.autoplan.prepare import first_feeds
-from qcompiler.autoplan.probes import ProbeWorkdir, compiled_cost
+from qcompiler.autoplan.probes import ProbeMemo, ProbeWorkdir, compiled_cost, held_scores
 from qcompiler.autoplan.result import AutoPlanResult, PlanOptions, Progress
 from qcompiler.autoplan.scales import scale_step
 from qcompiler.autoplan.search import _absolute_budget, search_plan
@@ -91,6 +91,8 @@ class Holdout:
     data: str
     #: ``--max-latency-ratio``: every plan measured is also timed against the float model (None: nothing timed)
     latency: LatencyLimit | None = None
+    #: the float model's outputs on ``feeds``, run once (:func:`~qcompiler.autoplan.probes.held_scores`)
+    references: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {"samples": len(self.feeds), "calib_samples": self.fit, "data": self.data}
@@ -184,10 +186,8 @@ def measure(model_path: Path, plan: Plan, target: str, hold: Holdout, tmp: Path,
                                                        calib_samples=hold.fit, validate=False))
     try:
         rep = compiled_cost(res, out, shapes, want_bitops)
-        report = qv.validate(model_path, out, hold.feeds, per_layer=False)
-        halves = tuple(float(qv.validate(model_path, out, part, per_layer=False).worst_slice_sqnr())
-                       for part in (hold.feeds[0::2], hold.feeds[1::2])) if len(hold.feeds) >= 4 else ()
-        m = Measured(float(report.worst_slice_sqnr()), rep, halves)
+        sqnr, halves = held_scores(model_path, out, hold.feeds, hold.references)
+        m = Measured(sqnr, rep, halves)
         if hold.latency is not None:
             m.latency_ratio = hold.latency.time(out, label or tag)
             m.eligible = hold.latency.eligible(m.latency_ratio)
@@ -316,11 +316,12 @@ def _searches(src: Path, opts: PlanOptions, base: Plan, hold: Holdout, tmp: Path
     for cl in lists:
         union += [c for c in cl if c.name not in {u.name for u in union}]
     sens = sensitivity
+    memo = ProbeMemo()  # the searches share their probe compiles (same model, base plan and data)
     if sens is None and len(lists) > 1:
         # one sensitivity pass over every candidate of every list (the searches below reuse its columns)
         first = search_plan(src, hold.calib,
                             PlanOptions(**{**opts.__dict__, "base_plan": base, "candidates": union}),
-                            progress=progress, calib_samples=hold.fit)
+                            progress=progress, calib_samples=hold.fit, memo=memo)
         sens = first.sensitivity
     rows: list[dict[str, Any]] = []
     seen: dict[str, Measured] = {}
@@ -336,7 +337,8 @@ def _searches(src: Path, opts: PlanOptions, base: Plan, hold: Holdout, tmp: Path
         sopts = PlanOptions(**{**opts.__dict__, "base_plan": base, "candidates": cl, "stay": stay,
                                **({"select": 0} if stay else {})})
         try:
-            r = search_plan(src, hold.calib, sopts, progress=progress, sensitivity=sens, calib_samples=hold.fit)
+            r = search_plan(src, hold.calib, sopts, progress=progress, sensitivity=sens, calib_samples=hold.fit,
+                            memo=memo)
         except UserError as e:
             if k == 0:
                 raise

@@ -20,9 +20,22 @@ from qcompiler.autoplan.sensitivity import SensitivityResult
 from qcompiler.plan import Plan, QuantSpec
 from qcompiler.report import cost
 
+#: :func:`_flow`'s texts by the ``repr`` of what was dumped (builtin scalars, strings, lists and dicts: equal
+#: reprs, equal values in the same key order): the plans of one planner run repeat the same rules thousands of
+#: times (every probe, search and verification writes one per layer)
+_FLOWN: dict[str, str] = {}
+_FLOWN_MAX = 1 << 14
+
 
 def _flow(d: Any) -> str:
-    return yaml.safe_dump(d, default_flow_style=True, width=100000, sort_keys=False).strip()
+    key = repr(d)
+    text = _FLOWN.get(key)
+    if text is None:
+        text = yaml.safe_dump(d, default_flow_style=True, width=100000, sort_keys=False).strip()
+        if len(_FLOWN) >= _FLOWN_MAX:
+            _FLOWN.clear()
+        _FLOWN[key] = text
+    return text
 
 
 def _rule_keys(cand: Candidate, spec: QuantSpec | None, base_w: dict[str, Any]) -> dict[str, Any]:

@@ -1,13 +1,23 @@
 """Probe plans and probe compiles: what the target quantizes downstream of each layer (:func:`output_quant`),
 every layer's stored bytes under every candidate from one compile per candidate (:func:`cost_tables`, counted
 as ``qcompiler inspect --cost`` counts them), and a plan compiled for real and measured (:func:`measure_sqnr`).
-Compiles go through :func:`qcompiler.compile.compile_plan`, below the public API."""
+Compiles go through :func:`qcompiler.compile.compile_plan`, below the public API.
+
+The searches of one planner run (:func:`qcompiler.autoplan.baseline.auto_plan`: up to 8, one per candidate list
+and trust region) prepare the same model with the same base plan and probe the same candidates: a
+:class:`ProbeMemo` shared by them keeps what does not depend on the search — each probe compile's cost report
+(by plan text, calibration sample, shapes and layers), the target's downstream quantization per probe plan and
+the float model's cost — so each is computed once per run, not once per search.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import shutil
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,23 +33,66 @@ from qcompiler.core.context import CompileContext
 from qcompiler.plan import Plan, QuantSpec
 from qcompiler.report import cost
 from qcompiler.report import validate as qv
+from qcompiler.report.validate.compare import validation_workers
+from qcompiler.report.validate.reference import Reference, compare_outputs, float_reference, validate_against
+
+
+@dataclass
+class ProbeMemo:
+    """What the probes of one planner run found, by everything that determines it (see the module docstring).
+    Entries are never changed once stored: callers read them only."""
+
+    #: (model, target, plan text, calibration sample, shapes, want shapes, layers) -> (cost report, weight
+    #: owners, the compile report's ``plan`` section)
+    compiles: dict[tuple[Any, ...], tuple[cost.CostReport, dict[str, str], dict[str, Any]]] = field(
+        default_factory=dict)
+    #: (model, target, probe plan text) -> ``Target.output_tensors`` on the prepared graph
+    outputs: dict[tuple[Any, ...], dict[str, QuantSpec]] = field(default_factory=dict)
+    #: (model, shapes, want shapes) -> the float model's cost report
+    float_costs: dict[tuple[Any, ...], cost.CostReport] = field(default_factory=dict)
+    hits: int = 0
+
+
+def _shapes_key(shapes: dict[str, list[int]] | None) -> tuple[Any, ...] | None:
+    return None if shapes is None else tuple(sorted((k, tuple(v)) for k, v in shapes.items()))
+
+
+def _feed_key(feed: dict[str, np.ndarray]) -> str:
+    """A digest of one calibration sample: names, dtypes, shapes and bytes."""
+    h = hashlib.blake2b(digest_size=16)
+    for name in sorted(feed):
+        a = np.ascontiguousarray(feed[name])
+        h.update(f"{name}\0{a.dtype.str}\0{a.shape}\0".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
 
 _ACTIVATION_OPS = ("Relu", "Clip", "LeakyRelu", "HardSigmoid", "Sigmoid", "Tanh", "HardSwish", "PRelu")
 
 
-def output_quant(prep: Prepared, cands: Sequence[Candidate], rules: list[list[dict[str, Any] | None]]
-                 ) -> list[dict[str, tuple[str, QuantSpec]]]:
+def output_quant(prep: Prepared, cands: Sequence[Candidate], rules: list[list[dict[str, Any] | None]],
+                 memo: ProbeMemo | None = None) -> list[dict[str, tuple[str, QuantSpec]]]:
     """Per layer: candidate -> (tensor, spec) the target quantizes downstream of the layer when it takes that
-    candidate (``Target.output_tensors`` on the probe plan; e.g. ``ort``'s QLinearConv output for int8 Conv)."""
+    candidate (``Target.output_tensors`` on the probe plan; e.g. ``ort``'s QLinearConv output for int8 Conv).
+    ``memo``: the target's answer per probe plan, shared by the searches of one run (same model and base plan:
+    the same prepared graph)."""
     out: list[dict[str, tuple[str, QuantSpec]]] = [{} for _ in prep.layers]
     by_name = {n.name: n for n in prep.graph.nodes}
     for ci, cand in enumerate(cands):
         if cand.is_float:
             continue
-        plan = Plan.from_text(probe_text(prep, rules, ci), source="<probe>")
-        ctx = CompileContext(graph=prep.graph, meta=prep.meta, plan=plan, target=prep.target,
-                             resolved=plan.resolve(prep.graph))
-        outs = prep.target.output_tensors(ctx)
+        text = probe_text(prep, rules, ci)
+        key = (str(prep.model_path), prep.target.name, text)
+        outs = memo.outputs.get(key) if memo is not None else None
+        if outs is None:
+            plan = Plan.from_text(text, source="<probe>")
+            ctx = CompileContext(graph=prep.graph, meta=prep.meta, plan=plan, target=prep.target,
+                                 resolved=plan.resolve(prep.graph))
+            outs = prep.target.output_tensors(ctx)
+            if memo is not None:
+                memo.outputs[key] = outs
+        elif memo is not None:
+            memo.hits += 1
         if not outs:
             continue
         for li, la in enumerate(prep.layers):
@@ -111,7 +164,7 @@ def compiled_cost(res: Any, out: Path, shapes: dict[str, list[int]] | None, want
 class ProbeWorkdir:
     """A temporary folder with the one-sample calibration file the probe compiles use."""
 
-    def __init__(self, feed: dict[str, np.ndarray]) -> None:
+    def __init__(self, feed: dict[str, np.ndarray], memo: ProbeMemo | None = None) -> None:
         self.path = Path(tempfile.mkdtemp(prefix="qcompiler-autoplan-"))
         self.calib = self.path / "calib1.npz"
         arrays: dict[str, Any] = {k: np.asarray(v)[None] for k, v in feed.items()}
@@ -119,6 +172,29 @@ class ProbeWorkdir:
         self.n = 0
         #: after :meth:`compile` with ``layers``: cost-report entry -> the layer whose weight it only feeds
         self.owners: dict[str, str] = {}
+        #: :meth:`compile_text`'s results, shared with other work folders of the same run
+        self.memo = memo
+        self.feed_key = _feed_key(arrays) if memo is not None else ""
+
+    def compile_text(self, model: Path, text: str, target: str, *, shapes: dict[str, list[int]] | None,
+                     want_shapes: bool, layers: set[str] | None = None, plan: Plan | None = None
+                     ) -> tuple[cost.CostReport, dict[str, Any]]:
+        """:meth:`compile` of the plan ``text`` (``plan`` when given, else the text parsed as ``<probe>``), or what
+        a compile of the same text, model, target, calibration sample, shapes and layers gave earlier in this run
+        (the same, the compile being deterministic)."""
+        key = (str(model), target, text, self.feed_key, _shapes_key(shapes), want_shapes,
+               frozenset(layers) if layers else None)
+        hit = self.memo.compiles.get(key) if self.memo is not None else None
+        if hit is not None:
+            assert self.memo is not None
+            self.memo.hits += 1
+            self.owners = dict(hit[1])
+            return hit[0], hit[2]
+        rep, plan_rep = self.compile(model, plan if plan is not None else Plan.from_text(text, source="<probe>"),
+                                     target, shapes=shapes, want_shapes=want_shapes, layers=layers)
+        if self.memo is not None:
+            self.memo.compiles[key] = (rep, dict(self.owners), plan_rep)
+        return rep, plan_rep
 
     def compile(self, model: Path, plan: Plan, target: str, *, shapes: dict[str, list[int]] | None,
                 want_shapes: bool, layers: set[str] | None = None) -> tuple[cost.CostReport, dict[str, Any]]:
@@ -159,8 +235,8 @@ def cost_tables(prep: Prepared, cands: Sequence[Candidate], rules: list[list[dic
     for k, (ci, text) in enumerate(probes):
         if progress:
             progress("costs (probe compiles)", k, len(probes))
-        rep, _ = work.compile(prep.model_path, Plan.from_text(text, source="<probe>"), prep.target.name,
-                              shapes=shapes, want_shapes=ci is None, layers={la.name for la in prep.layers})
+        rep, _ = work.compile_text(prep.model_path, text, prep.target.name, shapes=shapes, want_shapes=ci is None,
+                                   layers={la.name for la in prep.layers})
         by = rep.by_name()
         fed: dict[str, float] = {}
         for name, owner in work.owners.items():
@@ -208,10 +284,47 @@ def cost_tables(prep: Prepared, cands: Sequence[Candidate], rules: list[list[dic
     others = [lc for lc in float_report.layers if lc.params and lc.name not in planned_names]
     other_bits = float(sum(lc.params * (lc.weight_bits or cost.FLOAT_BITS) for lc in others))
     params = float(sum(la.params for la in prep.layers) + sum(lc.params for lc in others))
-    src_rep = cost.model_cost(prep.model_path, feed_shapes=shapes, shapes=want_bitops)
+    src_rep = _float_cost(prep.model_path, shapes, want_bitops, work.memo)
     float_totals = {"bytes": float(src_rep.total_bytes), "bitops": float(src_rep.bitops), "params": params}
     base = {"bytes": base_bytes, "bitops": base_ops, "bits": other_bits, "params": params}
     return {"bytes": tbytes, "bitops": tbitops, "bits": tbits}, base, float_totals
+
+
+def _float_cost(model: Path, shapes: dict[str, list[int]], want_bitops: bool, memo: ProbeMemo | None
+                ) -> cost.CostReport:
+    key = (str(model), _shapes_key(shapes), want_bitops)
+    rep = memo.float_costs.get(key) if memo is not None else None
+    if rep is None:
+        rep = cost.model_cost(model, feed_shapes=shapes, shapes=want_bitops)
+        if memo is not None:
+            memo.float_costs[key] = rep
+    return rep
+
+
+def held_scores(model_path: Path, out: Path, feeds: list[dict[str, np.ndarray]], refs: dict[str, Reference]
+                ) -> tuple[float, tuple[float, ...]]:
+    """The worst output slice's SQNR (``ValidationReport.worst_slice_sqnr``) of the compiled model ``out`` against
+    the float ``model_path`` on ``feeds`` and, with 4 feeds or more, on each half of them (even / odd positions):
+    ``qv.validate(model_path, out, part, per_layer=False)``'s numbers for each part, with the float model run once
+    per ``refs`` (the caller's, for these feeds; by model) and the quantized model once (the halves scored from
+    its outputs on all the feeds). With fewer feeds than validation runs side by side (where the sessions'
+    threads would differ from validate's), each part is validated as before."""
+    halves = len(feeds) >= 4
+    if len(feeds) < validation_workers():
+        parts = [feeds, *((feeds[0::2], feeds[1::2]) if halves else ())]
+        got = [float(qv.validate(model_path, out, part, per_layer=False).worst_slice_sqnr()) for part in parts]
+        return got[0], tuple(got[1:])
+    ref = refs.get(str(model_path))
+    if ref is None:
+        ref = refs[str(model_path)] = float_reference(model_path, feeds)
+    kept: list[dict[str, Any]] = []
+    whole = float(validate_against(ref, out, keep=kept).worst_slice_sqnr())
+    if not halves:
+        return whole, ()
+    return whole, tuple(float(compare_outputs(
+        dataclasses.replace(ref, feeds=ref.feeds[k::2], outputs=ref.outputs[k::2], indices=(),
+                            feed_digests=ref.feed_digests[k::2]), kept[k::2], label=str(out)).worst_slice_sqnr())
+        for k in (0, 1))
 
 
 def measure_sqnr(model_path: str | Path, plan: Plan, calib: str | Path, *, target: str = "ort",

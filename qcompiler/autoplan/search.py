@@ -18,7 +18,7 @@ from qcompiler.autoplan import knapsack
 from qcompiler.autoplan.budget import Budget, fmt_unit
 from qcompiler.autoplan.plans import layer_rules, plan_header, plan_text, rule_comments
 from qcompiler.autoplan.prepare import Prepared, calib_source, first_feeds, prepare
-from qcompiler.autoplan.probes import ProbeWorkdir, cost_tables, output_quant
+from qcompiler.autoplan.probes import ProbeMemo, ProbeWorkdir, cost_tables, output_quant
 from qcompiler.autoplan.result import AutoPlanResult, FrontPoint, LayerInfo, PlanOptions, Progress
 from qcompiler.autoplan.sensitivity import METRICS, LayerUnderTest, SensitivityResult, compute, measure_plans
 from qcompiler.core.errors import UserError
@@ -84,11 +84,12 @@ def _reuse(sens: SensitivityResult, layers: Sequence[LayerInfo], names: Sequence
 
 def search_plan(model_path: str | Path, calib: str | Path | None, options: PlanOptions, *,
                 progress: Progress | None = None, sensitivity: SensitivityResult | None = None,
-                calib_samples: int | None = None) -> AutoPlanResult:
+                calib_samples: int | None = None, memo: ProbeMemo | None = None) -> AutoPlanResult:
     """The search on top of ``options.base_plan`` (see the package docstring; :func:`~qcompiler.autoplan.baseline
     .auto_plan` adds the uniform presets and the measured guard around it). ``sensitivity``: reuse the
     sensitivities of an earlier run on the same model (a superset of the candidates) instead of measuring.
-    ``calib_samples``: use only the first that many calibration samples (the rest are held back)."""
+    ``calib_samples``: use only the first that many calibration samples (the rest are held back). ``memo``: probe
+    results shared with the other searches of the same run (same model, base plan and calibration data)."""
     t_all = time.perf_counter()
     timings: dict[str, float] = {}
     opts = options
@@ -120,7 +121,7 @@ def search_plan(model_path: str | Path, calib: str | Path | None, options: PlanO
     # ---- sensitivity ------------------------------------------------------------------------------------
     t = time.perf_counter()
     by_name = {n.name: n for n in prep.graph.nodes}
-    oq = output_quant(prep, cands, rules)
+    oq = output_quant(prep, cands, rules, memo)
     lut = [LayerUnderTest(la.name, by_name[la.name], prep.nodes[la.name].weight_inputs, prep.specs[li],
                           prep.nodes[la.name].activation if 0 in prep.nodes[la.name].activation_inputs else None,
                           oq[li])
@@ -144,7 +145,7 @@ def search_plan(model_path: str | Path, calib: str | Path | None, options: PlanO
     # ---- costs, allocation, verification ----------------------------------------------------------------
     unit = opts.budget.unit
     shapes = {k: list(v.shape) for k, v in feeds[0].items()}
-    work = ProbeWorkdir(feeds[0])
+    work = ProbeWorkdir(feeds[0], memo)
     try:
         t = time.perf_counter()
         table, base, float_totals = cost_tables(prep, cands, rules, work, shapes, unit == "bitops", progress)
@@ -205,7 +206,8 @@ def search_plan(model_path: str | Path, calib: str | Path | None, options: PlanO
             plan = Plan.from_text(text, source="<auto plan>")
             if progress:
                 progress("verify", rounds - 1, MAX_ROUNDS)
-            rep, plan_rep = work.compile(src, plan, opts.target, shapes=shapes, want_shapes=unit == "bitops")
+            rep, plan_rep = work.compile_text(src, text, opts.target, shapes=shapes, want_shapes=unit == "bitops",
+                                              plan=plan)
             # the base plan's rules come first (those matching no node were left out by prepare); one of the
             # planner's own rules (one per layer, by name) that matches nothing is a bug
             own = [d for d in plan_rep.get("unmatched_rules", [])

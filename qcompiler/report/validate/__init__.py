@@ -39,12 +39,18 @@ from qcompiler.report.validate.compare import validate
 from qcompiler.report.validate.files import load_feeds, load_names, load_node_names, load_plan_nodes
 from qcompiler.report.validate.layers import MAX_LAYERS, QDQ_OPS
 from qcompiler.report.validate.metrics import TOP1_MAX_CLASSES, TOP1_MIN_CLASSES, TensorMetrics
-from qcompiler.report.validate.reference import Reference, float_reference, known_outputs, validate_against
+from qcompiler.report.validate.reference import (
+    Reference,
+    compare_outputs,
+    float_reference,
+    known_outputs,
+    validate_against,
+)
 from qcompiler.report.validate.result import LEGEND, NO_THRESHOLD, LayerInfo, ValidationReport
 from qcompiler.report.validate.sessions import ModelLike
 from qcompiler.report.validate.slices import CheckResult, SliceMetrics, default_slice_axis
 
 __all__ = ["LEGEND", "MAX_LAYERS", "NO_THRESHOLD", "QDQ_OPS", "TOP1_MAX_CLASSES", "TOP1_MIN_CLASSES", "CheckResult",
            "LayerInfo", "ModelLike", "Reference", "SliceMetrics", "TensorMetrics", "ValidationReport",
-           "default_slice_axis", "float_reference", "known_outputs", "load_feeds", "load_names", "load_node_names", "load_plan_nodes",
+           "compare_outputs", "default_slice_axis", "float_reference", "known_outputs", "load_feeds", "load_names", "load_node_names", "load_plan_nodes",
            "validate", "validate_against"]

@@ -17,7 +17,7 @@ import dataclasses
 import functools
 import hashlib
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -136,26 +136,36 @@ def validate_against(ref: Reference, quant_model: ModelLike, *, optimize: bool |
     for n in slice_axes or {}:
         if n not in out_names:
             raise UserError(f"--slice-axis {n}=...: no graph output '{n}' (outputs: {', '.join(out_names)})")
-    facts = _GraphFacts(producers=ref.producers, inputs=set(), outputs=[], float_known={})
-    slice_acc, topk_acc = _output_accumulators(None, facts, ref.outputs[0], out_names, slice_axes or {}, ())
-    out_acc = {n: _Accumulator(n) for n in out_names}
     run = functools.partial(_quant_run, q_plain, out_names, qlabel)
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers),
                                                thread_name_prefix="qcompiler-validate") as pool:
         results = pool.map(run, range(len(ref.feeds)), ref.feeds) if workers > 1 else map(
             run, range(len(ref.feeds)), ref.feeds)
         with profile.step("graph outputs"):
-            for fo, qo in zip(ref.outputs, results, strict=True):
-                if keep is not None:
-                    keep.append(qo)
-                for n in out_names:
-                    out_acc[n].update(fo[n], qo[n])
-                    if n in slice_acc:
-                        slice_acc[n].update(np.asarray(fo[n]), np.asarray(qo[n]))
-                    if n in topk_acc:
-                        topk_acc[n].update(np.asarray(fo[n]), np.asarray(qo[n]))
-    outputs = _output_metrics(out_names, out_acc, slice_acc, topk_acc, qlabel, ref.label)
-    return ValidationReport(outputs=outputs, layers=[], samples=len(ref.feeds), min_sqnr_db=None, passed=True)
+            return compare_outputs(ref, results, label=qlabel, slice_axes=slice_axes, keep=keep)
+
+
+def compare_outputs(ref: Reference, quant_outputs: Iterable[dict[str, Any]], *, label: str = "quantized model",
+                    slice_axes: Mapping[str, int] | None = None,
+                    keep: list[dict[str, Any]] | None = None) -> ValidationReport:
+    """The graph-output report of quantized outputs already computed (one dict per sample of ``ref``, in its
+    order) against ``ref``: :func:`validate_against`'s numbers without running anything (a caller scoring a
+    subset of samples it ran, ``ref`` cut to the same samples). ``keep``: as in :func:`validate_against`."""
+    out_names = ref.names
+    facts = _GraphFacts(producers=ref.producers, inputs=set(), outputs=[], float_known={})
+    slice_acc, topk_acc = _output_accumulators(None, facts, ref.outputs[0], out_names, slice_axes or {}, ())
+    out_acc = {n: _Accumulator(n) for n in out_names}
+    for fo, qo in zip(ref.outputs, quant_outputs, strict=True):
+        if keep is not None:
+            keep.append(qo)
+        for n in out_names:
+            out_acc[n].update(fo[n], qo[n])
+            if n in slice_acc:
+                slice_acc[n].update(np.asarray(fo[n]), np.asarray(qo[n]))
+            if n in topk_acc:
+                topk_acc[n].update(np.asarray(fo[n]), np.asarray(qo[n]))
+    outputs = _output_metrics(out_names, out_acc, slice_acc, topk_acc, label, ref.label)
+    return ValidationReport(outputs=outputs, layers=[], samples=len(ref.outputs), min_sqnr_db=None, passed=True)
 
 
 def _quant_run(runner: _Runner, names: list[str], label: str, idx: int,
