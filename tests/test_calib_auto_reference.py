@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from _graphs import matmul_relu_graph
+from _helpers import npz_folder
 
 from qcompiler import ir
 from qcompiler.api import CompileOptions, compile_model
@@ -124,18 +125,10 @@ def test_a_kept_reference_whose_first_sample_differs_is_not_taken(tmp_path, monk
     assert got == want and got_bytes == want_bytes
 
 
-def _folder(tmp: Path, n: int) -> Path:
-    rng = np.random.default_rng(3)
-    tmp.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        np.savez(tmp / f"{i:03d}.npz", x=rng.standard_normal((2, 6)).astype(np.float32))
-    return tmp
-
-
 @pytest.mark.parametrize("n", [12, 64, 200])
 def test_a_for_auto_collection_keeps_the_held_out_parts_outputs_only_and_a_hit_serves_them(tmp_path, n):
     graph = matmul_relu_graph()
-    src = CalibrationSource.from_arg(str(_folder(tmp_path / "calib", n)), input_signatures(graph))
+    src = CalibrationSource.from_arg(str(npz_folder(tmp_path / "calib", n, 3)), input_signatures(graph))
     minmax = {"h": QuantSpec(dtype="uint8"), "y": QuantSpec(dtype="uint8")}
     auto = {k: QuantSpec(dtype="uint8", calibration="auto") for k in minmax}
     collect(graph, minmax, src, workers=2, for_auto=True)

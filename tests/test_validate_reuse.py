@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _helpers import count_float_runs
 
 from qcompiler.api import CompileOptions, compile_model
 from qcompiler.calib import held_back_indices
@@ -28,19 +29,6 @@ def _feeds(name: str) -> list[dict[str, np.ndarray]]:
     return [{k: np.asarray(v[i]) for k, v in data.items()} for i in range(n)]
 
 
-def _count_float_runs(monkeypatch) -> list[int]:
-    runs: list[int] = []
-    real = compare._run_checked
-
-    def counted(runner, feed, sample, names, which, label):
-        if which == "float":
-            runs.append(sample)
-        return real(runner, feed, sample, names, which, label)
-
-    monkeypatch.setattr(compare, "_run_checked", counted)
-    return runs
-
-
 def test_validate_with_known_float_outputs_is_the_same_report(tmp_path: Path, monkeypatch) -> None:
     model = MODELS / "conv_bn_relu.onnx"
     feeds = _feeds("conv_bn_relu")
@@ -53,7 +41,7 @@ def test_validate_with_known_float_outputs_is_the_same_report(tmp_path: Path, mo
     ref.indices = (0, *held)
     known = qv.known_outputs(ref, model, feeds)
     assert sorted(known) == [0, *held]
-    runs = _count_float_runs(monkeypatch)
+    runs = count_float_runs(monkeypatch)
     plain = qv.validate(model, quant, feeds, layer_samples=4)
     assert sorted(runs) == list(range(len(feeds)))
     runs.clear()
@@ -95,7 +83,7 @@ def test_measured_default_validation_reuses_the_held_back_float_runs(tmp_path: P
     n = min(64, len(_feeds(name)))
     held = held_back_indices(len(_feeds(name)))
     monkeypatch.setattr(StatsCache, "sample_outputs", lambda *a, **k: {})
-    runs = _count_float_runs(monkeypatch)
+    runs = count_float_runs(monkeypatch)
     reused = compile_model(model, tmp_path / "a.onnx", CompileOptions(calib=npz))
     assert sorted(runs) == [i for i in range(n) if i not in held]
     monkeypatch.setattr(qv, "known_outputs", lambda *a, **k: {})
@@ -115,6 +103,6 @@ def test_reference_kept_only_within_its_byte_cap(tmp_path: Path, monkeypatch) ->
     model, npz = MODELS / "conv_bn_relu.onnx", str(MODELS / "conv_bn_relu.npz")
     monkeypatch.setattr(recipe, "REFERENCE_KEEP_BYTES", 0)
     monkeypatch.setattr(StatsCache, "sample_outputs", lambda *a, **k: {})  # the candidates' calibration outputs off
-    runs = _count_float_runs(monkeypatch)
+    runs = count_float_runs(monkeypatch)
     compile_model(model, tmp_path / "q.onnx", CompileOptions(calib=npz))
     assert sorted(runs) == list(range(min(64, len(_feeds("conv_bn_relu")))))

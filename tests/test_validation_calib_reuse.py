@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from _graphs import matmul_relu_graph
+from _helpers import count_float_runs, npz_folder
 
 from qcompiler import ir
 from qcompiler.api import CompileOptions, compile_model
@@ -48,20 +49,6 @@ def _npz(tmp: Path, name: str = "conv_bn_relu") -> str:
     return str(path)
 
 
-def _float_runs(monkeypatch) -> list[int]:
-    """The samples validation runs the float model's graph outputs on (its per-layer runs are not counted)."""
-    runs: list[int] = []
-    real = compare._run_checked
-
-    def counted(runner, feed, sample, names, which, label):
-        if which == "float":
-            runs.append(sample)
-        return real(runner, feed, sample, names, which, label)
-
-    monkeypatch.setattr(compare, "_run_checked", counted)
-    return runs
-
-
 def _report(res) -> str:
     return json.dumps(res.report["validation"], sort_keys=True)
 
@@ -75,7 +62,7 @@ def test_final_validation_runs_the_float_model_on_no_fit_sample_and_reports_as_w
         tmp_path: Path, name: str, monkeypatch) -> None:
     model, npz = MODELS / f"{name}.onnx", _npz(tmp_path, name)
     assert HELD == [3, 7] and 0 in FIT
-    runs = _float_runs(monkeypatch)
+    runs = count_float_runs(monkeypatch)
     reused = compile_model(model, tmp_path / "a.onnx", CompileOptions(calib=npz))
     assert runs == []  # fit samples: the candidates' calibration runs; held-back: the recipe's reference
     assert reused.validation is not None and reused.validation.samples == N
@@ -94,7 +81,7 @@ def test_without_the_candidates_outputs_the_float_model_runs_the_fit_samples_sam
     """The reuse turned off (nothing kept): validation runs the float model on the fit samples, as before."""
     model, npz = MODELS / "conv_bn_relu.onnx", _npz(tmp_path)
     monkeypatch.setattr(StatsCache, "sample_outputs", lambda *a, **k: {})
-    runs = _float_runs(monkeypatch)
+    runs = count_float_runs(monkeypatch)
     plain = compile_model(model, tmp_path / "a.onnx", CompileOptions(calib=npz))
     assert sorted(runs) == FIT
     assert "float_from_calibration" not in plain.report["validation"]
@@ -116,7 +103,7 @@ def test_over_the_bound_the_rest_is_recomputed_same_numbers(tmp_path, monkeypatc
     model, npz = MODELS / "conv_bn_relu.onnx", _npz(tmp_path)
     per_sample = 1 * 10 * 4  # conv_bn_relu's output: logits [1, 10] float32
     monkeypatch.setattr(compile_module, "FLOAT_OUTPUTS_BYTES", 3 * per_sample)  # samples 0, 1, 2 only
-    runs = _float_runs(monkeypatch)
+    runs = count_float_runs(monkeypatch)
     bounded = compile_model(model, tmp_path / "a.onnx", CompileOptions(calib=npz))
     assert sorted(runs) == [0, 4, 5, 6]  # sample 0: the check (no held-back sample kept); the fit samples past it
     assert bounded.report["validation"]["float_from_calibration"] == 2
@@ -148,7 +135,7 @@ def test_a_pass_that_does_not_keep_the_float_function_disables_the_reuse(tmp_pat
                           share_float_outputs=True)
     compile_model(model, tmp_path / "cand.onnx", cand)
     assert stats_cache().samples_nbytes > 0
-    runs = _float_runs(monkeypatch)
+    runs = count_float_runs(monkeypatch)
     compile_model(model, tmp_path / "a.onnx", CompileOptions(plan="default", calib=npz))
     assert runs == [0]  # the check on sample 0 (no held-back reference here); the rest from calibration
 
@@ -164,19 +151,11 @@ def test_a_pass_that_does_not_keep_the_float_function_disables_the_reuse(tmp_pat
     assert sorted(runs) == FIT and stats_cache().samples_nbytes == 0
 
 
-def _folder(tmp: Path, n: int) -> Path:
-    rng = np.random.default_rng(5)
-    tmp.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        np.savez(tmp / f"{i:03d}.npz", x=rng.standard_normal((2, 6)).astype(np.float32))
-    return tmp
-
-
 def test_kept_outputs_go_to_their_own_sample_by_content_id(tmp_path):
     """The candidates' samples are the fit ones (a subset), the final compile's all N in file order: sample ``i``
     of the final collection gets exactly sample ``i``'s outputs, the ones it runs itself (the held-back) too."""
     graph = matmul_relu_graph()
-    src = CalibrationSource.from_arg(str(_folder(tmp_path / "calib", N)), input_signatures(graph))
+    src = CalibrationSource.from_arg(str(npz_folder(tmp_path / "calib", N, 5)), input_signatures(graph))
     specs = {"h": QuantSpec(dtype="uint8"), "y": QuantSpec(dtype="uint8")}
     shared = FloatOutputs(64, 1 << 20, share=True)
     collect(graph, specs, src.subset(FIT), workers=2, outputs=shared)
@@ -221,7 +200,7 @@ def test_a_final_compile_that_calibrates_nothing_takes_another_sessions_outputs_
     cand = CompileOptions(plan="default", calib=npz, calib_indices=tuple(FIT), validate=False,
                           share_float_outputs=True)
     compile_model(model, tmp_path / "cand.onnx", cand)
-    runs = _float_runs(monkeypatch)
+    runs = count_float_runs(monkeypatch)
     res = compile_model(model, tmp_path / "a.onnx", CompileOptions(preset="w4a16", calib=npz))
     assert res.report["calibration"]["tensors"] == 0  # nothing calibrated statically
     assert runs == [0, *HELD]  # the check on sample 0, and the samples no candidate ran
