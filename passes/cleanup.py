@@ -43,6 +43,7 @@ from qcompiler.ir.graph import (
     remove_nodes,
     rewire_consumers,
 )
+from qcompiler.ir.sessions import quiet_default_logger
 from qcompiler.quant import is_code_dtype
 
 log = logging.getLogger(__name__)
@@ -171,8 +172,9 @@ def _fold_constants(graph: gs.Graph, index: GraphIndex, opts: CleanupOptions) ->
                 or any(t.name in output_names for t in node.outputs))
 
     try:
-        graph.fold_constants(fold_shapes=opts.fold_shapes, size_threshold=opts.fold_limit_mib << 20,
-                             should_exclude_node=exclude, error_ok=True)
+        with quiet_default_logger():  # graphsurgeon's own session: onnxruntime's optimizer warnings are noise here
+            graph.fold_constants(fold_shapes=opts.fold_shapes, size_threshold=opts.fold_limit_mib << 20,
+                                 should_exclude_node=exclude, error_ok=True)
     finally:
         for nd, outs in hidden:
             nd.outputs.extend(outs)

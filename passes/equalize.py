@@ -27,7 +27,9 @@ when L2 is a Gemm / MatMul or a Conv without padding (padded borders would see 0
 
 Pairs are left alone when a weight or bias is read outside the pair, L1's output (or the activation's) has
 other readers or is a graph output, channel counts disagree, or — after ``resolve-plan`` — when the plan keeps
-either weight float. Recorded BN statistics of L1's output are rescaled with it. A second run changes nothing
+either weight float. Recorded BN statistics of L1's output are rescaled with it; the tensors from L1 to L2 keep
+their names and are marked rescaled (:func:`qcompiler.core.tags.mark_rescaled`: per-layer validation does not
+compare them with the float model's). A second run changes nothing
 (its scales are all within ``apply_threshold`` of 1 and no bias is left to absorb).
 
 Stats: ``pairs``, ``pairs_scaled``, ``sweeps``, ``absorbed_channels``, ``skipped_*``.
@@ -146,6 +148,8 @@ class EqualizePass(Pass):
             for key, lay in layers.items():
                 lay.set_weight(work[key])
             for p, s in zip(pairs, total):
+                if np.any(s != 1.0):
+                    self.mark_rescaled(*_joining(p))
                 if np.abs(np.log(s)).max(initial=0.0) < opts.apply_threshold:
                     continue
                 stats["pairs_scaled"] += 1
@@ -241,9 +245,17 @@ class EqualizePass(Pass):
             delta = p.l2.in_sum(p.l2.w.astype(np.float64), c)
             p.l2.set_bias(p.l2.bias_values() + delta, self.name)
             st.mean = st.mean - c
+            self.mark_rescaled(*_joining(p))
             stats["absorbed_channels"] += int(np.count_nonzero(c))
             changed = True
         return changed
+
+
+def _joining(p: _Pair) -> list[gs.Tensor]:
+    """The tensors from L1 to L2 (L1's output before and after its bias Add, the activation's): equalization
+    scales (and bias absorption shifts) them, so they are marked rescaled."""
+    out = [p.l1.node.outputs[0], p.l1.output] + ([p.act.outputs[0]] if p.act is not None else [])
+    return list({id(t): t for t in out}.values())
 
 
 def _no_padding(layer: Layer) -> bool:

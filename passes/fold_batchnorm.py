@@ -24,7 +24,10 @@ Approach:
         MatMul         W [K, N]                   column c; bias b' = b·s + t (b absent: an Add is created)
     With a separate bias Add after a Conv, the Conv's own bias (if any) becomes B·s and the Add's b·s + t.
     The folded producer (or the bias Add) takes over the BN's output tensor, so downstream names and graph
-    outputs are unchanged. The math runs in float64 and is cast back to the weight's dtype.
+    outputs are unchanged. The math runs in float64 and is cast back to the weight's dtype. Where a bias Add
+    follows, the producer's own output keeps its name but now holds s · Y: it is marked rescaled
+    (:func:`qcompiler.core.tags.mark_rescaled`), so per-layer validation does not compare it with the float
+    model's Y.
 
 Everything else — no foldable producer, a producer whose output has other readers, a shared or
 non-constant weight — becomes
@@ -207,6 +210,8 @@ class _Folding:
         if last is None:
             return False
         self._take_output(last, p)
+        if last is not prod:  # a bias Add follows: the producer's own output keeps its name, scaled by s
+            self._owner.mark_rescaled(*prod.outputs)
         replaced.setdefault(id(p.node), [])
         key = "folded_" + prod.op.lower()
         self._stats[key] += 1

@@ -18,7 +18,9 @@ sample's rows quantized with the ranges of the other samples); smoothing must be
 measure. The chosen α are in the stats (``alpha_0.6``, ``alpha_off``), the log and the report
 (``smooth.alphas``). See :mod:`passes._alpha_search`.
 
-The ``1/s`` is folded into the op producing X, so no node is added:
+The ``1/s`` is folded into the op producing X, so no node is added (X and the tensors between the rewritten op
+and X keep their names and are marked rescaled, :func:`qcompiler.core.tags.mark_rescaled`: per-layer validation
+does not compare them with the float model's):
 
 * ``LayerNormalization`` over the last axis: γ ← γ/s, β ← β/s;
 * a MatMul / Gemm (with its per-channel bias Add, if any), optionally through a ReLU: output columns and bias
@@ -144,6 +146,7 @@ class SmoothPass(Pass):
                 stats["unchanged_balanced"] += 1
                 continue
             self._fold_into_producer(site, 1.0 / s)
+            self.mark_rescaled(*_rescaled_path(site))
             for c in site.consumers:
                 c.set_weight(c.scale_in(c.w.astype(np.float64), s))
                 stats["weights_scaled"] += 1
@@ -350,3 +353,15 @@ class SmoothPass(Pass):
         report[site.x.name] = {"alpha": label, "error": errors[label], "error_off": errors["off"]}
         log.info("smooth: %s: alpha %s (relative error %.4g, off %.4g)", site.x.name, label, errors[label],
                  errors["off"])
+
+
+def _rescaled_path(site: _Site) -> list[gs.Tensor]:
+    """The tensors that hold other values once ``site`` is smoothed: X itself and, from the rewritten producer on,
+    every tensor on the way to it (a layer's output before its bias Add and ReLU, the Mul's output of an affine
+    LayerNorm)."""
+    out = [site.x]
+    if site.kind == "affine":
+        out += [t for t in site.producer.inputs if not isinstance(t, gs.Constant)]
+    elif site.kind == "layer" and site.layer is not None:
+        out += [site.layer.node.outputs[0], site.layer.output]
+    return list({id(t): t for t in out}.values())

@@ -225,3 +225,29 @@ def test_codes_cast_to_float_stay_codes():
     assert [n.op_type for n in out.graph.node] == ["Cast", "Mul", "Conv", "Reshape"]  # the int64 Casts folded
     assert {t.name: t.data_type for t in out.graph.initializer}["w:q"] == onnx.TensorProto.INT8
     G.assert_same_outputs(model, out, G.random_feeds(model), tol=1e-6)
+
+
+def _unsqueeze_shared_constant() -> onnx.ModelProto:
+    """A constant read by an Unsqueeze and by an Add: folding it makes onnxruntime's optimizer warn
+    "UnsqueezeElimination cannot remove node" from graphsurgeon's session (which sets no log level)."""
+    b = G.Builder(0)
+    b.init("c", np.arange(4, dtype=np.float32))
+    b.init("ax", np.array([0], dtype=np.int64))
+    b.node("Unsqueeze", ["c", "ax"], ["cu"], name="u")
+    b.node("Add", ["c", "c"], ["c2"], name="a0")
+    b.node("Add", ["x", "cu"], ["y0"], name="a1")
+    b.node("Add", ["y0", "c2"], ["y"], name="a2")
+    return b.model([G.vi("x", [1, 4])], [G.vi("y", [1, 4])], opset=13)
+
+
+def test_constant_folding_keeps_onnxruntime_warnings_off_the_terminal(capfd):
+    model = _unsqueeze_shared_constant()
+    capfd.readouterr()
+    gs.import_onnx(model).fold_constants()  # graphsurgeon alone: the warning reaches stderr
+    assert "UnsqueezeElimination" in capfd.readouterr().err
+    ctx, res = G.run_pass(model, CleanupPass())
+    assert res.stats["folded_constants"] >= 2
+    assert "UnsqueezeElimination" not in capfd.readouterr().err
+    G.assert_same_outputs(model, G.export(ctx), G.random_feeds(model, 0, batch=1), 1e-6)
+    gs.import_onnx(model).fold_constants()  # onnxruntime's default logger is back at its default (warning)
+    assert "UnsqueezeElimination" in capfd.readouterr().err

@@ -134,6 +134,13 @@ class Pass:
         tagged: gs.Node = tags.tag(node, self.name)
         return tagged
 
+    def mark_rescaled(self, *tensors: gs.Tensor) -> None:
+        """Mark ``tensors`` as holding, under their input-model names, other values by design of this pass
+        (written as ``qcompiler.rescaled`` metadata on their producers: per-layer validation does not compare them
+        with the float model's tensors of the same names)."""
+        for t in tensors:
+            tags.mark_rescaled(t, self.name)
+
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.canonical()}>"
 

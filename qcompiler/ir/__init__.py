@@ -31,6 +31,7 @@ from qcompiler.ir.convert import (
     import_graph,
     name_nodes,
     opset_of,
+    rescaled_tensors,
     upgrade_opset,
 )
 from qcompiler.ir.external import (
@@ -56,7 +57,14 @@ from qcompiler.ir.load import (
 from qcompiler.ir.memory import release_graph, release_values, trim_memory
 from qcompiler.ir.outputs import OutputSet, external_data_files, resolve_path
 from qcompiler.ir.save import INLINE_LIMIT, atomic_output, save_model, serialize, staging, write_model
-from qcompiler.ir.sessions import NO_PREPACK_BYTES, graph_session, optimized_op_types, session, with_outputs
+from qcompiler.ir.sessions import (
+    NO_PREPACK_BYTES,
+    graph_session,
+    optimized_op_types,
+    quiet_default_logger,
+    session,
+    with_outputs,
+)
 from qcompiler.ir.shapes import INFER_MAX_PROTO_BYTES, infer_shapes
 from qcompiler.ir.walk import all_constants, renamed_tensors, tensor_names, walk_graphs
 
@@ -97,9 +105,11 @@ __all__ = [
     "opset_of",
     "optimized_op_types",
     "parameter_bytes",
+    "quiet_default_logger",
     "release_graph",
     "release_values",
     "renamed_tensors",
+    "rescaled_tensors",
     "resolve_path",
     "restore_io_dtypes",
     "save_model",

@@ -22,7 +22,7 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from qcompiler import __version__
 from qcompiler.core.errors import UserError
-from qcompiler.core.tags import TAG_KEY, tag_of
+from qcompiler.core.tags import RESCALED_KEY, TAG_KEY, rescaled_by, tag_of
 from qcompiler.ir.external import ExternalDataWriter, map_external_constants
 from qcompiler.ir.walk import walk_graphs
 
@@ -125,6 +125,8 @@ def export_model(graph: gs.Graph, meta: ModelMeta | None = None, *,
     discards ``graph`` afterwards, so it is cleaned up, sorted and (with ``external``) rewired to the written
     tensors in place instead of on a copy (copying a graph costs as much as exporting it)."""
     tags = {n.name: tag_of(n) for n in graph.nodes if tag_of(n)}
+    rescaled = {n.name: r for n in graph.nodes if n.name
+                for r in [next((rescaled_by(o) for o in n.outputs if rescaled_by(o)), None)] if r}
     g = graph if consume else graph.copy()
     g.cleanup(remove_unused_graph_inputs=False).toposort()
     if external is not None:
@@ -139,12 +141,15 @@ def export_model(graph: gs.Graph, meta: ModelMeta | None = None, *,
         for k, v in sorted(meta.metadata_props.items()):
             model.metadata_props.add(key=k, value=v)
         model.ir_version = max(meta.ir_version, int(model.ir_version) if model.ir_version else 0)
-    if tags:
+    if tags or rescaled:
         model.ir_version = max(int(model.ir_version), MIN_IR_FOR_TAGS)
         for node in model.graph.node:
             t = tags.get(node.name)
             if t:
                 node.metadata_props.add(key=TAG_KEY, value=t)
+            r = rescaled.get(node.name)
+            if r:
+                node.metadata_props.add(key=RESCALED_KEY, value=r)
     if 0 < model.ir_version < 4:
         _list_initializers_as_inputs(model.graph)
     # ai.onnx.ml and friends: keep the imports graphsurgeon found; make sure custom domains used are imported.
@@ -179,3 +184,15 @@ def _gs_export(g: gs.Graph) -> onnx.ModelProto:
         if isinstance(t, gs.Constant) and not isinstance(t._values, LazyValues) and t.values.dtype in _SUBBYTE:
             t._values = LazyValues(numpy_helper.from_array(np.asarray(t.values), t.name))
     return gs.export_onnx(g, do_type_check=False)
+
+
+def rescaled_tensors(model: onnx.ModelProto) -> dict[str, str]:
+    """Output name -> pass, for every output of a node of ``model``'s main graph that carries the
+    ``qcompiler.rescaled`` mark (:func:`qcompiler.core.tags.mark_rescaled`): tensors whose values differ from the
+    input model's same-named ones by design of that pass."""
+    out: dict[str, str] = {}
+    for node in model.graph.node:
+        for p in node.metadata_props:
+            if p.key == RESCALED_KEY:
+                out.update((o, p.value) for o in node.output if o)
+    return out

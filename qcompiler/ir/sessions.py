@@ -7,7 +7,8 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,25 @@ def with_outputs(model: onnx.ModelProto, names: Sequence[str], *, keep_outputs: 
         out.graph.output.append(vi)
         existing.append(name)
     return out
+
+
+#: onnxruntime's default logger severity (warning): what :func:`quiet_default_logger` restores
+_ORT_DEFAULT_SEVERITY = 2
+
+
+@contextmanager
+def quiet_default_logger() -> Iterator[None]:
+    """Sessions created inside the block by code that sets no ``log_severity_level`` of its own (graphsurgeon's
+    ``fold_constants``) log errors only: onnxruntime's optimizer warnings on a model being folded
+    ("UnsqueezeElimination cannot remove node ...") are noise on the user's terminal. Afterwards the default
+    logger is back at onnxruntime's default (warning)."""
+    import onnxruntime as ort
+
+    ort.set_default_logger_severity(3)
+    try:
+        yield
+    finally:
+        ort.set_default_logger_severity(_ORT_DEFAULT_SEVERITY)
 
 
 def session(model: onnx.ModelProto | bytes | str | os.PathLike[str], *, threads: int = 0,

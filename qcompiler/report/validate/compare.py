@@ -19,7 +19,13 @@ from qcompiler.core import profile
 from qcompiler.core.errors import UserError
 from qcompiler.core.workers import usable_cpus, worker_count
 from qcompiler.plan.checks import Check
-from qcompiler.report.validate.layers import _graph_facts, _GraphFacts, _layer_candidates, _working_subset
+from qcompiler.report.validate.layers import (
+    _graph_facts,
+    _GraphFacts,
+    _layer_candidates,
+    _working_subset,
+    rescaled_layers,
+)
 from qcompiler.report.validate.metrics import Workspace, _Accumulator, _sort_key
 from qcompiler.report.validate.pipeline import Job, Pipeline, Results, layer_lookahead, lookahead, nbytes
 from qcompiler.report.validate.result import LayerInfo, ValidationReport, _fmt_db
@@ -274,7 +280,9 @@ def validate(
     report = ValidationReport(outputs=outputs, layers=layer_metrics, samples=samples, min_sqnr_db=min_sqnr_db,
                               layer_samples=min(layer_samples, samples) if layer_samples is not None else None,
                               passed=passed, skipped_layers=skipped, layer_order=order, layer_info=info,
-                              checks=check_results, float_from_calibration=reused[0])
+                              checks=check_results, float_from_calibration=reused[0],
+                              rescaled_layers=rescaled_layers(ff, qf) if ff is not None and qf is not None
+                              and layer_samples != 0 else {})
     if reused[0]:
         log.info("validate: the float reference of %d sample(s) from calibration's runs", reused[0])
     log.info("validate: %d samples, %d outputs, %d layers, worst output SQNR %s dB%s", samples, len(outputs),

@@ -36,6 +36,9 @@ class _GraphFacts:
     #: name -> (node name, op type) of the layer that computes it: its producer, or for a tensor a
     #: Quantize/DequantizeLinear produces, the node before that quantization plumbing
     layer_nodes: dict[str, tuple[str, str]] = field(default_factory=dict)
+    #: name -> pass, for tensors whose producer a pass marked as rescaled on purpose
+    #: (:func:`qcompiler.core.tags.mark_rescaled`): another quantity than the other graph's same-named tensor
+    rescaled: dict[str, str] = field(default_factory=dict)
 
 
 def _graph_facts(model: Any) -> _GraphFacts:
@@ -57,7 +60,8 @@ def _graph_facts(model: Any) -> _GraphFacts:
                     pass
     return _GraphFacts(producers=producers, inputs={t.name for t in graph.inputs},
                        outputs=[t.name for t in graph.outputs], float_known=float_known,
-                       layer_nodes={name: _layer_node(made_by, name) for name in made_by})
+                       layer_nodes={name: _layer_node(made_by, name) for name in made_by},
+                       rescaled=ir.rescaled_tensors(model))
 
 
 def _layer_node(made_by: dict[str, Any], name: str) -> tuple[str, str]:
@@ -71,9 +75,16 @@ def _layer_node(made_by: dict[str, Any], name: str) -> tuple[str, str]:
 
 
 def _layer_candidates(ff: _GraphFacts, qf: _GraphFacts, layer_names: Sequence[str] | None) -> list[str]:
-    excluded = ff.inputs | qf.inputs | set(ff.outputs) | set(qf.outputs)
+    """The tensors to compare: produced in both graphs under the same name, not graph inputs / outputs, not
+    quantization plumbing or constants, float in both, and not rescaled on purpose in the quantized graph (those
+    are reported apart: :func:`rescaled_layers`)."""
+    excluded = ff.inputs | qf.inputs | set(ff.outputs) | set(qf.outputs) | set(qf.rescaled)
     if layer_names is not None:
         wanted = list(dict.fromkeys(layer_names))
+        rescaled = [n for n in wanted if n in qf.rescaled]
+        if rescaled:
+            log.warning("validate: %d requested layer tensor(s) hold other values than the float model's by design "
+                        "(rescaled by a pass), not compared: %s", len(rescaled), ", ".join(rescaled[:10]))
         missing = [n for n in wanted if n not in ff.producers or n not in qf.producers]
         if missing:
             log.warning("validate: %d requested layer tensor(s) not produced in both models, skipped: %s",
@@ -90,6 +101,12 @@ def _layer_candidates(ff: _GraphFacts, qf: _GraphFacts, layer_names: Sequence[st
         log.warning("validate: %d layer tensors in common; comparing only the first %d", len(names), MAX_LAYERS)
         names = names[:MAX_LAYERS]
     return names
+
+
+def rescaled_layers(ff: _GraphFacts, qf: _GraphFacts) -> dict[str, str]:
+    """Tensor -> pass, for the tensors both graphs produce that a pass rescaled on purpose in the quantized graph
+    (graph order of the float model): left out of the per-layer comparison."""
+    return {n: qf.rescaled[n] for n in ff.producers if n in qf.rescaled and n in qf.producers}
 
 
 def _working_subset(model: Any, names: list[str], feed: dict[str, np.ndarray]) -> list[str]:

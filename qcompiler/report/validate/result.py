@@ -76,6 +76,9 @@ class ValidationReport:
     checks: list[CheckResult] = field(default_factory=list)
     #: samples whose float reference came from calibration's runs (``validate(calib_outputs=)``), not a float run
     float_from_calibration: int = 0
+    #: tensor -> pass: tensors both graphs produce that a pass rescaled on purpose (a Conv whose BatchNormalization
+    #: was folded into it ahead of a bias Add, an equalized or smoothed layer): not compared per layer
+    rescaled_layers: dict[str, str] = field(default_factory=dict)
 
     @property
     def gated(self) -> bool:
@@ -196,6 +199,7 @@ class ValidationReport:
             "skipped_layers": list(self.skipped_layers),
             "layer_samples": int(self.layer_samples) if self.layer_samples is not None else int(self.samples),
             **({"float_from_calibration": int(self.float_from_calibration)} if self.float_from_calibration else {}),
+            **({"rescaled_layers": dict(self.rescaled_layers)} if self.rescaled_layers else {}),
         }
 
     def table(self, max_layers: int = 15) -> str:
@@ -217,6 +221,13 @@ class ValidationReport:
             if rules:
                 lines += ["", "to keep the worst layers float, paste under `rules:` in the plan:"]
                 lines += ["  " + r for r in rules.splitlines()]
+        if self.rescaled_layers:
+            by: dict[str, int] = {}
+            for p in self.rescaled_layers.values():
+                by[p] = by.get(p, 0) + 1
+            lines += ["", f"not compared per layer: {len(self.rescaled_layers)} tensor(s) rescaled on purpose ("
+                      + ", ".join(f"{p}: {k}" for p, k in sorted(by.items()))
+                      + "), other quantities than the float model's of the same name"]
         lines += ["", "legend: " + "; ".join(LEGEND[k].split(":", 1)[0] + ":" + _direction(LEGEND[k])
                                               for k in LEGEND)]
         worst = _fmt_db(self.worst_output_sqnr())
