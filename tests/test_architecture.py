@@ -48,6 +48,7 @@ LAYERS: dict[str, int] = {
     "qcompiler.report": 3,
     "qcompiler.session": 3,  # the pipeline-prefix runner
     "qcompiler.compile": 3,  # compile machinery below autoplan (if it lives in its own module)
+    "qcompiler.compile_files": 3,  # the files a compile reads and writes (the driver's output-path policy)
     "qcompiler.autoplan": 4,
     "qcompiler.recipe": 4,  # the measured default (--plan auto) and the presets' algorithm guard
     "qcompiler.api": 5,

@@ -41,33 +41,38 @@ search runs on the base plan (default: W8A8) as before.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from qcompiler import __version__
 from qcompiler.autoplan.activations import Widening, wide_activations, widened, widened_text
 from qcompiler.autoplan.budget import DEFAULT_CANDIDATES, Budget, Candidate, fmt_unit, parse_candidates
+from qcompiler.autoplan.holdout import (  # noqa: F401  (HOLDOUT, MIX_MARGIN_DB, Holdout: re-exported)
+    HOLDOUT,
+    MIX_MARGIN_DB,
+    Holdout,
+    Measured,
+    _amount,
+    _db,
+    _quiet,
+    make_holdout,
+    measure,
+)
 from qcompiler.autoplan.latency import LatencyLimit, check_ratio
 from qcompiler.autoplan.plans import plan_yaml
 from qcompiler.autoplan.prepare import first_feeds
-from qcompiler.autoplan.probes import ProbeMemo, ProbeWorkdir, compiled_cost, held_scores
+from qcompiler.autoplan.probes import ProbeMemo, ProbeWorkdir
 from qcompiler.autoplan.result import AutoPlanResult, PlanOptions, Progress
 from qcompiler.autoplan.scales import scale_step
 from qcompiler.autoplan.search import _absolute_budget, search_plan
 from qcompiler.autoplan.sensitivity import SensitivityResult
-from qcompiler.calib import spread_indices
-from qcompiler.compile import CompileOptions, compile_plan
 from qcompiler.core.errors import UserError
 from qcompiler.plan import Plan, load_plan, presets
 from qcompiler.plan.ablations import guarded_algorithms, without
@@ -75,127 +80,6 @@ from qcompiler.report import cost
 from qcompiler.report import validate as qv
 
 log = logging.getLogger("qcompiler.autoplan")
-
-#: default number of calibration samples held back to measure plans on (at most a quarter of them)
-HOLDOUT = 16
-
-
-@dataclass
-class Holdout:
-    """Where plans are measured: compiled with ``calib`` (its first ``fit`` samples; ``None``: all), run on
-    ``feeds``, described by ``data``."""
-
-    calib: str
-    fit: int | None
-    feeds: list[dict[str, np.ndarray]]
-    data: str
-    #: ``--max-latency-ratio``: every plan measured is also timed against the float model (None: nothing timed)
-    latency: LatencyLimit | None = None
-    #: the float model's outputs on ``feeds``, run once (:func:`~qcompiler.autoplan.probes.held_scores`)
-    references: dict[str, Any] = field(default_factory=dict)
-
-    def to_json(self) -> dict[str, Any]:
-        return {"samples": len(self.feeds), "calib_samples": self.fit, "data": self.data}
-
-
-@dataclass
-class Measured:
-    """A plan compiled for real and run on the held-back samples."""
-
-    sqnr_db: float
-    cost: cost.CostReport
-    #: the same measure on each half of the held-back samples (even / odd positions); empty: not measured
-    halves: tuple[float, ...] = ()
-    #: latency over the float model's (``--max-latency-ratio``; None: not timed) and whether it is within the limit
-    latency_ratio: float | None = None
-    eligible: bool = True
-
-    def amount(self, unit: str) -> float:
-        return _amount(self.cost, unit)
-
-    def beats(self, base: Measured) -> bool:
-        """Whether this (mixed) plan measures better than ``base`` beyond the held-back samples' noise: at least
-        :data:`MIX_MARGIN_DB` better on all of them *and* on each half of them (a gain that rests on a few
-        samples of one half is not kept)."""
-        if _db(self.sqnr_db) < _db(base.sqnr_db) + MIX_MARGIN_DB:
-            return False
-        return all(_db(a) >= _db(b) + MIX_MARGIN_DB for a, b in zip(self.halves, base.halves, strict=False))
-
-
-def _amount(rep: cost.CostReport, unit: str) -> float:
-    if unit == "bytes":
-        return float(rep.total_bytes)
-    if unit == "bitops":
-        return float(rep.bitops)
-    bits = rep.average_weight_bits()
-    return float(cost.FLOAT_BITS if bits is None else bits)
-
-
-def _db(x: float) -> float:
-    return -math.inf if math.isnan(x) else x
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """Warnings of one-sample size probes (a preset's rule for ops the model lacks, calibration methods that
-    want more samples) say nothing about the plan the user gets: kept out of the user's log."""
-    root = logging.getLogger("qcompiler")
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        root.setLevel(level)
-
-
-def make_holdout(model_path: str | Path, calib: str | Path | None, opts: PlanOptions,
-                 tmp: Path) -> Holdout | None:
-    """The samples plans are measured on (see the module docstring); ``None`` when nothing can be measured.
-    ``tmp``: a folder for the other samples' calibration files (what the plans are compiled and searched with)."""
-    if opts.holdout <= 0 or calib is None or str(calib) in ("none", "random"):
-        return None
-    src = qv.load_feeds(calib, model_path)
-    n = len(src)
-    if opts.validate_data is not None:
-        val = qv.load_feeds(opts.validate_data, model_path)
-        return Holdout(str(calib), None, [dict(f) for f in val], f"the {len(val)} samples of {opts.validate_data}")
-    h = min(opts.holdout, n // 4)
-    if h == 0:
-        return Holdout(str(calib), None, [dict(f) for f in src],
-                       f"the {n} calibration sample(s) (too few to hold any back)")
-    held = spread_indices(n, h)
-    rest = [i for i in range(n) if i not in set(held)]
-    folder = tmp / "calib-fit"
-    folder.mkdir(parents=True, exist_ok=True)
-    for k, feed in enumerate(src.subset(rest)):
-        arrays: dict[str, Any] = {name: np.asarray(v) for name, v in feed.items()}
-        np.savez(folder / f"{k:06d}.npz", **arrays)
-    step = n / h
-    return Holdout(str(folder), None, [dict(f) for f in src.subset(held)],
-                   f"{h} of the {n} calibration samples spread over them (every {step:g}th), held back "
-                   f"(compiled with the other {n - h})")
-
-
-def measure(model_path: Path, plan: Plan, target: str, hold: Holdout, tmp: Path, tag: str,
-            shapes: dict[str, list[int]], want_bitops: bool, label: str | None = None) -> Measured:
-    """Compile ``plan`` for real (calibration: ``hold``'s first samples) and measure its worst output SQNR in
-    onnxruntime on the held-back samples (:func:`qcompiler.report.validate.validate`, graph outputs only); with
-    ``hold.latency``, also its latency ratio (recorded as ``label``)."""
-    out = tmp / f"{tag}.onnx"
-    res = compile_plan(model_path, out, CompileOptions(plan=plan, target=target, calib=hold.calib,
-                                                       calib_samples=hold.fit, validate=False))
-    try:
-        rep = compiled_cost(res, out, shapes, want_bitops)
-        sqnr, halves = held_scores(model_path, out, hold.feeds, hold.references)
-        m = Measured(sqnr, rep, halves)
-        if hold.latency is not None:
-            m.latency_ratio = hold.latency.time(out, label or tag)
-            m.eligible = hold.latency.eligible(m.latency_ratio)
-        return m
-    finally:
-        for f in res.files:
-            f.unlink(missing_ok=True)
-
 
 #: a preset whose one-sample size probe is at most this fraction over the budget is compiled for real anyway: the
 #: bytes of a compile depend a little on its algorithms (bias correction adds biases) and on the guard's choices
@@ -206,11 +90,6 @@ EXTRA_CANDIDATES = ("int8,int4,int4/tensor", "int8,int4,int4/channel", "int8,int
 #: trust regions (``PlanOptions.stay``) searched with every candidate of those lists: plans a few clear steps
 #: from the base, measured beside the full knapsack's
 STAYS = (0.5, 0.8)
-#: a mixed plan replaces the uniform base only when it measures at least this much better on the held-back
-#: samples and on each half of them (:meth:`Measured.beats`; their noise: on silero-vad a mix 0.8 dB above the
-#: base on the last 16 calibration samples measured 1.2 dB below it on the eval split; on ppocr_det a mix 0.69 dB
-#: above w4a8 on the held-back samples, but only 0.09 dB on one half, measured 0.43 dB below it on eval)
-MIX_MARGIN_DB = 0.25
 #: try 16-bit activations where the chosen plan's layers run float anyway (:mod:`qcompiler.autoplan.activations`)
 WIDEN_ACTIVATIONS = True
 
