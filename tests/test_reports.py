@@ -118,7 +118,7 @@ def test_table_has_no_pass_without_threshold_and_a_legend(compiled):
         assert part in legend
     v = rep["validation"]
     assert v["passed"] is None and v["verdict"] == "no threshold set"
-    assert set(v["legend"]) == {"sqnr_db", "cosine", "max_abs", "mean_abs", "worst_slice", "topk", "top1"}
+    assert set(v["legend"]) == {"sqnr_db", "cosine", "max_abs", "mean_abs", "worst_slice", "topk", "mask", "top1"}
 
 
 def test_layers_name_node_op_and_plan_rule(compiled):

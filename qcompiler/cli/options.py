@@ -8,7 +8,7 @@ import click
 
 #: the examples of ``--check``'s help
 CHECK_EXAMPLES = ("'output0[..., 4:]>=20dB', 'probs cos>=0.999', 'output0 maxerr<=0.05', "
-                  "'probs top1>=99%'")
+                  "'probs top1>=99%', 'map iou@0.3>=0.9'")
 
 #: ``--slice-axis OUTPUT=AXIS``: the axis along which an output's worst slice is measured
 slice_axis_option = click.option(

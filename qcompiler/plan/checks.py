@@ -6,11 +6,15 @@ A check names a graph output, optionally a numpy-style basic slice of it (intege
 * ``>=20dB`` (or ``sqnr>=20``): SQNR of the slice, in dB, at least the threshold;
 * ``cos>=0.999``: cosine similarity at least the threshold;
 * ``maxerr<=0.05``: largest absolute difference at most the threshold;
-* ``top1>=99`` (or ``top1>=99%``): top-1 agreement over the slice's last axis, in percent, at least the threshold.
+* ``top1>=99`` (or ``top1>=99%``): top-1 agreement over the slice's last axis, in percent, at least the threshold;
+* ``iou@0.3>=0.9`` (``iou`` alone: level 0.5): the IoU of the masks ``value > 0.3`` of the float and the quantized
+  slice, Σ|F ∩ Q| / Σ|F ∪ Q| over all samples (1 when both are empty), at least the threshold — a probability map
+  thresholded downstream (a text detector's, a segmenter's).
 
 Text form: ``OUTPUT[SLICE] METRIC OP VALUE[UNIT]`` (spaces optional; ``OUTPUT>=20dB`` checks the whole output).
 Plan form: ``checks: [{output: output0, slice: '..., 4:', min_sqnr_db: 20}]`` with one or more of
-``min_sqnr_db``, ``min_cosine``, ``max_abs``, ``min_top1`` (percent) per entry. The validation
+``min_sqnr_db``, ``min_cosine``, ``max_abs``, ``min_top1`` (percent), ``min_iou`` (with ``iou_level``, default
+0.5) per entry. The validation
 (:mod:`qcompiler.report.validate`) measures each check streaming and fails the gate when one misses its threshold.
 """
 
@@ -30,10 +34,14 @@ METRICS: dict[str, tuple[str, str, str]] = {
     "cos": (">=", "min_cosine", "cosine similarity"),
     "maxerr": ("<=", "max_abs", "largest absolute difference"),
     "top1": (">=", "min_top1", "top-1 agreement in percent"),
+    "iou": (">=", "min_iou", "IoU of the thresholded masks"),
 }
 _METRIC_ALIASES = {"db": "sqnr", "sqnr": "sqnr", "cos": "cos", "cosine": "cos", "maxerr": "maxerr",
-                   "max_abs": "maxerr", "top1": "top1"}
-_TEXT = re.compile(r"^\s*(?P<out>[^\[\]<>=\s]+)\s*(?:\[(?P<slice>[^\[\]]*)\])?\s*(?P<metric>[A-Za-z_0-9]+)?\s*"
+                   "max_abs": "maxerr", "top1": "top1", "iou": "iou"}
+#: the mask level of ``iou`` without ``@LEVEL``
+DEFAULT_IOU_LEVEL = 0.5
+_TEXT = re.compile(r"^\s*(?P<out>[^\[\]<>=\s]+)\s*(?:\[(?P<slice>[^\[\]]*)\])?\s*(?P<metric>[A-Za-z_0-9]+)?"
+                   r"(?:@(?P<level>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?))?\s*"
                    r"(?P<op>>=|<=)\s*(?P<val>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*(?P<unit>dB|db|%)?\s*$")
 _INT = re.compile(r"^\s*[-+]?\d+\s*$")
 
@@ -50,6 +58,10 @@ class CheckKeys:
     max_abs: float | None = field(default=None, metadata=described("largest absolute difference at most this"))
     min_top1: float | None = field(default=None, metadata=described(
         "top-1 agreement over the slice's last axis at least this (percent)"))
+    min_iou: float | None = field(default=None, metadata=described(
+        "IoU of the masks value > iou_level of the float and quantized slice at least this (0..1)"))
+    iou_level: float | None = field(default=None, metadata=described(
+        "the mask level of min_iou (default 0.5)"))
     comment: str | None = field(default=None, metadata=described("free text"))
 
 
@@ -67,15 +79,18 @@ class Check:
     metric: str
     threshold: float
     where: str
+    #: ``iou``: the mask level (positions with a value above it)
+    level: float = DEFAULT_IOU_LEVEL
 
     @property
     def op(self) -> str:
         return METRICS[self.metric][0]
 
     def describe(self) -> str:
-        """Canonical text form, e.g. ``output0[..., 4:] sqnr>=20``."""
+        """Canonical text form, e.g. ``output0[..., 4:] sqnr>=20``, ``map iou@0.3>=0.9``."""
         target = self.output + (f"[{self.slice_text}]" if self.slice_text else "")
-        return f"{target} {self.metric}{self.op}{self.threshold:g}"
+        at = f"@{self.level:g}" if self.metric == "iou" else ""
+        return f"{target} {self.metric}{at}{self.op}{self.threshold:g}"
 
     def passes(self, value: float | None) -> bool:
         """Whether a measured ``value`` meets the threshold (``None`` or NaN never does)."""
@@ -85,7 +100,8 @@ class Check:
 
     def to_json(self) -> dict[str, Any]:
         return {"output": self.output, "slice": self.slice_text or None, "metric": self.metric, "op": self.op,
-                "threshold": self.threshold, "check": self.describe(), "source": self.where}
+                "threshold": self.threshold, "check": self.describe(), "source": self.where,
+                **({"level": self.level} if self.metric == "iou" else {})}
 
 
 def parse_slice(text: str, where: str) -> tuple[Any, ...]:
@@ -131,19 +147,28 @@ def parse_check(text: str) -> Check:
     m = _TEXT.match(text)
     if m is None:
         raise UserError(f"{where}: cannot parse (expected e.g. 'output0[..., 4:]>=20dB', 'output0 cos>=0.999', "
-                        "'output0 maxerr<=0.05', 'output0 top1>=99%')")
+                        "'output0 maxerr<=0.05', 'output0 top1>=99%', 'output0 iou@0.3>=0.9')")
     unit = (m.group("unit") or "").lower()
     metric_raw = (m.group("metric") or "").lower()
     if metric_raw and metric_raw not in _METRIC_ALIASES:
-        raise UserError(f"{where}: unknown metric '{m.group('metric')}' (one of: dB, sqnr, cos, maxerr, top1)")
+        raise UserError(f"{where}: unknown metric '{m.group('metric')}' (one of: dB, sqnr, cos, maxerr, top1, iou)")
+    if m.group("level") is not None and metric_raw != "iou":
+        raise UserError(f"{where}: '@LEVEL' goes with the iou metric only (e.g. 'output0 iou@0.3>=0.9')")
     metric = _METRIC_ALIASES[metric_raw] if metric_raw else ("top1" if unit == "%" else "sqnr")
     if (unit == "db" and metric != "sqnr") or (unit == "%" and metric != "top1"):
         raise UserError(f"{where}: unit '{m.group('unit')}' does not fit metric '{metric}'")
     if m.group("op") != METRICS[metric][0]:
         raise UserError(f"{where}: {metric} takes '{METRICS[metric][0]}' ({METRICS[metric][2]})")
     slice_text = (m.group("slice") or "").strip()
+    level = _level(float(m.group("level")), where) if m.group("level") is not None else DEFAULT_IOU_LEVEL
     return Check(output=m.group("out"), slice_text=slice_text, index=parse_slice(slice_text, where),
-                 metric=metric, threshold=float(m.group("val")), where=where)
+                 metric=metric, threshold=float(m.group("val")), where=where, level=level)
+
+
+def _level(value: float, where: str) -> float:
+    if not math.isfinite(value):
+        raise UserError(f"{where}: the iou mask level must be a finite number, got {value!r}")
+    return value
 
 
 def parse_plan_checks(data: Any, source: str) -> list[Check]:
@@ -168,6 +193,12 @@ def parse_plan_checks(data: Any, source: str) -> list[Check]:
         if slice_text.startswith("[") and slice_text.endswith("]"):
             slice_text = slice_text[1:-1].strip()
         index = parse_slice(slice_text, f"{where}.slice")
+        level = entry.get("iou_level")
+        if level is not None and (isinstance(level, bool) or not isinstance(level, (int, float))):
+            raise UserError(f"{where}.iou_level: expected a number, got {level!r}")
+        if level is not None and entry.get("min_iou") is None:
+            raise UserError(f"{where}.iou_level: goes with min_iou (the mask level of its IoU)")
+        level = DEFAULT_IOU_LEVEL if level is None else _level(float(level), f"{where}.iou_level")
         found = False
         for metric, (_, key, _what) in METRICS.items():
             value = entry.get(key)
@@ -176,17 +207,19 @@ def parse_plan_checks(data: Any, source: str) -> list[Check]:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise UserError(f"{where}.{key}: expected a number, got {value!r}")
             checks.append(Check(output=output, slice_text=slice_text, index=index, metric=metric,
-                                threshold=float(value), where=where))
+                                threshold=float(value), where=where, level=level))
             found = True
         if not found:
-            raise UserError(f"{where}: no threshold (give min_sqnr_db, min_cosine, max_abs or min_top1)")
+            raise UserError(f"{where}: no threshold (give min_sqnr_db, min_cosine, max_abs, min_top1 or min_iou)")
     return checks
 
 
 def plan_checks_to_dict(checks: list[Check]) -> list[dict[str, Any]]:
     """The plan form of ``checks`` (one entry per threshold)."""
     return [{"output": c.output, **({"slice": c.slice_text} if c.slice_text else {}),
-             METRICS[c.metric][1]: c.threshold} for c in checks]
+             METRICS[c.metric][1]: c.threshold,
+             **({"iou_level": c.level} if c.metric == "iou" and c.level != DEFAULT_IOU_LEVEL else {})}
+            for c in checks]
 
 
 def parse_slice_axes(values: Any) -> dict[str, int]:

@@ -40,9 +40,11 @@ from qcompiler.report.validate.sessions import (
     _try_runner,
 )
 from qcompiler.report.validate.slices import (
+    MASK_LEVEL,
     SCORE_OPS,
     CheckResult,
     _CheckAccumulator,
+    _MaskAccumulator,
     _SliceAccumulator,
     _TopKAccumulator,
     default_slice_axis,
@@ -204,7 +206,7 @@ def validate(
                 layer_samples = bounded_layer_samples(layer_samples, layer_bytes, nbytes(f_ext.first, q_ext.first))
 
         out_acc = {n: _Accumulator(n) for n in out_names}
-        slice_acc, topk_acc = _output_accumulators(fmodel, ff, f_first, out_names, slice_axes or {}, checks)
+        slice_acc, extra_acc = _output_accumulators(fmodel, ff, f_first, out_names, slice_axes or {}, checks)
         check_acc = [_CheckAccumulator(c) for c in checks]
         layer_acc = {n: _Accumulator(n) for n in layers}
         while True:
@@ -237,8 +239,8 @@ def validate(
                     out_acc[n].update(fo[n], qo[n], ws)
                     if n in slice_acc:
                         slice_acc[n].update(np.asarray(fo[n]), np.asarray(qo[n]))
-                    if n in topk_acc:
-                        topk_acc[n].update(np.asarray(fo[n]), np.asarray(qo[n]))
+                    for a in extra_acc.get(n, ()):
+                        a.update(np.asarray(fo[n]), np.asarray(qo[n]))
                 for ca in check_acc:
                     ca.update(fo[ca.check.output], qo[ca.check.output])
                 del fo, qo
@@ -256,7 +258,7 @@ def validate(
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
 
-    outputs = _output_metrics(out_names, out_acc, slice_acc, topk_acc, qlabel, flabel)
+    outputs = _output_metrics(out_names, out_acc, slice_acc, extra_acc, qlabel, flabel)
     check_results: list[CheckResult] = [ca.result() for ca in check_acc]
     layer_metrics = []
     for n in layers:
@@ -340,9 +342,10 @@ def bounded_layer_samples(layer_samples: int | None, layer_bytes: int, per_sampl
 
 def _output_accumulators(fmodel: Any, ff: _GraphFacts | None, first: Mapping[str, Any], out_names: list[str],
                          slice_axes: Mapping[str, int], checks: Sequence[Check],
-                         ) -> tuple[dict[str, _SliceAccumulator], dict[str, _TopKAccumulator]]:
+                         ) -> tuple[dict[str, _SliceAccumulator], dict[str, list[Any]]]:
     """Per float graph output: its worst-slice accumulator (along the ``slice_axes`` override or the default
-    axis) and, for class scores (see :mod:`~qcompiler.report.validate.slices`), its top-k accumulator."""
+    axis) and what else is measured of it (see :mod:`~qcompiler.report.validate.slices`): the top-k accumulator
+    of class scores, the mask accumulator of probability maps (each with ``update(ref, q)`` and ``apply(m)``)."""
     producers: Mapping[str, str] = {}
     if ff is not None:
         producers = ff.producers
@@ -350,7 +353,7 @@ def _output_accumulators(fmodel: Any, ff: _GraphFacts | None, first: Mapping[str
         producers = _graph_facts(fmodel).producers
     named = {c.output for c in checks}
     slices: dict[str, _SliceAccumulator] = {}
-    topk: dict[str, _TopKAccumulator] = {}
+    extra: dict[str, list[Any]] = {}
     for n in out_names:
         ref = np.asarray(first[n])
         if not np.issubdtype(ref.dtype, np.floating):
@@ -366,12 +369,15 @@ def _output_accumulators(fmodel: Any, ff: _GraphFacts | None, first: Mapping[str
             if default is None:
                 continue
             axis = default
-        scores = ref.ndim >= 1 and ref.shape[-1] >= 2 and (
+        sigmoid_map = producers.get(n) == "Sigmoid" and ref.ndim >= 4  # [N, C, H, W]: the last axis is spatial
+        scores = ref.ndim >= 1 and ref.shape[-1] >= 2 and not sigmoid_map and (
             producers.get(n) in SCORE_OPS or n in named or looks_like_probabilities(ref))
         slices[n] = _SliceAccumulator(axis, classes=scores and axis == ref.ndim - 1)
         if scores:
-            topk[n] = _TopKAccumulator(int(ref.shape[-1]))
-    return slices, topk
+            extra.setdefault(n, []).append(_TopKAccumulator(int(ref.shape[-1])))
+        if producers.get(n) == "Sigmoid":
+            extra.setdefault(n, []).append(_MaskAccumulator(MASK_LEVEL))
+    return slices, extra
 
 
 #: environment variable overriding the number of concurrent onnxruntime runs of validation (1: sequential)
@@ -439,9 +445,9 @@ def _layer_runners(fmodel: Any, qmodel: Any, layers: list[str], first: dict[str,
 
 
 def _output_metrics(out_names: Sequence[str], out_acc: Mapping[str, Any], slice_acc: Mapping[str, Any],
-                    topk_acc: Mapping[str, Any], qlabel: str, flabel: str) -> list[Any]:
-    """Each graph output's metrics from its accumulators (worst slice and top-k where measured); an output whose
-    shape or type did not match the float model's is the user's error, named."""
+                    extra_acc: Mapping[str, Sequence[Any]], qlabel: str, flabel: str) -> list[Any]:
+    """Each graph output's metrics from its accumulators (worst slice, top-k and mask agreement where measured);
+    an output whose shape or type did not match the float model's is the user's error, named."""
     outputs = []
     for n in out_names:
         acc = out_acc[n]
@@ -450,7 +456,7 @@ def _output_metrics(out_names: Sequence[str], out_acc: Mapping[str, Any], slice_
         m = acc.metrics()
         if n in slice_acc:
             m.worst_slice = slice_acc[n].metrics()
-        if n in topk_acc:
-            m.topk = topk_acc[n].result()
+        for a in extra_acc.get(n, ()):
+            a.apply(m)
         outputs.append(m)
     return outputs

@@ -37,6 +37,8 @@ class TensorMetrics:
     worst_slice: Any = None
     #: graph outputs that are class scores: k -> top-k agreement (see ``slices``), else None
     topk: dict[int, float] | None = None
+    #: graph outputs that are probability maps (Sigmoid): the thresholded-mask agreement (``slices.MaskMetrics``)
+    mask: Any = None
 
     def worst_sqnr(self) -> float:
         """The lower of the whole-tensor SQNR and the worst slice's (NaN if either is NaN)."""
@@ -51,6 +53,8 @@ class TensorMetrics:
             d["worst_slice"] = self.worst_slice.to_json()
         if self.topk is not None:
             d["topk_agreement"] = {str(k): json_float(v, 6) for k, v in sorted(self.topk.items())}
+        if self.mask is not None:
+            d["mask"] = self.mask.to_json()
         return d
 
     def _base_json(self) -> dict[str, Any]:

@@ -153,7 +153,7 @@ def compare_outputs(ref: Reference, quant_outputs: Iterable[dict[str, Any]], *, 
     subset of samples it ran, ``ref`` cut to the same samples). ``keep``: as in :func:`validate_against`."""
     out_names = ref.names
     facts = _GraphFacts(producers=ref.producers, inputs=set(), outputs=[], float_known={})
-    slice_acc, topk_acc = _output_accumulators(None, facts, ref.outputs[0], out_names, slice_axes or {}, ())
+    slice_acc, extra_acc = _output_accumulators(None, facts, ref.outputs[0], out_names, slice_axes or {}, ())
     out_acc = {n: _Accumulator(n) for n in out_names}
     for fo, qo in zip(ref.outputs, quant_outputs, strict=True):
         if keep is not None:
@@ -162,9 +162,9 @@ def compare_outputs(ref: Reference, quant_outputs: Iterable[dict[str, Any]], *, 
             out_acc[n].update(fo[n], qo[n])
             if n in slice_acc:
                 slice_acc[n].update(np.asarray(fo[n]), np.asarray(qo[n]))
-            if n in topk_acc:
-                topk_acc[n].update(np.asarray(fo[n]), np.asarray(qo[n]))
-    outputs = _output_metrics(out_names, out_acc, slice_acc, topk_acc, label, ref.label)
+            for a in extra_acc.get(n, ()):
+                a.update(np.asarray(fo[n]), np.asarray(qo[n]))
+    outputs = _output_metrics(out_names, out_acc, slice_acc, extra_acc, label, ref.label)
     return ValidationReport(outputs=outputs, layers=[], samples=len(ref.outputs), min_sqnr_db=None, passed=True)
 
 

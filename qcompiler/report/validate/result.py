@@ -26,6 +26,8 @@ LEGEND: dict[str, str] = {
                    "index, SQNR in dB and max|d|; higher SQNR is better",
     "topk": "top-k: for probability / logit outputs, the fraction of positions where the float top-1 class is "
             "among the quantized top-k; higher is better",
+    "mask": "mask: for probability maps (Sigmoid outputs), the IoU of the positions above the level in the float "
+            "and quantized outputs, and the fraction deciding alike; higher is better",
     "top1": "top1/exact: for class-score outputs, the fraction of positions whose argmax agrees (top-1); for "
             "integer tensors the fraction of exactly equal elements; higher is better (100% = the same)",
 }
@@ -255,6 +257,9 @@ def _slice_lines(outputs: Sequence[TensorMetrics]) -> list[str]:
                         f"{_fmt_db(ws.sqnr_db)} dB, max|d| {ws.max_abs:.4g}")
         if m.topk:
             part.append(", ".join(f"top-{k} {100.0 * v:.2f}%" for k, v in sorted(m.topk.items())))
+        if m.mask is not None:
+            part.append(f"mask > {m.mask.level:g}: IoU {m.mask.iou:.4f}, {100.0 * m.mask.agreement:.2f}% of "
+                        f"positions decide alike ({100.0 * m.mask.positives:.2f}% above in the float model)")
         if part:
             lines.append(f"  {_short(m.name)}: " + "; ".join(part))
     return ["", "per output:", *lines] if lines else []

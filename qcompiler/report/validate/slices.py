@@ -16,7 +16,13 @@ of the ranking and counted (``silent``); their error still counts in the whole-o
 **Top-k agreement** (k = 1, and 5 when the class axis has ≥ 5 entries), over the last axis, for outputs that are
 class scores: produced by Softmax / LogSoftmax / Sigmoid, or whose float values on the first sample lie in
 [0, 1] and sum to 1 along the last axis, or named by a check. It is the fraction of positions where the float
-model's top-1 class is among the quantized model's top-k classes.
+model's top-1 class is among the quantized model's top-k classes — except on a Sigmoid output of rank ≥ 4 (a
+probability map ``[N, C, H, W]``: its last axis is a spatial one, not classes).
+
+**Mask agreement** of probability maps (outputs produced by Sigmoid): the positions above :data:`MASK_LEVEL` (0.5)
+in the float and in the quantized output, their IoU Σ|F ∩ Q| / Σ|F ∪ Q| over all samples and the fraction of
+positions deciding alike — what a text or object mask thresholded downstream sees. ``--check 'OUT iou@0.3>=0.9'``
+gates on the IoU at a level of the user's.
 
 Part of :mod:`qcompiler.report.validate`.
 """
@@ -38,6 +44,8 @@ from qcompiler.report.validate.metrics import TensorMetrics, _Accumulator, _is_f
 SCORE_OPS = frozenset({"Softmax", "LogSoftmax", "Sigmoid"})
 #: Tolerance on "sums to 1" when detecting probability outputs from their values.
 PROB_SUM_TOL = 1e-3
+#: Decision level of the mask agreement reported for Sigmoid outputs (``--check 'OUT iou@LEVEL>=X'`` for another).
+MASK_LEVEL = 0.5
 #: A class of a class-score output in [0, 1] whose float probability stays below this on every sample is silent:
 #: left out of the worst-slice ranking (nothing a user sees of it can change; its error still counts whole).
 PROB_FLOOR = 1e-3
@@ -165,6 +173,52 @@ def stable_rank(v: np.ndarray, idx: np.ndarray) -> np.ndarray:
     return np.asarray(pos)
 
 
+@dataclass
+class MaskMetrics:
+    """Agreement of the decisions ``value > level`` of a probability map: ``iou`` = Σ|F ∩ Q| / Σ|F ∪ Q| over all
+    samples (F, Q: the positions above ``level`` in the float / quantized output; 1.0 when both are empty
+    everywhere), ``agreement`` the fraction of positions deciding alike, ``positives`` the fraction of positions
+    above ``level`` in the float output."""
+
+    level: float
+    iou: float
+    agreement: float
+    positives: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"level": self.level, "iou": json_float(self.iou, 6), "agreement": json_float(self.agreement, 6),
+                "positives": json_float(self.positives, 6)}
+
+
+class _MaskAccumulator:
+    """Thresholded-mask agreement at ``level`` (:class:`MaskMetrics`), counted streaming."""
+
+    __slots__ = ("agree", "inter", "level", "n", "pos", "union")
+
+    def __init__(self, level: float) -> None:
+        self.level = level
+        self.inter = self.union = self.agree = self.pos = self.n = 0
+
+    def update(self, ref: np.ndarray, q: np.ndarray) -> None:
+        if ref.shape != q.shape:
+            return
+        a, b = np.asarray(ref) > self.level, np.asarray(q) > self.level
+        self.inter += int(np.count_nonzero(a & b))
+        self.union += int(np.count_nonzero(a | b))
+        self.agree += int(a.size - np.count_nonzero(a ^ b))
+        self.pos += int(np.count_nonzero(a))
+        self.n += int(a.size)
+
+    def result(self) -> MaskMetrics | None:
+        if not self.n:
+            return None
+        return MaskMetrics(level=self.level, iou=self.inter / self.union if self.union else 1.0,
+                           agreement=self.agree / self.n, positives=self.pos / self.n)
+
+    def apply(self, m: TensorMetrics) -> None:
+        m.mask = self.result()
+
+
 class _TopKAccumulator:
     """Top-k agreement over the last axis: float top-1 among the quantized top-k, counted per position."""
 
@@ -186,6 +240,9 @@ class _TopKAccumulator:
 
     def result(self) -> dict[int, float] | None:
         return {k: self.hits[k] / self.n for k in self.ks} if self.n else None
+
+    def apply(self, m: TensorMetrics) -> None:
+        m.topk = self.result()
 
 
 @dataclass
@@ -214,13 +271,14 @@ class CheckResult:
 class _CheckAccumulator:
     """A check's slice of one output, accumulated like a whole tensor (plus top-1 over its last axis)."""
 
-    __slots__ = ("acc", "check", "top1_hits", "top1_n")
+    __slots__ = ("acc", "check", "mask", "top1_hits", "top1_n")
 
     def __init__(self, check: Check) -> None:
         self.check = check
         self.acc = _Accumulator(check.describe())
         self.top1_hits = 0
         self.top1_n = 0
+        self.mask = _MaskAccumulator(check.level) if check.metric == "iou" else None
 
     def select(self, a: np.ndarray) -> np.ndarray:
         try:
@@ -237,6 +295,8 @@ class _CheckAccumulator:
     def update(self, ref: np.ndarray, q: np.ndarray) -> None:
         r, x = self.select(np.asarray(ref)), self.select(np.asarray(q))
         self.acc.update(r, x)
+        if self.mask is not None:
+            self.mask.update(r, x)
         if self.check.metric == "top1":
             if r.ndim < 1 or r.shape[-1] < 2:
                 raise UserError(f"{self.check.where}: top1 needs a last axis of at least 2 entries; the slice has "
@@ -254,6 +314,9 @@ class _CheckAccumulator:
             value = m.cosine
         elif self.check.metric == "maxerr":
             value = m.max_abs
+        elif self.mask is not None:
+            mask = self.mask.result()
+            value = None if mask is None else mask.iou
         else:
             value = 100.0 * self.top1_hits / self.top1_n if self.top1_n else None
         if self.acc.bad is not None:
