@@ -13,6 +13,9 @@ Steps, in order (each counted in the stats):
    codes (an int8 weight must stay int8),
    random ops (determinism) and nodes producing a graph output. Shape folding is off unless
    ``fold_shapes=true``. The count is the number of nodes the folding made redundant.
+   An ``If`` whose condition is (now) a constant is replaced by the branch it takes (``inlined_ifs``;
+   :mod:`qcompiler.passes._inline_if`, graphsurgeon's own flattening is off: it left a dangling output on
+   silero-vad), and folding runs again on what the branch brought.
 4. ``identities_removed``: ``Identity(x) -> y`` disappears; readers of ``y`` read ``x``. When ``y`` is a
    graph output, ``x``'s producer is made to produce ``y`` instead (the graph output keeps its name);
    when that is impossible (``x`` is a graph input, a constant or another graph output) the Identity stays.
@@ -46,7 +49,12 @@ from qcompiler.ir.graph import (
 from qcompiler.ir.sessions import quiet_default_logger
 from qcompiler.quant import is_code_dtype
 
+from ._inline_if import inline_constant_ifs
+
 log = logging.getLogger(__name__)
+
+#: rounds of If inlining and folding (a branch may hold an If whose condition folding then makes constant)
+MAX_INLINE_ROUNDS = 8
 
 _NO_FOLD_OPS = frozenset({
     "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear",
@@ -83,6 +91,14 @@ class CleanupPass(GraphPass):
 
         if opts.fold_constants and _has_foldable(graph, opts):
             stats["folded_constants"] += _fold_constants(graph, index, opts)
+        for _ in range(MAX_INLINE_ROUNDS):  # an If on a now-constant condition: its branch, then fold again
+            inlined = inline_constant_ifs(graph, self.tag)
+            if not inlined:
+                break
+            stats["inlined_ifs"] += inlined
+            index = GraphIndex(graph)
+            if opts.fold_constants and _has_foldable(graph, opts):
+                stats["folded_constants"] += _fold_constants(graph, index, opts)
 
         removed = _remove_identities(graph, index)
         stats["identities_removed"] += removed
@@ -174,7 +190,7 @@ def _fold_constants(graph: gs.Graph, index: GraphIndex, opts: CleanupOptions) ->
     try:
         with quiet_default_logger():  # graphsurgeon's own session: onnxruntime's optimizer warnings are noise here
             graph.fold_constants(fold_shapes=opts.fold_shapes, size_threshold=opts.fold_limit_mib << 20,
-                                 should_exclude_node=exclude, error_ok=True)
+                                 should_exclude_node=exclude, error_ok=True, flatten_subgraphs=False)
     finally:
         for nd, outs in hidden:
             nd.outputs.extend(outs)

@@ -195,6 +195,8 @@ class CompileOptions:
     strip_function_bodies: bool = False
     #: run ``compact-names`` last: short tensor / node names (graph I/O kept), the map back in OUT.names.json
     compact_names: bool = False
+    #: ``NAME=VALUE`` items: those graph inputs read as constants (``freeze-inputs``, first in the pipeline)
+    freeze_inputs: tuple[str, ...] = ()
     #: where the report goes when the ``min_sqnr_db`` gate refuses the model (default: OUT.rejected.report.json)
     rejected_report: str | Path | None = None
     # the measured default (no plan given and real calibration data, or plan="auto"; qcompiler.recipe) and its
@@ -363,6 +365,9 @@ def _compile(src: Path, out: Path, opts: CompileOptions, outs: ir.OutputSet, pro
     checks = [parse_check(c) if isinstance(c, str) else c for c in opts.checks] + list(plan.checks)
     auto = None
     if opts.budget is not None and opts.plan != AUTO_PLAN:  # mixed precision under a budget: planned first
+        if opts.freeze_inputs:
+            raise UserError("--freeze-input: not with --budget (the planner measures the model as given); freeze "
+                            "with --plan PLAN, a preset or the measured default")
         if planner is None:
             raise ValueError("compile_plan: options.budget needs a planner (qcompiler.api.compile_model)")
         with profile.step("auto plan (--budget)"):
@@ -373,6 +378,8 @@ def _compile(src: Path, out: Path, opts: CompileOptions, outs: ir.OutputSet, pro
         raise UserError("--calib-select needs a pool of real calibration data to choose from (--calib DIR|FILE.npz)")
     pipeline_text = opts.pipeline if opts.pipeline is not None else target.default_pipeline  # '' is an error
     passes = assemble_pipeline(pipeline_text, plan, reg, calib_select=opts.calib_select)
+    if opts.freeze_inputs and not any(p.name == "freeze-inputs" for p in passes):
+        passes.insert(0, reg.get("freeze-inputs")(inputs=tuple(opts.freeze_inputs)))
     if opts.compact_names and not any(p.name == "compact-names" for p in passes):
         passes.append(reg.get("compact-names")())
     pm = PassManager(passes, verify_each=opts.verify_each, dump_after=set(opts.dump_after),

@@ -163,6 +163,10 @@ def _bytes(n: float) -> str:
 @click.option("--compact-names", is_flag=True,
               help="Shortest names for every internal tensor and node (graph inputs / outputs kept; smaller "
                    "files for small models); the map back is written as OUT.names.json.")
+@click.option("--freeze-input", "freeze_inputs", multiple=True, metavar="NAME=VALUE",
+              help="Specialize the model for a fixed value of graph input NAME (a sample rate, a mode flag; "
+                   "repeatable): branches on it fold away and the layers inside them get quantized; the input "
+                   "stays declared and is ignored.")
 @click.option("--profile", "show_profile", is_flag=True,
               help="Print where each second went: import, load, opset upgrade, each pass, export, cost report, "
                    "validation, ... (step, seconds, share; the JSON report always has it).")
@@ -175,8 +179,8 @@ def compile_cmd(model: Path, output: Path, plan: str | None, preset: str | None,
                 budget: str | None, bitops: bool, candidates: str | None, metric: str, optimize: str,
                 max_latency_ratio: float | None, max_drop: float | None, effort: str | None,
                 recipe_out: Path | None,
-                compact_names: bool, show_profile: bool, quiet: bool, checks: tuple[str, ...],
-                slice_axes: tuple[str, ...]) -> None:
+                compact_names: bool, freeze_inputs: tuple[str, ...], show_profile: bool, quiet: bool,
+                checks: tuple[str, ...], slice_axes: tuple[str, ...]) -> None:
     """Compile MODEL into a quantized model at OUTPUT.
 
     With no --plan / --preset / --budget and real calibration data (at least 4 samples) the measured default
@@ -200,7 +204,8 @@ def compile_cmd(model: Path, output: Path, plan: str | None, preset: str | None,
                           budget=budget, budget_bitops=bitops, budget_candidates=candidates,
                           budget_metric=metric if task_metric is None else "pd", compact_names=compact_names,
                           optimize=optimize, max_latency_ratio=max_latency_ratio, task_metric=task_metric,
-                          max_drop=max_drop, effort=effort, recipe_out=recipe_out)
+                          max_drop=max_drop, effort=effort, recipe_out=recipe_out,
+                          freeze_inputs=tuple(freeze_inputs))
     progress = Progress(enabled=not quiet and sys.stderr.isatty())
     try:
         result = compile_model(model, output, opts, progress=progress)
