@@ -197,6 +197,8 @@ class CompileOptions:
     compact_names: bool = False
     #: ``NAME=VALUE`` items: those graph inputs read as constants (``freeze-inputs``, first in the pipeline)
     freeze_inputs: tuple[str, ...] = ()
+    #: validation streams its samples: input -> the graph output fed back into it (``--stream IN=OUT``)
+    stream: dict[str, str] = field(default_factory=dict)
     #: where the report goes when the ``min_sqnr_db`` gate refuses the model (default: OUT.rejected.report.json)
     rejected_report: str | Path | None = None
     # the measured default (no plan given and real calibration data, or plan="auto"; qcompiler.recipe) and its
@@ -509,6 +511,7 @@ def _compile(src: Path, out: Path, opts: CompileOptions, outs: ir.OutputSet, pro
                                      names=ctx.renamed.get("tensors"),
                                      progress=(lambda d, t: progress("validate", d, t)) if progress else None,
                                      checks=checks, slice_axes=opts.slice_axes or None,
+                                     stream=opts.stream or None,
                                      calib_outputs=None if ctx.float_outputs is None else ctx.float_outputs.values,
                                      float_outputs=qv.known_outputs(None if measured is None else measured.reference, src, feeds))
         if ctx.resolved is not None:  # each layer's node and the plan rule that decided it

@@ -20,13 +20,13 @@ import click
 import qcompiler.cli.commands as commands_pkg
 from qcompiler import __version__, ir
 from qcompiler.api import CompileOptions, compile_model
-from qcompiler.cli.options import check_option, min_sqnr_option, slice_axis_option
+from qcompiler.cli.options import check_option, min_sqnr_option, slice_axis_option, stream_option
 from qcompiler.cli.terminal import Progress, table
 from qcompiler.core import profile
 from qcompiler.core.errors import PassFailure, UserError
 from qcompiler.core.registry import get_target, registry, targets
 from qcompiler.plan import Plan, weight_input_indices
-from qcompiler.plan.checks import Check, parse_check, parse_slice_axes
+from qcompiler.plan.checks import Check, parse_check, parse_slice_axes, parse_streams
 from qcompiler.report import cost
 from qcompiler.report import validate as qv
 from qcompiler.report.cost import format_bytes, format_count
@@ -163,6 +163,7 @@ def _bytes(n: float) -> str:
 @click.option("--compact-names", is_flag=True,
               help="Shortest names for every internal tensor and node (graph inputs / outputs kept; smaller "
                    "files for small models); the map back is written as OUT.names.json.")
+@stream_option
 @click.option("--freeze-input", "freeze_inputs", multiple=True, metavar="NAME=VALUE",
               help="Specialize the model for a fixed value of graph input NAME (a sample rate, a mode flag; "
                    "repeatable): branches on it fold away and the layers inside them get quantized; the input "
@@ -179,7 +180,8 @@ def compile_cmd(model: Path, output: Path, plan: str | None, preset: str | None,
                 budget: str | None, bitops: bool, candidates: str | None, metric: str, optimize: str,
                 max_latency_ratio: float | None, max_drop: float | None, effort: str | None,
                 recipe_out: Path | None,
-                compact_names: bool, freeze_inputs: tuple[str, ...], show_profile: bool, quiet: bool,
+                compact_names: bool, streams: tuple[str, ...], freeze_inputs: tuple[str, ...],
+                show_profile: bool, quiet: bool,
                 checks: tuple[str, ...], slice_axes: tuple[str, ...]) -> None:
     """Compile MODEL into a quantized model at OUTPUT.
 
@@ -205,7 +207,7 @@ def compile_cmd(model: Path, output: Path, plan: str | None, preset: str | None,
                           budget_metric=metric if task_metric is None else "pd", compact_names=compact_names,
                           optimize=optimize, max_latency_ratio=max_latency_ratio, task_metric=task_metric,
                           max_drop=max_drop, effort=effort, recipe_out=recipe_out,
-                          freeze_inputs=tuple(freeze_inputs))
+                          freeze_inputs=tuple(freeze_inputs), stream=parse_streams(streams))
     progress = Progress(enabled=not quiet and sys.stderr.isatty())
     try:
         result = compile_model(model, output, opts, progress=progress)
@@ -328,20 +330,22 @@ def _echo_cost(c: dict[str, Any]) -> None:
                  "along the channel / feature axis.")
 @check_option(" (repeatable); exit 2 when one fails.")
 @slice_axis_option
+@stream_option
 @click.option("--layers/--no-layers", default=True, show_default=True, help="Per-layer comparison.")
 @click.option("--max-layers", type=int, default=15, show_default=True, help="Worst layers to print.")
 @click.option("--names", "names_path", type=click.Path(path_type=Path),
               help="The OUT.names.json of a --compact-names compile (default: the one beside QUANT_MODEL, if any): "
                    "layers are compared by their original names.")
 def validate_cmd(float_model: Path, quant_model: Path, data: Path, json_path: Path | None, min_sqnr: float | None,
-                 checks: tuple[str, ...], slice_axes: tuple[str, ...], layers: bool, max_layers: int,
-                 names_path: Path | None) -> None:
+                 checks: tuple[str, ...], slice_axes: tuple[str, ...], streams: tuple[str, ...], layers: bool,
+                 max_layers: int, names_path: Path | None) -> None:
     """Compare QUANT_MODEL with FLOAT_MODEL in onnxruntime: SQNR, cosine, max error, top-1, per layer.
 
     Each layer is shown with its node, op type and, when the compile's QUANT_MODEL.plan.yaml is beside
     QUANT_MODEL, the plan rule that decided it."""
     parsed = [parse_check(c) for c in checks]
     axes = parse_slice_axes(slice_axes)
+    stream = parse_streams(streams)
     explicit = names_path is not None
     if names_path is None:
         beside = quant_model.with_name(quant_model.stem + ".names.json")
@@ -354,7 +358,8 @@ def validate_cmd(float_model: Path, quant_model: Path, data: Path, json_path: Pa
     if json_path is not None:
         outs.add_output(json_path, "--json", primary=True)
     with outs:
-        report = _validate(float_model, quant_model, data, names_path, explicit, layers, min_sqnr, parsed, axes)
+        report = _validate(float_model, quant_model, data, names_path, explicit, layers, min_sqnr, parsed, axes,
+                           stream)
         click.echo(report.table(max_layers=max_layers))
         if json_path is not None:
             outs.path(json_path).write_text(json.dumps(report.to_json(), indent=2, sort_keys=True) + "\n",
@@ -366,7 +371,8 @@ def validate_cmd(float_model: Path, quant_model: Path, data: Path, json_path: Pa
 
 
 def _validate(float_model: Path, quant_model: Path, data: Path, names_path: Path | None, explicit: bool,
-              layers: bool, min_sqnr: float | None, checks: list[Check], slice_axes: dict[str, int]) -> Any:
+              layers: bool, min_sqnr: float | None, checks: list[Check], slice_axes: dict[str, int],
+              stream: dict[str, str]) -> Any:
     fm = ir.load_model(float_model)
     qm = ir.load_model(quant_model)
     names = qv.load_names(names_path) if names_path is not None else None
@@ -380,7 +386,7 @@ def _validate(float_model: Path, quant_model: Path, data: Path, names_path: Path
             names = None
     feeds = qv.load_feeds(data, fm)
     report = qv.validate(fm, qm, feeds, per_layer=layers, min_sqnr_db=min_sqnr, names=names, checks=checks,
-                         slice_axes=slice_axes or None)
+                         slice_axes=slice_axes or None, stream=stream or None)
     plan_file = quant_model.with_name(quant_model.stem + ".plan.yaml")  # the compile's resolved plan, if beside
     plan_nodes = qv.load_plan_nodes(plan_file) if plan_file.is_file() else None
     if plan_nodes is not None:

@@ -16,6 +16,13 @@ slice_axis_option = click.option(
     help="Measure OUTPUT's worst slice along AXIS (default: 1, or the last axis of [N, F] / [N, A, C]).")
 
 
+#: ``--stream IN=OUT``: validation feeds each model its own previous output OUT as input IN (recurrent state)
+stream_option = click.option(
+    "--stream", "streams", multiple=True, metavar="IN=OUT",
+    help="Validate the samples as one stream, in order: from the second on, input IN of each model is its own "
+         "output OUT of the sample before (a recurrent state; repeatable), not the data's.")
+
+
 def min_sqnr_option(help_text: str) -> Any:
     """``--min-sqnr DB``: the gate on every output's whole-tensor and worst-slice SQNR; ``help_text`` says what
     a failure does in this command."""

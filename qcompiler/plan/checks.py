@@ -231,3 +231,17 @@ def parse_slice_axes(values: Any) -> dict[str, int]:
             raise UserError(f"--slice-axis {v!r}: expected OUTPUT=AXIS with an integer AXIS (e.g. output0=1)")
         axes[name.strip()] = int(axis)
     return axes
+
+
+def parse_streams(values: Any) -> dict[str, str]:
+    """``--stream IN=OUT`` values -> ``{input: output}``; :class:`UserError` naming the bad one."""
+    pairs: dict[str, str] = {}
+    for v in values:
+        i, sep, o = str(v).partition("=")
+        if not sep or not i.strip() or not o.strip():
+            raise UserError(f"--stream {v!r}: expected IN=OUT (a model input and the graph output fed back into it, "
+                            "e.g. h=hn)")
+        if i.strip() in pairs:
+            raise UserError(f"--stream {v!r}: input '{i.strip()}' given twice")
+        pairs[i.strip()] = o.strip()
+    return pairs

@@ -32,6 +32,7 @@ from qcompiler.report.validate.result import LayerInfo, ValidationReport, _fmt_d
 from qcompiler.report.validate.sessions import (
     _FLOAT_ORT_TYPES,
     ModelLike,
+    Stream,
     _as_model,
     _first_line,
     _label,
@@ -71,6 +72,7 @@ def validate(
     layer_bytes: int | None = None,
     float_outputs: Mapping[int, Mapping[str, np.ndarray]] | None = None,
     calib_outputs: Mapping[int, Mapping[str, np.ndarray]] | None = None,
+    stream: Mapping[str, str] | None = None,
 ) -> ValidationReport:
     """Run both models on ``feeds`` and measure the quantized one against the float one.
 
@@ -113,12 +115,18 @@ def validate(
     if names and per_layer:
         qmodel = ir.renamed_tensors(qmodel, dict(names))
 
-    workers = validation_workers()
+    workers = 1 if stream else validation_workers()  # a stream runs its samples strictly in order
+    if stream:  # every float output is the float model's own streamed run: nothing computed elsewhere stands in
+        float_outputs = calib_outputs = None
     threads = session_threads(workers)
     with profile.step("sessions"):
         f_plain = _Runner(fmodel, threads=threads)
         q_plain = _Runner(qmodel, optimize=optimize, threads=threads)
     out_names = list(f_plain.output_types)
+    if stream:
+        _check_stream(stream, f_plain, q_plain, out_names)
+        for r in (f_plain, q_plain):
+            r.stream, r.advances = Stream(dict(stream)), True
     missing = [n for n in out_names if n not in q_plain.output_types]
     if missing:
         raise UserError(f"{qlabel}: lacks graph output(s) {', '.join(repr(n) for n in missing)} "
@@ -198,6 +206,8 @@ def validate(
         pipe.fill(ahead)
         with profile.step("per-layer sessions"):
             layers, f_ext, q_ext = _layer_runners(fmodel, qmodel, layers, first, skipped, threads)
+        if f_ext is not None and q_ext is not None:  # the plain runners' streams: their inputs per sample
+            f_ext.stream, q_ext.stream = f_plain.stream, q_plain.stream
         del first
         layer_ahead = 0
         if f_ext is not None and q_ext is not None:
@@ -284,7 +294,7 @@ def validate(
                               passed=passed, skipped_layers=skipped, layer_order=order, layer_info=info,
                               checks=check_results, float_from_calibration=reused[0],
                               rescaled_layers=rescaled_layers(ff, qf) if ff is not None and qf is not None
-                              and layer_samples != 0 else {})
+                              and layer_samples != 0 else {}, stream=dict(stream or {}))
     if reused[0]:
         log.info("validate: the float reference of %d sample(s) from calibration's runs", reused[0])
     log.info("validate: %d samples, %d outputs, %d layers, worst output SQNR %s dB%s", samples, len(outputs),
@@ -414,6 +424,16 @@ def session_threads(workers: int) -> int:
     silero-vad (an LSTM of many small ops) a run took 2.8 ms with the default pool and 2.1 ms on one thread
     (quantized: 0.8 vs 0.4 ms)."""
     return max(1, usable_cpus() // workers) if workers > 1 else 0
+
+
+def _check_stream(stream: Mapping[str, str], f_plain: _Runner, q_plain: _Runner, out_names: list[str]) -> None:
+    """Each ``IN -> OUT`` pair names an input of both models and a graph output (a UserError naming it if not)."""
+    for i, o in stream.items():
+        where = f"--stream {i}={o}"
+        if i not in f_plain.dtypes or i not in q_plain.dtypes:
+            raise UserError(f"{where}: no model input '{i}' (inputs: {', '.join(f_plain.dtypes)})")
+        if o not in out_names:
+            raise UserError(f"{where}: no graph output '{o}' (outputs: {', '.join(out_names)})")
 
 
 def _layer_runners(fmodel: Any, qmodel: Any, layers: list[str], first: dict[str, np.ndarray],

@@ -81,6 +81,8 @@ class ValidationReport:
     #: tensor -> pass: tensors both graphs produce that a pass rescaled on purpose (a Conv whose BatchNormalization
     #: was folded into it ahead of a bias Add, an equalized or smoothed layer): not compared per layer
     rescaled_layers: dict[str, str] = field(default_factory=dict)
+    #: streamed validation: input -> the graph output fed back into it from the sample before (each model its own)
+    stream: dict[str, str] = field(default_factory=dict)
 
     @property
     def gated(self) -> bool:
@@ -202,12 +204,17 @@ class ValidationReport:
             "layer_samples": int(self.layer_samples) if self.layer_samples is not None else int(self.samples),
             **({"float_from_calibration": int(self.float_from_calibration)} if self.float_from_calibration else {}),
             **({"rescaled_layers": dict(self.rescaled_layers)} if self.rescaled_layers else {}),
+            **({"stream": dict(self.stream)} if self.stream else {}),
         }
 
     def table(self, max_layers: int = 15) -> str:
         """Plain-text tables: every graph output, then the ``max_layers`` worst layers (with the node, op type and
         plan rule of each), a plan rule to paste for the worst, the legend, then the verdict."""
-        lines = [f"validation over {self.samples} sample(s)", "", "outputs:"]
+        lines = [f"validation over {self.samples} sample(s)"]
+        if self.stream:
+            lines[0] += (" streamed in order, each model fed its own previous " + ", ".join(
+                f"{o} as {i}" for i, o in self.stream.items()))
+        lines += ["", "outputs:"]
         lines += _format_rows(self.outputs)
         lines += _slice_lines(self.outputs)
         if self.checks:

@@ -75,6 +75,29 @@ def _first_line(e: BaseException) -> str:
     return lines[0] if lines else type(e).__name__
 
 
+class Stream:
+    """One model run as a stream (``validate(stream={IN: OUT})``): from the second sample on, input ``IN`` is fed
+    the model's own output ``OUT`` of the sample before (a recurrent state carried across chunks), instead of the
+    feed's. The graph-output runner advances it (samples strictly in order); the per-layer runner of the same
+    model reads the inputs recorded for its sample."""
+
+    def __init__(self, pairs: dict[str, str]) -> None:
+        self.pairs = dict(pairs)
+        self.carried: dict[str, np.ndarray] | None = None
+        self.inputs_at: dict[int, dict[str, np.ndarray]] = {}
+
+    def feed(self, sample: int, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if sample not in self.inputs_at:
+            own = sample == 0 or self.carried is None
+            self.inputs_at[sample] = {i: feed[i] for i in self.pairs if i in feed} if own else dict(self.carried or {})
+            for k in [k for k in self.inputs_at if k < sample - 1]:
+                del self.inputs_at[k]
+        return {**feed, **self.inputs_at[sample]}
+
+    def advance(self, outputs: dict[str, np.ndarray]) -> None:
+        self.carried = {i: outputs[o] for i, o in self.pairs.items()}
+
+
 class _Runner:
     """One onnxruntime session and the output names wanted from it."""
 
@@ -86,10 +109,18 @@ class _Runner:
         self.output_types = {o.name: o.type for o in self.sess.get_outputs()}
         #: the outputs of the trial run (:func:`_try_runner`), kept for the first sample's turn
         self.first: dict[str, np.ndarray] | None = None
+        #: streamed validation: the model's carried inputs, and whether this runner advances them
+        self.stream: Stream | None = None
+        self.advances = False
 
     def run(self, feed: dict[str, np.ndarray], sample: int, names: Sequence[str]) -> dict[str, np.ndarray]:
+        if self.stream is not None:
+            feed = self.stream.feed(sample, feed)
         vals = self.sess.run(list(names), _adapt_feed(feed, self.dtypes, sample))
-        return dict(zip(names, vals))
+        out = dict(zip(names, vals))
+        if self.stream is not None and self.advances:
+            self.stream.advance(out)
+        return out
 
     def take_first(self, names: Sequence[str]) -> Callable[[], dict[str, np.ndarray]]:
         """A job giving the kept outputs ``names`` of the trial run on sample 0 (released once taken): the same
