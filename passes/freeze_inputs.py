@@ -8,8 +8,8 @@ instead:
     x  ->  c = full(shape(x), VALUE, dtype(x))
 
 so the ``cleanup`` pass after it folds what depends only on constants — the ``If`` whose condition is now known
-is replaced by the branch it takes (onnx-graphsurgeon's subgraph flattening) and that branch's layers become
-top-level nodes the plan quantizes. The graph input itself stays declared (the compiled model takes the same
+is replaced by the branch it takes (cleanup's inlining, :mod:`qcompiler.passes._inline_if`) and that branch's
+layers become top-level nodes the plan quantizes. The graph input itself stays declared (the compiled model takes the same
 feeds; the frozen one is ignored), so graph input / output names are unchanged. The compiled model computes the
 float model's function at that value only: validation runs the float model on the feeds as given, so a sample
 that feeds another value shows as an error, not silently.

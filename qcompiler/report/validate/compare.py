@@ -107,6 +107,10 @@ def validate(
     magnitude (float rounding of an equivalent graph), they stand in for the float model's run on the samples they
     cover that ``float_outputs`` does not (``report.float_from_calibration`` counts them); else every sample runs as
     without them.
+
+    ``stream``: ``{input: graph output}`` — the samples are one stream, in order: from the second on, each model's
+    ``input`` is its own ``output`` of the sample before (a recurrent state), not the feed's; runs are sequential and
+    ``float_outputs`` / ``calib_outputs`` are not used (every float output is the float model's streamed run).
     """
     flabel = _label(float_model, "float model")
     qlabel = _label(quant_model, "quantized model")
