@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from qcompiler.ir.graph import GraphIndex
+
 
 def constant_condition(node: gs.Node) -> bool | None:
     """The value of an ``If``'s condition when it is a one-element constant, else None."""
@@ -45,19 +47,14 @@ def inline_constant_ifs(graph: gs.Graph, tag: Any = None) -> int:
 
 
 def _inline(graph: gs.Graph, node: gs.Node, branch: gs.Graph, tag: Any) -> None:
-    taken = set(graph.tensors().keys())
+    index = GraphIndex(graph)
     local: dict[int, gs.Tensor] = {}  # tensors the branch's nodes produce (branch-local)
     for n in branch.nodes:
         for t in n.outputs:
             local[id(t)] = t
     prefix = node.name or "If"
     for t in local.values():
-        name = f"{prefix}/{t.name}"
-        k = 1
-        while name in taken:
-            name, k = f"{prefix}/{t.name}_{k}", k + 1
-        t.name = name
-        taken.add(name)
+        t.name = index.unique_name(f"{prefix}/{t.name}")
     created: list[gs.Node] = []
     routed: dict[int, gs.Tensor] = {}  # branch output -> the If output its producer now writes
     for b_out, if_out in zip(branch.outputs, node.outputs, strict=True):

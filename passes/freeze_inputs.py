@@ -36,6 +36,8 @@ import onnx_graphsurgeon as gs
 
 from qcompiler.core.errors import UserError
 from qcompiler.core.pass_base import GraphPass, PassResult
+from qcompiler.ir.graph import GraphIndex
+from qcompiler.plan.checks import parse_pairs
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +67,7 @@ class FreezeInputsPass(GraphPass):
                 t is not None and t.name == name and not isinstance(t, gs.Constant))]
             if not readers:
                 continue
-            const = gs.Constant(_unique(graph, f"{name}:frozen"), frozen_value(x, name, text))
+            const = gs.Constant(GraphIndex(graph).unique_name(f"{name}:frozen"), frozen_value(x, name, text))
             for node, i in readers:
                 node.inputs[i] = const
             stats["frozen"] += 1
@@ -76,17 +78,7 @@ class FreezeInputsPass(GraphPass):
 
 def parse_items(items: tuple[str, ...] | list[str]) -> list[tuple[str, str]]:
     """``("sr=16000", ...)`` -> ``[("sr", "16000"), ...]``; a ``UserError`` naming a malformed item."""
-    out: list[tuple[str, str]] = []
-    seen: set[str] = set()
-    for item in items:
-        name, eq, value = str(item).partition("=")
-        if not eq or not name.strip() or not value.strip():
-            raise UserError(f"--freeze-input {item!r}: expected NAME=VALUE (e.g. sr=16000)")
-        if name.strip() in seen:
-            raise UserError(f"--freeze-input {item!r}: input '{name.strip()}' given twice")
-        seen.add(name.strip())
-        out.append((name.strip(), value.strip()))
-    return out
+    return parse_pairs(items, "--freeze-input", "NAME=VALUE (e.g. sr=16000)")
 
 
 def frozen_value(x: gs.Variable, name: str, text: str) -> np.ndarray:
@@ -132,10 +124,3 @@ def _all_nodes(graph: gs.Graph) -> Iterator[gs.Node]:
                 if isinstance(sub, gs.Graph):
                     yield from _all_nodes(sub)
 
-
-def _unique(graph: gs.Graph, base: str) -> str:
-    taken = set(graph.tensors().keys())
-    name, k = base, 1
-    while name in taken:
-        name, k = f"{base}_{k}", k + 1
-    return name

@@ -125,8 +125,11 @@ def export_model(graph: gs.Graph, meta: ModelMeta | None = None, *,
     discards ``graph`` afterwards, so it is cleaned up, sorted and (with ``external``) rewired to the written
     tensors in place instead of on a copy (copying a graph costs as much as exporting it)."""
     tags = {n.name: tag_of(n) for n in graph.nodes if tag_of(n)}
-    rescaled = {n.name: r for n in graph.nodes if n.name
-                for r in [next((rescaled_by(o) for o in n.outputs if rescaled_by(o)), None)] if r}
+    rescaled: dict[str, str] = {}  # node name -> the pass that rescaled one of its outputs
+    for n in graph.nodes:
+        marks = [m for m in map(rescaled_by, n.outputs) if m]
+        if marks and n.name:
+            rescaled[n.name] = marks[0]
     g = graph if consume else graph.copy()
     g.cleanup(remove_unused_graph_inputs=False).toposort()
     if external is not None:

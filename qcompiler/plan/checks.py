@@ -233,15 +233,22 @@ def parse_slice_axes(values: Any) -> dict[str, int]:
     return axes
 
 
+def parse_pairs(values: Any, flag: str, expected: str) -> list[tuple[str, str]]:
+    """``NAME=VALUE`` values of option ``flag`` -> ``[(name, value)]`` in order, both stripped; a
+    :class:`UserError` naming a value without ``=`` or an empty side (``expected`` says the form) or a name given
+    twice."""
+    pairs: list[tuple[str, str]] = []
+    for v in values:
+        name, sep, value = str(v).partition("=")
+        if not sep or not name.strip() or not value.strip():
+            raise UserError(f"{flag} {v!r}: expected {expected}")
+        if any(n == name.strip() for n, _ in pairs):
+            raise UserError(f"{flag} {v!r}: input '{name.strip()}' given twice")
+        pairs.append((name.strip(), value.strip()))
+    return pairs
+
+
 def parse_streams(values: Any) -> dict[str, str]:
     """``--stream IN=OUT`` values -> ``{input: output}``; :class:`UserError` naming the bad one."""
-    pairs: dict[str, str] = {}
-    for v in values:
-        i, sep, o = str(v).partition("=")
-        if not sep or not i.strip() or not o.strip():
-            raise UserError(f"--stream {v!r}: expected IN=OUT (a model input and the graph output fed back into it, "
-                            "e.g. h=hn)")
-        if i.strip() in pairs:
-            raise UserError(f"--stream {v!r}: input '{i.strip()}' given twice")
-        pairs[i.strip()] = o.strip()
-    return pairs
+    return dict(parse_pairs(values, "--stream", "IN=OUT (a model input and the graph output fed back into it, "
+                                                "e.g. h=hn)"))

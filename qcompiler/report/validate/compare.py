@@ -249,12 +249,7 @@ def validate(
             chunks = _update_layers(pool, workers, ws, layer_acc, layers, fl, ql) \
                 if fl is not None and ql is not None else []
             with profile.step("graph outputs"):
-                for n in out_names:
-                    out_acc[n].update(fo[n], qo[n], ws)
-                    if n in slice_acc:
-                        slice_acc[n].update(np.asarray(fo[n]), np.asarray(qo[n]))
-                    for a in extra_acc.get(n, ()):
-                        a.update(np.asarray(fo[n]), np.asarray(qo[n]))
+                update_outputs(out_names, fo, qo, out_acc, slice_acc, extra_acc, ws)
                 for ca in check_acc:
                     ca.update(fo[ca.check.output], qo[ca.check.output])
                 del fo, qo
@@ -466,6 +461,19 @@ def _layer_runners(fmodel: Any, qmodel: Any, layers: list[str], first: dict[str,
     layers = [n for n in layers
               if f_ext.output_types.get(n) in _FLOAT_ORT_TYPES and q_ext.output_types.get(n) in _FLOAT_ORT_TYPES]
     return (layers, f_ext, q_ext) if layers else ([], None, None)
+
+
+def update_outputs(out_names: Sequence[str], fo: Mapping[str, Any], qo: Mapping[str, Any],
+                   out_acc: Mapping[str, _Accumulator], slice_acc: Mapping[str, _SliceAccumulator],
+                   extra_acc: Mapping[str, Sequence[Any]], ws: Workspace | None = None) -> None:
+    """One sample's graph outputs (float ``fo``, quantized ``qo``) into their accumulators: whole tensor, worst
+    slice, and the top-k / mask ones (:func:`_output_accumulators`)."""
+    for n in out_names:
+        out_acc[n].update(fo[n], qo[n], ws)
+        if n in slice_acc:
+            slice_acc[n].update(np.asarray(fo[n]), np.asarray(qo[n]))
+        for a in extra_acc.get(n, ()):
+            a.update(np.asarray(fo[n]), np.asarray(qo[n]))
 
 
 def _output_metrics(out_names: Sequence[str], out_acc: Mapping[str, Any], slice_acc: Mapping[str, Any],

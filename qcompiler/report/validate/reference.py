@@ -31,6 +31,7 @@ from qcompiler.report.validate.compare import (
     _output_accumulators,
     _output_metrics,
     session_threads,
+    update_outputs,
     validation_workers,
 )
 from qcompiler.report.validate.layers import _graph_facts, _GraphFacts
@@ -158,12 +159,7 @@ def compare_outputs(ref: Reference, quant_outputs: Iterable[dict[str, Any]], *, 
     for fo, qo in zip(ref.outputs, quant_outputs, strict=True):
         if keep is not None:
             keep.append(qo)
-        for n in out_names:
-            out_acc[n].update(fo[n], qo[n])
-            if n in slice_acc:
-                slice_acc[n].update(np.asarray(fo[n]), np.asarray(qo[n]))
-            for a in extra_acc.get(n, ()):
-                a.update(np.asarray(fo[n]), np.asarray(qo[n]))
+        update_outputs(out_names, fo, qo, out_acc, slice_acc, extra_acc)
     outputs = _output_metrics(out_names, out_acc, slice_acc, extra_acc, label, ref.label)
     return ValidationReport(outputs=outputs, layers=[], samples=len(ref.outputs), min_sqnr_db=None, passed=True)
 

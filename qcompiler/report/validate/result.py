@@ -7,6 +7,7 @@ Part of :mod:`qcompiler.report.validate`.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -231,9 +232,7 @@ class ValidationReport:
                 lines += ["", "to keep the worst layers float, paste under `rules:` in the plan:"]
                 lines += ["  " + r for r in rules.splitlines()]
         if self.rescaled_layers:
-            by: dict[str, int] = {}
-            for p in self.rescaled_layers.values():
-                by[p] = by.get(p, 0) + 1
+            by = Counter(self.rescaled_layers.values())
             lines += ["", f"not compared per layer: {len(self.rescaled_layers)} tensor(s) rescaled on purpose ("
                       + ", ".join(f"{p}: {k}" for p, k in sorted(by.items()))
                       + "), other quantities than the float model's of the same name"]
