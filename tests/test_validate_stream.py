@@ -138,3 +138,43 @@ def test_parse_streams():
     assert parse_streams(["h=hn", " c = cn "]) == {"h": "hn", "c": "cn"}
     with pytest.raises(UserError, match="given twice"):
         parse_streams(["h=hn", "h=x"])
+
+
+def _worst_slice_db(ref: list[dict[str, np.ndarray]], got: list[dict[str, np.ndarray]]) -> float:
+    """numpy: the lowest of each output's whole SQNR and its per-feature (axis 1) SQNRs over the samples given."""
+    worst = math.inf
+    for n in ("y", "hn"):
+        r = np.concatenate([o[n] for o in ref]).astype(np.float64)
+        g = np.concatenate([o[n] for o in got]).astype(np.float64)
+        worst = min(worst, _sqnr([r], [g]))
+        for j in range(r.shape[1]):
+            if np.any(r[:, j]):
+                worst = min(worst, _sqnr([r[:, j]], [g[:, j]]))
+    return worst
+
+
+def test_measured_default_scores_its_candidates_streamed(rnn):
+    """With --stream the measured default scores each candidate as streamed validation would: the candidate
+    (calibrated on the fit samples) runs the whole calibration stream on its own state and is scored at the
+    held-back places. Oracle: the same plan compiled on the same samples, an onnxruntime loop, numpy SQNRs."""
+    src, d = rnn["src"], rnn["dir"]
+    data = np.load(d / "calib.npz")
+    xs = data["x"]
+    held = [i for i in range(len(xs)) if i % 4 == 3]  # 8 of 32: every 4th, the last of each run
+    fit = tuple(i for i in range(len(xs)) if i not in held)
+    scores = {}
+    for stream in ({}, {"h": "hn"}):
+        res = compile_model(src, d / "md.onnx", CompileOptions(plan="auto", calib=str(d / "calib.npz"),
+                                                                validate=False, stream=stream))
+        scores[bool(stream)] = {c["name"]: c["sqnr_db"] for c in res.report["recipe"]["candidates"]}
+    cand = d / "cand.onnx"
+    compile_model(src, cand, CompileOptions(plan=Plan.default(), calib=str(d / "calib.npz"), calib_indices=fit,
+                                            validate=False))
+    _, f_all = _stream(src, xs)
+    _, q_own = _stream(cand, xs)
+    _, q_rec = _stream(cand, xs, states=list(data["h"]))
+    streamed = _worst_slice_db([f_all[i] for i in held], [q_own[i] for i in held])
+    recorded = _worst_slice_db([f_all[i] for i in held], [q_rec[i] for i in held])
+    assert scores[True]["default"] == pytest.approx(streamed, abs=1e-3)
+    assert scores[False]["default"] == pytest.approx(recorded, abs=1e-3)
+    assert streamed < recorded - 1.0  # measured: the candidate's own state drifts over the stream

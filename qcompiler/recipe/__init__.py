@@ -12,7 +12,9 @@ that keep activations float: w8a8-dynamic, weights only; then the better single 
 samples and run in onnxruntime on the h held-back ones: score (:func:`qcompiler.recipe.measure.score`: worst slice
 SQNR, binary probability outputs in logit space), bytes (as
 ``inspect --cost`` counts them), the task metric when given, and latency against the float model (one thread, best
-of 3) only when a latency constraint asks for it (``--optimize latency``, ``--max-latency-ratio``). The winner is
+of 3) only when a latency constraint asks for it (``--optimize latency``, ``--max-latency-ratio``). With
+``--stream IN=OUT`` (``CompileOptions.stream``) a candidate runs the whole calibration data as one stream, fed its
+own previous state, and is scored at the held-back places (:class:`qcompiler.report.validate.StreamSpec`). The winner is
 the best under ``--optimize`` among the candidates that meet the constraints and are not below the default plan
 (by the task metric when given, else by the score). Without a latency constraint nothing timed decides: the same
 inputs give the same file. Confirmation: the winner and the default plan compiled on all N samples are compared
@@ -73,7 +75,17 @@ from qcompiler.recipe.choose import (
     plan_text,
     why_not,
 )
-from qcompiler.recipe.measure import Bench, Measured, call_metric, held_back, load_metric, run_timed, score
+from qcompiler.recipe.measure import (
+    Bench,
+    Measured,
+    call_metric,
+    held_back_from,
+    held_indices,
+    load_metric,
+    run_timed,
+    score,
+)
+from qcompiler.report import validate as qv
 
 __all__ = ["EFFORTS", "OPTIMIZE", "Measured", "RecipeResult", "guard_plan", "plan_for_compile", "score"]
 
@@ -120,16 +132,21 @@ def guard_plan(model: Path, opts: CompileOptions, base: Plan) -> RecipeResult:
 
 def _bench(model: Path, opts: CompileOptions, tmp: Path) -> Bench:
     calib = str(opts.calib)
-    fit, held = held_back(calib, model, opts.calib_samples)
+    fit, held, data = held_back_from(calib, model, opts.calib_samples)
     metric = load_metric(opts.task_metric)
     # latency only where a constraint asks for it: timing must not decide what a plain compile writes
     latency = opts.optimize == "latency" or opts.max_latency_ratio is not None
+    stream = qv.StreamSpec(dict(opts.stream), data, tuple(held_indices(len(data)))) if opts.stream else None
     float_outputs, float_seconds = run_timed(model, held) if latency or metric is not None else ([], 0.0)
-    float_metric = call_metric(metric, float_outputs, float_outputs, held) if metric is not None else None
     # the candidates' compiles are not validated: the compile's --check thresholds are for the model written
-    return Bench(model=model, options=dataclasses.replace(opts, checks=[]), calib=calib, fit=fit, held=held, float_outputs=float_outputs,
-                 float_seconds=float_seconds, workdir=tmp, metric=metric, float_metric=float_metric,
-                 latency=latency)
+    bench = Bench(model=model, options=dataclasses.replace(opts, checks=[]), calib=calib, fit=fit, held=held,
+                  float_outputs=float_outputs, float_seconds=float_seconds, workdir=tmp, metric=metric,
+                  latency=latency, stream=stream)
+    if stream is not None and metric is not None:  # the task metric reads the float model's streamed outputs
+        bench.float_outputs = bench.reference.outputs
+    if metric is not None:
+        bench.float_metric = call_metric(metric, bench.float_outputs, bench.float_outputs, held)
+    return bench
 
 
 def _constraints(opts: CompileOptions, model: Path) -> Constraints:

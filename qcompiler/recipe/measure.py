@@ -176,6 +176,8 @@ class Bench:
     metric: Metric | None = None
     float_metric: float | None = None
     latency: bool = True
+    #: ``--stream``: candidates are scored on their own streamed runs over the whole data (:class:`qv.StreamSpec`)
+    stream: qv.StreamSpec | None = None
     #: the float model's outputs on the held-back samples as validation computes them (made once, on first use)
     _reference: qv.Reference | None = field(default=None, init=False, repr=False)
     _probabilities: list[str] | None = field(default=None, init=False, repr=False)
@@ -204,7 +206,7 @@ class Bench:
         it: every candidate is scored against these outputs (the float model is not run again per candidate)."""
         if self._reference is None:
             with profile.step("float reference"):
-                self._reference = qv.float_reference(self.model, self.held)
+                self._reference = qv.float_reference(self.model, self.held, stream=self.stream)
         return self._reference
 
     def run(self, plan: Plan, name: str, *, samples: int | None = None,
@@ -252,8 +254,9 @@ class Bench:
                     outputs, secs = run_timed(qmodel, self.held, repeats=LATENCY_REPEATS if timed else 0)
                 if timed:
                     m.latency_ratio = secs / self.float_seconds if self.float_seconds > 0 else math.inf
-                if self.metric is not None:
-                    m.metric = call_metric(self.metric, outputs, self.float_outputs, self.held)
+                if self.metric is not None:  # streamed: the outputs of the scored stream
+                    m.metric = call_metric(self.metric, qouts if self.stream else outputs, self.float_outputs,
+                                           self.held)
         except UserError as e:
             m.error = str(e)
             log.info("recipe: candidate %s not measured: %s", name, e)
@@ -330,7 +333,15 @@ def written_bytes(out: Path) -> int:
 
 
 def held_back(calib: str, model: Path, limit: int | None) -> tuple[tuple[int, ...], list[dict[str, np.ndarray]]]:
-    """(the samples to calibrate candidates on, the held-back feeds) of the first ``limit`` (all: None) of the N
+    """:func:`held_back_from`'s (fit, held) of ``calib``."""
+    fit, held, _ = held_back_from(calib, model, limit)
+    return fit, held
+
+
+def held_back_from(calib: str, model: Path, limit: int | None) -> tuple[tuple[int, ...], list[dict[str, np.ndarray]],
+                                                                        Any]:
+    """(the samples to calibrate candidates on, the held-back feeds, the first N samples as one source) of the
+    first ``limit`` (all: None) of the N
     calibration samples: ``h = min(16, N / 4)`` samples held back, spread over the data — every k-th with
     ``k = N // h``, the last of each run of k (indices k-1, 2k-1, ...) — and the other N - h to calibrate on.
     Spread, not the last h: data stored in order (a folder sorted by class, a recording in time order) would
@@ -342,7 +353,7 @@ def held_back(calib: str, model: Path, limit: int | None) -> tuple[tuple[int, ..
         raise UserError(f"{calib}: {n} calibration sample(s); measuring recipes needs at least 4 (a quarter "
                         "is held back to measure on)")
     held = set(held_idx)
-    return tuple(i for i in range(n) if i not in held), list(source.subset(held_idx))
+    return tuple(i for i in range(n) if i not in held), list(source.subset(held_idx)), source.subset(range(n))
 
 
 def held_indices(n: int) -> list[int]:

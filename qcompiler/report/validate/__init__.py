@@ -41,6 +41,7 @@ from qcompiler.report.validate.layers import MAX_LAYERS, QDQ_OPS
 from qcompiler.report.validate.metrics import TOP1_MAX_CLASSES, TOP1_MIN_CLASSES, TensorMetrics
 from qcompiler.report.validate.reference import (
     Reference,
+    StreamSpec,
     compare_outputs,
     float_reference,
     known_outputs,
@@ -51,6 +52,6 @@ from qcompiler.report.validate.sessions import ModelLike
 from qcompiler.report.validate.slices import CheckResult, SliceMetrics, default_slice_axis
 
 __all__ = ["LEGEND", "MAX_LAYERS", "NO_THRESHOLD", "QDQ_OPS", "TOP1_MAX_CLASSES", "TOP1_MIN_CLASSES", "CheckResult",
-           "LayerInfo", "ModelLike", "Reference", "SliceMetrics", "TensorMetrics", "ValidationReport",
+           "LayerInfo", "ModelLike", "Reference", "SliceMetrics", "StreamSpec", "TensorMetrics", "ValidationReport",
            "compare_outputs", "default_slice_axis", "float_reference", "known_outputs", "load_feeds", "load_names", "load_node_names", "load_plan_nodes",
            "validate", "validate_against"]

@@ -17,7 +17,7 @@ import dataclasses
 import functools
 import hashlib
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +28,7 @@ from qcompiler.calib.statcache import first_digest
 from qcompiler.core import profile
 from qcompiler.core.errors import UserError
 from qcompiler.report.validate.compare import (
+    _check_stream,
     _output_accumulators,
     _output_metrics,
     session_threads,
@@ -37,7 +38,20 @@ from qcompiler.report.validate.compare import (
 from qcompiler.report.validate.layers import _graph_facts, _GraphFacts
 from qcompiler.report.validate.metrics import _Accumulator
 from qcompiler.report.validate.result import ValidationReport
-from qcompiler.report.validate.sessions import ModelLike, _as_model, _label, _run_checked, _Runner
+from qcompiler.report.validate.sessions import ModelLike, Stream, _as_model, _label, _run_checked, _Runner
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """Scoring a stream (``--stream IN=OUT`` in the measured default and the presets' guard): every model runs the
+    whole of ``feeds`` in order, each fed its own previous ``OUT`` as ``IN`` from the second sample on, and is
+    scored on its outputs at the places ``at`` only (the held-back samples: the state it carries there went
+    through the samples before, the inputs there were not calibrated on)."""
+
+    pairs: Mapping[str, str]
+    #: the whole stream, in order (re-iterable: a calibration source reads it from disk again per model)
+    feeds: Any
+    at: tuple[int, ...]
 
 
 @dataclass
@@ -57,6 +71,9 @@ class Reference:
     indices: tuple[int, ...] = ()
     #: :func:`feed_digest` of each feed (what :func:`known_outputs` compares, also once ``feeds`` are dropped)
     feed_digests: tuple[str, ...] = ()
+    #: the outputs are the float model's at ``stream.at`` of a streamed run (:class:`StreamSpec`); a quantized
+    #: model is then run the same way (:func:`validate_against`)
+    stream: StreamSpec | None = None
 
     def handed(self, indices: Sequence[int]) -> Reference:
         """A copy for :func:`known_outputs` only: the outputs, the feeds' digests and their places ``indices``, not
@@ -68,29 +85,40 @@ class Reference:
         return list(self.output_types)
 
 
-def float_reference(float_model: ModelLike, feeds: Sequence[dict[str, np.ndarray]]) -> Reference:
+def float_reference(float_model: ModelLike, feeds: Sequence[dict[str, np.ndarray]],
+                    stream: StreamSpec | None = None) -> Reference:
     """Run ``float_model`` on ``feeds`` once, as :func:`validate` does (up to :func:`validation_workers` runs side by
     side, each session on :func:`session_threads` intra-op threads); a failing run raises :class:`UserError`
-    (the first failing sample's, in sample order)."""
+    (the first failing sample's, in sample order). With ``stream``: the outputs at ``stream.at`` of one streamed
+    run over ``stream.feeds`` (``feeds``: the feeds at those places, for their digests)."""
     label = _label(float_model, "float model")
     fmodel = _as_model(float_model)
     feeds = list(feeds)
     if not feeds:
         raise UserError("validate: no samples to run (empty data)")
-    workers = min(validation_workers(), len(feeds))
+    workers = 1 if stream is not None else min(validation_workers(), len(feeds))
     threads = session_threads(workers)
     with profile.step("sessions"):
         runner = _Runner(fmodel, threads=threads)
     names = list(runner.output_types)
+    if stream is not None:
+        _check_stream(stream.pairs, runner, runner, names)
+        outputs = list(_streamed(runner, stream, names, "float", label))
+    else:
+        outputs = _run_all(runner, feeds, names, label, workers)
+    producers = _graph_facts(fmodel).producers if ir.parameter_bytes(fmodel) < ir.NO_PREPACK_BYTES else {}
+    return Reference(feeds=feeds, outputs=outputs, output_types=dict(runner.output_types), label=label,
+                     producers=producers, threads=threads, feed_digests=tuple(feed_digest(f) for f in feeds),
+                     stream=stream)
+
+
+def _run_all(runner: _Runner, feeds: list[dict[str, np.ndarray]], names: list[str], label: str,
+             workers: int) -> list[dict[str, np.ndarray]]:
     jobs = [functools.partial(_run_checked, runner, f, i, names, "float", label) for i, f in enumerate(feeds)]
     if workers > 1:  # side by side on one intra-op thread each, as validate runs them; read in sample order
         with concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qcompiler-validate") as pool:
-            outputs = list(pool.map(lambda job: job(), jobs))
-    else:
-        outputs = [job() for job in jobs]
-    producers = _graph_facts(fmodel).producers if ir.parameter_bytes(fmodel) < ir.NO_PREPACK_BYTES else {}
-    return Reference(feeds=feeds, outputs=outputs, output_types=dict(runner.output_types), label=label,
-                     producers=producers, threads=threads, feed_digests=tuple(feed_digest(f) for f in feeds))
+            return list(pool.map(lambda job: job(), jobs))
+    return [job() for job in jobs]
 
 
 def known_outputs(ref: Reference | None, model: str | os.PathLike[str], feeds: Any) -> dict[int, dict[str, np.ndarray]]:
@@ -100,7 +128,7 @@ def known_outputs(ref: Reference | None, model: str | os.PathLike[str], feeds: A
     (a list) holds at ``i`` the very feed ``ref`` ran (same names, dtypes, shapes and values), ``ref`` ran the
     file ``model`` and its float session had the intra-op threads :func:`validate` gives its own; else nothing
     (validate then runs the float model on every sample, as without)."""
-    if ref is None or not isinstance(feeds, list) or ref.label != str(model) or \
+    if ref is None or ref.stream is not None or not isinstance(feeds, list) or ref.label != str(model) or \
             ref.threads != session_threads(validation_workers()) or len(ref.indices) != len(ref.feed_digests):
         return {}
     return {i: ref.outputs[j] for j, i in enumerate(ref.indices)
@@ -127,7 +155,7 @@ def validate_against(ref: Reference, quant_model: ModelLike, *, optimize: bool |
     that scores them otherwise too, without running the model again). Raises as :func:`validate` does."""
     qlabel = label or _label(quant_model, "quantized model")
     qmodel = _as_model(quant_model)
-    workers = min(validation_workers(), len(ref.feeds))
+    workers = 1 if ref.stream is not None else min(validation_workers(), len(ref.feeds))
     with profile.step("sessions"):
         q_plain = _Runner(qmodel, optimize=optimize, threads=session_threads(workers))
     out_names = ref.names
@@ -137,6 +165,10 @@ def validate_against(ref: Reference, quant_model: ModelLike, *, optimize: bool |
     for n in slice_axes or {}:
         if n not in out_names:
             raise UserError(f"--slice-axis {n}=...: no graph output '{n}' (outputs: {', '.join(out_names)})")
+    if ref.stream is not None:  # the quantized model's own stream, scored at the same places
+        with profile.step("graph outputs"):
+            return compare_outputs(ref, _streamed(q_plain, ref.stream, out_names, "quant", qlabel), label=qlabel,
+                                   slice_axes=slice_axes, keep=keep)
     run = functools.partial(_quant_run, q_plain, out_names, qlabel)
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers),
                                                thread_name_prefix="qcompiler-validate") as pool:
@@ -167,3 +199,16 @@ def compare_outputs(ref: Reference, quant_outputs: Iterable[dict[str, Any]], *, 
 def _quant_run(runner: _Runner, names: list[str], label: str, idx: int,
                feed: dict[str, np.ndarray]) -> dict[str, Any]:
     return _run_checked(runner, feed, idx, names, "quant", label)
+
+
+def _streamed(runner: _Runner, spec: StreamSpec, names: list[str], which: str,
+              label: str) -> Iterator[dict[str, np.ndarray]]:
+    """``runner``'s outputs at ``spec.at``, running ``spec.feeds`` in order as one stream (up to the last place)."""
+    runner.stream, runner.advances = Stream(dict(spec.pairs)), True
+    at, last = set(spec.at), max(spec.at, default=-1)
+    for i, feed in enumerate(spec.feeds):
+        if i > last:
+            break
+        out = _run_checked(runner, feed, i, names, which, label)
+        if i in at:
+            yield out
