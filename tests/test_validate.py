@@ -325,6 +325,36 @@ def test_no_top1_for_rank1_or_single_class():
     assert rep.outputs[0].top1_agreement is None
 
 
+def test_top1_only_where_the_last_axis_can_hold_classes():
+    """A hidden MatMul output (a feature vector) and a rank-4 map get no top-1 agreement; a Softmax layer and a
+    rank-2 graph output do, equal to numpy's argmax agreement of the same tensors."""
+    rng = np.random.default_rng(14)
+    t, k, c, samples = 4, 8, 6, 20
+
+    def model(w1, w2):
+        return _model(
+            [helper.make_node("MatMul", ["x", "W1"], ["hid"], name="mm1"),
+             helper.make_node("Softmax", ["hid"], ["p"], axis=-1, name="sm"),
+             helper.make_node("MatMul", ["p", "W2"], ["y"], name="mm2"),
+             helper.make_node("Reshape", ["y", "shape"], ["map"], name="rs")],
+            [_vi("x", [t, k])], [_vi("y", [t, c]), _vi("map", [1, 1, t, c])],
+            [numpy_helper.from_array(w1.astype(np.float32), "W1"), numpy_helper.from_array(w2.astype(np.float32), "W2"),
+             numpy_helper.from_array(np.array([1, 1, t, c], np.int64), "shape")])
+
+    w1, w2 = rng.standard_normal((k, c)), rng.standard_normal((c, c))
+    fm, qm = model(w1, w2), model(w1 + 0.5 * rng.standard_normal((k, c)), w2 + 0.5 * rng.standard_normal((c, c)))
+    feeds = _feeds(rng, samples, (t, k))
+    rep = validate.validate(fm, qm, feeds)
+    layers = {m.name: m for m in rep.layers}
+    outs = {m.name: m for m in rep.outputs}
+    assert layers["hid"].top1_agreement is None and outs["map"].top1_agreement is None
+    for name, got in (("p", layers["p"].top1_agreement), ("y", outs["y"].top1_agreement)):
+        f = _run_all(ir.with_outputs(fm, ["p"]), feeds, name)
+        q = _run_all(ir.with_outputs(qm, ["p"]), feeds, name)
+        agree = np.argmax(f, -1) == np.argmax(q, -1)
+        assert 0 < agree.mean() < 1 and got == agree.sum() / agree.size, name
+
+
 def test_integer_outputs_exact_match():
     rng = np.random.default_rng(11)
 

@@ -10,9 +10,11 @@ memory does not grow with the number of samples.
 * ``cosine`` = Σref·q / (√Σref² · √Σq²) over the flattened concatenation of all samples (1.0 when both are
   all zero, 0.0 when only one is).
 * ``max_abs`` / ``mean_abs``: largest and mean absolute difference.
-* ``top1_agreement``: for float outputs that look like class scores (rank ≥ 2, last dimension between 2 and
-  100 000): the fraction of positions (every index of all axes but the last, over all samples) where the
-  argmax over the last axis agrees. ``None`` otherwise.
+* ``top1_agreement``: for float tensors that can be class scores — graph outputs of rank 2 or 3 (``[N, C]``
+  logits or probabilities, ``[N, T, C]`` sequences) and layers a Softmax / LogSoftmax produced, last dimension
+  between 2 and 100 000: the fraction of positions (every index of all axes but the last, over all samples)
+  where the argmax over the last axis agrees. ``None`` otherwise (a rank-4 map's last axis is spatial; a
+  feature map's or hidden state's argmax is no decision).
 * ``worst_slice`` (graph outputs): the slice along the channel / feature axis of lowest SQNR, and
   ``topk_agreement`` for class-score outputs; ``checks``: named output slices with their own thresholds
   (see :mod:`qcompiler.report.validate.slices`).

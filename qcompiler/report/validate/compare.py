@@ -26,7 +26,7 @@ from qcompiler.report.validate.layers import (
     _working_subset,
     rescaled_layers,
 )
-from qcompiler.report.validate.metrics import Workspace, _Accumulator, _sort_key
+from qcompiler.report.validate.metrics import Workspace, _Accumulator, _sort_key, top1_rank
 from qcompiler.report.validate.pipeline import Job, Pipeline, Results, layer_lookahead, lookahead, nbytes
 from qcompiler.report.validate.result import LayerInfo, ValidationReport, _fmt_db
 from qcompiler.report.validate.sessions import (
@@ -219,10 +219,11 @@ def validate(
             if layer_bytes is not None:
                 layer_samples = bounded_layer_samples(layer_samples, layer_bytes, nbytes(f_ext.first, q_ext.first))
 
-        out_acc = {n: _Accumulator(n) for n in out_names}
+        out_acc = {n: _Accumulator(n, top1_rank(None, True)) for n in out_names}
         slice_acc, extra_acc = _output_accumulators(fmodel, ff, f_first, out_names, slice_axes or {}, checks)
         check_acc = [_CheckAccumulator(c) for c in checks]
-        layer_acc = {n: _Accumulator(n) for n in layers}
+        producers = ff.producers if ff is not None else {}
+        layer_acc = {n: _Accumulator(n, top1_rank(producers.get(n), False)) for n in layers}
         while True:
             layers_next = f_ext is not None and (layer_samples is None or samples + 1 < layer_samples)
             cur = pipe.next(layer_ahead if layers_next else ahead)

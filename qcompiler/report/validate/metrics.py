@@ -119,14 +119,31 @@ class Workspace(threading.local):
         return out
 
 
+#: the highest rank whose last axis can hold classes: [N, C] scores, [N, T, C] sequences; a rank-4 tensor is a
+#: map ([N, C, H, W]), whose last axis is spatial (an argmax over a map's columns means nothing)
+TOP1_MAX_RANK = 3
+#: the ops whose output is class scores inside a graph (a layer gets top-1 agreement only when one produced it)
+CLASS_SCORE_OPS = frozenset({"Softmax", "LogSoftmax"})
+
+
+def top1_rank(producer: str | None, graph_output: bool) -> int:
+    """The ``top1_max_rank`` of a tensor's accumulator: graph outputs up to :data:`TOP1_MAX_RANK` (classifier
+    logits count: a graph output of rank 2 is usually one), layers only when a :data:`CLASS_SCORE_OPS` op made
+    them (a feature map's or a hidden state's argmax is no decision anyone takes)."""
+    return TOP1_MAX_RANK if graph_output or producer in CLASS_SCORE_OPS else 0
+
+
 class _Accumulator:
     """Running sums for one tensor; holds scalars only, never a sample's values."""
 
     __slots__ = ("abs_sum", "bad", "dot", "exact_hits", "exact_n", "max_abs", "n", "name", "noise2", "q2",
-                 "ref2", "top1_hits", "top1_n")
+                 "ref2", "top1_hits", "top1_max_rank", "top1_n")
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, top1_max_rank: int = 1 << 30) -> None:
+        """``top1_max_rank``: top-1 agreement over the last axis only for tensors of at most this rank (0: none;
+        :func:`top1_rank` for a graph output or a layer)."""
         self.name = name
+        self.top1_max_rank = top1_max_rank
         self.ref2 = 0.0
         self.q2 = 0.0
         self.dot = 0.0
@@ -172,7 +189,8 @@ class _Accumulator:
             self.max_abs = float(np.max([self.max_abs, float(ad.max())]))
         self.n += n
         del r, x, d, t
-        if both_float and ref.ndim >= 2 and TOP1_MIN_CLASSES <= ref.shape[-1] <= TOP1_MAX_CLASSES:
+        if both_float and 2 <= ref.ndim <= self.top1_max_rank and \
+                TOP1_MIN_CLASSES <= ref.shape[-1] <= TOP1_MAX_CLASSES:
             a = np.argmax(ref.astype(np.float32, copy=False), axis=-1)
             b = np.argmax(q.astype(np.float32, copy=False), axis=-1)
             self.top1_hits += int(np.count_nonzero(a == b))
