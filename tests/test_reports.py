@@ -144,10 +144,13 @@ def test_graph_order_and_worst_first(compiled):
     assert sqnrs == sorted(sqnrs)  # worst first
     order = v["graph_order"]
     assert sorted(order) == sorted(la["name"] for la in v["layers"])
-    assert order.index("bn1") < order.index("relu1") < order.index("bn2") < order.index("flatten")
+    assert order.index("bn1") < order.index("relu1") < order.index("bn2") < order.index("gap")
     assert [la["index"] for la in sorted(v["layers"], key=lambda la: la["index"])] == list(range(len(order)))
     assert all(order[la["index"]] == la["name"] for la in v["layers"])
-    assert "worst layers (13 of 13" in res.stdout
+    assert "worst layers (12 of 12" in res.stdout
+    # Flatten(gap) holds gap's values: not a row of its own, listed apart
+    assert v["rearranged_layers"] == {"flatten": "gap"} and "flatten" not in order
+    assert "not compared per layer: 1 tensor(s) only rearranging a compared one" in res.stdout
 
 
 def test_suggested_rule_pastes_into_a_plan(compiled, tmp_path):

@@ -355,6 +355,48 @@ def test_top1_only_where_the_last_axis_can_hold_classes():
         assert 0 < agree.mean() < 1 and got == agree.sum() / agree.size, name
 
 
+def test_rearranged_layers_are_left_out_and_lose_nothing():
+    """A Transpose then a Reshape of a compared tensor hold its elements: not compared (listed apart, both mapped
+    to the tensor they rearrange), and compared anyway (named) they measure exactly what that tensor measures. A
+    Reshape whose input differs in the quantized graph (a QuantizeLinear / DequantizeLinear pair before it) stays."""
+    rng = np.random.default_rng(15)
+    k, c = 8, 6
+
+    def model(w1, w2, qdq):
+        nodes = [helper.make_node("MatMul", ["x", "W1"], ["hid"], name="mm1"),
+                 helper.make_node("Transpose", ["hid"], ["ht"], perm=[1, 0], name="tr"),
+                 helper.make_node("Reshape", ["ht", "s1"], ["hr"], name="rs1"),
+                 helper.make_node("Relu", ["hr"], ["act"], name="relu")]
+        src = "act"
+        if qdq:
+            nodes += [helper.make_node("QuantizeLinear", ["act", "sc", "zp"], ["act_q"], name="q"),
+                      helper.make_node("DequantizeLinear", ["act_q", "sc", "zp"], ["act_dq"], name="dq")]
+            src = "act_dq"
+        nodes += [helper.make_node("Reshape", [src, "s2"], ["flat"], name="rs2"),
+                  helper.make_node("MatMul", ["flat", "W2"], ["y"], name="mm2")]
+        inits = [numpy_helper.from_array(w1.astype(np.float32), "W1"), numpy_helper.from_array(w2.astype(np.float32), "W2"),
+                 numpy_helper.from_array(np.array([1, c * 4], np.int64), "s1"),
+                 numpy_helper.from_array(np.array([4, c], np.int64), "s2"),
+                 numpy_helper.from_array(np.array(0.25, np.float32), "sc"), numpy_helper.from_array(np.array(0, np.uint8), "zp")]
+        return _model(nodes, [_vi("x", [4, k])], [_vi("y", [4, c])], inits)
+
+    w1, w2 = rng.standard_normal((k, c)), rng.standard_normal((c, c))
+    fm = model(w1, w2, False)
+    qm = model(w1 + 0.02 * rng.standard_normal((k, c)), w2, True)
+    feeds = _feeds(rng, 12, (4, k))
+    rep = validate.validate(fm, qm, feeds)
+    assert rep.rearranged_layers == {"ht": "hid", "hr": "hid"}
+    assert [m.name for m in sorted(rep.layers, key=lambda m: m.name)] == ["act", "flat", "hid"]
+    named = {m.name: m for m in validate.validate(fm, qm, feeds, layer_names=["hid", "ht", "hr"]).layers}
+    for n in ("ht", "hr"):
+        for key in ("sqnr_db", "cosine", "max_abs", "mean_abs"):
+            assert getattr(named[n], key) == pytest.approx(getattr(named["hid"], key), rel=1e-9), (n, key)
+    assert "2 tensor(s) only rearranging a compared one" in rep.table()
+    flat = next(m for m in rep.layers if m.name == "flat")
+    act = next(m for m in rep.layers if m.name == "act")
+    assert flat.sqnr_db < act.sqnr_db - 1.0  # after the activation's quantization: another quantity, kept
+
+
 def test_integer_outputs_exact_match():
     rng = np.random.default_rng(11)
 

@@ -152,6 +152,7 @@ def validate(
         raise UserError("validate: no samples to run (empty data)")
 
     layers: list[str] = []
+    rearranged: dict[str, str] = {}
     skipped: list[str] = []
     ff: _GraphFacts | None = None
     qf: _GraphFacts | None = None
@@ -198,7 +199,8 @@ def validate(
         if per_layer:
             ff, qf = _graph_facts(fmodel), _graph_facts(qmodel)
             # layer_samples=0: no sample is compared per layer, so no layer is listed (and no exposing session)
-            layers = _layer_candidates(ff, qf, layer_names) if layer_samples is None or layer_samples > 0 else []
+            layers = _layer_candidates(ff, qf, layer_names, rearranged) if layer_samples is None or \
+                layer_samples > 0 else []
         f_first, q_first = firsts.get(0), firsts.get(1)
         del firsts
         if checked is None and calib_outputs and _equivalent(calib_outputs.get(0), f_first, out_names):
@@ -294,7 +296,8 @@ def validate(
                               passed=passed, skipped_layers=skipped, layer_order=order, layer_info=info,
                               checks=check_results, float_from_calibration=reused[0],
                               rescaled_layers=rescaled_layers(ff, qf) if ff is not None and qf is not None
-                              and layer_samples != 0 else {}, stream=dict(stream or {}))
+                              and layer_samples != 0 else {}, stream=dict(stream or {}),
+                              rearranged_layers=rearranged)
     if reused[0]:
         log.info("validate: the float reference of %d sample(s) from calibration's runs", reused[0])
     log.info("validate: %d samples, %d outputs, %d layers, worst output SQNR %s dB%s", samples, len(outputs),

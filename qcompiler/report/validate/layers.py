@@ -25,6 +25,10 @@ MAX_LAYERS = 2000
 QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"})
 #: Producer ops whose outputs are never worth comparing.
 _SKIP_OPS = frozenset({"Constant"})
+#: Ops whose output holds their first input's elements, only rearranged (the same values, the same count): such an
+#: output is compared per layer only when its input is not (its SQNR, cosine and errors would be the input's, a
+#: table row repeated and onnxruntime made to expose one more tensor)
+MOVE_OPS = frozenset({"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity"})
 
 
 @dataclass
@@ -39,6 +43,8 @@ class _GraphFacts:
     #: name -> pass, for tensors whose producer a pass marked as rescaled on purpose
     #: (:func:`qcompiler.core.tags.mark_rescaled`): another quantity than the other graph's same-named tensor
     rescaled: dict[str, str] = field(default_factory=dict)
+    #: name -> the tensor a :data:`MOVE_OPS` node rearranges into it (its first input)
+    moved_from: dict[str, str] = field(default_factory=dict)
 
 
 def _graph_facts(model: Any) -> _GraphFacts:
@@ -61,7 +67,9 @@ def _graph_facts(model: Any) -> _GraphFacts:
     return _GraphFacts(producers=producers, inputs={t.name for t in graph.inputs},
                        outputs=[t.name for t in graph.outputs], float_known=float_known,
                        layer_nodes={name: _layer_node(made_by, name) for name in made_by},
-                       rescaled=ir.rescaled_tensors(model))
+                       rescaled=ir.rescaled_tensors(model),
+                       moved_from={name: node.inputs[0].name for name, node in made_by.items()
+                                   if node.op in MOVE_OPS and node.inputs})
 
 
 def _layer_node(made_by: dict[str, Any], name: str) -> tuple[str, str]:
@@ -74,10 +82,12 @@ def _layer_node(made_by: dict[str, Any], name: str) -> tuple[str, str]:
     return str(node.name or ""), str(node.op)
 
 
-def _layer_candidates(ff: _GraphFacts, qf: _GraphFacts, layer_names: Sequence[str] | None) -> list[str]:
+def _layer_candidates(ff: _GraphFacts, qf: _GraphFacts, layer_names: Sequence[str] | None,
+                      rearranged: dict[str, str] | None = None) -> list[str]:
     """The tensors to compare: produced in both graphs under the same name, not graph inputs / outputs, not
     quantization plumbing or constants, float in both, and not rescaled on purpose in the quantized graph (those
-    are reported apart: :func:`rescaled_layers`)."""
+    are reported apart: :func:`rescaled_layers`); unless ``layer_names`` names them, not a rearrangement of
+    another one (:func:`rearranged_layers`, added to ``rearranged``)."""
     excluded = ff.inputs | qf.inputs | set(ff.outputs) | set(qf.outputs) | set(qf.rescaled)
     if layer_names is not None:
         wanted = list(dict.fromkeys(layer_names))
@@ -97,10 +107,28 @@ def _layer_candidates(ff: _GraphFacts, qf: _GraphFacts, layer_names: Sequence[st
             and op not in _SKIP_OPS and op not in QDQ_OPS and qf.producers[n] not in _SKIP_OPS
         ]  # a DequantizeLinear may carry a layer's name in the quantized graph (target ort-qop): its value
     names = [n for n in names if ff.float_known.get(n, True) and qf.float_known.get(n, True)]
+    if layer_names is None:
+        same = rearranged_layers(ff, qf, names)
+        names = [n for n in names if n not in same]
+        if rearranged is not None:
+            rearranged.update(same)
     if len(names) > MAX_LAYERS:
         log.warning("validate: %d layer tensors in common; comparing only the first %d", len(names), MAX_LAYERS)
         names = names[:MAX_LAYERS]
     return names
+
+
+def rearranged_layers(ff: _GraphFacts, qf: _GraphFacts, names: Sequence[str]) -> dict[str, str]:
+    """Tensor -> the compared tensor whose elements it holds rearranged, for the ``names`` (graph order) that a
+    :data:`MOVE_OPS` node makes in both graphs from the same tensor, itself among ``names`` (or rearranged from one:
+    a Transpose then a Reshape). Their metrics would be that tensor's (the same element pairs); not compared."""
+    listed = set(names)
+    out: dict[str, str] = {}
+    for n in names:
+        src = ff.moved_from.get(n)
+        if src is not None and src in listed and qf.moved_from.get(n) == src:
+            out[n] = out.get(src, src)
+    return out
 
 
 def rescaled_layers(ff: _GraphFacts, qf: _GraphFacts) -> dict[str, str]:

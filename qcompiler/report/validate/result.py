@@ -84,6 +84,9 @@ class ValidationReport:
     rescaled_layers: dict[str, str] = field(default_factory=dict)
     #: streamed validation: input -> the graph output fed back into it from the sample before (each model its own)
     stream: dict[str, str] = field(default_factory=dict)
+    #: tensor -> the compared tensor whose elements it holds rearranged (a Reshape / Transpose / ... of it in both
+    #: graphs): not compared per layer, its metrics are that tensor's
+    rearranged_layers: dict[str, str] = field(default_factory=dict)
 
     @property
     def gated(self) -> bool:
@@ -206,6 +209,7 @@ class ValidationReport:
             **({"float_from_calibration": int(self.float_from_calibration)} if self.float_from_calibration else {}),
             **({"rescaled_layers": dict(self.rescaled_layers)} if self.rescaled_layers else {}),
             **({"stream": dict(self.stream)} if self.stream else {}),
+            **({"rearranged_layers": dict(self.rearranged_layers)} if self.rearranged_layers else {}),
         }
 
     def table(self, max_layers: int = 15) -> str:
@@ -236,6 +240,9 @@ class ValidationReport:
             lines += ["", f"not compared per layer: {len(self.rescaled_layers)} tensor(s) rescaled on purpose ("
                       + ", ".join(f"{p}: {k}" for p, k in sorted(by.items()))
                       + "), other quantities than the float model's of the same name"]
+        if self.rearranged_layers:
+            lines += ["", f"not compared per layer: {len(self.rearranged_layers)} tensor(s) only rearranging a compared "
+                      "one (Reshape / Transpose / Flatten / Squeeze / Unsqueeze / Identity: the same values)"]
         lines += ["", "legend: " + "; ".join(LEGEND[k].split(":", 1)[0] + ":" + _direction(LEGEND[k])
                                               for k in LEGEND)]
         worst = _fmt_db(self.worst_output_sqnr())
