@@ -197,6 +197,8 @@ class CompileOptions:
     compact_names: bool = False
     #: ``NAME=VALUE`` items: those graph inputs read as constants (``freeze-inputs``, first in the pipeline)
     freeze_inputs: tuple[str, ...] = ()
+    #: ``NAME=D0,D1,...`` items: those graph inputs' dimensions fixed (``fix-shapes``, after ``freeze-inputs``)
+    input_shapes: tuple[str, ...] = ()
     #: validation streams its samples: input -> the graph output fed back into it (``--stream IN=OUT``)
     stream: dict[str, str] = field(default_factory=dict)
     #: where the report goes when the ``min_sqnr_db`` gate refuses the model (default: OUT.rejected.report.json)
@@ -367,6 +369,9 @@ def _compile(src: Path, out: Path, opts: CompileOptions, outs: ir.OutputSet, pro
     checks = [parse_check(c) if isinstance(c, str) else c for c in opts.checks] + list(plan.checks)
     auto = None
     if opts.budget is not None and opts.plan != AUTO_PLAN:  # mixed precision under a budget: planned first
+        if opts.input_shapes:
+            raise UserError("--input-shape: not with --budget (the planner measures the model as given); fix "
+                            "shapes with --plan PLAN, a preset or the measured default")
         if opts.freeze_inputs:
             raise UserError("--freeze-input: not with --budget (the planner measures the model as given); freeze "
                             "with --plan PLAN, a preset or the measured default")
@@ -380,6 +385,8 @@ def _compile(src: Path, out: Path, opts: CompileOptions, outs: ir.OutputSet, pro
         raise UserError("--calib-select needs a pool of real calibration data to choose from (--calib DIR|FILE.npz)")
     pipeline_text = opts.pipeline if opts.pipeline is not None else target.default_pipeline  # '' is an error
     passes = assemble_pipeline(pipeline_text, plan, reg, calib_select=opts.calib_select)
+    if opts.input_shapes and not any(p.name == "fix-shapes" for p in passes):
+        passes.insert(0, reg.get("fix-shapes")(shapes=tuple(opts.input_shapes)))
     if opts.freeze_inputs and not any(p.name == "freeze-inputs" for p in passes):
         passes.insert(0, reg.get("freeze-inputs")(inputs=tuple(opts.freeze_inputs)))
     if opts.compact_names and not any(p.name == "compact-names" for p in passes):

@@ -168,6 +168,10 @@ def _bytes(n: float) -> str:
               help="Specialize the model for a fixed value of graph input NAME (a sample rate, a mode flag; "
                    "repeatable): branches on it fold away and the layers inside them get quantized; the input "
                    "stays declared and is ignored.")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=D0,D1,...",
+              help="Fix the dynamic dimensions of graph input NAME (repeatable): what follows from shapes alone "
+                   "(Shape nodes, Ifs on shapes) folds away, so layers inside such branches get quantized; the "
+                   "compiled model declares and accepts that shape only.")
 @click.option("--profile", "show_profile", is_flag=True,
               help="Print where each second went: import, load, opset upgrade, each pass, export, cost report, "
                    "validation, ... (step, seconds, share; the JSON report always has it).")
@@ -181,7 +185,7 @@ def compile_cmd(model: Path, output: Path, plan: str | None, preset: str | None,
                 max_latency_ratio: float | None, max_drop: float | None, effort: str | None,
                 recipe_out: Path | None,
                 compact_names: bool, streams: tuple[str, ...], freeze_inputs: tuple[str, ...],
-                show_profile: bool, quiet: bool,
+                input_shapes: tuple[str, ...], show_profile: bool, quiet: bool,
                 checks: tuple[str, ...], slice_axes: tuple[str, ...]) -> None:
     """Compile MODEL into a quantized model at OUTPUT.
 
@@ -207,7 +211,8 @@ def compile_cmd(model: Path, output: Path, plan: str | None, preset: str | None,
                           budget_metric=metric if task_metric is None else "pd", compact_names=compact_names,
                           optimize=optimize, max_latency_ratio=max_latency_ratio, task_metric=task_metric,
                           max_drop=max_drop, effort=effort, recipe_out=recipe_out,
-                          freeze_inputs=tuple(freeze_inputs), stream=parse_streams(streams))
+                          freeze_inputs=tuple(freeze_inputs), input_shapes=tuple(input_shapes),
+                          stream=parse_streams(streams))
     progress = Progress(enabled=not quiet and sys.stderr.isatty())
     try:
         result = compile_model(model, output, opts, progress=progress)

@@ -1,0 +1,169 @@
+"""fix-shapes: fix the dynamic dimensions of graph inputs (``--input-shape input=1,576``) and fold what then
+follows from shapes alone.
+
+A model exported with dynamic axes computes shapes at run time (``Shape`` → ``Gather`` → ``Equal``) and may branch
+on them: silero-vad's ``silero_vad.onnx`` keeps its LSTM inside ``If`` nodes conditioned on the shapes of its
+input chunk and state, so even at a fixed sample rate (``--freeze-input sr=16000``) the LSTM is no top-level node
+a plan can quantize. Given ``NAME=D0,D1,...`` the input is declared with those dimensions, the ``cleanup`` pass
+(from the registry) folds what already folds, then, in rounds:
+
+1. static shape inference (ONNX's, with data propagation) from the fixed inputs;
+2. every top-level ``Shape`` / ``Size`` node whose input's shape came out fully known is replaced by its value:
+
+       s = Shape(x)[start:end]  ->  s = const(dims(x)[start:end])      n = Size(x)  ->  n = const(prod(dims(x)))
+
+3. the ``cleanup`` pass (from the registry) folds what now depends only on constants, and inlines each ``If``
+   whose condition became a constant (the branch taken becomes top-level nodes);
+
+until a round folds no ``Shape`` / ``Size`` (at most :data:`MAX_ROUNDS`). The compiled model computes the float
+model's function at those input shapes only, and declares them: feeding another shape is an onnxruntime error,
+not a silent misuse. Graph input / output names are unchanged.
+
+Option ``shapes``: ``NAME=D0,D1,...`` items separated by ``;`` (pipeline text ``fix-shapes{shapes=input=1,576}``).
+An unknown input, a wrong rank, a dimension that contradicts a static one the model declares, or a dimension
+below 1 is a ``UserError`` naming it. A second run finds nothing left to fold.
+
+Stats: ``fixed`` (inputs), ``shapes_folded`` (Shape / Size nodes replaced), ``rounds``, and cleanup's own stats
+(``inlined_ifs``, ``folded_constants``, ...), summed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from qcompiler import ir
+from qcompiler.core.errors import UserError
+from qcompiler.core.pass_base import GraphPass, PassResult
+from qcompiler.core.registry import registry
+from qcompiler.ir.graph import GraphIndex
+from qcompiler.plan.checks import parse_pairs
+
+log = logging.getLogger(__name__)
+
+#: rounds of inference, Shape folding and cleanup (each inlined branch may hold Shapes of its own)
+MAX_ROUNDS = 8
+
+
+@dataclass
+class FixShapesOptions:
+    shapes: tuple[str, ...] = ()  # NAME=D0,D1,... items
+
+
+class FixShapesPass(GraphPass):
+    """Declare graph inputs with fixed dimensions; fold the Shape / Size nodes (and the Ifs) that then fold."""
+
+    name = "fix-shapes"
+    Options = FixShapesOptions
+    produces = frozenset({"shapes-fixed"})
+
+    def run_graph(self, graph: gs.Graph) -> PassResult:
+        opts: FixShapesOptions = self.options
+        stats: Counter[str] = Counter()
+        by_name = {t.name: t for t in graph.inputs}
+        for name, dims in parse_shapes(opts.shapes):
+            x = by_name.get(name)
+            if x is None:
+                raise UserError(f"--input-shape {name}=...: the model has no graph input '{name}' (inputs: "
+                                f"{', '.join(by_name) or 'none'})")
+            check_dims(x, name, dims)
+            if x.shape is None or list(x.shape) != list(dims):
+                x.shape = list(dims)
+                stats["fixed"] += 1
+        if not parse_shapes(opts.shapes):
+            return PassResult(False, stats)
+        cleanup = registry().get("cleanup")()
+        assert isinstance(cleanup, GraphPass), "cleanup is a graph pass"
+        stats.update(cleanup.run_graph(graph).stats)  # what folds already (an If on a frozen input)
+        for _ in range(MAX_ROUNDS):
+            folded = _fold_shapes(graph)
+            if not folded:
+                break
+            stats["shapes_folded"] += folded
+            stats["rounds"] += 1
+            stats.update(cleanup.run_graph(graph).stats)
+        stats = Counter({k: v for k, v in stats.items() if v})
+        if stats:
+            log.info("fix-shapes: %d input(s) fixed, %d Shape / Size node(s) folded, %d If(s) inlined",
+                     stats["fixed"], stats["shapes_folded"], stats["inlined_ifs"])
+        return PassResult(bool(stats), stats)
+
+
+def parse_shapes(items: tuple[str, ...] | list[str]) -> list[tuple[str, tuple[int, ...]]]:
+    """``("input=1,576", ...)`` -> ``[("input", (1, 576)), ...]``; a ``UserError`` naming a malformed item."""
+    out = []
+    for name, text in parse_pairs(items, "--input-shape", "NAME=D0,D1,... (e.g. input=1,576)"):
+        parts = [p.strip() for p in text.replace("x", ",").split(",")] if text.strip() else []
+        try:
+            dims = tuple(int(p) for p in parts)
+        except ValueError:
+            raise UserError(f"--input-shape {name}={text}: dimensions are integers separated by commas") from None
+        if any(d < 1 for d in dims):
+            raise UserError(f"--input-shape {name}={text}: every dimension must be at least 1")
+        out.append((name, dims))
+    return out
+
+
+def check_dims(x: gs.Variable, name: str, dims: tuple[int, ...]) -> None:
+    """``dims`` fit input ``x``'s declared shape: the same rank, and equal where it declares a static dimension."""
+    shape = x.shape
+    if shape is None:
+        return
+    where = f"--input-shape {name}={','.join(map(str, dims))}"
+    if len(shape) != len(dims):
+        raise UserError(f"{where}: input '{name}' has rank {len(shape)} (shape {list(shape)})")
+    for i, (have, want) in enumerate(zip(shape, dims, strict=True)):
+        if isinstance(have, (int, np.integer)) and int(have) > 0 and int(have) != want:
+            raise UserError(f"{where}: dimension {i} of input '{name}' is {int(have)} in the model")
+
+
+def _fold_shapes(graph: gs.Graph) -> int:
+    """Replace every top-level Shape / Size node whose input has a fully known shape (static inference from the
+    graph inputs' declared shapes) by a constant; the number replaced."""
+    todo = [n for n in graph.nodes if n.op in ("Shape", "Size") and n.inputs and n.outputs
+            and not isinstance(n.inputs[0], gs.Constant)]
+    if not todo:
+        return 0
+    inputs: dict[str, Sequence[int]] = {t.name: [int(d) for d in t.shape] for t in graph.inputs
+              if t.shape is not None and all(isinstance(d, (int, np.integer)) and int(d) > 0 for d in t.shape)}
+    known = ir.infer_shapes(ir.export_model(graph), inputs)
+    index = GraphIndex(graph)
+    folded = 0
+    for node in todo:
+        src, out = node.inputs[0], node.outputs[0]
+        if src.name not in known or any(t is out for t in graph.outputs):
+            continue
+        dims = list(known[src.name][0])
+        if node.op == "Shape":
+            start, end = int(node.attrs.get("start", 0)), node.attrs.get("end")
+            value = np.array(dims[start:None if end is None else int(end)], dtype=np.int64)
+        else:
+            value = np.array(math.prod(dims), dtype=np.int64)
+        const = gs.Constant(index.unique_name(f"{out.name}:fixed"), value)
+        readers = [n for n in graph.nodes if any(t is out for t in n.inputs)]
+        readers += [n for sub in _subgraphs(graph) for n in sub.nodes]  # bodies see the outer tensor by name
+        for reader in readers:
+            for i, t in enumerate(reader.inputs):
+                if t is out or (t is not None and t.name == out.name and not isinstance(t, gs.Constant)):
+                    reader.inputs[i] = const
+        folded += 1
+    if folded:
+        graph.cleanup(remove_unused_graph_inputs=False)
+    return folded
+
+
+def _subgraphs(graph: gs.Graph) -> list[gs.Graph]:
+    out: list[gs.Graph] = []
+    for node in graph.nodes:
+        for v in node.attrs.values():
+            for sub in v if isinstance(v, list) else [v]:
+                if isinstance(sub, gs.Graph):
+                    out.append(sub)
+                    out.extend(_subgraphs(sub))
+    return out
