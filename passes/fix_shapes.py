@@ -19,7 +19,8 @@ until a round folds no ``Shape`` / ``Size`` (at most :data:`MAX_ROUNDS`). The co
 model's function at those input shapes only, and declares them: feeding another shape is an onnxruntime error,
 not a silent misuse. Graph input / output names are unchanged.
 
-Option ``shapes``: ``NAME=D0,D1,...`` items separated by ``;`` (pipeline text ``fix-shapes{shapes=input=1,576}``).
+Option ``shapes``: ``NAME=D0,D1,...`` items separated by ``;``, the dimensions separated by ``,`` or ``x`` (in
+pipeline text ``x``, as a comma separates options there: ``fix-shapes{shapes=input=1x576;state=2x1x128}``).
 An unknown input, a wrong rank, a dimension that contradicts a static one the model declares, or a dimension
 below 1 is a ``UserError`` naming it. A second run finds nothing left to fold.
 
@@ -62,6 +63,11 @@ class FixShapesPass(GraphPass):
     name = "fix-shapes"
     Options = FixShapesOptions
     produces = frozenset({"shapes-fixed"})
+
+    def canonical(self) -> str:
+        """Pipeline text with the dimensions joined by ``x`` (a comma separates options there): it parses back."""
+        items = [f"{name}={'x'.join(map(str, dims))}" for name, dims in parse_shapes(self.options.shapes)]
+        return f"{self.name}{{shapes={';'.join(items)}}}" if items else self.name
 
     def run_graph(self, graph: gs.Graph) -> PassResult:
         opts: FixShapesOptions = self.options
