@@ -43,7 +43,7 @@ from qcompiler import ir
 from qcompiler.core.errors import UserError
 from qcompiler.core.pass_base import GraphPass, PassResult
 from qcompiler.core.registry import registry
-from qcompiler.ir.graph import GraphIndex
+from qcompiler.ir.graph import GraphIndex, graph_input
 from qcompiler.plan.checks import parse_pairs
 
 log = logging.getLogger(__name__)
@@ -72,12 +72,8 @@ class FixShapesPass(GraphPass):
     def run_graph(self, graph: gs.Graph) -> PassResult:
         opts: FixShapesOptions = self.options
         stats: Counter[str] = Counter()
-        by_name = {t.name: t for t in graph.inputs}
         for name, dims in parse_shapes(opts.shapes):
-            x = by_name.get(name)
-            if x is None:
-                raise UserError(f"--input-shape {name}=...: the model has no graph input '{name}' (inputs: "
-                                f"{', '.join(by_name) or 'none'})")
+            x = graph_input(graph, name, f"--input-shape {name}=...")
             check_dims(x, name, dims)
             if x.shape is None or list(x.shape) != list(dims):
                 x.shape = list(dims)

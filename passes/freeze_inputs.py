@@ -36,7 +36,7 @@ import onnx_graphsurgeon as gs
 
 from qcompiler.core.errors import UserError
 from qcompiler.core.pass_base import GraphPass, PassResult
-from qcompiler.ir.graph import GraphIndex
+from qcompiler.ir.graph import GraphIndex, graph_input
 from qcompiler.plan.checks import parse_pairs
 
 log = logging.getLogger(__name__)
@@ -57,12 +57,8 @@ class FreezeInputsPass(GraphPass):
     def run_graph(self, graph: gs.Graph) -> PassResult:
         opts: FreezeInputsOptions = self.options
         stats: Counter[str] = Counter()
-        by_name = {t.name: t for t in graph.inputs}
         for name, text in parse_items(opts.inputs):
-            x = by_name.get(name)
-            if x is None:
-                raise UserError(f"--freeze-input {name}={text}: the model has no graph input '{name}' (inputs: "
-                                f"{', '.join(by_name) or 'none'})")
+            x = graph_input(graph, name, f"--freeze-input {name}={text}")
             readers = [(n, i) for n in _all_nodes(graph) for i, t in enumerate(n.inputs) if t is x or (
                 t is not None and t.name == name and not isinstance(t, gs.Constant))]
             if not readers:

@@ -22,7 +22,8 @@ from qcompiler.passes.fix_shapes import FixShapesPass, parse_shapes
 
 sys.path.insert(0, str(Path(__file__).parent))
 import realdata
-from test_subgraphs import _silero_stream, silero_if_model, sqnr, walk
+from test_freeze_inputs import _run, assert_branches_stay_float, assert_compile_refused
+from test_subgraphs import _silero_stream, silero_if_model, sqnr
 
 D = 16
 
@@ -53,11 +54,6 @@ def shape_model(use_size: bool = False) -> onnx.ModelProto:
     m.ir_version = 8
     onnx.checker.check_model(m, full_check=True)
     return m
-
-
-def _run(model: onnx.ModelProto | Path, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-    src = str(model) if isinstance(model, Path) else model.SerializeToString()
-    return ort.InferenceSession(src, providers=["CPUExecutionProvider"]).run(None, feed)
 
 
 @pytest.mark.parametrize("use_size", [False, True])
@@ -112,10 +108,7 @@ def test_compile_quantizes_the_branch_a_shape_selects(tmp_path):
     rng = np.random.default_rng(1)
     np.savez(tmp_path / "calib.npz", x=rng.standard_normal((16, 1, D)).astype(np.float32))
     run = CliRunner().invoke
-    plain = run(cli, ["compile", str(src), "-o", str(tmp_path / "plain.onnx"), "--calib", str(tmp_path / "calib.npz"),
-                      "--plan", "default", "-q"])
-    assert plain.exit_code == 0, plain.output
-    assert "DequantizeLinear" not in [n.op_type for _, n in walk(onnx.load(tmp_path / "plain.onnx").graph)]
+    assert_branches_stay_float(src, tmp_path)
     res = run(cli, ["compile", str(src), "-o", str(tmp_path / "q.onnx"), "--calib", str(tmp_path / "calib.npz"),
                     "--plan", "default", "--input-shape", f"x=1,{D}"])
     assert res.exit_code == 0, res.output
@@ -146,12 +139,7 @@ def test_compile_quantizes_the_branch_a_shape_selects(tmp_path):
 def test_bad_input_shape_is_one_line_exit_2(tmp_path, args, msg):
     src = tmp_path / "shapes.onnx"
     onnx.save(shape_model(), src)
-    res = CliRunner().invoke(cli, ["compile", str(src), "-o", str(tmp_path / "q.onnx"), "--calib", "random",
-                                   "--plan", "default", *args])
-    assert res.exit_code == 2, res.output
-    err = res.stderr.strip().splitlines()
-    assert len(err) == 1 and msg in err[0] and "Traceback" not in res.output
-    assert not (tmp_path / "q.onnx").exists()
+    assert_compile_refused(src, tmp_path, args, msg)
 
 
 def test_parse_shapes():

@@ -61,6 +61,24 @@ def mode_model(shared_output: bool = False) -> onnx.ModelProto:
     return m
 
 
+def assert_branches_stay_float(src: Path, tmp_path: Path) -> None:
+    """Compiled as given (no flag), the layers inside the If stay float: no DequantizeLinear anywhere."""
+    plain = CliRunner().invoke(cli, ["compile", str(src), "-o", str(tmp_path / "plain.onnx"), "--calib",
+                                     str(tmp_path / "calib.npz"), "--plan", "default", "-q"])
+    assert plain.exit_code == 0, plain.output
+    assert "DequantizeLinear" not in [n.op_type for _, n in walk(onnx.load(tmp_path / "plain.onnx").graph)]
+
+
+def assert_compile_refused(src: Path, tmp_path: Path, args: list[str], msg: str) -> None:
+    """``compile SRC ARGS`` exits 2 with ``msg`` on one stderr line, no traceback, nothing written."""
+    res = CliRunner().invoke(cli, ["compile", str(src), "-o", str(tmp_path / "q.onnx"), "--calib", "random",
+                                   "--plan", "default", *args])
+    assert res.exit_code == 2, res.output
+    err = res.stderr.strip().splitlines()
+    assert len(err) == 1 and msg in err[0] and "Traceback" not in res.output
+    assert not (tmp_path / "q.onnx").exists()
+
+
 def _run(model: onnx.ModelProto | Path, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
     src = str(model) if isinstance(model, Path) else model.SerializeToString()
     return ort.InferenceSession(src, providers=["CPUExecutionProvider"]).run(None, feed)
@@ -115,10 +133,7 @@ def test_compile_quantizes_the_taken_branch(tmp_path):
     np.savez(tmp_path / "calib.npz", x=rng.standard_normal((16, 1, D)).astype(np.float32),
              mode=np.ones(16, np.int64))
     run = CliRunner().invoke
-    plain = run(cli, ["compile", str(src), "-o", str(tmp_path / "plain.onnx"), "--calib", str(tmp_path / "calib.npz"),
-                      "--plan", "default", "-q"])
-    assert plain.exit_code == 0, plain.output
-    assert "DequantizeLinear" not in [n.op_type for _, n in walk(onnx.load(tmp_path / "plain.onnx").graph)]
+    assert_branches_stay_float(src, tmp_path)
     res = run(cli, ["compile", str(src), "-o", str(tmp_path / "q.onnx"), "--calib", str(tmp_path / "calib.npz"),
                     "--plan", "default", "--freeze-input", "mode=1", "--report", str(tmp_path / "r.json")])
     assert res.exit_code == 0, res.output
@@ -147,12 +162,7 @@ def test_bad_freeze_is_one_line_exit_2(tmp_path, args, msg):
     if args[1] == "x=1":  # a dynamic batch dimension
         model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"
     onnx.save(model, src)
-    res = CliRunner().invoke(cli, ["compile", str(src), "-o", str(tmp_path / "q.onnx"), "--calib", "random",
-                                   "--plan", "default", *args])
-    assert res.exit_code == 2, res.output
-    err = res.stderr.strip().splitlines()
-    assert len(err) == 1 and msg in err[0] and "Traceback" not in res.output
-    assert not (tmp_path / "q.onnx").exists()
+    assert_compile_refused(src, tmp_path, args, msg)
 
 
 def test_silero_if_model_frozen_at_16k_gets_its_convs_quantized(tmp_path):

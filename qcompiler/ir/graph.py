@@ -13,6 +13,8 @@ from collections.abc import Iterable
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from qcompiler.core.errors import UserError
+
 __all__ = [
     "GraphIndex",
     "const_values",
@@ -239,3 +241,13 @@ def sole_consumer(t: gs.Tensor, node: gs.Node, index: GraphIndex) -> bool:
 def exclusive_constant(t: gs.Tensor, node: gs.Node, index: GraphIndex) -> bool:
     """True when ``t`` is a constant read only by ``node`` (so rewriting it affects nothing else)."""
     return isinstance(t, gs.Constant) and sole_consumer(t, node, index) and not index.is_graph_input(t)
+
+
+def graph_input(graph: gs.Graph, name: str, where: str) -> gs.Variable:
+    """Graph input ``name`` of ``graph``; a ``UserError`` starting with ``where`` (the flag at fault) when the model
+    has none, listing the inputs it has."""
+    for t in graph.inputs:
+        if t.name == name:
+            return t
+    raise UserError(f"{where}: the model has no graph input '{name}' (inputs: "
+                    f"{', '.join(t.name for t in graph.inputs) or 'none'})")
