@@ -44,7 +44,7 @@ from qcompiler.core.errors import UserError
 from qcompiler.core.pass_base import GraphPass, PassResult
 from qcompiler.core.registry import registry
 from qcompiler.ir.graph import GraphIndex, graph_input
-from qcompiler.plan.checks import parse_pairs
+from qcompiler.plan.checks import parse_shapes
 
 log = logging.getLogger(__name__)
 
@@ -95,21 +95,6 @@ class FixShapesPass(GraphPass):
             log.info("fix-shapes: %d input(s) fixed, %d Shape / Size node(s) folded, %d If(s) inlined",
                      stats["fixed"], stats["shapes_folded"], stats["inlined_ifs"])
         return PassResult(bool(stats), stats)
-
-
-def parse_shapes(items: tuple[str, ...] | list[str]) -> list[tuple[str, tuple[int, ...]]]:
-    """``("input=1,576", ...)`` -> ``[("input", (1, 576)), ...]``; a ``UserError`` naming a malformed item."""
-    out = []
-    for name, text in parse_pairs(items, "--input-shape", "NAME=D0,D1,... (e.g. input=1,576)"):
-        parts = [p.strip() for p in text.replace("x", ",").split(",")] if text.strip() else []
-        try:
-            dims = tuple(int(p) for p in parts)
-        except ValueError:
-            raise UserError(f"--input-shape {name}={text}: dimensions are integers separated by commas") from None
-        if any(d < 1 for d in dims):
-            raise UserError(f"--input-shape {name}={text}: every dimension must be at least 1")
-        out.append((name, dims))
-    return out
 
 
 def check_dims(x: gs.Variable, name: str, dims: tuple[int, ...]) -> None:

@@ -29,6 +29,7 @@ import onnx_graphsurgeon as gs
 
 from qcompiler import ir
 from qcompiler.calib import input_signatures
+from qcompiler.calib.feeds import with_shapes
 from qcompiler.calib.npz import member_meta, npz_members, open_zip
 from qcompiler.calib.shared import FloatOutputs, shared_source, sharing_sources
 from qcompiler.compile_files import _dump_dir, _side_role, _write_rejected_report, compile_outputs
@@ -38,7 +39,7 @@ from qcompiler.core.numbers import json_tree
 from qcompiler.core.pass_manager import PassManager, PassRecord
 from qcompiler.core.registry import build_pipeline, get_target, registry
 from qcompiler.plan import ALGORITHMS, DEFAULT_PLAN_NAME, Plan, load_plan
-from qcompiler.plan.checks import Check, parse_check
+from qcompiler.plan.checks import Check, parse_check, parse_shapes
 from qcompiler.plan.presets import names as preset_names
 from qcompiler.plan.presets import preset_path
 from qcompiler.report import cost
@@ -409,8 +410,8 @@ def _compile(src: Path, out: Path, opts: CompileOptions, outs: ir.OutputSet, pro
     if calib_arg is not None and calib_arg != "none":
         with profile.step("calibration data"):
             # the candidates of a measured recipe and the final compile read one source (checked, digested once)
-            calib_source = shared_source(calib_arg, input_signatures(graph), seed=opts.seed,
-                                         limit=opts.calib_samples)
+            sigs = with_shapes(input_signatures(graph), parse_shapes(opts.input_shapes))  # --input-shape's dims
+            calib_source = shared_source(calib_arg, sigs, seed=opts.seed, limit=opts.calib_samples)
             if opts.calib_indices is not None:
                 calib_source = calib_source.subset(opts.calib_indices)
     ctx = session.context(calib=calib_source, output_path=out, seed=opts.seed, data_free=calib_arg == "none")
@@ -500,7 +501,7 @@ def _compile(src: Path, out: Path, opts: CompileOptions, outs: ir.OutputSet, pro
         report["validation_skipped"] = "function bodies stripped: the model needs native kernels"
     if do_validate:
         if opts.validate_data is not None:
-            feeds: Any = qv.load_feeds(opts.validate_data, float_model)
+            feeds: Any = qv.load_feeds(opts.validate_data, float_model, parse_shapes(opts.input_shapes))
         elif calib_source is not None:
             feeds = list(itertools.islice(calib_source, VALIDATION_SAMPLES))
         else:

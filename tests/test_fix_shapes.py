@@ -18,7 +18,8 @@ from onnx import TensorProto, helper, numpy_helper
 from qcompiler import ir
 from qcompiler.cli import cli
 from qcompiler.core.errors import UserError
-from qcompiler.passes.fix_shapes import FixShapesPass, parse_shapes
+from qcompiler.passes.fix_shapes import FixShapesPass
+from qcompiler.plan.checks import parse_shapes
 
 sys.path.insert(0, str(Path(__file__).parent))
 import realdata
@@ -140,6 +141,23 @@ def test_bad_input_shape_is_one_line_exit_2(tmp_path, args, msg):
     src = tmp_path / "shapes.onnx"
     onnx.save(shape_model(), src)
     assert_compile_refused(src, tmp_path, args, msg)
+
+
+@pytest.mark.parametrize("which", ["--calib", "--validate-data"])
+def test_data_of_another_shape_is_refused_naming_the_file(tmp_path, which):
+    src = tmp_path / "shapes.onnx"
+    onnx.save(shape_model(), src)
+    rng = np.random.default_rng(2)
+    np.savez(tmp_path / "one.npz", x=rng.standard_normal((8, 1, D)).astype(np.float32))
+    np.savez(tmp_path / "two.npz", x=rng.standard_normal((8, 2, D)).astype(np.float32))
+    calib, val = ("two.npz", "one.npz") if which == "--calib" else ("one.npz", "two.npz")
+    res = CliRunner().invoke(cli, ["compile", str(src), "-o", str(tmp_path / "q.onnx"), "--plan", "default",
+                                   "--calib", str(tmp_path / calib), "--validate-data", str(tmp_path / val),
+                                   "--input-shape", f"x=1,{D}"])
+    assert res.exit_code == 2, res.output
+    err = res.stderr.strip().splitlines()
+    assert len(err) == 1 and f"two.npz: array 'x' has shape [2, {D}]; dim 0 is 2" in err[0] and "[1, 16]" in err[0]
+    assert not (tmp_path / "q.onnx").exists()
 
 
 def test_parse_shapes():

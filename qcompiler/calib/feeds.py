@@ -10,6 +10,7 @@ session expects.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -68,6 +69,14 @@ def input_signatures(graph: gs.Graph) -> list[InputSig]:
                 dims.append(None)
         sigs.append(InputSig(t.name, dtype, dims))
     return sigs
+
+
+def with_shapes(inputs: Sequence[InputSig], shapes: Sequence[tuple[str, Sequence[int]]]) -> list[InputSig]:
+    """``inputs`` with the dimensions ``--input-shape`` fixes (``(name, dims)``): data is then checked against
+    them (a calibration sample of another shape is refused, naming it, before any work)."""
+    fixed = {name: [int(d) for d in dims] for name, dims in shapes}
+    return [dataclasses.replace(s, shape=list(fixed[s.name]), known_rank=True) if s.name in fixed else s
+            for s in inputs]
 
 
 def fmt_shape(shape: Sequence[Any]) -> str:

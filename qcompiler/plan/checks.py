@@ -252,3 +252,19 @@ def parse_streams(values: Any) -> dict[str, str]:
     """``--stream IN=OUT`` values -> ``{input: output}``; :class:`UserError` naming the bad one."""
     return dict(parse_pairs(values, "--stream", "IN=OUT (a model input and the graph output fed back into it, "
                                                 "e.g. h=hn)"))
+
+
+def parse_shapes(values: Any) -> list[tuple[str, tuple[int, ...]]]:
+    """``--input-shape NAME=D0,D1,...`` values (dimensions separated by ``,`` or ``x``) -> ``[(name, dims)]``;
+    :class:`UserError` naming the bad one."""
+    out = []
+    for name, text in parse_pairs(values, "--input-shape", "NAME=D0,D1,... (e.g. input=1,576)"):
+        parts = [p.strip() for p in text.replace("x", ",").split(",")]
+        try:
+            dims = tuple(int(p) for p in parts)
+        except ValueError:
+            raise UserError(f"--input-shape {name}={text}: dimensions are integers separated by commas") from None
+        if any(d < 1 for d in dims):
+            raise UserError(f"--input-shape {name}={text}: every dimension must be at least 1")
+        out.append((name, dims))
+    return out

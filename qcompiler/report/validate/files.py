@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import yaml
 
 from qcompiler import ir
 from qcompiler.calib import CalibrationSource, input_signatures
+from qcompiler.calib.feeds import with_shapes
 from qcompiler.calib.shared import shared_source
 from qcompiler.core.errors import UserError
 from qcompiler.core.files import regular_file
@@ -74,7 +76,8 @@ def load_plan_nodes(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]] |
 
 
 # ---------------------------------------------------------------------------------------------- feeds
-def load_feeds(path: str | os.PathLike[str], model: ModelLike) -> CalibrationSource:
+def load_feeds(path: str | os.PathLike[str], model: ModelLike,
+               shapes: Sequence[tuple[str, Sequence[int]]] = ()) -> CalibrationSource:
     """Feeds for ``model`` from ``path`` (the CLI's ``--data``), in the calibration data formats (the same
     reader as ``--calib``, :mod:`qcompiler.calib`):
 
@@ -85,9 +88,11 @@ def load_feeds(path: str | os.PathLike[str], model: ModelLike) -> CalibrationSou
     dtypes. Pickled arrays are refused. Raises :class:`UserError` naming the file and array for a missing
     path, an array that is not an input, a missing input, a wrong rank / shape / dtype, or no samples —
     these are checked here from the .npy headers; NaN / Inf values are found (and raised) while iterating.
+    ``shapes``: ``(input, dims)`` a compile fixed (``--input-shape``): the arrays must have those dims.
     """
     p = Path(path)
     if not p.exists():  # checked here so that no calibration keyword (e.g. 'random') is taken for data
         raise UserError(f"{p}: no such file or folder")
     graph, _meta = ir.import_graph(_as_model(model))
-    return shared_source(p, input_signatures(graph))  # inside a compile: the source its calibration reads
+    sigs = with_shapes(input_signatures(graph), shapes)
+    return shared_source(p, sigs)  # inside a compile: the source its calibration reads
