@@ -117,9 +117,15 @@ def _fold_shapes(graph: gs.Graph) -> int:
             and not isinstance(n.inputs[0], gs.Constant)]
     if not todo:
         return 0
-    inputs: dict[str, Sequence[int]] = {t.name: [int(d) for d in t.shape] for t in graph.inputs
-              if t.shape is not None and all(isinstance(d, (int, np.integer)) and int(d) > 0 for d in t.shape)}
+    inputs: dict[str, Sequence[int]] = {
+        t.name: [int(d) for d in t.shape] for t in graph.inputs
+        if t.shape is not None and all(isinstance(d, (int, np.integer)) and int(d) > 0 for d in t.shape)}
     known = ir.infer_shapes(ir.export_model(graph), inputs)
+    readers: dict[str, list[tuple[gs.Node, int]]] = {}  # tensor name -> (node, input index), bodies included
+    for n in [*graph.nodes, *(m for sub in _subgraphs(graph) for m in sub.nodes)]:
+        for i, t in enumerate(n.inputs):
+            if t is not None and not isinstance(t, gs.Constant):
+                readers.setdefault(t.name, []).append((n, i))
     index = GraphIndex(graph)
     folded = 0
     for node in todo:
@@ -133,12 +139,8 @@ def _fold_shapes(graph: gs.Graph) -> int:
         else:
             value = np.array(math.prod(dims), dtype=np.int64)
         const = gs.Constant(index.unique_name(f"{out.name}:fixed"), value)
-        readers = [n for n in graph.nodes if any(t is out for t in n.inputs)]
-        readers += [n for sub in _subgraphs(graph) for n in sub.nodes]  # bodies see the outer tensor by name
-        for reader in readers:
-            for i, t in enumerate(reader.inputs):
-                if t is out or (t is not None and t.name == out.name and not isinstance(t, gs.Constant)):
-                    reader.inputs[i] = const
+        for reader, i in readers.get(out.name, []):  # bodies read the outer tensor by name
+            reader.inputs[i] = const
         folded += 1
     if folded:
         graph.cleanup(remove_unused_graph_inputs=False)
