@@ -40,11 +40,10 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from qcompiler import ir
-from qcompiler.core.errors import UserError
 from qcompiler.core.pass_base import GraphPass, PassResult
 from qcompiler.core.registry import registry
 from qcompiler.ir.graph import GraphIndex, graph_input
-from qcompiler.plan.checks import parse_shapes
+from qcompiler.plan.checks import check_shape_fits, parse_shapes
 
 log = logging.getLogger(__name__)
 
@@ -72,14 +71,15 @@ class FixShapesPass(GraphPass):
     def run_graph(self, graph: gs.Graph) -> PassResult:
         opts: FixShapesOptions = self.options
         stats: Counter[str] = Counter()
-        for name, dims in parse_shapes(opts.shapes):
+        shapes = parse_shapes(opts.shapes)
+        if not shapes:
+            return PassResult(False, stats)
+        for name, dims in shapes:
             x = graph_input(graph, name, f"--input-shape {name}=...")
-            check_dims(x, name, dims)
+            check_shape_fits(name, dims, x.shape)
             if x.shape is None or list(x.shape) != list(dims):
                 x.shape = list(dims)
                 stats["fixed"] += 1
-        if not parse_shapes(opts.shapes):
-            return PassResult(False, stats)
         cleanup = registry().get("cleanup")()
         assert isinstance(cleanup, GraphPass), "cleanup is a graph pass"
         stats.update(cleanup.run_graph(graph).stats)  # what folds already (an If on a frozen input)
@@ -97,19 +97,6 @@ class FixShapesPass(GraphPass):
         return PassResult(bool(stats), stats)
 
 
-def check_dims(x: gs.Variable, name: str, dims: tuple[int, ...]) -> None:
-    """``dims`` fit input ``x``'s declared shape: the same rank, and equal where it declares a static dimension."""
-    shape = x.shape
-    if shape is None:
-        return
-    where = f"--input-shape {name}={','.join(map(str, dims))}"
-    if len(shape) != len(dims):
-        raise UserError(f"{where}: input '{name}' has rank {len(shape)} (shape {list(shape)})")
-    for i, (have, want) in enumerate(zip(shape, dims, strict=True)):
-        if isinstance(have, (int, np.integer)) and int(have) > 0 and int(have) != want:
-            raise UserError(f"{where}: dimension {i} of input '{name}' is {int(have)} in the model")
-
-
 def _fold_shapes(graph: gs.Graph) -> int:
     """Replace every top-level Shape / Size node whose input has a fully known shape (static inference from the
     graph inputs' declared shapes) by a constant; the number replaced."""
@@ -121,11 +108,7 @@ def _fold_shapes(graph: gs.Graph) -> int:
         t.name: [int(d) for d in t.shape] for t in graph.inputs
         if t.shape is not None and all(isinstance(d, (int, np.integer)) and int(d) > 0 for d in t.shape)}
     known = ir.infer_shapes(ir.export_model(graph), inputs)
-    readers: dict[str, list[tuple[gs.Node, int]]] = {}  # tensor name -> (node, input index), bodies included
-    for n in [*graph.nodes, *(m for sub in _subgraphs(graph) for m in sub.nodes)]:
-        for i, t in enumerate(n.inputs):
-            if t is not None and not isinstance(t, gs.Constant):
-                readers.setdefault(t.name, []).append((n, i))
+    readers = ir.readers_by_name(graph)  # subgraph bodies read the outer tensor by name
     index = GraphIndex(graph)
     folded = 0
     for node in todo:
@@ -139,20 +122,9 @@ def _fold_shapes(graph: gs.Graph) -> int:
         else:
             value = np.array(math.prod(dims), dtype=np.int64)
         const = gs.Constant(index.unique_name(f"{out.name}:fixed"), value)
-        for reader, i in readers.get(out.name, []):  # bodies read the outer tensor by name
+        for reader, i in readers.get(out.name, []):
             reader.inputs[i] = const
         folded += 1
     if folded:
         graph.cleanup(remove_unused_graph_inputs=False)
     return folded
-
-
-def _subgraphs(graph: gs.Graph) -> list[gs.Graph]:
-    out: list[gs.Graph] = []
-    for node in graph.nodes:
-        for v in node.attrs.values():
-            for sub in v if isinstance(v, list) else [v]:
-                if isinstance(sub, gs.Graph):
-                    out.append(sub)
-                    out.extend(_subgraphs(sub))
-    return out

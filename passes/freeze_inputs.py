@@ -27,7 +27,6 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +35,7 @@ import onnx_graphsurgeon as gs
 
 from qcompiler.core.errors import UserError
 from qcompiler.core.pass_base import GraphPass, PassResult
+from qcompiler.ir import readers_by_name
 from qcompiler.ir.graph import GraphIndex, graph_input
 from qcompiler.plan.checks import parse_pairs
 
@@ -59,8 +59,7 @@ class FreezeInputsPass(GraphPass):
         stats: Counter[str] = Counter()
         for name, text in parse_items(opts.inputs):
             x = graph_input(graph, name, f"--freeze-input {name}={text}")
-            readers = [(n, i) for n in _all_nodes(graph) for i, t in enumerate(n.inputs) if t is x or (
-                t is not None and t.name == name and not isinstance(t, gs.Constant))]
+            readers = readers_by_name(graph).get(name, [])  # subgraph bodies read the input by name
             if not readers:
                 continue
             const = gs.Constant(GraphIndex(graph).unique_name(f"{name}:frozen"), frozen_value(x, name, text))
@@ -108,15 +107,3 @@ def frozen_value(x: gs.Variable, name: str, text: str) -> np.ndarray:
         else:
             raise UserError(f"{where}: inputs of type {dtype.name} cannot be frozen")
     return np.full([int(d) for d in shape], value, dtype=dtype)
-
-
-def _all_nodes(graph: gs.Graph) -> Iterator[gs.Node]:
-    """Every node of ``graph`` and of the subgraph bodies it holds (If branches, Loop / Scan bodies), recursively."""
-    for node in graph.nodes:
-        yield node
-        for v in node.attrs.values():
-            subs = v if isinstance(v, list) else [v]
-            for sub in subs:
-                if isinstance(sub, gs.Graph):
-                    yield from _all_nodes(sub)
-

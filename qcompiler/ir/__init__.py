@@ -66,7 +66,7 @@ from qcompiler.ir.sessions import (
     with_outputs,
 )
 from qcompiler.ir.shapes import INFER_MAX_PROTO_BYTES, infer_shapes
-from qcompiler.ir.walk import all_constants, renamed_tensors, tensor_names, walk_graphs
+from qcompiler.ir.walk import all_constants, readers_by_name, renamed_tensors, tensor_names, walk_graphs
 
 __all__ = [
     "DEFAULT_EXTERNAL_THRESHOLD",
@@ -106,6 +106,7 @@ __all__ = [
     "optimized_op_types",
     "parameter_bytes",
     "quiet_default_logger",
+    "readers_by_name",
     "release_graph",
     "release_values",
     "renamed_tensors",

@@ -105,6 +105,18 @@ def walk_graphs(graph: gs.Graph) -> Iterator[gs.Graph]:
                     stack.extend(x for x in v if isinstance(x, gs.Graph))
 
 
+def readers_by_name(graph: gs.Graph) -> dict[str, list[tuple[gs.Node, int]]]:
+    """Tensor name -> (node, input index) of every node reading a non-constant tensor of that name, in ``graph``
+    and in its subgraph bodies (which read an outer tensor by name)."""
+    out: dict[str, list[tuple[gs.Node, int]]] = {}
+    for g in walk_graphs(graph):
+        for node in g.nodes:
+            for i, t in enumerate(node.inputs):
+                if t is not None and not isinstance(t, gs.Constant):
+                    out.setdefault(t.name, []).append((node, i))
+    return out
+
+
 def all_constants(graph: gs.Graph, *, attributes: bool = True) -> list[gs.Constant]:
     """Every distinct constant of ``graph`` and its subgraphs, in a deterministic order (graph order, then
     node order, then input/output order; tensors in node attributes last when ``attributes``)."""
