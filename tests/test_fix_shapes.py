@@ -160,6 +160,22 @@ def test_data_of_another_shape_is_refused_naming_the_file(tmp_path, which):
     assert not (tmp_path / "q.onnx").exists()
 
 
+@pytest.mark.parametrize("shape,msg", [("x=16", "--input-shape x=16: input 'x' has rank 2"),
+                                       ("x=1,8", "--input-shape x=1,8: dimension 1 of input 'x' is 16 in the model")])
+def test_a_wrong_flag_is_named_before_the_data_is_checked_against_it(tmp_path, shape, msg):
+    """With real calibration data the flag's own mistake is the error, not the data's mismatch with the wrong
+    shape."""
+    src = tmp_path / "shapes.onnx"
+    onnx.save(shape_model(), src)
+    np.savez(tmp_path / "one.npz", x=np.random.default_rng(3).standard_normal((8, 1, D)).astype(np.float32))
+    res = CliRunner().invoke(cli, ["compile", str(src), "-o", str(tmp_path / "q.onnx"), "--plan", "default",
+                                   "--calib", str(tmp_path / "one.npz"), "--input-shape", shape])
+    assert res.exit_code == 2, res.output
+    err = res.stderr.strip().splitlines()
+    assert len(err) == 1 and msg in err[0]
+    assert not (tmp_path / "q.onnx").exists()
+
+
 def test_parse_shapes():
     assert parse_shapes(["input=1,576", "state = 2x1x128"]) == [("input", (1, 576)), ("state", (2, 1, 128))]
     with pytest.raises(UserError, match="given twice"):

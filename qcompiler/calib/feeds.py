@@ -20,6 +20,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from qcompiler.core.errors import UserError
+from qcompiler.plan.checks import check_shape_fits
 
 Feed = dict[str, np.ndarray]
 
@@ -75,8 +76,13 @@ def with_shapes(inputs: Sequence[InputSig], shapes: Sequence[tuple[str, Sequence
     """``inputs`` with the dimensions ``--input-shape`` fixes (``(name, dims)``): data is then checked against
     them (a calibration sample of another shape is refused, naming it, before any work)."""
     fixed = {name: [int(d) for d in dims] for name, dims in shapes}
-    return [dataclasses.replace(s, shape=list(fixed[s.name]), known_rank=True) if s.name in fixed else s
-            for s in inputs]
+    out = []
+    for s in inputs:
+        if s.name in fixed:  # the flag's own mistakes (rank, a static dim contradicted) named before the data's
+            check_shape_fits(s.name, fixed[s.name], s.shape if s.known_rank else None)
+            s = dataclasses.replace(s, shape=list(fixed[s.name]), known_rank=True)
+        out.append(s)
+    return out
 
 
 def fmt_shape(shape: Sequence[Any]) -> str:

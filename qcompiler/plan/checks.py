@@ -22,8 +22,11 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from qcompiler.core.config import check_keys, described, settings_of
 from qcompiler.core.errors import UserError
@@ -268,3 +271,16 @@ def parse_shapes(values: Any) -> list[tuple[str, tuple[int, ...]]]:
             raise UserError(f"--input-shape {name}={text}: every dimension must be at least 1")
         out.append((name, dims))
     return out
+
+
+def check_shape_fits(name: str, dims: Sequence[int], declared: Sequence[Any] | None) -> None:
+    """``--input-shape NAME=dims`` fits input ``name``'s declared shape (``None``: undeclared, anything fits): the
+    same rank, and equal where it declares a static dimension; a :class:`UserError` naming the flag if not."""
+    if declared is None:
+        return
+    where = f"--input-shape {name}={','.join(map(str, dims))}"
+    if len(declared) != len(dims):
+        raise UserError(f"{where}: input '{name}' has rank {len(declared)} (shape {list(declared)})")
+    for i, (have, want) in enumerate(zip(declared, dims, strict=True)):
+        if isinstance(have, (int, np.integer)) and int(have) > 0 and int(have) != want:
+            raise UserError(f"{where}: dimension {i} of input '{name}' is {int(have)} in the model")
