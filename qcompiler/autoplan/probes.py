@@ -13,7 +13,6 @@ the float model's cost — so each is computed once per run, not once per search
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -34,7 +33,13 @@ from qcompiler.plan import Plan, QuantSpec
 from qcompiler.report import cost
 from qcompiler.report import validate as qv
 from qcompiler.report.validate.compare import validation_workers
-from qcompiler.report.validate.reference import Reference, compare_outputs, float_reference, validate_against
+from qcompiler.report.validate.reference import (
+    Reference,
+    compare_outputs,
+    feed_digest,
+    float_reference,
+    validate_against,
+)
 
 
 @dataclass
@@ -55,16 +60,6 @@ class ProbeMemo:
 
 def _shapes_key(shapes: dict[str, list[int]] | None) -> tuple[Any, ...] | None:
     return None if shapes is None else tuple(sorted((k, tuple(v)) for k, v in shapes.items()))
-
-
-def _feed_key(feed: dict[str, np.ndarray]) -> str:
-    """A digest of one calibration sample: names, dtypes, shapes and bytes."""
-    h = hashlib.blake2b(digest_size=16)
-    for name in sorted(feed):
-        a = np.ascontiguousarray(feed[name])
-        h.update(f"{name}\0{a.dtype.str}\0{a.shape}\0".encode())
-        h.update(a.tobytes())
-    return h.hexdigest()
 
 
 _ACTIVATION_OPS = ("Relu", "Clip", "LeakyRelu", "HardSigmoid", "Sigmoid", "Tanh", "HardSwish", "PRelu")
@@ -174,7 +169,7 @@ class ProbeWorkdir:
         self.owners: dict[str, str] = {}
         #: :meth:`compile_text`'s results, shared with other work folders of the same run
         self.memo = memo
-        self.feed_key = _feed_key(arrays) if memo is not None else ""
+        self.feed_key = feed_digest(arrays) if memo is not None else ""
 
     def compile_text(self, model: Path, text: str, target: str, *, shapes: dict[str, list[int]] | None,
                      want_shapes: bool, layers: set[str] | None = None, plan: Plan | None = None

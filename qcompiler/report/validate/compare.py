@@ -221,8 +221,8 @@ def validate(
             if layer_bytes is not None:
                 layer_samples = bounded_layer_samples(layer_samples, layer_bytes, nbytes(f_ext.first, q_ext.first))
 
-        out_acc = {n: _Accumulator(n, top1_rank(None, True)) for n in out_names}
-        slice_acc, extra_acc = _output_accumulators(fmodel, ff, f_first, out_names, slice_axes or {}, checks)
+        out_acc, slice_acc, extra_acc = _output_accumulators(fmodel, ff, f_first, out_names, slice_axes or {},
+                                                             checks)
         check_acc = [_CheckAccumulator(c) for c in checks]
         producers = ff.producers if ff is not None else {}
         layer_acc = {n: _Accumulator(n, top1_rank(producers.get(n), False)) for n in layers}
@@ -355,10 +355,12 @@ def bounded_layer_samples(layer_samples: int | None, layer_bytes: int, per_sampl
 
 def _output_accumulators(fmodel: Any, ff: _GraphFacts | None, first: Mapping[str, Any], out_names: list[str],
                          slice_axes: Mapping[str, int], checks: Sequence[Check],
-                         ) -> tuple[dict[str, _SliceAccumulator], dict[str, list[Any]]]:
-    """Per float graph output: its worst-slice accumulator (along the ``slice_axes`` override or the default
-    axis) and what else is measured of it (see :mod:`~qcompiler.report.validate.slices`): the top-k accumulator
-    of class scores, the mask accumulator of probability maps (each with ``update(ref, q)`` and ``apply(m)``)."""
+                         ) -> tuple[dict[str, _Accumulator], dict[str, _SliceAccumulator], dict[str, list[Any]]]:
+    """Per graph output: its whole-tensor accumulator; per float graph output also its worst-slice accumulator
+    (along the ``slice_axes`` override or the default axis) and what else is measured of it (see
+    :mod:`~qcompiler.report.validate.slices`): the top-k accumulator of class scores, the mask accumulator of
+    probability maps (each with ``update(ref, q)`` and ``apply(m)``)."""
+    out_acc = {n: _Accumulator(n, top1_rank(None, True)) for n in out_names}
     producers: Mapping[str, str] = {}
     if ff is not None:
         producers = ff.producers
@@ -390,7 +392,7 @@ def _output_accumulators(fmodel: Any, ff: _GraphFacts | None, first: Mapping[str
             extra.setdefault(n, []).append(_TopKAccumulator(int(ref.shape[-1])))
         if producers.get(n) == "Sigmoid":
             extra.setdefault(n, []).append(_MaskAccumulator(MASK_LEVEL))
-    return slices, extra
+    return out_acc, slices, extra
 
 
 #: environment variable overriding the number of concurrent onnxruntime runs of validation (1: sequential)

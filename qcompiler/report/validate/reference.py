@@ -36,7 +36,6 @@ from qcompiler.report.validate.compare import (
     validation_workers,
 )
 from qcompiler.report.validate.layers import _graph_facts, _GraphFacts
-from qcompiler.report.validate.metrics import _Accumulator, top1_rank
 from qcompiler.report.validate.result import ValidationReport
 from qcompiler.report.validate.sessions import ModelLike, Stream, _as_model, _label, _run_checked, _Runner
 
@@ -186,8 +185,8 @@ def compare_outputs(ref: Reference, quant_outputs: Iterable[dict[str, Any]], *, 
     subset of samples it ran, ``ref`` cut to the same samples). ``keep``: as in :func:`validate_against`."""
     out_names = ref.names
     facts = _GraphFacts(producers=ref.producers, inputs=set(), outputs=[], float_known={})
-    slice_acc, extra_acc = _output_accumulators(None, facts, ref.outputs[0], out_names, slice_axes or {}, ())
-    out_acc = {n: _Accumulator(n, top1_rank(None, True)) for n in out_names}
+    out_acc, slice_acc, extra_acc = _output_accumulators(None, facts, ref.outputs[0], out_names, slice_axes or {},
+                                                         ())
     for fo, qo in zip(ref.outputs, quant_outputs, strict=True):
         if keep is not None:
             keep.append(qo)
