@@ -178,3 +178,28 @@ def test_measured_default_scores_its_candidates_streamed(rnn):
     assert scores[True]["default"] == pytest.approx(streamed, abs=1e-3)
     assert scores[False]["default"] == pytest.approx(recorded, abs=1e-3)
     assert streamed < recorded - 1.0  # measured: the candidate's own state drifts over the stream
+
+
+def test_task_metric_reads_the_streamed_outputs(rnn):
+    """With --stream, a task metric gets each candidate's streamed outputs at the held-back places and the float
+    model's streamed ones (oracle: the same plan compiled on the fit samples, onnxruntime loops, numpy)."""
+    src, d = rnn["src"], rnn["dir"]
+    xs = np.load(d / "calib.npz")["x"]
+    held = [i for i in range(len(xs)) if i % 4 == 3]
+    fit = tuple(i for i in range(len(xs)) if i not in held)
+
+    def neg_max_err(quantized, reference, feeds):
+        return -max(float(np.max(np.abs(q["y"] - r["y"]))) for q, r in zip(quantized, reference, strict=True))
+
+    res = compile_model(src, d / "mdm.onnx", CompileOptions(plan="auto", calib=str(d / "calib.npz"), validate=False,
+                                                             stream={"h": "hn"}, task_metric=neg_max_err))
+    got = {c["name"]: c["metric"] for c in res.report["recipe"]["candidates"]}
+    cand = d / "cand_m.onnx"
+    compile_model(src, cand, CompileOptions(plan=Plan.default(), calib=str(d / "calib.npz"), calib_indices=fit,
+                                            validate=False))
+    _, f_all = _stream(src, xs)
+    _, q_own = _stream(cand, xs)
+    _, q_rec = _stream(cand, xs, states=list(np.load(d / "calib.npz")["h"]))
+    want = -max(float(np.max(np.abs(q_own[i]["y"] - f_all[i]["y"]))) for i in held)
+    recorded = -max(float(np.max(np.abs(q_rec[i]["y"] - f_all[i]["y"]))) for i in held)
+    assert got["default"] == pytest.approx(want, rel=1e-6) and want != pytest.approx(recorded, rel=1e-3)
