@@ -36,7 +36,6 @@ a cache off; the least recently used entries go first. Counters ``hits`` / ``par
 from __future__ import annotations
 
 import collections
-import hashlib
 import logging
 import threading
 from collections.abc import Sequence
@@ -47,6 +46,7 @@ import numpy as np
 
 from qcompiler import quant
 from qcompiler.calib import CalibrationSource, input_signatures
+from qcompiler.core import digest
 from qcompiler.core.activations import graph_key, mib_from_env
 
 log = logging.getLogger(__name__)
@@ -211,9 +211,8 @@ class Keys:
                         sorted((k, repr(v)) for k, v in node.attrs.items())))
             rows = f"|rows {max_rows} of {len(ids)} samples, seed {seed}, layer {j}" if max_rows else ""
             keyed.append(_digest(gkey, sigs, lay, rows))
-            hw = hashlib.blake2b(digest_size=16)
-            hw.update(f"{w.dtype.str}{w.shape}".encode())
-            hw.update(np.ascontiguousarray(w).tobytes())
+            hw = digest.hasher()
+            digest.update_array(hw, w)
             weights.append(hw.hexdigest())
         return cls(list(ids), keyed, weights, prefix=not max_rows)
 
@@ -255,7 +254,7 @@ def store_sweep(keys: Keys | None, j: int, value: Sweep) -> None:
 
 
 def _digest(*parts: str) -> str:
-    h = hashlib.blake2b(digest_size=16)
+    h = digest.hasher()
     for p in parts:
         h.update(p.encode())
         h.update(b"\x00")

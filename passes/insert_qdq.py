@@ -53,6 +53,10 @@ the QuantizeLinear / DequantizeLinear nodes (binary activations: ``:bin`` and fr
   reads the same ``DequantizeLinear`` (stat ``weights_table_shared``); such a MatMul keeps float activations
   (per-row scales run along its K axis, which no integer MatMul kernel takes; ``table_readers_weight_only``).
 
+Option ``exact-weights`` (``insert-qdq{exact-weights=true}``; ``CompileOptions.exact_weights``): everything as
+without it, and each quantized weight's float values recorded (``ctx.exact_weights``) for the ``exact-weights``
+pass, which puts them back after the target's lowering: a diagnostic of what the activations alone cost.
+
 Weights shared by several quantized nodes with the same spec are quantized once. Re-running the pass
 changes nothing: a weight already read through DequantizeLinear and an activation already dequantized are
 left alone.
@@ -88,10 +92,17 @@ log = logging.getLogger(__name__)
 _Names = Callable[[str], str]
 
 
+@dataclasses.dataclass
+class Options:
+    #: record each quantized weight's float values for the ``exact-weights`` pass (run after lowering)
+    exact_weights: bool = False
+
+
 class InsertQDQPass(Pass):
     """Quantize planned weights (int initializers + DequantizeLinear), activations (Q->DQ) and biases (int32)."""
 
     name = "insert-qdq"
+    Options = Options
     requires = frozenset({"plan-resolved", "calibrated"})
     produces = frozenset({"qdq"})
 
@@ -328,6 +339,8 @@ class InsertQDQPass(Pass):
                                f16=spec.scale == "float16")
         cache[key] = dq_out
         node.inputs[wi] = dq_out
+        if self.options.exact_weights:  # the float values W' stands for, put back after lowering (exact-weights)
+            ctx.exact_weights[dq_out.name] = values
         stats[f"weights_{spec.dtype if spec.scheme == 'int' else spec.scheme}_{spec.granularity}"] += 1
         stats["weight_bytes_float"] += values.nbytes
         stats["weight_bytes_quantized"] += (qt.q.size * schemes.storage_bits(qt.dtype) + 7) // 8

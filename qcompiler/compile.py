@@ -196,6 +196,10 @@ class CompileOptions:
     strip_function_bodies: bool = False
     #: run ``compact-names`` last: short tensor / node names (graph I/O kept), the map back in OUT.names.json
     compact_names: bool = False
+    #: activations (and biases) quantized as planned and lowered, weights put back float afterwards
+    #: (``insert-qdq{exact-weights=true}`` ... ``exact-weights``; GPTQ and bias correction left out): what the
+    #: activations alone cost (the measured default's ceiling of a GPTQ candidate, ``qcompiler.recipe``)
+    exact_weights: bool = False
     #: ``NAME=VALUE`` items: those graph inputs read as constants (``freeze-inputs``, first in the pipeline)
     freeze_inputs: tuple[str, ...] = ()
     #: ``NAME=D0,D1,...`` items: those graph inputs' dimensions fixed (``fix-shapes``, after ``freeze-inputs``)
@@ -273,6 +277,10 @@ PIPELINE_INSERTIONS = (
     ("gptq", "insert-qdq", "before"),
     ("bias-correct", "insert-qdq", "before"),
 )
+
+
+#: the passes that choose weight values (codes, corrected biases): left out with ``exact_weights``
+WEIGHT_VALUE_PASSES = ("gptq", "bias-correct")
 
 
 def assemble_pipeline(text: str, plan: Plan, reg: Any = None, *, calib_select: int | None = None) -> list[Any]:
@@ -392,6 +400,10 @@ def _compile(src: Path, out: Path, opts: CompileOptions, outs: ir.OutputSet, pro
         passes.insert(0, reg.get("freeze-inputs")(inputs=tuple(opts.freeze_inputs)))
     if opts.compact_names and not any(p.name == "compact-names" for p in passes):
         passes.append(reg.get("compact-names")())
+    if opts.exact_weights:
+        passes = [reg.get("insert-qdq")(exact_weights=True) if p.name == "insert-qdq" else p for p in passes
+                  if p.name not in WEIGHT_VALUE_PASSES]
+        passes.append(reg.get("exact-weights")())
     pm = PassManager(passes, verify_each=opts.verify_each, dump_after=set(opts.dump_after),
                      dump_dir=_dump_dir(out) if opts.dump_after else None,
                      on_pass=(lambda name, i, n: progress(f"pass:{name}", i, n)) if progress else None)

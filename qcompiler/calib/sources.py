@@ -16,7 +16,6 @@ limited to its first samples (:meth:`~CalibrationSource.take`) or to chosen ones
 
 from __future__ import annotations
 
-import hashlib
 import math
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
@@ -45,6 +44,7 @@ from qcompiler.calib.npz import (
     open_zip,
     read_header,
 )
+from qcompiler.core import digest
 from qcompiler.core.errors import UserError
 from qcompiler.core.files import regular_file
 
@@ -521,7 +521,7 @@ def held_back_indices(n: int) -> list[int]:
 
 def file_digest(path: Path) -> str:
     """The content digest of a file (a calibration sample's identity, :meth:`CalibrationSource.sample_ids`)."""
-    h = hashlib.blake2b(digest_size=16)
+    h = digest.hasher()
     try:
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):

@@ -64,7 +64,6 @@ entries go first.
 from __future__ import annotations
 
 import collections
-import hashlib
 import logging
 import threading
 from collections.abc import Mapping, Sequence
@@ -74,6 +73,7 @@ import numpy as np
 
 from qcompiler.calib.feeds import InputSig
 from qcompiler.calib.stats import TensorStats
+from qcompiler.core import digest
 from qcompiler.core.activations import mib_from_env
 
 log = logging.getLogger("qcompiler.calib")
@@ -95,7 +95,7 @@ def collection_base(gkey: str | None, sigs: Sequence[InputSig], run_names: Seque
     not cacheable."""
     if gkey is None:
         return None
-    h = hashlib.blake2b(digest_size=16)
+    h = digest.hasher()
     h.update(gkey.encode())
     h.update(repr([(s.name, str(s.dtype), tuple(s.shape)) for s in sigs]).encode())
     h.update(repr((list(run_names), group_size)).encode())
@@ -110,10 +110,8 @@ def graph_base(gkey: str | None, sigs: Sequence[InputSig]) -> str | None:
 def first_digest(value: np.ndarray) -> str:
     """A digest of one tensor's values (dtype, shape, bytes): two sessions that give the same digest on a sample
     computed the tensor alike there."""
-    a = np.ascontiguousarray(value)
-    h = hashlib.blake2b(digest_size=16)
-    h.update(f"{a.dtype.str}{a.shape}".encode())
-    h.update(a.data)
+    h = digest.hasher()
+    digest.update_array(h, np.asarray(value))
     return h.hexdigest()
 
 

@@ -14,7 +14,6 @@ Cap: ``$QCOMPILER_ACTIVATION_CACHE_MB`` (default 256; 0 turns the cache off).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import threading
@@ -22,6 +21,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnx_graphsurgeon as gs
+
+from qcompiler.core import digest
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ def graph_key(graph: gs.Graph) -> str | None:
     """Fingerprint of everything that decides the float values of ``graph``'s tensors (tensor-valued attributes,
     such as a ``ConstantOfShape``'s value, by their bytes); ``None`` (do not cache) for graphs with subgraphs or
     more than :data:`MAX_FINGERPRINT_BYTES` of constants."""
-    h = hashlib.blake2b(digest_size=16)
+    h = digest.hasher()
     seen: set[str] = set()
     total = 0
 
@@ -64,8 +65,7 @@ def graph_key(graph: gs.Graph) -> str | None:
             total += v.nbytes
             if total > MAX_FINGERPRINT_BYTES:
                 raise _Uncacheable
-            h.update(f"{v.dtype.str}{v.shape}".encode())
-            h.update(v.tobytes() if v.dtype != object else repr(v.tolist()).encode())
+            digest.update_array(h, v)
 
     def attr(name: str, a: object) -> None:
         nonlocal total
@@ -76,8 +76,8 @@ def graph_key(graph: gs.Graph) -> str | None:
             total += v.nbytes
             if total > MAX_FINGERPRINT_BYTES:
                 raise _Uncacheable
-            h.update(f"@{name}={v.dtype.str}{v.shape}".encode())
-            h.update(v.tobytes() if v.dtype != object else repr(v.tolist()).encode())
+            h.update(f"@{name}=".encode())
+            digest.update_array(h, v)
         else:
             h.update(f"@{name}={a!r}".encode())
 

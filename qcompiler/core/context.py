@@ -67,6 +67,8 @@ class CompileContext:
       samples: they are its float reference there); ``None``: not wanted.
     * ``renamed``: ``{"tensors": {new: old}, "nodes": {new: old}}`` once ``compact-names`` has shortened the
       names (old: the names before it); validation and the cost report map names back through it.
+    * ``exact_weights``: dequantized weight tensor (``W'``) -> the float weight it stands for, recorded by
+      ``insert-qdq{exact-weights=true}``; ``exact-weights`` (last) rewires ``W'``'s readers to the float values.
     * ``collect_for_auto``: ``calibrate`` collects histograms in the two parts a later ``calibration: auto`` over
       the same graph and samples reads (``collect(..., for_auto=True)``; the same statistics returned), so that
       such a compile in this process is served from the statistics cache (``CompileOptions.collect_for_auto``:
@@ -97,6 +99,7 @@ class CompileContext:
     calib_shapes: dict[str, Any] = field(default_factory=dict)
     float_outputs: Any = None
     renamed: dict[str, dict[str, str]] = field(default_factory=dict)
+    exact_weights: dict[str, Any] = field(default_factory=dict)
     passes_after: tuple[str, ...] = ()
     progress: Callable[[str, int, int], None] | None = None
     bias_corrected: set[str] = field(default_factory=set)

@@ -5,7 +5,6 @@ the ONNX checker, and the external data — whose ``location`` must stay inside 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import re
 from collections.abc import Iterator
@@ -15,6 +14,7 @@ from typing import Any
 import onnx
 from onnx import TensorProto
 
+from qcompiler.core import digest
 from qcompiler.core.errors import UserError
 from qcompiler.core.files import regular_file
 from qcompiler.ir.external import MMAP_MIN_BYTES
@@ -142,7 +142,7 @@ def load_model(path: str | os.PathLike[str], *, check: bool = True) -> onnx.Mode
             data = f.read()
         model = onnx.ModelProto()
         model.ParseFromString(data)
-        key = (str(p.resolve()), hashlib.blake2b(data, digest_size=16).digest()) if check else None
+        key = (str(p.resolve()), digest.of_bytes(data)) if check else None
     except Exception as e:  # protobuf DecodeError and friends
         raise UserError(f"{p}: not an ONNX model (protobuf parse failed: {type(e).__name__})") from None
     if model.ir_version <= 0 or not model.HasField("graph") or not model.opset_import:

@@ -101,6 +101,12 @@ CONFIRM_MARGIN_DB = 8.0
 #: (models/conv_bn_relu.npz, 4 samples, 1 held back: dynamic-matmul led by 19.0 dB there and lost to the default
 #: plan by 4.2 dB once both calibrated on all 4)
 CONFIRM_MIN_HELD = HELD_BACK_MAX
+#: a candidate running GPTQ is not compiled when, with its weights exact, it measures more than this below the
+#: default plan (``_ceiling_skip``). Exact weights are no strict ceiling: rounded weights scored above their
+#: exact-weights variant by up to 5.0 dB on the held-out magika's default plan (1.6 dB on PP-OCR cls / rec, 1.5
+#: on nudenet, 0.3 on silero-vad); the w8a8 candidate scored 0.06-4.2 dB below its own on all seven models
+#: (benchmarks/RESULTS.md, session 15). On the ViT the w8a8 ceiling is 12.3 dB below the default plan.
+CEILING_MARGIN_DB = 6.0
 #: a preset of the default plan's precision (8-bit weights and activations) stays within this of the default plan
 PRESET_FLOOR_DB = 0.5
 #: the float outputs on the held-back samples are handed to the compile's validation (which then does not run the
@@ -187,7 +193,9 @@ def _choose(bench: Bench, opts: CompileOptions, base: Plan, progress: Progress |
     for i, cand in enumerate(singles):
         if progress:
             progress(f"recipe:{cand.name}", i, total)
-        measured.append(bench.measure(cand.plan, cand.name, cand.change, collect_for_auto=i == 0 and auto_later))
+        skipped = _ceiling_skip(bench, cand.plan, cand.name, cand.change, measured[0]) if measured else None
+        measured.append(skipped or bench.measure(cand.plan, cand.name, cand.change,
+                                                 collect_for_auto=i == 0 and auto_later))
         measured[-1].structural = cand.structural
         log.info("recipe: %s %s dB, %d bytes%s", cand.name, fmt_db(measured[-1].sqnr_db), measured[-1].bytes,
                  f", {measured[-1].latency_ratio:.2f}x float" if bench.latency else "")
@@ -195,7 +203,8 @@ def _choose(bench: Bench, opts: CompileOptions, base: Plan, progress: Progress |
     better = [by_name[m.name] for m in measured[1:] if not m.error and m.sqnr_db > measured[0].sqnr_db]
     extra = combined(base, better)
     if extra is not None and (cap is None or len(measured) < cap):
-        measured.append(bench.measure(extra.plan, extra.name, extra.change))
+        measured.append(_ceiling_skip(bench, extra.plan, extra.name, extra.change, measured[0])
+                        or bench.measure(extra.plan, extra.name, extra.change))
         by_name[extra.name] = extra
     if cap is None:  # effort high: the best so far with its most sensitive layers float
         top = max((m for m in measured if not m.error), key=lambda m: m.sqnr_db)
@@ -238,6 +247,27 @@ def _choose(bench: Bench, opts: CompileOptions, base: Plan, progress: Progress |
     return RecipeResult(plan=plan, text=plan_text(winner.plan, header), mode="auto", candidates=measured,
                         winner=winner.name, reason=reason, held_samples=len(bench.held), constraints=cons,
                         notes=notes)
+
+
+def _ceiling_skip(bench: Bench, plan: Plan, name: str, change: str, default: Measured) -> Measured | None:
+    """A candidate whose plan runs a weight-rounding algorithm that costs seconds per layer (GPTQ) is first
+    measured with its weights exact (``CompileOptions.exact_weights``: activations rounded and lowered as the
+    candidate's, weights float; no GPTQ). When that ceiling measures more than :data:`CEILING_MARGIN_DB` below the
+    default plan, the candidate cannot reach the default plan whatever its weights: it is not compiled, and is
+    returned measured at its ceiling with the reason as its error. ``None``: compile and measure it. Not with a
+    task metric (decided by the user's function, not the score)."""
+    if "gptq" not in plan.algorithms or bench.metric is not None or default.error:
+        return None
+    ceiling = bench.measure(plan, name + "-exact-weights", "its activations alone (weights exact)",
+                            exact_weights=True)
+    if ceiling.error or ceiling.sqnr_db + CEILING_MARGIN_DB >= default.sqnr_db:
+        return None
+    m = Measured(name, change, plan, seconds=ceiling.seconds)
+    m.error = (f"not compiled: with its weights exact it measures {fmt_db(ceiling.sqnr_db)} dB, "
+               f"{default.sqnr_db - ceiling.sqnr_db:.2f} dB below the default plan (its weight rounding never "
+               f"made up more than {CEILING_MARGIN_DB:g} dB)")
+    log.info("recipe: %s %s", name, m.error)
+    return m
 
 
 def _guard(bench: Bench, base: Plan, progress: Progress | None) -> RecipeResult:

@@ -209,19 +209,20 @@ class Bench:
                 self._reference = qv.float_reference(self.model, self.held, stream=self.stream)
         return self._reference
 
-    def run(self, plan: Plan, name: str, *, samples: int | None = None,
-            collect_for_auto: bool = False) -> tuple[Path, dict[str, Any]]:
+    def run(self, plan: Plan, name: str, *, samples: int | None = None, collect_for_auto: bool = False,
+            exact_weights: bool = False) -> tuple[Path, dict[str, Any]]:
         """Compile ``plan`` into the work folder, calibrated on the fit samples, or on the first ``samples``
         samples of the data when given (the confirmation: all of them); ``collect_for_auto``: its calibration also
         keeps what a later ``calibration: auto`` candidate reads (:attr:`CompileOptions.collect_for_auto`). Its
-        calibration's float outputs are kept for the final compile's validation (``share_float_outputs``)."""
+        calibration's float outputs are kept for the final compile's validation (``share_float_outputs``);
+        ``exact_weights``: activations quantized as planned, weights float (``CompileOptions.exact_weights``)."""
         out = self.workdir / f"{_file_name(name)}.onnx"
         opts = dataclasses.replace(
             self.options, plan=plan, preset=None, calib=self.calib,
             calib_samples=samples or self.options.calib_samples, calib_indices=None if samples else self.fit,
             validate=False, validate_data=None, min_sqnr_db=None, report=None, budget=None, calib_select=None,
             dump_after=set(), compact_names=False, recipe_out=None, verify_each=False, cost_report=False,
-            collect_for_auto=collect_for_auto, share_float_outputs=True)
+            collect_for_auto=collect_for_auto, share_float_outputs=True, exact_weights=exact_weights)
         outer = profile.current()
         with _quiet():
             result = compile_plan(self.model, out, opts)
@@ -230,11 +231,12 @@ class Bench:
         return out, result.report
 
     def measure(self, plan: Plan, name: str, change: str, *, samples: int | None = None,
-                collect_for_auto: bool = False) -> Measured:
+                collect_for_auto: bool = False, exact_weights: bool = False) -> Measured:
         m = Measured(name, change, plan)
         t0 = time.perf_counter()
         try:
-            out, report = self.run(plan, name, samples=samples, collect_for_auto=collect_for_auto)
+            out, report = self.run(plan, name, samples=samples, collect_for_auto=collect_for_auto,
+                                   exact_weights=exact_weights)
             m.bytes = int(report.get("cost", {}).get("total_bytes") or written_bytes(out)
                           or report["sizes"]["quantized_parameter_bytes"])
             # checked by the compile (the ONNX checker on the file written): loaded once, without the load-time

@@ -15,7 +15,6 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
-import hashlib
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ import numpy as np
 
 from qcompiler import ir
 from qcompiler.calib.statcache import first_digest
-from qcompiler.core import profile
+from qcompiler.core import digest, profile
 from qcompiler.core.errors import UserError
 from qcompiler.report.validate.compare import (
     _check_stream,
@@ -137,7 +136,7 @@ def known_outputs(ref: Reference | None, model: str | os.PathLike[str], feeds: A
 def feed_digest(feed: Mapping[str, Any]) -> str:
     """A digest of one feed: its input names, and each array's :func:`~qcompiler.calib.statcache.first_digest`
     (dtype, shape and bytes)."""
-    h = hashlib.blake2b(digest_size=16)
+    h = digest.hasher()
     for name in sorted(feed):
         h.update(f"{name}\0{first_digest(np.asarray(feed[name]))}\0".encode())
     return h.hexdigest()
