@@ -44,7 +44,7 @@ import realdata_heldout  # noqa: E402  (tests/realdata_heldout.py: the held-out 
 Feed = dict[str, np.ndarray]
 REAL_MODELS = ("ppocr_cls", "ppocr_rec", "silero_vad")
 #: never tuned on (tests/realdata_heldout.py): reported apart from the zoo
-HELDOUT_MODELS = ("magika", "nudenet")
+HELDOUT_MODELS = ("magika", "nudenet", "espcn")
 #: the keys :func:`load_task` and :func:`score` know (task metric and all)
 SCORED_MODELS = (*REAL_MODELS, *HELDOUT_MODELS)
 ORT_METHODS = ("MinMax", "Entropy", "Percentile")
@@ -81,12 +81,14 @@ def task_inputs(key: str, n: int, split: str) -> tuple[list[Feed], np.ndarray | 
         return realdata_heldout.magika_inputs(n, split), None
     if key == "nudenet":
         return realdata_heldout.nudenet_inputs(n, split), None
+    if key == "espcn":
+        return realdata_heldout.espcn_inputs(n, split), None
     known = (*REAL_MODELS, "ppocr_det", "vit_focus", *HELDOUT_MODELS)
     raise KeyError(f"unknown real model {key!r}; known: {', '.join(known)}")
 
 
 def zoo_feeds(key: str, n: int, split: str) -> list[Feed]:
-    """``n`` realistic feeds of any zoo model (the five of ``tests/realdata.py``, and the two held-out models of
+    """``n`` realistic feeds of any zoo model (the five of ``tests/realdata.py``, and the held-out models of
     ``tests/realdata_heldout.py``) from ``split``, without labels."""
     return task_inputs(key, n, split)[0]
 
@@ -97,6 +99,7 @@ AGREEMENT = {
     "silero_vad": "speech-decision agreement (p > 0.5)",
     "magika": "top-1 agreement",
     "nudenet": "detections agreement (IoU of score > 0.25 sets)",
+    "espcn": "8-bit pixels within one level",
 }
 
 
@@ -190,6 +193,16 @@ def score(key: str, ref: Sequence[dict[str, np.ndarray]], q: Sequence[dict[str, 
     if key == "nudenet":
         agreement, scores_db = nudenet_metrics(ref, q, primary)
         extra["score rows SQNR dB"] = scores_db
+    elif key == "espcn":
+        img = realdata_heldout.espcn_image_metrics([r[primary] for r in ref], [x[primary] for x in q])
+        agreement = img["within1"]
+        extra["PSNR dB (8-bit image)"] = img["psnr_db"]
+        extra["max 8-bit level difference"] = img["max_levels"]
+        r = np.concatenate([np.asarray(x[primary], np.float64) for x in ref])
+        d = r - np.concatenate([np.asarray(x[primary], np.float64) for x in q])
+        with np.errstate(divide="ignore"):
+            extra["worst channel dB"] = float(np.min(10.0 * np.log10(np.sum(r * r, axis=(0, 2, 3))
+                                                                     / np.sum(d * d, axis=(0, 2, 3)))))
     elif key == "silero_vad":
         a = np.concatenate([r[primary].reshape(-1) for r in ref]) > 0.5
         b = np.concatenate([x[primary].reshape(-1) for x in q]) > 0.5

@@ -80,6 +80,8 @@ MODELS: dict[str, tuple[str, str, str]] = {
     # held out (never tuned on; inputs in tests/realdata_heldout.py)
     "magika": ("magika", "1.0.3", "magika/models/standard_v3_3/model.onnx"),
     "nudenet": ("nudenet", "3.4.2", "nudenet/320n.onnx"),
+    # ESPCN x2 super-resolution (BSD300), shipped as test data in QONNX's wheel (Apache-2.0)
+    "espcn": ("qonnx", "1.0.0", "qonnx/data/onnx/bsd300x3-espcn/nn_resize/float_model.onnx"),
 }
 
 SPLITS = ("calib", "eval")

@@ -5,6 +5,10 @@ realistic, offline, deterministic inputs (the companion of ``tests/realdata.py``
 * ``magika`` -- Google's file-type classifier ``magika==1.0.3`` (``standard_v3_3/model.onnx``, Apache-2.0): a 1-D
   conv + dense network over byte values. Feeds ``{"bytes": int32 [1, 2048]}``, output ``target_label`` float
   [1, 214] (softmax over :func:`magika_labels`).
+* ``espcn`` -- an ESPCN x2 super-resolution network (BSD300), the float model QONNX ships as test data
+  (``qonnx==1.0.0``, ``data/onnx/bsd300x3-espcn/nn_resize/float_model.onnx``): 4 Convs, Relus and a nearest
+  ``Resize``. Feeds ``{ESPCN_INPUT: float32 [1, 3, 128, 128]}`` (RGB in [0, 1]), output [1, 3, 256, 256]: an
+  image-to-image regression, a kind no model of the zoo is.
 * ``nudenet`` -- NudeNet's YOLOv8n detector at 320 (``nudenet==3.4.2``, ``320n.onnx``). Feeds
   ``{"images": float32 [1, 3, 320, 320]}``, output ``output0`` [1, 22, 2100]: rows 0-3 the box (cx, cy, w, h in
   pixels), rows 4-21 the 18 class scores (0-1).
@@ -43,6 +47,8 @@ MAGIKA_BLOCK = 4096
 MAGIKA_PAD = 256
 MAGIKA_MIN_SIZE = 8  # smaller files are not given to the model by magika
 NUDENET_SIZE = 320
+ESPCN_SIZE = 128
+ESPCN_INPUT = "onnx::Relu_0"  # the exporter's name of the image input
 NUDENET_BOX_ROWS = 4  # output0 rows 0-3: box; rows 4-21: class scores
 
 # nudenet's class names, in score-row order (rows 4..21 of output0)
@@ -55,9 +61,10 @@ NUDENET_LABELS = (
 
 
 def fetch(key: str) -> Path:
-    """The local path of held-out model ``key`` (``"magika"`` | ``"nudenet"``), fetched by ``realdata``."""
-    if key not in ("magika", "nudenet"):
-        raise KeyError(f"unknown held-out model {key!r}; known: magika, nudenet")
+    """The local path of held-out model ``key`` (``"magika"`` | ``"nudenet"`` | ``"espcn"``), fetched by
+    ``realdata``."""
+    if key not in ("magika", "nudenet", "espcn"):
+        raise KeyError(f"unknown held-out model {key!r}; known: magika, nudenet, espcn")
     return realdata.fetch_model(key)
 
 
@@ -242,6 +249,36 @@ def nudenet_inputs(n: int, split: str = "calib") -> list[dict[str, np.ndarray]]:
             crop = crop[:, ::-1]
         feeds.append({"images": nudenet_letterbox(np.ascontiguousarray(crop))})
     return feeds
+
+
+def espcn_inputs(n: int, split: str = "calib") -> list[dict[str, np.ndarray]]:
+    """``n`` feeds ``{ESPCN_INPUT: float32 [1, 3, 128, 128]}``: square crops (a third to all of the shorter side)
+    of the split's photos, sometimes mirrored, box-resized to 128, RGB ``x / 255``, NCHW."""
+    realdata._check_split(split)
+    feeds = []
+    for i in range(n):
+        crop = realdata._photo_square(realdata._sample_rng("espcn", split, i), split, ESPCN_SIZE)
+        x = np.asarray(crop, dtype=np.float32) / np.float32(255.0)
+        feeds.append({ESPCN_INPUT: np.ascontiguousarray(x.transpose(2, 0, 1)[None])})
+    return feeds
+
+
+def render8(x: np.ndarray) -> np.ndarray:
+    """An output image as its 8-bit pixel levels: ``round(255 · clip(x, 0, 1))`` (float64)."""
+    return np.rint(np.clip(np.asarray(x, dtype=np.float64), 0.0, 1.0) * 255.0)
+
+
+def espcn_image_metrics(ref: list[np.ndarray], q: list[np.ndarray]) -> dict[str, float]:
+    """What a user of a super-resolution model sees, quantized against float outputs (all samples pooled):
+    ``within1`` the fraction of 8-bit pixel levels within one level of the float model's, ``max_levels`` the
+    largest difference in levels, ``psnr_db`` the PSNR of the clipped [0, 1] image against the float model's."""
+    r = np.concatenate([render8(a) for a in ref])
+    d = np.abs(r - np.concatenate([render8(a) for a in q]))
+    rc = np.concatenate([np.clip(np.asarray(a, np.float64), 0.0, 1.0) for a in ref])
+    qc = np.concatenate([np.clip(np.asarray(a, np.float64), 0.0, 1.0) for a in q])
+    mse = float(np.mean((rc - qc) ** 2))
+    return {"within1": float(np.mean(d <= 1.0)), "max_levels": float(d.max()),
+            "psnr_db": 10.0 * float(np.log10(1.0 / mse)) if mse > 0 else float("inf")}
 
 
 def nudenet_detections(out: np.ndarray, threshold: float = 0.25) -> set[tuple[int, int]]:
