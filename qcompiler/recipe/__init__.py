@@ -104,7 +104,7 @@ CONFIRM_MIN_HELD = HELD_BACK_MAX
 #: a candidate running GPTQ is not compiled when, with its weights exact, it measures more than this below the
 #: default plan (``_ceiling_skip``). Exact weights are no strict ceiling: rounded weights scored above their
 #: exact-weights variant by up to 5.0 dB on the held-out magika's default plan (1.6 dB on PP-OCR cls / rec, 1.5
-#: on nudenet, 0.3 on silero-vad); the w8a8 candidate scored 0.06-4.2 dB below its own on all seven models
+#: on nudenet, 0.3 on silero-vad); the w8a8 candidate scored 0.03-4.2 dB below its own on all eight models
 #: (benchmarks/RESULTS.md, session 15). On the ViT the w8a8 ceiling is 12.3 dB below the default plan.
 CEILING_MARGIN_DB = 6.0
 #: a preset of the default plan's precision (8-bit weights and activations) stays within this of the default plan
