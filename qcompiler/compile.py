@@ -400,10 +400,11 @@ def _compile(src: Path, out: Path, opts: CompileOptions, outs: ir.OutputSet, pro
         passes.insert(0, reg.get("freeze-inputs")(inputs=tuple(opts.freeze_inputs)))
     if opts.compact_names and not any(p.name == "compact-names" for p in passes):
         passes.append(reg.get("compact-names")())
-    if opts.exact_weights:
+    if opts.exact_weights:  # after the lowering, before compact-names renames the recorded tensors
         passes = [reg.get("insert-qdq")(exact_weights=True) if p.name == "insert-qdq" else p for p in passes
                   if p.name not in WEIGHT_VALUE_PASSES]
-        passes.append(reg.get("exact-weights")())
+        at = next((i for i, p in enumerate(passes) if p.name == "compact-names"), len(passes))
+        passes.insert(at, reg.get("exact-weights")())
     pm = PassManager(passes, verify_each=opts.verify_each, dump_after=set(opts.dump_after),
                      dump_dir=_dump_dir(out) if opts.dump_after else None,
                      on_pass=(lambda name, i, n: progress(f"pass:{name}", i, n)) if progress else None)

@@ -191,3 +191,16 @@ def test_ceiling_not_used_with_a_task_metric_or_when_close(tmp_path: Path) -> No
     res = compile_model(model, tmp_path / "q.onnx", CompileOptions(calib=str(npz), validate=False))
     w8a8 = next(c for c in res.report["recipe"]["candidates"] if c["name"] == "w8a8")
     assert "error" not in w8a8 and w8a8["sqnr_db"] > res.report["recipe"]["candidates"][0]["sqnr_db"]
+
+
+def test_exact_weights_with_compact_names_restores_before_renaming(tmp_path: Path) -> None:
+    model, npz = MODELS / "conv_bn_relu.onnx", MODELS / "conv_bn_relu.npz"
+    plain, short = tmp_path / "plain.onnx", tmp_path / "short.onnx"
+    compile_model(model, plain, CompileOptions(plan="default", calib=str(npz), validate=False, exact_weights=True))
+    res = compile_model(model, short, CompileOptions(plan="default", calib=str(npz), validate=False,
+                                                     exact_weights=True, compact_names=True))
+    names = [r.name for r in res.records]
+    assert names.index("exact-weights") < names.index("compact-names")
+    feed = {k: v[0] for k, v in np.load(npz).items()}  # the stacked .npz: [samples, *feed shape]
+    a, b = ort_run(onnx.load(plain), feed), ort_run(onnx.load(short), feed)
+    assert list(a) == list(b) and all(np.array_equal(a[k], b[k]) for k in a)  # renaming changes no value

@@ -16,7 +16,9 @@ of 3) only when a latency constraint asks for it (``--optimize latency``, ``--ma
 ``--stream IN=OUT`` (``CompileOptions.stream``) a candidate runs the whole calibration data as one stream, fed its
 own previous state, and is scored at the held-back places (:class:`qcompiler.report.validate.StreamSpec`). The winner is
 the best under ``--optimize`` among the candidates that meet the constraints and are not below the default plan
-(by the task metric when given, else by the score). Without a latency constraint nothing timed decides: the same
+(by the task metric when given, else by the score). A candidate running GPTQ is first measured with its weights
+exact (``CompileOptions.exact_weights``) and not compiled when that ceiling is more than :data:`CEILING_MARGIN_DB`
+below the default plan (``_ceiling_skip``; not with a task metric). Without a latency constraint nothing timed decides: the same
 inputs give the same file. Confirmation: the winner and the default plan compiled on all N samples are compared
 once more on the held-back samples, and the default plan is kept if the winner lost there — unless the winner leads
 the default plan by :data:`CONFIRM_MARGIN_DB` or more on :data:`CONFIRM_MIN_HELD` (16) or more held-back samples
