@@ -174,6 +174,15 @@ def test_gptq_candidate_far_below_the_default_plan_is_not_compiled(tmp_path: Pat
     assert rec2["winner"] == rec["winner"] and full.read_bytes() == skipped.read_bytes()
 
 
+def test_skipped_candidate_row_in_the_compile_summary(tmp_path: Path) -> None:
+    src, calib = _outlier_model(tmp_path)
+    r = CliRunner().invoke(cli, ["compile", str(src), "-o", str(tmp_path / "q.onnx"), "--calib", str(calib),
+                                 "--no-validate"])
+    assert r.exit_code == 0, r.output
+    row = next(ln for ln in r.output.splitlines() if ln.startswith("w8a8 "))
+    assert row.split()[1:3] == ["-", "-"] and "not compiled: with its weights exact it measures" in row
+
+
 def test_ceiling_not_used_with_a_task_metric_or_when_close(tmp_path: Path) -> None:
     # a task metric decides by the user's function: every candidate is compiled and measured
     src, calib = _outlier_model(tmp_path)

@@ -279,8 +279,11 @@ BUDGET_METRICS = ("pd", "hessian", "act-stats", "orthogonality")
 
 def _echo_recipe(r: dict[str, Any]) -> None:
     """The measured default's candidate table (or the guard's measurements) of the compile summary."""
-    rows = [(m["name"], m["sqnr_db"], "" if m["latency_ratio"] == "inf" else f"{m['latency_ratio']:.2f}x",
-             m["bytes"], "" if m.get("metric") is None else f"{m['metric']:.4g}",
+    # a candidate that was not compiled or not measured (its error says why) has no SQNR or bytes to show
+    rows = [(m["name"], "-" if m.get("error") and m["sqnr_db"] == "-inf" else m["sqnr_db"],
+             "" if m["latency_ratio"] == "inf" else f"{m['latency_ratio']:.2f}x",
+             "-" if m.get("error") and not m["bytes"] else m["bytes"],
+             "" if m.get("metric") is None else f"{m['metric']:.4g}",
              m.get("error") or "; ".join(m.get("notes", [])) or ("WINNER" if m["name"] == r["winner"] else ""))
             for m in r["candidates"]]
     head = "measured default" if r["mode"] == "auto" else "algorithm guard"
