@@ -378,12 +378,11 @@ def _compile(src: Path, out: Path, opts: CompileOptions, outs: ir.OutputSet, pro
     checks = [parse_check(c) if isinstance(c, str) else c for c in opts.checks] + list(plan.checks)
     auto = None
     if opts.budget is not None and opts.plan != AUTO_PLAN:  # mixed precision under a budget: planned first
-        if opts.input_shapes:
-            raise UserError("--input-shape: not with --budget (the planner measures the model as given); fix "
-                            "shapes with --plan PLAN, a preset or the measured default")
-        if opts.freeze_inputs:
-            raise UserError("--freeze-input: not with --budget (the planner measures the model as given); freeze "
-                            "with --plan PLAN, a preset or the measured default")
+        for flag, given in (("--input-shape", opts.input_shapes), ("--freeze-input", opts.freeze_inputs)):
+            if given:
+                raise UserError(f"{flag}: not with --budget (the planner measures the model as given): specialize "
+                                f"it first (qcompiler compile MODEL -o SPECIAL.onnx {flag} ... --pipeline cleanup, "
+                                "a float model), then plan SPECIAL.onnx with --budget")
         if planner is None:
             raise ValueError("compile_plan: options.budget needs a planner (qcompiler.api.compile_model)")
         with profile.step("auto plan (--budget)"):

@@ -135,7 +135,7 @@ def test_compile_quantizes_the_branch_a_shape_selects(tmp_path):
     (["--input-shape", "x=0,16"], "--input-shape x=0,16: every dimension must be at least 1"),
     (["--input-shape", "x=a,16"], "--input-shape x=a,16: dimensions are integers separated by commas"),
     (["--input-shape", "x"], "--input-shape 'x': expected NAME=D0,D1,..."),
-    (["--input-shape", "x=1,16", "--budget", "50%"], "--input-shape: not with --budget"),
+    (["--input-shape", "x=1,16", "--budget", "50%"], "--input-shape: not with --budget (the planner measures the model as given): specialize it first"),
 ])
 def test_bad_input_shape_is_one_line_exit_2(tmp_path, args, msg):
     src = tmp_path / "shapes.onnx"
@@ -214,3 +214,31 @@ def test_silero_if_model_gets_its_lstm_quantized(tmp_path):
     r, g = np.concatenate(ref), np.concatenate(got)
     assert sqnr(r, g) >= 12.0  # measured 15.1 dB, 31 of 32 decisions alike (frozen only: 15.0, the LSTM float)
     assert np.mean((r > 0.5) == (g > 0.5)) >= 0.93
+
+
+def test_budget_on_a_specialized_model_in_two_steps(tmp_path):
+    """--budget refuses --input-shape and names the two-step way: a float model written with --pipeline cleanup
+    (the same function at that shape, no If left), then planned under the budget like any model."""
+    src, special, planned = tmp_path / "shapes.onnx", tmp_path / "special.onnx", tmp_path / "planned.onnx"
+    onnx.save(shape_model(), src)
+    rng = np.random.default_rng(3)
+    np.savez(tmp_path / "calib.npz", x=rng.standard_normal((16, 1, D)).astype(np.float32))
+    run = CliRunner().invoke
+    refused = run(cli, ["compile", str(src), "-o", str(planned), "--calib", str(tmp_path / "calib.npz"),
+                        "--input-shape", f"x=1,{D}", "--budget", "60%"])
+    assert refused.exit_code == 2 and "specialize it first" in refused.output and "--pipeline cleanup" in refused.output
+    step1 = run(cli, ["compile", str(src), "-o", str(special), "--input-shape", f"x=1,{D}", "--pipeline", "cleanup"])
+    assert step1.exit_code == 0, step1.output
+    m = onnx.load(special)
+    ops = [n.op_type for n in m.graph.node]
+    assert "If" not in ops and "MatMul" in ops and "DequantizeLinear" not in ops  # float, the then-branch inlined
+    feeds = [{"x": np.random.default_rng(200 + s).standard_normal((1, D)).astype(np.float32)} for s in range(8)]
+    ref = np.concatenate([_run(src, f)[0] for f in feeds])
+    np.testing.assert_array_equal(np.concatenate([_run(special, f)[0] for f in feeds]), ref)
+    step2 = run(cli, ["compile", str(special), "-o", str(planned), "--calib", str(tmp_path / "calib.npz"),
+                      "--budget", "60%", "-q"])
+    assert step2.exit_code == 0, step2.output
+    weights = [numpy_helper.to_array(t) for t in onnx.load(planned).graph.initializer if len(t.dims) == 2]
+    assert weights and all(w.dtype != np.float32 for w in weights)  # the branch's weight quantized (int8 / int4)
+    assert planned.stat().st_size <= 0.6 * special.stat().st_size
+    assert sqnr(ref, np.concatenate([_run(planned, f)[0] for f in feeds])) >= 20.0
