@@ -10,7 +10,10 @@ was given) → write the model and its side files atomically. A run that fails (
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +32,8 @@ from qcompiler.compile import (
 from qcompiler.plan import Plan
 from qcompiler.report.bundle import CHECK_SAMPLES, BundleResult, package_model
 
+log = logging.getLogger("qcompiler")
+
 __all__ = ["COMPILE_LAYER_SAMPLES", "PIPELINE_INSERTIONS", "REJECTED_REPORT_SUFFIX", "CompileOptions", "CompileResult", "Progress",
            "assemble_pipeline", "build_bundle", "compile_model"]
 
@@ -40,6 +45,8 @@ def compile_model(model_path: str | os.PathLike[str], output_path: str | os.Path
     (:mod:`qcompiler.recipe`; ``plan="default"`` compiles the plain default plan instead), as ``plan="auto"``
     does. With ``options.budget``, the plan is planned first (:func:`qcompiler.autoplan.plan_for_compile`)."""
     opts = options or CompileOptions()
+    if opts.budget is not None and (opts.freeze_inputs or opts.input_shapes):
+        return _specialized_then_planned(Path(model_path), Path(output_path), opts, progress)
 
     def planner(base: Plan) -> autoplan.AutoPlanResult:
         return autoplan.plan_for_compile(Path(model_path), opts, base, progress)
@@ -48,6 +55,26 @@ def compile_model(model_path: str | os.PathLike[str], output_path: str | os.Path
         return recipe.plan_for_compile(Path(model_path), resolved, base, progress)
 
     return compile_plan(model_path, output_path, opts, progress, planner=planner, recipe=measured)
+
+
+def _specialized_then_planned(src: Path, out: Path, opts: CompileOptions, progress: Progress | None) -> CompileResult:
+    """``budget`` with ``freeze_inputs`` / ``input_shapes``: the planner measures the model file it is given, so
+    the model is specialized first — ``freeze-inputs``, ``fix-shapes`` and ``cleanup`` only, the float model at
+    those inputs (its Ifs on them inlined), written into a temporary folder — and that file is compiled under the
+    budget (validated against it: the same function at those inputs). The original stays an input of that compile
+    (every output is checked against it and its external data). Doing the two steps by hand — ``compile MODEL -o
+    SPECIAL.onnx --freeze-input ... --input-shape ... --pipeline cleanup``, then ``compile SPECIAL.onnx --budget
+    ...`` — writes the same bytes."""
+    with tempfile.TemporaryDirectory(prefix="qcompiler-specialized-") as tmp:
+        special = Path(tmp) / src.name
+        first = compile_plan(src, special, CompileOptions(
+            pipeline="cleanup", freeze_inputs=opts.freeze_inputs, input_shapes=opts.input_shapes, validate=False,
+            target=opts.target, plugins=list(opts.plugins), seed=opts.seed), progress)
+        log.info("--budget: planning %s specialized first (%s)", src, first.pipeline)
+        done = {"model": str(src), "pipeline": first.pipeline, "freeze_inputs": list(opts.freeze_inputs),
+                "input_shapes": list(opts.input_shapes)}
+        return compile_model(special, out, dataclasses.replace(
+            opts, freeze_inputs=(), input_shapes=(), also_reads=(*opts.also_reads, src), specialized=done), progress)
 
 
 def build_bundle(model: str | os.PathLike[str], bundle: str | os.PathLike[str], *, target: str = "ort",

@@ -204,6 +204,12 @@ class CompileOptions:
     freeze_inputs: tuple[str, ...] = ()
     #: ``NAME=D0,D1,...`` items: those graph inputs' dimensions fixed (``fix-shapes``, after ``freeze-inputs``)
     input_shapes: tuple[str, ...] = ()
+    #: other models this compile must not write over (with their external data): the original of a model
+    #: :func:`qcompiler.api.compile_model` specialized for ``--budget`` with ``--freeze-input`` / ``--input-shape``
+    also_reads: tuple[Path, ...] = ()
+    #: set by :func:`qcompiler.api.compile_model` when it specialized the model first (``model``: the original,
+    #: ``pipeline``: what made the file compiled here): the report's ``input`` and ``specialized``
+    specialized: dict[str, Any] | None = None
     #: validation streams its samples: input -> the graph output fed back into it (``--stream IN=OUT``)
     stream: dict[str, str] = field(default_factory=dict)
     #: where the report goes when the ``min_sqnr_db`` gate refuses the model (default: OUT.rejected.report.json)
@@ -378,11 +384,10 @@ def _compile(src: Path, out: Path, opts: CompileOptions, outs: ir.OutputSet, pro
     checks = [parse_check(c) if isinstance(c, str) else c for c in opts.checks] + list(plan.checks)
     auto = None
     if opts.budget is not None and opts.plan != AUTO_PLAN:  # mixed precision under a budget: planned first
-        for flag, given in (("--input-shape", opts.input_shapes), ("--freeze-input", opts.freeze_inputs)):
-            if given:
-                raise UserError(f"{flag}: not with --budget (the planner measures the model as given): specialize "
-                                f"it first (qcompiler compile MODEL -o SPECIAL.onnx {flag} ... --pipeline cleanup, "
-                                "a float model), then plan SPECIAL.onnx with --budget")
+        for flag, items in (("--input-shape", opts.input_shapes), ("--freeze-input", opts.freeze_inputs)):
+            if items:  # qcompiler.api.compile_model specializes the model first; compile_plan alone cannot
+                raise UserError(f"{flag}: not with --budget in compile_plan (the planner measures the model as "
+                                "given): use qcompiler.api.compile_model, which specializes the model first")
         if planner is None:
             raise ValueError("compile_plan: options.budget needs a planner (qcompiler.api.compile_model)")
         with profile.step("auto plan (--budget)"):
@@ -481,6 +486,9 @@ def _compile(src: Path, out: Path, opts: CompileOptions, outs: ir.OutputSet, pro
         "passes": [r.to_json() for r in records],
         **{k: v for k, v in ctx.report.items() if not k.startswith("_")},
     }
+    if opts.specialized is not None:  # the user's model, and what specialized it (qcompiler.api)
+        report["input"] = str(opts.specialized["model"])
+        report["specialized"] = dict(opts.specialized)
     float_bytes = ir.model_summary(float_model)["parameter_bytes"]
     quant_bytes = ir.model_summary(qmodel)["parameter_bytes"]
     report["sizes"] = {"float_parameter_bytes": float_bytes, "quantized_parameter_bytes": quant_bytes,

@@ -5,6 +5,7 @@ fixed shape (exact before quantization), numpy SQNR after."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qcompiler import ir
 from qcompiler.cli import cli
+from qcompiler.compile import CompileOptions, compile_plan
 from qcompiler.core.errors import UserError
 from qcompiler.passes.fix_shapes import FixShapesPass
 from qcompiler.plan.checks import parse_shapes
@@ -135,7 +137,6 @@ def test_compile_quantizes_the_branch_a_shape_selects(tmp_path):
     (["--input-shape", "x=0,16"], "--input-shape x=0,16: every dimension must be at least 1"),
     (["--input-shape", "x=a,16"], "--input-shape x=a,16: dimensions are integers separated by commas"),
     (["--input-shape", "x"], "--input-shape 'x': expected NAME=D0,D1,..."),
-    (["--input-shape", "x=1,16", "--budget", "50%"], "--input-shape: not with --budget (the planner measures the model as given): specialize it first"),
 ])
 def test_bad_input_shape_is_one_line_exit_2(tmp_path, args, msg):
     src = tmp_path / "shapes.onnx"
@@ -216,17 +217,24 @@ def test_silero_if_model_gets_its_lstm_quantized(tmp_path):
     assert np.mean((r > 0.5) == (g > 0.5)) >= 0.93
 
 
-def test_budget_on_a_specialized_model_in_two_steps(tmp_path):
-    """--budget refuses --input-shape and names the two-step way: a float model written with --pipeline cleanup
-    (the same function at that shape, no If left), then planned under the budget like any model."""
+def test_budget_with_input_shape_specializes_first(tmp_path):
+    """--budget measures the model file it is given: compile_model first writes the float model specialized at
+    the shape (freeze-inputs / fix-shapes and cleanup only: the same function, no If left) and plans that file.
+    Oracle: the two steps done by hand (compile --pipeline cleanup, then compile --budget) write the same bytes;
+    the user's model is still guarded as an input (an output over it is refused)."""
     src, special, planned = tmp_path / "shapes.onnx", tmp_path / "special.onnx", tmp_path / "planned.onnx"
     onnx.save(shape_model(), src)
     rng = np.random.default_rng(3)
     np.savez(tmp_path / "calib.npz", x=rng.standard_normal((16, 1, D)).astype(np.float32))
+    calib = str(tmp_path / "calib.npz")
     run = CliRunner().invoke
-    refused = run(cli, ["compile", str(src), "-o", str(planned), "--calib", str(tmp_path / "calib.npz"),
-                        "--input-shape", f"x=1,{D}", "--budget", "60%"])
-    assert refused.exit_code == 2 and "specialize it first" in refused.output and "--pipeline cleanup" in refused.output
+    one = run(cli, ["compile", str(src), "-o", str(tmp_path / "one.onnx"), "--calib", calib,
+                    "--input-shape", f"x=1,{D}", "--budget", "60%", "--report", str(tmp_path / "r.json")])
+    assert one.exit_code == 0, one.output
+    assert f"specialized first (a float model, then planned under --budget): fix-shapes{{shapes=x=1x{D}}},cleanup" \
+        in one.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["input"] == str(src) and report["specialized"]["input_shapes"] == [f"x=1,{D}"]
     step1 = run(cli, ["compile", str(src), "-o", str(special), "--input-shape", f"x=1,{D}", "--pipeline", "cleanup"])
     assert step1.exit_code == 0, step1.output
     m = onnx.load(special)
@@ -235,10 +243,22 @@ def test_budget_on_a_specialized_model_in_two_steps(tmp_path):
     feeds = [{"x": np.random.default_rng(200 + s).standard_normal((1, D)).astype(np.float32)} for s in range(8)]
     ref = np.concatenate([_run(src, f)[0] for f in feeds])
     np.testing.assert_array_equal(np.concatenate([_run(special, f)[0] for f in feeds]), ref)
-    step2 = run(cli, ["compile", str(special), "-o", str(planned), "--calib", str(tmp_path / "calib.npz"),
-                      "--budget", "60%", "-q"])
+    step2 = run(cli, ["compile", str(special), "-o", str(planned), "--calib", calib, "--budget", "60%", "-q"])
     assert step2.exit_code == 0, step2.output
+    assert (tmp_path / "one.onnx").read_bytes() == planned.read_bytes()
     weights = [numpy_helper.to_array(t) for t in onnx.load(planned).graph.initializer if len(t.dims) == 2]
     assert weights and all(w.dtype != np.float32 for w in weights)  # the branch's weight quantized (int8 / int4)
     assert planned.stat().st_size <= 0.6 * special.stat().st_size
     assert sqnr(ref, np.concatenate([_run(planned, f)[0] for f in feeds])) >= 20.0
+    before = src.read_bytes()
+    over = run(cli, ["compile", str(src), "-o", str(src), "--calib", calib, "--input-shape", f"x=1,{D}",
+                     "--budget", "60%"])
+    assert over.exit_code == 2 and "Traceback" not in over.output and src.read_bytes() == before
+
+
+def test_compile_plan_alone_refuses_budget_with_input_shape(tmp_path):
+    src = tmp_path / "shapes.onnx"
+    onnx.save(shape_model(), src)
+    with pytest.raises(UserError, match=r"use qcompiler\.api\.compile_model, which specializes the model first"):
+        compile_plan(src, tmp_path / "q.onnx", CompileOptions(calib="random", budget="60%",
+                                                               input_shapes=(f"x=1,{D}",)), planner=lambda p: p)

@@ -154,7 +154,6 @@ def test_compile_quantizes_the_taken_branch(tmp_path):
     (["--freeze-input", "mode"], "--freeze-input 'mode': expected NAME=VALUE"),
     (["--freeze-input", "x=1"], "--freeze-input x=1: the input's shape"),
     (["--freeze-input", "mode=1", "--freeze-input", "mode=0"], "input 'mode' given twice"),
-    (["--freeze-input", "mode=1", "--budget", "50%"], "--freeze-input: not with --budget"),
 ])
 def test_bad_freeze_is_one_line_exit_2(tmp_path, args, msg):
     src = tmp_path / "mode.onnx"
@@ -163,6 +162,27 @@ def test_bad_freeze_is_one_line_exit_2(tmp_path, args, msg):
         model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"
     onnx.save(model, src)
     assert_compile_refused(src, tmp_path, args, msg)
+
+
+def test_budget_with_freeze_input_plans_the_taken_branch(tmp_path):
+    """--budget measures the model file it is given: compile_model specializes the model first (freeze-inputs and
+    cleanup, a float model) and plans that; the branch the frozen value takes gets quantized weights."""
+    src, out = tmp_path / "mode.onnx", tmp_path / "q.onnx"
+    onnx.save(mode_model(), src)
+    rng = np.random.default_rng(5)
+    np.savez(tmp_path / "calib.npz", x=rng.standard_normal((16, 1, D)).astype(np.float32),
+             mode=np.ones(16, np.int64))
+    res = CliRunner().invoke(cli, ["compile", str(src), "-o", str(out), "--calib", str(tmp_path / "calib.npz"),
+                                   "--freeze-input", "mode=1", "--budget", "60%"])
+    assert res.exit_code == 0, res.output
+    assert "specialized first (a float model, then planned under --budget): freeze-inputs{inputs=mode=1}" in res.output
+    q = onnx.load(out)
+    assert "If" not in [n.op_type for n in q.graph.node]
+    weights = [numpy_helper.to_array(t) for t in q.graph.initializer if len(t.dims) == 2]
+    assert weights and all(w.dtype != np.float32 for w in weights)
+    feeds = [_feed(s) for s in range(8)]
+    ref = np.concatenate([_run(src, f)[0] for f in feeds])
+    assert sqnr(ref, np.concatenate([_run(out, f)[0] for f in feeds])) >= 20.0
 
 
 def test_silero_if_model_frozen_at_16k_gets_its_convs_quantized(tmp_path):

@@ -230,6 +230,8 @@ def compile_cmd(model: Path, output: Path, plan: str | None, preset: str | None,
     if prof is not None:
         click.echo("time: " + ", ".join(f"{name} {sec:.2f} s ({share * 100:.0f}%)" for name, sec, share in prof.top(3))
                    + ("" if show_profile else "  (--profile: every step)"))
+    if "specialized" in rep:  # --budget with --freeze-input / --input-shape: specialized first (qcompiler.api)
+        click.echo(f"specialized first (a float model, then planned under --budget): {rep['specialized']['pipeline']}")
     click.echo(f"pipeline: {result.pipeline}")
     rows = [(r.name, "yes" if r.modified else "no", f"{r.seconds * 1000:.1f}",
              ", ".join(f"{k}={v}" for k, v in sorted(r.stats.items()) if v)) for r in result.records]
