@@ -35,7 +35,7 @@ from qcompiler.report.bundle import CHECK_SAMPLES, BundleResult, package_model
 log = logging.getLogger("qcompiler")
 
 __all__ = ["COMPILE_LAYER_SAMPLES", "PIPELINE_INSERTIONS", "REJECTED_REPORT_SUFFIX", "CompileOptions", "CompileResult", "Progress",
-           "assemble_pipeline", "build_bundle", "compile_model"]
+           "assemble_pipeline", "build_bundle", "compile_model", "specialize_model"]
 
 
 def compile_model(model_path: str | os.PathLike[str], output_path: str | os.PathLike[str],
@@ -57,6 +57,18 @@ def compile_model(model_path: str | os.PathLike[str], output_path: str | os.Path
     return compile_plan(model_path, output_path, opts, progress, planner=planner, recipe=measured)
 
 
+def specialize_model(src: Path, dest: Path, freeze_inputs: Sequence[str] = (), input_shapes: Sequence[str] = (), *,
+                     target: str = "ort", plugins: Sequence[str] = (), progress: Progress | None = None) -> str:
+    """Write ``src`` specialized at ``freeze_inputs`` (``NAME=VALUE``) and ``input_shapes`` (``NAME=D0,D1,...``)
+    to ``dest``: ``freeze-inputs``, ``fix-shapes`` and cleanup only — the float model at those inputs, its Ifs on
+    them inlined, nothing quantized (what the planner measures for ``--budget`` / ``plan --budget`` with those
+    flags; ``compile ... --pipeline cleanup`` by hand). Returns the pipeline text that ran."""
+    res = compile_plan(src, dest, CompileOptions(pipeline="cleanup", freeze_inputs=tuple(freeze_inputs),
+                                                 input_shapes=tuple(input_shapes), validate=False, target=target,
+                                                 plugins=list(plugins)), progress)
+    return res.pipeline
+
+
 def _specialized_then_planned(src: Path, out: Path, opts: CompileOptions, progress: Progress | None) -> CompileResult:
     """``budget`` with ``freeze_inputs`` / ``input_shapes``: the planner measures the model file it is given, so
     the model is specialized first — ``freeze-inputs``, ``fix-shapes`` and ``cleanup`` only, the float model at
@@ -67,11 +79,10 @@ def _specialized_then_planned(src: Path, out: Path, opts: CompileOptions, progre
     ...`` — writes the same bytes."""
     with tempfile.TemporaryDirectory(prefix="qcompiler-specialized-") as tmp:
         special = Path(tmp) / src.name
-        first = compile_plan(src, special, CompileOptions(
-            pipeline="cleanup", freeze_inputs=opts.freeze_inputs, input_shapes=opts.input_shapes, validate=False,
-            target=opts.target, plugins=list(opts.plugins), seed=opts.seed), progress)
-        log.info("--budget: planning %s specialized first (%s)", src, first.pipeline)
-        done = {"model": str(src), "pipeline": first.pipeline, "freeze_inputs": list(opts.freeze_inputs),
+        pipeline = specialize_model(src, special, opts.freeze_inputs, opts.input_shapes, target=opts.target,
+                                    plugins=opts.plugins, progress=progress)
+        log.info("--budget: planning %s specialized first (%s)", src, pipeline)
+        done = {"model": str(src), "pipeline": pipeline, "freeze_inputs": list(opts.freeze_inputs),
                 "input_shapes": list(opts.input_shapes)}
         return compile_model(special, out, dataclasses.replace(
             opts, freeze_inputs=(), input_shapes=(), also_reads=(*opts.also_reads, src), specialized=done), progress)

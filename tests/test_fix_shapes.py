@@ -262,3 +262,28 @@ def test_compile_plan_alone_refuses_budget_with_input_shape(tmp_path):
     with pytest.raises(UserError, match=r"use qcompiler\.api\.compile_model, which specializes the model first"):
         compile_plan(src, tmp_path / "q.onnx", CompileOptions(calib="random", budget="60%",
                                                                input_shapes=(f"x=1,{D}",)), planner=lambda p: p)
+
+
+def test_plan_command_with_input_shape_plans_the_specialized_model(tmp_path):
+    """`plan --input-shape` plans what `compile --input-shape` compiles: its rules name the inlined branch's layers,
+    and compiling the model with the same flag and that plan matches every rule (no warning) and quantizes them."""
+    src, plan = tmp_path / "shapes.onnx", tmp_path / "p.yaml"
+    onnx.save(shape_model(), src)
+    rng = np.random.default_rng(4)
+    np.savez(tmp_path / "calib.npz", x=rng.standard_normal((16, 1, D)).astype(np.float32))
+    calib = str(tmp_path / "calib.npz")
+    run = CliRunner().invoke
+    res = run(cli, ["plan", str(src), "--input-shape", f"x=1,{D}", "--budget", "60%", "--calib", calib, "-o", str(plan),
+                    "--no-presets", "-q"])  # per-layer rules (a uniform preset names no layer)
+    assert res.exit_code == 0, res.output
+    text = plan.read_text()
+    assert "mm1" in text and "mm2" not in text  # the branch a 1-row x takes, and only it
+    out = tmp_path / "q.onnx"
+    comp = run(cli, ["compile", str(src), "-o", str(out), "--input-shape", f"x=1,{D}", "--plan", str(plan),
+                     "--calib", calib])
+    assert comp.exit_code == 0, comp.output
+    assert "match no node" not in comp.output and "WARNING" not in comp.output
+    weights = [numpy_helper.to_array(t) for t in onnx.load(out).graph.initializer if len(t.dims) == 2]
+    assert weights and all(w.dtype != np.float32 for w in weights)
+    without = run(cli, ["plan", str(src), "--budget", "60%", "--calib", calib, "--no-presets", "-q"])  # the If hides them
+    assert without.exit_code != 0 or "mm1" not in without.output

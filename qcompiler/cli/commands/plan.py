@@ -4,12 +4,14 @@ plan's resolution on a model (``plan resolve``), show the shipped presets (``pla
 from __future__ import annotations
 
 import sys
+import tempfile
 from pathlib import Path
 
 import click
 import yaml
 
 from qcompiler import autoplan, ir
+from qcompiler.api import specialize_model
 from qcompiler.cli.terminal import Progress, table
 from qcompiler.core.errors import UserError
 from qcompiler.core.registry import get_target
@@ -137,14 +139,22 @@ def plan_show_cmd(preset: str | None) -> None:
               help="Return only a plan whose onnxruntime latency is at most R times the float model's (one thread, "
                    "best of 3 on the held-back samples); the uniform base is chosen among those within it. "
                    "Default: nothing timed.")
+@click.option("--freeze-input", "freeze_inputs", multiple=True, metavar="NAME=VALUE",
+              help="Plan the model specialized for a fixed value of graph input NAME (repeatable; as compile's "
+                   "--freeze-input, which the plan is then compiled with).")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=D0,D1,...",
+              help="Plan the model with the dynamic dimensions of graph input NAME fixed (repeatable; as "
+                   "compile's --input-shape, which the plan is then compiled with).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for synthetic data and draws.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or summary.")
 def plan_auto_cmd(model: Path, budget: str, bitops: bool, calib: str | None, output: Path | None, candidates: str | None,
                   metric: str, target: str, base_plan: str | None, samples: int, batch_size: int, solver: str,
                   draws: int, select: int, refine: int, exchange: int, pareto: Path | None, measure: int,
-                  validate_data: Path | None, holdout: int, presets: bool, max_latency_ratio: float | None, seed: int,
-                  quiet: bool) -> None:
-    """Plan mixed precision for MODEL: the most accurate plan within --budget (also `qcompiler plan MODEL`)."""
+                  validate_data: Path | None, holdout: int, presets: bool, max_latency_ratio: float | None,
+                  freeze_inputs: tuple[str, ...], input_shapes: tuple[str, ...], seed: int, quiet: bool) -> None:
+    """Plan mixed precision for MODEL: the most accurate plan within --budget (also `qcompiler plan MODEL`).
+    With --freeze-input / --input-shape the model is specialized first (a float model in a temporary folder:
+    those passes and cleanup only) and that is what is planned; compile the plan with the same flags."""
     opts = autoplan.PlanOptions(budget=autoplan.Budget.parse(budget, bitops=bitops),
                                 candidates=autoplan.parse_candidates(candidates or autoplan.DEFAULT_CANDIDATES),
                                 default_candidates=candidates is None, metric=metric, target=target,
@@ -169,13 +179,17 @@ def plan_auto_cmd(model: Path, budget: str, bitops: bool, calib: str | None, out
         outs.add_output(pareto, "--pareto")
         outs.add_output(pareto.with_suffix(".svg"), "--pareto plot")
     progress = Progress(enabled=not quiet and sys.stderr.isatty())
-    with outs:
+    with outs, tempfile.TemporaryDirectory(prefix="qcompiler-specialized-") as tmp:
         try:
-            result = autoplan.auto_plan(model, calib, opts, progress=progress)
+            src = model
+            if freeze_inputs or input_shapes:  # the planner measures the file it is given: the specialized model
+                src = Path(tmp) / model.name
+                specialize_model(model, src, freeze_inputs, input_shapes, target=target)
+            result = autoplan.auto_plan(src, calib, opts, progress=progress)
             measured = []
             if pareto is not None and measure:
                 assert calib is not None
-                measured = autoplan.measure_front(model, result, calib, points=measure, validate_data=validate_data,
+                measured = autoplan.measure_front(src, result, calib, points=measure, validate_data=validate_data,
                                                   progress=progress)
         finally:
             progress.close()
