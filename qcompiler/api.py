@@ -20,6 +20,7 @@ from typing import Any
 
 from qcompiler import autoplan, recipe
 from qcompiler.compile import (
+    AUTO_PLAN,
     COMPILE_LAYER_SAMPLES,
     PIPELINE_INSERTIONS,
     REJECTED_REPORT_SUFFIX,
@@ -45,7 +46,8 @@ def compile_model(model_path: str | os.PathLike[str], output_path: str | os.Path
     (:mod:`qcompiler.recipe`; ``plan="default"`` compiles the plain default plan instead), as ``plan="auto"``
     does. With ``options.budget``, the plan is planned first (:func:`qcompiler.autoplan.plan_for_compile`)."""
     opts = options or CompileOptions()
-    if opts.budget is not None and (opts.freeze_inputs or opts.input_shapes):
+    # the auto planner (a budget, not the measured default's constraint) measures the file it is given
+    if opts.budget is not None and opts.plan != AUTO_PLAN and (opts.freeze_inputs or opts.input_shapes):
         return _specialized_then_planned(Path(model_path), Path(output_path), opts, progress)
 
     def planner(base: Plan) -> autoplan.AutoPlanResult:

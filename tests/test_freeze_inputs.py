@@ -183,6 +183,13 @@ def test_budget_with_freeze_input_plans_the_taken_branch(tmp_path):
     feeds = [_feed(s) for s in range(8)]
     ref = np.concatenate([_run(src, f)[0] for f in feeds])
     assert sqnr(ref, np.concatenate([_run(out, f)[0] for f in feeds])) >= 20.0
+    # with the measured default a budget is a constraint on its candidates, which freeze inside their own compiles:
+    # nothing is specialized first
+    auto = CliRunner().invoke(cli, ["compile", str(src), "-o", str(tmp_path / "auto.onnx"), "--calib",
+                                    str(tmp_path / "calib.npz"), "--freeze-input", "mode=1", "--plan", "auto",
+                                    "--budget", "60%"])
+    assert auto.exit_code == 0, auto.output
+    assert "specialized first" not in auto.output and "freeze-inputs{inputs=mode=1}" in auto.output
 
 
 def test_silero_if_model_frozen_at_16k_gets_its_convs_quantized(tmp_path):
