@@ -238,7 +238,7 @@ def test_nudenet_validate_worst_slice_sees_the_score_rows(nudenet: dict[str, Run
 
 
 # ================================================================================================== espcn
-# measured on the project's machine (session 15, benchmarks/RESULTS.md "A ninth real model, held out"), eval worst
+# measured on the project's machine (session 15, benchmarks/RESULTS.md "An eighth real model, held out"), eval worst
 # channel (R / G / B, all crops pooled): onnxruntime MinMax 37.75 dB, the measured default 39.53 (w8a8 as written
 # chosen), --plan default 38.06, the guarded --preset w8a8 49.14 (percentile clipping dropped by its guard)
 ESPCN_DEFAULT_WORST_CHANNEL_DB = 39.53 - MARGIN_DB
