@@ -8,8 +8,10 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
+from _graphs import Builder, vi
 from click.testing import CliRunner, Result
 
 from qcompiler.api import CompileOptions, compile_model
@@ -250,6 +252,36 @@ def test_guarded_preset_keeps_its_bytes_when_nothing_is_dropped(tmp_path: Path) 
     ref = tmp_path / "ref.onnx"
     assert run("compile", model, "-o", ref, "--plan", copy, "--calib", npz, "-q").exit_code == 0
     assert digest(out) == digest(ref)
+
+
+def test_guard_skips_percentile_when_nothing_is_calibrated(tmp_path: Path) -> None:
+    """One Conv whose output only float ops read: w8a8 (float-read Conv outputs not requantized) keeps every
+    activation float, so percentile clipping changes nothing and is not measured. Oracle: the preset as written
+    and the same plan with minmax ranges write the same model, byte for byte."""
+    b = Builder(21)
+    b.node("Conv", ["x", b.init("w", b.randn(8, 3, 3, 3)), b.init("b", b.randn(8))], ["c"], name="conv", pads=[1] * 4)
+    b.node("Relu", ["c"], ["y"], name="relu")
+    src = tmp_path / "conv.onnx"
+    onnx.save(b.model([vi("x", [1, 3, 16, 16])], [vi("y", [1, 8, 16, 16])]), src)
+    rng = np.random.default_rng(3)
+    np.savez(tmp_path / "calib.npz", x=rng.standard_normal((16, 1, 3, 16, 16)).astype(np.float32))
+    out, report = tmp_path / "g.onnx", tmp_path / "g.json"
+    r = run("compile", src, "-o", out, "--preset", "w8a8", "--calib", tmp_path / "calib.npz", "--report", report)
+    assert r.exit_code == 0, r.output
+    names = {c["name"]: c for c in json.loads(report.read_text())["recipe"]["candidates"]}
+    assert "not measured: the plan as written calibrates no activation statically" in \
+        names["without-percentile"]["error"]
+    assert "error" not in names["without-gptq"] and "error" not in names["as-written"]
+    text = (PRESETS / "w8a8.yaml").read_text()
+    minmax = tmp_path / "minmax.yaml"
+    minmax.write_text("\n".join(line for line in text.splitlines() if "guard: measure" not in line)
+                      .replace("calibration: percentile, percentile: 99.99", "calibration: minmax") + "\n")
+    assert "calibration: minmax" in minmax.read_text()
+    written = tmp_path / "written.yaml"
+    written.write_text("\n".join(line for line in text.splitlines() if "guard: measure" not in line) + "\n")
+    for plan, dest in ((minmax, tmp_path / "m.onnx"), (written, tmp_path / "w.onnx")):
+        assert run("compile", src, "-o", dest, "--plan", plan, "--calib", tmp_path / "calib.npz", "-q").exit_code == 0
+    assert digest(tmp_path / "m.onnx") == digest(tmp_path / "w.onnx") == digest(out)
 
 
 def test_user_errors(tmp_path: Path) -> None:

@@ -33,7 +33,8 @@ without each algorithm it turns on (percentile clipping counting as one: without
 run-time scales too: without them, one per tensor). A plan of the w8a8-dynamic kind (float activations, MatMul /
 Gemm inputs quantized at run time per tensor) is also measured with per-token scales, and with per-token scales
 and SmoothQuant (alpha by measurement): the best of those replaces the plan when it measures better than as
-written (by the same margin; :func:`~qcompiler.recipe.candidates.dynamic_upgrades`). An algorithm
+written (by the same margin; :func:`~qcompiler.recipe.candidates.dynamic_upgrades`). Percentile clipping
+is not measured when the plan as written calibrates no activation statically (nothing for it to clip). An algorithm
 whose removal measures strictly better on the held-back samples is dropped (a warning, and ``recipe.dropped`` in
 the report). When nothing is dropped the plan compiled is the plan as written (same bytes as without the guard).
 """
@@ -303,6 +304,11 @@ def _guard(bench: Bench, base: Plan, progress: Progress | None) -> RecipeResult:
     for i, name in enumerate(names):
         if progress:
             progress(f"guard:{name}", i, len(names))
+        if name == "percentile" and written.calibrated == 0:  # no static range for percentile to change
+            m = Measured(f"without-{name}", f"{name} off", base)
+            m.error = "not measured: the plan as written calibrates no activation statically (percentile changes nothing)"
+            measured.append(m)
+            continue
         m = bench.measure(without(base, [name], f"without {name}"), f"without-{name}", f"{name} off")
         measured.append(m)
         if not m.error and not written.error and m.sqnr_db > written.sqnr_db + GUARD_MARGIN_DB:

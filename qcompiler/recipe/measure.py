@@ -148,6 +148,8 @@ class Measured:
     error: str | None = None
     notes: list[str] = field(default_factory=list)
     structural: bool = False  # see Candidate.structural
+    #: activation tensors its compile calibrated statically (the calibrate pass's ``tensors``; None: unknown)
+    calibrated: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "change": self.change, "sqnr_db": _num(self.sqnr_db),
@@ -239,6 +241,8 @@ class Bench:
                                    exact_weights=exact_weights)
             m.bytes = int(report.get("cost", {}).get("total_bytes") or written_bytes(out)
                           or report["sizes"]["quantized_parameter_bytes"])
+            m.calibrated = next((int(r["stats"].get("tensors", 0)) for r in report.get("passes", [])
+                                 if r.get("pass") == "calibrate"), None)
             # checked by the compile (the ONNX checker on the file written): loaded once, without the load-time
             # checks, for the score's session and the latency's
             qmodel = ir.load_model(out, check=False)
