@@ -257,8 +257,8 @@ def _ceiling_skip(bench: Bench, plan: Plan, name: str, change: str, default: Mea
     measured with its weights exact (``CompileOptions.exact_weights``: activations rounded and lowered as the
     candidate's, weights float; no GPTQ). When that ceiling measures more than :data:`CEILING_MARGIN_DB` below the
     default plan, the candidate cannot reach the default plan whatever its weights: it is not compiled, and is
-    returned measured at its ceiling with the reason as its error. ``None``: compile and measure it. Not with a
-    task metric (decided by the user's function, not the score)."""
+    returned unmeasured, its error naming the ceiling. ``None``: compile and measure it. Not with a task metric
+    (decided by the user's function, not the score)."""
     if "gptq" not in plan.algorithms or bench.metric is not None or default.error:
         return None
     ceiling = bench.measure(plan, name + "-exact-weights", "its activations alone (weights exact)",
