@@ -87,7 +87,7 @@ def _specialized_then_planned(src: Path, out: Path, opts: CompileOptions, progre
         done = {"model": str(src), "pipeline": pipeline, "freeze_inputs": list(opts.freeze_inputs),
                 "input_shapes": list(opts.input_shapes)}
         return compile_model(special, out, dataclasses.replace(
-            opts, freeze_inputs=(), input_shapes=(), also_reads=(*opts.also_reads, src), specialized=done), progress)
+            opts, freeze_inputs=(), input_shapes=(), specialized=done), progress)
 
 
 def build_bundle(model: str | os.PathLike[str], bundle: str | os.PathLike[str], *, target: str = "ort",

@@ -204,11 +204,9 @@ class CompileOptions:
     freeze_inputs: tuple[str, ...] = ()
     #: ``NAME=D0,D1,...`` items: those graph inputs' dimensions fixed (``fix-shapes``, after ``freeze-inputs``)
     input_shapes: tuple[str, ...] = ()
-    #: other models this compile must not write over (with their external data): the original of a model
-    #: :func:`qcompiler.api.compile_model` specialized for ``--budget`` with ``--freeze-input`` / ``--input-shape``
-    also_reads: tuple[Path, ...] = ()
-    #: set by :func:`qcompiler.api.compile_model` when it specialized the model first (``model``: the original,
-    #: ``pipeline``: what made the file compiled here): the report's ``input`` and ``specialized``
+    #: set by :func:`qcompiler.api.compile_model` when it specialized the model first for ``--budget`` with
+    #: ``--freeze-input`` / ``--input-shape`` (``model``: the original, ``pipeline``: what made the file compiled
+    #: here): the report's ``input`` and ``specialized``; the original stays an input no output may overwrite
     specialized: dict[str, Any] | None = None
     #: validation streams its samples: input -> the graph output fed back into it (``--stream IN=OUT``)
     stream: dict[str, str] = field(default_factory=dict)

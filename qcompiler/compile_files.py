@@ -29,7 +29,7 @@ class CompileFiles(Protocol):
     recipe_out: Any
     report: Any
     dump_after: Any
-    also_reads: Any
+    specialized: Any
 
 
 SIDE_FILES = {".onnx.data": "the output's external data", ".plan.yaml": "the resolved-plan side file",
@@ -61,8 +61,8 @@ def _compile_inputs(src: Path, opts: CompileFiles) -> ir.OutputSet:
     """An output set holding every file a compile of ``src`` reads (no outputs yet)."""
     outs = ir.OutputSet()
     outs.add_input(src, "model", model=True)
-    for original in opts.also_reads:  # the model a specialized one was written from (qcompiler.api)
-        outs.add_input(original, "model", model=True)
+    if opts.specialized is not None:  # the model a specialized one was written from (qcompiler.api)
+        outs.add_input(opts.specialized["model"], "model", model=True)
     plan = opts.plan.source if isinstance(opts.plan, Plan) else opts.plan
     if plan is not None and Path(str(plan)).is_file():
         outs.add_input(str(plan), "plan")

@@ -83,7 +83,6 @@ from qcompiler.recipe.measure import (
     Measured,
     call_metric,
     held_back_from,
-    held_indices,
     load_metric,
     run_timed,
     score,
@@ -145,15 +144,16 @@ def _bench(model: Path, opts: CompileOptions, tmp: Path) -> Bench:
     metric = load_metric(opts.task_metric)
     # latency only where a constraint asks for it: timing must not decide what a plain compile writes
     latency = opts.optimize == "latency" or opts.max_latency_ratio is not None
-    stream = qv.StreamSpec(dict(opts.stream), data, tuple(held_indices(len(data)))) if opts.stream else None
     # the task metric reads the float outputs the candidates are scored against (streamed: the reference's)
-    plain_outputs = metric is not None and stream is None
+    plain_outputs = metric is not None and not opts.stream
     float_outputs, float_seconds = run_timed(model, held) if latency or plain_outputs else ([], 0.0)
     # the candidates' compiles are not validated: the compile's --check thresholds are for the model written
     bench = Bench(model=model, options=dataclasses.replace(opts, checks=[]), calib=calib, fit=fit, held=held,
                   float_outputs=float_outputs, float_seconds=float_seconds, workdir=tmp, metric=metric,
-                  latency=latency, stream=stream)
-    if stream is not None and metric is not None:
+                  latency=latency)
+    if opts.stream:  # the whole data as one stream, scored at the held-back places
+        bench.stream = qv.StreamSpec(dict(opts.stream), data, bench.held_indices)
+    if bench.stream is not None and metric is not None:
         bench.float_outputs = bench.reference.outputs
     if metric is not None:
         bench.float_metric = call_metric(metric, bench.float_outputs, bench.float_outputs, held)

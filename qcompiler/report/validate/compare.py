@@ -32,7 +32,6 @@ from qcompiler.report.validate.result import LayerInfo, ValidationReport, _fmt_d
 from qcompiler.report.validate.sessions import (
     _FLOAT_ORT_TYPES,
     ModelLike,
-    Stream,
     _as_model,
     _first_line,
     _label,
@@ -129,8 +128,8 @@ def validate(
     out_names = list(f_plain.output_types)
     if stream:
         _check_stream(stream, f_plain, q_plain, out_names)
-        for r in (f_plain, q_plain):
-            r.stream, r.advances = Stream(dict(stream)), True
+        f_plain.start_stream(stream)
+        q_plain.start_stream(stream)
     missing = [n for n in out_names if n not in q_plain.output_types]
     if missing:
         raise UserError(f"{qlabel}: lacks graph output(s) {', '.join(repr(n) for n in missing)} "

@@ -36,7 +36,7 @@ from qcompiler.report.validate.compare import (
 )
 from qcompiler.report.validate.layers import _graph_facts, _GraphFacts
 from qcompiler.report.validate.result import ValidationReport
-from qcompiler.report.validate.sessions import ModelLike, Stream, _as_model, _label, _run_checked, _Runner
+from qcompiler.report.validate.sessions import ModelLike, _as_model, _label, _run_checked, _Runner
 
 
 @dataclass(frozen=True)
@@ -202,7 +202,7 @@ def _quant_run(runner: _Runner, names: list[str], label: str, idx: int,
 def _streamed(runner: _Runner, spec: StreamSpec, names: list[str], which: str,
               label: str) -> Iterator[dict[str, np.ndarray]]:
     """``runner``'s outputs at ``spec.at``, running ``spec.feeds`` in order as one stream (up to the last place)."""
-    runner.stream, runner.advances = Stream(dict(spec.pairs)), True
+    runner.start_stream(spec.pairs)
     at, last = set(spec.at), max(spec.at, default=-1)
     for i, feed in enumerate(spec.feeds):
         if i > last:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -112,6 +112,10 @@ class _Runner:
         #: streamed validation: the model's carried inputs, and whether this runner advances them
         self.stream: Stream | None = None
         self.advances = False
+
+    def start_stream(self, pairs: Mapping[str, str]) -> None:
+        """Run the samples from now on as one stream (:class:`Stream`), this runner advancing it."""
+        self.stream, self.advances = Stream(dict(pairs)), True
 
     def run(self, feed: dict[str, np.ndarray], sample: int, names: Sequence[str]) -> dict[str, np.ndarray]:
         if self.stream is not None:
