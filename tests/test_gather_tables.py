@@ -98,10 +98,11 @@ def test_text_encoder_int8_table_shared_with_tied_projection(tmp_path: Path) -> 
     assert sqnr >= 30.0, sqnr  # measured 33.6 dB on the 8 held-back samples
 
 
-def test_text_encoder_int4_w4a16(tmp_path: Path) -> None:
+@pytest.mark.parametrize("preset", ["w4a16", "w4a16-gptq"])  # -gptq: "as w4a16", its table too (session 16)
+def test_text_encoder_int4_w4a16(tmp_path: Path, preset: str) -> None:
     src, calib, ev = _encoder_feeds()
     out = tmp_path / "enc.int4.onnx"
-    compile_model(src, out, CompileOptions(plan="w4a16", calib=_write_calib(tmp_path, calib), validate=False))
+    compile_model(src, out, CompileOptions(plan=preset, calib=_write_calib(tmp_path, calib), validate=False))
     ratio = out.stat().st_size / src.stat().st_size
     assert ratio <= 0.17, ratio  # measured 0.160
     init = {t.name: t for t in onnx.load(str(out)).graph.initializer}

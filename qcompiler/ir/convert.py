@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,11 +78,24 @@ def import_graph(model: onnx.ModelProto, source: str = "") -> tuple[gs.Graph, Mo
         metadata_props={p.key: p.value for p in model.metadata_props},
         source=source,
     )
-    graph = gs.import_onnx(model)
+    with _gs_errors_only():  # its "could not convert FLOAT8E4M3FN to NumPy" for fp8 / int4 constants we handle
+        graph = gs.import_onnx(model)
     map_external_constants(graph)
     _numpy_variable_dtypes(graph)
     name_nodes(graph)
     return graph, meta
+
+
+@contextlib.contextmanager
+def _gs_errors_only() -> Iterator[None]:
+    """graphsurgeon's own logger (it prints to the terminal, past the CLI's ``-q``) at errors only inside the block."""
+    logger = gs.logger.G_LOGGER
+    before = logger.severity
+    logger.severity = logger.ERROR
+    try:
+        yield
+    finally:
+        logger.severity = before
 
 
 def _numpy_variable_dtypes(graph: gs.Graph) -> None:
