@@ -74,6 +74,16 @@ def layer_capabilities(weights: frozenset[str], activations: frozenset[str], gra
     return table
 
 
+def _misfused_block_matmul(op_type: str, w: QuantSpec, a: QuantSpec) -> bool:
+    """A MatMul with 8-bit block-wise integer weights and an 8-bit integer activation quantized per tensor
+    (calibrated or at run time): onnxruntime's CPU provider fuses its DequantizeLinear pair into
+    ``MatMulIntegerToFloat`` without looking at the weight's ``block_size`` and the kernel fails on the block
+    scales (onnxruntime 1.32; every target here is validated in it). Per-token activations are lowered to
+    ``MatMulInteger`` with their own scaling, 4 / 16-bit weights are not fused, Gemm and Conv are not affected."""
+    return (op_type == "MatMul" and w.scheme == "int" and w.granularity == "block" and w.dtype in ("int8", "uint8")
+            and a.scheme == "int" and a.dtype in ("int8", "uint8") and a.granularity == "per_tensor")
+
+
 @dataclass
 class Target:
     """Base class of runtime targets."""
@@ -138,6 +148,12 @@ class Target:
                 runs = sorted(n for n, t in targets().items() if w.scale in t.weight_scales)
                 raise self._refuse(np_, f"weight scale {w.scale} is not supported on this target"
                                         + (f" (targets running it: {', '.join(runs)})" if runs else ""))
+        if w is not None and a is not None and _misfused_block_matmul(np_.op_type, w, a):
+            raise self._refuse(np_, f"{w.dtype} block-wise weights next to an activation quantized per tensor "
+                                    "(8-bit): onnxruntime fuses the pair into MatMulIntegerToFloat, which takes one "
+                                    "weight scale per tensor or per column, and fails when the model runs; use "
+                                    "granularity per_channel, per_token activations, or a float activation "
+                                    "(weight-only)")
         if a is not None:
             allowed = cap.activation_dtypes if cap is not None else self.other_activation_dtypes
             if a.scheme not in ("int", *(cap.schemes if cap else ())):

@@ -82,6 +82,13 @@ def prepare(model_path: str | Path, candidates: Sequence[Candidate], *, target: 
             merged = {**base_w, **cand.keys()}
             if cand.lowbit and merged.get("granularity") == "block":
                 merged["granularity"] = "per_channel"
+            # an 8-bit candidate on a block-wise base (w4a8's MatMul rule): per channel, as int8 means anywhere
+            # else (8-bit blocks cost scale bytes for little, and next to a quantized activation onnxruntime
+            # cannot run them: Target.check_node); "int8/block32" still asks for blocks
+            if merged.get("dtype") in ("int8", "uint8") and merged.get("granularity") == "block" and \
+                    "granularity" not in cand.keys():
+                merged["granularity"] = "per_channel"
+                merged.pop("block_size", None)
             if cand.lowbit and merged.get("dtype") in ("fp8e4m3", "fp8e5m2", "float"):
                 merged["dtype"] = "int8"
             try:
