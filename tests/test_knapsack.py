@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -125,3 +126,23 @@ def test_bad_input_is_refused():
         knapsack.solve([[1, 2]], [[0.0]], 5)
     with pytest.raises(ValueError):
         knapsack.solve([[1, 2]], [[0.0, float("nan")]], 5)
+
+
+def test_a_budget_equal_to_the_cheapest_plan_fits_despite_rounding():
+    """A budget equal to the cheapest choice's cost, summed exactly (``math.fsum``), fits even when the solver's
+    own float sum of fractional costs comes out a few ulps above it at encoder sizes (1e7 bytes): session 16's
+    MiniLM encoder at the bytes of uniform w4a8 was refused as "below the smallest plan" by 1.1e-8."""
+    for seed in range(200):
+        rng = np.random.default_rng(seed)
+        mins = list(rng.integers(100_000, 6_000_000, 38) + rng.integers(1, 19, 38) / 19.0)
+        budget = math.fsum(mins)
+        if float(sum(mins)) - budget > 1e-9:  # the case the old absolute 1e-9 tolerance refused
+            break
+    else:  # pragma: no cover - found at the first seeds
+        raise AssertionError("no rounding case found")
+    costs = [[m, m + 1000.0] for m in mins]
+    values = [[1.0, 0.0] for _ in mins]
+    for solve in (knapsack.solve, knapsack.lagrangian):
+        sol = solve(costs, values, budget)
+        assert sol is not None and sol.choice == [0] * len(mins)
+    assert knapsack.solve(costs, values, budget - 1.0) is None  # a byte less: truly below
