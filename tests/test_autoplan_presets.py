@@ -5,13 +5,14 @@ measure, and the trust-region search (``stay``) that keeps a plan a few clear st
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from qcompiler import autoplan
 from qcompiler.api import CompileOptions, compile_model
-from qcompiler.autoplan import Budget, LayerInfo
+from qcompiler.autoplan import Budget, LayerInfo, baseline
 from qcompiler.autoplan.activations import wide_activations
 from qcompiler.autoplan.search import stay_penalty
 from qcompiler.calib import spread_indices as spread
@@ -242,3 +243,31 @@ def test_activation_step_widens_the_mix_when_the_uniform_base_has_no_byte_left(m
     results["wide1"] = m(21.0, (20.1, 21.9), 990)  # better overall, not by the margin on one half
     got = step()
     assert not got.kept and got.info["tried"] and len(got.info["tries"]) == 2
+
+
+def test_the_best_preset_that_fits_is_ablated_too(monkeypatch, tmp_path):
+    """The preset measuring best as written may not fit the budget (MiniLM at w4a8's bytes: w4a16-gptq); the best
+    that fits is then ablated too, so the planner's base is what that preset's guard would compile (w4a8 without
+    percentile, 2.5 dB above w4a8 as written there). Compiles and measurements faked: the choice is the test."""
+    budget = 1000.0
+    size = {"w4a16-gptq": budget * (1 + baseline.PROBE_MARGIN / 2), "w4a8": budget}
+    score = {"w4a16-gptq": 10.0, "w4a8": 6.0, "w4a8 without percentile": 8.5, "w4a8 without gptq": 5.0,
+             "w4a8 without bias_correct": 6.1, "w4a8 without fold_bias": 5.9, "w4a16-gptq without gptq": 2.0}
+
+    def name_of(plan):
+        return next(n for n in size if Path(str(plan.source)).stem == n or str(plan.source).startswith(n))
+
+    class Work:
+        def compile(self, model_path, plan, target, shapes=None, want_shapes=False):
+            return SimpleNamespace(total_bytes=size[name_of(plan)]), None
+
+    def fake_measure(model_path, plan, target, hold, tmp, tag, shapes, want_bitops, label=None):
+        return baseline.Measured(sqnr_db=score[label], cost=SimpleNamespace(total_bytes=size[label.split(" without ")[0]]))
+
+    monkeypatch.setattr(baseline.presets, "names", lambda: ["w4a16-gptq", "w4a8"])
+    monkeypatch.setattr(baseline, "measure", fake_measure)
+    rows, best = baseline.best_preset(CONV, autoplan.PlanOptions(budget=Budget.parse("1000")), None, Work(),
+                                      tmp_path, budget, "bytes", {})
+    assert best is not None and best[0] == "w4a8 without percentile" and best[2].sqnr_db == 8.5
+    names = [r["name"] for r in rows]
+    assert "w4a16-gptq without gptq" in names and "w4a8 without percentile" in names

@@ -191,7 +191,8 @@ def _list_initializers_as_inputs(graph: onnx.GraphProto) -> None:
 
 def copy_graph(graph: gs.Graph) -> gs.Graph:
     """A deep, independent copy of ``graph`` (via protobuf, so constants are not shared)."""
-    return gs.import_onnx(_gs_export(graph.copy()))
+    with _gs_errors_only():
+        return gs.import_onnx(_gs_export(graph.copy()))
 
 
 def _gs_export(g: gs.Graph) -> onnx.ModelProto:
