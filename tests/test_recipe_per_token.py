@@ -11,6 +11,7 @@ import onnx
 import onnxruntime as ort
 from _graphs import Builder, vi
 
+from qcompiler import recipe
 from qcompiler.api import CompileOptions, compile_model
 from qcompiler.recipe import GUARD_MARGIN_DB
 
@@ -91,3 +92,35 @@ def test_no_follow_up_where_run_time_scales_lose(tmp_path: Path) -> None:
         assert "per-token-matmul" not in rows
         if "dynamic-matmul" in rows:
             assert rows["dynamic-matmul"]["sqnr_db"] <= rows["default"]["sqnr_db"]
+
+
+def test_gptq_candidate_held_to_the_best_so_far(tmp_path: Path, monkeypatch) -> None:
+    """The candidates without GPTQ (and the per-token follow-up) are measured first; a GPTQ candidate whose
+    exact-weights ceiling is more than CEILING_MARGIN_DB below the best of them cannot win and is not compiled.
+    The oracle: the same compile holding it to the default plan instead (as before) compiles and measures it,
+    below the winner, and writes the same bytes."""
+    model = _model(tmp_path / "mm.onnx")
+    np.savez(tmp_path / "calib.npz", x=_token_scaled(1, 64))
+    opts = CompileOptions(calib=str(tmp_path / "calib.npz"), validate=False)
+    out = tmp_path / "q.onnx"
+    rows = {m["name"]: m for m in compile_model(model, out, opts).report["recipe"]["candidates"]}
+    assert "below per-token-matmul, the best so far" in rows["w8a8"]["error"]
+    assert rows["w8a8"]["sqnr_db"] == "-inf"
+    monkeypatch.setattr(recipe, "_ceiling_ref", lambda measured, cons: (measured[0], "the default plan"))
+    old = tmp_path / "old.onnx"
+    rows_old = {m["name"]: m for m in compile_model(model, old, opts).report["recipe"]["candidates"]}
+    assert not rows_old["w8a8"].get("error")
+    assert rows_old["w8a8"]["sqnr_db"] < rows_old["per-token-matmul"]["sqnr_db"] - recipe.CEILING_MARGIN_DB
+    assert old.read_bytes() == out.read_bytes()
+
+
+def test_under_a_constraint_the_ceiling_is_held_to_the_default_plan(tmp_path: Path) -> None:
+    """--optimize size: a less accurate candidate may win, so a GPTQ candidate is skipped only below the default
+    plan (here it is not: w8a8 is compiled and measured)."""
+    model = _model(tmp_path / "mm.onnx")
+    np.savez(tmp_path / "calib.npz", x=_token_scaled(1, 64))
+    res = compile_model(model, tmp_path / "q.onnx", CompileOptions(calib=str(tmp_path / "calib.npz"),
+                                                                   validate=False, optimize="size"))
+    rows = {m["name"]: m for m in res.report["recipe"]["candidates"]}
+    assert "best so far" not in rows["w8a8"].get("error", "")
+    assert isinstance(rows["w8a8"]["sqnr_db"], float)

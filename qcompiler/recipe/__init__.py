@@ -20,7 +20,8 @@ own previous state, and is scored at the held-back places (:class:`qcompiler.rep
 the best under ``--optimize`` among the candidates that meet the constraints and are not below the default plan
 (by the task metric when given, else by the score). A candidate running GPTQ is first measured with its weights
 exact (``CompileOptions.exact_weights``) and not compiled when that ceiling is more than :data:`CEILING_MARGIN_DB`
-below the default plan (``_ceiling_skip``; not with a task metric). Without a latency constraint nothing timed decides: the same
+below the default plan — below the best candidate so far when nothing but accuracy decides: the candidates without
+GPTQ are measured first (``_ceiling_skip``, ``_ceiling_ref``; not with a task metric). Without a latency constraint nothing timed decides: the same
 inputs give the same file. Confirmation: the winner and the default plan compiled on all N samples are compared
 once more on the held-back samples, and the default plan is kept if the winner lost there — unless the winner leads
 the default plan by :data:`CONFIRM_MARGIN_DB` or more on :data:`CONFIRM_MIN_HELD` (16) or more held-back samples
@@ -196,32 +197,35 @@ def _choose(bench: Bench, opts: CompileOptions, base: Plan, progress: Progress |
     # the default plan's statistics collected with histograms, in the parts calibration auto collects: a later
     # candidate with `calibration: auto` (or percentile ranges) over the same tensors finds them in the cache
     auto_later = any(c.plan.activation_defaults.get("calibration") == "auto" for c in singles[1:])
-    for i, cand in enumerate(singles):
+    # the candidates without GPTQ first (the default plan first of all), then the per-token follow-up, then those
+    # running GPTQ, each skipped when its ceiling cannot reach the best so far (_ceiling_ref); the table keeps
+    # the candidates' order
+    done: dict[str, Measured] = {}
+    heavy = [c for c in singles if "gptq" in c.plan.algorithms]
+    for step, cand in enumerate([c for c in singles if c not in heavy] + heavy):
+        if heavy and cand is heavy[0]:
+            follow = _per_token_follow_up(todo, list(done.values()))
+            if follow is not None:
+                _measure_follow_up(bench, follow, done, progress, step, total)
         if progress:
-            progress(f"recipe:{cand.name}", i, total)
-        skipped = _ceiling_skip(bench, cand.plan, cand.name, cand.change, measured[0]) if measured else None
-        measured.append(skipped or bench.measure(cand.plan, cand.name, cand.change,
-                                                 collect_for_auto=i == 0 and auto_later))
-        measured[-1].structural = cand.structural
-        log.info("recipe: %s %s dB, %d bytes%s", cand.name, fmt_db(measured[-1].sqnr_db), measured[-1].bytes,
-                 f", {measured[-1].latency_ratio:.2f}x float" if bench.latency else "")
-    by_name = {c.name: c for c in singles}
-    follow = _per_token_follow_up(todo, measured)
-    if follow is not None:  # dynamic scales helped: one scale per token may help more (a BERT: +7.4 dB)
-        if progress:
-            progress(f"recipe:{follow.name}", len(singles), total)
-        dyn = next(m for m in measured if m.name == "dynamic-matmul")
-        measured.append(bench.measure(follow.plan, follow.name, follow.change))
-        measured[-1].structural = follow.structural
-        by_name[follow.name] = follow
-        if not measured[-1].error and measured[-1].sqnr_db <= dyn.sqnr_db + GUARD_MARGIN_DB:
-            measured[-1].error = (f"not above dynamic-matmul by {GUARD_MARGIN_DB:g} dB: its per-tensor scales kept "
-                                  "(one row per input, or rows of like ranges)")
-        log.info("recipe: %s %s dB, %d bytes", follow.name, fmt_db(measured[-1].sqnr_db), measured[-1].bytes)
+            progress(f"recipe:{cand.name}", step, total)
+        ref = _ceiling_ref(list(done.values()), cons) if done else None
+        m = (_ceiling_skip(bench, cand.plan, cand.name, cand.change, *ref) if ref else None) or \
+            bench.measure(cand.plan, cand.name, cand.change, collect_for_auto=cand is singles[0] and auto_later)
+        m.structural = cand.structural
+        done[cand.name] = m
+        log.info("recipe: %s %s dB, %d bytes%s", cand.name, fmt_db(m.sqnr_db), m.bytes,
+                 f", {m.latency_ratio:.2f}x float" if bench.latency else "")
+    if not heavy:
+        follow = _per_token_follow_up(todo, list(done.values()))
+        if follow is not None:
+            _measure_follow_up(bench, follow, done, progress, len(singles), total)
+    by_name = {c.name: c for c in [*singles, *todo] if c.name in done}
+    measured = [done[c.name] for c in singles] + [m for n, m in done.items() if n not in {c.name for c in singles}]
     better = [by_name[m.name] for m in measured[1:] if not m.error and m.sqnr_db > measured[0].sqnr_db]
     extra = combined(base, better)
     if extra is not None and (cap is None or len(measured) < cap):
-        measured.append(_ceiling_skip(bench, extra.plan, extra.name, extra.change, measured[0])
+        measured.append(_ceiling_skip(bench, extra.plan, extra.name, extra.change, *_ceiling_ref(measured, cons))
                         or bench.measure(extra.plan, extra.name, extra.change))
         by_name[extra.name] = extra
     if cap is None:  # effort high: the best so far with its most sensitive layers float
@@ -267,6 +271,35 @@ def _choose(bench: Bench, opts: CompileOptions, base: Plan, progress: Progress |
                         notes=notes)
 
 
+def _measure_follow_up(bench: Bench, follow: Candidate, done: dict[str, Measured], progress: Progress | None,
+                       step: int, total: int) -> None:
+    """Measure the per-token follow-up into ``done``; it is not eligible unless it beats ``dynamic-matmul`` by
+    more than :data:`GUARD_MARGIN_DB` (with one row per input the two are the same arithmetic)."""
+    if progress:
+        progress(f"recipe:{follow.name}", step, total)
+    dyn = done["dynamic-matmul"]
+    m = bench.measure(follow.plan, follow.name, follow.change)
+    m.structural = follow.structural
+    if not m.error and m.sqnr_db <= dyn.sqnr_db + GUARD_MARGIN_DB:
+        m.error = (f"not above dynamic-matmul by {GUARD_MARGIN_DB:g} dB: its per-tensor scales kept "
+                   "(one row per input, or rows of like ranges)")
+    done[follow.name] = m
+    log.info("recipe: %s %s dB, %d bytes", follow.name, fmt_db(m.sqnr_db), m.bytes)
+
+
+def _ceiling_ref(measured: list[Measured], cons: Constraints) -> tuple[Measured, str]:
+    """What a GPTQ candidate's ceiling is held to (:func:`_ceiling_skip`): the best candidate measured so far when
+    nothing but accuracy decides (the winner must beat it), else the default plan (``measured[0]``: under a size /
+    latency / SQNR constraint a less accurate candidate may win)."""
+    unconstrained = cons.optimize == "accuracy" and not cons.timed and cons.budget is None and \
+        cons.min_sqnr_db is None
+    ok = [m for m in measured if not m.error]
+    if not unconstrained or not ok or measured[0].error:
+        return measured[0], "the default plan"
+    best = max(ok, key=lambda m: m.sqnr_db)  # max keeps the first of equals: the default plan
+    return best, "the default plan" if best is measured[0] else f"{best.name}, the best so far"
+
+
 def _per_token_follow_up(todo: list[Candidate], measured: list[Measured]) -> Candidate | None:
     """The per-token form of ``dynamic-matmul`` (one run-time scale per row instead of per tensor), when the effort
     left it out and ``dynamic-matmul`` measured above the default plan: a model whose MatMul inputs are better
@@ -280,13 +313,15 @@ def _per_token_follow_up(todo: list[Candidate], measured: list[Measured]) -> Can
     return next((c for c in todo if c.name == "per-token-matmul"), None)
 
 
-def _ceiling_skip(bench: Bench, plan: Plan, name: str, change: str, default: Measured) -> Measured | None:
+def _ceiling_skip(bench: Bench, plan: Plan, name: str, change: str, default: Measured,
+                  what: str = "the default plan") -> Measured | None:
     """A candidate whose plan runs a weight-rounding algorithm that costs seconds per layer (GPTQ) is first
     measured with its weights exact (``CompileOptions.exact_weights``: activations rounded and lowered as the
-    candidate's, weights float; no GPTQ). When that ceiling measures more than :data:`CEILING_MARGIN_DB` below the
-    default plan, the candidate cannot reach the default plan whatever its weights: it is not compiled, and is
-    returned unmeasured, its error naming the ceiling. ``None``: compile and measure it. Not with a task metric
-    (decided by the user's function, not the score)."""
+    candidate's, weights float; no GPTQ). When that ceiling measures more than :data:`CEILING_MARGIN_DB` below
+    ``default`` — the default plan, or the best candidate so far (``what`` names it; :func:`_ceiling_ref`) — the
+    candidate cannot reach it whatever its weights: it is not compiled, and is returned unmeasured, its error
+    naming the ceiling. ``None``: compile and measure it. Not with a task metric (decided by the user's function,
+    not the score)."""
     if "gptq" not in plan.algorithms or bench.metric is not None or default.error:
         return None
     ceiling = bench.measure(plan, name + "-exact-weights", "its activations alone (weights exact)",
@@ -295,7 +330,7 @@ def _ceiling_skip(bench: Bench, plan: Plan, name: str, change: str, default: Mea
         return None
     m = Measured(name, change, plan, seconds=ceiling.seconds)
     m.error = (f"not compiled: with its weights exact it measures {fmt_db(ceiling.sqnr_db)} dB, "
-               f"{default.sqnr_db - ceiling.sqnr_db:.2f} dB below the default plan (its weight rounding never "
+               f"{default.sqnr_db - ceiling.sqnr_db:.2f} dB below {what} (its weight rounding never "
                f"made up more than {CEILING_MARGIN_DB:g} dB)")
     log.info("recipe: %s %s", name, m.error)
     return m
