@@ -4,6 +4,8 @@ measure, and the trust-region search (``stay``) that keeps a plan a few clear st
 
 from __future__ import annotations
 
+import importlib
+import logging
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -12,8 +14,9 @@ import pytest
 
 from qcompiler import autoplan
 from qcompiler.api import CompileOptions, compile_model
-from qcompiler.autoplan import Budget, LayerInfo, baseline
+from qcompiler.autoplan import Budget, LayerInfo, baseline, parse_candidates
 from qcompiler.autoplan.activations import wide_activations
+from qcompiler.autoplan.prepare import prepare
 from qcompiler.autoplan.search import stay_penalty
 from qcompiler.calib import spread_indices as spread
 from qcompiler.plan import Plan, load_plan
@@ -271,3 +274,27 @@ def test_the_best_preset_that_fits_is_ablated_too(monkeypatch, tmp_path):
     assert best is not None and best[0] == "w4a8 without percentile" and best[2].sqnr_db == 8.5
     names = [r["name"] for r in rows]
     assert "w4a16-gptq without gptq" in names and "w4a8 without percentile" in names
+
+
+def test_a_base_preset_rule_matching_no_node_is_warned_about_once(tmp_path, caplog, monkeypatch):
+    """depthwise (Conv only) planned on the base w4a8: its MatMul / Gemm rule matches no node. The planner prepares
+    that base once per search (8 and more on silero-vad): it warns once, then logs at info level; and a compile of
+    a plan derived from the preset (sources "w4a8", "w4a8 without gptq", as the planner names them) logs the
+    unmatched rule at info level, as for the preset itself (a user's own plan still gets the warning)."""
+    # whatever ran before in this process (the module: its package exports a function of the same name)
+    monkeypatch.setattr(importlib.import_module("qcompiler.autoplan.prepare"), "_WARNED", set())
+    model, data = MODELS / "depthwise.onnx", MODELS / "depthwise.npz"
+    cands = parse_candidates("int8,int4")
+    with caplog.at_level(logging.INFO):
+        for _ in range(3):
+            prepare(model, cands, base_plan=without(load_plan("w4a8"), [], "w4a8"))
+    left_out = [r.levelno for r in caplog.records if "left out of the plans written" in r.getMessage()]
+    assert left_out == [logging.WARNING, logging.INFO, logging.INFO]
+    for source, level in (("w4a8", logging.INFO), ("w4a8 without gptq", logging.INFO),
+                          ("my-plan.yaml", logging.WARNING)):
+        caplog.clear()
+        plan = without(load_plan("w4a8"), [], source)
+        with caplog.at_level(logging.INFO):
+            compile_model(model, tmp_path / "q.onnx", CompileOptions(plan=plan, calib=str(data), validate=False))
+        no_node = [r.levelno for r in caplog.records if r.getMessage().endswith("matches no node")]
+        assert no_node == [level], (source, no_node)

@@ -38,6 +38,10 @@ class Prepared:
     dropped: list[str] = field(default_factory=list)
 
 
+#: (base plan, model, unmatched rules) already warned about (the planner prepares one base once per search: 8x)
+_WARNED: set[tuple[str, str, tuple[str, ...]]] = set()
+
+
 def spec_dict(spec: QuantSpec) -> dict[str, Any]:
     return asdict(spec)
 
@@ -58,8 +62,11 @@ def prepare(model_path: str | Path, candidates: Sequence[Candidate], *, target: 
     if unmatched:
         # a preset's rule for op types this model lacks (w4a8's MatMul / Gemm rule on a Conv-only model): it
         # decides nothing here, so the plans written leave it out (and their compiles need not warn again)
-        log.warning("plan: base plan %s: %s match(es) no node of %s; left out of the plans written", base.source,
-                    ", ".join(sorted(unmatched)), src.name)
+        key = (str(base.source), str(src.resolve()), tuple(sorted(unmatched)))
+        (log.info if key in _WARNED else log.warning)(
+            "plan: base plan %s: %s match(es) no node of %s; left out of the plans written", base.source,
+            ", ".join(sorted(unmatched)), src.name)
+        _WARNED.add(key)  # once per process: the planner prepares the same base for each of its searches
         base = replace(base, rules=[r for r in base.rules if r.describe() not in unmatched])
     by_name = {n.name: n for n in ctx.graph.nodes}
     layers: list[LayerInfo] = []

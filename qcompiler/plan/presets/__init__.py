@@ -17,9 +17,12 @@ def preset_path(name: str) -> Path | None:
 
 
 def is_preset(source: str | Path | None) -> bool:
-    """``source`` (a plan's ``source``) is one of the shipped preset files."""
+    """``source`` (a plan's ``source``) is one of the shipped preset files, or names one (``"w4a8"``, ``"w4a8
+    without gptq"``: the planner's base plans and their ablations)."""
     if source is None:
         return False
+    if str(source).split(" without ")[0] in names():
+        return True
     try:
         return Path(source).resolve().parent == _DIR
     except (OSError, ValueError):
