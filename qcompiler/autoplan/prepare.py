@@ -42,15 +42,6 @@ class Prepared:
 _WARNED: set[tuple[str, str, tuple[str, ...]]] = set()
 
 
-def _checked(tgt: Any, np_: NodePlan, merged: dict[str, Any], cand: str) -> QuantSpec:
-    """The candidate's weight spec for node ``np_``, checked against the target (``UserError`` when refused)."""
-    spec = make_spec(merged, f"candidate {cand} for node '{np_.node}'")
-    tgt.check_node(NodePlan(node=np_.node, op_type=np_.op_type, weight=spec, activation=np_.activation,
-                            rules=[f"candidate {cand}"], weight_inputs=np_.weight_inputs,
-                            activation_inputs=np_.activation_inputs))
-    return spec
-
-
 def spec_dict(spec: QuantSpec) -> dict[str, Any]:
     return asdict(spec)
 
@@ -100,24 +91,28 @@ def prepare(model_path: str | Path, candidates: Sequence[Candidate], *, target: 
                 merged["granularity"] = "per_channel"
             if cand.lowbit and merged.get("dtype") in ("fp8e4m3", "fp8e5m2", "float"):
                 merged["dtype"] = "int8"
-            try:
-                spec = _checked(tgt, np_, merged, cand.name)
-            except UserError as e:
-                # an 8-bit candidate on a block-wise base (w4a8's MatMul rule) next to an 8-bit integer activation:
-                # no onnxruntime kernel runs it (Target.check_node); per channel, as int8 means anywhere else
-                # ("int8/block32", which asks for blocks, stays refused)
-                if not (merged.get("granularity") == "block" and "granularity" not in cand.keys()):
-                    refused[cand.name] = str(e)
-                    refused_everywhere.setdefault(cand.name, str(e))
-                    continue
-                merged = {k: v for k, v in merged.items() if k != "block_size"} | {"granularity": "per_channel"}
+            tries = [merged]
+            if merged.get("granularity") == "block" and "granularity" not in cand.keys():
+                # an 8-bit candidate on a block-wise base (w4a8's MatMul rule) next to an 8-bit integer
+                # activation: no onnxruntime kernel runs it (Target.check_node); then per channel, as int8 means
+                # anywhere else ("int8/block32", which asks for blocks, stays refused)
+                tries.append({k: v for k, v in merged.items() if k != "block_size"} | {"granularity": "per_channel"})
+            error = ""
+            for keys in tries:
                 try:
-                    spec = _checked(tgt, np_, merged, cand.name)
-                except UserError as e2:
-                    refused[cand.name] = str(e2)
-                    refused_everywhere.setdefault(cand.name, str(e2))
+                    spec = make_spec(keys, f"candidate {cand.name} for node '{np_.node}'")
+                    tgt.check_node(NodePlan(node=np_.node, op_type=np_.op_type, weight=spec,
+                                            activation=np_.activation, rules=[f"candidate {cand.name}"],
+                                            weight_inputs=np_.weight_inputs,
+                                            activation_inputs=np_.activation_inputs))
+                except UserError as e:
+                    error = str(e)
                     continue
-            allowed[cand.name] = spec
+                allowed[cand.name] = spec
+                break
+            else:
+                refused[cand.name] = error
+                refused_everywhere.setdefault(cand.name, error)
         params = int(sum(int(np.prod(node.inputs[i].shape)) for i in np_.weight_inputs))
         layers.append(LayerInfo(name=np_.node, op_type=np_.op_type, params=params, macs=0,
                                 allowed=[c.name for c in candidates if c.name in allowed], refused=refused,

@@ -201,12 +201,8 @@ def _choose(bench: Bench, opts: CompileOptions, base: Plan, progress: Progress |
     # running GPTQ, each skipped when its ceiling cannot reach the best so far (_ceiling_ref); the table keeps
     # the candidates' order
     done: dict[str, Measured] = {}
-    heavy = [c for c in singles if "gptq" in c.plan.algorithms]
-    for step, cand in enumerate([c for c in singles if c not in heavy] + heavy):
-        if heavy and cand is heavy[0]:
-            follow = _per_token_follow_up(todo, list(done.values()))
-            if follow is not None:
-                _measure_follow_up(bench, follow, done, progress, step, total)
+
+    def measure_single(cand: Candidate, step: int) -> None:
         if progress:
             progress(f"recipe:{cand.name}", step, total)
         ref = _ceiling_ref(list(done.values()), cons) if done else None
@@ -216,12 +212,18 @@ def _choose(bench: Bench, opts: CompileOptions, base: Plan, progress: Progress |
         done[cand.name] = m
         log.info("recipe: %s %s dB, %d bytes%s", cand.name, fmt_db(m.sqnr_db), m.bytes,
                  f", {m.latency_ratio:.2f}x float" if bench.latency else "")
-    if not heavy:
-        follow = _per_token_follow_up(todo, list(done.values()))
-        if follow is not None:
-            _measure_follow_up(bench, follow, done, progress, len(singles), total)
+
+    light = [c for c in singles if "gptq" not in c.plan.algorithms]
+    for step, cand in enumerate(light):
+        measure_single(cand, step)
+    follow = _per_token_follow_up(todo, list(done.values()))
+    if follow is not None:
+        _measure_follow_up(bench, follow, done, progress, len(light), total)
+    for step, cand in enumerate((c for c in singles if c not in light), len(light)):
+        measure_single(cand, step)
     by_name = {c.name: c for c in [*singles, *todo] if c.name in done}
-    measured = [done[c.name] for c in singles] + [m for n, m in done.items() if n not in {c.name for c in singles}]
+    names = {c.name for c in singles}
+    measured = [done[c.name] for c in singles] + [m for n, m in done.items() if n not in names]
     better = [by_name[m.name] for m in measured[1:] if not m.error and m.sqnr_db > measured[0].sqnr_db]
     extra = combined(base, better)
     if extra is not None and (cap is None or len(measured) < cap):
