@@ -39,7 +39,9 @@ and SmoothQuant (alpha by measurement): the best of those replaces the plan when
 written (by the same margin; :func:`~qcompiler.recipe.candidates.dynamic_upgrades`). Percentile clipping
 is not measured when the plan as written calibrates no activation statically (nothing for it to clip). An algorithm
 whose removal measures strictly better on the held-back samples is dropped (a warning, and ``recipe.dropped`` in
-the report). When nothing is dropped the plan compiled is the plan as written (same bytes as without the guard).
+the report). When several are, the plan without all of them is measured too, and one of them alone left on stays
+only where it beats that on at least :data:`KEEP_CONFIDENCE` of paired resamples of the held-back samples (a
+lead the samples' noise does not explain). When nothing is dropped the plan compiled is the plan as written (same bytes as without the guard).
 """
 
 from __future__ import annotations
@@ -113,6 +115,13 @@ CONFIRM_MIN_HELD = HELD_BACK_MAX
 #: on nudenet, 0.3 on silero-vad); the w8a8 candidate scored 0.03-4.2 dB below its own on all eight models
 #: (benchmarks/RESULTS.md, session 15). On the ViT the w8a8 ceiling is 12.3 dB below the default plan.
 CEILING_MARGIN_DB = 6.0
+#: when the guard drops several algorithms (each measured worse than the plan as written) and one of them alone
+#: left on measures better than all of them off, it stays only where it leads on at least this share of paired
+#: resamples of the held-back samples (:meth:`~qcompiler.recipe.measure.Bench.win_rate`): two algorithms that
+#: each measured harmful leave little evidence for either, and a lead inside the held-back samples' noise did not
+#: survive on other data (all-MiniLM-L6-v2's w8a8: GPTQ on minmax ranges 0.23 dB above neither on 16 held-back
+#: sentences, in 41 % of resamples; 0.68 dB below on 48 other sentences; benchmarks/RESULTS.md, session 17)
+KEEP_CONFIDENCE = 0.8
 #: a preset of the default plan's precision (8-bit weights and activations) stays within this of the default plan
 PRESET_FLOOR_DB = 0.5
 #: the float outputs on the held-back samples are handed to the compile's validation (which then does not run the
@@ -344,6 +353,7 @@ def _guard(bench: Bench, base: Plan, progress: Progress | None) -> RecipeResult:
     if ups and not set(ir.model_summary(ir.load_model(bench.model, check=False))["ops"]) & set(MATMUL_OPS):
         ups = []  # no MatMul / Gemm: per-token scales and SmoothQuant would change nothing
     bench.latency = False
+    bench.keep_outputs = True  # for win_rate
     if not names and not ups:
         return RecipeResult(plan=base, text="", mode="guard", reason="nothing to guard")
     written = bench.measure(unguarded(base), "as-written", "the plan as written")
@@ -379,6 +389,7 @@ def _guard(bench: Bench, base: Plan, progress: Progress | None) -> RecipeResult:
         if not m.error and not written.error and m.sqnr_db > written.sqnr_db + GUARD_MARGIN_DB:
             dropped.append(name)
     final = written
+    notes: list[str] = []
     if len(dropped) == 1:
         final = measured[1 + names.index(dropped[0])]
     elif dropped:  # measured together too: keep the single best drop if the set is not better
@@ -387,9 +398,16 @@ def _guard(bench: Bench, base: Plan, progress: Progress | None) -> RecipeResult:
         measured.append(both)
         best = max((measured[1 + names.index(n)] for n in dropped), key=lambda m: m.sqnr_db)
         final = both
-        if best.sqnr_db > both.sqnr_db:
-            dropped, final = [best.name.removeprefix("without-")], best
-    notes: list[str] = []
+        if best.sqnr_db > both.sqnr_db and not both.error:  # an algorithm that measured worse stays on evidence
+            rate = bench.win_rate(best, both)
+            kept = [n for n in dropped if n != best.name.removeprefix("without-")]
+            if rate >= KEEP_CONFIDENCE:
+                dropped, final = [best.name.removeprefix("without-")], best
+            else:
+                notes.append(f"{', '.join(kept)} dropped too: {best.name} (with {', '.join(kept)}) measured "
+                             f"{best.sqnr_db - both.sqnr_db:.2f} dB above {both.name}, but above it on only "
+                             f"{rate:.0%} of resampled held-back sets (< {KEEP_CONFIDENCE:.0%})")
+                log.info("%s: algorithm guard: %s", base.source, notes[-1])
     if same_precision_as_default(base):  # a w8a8 preset never measures 0.5 dB below the plain default plan
         default = bench.measure(Plan.default(), "default-plan", "the plain default plan")
         measured.append(default)

@@ -43,6 +43,9 @@ Metric = Callable[[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]], lis
 
 #: probabilities are clipped to [PROB_EPS, 1 - PROB_EPS] before their logit is taken (float32 saturates there)
 PROB_EPS = 1e-7
+#: :meth:`Bench.win_rate`: paired bootstrap resamples of the held-back samples, drawn with this seed
+RESAMPLES = 200
+RESAMPLE_SEED = 0
 
 
 def score(report: Any, logit_db: dict[str, float] | None = None) -> float:
@@ -150,6 +153,8 @@ class Measured:
     structural: bool = False  # see Candidate.structural
     #: activation tensors its compile calibrated statically (the calibrate pass's ``tensors``; None: unknown)
     calibrated: int | None = None
+    #: its outputs on the held-back samples, in their order (kept where :attr:`Bench.keep_outputs`: the guard)
+    outputs: list[dict[str, np.ndarray]] | None = field(default=None, repr=False)
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "change": self.change, "sqnr_db": _num(self.sqnr_db),
@@ -180,6 +185,8 @@ class Bench:
     latency: bool = True
     #: ``--stream``: candidates are scored on their own streamed runs over the whole data (:class:`qv.StreamSpec`)
     stream: qv.StreamSpec | None = None
+    #: keep each candidate's outputs on the held-back samples (:attr:`Measured.outputs`, for :meth:`win_rate`)
+    keep_outputs: bool = False
     #: the float model's outputs on the held-back samples as validation computes them (made once, on first use)
     _reference: qv.Reference | None = field(default=None, init=False, repr=False)
     _probabilities: list[str] | None = field(default=None, init=False, repr=False)
@@ -253,6 +260,8 @@ class Bench:
                 if self.probabilities:  # binary probability outputs: their error in logit space
                     logit_db = {n: logit_sqnr(self.reference.outputs, qouts, n) for n in self.probabilities}
                 m.sqnr_db = score(rep, logit_db)
+                if self.keep_outputs:
+                    m.outputs = qouts
             # a confirmation (calibrated on other samples than the candidates) is compared by accuracy only
             timed = self.latency and samples is None
             if timed or self.metric is not None:
@@ -268,6 +277,29 @@ class Bench:
             log.info("recipe: candidate %s not measured: %s", name, e)
         m.seconds = time.perf_counter() - t0
         return m
+
+    def score_on(self, m: Measured, idx: Sequence[int] | np.ndarray) -> float:
+        """:func:`score` of ``m`` on the held-back samples ``idx`` (repeats allowed: a resample), from its kept
+        outputs (:attr:`Measured.outputs`) against :attr:`reference`; nothing is run."""
+        assert m.outputs is not None, f"{m.name}: outputs not kept (Bench.keep_outputs)"
+        ref = self.reference
+        sub = dataclasses.replace(ref, feeds=[], outputs=[ref.outputs[i] for i in idx])
+        qouts = [m.outputs[i] for i in idx]
+        logit_db = {n: logit_sqnr(sub.outputs, qouts, n) for n in self.probabilities} or None
+        return score(qv.compare_outputs(sub, qouts), logit_db)
+
+    def win_rate(self, a: Measured, b: Measured, resamples: int = RESAMPLES) -> float:
+        """The share of paired bootstrap resamples of the held-back samples (``resamples`` draws of h samples
+        with replacement, seeded: :data:`RESAMPLE_SEED`) on which ``a`` scores strictly above ``b``: how much of
+        a lead on h samples is the samples' doing. Both must have their outputs kept."""
+        h = len(self.reference.outputs)
+        rng = np.random.default_rng(RESAMPLE_SEED)
+        wins = 0
+        with profile.step("resampled scores"):
+            for _ in range(resamples):
+                idx = rng.integers(0, h, size=h)
+                wins += self.score_on(a, idx) > self.score_on(b, idx)
+        return wins / resamples
 
     def validate(self, qmodel: Any, out: Path,
                  keep: list[dict[str, np.ndarray]] | None = None) -> qv.ValidationReport:
