@@ -283,7 +283,10 @@ def test_plan_command_with_input_shape_plans_the_specialized_model(tmp_path):
                      "--calib", calib])
     assert comp.exit_code == 0, comp.output
     assert "match no node" not in comp.output and "WARNING" not in comp.output
-    weights = [numpy_helper.to_array(t) for t in onnx.load(out).graph.initializer if len(t.dims) == 2]
-    assert weights and all(w.dtype != np.float32 for w in weights)
+    q = onnx.load(out)
+    inits = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
+    matmuls = [n for n in q.graph.node if n.op_type in ("MatMul", "MatMulNBits")]
+    assert matmuls and not any(n.input[1] in inits and inits[n.input[1]].dtype == np.float32 for n in matmuls)
+    assert any((a.ndim == 2 and a.dtype.kind in "iu") or a.dtype.name.endswith("int4") for a in inits.values())
     without = run(cli, ["plan", str(src), "--budget", "60%", "--calib", calib, "--no-presets", "-q"])  # the If hides them
     assert without.exit_code != 0 or "mm1" not in without.output

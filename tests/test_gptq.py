@@ -61,12 +61,13 @@ def plan(weight: dict, gptq: bool | dict = True, activation: dict | None = None)
     return Plan.from_dict(d, source="test-plan")
 
 
-def _compile(tmp_path, model: onnx.ModelProto, calib: np.ndarray, p: Plan, tag: str):
+def _compile(tmp_path, model: onnx.ModelProto, calib: np.ndarray, p: Plan, tag: str, pipeline: str | None = None):
     src = tmp_path / "m.onnx"
     onnx.save(model, src)
     np.savez(tmp_path / "calib.npz", x=calib)
     out = tmp_path / f"{tag}.onnx"
-    res = compile_model(src, out, CompileOptions(plan=p, calib=str(tmp_path / "calib.npz"), validate=False))
+    res = compile_model(src, out, CompileOptions(plan=p, calib=str(tmp_path / "calib.npz"), validate=False,
+                                                 pipeline=pipeline))
     return src, out, res
 
 
@@ -95,10 +96,13 @@ def test_gptq_beats_round_to_nearest_on_matmul(tmp_path, weight):
 
 def test_gptq_codes_reach_the_model_exactly(tmp_path):
     """insert-qdq emits the override as is: the int4 codes in the file are the ones gptq chose, the block scales
-    have DequantizeLinear's layout, and the dequantized weights lie on the plan's grid."""
+    have DequantizeLinear's layout, and the dequantized weights lie on the plan's grid. (Compiled without
+    ``lower``: on ort, next to a uint8 activation, the DQ becomes its load-time form, tests/test_load_time_matmul.)"""
     calib = correlated(32, (16, 64), 1, seed=3)
     uint8 = {"dtype": "uint8", "granularity": "per_tensor", "symmetric": False}
-    _, out, res = _compile(tmp_path, matmul_model(), calib, plan(INT4_BLOCK, activation=uint8), "gptq")
+    _, out, res = _compile(tmp_path, matmul_model(), calib, plan(INT4_BLOCK, activation=uint8), "gptq",
+                           pipeline="cleanup,fold-batchnorm,fuse-activations,cleanup,resolve-plan,calibrate,gptq,"
+                                    "insert-qdq")
     assert res.report["gptq"]["layers"] == 1
     m = onnx.load(out)
     inits = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}

@@ -19,26 +19,51 @@ Exact: every int8 / int16 / int4 / fp8 code converts to float32 exactly, ``q −
 rounds as DequantizeLinear's does — bit-identical weights. The file keeps the integer codes (same bytes, plus
 a few nodes); the session holds the float weights, as it would for the float model.
 
+**MatMul weights no integer kernel takes.** A MatMul whose data input is dequantized (a static 8-bit activation)
+and whose weight has 4-bit codes or block-wise scales (``w4a8``'s int4 blocks of 32) has no onnxruntime kernel
+for the pair (its QDQ MatMul fusions take 8-bit weights with one scale per tensor or per column): the weight's DQ
+ran at every inference — all-MiniLM-L6-v2 under ``w4a8`` at 6× the float model's latency. Such a weight is
+dequantized at load too; block-wise scales (block ``B`` along ``axis``, a 2-D weight whose axis is a multiple of
+``B``) through a reshape to blocks::
+
+    DequantizeLinear(q, s, z; axis=0, block_size=B)   [K, N], s / z [K/B, N]
+      →  Reshape(Mul(Sub(Reshape(Cast(q), [K/B, B, N]), Cast(z')), s'), [K, N])   s' / z' reshaped [K/B, 1, N]
+
+(``axis=1``: ``[K, N/B, B]``, ``[K, N/B, 1]``), the zero points kept as their integer codes (cast at load), so the
+file grows by a few nodes only. The same values bit for bit; the float MatMul then runs with a constant
+(pre-packed) weight. onnxruntime's ``WeightBiasQuantization`` (which re-quantizes a constant float weight next
+to a dequantized input with its own scales) handles Gemm / Conv / ConvTranspose, not MatMul. The session holds
+those weights as float, as the float model's would: at most :data:`MATMUL_LOAD_BYTES` of them (beyond, the DQs
+stay: ``skipped_memory``).
+
 Not rewritten: DQs read by a Conv / ConvTranspose / Gemm whose data input is dequantized (QLinearConv / QGemm
 fuse them; and where no integer kernel exists, onnxruntime's own ``WeightBiasQuantization`` would re-quantize a
-constant float weight next to a dequantized input with its own scales — the DQ keeps ours), block-wise scales, DQs whose scale is computed in the graph, and weights of
-MatMul (left to ``lower-matmulnbits`` and onnxruntime's MatMul kernels, which keep large language-model weights
-small in memory). A second run finds nothing.
+constant float weight next to a dequantized input with its own scales — the DQ keeps ours), block-wise scales of
+other readers, DQs whose scale is computed in the graph, weights of a MatMul with an 8-bit weight quantized per
+tensor / per column next to a dequantized input (onnxruntime's integer kernels), and weight-only MatMul weights
+(left to ``lower-matmulnbits`` and onnxruntime's MatMul kernels, which keep large language-model weights small in
+memory). A second run finds nothing.
 
-Stats: ``weights`` (DQs rewritten), ``skipped_integer_kernel``, ``skipped_layout``.
+Stats: ``weights`` (DQs rewritten; ``matmul_weights`` of them MatMul weights), ``skipped_integer_kernel``,
+``skipped_layout``, ``skipped_memory``.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 
+import ml_dtypes
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from qcompiler.core.pass_base import GraphPass, PassResult
+from qcompiler.ir import NO_PREPACK_BYTES
 from qcompiler.ir.graph import GraphIndex, float16_scale_source, producer, remove_nodes
 
 _FLOAT = 1  # onnx.TensorProto.FLOAT, Cast's ``to``
+_FOUR_BIT = {np.dtype(ml_dtypes.int4), np.dtype(ml_dtypes.uint4)}
+#: float32 bytes of MatMul weights this pass dequantizes at load, at most (the session holds them as float)
+MATMUL_LOAD_BYTES = NO_PREPACK_BYTES
 
 #: op -> input indices read as weights by a float kernel
 _WEIGHT_INPUTS = {"Conv": (1,), "ConvTranspose": (1,), "Gemm": (1,), "LSTM": (1, 2), "GRU": (1, 2), "RNN": (1, 2)}
@@ -59,6 +84,29 @@ def _float_kernel_reader(node: gs.Node, t: gs.Tensor) -> bool:
     return p is None or p.op != "DequantizeLinear"
 
 
+def _matmul_without_kernel(node: gs.Node, t: gs.Tensor, q: np.ndarray, block: int) -> bool:
+    """``node`` is a MatMul reading ``t`` as its weight (B) only, its data input (A) dequantized, and the weight
+    4-bit or block-wise: no onnxruntime integer kernel takes the pair (module docstring)."""
+    if node.op != "MatMul" or (node.domain or "") not in ("", "ai.onnx") or len(node.inputs) != 2:
+        return False
+    a, b = node.inputs
+    if b is not t or a is t:
+        return False
+    p = producer(a)
+    return p is not None and p.op == "DequantizeLinear" and (q.dtype in _FOUR_BIT or block > 0)
+
+
+def _block_shapes(q: np.ndarray, axis: int, block: int) -> tuple[list[int], list[int]] | None:
+    """(the codes' shape in blocks, the scales' broadcast shape) of a 2-D weight with ``block``-wide blocks along
+    ``axis``; ``None`` when the axis is not a multiple of the block."""
+    if q.ndim != 2 or block <= 0 or q.shape[axis] % block:
+        return None
+    k, n = (int(d) for d in q.shape)
+    if axis == 0:
+        return [k // block, block, n], [k // block, 1, n]
+    return [k, n // block, block], [k, n // block, 1]
+
+
 class OrtLoadTimeDequantPass(GraphPass):
     """Weight DequantizeLinear of float-kernel layers -> Cast/Mul that onnxruntime folds at load."""
 
@@ -70,6 +118,7 @@ class OrtLoadTimeDequantPass(GraphPass):
         stats: Counter[str] = Counter()
         doomed: list[gs.Node] = []
         added: dict[int, list[gs.Node]] = {}
+        loaded = 0  # float32 bytes of MatMul weights dequantized at load so far
         for dq in graph.nodes:
             if dq.op != "DequantizeLinear" or len(dq.outputs) != 1:
                 continue
@@ -81,16 +130,35 @@ class OrtLoadTimeDequantPass(GraphPass):
             readers = list(out.outputs)
             if not readers or index.is_graph_output(out):
                 continue
-            if not all(_float_kernel_reader(n, out) for n in readers):
+            q = np.asarray(q_c.values)
+            block = int(dq.attrs.get("block_size", 0))
+            matmul = all(_matmul_without_kernel(n, out, q, block) for n in readers)
+            if not matmul and not all(_float_kernel_reader(n, out) for n in readers):
                 if any(n.op in _WEIGHT_INPUTS for n in readers):
                     stats["skipped_integer_kernel"] += 1
                 continue
             s16 = float16_scale_source(s_c)
             if ((not isinstance(s_c, gs.Constant) and s16 is None)
-                    or (z_c is not None and not isinstance(z_c, gs.Constant)) or int(dq.attrs.get("block_size", 0))):
+                    or (z_c is not None and not isinstance(z_c, gs.Constant)) or (block and not matmul)):
                 stats["skipped_layout"] += 1
                 continue
-            q = np.asarray(q_c.values)
+            if matmul:
+                if loaded + 4 * q.size > MATMUL_LOAD_BYTES:
+                    stats["skipped_memory"] += 1
+                    continue
+                if block:
+                    blocked = self._blocked(dq, q, s_c, s16, z_c, block, index)
+                    if blocked is None:
+                        stats["skipped_layout"] += 1
+                        continue
+                    added[id(dq)] = blocked
+                    doomed.append(dq)
+                    loaded += 4 * q.size
+                    stats["weights"] += 1
+                    stats["matmul_weights"] += 1
+                    continue
+                loaded += 4 * q.size
+                stats["matmul_weights"] += 1
             s = np.asarray(s16.values if s16 is not None else s_c.values, dtype=np.float16 if s16 is not None
                            else np.float32)
             z = None if z_c is None else np.asarray(z_c.values)
@@ -131,3 +199,45 @@ class OrtLoadTimeDequantPass(GraphPass):
         remove_nodes(graph, doomed)
         graph.cleanup(remove_unused_graph_inputs=False)
         return PassResult(True, stats)
+
+    def _blocked(self, dq: gs.Node, q: np.ndarray, s_c: gs.Tensor, s16: gs.Constant | None, z_c: gs.Tensor | None,
+                 block: int, index: GraphIndex) -> list[gs.Node] | None:
+        """The load-time form of a block-wise weight DQ (module docstring), its output the DQ's; ``None`` when its
+        layout has no such form."""
+        shapes = _block_shapes(q, int(dq.attrs.get("axis", 1)) % max(q.ndim, 1), block)
+        if shapes is None:
+            return None
+        blocks, bcast = shapes
+        q_c, out = dq.inputs[0], dq.outputs[0]
+        base = q_c.name.removesuffix(":q")
+
+        def var(role: str, shape: list[int]) -> gs.Variable:
+            return gs.Variable(index.unique_name(f"{base}:{role}"), dtype=np.float32, shape=shape)
+
+        def node(op: str, role: str, inputs: list[gs.Tensor], output: gs.Tensor, **attrs: int) -> gs.Node:
+            return self.tag(gs.Node(op, index.unique_name(f"{base}:{role}"), attrs=attrs, inputs=inputs,
+                                    outputs=[output]))
+
+        qf, qb = var("f", list(q.shape)), var("fb", blocks)
+        new = [node("Cast", "Cast", [q_c], qf, to=_FLOAT),
+               node("Reshape", "Reshape", [qf, gs.Constant(index.unique_name(f"{base}:bshape"),
+                                                          np.asarray(blocks, np.int64))], qb)]
+        x: gs.Tensor = qb
+        z = None if z_c is None else np.asarray(z_c.values)
+        if z is not None and np.any(z.astype(np.float32)):  # the zero points stay integer codes, cast at load
+            zc, zf, centered = (gs.Constant(index.unique_name(f"{base}:zpb"), z.reshape(bcast)), var("zpf", bcast),
+                                var("c", blocks))
+            new += [node("Cast", "CastZ", [zc], zf, to=_FLOAT), node("Sub", "Sub", [x, zf], centered)]
+            x = centered
+        if s16 is not None:  # scale: float16 — kept float16 in the file, cast (exactly) when the session loads
+            s_b: gs.Tensor = var("sbf", bcast)
+            new.append(node("Cast", "CastS", [gs.Constant(index.unique_name(f"{base}:sb"),
+                                                          np.asarray(s16.values).reshape(bcast))], s_b, to=_FLOAT))
+        else:
+            s_b = gs.Constant(index.unique_name(f"{base}:sb"), np.asarray(s_c.values, np.float32).reshape(bcast))
+        scaled = var("m", blocks)
+        new.append(node("Mul", "Mul", [x, s_b], scaled))
+        dq.outputs.clear()
+        new.append(node("Reshape", "Unblock", [scaled, gs.Constant(index.unique_name(f"{base}:wshape"),
+                                                                 np.asarray(q.shape, np.int64))], out))
+        return new
