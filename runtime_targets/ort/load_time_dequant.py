@@ -84,7 +84,7 @@ def _float_kernel_reader(node: gs.Node, t: gs.Tensor) -> bool:
     return p is None or p.op != "DequantizeLinear"
 
 
-def _matmul_without_kernel(node: gs.Node, t: gs.Tensor, q: np.ndarray, block: int) -> bool:
+def _matmul_without_kernel(node: gs.Node, t: gs.Tensor, q: gs.Constant, block: int) -> bool:
     """``node`` is a MatMul reading ``t`` as its weight (B) only, its data input (A) dequantized, and the weight
     4-bit or block-wise: no onnxruntime integer kernel takes the pair (module docstring)."""
     if node.op != "MatMul" or (node.domain or "") not in ("", "ai.onnx") or len(node.inputs) != 2:
@@ -93,7 +93,15 @@ def _matmul_without_kernel(node: gs.Node, t: gs.Tensor, q: np.ndarray, block: in
     if b is not t or a is t:
         return False
     p = producer(a)
-    return p is not None and p.op == "DequantizeLinear" and (q.dtype in _FOUR_BIT or block > 0)
+    return p is not None and p.op == "DequantizeLinear" and (block > 0 or _dtype(q) in _FOUR_BIT)
+
+
+def _dtype(c: gs.Constant) -> np.dtype | None:
+    """The numpy dtype of a constant's codes without reading them (an external tensor stays on disk)."""
+    try:
+        return np.dtype(c.dtype)
+    except TypeError:
+        return None
 
 
 def _block_shapes(q: np.ndarray, axis: int, block: int) -> tuple[list[int], list[int]] | None:
@@ -130,9 +138,8 @@ class OrtLoadTimeDequantPass(GraphPass):
             readers = list(out.outputs)
             if not readers or index.is_graph_output(out):
                 continue
-            q = np.asarray(q_c.values)
             block = int(dq.attrs.get("block_size", 0))
-            matmul = all(_matmul_without_kernel(n, out, q, block) for n in readers)
+            matmul = all(_matmul_without_kernel(n, out, q_c, block) for n in readers)
             if not matmul and not all(_float_kernel_reader(n, out) for n in readers):
                 if any(n.op in _WEIGHT_INPUTS for n in readers):
                     stats["skipped_integer_kernel"] += 1
@@ -142,6 +149,7 @@ class OrtLoadTimeDequantPass(GraphPass):
                     or (z_c is not None and not isinstance(z_c, gs.Constant)) or (block and not matmul)):
                 stats["skipped_layout"] += 1
                 continue
+            q = np.asarray(q_c.values)
             if matmul:
                 if loaded + 4 * q.size > MATMUL_LOAD_BYTES:
                     stats["skipped_memory"] += 1
