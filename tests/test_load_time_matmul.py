@@ -81,7 +81,8 @@ def _with_output(model: onnx.ModelProto, name: str) -> onnx.ModelProto:
     {"dtype": "int4", "granularity": "block", "block_size": 32},
     {"dtype": "uint4", "granularity": "block", "block_size": 16, "symmetric": False},
     {"dtype": "int4", "granularity": "per_channel", "symmetric": False},  # one scale per column
-], ids=["int4-block32-asym", "int4-block32-sym", "uint4-block16", "int4-per-column"])
+    {"dtype": "int4", "granularity": "block", "block_size": 32, "symmetric": False, "scale": "float16"},
+], ids=["int4-block32-asym", "int4-block32-sym", "uint4-block16", "int4-per-column", "int4-block32-f16-scale"])
 def test_matmul_weight_dequantized_at_load_bit_for_bit(tmp_path: Path, weight: dict[str, Any]) -> None:
     act = {"dtype": "uint8"}
     low, stats = _compile(tmp_path, weight, act)
@@ -89,7 +90,13 @@ def test_matmul_weight_dequantized_at_load_bit_for_bit(tmp_path: Path, weight: d
     assert stats["ort-load-time-dequant.matmul_weights"] == 1
     inits = {t.name: numpy_helper.to_array(t) for t in plain.graph.initializer}
     dq = next(n for n in plain.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits)
-    q, s = inits[dq.input[0]], inits[dq.input[1]]
+    q = inits[dq.input[0]]
+    if dq.input[1] in inits:
+        s = inits[dq.input[1]]
+    else:  # scale: float16 — the DQ reads Cast(s16)
+        cast = next(n for n in plain.graph.node if dq.input[1] in n.output)
+        assert cast.op_type == "Cast" and inits[cast.input[0]].dtype == np.float16
+        s = inits[cast.input[0]].astype(np.float32)
     z = inits[dq.input[2]] if len(dq.input) > 2 and dq.input[2] else np.zeros_like(s)
     assert q.dtype in INT4 and q.shape == (K, N)
     # the file keeps the 4-bit codes: read by a Cast, no DequantizeLinear on them any more

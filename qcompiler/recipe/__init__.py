@@ -120,7 +120,8 @@ CEILING_MARGIN_DB = 6.0
 #: resamples of the held-back samples (:meth:`~qcompiler.recipe.measure.Bench.win_rate`): two algorithms that
 #: each measured harmful leave little evidence for either, and a lead inside the held-back samples' noise did not
 #: survive on other data (all-MiniLM-L6-v2's w8a8: GPTQ on minmax ranges 0.23 dB above neither on 16 held-back
-#: sentences, in 41 % of resamples; 0.68 dB below on 48 other sentences; benchmarks/RESULTS.md, session 17)
+#: sentences, in 40 % of resamples; 0.68 dB below on 48 other sentences; benchmarks/RESULTS.md, session 17).
+#: Outputs above ``measure.KEEP_OUTPUT_BYTES`` per candidate are not kept: then the pooled scores decide.
 KEEP_CONFIDENCE = 0.8
 #: a preset of the default plan's precision (8-bit weights and activations) stays within this of the default plan
 PRESET_FLOOR_DB = 0.5
@@ -399,7 +400,8 @@ def _guard(bench: Bench, base: Plan, progress: Progress | None) -> RecipeResult:
         best = max((measured[1 + names.index(n)] for n in dropped), key=lambda m: m.sqnr_db)
         final = both
         if best.sqnr_db > both.sqnr_db and not both.error:  # an algorithm that measured worse stays on evidence
-            rate = bench.win_rate(best, both)
+            # outputs too large to keep (measure.KEEP_OUTPUT_BYTES): the pooled scores decide, as without resampling
+            rate = bench.win_rate(best, both) if best.outputs is not None and both.outputs is not None else 1.0
             kept = [n for n in dropped if n != best.name.removeprefix("without-")]
             if rate >= KEEP_CONFIDENCE:
                 dropped, final = [best.name.removeprefix("without-")], best

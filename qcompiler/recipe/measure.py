@@ -46,6 +46,8 @@ PROB_EPS = 1e-7
 #: :meth:`Bench.win_rate`: paired bootstrap resamples of the held-back samples, drawn with this seed
 RESAMPLES = 200
 RESAMPLE_SEED = 0
+#: a candidate's outputs on the held-back samples are kept (:attr:`Bench.keep_outputs`) up to this many bytes
+KEEP_OUTPUT_BYTES = 64 << 20
 
 
 def score(report: Any, logit_db: dict[str, float] | None = None) -> float:
@@ -153,7 +155,8 @@ class Measured:
     structural: bool = False  # see Candidate.structural
     #: activation tensors its compile calibrated statically (the calibrate pass's ``tensors``; None: unknown)
     calibrated: int | None = None
-    #: its outputs on the held-back samples, in their order (kept where :attr:`Bench.keep_outputs`: the guard)
+    #: its outputs on the held-back samples, in their order (kept where :attr:`Bench.keep_outputs`: the guard; not
+    #: above :data:`KEEP_OUTPUT_BYTES`)
     outputs: list[dict[str, np.ndarray]] | None = field(default=None, repr=False)
 
     def to_json(self) -> dict[str, Any]:
@@ -260,7 +263,8 @@ class Bench:
                 if self.probabilities:  # binary probability outputs: their error in logit space
                     logit_db = {n: logit_sqnr(self.reference.outputs, qouts, n) for n in self.probabilities}
                 m.sqnr_db = score(rep, logit_db)
-                if self.keep_outputs:
+                if self.keep_outputs and sum(np.asarray(v).nbytes for d in qouts for v in d.values()) <= \
+                        KEEP_OUTPUT_BYTES:
                     m.outputs = qouts
             # a confirmation (calibrated on other samples than the candidates) is compared by accuracy only
             timed = self.latency and samples is None
