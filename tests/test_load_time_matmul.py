@@ -203,3 +203,18 @@ def test_four_bit_per_row_table_dequantized_at_load(tmp_path: Path, dtype: str) 
 def _tagged_gather(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     return [n for n in model.graph.node
             if {p.key: p.value for p in n.metadata_props}.get(ir.TAG_KEY) == "ort-gather-block-quantized"]
+
+
+def test_matmul_weights_beyond_the_memory_bound_keep_their_dequantize(tmp_path: Path, monkeypatch) -> None:
+    """The session would hold a load-time weight as float: beyond ``MATMUL_LOAD_BYTES`` of them the DQ stays (one
+    weight of K x N float32 = 15,360 bytes here), counted as ``skipped_memory``."""
+    from qcompiler.runtime_targets.ort import load_time_dequant
+
+    weight = {"dtype": "int4", "granularity": "block", "block_size": 32, "symmetric": False}
+    monkeypatch.setattr(load_time_dequant, "MATMUL_LOAD_BYTES", 4 * K * N - 1)
+    low, stats = _compile(tmp_path, weight, {"dtype": "uint8"})
+    assert stats["ort-load-time-dequant.skipped_memory"] == 1 and not _tagged(low)
+    assert sum(n.op_type == "DequantizeLinear" for n in low.graph.node) == 2  # the activation's and the weight's
+    monkeypatch.setattr(load_time_dequant, "MATMUL_LOAD_BYTES", 4 * K * N)
+    low, stats = _compile(tmp_path, weight, {"dtype": "uint8"}, name="fits")
+    assert stats["ort-load-time-dequant.matmul_weights"] == 1 and _tagged(low)
