@@ -267,13 +267,25 @@ def test_the_best_preset_that_fits_is_ablated_too(monkeypatch, tmp_path):
     def fake_measure(model_path, plan, target, hold, tmp, tag, shapes, want_bitops, label=None):
         return baseline.Measured(sqnr_db=score[label], cost=SimpleNamespace(total_bytes=size[label.split(" without ")[0]]))
 
+    # percentile and bias correction each measured better off than as written: the two off together is measured
+    # too, as the preset's guard measures it
+    both = "w4a8 without " + "+".join(a for a in guarded_algorithms(load_plan("w4a8"))
+                                       if a in ("bias_correct", "percentile"))
+    score[both] = 8.4
     monkeypatch.setattr(baseline.presets, "names", lambda: ["w4a16-gptq", "w4a8"])
     monkeypatch.setattr(baseline, "measure", fake_measure)
     rows, best = baseline.best_preset(CONV, autoplan.PlanOptions(budget=Budget.parse("1000")), None, Work(),
                                       tmp_path, budget, "bytes", {})
     assert best is not None and best[0] == "w4a8 without percentile" and best[2].sqnr_db == 8.5
     names = [r["name"] for r in rows]
-    assert "w4a16-gptq without gptq" in names and "w4a8 without percentile" in names
+    assert "w4a16-gptq without gptq" in names and "w4a8 without percentile" in names and both in names
+    assert not any(n.startswith("w4a16-gptq without") and "+" in n for n in names)  # one ablation measured better
+    score[both] = 8.7  # better than either alone: the base (the guard's set)
+    rows, best = baseline.best_preset(CONV, autoplan.PlanOptions(budget=Budget.parse("1000")), None, Work(),
+                                      tmp_path, budget, "bytes", {})
+    assert best is not None and best[0] == both and best[2].sqnr_db == 8.7
+    assert set(guarded_algorithms(best[1])) == set(guarded_algorithms(load_plan("w4a8"))) - {"bias_correct",
+                                                                                              "percentile"}
 
 
 def test_a_base_preset_rule_matching_no_node_is_warned_about_once(tmp_path, caplog, monkeypatch):

@@ -13,7 +13,8 @@ prediction. So, when calibration data is given:
    (``qcompiler plan show``) is compiled on one sample to count its cost in the budget's unit; those within
    :data:`PROBE_MARGIN` of the budget are compiled for real and measured, and the best of them — and the best of
    those that fit, when that is another one — also with each of its algorithms off (:func:`without`: the
-   ablations of its guard). The best that fits by its real compile's
+   ablations of its guard), and, when two or more of those measured better than as written, with all of them
+   off together (what its guard then measures too). The best that fits by its real compile's
    bytes is the base plan of the search, which thus builds on its calibration method, ranges and algorithms.
    No preset fits: the default plan, as before.
 3. **The searches** (:func:`_searches`): with the default candidates, the knapsack with the default list, with
@@ -105,7 +106,8 @@ def best_preset(model_path: Path, opts: PlanOptions, hold: Holdout, work: ProbeW
     """Every shipped preset's cost (a one-sample probe compile) and, for those within :data:`PROBE_MARGIN` of the
     budget, the preset as written compiled for real and measured; then, for the one that measures best and for
     the best of those that fit (when it is another), each variant with one of its algorithms off (what its guard chooses among; one that adds bytes may be what
-    keeps the preset over the budget). The best that fits by the bytes of its real compile (highest SQNR, then
+    keeps the preset over the budget), and the variant with every algorithm off whose removal measured better
+    than as written, when there are two or more (the guard measures that set too). The best that fits by the bytes of its real compile (highest SQNR, then
     fewest bytes) is returned with its name, or ``None`` when none fits."""
     rows: list[dict[str, Any]] = []
     best: tuple[str, Plan, Measured] | None = None
@@ -142,13 +144,18 @@ def best_preset(model_path: Path, opts: PlanOptions, hold: Holdout, work: ProbeW
     ablate = [top] if top is not None else []
     if best is not None and (top is None or best[0] != top[0]):
         ablate.append((best[0], load_plan(best[0]), best[2]))
-    for name, plan, _ in ablate:
+    for name, plan, as_written in ablate:
         algos = guarded_algorithms(plan)
-        for k, algo in enumerate(algos):
+        worse: list[str] = []  # the algorithms whose removal measured better than the preset as written
+        for k, algo in enumerate([*algos, None]):
+            if algo is None:  # all of those off together, as the preset's guard measures them (module doc, 2.)
+                if len(worse) < 2:
+                    break
+                algo = "+".join(worse)
             if progress:
-                progress(f"preset {name}: one algorithm off", k, len(algos))
+                progress(f"preset {name}: algorithms off", k, len(algos) + 1)
             label = f"{name} without {algo}"
-            var = without(plan, [algo], label)
+            var = without(plan, algo.split("+"), label)
             try:
                 with _quiet():
                     m = measure(model_path, var, opts.target, hold, tmp, f"preset-{name}-no-{algo}", shapes,
@@ -156,6 +163,8 @@ def best_preset(model_path: Path, opts: PlanOptions, hold: Holdout, work: ProbeW
             except UserError as e:
                 log.info("plan: %s left out: %s", label, e)
                 continue
+            if "+" not in algo and m.sqnr_db > as_written.sqnr_db:
+                worse.append(algo)
             fits = m.amount(unit) <= budget_value
             rows.append({"name": label, "bytes": m.cost.total_bytes, "fits": fits, "sqnr_db": m.sqnr_db,
                          **_latency_row(m)})
