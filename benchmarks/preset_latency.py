@@ -36,10 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--json")
     args = ap.parse_args(argv)
-    task = C.load_task(args.model, args.samples, args.eval) if args.model in C.AGREEMENT else None
-    model = task.model if task else C.realdata.fetch_model(args.model)
-    calib = task.calib if task else C.zoo_feeds(args.model, args.samples, "calib")
-    ev = task.eval if task else C.zoo_feeds(args.model, args.eval, "eval")
+    model = C.realdata.fetch_model(args.model)
+    calib, ev = C.zoo_feeds(args.model, args.samples, "calib"), C.zoo_feeds(args.model, args.eval, "eval")
     with tempfile.TemporaryDirectory() as td:
         folder = C.write_feeds(calib, Path(td) / "calib")
         out = Path(td) / "q.onnx"

@@ -53,9 +53,8 @@ def _compile(tmp: Path, weight: dict[str, Any], activation: dict[str, Any], pipe
     return onnx.load(str(out)), stats
 
 
-def _tagged(model: onnx.ModelProto) -> list[onnx.NodeProto]:
-    return [n for n in model.graph.node
-            if {p.key: p.value for p in n.metadata_props}.get(ir.TAG_KEY) == "ort-load-time-dequant"]
+def _tagged(model: onnx.ModelProto, pass_name: str = "ort-load-time-dequant") -> list[onnx.NodeProto]:
+    return [n for n in model.graph.node if {p.key: p.value for p in n.metadata_props}.get(ir.TAG_KEY) == pass_name]
 
 
 def _feeds(n: int = 4) -> list[dict[str, np.ndarray]]:
@@ -187,7 +186,7 @@ def test_four_bit_per_row_table_dequantized_at_load(tmp_path: Path, dtype: str) 
     low = onnx.load(str(outs["low"]))
     low_inits = {t.name: t for t in low.graph.initializer}
     assert not [n for n in low.graph.node if n.op_type == "DequantizeLinear"]
-    zp = [n for n in _tagged_gather(low) if n.op_type == "Cast" and n.input[0] != dq.input[0]]
+    zp = [n for n in _tagged(low, "ort-gather-block-quantized") if n.op_type == "Cast" and n.input[0] != dq.input[0]]
     assert len(zp) == 1 and low_inits[zp[0].input[0]].data_type in (TensorProto.INT4, TensorProto.UINT4)
     deq = (q.astype(np.float32) - z.astype(np.float32)[:, None]) * s[:, None]
     rng = np.random.default_rng(11)
@@ -199,10 +198,6 @@ def test_four_bit_per_row_table_dequantized_at_load(tmp_path: Path, dtype: str) 
     # the codes are the plan's: within half a step of the float table
     assert float(np.max(np.abs(deq - table) / s[:, None])) <= 0.5 + 1e-4
 
-
-def _tagged_gather(model: onnx.ModelProto) -> list[onnx.NodeProto]:
-    return [n for n in model.graph.node
-            if {p.key: p.value for p in n.metadata_props}.get(ir.TAG_KEY) == "ort-gather-block-quantized"]
 
 
 def test_matmul_weights_beyond_the_memory_bound_keep_their_dequantize(tmp_path: Path, monkeypatch) -> None:

@@ -144,32 +144,38 @@ def best_preset(model_path: Path, opts: PlanOptions, hold: Holdout, work: ProbeW
     ablate = [top] if top is not None else []
     if best is not None and (top is None or best[0] != top[0]):
         ablate.append((best[0], load_plan(best[0]), best[2]))
+    def ablation(name: str, plan: Plan, off: list[str], step: int, steps: int) -> Measured | None:
+        """``plan`` with the algorithms ``off`` turned off, measured and tabled (``best`` updated); ``None``: the
+        target runs no such plan."""
+        nonlocal best
+        if progress:
+            progress(f"preset {name}: algorithms off", step, steps)
+        algo = "+".join(off)
+        label = f"{name} without {algo}"
+        var = without(plan, off, label)
+        try:
+            with _quiet():
+                m = measure(model_path, var, opts.target, hold, tmp, f"preset-{name}-no-{algo}", shapes,
+                            unit == "bitops", label)
+        except UserError as e:
+            log.info("plan: %s left out: %s", label, e)
+            return None
+        fits = m.amount(unit) <= budget_value
+        rows.append({"name": label, "bytes": m.cost.total_bytes, "fits": fits, "sqnr_db": m.sqnr_db,
+                     **_latency_row(m)})
+        if fits and m.eligible and _better(m, best[2] if best else None):
+            best = (label, var, m)
+        return m
+
     for name, plan, as_written in ablate:
         algos = guarded_algorithms(plan)
-        worse: list[str] = []  # the algorithms whose removal measured better than the preset as written
-        for k, algo in enumerate([*algos, None]):
-            if algo is None:  # all of those off together, as the preset's guard measures them (module doc, 2.)
-                if len(worse) < 2:
-                    break
-                algo = "+".join(worse)
-            if progress:
-                progress(f"preset {name}: algorithms off", k, len(algos) + 1)
-            label = f"{name} without {algo}"
-            var = without(plan, algo.split("+"), label)
-            try:
-                with _quiet():
-                    m = measure(model_path, var, opts.target, hold, tmp, f"preset-{name}-no-{algo}", shapes,
-                                unit == "bitops", label)
-            except UserError as e:
-                log.info("plan: %s left out: %s", label, e)
-                continue
-            if "+" not in algo and m.sqnr_db > as_written.sqnr_db:
+        worse = []  # the algorithms whose removal measured better than the preset as written
+        for k, algo in enumerate(algos):
+            got = ablation(name, plan, [algo], k, len(algos) + 1)
+            if got is not None and got.sqnr_db > as_written.sqnr_db:
                 worse.append(algo)
-            fits = m.amount(unit) <= budget_value
-            rows.append({"name": label, "bytes": m.cost.total_bytes, "fits": fits, "sqnr_db": m.sqnr_db,
-                         **_latency_row(m)})
-            if fits and m.eligible and _better(m, best[2] if best else None):
-                best = (label, var, m)
+        if len(worse) >= 2:  # all of those off together, as the preset's guard measures them (module doc, 2.)
+            ablation(name, plan, worse, len(algos), len(algos) + 1)
     if progress:
         progress("presets (probe and measure)", len(names), len(names))
     return rows, best

@@ -399,12 +399,13 @@ def _guard(bench: Bench, base: Plan, progress: Progress | None) -> RecipeResult:
         measured.append(both)
         best = max((measured[1 + names.index(n)] for n in dropped), key=lambda m: m.sqnr_db)
         final = both
-        if best.sqnr_db > both.sqnr_db and not both.error:  # an algorithm that measured worse stays on evidence
-            # outputs too large to keep (measure.KEEP_OUTPUT_BYTES): the pooled scores decide, as without resampling
+        if best.sqnr_db > both.sqnr_db:  # an algorithm that measured worse stays on evidence
+            # outputs not kept (the set failed, or above measure.KEEP_OUTPUT_BYTES): the pooled scores decide
             rate = bench.win_rate(best, both) if best.outputs is not None and both.outputs is not None else 1.0
-            kept = [n for n in dropped if n != best.name.removeprefix("without-")]
+            single = best.name.removeprefix("without-")
+            kept = [n for n in dropped if n != single]
             if rate >= KEEP_CONFIDENCE:
-                dropped, final = [best.name.removeprefix("without-")], best
+                dropped, final = [single], best
             else:
                 notes.append(f"{', '.join(kept)} dropped too: {best.name} (with {', '.join(kept)}) measured "
                              f"{best.sqnr_db - both.sqnr_db:.2f} dB above {both.name}, but above it on only "

@@ -84,16 +84,15 @@ def _float_kernel_reader(node: gs.Node, t: gs.Tensor) -> bool:
     return p is None or p.op != "DequantizeLinear"
 
 
-def _matmul_without_kernel(node: gs.Node, t: gs.Tensor, q: gs.Constant, block: int) -> bool:
-    """``node`` is a MatMul reading ``t`` as its weight (B) only, its data input (A) dequantized, and the weight
-    4-bit or block-wise: no onnxruntime integer kernel takes the pair (module docstring)."""
+def _matmul_on_dequantized(node: gs.Node, t: gs.Tensor) -> bool:
+    """``node`` is a MatMul reading ``t`` as its weight (B) only, its data input (A) dequantized."""
     if node.op != "MatMul" or (node.domain or "") not in ("", "ai.onnx") or len(node.inputs) != 2:
         return False
     a, b = node.inputs
     if b is not t or a is t:
         return False
     p = producer(a)
-    return p is not None and p.op == "DequantizeLinear" and (block > 0 or _dtype(q) in _FOUR_BIT)
+    return p is not None and p.op == "DequantizeLinear"
 
 
 def _dtype(c: gs.Constant) -> np.dtype | None:
@@ -139,7 +138,8 @@ class OrtLoadTimeDequantPass(GraphPass):
             if not readers or index.is_graph_output(out):
                 continue
             block = int(dq.attrs.get("block_size", 0))
-            matmul = all(_matmul_without_kernel(n, out, q_c, block) for n in readers)
+            # 4-bit or block-wise next to a dequantized activation: no integer kernel takes it (module docstring)
+            matmul = (block > 0 or _dtype(q_c) in _FOUR_BIT) and all(_matmul_on_dequantized(n, out) for n in readers)
             if not matmul and not all(_float_kernel_reader(n, out) for n in readers):
                 if any(n.op in _WEIGHT_INPUTS for n in readers):
                     stats["skipped_integer_kernel"] += 1
@@ -154,19 +154,17 @@ class OrtLoadTimeDequantPass(GraphPass):
                 if loaded + 4 * q.size > MATMUL_LOAD_BYTES:
                     stats["skipped_memory"] += 1
                     continue
-                if block:
-                    blocked = self._blocked(dq, q, s_c, s16, z_c, block, index)
-                    if blocked is None:
-                        stats["skipped_layout"] += 1
-                        continue
-                    added[id(dq)] = blocked
-                    doomed.append(dq)
-                    loaded += 4 * q.size
-                    stats["weights"] += 1
-                    stats["matmul_weights"] += 1
+                blocked = self._blocked(dq, q, s_c, s16, z_c, block, index) if block else None
+                if block and blocked is None:
+                    stats["skipped_layout"] += 1
                     continue
                 loaded += 4 * q.size
                 stats["matmul_weights"] += 1
+                if blocked is not None:
+                    added[id(dq)] = blocked
+                    doomed.append(dq)
+                    stats["weights"] += 1
+                    continue
             s = np.asarray(s16.values if s16 is not None else s_c.values, dtype=np.float16 if s16 is not None
                            else np.float32)
             z = None if z_c is None else np.asarray(z_c.values)
