@@ -628,6 +628,10 @@ def test_a_mixed_plan_that_measures_better_is_kept(tmp_path):
     assert res.plan.algorithms == base.algorithms and res.plan.weight_defaults == base.weight_defaults
     assert res.measured["sqnr_db"] > res.baseline["sqnr_db"]
     assert res.verified["bytes"] <= 9000 and res.measured["bytes"] == res.verified["bytes"]
+    # kept by the guard's bootstrap too: the share of draws it won is recorded and written in the header
+    rate = res.measured["win_rate"]
+    assert rate >= autoplan.baseline.MIX_CONFIDENCE
+    assert f"above the uniform plan on {100 * rate:.0f} % of the held-back samples' bootstrap draws" in res.text
 
 
 def test_preset_base_with_rules_matching_no_node_warns_and_works(tmp_path):

@@ -22,7 +22,8 @@ prediction. So, when calibration data is given:
    granularities that pay for int8 layers), with their union and with the union in the trust regions
    :data:`STAYS`; each distinct plan compiled for real and measured; the best that fits is the mixed plan.
 4. **The guard**: when the base plan alone fits the budget and the mixed plan does not measure at least
-   :data:`MIX_MARGIN_DB` better on the held-back samples *and on each half of them*, the base plan itself is
+   :data:`MIX_MARGIN_DB` better on the held-back samples and on each half of them *and* above it on
+   :data:`MIX_CONFIDENCE` of their paired bootstrap draws (:meth:`Measured.beats`), the base plan itself is
    returned (``AutoPlanResult.uniform``). With ``base_plan`` given, that plan is the base and the guard (no
    preset search).
 5. **Activations** (:func:`_activation_step`, :mod:`qcompiler.autoplan.activations`): the chosen plan with
@@ -58,6 +59,7 @@ from qcompiler.autoplan.activations import Widening, wide_activations, widened, 
 from qcompiler.autoplan.budget import DEFAULT_CANDIDATES, Budget, Candidate, fmt_unit, parse_candidates
 from qcompiler.autoplan.holdout import (  # noqa: F401  (HOLDOUT, MIX_MARGIN_DB, Holdout: re-exported)
     HOLDOUT,
+    MIX_CONFIDENCE,
     MIX_MARGIN_DB,
     Holdout,
     Measured,
@@ -254,7 +256,8 @@ def _searches(src: Path, opts: PlanOptions, base: Plan, hold: Holdout, tmp: Path
         fits = m.amount(unit) <= budget_value
         rows.append({"candidates": label, "counts": {n: c for n, c in r.counts().items() if c},
                      "bytes": m.cost.total_bytes, "fits": fits, "sqnr_db": m.sqnr_db, "halves_db": list(m.halves),
-                     "predicted_sqnr_db": r.predicted.get("sqnr_db"), **_latency_row(m)})
+                     "predicted_sqnr_db": r.predicted.get("sqnr_db"), **_latency_row(m),
+                     **({"win_rate": m.win_rate(base_m)} if base_m is not None else {})})
         log.info("plan: candidates %s: measured %.2f dB, %d bytes%s", label, m.sqnr_db, m.cost.total_bytes,
                  "" if fits else " (over the budget)")
         if fallback is None:
@@ -356,7 +359,8 @@ def auto_plan(model_path: str | Path, calib: str | Path | None, options: PlanOpt
     if best is not None:  # a shipped preset (as written, or with one algorithm off: "w4a8 without gptq")
         preset, _, off = name.partition(" without ")
         result.baseline.update(preset=preset, off=[off] if off else [])
-    mixed_info = {"sqnr_db": mixed.sqnr_db, "halves_db": list(mixed.halves), **hold.to_json(), **_latency_row(mixed)}
+    mixed_info = {"sqnr_db": mixed.sqnr_db, "halves_db": list(mixed.halves), **hold.to_json(), **_latency_row(mixed),
+                  **({"win_rate": mixed.win_rate(base_m)} if base_fits else {})}
     if uniform:
         log.info("plan: the uniform %s (%.2f dB measured) is not beaten by the best mixed plan (%.2f dB); "
                  "returning it", name, base_m.sqnr_db, mixed.sqnr_db)
@@ -372,6 +376,7 @@ def auto_plan(model_path: str | Path, calib: str | Path | None, options: PlanOpt
     if act.kept:
         assert act.measured is not None
         result.measured = {**result.measured, "sqnr_db": act.measured.sqnr_db, "halves_db": list(act.measured.halves),
+                           "win_rate": act.measured.win_rate(starts[0][1]),
                            "bytes": act.measured.cost.total_bytes, **_latency_row(act.measured),
                            "without_activations": {
                                "sqnr_db": result.measured["sqnr_db"], "bytes": result.measured["bytes"]}}
@@ -397,7 +402,10 @@ class ActivationStep:
         return (f"activations of {len(self.widening.tensors)} tensor(s) read only by layers that run float "
                 f"anyway (no integer kernel for their weights) at 16 bits: "
                 + _measured_line(self.measured.sqnr_db, hold) + f", {self.measured.cost.total_bytes} bytes"
-                + _latency_text(self.measured))
+                + _latency_text(self.measured)
+                + ("" if self.info.get("win_rate") is None else
+                   f"; above the plan it replaces on {100 * self.info['win_rate']:.0f} % of the held-back "
+                   f"samples' bootstrap draws"))
 
 
 def _activation_step(src: Path, starts: list[tuple[Plan, Measured]], opts: PlanOptions, hold: Holdout, tmp: Path,
@@ -435,7 +443,8 @@ def _activation_step(src: Path, starts: list[tuple[Plan, Measured]], opts: PlanO
                  m.cost.total_bytes, "; kept" if kept else "")
         tried = {"plan": "chosen" if k == 0 else "mixed", "tensors": len(widening.tensors),
                  "nodes": len(widening.rules), "sqnr_db": m.sqnr_db, "halves_db": list(m.halves),
-                 "bytes": m.cost.total_bytes, "fits": fits, "kept": kept, **_latency_row(m)}
+                 "win_rate": m.win_rate(chosen), "bytes": m.cost.total_bytes, "fits": fits, "kept": kept,
+                 **_latency_row(m)}
         info = {"tried": True, **tried, "tries": [*info.get("tries", []), tried]}
         last = ActivationStep(widening, m, kept, info, k)
         if kept:
@@ -454,11 +463,18 @@ def _latency_text(m: Measured) -> str:
     return "" if m.latency_ratio is None else f", latency {m.latency_ratio:.2f}x float"
 
 
+def _draws_text(m: Measured, base: Measured) -> str:
+    """``; above the uniform plan on 64 % of the held-back samples' bootstrap draws`` where measured."""
+    rate = m.win_rate(base)
+    return "" if rate is None else (f"; above the uniform plan on {100 * rate:.0f} % of the held-back samples' "
+                                    f"bootstrap draws ({100 * MIX_CONFIDENCE:.0f} % needed)")
+
+
 def _with_measured(text: str, mixed: Measured, name: str, base: Measured | None, hold: Holdout) -> str:
     """The search's plan text with the measured SQNR (and the uniform base's) after the predicted line."""
     extra = _measured_line(mixed.sqnr_db, hold) + _latency_text(mixed) + (
         f"; uniform {name} alone: {base.sqnr_db:.2f} dB, {base.cost.total_bytes} bytes{_latency_text(base)}"
-        if base is not None else "")
+        + _draws_text(mixed, base) if base is not None else "")
     lines = text.splitlines()
     at = next((i + 1 for i, line in enumerate(lines) if line.startswith("# predicted")), 0)
     limit = [f"# {hold.latency.header()}"] if hold.latency is not None else []
@@ -476,7 +492,8 @@ def _uniform_text(src: Path, opts: PlanOptions, budget_value: float, unit: str, 
         + _latency_text(base_m),
         f"best mixed plan found ({counts}): measured {mixed.sqnr_db:.2f} dB, {mixed.cost.total_bytes} bytes"
         + _latency_text(mixed)
-        + (f" (predicted by the additive model: {sq:.2f} dB)" if sq is not None and math.isfinite(sq) else ""),
+        + (f" (predicted by the additive model: {sq:.2f} dB)" if sq is not None and math.isfinite(sq) else "")
+        + _draws_text(mixed, base_m),
         *([hold.latency.header()] if hold.latency is not None else []),
         "",
     ]

@@ -40,6 +40,7 @@ from qcompiler.report.validate.reference import (
     float_reference,
     validate_against,
 )
+from qcompiler.report.validate.resample import SampleEnergies, sample_energies
 
 
 @dataclass
@@ -296,14 +297,16 @@ def _float_cost(model: Path, shapes: dict[str, list[int]], want_bitops: bool, me
     return rep
 
 
-def held_scores(model_path: Path, out: Path, feeds: list[dict[str, np.ndarray]], refs: dict[str, Reference]
-                ) -> tuple[float, tuple[float, ...]]:
+def held_scores(model_path: Path, out: Path, feeds: list[dict[str, np.ndarray]], refs: dict[str, Reference],
+                energies: list[SampleEnergies] | None = None) -> tuple[float, tuple[float, ...]]:
     """The worst output slice's SQNR (``ValidationReport.worst_slice_sqnr``) of the compiled model ``out`` against
     the float ``model_path`` on ``feeds`` and, with 4 feeds or more, on each half of them (even / odd positions):
     ``qv.validate(model_path, out, part, per_layer=False)``'s numbers for each part, with the float model run once
     per ``refs`` (the caller's, for these feeds; by model) and the quantized model once (the halves scored from
     its outputs on all the feeds). With fewer feeds than validation runs side by side (where the sessions'
-    threads would differ from validate's), each part is validated as before."""
+    threads would differ from validate's), each part is validated as before. ``energies``: where given, gets the
+    quantized outputs' per-sample energies (:func:`~qcompiler.report.validate.resample.sample_energies`: what a
+    paired bootstrap against another plan needs) when the outputs were run together (not in the sequential case)."""
     halves = len(feeds) >= 4
     if len(feeds) < validation_workers():
         parts = [feeds, *((feeds[0::2], feeds[1::2]) if halves else ())]
@@ -314,6 +317,8 @@ def held_scores(model_path: Path, out: Path, feeds: list[dict[str, np.ndarray]],
         ref = refs[str(model_path)] = float_reference(model_path, feeds)
     kept: list[dict[str, Any]] = []
     whole = float(validate_against(ref, out, keep=kept).worst_slice_sqnr())
+    if energies is not None:
+        energies.append(sample_energies(ref, kept))
     if not halves:
         return whole, ()
     return whole, tuple(float(compare_outputs(

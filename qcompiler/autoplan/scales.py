@@ -14,8 +14,8 @@ So, after the searches, :func:`scale_step` tries each of the first :data:`MAX_TR
 :func:`moves` on the chosen plan (the largest layers first: where finer blocks cost the most bytes and float16
 scales save the most; a move only where its sensitivity does not predict it worse than the layer's current
 precision), each compiled for real and measured on the held-back samples; the best that fits the budget and beats
-the chosen plan by the guard's rule (0.25 dB on all held-back samples and on each half) replaces it. It runs after the 16-bit activation step, on the plan that step
-returns (widened or not): run before it, a kept move raised the bar a widened mix had to clear (PP-OCR cls: a move
+the chosen plan by the guard's rule (:meth:`~qcompiler.autoplan.holdout.Measured.beats`) replaces it. It runs
+after the 16-bit activation step, on the plan that step returns (widened or not): run before it, a kept move raised the bar a widened mix had to clear (PP-OCR cls: a move
 on w4a8, 42.67 dB held back, kept the mix widened, 48.05, out by 0.17 dB on one half — 23.87 dB on eval instead
 of 39.74).
 """
@@ -151,7 +151,7 @@ def scale_step(start: tuple[Plan, Any], result: AutoPlanResult, uniform: bool, o
         log.info("plan: %s at %s: measured %.2f dB (chosen plan %.2f dB), %d bytes%s", mv.layer, mv.candidate,
                  m.sqnr_db, start_m.sqnr_db, m.cost.total_bytes, " (over the budget)" if not fits else "")
         tries.append({"layer": mv.layer, "candidate": mv.candidate, "sqnr_db": m.sqnr_db, "halves_db": list(m.halves),
-                      "bytes": m.cost.total_bytes, "fits": fits, "beats": kept})
+                      "win_rate": m.win_rate(start_m), "bytes": m.cost.total_bytes, "fits": fits, "beats": kept})
         if kept and (step.measured is None or m.sqnr_db > step.measured.sqnr_db):
             step.kept, step.plan, step.measured, step.move = True, cand, m, mv
     if progress and todo:

@@ -34,6 +34,7 @@ from qcompiler.core.errors import UserError
 from qcompiler.plan import Plan
 from qcompiler.report import validate as qv
 from qcompiler.report.latency import LATENCY_REPEATS, run_timed  # the one timing, shared with the planner
+from qcompiler.report.validate.resample import RESAMPLE_SEED, RESAMPLES, draws  # noqa: F401  (re-exported)
 
 log = logging.getLogger("qcompiler.recipe")
 
@@ -43,9 +44,6 @@ Metric = Callable[[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]], lis
 
 #: probabilities are clipped to [PROB_EPS, 1 - PROB_EPS] before their logit is taken (float32 saturates there)
 PROB_EPS = 1e-7
-#: :meth:`Bench.win_rate`: paired bootstrap resamples of the held-back samples, drawn with this seed
-RESAMPLES = 200
-RESAMPLE_SEED = 0
 #: a candidate's outputs on the held-back samples are kept (:attr:`Bench.keep_outputs`) up to this many bytes
 KEEP_OUTPUT_BYTES = 64 << 20
 
@@ -294,14 +292,13 @@ class Bench:
 
     def win_rate(self, a: Measured, b: Measured, resamples: int = RESAMPLES) -> float:
         """The share of paired bootstrap resamples of the held-back samples (``resamples`` draws of h samples
-        with replacement, seeded: :data:`RESAMPLE_SEED`) on which ``a`` scores strictly above ``b``: how much of
-        a lead on h samples is the samples' doing. Both must have their outputs kept."""
-        h = len(self.reference.outputs)
-        rng = np.random.default_rng(RESAMPLE_SEED)
+        with replacement, seeded: :func:`~qcompiler.report.validate.resample.draws`) on which ``a`` scores
+        strictly above ``b``: how much of a lead on h samples is the samples' doing. Both must have their outputs
+        kept. (The planner's rule scores from per-sample energies instead, :mod:`~qcompiler.report.validate.resample`;
+        this one keeps the outputs because a binary probability output counts in logit space.)"""
         wins = 0
         with profile.step("resampled scores"):
-            for _ in range(resamples):
-                idx = rng.integers(0, h, size=h)
+            for idx in draws(len(self.reference.outputs), resamples):
                 wins += self.score_on(a, idx) > self.score_on(b, idx)
         return wins / resamples
 
