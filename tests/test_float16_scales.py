@@ -374,5 +374,5 @@ def test_plan_cli_reports_the_float16_scale_step(tmp_path):
     assert res.exit_code == 0, res.output
     line = next(ln for ln in res.output.splitlines() if ln.startswith("float16 scales:"))
     assert line == ("float16 scales: 3 move(s) of one layer to finer blocks with float16 scales measured: none "
-                    "better by the guard's margin within the budget")
+                    "better by the guard's rule within the budget")
     assert "scale: float16" not in out.read_text()

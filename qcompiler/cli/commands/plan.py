@@ -256,11 +256,11 @@ def plan_auto_cmd(model: Path, budget: str, bitops: bool, calib: str | None, out
                    f"{act['sqnr_db']:.2f} dB, {act['bytes']} bytes"
                    + _latency(act, ", latency") + ("; kept" if act["kept"] else "; over the budget, not kept" if not act["fits"] else
                                       "; over the latency limit, not kept" if act.get("over_latency") else
-                                      "; not better by the guard's margin, not kept"), err=err)
+                                      "; not better by the guard's rule" + _draws(act) + ", not kept"), err=err)
     sc = b.get("scales") or {}
     if sc.get("tried"):
         click.echo(f"float16 scales: {sc['tried']} move(s) of one layer to finer blocks with float16 scales measured: "
-                   + (f"{sc['kept']} kept" if sc.get("kept") else "none better by the guard's margin within the budget"),
+                   + (f"{sc['kept']} kept" if sc.get("kept") else "none better by the guard's rule within the budget"),
                    err=err)
     for pt in measured:
         click.echo(f"front point {round(pt.bytes)} bytes: predicted "
@@ -272,6 +272,12 @@ def plan_auto_cmd(model: Path, budget: str, bitops: bool, calib: str | None, out
     for f in written:
         click.echo(f"wrote {f}", err=err)
 
+
+
+def _draws(row: dict[str, object]) -> str:
+    """`` (won 45 % of the bootstrap draws)`` where the planner measured it (``win_rate``), else nothing."""
+    rate = row.get("win_rate")
+    return "" if not isinstance(rate, float) else f" (won {100 * rate:.0f} % of the held-back samples' bootstrap draws)"
 
 def _latency(row: dict[str, object], lead: str = "") -> str:
     """`` 1.23x float`` for a row that was timed (``--max-latency-ratio``), `` (not eligible)`` added when over;
