@@ -23,7 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 from qcompiler import ir, quant
 from qcompiler.api import CompileOptions, compile_model
 from qcompiler.autoplan import parse_candidates
-from qcompiler.autoplan.scales import moves
+from qcompiler.autoplan.scales import Move, ScaleStep, moves
 from qcompiler.cli import cli
 from qcompiler.core.errors import UserError
 from qcompiler.plan import Plan
@@ -376,3 +376,21 @@ def test_plan_cli_reports_the_float16_scale_step(tmp_path):
     assert line == ("float16 scales: 3 move(s) of one layer to finer blocks with float16 scales measured: none "
                     "better by the guard's rule within the budget")
     assert "scale: float16" not in out.read_text()
+
+
+def test_a_scale_move_on_the_uniform_base_keeps_it_the_uniform_plan():
+    """The planner returned the uniform base (no mix beat it) and the float16-scale step kept a move on it: the
+    plan is still that base with one layer changed, so `uniform` stays set (the CLI then reports the base's bytes,
+    not the mixed plan's counts and verified bytes, which `choice` / `verified` keep describing); the move's rule
+    and measurement are written. PP-OCR cls, session 18: the CLI printed the mix's counts for such a plan."""
+    rule = {"match": {"name": "Conv@49"}, "weight": {"dtype": "int4", "granularity": "block", "block_size": 32,
+                                                     "symmetric": True, "scale": "float16"}}
+    text = "# the uniform w4a8\nversion: 1\nrules:\n  - match: {op_type: Conv}\n    weight: {dtype: int4}\n"
+    res = SimpleNamespace(text=text, uniform=True, baseline={}, measured={"sqnr_db": 48.8, "bytes": 142465})
+    m = SimpleNamespace(sqnr_db=53.6, halves=(51.9, 56.3), cost=SimpleNamespace(total_bytes=142500))
+    ScaleStep(info={"tried": 3, "kept": 1}, kept=True, measured=m, move=Move("Conv@49", "int4/block32/sym/f16",
+                                                                              rule)).apply(res, "16 samples")
+    assert res.uniform is True
+    assert res.measured["sqnr_db"] == 53.6 and res.measured["bytes"] == 142500
+    assert res.measured["without_scales"] == {"sqnr_db": 48.8, "bytes": 142465}
+    assert "Conv@49" in res.text and "scale: float16" in res.text and res.baseline["scales"]["kept"] == 1

@@ -122,8 +122,9 @@ class AutoPlanResult:
     #: the uniform plan the search started from and was compared with: ``name``, ``bytes``, ``sqnr_db``,
     #: ``fits``, and ``presets`` (each shipped preset's ``name`` / ``bytes`` / ``fits`` / ``sqnr_db``)
     baseline: dict[str, Any] = field(default_factory=dict)
-    #: the plan returned is the uniform base plan itself (no mixed plan measured better); ``choice`` and the
-    #: tables still describe the best mixed plan, whose text is ``search_text``
+    #: the plan returned is the uniform base plan (no mixed plan measured better; with 16-bit activations and a
+    #: float16-scale move where those measured better on it); ``choice``, ``verified`` and the tables still
+    #: describe the best mixed plan, whose text is ``search_text``
     uniform: bool = False
     search_text: str = ""
     #: the sensitivities over every candidate the planner's searches measured (their union), when several lists

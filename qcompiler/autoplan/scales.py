@@ -62,7 +62,9 @@ class ScaleStep:
     move: Move | None = None
 
     def apply(self, result: AutoPlanResult, data: str) -> None:
-        """The kept move written into ``result``: its rule appended to the text, the measurement recorded."""
+        """The kept move written into ``result``: its rule appended to the text, the measurement recorded. A move
+        on the uniform base leaves ``result.uniform`` as it is: the plan is still the base (with one layer's
+        scales changed), and ``result.choice`` / ``verified`` still describe the mixed plan it beat."""
         result.baseline["scales"] = self.info
         if not self.kept or self.move is None:
             return
@@ -74,7 +76,6 @@ class ScaleStep:
                            "bytes": m.cost.total_bytes,
                            "without_scales": {"sqnr_db": result.measured.get("sqnr_db"),
                                               "bytes": result.measured.get("bytes")}}
-        result.uniform = False
 
 
 def f16_columns(names: list[str]) -> list[tuple[str, int]]:
