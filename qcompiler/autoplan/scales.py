@@ -15,9 +15,9 @@ So, after the searches, :func:`scale_step` tries each of the first :data:`MAX_TR
 scales save the most; a move only where its sensitivity does not predict it worse than the layer's current
 precision), each compiled for real and measured on the held-back samples; the best that fits the budget and beats
 the chosen plan by the guard's rule (:meth:`~qcompiler.autoplan.holdout.Measured.beats`) replaces it. It runs
-after the 16-bit activation step, on the plan that step returns (widened or not): run before it, a kept move raised the bar a widened mix had to clear (PP-OCR cls: a move
-on w4a8, 42.67 dB held back, kept the mix widened, 48.05, out by 0.17 dB on one half — 23.87 dB on eval instead
-of 39.74).
+after the 16-bit activation step, on the plan that step returns (widened or not): run before it, a kept move
+raised the bar a widened mix had to clear (PP-OCR cls: a move on w4a8, 42.67 dB held back, kept the mix widened,
+48.05, out by 0.17 dB on one half — 23.87 dB on eval instead of 39.74).
 """
 
 from __future__ import annotations

@@ -273,11 +273,13 @@ def plan_auto_cmd(model: Path, budget: str, bitops: bool, calib: str | None, out
         click.echo(f"wrote {f}", err=err)
 
 
-
 def _draws(row: dict[str, object]) -> str:
     """`` (won 45 % of the bootstrap draws)`` where the planner measured it (``win_rate``), else nothing."""
     rate = row.get("win_rate")
-    return "" if not isinstance(rate, float) else f" (won {100 * rate:.0f} % of the held-back samples' bootstrap draws)"
+    if not isinstance(rate, float):
+        return ""
+    return f" (won {100 * rate:.0f} % of the held-back samples' bootstrap draws)"
+
 
 def _latency(row: dict[str, object], lead: str = "") -> str:
     """`` 1.23x float`` for a row that was timed (``--max-latency-ratio``), `` (not eligible)`` added when over;
