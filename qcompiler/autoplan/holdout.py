@@ -84,8 +84,9 @@ class Measured:
     def beats(self, base: Measured) -> bool:
         """Whether this (mixed) plan measures better than ``base`` beyond the held-back samples' noise: at least
         :data:`MIX_MARGIN_DB` better on all of them and on each half of them (even / odd positions), *and* above
-        it on :data:`MIX_CONFIDENCE` of their paired bootstrap draws (where both kept their energies). Two tests
-        of one question, each catching what the other lets through (benchmarks/RESULTS.md, session 18)."""
+        it on :data:`MIX_CONFIDENCE` of their paired bootstrap draws (where both kept their energies): a lead in
+        both halves won on few draws rests on a few samples, one steady across the draws but absent from a half
+        on some (benchmarks/RESULTS.md, session 18)."""
         if _db(self.sqnr_db) < _db(base.sqnr_db) + MIX_MARGIN_DB:
             return False
         if not all(_db(a) >= _db(b) + MIX_MARGIN_DB for a, b in zip(self.halves, base.halves, strict=False)):
