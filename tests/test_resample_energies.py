@@ -77,3 +77,15 @@ def test_a_clear_lead_wins_every_draw_and_sample_counts_must_match() -> None:
     short = qv.Reference(feeds=[], outputs=ref.outputs[:4], output_types=ref.output_types, label="float")
     with pytest.raises(ValueError, match="samples"):
         win_rate(good, sample_energies(short, _noisy(ref, 8, 1.0)[:4]))
+
+
+def test_outputs_whose_slice_axis_changes_length_score_whole_as_validation_does() -> None:
+    """A [1, T, D] output with T varying by sample (a sentence encoder's tokens, T <= D: slice axis 1) has no
+    slices in validation (the axis changes length); the rebuilt score is then the whole tensor's, as there."""
+    rng = np.random.default_rng(11)
+    outs = [{"h": rng.normal(size=(1, t, 8)).astype(np.float32)} for t in (3, 5, 4, 6, 2, 7)]
+    ref = qv.Reference(feeds=[], outputs=outs, output_types={"h": "tensor(float)"}, label="float")
+    q = [{"h": (o["h"] + 0.02 * rng.normal(size=o["h"].shape)).astype(np.float32)} for o in outs]
+    e = sample_energies(ref, q)
+    for idx in [np.arange(6), *draws(6, 4)]:
+        assert math.isclose(e.score(np.bincount(idx, minlength=6)), _oracle(ref, q, idx), abs_tol=1e-9)
