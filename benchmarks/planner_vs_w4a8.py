@@ -82,7 +82,9 @@ def main() -> int:
         row["planned_bytes"] = compiled_bytes(planned, shapes)
         row["uniform_returned"] = bool(res.uniform)
         row["base"] = res.baseline.get("name") if res.baseline else None
-        row["counts"] = {k: v for k, v in res.counts().items() if v}
+        # the layers of the plan returned; a returned uniform base (no mix beat it) is the base, not the best mix
+        row["counts"] = None if res.uniform else {k: v for k, v in res.counts().items() if v}
+        row["best_mix_counts"] = {k: v for k, v in res.counts().items() if v}
         row["held_back"] = res.measured
         row["timings"] = {k: round(v, 2) for k, v in res.timings.items()}
         row["presets"] = res.baseline.get("presets") if res.baseline else None
