@@ -105,10 +105,17 @@ def test_measured_a_ratio_between_presets_leaves_the_slower_ones_out():
     limit = math.sqrt(slow * fastest)
 
     # the rule's consistency must hold on every run; that a better plan was left out needs the base's measured
-    # gap to repeat under the limit's run: timing noise on a shared machine gets up to three runs for that
+    # gap to repeat under the limit's run: timing noise on a shared machine gets up to three runs for that. A run
+    # where noise put every plan over the limit (the planner's exit-2 error, naming the fastest) is such a run too:
+    # the limit sits only sqrt(slow / fastest) >= 1.095x above the fastest preset's first timing (CI, session 18:
+    # "the fastest measured, the default plan, runs at 1.13x float" under a limit of 0.90)
     left_out = False
     for _ in range(3):
-        res = _plan(WIDE, limit)
+        try:
+            res = _plan(WIDE, limit)
+        except UserError as e:
+            assert "no plan within it; the fastest measured, " in str(e), e
+            continue
         lat = res.baseline["latency"]
         assert res.baseline["latency_ratio"] <= limit
         assert res.measured["latency_ratio"] <= limit
