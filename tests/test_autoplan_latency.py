@@ -5,6 +5,7 @@ is timed and the plan is what it was."""
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from pathlib import Path
@@ -92,11 +93,22 @@ def test_a_preset_over_the_ratio_is_not_the_base(monkeypatch):
     assert res.measured["latency_ratio"] <= 1.5
 
 
-def test_measured_a_ratio_between_presets_leaves_the_slower_ones_out():
+def test_measured_a_ratio_between_presets_leaves_the_slower_ones_out(monkeypatch):
     """Real timings, no number written in the test: conv_bn_relu at 13000 bytes, timed once with no real limit;
-    R is then put halfway (geometrically) between the base preset's ratio and the fastest fitting preset's. Timed
-    again under R, the plan returned and its base run within R, every plan measured over R is marked and listed,
-    and a plan measuring better than the base was left out for its latency."""
+    R is then put halfway (geometrically) between the base preset's ratio and the fastest fitting preset's. Run
+    again under R with each file's first timing replayed (by the file's bytes: the same plan compiles to the same
+    file; a plan the first run did not time is timed for real), the plan returned and its base run within R,
+    every plan measured over R is marked and listed, and a plan measuring better than the base was left out for
+    its latency. (Timed afresh, noise between the two runs moved every plan over R once in CI, session 18.)"""
+    seen: dict[str, float] = {}
+    real = plan_latency.run_timed
+
+    def recorded(model, feeds, repeats=report_latency.LATENCY_REPEATS):
+        outs, secs = real(model, feeds, repeats)
+        seen.setdefault(hashlib.sha256(Path(model).read_bytes()).hexdigest(), secs)
+        return outs, secs
+
+    monkeypatch.setattr(plan_latency, "run_timed", recorded)
     free = _plan(WIDE, 1e9)
     fitting = [r for r in free.baseline["presets"] if r.get("fits") and "latency_ratio" in r]
     fastest = min(r["latency_ratio"] for r in fitting)
@@ -104,31 +116,24 @@ def test_measured_a_ratio_between_presets_leaves_the_slower_ones_out():
     assert slow > 1.2 * fastest, f"the base ({free.baseline['name']}) is not slower than the fastest preset"
     limit = math.sqrt(slow * fastest)
 
-    # the rule's consistency must hold on every run; that a better plan was left out needs the base's measured
-    # gap to repeat under the limit's run: timing noise on a shared machine gets up to three runs for that. A run
-    # where noise put every plan over the limit (the planner's exit-2 error, naming the fastest) is such a run too:
-    # the limit sits only sqrt(slow / fastest) >= 1.095x above the fastest preset's first timing (CI, session 18:
-    # "the fastest measured, the default plan, runs at 1.13x float" under a limit of 0.90)
-    left_out = False
-    for _ in range(3):
-        try:
-            res = _plan(WIDE, limit)
-        except UserError as e:
-            assert "no plan within it; the fastest measured, " in str(e), e
-            continue
-        lat = res.baseline["latency"]
-        assert res.baseline["latency_ratio"] <= limit
-        assert res.measured["latency_ratio"] <= limit
-        for r in [*res.baseline["presets"], *res.baseline["searches"]]:
-            if "latency_ratio" in r:
-                assert bool(r.get("over_latency")) == (r["latency_ratio"] > limit), r
-        assert all(re.fullmatch(r".+: [0-9.]+x float > [0-9.e+-]+", w) for w in lat["not_eligible"])
-        assert sum(ratio > limit for ratio in lat["timed"].values()) == len(lat["not_eligible"])
-        better = [r for r in res.baseline["presets"] if r.get("fits") and r["sqnr_db"] > res.baseline["sqnr_db"]]
-        if lat["not_eligible"] and any(r.get("over_latency") for r in better):
-            left_out = True
-            break
-    assert left_out, "no run left a better-measuring plan out for its latency"
+    def replayed(model, feeds, repeats=report_latency.LATENCY_REPEATS):
+        secs = seen.get(hashlib.sha256(Path(model).read_bytes()).hexdigest())
+        return ([], secs) if secs is not None else real(model, feeds, repeats)
+
+    monkeypatch.setattr(plan_latency, "run_timed", replayed)
+    res = _plan(WIDE, limit)
+    lat = res.baseline["latency"]
+    assert res.baseline["latency_ratio"] <= limit
+    assert res.measured["latency_ratio"] <= limit
+    for r in [*res.baseline["presets"], *res.baseline["searches"]]:
+        if "latency_ratio" in r:
+            assert bool(r.get("over_latency")) == (r["latency_ratio"] > limit), r
+    assert all(re.fullmatch(r".+: [0-9.]+x float > [0-9.e+-]+", w) for w in lat["not_eligible"])
+    assert sum(ratio > limit for ratio in lat["timed"].values()) == len(lat["not_eligible"])
+    # the free run's base, timed over R, is left out although it measures better than the base returned
+    better = [r for r in res.baseline["presets"] if r.get("fits") and r["sqnr_db"] > res.baseline["sqnr_db"]]
+    assert lat["not_eligible"] and any(r.get("over_latency") for r in better)
+    assert res.baseline["name"] != free.baseline["name"]
 
 
 def test_cli_nothing_within_the_ratio_is_exit_2_naming_the_fastest(tmp_path):
