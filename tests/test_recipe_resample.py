@@ -11,8 +11,9 @@ import numpy as np
 
 from qcompiler.compile import CompileOptions
 from qcompiler.plan import Plan
-from qcompiler.recipe.measure import RESAMPLE_SEED, RESAMPLES, Bench, Measured
+from qcompiler.recipe.measure import Bench, Measured
 from qcompiler.report import validate as qv
+from qcompiler.report.validate.resample import RESAMPLE_SEED, RESAMPLES
 
 H, F = 12, 6
 

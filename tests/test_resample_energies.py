@@ -89,3 +89,17 @@ def test_outputs_whose_slice_axis_changes_length_score_whole_as_validation_does(
     e = sample_energies(ref, q)
     for idx in [np.arange(6), *draws(6, 4)]:
         assert math.isclose(e.score(np.bincount(idx, minlength=6)), _oracle(ref, q, idx), abs_tol=1e-9)
+
+
+def test_vectorized_sqnr_keeps_validations_conventions() -> None:
+    """The draws' vectorized SQNR against validation's scalar one on the edge cases: no noise (with and without
+    signal), no signal, infinite and NaN energies."""
+    from qcompiler.report.validate.metrics import _sqnr
+    from qcompiler.report.validate.resample import _sqnr_all
+
+    vals = [0.0, 1e-30, 2.5, 1e30, math.inf, math.nan]
+    pairs = [(r, n) for r in vals for n in vals]
+    got = _sqnr_all(np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs]))
+    for (r, n), g in zip(pairs, got, strict=True):
+        want = _sqnr(r, n)
+        assert (math.isnan(want) and math.isnan(g)) or g == want, (r, n, g, want)

@@ -193,8 +193,10 @@ def _latency_row(m: Measured) -> dict[str, Any]:
 def _preferred(m: Measured, other: Measured, base: Measured | None) -> bool:
     """Whether mixed plan ``m`` is preferred to ``other``: one that beats the base (:meth:`Measured.beats`) first,
     then the better measured."""
-    if base is not None and m.beats(base) != other.beats(base):
-        return m.beats(base)
+    if base is not None:
+        wins, other_wins = m.beats(base), other.beats(base)
+        if wins != other_wins:
+            return wins
     return _better(m, other)
 
 

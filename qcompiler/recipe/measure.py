@@ -34,7 +34,7 @@ from qcompiler.core.errors import UserError
 from qcompiler.plan import Plan
 from qcompiler.report import validate as qv
 from qcompiler.report.latency import LATENCY_REPEATS, run_timed  # the one timing, shared with the planner
-from qcompiler.report.validate.resample import RESAMPLE_SEED, RESAMPLES, draws  # noqa: F401  (re-exported)
+from qcompiler.report.validate.resample import RESAMPLES, draws
 
 log = logging.getLogger("qcompiler.recipe")
 

@@ -31,7 +31,6 @@ from typing import Any
 import numpy as np
 
 from qcompiler.report.validate.compare import _GraphFacts, _output_accumulators
-from qcompiler.report.validate.metrics import _sqnr
 from qcompiler.report.validate.reference import Reference
 from qcompiler.report.validate.slices import _SliceAccumulator
 
@@ -70,14 +69,23 @@ class SampleEnergies:
         c = np.ones(self.samples) if counts is None else np.asarray(counts, dtype=np.float64)
         worst = math.inf
         for o in self.outputs:
-            values = [_sqnr(float(c @ o.whole_ref2), float(c @ o.whole_noise2))]
+            ref2, noise2 = [np.atleast_1d(c @ o.whole_ref2)], [np.atleast_1d(c @ o.whole_noise2)]
             if o.slice_ref2 is not None and o.slice_noise2 is not None:
-                values += [_sqnr(float(r), float(n)) for r, n in zip(c @ o.slice_ref2, c @ o.slice_noise2,
-                                                                     strict=True)]
-            if any(math.isnan(v) for v in values):
+                ref2.append(c @ o.slice_ref2)
+                noise2.append(c @ o.slice_noise2)
+            values = _sqnr_all(np.concatenate(ref2), np.concatenate(noise2))
+            if np.isnan(values).any():
                 return math.nan
-            worst = min(worst, *values)
+            worst = min(worst, float(values.min()))
         return worst
+
+
+def _sqnr_all(ref2: np.ndarray, noise2: np.ndarray) -> np.ndarray:
+    """:func:`~qcompiler.report.validate.metrics._sqnr` of each pair of energies (both ≥ 0), vectorized: no
+    noise is ``inf`` (also without signal), no signal ``-inf``, NaN in either NaN."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        db = 10.0 * np.log10(ref2 / noise2)
+    return np.where((noise2 == 0.0) & ~np.isnan(ref2), math.inf, db)
 
 
 def sample_energies(ref: Reference, quant_outputs: Sequence[dict[str, Any]]) -> SampleEnergies:
@@ -90,7 +98,8 @@ def sample_energies(ref: Reference, quant_outputs: Sequence[dict[str, Any]]) -> 
         pairs = [(np.asarray(fo[n]), np.asarray(qo[n])) for fo, qo in zip(ref.outputs, quant_outputs, strict=True)]
         r2, n2 = [], []
         for f, q in pairs:
-            f64, d = f.astype(np.float64), f.astype(np.float64) - q.astype(np.float64)
+            f64 = f.astype(np.float64)
+            d = f64 - q.astype(np.float64)
             r2.append(float(np.sum(f64 * f64)))
             n2.append(float(np.sum(d * d)))
         out = _Output(np.array(r2), np.array(n2), None, None)
