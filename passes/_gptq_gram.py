@@ -29,6 +29,7 @@ tap; every other Conv (strided, depthwise, 1×1) and MatMul / Gemm keep the unfo
 from __future__ import annotations
 
 import itertools
+from typing import Any
 
 import numpy as np
 
@@ -143,28 +144,59 @@ class ConvGram:
 def _alive(x: np.ndarray, taps: list[tuple[int, ...]], start: list[int], dil: list[int], outs: list[int],
            groups: int) -> np.ndarray:
     """[groups, taps, cg]: whether channel c of ``x`` ([N, C, *spatial]) has a nonzero value among the positions
-    tap t reads (data coordinates ``start + t·dil + [0, outs)``, clipped to the data), by exact integer counts
-    (summed-area table of the nonzeros): GPTQ takes an input whose ``H_ii`` is exactly 0 as dead, and the shifted
-    products' subtractions leave rounding there."""
+    tap t reads (data coordinates ``start + t·dil + [0, outs)``, clipped to the data): GPTQ takes an input whose
+    ``H_ii`` is exactly 0 as dead, and the shifted products' subtractions leave rounding there. Every tap's box
+    holds the boxes' intersection, so a channel nonzero there is alive wherever a tap reads anything (one
+    comparison over the intersection); only the other channels are counted box by box, exactly (summed-area
+    table of the nonzeros)."""
+    nd = x.ndim - 2
+    c = x.shape[1]
+    boxes: list[tuple[list[int], list[int]] | None] = []
+    for t in taps:
+        lo = [min(max(start[d] + t[d] * dil[d], 0), x.shape[2 + d]) for d in range(nd)]
+        hi = [min(max(start[d] + t[d] * dil[d] + outs[d], 0), x.shape[2 + d]) for d in range(nd)]
+        boxes.append(None if any(h0 <= l0 for l0, h0 in zip(lo, hi, strict=True)) else (lo, hi))
+    out = np.zeros((len(taps), c), dtype=bool)
+    read = [b for b in boxes if b is not None]
+    sure = np.zeros(c, dtype=bool)
+    if read:
+        ilo = [max(b[0][d] for b in read) for d in range(nd)]
+        ihi = [min(b[1][d] for b in read) for d in range(nd)]
+        if all(h0 > l0 for l0, h0 in zip(ilo, ihi, strict=True)):
+            inner = x[(slice(None), slice(None), *(slice(ilo[d], ihi[d]) for d in range(nd)))]
+            sure = np.any(inner != 0, axis=(0, *range(2, 2 + nd)))
+    rest = np.flatnonzero(~sure)
+    counted = _box_nonzero(x[:, rest], boxes) if rest.size and read else None
+    for i, box in enumerate(boxes):
+        if box is not None:
+            out[i] = sure
+            if counted is not None:
+                out[i, rest] = counted[i]
+    return out.reshape(len(taps), groups, c // groups).transpose(1, 0, 2)
+
+
+def _box_nonzero(x: np.ndarray, boxes: list[tuple[list[int], list[int]] | None]) -> np.ndarray:
+    """[boxes, C]: whether channel c of ``x`` ([N, C, *spatial]) has a nonzero value in each box (False for
+    ``None``), by exact integer counts: a summed-area table of the nonzeros, inclusion-exclusion over the box's
+    corners."""
     nd = x.ndim - 2
     c = x.shape[1]
     sat = np.count_nonzero(x, axis=0).astype(np.int64)  # [C, *spatial]
     sat = np.pad(sat, [(0, 0)] + [(1, 0)] * nd)
     for d in range(nd):
         sat = np.cumsum(sat, axis=1 + d)
-    out = np.zeros((len(taps), c), dtype=bool)
-    for i, t in enumerate(taps):
-        lo = [min(max(start[d] + t[d] * dil[d], 0), x.shape[2 + d]) for d in range(nd)]
-        hi = [min(max(start[d] + t[d] * dil[d] + outs[d], 0), x.shape[2 + d]) for d in range(nd)]
-        if any(h0 <= l0 for l0, h0 in zip(lo, hi, strict=True)):
+    out = np.zeros((len(boxes), c), dtype=bool)
+    for i, box in enumerate(boxes):
+        if box is None:
             continue
+        lo, hi = box
         count = np.zeros(c, dtype=np.int64)
-        for corner in itertools.product((0, 1), repeat=nd):  # inclusion-exclusion over the box's corners
-            idx = tuple(hi[d] if corner[d] else lo[d] for d in range(nd))
+        for corner in itertools.product((0, 1), repeat=nd):
+            at: tuple[Any, ...] = (slice(None), *(hi[d] if corner[d] else lo[d] for d in range(nd)))
             sign = -1 if (nd - sum(corner)) % 2 else 1
-            count += sign * sat[(slice(None), *idx)]
+            count += sign * sat[at]
         out[i] = count > 0
-    return out.reshape(len(taps), groups, c // groups).transpose(1, 0, 2)
+    return out
 
 
 def _add(sums: dict, key: object, value: np.ndarray) -> None:

@@ -186,7 +186,11 @@ class GPTQPass(Pass):
         # independent sweeps in parallel threads on one BLAS thread each; taken in layer order (timing-free results)
         with profile.step("sweep"), one_blas_thread(), \
                 ThreadPoolExecutor(max_workers=layer_threads(len(jobs))) as pool:
-            swept = iter(pool.map(self._quantize, todo))
+            # the costliest sweeps started first (longest first: no big layer left running alone at the end),
+            # results taken in layer order
+            started = {i: pool.submit(self._quantize, todo[i])
+                       for i in sorted(range(len(todo)), key=lambda i: -_sweep_cost(todo[i]))}
+            swept = (started[i].result() for i in range(len(todo)))
             for li, job in enumerate(jobs):
                 got = done[li]
                 if got is None:
@@ -260,7 +264,10 @@ class GPTQPass(Pass):
             def consume(values: dict[str, np.ndarray]) -> None:
                 i = sample[0]
                 sample[0] += 1
-                for f in [pool.submit(one, i, j, values[nm]) for j, nm in names.items() if i >= start[j]]:  # not cached
+                # the sample's costliest products started first (longest first), each layer's sum unchanged
+                mine = sorted((j for j in names if i >= start[j]),  # not cached
+                              key=lambda j: -_product_cost(jobs[j], values[names[j]]))
+                for f in [pool.submit(one, i, j, values[names[j]]) for j in mine]:
                     f.result()
 
             report = progress_of(ctx, "gptq hessians")
@@ -491,3 +498,19 @@ class GPTQPass(Pass):
         return quant.QuantizedTensor(q, np.ascontiguousarray(scale, dtype=np.float32),
                                      np.ascontiguousarray(zpa).astype(np.int64).astype(dt.np_dtype),
                                      job.axis, job.block, spec.dtype)
+
+
+def _sweep_cost(job: _Job) -> float:
+    """A layer's sweep cost, for ordering only: per group the inverse Cholesky factor (K³) and the updates of the
+    group's rows (rows · K²)."""
+    g, k = job.h.shape[0], job.h.shape[-1]
+    rows = job.layer.grouped(job.layer.w).shape[1]
+    return float(g) * k * k * (k + rows)
+
+
+def _product_cost(job: _Job, x: np.ndarray) -> float:
+    """One sample's Hessian product for a layer, for ordering only: groups · K² · positions (the input's elements
+    over its channels: NCHW for a Conv, the last axis for MatMul / Gemm)."""
+    channels = int(x.shape[1]) if job.layer.op == "Conv" and x.ndim > 1 else int(x.shape[-1]) if x.ndim else 1
+    return float(job.h.size) * (x.size / max(channels, 1))
+

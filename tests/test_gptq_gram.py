@@ -95,6 +95,34 @@ def test_an_input_that_a_tap_never_reads_nonzero_is_exactly_zero_in_h(kshape, at
     assert not got[:, zero[0], :].any() and not got[:, :, zero[0]].any()
 
 
+@pytest.mark.parametrize("cin,groups,kshape,attrs,shapes", GEOMETRIES)
+def test_which_inputs_each_tap_reads_nonzero_is_the_unfolded_rows(cin, groups, kshape, attrs, shapes) -> None:
+    """``ConvGram.alive`` (a comparison over the taps' common box, exact counts for the channels zero there)
+    against the unfolded rows themselves: input (tap, channel) is alive when its column of rows has a nonzero.
+    Channels all zero, nonzero on one border or corner only, on one position, NaN, sparse."""
+    lay = _layer(cin, 8, groups, kshape, attrs)
+    gram = _gptq_gram.ConvGram(lay)
+    seen = None
+    for s in shapes:
+        x = np.where(RNG.random(s) < 0.3, RNG.standard_normal(s), 0.0).astype(np.float32)
+        x[:, 0] = 0.0  # dead everywhere
+        x[:, 1] = 0.0
+        x[:, 1, ..., 0] = 2.0  # the first position of the last axis only
+        x[:, 2] = 0.0
+        x[(slice(None), 2, *[-1] * (x.ndim - 2))] = -1.0  # the last corner only
+        x[:, 3] = 0.0
+        x[(slice(None), 3, *[0] * (x.ndim - 2))] = np.nan  # NaN counts as nonzero
+        x[:, 4] = np.where(RNG.random(x[:, 4].shape) < 0.02, 1.0, 0.0)  # a few scattered values
+        gram.add(x)
+        rows = _im2col(lay.node, x, groups)  # [groups, P, (tap, channel)]
+        here = np.any(rows != 0, axis=1).reshape(groups, -1, cin // groups)  # [groups, taps, cg]
+        seen = here if seen is None else seen | here
+    assert gram.alive is not None and seen is not None
+    assert gram.alive.shape == seen.shape
+    assert np.array_equal(gram.alive, seen)
+    assert not seen.all() and seen.any()  # the pattern has dead and live inputs
+
+
 @pytest.mark.parametrize("cin,groups,kshape,attrs,op", [
     (16, 1, (3, 3), {"strides": [2, 2]}, "Conv"),  # strided: the taps' boxes are not shifts of one another
     (8, 1, (3, 3), {}, "Conv"),  # few channels per group: the unfolding is as fast
