@@ -1,6 +1,7 @@
 """GPTQ's faster arithmetic (session 9) computes what it replaced: the transposed unfolding gives the very
 Hessians (bit for bit) of the row unfolding, layers reading one input share one Hessian, the reversed-Cholesky
-inverse factor equals the direct one, and the contiguous-column sweep gives the codes of the reference loop."""
+inverse factor equals the direct one, the contiguous-column sweep gives the codes of the reference loop, and sweeps
+started longest first (session 19) are taken in layer order."""
 
 from __future__ import annotations
 
@@ -226,3 +227,46 @@ def test_contiguous_column_sweep_gives_the_reference_codes(monkeypatch, rows, k,
     ref_codes, ref_deq = _reference_sweep(w.copy(), seen[0], grid, bs)
     assert np.array_equal(codes, ref_codes) and np.array_equal(deq, ref_deq)
     assert codes.min() >= grid.qmin and codes.max() <= grid.qmax
+
+
+def _uneven_chain_model() -> onnx.ModelProto:
+    """Three MatMuls whose sweeps cost most in the middle, then last, then first (K = 8, 96, 24): the longest-
+    first order is not the layer order."""
+    b = Builder(37)
+    b.node("MatMul", ["x", b.init("w1", b.randn(8, 96, scale=0.3))], ["h1"], name="mm1")
+    b.node("Relu", ["h1"], ["r1"], name="relu")
+    b.node("MatMul", ["r1", b.init("w2", b.randn(96, 24, scale=0.1))], ["h2"], name="mm2")
+    b.node("MatMul", ["h2", b.init("w3", b.randn(24, 16, scale=0.2))], ["y"], name="mm3")
+    return b.model([vi("x", ["N", 6, 8])], [vi("y", ["N", 6, 16])])
+
+
+def test_sweeps_started_longest_first_are_taken_in_layer_order(tmp_path, monkeypatch):
+    """The sweeps start in order of decreasing cost, each layer still gets its own codes: the same bytes as
+    started in layer order (equal costs: a stable sort keeps it) and in the reverse of the cost order."""
+    from qcompiler.passes import gptq as gptq_mod
+
+    model = _uneven_chain_model()
+    src = tmp_path / "m.onnx"
+    onnx.save(model, src)
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.random.default_rng(5).standard_normal((12, 1, 6, 8)).astype(np.float32))
+    plan = Plan.from_dict({"defaults": {"weight": {"dtype": "int4", "granularity": "per_channel", "symmetric": True},
+                                        "activation": {"dtype": "float"}},
+                           "algorithms": {"gptq": True}}, source="test-plan")
+    real_cost = gptq_mod._sweep_cost
+    costs: dict[str, float] = {}
+
+    def recording(job):  # type: ignore[no-untyped-def]
+        costs[job.layer.node.name] = real_cost(job)
+        return costs[job.layer.node.name]
+
+    outs = []
+    for tag, cost in (("longest", recording), ("layer", lambda job: 0.0),
+                      ("reverse", lambda job: -real_cost(job))):
+        monkeypatch.setattr(gptq_mod, "_sweep_cost", cost)
+        out = tmp_path / f"{tag}.onnx"
+        res = compile_model(src, out, CompileOptions(plan=plan, calib=str(calib), validate=False))
+        assert res.report["gptq"]["layers"] == 3
+        outs.append(out.read_bytes())
+    assert sorted(costs, key=lambda n: -costs[n]) == ["mm2", "mm3", "mm1"]  # not the layer order
+    assert outs[0] == outs[1] == outs[2]
