@@ -183,6 +183,36 @@ def test_skipped_candidate_row_in_the_compile_summary(tmp_path: Path) -> None:
     assert row.split()[1:3] == ["-", "-"] and "not compiled: with its weights exact it measures" in row
 
 
+def test_a_gptq_candidate_s_seconds_count_its_ceiling(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The compile summary's seconds column: a GPTQ candidate compiled after its ceiling shows both compiles'
+    seconds (the report's ``seconds``), a candidate without GPTQ its own."""
+    from qcompiler.recipe.measure import Bench
+
+    seconds: dict[str, float] = {}
+    real = Bench.measure
+
+    def spy(self, plan, name, change, **kw):  # type: ignore[no-untyped-def]
+        m = real(self, plan, name, change, **kw)
+        seconds[name] = m.seconds
+        return m
+
+    monkeypatch.setattr(Bench, "measure", spy)
+    model, npz = MODELS / "conv_bn_relu.onnx", MODELS / "conv_bn_relu.npz"
+    res = compile_model(model, tmp_path / "q.onnx", CompileOptions(calib=str(npz), validate=False))
+    rows = {c["name"]: c for c in res.report["recipe"]["candidates"]}
+    assert "error" not in rows["w8a8"] and "w8a8-exact-weights" in seconds
+    assert rows["w8a8"]["seconds"] == pytest.approx(seconds["w8a8"] + seconds["w8a8-exact-weights"], abs=2e-3)
+    assert rows["default"]["seconds"] == pytest.approx(seconds["default"], abs=2e-3)
+    r = CliRunner().invoke(cli, ["compile", str(model), "-o", str(tmp_path / "c.onnx"), "--calib", str(npz),
+                                 "--no-validate"])
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    head = next(ln for ln in lines if ln.startswith("candidate "))
+    assert head.split() == ["candidate", "SQNR", "dB", "latency", "bytes", "metric", "s", "note"]
+    w8a8 = next(ln for ln in lines if ln.startswith("w8a8 "))
+    assert float(w8a8.split()[3]) >= 0.0  # name, SQNR, bytes, seconds (latency and metric empty)
+
+
 def test_ceiling_not_used_with_a_task_metric_or_when_close(tmp_path: Path) -> None:
     # a task metric decides by the user's function: every candidate is compiled and measured
     src, calib = _outlier_model(tmp_path)

@@ -286,6 +286,7 @@ def _echo_recipe(r: dict[str, Any]) -> None:
              "" if m["latency_ratio"] == "inf" else f"{m['latency_ratio']:.2f}x",
              "-" if m.get("error") and not m["bytes"] else m["bytes"],
              "" if m.get("metric") is None else f"{m['metric']:.4g}",
+             f"{m.get('seconds', 0.0):.1f}",  # its compile(s) and measurement: a GPTQ candidate's ceiling included
              m.get("error") or "; ".join(m.get("notes", [])) or ("WINNER" if m["name"] == r["winner"] else ""))
             for m in r["candidates"]]
     head = "measured default" if r["mode"] == "auto" else "algorithm guard"
@@ -299,7 +300,7 @@ def _echo_recipe(r: dict[str, Any]) -> None:
     else:
         click.echo(f"{head}: {len(r['candidates'])} candidate(s) on {r['held_samples']} held-back sample(s)")
     if rows:
-        click.echo(table(["candidate", "SQNR dB", "latency", "bytes", "metric", "note"], rows))
+        click.echo(table(["candidate", "SQNR dB", "latency", "bytes", "metric", "s", "note"], rows))
     click.echo(f"{head}: {r['winner']} — {r['reason']}")
     for note in r.get("notes", []):
         click.echo(f"{head}: {note}")

@@ -21,7 +21,7 @@ the best under ``--optimize`` among the candidates that meet the constraints and
 (by the task metric when given, else by the score). A candidate running GPTQ is first measured with its weights
 exact (``CompileOptions.exact_weights``) and not compiled when that ceiling is more than :data:`CEILING_MARGIN_DB`
 below the default plan — below the best candidate so far when nothing but accuracy decides: the candidates without
-GPTQ are measured first (``_ceiling_skip``, ``_ceiling_ref``; not with a task metric). Without a latency constraint nothing timed decides: the same
+GPTQ are measured first (``_measure_with_ceiling``, ``_ceiling_ref``; not with a task metric). Without a latency constraint nothing timed decides: the same
 inputs give the same file. Confirmation: the winner and the default plan compiled on all N samples are compared
 once more on the held-back samples, and the default plan is kept if the winner lost there — unless the winner leads
 the default plan by :data:`CONFIRM_MARGIN_DB` or more on :data:`CONFIRM_MIN_HELD` (16) or more held-back samples
@@ -52,6 +52,7 @@ import math
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -110,7 +111,7 @@ CONFIRM_MARGIN_DB = 8.0
 #: plan by 4.2 dB once both calibrated on all 4)
 CONFIRM_MIN_HELD = HELD_BACK_MAX
 #: a candidate running GPTQ is not compiled when, with its weights exact, it measures more than this below the
-#: default plan (``_ceiling_skip``). Exact weights are no strict ceiling: rounded weights scored above their
+#: default plan (``_measure_with_ceiling``). Exact weights are no strict ceiling: rounded weights scored above their
 #: exact-weights variant by up to 5.0 dB on the held-out magika's default plan (1.6 dB on PP-OCR cls / rec, 1.5
 #: on nudenet, 0.3 on silero-vad); the w8a8 candidate scored 0.03-4.2 dB below its own on all eight models
 #: (benchmarks/RESULTS.md, session 15). On the ViT the w8a8 ceiling is 12.3 dB below the default plan.
@@ -216,8 +217,8 @@ def _choose(bench: Bench, opts: CompileOptions, base: Plan, progress: Progress |
         if progress:
             progress(f"recipe:{cand.name}", step, total)
         ref = _ceiling_ref(list(done.values()), cons) if done else None
-        m = (_ceiling_skip(bench, cand.plan, cand.name, cand.change, *ref) if ref else None) or \
-            bench.measure(cand.plan, cand.name, cand.change, collect_for_auto=cand is singles[0] and auto_later)
+        m = _measure_with_ceiling(bench, cand.plan, cand.name, cand.change, ref,
+                                  collect_for_auto=cand is singles[0] and auto_later)
         m.structural = cand.structural
         done[cand.name] = m
         log.info("recipe: %s %s dB, %d bytes%s", cand.name, fmt_db(m.sqnr_db), m.bytes,
@@ -237,8 +238,8 @@ def _choose(bench: Bench, opts: CompileOptions, base: Plan, progress: Progress |
     better = [by_name[m.name] for m in measured[1:] if not m.error and m.sqnr_db > measured[0].sqnr_db]
     extra = combined(base, better)
     if extra is not None and (cap is None or len(measured) < cap):
-        measured.append(_ceiling_skip(bench, extra.plan, extra.name, extra.change, *_ceiling_ref(measured, cons))
-                        or bench.measure(extra.plan, extra.name, extra.change))
+        measured.append(_measure_with_ceiling(bench, extra.plan, extra.name, extra.change,
+                                              _ceiling_ref(measured, cons)))
         by_name[extra.name] = extra
     if cap is None:  # effort high: the best so far with its most sensitive layers float
         top = max((m for m in measured if not m.error), key=lambda m: m.sqnr_db)
@@ -300,7 +301,7 @@ def _measure_follow_up(bench: Bench, follow: Candidate, done: dict[str, Measured
 
 
 def _ceiling_ref(measured: list[Measured], cons: Constraints) -> tuple[Measured, str]:
-    """What a GPTQ candidate's ceiling is held to (:func:`_ceiling_skip`): the best candidate measured so far when
+    """What a GPTQ candidate's ceiling is held to (:func:`_measure_with_ceiling`): the best candidate measured so far when
     nothing but accuracy decides (the winner must beat it), else the default plan (``measured[0]``: under a size /
     latency / SQNR constraint a less accurate candidate may win)."""
     unconstrained = cons.optimize == "accuracy" and not cons.timed and cons.budget is None and \
@@ -325,26 +326,31 @@ def _per_token_follow_up(todo: list[Candidate], measured: list[Measured]) -> Can
     return next((c for c in todo if c.name == "per-token-matmul"), None)
 
 
-def _ceiling_skip(bench: Bench, plan: Plan, name: str, change: str, default: Measured,
-                  what: str = "the default plan") -> Measured | None:
-    """A candidate whose plan runs a weight-rounding algorithm that costs seconds per layer (GPTQ) is first
-    measured with its weights exact (``CompileOptions.exact_weights``: activations rounded and lowered as the
-    candidate's, weights float; no GPTQ). When that ceiling measures more than :data:`CEILING_MARGIN_DB` below
-    ``default`` — the default plan, or the best candidate so far (``what`` names it; :func:`_ceiling_ref`) — the
-    candidate cannot reach it whatever its weights: it is not compiled, and is returned unmeasured, its error
-    naming the ceiling. ``None``: compile and measure it. Not with a task metric (decided by the user's function,
-    not the score)."""
-    if "gptq" not in plan.algorithms or bench.metric is not None or default.error:
-        return None
-    ceiling = bench.measure(plan, name + "-exact-weights", "its activations alone (weights exact)",
-                            exact_weights=True)
-    if ceiling.error or ceiling.sqnr_db + CEILING_MARGIN_DB >= default.sqnr_db:
-        return None
-    m = Measured(name, change, plan, seconds=ceiling.seconds)
-    m.error = (f"not compiled: with its weights exact it measures {fmt_db(ceiling.sqnr_db)} dB, "
-               f"{default.sqnr_db - ceiling.sqnr_db:.2f} dB below {what} (its weight rounding never "
-               f"made up more than {CEILING_MARGIN_DB:g} dB)")
-    log.info("recipe: %s %s", name, m.error)
+def _measure_with_ceiling(bench: Bench, plan: Plan, name: str, change: str, ref: tuple[Measured, str] | None,
+                          **measure: Any) -> Measured:
+    """The candidate measured (``Bench.measure(plan, name, change, **measure)``) — unless its plan runs a
+    weight-rounding algorithm that costs seconds per layer (GPTQ): then it is first measured with its weights exact
+    (``CompileOptions.exact_weights``: activations rounded and lowered as the candidate's, weights float; no GPTQ),
+    and when that ceiling measures more than :data:`CEILING_MARGIN_DB` below ``ref`` — the default plan, or the
+    best candidate so far (its name in ``ref[1]``; :func:`_ceiling_ref`) — the candidate cannot reach it whatever
+    its weights: it is not compiled, and is returned unmeasured, its error naming the ceiling. A candidate compiled
+    after its ceiling counts the ceiling's seconds too. No ceiling with a task metric (decided by the user's
+    function, not the score) or without ``ref``."""
+    default, what = ref if ref is not None else (None, "")
+    ceiling = None
+    if default is not None and "gptq" in plan.algorithms and bench.metric is None and not default.error:
+        ceiling = bench.measure(plan, name + "-exact-weights", "its activations alone (weights exact)",
+                                exact_weights=True)
+        if not ceiling.error and ceiling.sqnr_db + CEILING_MARGIN_DB < default.sqnr_db:
+            m = Measured(name, change, plan, seconds=ceiling.seconds)
+            m.error = (f"not compiled: with its weights exact it measures {fmt_db(ceiling.sqnr_db)} dB, "
+                       f"{default.sqnr_db - ceiling.sqnr_db:.2f} dB below {what} (its weight rounding never "
+                       f"made up more than {CEILING_MARGIN_DB:g} dB)")
+            log.info("recipe: %s %s", name, m.error)
+            return m
+    m = bench.measure(plan, name, change, **measure)
+    if ceiling is not None:
+        m.seconds += ceiling.seconds
     return m
 
 
