@@ -57,7 +57,7 @@ def test_held_scores_are_validates_numbers_with_one_float_run(tmp_path: Path, mo
     refs: dict[str, qv.Reference] = {}
     float_runs = _counting(monkeypatch, probes, "float_reference")
     for out in outs:
-        whole, halves = probes.held_scores(CONV, out, feeds, refs)
+        whole, halves, _ = probes.held_scores(CONV, out, feeds, refs)
         assert whole == qv.validate(CONV, out, feeds, per_layer=False).worst_slice_sqnr()
         assert halves == tuple(qv.validate(CONV, out, part, per_layer=False).worst_slice_sqnr()
                                for part in (feeds[0::2], feeds[1::2]))

@@ -405,9 +405,7 @@ class ActivationStep:
                 f"anyway (no integer kernel for their weights) at 16 bits: "
                 + _measured_line(self.measured.sqnr_db, hold) + f", {self.measured.cost.total_bytes} bytes"
                 + _latency_text(self.measured)
-                + ("" if self.info.get("win_rate") is None else
-                   f"; above the plan it replaces on {100 * self.info['win_rate']:.0f} % of the held-back "
-                   f"samples' bootstrap draws"))
+                + _draws_text(self.info.get("win_rate"), "the plan it replaces", needed=False))
 
 
 def _activation_step(src: Path, starts: list[tuple[Plan, Measured]], opts: PlanOptions, hold: Holdout, tmp: Path,
@@ -465,18 +463,20 @@ def _latency_text(m: Measured) -> str:
     return "" if m.latency_ratio is None else f", latency {m.latency_ratio:.2f}x float"
 
 
-def _draws_text(m: Measured, base: Measured) -> str:
-    """``; above the uniform plan on 64 % of the held-back samples' bootstrap draws`` where measured."""
-    rate = m.win_rate(base)
-    return "" if rate is None else (f"; above the uniform plan on {100 * rate:.0f} % of the held-back samples' "
-                                    f"bootstrap draws ({100 * MIX_CONFIDENCE:.0f} % needed)")
+def _draws_text(rate: float | None, against: str = "the uniform plan", needed: bool = True) -> str:
+    """``; above the uniform plan on 64 % of the held-back samples' bootstrap draws (80 % needed)`` where measured
+    (``rate``: :meth:`Measured.win_rate`), else nothing."""
+    if rate is None:
+        return ""
+    return (f"; above {against} on {100 * rate:.0f} % of the held-back samples' bootstrap draws"
+            + (f" ({100 * MIX_CONFIDENCE:.0f} % needed)" if needed else ""))
 
 
 def _with_measured(text: str, mixed: Measured, name: str, base: Measured | None, hold: Holdout) -> str:
     """The search's plan text with the measured SQNR (and the uniform base's) after the predicted line."""
     extra = _measured_line(mixed.sqnr_db, hold) + _latency_text(mixed) + (
         f"; uniform {name} alone: {base.sqnr_db:.2f} dB, {base.cost.total_bytes} bytes{_latency_text(base)}"
-        + _draws_text(mixed, base) if base is not None else "")
+        + _draws_text(mixed.win_rate(base)) if base is not None else "")
     lines = text.splitlines()
     at = next((i + 1 for i, line in enumerate(lines) if line.startswith("# predicted")), 0)
     limit = [f"# {hold.latency.header()}"] if hold.latency is not None else []
@@ -495,7 +495,7 @@ def _uniform_text(src: Path, opts: PlanOptions, budget_value: float, unit: str, 
         f"best mixed plan found ({counts}): measured {mixed.sqnr_db:.2f} dB, {mixed.cost.total_bytes} bytes"
         + _latency_text(mixed)
         + (f" (predicted by the additive model: {sq:.2f} dB)" if sq is not None and math.isfinite(sq) else "")
-        + _draws_text(mixed, base_m),
+        + _draws_text(mixed.win_rate(base_m)),
         *([hold.latency.header()] if hold.latency is not None else []),
         "",
     ]

@@ -159,9 +159,8 @@ def measure(model_path: Path, plan: Plan, target: str, hold: Holdout, tmp: Path,
                                                        calib_samples=hold.fit, validate=False))
     try:
         rep = compiled_cost(res, out, shapes, want_bitops)
-        energies: list[SampleEnergies] = []
-        sqnr, halves = held_scores(model_path, out, hold.feeds, hold.references, energies)
-        m = Measured(sqnr, rep, halves, energies=energies[0] if energies else None)
+        held = held_scores(model_path, out, hold.feeds, hold.references)
+        m = Measured(held.whole, rep, held.halves, energies=held.energies)
         if hold.latency is not None:
             m.latency_ratio = hold.latency.time(out, label or tag)
             m.eligible = hold.latency.eligible(m.latency_ratio)

@@ -18,7 +18,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -297,34 +297,42 @@ def _float_cost(model: Path, shapes: dict[str, list[int]], want_bitops: bool, me
     return rep
 
 
-def held_scores(model_path: Path, out: Path, feeds: list[dict[str, np.ndarray]], refs: dict[str, Reference],
-                energies: list[SampleEnergies] | None = None) -> tuple[float, tuple[float, ...]]:
+class HeldScores(NamedTuple):
+    """:func:`held_scores`' result: the worst output slice's SQNR on all the feeds, on each half of them (``()``
+    below 4 feeds), and the quantized outputs' per-sample energies (what a paired bootstrap against another plan
+    needs: :func:`~qcompiler.report.validate.resample.sample_energies`; None in the sequential case)."""
+
+    whole: float
+    halves: tuple[float, ...]
+    energies: SampleEnergies | None = None
+
+
+def held_scores(model_path: Path, out: Path, feeds: list[dict[str, np.ndarray]], refs: dict[str, Reference]
+                ) -> HeldScores:
     """The worst output slice's SQNR (``ValidationReport.worst_slice_sqnr``) of the compiled model ``out`` against
     the float ``model_path`` on ``feeds`` and, with 4 feeds or more, on each half of them (even / odd positions):
     ``qv.validate(model_path, out, part, per_layer=False)``'s numbers for each part, with the float model run once
     per ``refs`` (the caller's, for these feeds; by model) and the quantized model once (the halves scored from
-    its outputs on all the feeds). With fewer feeds than validation runs side by side (where the sessions'
-    threads would differ from validate's), each part is validated as before. ``energies``: where given, gets the
-    quantized outputs' per-sample energies (:func:`~qcompiler.report.validate.resample.sample_energies`: what a
-    paired bootstrap against another plan needs) when the outputs were run together (not in the sequential case)."""
+    its outputs on all the feeds), and the per-sample energies of those outputs. With fewer feeds than validation
+    runs side by side (where the sessions' threads would differ from validate's), each part is validated as before
+    (no energies)."""
     halves = len(feeds) >= 4
     if len(feeds) < validation_workers():
         parts = [feeds, *((feeds[0::2], feeds[1::2]) if halves else ())]
         got = [float(qv.validate(model_path, out, part, per_layer=False).worst_slice_sqnr()) for part in parts]
-        return got[0], tuple(got[1:])
+        return HeldScores(got[0], tuple(got[1:]))
     ref = refs.get(str(model_path))
     if ref is None:
         ref = refs[str(model_path)] = float_reference(model_path, feeds)
     kept: list[dict[str, Any]] = []
     whole = float(validate_against(ref, out, keep=kept).worst_slice_sqnr())
-    if energies is not None:
-        energies.append(sample_energies(ref, kept))
+    energies = sample_energies(ref, kept)
     if not halves:
-        return whole, ()
-    return whole, tuple(float(compare_outputs(
+        return HeldScores(whole, (), energies)
+    return HeldScores(whole, tuple(float(compare_outputs(
         dataclasses.replace(ref, feeds=ref.feeds[k::2], outputs=ref.outputs[k::2], indices=(),
                             feed_digests=ref.feed_digests[k::2]), kept[k::2], label=str(out)).worst_slice_sqnr())
-        for k in (0, 1))
+        for k in (0, 1)), energies)
 
 
 def measure_sqnr(model_path: str | Path, plan: Plan, calib: str | Path, *, target: str = "ort",
