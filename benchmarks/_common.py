@@ -43,10 +43,15 @@ import realdata_heldout  # noqa: E402  (tests/realdata_heldout.py: the held-out 
 
 Feed = dict[str, np.ndarray]
 REAL_MODELS = ("ppocr_cls", "ppocr_rec", "silero_vad")
+#: the zoo's probability-map models (tests/realdata.py): scored by the IoU of their thresholded maps
+MAP_MODELS = ("ppocr_det", "vit_focus")
 #: never tuned on (tests/realdata_heldout.py): reported apart from the zoo
 HELDOUT_MODELS = ("magika", "nudenet", "espcn", "minilm")
 #: the keys :func:`load_task` and :func:`score` know (task metric and all)
-SCORED_MODELS = (*REAL_MODELS, *HELDOUT_MODELS)
+SCORED_MODELS = (*REAL_MODELS, *MAP_MODELS, *HELDOUT_MODELS)
+#: the probability above which a map pixel counts as "on" (PP-OCR det's DB binarization threshold; the ViT's
+#: importance map at even odds)
+MAP_THRESHOLDS = {"ppocr_det": 0.3, "vit_focus": 0.5}
 ORT_METHODS = ("MinMax", "Entropy", "Percentile")
 
 
@@ -85,7 +90,7 @@ def task_inputs(key: str, n: int, split: str) -> tuple[list[Feed], np.ndarray | 
         return realdata_heldout.espcn_inputs(n, split), None
     if key == "minilm":
         return realdata_heldout.minilm_inputs(n, split), None
-    known = (*REAL_MODELS, "ppocr_det", "vit_focus", *HELDOUT_MODELS)
+    known = SCORED_MODELS
     raise KeyError(f"unknown real model {key!r}; known: {', '.join(known)}")
 
 
@@ -99,6 +104,8 @@ AGREEMENT = {
     "ppocr_cls": "top-1 agreement",
     "ppocr_rec": "per-position argmax agreement",
     "silero_vad": "speech-decision agreement (p > 0.5)",
+    "ppocr_det": "text-mask IoU (p > 0.3)",
+    "vit_focus": "importance-mask IoU (p > 0.5)",
     "magika": "top-1 agreement",
     "nudenet": "detections agreement (IoU of score > 0.25 sets)",
     "espcn": "8-bit pixels within one level",
@@ -162,6 +169,17 @@ def sqnr_db(ref: Sequence[np.ndarray], q: Sequence[np.ndarray]) -> float:
     return 10.0 * math.log10(s / n) if s > 0.0 else -math.inf
 
 
+def mask_iou(ref: Sequence[np.ndarray], q: Sequence[np.ndarray], threshold: float) -> float:
+    """Intersection over union of the pixels above ``threshold`` in ``ref`` and in ``q``, over all samples (1.0
+    when neither has any)."""
+    inter = union = 0
+    for r, x in zip(ref, q, strict=True):
+        a, b = np.asarray(r) > threshold, np.asarray(x) > threshold
+        inter += int(np.count_nonzero(a & b))
+        union += int(np.count_nonzero(a | b))
+    return inter / union if union else 1.0
+
+
 def ctc_greedy(probs: np.ndarray) -> list[int]:
     """Greedy CTC decode of one [T, C] score map (blank = 0): argmax, merge repeats, drop blanks."""
     best = np.argmax(probs, axis=-1)
@@ -211,6 +229,8 @@ def score(key: str, ref: Sequence[dict[str, np.ndarray]], q: Sequence[dict[str, 
         agreement = emb["nn_agreement"]
         extra["mean cosine"] = emb["mean_cos"]
         extra["lowest cosine"] = emb["min_cos"]
+    elif key in MAP_THRESHOLDS:
+        agreement = mask_iou([r[primary] for r in ref], [x[primary] for x in q], MAP_THRESHOLDS[key])
     elif key == "silero_vad":
         a = np.concatenate([r[primary].reshape(-1) for r in ref]) > 0.5
         b = np.concatenate([x[primary].reshape(-1) for x in q]) > 0.5

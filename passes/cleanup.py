@@ -74,6 +74,7 @@ class CleanupPass(GraphPass):
 
     name = "cleanup"
     keeps_function = True  # outputs unchanged up to float rounding (calibration after it runs the float model)
+    graph_only = True  # the graph and its options only: done once per model in a measured compile (core.prepared)
     Options = CleanupOptions
     produces = frozenset({"clean"})
 

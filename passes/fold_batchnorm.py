@@ -95,6 +95,7 @@ class FoldBatchNormPass(Pass):
 
     name = "fold-batchnorm"
     keeps_function = True  # outputs unchanged up to float rounding (calibration after it runs the float model)
+    graph_only = True  # the graph and its options only: done once per model in a measured compile (core.prepared)
     produces = frozenset({"bn-folded"})
 
     def run(self, ctx: CompileContext) -> PassResult:

@@ -74,6 +74,7 @@ class FuseActivationsPass(GraphPass):
 
     name = "fuse-activations"
     keeps_function = True  # outputs unchanged up to float rounding (calibration after it runs the float model)
+    graph_only = True  # the graph and its options only: done once per model in a measured compile (core.prepared)
 
     def run_graph(self, graph: gs.Graph) -> PassResult:
         index = GraphIndex(graph)

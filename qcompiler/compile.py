@@ -33,7 +33,7 @@ from qcompiler.calib.feeds import with_shapes
 from qcompiler.calib.npz import member_meta, npz_members, open_zip
 from qcompiler.calib.shared import FloatOutputs, shared_source, sharing_sources
 from qcompiler.compile_files import _dump_dir, _side_role, _write_rejected_report, compile_outputs
-from qcompiler.core import profile
+from qcompiler.core import prepared, profile
 from qcompiler.core.errors import UserError
 from qcompiler.core.numbers import json_tree
 from qcompiler.core.pass_manager import PassManager, PassRecord
@@ -330,7 +330,8 @@ def compile_plan(model_path: str | os.PathLike[str], output_path: str | os.PathL
     imported = profile.import_seconds()  # the command line's imports (None from Python)
     if imported is not None:
         prof.add("import", imported)
-    with prof.active(), sharing_sources():  # nested compiles (a recipe's candidates) share calibration sources
+    # nested compiles (a recipe's candidates) share calibration sources and, once declared, the prepared graph
+    with prof.active(), sharing_sources(), prepared.sharing():
         result = _compile_plan(model_path, output_path, options, progress, planner=planner, recipe=recipe, prof=prof)
     result.profile = prof
     return result
@@ -376,6 +377,7 @@ def _compile(src: Path, out: Path, opts: CompileOptions, outs: ir.OutputSet, pro
         if recipe is None and opts.plan == AUTO_PLAN:
             raise ValueError("compile_plan: plan 'auto' needs a recipe (qcompiler.api.compile_model)")
         if recipe is not None:  # without one (autoplan's probe compiles) a guarded plan runs as written
+            prepared.expect_reuse()  # the candidates and this compile import and prepare the model once
             with profile.step("measured recipe"):
                 measured = recipe(plan, opts)
             plan = measured.plan
@@ -417,7 +419,8 @@ def _compile(src: Path, out: Path, opts: CompileOptions, outs: ir.OutputSet, pro
     float_model = session.model
     # Refuse a plan the target cannot run before any rewrite (Session.import_graph), after the opset upgrade.
     with profile.step("import graph"):
-        graph = session.import_graph(upgrade=True, check=True)
+        graph = session.import_graph(upgrade=True, check=True, prepare=passes[:0 if opts.verify_each or opts.dump_after
+                                                                                else prepared.prefix_length(passes)])
     io_dtypes = session.io_dtypes
 
     calib_source = None
@@ -445,7 +448,7 @@ def _compile(src: Path, out: Path, opts: CompileOptions, outs: ir.OutputSet, pro
             opts.validate is not False and opts.validate_data is None)) and keeps_float_function(passes, "calibrate"):
         ctx.float_outputs = FloatOutputs(VALIDATION_SAMPLES, FLOAT_OUTPUTS_BYTES, share=opts.share_float_outputs)
     ctx.collect_for_auto = opts.collect_for_auto
-    records = pm.run(ctx)
+    records = session.run_passes(pm, ctx)
     if random_shapes and isinstance(ctx.report.get("calibration"), dict) and ctx.report["calibration"].get("synthetic"):
         ctx.report["calibration"]["random_shapes"] = {k: list(v) for k, v in random_shapes.items()}
     stripped = ctx.function_bodies_stripped

@@ -233,7 +233,7 @@ def compile_cmd(model: Path, output: Path, plan: str | None, preset: str | None,
     if "specialized" in rep:  # --budget with --freeze-input / --input-shape: specialized first (qcompiler.api)
         click.echo(f"specialized first (a float model, then planned under --budget): {rep['specialized']['pipeline']}")
     click.echo(f"pipeline: {result.pipeline}")
-    rows = [(r.name, "yes" if r.modified else "no", f"{r.seconds * 1000:.1f}",
+    rows = [(r.name, "yes" if r.modified else "no", "cached" if r.cached else f"{r.seconds * 1000:.1f}",
              ", ".join(f"{k}={v}" for k, v in sorted(r.stats.items()) if v)) for r in result.records]
     click.echo(table(["pass", "modified", "ms", "statistics"], rows))
     sizes = rep["sizes"]

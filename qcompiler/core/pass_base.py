@@ -77,6 +77,10 @@ class Pass:
     #: True when the pass keeps the graph's float function (outputs equal up to float rounding for any input):
     #: calibration after only such passes runs the float model (tests/test_pass_contract.py checks every claim)
     keeps_function: bool = False
+    #: True when the pass reads nothing but the graph and its own options, and writes nothing but the graph and
+    #: the context's ``properties`` / ``bn_stats`` (:mod:`qcompiler.core.prepared`: a measured compile's leading
+    #: graph-only passes run once per model, the later compiles start from a copy of their result)
+    graph_only: ClassVar[bool] = False
     #: True when a second run right after the first changes nothing (tests/test_pass_contract.py checks every
     #: built-in that claims it); False for passes that would do their work again
     idempotent: ClassVar[bool] = True

@@ -29,10 +29,12 @@ class PassRecord:
     seconds: float
     stats: dict[str, int] = field(default_factory=dict)
     children: list[PassRecord] = field(default_factory=list)
+    #: not run: its result came with a prepared graph (:mod:`qcompiler.core.prepared`), seconds 0
+    cached: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {"pass": self.name, "modified": self.modified, "seconds": round(self.seconds, 4),
-                "stats": dict(sorted(self.stats.items()))}
+                "stats": dict(sorted(self.stats.items())), **({"cached": True} if self.cached else {})}
 
 
 @dataclass
@@ -93,7 +95,11 @@ class PassManager:
         """Refuse an impossible order before anything runs (Sequentials by their declared properties)."""
         _check_order([(f"#{i + 1}", p, True) for i, p in enumerate(self.passes)], available)
 
-    def run(self, ctx: CompileContext) -> list[PassRecord]:
+    def run(self, ctx: CompileContext, *, served: Sequence[PassRecord] = (),
+            after: tuple[int, Callable[[list[PassRecord]], None]] | None = None) -> list[PassRecord]:
+        """Run the pipeline on ``ctx``. ``served``: the records of its first passes, whose result ``ctx`` already
+        holds (a prepared graph): they are not run, only their properties applied, and come back marked
+        ``cached``. ``after=(n, fn)``: ``fn(records)`` once the first ``n`` passes ran."""
         self.check(ctx.properties)
         steps = self._steps(ctx)
         # the children of Sequentials are known now: check the whole order once more with them in place
@@ -102,7 +108,17 @@ class PassManager:
         for i, step in enumerate(steps):
             if self.on_pass:
                 self.on_pass(step.p.name, i, len(steps))
-            records.append(self._run_step(step, ctx, top=True))
+            if i < len(served):
+                ctx.properties -= set(step.p.invalidates)
+                ctx.properties |= set(step.p.produces)
+                rec = served[i]
+                if rec.name != step.p.name:
+                    raise ValueError(f"served record '{rec.name}' for pass #{i + 1} '{step.p.name}'")
+                records.append(PassRecord(rec.name, rec.modified, 0.0, dict(rec.stats), [], cached=True))
+            else:
+                records.append(self._run_step(step, ctx, top=True))
+            if after is not None and i + 1 == after[0]:
+                after[1](records[:i + 1])
         return records
 
     # ------------------------------------------------------------------------------------------ internals

@@ -53,6 +53,7 @@ from qcompiler.ir.load import (
     PROTOBUF_LIMIT,
     check_model,
     load_model,
+    load_model_keyed,
 )
 from qcompiler.ir.memory import release_graph, release_values, trim_memory
 from qcompiler.ir.outputs import OutputSet, external_data_files, resolve_path
@@ -99,6 +100,7 @@ __all__ = [
     "import_graph",
     "infer_shapes",
     "load_model",
+    "load_model_keyed",
     "map_external_constants",
     "model_summary",
     "name_nodes",

@@ -132,6 +132,14 @@ def load_model(path: str | os.PathLike[str], *, check: bool = True) -> onnx.Mode
     returned ModelProto only, by the resolved absolute path. :func:`import_graph` memory-maps them tensor by
     tensor, :func:`session` hands them to onnxruntime by folder and :func:`save_model` copies them.
     """
+    return load_model_keyed(path, check=check)[0]
+
+
+def load_model_keyed(path: str | os.PathLike[str], *,
+                     check: bool = True) -> tuple[onnx.ModelProto, tuple[str, bytes] | None]:
+    """:func:`load_model`, and the model's identity: its resolved path and the digest of the file's bytes, which
+    are the whole model when it has no external data (``None`` with external data, whose files are not
+    digested, and without ``check``)."""
     p = Path(path)
     _check_path(p)
     if p.stat().st_size > PROTOBUF_LIMIT:
@@ -165,7 +173,7 @@ def load_model(path: str | os.PathLike[str], *, check: bool = True) -> onnx.Mode
             while len(_CHECKED) > _CHECKED_MAX:
                 del _CHECKED[next(iter(_CHECKED))]
     del data
-    return model
+    return model, key if inline else None
 
 
 def _check_text(model: onnx.ModelProto, path: Path) -> None:
