@@ -60,6 +60,13 @@ def test_measured_compiles_write_the_same_files_with_the_model_prepared_once(
     assert any(p.get("cached") for p in on.report["passes"]) and not any(p.get("cached") for p in off.report["passes"])
 
 
+def test_a_model_beyond_the_cap_is_imported_by_every_compile(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    res = _compile(MODELS / "conv_bn_relu.onnx", tmp_path / "m.onnx", MODELS / "conv_bn_relu.npz", None, "0.001",
+                   monkeypatch)  # 1 KiB: less than the model file
+    assert "recipe" in res.report and not any(r.cached for r in res.records)
+
+
 def test_a_single_compile_keeps_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[object] = []
 

@@ -17,7 +17,7 @@ the kept one: the same files, byte for byte.
 
 Key (:meth:`qcompiler.session.Session.prepared_key`): the model file's path and content digest, the opset it is
 imported at, the passes' canonical text. Models with external data, graphs with subgraphs and prefixes that changed
-any context field besides :data:`KEPT_FIELDS` are not kept. Cap ``$QCOMPILER_PREPARED_CACHE_MB`` (default 512;
+any context field besides :data:`KEPT_FIELDS` are not kept. Cap ``$QCOMPILER_PREPARED_CACHE_MB`` (default 64;
 0 turns it off); everything is dropped when the outermost :func:`sharing` ends (the top-level compile).
 """
 
@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 #: environment variable: the cap in MiB of the graphs kept (0: nothing kept)
 CACHE_ENV = "QCOMPILER_PREPARED_CACHE_MB"
-DEFAULT_MAX_MB = 512
+DEFAULT_MAX_MB = 64  # a model above it (the 97 MB ViT) keeps nothing: +0.4 GB peak RSS for 0.4 s there
 #: context fields a prepared prefix may set (restored on a hit); ``passes_after`` is the manager's own
 KEPT_FIELDS = ("properties", "bn_stats")
 _IGNORED_FIELDS = frozenset({"graph", "passes_after"})
