@@ -6,6 +6,7 @@ crashing plugin pass (exit 1, the pass name and a ``--debug`` hint).
 
 from __future__ import annotations
 
+import gc
 import json
 import re
 import textwrap
@@ -18,6 +19,7 @@ import pytest
 import yaml
 from click.testing import CliRunner, Result
 
+import qcompiler.cli as cli_mod
 from qcompiler import ir, quant
 from qcompiler.cli import cli
 from qcompiler.core import registry as registry_mod
@@ -102,6 +104,22 @@ def test_compile_report_json(compiled_default):
     assert v["outputs"][0]["top1_agreement"] >= 0.9
     assert v["layers"] and v["layers"][0]["sqnr_db"] <= v["layers"][-1]["sqnr_db"]  # worst first
     assert 0 < rep["seconds"] < 60
+
+
+def test_compile_gives_back_what_it_froze_out_of_the_collector(tmp_path, monkeypatch):
+    frozen: list[int] = []
+    real_compile = cli_mod.compile_model
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        frozen.append(gc.get_freeze_count())
+        return real_compile(*args, **kwargs)
+
+    monkeypatch.setattr(cli_mod, "compile_model", spy)
+    before = gc.get_freeze_count()
+    res = run("compile", CONV, "-o", tmp_path / "q.onnx", "--calib", CONV_NPZ, "--plan", "default", "--no-validate")
+    assert res.exit_code == 0, res.output
+    assert frozen and frozen[0] > before  # the compile ran with the imports frozen ...
+    assert gc.get_freeze_count() == before  # ... and they are collectable again after it
 
 
 def test_compile_calib_folder(tmp_path):

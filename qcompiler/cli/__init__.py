@@ -6,6 +6,7 @@ line naming the file / node / plan rule at fault), or a validation gate (``--min
 
 from __future__ import annotations
 
+import gc
 import importlib
 import json
 import logging
@@ -214,9 +215,14 @@ def compile_cmd(model: Path, output: Path, plan: str | None, preset: str | None,
                           freeze_inputs=tuple(freeze_inputs), input_shapes=tuple(input_shapes),
                           stream=parse_streams(streams))
     progress = Progress(enabled=not quiet and sys.stderr.isatty())
+    # What exists now (the imported modules) is out of the collector's reach while the compile runs: a full
+    # collection walks only what the compile makes (PP-OCR cls's measured default: 0.26 -> 0.11 s of collections);
+    # given back afterwards, for callers that run the command in their own process (tests, scripts)
+    gc.freeze()
     try:
         result = compile_model(model, output, opts, progress=progress)
     finally:
+        gc.unfreeze()
         progress.close()
     prof = result.profile
     if prof is not None:
