@@ -163,14 +163,14 @@ class Session:
         before = prepared.context_state(ctx)
 
         def keep(records: list[PassRecord]) -> None:
-            changed = prepared.changed_fields(before, ctx) - set(prepared.KEPT_FIELDS)
+            changed = prepared.changed_fields(before, ctx)
             if changed or prepared.has_subgraphs(ctx.graph):
                 log.debug("prepared graph not kept: the passes changed %s", sorted(changed) or "subgraphs")
                 return
             graph = prepared.copy_graph(ctx.graph)
             prepared.store(key, prepared.Prepared(
-                raw=raw, graph=graph, meta=copy.deepcopy(self.meta), io_dtypes=dict(self.io_dtypes),
-                fields=prepared.kept_fields(ctx), records=records, nbytes=prepared.constant_bytes(graph)))
+                raw=raw, graph=graph, meta=copy.deepcopy(self.meta), fields=prepared.kept_fields(ctx),
+                records=records, nbytes=prepared.constant_bytes(graph)))
 
         return pm.run(ctx, after=(len(self.prepare), keep))
 

@@ -45,7 +45,7 @@ CACHE_ENV = "QCOMPILER_PREPARED_CACHE_MB"
 DEFAULT_MAX_MB = 64  # a model above it (the 97 MB ViT) keeps nothing: +0.4 GB peak RSS for 0.4 s there
 #: context fields a prepared prefix may set (restored on a hit); ``passes_after`` is the manager's own
 KEPT_FIELDS = ("properties", "bn_stats")
-_IGNORED_FIELDS = frozenset({"graph", "passes_after"})
+_IGNORED_FIELDS = frozenset({"graph", "passes_after", *KEPT_FIELDS})
 _MARKS = (TAG_ATTR, RESCALED_ATTR)
 
 
@@ -64,8 +64,7 @@ class Prepared:
 
     raw: Imported  # the graph as imported (the plan check reads it)
     graph: gs.Graph  # the graph after the prefix passes
-    meta: Any  # the model metadata export restores (qcompiler.ir.ModelMeta)
-    io_dtypes: dict[str, Any]
+    meta: Any  # the model metadata export restores (qcompiler.ir.ModelMeta, with the fp16 interface)
     fields: dict[str, Any]  # KEPT_FIELDS of the context after the prefix
     records: list[Any]  # the prefix passes' PassRecords
     nbytes: int = 0
@@ -167,7 +166,8 @@ def prefix_length(passes: Sequence[Pass]) -> int:
 
 # ------------------------------------------------------------------------------------------ context fields
 def context_state(ctx: Any) -> dict[str, Any]:
-    """A shallow record of the context's fields (containers copied), for :func:`changed_fields`."""
+    """A shallow record of the context's fields but the graph and :data:`KEPT_FIELDS` (containers copied), for
+    :func:`changed_fields`."""
     out: dict[str, Any] = {}
     for f in fields(ctx):
         if f.name in _IGNORED_FIELDS:
