@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,7 @@ from qcompiler.calib.npz import (
 from qcompiler.core import digest
 from qcompiler.core.errors import UserError
 from qcompiler.core.files import regular_file
+from qcompiler.core.workers import usable_cpus
 
 #: Random sources: size given to dynamic spatial / sequence dims (rank >= 3, any axis but the first).
 RANDOM_SPATIAL = 32
@@ -328,7 +330,10 @@ class _FolderSource(CalibrationSource):
     def sample_ids(self) -> list[str] | None:
         # read once per source: a compile's calibrate and gptq passes both key their caches on them
         if self._ids is None:
-            self._ids = [f"{f.name}:{file_digest(f)}" for f in self.files[:len(self)]]
+            files = self.files[:len(self)]
+            # hashlib and file reads release the GIL: the files are digested on every core, in their order
+            with ThreadPoolExecutor(max_workers=max(1, min(len(files), usable_cpus()))) as pool:
+                self._ids = [f"{f.name}:{d}" for f, d in zip(files, pool.map(file_digest, files), strict=True)]
         return list(self._ids)
 
     def _feeds(self) -> Iterator[Feed]:
