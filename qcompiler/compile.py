@@ -390,6 +390,7 @@ def _compile(src: Path, out: Path, opts: CompileOptions, outs: ir.OutputSet, pro
                                 "given): use qcompiler.api.compile_model, which specializes the model first")
         if planner is None:
             raise ValueError("compile_plan: options.budget needs a planner (qcompiler.api.compile_model)")
+        prepared.expect_reuse()  # the planner's probes compile this model again and again
         with profile.step("auto plan (--budget)"):
             auto = planner(plan)
         plan = auto.plan

@@ -60,6 +60,19 @@ def test_measured_compiles_write_the_same_files_with_the_model_prepared_once(
     assert any(p.get("cached") for p in on.report["passes"]) and not any(p.get("cached") for p in off.report["passes"])
 
 
+def test_a_budget_compile_writes_the_same_files_with_its_probes_served(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    src, calib = MODELS / "transformer_block.onnx", MODELS / "transformer_block.npz"
+    got = []
+    for cache_mb in ("0", "64"):
+        monkeypatch.setenv(prepared.CACHE_ENV, cache_mb)
+        out = tmp_path / cache_mb / "m.onnx"
+        res = compile_model(src, out, CompileOptions(plan="w4a8", budget=40000, calib=str(calib), validate=False))
+        assert "autoplan" in res.report
+        got.append((out.read_bytes(), out.with_name("m.autoplan.yaml").read_bytes(), any(r.cached for r in res.records)))
+    assert got[0][:2] == got[1][:2] and not got[0][2] and got[1][2]
+
+
 def test_a_model_beyond_the_cap_is_imported_by_every_compile(tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     res = _compile(MODELS / "conv_bn_relu.onnx", tmp_path / "m.onnx", MODELS / "conv_bn_relu.npz", None, "0.001",
