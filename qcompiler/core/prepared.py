@@ -1,7 +1,7 @@
 """The prepared graph: a pipeline's leading graph-only passes done once per model in a measured compile.
 
-The measured default and the presets' algorithm guard compile one model several times in one process: each
-candidate, the confirmation, then the final compile. Every one of those compiles starts the same way — load the
+The measured default, the presets' algorithm guard and ``--budget``'s planner compile one model several times in
+one process: each candidate (or probe), the confirmation, then the final compile. Every one of those compiles starts the same way — load the
 file, import it into graphsurgeon (its opset upgraded as the plan needs), then the target pipeline's leading passes
 that read nothing but the graph and their own options (:attr:`~qcompiler.core.pass_base.Pass.graph_only`:
 ``cleanup``, ``fold-batchnorm``, ``fold-bias``, ``fuse-activations``, ``cleanup``) — and ends in the same graph.
