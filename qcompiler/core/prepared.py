@@ -1,21 +1,24 @@
 """The prepared graph: a pipeline's leading graph-only passes done once per model in a measured compile.
 
 The measured default, the presets' algorithm guard and ``--budget``'s planner compile one model several times in
-one process: each candidate (or probe), the confirmation, then the final compile. Every one of those compiles starts the same way — load the
-file, import it into graphsurgeon (its opset upgraded as the plan needs), then the target pipeline's leading passes
-that read nothing but the graph and their own options (:attr:`~qcompiler.core.pass_base.Pass.graph_only`:
-``cleanup``, ``fold-batchnorm``, ``fold-bias``, ``fuse-activations``, ``cleanup``) — and ends in the same graph.
+one process: each candidate (or probe), the confirmation, then the final compile. Every one of those compiles
+starts the same way — load the file, import it into graphsurgeon (its opset upgraded as the plan needs), then the
+target pipeline's leading passes that read nothing but the graph and their own options
+(:attr:`~qcompiler.core.pass_base.Pass.graph_only`: ``cleanup``, ``fold-batchnorm``, ``fold-bias``,
+``fuse-activations``, ``cleanup``) — and ends in the same graph.
+
 While :func:`sharing` is active and a compile declared the reuse (:func:`expect_reuse`), the first compile of a
 file at an opset keeps it as imported (:class:`Imported`: what the plan check reads, and where a compile whose
-prefix passes differ — ``fold-bias`` on or off — starts), and the first one with a given prefix keeps a
-:class:`Prepared` — a copy of the graph after those passes, the model metadata, the context fields the passes set
-and their pass records —; the later ones start from a fresh copy instead of importing (and running those passes)
-again (``import graph`` shows ``prepared graph (cached)`` or ``imported graph (cached)`` in ``--profile``; the pass
-table marks the passes ``cached``). Every copy is a deep
-one (constants' arrays, shapes, attributes, the qcompiler tags), so what a compile does to its graph never reaches
-the kept one: the same files, byte for byte.
+prefix differs — ``fold-bias`` on or off — starts), and the first one with a given prefix keeps a :class:`Prepared`
+(a copy of the graph after those passes, the model metadata, the context fields the passes set, their pass
+records); the later ones start from a fresh copy instead of importing (and running those passes) again
+(``--profile``: ``prepared graph (cached)`` / ``imported graph (cached)`` under ``import graph``; the pass table:
+``cached``). Every copy is a deep one (constants' arrays, shapes, attribute values, the import domains, the
+qcompiler marks; graphsurgeon's own copy shares the domain list and pins each constant's export dtype to its dtype
+of the moment, which an fp16 model's conversion then contradicts), so what a compile does to its graph never
+reaches the kept one: the same files, byte for byte (tests/test_prepared.py).
 
-Key (:meth:`qcompiler.session.Session.prepared_key`): the model file's path and content digest, the opset it is
+Key (:attr:`qcompiler.session.Session.prepared_key`): the model file's path and content digest, the opset it is
 imported at, the passes' canonical text. Models with external data, graphs with subgraphs and prefixes that changed
 any context field besides :data:`KEPT_FIELDS` are not kept. Cap ``$QCOMPILER_PREPARED_CACHE_MB`` (default 64;
 0 turns it off); everything is dropped when the outermost :func:`sharing` ends (the top-level compile).
