@@ -90,8 +90,7 @@ def task_inputs(key: str, n: int, split: str) -> tuple[list[Feed], np.ndarray | 
         return realdata_heldout.espcn_inputs(n, split), None
     if key == "minilm":
         return realdata_heldout.minilm_inputs(n, split), None
-    known = SCORED_MODELS
-    raise KeyError(f"unknown real model {key!r}; known: {', '.join(known)}")
+    raise KeyError(f"unknown real model {key!r}; known: {', '.join(SCORED_MODELS)}")
 
 
 def zoo_feeds(key: str, n: int, split: str) -> list[Feed]:

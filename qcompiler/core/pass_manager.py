@@ -109,8 +109,7 @@ class PassManager:
             if self.on_pass:
                 self.on_pass(step.p.name, i, len(steps))
             if i < len(served):
-                ctx.properties -= set(step.p.invalidates)
-                ctx.properties |= set(step.p.produces)
+                _apply_properties(step.p, ctx)
                 rec = served[i]
                 if rec.name != step.p.name:
                     raise ValueError(f"served record '{rec.name}' for pass #{i + 1} '{step.p.name}'")
@@ -155,8 +154,7 @@ class PassManager:
                 raise PassFailure(step.qualified, TypeError(f"run() returned {type(result).__name__}, not PassResult"))
         dt = time.perf_counter() - t0
         own = type(p) if isinstance(p, Sequential) else p  # a Sequential's children applied theirs already
-        ctx.properties -= set(own.invalidates)
-        ctx.properties |= set(own.produces)
+        _apply_properties(own, ctx)
         rec = PassRecord(p.name, bool(result.modified), dt, dict(result.stats), children)
         log.info("pass %-16s %s %.3fs %s", p.name, "modified" if rec.modified else "unchanged", dt,
                  dict(sorted(rec.stats.items())))
@@ -180,6 +178,12 @@ class PassManager:
             io.check(model, f"after pass '{name}'")
         except UserError as e:
             raise PassFailure(name, RuntimeError(str(e))) from None
+
+
+def _apply_properties(p: Any, ctx: CompileContext) -> None:
+    """What running ``p`` does to ``ctx.properties``: its ``invalidates`` dropped, its ``produces`` added."""
+    ctx.properties -= set(p.invalidates)
+    ctx.properties |= set(p.produces)
 
 
 def _expand(p: Pass, ctx: CompileContext, label: str, where: str, qualified: str, after: tuple[str, ...]) -> _Step:

@@ -219,9 +219,7 @@ def copy_graph(graph: gs.Graph) -> gs.Graph:
         if src is None:
             continue
         if isinstance(t, gs.Constant):
-            if isinstance(t._values, np.ndarray):
-                t._values = t._values.copy()
-            t._export_dtype = src._export_dtype  # graphsurgeon's copy pins it to the dtype of now (fp16 models)
+            _own_values(t, src)
         elif isinstance(t, gs.Variable) and isinstance(t.shape, list):
             t.shape = list(t.shape)
         _copy_marks(src, t)
@@ -240,13 +238,20 @@ def constant_bytes(graph: gs.Graph) -> int:
 def _copy_attr(v: Any) -> Any:
     if isinstance(v, gs.Constant):
         c = v.copy()
-        if isinstance(c._values, np.ndarray):
-            c._values = c._values.copy()
-        c._export_dtype = v._export_dtype
+        _own_values(c, v)
         return c
     if isinstance(v, (list, dict, np.ndarray)):
         return copy.deepcopy(v)
     return v
+
+
+def _own_values(c: gs.Constant, src: gs.Constant) -> None:
+    """Make graphsurgeon's copy ``c`` of constant ``src`` hold its own array (a lazily loaded one stays shared:
+    it is only read) and ``src``'s export dtype (graphsurgeon's copy pins it to the dtype of the moment, which an
+    fp16 model's conversion to fp32 then contradicts)."""
+    if isinstance(c._values, np.ndarray):
+        c._values = c._values.copy()
+    c._export_dtype = src._export_dtype
 
 
 def _copy_marks(src: Any, dst: Any) -> None:
