@@ -370,7 +370,7 @@ def select(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
     out = work / "sel-penult.onnx"
     compile_model(task.model, out, CompileOptions(plan="w8a8", calib=str(pool), validate=False, pipeline=(
-        "cleanup,fold-batchnorm,fold-bias,cleanup,resolve-plan," f"calib-select{{n={n},feature=penultimate}},"
+        "cleanup,fold-batchnorm,fold-scale,fold-bias,cleanup,resolve-plan," f"calib-select{{n={n},feature=penultimate}},"
         "calibrate,insert-qdq,lower")))
     rows[f"calib-select {n} (feature=penultimate)"] = evaluate(task, ref, out)
     rows[f"whole pool ({len(task.calib)})"] = ours(task, ref, pool, work, "sel-all", load_plan("w8a8"))

@@ -8,8 +8,9 @@ the un-biased intermediate is needed. Gemm: ``C' = β·C + c`` (broadcast to [N]
 
 Applies when the op's output is read only by the Add (and is not a graph output), the Add's other input is a
 float constant read by nothing else holding one value per output channel (``[C]``, ``[C, 1, …]``,
-``[1, C, 1, …]`` for Conv; ``[N]`` or ``[1, N]`` for Gemm), and the op's bias (if any) is a constant only it
-reads. The op takes over the Add's output tensor, so names downstream are unchanged. A second run finds
+``[1, C, 1, …]`` for Conv; ``[N]`` or ``[1, N]`` for Gemm) or one value for all (``[]``, ``[1]``, ``[1, 1, …]``
+with no more dimensions than the output: a scalar ``Add`` that ``fold-scale`` left behind a folded scalar
+``Mul``, PP-OCRv4's learnable affine blocks), and the op's bias (if any) is a constant only it reads. The op takes over the Add's output tensor, so names downstream are unchanged. A second run finds
 nothing to fold.
 
 Stats: ``folded_conv``, ``folded_convtranspose``, ``folded_gemm``.
@@ -73,7 +74,7 @@ class FoldBiasPass(GraphPass):
                 node.attrs["beta"] = 1.0
             elif b.size != n_out:
                 continue
-            new_b = b.reshape(n_out) + c.astype(np.float64).reshape(n_out)
+            new_b = b.reshape(n_out) + np.broadcast_to(c.astype(np.float64).reshape(-1), (n_out,))
             const = gs.Constant(index.unique_name(f"{node.name or y.name}.bias"), new_b.astype(w_dtype))
             while len(node.inputs) < 2:
                 node.inputs.append(gs.Variable.empty())
@@ -105,7 +106,10 @@ def _out_channels(node: gs.Node) -> int | None:
 
 
 def _per_channel(shape: tuple[int, ...], n: int, op: str, rank: int) -> bool:
-    """One value per output channel, broadcasting over the output's axis 1 (Conv) / last axis (Gemm)."""
+    """One value per output channel, broadcasting over the output's axis 1 (Conv) / last axis (Gemm), or one
+    value for all that adds no dimension to the output (rank ``rank``; a Gemm's is 2)."""
     if op == "Gemm":
-        return shape in ((n,), (1, n))
+        return shape in ((n,), (1, n)) or (len(shape) <= 2 and all(d == 1 for d in shape))
+    if len(shape) <= rank and all(d == 1 for d in shape):
+        return True
     return shape in ((n,) + (1,) * (rank - 2), (1, n) + (1,) * (rank - 2))

@@ -271,7 +271,7 @@ def _preset_plan(name: str) -> str:
 
 
 #: Where the plan's ``algorithms`` and ``--calib-select`` go in a pipeline, in this order: (pass, anchor, side).
-#: After ``fold-batchnorm``: fold-bias (graph normalization the plan must see). After ``resolve-plan`` (BN folded, plan known, nothing calibrated yet): calib-select, equalize, smooth.
+#: After ``fold-batchnorm`` (and ``fold-scale`` when the pipeline has it): fold-bias (graph normalization the plan must see). After ``resolve-plan`` (BN folded, plan known, nothing calibrated yet): calib-select, equalize, smooth.
 #: Before ``insert-qdq`` (ranges calibrated, nothing quantized yet): gptq, then bias-correct (measuring gptq's).
 PIPELINE_INSERTIONS = (
     ("fold-bias", "fold-batchnorm", "after"),
@@ -311,6 +311,8 @@ def assemble_pipeline(text: str, plan: Plan, reg: Any = None, *, calib_select: i
             continue
         if side == "after":
             at += 1
+            if name == "fold-bias" and at < len(passes) and passes[at].name == "fold-scale":
+                at += 1  # the Add a folded Mul leaves behind is a bias too
             while at < len(passes) and passes[at].name in order[:order.index(name)]:
                 at += 1  # after the algorithms that come before this one
         passes.insert(at, reg.get(name)(**wanted[name]))

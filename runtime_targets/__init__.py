@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PIPELINE = "cleanup,fold-batchnorm,fold-bias,fuse-activations,cleanup,resolve-plan,calibrate,insert-qdq,lower"
+DEFAULT_PIPELINE = "cleanup,fold-batchnorm,fold-scale,fold-bias,fuse-activations,cleanup,resolve-plan,calibrate,insert-qdq,lower"
 
 
 @dataclass(frozen=True)

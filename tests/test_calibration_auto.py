@@ -96,7 +96,7 @@ def test_auto_without_data_to_measure_on_is_minmax(tmp_path, caplog):
 
 def test_pipeline_option_and_held_out_count(tmp_path):
     calib = _data(tmp_path, None)
-    pipeline = ("cleanup,fold-batchnorm,fold-bias,fuse-activations,cleanup,resolve-plan,"
+    pipeline = ("cleanup,fold-batchnorm,fold-scale,fold-bias,fuse-activations,cleanup,resolve-plan,"
                 "calibrate{method=auto,auto-samples=4},insert-qdq,lower")
     out = tmp_path / "p.onnx"
     res = compile_model(CBR, out, CompileOptions(calib=calib, validate=False, pipeline=pipeline))

@@ -133,7 +133,7 @@ def test_pipeline_text_gives_the_same_file(tmp_path: Path) -> None:
     model, npz = MODELS / "conv_bn_relu.onnx", MODELS / "conv_bn_relu.npz"
     api, cli_out = tmp_path / "api.onnx", tmp_path / "cli.onnx"
     compile_model(model, api, CompileOptions(plan="default", calib=str(npz), validate=False, exact_weights=True))
-    pipe = ("cleanup,fold-batchnorm,fold-bias,fuse-activations,cleanup,resolve-plan,calibrate,"
+    pipe = ("cleanup,fold-batchnorm,fold-scale,fold-bias,fuse-activations,cleanup,resolve-plan,calibrate,"
             "insert-qdq{exact-weights=true},lower,exact-weights")
     r = CliRunner().invoke(cli, ["compile", str(model), "-o", str(cli_out), "--plan", "default", "--calib", str(npz),
                                  "--pipeline", pipe, "--no-validate", "-q"])

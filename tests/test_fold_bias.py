@@ -26,7 +26,8 @@ def conv_add(shape: tuple[int, ...], bias: bool = True, shared: bool = False) ->
     return b.model([vi("x", ["N", 4, 5, 5])], outs)
 
 
-@pytest.mark.parametrize("shape,bias", [((1, 6, 1, 1), True), ((6, 1, 1), False)])
+@pytest.mark.parametrize("shape,bias", [((1, 6, 1, 1), True), ((6, 1, 1), False), ((1,), True), ((), False),
+                                        ((1, 1, 1, 1), True)])
 def test_conv_add_is_folded_exactly(shape, bias):
     model = conv_add(shape, bias)
     ctx, res = run_pass(model, FoldBiasPass())
@@ -38,10 +39,10 @@ def test_conv_add_is_folded_exactly(shape, bias):
     assert not again.modified
 
 
-@pytest.mark.parametrize("kind", ["last_axis", "shared", "scalar"])
+@pytest.mark.parametrize("kind", ["last_axis", "shared", "spatial", "shared_scalar"])
 def test_adds_that_are_not_a_per_channel_bias_stay(kind):
-    shape = {"last_axis": (5,), "shared": (1, 6, 1, 1), "scalar": (1,)}[kind]
-    model = conv_add(shape, shared=kind == "shared")
+    shape = {"last_axis": (5,), "shared": (1, 6, 1, 1), "spatial": (1, 1, 5, 5), "shared_scalar": (1,)}[kind]
+    model = conv_add(shape, shared=kind.startswith("shared"))
     ctx, res = run_pass(model, FoldBiasPass())
     assert not res.modified and "Add" in ops(ctx)
 

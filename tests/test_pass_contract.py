@@ -237,16 +237,20 @@ FUNCTION_MODELS = ("conv_bn_relu", "convtranspose_bn", "depthwise", "gemm_head",
 
 def _exporter_chains() -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     """Conv, then its bias as a separate per-channel Add (fold-bias), then hard-swish spelled out as
-    ``x * clip(x + 3, 0, 6) / 6`` (fuse-activations): the exporter patterns no file in models/ has."""
+    ``x * clip(x + 3, 0, 6) / 6`` (fuse-activations); beside it a Conv scaled per channel by a Mul (fold-scale):
+    the exporter patterns no file in models/ has."""
     rng = np.random.default_rng(0)
     consts = {"w": rng.normal(size=(4, 3, 3, 3)).astype(np.float32), "c": rng.normal(size=(1, 4, 1, 1)).astype(np.float32),
-              "three": np.array(3, np.float32), "zero": np.array(0, np.float32), "six": np.array(6, np.float32)}
+              "three": np.array(3, np.float32), "zero": np.array(0, np.float32), "six": np.array(6, np.float32),
+              "w2": rng.normal(size=(4, 3, 1, 1)).astype(np.float32), "s": rng.normal(size=(4, 1, 1)).astype(np.float32)}
     nodes = [helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1]),
              helper.make_node("Add", ["y", "c"], ["yb"]),
              helper.make_node("Add", ["yb", "three"], ["a"]), helper.make_node("Clip", ["a", "zero", "six"], ["cl"]),
-             helper.make_node("Mul", ["yb", "cl"], ["m"]), helper.make_node("Div", ["m", "six"], ["out"])]
+             helper.make_node("Mul", ["yb", "cl"], ["m"]), helper.make_node("Div", ["m", "six"], ["out"]),
+             helper.make_node("Conv", ["x", "w2"], ["y2"]), helper.make_node("Mul", ["y2", "s"], ["out2"])]
     graph = helper.make_graph(nodes, "chains", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
-                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 4, 8, 8])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 4, 8, 8]),
+                               helper.make_tensor_value_info("out2", TensorProto.FLOAT, [1, 4, 8, 8])],
                               [numpy_helper.from_array(v, k) for k, v in consts.items()])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     return model, {"x": rng.normal(size=(1, 3, 8, 8)).astype(np.float32) * 3}

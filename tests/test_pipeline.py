@@ -206,17 +206,17 @@ def test_dump_after(tmp_path):
     compile_model(MODELS / "conv_bn_relu.onnx", out,
                   CompileOptions(calib="random", calib_samples=2, dump_after={"insert-qdq"}))
     dumps = sorted(p.name for p in (tmp_path / "q.dump").iterdir())
-    assert dumps == ["08-insert-qdq.onnx"]
-    d = onnx.load(str(tmp_path / "q.dump" / "08-insert-qdq.onnx"))
+    assert dumps == ["09-insert-qdq.onnx"]
+    d = onnx.load(str(tmp_path / "q.dump" / "09-insert-qdq.onnx"))
     onnx.checker.check_model(d, full_check=True)
     assert sum(n.op_type == "QuantizeLinear" for n in d.graph.node) == 6  # dw.conv: float activations on ort
     out2 = tmp_path / "all" / "q.onnx"
     compile_model(MODELS / "conv_bn_relu.onnx", out2, CompileOptions(calib="random", calib_samples=2,
                                                                      dump_after={"all"}))
     names = sorted(p.name for p in (tmp_path / "all" / "q.dump").iterdir())
-    assert names == ["01-cleanup.onnx", "02-fold-batchnorm.onnx", "03-fold-bias.onnx", "04-fuse-activations.onnx",
-                     "05-cleanup.onnx", "06-resolve-plan.onnx", "07-calibrate.onnx", "08-insert-qdq.onnx",
-                     "09-lower.onnx"]
+    assert names == ["01-cleanup.onnx", "02-fold-batchnorm.onnx", "03-fold-scale.onnx", "04-fold-bias.onnx",
+                     "05-fuse-activations.onnx", "06-cleanup.onnx", "07-resolve-plan.onnx", "08-calibrate.onnx",
+                     "09-insert-qdq.onnx", "10-lower.onnx"]
     folded = onnx.load(str(tmp_path / "all" / "q.dump" / "02-fold-batchnorm.onnx"))
     assert not any(n.op_type == "BatchNormalization" for n in folded.graph.node)
     assert not any(n.op_type == "QuantizeLinear" for n in folded.graph.node)

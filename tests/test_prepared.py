@@ -27,7 +27,7 @@ from qcompiler.plan import Plan
 from qcompiler.session import Session
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
-PREFIX = ("cleanup", "fold-batchnorm", "fold-bias", "fuse-activations")
+PREFIX = ("cleanup", "fold-batchnorm", "fold-scale", "fold-bias", "fuse-activations")
 
 
 def _compile(src: Path, out: Path, calib: Path, plan: str | None, cache_mb: str,

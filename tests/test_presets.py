@@ -106,7 +106,7 @@ def test_algorithm_passes_land_at_their_places():
     every = Plan.from_dict({"algorithms": {"gptq": {"damp": 0.05}, "bias_correct": True, "smooth": True,
                                            "equalize": True, "fold_bias": True}})
     text = ",".join(p.canonical() for p in assemble_pipeline(DEFAULT_PIPELINE, every, calib_select=8))
-    assert text == ("cleanup,fold-batchnorm,fold-bias,fuse-activations,cleanup,resolve-plan,calib-select{n=8},"
+    assert text == ("cleanup,fold-batchnorm,fold-scale,fold-bias,fuse-activations,cleanup,resolve-plan,calib-select{n=8},"
                     "equalize,smooth,calibrate,gptq{damp=0.05},bias-correct,insert-qdq,lower")
     assert [name for name, _, _ in PIPELINE_INSERTIONS] == ["fold-bias", "calib-select", "equalize", "smooth",
                                                              "gptq", "bias-correct"]
@@ -115,6 +115,9 @@ def test_algorithm_passes_land_at_their_places():
         "cleanup,fold-batchnorm,resolve-plan,equalize{iterations=3},calibrate,insert-qdq", every))
     assert text == ("cleanup,fold-batchnorm,fold-bias,resolve-plan,equalize{iterations=3},smooth,calibrate,"
                     "gptq{damp=0.05},bias-correct,insert-qdq")
+    # fold-bias goes after fold-scale when the text has it: the Add a folded Mul leaves is a bias too
+    text = ",".join(p.canonical() for p in assemble_pipeline("cleanup,fold-batchnorm,fold-scale,resolve-plan", every))
+    assert text.startswith("cleanup,fold-batchnorm,fold-scale,fold-bias,resolve-plan,")
     # no insert-qdq in the pipeline: gptq / bias-correct have no place and are left out
     text = ",".join(p.canonical() for p in assemble_pipeline("cleanup,resolve-plan,calibrate", every))
     assert text == "cleanup,resolve-plan,equalize,smooth,calibrate"

@@ -4,7 +4,7 @@ The measured default, the presets' algorithm guard and ``--budget``'s planner co
 one process: each candidate (or probe), the confirmation, then the final compile. Every one of those compiles
 starts the same way — load the file, import it into graphsurgeon (its opset upgraded as the plan needs), then the
 target pipeline's leading passes that read nothing but the graph and their own options
-(:attr:`~qcompiler.core.pass_base.Pass.graph_only`: ``cleanup``, ``fold-batchnorm``, ``fold-bias``,
+(:attr:`~qcompiler.core.pass_base.Pass.graph_only`: ``cleanup``, ``fold-batchnorm``, ``fold-scale``, ``fold-bias``,
 ``fuse-activations``, ``cleanup``) — and ends in the same graph.
 
 While :func:`sharing` is active and a compile declared the reuse (:func:`expect_reuse`), the first compile of a
