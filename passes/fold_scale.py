@@ -27,6 +27,10 @@ model's ``Y``. The math runs in float64 and is cast back to each constant's dtyp
 input model's up to float rounding. Several ``Mul``s in a row are folded in one run (a second run finds
 nothing).
 
+BatchNormalization statistics that ``fold-batchnorm`` recorded (:func:`qcompiler.calib.bn_statistics`: data-free
+calibration reads them) follow the values: those of the tensor the ``Mul`` read move to its output's name, and those
+of an op output rescaled across an ``Add`` are rescaled, as ``mean · s`` and ``std · |s|``.
+
 Applies only when: the op's weight (and bias / C, when present) is a float constant only the op reads, the
 ``Mul``'s (and ``Add``'s) other input is a float constant only it reads, each tensor along the chain is read by
 the next op alone and is not a graph output, and ``s`` broadcasts along the output-channel axis only (axis 1 of
@@ -46,7 +50,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from qcompiler.core.pass_base import GraphPass, PassResult
+from qcompiler.calib import ChannelStats, bn_statistics
+from qcompiler.core.context import CompileContext
+from qcompiler.core.pass_base import Pass, PassResult
 from qcompiler.ir.graph import GraphIndex, exclusive_constant, is_onnx_op, optional_input, remove_nodes
 
 log = logging.getLogger(__name__)
@@ -64,14 +70,16 @@ class _Chain:
     shift: gs.Constant | None = None
 
 
-class FoldScalePass(GraphPass):
+class FoldScalePass(Pass):
     """Fold a constant per-channel Mul after Conv / ConvTranspose / Gemm / MatMul into the op's weights."""
 
     name = "fold-scale"
     keeps_function = True  # outputs unchanged up to float rounding (calibration after it runs the float model)
-    graph_only = True  # the graph and its options only: done once per model in a measured compile (core.prepared)
+    graph_only = True  # the graph, its options and bn_stats only: done once per model in a measured compile
 
-    def run_graph(self, graph: gs.Graph) -> PassResult:
+    def run(self, ctx: CompileContext) -> PassResult:
+        graph = ctx.graph
+        bn = bn_statistics(ctx)
         index = GraphIndex(graph)
         stats: Counter[str] = Counter()
         doomed: list[gs.Node] = []
@@ -79,7 +87,12 @@ class FoldScalePass(GraphPass):
             if not is_onnx_op(node, *_OPS) or len(node.outputs) != 1 or not self._weights_ok(node, index):
                 continue
             while (chain := self._match(node, index, stats)) is not None:
-                self._fold(node, chain)
+                last = chain.add if chain.add is not None else node  # takes over the Mul's output
+                fed = last.outputs[0].name  # the tensor the Mul read
+                s = self._fold(node, chain)
+                _rescale(bn, fed, last.outputs[0].name, s)
+                if chain.add is not None:  # the op's own output keeps its name, now holding s · Y
+                    _rescale(bn, node.outputs[0].name, node.outputs[0].name, s)
                 doomed.append(chain.mul)
                 stats[f"folded_{node.op.lower()}"] += 1
                 if chain.add is not None:
@@ -130,7 +143,8 @@ class FoldScalePass(GraphPass):
         return _Chain(nxt, scale, add, shift)
 
     # ----------------------------------------------------------------------------------------- rewriting
-    def _fold(self, node: gs.Node, chain: _Chain) -> None:
+    def _fold(self, node: gs.Node, chain: _Chain) -> np.ndarray:
+        """Rewrite one match; returns ``s`` per output channel [C]."""
         m = np.asarray(chain.scale.values).astype(np.float64)
         n = _out_channels(node)
         s = np.broadcast_to(m.reshape(-1), (n,))  # m holds 1 or n values (_along_channels)
@@ -151,6 +165,19 @@ class FoldScalePass(GraphPass):
         chain.mul.outputs.clear()
         last.outputs[0] = out
         log.debug("folded %s into %s %s", chain.mul.name, node.op, node.name)
+        return np.asarray(s)
+
+
+def _rescale(bn: dict[str, ChannelStats], old: str, new: str, s: np.ndarray) -> None:
+    """BN statistics of tensor ``old`` (if any) become those of ``new`` = ``s · old``, per channel; dropped when
+    their channel count is not ``s``'s."""
+    st = bn.pop(old, None)
+    if st is None:
+        return
+    if st.mean.size == s.size:
+        bn[new] = ChannelStats(mean=st.mean * s.reshape(st.mean.shape), std=st.std * np.abs(s).reshape(st.std.shape))
+    else:
+        log.debug("BN statistics of %s (%d channels) dropped: scaled per %d channels", old, st.mean.size, s.size)
 
 
 def _sole_reader(t: gs.Tensor, index: GraphIndex) -> gs.Node | None:

@@ -209,3 +209,36 @@ def test_caffe_scale_layers_of_real_topologies(name, folds):
     feeds = {"gpu_0/data_0" if name == "light_resnet50" else "data_0":
              rng.uniform(0, 1, (1, 3, 224, 224)).astype(np.float32)}
     assert_same_outputs(model, out, feeds, 1e-4)
+
+
+# ------------------------------------------------------------------------------- BatchNorm statistics
+@pytest.mark.parametrize("add", [False, True])
+def test_bn_statistics_follow_the_scale(add):
+    """Conv → BN → [Add(t)] → Mul(s): fold-batchnorm records the BN output's statistics (data-free calibration
+    reads them); after fold-scale they sit under the name of the tensor that now holds those values, scaled —
+    checked against the per-channel mean β·s and std |γ|σ/√(σ²+ε)·|s| computed here."""
+    b = Builder(72)
+    h = b.node("Conv", ["x", b.init("w", b.randn(6, 4, 1, 1))], ["h"], name="conv")
+    h = b.bn(h, "h_bn", 6, name="bn")
+    if add:
+        h = b.node("Add", [h, b.init("t", b.randn(1, 6, 1, 1))], ["h_add"], name="add")
+    s = b.rng.uniform(-2, 2, (1, 6, 1, 1)).astype(np.float32)
+    b.node("Mul", [h, b.init("s", s)], ["y"], name="mul")
+    model = b.model([vi("x", ["N", 4, 5, 5])], [vi("y", ["N", 6, 5, 5])])
+    graph, meta = ir.import_graph(model)
+    ctx = CompileContext(graph=graph, meta=meta, plan=None, target=None)  # type: ignore[arg-type]
+    FoldBatchNormPass().run(ctx)
+    assert set(ctx.bn_stats) == {"h_bn"}
+    FoldScalePass().run(ctx)
+    inits = {t.name: onnx.numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}
+    gamma, beta, var = inits["bn.gamma"], inits["bn.beta"], inits["bn.var"]
+    sv = s.reshape(6).astype(np.float64)
+    std = np.abs(gamma) * np.sqrt(var / (var + 1e-5))
+    if add:  # the Conv's output h_bn kept its name (now s · BN output), the Add took over y
+        assert set(ctx.bn_stats) == {"h_bn"} and tags.rescaled_by(ctx.graph.nodes[0].outputs[0]) == "fold-scale"
+        key = "h_bn"
+    else:  # the Conv now writes y
+        assert set(ctx.bn_stats) == {"y"} and ctx.graph.nodes[0].outputs[0].name == "y"
+        key = "y"
+    np.testing.assert_allclose(ctx.bn_stats[key].mean, beta * sv, rtol=1e-12)
+    np.testing.assert_allclose(ctx.bn_stats[key].std, std * np.abs(sv), rtol=1e-6)
