@@ -9,9 +9,9 @@ the un-biased intermediate is needed. Gemm: ``C' = β·C + c`` (broadcast to [N]
 Applies when the op's output is read only by the Add (and is not a graph output), the Add's other input is a
 float constant read by nothing else holding one value per output channel (``[C]``, ``[C, 1, …]``,
 ``[1, C, 1, …]`` for Conv; ``[N]`` or ``[1, N]`` for Gemm) or one value for all (``[]``, ``[1]``, ``[1, 1, …]``
-with no more dimensions than the output: a scalar ``Add`` that ``fold-scale`` left behind a folded scalar
-``Mul``, PP-OCRv4's learnable affine blocks), and the op's bias (if any) is a constant only it reads. The op takes over the Add's output tensor, so names downstream are unchanged. A second run finds
-nothing to fold.
+with no more dimensions than the output: the scalar ``Add`` that ``fold-scale`` leaves behind a folded scalar
+``Mul`` in PP-OCRv4's learnable affine blocks), and the op's bias (if any) is a constant only it reads. The op
+takes over the Add's output tensor, so names downstream are unchanged. A second run finds nothing to fold.
 
 Stats: ``folded_conv``, ``folded_convtranspose``, ``folded_gemm``.
 """
