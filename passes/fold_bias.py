@@ -10,10 +10,12 @@ Applies when the op's output is read only by the Add (and is not a graph output)
 float constant read by nothing else holding one value per output channel (``[C]``, ``[C, 1, …]``,
 ``[1, C, 1, …]`` for Conv; ``[N]`` or ``[1, N]`` for Gemm) or one value for all (``[]``, ``[1]``, ``[1, 1, …]``
 with no more dimensions than the output: the scalar ``Add`` that ``fold-scale`` leaves behind a folded scalar
-``Mul`` in PP-OCRv4's learnable affine blocks), and the op's bias (if any) is a constant only it reads. The op
-takes over the Add's output tensor, so names downstream are unchanged. A second run finds nothing to fold.
+``Mul`` in PP-OCRv4's learnable affine blocks; not one a Clip alone reads: ``x + 3 → Clip(0, 6)`` starts a
+hard-sigmoid spelled out, which ``fuse-activations`` fuses into one op), and the op's bias (if any) is a constant
+only it reads. The op takes over the Add's output tensor, so names downstream are unchanged. A second run finds
+nothing to fold.
 
-Stats: ``folded_conv``, ``folded_convtranspose``, ``folded_gemm``.
+Stats: ``folded_conv``, ``folded_convtranspose``, ``folded_gemm``, ``kept_activation_add``.
 """
 
 from __future__ import annotations
@@ -60,6 +62,9 @@ class FoldBiasPass(GraphPass):
             rank = np.asarray(node.inputs[1].values).ndim
             if n_out is None or not _per_channel(tuple(c.shape), n_out, node.op, rank):
                 continue
+            if c.size == 1 and n_out != 1 and _starts_activation(add):
+                stats["kept_activation_add"] += 1  # x + 3 → Clip(0, 6): fuse-activations' hard-sigmoid
+                continue
             b_t = optional_input(node, 2)
             if b_t is not None and not (isinstance(b_t, gs.Constant) and exclusive_constant(b_t, node, index)):
                 continue
@@ -103,6 +108,13 @@ def _out_channels(node: gs.Node) -> int | None:
     if len(shape) != 2 or int(node.attrs.get("transA", 0)):
         return None
     return int(shape[0] if int(node.attrs.get("transB", 0)) else shape[1])
+
+
+def _starts_activation(add: gs.Node) -> bool:
+    """The Add's output goes to a Clip alone: the ``x + 3 → Clip(0, 6)`` head of a hard-sigmoid spelled out,
+    which ``fuse-activations`` turns into one HardSigmoid only while the Add is there."""
+    out = add.outputs[0]
+    return len(out.outputs) == 1 and is_onnx_op(out.outputs[0], "Clip")
 
 
 def _per_channel(shape: tuple[int, ...], n: int, op: str, rank: int) -> bool:

@@ -9,6 +9,7 @@ import pytest
 from _graphs import Builder, assert_same_outputs, export, ops, random_feeds, run_pass, vi
 
 from qcompiler.passes.fold_bias import FoldBiasPass
+from qcompiler.passes.fuse_activations import FuseActivationsPass
 
 
 def conv_add(shape: tuple[int, ...], bias: bool = True, shared: bool = False) -> onnx.ModelProto:
@@ -58,3 +59,21 @@ def test_gemm_add_folds_into_c_with_beta():
     out = export(ctx)
     assert_same_outputs(model, out, {"x": np.random.default_rng(0).standard_normal((2, 5)).astype(np.float32)},
                         tol=1e-6)
+
+
+def test_a_scalar_add_starting_a_hard_sigmoid_stays_for_fuse_activations():
+    """``Conv → Add(3) → Clip(0, 6) → Div(6)`` (a squeeze-excitation gate as timm spells it): the Add is the
+    activation's, not a bias — folding it would leave Clip / Div that fuse-activations no longer sees as one
+    HardSigmoid. The default prefix keeps the fusion; a scalar Add before anything else still folds."""
+    b = Builder(53)
+    h = b.node("Conv", ["x", b.init("w", b.randn(6, 4, 1, 1)), b.init("b", b.randn(6))], ["h"], name="conv")
+    a = b.node("Add", [h, b.init("three", np.array([3.0], np.float32))], ["a"], name="add")
+    c = b.node("Clip", [a, b.init("zero", np.array(0.0, np.float32)), b.init("six", np.array(6.0, np.float32))],
+               ["c"], name="clip")
+    b.node("Div", [c, b.init("six2", np.array(6.0, np.float32))], ["y"], name="div")
+    model = b.model([vi("x", ["N", 4, 5, 5])], [vi("y", ["N", 6, 5, 5])])
+    ctx, res = run_pass(model, FoldBiasPass())
+    assert not res.modified and res.stats["kept_activation_add"] == 1 and ops(ctx) == ["Conv", "Add", "Clip", "Div"]
+    FuseActivationsPass().run(ctx)  # next in the default pipeline
+    assert ops(ctx) == ["Conv", "HardSigmoid"]
+    assert_same_outputs(model, export(ctx), random_feeds(model), tol=1e-5)
