@@ -27,7 +27,14 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from qcompiler.core.pass_base import GraphPass, PassResult
-from qcompiler.ir.graph import GraphIndex, exclusive_constant, is_onnx_op, optional_input, remove_nodes
+from qcompiler.ir.graph import (
+    GraphIndex,
+    along_axis,
+    exclusive_constant,
+    is_onnx_op,
+    optional_input,
+    remove_nodes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -119,9 +126,5 @@ def _starts_activation(add: gs.Node) -> bool:
 
 def _per_channel(shape: tuple[int, ...], n: int, op: str, rank: int) -> bool:
     """One value per output channel, broadcasting over the output's axis 1 (Conv) / last axis (Gemm), or one
-    value for all that adds no dimension to the output (rank ``rank``; a Gemm's is 2)."""
-    if op == "Gemm":
-        return shape in ((n,), (1, n)) or (len(shape) <= 2 and all(d == 1 for d in shape))
-    if len(shape) <= rank and all(d == 1 for d in shape):
-        return True
-    return shape in ((n,) + (1,) * (rank - 2), (1, n) + (1,) * (rank - 2))
+    value for all, adding no dimension to the output (rank ``rank``; a Gemm's is 2)."""
+    return along_axis(shape, n, 2, 1) if op == "Gemm" else along_axis(shape, n, rank, 1)

@@ -53,7 +53,14 @@ import onnx_graphsurgeon as gs
 from qcompiler.calib import ChannelStats, bn_statistics
 from qcompiler.core.context import CompileContext
 from qcompiler.core.pass_base import Pass, PassResult
-from qcompiler.ir.graph import GraphIndex, exclusive_constant, is_onnx_op, optional_input, remove_nodes
+from qcompiler.ir.graph import (
+    GraphIndex,
+    along_axis,
+    exclusive_constant,
+    is_onnx_op,
+    optional_input,
+    remove_nodes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -220,10 +227,7 @@ def _along_channels(shape: tuple[int, ...], node: gs.Node) -> bool:
         x_shape = node.inputs[0].shape
         rank = 1 if x_shape is None else max(len(x_shape), 1)
         axis = rank - 1
-    if len(shape) > rank:
-        return False
-    aligned = (1,) * (rank - len(shape)) + tuple(int(d) for d in shape)
-    return all(d == 1 or (i == axis and d == n) for i, d in enumerate(aligned))
+    return along_axis(shape, n, rank, axis)
 
 
 def _weight_shape(s: np.ndarray, node: gs.Node, w: np.ndarray) -> np.ndarray:

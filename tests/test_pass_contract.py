@@ -213,7 +213,7 @@ def test_sequential_merges_child_stats_and_lower_times_each_child():
 def test_lowering_child_is_dumped_when_named(tmp_path):
     ctx, lower = _fixture("lower")
     PassManager([lower], dump_after={"ort-load-time-dequant"}, dump_dir=tmp_path).run(ctx)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["01-lower.06-ort-load-time-dequant.onnx"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["01-lower.07-ort-load-time-dequant.onnx"]
     with pytest.raises(UserError, match="--dump-after: no pass named 'nope' in the pipeline"):
         PassManager([lower], dump_after={"nope"}, dump_dir=tmp_path)
 

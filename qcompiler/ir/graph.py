@@ -238,6 +238,17 @@ def sole_consumer(t: gs.Tensor, node: gs.Node, index: GraphIndex) -> bool:
     return len(t.outputs) == 1 and t.outputs[0] is node and not index.is_graph_output(t)
 
 
+def along_axis(shape: Iterable[int], size: int, rank: int, axis: int) -> bool:
+    """A constant of ``shape`` broadcasts against a rank-``rank`` tensor along ``axis`` only — one value per
+    index of that axis (``size`` of them) or one value for all — and adds no dimension (a per-channel scale or
+    bias: ``[C, 1, 1]``, ``[1, C, 1, 1]``, ``[1]`` against ``[N, C, H, W]`` with axis 1)."""
+    dims = tuple(int(d) for d in shape)
+    if len(dims) > rank:
+        return False
+    aligned = (1,) * (rank - len(dims)) + dims
+    return all(d == 1 or (i == axis and d == size) for i, d in enumerate(aligned))
+
+
 def exclusive_constant(t: gs.Tensor, node: gs.Node, index: GraphIndex) -> bool:
     """True when ``t`` is a constant read only by ``node`` (so rewriting it affects nothing else)."""
     return isinstance(t, gs.Constant) and sole_consumer(t, node, index) and not index.is_graph_input(t)

@@ -14,6 +14,8 @@ integer kernels:
   QLinearConv only where a quantized op reads its output anyway; one whose output only float ops read (a
   hard-swish, a residual Add, a graph output) keeps float activations instead of having its output rounded to
   8 bits for the integer kernel (``OrtTarget.refine``; the ``w8a8`` preset sets it);
+* a constant Add after a float-kernel Conv / ConvTranspose (its data input not dequantized) goes into its float
+  bias where the plan turned ``fold-bias`` off (``float_bias.py``);
 * the weights of float kernels (weight-only Conv / ConvTranspose / Gemm, LSTM / GRU / RNN) are dequantized with
   Cast/Mul, which onnxruntime folds when the session loads, instead of a DequantizeLinear it would run at
   every inference (``load_time_dequant.py``);
@@ -64,7 +66,7 @@ class OrtTarget(Target):
     dynamic_activation_ops: ClassVar[frozenset[str]] = frozenset({"MatMul", "Gemm"})
     lowering: ClassVar[tuple[str, ...]] = ("lower-matmulnbits", "ort-dynamic-matmul", "ort-per-token-matmul",
                                           "ort-fp8-relu-guard",
-                                          "ort-gather-block-quantized", "ort-load-time-dequant")
+                                          "ort-gather-block-quantized", "ort-float-bias", "ort-load-time-dequant")
     #: ``scale: float16`` weights: a float16 scale initializer and ``Cast(to float)`` before the DequantizeLinear
     #: (onnxruntime folds the Cast at load, so its QDQ fusions see a constant float32 scale)
     weight_scales: ClassVar[frozenset[str]] = frozenset({"float", "pow2", "float16"})
