@@ -29,7 +29,9 @@ import onnx_graphsurgeon as gs
 from qcompiler.core.pass_base import GraphPass, PassResult
 from qcompiler.ir.graph import (
     GraphIndex,
+    absorb_bias_add,
     along_axis,
+    bias_add,
     exclusive_constant,
     is_onnx_op,
     optional_input,
@@ -51,17 +53,11 @@ class FoldBiasPass(GraphPass):
         stats: Counter[str] = Counter()
         doomed: list[gs.Node] = []
         for node in list(graph.nodes):
-            if not is_onnx_op(node, "Conv", "ConvTranspose", "Gemm") or len(node.outputs) != 1:
+            found = bias_add(node, index) if is_onnx_op(node, "Conv", "ConvTranspose", "Gemm") else None
+            if found is None:
                 continue
+            add, c_t = found
             y = node.outputs[0]
-            if len(y.outputs) != 1 or index.is_graph_output(y):
-                continue
-            add = y.outputs[0]
-            if not is_onnx_op(add, "Add") or len(add.inputs) != 2 or add.inputs[0] is add.inputs[1]:
-                continue
-            c_t = add.inputs[1] if add.inputs[0] is y else add.inputs[0]
-            if not isinstance(c_t, gs.Constant) or not exclusive_constant(c_t, add, index):
-                continue
             c = np.asarray(c_t.values)
             if not np.issubdtype(c.dtype, np.floating):
                 continue
@@ -87,16 +83,8 @@ class FoldBiasPass(GraphPass):
             elif b.size != n_out:
                 continue
             new_b = b.reshape(n_out) + np.broadcast_to(c.astype(np.float64).reshape(-1), (n_out,))
-            const = gs.Constant(index.unique_name(f"{node.name or y.name}.bias"), new_b.astype(w_dtype))
-            while len(node.inputs) < 2:
-                node.inputs.append(gs.Variable.empty())
-            if len(node.inputs) == 2:
-                node.inputs.append(const)
-            else:
-                node.inputs[2] = const
-            out = add.outputs[0]
-            add.outputs.clear()
-            node.outputs[0] = out
+            absorb_bias_add(node, gs.Constant(index.unique_name(f"{node.name or y.name}.bias"),
+                                              new_b.astype(w_dtype)), add)
             doomed.append(add)
             stats[f"folded_{node.op.lower()}"] += 1
         remove_nodes(graph, doomed)

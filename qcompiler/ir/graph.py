@@ -249,6 +249,38 @@ def along_axis(shape: Iterable[int], size: int, rank: int, axis: int) -> bool:
     return all(d == 1 or (i == axis and d == size) for i, d in enumerate(aligned))
 
 
+def bias_add(node: gs.Node, index: GraphIndex) -> tuple[gs.Node, gs.Constant] | None:
+    """The ``Add`` that alone reads ``node``'s one output (no graph output), and the constant it adds — one only
+    that Add reads; ``None`` otherwise (:func:`absorb_bias_add` folds it)."""
+    if len(node.outputs) != 1:
+        return None
+    y = node.outputs[0]
+    if len(y.outputs) != 1 or index.is_graph_output(y):
+        return None
+    add = y.outputs[0]
+    if not is_onnx_op(add, "Add") or len(add.inputs) != 2 or add.inputs[0] is add.inputs[1]:
+        return None
+    c = add.inputs[1] if add.inputs[0] is y else add.inputs[0]
+    if not (isinstance(c, gs.Constant) and exclusive_constant(c, add, index)):
+        return None
+    return add, c
+
+
+def absorb_bias_add(node: gs.Node, bias: gs.Constant, add: gs.Node) -> None:
+    """``node`` (a Conv / ConvTranspose / Gemm whose output ``add`` alone read) gets ``bias`` as its input 2 and
+    takes over the Add's output tensor, so names downstream are unchanged; ``add`` is left without outputs for
+    the caller to remove."""
+    while len(node.inputs) < 2:
+        node.inputs.append(gs.Variable.empty())
+    if len(node.inputs) == 2:
+        node.inputs.append(bias)
+    else:
+        node.inputs[2] = bias
+    out = add.outputs[0]
+    add.outputs.clear()
+    node.outputs[0] = out
+
+
 def exclusive_constant(t: gs.Tensor, node: gs.Node, index: GraphIndex) -> bool:
     """True when ``t`` is a constant read only by ``node`` (so rewriting it affects nothing else)."""
     return isinstance(t, gs.Constant) and sole_consumer(t, node, index) and not index.is_graph_input(t)

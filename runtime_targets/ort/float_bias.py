@@ -28,7 +28,9 @@ import onnx_graphsurgeon as gs
 from qcompiler.core.pass_base import GraphPass, PassResult
 from qcompiler.ir.graph import (
     GraphIndex,
+    absorb_bias_add,
     along_axis,
+    bias_add,
     exclusive_constant,
     is_onnx_op,
     optional_input,
@@ -57,15 +59,11 @@ class OrtFloatBiasPass(GraphPass):
             if shape is None or len(shape) < 3:
                 continue
             n = shape[0] if node.op == "Conv" else shape[1] * int(node.attrs.get("group", 1))
+            found = bias_add(node, index)
+            if found is None:
+                continue
+            add, c_t = found
             y = node.outputs[0]
-            if len(y.outputs) != 1 or index.is_graph_output(y):
-                continue
-            add = y.outputs[0]
-            if not is_onnx_op(add, "Add") or len(add.inputs) != 2 or add.inputs[0] is add.inputs[1]:
-                continue
-            c_t = add.inputs[1] if add.inputs[0] is y else add.inputs[0]
-            if not (isinstance(c_t, gs.Constant) and exclusive_constant(c_t, add, index)):
-                continue
             c = np.asarray(c_t.values)
             if not np.issubdtype(c.dtype, np.floating) or not along_axis(c.shape, n, len(shape), 1):
                 continue
@@ -75,14 +73,8 @@ class OrtFloatBiasPass(GraphPass):
                 continue
             b = np.zeros(n) if b_t is None else np.asarray(b_t.values, dtype=np.float64).reshape(n)
             new_b = b + np.broadcast_to(c.astype(np.float64).reshape(-1), (n,))
-            const = gs.Constant(index.unique_name(f"{node.name or y.name}.bias"), new_b.astype(np.float32))
-            if len(node.inputs) == 2:
-                node.inputs.append(const)
-            else:
-                node.inputs[2] = const
-            out = add.outputs[0]
-            add.outputs.clear()
-            node.outputs[0] = out
+            absorb_bias_add(node, gs.Constant(index.unique_name(f"{node.name or y.name}.bias"),
+                                              new_b.astype(np.float32)), add)
             doomed.append(add)
             stats["folded"] += 1
         remove_nodes(graph, doomed)
