@@ -5,6 +5,7 @@ and verify detecting a modified, missing or unexpected file, a doctored record a
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import itertools
 import json
@@ -22,6 +23,7 @@ from click.testing import CliRunner, Result
 
 from qcompiler import __version__
 from qcompiler.cli import cli
+from qcompiler.cli.commands import package as package_cmd_mod
 from qcompiler.report.bundle import verify_bundle
 from qcompiler.report.html import CHART_LAYERS
 from qcompiler.runtime_targets import DEFAULT_PIPELINE
@@ -213,3 +215,21 @@ def test_compact_names_bundle(tmp_path: Path, bundle: Path) -> None:
     assert full.full.layers and all(la.name in originals for la in full.full.layers)
     assert {la.name for la in full.full.layers} == {
         la.name for la in verify_bundle(bundle, float_model=TB, data=TB_NPZ).full.layers}  # type: ignore[union-attr]
+
+
+def test_package_gives_back_what_it_froze_out_of_the_collector(tmp_path: Path, monkeypatch) -> None:
+    """``package`` compiles with the imported modules out of the garbage collector's reach, as ``compile`` does,
+    and leaves the collector as it found it."""
+    frozen: list[int] = []
+    real = package_cmd_mod.build_bundle
+
+    def spy(*args: object, **kwargs: object) -> object:
+        frozen.append(gc.get_freeze_count())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(package_cmd_mod, "build_bundle", spy)
+    before = gc.get_freeze_count()
+    res = run("package", TB, "-o", tmp_path / "b", "--calib", TB_NPZ, "--calib-samples", "4", "--plan", "default")
+    assert res.exit_code == 0, res.output
+    assert frozen and frozen[0] > before
+    assert gc.get_freeze_count() == before

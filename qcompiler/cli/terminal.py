@@ -3,7 +3,10 @@ aligned tables (:func:`table`), shared by the commands."""
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 from tqdm import tqdm
@@ -47,3 +50,15 @@ def table(headers: list[str], rows: list[tuple[Any, ...]]) -> str:
              "  ".join("-" * w for w in widths)]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in cols[1:]]
     return "\n".join(line.rstrip() for line in lines)
+
+
+@contextlib.contextmanager
+def collector_frozen() -> Iterator[None]:
+    """What exists now (the imported modules) out of the garbage collector's reach while a command compiles: a full
+    collection walks only what the compile makes (PP-OCR cls's measured default: 0.26 -> 0.11 s of collections);
+    given back afterwards, for callers that run the command in their own process (tests, scripts)."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()

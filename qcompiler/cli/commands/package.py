@@ -14,6 +14,7 @@ import click
 
 from qcompiler.api import build_bundle
 from qcompiler.cli.options import check_option, min_sqnr_option, slice_axis_option
+from qcompiler.cli.terminal import collector_frozen
 from qcompiler.plan.checks import parse_check, parse_slice_axes
 from qcompiler.report.bundle import verify_bundle
 
@@ -58,11 +59,13 @@ def register(cli: click.Group) -> None:
         """Compile MODEL, validate it, and write a deployment bundle (model, resolved plan, validation report
         as JSON and HTML, manifest with hashes and versions) at OUTPUT — atomically: nothing is written when
         anything fails; an SQNR below --min-sqnr writes only the report, as OUTPUT.rejected.report.json."""
-        res = build_bundle(model, output, target=target, calib=calib, plan=plan, pipeline=pipeline,
-                           min_sqnr_db=min_sqnr, make_zip=make_zip, validate_data=validate_data,
-                           calib_samples=calib_samples, seed=seed, external_data_threshold=external_data,
-                           plugins=plugins, check_samples=check_samples, compact_names=compact_names,
-                           checks=[parse_check(c) for c in checks], slice_axes=parse_slice_axes(slice_axes))
+        parsed_checks, axes = [parse_check(c) for c in checks], parse_slice_axes(slice_axes)
+        with collector_frozen():  # as `compile` does
+            res = build_bundle(model, output, target=target, calib=calib, plan=plan, pipeline=pipeline,
+                               min_sqnr_db=min_sqnr, make_zip=make_zip, validate_data=validate_data,
+                               calib_samples=calib_samples, seed=seed, external_data_threshold=external_data,
+                               plugins=plugins, check_samples=check_samples, compact_names=compact_names,
+                               checks=parsed_checks, slice_axes=axes)
         if quiet:
             return
         v: Any = res.validation
