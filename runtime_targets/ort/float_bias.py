@@ -1,4 +1,5 @@
-"""ort-float-bias (ort target): the constant Add after a float-kernel Conv / ConvTranspose folded into its bias.
+"""ort-float-bias (ort and ort-qop targets): the constant Add after a float-kernel Conv / ConvTranspose folded into
+its bias.
 
 ``fold-bias`` folds ``Conv(X, W) + c`` into the Conv's bias before the plan is known. A plan that turns it off
 (``algorithms: {fold_bias: false}``: the ``w8a8`` preset, where folding ``c`` into the int32 bias of a

@@ -17,7 +17,9 @@ per weight) and int8 / uint8 activations per tensor on Conv, MatMul, Gemm; int4 
 MatMul as ``com.microsoft.MatMulNBits`` (as for ``ort``); LSTM / GRU / RNN weight-only int8 (dequantized when
 the session loads). A group the kernels cannot take (a Conv whose output no QuantizeLinear reads alone, a ReLU
 that the output quantization does not make redundant, ConvTranspose) stays standard QDQ, which onnxruntime
-runs as before; the pass's statistics count each by reason.
+runs as before; the pass's statistics count each by reason. As on ``ort``, a constant Add after a float-kernel
+Conv goes into its float bias where the plan turned fold-bias off (``ort-float-bias``, before the integer ops are
+written: PP-OCRv4 rec under ``w8a8`` 16.5 → 15.2 ms, the same output).
 """
 
 from __future__ import annotations
@@ -41,8 +43,8 @@ class OrtQOperatorTarget(OrtTarget):
     name: ClassVar[str] = "ort-qop"
     description: ClassVar[str] = ("onnxruntime integer ops in the file (QOperator format): QLinearConv, QLinearMatMul, "
                                   "MatMulIntegerToFloat, QGemm; MatMulNBits for int4")
-    lowering: ClassVar[tuple[str, ...]] = ("lower-matmulnbits", "ort-dynamic-matmul", "lower-qoperator",
-                                          "ort-load-time-dequant")
+    lowering: ClassVar[tuple[str, ...]] = ("lower-matmulnbits", "ort-dynamic-matmul", "ort-float-bias",
+                                          "lower-qoperator", "ort-load-time-dequant")
 
     def __init__(self) -> None:
         super().__init__()
