@@ -31,10 +31,11 @@ from qcompiler.ir.graph import (
     GraphIndex,
     absorb_bias_add,
     along_axis,
-    bias_add,
+    constant_operand_reader,
     exclusive_constant,
     is_onnx_op,
     optional_input,
+    out_channels,
     remove_nodes,
 )
 
@@ -53,17 +54,17 @@ class FoldBiasPass(GraphPass):
         stats: Counter[str] = Counter()
         doomed: list[gs.Node] = []
         for node in list(graph.nodes):
-            found = bias_add(node, index) if is_onnx_op(node, "Conv", "ConvTranspose", "Gemm") else None
-            if found is None:
+            w = node.inputs[1] if is_onnx_op(node, "Conv", "ConvTranspose", "Gemm") and len(node.inputs) > 1 else None
+            if not isinstance(w, gs.Constant) or len(node.outputs) != 1:
+                continue
+            shape = tuple(np.asarray(w.values).shape)
+            n_out = _out_channels(node, shape)
+            found = constant_operand_reader(node.outputs[0], "Add", index)
+            if n_out is None or found is None:
                 continue
             add, c_t = found
-            y = node.outputs[0]
             c = np.asarray(c_t.values)
-            if not np.issubdtype(c.dtype, np.floating):
-                continue
-            n_out = _out_channels(node)
-            rank = np.asarray(node.inputs[1].values).ndim
-            if n_out is None or not _per_channel(tuple(c.shape), n_out, node.op, rank):
+            if not np.issubdtype(c.dtype, np.floating) or not _per_channel(tuple(c.shape), n_out, node.op, len(shape)):
                 continue
             if c.size == 1 and n_out != 1 and _starts_activation(add):
                 stats["kept_activation_add"] += 1  # x + 3 → Clip(0, 6): fuse-activations' hard-sigmoid
@@ -71,7 +72,6 @@ class FoldBiasPass(GraphPass):
             b_t = optional_input(node, 2)
             if b_t is not None and not (isinstance(b_t, gs.Constant) and exclusive_constant(b_t, node, index)):
                 continue
-            w_dtype = np.asarray(node.inputs[1].values).dtype
             b = np.zeros(n_out) if b_t is None else np.asarray(b_t.values, dtype=np.float64)
             if node.op == "Gemm":
                 beta = float(node.attrs.get("beta", 1.0))
@@ -82,27 +82,21 @@ class FoldBiasPass(GraphPass):
                 node.attrs["beta"] = 1.0
             elif b.size != n_out:
                 continue
-            new_b = b.reshape(n_out) + np.broadcast_to(c.astype(np.float64).reshape(-1), (n_out,))
-            absorb_bias_add(node, gs.Constant(index.unique_name(f"{node.name or y.name}.bias"),
-                                              new_b.astype(w_dtype)), add)
+            absorb_bias_add(node, add, b, c, np.asarray(w.values).dtype, index)
             doomed.append(add)
             stats[f"folded_{node.op.lower()}"] += 1
         remove_nodes(graph, doomed)
         return PassResult(bool(doomed), stats)
 
 
-def _out_channels(node: gs.Node) -> int | None:
-    w = node.inputs[1] if len(node.inputs) > 1 else None
-    if not isinstance(w, gs.Constant):
-        return None
-    shape = np.asarray(w.values).shape
-    if node.op == "Conv":
-        return int(shape[0]) if len(shape) >= 3 else None
-    if node.op == "ConvTranspose":
-        return int(shape[1]) * int(node.attrs.get("group", 1)) if len(shape) >= 3 else None
+def _out_channels(node: gs.Node, shape: tuple[int, ...]) -> int | None:
+    """Output channels of the Conv / ConvTranspose (a weight of rank ≥ 3) or Gemm (2-D ``B``, ``A`` not
+    transposed) with weight ``shape``; ``None`` for other layouts."""
+    if node.op in ("Conv", "ConvTranspose"):
+        return out_channels(node, shape) if len(shape) >= 3 else None
     if len(shape) != 2 or int(node.attrs.get("transA", 0)):
         return None
-    return int(shape[0] if int(node.attrs.get("transB", 0)) else shape[1])
+    return out_channels(node, shape)
 
 
 def _starts_activation(add: gs.Node) -> bool:

@@ -56,9 +56,11 @@ from qcompiler.core.pass_base import Pass, PassResult
 from qcompiler.ir.graph import (
     GraphIndex,
     along_axis,
+    constant_operand_reader,
     exclusive_constant,
     is_onnx_op,
     optional_input,
+    out_channels,
     remove_nodes,
 )
 
@@ -127,27 +129,24 @@ class FoldScalePass(Pass):
                              and np.issubdtype(np.asarray(b.values).dtype, np.floating))
 
     def _match(self, node: gs.Node, index: GraphIndex, stats: Counter[str]) -> _Chain | None:
-        y = node.outputs[0]
-        nxt = _sole_reader(y, index)
-        if nxt is None:
-            return None
+        t = node.outputs[0]
         add = shift = None
-        if is_onnx_op(nxt, "Add"):
-            shift = _other_constant(nxt, y, index)
-            if shift is None:
+        found = constant_operand_reader(t, "Add", index)
+        if found is not None:
+            add, shift = found
+            if not _floating(shift):
                 return None
-            add, nxt = nxt, _sole_reader(nxt.outputs[0], index)
-            if nxt is None:
-                return None
-        if not is_onnx_op(nxt, "Mul"):
+            t = add.outputs[0]
+        found = constant_operand_reader(t, "Mul", index)
+        if found is None:
             return None
-        scale = _other_constant(nxt, add.outputs[0] if add is not None else y, index)
-        if scale is None or not _along_channels(np.asarray(scale.values).shape, node):
+        mul, scale = found
+        if not _floating(scale) or not _along_channels(np.asarray(scale.values).shape, node):
             return None
         if not np.isfinite(np.asarray(scale.values)).all():
             stats["skipped_nonfinite"] += 1
             return None
-        return _Chain(nxt, scale, add, shift)
+        return _Chain(mul, scale, add, shift)
 
     # ----------------------------------------------------------------------------------------- rewriting
     def _fold(self, node: gs.Node, chain: _Chain) -> np.ndarray:
@@ -187,33 +186,12 @@ def _rescale(bn: dict[str, ChannelStats], old: str, new: str, s: np.ndarray) -> 
         log.debug("BN statistics of %s (%d channels) dropped: scaled per %d channels", old, st.mean.size, s.size)
 
 
-def _sole_reader(t: gs.Tensor, index: GraphIndex) -> gs.Node | None:
-    """The one node reading ``t`` (once), when ``t`` is not a graph output; else None."""
-    if len(t.outputs) != 1 or index.is_graph_output(t):
-        return None
-    reader: gs.Node = t.outputs[0]
-    return reader if sum(1 for x in reader.inputs if x is t) == 1 else None
-
-
-def _other_constant(node: gs.Node, t: gs.Tensor, index: GraphIndex) -> gs.Constant | None:
-    """The float constant ``node`` (a binary op reading ``t``) takes as its other input, read by it alone."""
-    if len(node.inputs) != 2 or len(node.outputs) != 1:
-        return None
-    c = node.inputs[1] if node.inputs[0] is t else node.inputs[0]
-    if not (isinstance(c, gs.Constant) and exclusive_constant(c, node, index)):
-        return None
-    return c if np.issubdtype(np.asarray(c.values).dtype, np.floating) else None
+def _floating(c: gs.Constant) -> bool:
+    return bool(np.issubdtype(np.asarray(c.values).dtype, np.floating))
 
 
 def _out_channels(node: gs.Node) -> int:
-    shape = np.asarray(node.inputs[1].values).shape
-    if node.op == "Conv":
-        return int(shape[0])
-    if node.op == "ConvTranspose":
-        return int(shape[1]) * int(node.attrs.get("group", 1))
-    if node.op == "Gemm" and int(node.attrs.get("transB", 0)):
-        return int(shape[0])
-    return int(shape[1])
+    return out_channels(node, tuple(np.asarray(node.inputs[1].values).shape))
 
 
 def _along_channels(shape: tuple[int, ...], node: gs.Node) -> bool:

@@ -77,3 +77,13 @@ def test_a_scalar_add_starting_a_hard_sigmoid_stays_for_fuse_activations():
     FuseActivationsPass().run(ctx)  # next in the default pipeline
     assert ops(ctx) == ["Conv", "HardSigmoid"]
     assert_same_outputs(model, export(ctx), random_feeds(model), tol=1e-5)
+
+
+def test_a_conv_with_a_run_time_weight_stays():
+    """A Conv whose weight is a graph input (not a constant) has no bias to fold into: left alone, not a crash."""
+    b = Builder(54)
+    h = b.node("Conv", ["x", "w"], ["h"], name="conv")
+    b.node("Add", [h, b.init("c", b.randn(1, 6, 1, 1))], ["y"], name="add")
+    model = b.model([vi("x", ["N", 4, 5, 5]), vi("w", [6, 4, 1, 1])], [vi("y", ["N", 6, 5, 5])])
+    ctx, res = run_pass(model, FoldBiasPass())
+    assert not res.modified and ops(ctx) == ["Conv", "Add"]

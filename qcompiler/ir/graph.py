@@ -249,33 +249,46 @@ def along_axis(shape: Iterable[int], size: int, rank: int, axis: int) -> bool:
     return all(d == 1 or (i == axis and d == size) for i, d in enumerate(aligned))
 
 
-def bias_add(node: gs.Node, index: GraphIndex) -> tuple[gs.Node, gs.Constant] | None:
-    """The ``Add`` that alone reads ``node``'s one output (no graph output), and the constant it adds — one only
-    that Add reads; ``None`` otherwise (:func:`absorb_bias_add` folds it)."""
-    if len(node.outputs) != 1:
-        return None
-    y = node.outputs[0]
-    if len(y.outputs) != 1 or index.is_graph_output(y):
-        return None
-    add = y.outputs[0]
-    if not is_onnx_op(add, "Add") or len(add.inputs) != 2 or add.inputs[0] is add.inputs[1]:
-        return None
-    c = add.inputs[1] if add.inputs[0] is y else add.inputs[0]
-    if not (isinstance(c, gs.Constant) and exclusive_constant(c, add, index)):
-        return None
-    return add, c
+def out_channels(node: gs.Node, shape: tuple[int, ...]) -> int:
+    """The output channels of a Conv / ConvTranspose / Gemm / MatMul whose weight (input 1) has ``shape``: Conv
+    ``[Cout, Cin/g, k…]``, ConvTranspose ``[Cin, Cout/g, k…]`` (times its groups), Gemm ``B`` ``[N, K]`` with
+    ``transB`` else ``[K, N]``, MatMul ``[K, N]``."""
+    if node.op == "Conv" or (node.op == "Gemm" and int(node.attrs.get("transB", 0))):
+        return int(shape[0])
+    if node.op == "ConvTranspose":
+        return int(shape[1]) * int(node.attrs.get("group", 1))
+    return int(shape[1])
 
 
-def absorb_bias_add(node: gs.Node, bias: gs.Constant, add: gs.Node) -> None:
-    """``node`` (a Conv / ConvTranspose / Gemm whose output ``add`` alone read) gets ``bias`` as its input 2 and
-    takes over the Add's output tensor, so names downstream are unchanged; ``add`` is left without outputs for
-    the caller to remove."""
+def constant_operand_reader(t: gs.Tensor, op: str, index: GraphIndex) -> tuple[gs.Node, gs.Constant] | None:
+    """The binary ``op`` node (an ``Add``, a ``Mul``) that alone reads ``t`` — once; ``t`` no graph output — and the
+    constant it takes as its other input, one only that node reads; ``None`` otherwise."""
+    if len(t.outputs) != 1 or index.is_graph_output(t):
+        return None
+    reader = t.outputs[0]
+    if not is_onnx_op(reader, op) or len(reader.inputs) != 2 or reader.inputs[0] is reader.inputs[1]:
+        return None
+    c = reader.inputs[1] if reader.inputs[0] is t else reader.inputs[0]
+    if not (isinstance(c, gs.Constant) and exclusive_constant(c, reader, index)):
+        return None
+    return reader, c
+
+
+def absorb_bias_add(node: gs.Node, add: gs.Node, bias: np.ndarray, c: np.ndarray, dtype: np.dtype,
+                    index: GraphIndex) -> None:
+    """``node`` (a Conv / ConvTranspose / Gemm with ``n`` output channels whose output ``add`` alone read) gets
+    ``bias + c`` (``bias`` [n] float64, ``c`` the Add's constant: one value per channel or one for all) as a new
+    input 2 of ``dtype``, and takes over the Add's output tensor, so names downstream are unchanged; ``add`` is
+    left without outputs for the caller to remove."""
+    n = bias.size
+    new_b = bias.reshape(n) + np.broadcast_to(np.asarray(c, np.float64).reshape(-1), (n,))
+    const = gs.Constant(index.unique_name(f"{node.name or node.outputs[0].name}.bias"), new_b.astype(dtype))
     while len(node.inputs) < 2:
         node.inputs.append(gs.Variable.empty())
     if len(node.inputs) == 2:
-        node.inputs.append(bias)
+        node.inputs.append(const)
     else:
-        node.inputs[2] = bias
+        node.inputs[2] = const
     out = add.outputs[0]
     add.outputs.clear()
     node.outputs[0] = out

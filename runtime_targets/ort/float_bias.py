@@ -31,10 +31,11 @@ from qcompiler.ir.graph import (
     GraphIndex,
     absorb_bias_add,
     along_axis,
-    bias_add,
+    constant_operand_reader,
     exclusive_constant,
     is_onnx_op,
     optional_input,
+    out_channels,
     producer,
     remove_nodes,
 )
@@ -59,12 +60,11 @@ class OrtFloatBiasPass(GraphPass):
             shape = _weight_shape(node.inputs[1])
             if shape is None or len(shape) < 3:
                 continue
-            n = shape[0] if node.op == "Conv" else shape[1] * int(node.attrs.get("group", 1))
-            found = bias_add(node, index)
+            n = out_channels(node, shape)
+            found = constant_operand_reader(node.outputs[0], "Add", index)
             if found is None:
                 continue
             add, c_t = found
-            y = node.outputs[0]
             c = np.asarray(c_t.values)
             if not np.issubdtype(c.dtype, np.floating) or not along_axis(c.shape, n, len(shape), 1):
                 continue
@@ -73,9 +73,7 @@ class OrtFloatBiasPass(GraphPass):
                                         and np.issubdtype(np.asarray(b_t.values).dtype, np.floating)):
                 continue
             b = np.zeros(n) if b_t is None else np.asarray(b_t.values, dtype=np.float64).reshape(n)
-            new_b = b + np.broadcast_to(c.astype(np.float64).reshape(-1), (n,))
-            absorb_bias_add(node, gs.Constant(index.unique_name(f"{node.name or y.name}.bias"),
-                                              new_b.astype(np.float32)), add)
+            absorb_bias_add(node, add, b, c, np.dtype(np.float32), index)
             doomed.append(add)
             stats["folded"] += 1
         remove_nodes(graph, doomed)
