@@ -11,7 +11,8 @@ Steps, in order (each counted in the stats):
    ``fold_constants``, i.e. onnxruntime on CPU) and replaced by their results. Excluded: results larger
    than ``fold_limit_mib`` (no bloated files), Quantize/DequantizeLinear and ``Cast`` of stored integer / fp8
    codes (an int8 weight must stay int8),
-   random ops (determinism) and nodes producing a graph output. Shape folding is off unless
+   random ops (determinism), ops producing a sequence or optional value (graphsurgeon holds folded values as
+   arrays) and nodes producing a graph output. Shape folding is off unless
    ``fold_shapes=true``. The count is the number of nodes the folding made redundant.
    An ``If`` whose condition is (now) a constant is replaced by the branch it takes (``inlined_ifs``;
    :mod:`qcompiler.passes._inline_if`, graphsurgeon's own flattening is off: it left a dangling output on
@@ -59,6 +60,10 @@ MAX_INLINE_ROUNDS = 8
 _NO_FOLD_OPS = frozenset({
     "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear",
     "RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli",
+    # sequence / optional values: graphsurgeon's folding holds a folded value as an array (a sequence would be a
+    # list: it failed on the list's missing ``nbytes``), so their producers stay and nothing after them folds
+    "SequenceEmpty", "SequenceConstruct", "SequenceInsert", "SequenceErase", "SplitToSequence", "SequenceMap",
+    "Optional",
 })
 
 

@@ -543,7 +543,7 @@ def _compile(src: Path, out: Path, opts: CompileOptions, outs: ir.OutputSet, pro
                                      names=ctx.renamed.get("tensors"),
                                      progress=(lambda d, t: progress("validate", d, t)) if progress else None,
                                      checks=checks, slice_axes=opts.slice_axes or None,
-                                     stream=opts.stream or None,
+                                     stream=opts.stream or None, float_label=str(src),
                                      calib_outputs=None if ctx.float_outputs is None else ctx.float_outputs.values,
                                      float_outputs=qv.known_outputs(None if measured is None else measured.reference, src, feeds))
         if ctx.resolved is not None:  # each layer's node and the plan rule that decided it

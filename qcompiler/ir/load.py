@@ -5,6 +5,7 @@ the ONNX checker, and the external data — whose ``location`` must stay inside 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 from collections.abc import Iterator
@@ -17,10 +18,13 @@ from onnx import TensorProto
 from qcompiler.core import digest
 from qcompiler.core.errors import UserError
 from qcompiler.core.files import regular_file
+from qcompiler.ir.convert import opset_of
 from qcompiler.ir.external import MMAP_MIN_BYTES
 from qcompiler.ir.facts import _bits, _elements, _external_info
 from qcompiler.ir.shapes import INFER_MAX_PROTO_BYTES, structure_copy
 from qcompiler.ir.walk import _external_tensors, _iter_all_tensors, _proto_graphs
+
+log = logging.getLogger(__name__)
 
 PROTOBUF_LIMIT = 2**31 - 1
 #: models (by path and content digest) whose load-time checks passed in this process, most recent last: loading
@@ -157,13 +161,16 @@ def load_model_keyed(path: str | os.PathLike[str], *,
         raise UserError(f"{p}: not an ONNX model (no graph / ir_version / opset_import)")
     _check_text(model, p)
     _check_tensor_sizes(model, p)
+    upgraded = _upgrade_to_floor(model, p)
+    if upgraded is not None:
+        model, data = upgraded, b""  # the checks below serialize the upgraded proto, not the file's bytes
     inline = not _external_tensors(model)
     _resolve_external_data(model, p)  # small external tensors become inline: the proto differs from the file
     if check and (key not in _CHECKED or _external_tensors(model)):
         # Without external data the file's bytes are the model (nothing above changed it): the checker,
         # shape inference and onnxruntime take them as they are, instead of three serializations and three
         # ByteSize() walks of the proto (each ~0.18 s on the 97 MB ViT: 1.1 of its 2.1 s load).
-        blob = data if inline else None
+        blob = data if inline and data else None
         check_model(model, where=str(p), serialized=blob)
         _check_inferred_sizes(model, p, serialized=blob)
         _check_runtime(model, p, serialized=blob)
@@ -174,6 +181,36 @@ def load_model_keyed(path: str | os.PathLike[str], *,
                 del _CHECKED[next(iter(_CHECKED))]
     del data
     return model, key if inline else None
+
+
+#: the oldest default-domain opset compiled as it is; older models are upgraded to it when loaded
+MIN_OPSET = 11
+
+
+def _upgrade_to_floor(model: onnx.ModelProto, path: Path) -> onnx.ModelProto | None:
+    """``model`` converted to :data:`MIN_OPSET` when its default-domain opset is older (None when it is not, or
+    when onnx's converter cannot: then the model stays as it is). onnxruntime has no kernels for several ops of
+    opsets 1-6 (AveragePool-1, BatchNormalization-6, Add-6 with ``broadcast``, ...): such a model compiled, but its
+    float reference (validation, the measured default) could not run. Everything that loads the model — the
+    compile, its calibration, validation and the measured default's float reference — sees the same upgraded
+    graph; the file is not touched."""
+    old = opset_of(model)
+    if old >= MIN_OPSET or not any(i.domain in ("", "ai.onnx") for i in model.opset_import):
+        return None
+    try:
+        from onnx import version_converter
+
+        out = version_converter.convert_version(model, MIN_OPSET)
+    except Exception as e:  # an op without an adapter: compiled at its own opset, as before
+        log.warning("%s: opset %d kept (upgrading to %d failed: %s)", path, old, MIN_OPSET,
+                    " ".join(str(e).split())[:200])
+        return None
+    # the converter keeps the IR version; an IR-3 file's new initializers (Pad's pads, ...) must then be graph
+    # inputs: the IR version of the new opset lifts that
+    out.ir_version = max(out.ir_version, onnx.helper.find_min_ir_version_for(list(out.opset_import), ignore_unknown=True))
+    log.info("%s: opset %d upgraded to %d when loaded (onnxruntime lacks kernels for several older op versions)",
+             path, old, MIN_OPSET)
+    return out
 
 
 def _check_text(model: onnx.ModelProto, path: Path) -> None:

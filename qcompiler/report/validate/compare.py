@@ -34,6 +34,7 @@ from qcompiler.report.validate.sessions import (
     ModelLike,
     _as_model,
     _first_line,
+    _float_runner,
     _label,
     _run_checked,
     _Runner,
@@ -72,6 +73,7 @@ def validate(
     float_outputs: Mapping[int, Mapping[str, np.ndarray]] | None = None,
     calib_outputs: Mapping[int, Mapping[str, np.ndarray]] | None = None,
     stream: Mapping[str, str] | None = None,
+    float_label: str | None = None,
 ) -> ValidationReport:
     """Run both models on ``feeds`` and measure the quantized one against the float one.
 
@@ -94,6 +96,8 @@ def validate(
     ``checks:``); ``passed`` needs every check met and, with ``min_sqnr_db``, every output's whole-tensor and
     worst-slice SQNR at least ``min_sqnr_db``.
 
+    ``float_label``: how errors name the float model (default: its path, or "float model" for a ModelProto).
+
     ``float_outputs``: sample index -> the float model's graph outputs on that sample, as this call would compute
     them (the same model, session settings and feed: :func:`~qcompiler.report.validate.reference.known_outputs`
     of a :func:`~qcompiler.report.validate.reference.float_reference` run earlier); those samples' float output
@@ -111,7 +115,7 @@ def validate(
     ``input`` is its own ``output`` of the sample before (a recurrent state), not the feed's; runs are sequential and
     ``float_outputs`` / ``calib_outputs`` are not used (every float output is the float model's streamed run).
     """
-    flabel = _label(float_model, "float model")
+    flabel = float_label or _label(float_model, "float model")
     qlabel = _label(quant_model, "quantized model")
     fmodel = _as_model(float_model)
     qmodel = _as_model(quant_model)
@@ -123,7 +127,7 @@ def validate(
         float_outputs = calib_outputs = None
     threads = session_threads(workers)
     with profile.step("sessions"):
-        f_plain = _Runner(fmodel, threads=threads)
+        f_plain = _float_runner(fmodel, flabel, threads=threads)
         q_plain = _Runner(qmodel, optimize=optimize, threads=threads)
     out_names = list(f_plain.output_types)
     if stream:

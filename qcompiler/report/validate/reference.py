@@ -36,7 +36,14 @@ from qcompiler.report.validate.compare import (
 )
 from qcompiler.report.validate.layers import _graph_facts, _GraphFacts
 from qcompiler.report.validate.result import ValidationReport
-from qcompiler.report.validate.sessions import ModelLike, _as_model, _label, _run_checked, _Runner
+from qcompiler.report.validate.sessions import (
+    ModelLike,
+    _as_model,
+    _float_runner,
+    _label,
+    _run_checked,
+    _Runner,
+)
 
 
 @dataclass(frozen=True)
@@ -97,7 +104,7 @@ def float_reference(float_model: ModelLike, feeds: Sequence[dict[str, np.ndarray
     workers = 1 if stream is not None else min(validation_workers(), len(feeds))
     threads = session_threads(workers)
     with profile.step("sessions"):
-        runner = _Runner(fmodel, threads=threads)
+        runner = _float_runner(fmodel, label, threads=threads)
     names = list(runner.output_types)
     if stream is not None:
         _check_stream(stream.pairs, runner, runner, names)

@@ -149,6 +149,16 @@ def _try_runner(model: Any, names: Sequence[str], feed: dict[str, np.ndarray], t
         return None
 
 
+def _float_runner(model: Any, label: str, threads: int = 0) -> _Runner:
+    """The float model's plain session. onnxruntime refusing to load the float model is the input's fault (an op
+    it has no kernel for: a training-only op, a custom domain): one line naming the model, not a crash."""
+    try:
+        return _Runner(model, threads=threads)
+    except Exception as e:
+        raise UserError(f"{label}: onnxruntime cannot run the float model, which validation compares against: "
+                        f"{_first_line(e)} (--no-validate compiles without validating)") from None
+
+
 def _run_checked(runner: _Runner, feed: dict[str, np.ndarray], sample: int, names: Sequence[str],
                  which: str, label: str) -> dict[str, np.ndarray]:
     try:
