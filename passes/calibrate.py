@@ -67,6 +67,7 @@ from qcompiler.calib import (
 )
 from qcompiler.core.context import CompileContext
 from qcompiler.core.errors import UserError
+from qcompiler.core.numbers import energies
 from qcompiler.core.pass_base import Pass, PassResult
 from qcompiler.plan import AUTO_CALIBRATIONS, CALIBRATIONS
 
@@ -292,9 +293,9 @@ def _choose_method(ctx: CompileContext, names: list[str], fit: dict[str, TensorS
         got = run(trial.graph)
         per_output = []
         for j in floats:
-            sig = sum(float(np.sum(np.square(r[j], dtype=np.float64))) for r in ref)
-            err = sum(float(np.sum(np.square(np.asarray(r[j], np.float64) - np.asarray(g[j], np.float64))))
-                      for r, g in zip(ref, got))
+            # over the finite values (a masked log-softmax's -inf in both: left out; in one only: infinite error)
+            pairs = [energies(np.asarray(r[j], np.float64), np.asarray(g[j], np.float64)) for r, g in zip(ref, got)]
+            sig, err = sum(p[0] for p in pairs), sum(p[1] for p in pairs)
             if sig > 0.0:
                 per_output.append(min(10.0 * np.log10(sig / err), 200.0) if err > 0.0 else 200.0)
         scores[method] = round(float(np.mean(per_output)), 3) if per_output else 0.0

@@ -99,10 +99,19 @@ def wants_recipe(opts: CompileOptions, plan: Plan) -> bool:
     on (without it the guard leaves the plan as written)."""
     if opts.plan == AUTO_PLAN:
         return True
-    real = _real_calib(opts)
-    if plan.guard == "measure" and not real:
+    if plan.guard != "measure":
+        return False
+    if not _real_calib(opts):
         log.info("%s: algorithm guard: no real calibration data to measure on; algorithms run as written", plan.source)
-    return plan.guard == "measure" and real
+        return False
+    n = _count_samples(Path(str(opts.calib)))
+    n = n if n is None or opts.calib_samples is None else min(n, opts.calib_samples)
+    if n is not None and n < MIN_RECIPE_SAMPLES:  # (unreadable data: the compile's own reader says why)
+        log.warning("%s: algorithm guard: %s holds %d calibration sample(s), the guard needs at least %d (a quarter "
+                    "is held back to measure on); algorithms run as written", plan.source, opts.calib, n,
+                    MIN_RECIPE_SAMPLES)
+        return False
+    return True
 
 
 def _real_calib(opts: CompileOptions) -> bool:

@@ -242,3 +242,35 @@ def test_w8a8_preset_pipeline():
     names = [p.name for p in assemble_pipeline(DEFAULT_PIPELINE, load_plan("w8a8"))]
     assert "fold-bias" not in names and "gptq" in names
     assert names.index("calibrate") < names.index("gptq") < names.index("insert-qdq")
+
+
+def test_guard_with_fewer_samples_than_it_holds_back_runs_the_algorithms_as_written(tmp_path, split, caplog):
+    """The guard holds a quarter of the samples back: with fewer than 4 it cannot measure, and the preset compiles
+    as written (a warning), as the measured default falls back to the plain default plan. It used to be refused
+    (exit 2) — found by compiling the ONNX backend corpus's one-sample tests with ``--preset w8a8``."""
+    cal, _ = split["conv_bn_relu"]
+    z = np.load(cal)
+    three = tmp_path / "three.npz"
+    np.savez(three, **{k: z[k][:3] for k in z.files})
+    out = tmp_path / "guarded.onnx"
+    with caplog.at_level("WARNING", logger="qcompiler.compile"):
+        res = compile_model(MODELS / "conv_bn_relu.onnx", out, CompileOptions(calib=str(three), preset="w8a8",
+                                                                             validate=False))
+    assert any("the guard needs at least 4" in r.getMessage() and "3 calibration sample(s)" in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
+    assert "recipe" not in res.report or not res.report["recipe"].get("dropped")
+    as_written = load_plan("w8a8")
+    as_written.guard = "off"
+    ref = tmp_path / "as_written.onnx"
+    compile_model(MODELS / "conv_bn_relu.onnx", ref, CompileOptions(calib=str(three), plan=as_written,
+                                                                     validate=False))
+    assert out.read_bytes() == ref.read_bytes()
+    assert res.report["gptq"]["layers"] > 0  # the preset's GPTQ ran, as written
+    # --calib-samples counts too: 3 of the 24 samples
+    out3 = tmp_path / "guarded3.onnx"
+    compile_model(MODELS / "conv_bn_relu.onnx", out3, CompileOptions(calib=str(cal), calib_samples=3,
+                                                                     preset="w8a8", validate=False))
+    ref3 = tmp_path / "as_written3.onnx"
+    compile_model(MODELS / "conv_bn_relu.onnx", ref3, CompileOptions(calib=str(cal), calib_samples=3,
+                                                                     plan=as_written, validate=False))
+    assert out3.read_bytes() == ref3.read_bytes()

@@ -1,7 +1,8 @@
 """The two numeric helpers every report shares: signal-to-quantization-noise ratio and JSON-safe floats.
 
 * :func:`sqnr_db` — ``10·log10(Σref² / Σ(ref−q)²)`` in float64, over one pair of arrays or summed over
-  sequences of array pairs;
+  sequences of array pairs, over the finite values (:func:`energies`, :func:`mask_nonfinite`: a non-finite value
+  both sides hold is left out, one only one side holds is an infinite error);
 * :func:`json_float` — a float as strict JSON can hold it: rounded to decimals or significant digits, and the
   non-finite values spelled ``"inf"`` / ``"-inf"`` / ``"nan"`` (or ``None``);
 * :func:`json_tree` — a report's nested dicts / lists made JSON-writable as they are (numpy scalars to Python
@@ -32,7 +33,8 @@ def sqnr_db(ref: Any, test: Any) -> float:
 
     ``ref`` / ``test``: two arrays, or two sequences of arrays compared pairwise with the sums taken over all
     pairs (arrays of different shapes may follow each other; a pair of different shapes gives ``nan``).
-    Identical values give ``inf``; a zero reference with a nonzero error ``-inf``; NaN anywhere ``nan``. The sums
+    Identical values give ``inf``; a zero reference with a nonzero error ``-inf``; a non-finite value in one
+    array only ``-inf``, in both at the same place nothing (:func:`energies`). The sums
     are numpy sums of products (not BLAS dots: next to onnxruntime's spinning thread pool a multithreaded BLAS
     call is slow)."""
     sig = noise = 0.0
@@ -41,9 +43,9 @@ def sqnr_db(ref: Any, test: Any) -> float:
         b = np.asarray(x, dtype=np.float64).ravel()
         if a.shape != b.shape:
             return math.nan
-        d = a - b
-        sig += float(np.sum(a * a))
-        noise += float(np.sum(d * d))
+        s, n = energies(a, b)
+        sig += s
+        noise += n
     if math.isnan(sig) or math.isnan(noise):
         return math.nan
     if noise == 0.0:
@@ -51,6 +53,38 @@ def sqnr_db(ref: Any, test: Any) -> float:
     if sig == 0.0:
         return -math.inf
     return float(10.0 * np.log10(sig / noise))
+
+
+def energies(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """``(Σa², Σ(a−b)²)`` of two float64 arrays of one shape, over their finite values: a position where both hold
+    the same non-finite value (the -inf of a masked log-softmax, NaN in both) is the reference reproduced and left
+    out; one where only one does (or they differ) makes the error ``inf`` (:func:`mask_nonfinite`)."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        d = a - b
+        s, n = float(np.sum(a * a)), float(np.sum(d * d))
+    if math.isfinite(s) and math.isfinite(n):  # a float32 value squared cannot overflow float64: all finite
+        return s, n
+    a, b = np.array(a, dtype=np.float64), np.array(b, dtype=np.float64)
+    _, _, mismatch = mask_nonfinite(a, b)
+    d = a - b
+    return float(np.sum(a * a)), math.inf if mismatch is not None else float(np.sum(d * d))
+
+
+def mask_nonfinite(r: np.ndarray, x: np.ndarray) -> tuple[int, int, np.ndarray | None]:
+    """In place on two float arrays of one shape (scratch copies: the float and the quantized values): every
+    position where either is not finite is zeroed in both — no signal, no error — so sums see the finite values
+    only. Returns (positions where both hold the same non-finite value — the -inf a masked log-softmax gives in
+    both models, NaN in both —, positions where only one does or they differ, the mask of the latter or None).
+    Callers make a mismatch an infinite error; a match is the float model's value reproduced."""
+    bad = ~(np.isfinite(r) & np.isfinite(x))
+    if not bad.any():
+        return 0, 0, None
+    same = bad & ((r == x) | (np.isnan(r) & np.isnan(x)))
+    mismatch = bad & ~same
+    r[bad] = 0.0
+    x[bad] = 0.0
+    n_mis = int(np.count_nonzero(mismatch))
+    return int(np.count_nonzero(same)), n_mis, mismatch if n_mis else None
 
 
 def json_float(x: float, digits: int | None = None, *, significant: int | None = None,

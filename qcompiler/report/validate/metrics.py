@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from qcompiler.core.numbers import json_float
+from qcompiler.core.numbers import json_float, mask_nonfinite
 
 #: Range of the last dimension for which a float output is treated as class scores (top-1 agreement).
 TOP1_MIN_CLASSES = 2
@@ -39,6 +39,11 @@ class TensorMetrics:
     topk: dict[int, float] | None = None
     #: graph outputs that are probability maps (Sigmoid): the thresholded-mask agreement (``slices.MaskMetrics``)
     mask: Any = None
+    #: values both models gave as the same non-finite number (-inf of a masked log-softmax, NaN of sqrt(-1)): left
+    #: out of the sums (:func:`mask_nonfinite`); and those only one model gave (or differently): each makes the
+    #: SQNR -inf and the largest error inf
+    nonfinite_matched: int = 0
+    nonfinite_mismatched: int = 0
 
     def worst_sqnr(self) -> float:
         """The lower of the whole-tensor SQNR and the worst slice's (NaN if either is NaN)."""
@@ -67,6 +72,8 @@ class TensorMetrics:
             "top1_agreement": None if self.top1_agreement is None else json_float(self.top1_agreement, 6),
             "exact_match": None if self.exact_match is None else json_float(self.exact_match, 6),
             "elements": int(self.elements),
+            **({"nonfinite_matched": int(self.nonfinite_matched)} if self.nonfinite_matched else {}),
+            **({"nonfinite_mismatched": int(self.nonfinite_mismatched)} if self.nonfinite_mismatched else {}),
         }
 
 
@@ -90,6 +97,22 @@ def _sqnr(ref2: float, noise2: float) -> float:
     if math.isinf(noise2):
         return -math.inf if not math.isinf(ref2) else math.nan
     return 10.0 * math.log10(ref2 / noise2) if not math.isinf(ref2) else math.inf
+
+
+def _sums(r: np.ndarray, x: np.ndarray, t: np.ndarray, d: np.ndarray) -> tuple[float, ...]:
+    """One sample's (Σr², Σx², Σrx, Σ(r−x)², Σ|r−x|, max|r−x|) of two flat float64 arrays; ``t`` / ``d``: scratch
+    of their size. np.add.reduce of products, not BLAS dot: next to onnxruntime's spinning thread pool a
+    multithreaded BLAS call costs ~30 ms each (measured 7x slower validation on PP-OCR); and the sums stay
+    pairwise."""
+    ref2 = float(np.add.reduce(np.multiply(r, r, out=t)))
+    q2 = float(np.add.reduce(np.multiply(x, x, out=t)))
+    dot = float(np.add.reduce(np.multiply(r, x, out=t)))
+    np.subtract(r, x, out=d)
+    noise2 = float(np.add.reduce(np.multiply(d, d, out=t)))
+    if not d.size:
+        return ref2, q2, dot, noise2, 0.0, 0.0
+    ad = np.abs(d, out=d)
+    return ref2, q2, dot, noise2, float(np.add.reduce(ad)), float(ad.max())
 
 
 class Workspace(threading.local):
@@ -136,8 +159,8 @@ def top1_rank(producer: str | None, graph_output: bool) -> int:
 class _Accumulator:
     """Running sums for one tensor; holds scalars only, never a sample's values."""
 
-    __slots__ = ("abs_sum", "bad", "dot", "exact_hits", "exact_n", "max_abs", "n", "name", "noise2", "q2",
-                 "ref2", "top1_hits", "top1_max_rank", "top1_n")
+    __slots__ = ("abs_sum", "bad", "dot", "exact_hits", "exact_n", "max_abs", "mismatched", "n", "name", "noise2",
+                 "nonfinite", "q2", "ref2", "top1_hits", "top1_max_rank", "top1_n")
 
     def __init__(self, name: str, top1_max_rank: int = 1 << 30) -> None:
         """``top1_max_rank``: top-1 agreement over the last axis only for tensors of at most this rank (0: none;
@@ -155,6 +178,8 @@ class _Accumulator:
         self.top1_n = 0
         self.exact_hits = 0
         self.exact_n = 0
+        self.nonfinite = 0
+        self.mismatched = 0
         self.bad: str | None = None
 
     def update(self, ref: np.ndarray, q: np.ndarray, ws: Workspace | None = None) -> None:
@@ -176,19 +201,22 @@ class _Accumulator:
         r = ws.float64(0, ref)
         x = ws.float64(1, q)
         t = ws.buffer(2, n)
-        # np.add.reduce of products, not BLAS dot: next to onnxruntime's spinning thread pool a multithreaded
-        # BLAS call costs ~30 ms each (measured 7x slower validation on PP-OCR); and the sums stay pairwise
-        self.ref2 += float(np.add.reduce(np.multiply(r, r, out=t)))
-        self.q2 += float(np.add.reduce(np.multiply(x, x, out=t)))
-        self.dot += float(np.add.reduce(np.multiply(r, x, out=t)))
-        d = np.subtract(r, x, out=ws.buffer(3, n))
-        self.noise2 += float(np.add.reduce(np.multiply(d, d, out=t)))
-        if n:
-            ad = np.abs(d, out=d)
-            self.abs_sum += float(np.add.reduce(ad))
-            self.max_abs = float(np.max([self.max_abs, float(ad.max())]))
+        with np.errstate(invalid="ignore", over="ignore"):  # inf - inf: the check below redoes such a sample
+            sums = _sums(r, x, t, ws.buffer(3, n))
+        if not all(math.isfinite(v) for v in sums):  # a float32 value squared cannot overflow float64: non-finite
+            r, x = np.copy(r), np.copy(x)  # values (ws.float64 may hand back the caller's own array: copies)
+            matched, mismatched, _ = mask_nonfinite(r, x)
+            self.nonfinite += matched
+            self.mismatched += mismatched
+            sums = _sums(r, x, t, ws.buffer(3, n))
+        self.ref2 += sums[0]
+        self.q2 += sums[1]
+        self.dot += sums[2]
+        self.noise2 += sums[3]
+        self.abs_sum += sums[4]
+        self.max_abs = float(np.max([self.max_abs, sums[5]]))
         self.n += n
-        del r, x, d, t
+        del r, x, t
         if both_float and 2 <= ref.ndim <= self.top1_max_rank and \
                 TOP1_MIN_CLASSES <= ref.shape[-1] <= TOP1_MAX_CLASSES:
             a = np.argmax(ref.astype(np.float32, copy=False), axis=-1)
@@ -199,6 +227,8 @@ class _Accumulator:
     def metrics(self) -> TensorMetrics:
         ref2, q2, noise2 = self.ref2, self.q2, self.noise2
         sqnr = math.nan if math.isnan(q2) or math.isnan(self.dot) else _sqnr(ref2, noise2)
+        if self.mismatched:  # a value only one model made non-finite: an infinite error
+            sqnr = -math.inf
         denom = math.sqrt(ref2) * math.sqrt(q2)
         if math.isnan(denom) or math.isnan(self.dot):
             cosine = math.nan
@@ -210,9 +240,11 @@ class _Accumulator:
             name=self.name,
             sqnr_db=sqnr,
             cosine=cosine,
-            max_abs=self.max_abs,
+            max_abs=math.inf if self.mismatched else self.max_abs,
             mean_abs=self.abs_sum / self.n if self.n else 0.0,
             top1_agreement=self.top1_hits / self.top1_n if self.top1_n else None,
             elements=self.n,
             exact_match=self.exact_hits / self.exact_n if self.exact_n else None,
+            nonfinite_matched=self.nonfinite,
+            nonfinite_mismatched=self.mismatched,
         )

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from qcompiler.core.numbers import energies
 from qcompiler.report.validate.compare import _GraphFacts, _output_accumulators
 from qcompiler.report.validate.reference import Reference
 from qcompiler.report.validate.slices import _SliceAccumulator
@@ -98,10 +99,9 @@ def sample_energies(ref: Reference, quant_outputs: Sequence[dict[str, Any]]) -> 
         pairs = [(np.asarray(fo[n]), np.asarray(qo[n])) for fo, qo in zip(ref.outputs, quant_outputs, strict=True)]
         r2, n2 = [], []
         for f, q in pairs:
-            f64 = f.astype(np.float64)
-            d = f64 - q.astype(np.float64)
-            r2.append(float(np.sum(f64 * f64)))
-            n2.append(float(np.sum(d * d)))
+            e_r, e_n = energies(f.astype(np.float64), q.astype(np.float64))  # non-finite values: as validation's
+            r2.append(e_r)
+            n2.append(e_n)
         out = _Output(np.array(r2), np.array(n2), None, None)
         if n in slices:
             total = _SliceAccumulator(slices[n].axis, slices[n].classes)

@@ -273,6 +273,10 @@ def _slice_lines(outputs: Sequence[TensorMetrics]) -> list[str]:
         if m.mask is not None:
             part.append(f"mask > {m.mask.level:g}: IoU {m.mask.iou:.4f}, {100.0 * m.mask.agreement:.2f}% of "
                         f"positions decide alike ({100.0 * m.mask.positives:.2f}% above in the float model)")
+        if m.nonfinite_matched or m.nonfinite_mismatched:
+            part.append(f"{m.nonfinite_matched} non-finite value(s) equal in both models left out"
+                        + (f", {m.nonfinite_mismatched} non-finite in one model only (an infinite error)"
+                           if m.nonfinite_mismatched else ""))
         if part:
             lines.append(f"  {_short(m.name)}: " + "; ".join(part))
     return ["", "per output:", *lines] if lines else []

@@ -38,7 +38,7 @@ import numpy as np
 from qcompiler.core.errors import UserError
 from qcompiler.core.numbers import json_float
 from qcompiler.plan.checks import Check
-from qcompiler.report.validate.metrics import TensorMetrics, _Accumulator, _is_float, _sqnr
+from qcompiler.report.validate.metrics import TensorMetrics, _Accumulator, _is_float, _sqnr, mask_nonfinite
 
 #: Ops whose outputs are class scores (top-k agreement is reported for them).
 SCORE_OPS = frozenset({"Softmax", "LogSoftmax", "Sigmoid"})
@@ -115,9 +115,18 @@ class _SliceAccumulator:
         n = ref.shape[self.axis]
         r = np.moveaxis(ref.astype(np.float64, copy=False), self.axis, 0).reshape(n, -1)
         x = np.moveaxis(q.astype(np.float64, copy=False), self.axis, 0).reshape(n, -1)
-        d = r - x
-        ref2 = np.sum(r * r, axis=1)
-        noise2 = np.sum(d * d, axis=1)
+        with np.errstate(invalid="ignore", over="ignore"):  # inf - inf: redone below
+            d = r - x
+            ref2 = np.sum(r * r, axis=1)
+            noise2 = np.sum(d * d, axis=1)
+        if not (np.isfinite(ref2).all() and np.isfinite(noise2).all()):  # non-finite values: as the whole tensor's
+            r, x = np.array(r), np.array(x)  # copies (a float64 input's reshape may be a view of it)
+            _, _, mismatch = mask_nonfinite(r, x)  # same in both: left out; in one only: an infinite error
+            if mismatch is not None:
+                x[mismatch] = math.inf
+            d = r - x
+            ref2 = np.sum(r * r, axis=1)
+            noise2 = np.sum(d * d, axis=1)
         empty = not d.shape[1]
         mx = np.zeros(n) if empty else np.max(np.abs(d), axis=1)
         peak = np.full(n, -math.inf) if empty else np.max(r, axis=1)
