@@ -45,6 +45,15 @@ def upgrade_opset(model: onnx.ModelProto, target: int, reason: str) -> onnx.Mode
     current = opset_of(model)
     if current >= target:
         return model
+    if not any(imp.domain in ("", "ai.onnx") for imp in model.opset_import):
+        # no default-domain op to convert (an ai.onnx.ml-only model): the import is added, nothing else changes
+        log.info("adding default-domain opset %d (%s)", target, reason)
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
+        out.opset_import.append(helper.make_opsetid("", target))
+        out.ir_version = max(out.ir_version, helper.find_min_ir_version_for(list(out.opset_import),
+                                                                             ignore_unknown=True))
+        return out
     log.info("upgrading opset %d -> %d (%s)", current, target, reason)
     try:
         from onnx import version_converter
@@ -66,6 +75,9 @@ class ModelMeta:
     metadata_props: dict[str, str] = field(default_factory=dict)
     io_dtypes: dict[str, Any] = field(default_factory=dict)  # original fp16 interface, name -> np.dtype
     source: str = ""
+    #: graph inputs / outputs of a type other than a tensor (a ZipMap's sequence of maps), name -> serialized
+    #: TypeProto: graphsurgeon keeps no map type (it exported a tensor of type 0, which onnxruntime refuses)
+    io_types: dict[str, bytes] = field(default_factory=dict)
 
 
 def import_graph(model: onnx.ModelProto, source: str = "") -> tuple[gs.Graph, ModelMeta]:
@@ -77,6 +89,8 @@ def import_graph(model: onnx.ModelProto, source: str = "") -> tuple[gs.Graph, Mo
         producer_version=model.producer_version,
         metadata_props={p.key: p.value for p in model.metadata_props},
         source=source,
+        io_types={v.name: v.type.SerializeToString() for v in [*model.graph.input, *model.graph.output]
+                  if v.type.WhichOneof("value") not in (None, "tensor_type")},
     )
     with _gs_errors_only():  # its "could not convert FLOAT8E4M3FN to NumPy" for fp8 / int4 constants we handle
         graph = gs.import_onnx(model)
@@ -158,6 +172,9 @@ def export_model(graph: gs.Graph, meta: ModelMeta | None = None, *,
         for k, v in sorted(meta.metadata_props.items()):
             model.metadata_props.add(key=k, value=v)
         model.ir_version = max(meta.ir_version, int(model.ir_version) if model.ir_version else 0)
+        for v in [*model.graph.input, *model.graph.output]:
+            if v.name in meta.io_types:
+                v.type.ParseFromString(meta.io_types[v.name])
     if tags or rescaled:
         model.ir_version = max(int(model.ir_version), MIN_IR_FOR_TAGS)
         for node in model.graph.node:

@@ -11,10 +11,21 @@ from onnx import TensorProto
 from qcompiler.core.tags import tag
 
 
+def _is_f16(d: Any) -> bool:
+    """Whether a graphsurgeon tensor dtype is float16 (``None`` and the non-numpy types of sequence / map values,
+    such as a ZipMap output's, are not)."""
+    if d is None:
+        return False
+    try:
+        return bool(np.dtype(d) == np.float16)
+    except TypeError:
+        return False
+
+
 def to_float32(graph: gs.Graph) -> dict[str, Any]:
     """Rewrite an fp16 graph to fp32 in place. Returns the original dtypes of its inputs/outputs."""
     io = {t.name: t.dtype for t in [*graph.inputs, *graph.outputs]}
-    if not any(d is not None and np.dtype(d) == np.float16 for d in io.values()) and not any(
+    if not any(_is_f16(d) for d in io.values()) and not any(
         isinstance(t, gs.Constant) and t.values.dtype == np.float16 for t in graph.tensors().values()
     ):
         return {}
@@ -23,7 +34,7 @@ def to_float32(graph: gs.Graph) -> dict[str, Any]:
         if isinstance(t, gs.Constant):
             if t.values.dtype == np.float16:
                 t.values = np.asarray(t.values, dtype=np.float32)
-        elif t.dtype is not None and np.dtype(t.dtype) == np.float16:
+        elif _is_f16(t.dtype):
             t.dtype = np.float32
     for n in graph.nodes:
         if n.op == "Cast" and int(n.attrs.get("to", 0)) == f16:
@@ -31,7 +42,7 @@ def to_float32(graph: gs.Graph) -> dict[str, Any]:
         for k, v in list(n.attrs.items()):
             if isinstance(v, gs.Constant) and v.values.dtype == np.float16:
                 n.attrs[k] = gs.Constant(v.name, np.asarray(v.values, dtype=np.float32))
-    return {k: np.dtype(v) for k, v in io.items() if v is not None and np.dtype(v) == np.float16}
+    return {k: np.dtype(v) for k, v in io.items() if _is_f16(v)}
 
 
 def _replace_in(seq: Any, old: Any, new: Any) -> None:

@@ -77,7 +77,10 @@ class _Analysis:
         s = self.shapes.get(t.name)
         if s is not None:
             return s[1]
-        return np.dtype(t.dtype) if getattr(t, "dtype", None) is not None else None
+        try:  # a sequence / map value (a ZipMap's output) has no numpy dtype
+            return np.dtype(t.dtype) if getattr(t, "dtype", None) is not None else None
+        except TypeError:
+            return None
 
     # ----------------------------------------------------------------------------------- bits of inputs
     def tensor_bits(self, t: Any, *, weight: bool) -> tuple[int | None, str]:

@@ -39,6 +39,7 @@ from qcompiler.report.validate.sessions import (
     _run_checked,
     _Runner,
     _try_runner,
+    tensor_outputs,
 )
 from qcompiler.report.validate.slices import (
     MASK_LEVEL,
@@ -129,7 +130,7 @@ def validate(
     with profile.step("sessions"):
         f_plain = _float_runner(fmodel, flabel, threads=threads)
         q_plain = _Runner(qmodel, optimize=optimize, threads=threads)
-    out_names = list(f_plain.output_types)
+    out_names = tensor_outputs(f_plain.output_types, flabel)
     if stream:
         _check_stream(stream, f_plain, q_plain, out_names)
         f_plain.start_stream(stream)

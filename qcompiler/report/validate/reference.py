@@ -43,6 +43,7 @@ from qcompiler.report.validate.sessions import (
     _label,
     _run_checked,
     _Runner,
+    tensor_outputs,
 )
 
 
@@ -105,14 +106,14 @@ def float_reference(float_model: ModelLike, feeds: Sequence[dict[str, np.ndarray
     threads = session_threads(workers)
     with profile.step("sessions"):
         runner = _float_runner(fmodel, label, threads=threads)
-    names = list(runner.output_types)
+    names = tensor_outputs(runner.output_types, label)
     if stream is not None:
         _check_stream(stream.pairs, runner, runner, names)
         outputs = list(_streamed(runner, stream, names, "float", label))
     else:
         outputs = _run_all(runner, feeds, names, label, workers)
     producers = _graph_facts(fmodel).producers if ir.parameter_bytes(fmodel) < ir.NO_PREPACK_BYTES else {}
-    return Reference(feeds=feeds, outputs=outputs, output_types=dict(runner.output_types), label=label,
+    return Reference(feeds=feeds, outputs=outputs, output_types={n: runner.output_types[n] for n in names}, label=label,
                      producers=producers, threads=threads, feed_digests=tuple(feed_digest(f) for f in feeds),
                      stream=stream)
 

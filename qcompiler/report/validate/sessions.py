@@ -149,6 +149,16 @@ def _try_runner(model: Any, names: Sequence[str], feed: dict[str, np.ndarray], t
         return None
 
 
+def tensor_outputs(output_types: Mapping[str, str], label: str) -> list[str]:
+    """The graph outputs validation compares: tensors. A sequence or map output (the ``seq(map(...))`` of a
+    ZipMap after a classifier) has no SQNR; it is left out, with one INFO line."""
+    names = [n for n, t in output_types.items() if t.startswith("tensor(")]
+    other = [f"'{n}' ({t})" for n, t in output_types.items() if not t.startswith("tensor(")]
+    if other:
+        log.info("validate: %s: not compared (not a tensor): %s", label, ", ".join(other))
+    return names
+
+
 def _float_runner(model: Any, label: str, threads: int = 0) -> _Runner:
     """The float model's plain session. onnxruntime refusing to load the float model is the input's fault (an op
     it has no kernel for: a training-only op, a custom domain): one line naming the model, not a crash."""
