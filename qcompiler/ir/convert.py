@@ -80,8 +80,29 @@ class ModelMeta:
     io_types: dict[str, bytes] = field(default_factory=dict)
 
 
+#: model-local functions kept as calls: the bodies the compiler's own custom ops carry (the packed target's and
+#: QONNX's), which a runtime with native kernels never runs
+KEPT_FUNCTION_DOMAINS = frozenset({"ai.qcompiler", "qonnx.custom_op.general"})
+
+
+def inline_functions(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with its own model-local functions inlined (onnx's inliner), except those of
+    :data:`KEPT_FUNCTION_DOMAINS`: a function a model author (or an exporter's module-as-function option) wrapped
+    around a MatMul / Conv hid that layer from every pass — it stayed float. The inlined nodes come unnamed;
+    cleanup names them. The same model when it calls no such function."""
+    ids = [(f.domain, f.name) for f in model.functions if f.domain not in KEPT_FUNCTION_DOMAINS]
+    if not ids:
+        return model
+    log.info("inlining %d model-local function(s): %s", len(ids), ", ".join(f"{d}.{n}" for d, n in ids))
+    from onnx import inliner
+
+    return inliner.inline_selected_functions(model, ids)
+
+
 def import_graph(model: onnx.ModelProto, source: str = "") -> tuple[gs.Graph, ModelMeta]:
-    """graphsurgeon graph of ``model`` plus the metadata export restores."""
+    """graphsurgeon graph of ``model`` (its own model-local functions inlined: :func:`inline_functions`) plus the
+    metadata export restores."""
+    model = inline_functions(model)
     meta = ModelMeta(
         ir_version=int(model.ir_version),
         opset=opset_of(model),
