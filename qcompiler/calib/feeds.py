@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 import onnx_graphsurgeon as gs
 
@@ -120,11 +121,28 @@ def check_array_size(where: str, key: str, shape: tuple[int, ...], sig: InputSig
                         f"{MAX_FEED_ELEMENTS} elements a feed of model input {sig.describe()} may have")
 
 
+def _is_float(dt: np.dtype) -> bool:
+    """numpy's float types and ml_dtypes' (bfloat16, float8_*: numpy kind 'V')."""
+    if dt.kind != "V":
+        return dt.kind == "f"
+    try:
+        ml_dtypes.finfo(dt)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _raw_bits_of(src: np.dtype, dst: np.dtype) -> bool:
+    """``np.savez`` stores a bfloat16 / float8 array as raw bytes (``|V2`` / ``|V1``): read as the model input's
+    type when that is one of ml_dtypes' floats of the same width."""
+    return src.kind == "V" and dst.kind == "V" and _is_float(dst) and src.itemsize == dst.itemsize
+
+
 def _check_castable(where: str, key: str, src: np.dtype, sig: InputSig) -> None:
     dst = sig.dtype
-    if src == dst:
+    if src == dst or _raw_bits_of(src, dst):
         return
-    ok = (dst.kind == "f" and src.kind == "f") or (dst.kind in "iu" and src.kind in "iub") or (
+    ok = (_is_float(dst) and _is_float(src)) or (dst.kind in "iu" and src.kind in "iub") or (
         dst.kind == "b" and src.kind == "b")
     if not ok:
         hint = " (integer data for a float input is refused: convert it explicitly)" if (
@@ -137,7 +155,9 @@ def _conform(where: str, key: str, arr: np.ndarray, sig: InputSig) -> np.ndarray
     """Check values (NaN, integer range) and cast ``arr`` to the input dtype. ±Inf is data (attention masks
     of transformer exports hold -inf); calibration statistics count it apart, so ranges stay finite."""
     dst = sig.dtype
-    if arr.dtype.kind == "f":
+    if _raw_bits_of(arr.dtype, dst):
+        arr = arr.view(dst)
+    if _is_float(arr.dtype):
         finite = bool(np.isfinite(arr).all())
         if not finite and np.isnan(arr).any():
             bad = tuple(int(i) for i in np.argwhere(np.isnan(arr))[0])

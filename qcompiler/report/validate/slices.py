@@ -113,6 +113,8 @@ class _SliceAccumulator:
         if self.bad is not None or ref.shape != q.shape:
             return
         n = ref.shape[self.axis]
+        if n == 0:  # an empty output (a zero-size split): no slice to measure
+            return
         r = np.moveaxis(ref.astype(np.float64, copy=False), self.axis, 0).reshape(n, -1)
         x = np.moveaxis(q.astype(np.float64, copy=False), self.axis, 0).reshape(n, -1)
         with np.errstate(invalid="ignore", over="ignore"):  # inf - inf: redone below
