@@ -61,7 +61,18 @@ def upgrade_opset(model: onnx.ModelProto, target: int, reason: str) -> onnx.Mode
         upgraded = version_converter.convert_version(model, target)
     except Exception as e:
         raise UserError(f"model: cannot upgrade opset {current} -> {target} needed for {reason}: {e}") from None
+    if graph_interface(upgraded) != graph_interface(model):
+        raise UserError(f"model: upgrading opset {current} -> {target} (needed for {reason}) would change the graph's "
+                        "inputs / outputs (onnx's converter drops Scan-8's batch axis, for one); upgrade the model "
+                        "yourself, or use a plan that needs no newer opset")
     return upgraded
+
+
+def graph_interface(model: onnx.ModelProto) -> list[tuple[str, bytes]]:
+    """The graph's inputs and outputs as callers see them: names and types (shapes included), in order."""
+    inits = {t.name for t in model.graph.initializer}
+    return [(v.name, v.type.SerializeToString(deterministic=True))
+            for v in [*model.graph.input, *model.graph.output] if v.name not in inits]
 
 
 @dataclass

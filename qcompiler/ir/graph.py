@@ -12,6 +12,7 @@ from collections.abc import Iterable
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from onnx import helper
 
 from qcompiler.core.errors import UserError
 
@@ -147,6 +148,46 @@ def infer_rank(t: gs.Tensor | None, depth: int = 8) -> int | None:
         if op == "MatMul" and min(known) < 2:
             return None
         return max(known)
+    return None
+
+
+#: ops whose output has the element type of their first input (data movement, arithmetic, normalization, pooling)
+_SAME_TYPE_AS_FIRST = frozenset({
+    "Identity", "Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Expand", "Tile", "Slice", "Gather",
+    "GatherElements", "GatherND", "Concat", "Split", "Pad", "Resize", "DepthToSpace", "SpaceToDepth",
+    "MatMul", "Gemm", "Conv", "ConvTranspose", "Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean",
+    "Neg", "Abs", "Sqrt", "Exp", "Log", "Tanh", "Sigmoid", "Relu", "LeakyRelu", "Elu", "Selu", "Gelu", "Erf",
+    "HardSigmoid", "HardSwish", "Softplus", "Clip", "Softmax", "LogSoftmax", "LayerNormalization",
+    "BatchNormalization", "InstanceNormalization", "ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin",
+    "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Reciprocal", "Floor", "Ceil", "Round",
+})
+
+
+def infer_dtype(t: gs.Tensor | None, depth: int = 16) -> np.dtype | None:
+    """Element type of ``t``: its own, a constant's values', a Cast's ``to``, else walked back through a few
+    producers whose output has their first input's type (``Where``: its second). None when unknown (graphsurgeon
+    knows graph inputs' and inferred tensors' types; intermediate ones are often unset)."""
+    if t is None:
+        return None
+    if isinstance(t, gs.Constant):
+        return np.dtype(t.values.dtype)
+    if t.dtype is not None:
+        try:
+            return np.dtype(t.dtype)
+        except TypeError:
+            return None
+    node = producer(t)
+    if node is None or depth <= 0 or node.domain not in (None, "", "ai.onnx") or not node.inputs:
+        return None
+    if node.op == "Cast" and "to" in node.attrs:
+        try:
+            return np.dtype(helper.tensor_dtype_to_np_dtype(int(node.attrs["to"])))
+        except (KeyError, TypeError, ValueError):
+            return None
+    if node.op == "Where" and len(node.inputs) > 1:
+        return infer_dtype(node.inputs[1], depth - 1)
+    if node.op in _SAME_TYPE_AS_FIRST:
+        return infer_dtype(node.inputs[0], depth - 1)
     return None
 
 

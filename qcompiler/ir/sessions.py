@@ -152,8 +152,21 @@ def graph_session(graph: gs.Graph, extra_outputs: Sequence[str] = (), **kw: Any)
     """Session for a graphsurgeon graph, optionally exposing ``extra_outputs`` tensors.
 
     A graph with more than ``NO_PREPACK_BYTES`` of constants goes to onnxruntime through a temporary folder
-    (model + external data written tensor by tensor), never as one serialized copy in memory.
+    (model + external data written tensor by tensor), never as one serialized copy in memory. onnxruntime having
+    no kernel for one of the graph's ops at its types (bfloat16 arithmetic on the CPU, an op of a newer opset) is
+    a :class:`UserError` naming the node: calibration and the algorithms run the model's own ops.
     """
+    try:
+        return _graph_session(graph, extra_outputs, **kw)
+    except Exception as e:
+        text = " ".join(str(e).split())
+        if "Could not find an implementation for" not in text:
+            raise
+        what = text[text.index("Could not find an implementation for"):]
+        raise UserError(f"onnxruntime (CPU) cannot run this model: {what[:240]}") from None
+
+
+def _graph_session(graph: gs.Graph, extra_outputs: Sequence[str] = (), **kw: Any) -> Any:
     if constant_bytes(graph) < NO_PREPACK_BYTES:
         model = _gs_export(graph.copy())
         if extra_outputs:

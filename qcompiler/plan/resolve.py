@@ -20,6 +20,7 @@ import onnx_graphsurgeon as gs
 import yaml
 
 from qcompiler.core.errors import UserError
+from qcompiler.ir.graph import infer_dtype
 from qcompiler.plan.presets import is_preset
 from qcompiler.plan.spec import (
     PLAN_VERSION,
@@ -109,16 +110,19 @@ def _is_const(t: Any) -> bool:
     return isinstance(t, gs.Constant)
 
 
+#: the float types a tensor is quantized from: float32 (an fp16 model's tensors are float32 by the time the plan
+#: is resolved; kept for a graph that was not converted). Not float64: QuantizeLinear takes no double input, and a
+#: dequantized weight is float32 where a double MatMul needs double (ONNX's double FlexAttention test broke)
+QUANTIZABLE_FLOATS = (np.dtype(np.float32), np.dtype(np.float16))
+
+
 def _float_tensor(t: Any) -> bool:
     if isinstance(t, gs.Constant):
-        return bool(np.issubdtype(t.values.dtype, np.floating))
-    dt = getattr(t, "dtype", None)
+        return t.values.dtype in QUANTIZABLE_FLOATS
+    dt = infer_dtype(t)  # its own, else through the producers that keep their input's type
     if dt is None:
         return True  # unknown: assume float activations (shape inference may not have run)
-    try:
-        return bool(np.issubdtype(np.dtype(dt), np.floating))
-    except TypeError:
-        return False
+    return dt in QUANTIZABLE_FLOATS
 
 
 def _table(node: gs.Node) -> bool:

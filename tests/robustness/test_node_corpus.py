@@ -21,9 +21,11 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 from onnx.backend.test.case import node as onnx_node_cases
+from onnx_graphsurgeon import Constant, Graph, Node, Variable
 
 from qcompiler.api import CompileOptions, compile_model
 from qcompiler.core.errors import UserError
+from qcompiler.ir.graph import infer_dtype
 from qcompiler.report import validate as qv
 
 #: compiled, then compared with the recorded outputs (exactly for non-float outputs, to float tolerance else:
@@ -33,7 +35,11 @@ COMPILES = ["test_split_zero_size_splits_opset18", "test_split_zero_size_splits_
             "test_reshape_allowzero_reordered", "test_causal_conv_with_state_kernel_size_one"]
 #: refused with one line naming the fault
 REFUSED = {"test_if_opt": "has the type-valued attribute 'type', which the graph editor (onnx-graphsurgeon) cannot "
-                          "carry"}
+                          "carry",
+           # opset 8: onnx's converter to 13 (per-channel scales) drops Scan-8's batch axis from the graph's inputs;
+           # the load-time upgrade to 11 is not made for it either (the model stays at opset 8, a warning)
+           "test_scan_sum": "upgrading opset 8 -> 13 (needed for per-channel scales) would change the graph's inputs "
+                            "/ outputs"}
 
 
 @pytest.fixture(scope="module")
@@ -53,12 +59,18 @@ def _write(case: Any, folder: Path) -> tuple[Path, Path, dict[str, np.ndarray], 
     return model, calib, dict(zip(names, inputs)), list(outputs)
 
 
-@pytest.mark.parametrize("name", COMPILES)
+#: (case, plan) pairs that crashed under another plan than the default: a double-precision attention whose
+#: activation MatMuls ``w4a8``'s rules name got QuantizeLinear on double tensors (an invalid model); double
+#: tensors are never quantized now, their type found through the producers (``ir.graph.infer_dtype``)
+COMPILES_WITH = [("test_flexattention_double_expanded_ver26", "w4a8")]
+
+
+@pytest.mark.parametrize("name,plan", [(n, "default") for n in COMPILES] + COMPILES_WITH)
 def test_node_cases_compile_validate_and_match_recorded_outputs(cases: dict[str, Any], tmp_path: Path,
-                                                                 name: str) -> None:
+                                                                 name: str, plan: str) -> None:
     model, calib, feeds, expected = _write(cases[name], tmp_path)
     out = tmp_path / "out" / "q.onnx"
-    res = compile_model(model, out, CompileOptions(plan="default", calib=str(calib)))
+    res = compile_model(model, out, CompileOptions(plan=plan, calib=str(calib)))
     assert res.report["validation"]["samples"] == 1
     got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, feeds)
     assert len(got) == len(expected)
@@ -66,7 +78,7 @@ def test_node_cases_compile_validate_and_match_recorded_outputs(cases: dict[str,
         e = np.asarray(e)
         assert g.shape == e.shape, (g.shape, e.shape)
         if e.dtype.kind == "f":
-            np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5)  # nothing quantized in these cases
         else:
             np.testing.assert_array_equal(g, e)
 
@@ -98,3 +110,16 @@ def test_bfloat16_data_saved_by_numpy_is_read_as_bfloat16(tmp_path: Path) -> Non
     # float32 data for a bfloat16 input is a float to float cast, as for float16 inputs
     np.savez(tmp_path / "f.npz", x=x.astype(np.float32))
     assert all(f["x"].dtype == ml_dtypes.bfloat16 for f in qv.load_feeds(tmp_path / "f.npz", tmp_path / "m.onnx"))
+
+
+def test_infer_dtype_walks_back_to_a_known_type() -> None:
+    x = Variable("x", dtype=np.float64, shape=[2, 3])
+    t, c, w = Variable("t"), Variable("c"), Variable("w")
+    y = Variable("y")
+    Graph(nodes=[Node("Transpose", inputs=[x], outputs=[t]), Node("Cast", inputs=[t], outputs=[c],
+                                                                      attrs={"to": TensorProto.FLOAT16}),
+                 Node("Where", inputs=[Variable("m", dtype=np.bool_), c, c], outputs=[w]),
+                 Node("TopK", inputs=[w, Constant("k", np.array([1]))], outputs=[y, Variable("i")])],
+          inputs=[x], outputs=[y])
+    assert infer_dtype(t) == np.float64 and infer_dtype(c) == np.float16 and infer_dtype(w) == np.float16
+    assert infer_dtype(y) is None  # TopK: not walked (unknown stays unknown, assumed float by the plan)
