@@ -16,7 +16,8 @@
 7. ``residual-add``: an Add fed directly by a quantized weighted op reads that input unquantized.
 
 The pass raises (a bug, not a user error: the target's ``check`` refuses plans that would break a rule) when
-the lowered graph breaks any rule, and reports ``rules_checked`` otherwise.
+the lowered graph breaks any rule, and reports ``rules_checked`` otherwise — a user error instead when the input
+model brought Q / DQ nodes of its own (untagged: quantized for another runtime, uint8 or per-axis activations).
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ import ml_dtypes
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from qcompiler.core.errors import UserError
 from qcompiler.core.pass_base import GraphPass, PassResult
+from qcompiler.core.tags import tag_of
 from qcompiler.ir.axes import per_channel_axis as output_axis
 from qcompiler.ir.graph import is_onnx_op, producer
 from qcompiler.runtime_targets.tensorrt.residual_add import quantized_weighted_op, through_qdq
@@ -155,6 +158,11 @@ class TrtCheckRulesPass(GraphPass):
 
     def run_graph(self, graph: gs.Graph) -> PassResult:
         bad = violations(graph)
+        theirs = [n.name for n in graph.nodes if is_onnx_op(n, "QuantizeLinear", "DequantizeLinear") and not tag_of(n)]
+        if bad and theirs:  # Q / DQ the input model brought (quantized for another runtime): the input's fault
+            raise UserError(f"the model already holds {len(theirs)} QuantizeLinear / DequantizeLinear node(s) (first: "
+                            f"'{theirs[0]}') and breaks TensorRT's explicit-quantization rules: {bad[0]}; the tensorrt "
+                            "target compiles float models")
         if bad:
             raise RuntimeError(f"{len(bad)} TensorRT rule violation(s): {'; '.join(bad[:5])}")
         stats: Counter[str] = Counter()

@@ -123,3 +123,19 @@ def test_infer_dtype_walks_back_to_a_known_type() -> None:
           inputs=[x], outputs=[y])
     assert infer_dtype(t) == np.float64 and infer_dtype(c) == np.float16 and infer_dtype(w) == np.float16
     assert infer_dtype(y) is None  # TopK: not walked (unknown stays unknown, assumed float by the plan)
+
+
+def test_tensorrt_target_refuses_a_model_quantized_for_another_runtime(cases: dict[str, Any],
+                                                                        tmp_path: Path) -> None:
+    """A model that already holds uint8 / per-axis QuantizeLinear (ONNX's own QuantizeLinear test) cannot meet
+    TensorRT's explicit-quantization rules: its nodes, not the compiler's, broke them — one line, not exit 1."""
+    model, calib, _, _ = _write(cases["test_quantizelinear_axis"], tmp_path)
+    with pytest.raises(UserError) as e:
+        compile_model(model, tmp_path / "out" / "q.onnx", CompileOptions(plan="default", calib=str(calib),
+                                                                         target="tensorrt"))
+    assert "already holds 1 QuantizeLinear / DequantizeLinear node(s)" in str(e.value)
+    assert "produces uint8" in str(e.value) and not (tmp_path / "out").exists()
+    # the default target compiles it (onnxruntime has no QuantizeLinear-28 kernel to validate it against)
+    out = tmp_path / "ok" / "q.onnx"
+    compile_model(model, out, CompileOptions(plan="default", calib=str(calib), validate=False))
+    assert out.is_file()
