@@ -61,18 +61,45 @@ def upgrade_opset(model: onnx.ModelProto, target: int, reason: str) -> onnx.Mode
         upgraded = version_converter.convert_version(model, target)
     except Exception as e:
         raise UserError(f"model: cannot upgrade opset {current} -> {target} needed for {reason}: {e}") from None
-    if graph_interface(upgraded) != graph_interface(model):
+    if interface_changed(model, upgraded):
         raise UserError(f"model: upgrading opset {current} -> {target} (needed for {reason}) would change the graph's "
                         "inputs / outputs (onnx's converter drops Scan-8's batch axis, for one); upgrade the model "
                         "yourself, or use a plan that needs no newer opset")
     return upgraded
 
 
-def graph_interface(model: onnx.ModelProto) -> list[tuple[str, bytes]]:
-    """The graph's inputs and outputs as callers see them: names and types (shapes included), in order."""
+def _interface(model: onnx.ModelProto) -> list[tuple[str, str, list[int | None] | None]]:
+    """The graph's inputs and outputs as callers see them, in order: name, type ("tensor:1", or the kind of a
+    non-tensor type), dims (an int where fixed, None where symbolic or unknown; None for no shape)."""
     inits = {t.name for t in model.graph.initializer}
-    return [(v.name, v.type.SerializeToString(deterministic=True))
-            for v in [*model.graph.input, *model.graph.output] if v.name not in inits]
+    out: list[tuple[str, str, list[int | None] | None]] = []
+    for v in [*model.graph.input, *model.graph.output]:
+        if v.name in inits:
+            continue
+        kind = v.type.WhichOneof("value") or ""
+        if kind != "tensor_type":
+            out.append((v.name, kind, None))
+            continue
+        tt = v.type.tensor_type
+        dims = [int(d.dim_value) if d.HasField("dim_value") else None for d in tt.shape.dim] \
+            if tt.HasField("shape") else None
+        out.append((v.name, f"tensor:{tt.elem_type}", dims))
+    return out
+
+
+def interface_changed(old: onnx.ModelProto, new: onnx.ModelProto) -> bool:
+    """Whether ``new`` (a converted ``old``) takes or gives something else: other names, types or ranks, or a
+    fixed dim with another value. A symbolic dim that shape inference made fixed is a refinement, not a change
+    (onnx's converter infers shapes: NonMaxSuppression's ``[N, M]`` output becomes ``[N, 3]``)."""
+    a, b = _interface(old), _interface(new)
+    if [(n, t) for n, t, _ in a] != [(n, t) for n, t, _ in b]:
+        return True
+    for (_, _, da), (_, _, db) in zip(a, b):
+        if da is None or db is None:
+            continue
+        if len(da) != len(db) or any(x is not None and y is not None and x != y for x, y in zip(da, db)):
+            return True
+    return False
 
 
 @dataclass

@@ -18,7 +18,7 @@ from onnx import TensorProto
 from qcompiler.core import digest
 from qcompiler.core.errors import UserError
 from qcompiler.core.files import regular_file
-from qcompiler.ir.convert import graph_interface, opset_of
+from qcompiler.ir.convert import interface_changed, opset_of
 from qcompiler.ir.external import MMAP_MIN_BYTES
 from qcompiler.ir.facts import _bits, _elements, _external_info
 from qcompiler.ir.shapes import INFER_MAX_PROTO_BYTES, structure_copy
@@ -205,7 +205,7 @@ def _upgrade_to_floor(model: onnx.ModelProto, path: Path) -> onnx.ModelProto | N
         log.warning("%s: opset %d kept (upgrading to %d failed: %s)", path, old, MIN_OPSET,
                     " ".join(str(e).split())[:200])
         return None
-    if graph_interface(out) != graph_interface(model):  # Scan-8 -> 9 drops the batch axis of its inputs: not the same model
+    if interface_changed(model, out):  # Scan-8 -> 9 drops the batch axis of its inputs: not the same model
         log.warning("%s: opset %d kept (upgrading to %d would change the graph's inputs / outputs)", path, old,
                     MIN_OPSET)
         return None
