@@ -25,6 +25,7 @@ from onnx_graphsurgeon import Constant, Graph, Node, Variable
 
 from qcompiler.api import CompileOptions, compile_model
 from qcompiler.core.errors import UserError
+from qcompiler.ir.convert import interface_changed
 from qcompiler.ir.graph import infer_dtype
 from qcompiler.report import validate as qv
 
@@ -139,3 +140,22 @@ def test_tensorrt_target_refuses_a_model_quantized_for_another_runtime(cases: di
     out = tmp_path / "ok" / "q.onnx"
     compile_model(model, out, CompileOptions(plan="default", calib=str(calib), validate=False))
     assert out.is_file()
+
+
+def test_interface_changed_allows_refined_dims_only() -> None:
+    """onnx's converter infers shapes: a symbolic dim made fixed is the same interface; a rank, a type, a name or a
+    fixed dim changed is not (Scan-8's batch axis dropped; the dynamic-shape sweep of the operator cases refused 22
+    models before refinement was allowed)."""
+    def model(dims: list[Any], elem: int = TensorProto.FLOAT, name: str = "x") -> onnx.ModelProto:
+        g = helper.make_graph([helper.make_node("Identity", [name], ["y"])], "g",
+                              [helper.make_tensor_value_info(name, elem, dims)],
+                              [helper.make_tensor_value_info("y", elem, dims)])
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+    base = model(["N", 3])
+    assert not interface_changed(base, model([5, 3]))  # N inferred
+    assert not interface_changed(base, model(["M", 3]))  # another symbol
+    assert interface_changed(base, model(["N", 4]))  # a fixed dim changed
+    assert interface_changed(base, model([3]))  # rank: Scan-8's batch axis dropped
+    assert interface_changed(base, model(["N", 3], TensorProto.DOUBLE))
+    assert interface_changed(base, model(["N", 3], name="z"))
