@@ -14,7 +14,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qcompiler.api import CompileOptions, compile_model
 from qcompiler.core.numbers import sqnr_db
-from qcompiler.ir.convert import inline_functions
+from qcompiler.ir.convert import KEPT_FUNCTION_DOMAINS, inline_functions
+from qcompiler.runtime_targets.packed.functions import DOMAIN as PACKED
+from qcompiler.runtime_targets.qonnx import DOMAIN as QONNX
 
 
 def _model(domain: str = "custom.fn") -> onnx.ModelProto:
@@ -67,3 +69,8 @@ def test_the_compilers_own_function_bodies_stay_calls() -> None:
     inlined = inline_functions(plain)
     assert not inlined.functions and [n.op_type for n in inlined.graph.node] == ["MatMul", "Add", "Relu", "MatMul"]
     assert inline_functions(inlined) is inlined  # nothing left: a second import changes nothing
+
+
+def test_kept_domains_are_the_targets_own() -> None:
+    """ir cannot import the targets (layering): its list of the compiler's own function domains must name theirs."""
+    assert {PACKED, QONNX} == set(KEPT_FUNCTION_DOMAINS)

@@ -127,7 +127,7 @@ def inline_functions(model: onnx.ModelProto) -> onnx.ModelProto:
     """``model`` with its own model-local functions inlined (onnx's inliner), except those of
     :data:`KEPT_FUNCTION_DOMAINS`: a function a model author (or an exporter's module-as-function option) wrapped
     around a MatMul / Conv hid that layer from every pass — it stayed float. The inlined nodes come unnamed;
-    cleanup names them. The same model when it calls no such function."""
+    cleanup names them. The same model when it has no such function."""
     ids = [(f.domain, f.name) for f in model.functions if f.domain not in KEPT_FUNCTION_DOMAINS]
     if not ids:
         return model
