@@ -20,6 +20,7 @@ import onnx
 import onnxruntime
 import pytest
 from click.testing import CliRunner, Result
+from onnx import TensorProto, helper, numpy_helper
 
 from qcompiler import __version__
 from qcompiler.cli import cli
@@ -233,3 +234,33 @@ def test_package_gives_back_what_it_froze_out_of_the_collector(tmp_path: Path, m
     assert res.exit_code == 0, res.output
     assert frozen and frozen[0] > before
     assert gc.get_freeze_count() == before
+
+
+def test_scalar_inputs_and_non_tensor_outputs_round_trip_through_the_check_data(tmp_path: Path) -> None:
+    """The check feeds of a 0-d input were written 1-d (``np.ascontiguousarray`` makes a 0-d array 1-d), so
+    ``verify`` fed onnxruntime the wrong rank (ONNX's Einsum ``"->"`` case); and a ZipMap's ``seq(map)`` output
+    broke the check's SQNR (onnxruntime's ``logreg_iris.onnx``). Both bundles now build and verify."""
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32), "W")
+    g = helper.make_graph([helper.make_node("Mul", ["v", "s"], ["vs"], name="scale"),
+                           helper.make_node("MatMul", ["vs", "W"], ["y"], name="mm")], "g",
+                          [helper.make_tensor_value_info("v", TensorProto.FLOAT, [2, 4]),
+                           helper.make_tensor_value_info("s", TensorProto.FLOAT, [])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])], [w])
+    model = tmp_path / "scalar.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), model)
+    rng = np.random.default_rng(1)
+    np.savez(tmp_path / "c.npz", v=rng.standard_normal((8, 2, 4)).astype(np.float32),
+             s=rng.uniform(0.5, 2.0, 8).astype(np.float32))
+    res = CliRunner().invoke(cli, ["package", str(model), "--calib", str(tmp_path / "c.npz"), "--plan", "default",
+                                   "-o", str(tmp_path / "b")])
+    assert res.exit_code == 0, res.output
+    with np.load(tmp_path / "b" / "check" / "feeds.npz") as z:
+        assert all(z[k].shape == () for k in z.files if k.startswith("s/")) and z["v/0000"].shape == (2, 4)
+    assert math.isfinite(verify_bundle(tmp_path / "b").check["y"][0])
+
+    iris = Path(onnxruntime.__file__).parent / "datasets" / "logreg_iris.onnx"
+    np.savez(tmp_path / "iris.npz", float_input=rng.uniform(0, 8, (8, 3, 2)).astype(np.float32))
+    res = CliRunner().invoke(cli, ["package", str(iris), "--calib", str(tmp_path / "iris.npz"), "-o",
+                                   str(tmp_path / "bi")])
+    assert res.exit_code == 0, res.output
+    assert verify_bundle(tmp_path / "bi").check == {"label": (math.inf, math.inf)}

@@ -26,7 +26,8 @@ def of_bytes(data: bytes | memoryview) -> bytes:
 def update_array(h: Any, a: np.ndarray) -> None:
     """Feed ``a``'s dtype, shape and values to ``h`` (a C-contiguous view of the values, not a copy; object
     arrays by their ``repr``)."""
-    v = np.ascontiguousarray(a)
+    a = np.asarray(a)
+    v = a if a.flags.c_contiguous else a.copy(order="C")  # (np.ascontiguousarray makes a 0-d array 1-d)
     h.update(f"{v.dtype.str}{v.shape}".encode())
     if v.dtype == object:
         h.update(repr(v.tolist()).encode())

@@ -88,7 +88,8 @@ def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
         for name in sorted(arrays):
-            arr = np.ascontiguousarray(arrays[name])
+            arr = np.asarray(arrays[name])
+            arr = arr if arr.flags.c_contiguous else arr.copy(order="C")  # (ascontiguousarray makes 0-d 1-d)
             if arr.dtype.hasobject:
                 raise ValueError(f"array '{name}' holds Python objects")
             member = io.BytesIO()
@@ -138,7 +139,8 @@ def _signatures(model: Any) -> dict[str, Any]:
 
 
 def _run(sess: Any, feeds: Sequence[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
-    names = [o.name for o in sess.get_outputs()]
+    """The tensor outputs of ``sess`` on each feed (a ZipMap's sequence of maps is not checked: no SQNR, no .npz)."""
+    names = [o.name for o in sess.get_outputs() if o.type.startswith("tensor(")]
     wanted = {i.name for i in sess.get_inputs()}
     out = []
     for i, feed in enumerate(feeds):

@@ -55,7 +55,8 @@ def write_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
             info.compress_type = zipfile.ZIP_STORED
             info.external_attr = 0o644 << 16
             with zf.open(info, "w", force_zip64=True) as fp:
-                np.lib.format.write_array(fp, np.ascontiguousarray(arr), allow_pickle=False)
+                a = np.asarray(arr)  # (np.ascontiguousarray would make a 0-d sample 1-d)
+                np.lib.format.write_array(fp, a if a.flags.c_contiguous else a.copy(order="C"), allow_pickle=False)
 
 
 def write_outputs(files: Mapping[Path, Mapping[str, np.ndarray]]) -> list[Path]:
