@@ -197,6 +197,8 @@ def _upgrade_to_floor(model: onnx.ModelProto, path: Path) -> onnx.ModelProto | N
     old = opset_of(model)
     if old >= MIN_OPSET or not any(i.domain in ("", "ai.onnx") for i in model.opset_import):
         return None
+    if old < 7:
+        model = _per_channel_prelu_slopes(model)
     try:
         from onnx import version_converter
 
@@ -214,6 +216,52 @@ def _upgrade_to_floor(model: onnx.ModelProto, path: Path) -> onnx.ModelProto | N
     out.ir_version = max(out.ir_version, onnx.helper.find_min_ir_version_for(list(out.opset_import), ignore_unknown=True))
     log.info("%s: opset %d upgraded to %d when loaded (onnxruntime lacks kernels for several older op versions)",
              path, old, MIN_OPSET)
+    return out
+
+
+def _per_channel_prelu_slopes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """PRelu before opset 7 applies a ``[C]`` slope per channel (axis 1: PyTorch's ``PReLU(C)`` exports, whose
+    recorded outputs say so); opset 7's broadcasting aligns ``[C]`` with the last axis instead, and onnx's converter
+    leaves the slope as it is (onnxruntime then fails on the upgraded model, or computes something else). A
+    constant ``[C]`` slope of a PRelu whose input has rank r >= 3 and C channels becomes ``[C, 1, ...]`` (r - 2
+    ones) — a copy of the model; the same model when there is none."""
+    prelus = [n for n in model.graph.node if n.op_type == "PRelu" and n.domain in ("", "ai.onnx") and len(n.input) == 2]
+    inits = {t.name: t for t in model.graph.initializer}
+    if not any(n.input[1] in inits and len(inits[n.input[1]].dims) == 1 and inits[n.input[1]].dims[0] > 1
+               for n in prelus):
+        return model
+    try:
+        inferred = onnx.shape_inference.infer_shapes(structure_copy(model), strict_mode=False)
+    except Exception:  # best effort: the converter then sees the slope as it was
+        return model
+    shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+              for v in [*inferred.graph.input, *inferred.graph.value_info]
+              if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape")}
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    readers: dict[str, int] = {}
+    for n in out.graph.node:
+        for i in n.input:
+            readers[i] = readers.get(i, 0) + 1
+    by_name = {t.name: t for t in out.graph.initializer}
+    for n in out.graph.node:
+        if n.op_type != "PRelu" or n.domain not in ("", "ai.onnx") or len(n.input) != 2 or n.input[1] not in by_name:
+            continue
+        slope, x = by_name[n.input[1]], shapes.get(n.input[0])
+        c = slope.dims[0] if len(slope.dims) == 1 else 0
+        if c <= 1 or x is None or len(x) < 3 or x[1] not in (c, None):
+            continue
+        values = onnx.numpy_helper.to_array(slope).reshape([c] + [1] * (len(x) - 2))
+        name = slope.name if readers.get(slope.name, 0) == 1 else f"{slope.name}:per_channel_{n.output[0]}"
+        new = onnx.numpy_helper.from_array(values, name)
+        if name == slope.name:
+            slope.CopyFrom(new)
+            for v in out.graph.input:  # IR < 4: the initializer is listed as a graph input with its shape
+                if v.name == name:
+                    v.CopyFrom(onnx.helper.make_tensor_value_info(name, new.data_type, list(values.shape)))
+        else:
+            out.graph.initializer.append(new)
+            n.input[1] = name
     return out
 
 
