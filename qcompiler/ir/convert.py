@@ -297,7 +297,8 @@ def _gs_export(g: gs.Graph) -> onnx.ModelProto:
     # outputs' types from the input model (ModelMeta.io_types); a subgraph's may stay untyped
     odd = [(t, t.dtype) for sub in walk_graphs(g) for t in [*sub.inputs, *sub.outputs]
            if isinstance(t, gs.Variable) and t.dtype is not None
-           and getattr(t, "type", "tensor_type") not in ("tensor_type", "sequence_type", "sparse_tensor_type")]
+           and (getattr(t, "type", "tensor_type") not in ("tensor_type", "sequence_type", "sparse_tensor_type")
+                or isinstance(t.dtype, onnx.TypeProto))]  # (an optional's element type, as graphsurgeon imports it)
     for t, _ in odd:
         t.dtype = None
     try:

@@ -64,7 +64,7 @@ def score(report: Any, logit_db: dict[str, float] | None = None) -> float:
 
 def probability_outputs(outputs: Sequence[dict[str, np.ndarray]]) -> list[str]:
     """The graph outputs that are binary probabilities on every sample: floating point, every value in [0, 1],
-    1-D or at most 2 values along axis 1 (a Sigmoid, a two-way Softmax). Their SQNR in probability space is
+    1-D or at most 2 values along axis 1 (a Sigmoid, a two-way Softmax; not a 0-d value such as a loss). Their SQNR in probability space is
     decided by the few inputs near 0.5: a confident input (p = 0.996) hides an error the next uncertain input
     shows, so the score takes them in logit space (:func:`logit_sqnr`), where every input's error counts."""
     if not outputs:
@@ -72,7 +72,8 @@ def probability_outputs(outputs: Sequence[dict[str, np.ndarray]]) -> list[str]:
     out = []
     for name in outputs[0]:
         arrays = [np.asarray(o[name]) for o in outputs]
-        if all(a.dtype.kind == "f" and a.size and (a.ndim == 1 or a.shape[1] <= 2) and float(a.min()) >= 0.0
+        if all(a.dtype.kind == "f" and a.size and a.ndim >= 1 and (a.ndim == 1 or a.shape[1] <= 2)
+               and float(a.min()) >= 0.0
                and float(a.max()) <= 1.0 for a in arrays):
             out.append(name)
     return out

@@ -25,7 +25,7 @@ from onnx_graphsurgeon import Constant, Graph, Node, Variable
 
 from qcompiler.api import CompileOptions, compile_model
 from qcompiler.core.errors import UserError
-from qcompiler.ir.convert import interface_changed
+from qcompiler.ir.convert import copy_graph, export_model, import_graph, interface_changed
 from qcompiler.ir.graph import infer_dtype
 from qcompiler.report import validate as qv
 
@@ -159,3 +159,34 @@ def test_interface_changed_allows_refined_dims_only() -> None:
     assert interface_changed(base, model([3]))  # rank: Scan-8's batch axis dropped
     assert interface_changed(base, model(["N", 3], TensorProto.DOUBLE))
     assert interface_changed(base, model(["N", 3], name="z"))
+
+
+def test_measured_default_on_scalar_outputs(cases: dict[str, Any], tmp_path: Path) -> None:
+    """The measured default (16 samples: the case's input, scaled and jittered) on a model with a 0-d output (a
+    softmax cross-entropy loss): its probability-output test indexed ``shape[1]`` of a 0-d array (IndexError on
+    91 operator cases: losses, ``Det``, 1-D ``MatMul``, ``Einsum "->"``)."""
+    case = cases["test_sce_mean"]
+    m = case.model
+    inputs, _ = case.data_sets[0]
+    names = [i.name for i in m.graph.input]
+    rng = np.random.default_rng(0)
+    stacked = {n: np.stack([a] * 16) if a.dtype.kind != "f" else
+               np.stack([a] + [(a * rng.uniform(0.8, 1.2)).astype(a.dtype) for _ in range(15)])
+               for n, a in zip(names, inputs)}
+    onnx.save(m, tmp_path / "m.onnx")
+    np.savez(tmp_path / "c.npz", **stacked)
+    res = compile_model(tmp_path / "m.onnx", tmp_path / "out" / "q.onnx",
+                        CompileOptions(plan="auto", calib=str(tmp_path / "c.npz")))
+    assert res.report["recipe"]["candidates"]
+    assert res.report["validation"]["outputs"][0]["elements"] == 16  # one value on each of the 16 samples
+
+
+def test_optional_typed_graph_inputs_survive_the_graph_copy(cases: dict[str, Any]) -> None:
+    """graphsurgeon imports an optional(tensor) input as a tensor whose dtype is a TypeProto and could not export
+    it again (the measured default copies prepared graphs: TypeError in its exporter); it goes out untyped and
+    the model's own type comes back on export."""
+    m = cases["test_optional_has_element_tensor_input"].model
+    graph, meta = import_graph(m, "optional")
+    again = export_model(copy_graph(graph), meta)
+    assert [v.type for v in again.graph.input] == [v.type for v in m.graph.input]
+    assert [v.type for v in again.graph.output] == [v.type for v in m.graph.output]
