@@ -104,8 +104,7 @@ def wants_recipe(opts: CompileOptions, plan: Plan) -> bool:
     if not _real_calib(opts):
         log.info("%s: algorithm guard: no real calibration data to measure on; algorithms run as written", plan.source)
         return False
-    n = _count_samples(Path(str(opts.calib)))
-    n = n if n is None or opts.calib_samples is None else min(n, opts.calib_samples)
+    n = _usable_samples(opts)
     if n is not None and n < MIN_RECIPE_SAMPLES:  # (unreadable data: the compile's own reader says why)
         log.warning("%s: algorithm guard: %s holds %d calibration sample(s), the guard needs at least %d (a quarter "
                     "is held back to measure on); algorithms run as written", plan.source, opts.calib, n,
@@ -133,9 +132,7 @@ def resolve_default(opts: CompileOptions) -> CompileOptions:
     elif not _real_calib(opts):
         why = f"--calib {opts.calib}: no real samples to measure candidates on"
     else:
-        n = _count_samples(Path(str(opts.calib)))
-        if n is not None and opts.calib_samples is not None:
-            n = min(n, opts.calib_samples)
+        n = _usable_samples(opts)
         why = None if n is not None and n >= MIN_RECIPE_SAMPLES else (
             f"{opts.calib}: not readable as calibration data" if n is None else
             f"{opts.calib}: {n} calibration sample(s); the measured default needs at least {MIN_RECIPE_SAMPLES} "
@@ -145,6 +142,13 @@ def resolve_default(opts: CompileOptions) -> CompileOptions:
         return dataclasses.replace(opts, plan=DEFAULT_PLAN_NAME)
     log.info("no plan given: the measured default (--plan default skips it)")
     return dataclasses.replace(opts, plan=AUTO_PLAN)
+
+
+def _usable_samples(opts: CompileOptions) -> int | None:
+    """The calibration samples the compile will read: the data's count (:func:`_count_samples`), at most
+    ``--calib-samples``."""
+    n = _count_samples(Path(str(opts.calib)))
+    return n if n is None or opts.calib_samples is None else min(n, opts.calib_samples)
 
 
 def _count_samples(path: Path) -> int | None:

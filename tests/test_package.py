@@ -25,6 +25,8 @@ from onnx import TensorProto, helper, numpy_helper
 from qcompiler import __version__
 from qcompiler.cli import cli
 from qcompiler.cli.commands import package as package_cmd_mod
+from qcompiler.core import digest
+from qcompiler.core.numbers import c_contiguous
 from qcompiler.report.bundle import verify_bundle
 from qcompiler.report.html import CHART_LAYERS
 from qcompiler.runtime_targets import DEFAULT_PIPELINE
@@ -264,3 +266,19 @@ def test_scalar_inputs_and_non_tensor_outputs_round_trip_through_the_check_data(
                                    str(tmp_path / "bi")])
     assert res.exit_code == 0, res.output
     assert verify_bundle(tmp_path / "bi").check == {"label": (math.inf, math.inf)}
+
+
+def test_c_contiguous_keeps_0d_arrays_0d_for_writers_and_digests() -> None:
+    """One helper for the three places that wrote / hashed through ``np.ascontiguousarray`` (which returns at least
+    1-d): bundle check data, ``qcompiler data``'s .npz writer and array digests (cache keys)."""
+    zero_d, one_d = np.array(2.5, np.float32), np.array([2.5], np.float32)
+    assert c_contiguous(zero_d).shape == () and c_contiguous(zero_d.reshape(1)[::1]).shape == (1,)
+    strided = np.arange(12, dtype=np.float32).reshape(3, 4)[:, ::2]
+    assert c_contiguous(strided).flags.c_contiguous and np.array_equal(c_contiguous(strided), strided)
+
+    def key(a: np.ndarray) -> str:
+        h = digest.hasher()
+        digest.update_array(h, a)
+        return str(h.hexdigest())
+
+    assert key(zero_d) != key(one_d) and key(strided) == key(np.ascontiguousarray(strided))

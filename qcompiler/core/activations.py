@@ -61,7 +61,7 @@ def graph_key(graph: gs.Graph) -> str | None:
         h.update(f"|{t.name}:{type(t).__name__}".encode())
         if isinstance(t, gs.Constant) and t.name not in seen:
             seen.add(t.name)
-            v = np.ascontiguousarray(np.asarray(t.values))
+            v = np.asarray(t.values)  # (update_array hashes a C-contiguous view, 0-d kept 0-d)
             total += v.nbytes
             if total > MAX_FINGERPRINT_BYTES:
                 raise _Uncacheable
@@ -70,7 +70,7 @@ def graph_key(graph: gs.Graph) -> str | None:
     def attr(name: str, a: object) -> None:
         nonlocal total
         if isinstance(a, gs.Tensor):  # a tensor-valued attribute (ConstantOfShape's value): its bytes, not a repr
-            v = np.ascontiguousarray(np.asarray(a.values)) if isinstance(a, gs.Constant) else None
+            v = np.asarray(a.values) if isinstance(a, gs.Constant) else None
             if v is None:
                 raise _Uncacheable
             total += v.nbytes

@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from qcompiler.core.numbers import c_contiguous
+
 
 def hasher() -> Any:
     """A new incremental digest (``update`` / ``hexdigest``)."""
@@ -26,8 +28,7 @@ def of_bytes(data: bytes | memoryview) -> bytes:
 def update_array(h: Any, a: np.ndarray) -> None:
     """Feed ``a``'s dtype, shape and values to ``h`` (a C-contiguous view of the values, not a copy; object
     arrays by their ``repr``)."""
-    a = np.asarray(a)
-    v = a if a.flags.c_contiguous else a.copy(order="C")  # (np.ascontiguousarray makes a 0-d array 1-d)
+    v = c_contiguous(a)
     h.update(f"{v.dtype.str}{v.shape}".encode())
     if v.dtype == object:
         h.update(repr(v.tolist()).encode())

@@ -6,7 +6,8 @@
 * :func:`json_float` — a float as strict JSON can hold it: rounded to decimals or significant digits, and the
   non-finite values spelled ``"inf"`` / ``"-inf"`` / ``"nan"`` (or ``None``);
 * :func:`json_tree` — a report's nested dicts / lists made JSON-writable as they are (numpy scalars to Python
-  numbers, paths to strings, non-finite floats spelled out), nothing rounded.
+  numbers, paths to strings, non-finite floats spelled out), nothing rounded;
+* :func:`c_contiguous` — an array in C order with its shape kept (``np.ascontiguousarray`` makes a 0-d array 1-d).
 """
 
 from __future__ import annotations
@@ -53,6 +54,14 @@ def sqnr_db(ref: Any, test: Any) -> float:
     if sig == 0.0:
         return -math.inf
     return float(10.0 * np.log10(sig / noise))
+
+
+def c_contiguous(a: Any) -> np.ndarray:
+    """``a`` as a C-contiguous array of the same shape: itself when it is one, else a copy. Not
+    ``np.ascontiguousarray``, which returns at least 1-d: a 0-d sample written or digested through it came back,
+    or keyed, as shape ``(1,)`` (a bundle's check data then failed its own ``verify``)."""
+    arr = np.asarray(a)
+    return arr if arr.flags.c_contiguous else arr.copy(order="C")
 
 
 def energies(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:

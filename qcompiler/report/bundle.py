@@ -52,7 +52,7 @@ import numpy as np
 from qcompiler import __version__, ir
 from qcompiler.core.errors import UserError
 from qcompiler.core.files import regular_file
-from qcompiler.core.numbers import json_float, sqnr_db
+from qcompiler.core.numbers import c_contiguous, json_float, sqnr_db
 from qcompiler.ir.report_support import custom_op_domains, library_versions
 from qcompiler.plan.checks import Check, parse_check
 from qcompiler.report.html import render_html
@@ -88,8 +88,7 @@ def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
         for name in sorted(arrays):
-            arr = np.asarray(arrays[name])
-            arr = arr if arr.flags.c_contiguous else arr.copy(order="C")  # (ascontiguousarray makes 0-d 1-d)
+            arr = c_contiguous(arrays[name])
             if arr.dtype.hasobject:
                 raise ValueError(f"array '{name}' holds Python objects")
             member = io.BytesIO()

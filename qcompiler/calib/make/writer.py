@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from qcompiler.core.errors import UserError
+from qcompiler.core.numbers import c_contiguous
 from qcompiler.ir.save import staging
 
 log = logging.getLogger(__name__)
@@ -55,8 +56,7 @@ def write_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
             info.compress_type = zipfile.ZIP_STORED
             info.external_attr = 0o644 << 16
             with zf.open(info, "w", force_zip64=True) as fp:
-                a = np.asarray(arr)  # (np.ascontiguousarray would make a 0-d sample 1-d)
-                np.lib.format.write_array(fp, a if a.flags.c_contiguous else a.copy(order="C"), allow_pickle=False)
+                np.lib.format.write_array(fp, c_contiguous(arr), allow_pickle=False)
 
 
 def write_outputs(files: Mapping[Path, Mapping[str, np.ndarray]]) -> list[Path]:
