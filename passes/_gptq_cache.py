@@ -28,8 +28,9 @@ the sweep reads. The final compile after a confirmation on the same samples then
 no onnxruntime run: with every layer's Hessian cached the samples are not streamed).
 
 An entry replaces the layer's entries over a prefix of its samples. Caps:
-``$QCOMPILER_HESSIAN_CACHE_MB`` (default 512) and ``$QCOMPILER_GPTQ_SWEEP_CACHE_MB`` (default 64); 0 turns
-a cache off; the least recently used entries go first. Counters ``hits`` / ``partial_hits`` / ``misses`` as
+``$QCOMPILER_HESSIAN_CACHE_MB`` (default 2048: a ResNet-50's 54 Hessians take 0.93 GiB, and a measured default
+whose winner's Hessians were evicted builds them all again) and ``$QCOMPILER_GPTQ_SWEEP_CACHE_MB`` (default 64);
+0 turns a cache off; the least recently used entries go first. Counters ``hits`` / ``partial_hits`` / ``misses`` as
 :mod:`qcompiler.calib.statcache`'s.
 """
 
@@ -54,7 +55,7 @@ log = logging.getLogger(__name__)
 #: environment variables: the caches' caps in MiB (0: no cache)
 HESSIAN_ENV = "QCOMPILER_HESSIAN_CACHE_MB"
 SWEEP_ENV = "QCOMPILER_GPTQ_SWEEP_CACHE_MB"
-DEFAULT_HESSIAN_MB = 512
+DEFAULT_HESSIAN_MB = 2048
 DEFAULT_SWEEP_MB = 64
 
 
@@ -133,17 +134,20 @@ class HessianCache(_Lru):
                 self.partial_hits += 1
             return Prefix(h.copy(), rows, len(best[1]))
 
-    def store(self, key: str, ids: Sequence[str], h: np.ndarray, rows: int) -> None:
+    def store(self, key: str, ids: Sequence[str], h: np.ndarray, rows: int, *, copy: bool = True) -> None:
         """Keep a copy of ``H`` (and its row count) over the samples ``ids``, in place of the layer's entries
         over a prefix of them (the candidates' samples, once the confirmation has all of them: one ``H`` per
-        layer stays in memory)."""
+        layer stays in memory). ``copy=False``: keep ``h`` itself, made read-only (a caller done writing it:
+        no second K × K matrix per layer while the caller still holds its own)."""
         if self.max_bytes <= 0:
             return
+        if not copy:
+            h.flags.writeable = False
         want = tuple(ids)
         with self._lock:
             for k in [k for k in self._data if k[0] == key and len(k[1]) < len(want) and want[:len(k[1])] == k[1]]:
                 self.nbytes -= self._data.pop(k)[1]
-        self._put((key, want), (h.copy(), int(rows)), h.nbytes + 256)
+        self._put((key, want), (h.copy() if copy else h, int(rows)), h.nbytes + 256)
 
 
 Sweep = tuple[quant.QuantizedTensor, float, float]
@@ -193,8 +197,9 @@ class Keys:
 
     @classmethod
     def of(cls, graph: Any, source: CalibrationSource, layers: Sequence[tuple[Any, np.ndarray]], max_rows: int,
-           seed: int) -> Keys | None:
-        """The keys of ``layers`` (node, weight) of ``graph`` over ``source``; ``None`` when nothing may be
+           seed: int, chunks: Sequence[int] | None = None) -> Keys | None:
+        """The keys of ``layers`` (node, weight) of ``graph`` over ``source``; ``chunks``: each layer's column
+        chunks (its ``H`` is their diagonal blocks; 1: one ``H``); ``None`` when nothing may be
         cached (both caches off, a graph :func:`graph_key` does not fingerprint, data without sample ids)."""
         if hessian_cache().max_bytes <= 0 and sweep_cache().max_bytes <= 0:
             return None
@@ -210,6 +215,8 @@ class Keys:
             lay = repr((node.name, node.op, node.inputs[0].name, tuple(int(d) for d in w.shape),
                         sorted((k, repr(v)) for k, v in node.attrs.items())))
             rows = f"|rows {max_rows} of {len(ids)} samples, seed {seed}, layer {j}" if max_rows else ""
+            if chunks is not None and chunks[j] > 1:
+                rows += f"|{chunks[j]} column chunks"
             keyed.append(_digest(gkey, sigs, lay, rows))
             hw = digest.hasher()
             digest.update_array(hw, w)
@@ -230,10 +237,11 @@ def cached_hessians(keys: Keys | None, need: Sequence[bool]) -> list[Prefix | No
 
 
 def store_hessians(keys: Keys | None, done: Sequence[tuple[int, np.ndarray, int]]) -> None:
-    """Keep the Hessians ``(layer, H, rows)`` just accumulated over all the samples."""
+    """Keep the Hessians ``(layer, H, rows)`` just accumulated over all the samples: the arrays themselves, made
+    read-only (the pass only reads them from here on; a lookup hands out copies)."""
     if keys is not None:
         for j, h, rows in done:
-            hessian_cache().store(keys.layers[j], keys.ids, h, rows)
+            hessian_cache().store(keys.layers[j], keys.ids, h, rows, copy=False)
 
 
 def cached_sweeps(keys: Keys | None, whats: Sequence[str]) -> list[Sweep | None]:

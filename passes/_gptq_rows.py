@@ -141,3 +141,23 @@ def _cols(lay: Layer, x: np.ndarray) -> np.ndarray:
         out[(slice(None), *tap)] = xg[(slice(None), slice(None), slice(None), *src)].transpose(1, 2, 0,
                                                                                               *range(3, 3 + nd))
     return out.reshape(groups, int(np.prod(kshape)) * cg, p)
+
+
+def _chunk_count(k: int, in_g: int, taps: int, block: int | None, max_width: int) -> int | None:
+    """Into how many equal column chunks of at most ``max_width`` a layer of K = ``taps`` · ``in_g`` columns
+    (ordered (tap, in)) is swept: 1 up to ``max_width``; above it, the fewest chunks made of whole taps (a Conv
+    with several taps) or of whole weight blocks (block grids; single columns otherwise), so that a chunk's
+    columns keep the layer's (tap, in) order and its block grid. ``None``: no such split."""
+    if k <= max_width:
+        return 1
+    if taps > 1:
+        units = taps  # whole taps: each chunk holds every input channel of its taps
+    else:
+        unit = block or 1
+        if in_g % unit:
+            return None
+        units = in_g // unit
+    for c in range(2, units + 1):
+        if units % c == 0 and k // c <= max_width:
+            return c
+    return None

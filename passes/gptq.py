@@ -41,6 +41,13 @@ product of the rows; layers reading one tensor with one
 geometry (Q / K / V) share one ``H``, built once (not with ``max_rows``: each layer draws its own rows); above
 K = 128 the sweep's ``U`` comes from the reversed Cholesky factor's triangular inverse (docs/ptq.md, "Speed:
 the arithmetic").
+Wide layers: ``H`` is K × K float64 and the sweep holds a few more K × K matrices (a VGG's first fully connected
+layer, K = 25088: 5 GiB each, beyond a 24 GiB machine). A layer wider than :data:`MAX_WIDTH` columns is swept in
+the fewest equal column chunks of at most that width made of whole taps (Conv) or whole weight blocks, each chunk
+with its own ``H_c = X_cᵀX_c`` — the diagonal blocks of ``H``, so a chunk's rounding error is spread over its own
+columns only (block-diagonal GPTQ; the proxy losses are summed over the chunks), and its per-sample product
+buffer is one chunk's; a layer with no such split is rounded to nearest (``skipped_too_wide``). Stats
+``chunked_layers``.
 Order: the samples the measured default holds back (``calib.held_back_indices``) are summed last. Caches
 (:mod:`._gptq_cache`): a layer's ``H`` over the same samples (or their first ones: only the rest is accumulated,
 bit for bit the same sum, up to float64 rounding where the shifted products assemble it — so all N continue the
@@ -70,7 +77,7 @@ from qcompiler.plan import QuantSpec
 from . import _gptq_cache, _gptq_gram
 from ._gptq_grids import _axes, _BlockGrid, _fixed_grid, _Grid, _proxy, _rows_of_scale
 from ._gptq_linalg import inverse_cholesky_upper, inverse_cholesky_upper_stack
-from ._gptq_rows import _cols, _im2col, _Pick, _rows, _rows_key  # noqa: F401  (_im2col: tests, tools)
+from ._gptq_rows import _chunk_count, _cols, _im2col, _Pick, _rows, _rows_key  # noqa: F401  (_im2col: tests)
 from ._layers import Layer, find_layer
 from ._stream import layer_threads, one_blas_thread, progress_of, release_activations, source_for, stream
 
@@ -85,6 +92,9 @@ MAX_ROWS = 0
 #: stride-1 Convs' Hessians from shifted products of the input (:mod:`._gptq_gram`); False: every layer from its
 #: unfolded rows (the reference the tests compare with)
 SHIFTED_GRAM = True
+#: a layer with more columns (K) than this is swept in equal column chunks of at most this width, each with its
+#: own diagonal block of H (module docstring, "Wide layers"): 8192 columns are 512 MiB of float64 H
+MAX_WIDTH = 8192
 
 
 @dataclass
@@ -117,8 +127,9 @@ class _Job:
     spec: QuantSpec
     axis: int | None  # quantization axis in the weight's own layout (as insert-qdq would use)
     block: int | None
-    h: np.ndarray  # [groups, K, K]: one Hessian per group
+    h: np.ndarray  # [groups · chunks, K / chunks, K / chunks]: one Hessian per group and column chunk
     rows: int = 0
+    chunks: int = 1  # column chunks per group (a layer wider than MAX_WIDTH: block-diagonal H)
 
 
 class GPTQPass(Pass):
@@ -164,8 +175,20 @@ class GPTQPass(Pass):
             if axis is None and spec.granularity != "per_tensor":
                 stats["skipped_layout"] += 1
                 continue
-            k = lay.grouped(lay.w).shape[2] * lay.grouped(lay.w).shape[3]
-            jobs.append(_Job(lay, spec, axis, block, np.zeros((lay.groups, k, k))))
+            _, _, in_g, taps = lay.grouped(lay.w).shape
+            k = in_g * taps
+            chunks = _chunk_count(k, in_g, taps, block, MAX_WIDTH)
+            if chunks is None:  # too wide for one H and no equal split keeps its taps / blocks whole
+                log.warning("gptq: %s: K = %d columns, above %d, cannot be split into equal chunks of whole "
+                            "taps / weight blocks: rounded to nearest", node.name, k, MAX_WIDTH)
+                stats["skipped_too_wide"] += 1
+                continue
+            if chunks > 1:
+                log.info("gptq: %s: K = %d columns swept in %d chunks of %d (block-diagonal H: above %d columns)",
+                         node.name, k, chunks, k // chunks, MAX_WIDTH)
+                stats["chunked_layers"] += 1
+            kc = k // chunks
+            jobs.append(_Job(lay, spec, axis, block, np.zeros((lay.groups * chunks, kc, kc)), chunks=chunks))
         if not jobs:
             return PassResult(False, stats)
         source = source_for(ctx, self.name, self.options.samples)
@@ -175,7 +198,7 @@ class GPTQPass(Pass):
         source = source.held_back_last()  # the order H is summed in (module doc, "Order")
         with profile.step("cache keys"):  # the same Hessians / sweeps of an earlier compile (_gptq_cache)
             keys = _gptq_cache.Keys.of(ctx.graph, source, [(j.layer.node, j.layer.w) for j in jobs], opts.max_rows,
-                                       ctx.seed)
+                                       ctx.seed, [j.chunks for j in jobs])
             what = (opts.block_size, opts.damp, opts.act_order, BATCH_ONE_ROW_GROUPS)  # all the sweep reads
             done = _gptq_cache.cached_sweeps(keys, [repr((j.spec, j.axis, j.block, what)) for j in jobs])
         todo = [job for job, d in zip(jobs, done) if d is None]
@@ -227,14 +250,14 @@ class GPTQPass(Pass):
         share: dict[Any, int] = {}
         followers: dict[int, int] = {}
         for j in todo:
-            lead = share.setdefault((_rows_key(jobs[j].layer), start[j]), j) if quota is None else j
+            lead = share.setdefault((_rows_key(jobs[j].layer), jobs[j].chunks, start[j]), j) if quota is None else j
             if lead != j:
                 followers[j] = lead
         lead_todo = [j for j in todo if j not in followers]
         names = {j: jobs[j].layer.node.inputs[0].name for j in lead_todo}
         sample = [first]
         grams = {j: _gptq_gram.ConvGram(jobs[j].layer) for j in lead_todo
-                 if SHIFTED_GRAM and not quota and _gptq_gram.eligible(jobs[j].layer)}
+                 if SHIFTED_GRAM and not quota and jobs[j].chunks == 1 and _gptq_gram.eligible(jobs[j].layer)}
         scratch = threading.local()  # per thread: a float32 [groups, K, K] product buffer per shape
 
         def one(i: int, j: int, x: np.ndarray) -> None:
@@ -244,7 +267,7 @@ class GPTQPass(Pass):
                 grams[j].add(x32)
                 return
             bufs = scratch.__dict__.setdefault("bufs", {})
-            shape = job.h.shape
+            shape = job.h.shape if job.chunks == 1 else job.h.shape[1:]  # a wide layer: one chunk at a time
             buf = bufs.get(shape)
             if buf is None:
                 buf = bufs[shape] = np.empty(shape, dtype=np.float32)
@@ -254,8 +277,14 @@ class GPTQPass(Pass):
             else:
                 a = _cols(job.layer, x32)  # [groups, K, P]: the same product as rows^T rows, bit for bit
                 b = a.transpose(0, 2, 1)
-            np.matmul(a, b, out=buf)  # float32 product per sample (numpy: syrk, a and b one buffer)
-            np.add(job.h, buf, out=job.h)  # summed in float64 (the float32 values converted exactly)
+            if job.chunks > 1:  # each group's K columns as `chunks` runs: only H's diagonal blocks are summed
+                a = a.reshape(a.shape[0] * job.chunks, a.shape[1] // job.chunks, a.shape[2])
+                for c in range(a.shape[0]):  # the same products as one stacked matmul, a chunk's buffer only
+                    np.matmul(a[c], a[c].T, out=buf)
+                    np.add(job.h[c], buf, out=job.h[c])
+            else:
+                np.matmul(a, b, out=buf)  # float32 product per sample (numpy: syrk, a and b one buffer)
+                np.add(job.h, buf, out=job.h)  # summed in float64 (the float32 values converted exactly)
             job.rows += a.shape[2]
 
         # a sample's layers in parallel threads, each product on one BLAS thread: the same sums on any machine
@@ -295,7 +324,7 @@ class GPTQPass(Pass):
             ref = _fixed_grid(w.astype(np.float32), spec, job.axis, lay.node.name)
             per_channel_scale = (ref.scale, ref.zero_point)
         if (BATCH_ONE_ROW_GROUPS and (per_channel_scale is not None or job.block is not None) and out_g == 1
-                and g_n > 1 and taps * in_g <= self.options.block_size):
+                and g_n > 1 and taps * in_g <= self.options.block_size and job.chunks == 1):
             # depthwise-like: many one-row groups, each swept on its own K <= block_size columns — the same
             # arithmetic, vectorized over the groups (per-channel grids, or block grids chosen as the sweep goes)
             q_all, l_rtn, l_gptq, bg = self._gptq_one_row_groups(np.stack(mats)[:, 0, :], job, per_channel_scale,
@@ -309,22 +338,31 @@ class GPTQPass(Pass):
         s_mats: list[np.ndarray] = []
         z_mats: list[np.ndarray] = []
         l_rtn = l_gptq = 0.0
+        c = job.chunks  # column chunks (whole taps, or runs of input channels when there is one tap)
+        in_c, taps_c = (in_g, taps // c) if taps > 1 else (in_g // c, 1)
+        kc = in_c * taps_c
         for g in range(g_n):
-            h = job.h[g] / max(job.rows, 1)
-            m = mats[g]
-            if per_channel_scale is not None:
-                scale_rows, zp_rows = _rows_of_scale(per_channel_scale, lay, g, out_g)
-                grid = _Grid(spec, scale_rows, zp_rows)
-                codes, deq = self._gptq(m.copy(), h, grid, None, in_g, taps, job.rows)
-            else:
-                assert job.block is not None
-                codes, deq, sc, zp = self._gptq_blocks(m.copy(), h, spec, job.block, in_g, taps, job.rows)
-                s_mats.append(sc)
-                z_mats.append(zp)
-            q_mats.append(codes)
-            rtn = self._rtn(m, spec, per_channel_scale, lay, g, out_g, job.block, in_g, taps)
-            l_rtn += _proxy(m, rtn, h)
-            l_gptq += _proxy(m, deq, h)
+            parts: list[tuple[np.ndarray, ...]] = []
+            for ci in range(c):
+                h = job.h[g * c + ci] / max(job.rows, 1)
+                m = mats[g][:, ci * kc:(ci + 1) * kc]
+                if per_channel_scale is not None:
+                    scale_rows, zp_rows = _rows_of_scale(per_channel_scale, lay, g, out_g)
+                    grid = _Grid(spec, scale_rows, zp_rows)
+                    codes, deq = self._gptq(m.copy(), h, grid, None, in_c, taps_c, job.rows)
+                    parts.append((codes,))
+                else:
+                    assert job.block is not None
+                    codes, deq, sc, zp = self._gptq_blocks(m.copy(), h, spec, job.block, in_c, taps_c, job.rows)
+                    parts.append((codes, sc, zp))
+                rtn = self._rtn(m, spec, per_channel_scale, lay, g, out_g, job.block, in_c, taps_c)
+                l_rtn += _proxy(m, rtn, h)
+                l_gptq += _proxy(m, deq, h)
+            # the chunks side by side: codes in (tap, in) column order, block scales in (tap, block) order
+            q_mats.append(parts[0][0] if c == 1 else np.concatenate([p[0] for p in parts], axis=1))
+            if per_channel_scale is None:
+                s_mats.append(parts[0][1] if c == 1 else np.concatenate([p[1] for p in parts], axis=1))
+                z_mats.append(parts[0][2] if c == 1 else np.concatenate([p[2] for p in parts], axis=1))
         qt = self._assemble(lay, spec, job, q_mats, s_mats, z_mats, per_channel_scale, in_g, taps)
         return qt, l_rtn, l_gptq
 

@@ -185,6 +185,14 @@ def test_caps_environment_and_lru(tmp_path, monkeypatch) -> None:
     assert hc.lookup("layer2", ["b"]) is None  # not a prefix
     hc.store("big", ["a"], np.ones((1, 512, 512)), 1)  # 2 MiB > cap: not kept, nothing evicted
     assert len(hc) == 2
+    # the pass hands its own arrays over (no second copy while it still holds them): kept read-only, lookups copy
+    own = np.full((1, 128, 128), 3.0)
+    hc.store("owned", ["a"], own, 5, copy=False)
+    assert not own.flags.writeable
+    with pytest.raises(ValueError):
+        own += 1
+    got = hc.lookup("owned", ["a"])
+    assert got is not None and got.h is not own and got.h.flags.writeable and np.array_equal(got.h, own)
 
 
 def test_a_folder_source_reads_its_files_once_for_its_ids(tmp_path, monkeypatch) -> None:
