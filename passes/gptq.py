@@ -350,11 +350,11 @@ class GPTQPass(Pass):
                     scale_rows, zp_rows = _rows_of_scale(per_channel_scale, lay, g, out_g)
                     grid = _Grid(spec, scale_rows, zp_rows)
                     codes, deq = self._gptq(m.copy(), h, grid, None, in_c, taps_c, job.rows)
-                    parts.append((codes,))
+                    parts.append((codes.astype(np.int32),))  # small integers: int32 holds them exactly
                 else:
                     assert job.block is not None
                     codes, deq, sc, zp = self._gptq_blocks(m.copy(), h, spec, job.block, in_c, taps_c, job.rows)
-                    parts.append((codes, sc, zp))
+                    parts.append((codes.astype(np.int32), sc, zp))
                 rtn = self._rtn(m, spec, per_channel_scale, lay, g, out_g, job.block, in_c, taps_c)
                 l_rtn += _proxy(m, rtn, h)
                 l_gptq += _proxy(m, deq, h)
@@ -510,12 +510,15 @@ class GPTQPass(Pass):
                   taps: int) -> quant.QuantizedTensor:
         dt = quant.qdtype(spec.dtype)
         w = lay.w
-        # codes back to the grouped layout [g, out_g, in_g, taps], then to the weight's layout
+        # codes back to the grouped layout [g, out_g, in_g, taps], then to the weight's layout; clipped to the
+        # dtype's range first and held as int32 (the same values; a wide layer's int64 copies ran to GBs)
         g_n = len(q_mats)
         out_g = q_mats[0].shape[0]
-        grouped = np.stack([q.reshape(out_g, taps, in_g).transpose(0, 2, 1) for q in q_mats])
+        lo, hi = int(dt.qmin), int(dt.qmax)  # an integer dtype (gptq's weights): integral bounds, no float copy
+        grouped = np.stack([np.clip(q, lo, hi).astype(np.int32, copy=False).reshape(out_g, taps, in_g)
+                            .transpose(0, 2, 1) for q in q_mats])
         codes = lay.ungrouped(grouped.reshape(g_n, out_g, in_g, taps), w)
-        q = np.clip(codes, dt.qmin, dt.qmax).astype(np.int64).astype(dt.np_dtype)
+        q = codes.astype(dt.np_dtype)
         if per_channel is not None:
             scale, zp = per_channel
             return quant.QuantizedTensor(q, scale, zp, job.axis, None, spec.dtype)
