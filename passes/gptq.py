@@ -47,7 +47,9 @@ the fewest equal column chunks of at most that width made of whole taps (Conv) o
 with its own ``H_c = X_cᵀX_c`` — the diagonal blocks of ``H``, so a chunk's rounding error is spread over its own
 columns only (block-diagonal GPTQ; the proxy losses are summed over the chunks), and its per-sample product
 buffer is one chunk's; a layer with no such split is rounded to nearest (``skipped_too_wide``). Stats
-``chunked_layers``.
+``chunked_layers``. All layers' Hessians together are bounded too: above :data:`MAX_WAVE_BYTES` the layers go in
+waves (consecutive in graph order), each accumulated over its own pass through the data, swept, and its ``H``
+released before the next (each ``H`` the same sum: the same codes; stats ``hessian_waves``).
 Order: the samples the measured default holds back (``calib.held_back_indices``) are summed last. Caches
 (:mod:`._gptq_cache`): a layer's ``H`` over the same samples (or their first ones: only the rest is accumulated,
 bit for bit the same sum, up to float64 rounding where the shifted products assemble it — so all N continue the
@@ -92,6 +94,10 @@ MAX_ROWS = 0
 #: stride-1 Convs' Hessians from shifted products of the input (:mod:`._gptq_gram`); False: every layer from its
 #: unfolded rows (the reference the tests compare with)
 SHIFTED_GRAM = True
+#: the most bytes of Hessians accumulated at once: above it the layers (in graph order) go in waves, each
+#: accumulated over its own pass through the data, swept and released before the next (the same sums)
+MAX_WAVE_BYTES = 4 << 30
+_RELEASED = np.zeros((0, 0, 0))
 #: a layer with more columns (K) than this is swept in equal column chunks of at most this width, each with its
 #: own diagonal block of H (module docstring, "Wide layers"): 8192 columns are 512 MiB of float64 H
 MAX_WIDTH = 8192
@@ -201,30 +207,38 @@ class GPTQPass(Pass):
                                        ctx.seed, [j.chunks for j in jobs])
             what = (opts.block_size, opts.damp, opts.act_order, BATCH_ONE_ROW_GROUPS)  # all the sweep reads
             done = _gptq_cache.cached_sweeps(keys, [repr((j.spec, j.axis, j.block, what)) for j in jobs])
-        todo = [job for job, d in zip(jobs, done) if d is None]
-        with profile.step("hessians"):
-            stats["samples"] = self._accumulate(source, ctx, jobs, keys, [d is None for d in done])
         loss_rtn = loss_gptq = 0.0
         layer_progress = progress_of(ctx, "gptq layers")
-        # independent sweeps in parallel threads on one BLAS thread each; taken in layer order (timing-free results)
-        with profile.step("sweep"), one_blas_thread(), \
-                ThreadPoolExecutor(max_workers=layer_threads(len(jobs))) as pool:
-            # the costliest sweeps started first (longest first: no big layer left running alone at the end),
-            # results taken in layer order
-            started = {i: pool.submit(self._quantize, todo[i])
-                       for i in sorted(range(len(todo)), key=lambda i: -_sweep_cost(todo[i]))}
-            swept = (started[i].result() for i in range(len(todo)))
-            for li, job in enumerate(jobs):
-                got = done[li]
-                if got is None:
-                    got = next(swept)
-                    _gptq_cache.store_sweep(keys, li, got)
-                qt, l_rtn, l_gptq = got
-                if layer_progress is not None:
-                    layer_progress(li + 1, len(jobs))
-                ctx.weight_overrides[(job.layer.node.name, 1)] = qt
-                loss_rtn, loss_gptq = loss_rtn + l_rtn, loss_gptq + l_gptq
-            stats["layers"] = len(jobs)
+        waves = _waves([j.h.nbytes if d is None else 0 for j, d in zip(jobs, done)], MAX_WAVE_BYTES)
+        if len(waves) > 1:
+            log.info("gptq: %d layers' Hessians in %d waves of at most %d MiB (one pass over the data each)",
+                     len(jobs), len(waves), MAX_WAVE_BYTES >> 20)
+            stats["hessian_waves"] = len(waves)
+        for wave in waves:
+            with profile.step("hessians"):
+                stats["samples"] = self._accumulate(source, ctx, jobs, keys,
+                                                    [done[j] is None and j in wave for j in range(len(jobs))])
+            todo = [jobs[j] for j in wave if done[j] is None]
+            # independent sweeps in parallel threads on one BLAS thread each; taken in layer order (timing-free)
+            with profile.step("sweep"), one_blas_thread(), \
+                    ThreadPoolExecutor(max_workers=layer_threads(len(jobs))) as pool:
+                # the costliest sweeps started first (longest first: no big layer left running alone at the end),
+                # results taken in layer order
+                started = {i: pool.submit(self._quantize, todo[i])
+                           for i in sorted(range(len(todo)), key=lambda i: -_sweep_cost(todo[i]))}
+                swept = (started[i].result() for i in range(len(todo)))
+                for li in wave:
+                    job, got = jobs[li], done[li]
+                    if got is None:
+                        got = next(swept)
+                        _gptq_cache.store_sweep(keys, li, got)
+                    qt, l_rtn, l_gptq = got
+                    if layer_progress is not None:
+                        layer_progress(li + 1, len(jobs))
+                    ctx.weight_overrides[(job.layer.node.name, 1)] = qt
+                    loss_rtn, loss_gptq = loss_rtn + l_rtn, loss_gptq + l_gptq
+                    job.h = _RELEASED  # swept: the pass keeps no H (the cache may)
+        stats["layers"] = len(jobs)
         ctx.report["gptq"] = {"layers": stats["layers"], "samples": stats["samples"],
                               "proxy_loss_round_to_nearest": float(f"{loss_rtn:.6g}"),
                               "proxy_loss_gptq": float(f"{loss_gptq:.6g}")}
@@ -539,6 +553,20 @@ class GPTQPass(Pass):
         return quant.QuantizedTensor(q, np.ascontiguousarray(scale, dtype=np.float32),
                                      np.ascontiguousarray(zpa).astype(np.int64).astype(dt.np_dtype),
                                      job.axis, job.block, spec.dtype)
+
+
+def _waves(sizes: list[int], budget: int) -> list[list[int]]:
+    """Consecutive runs of the layers ``0 .. len(sizes) - 1`` whose Hessian bytes (``sizes``: 0 for a layer whose
+    sweep is cached) add up to at most ``budget`` (a larger layer alone); one run when all fit."""
+    waves: list[list[int]] = [[]]
+    total = 0
+    for j, size in enumerate(sizes):
+        if waves[-1] and total + size > budget:
+            waves.append([])
+            total = 0
+        waves[-1].append(j)
+        total += size
+    return waves
 
 
 def _sweep_cost(job: _Job) -> float:

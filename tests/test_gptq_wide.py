@@ -169,3 +169,29 @@ def test_layer_with_no_equal_split_is_rounded_to_nearest(tmp_path, monkeypatch):
 ])
 def test_chunk_count(k, in_g, taps, block, width, want):
     assert _gptq_rows._chunk_count(k, in_g, taps, block, width) == want
+
+
+def test_hessian_waves_give_the_same_file(tmp_path, monkeypatch):
+    """Layers whose Hessians exceed ``MAX_WAVE_BYTES`` together are accumulated in waves (one pass over the data
+    each, released once swept): every layer's H is the same sum over the same samples, so the file is the same."""
+    from _graphs import gptq_chain_model
+
+    calib = correlated(24, (1, 8, 10, 10), 1, seed=12)
+    model = gptq_chain_model(3)
+    _, one, res_one = _compile(tmp_path, model, calib, plan(INT4_PC), "one")
+    assert "hessian_waves" not in gptq_stats(res_one) and res_one.report["gptq"]["layers"] >= 2
+    monkeypatch.setattr(gptq, "MAX_WAVE_BYTES", 1)  # every layer a wave of its own
+    _, waves, res = _compile(tmp_path, model, calib, plan(INT4_PC), "waves")
+    assert gptq_stats(res)["hessian_waves"] == res.report["gptq"]["layers"]
+    assert one.read_bytes() == waves.read_bytes()
+    assert res.report["gptq"] == res_one.report["gptq"]
+
+
+@pytest.mark.parametrize(("sizes", "budget", "want"), [
+    ([4, 4, 4], 12, [[0, 1, 2]]),  # all fit: one wave
+    ([4, 4, 4], 8, [[0, 1], [2]]),
+    ([20, 1, 1], 8, [[0], [1, 2]]),  # a layer over the budget alone
+    ([5, 0, 0, 5], 5, [[0, 1, 2], [3]]),  # cached sweeps cost nothing
+])
+def test_waves(sizes, budget, want):
+    assert gptq._waves(sizes, budget) == want
