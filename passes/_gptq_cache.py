@@ -19,7 +19,9 @@ served and only the rest is accumulated (**prefix merge**), bit for bit what a c
 their sums: equal to the one sum up to float64 rounding, ~1e-16 relative; the same codes on every test and zoo
 model).
 With ``max_rows > 0`` the per-sample quota depends on the number of samples, so only an entry over exactly the
-same samples is used. Copies go in and out (the pass adds to what it is given).
+same samples is used. No entry is copied: the pass hands its arrays over once accumulated (read-only from
+then on), an entry over all the samples asked for is lent read-only, and one over a prefix is taken out of the
+cache for the pass to add the rest to (it stores the whole back): one ``H`` per layer in memory, never two.
 
 **Sweeps.** An entry holds a layer's :class:`~qcompiler.quant.QuantizedTensor` and its two proxy losses, keyed
 by the Hessian's key and samples, the weight's bytes, the weight's :class:`~qcompiler.plan.QuantSpec`, axis and
@@ -28,8 +30,10 @@ the sweep reads. The final compile after a confirmation on the same samples then
 no onnxruntime run: with every layer's Hessian cached the samples are not streamed).
 
 An entry replaces the layer's entries over a prefix of its samples. Caps:
-``$QCOMPILER_HESSIAN_CACHE_MB`` (default 2048: a ResNet-50's 54 Hessians take 0.93 GiB, and a measured default
-whose winner's Hessians were evicted builds them all again) and ``$QCOMPILER_GPTQ_SWEEP_CACHE_MB`` (default 64);
+``$QCOMPILER_HESSIAN_CACHE_MB`` (default 4096: a ResNet-50's 54 Hessians take 0.93 GiB, a VGG-19's 2.7 GiB, and a
+measured default or guard whose winner's Hessians were evicted builds them all again; entries are never copied,
+so the cap bounds what stays in memory between compiles, not a second copy) and ``$QCOMPILER_GPTQ_SWEEP_CACHE_MB`` (default 512:
+a VGG-19's int8 codes take 143 MiB, its fc6's alone 103; at 64 the guard swept every layer again for each arm);
 0 turns a cache off; the least recently used entries go first. Counters ``hits`` / ``partial_hits`` / ``misses`` as
 :mod:`qcompiler.calib.statcache`'s.
 """
@@ -55,14 +59,14 @@ log = logging.getLogger(__name__)
 #: environment variables: the caches' caps in MiB (0: no cache)
 HESSIAN_ENV = "QCOMPILER_HESSIAN_CACHE_MB"
 SWEEP_ENV = "QCOMPILER_GPTQ_SWEEP_CACHE_MB"
-DEFAULT_HESSIAN_MB = 2048
-DEFAULT_SWEEP_MB = 64
+DEFAULT_HESSIAN_MB = 4096
+DEFAULT_SWEEP_MB = 512
 
 
 @dataclass
 class Prefix:
-    """What :meth:`HessianCache.lookup` found: a copy of ``H`` and the row count over the first ``covered``
-    samples asked for (all of them, or a prefix)."""
+    """What :meth:`HessianCache.lookup` found: ``H`` (read-only when the cache keeps it) and the row count over
+    the first ``covered`` samples asked for (all of them, or a prefix)."""
 
     h: np.ndarray
     rows: int
@@ -110,8 +114,10 @@ class HessianCache(_Lru):
         super().__init__(mib_from_env(HESSIAN_ENV, DEFAULT_HESSIAN_MB) if max_bytes is None else max_bytes)
 
     def lookup(self, key: str, ids: Sequence[str], *, prefix: bool = True) -> Prefix | None:
-        """A copy of the layer's ``H`` over the samples ``ids``, or with ``prefix`` over their longest cached
-        prefix (the caller accumulates the rest onto it: exact); ``None`` when there is none."""
+        """The layer's ``H`` over the samples ``ids`` — the cached array itself, read-only (a reader's: no copy) —,
+        or with ``prefix`` over their longest cached prefix, taken out of the cache and writable (the caller
+        accumulates the rest onto it, exact, and stores the whole: one ``H`` per layer in memory, never two);
+        ``None`` when there is none."""
         if self.max_bytes <= 0:
             return None
         want = tuple(ids)
@@ -126,28 +132,35 @@ class HessianCache(_Lru):
             if best is None:
                 self.misses += 1
                 return None
-            self._data.move_to_end(best)
-            (h, rows), _size = self._data[best]
             if len(best[1]) == len(want):
+                self._data.move_to_end(best)
+                (h, rows), _size = self._data[best]
                 self.hits += 1
-            else:
-                self.partial_hits += 1
-            return Prefix(h.copy(), rows, len(best[1]))
+                return Prefix(h, rows, len(best[1]))
+            (h, rows), size = self._data.pop(best)
+            self.nbytes -= size
+            self.partial_hits += 1
+        try:
+            h.flags.writeable = True  # the cache no longer holds it: the caller's to add to
+        except ValueError:  # not its own memory (a view): a copy then
+            h = h.copy()
+        return Prefix(h, rows, len(best[1]))
 
     def store(self, key: str, ids: Sequence[str], h: np.ndarray, rows: int, *, copy: bool = True) -> None:
-        """Keep a copy of ``H`` (and its row count) over the samples ``ids``, in place of the layer's entries
-        over a prefix of them (the candidates' samples, once the confirmation has all of them: one ``H`` per
-        layer stays in memory). ``copy=False``: keep ``h`` itself, made read-only (a caller done writing it:
+        """Keep a copy of ``H`` (and its row count) over the samples ``ids``, read-only, in place of the layer's
+        entries over a prefix of them (the candidates' samples, once the confirmation has all of them: one ``H``
+        per layer stays in memory). ``copy=False``: keep ``h`` itself, made read-only (a caller done writing it:
         no second K × K matrix per layer while the caller still holds its own)."""
         if self.max_bytes <= 0:
             return
-        if not copy:
-            h.flags.writeable = False
+        if copy:
+            h = h.copy()
+        h.flags.writeable = False
         want = tuple(ids)
         with self._lock:
             for k in [k for k in self._data if k[0] == key and len(k[1]) < len(want) and want[:len(k[1])] == k[1]]:
                 self.nbytes -= self._data.pop(k)[1]
-        self._put((key, want), (h.copy() if copy else h, int(rows)), h.nbytes + 256)
+        self._put((key, want), (h, int(rows)), h.nbytes + 256)
 
 
 Sweep = tuple[quant.QuantizedTensor, float, float]

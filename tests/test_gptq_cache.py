@@ -177,22 +177,37 @@ def test_caps_environment_and_lru(tmp_path, monkeypatch) -> None:
         hc.store(f"layer{i}", ["a"], h * i, 10)
     assert len(hc) == 2 and hc.nbytes <= hc.max_bytes
     assert hc.lookup("layer0", ["a"]) is None
-    got = hc.lookup("layer2", ["a", "b"])  # a prefix of the samples asked for
-    assert got is not None and got.covered == 1 and got.rows == 10 and np.array_equal(got.h, h * 2)
-    got.h += 1  # a copy: the entry is unchanged
-    assert np.array_equal(hc.lookup("layer2", ["a"]).h, h * 2)
+    # over all the samples asked for: the entry itself, lent read-only (no copy), still cached
+    full = hc.lookup("layer2", ["a"])
+    assert full is not None and full.covered == 1 and np.array_equal(full.h, h * 2) and not full.h.flags.writeable
+    with pytest.raises(ValueError):
+        full.h += 1
+    assert hc.lookup("layer2", ["a"]).h is full.h and hc.hits == 2
     assert hc.lookup("layer2", ["a", "b"], prefix=False) is None
     assert hc.lookup("layer2", ["b"]) is None  # not a prefix
+    # over a prefix of them: taken out of the cache, writable (the caller adds the rest and stores the whole)
+    got = hc.lookup("layer2", ["a", "b"])
+    assert got is not None and got.covered == 1 and got.rows == 10 and np.array_equal(got.h, h * 2)
+    assert got.h.flags.writeable and len(hc) == 1 and hc.lookup("layer2", ["a"]) is None
+    got.h += 1
+    hc.store("layer2", ["a", "b"], got.h, 20, copy=False)
+    assert len(hc) == 2 and np.array_equal(hc.lookup("layer2", ["a", "b"]).h, h * 2 + 1)
     hc.store("big", ["a"], np.ones((1, 512, 512)), 1)  # 2 MiB > cap: not kept, nothing evicted
     assert len(hc) == 2
-    # the pass hands its own arrays over (no second copy while it still holds them): kept read-only, lookups copy
+    # the pass hands its own arrays over (no second copy while it still holds them): kept read-only
     own = np.full((1, 128, 128), 3.0)
     hc.store("owned", ["a"], own, 5, copy=False)
     assert not own.flags.writeable
     with pytest.raises(ValueError):
         own += 1
     got = hc.lookup("owned", ["a"])
-    assert got is not None and got.h is not own and got.h.flags.writeable and np.array_equal(got.h, own)
+    assert got is not None and got.h is own
+    # a copy stored (the default) is read-only too, and independent of the caller's array
+    mine = np.full((1, 64, 64), 2.0)
+    hc.store("copied", ["a"], mine, 1)
+    mine += 1
+    kept = hc.lookup("copied", ["a"])
+    assert kept is not None and np.array_equal(kept.h, np.full((1, 64, 64), 2.0)) and not kept.h.flags.writeable
 
 
 def test_a_folder_source_reads_its_files_once_for_its_ids(tmp_path, monkeypatch) -> None:
