@@ -30,7 +30,7 @@ from onnx import numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import realdata
-from _common import write_feeds
+from _common import session, write_feeds
 
 LIGHT = Path(os.path.dirname(onnx.__file__)) / "backend" / "test" / "data" / "light"
 NAMES = ("resnet50", "vgg19", "densenet121", "inception_v1", "inception_v2", "squeezenet", "shufflenet",
@@ -79,16 +79,13 @@ def random_weights(name: str) -> onnx.ModelProto:
 
 def _scale_head(m: onnx.ModelProto, feed: dict[str, np.ndarray]) -> None:
     """Scale the last Gemm's weight and bias so its logits have a standard deviation of 3 on ``feed``."""
-    import onnxruntime as ort
-
     gemm = [n for n in m.graph.node if n.op_type == "Gemm"]
     if not gemm:
         return
     probe = onnx.ModelProto()
     probe.CopyFrom(m)
     probe.graph.output.append(onnx.helper.make_tensor_value_info(gemm[-1].output[0], onnx.TensorProto.FLOAT, None))
-    sess = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
-    logits = sess.run([gemm[-1].output[0]], feed)[0]
+    logits = session(probe.SerializeToString()).run([gemm[-1].output[0]], feed)[0]
     k = 3.0 / float(np.std(logits))
     for i in m.graph.initializer:
         if i.name in gemm[-1].input[1:]:

@@ -32,8 +32,9 @@ no onnxruntime run: with every layer's Hessian cached the samples are not stream
 An entry replaces the layer's entries over a prefix of its samples. Caps:
 ``$QCOMPILER_HESSIAN_CACHE_MB`` (default 4096: a ResNet-50's 54 Hessians take 0.93 GiB, a VGG-19's 2.7 GiB, and a
 measured default or guard whose winner's Hessians were evicted builds them all again; entries are never copied,
-so the cap bounds what stays in memory between compiles, not a second copy) and ``$QCOMPILER_GPTQ_SWEEP_CACHE_MB`` (default 512:
-a VGG-19's int8 codes take 143 MiB, its fc6's alone 103; at 64 the guard swept every layer again for each arm);
+so the cap bounds what stays in memory between compiles, not a second copy) and
+``$QCOMPILER_GPTQ_SWEEP_CACHE_MB`` (default 512: a VGG-19's int8 codes take 143 MiB, its fc6's alone 103; at 64
+the guard swept every layer again for each arm);
 0 turns a cache off; the least recently used entries go first. Counters ``hits`` / ``partial_hits`` / ``misses`` as
 :mod:`qcompiler.calib.statcache`'s.
 """
@@ -146,15 +147,13 @@ class HessianCache(_Lru):
             h = h.copy()
         return Prefix(h, rows, len(best[1]))
 
-    def store(self, key: str, ids: Sequence[str], h: np.ndarray, rows: int, *, copy: bool = True) -> None:
-        """Keep a copy of ``H`` (and its row count) over the samples ``ids``, read-only, in place of the layer's
-        entries over a prefix of them (the candidates' samples, once the confirmation has all of them: one ``H``
-        per layer stays in memory). ``copy=False``: keep ``h`` itself, made read-only (a caller done writing it:
-        no second K × K matrix per layer while the caller still holds its own)."""
+    def store(self, key: str, ids: Sequence[str], h: np.ndarray, rows: int) -> None:
+        """Keep ``H`` itself (and its row count) over the samples ``ids``, made read-only (the caller is done
+        writing it: no second K × K matrix per layer while the caller still holds its own), in place of the
+        layer's entries over a prefix of them (the candidates' samples, once the confirmation has all of them:
+        one ``H`` per layer stays in memory)."""
         if self.max_bytes <= 0:
             return
-        if copy:
-            h = h.copy()
         h.flags.writeable = False
         want = tuple(ids)
         with self._lock:
@@ -251,10 +250,10 @@ def cached_hessians(keys: Keys | None, need: Sequence[bool]) -> list[Prefix | No
 
 def store_hessians(keys: Keys | None, done: Sequence[tuple[int, np.ndarray, int]]) -> None:
     """Keep the Hessians ``(layer, H, rows)`` just accumulated over all the samples: the arrays themselves, made
-    read-only (the pass only reads them from here on; a lookup hands out copies)."""
+    read-only (the pass only reads them from here on)."""
     if keys is not None:
         for j, h, rows in done:
-            hessian_cache().store(keys.layers[j], keys.ids, h, rows, copy=False)
+            hessian_cache().store(keys.layers[j], keys.ids, h, rows)
 
 
 def cached_sweeps(keys: Keys | None, whats: Sequence[str]) -> list[Sweep | None]:

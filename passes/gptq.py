@@ -356,27 +356,29 @@ class GPTQPass(Pass):
         in_c, taps_c = (in_g, taps // c) if taps > 1 else (in_g // c, 1)
         kc = in_c * taps_c
         for g in range(g_n):
-            parts: list[tuple[np.ndarray, ...]] = []
+            grid = None if per_channel_scale is None else _Grid(spec, *_rows_of_scale(per_channel_scale, lay, g, out_g))
+            codes_c: list[np.ndarray] = []
+            scales_c: list[np.ndarray] = []
+            zps_c: list[np.ndarray] = []
             for ci in range(c):
                 h = job.h[g * c + ci] / max(job.rows, 1)
                 m = mats[g][:, ci * kc:(ci + 1) * kc]
-                if per_channel_scale is not None:
-                    scale_rows, zp_rows = _rows_of_scale(per_channel_scale, lay, g, out_g)
-                    grid = _Grid(spec, scale_rows, zp_rows)
+                if grid is not None:
                     codes, deq = self._gptq(m.copy(), h, grid, None, in_c, taps_c, job.rows)
-                    parts.append((codes.astype(np.int32),))  # small integers: int32 holds them exactly
                 else:
                     assert job.block is not None
                     codes, deq, sc, zp = self._gptq_blocks(m.copy(), h, spec, job.block, in_c, taps_c, job.rows)
-                    parts.append((codes.astype(np.int32), sc, zp))
+                    scales_c.append(sc)
+                    zps_c.append(zp)
+                codes_c.append(codes.astype(np.int32))  # small integers: int32 holds them exactly
                 rtn = self._rtn(m, spec, per_channel_scale, lay, g, out_g, job.block, in_c, taps_c)
                 l_rtn += _proxy(m, rtn, h)
                 l_gptq += _proxy(m, deq, h)
             # the chunks side by side: codes in (tap, in) column order, block scales in (tap, block) order
-            q_mats.append(parts[0][0] if c == 1 else np.concatenate([p[0] for p in parts], axis=1))
-            if per_channel_scale is None:
-                s_mats.append(parts[0][1] if c == 1 else np.concatenate([p[1] for p in parts], axis=1))
-                z_mats.append(parts[0][2] if c == 1 else np.concatenate([p[2] for p in parts], axis=1))
+            q_mats.append(_side_by_side(codes_c))
+            if grid is None:
+                s_mats.append(_side_by_side(scales_c))
+                z_mats.append(_side_by_side(zps_c))
         qt = self._assemble(lay, spec, job, q_mats, s_mats, z_mats, per_channel_scale, in_g, taps)
         return qt, l_rtn, l_gptq
 
@@ -553,6 +555,11 @@ class GPTQPass(Pass):
         return quant.QuantizedTensor(q, np.ascontiguousarray(scale, dtype=np.float32),
                                      np.ascontiguousarray(zpa).astype(np.int64).astype(dt.np_dtype),
                                      job.axis, job.block, spec.dtype)
+
+
+def _side_by_side(parts: list[np.ndarray]) -> np.ndarray:
+    """Column chunks joined along axis 1 (one chunk: itself, no copy)."""
+    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
 
 
 def _waves(sizes: list[int], budget: int) -> list[list[int]]:
